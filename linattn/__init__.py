@@ -1,0 +1,21 @@
+"""linattn: fused GPU kernels for the efficient Segment-Anything encoders.
+
+Importing linattn registers the ops (`torch.ops.linattn.*`); it does not touch
+CUDA, import triton or load the compiled extension (that happens on first use).
+"""
+
+from . import reference
+from ._backend import BACKENDS, backend, get_backend, set_backend
+from .ops import lite_mla_attention, relu_linear_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "backend",
+    "get_backend",
+    "lite_mla_attention",
+    "reference",
+    "relu_linear_attention",
+    "set_backend",
+]

@@ -1,0 +1,31 @@
+"""Loading of the compiled CUDA extension linattn._C, lazily and without crashing."""
+
+import functools
+import importlib
+import importlib.util
+import warnings
+
+import torch
+
+
+@functools.cache
+def load_extension():
+    """(module, None) when linattn._C is usable, else (None, reason).
+
+    A missing build is silent (the extension is optional); one that exists but
+    does not load or was built against another torch gives a one-line warning.
+    """
+    if importlib.util.find_spec("linattn._C") is None:
+        return None, "linattn._C is not built (pip install with LINATTN_BUILD_CUDA=1 and nvcc)"
+    try:
+        ext = importlib.import_module("linattn._C")
+    except (ImportError, OSError) as err:
+        why = f"linattn._C failed to load: {str(err).splitlines()[0]}"
+        warnings.warn(f"linattn: {why}; the cuda backend is disabled", RuntimeWarning, stacklevel=2)
+        return None, why
+    built_for = getattr(ext, "torch_version", "unknown")
+    if built_for != torch.__version__:
+        why = f"linattn._C was built for torch {built_for}, this is torch {torch.__version__}; rebuild it"
+        warnings.warn(f"linattn: {why}; the cuda backend is disabled", RuntimeWarning, stacklevel=2)
+        return None, why
+    return ext, None

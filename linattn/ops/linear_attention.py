@@ -1,0 +1,209 @@
+"""ReLU linear attention: `linattn.relu_linear_attention` and its packed form `linattn.lite_mla_attention`.
+
+Both are torch custom ops (`torch.ops.linattn.*`) with fake and autograd
+registrations; the backward is a custom op of its own. Every backend writes into
+outputs allocated here, and the packed op hands the kernels strided views of
+the (B, G*3*D, H, W) tensor, so nothing is reshaped, transposed or copied.
+"""
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._backend import resolve
+from ._checks import check_tensor, fail
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128  # both kernel backends keep a (D, E) state tile on chip
+
+
+def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, ndim=4, layout="(B, H, N, D)" if name != "v" else "(B, H, N, E)")
+    if not (q.dtype == k.dtype == v.dtype):
+        fail(op, "v", f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    if not (q.device == k.device == v.device):
+        fail(op, "v", f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != q.shape:
+        fail(op, "k", f"must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        fail(op, "v", f"must match q in (B, H, N) = {tuple(q.shape[:3])}, got {tuple(v.shape[:3])}")
+    for name, size in (("q", q.shape[-1]), ("v", v.shape[-1])):
+        if size > MAX_HEAD_DIM:
+            fail(op, name, f"head dim {size} is larger than the supported {MAX_HEAD_DIM}")
+
+
+def _check_packed(op: str, qkv: Tensor, dim: int) -> None:
+    check_tensor(op, "qkv", qkv, ndim=4, layout="(B, heads*3*dim, H, W)")
+    if not 1 <= dim <= MAX_HEAD_DIM:
+        fail(op, "dim", f"must be in [1, {MAX_HEAD_DIM}], got {dim}")
+    if qkv.shape[1] % (3 * dim):
+        fail(op, "qkv", f"channels ({qkv.shape[1]}) must be a multiple of 3*dim = {3 * dim}")
+
+
+def _kernel_problem(t: Tensor) -> str | None:
+    """Why the kernels cannot take tensors like t (the reference can), or None."""
+    if t.dtype not in KERNEL_DTYPES:
+        return f"dtype {t.dtype} runs on the reference backend only"
+    return None
+
+
+def _new_feature_map(like: Tensor, channels: int) -> Tensor:
+    """A (B, channels, H, W) tensor in `like`'s memory format (channels_last stays channels_last)."""
+    B, _, H, W = like.shape
+    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((B, channels, H, W), dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _forward(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor) -> None:
+    impl = resolve(op, q.device, _kernel_problem(q))
+    if impl == "reference":
+        out.copy_(reference.relu_linear_attention(q, k, v, eps))
+    elif impl == "triton":
+        from ..kernels.linear_attention import linear_attention_fwd
+
+        linear_attention_fwd(q, k, v, eps, out)
+    else:
+        torch.ops.linattn.linear_attention_fwd_cuda(q, k, v, eps, out)
+
+
+def _backward(op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float, dq: Tensor, dk: Tensor, dv: Tensor):
+    impl = resolve(op, q.device, _kernel_problem(q))
+    if impl == "reference":
+        for dst, src in zip((dq, dk, dv), reference.relu_linear_attention_backward(g, q, k, v, eps)):
+            dst.copy_(src)
+    elif impl == "triton":
+        from ..kernels.linear_attention import linear_attention_bwd
+
+        linear_attention_bwd(g, q, k, v, eps, dq, dk, dv)
+    else:
+        torch.ops.linattn.linear_attention_bwd_cuda(g, q, k, v, eps, dq, dk, dv)
+
+
+# ---- relu_linear_attention: (B, H, N, D) tensors ---------------------------------
+
+
+@torch.library.custom_op("linattn::relu_linear_attention", mutates_args=(), device_types=("cpu", "cuda"))
+def _relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
+    _check_qkv("relu_linear_attention", q, k, v)
+    out = q.new_empty((*q.shape[:3], v.shape[-1]))
+    _forward("relu_linear_attention", q, k, v, eps, out)
+    return out
+
+
+@_relu_linear_attention.register_fake
+def _(q, k, v, eps):
+    _check_qkv("relu_linear_attention", q, k, v)
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
+
+
+@torch.library.custom_op("linattn::relu_linear_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _relu_linear_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _backward("relu_linear_attention", grad_out, q, k, v, eps, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_relu_linear_attention_backward.register_fake
+def _(grad_out, q, k, v, eps):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_qkv(ctx, inputs, output):
+    q, k, v, ctx.eps = inputs
+    ctx.save_for_backward(q, k, v)
+
+
+def _grad_qkv(ctx, grad_out):
+    dq, dk, dv = torch.ops.linattn.relu_linear_attention_backward(grad_out, *ctx.saved_tensors, ctx.eps)
+    return dq, dk, dv, None
+
+
+_relu_linear_attention.register_autograd(_grad_qkv, setup_context=_setup_qkv)
+
+
+# ---- lite_mla_attention: the packed (B, G*3*D, H, W) LiteMLA layout ---------------
+
+
+@torch.library.custom_op("linattn::lite_mla_attention", mutates_args=(), device_types=("cpu", "cuda"))
+def _lite_mla_attention(qkv: Tensor, dim: int, eps: float) -> Tensor:
+    _check_packed("lite_mla_attention", qkv, dim)
+    out = _new_feature_map(qkv, qkv.shape[1] // 3)
+    q, k, v = reference.split_packed_qkv(qkv, dim)
+    _forward("lite_mla_attention", q, k, v, eps, reference.split_heads(out, dim))
+    return out
+
+
+@_lite_mla_attention.register_fake
+def _(qkv, dim, eps):
+    _check_packed("lite_mla_attention", qkv, dim)
+    return _new_feature_map(qkv, qkv.shape[1] // 3)
+
+
+@torch.library.custom_op("linattn::lite_mla_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _lite_mla_attention_backward(grad_out: Tensor, qkv: Tensor, dim: int, eps: float) -> Tensor:
+    dqkv = _new_feature_map(qkv, qkv.shape[1])
+    q, k, v = reference.split_packed_qkv(qkv, dim)
+    g = reference.split_heads(grad_out, dim)
+    _backward("lite_mla_attention", g, q, k, v, eps, *reference.split_packed_qkv(dqkv, dim))
+    return dqkv
+
+
+@_lite_mla_attention_backward.register_fake
+def _(grad_out, qkv, dim, eps):
+    return _new_feature_map(qkv, qkv.shape[1])
+
+
+def _setup_packed(ctx, inputs, output):
+    qkv, ctx.dim, ctx.eps = inputs
+    ctx.save_for_backward(qkv)
+
+
+def _grad_packed(ctx, grad_out):
+    (qkv,) = ctx.saved_tensors
+    return torch.ops.linattn.lite_mla_attention_backward(grad_out, qkv, ctx.dim, ctx.eps), None, None
+
+
+_lite_mla_attention.register_autograd(_grad_packed, setup_context=_setup_packed)
+
+
+# ---- functional API -----------------------------------------------------------------
+
+
+def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -> Tensor:
+    """Non-causal ReLU linear attention (EfficientViT), differentiable in q, k and v.
+
+    out_n = relu(q_n) S / (relu(q_n) . z + eps) with S = sum_m relu(k_m)^T v_m and
+    z = sum_m relu(k_m), accumulated in fp32.
+
+    Args:
+        q: (B, H, N, D) queries, any strides.
+        k: (B, H, N, D) keys.
+        v: (B, H, N, E) values; D and E at most 128.
+        eps: added to the denominator (EfficientViT: 1e-15; timm: 1e-5).
+
+    Returns:
+        (B, H, N, E) tensor in the inputs' dtype (float16, bfloat16 or float32 on
+        every backend; float64 on the reference backend).
+    """
+    return torch.ops.linattn.relu_linear_attention(q, k, v, eps)
+
+
+def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
+    """relu_linear_attention on EfficientViT's packed LiteMLA layout, read and written in place.
+
+    Args:
+        qkv: (B, G*3*dim, H, W), NCHW or channels_last; head g owns channels
+            [3*dim*g, 3*dim*(g+1)) laid out [q | k | v] (what LiteMLA builds
+            after concatenating its multi-scale branches).
+        dim: head dimension D (= E), at most 128.
+        eps: added to the denominator.
+
+    Returns:
+        (B, G*dim, H, W) in qkv's dtype and memory format, head g in channels
+        [g*dim, (g+1)*dim).
+    """
+    return torch.ops.linattn.lite_mla_attention(qkv, dim, eps)

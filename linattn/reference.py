@@ -1,0 +1,112 @@
+"""Pure-PyTorch reference math of every linattn op.
+
+These functions are the CPU kernels of the ops, the oracle of the tests and the
+baseline of the benchmarks. They favour clarity over speed. fp16/bf16 inputs are
+computed in fp32 (float64 stays float64) and the result is cast back to the
+input dtype, matching the kernels' contract of fp32 accumulation.
+
+`efficientvit_*` functions are different: they reproduce the official
+EfficientViT eager computation in the input dtype (v padded with a row of
+ones, two matmuls), the "eager" provider of benchmarks and the yardstick of the
+low-precision tolerances in the tests.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
+    """out_n = relu(q_n) S / (relu(q_n) . z + eps), S = sum_m relu(k_m)^T v_m, z = sum_m relu(k_m).
+
+    q, k: (B, H, N, D); v: (B, H, N, E); returns (B, H, N, E) in q's dtype.
+    """
+    ct = _compute_dtype(q.dtype)
+    qr, kr, v32 = q.to(ct).relu(), k.to(ct).relu(), v.to(ct)
+    s = kr.transpose(-1, -2) @ v32
+    z = kr.sum(-2)
+    den = (qr @ z.unsqueeze(-1)) + eps
+    return ((qr @ s) / den).to(q.dtype)
+
+
+def relu_linear_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of relu_linear_attention, written out explicitly.
+
+    den_n = relu(q_n) . z + eps, a_n = g_n / den_n, c_n = -(g_n . out_n) / den_n;
+    dq_n = [q_n > 0](S a_n + c_n z); dS = sum_n relu(q_n)^T a_n; dz = sum_n c_n relu(q_n);
+    dk_m = [k_m > 0](dS v_m + dz); dv_m = relu(k_m) dS.
+    """
+    ct = _compute_dtype(q.dtype)
+    q32, k32, v32, g = q.to(ct), k.to(ct), v.to(ct), grad_out.to(ct)
+    qr, kr = q32.relu(), k32.relu()
+    s = kr.transpose(-1, -2) @ v32
+    z = kr.sum(-2)
+    den = (qr @ z.unsqueeze(-1)) + eps
+    out = (qr @ s) / den
+    a = g / den
+    c = -(g * out).sum(-1, keepdim=True) / den
+    dq = torch.where(q32 > 0, a @ s.transpose(-1, -2) + c * z.unsqueeze(-2), 0.0)
+    ds = qr.transpose(-1, -2) @ a
+    dz = (qr * c).sum(-2)
+    dk = torch.where(k32 > 0, v32 @ ds.transpose(-1, -2) + dz.unsqueeze(-2), 0.0)
+    dv = kr @ ds
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def split_heads(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, G*dim, H, W) feature map -> (B, G, H*W, dim) per-head view (a copy only if H, W can't merge)."""
+    B, C, H, W = x.shape
+    return x.reshape(B, C // dim, dim, H * W).transpose(-1, -2)
+
+
+def merge_heads(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(B, G, H*W, dim) per-head maps back to a (B, G*dim, H, W) feature map."""
+    B, G, _, dim = x.shape
+    return x.transpose(-1, -2).reshape(B, G * dim, H, W)
+
+
+def split_packed_qkv(qkv: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q, k, v of shape (B, G, H*W, dim) into a packed (B, G*3*dim, H, W) tensor.
+
+    Head g owns channels [3*dim*g, 3*dim*(g+1)) laid out [q | k | v]; the views
+    share qkv's memory for NCHW and channels_last inputs.
+    """
+    heads = split_heads(qkv, 3 * dim)
+    return heads[..., :dim], heads[..., dim : 2 * dim], heads[..., 2 * dim :]
+
+
+def lite_mla_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
+    """relu_linear_attention on the packed LiteMLA layout: (B, G*3*dim, H, W) -> (B, G*dim, H, W)."""
+    q, k, v = split_packed_qkv(qkv, dim)
+    return merge_heads(relu_linear_attention(q, k, v, eps), *qkv.shape[-2:])
+
+
+def lite_mla_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
+    """Gradient of lite_mla_attention with respect to qkv, in the packed layout."""
+    q, k, v = split_packed_qkv(qkv, dim)
+    grads = relu_linear_attention_backward(split_heads(grad_out, dim), q, k, v, eps)
+    return merge_heads(torch.cat(grads, dim=-1), *qkv.shape[-2:])
+
+
+def efficientvit_relu_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15
+) -> torch.Tensor:
+    """The official EfficientViT eager computation, in the input dtype (differentiable)."""
+    qr, kr = F.relu(q), F.relu(k)
+    v1 = F.pad(v, (0, 1), mode="constant", value=1.0)  # ones column: the last output is the denominator
+    vk = kr.transpose(-1, -2) @ v1  # (B, H, D, E+1)
+    out = qr @ vk
+    if out.dtype == torch.bfloat16:
+        out = out.float()
+    return (out[..., :-1] / (out[..., -1:] + eps)).to(q.dtype)
+
+
+def efficientvit_lite_mla_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
+    """The official EfficientViT eager computation on the packed layout, in the input dtype."""
+    q, k, v = split_packed_qkv(qkv, dim)
+    return merge_heads(efficientvit_relu_linear_attention(q, k, v, eps), *qkv.shape[-2:])
