@@ -86,7 +86,9 @@ def lite_mla_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch
     return merge_heads(relu_linear_attention(q, k, v, eps), *qkv.shape[-2:])
 
 
-def lite_mla_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
+def lite_mla_attention_backward(
+    grad_out: torch.Tensor, qkv: torch.Tensor, dim: int, eps: float = 1e-15
+) -> torch.Tensor:
     """Gradient of lite_mla_attention with respect to qkv, in the packed layout."""
     q, k, v = split_packed_qkv(qkv, dim)
     grads = relu_linear_attention_backward(split_heads(grad_out, dim), q, k, v, eps)

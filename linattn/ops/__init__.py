@@ -2,4 +2,10 @@
 
 from .linear_attention import lite_mla_attention, relu_linear_attention
 
-__all__ = ["lite_mla_attention", "relu_linear_attention"]
+# op -> the linattn._C kernel behind its cuda backend (what `info` looks for)
+CUDA_KERNELS = {
+    "relu_linear_attention": "linear_attention_fwd_cuda",
+    "lite_mla_attention": "linear_attention_fwd_cuda",
+}
+
+__all__ = ["CUDA_KERNELS", "lite_mla_attention", "relu_linear_attention"]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
-from ._checks import check_tensor, fail
+from ._checks import check_tensor, fail, require_tensors
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # both kernel backends keep a (D, E) state tile on chip
@@ -189,6 +189,7 @@ def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -
         (B, H, N, E) tensor in the inputs' dtype (float16, bfloat16 or float32 on
         every backend; float64 on the reference backend).
     """
+    require_tensors("relu_linear_attention", q=q, k=k, v=v)
     return torch.ops.linattn.relu_linear_attention(q, k, v, eps)
 
 
@@ -206,4 +207,5 @@ def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
         (B, G*dim, H, W) in qkv's dtype and memory format, head g in channels
         [g*dim, (g+1)*dim).
     """
+    require_tensors("lite_mla_attention", qkv=qkv)
     return torch.ops.linattn.lite_mla_attention(qkv, dim, eps)

@@ -1,0 +1,82 @@
+"""Command line: `python -m linattn info | check | bench`."""
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from ._backend import KERNEL_BACKENDS, unavailable
+from .ops import CUDA_KERNELS
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def backend_status(op: str, name: str, device: torch.device) -> str | None:
+    """Why backend `name` cannot run `op` on `device`, or None."""
+    why = unavailable(name, device)
+    if why is None and name == "cuda" and not hasattr(torch.ops.linattn, CUDA_KERNELS[op]):
+        why = f"linattn._C has no {CUDA_KERNELS[op]} kernel"
+    return why
+
+
+def info() -> None:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    device = _device()
+    print(f"linattn {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"triton {triton_version}  CUDA (torch) {torch.version.cuda or 'none'}")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU only (no CUDA device)'}")
+    rows = [["op", "reference", *KERNEL_BACKENDS]]
+    notes = {}
+    for op in CUDA_KERNELS:
+        row = [op, "yes"]
+        for name in KERNEL_BACKENDS:
+            why = backend_status(op, name, device)
+            if why:
+                mark = notes.setdefault(why, f"[{len(notes) + 1}]")
+                row.append(f"no {mark}")
+            else:
+                row.append("yes")
+        rows.append(row)
+    print(f"\nops x backends on {device.type}:")
+    print(_table(rows))
+    for why, mark in notes.items():
+        print(f"{mark} {why}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m linattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, and which backend can run each op here")
+    sub.add_parser("check", help="run every op on every available backend against the reference")
+    sub.add_parser("bench", help="benchmark the ops (see `python -m linattn bench --help`)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        info()
+        return 0
+    if args.command == "check":
+        from ._check import check
+
+        return 0 if check(_device()) else 1
+    from .benchmarks.bench_linear_attention import main as bench
+
+    return bench(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

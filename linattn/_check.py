@@ -1,0 +1,95 @@
+"""`python -m linattn check`: every op on every backend that runs here, against the float64 reference.
+
+A user runs this after installing. Pass means the forward and every input
+gradient are within DESIGN.md 8's tolerances: fp32 relative error under 1e-5,
+fp16/bf16 at most twice the error of eager PyTorch in the same dtype.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import ops, reference
+from ._backend import KERNEL_BACKENDS, backend
+
+
+@dataclass
+class Case:
+    op: str
+    shapes: list[tuple[int, ...]]  # one random input per shape, all differentiated
+    run: Callable  # the linattn op
+    ref: Callable  # reference math (float64 inputs give the oracle)
+    eager: Callable  # official-style eager PyTorch in the input dtype
+
+
+CASES = [
+    Case(
+        "relu_linear_attention",
+        [(2, 4, 257, 32)] * 3,
+        ops.relu_linear_attention,
+        reference.relu_linear_attention,
+        reference.efficientvit_relu_linear_attention,
+    ),
+    Case(
+        "lite_mla_attention",
+        [(2, 4 * 3 * 32, 15, 17)],
+        lambda qkv: ops.lite_mla_attention(qkv, 32),
+        lambda qkv: reference.lite_mla_attention(qkv, 32),
+        lambda qkv: reference.efficientvit_lite_mla_attention(qkv, 32),
+    ),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item() if torch.isfinite(a).all() else float("inf")
+
+
+def _outputs(fn: Callable, inputs: list[torch.Tensor], grad_seed: int) -> list[torch.Tensor]:
+    """fn's output followed by the gradient of every input, for a fixed random output gradient."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    gen = torch.Generator().manual_seed(grad_seed)
+    out.backward(torch.randn(out.shape, generator=gen).to(out))
+    return [out.detach(), *(x.grad for x in leaves)]
+
+
+def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, float, float]:
+    """(passed, worst error, its tolerance) over the output and every gradient."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in case.shapes]
+    oracle = _outputs(case.ref, [x.double() for x in inputs], 1)
+    eager = _outputs(case.eager, inputs, 1)
+    with backend(name):
+        got = _outputs(case.run, inputs, 1)
+    base = 1e-5 if dtype == torch.float32 else 0.0
+    results = [(_rel(g, o), max(base, 2 * _rel(e, o))) for g, e, o in zip(got, eager, oracle)]
+    err, tol = max(results, key=lambda r: r[0] / r[1])
+    return all(e <= t for e, t in results), err, tol
+
+
+def check(device: torch.device) -> bool:
+    from .__main__ import _table, backend_status
+
+    dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device.type == "cuda" else [])
+    rows = [["op", "backend", "dtype", "result", "worst rel. error", "tolerance"]]
+    all_ok = True
+    for case in CASES:
+        for name in ("reference", *KERNEL_BACKENDS):
+            why = backend_status(case.op, name, device) if name != "reference" else None
+            for dtype in dtypes:
+                if why:
+                    rows.append([case.op, name, str(dtype)[6:], "skipped", "-", why[:60]])
+                    continue
+                try:
+                    ok, err, tol = run_case(case, name, device, dtype)
+                    rows.append([case.op, name, str(dtype)[6:], "pass" if ok else "FAIL", f"{err:.2e}", f"{tol:.2e}"])
+                except Exception as exc:  # a crash is a failure to report, not to hide
+                    ok = False
+                    rows.append([case.op, name, str(dtype)[6:], "ERROR", "-", f"{type(exc).__name__}: {exc}"[:80]])
+                all_ok &= ok
+    print(f"linattn check on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}:")
+    print(_table(rows))
+    print("all passed" if all_ok else "SOME CHECKS FAILED")
+    return all_ok
