@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole GPU pass in one command: build, GPU tests (triton and cuda backends), compute-sanitizer
+# over every kernel, benchmarks. Everything it produces goes into OUT_DIR; a summary is printed last.
+# usage: bash benchmarks/gpu_check.sh OUT_DIR
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+status=()
+step() {  # step NAME CMD...: run, log to OUT/NAME.log, remember the exit code
+    local name=$1; shift
+    echo "== $name: $*"
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    status+=("$name=$rc")
+    tail -n 5 "$OUT/$name.log"
+}
+
+export LINATTN_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+step build python -m pip install --no-deps --no-build-isolation -e .
+step info python -m linattn info
+step check python -m linattn check
+step pytest python -m pytest -rs --junitxml="$OUT/pytest.xml"
+# small shapes on every backend: what `check` runs, under the sanitizer's tools
+for tool in memcheck racecheck initcheck; do
+    step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 python -m linattn check
+done
+step bench-linear-attention python benchmarks/bench_linear_attention.py --out "$OUT/results"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
+echo "summary: ${status[*]}" | tee "$OUT/summary.txt"
