@@ -25,6 +25,7 @@ step pytest python -m pytest -rs --junitxml="$OUT/pytest.xml"
 for tool in memcheck racecheck initcheck; do
     step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 python -m linattn check
 done
-step bench-linear-attention python benchmarks/bench_linear_attention.py --out "$OUT/results"
+# max-autotune re-tunes every shape and dtype: keep it for a longer run (BENCH_ARGS="" runs every provider)
+step bench-linear-attention python benchmarks/bench_linear_attention.py --out "$OUT/results" ${BENCH_ARGS---providers eager compile triton cuda}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
 echo "summary: ${status[*]}" | tee "$OUT/summary.txt"
