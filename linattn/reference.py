@@ -112,3 +112,43 @@ def efficientvit_lite_mla_attention(qkv: torch.Tensor, dim: int, eps: float = 1e
     """The official EfficientViT eager computation on the packed layout, in the input dtype."""
     q, k, v = split_packed_qkv(qkv, dim)
     return merge_heads(efficientvit_relu_linear_attention(q, k, v, eps), *qkv.shape[-2:])
+
+
+def multiscale_aggregate(
+    qkv: torch.Tensor,
+    dw_weights: list[torch.Tensor],
+    pw_weights: list[torch.Tensor],
+    heads: int,
+    dw_biases: list[torch.Tensor | None] | None = None,
+    pw_biases: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """cat([qkv, y_1, ..., y_S], 1) with y_s = conv1x1(dwconv_ks(qkv), groups=3*heads).
+
+    qkv: (B, C, H, W) with C = 3*heads*D; dw_weights[s]: (C, 1, k_s, k_s), k_s odd,
+    padding k_s // 2; pw_weights[s]: (C, D, 1, 1); optional biases (C,).
+    """
+    ct = _compute_dtype(qkv.dtype)
+    x = qkv.to(ct)
+    outs = [x]
+    for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
+        bd = dw_biases[s] if dw_biases else None
+        bp = pw_biases[s] if pw_biases else None
+        y = F.conv2d(x, wd.to(ct), None if bd is None else bd.to(ct), padding=wd.shape[-1] // 2, groups=x.shape[1])
+        outs.append(F.conv2d(y, wp.to(ct), None if bp is None else bp.to(ct), groups=3 * heads))
+    return torch.cat(outs, 1).to(qkv.dtype)
+
+
+def lite_mla_context(
+    qkv: torch.Tensor,
+    dw_weights: list[torch.Tensor],
+    pw_weights: list[torch.Tensor],
+    heads: int,
+    dim: int,
+    eps: float = 1e-15,
+    dw_biases: list[torch.Tensor | None] | None = None,
+    pw_biases: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """lite_mla_attention(multiscale_aggregate(...)): (B, 3*heads*dim, H, W) -> (B, (1+S)*heads*dim, H, W)."""
+    ct = _compute_dtype(qkv.dtype)
+    agg = multiscale_aggregate(qkv.to(ct), dw_weights, pw_weights, heads, dw_biases, pw_biases)
+    return lite_mla_attention(agg, dim, eps).to(qkv.dtype)
