@@ -279,10 +279,8 @@ def _linear_attention_bwd_dkv_kernel(
         tl.store(dv_ptrs, dv.to(DV_ptr.dtype.element_ty), mask=mask_e)
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, splits: int | None):
-    """Block sizes, split count and dot precision for a (B, H, N, D) x (B, H, N, E) problem."""
-    B, H, N, D = q.shape
-    E = v.shape[-1]
+def attention_config(B: int, H: int, N: int, D: int, E: int, dtype, device: torch.device, splits: int | None):
+    """Block sizes, split count and dot precision for B*H attention problems of N rows, D x E state."""
     block_d = max(16, triton.next_power_of_2(D))
     block_e = max(16, triton.next_power_of_2(E))
     block_n = 64 if block_d * block_e <= 64 * 64 else 32
@@ -290,12 +288,12 @@ def _config(q: torch.Tensor, v: torch.Tensor, splits: int | None):
     tiles = triton.cdiv(N, block_n)
     if splits is None:
         # enough programs to fill the GPU twice over; the interpreter just needs few
-        target = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         splits = triton.cdiv(target, B * H)
     splits = max(1, min(splits, tiles))
     chunk = triton.cdiv(tiles, splits) * block_n
     splits = triton.cdiv(N, chunk)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = "ieee" if dtype == torch.float32 else "tf32"
     return dict(
         blocks=dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_E=block_e, PRECISION=precision),
         num_warps=num_warps,
@@ -322,7 +320,7 @@ def linear_attention_fwd(q, k, v, eps: float, out, splits: int | None = None):
     """Write relu linear attention of q, k, v into out (all (B, H, N, *), any strides)."""
     B, H, N, D = q.shape
     E = v.shape[-1]
-    cfg = _config(q, v, splits)
+    cfg = attention_config(B, H, N, D, E, q.dtype, q.device, splits)
     s, z = _state(k, v, cfg)
     _linear_attention_fwd_kernel[(B * H, cfg["splits"])](
         out, *out.stride(), q, *q.stride(), s, z, H, N, D, E, cfg["chunk"], cfg["splits"], eps,
@@ -335,7 +333,7 @@ def linear_attention_bwd(grad_out, q, k, v, eps: float, dq, dk, dv, splits: int 
     """Write the gradients of relu linear attention into dq, dk, dv (any strides)."""
     B, H, N, D = q.shape
     E = v.shape[-1]
-    cfg = _config(q, v, splits)
+    cfg = attention_config(B, H, N, D, E, q.dtype, q.device, splits)
     grid = (B * H, cfg["splits"])
     s, z = _state(k, v, cfg)
     ds = torch.empty_like(s)

@@ -130,7 +130,9 @@ def _multiscale_aggregate_fwd_kernel(
         BP_ptr + c0, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
     )  # fmt: skip
     mask = n_mask[:, None] & c_mask[None, :]
-    y_ptrs = Y_ptr + b * stride_yb + (c0 + offs_c[None, :]) * stride_yc + h[:, None] * stride_yh + w[:, None] * stride_yw
+    y_ptrs = (
+        Y_ptr + b * stride_yb + (c0 + offs_c[None, :]) * stride_yc + h[:, None] * stride_yh + w[:, None] * stride_yw
+    )
     tl.store(y_ptrs, y.to(Y_ptr.dtype.element_ty), mask=mask)
     if WRITE_X:
         x = tl.load(X_ptr + offs_c[None, :] * stride_xc + h[:, None] * stride_xh + w[:, None] * stride_xw, mask=mask)
@@ -238,7 +240,9 @@ def _multiscale_aggregate_bwd_dx_kernel(
             tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask, other=0.0)
             shifted_dt = _shifted_tile(DT_ptr, N, W, 1, h, w, PAD - i, PAD - j, n_mask, offs_c, c_mask, H, W)
             dx += shifted_dt * tap.to(tl.float32)[None, :]
-            x = _shifted_tile(X_ptr, stride_xc, stride_xh, stride_xw, h, w, i - PAD, j - PAD, n_mask, offs_c, c_mask, H, W)
+            x = _shifted_tile(
+                X_ptr, stride_xc, stride_xh, stride_xw, h, w, i - PAD, j - PAD, n_mask, offs_c, c_mask, H, W
+            )
             tl.store(DWD_ptr + (part * KSIZE * KSIZE + i * KSIZE + j) * BLOCK_D + offs_c, tl.sum(dt * x, axis=0))
     tl.store(DBD_ptr + part * BLOCK_D + offs_c, tl.sum(dt, axis=0))
     dx_ptrs = DX_ptr + (b * GROUPS * D + c0 + offs_c[None, :]) * N + offs_n[:, None]
@@ -253,20 +257,22 @@ def _blocks(qkv: torch.Tensor, heads: int):
     return D, block_n, block_d, precision
 
 
-def _bias_args(bias, like):
-    """(pointer, HAS flag) for an optional bias; any tensor stands in when absent (never read)."""
-    return (bias, True) if bias is not None else (like, False)
+def _bias_args(biases, s, like):
+    """(pointer, HAS flag) for scale s of a bias list that is empty or has one tensor per scale;
+    when absent, any tensor stands in for the pointer (never read)."""
+    return (biases[s], True) if biases else (like, False)
 
 
 def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases, pw_biases, out):
-    """Write cat([qkv, y_1, ..., y_S], 1) into out (B, (1+S)*C, H, W); weights contiguous."""
+    """Write cat([qkv, y_1, ..., y_S], 1) into out (B, (1+S)*C, H, W); weights contiguous, bias lists empty or
+    one (C,) tensor per scale."""
     B, C, H, W = qkv.shape
     D, block_n, block_d, precision = _blocks(qkv, heads)
     groups = 3 * heads
     grid = (B * groups, triton.cdiv(H * W, block_n))
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
-        bd, has_bd = _bias_args(dw_biases[s], wd)
-        bp, has_bp = _bias_args(pw_biases[s], wp)
+        bd, has_bd = _bias_args(dw_biases, s, wd)
+        bp, has_bp = _bias_args(pw_biases, s, wp)
         y = out[:, (1 + s) * C : (2 + s) * C]
         x0 = out[:, :C]
         _multiscale_aggregate_fwd_kernel[grid](
@@ -292,7 +298,7 @@ def multiscale_aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads: int, 
     d_wd, d_wp, d_bd, d_bp = [], [], [], []
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         K = wd.shape[-1]
-        bd, has_bd = _bias_args(dw_biases[s], wd)
+        bd, has_bd = _bias_args(dw_biases, s, wd)
         dy = grad_out[:, (1 + s) * C : (2 + s) * C]
         dwp_parts = torch.empty((parts, block_d, block_d), device=qkv.device, dtype=torch.float32)
         dbp_parts = torch.empty((parts, block_d), device=qkv.device, dtype=torch.float32)

@@ -6,7 +6,7 @@ CUDA, import triton or load the compiled extension (that happens on first use).
 
 from . import reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
-from .ops import lite_mla_attention, relu_linear_attention
+from .ops import lite_mla_attention, lite_mla_context, multiscale_aggregate, relu_linear_attention
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,8 @@ __all__ = [
     "backend",
     "get_backend",
     "lite_mla_attention",
+    "lite_mla_context",
+    "multiscale_aggregate",
     "reference",
     "relu_linear_attention",
     "set_backend",

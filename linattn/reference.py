@@ -131,11 +131,44 @@ def multiscale_aggregate(
     x = qkv.to(ct)
     outs = [x]
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
-        bd = dw_biases[s] if dw_biases else None
+        bd = dw_biases[s] if dw_biases else None  # empty or None: no biases; a list may hold None
         bp = pw_biases[s] if pw_biases else None
         y = F.conv2d(x, wd.to(ct), None if bd is None else bd.to(ct), padding=wd.shape[-1] // 2, groups=x.shape[1])
         outs.append(F.conv2d(y, wp.to(ct), None if bp is None else bp.to(ct), groups=3 * heads))
     return torch.cat(outs, 1).to(qkv.dtype)
+
+
+def multiscale_aggregate_backward(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    dw_weights: list[torch.Tensor],
+    pw_weights: list[torch.Tensor],
+    heads: int,
+    dw_biases: list[torch.Tensor | None] | None = None,
+):
+    """Gradients of multiscale_aggregate: (dqkv, [dWd_s], [dWp_s], [dbd_s], [dbp_s]), in the compute dtype.
+
+    With t_s = dwconv(x) + bd_s and dt_s = the pointwise conv's input gradient:
+    dx = dy_0 + sum_s dwconv^T(dt_s), dWp_s = dy_s (x) t_s, dWd_s = dt_s (x) shifted x.
+    """
+    ct = _compute_dtype(qkv.dtype)
+    x, g = qkv.to(ct), grad_out.to(ct)
+    C = x.shape[1]
+    dx = g[:, :C].clone()
+    grads = [], [], [], []
+    for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
+        wd, wp = wd.to(ct), wp.to(ct)
+        bd = dw_biases[s].to(ct) if dw_biases else None
+        pad = wd.shape[-1] // 2
+        t = F.conv2d(x, wd, bd, padding=pad, groups=C)
+        dy = g[:, (1 + s) * C : (2 + s) * C]
+        dt = torch.nn.grad.conv2d_input(t.shape, wp, dy, groups=3 * heads)
+        dx += torch.nn.grad.conv2d_input(x.shape, wd, dt, padding=pad, groups=C)
+        grads[0].append(torch.nn.grad.conv2d_weight(x, wd.shape, dt, padding=pad, groups=C))
+        grads[1].append(torch.nn.grad.conv2d_weight(t, wp.shape, dy, groups=3 * heads))
+        grads[2].append(dt.sum((0, 2, 3)))
+        grads[3].append(dy.sum((0, 2, 3)))
+    return dx, *grads
 
 
 def lite_mla_context(

@@ -11,9 +11,8 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
-from ._checks import check_tensor, fail, require_tensors
+from ._common import check_tensor, fail, kernel_problem, new_feature_map, require_tensors
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # both kernel backends keep a (D, E) state tile on chip
 
 
@@ -41,23 +40,8 @@ def _check_packed(op: str, qkv: Tensor, dim: int) -> None:
         fail(op, "qkv", f"channels ({qkv.shape[1]}) must be a multiple of 3*dim = {3 * dim}")
 
 
-def _kernel_problem(t: Tensor) -> str | None:
-    """Why the kernels cannot take tensors like t (the reference can), or None."""
-    if t.dtype not in KERNEL_DTYPES:
-        return f"dtype {t.dtype} runs on the reference backend only"
-    return None
-
-
-def _new_feature_map(like: Tensor, channels: int) -> Tensor:
-    """A (B, channels, H, W) tensor in `like`'s memory format (channels_last stays channels_last)."""
-    B, _, H, W = like.shape
-    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((B, channels, H, W), dtype=like.dtype, device=like.device, memory_format=fmt)
-
-
-def _forward(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor) -> None:
-    impl = resolve(op, q.device, _kernel_problem(q))
+def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor) -> None:
+    impl = resolve(op, q.device, kernel_problem(q))
     if impl == "reference":
         out.copy_(reference.relu_linear_attention(q, k, v, eps))
     elif impl == "triton":
@@ -68,8 +52,8 @@ def _forward(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor) 
         torch.ops.linattn.linear_attention_fwd_cuda(q, k, v, eps, out)
 
 
-def _backward(op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float, dq: Tensor, dk: Tensor, dv: Tensor):
-    impl = resolve(op, q.device, _kernel_problem(q))
+def attention_bwd(op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float, dq: Tensor, dk: Tensor, dv: Tensor):
+    impl = resolve(op, q.device, kernel_problem(q))
     if impl == "reference":
         for dst, src in zip((dq, dk, dv), reference.relu_linear_attention_backward(g, q, k, v, eps)):
             dst.copy_(src)
@@ -88,7 +72,7 @@ def _backward(op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float, d
 def _relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
     _check_qkv("relu_linear_attention", q, k, v)
     out = q.new_empty((*q.shape[:3], v.shape[-1]))
-    _forward("relu_linear_attention", q, k, v, eps, out)
+    attention_fwd("relu_linear_attention", q, k, v, eps, out)
     return out
 
 
@@ -103,7 +87,7 @@ def _relu_linear_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    _backward("relu_linear_attention", grad_out, q, k, v, eps, dq, dk, dv)
+    attention_bwd("relu_linear_attention", grad_out, q, k, v, eps, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -131,30 +115,30 @@ _relu_linear_attention.register_autograd(_grad_qkv, setup_context=_setup_qkv)
 @torch.library.custom_op("linattn::lite_mla_attention", mutates_args=(), device_types=("cpu", "cuda"))
 def _lite_mla_attention(qkv: Tensor, dim: int, eps: float) -> Tensor:
     _check_packed("lite_mla_attention", qkv, dim)
-    out = _new_feature_map(qkv, qkv.shape[1] // 3)
+    out = new_feature_map(qkv, qkv.shape[1] // 3)
     q, k, v = reference.split_packed_qkv(qkv, dim)
-    _forward("lite_mla_attention", q, k, v, eps, reference.split_heads(out, dim))
+    attention_fwd("lite_mla_attention", q, k, v, eps, reference.split_heads(out, dim))
     return out
 
 
 @_lite_mla_attention.register_fake
 def _(qkv, dim, eps):
     _check_packed("lite_mla_attention", qkv, dim)
-    return _new_feature_map(qkv, qkv.shape[1] // 3)
+    return new_feature_map(qkv, qkv.shape[1] // 3)
 
 
 @torch.library.custom_op("linattn::lite_mla_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _lite_mla_attention_backward(grad_out: Tensor, qkv: Tensor, dim: int, eps: float) -> Tensor:
-    dqkv = _new_feature_map(qkv, qkv.shape[1])
+    dqkv = new_feature_map(qkv, qkv.shape[1])
     q, k, v = reference.split_packed_qkv(qkv, dim)
     g = reference.split_heads(grad_out, dim)
-    _backward("lite_mla_attention", g, q, k, v, eps, *reference.split_packed_qkv(dqkv, dim))
+    attention_bwd("lite_mla_attention", g, q, k, v, eps, *reference.split_packed_qkv(dqkv, dim))
     return dqkv
 
 
 @_lite_mla_attention_backward.register_fake
 def _(grad_out, qkv, dim, eps):
-    return _new_feature_map(qkv, qkv.shape[1])
+    return new_feature_map(qkv, qkv.shape[1])
 
 
 def _setup_packed(ctx, inputs, output):

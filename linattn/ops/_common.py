@@ -1,6 +1,24 @@
-"""Argument checks shared by the ops: every error names the op and the argument."""
+"""What the ops share: argument checks (every error names the op and the argument) and allocation."""
 
+import torch
 from torch import Tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_problem(t: Tensor) -> str | None:
+    """Why the kernels cannot take tensors like t (the reference can), or None."""
+    if t.dtype not in KERNEL_DTYPES:
+        return f"dtype {t.dtype} runs on the reference backend only"
+    return None
+
+
+def new_feature_map(like: Tensor, channels: int) -> Tensor:
+    """A (B, channels, H, W) tensor in `like`'s memory format (channels_last stays channels_last)."""
+    B, _, H, W = like.shape
+    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((B, channels, H, W), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 def fail(op: str, arg: str, message: str, error: type[Exception] = ValueError):

@@ -1,0 +1,172 @@
+"""Triton kernels for LiteMLA's context: multi-scale aggregation fused into ReLU linear attention.
+
+lite_mla_context(qkv) = lite_mla_attention(multiscale_aggregate(qkv)) without
+the aggregated tensor ever reaching memory. Output heads [0, heads) attend over
+qkv itself (the caller runs the linear attention kernels on strided views);
+the heads of scale s attend over aggregated q, k, v, recomputed tile by tile
+from qkv:
+
+    pass 1, grid (B*heads, SPLITS): k_s = Wp (dwconv(k) + bd) + bp, same for v;
+            partial S = sum relu(k_s)^T v_s and z = sum relu(k_s) per split
+    pass 2, grid (B*heads, SPLITS): q_s likewise; out = relu(q_s) S / (relu(q_s) . z + eps)
+
+Math of each step: kernels/multiscale_aggregate.py and kernels/linear_attention.py.
+The backward is not fused: it recomputes the aggregation and composes the two
+ops' backward kernels (linattn/ops/lite_mla_context.py).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_attention import _sum_partials, attention_config
+from .multiscale_aggregate import _aggregate_tile, _bias_args
+
+
+@triton.jit
+def _lite_mla_context_state_kernel(
+    S_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D, BLOCK_D) partial S
+    Z_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D) partial z
+    X_ptr,  # (B, 3*heads*D, H, W) qkv
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight, contiguous
+    BD_ptr,  # (C,) depthwise bias (if HAS_BD)
+    WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
+    BP_ptr,  # (C,) pointwise bias (if HAS_BP)
+    HEADS,
+    H,
+    W,
+    D,
+    CHUNK,  # positions per split, a multiple of BLOCK_N
+    SPLITS,
+    KSIZE: tl.constexpr,
+    HAS_BD: tl.constexpr,
+    HAS_BP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HEADS
+    ck = (3 * (pid_bh % HEADS) + 1) * D  # first channel of this head's k group; v follows
+    cv = ck + D
+    X_ptr += b * stride_xb
+    offs_c = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < D
+    s_acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    z_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    N = H * W
+    n_lo = pid_s * CHUNK
+    for n0 in range(n_lo, tl.minimum(n_lo + CHUNK, N), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        h = offs_n // W
+        w = offs_n % W
+        k = _aggregate_tile(
+            X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * KSIZE * KSIZE, BD_ptr + ck,
+            WP_ptr + ck * D, BP_ptr + ck, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
+        )  # fmt: skip
+        v = _aggregate_tile(
+            X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * KSIZE * KSIZE, BD_ptr + cv,
+            WP_ptr + cv * D, BP_ptr + cv, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
+        )  # fmt: skip
+        kr = tl.maximum(k, 0.0)
+        s_acc = tl.dot(tl.trans(kr), v, s_acc, input_precision=PRECISION)
+        z_acc += tl.sum(kr, axis=0)
+    part = pid_bh * SPLITS + pid_s
+    tl.store(S_ptr + part * BLOCK_D * BLOCK_D + offs_c[:, None] * BLOCK_D + offs_c[None, :], s_acc)
+    tl.store(Z_ptr + part * BLOCK_D + offs_c, z_acc)
+
+
+@triton.jit
+def _lite_mla_context_fwd_kernel(
+    O_ptr,  # (B, heads*D, H, W) this scale's slice of the output
+    stride_ob,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    X_ptr,  # (B, 3*heads*D, H, W) qkv
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    WD_ptr,
+    BD_ptr,
+    WP_ptr,
+    BP_ptr,
+    S_ptr,  # fp32 partials from _lite_mla_context_state_kernel
+    Z_ptr,
+    HEADS,
+    H,
+    W,
+    D,
+    CHUNK,
+    SPLITS,
+    eps,
+    KSIZE: tl.constexpr,
+    HAS_BD: tl.constexpr,
+    HAS_BP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HEADS
+    head = pid_bh % HEADS
+    cq = 3 * head * D
+    X_ptr += b * stride_xb
+    O_ptr += b * stride_ob + head * D * stride_oc
+    offs_c = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < D
+    offs_s = offs_c[:, None] * BLOCK_D + offs_c[None, :]
+    s = _sum_partials(S_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
+    z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
+    N = H * W
+    n_lo = pid_s * CHUNK
+    for n0 in range(n_lo, tl.minimum(n_lo + CHUNK, N), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        h = offs_n // W
+        w = offs_n % W
+        q = _aggregate_tile(
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cq * KSIZE * KSIZE, BD_ptr + cq,
+            WP_ptr + cq * D, BP_ptr + cq, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
+        )  # fmt: skip
+        qr = tl.maximum(q, 0.0)
+        den = tl.sum(qr * z[None, :], axis=1) + eps
+        out = tl.dot(qr, s, input_precision=PRECISION) / den[:, None]
+        o_ptrs = O_ptr + offs_c[None, :] * stride_oc + h[:, None] * stride_oh + w[:, None] * stride_ow
+        tl.store(o_ptrs, out.to(O_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+
+
+def lite_mla_context_fwd(qkv, dw_weights, pw_weights, heads: int, dim: int, eps: float, dw_biases, pw_biases, out):
+    """Write the heads of every aggregation scale into out[:, heads*dim:] (B, (1+S)*heads*dim, H, W).
+
+    The first heads*dim channels, attention over qkv itself, are the caller's
+    (linear_attention_fwd on strided views)."""
+    B, C, H, W = qkv.shape
+    cfg = attention_config(B, heads, H * W, dim, dim, qkv.dtype, qkv.device, None)
+    blocks = {k: v for k, v in cfg["blocks"].items() if k != "BLOCK_E"}
+    block_d = blocks["BLOCK_D"]
+    grid = (B * heads, cfg["splits"])
+    for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
+        bd, has_bd = _bias_args(dw_biases, s, wd)
+        bp, has_bp = _bias_args(pw_biases, s, wp)
+        flags = dict(KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, **blocks)
+        state = torch.empty((B * heads, cfg["splits"], block_d, block_d), device=qkv.device, dtype=torch.float32)
+        z = torch.empty((B * heads, cfg["splits"], block_d), device=qkv.device, dtype=torch.float32)
+        _lite_mla_context_state_kernel[grid](
+            state, z, qkv, *qkv.stride(), wd, bd, wp, bp, heads, H, W, dim, cfg["chunk"], cfg["splits"],
+            num_warps=cfg["num_warps"], **flags,
+        )  # fmt: skip
+        o = out[:, (1 + s) * heads * dim : (2 + s) * heads * dim]
+        _lite_mla_context_fwd_kernel[grid](
+            o, *o.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, state, z, heads, H, W, dim,
+            cfg["chunk"], cfg["splits"], eps, num_warps=cfg["num_warps"], **flags,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,121 @@
+"""LiteMLA's context, aggregation fused into attention: `linattn.lite_mla_context`.
+
+Equals lite_mla_attention(multiscale_aggregate(qkv, ...), dim, eps); the
+kernels never write the aggregated tensor. The backward recomputes the
+aggregation and chains the backward ops of the two parts.
+"""
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._backend import resolve
+from ._common import fail, kernel_problem, new_feature_map, require_tensors
+from .linear_attention import attention_fwd
+from .multiscale_aggregate import (
+    aggregation_grads,
+    bias_list,
+    check_aggregation,
+    contiguous,
+    save_aggregation,
+    saved_aggregation,
+)
+
+OP = "lite_mla_context"
+
+
+def _check(qkv, dw_weights, pw_weights, heads, dim, dw_biases, pw_biases) -> None:
+    D = check_aggregation(OP, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
+    if dim != D:
+        fail(OP, "dim", f"must equal qkv's channels / (3*heads) = {D}, got {dim}")
+
+
+def _output(qkv, heads, dim, scales) -> Tensor:
+    return new_feature_map(qkv, (1 + scales) * heads * dim)
+
+
+@torch.library.custom_op("linattn::lite_mla_context", mutates_args=(), device_types=("cpu", "cuda"))
+def _lite_mla_context(
+    qkv: Tensor,
+    dw_weights: list[Tensor],
+    pw_weights: list[Tensor],
+    heads: int,
+    dim: int,
+    eps: float,
+    dw_biases: list[Tensor],
+    pw_biases: list[Tensor],
+) -> Tensor:
+    _check(qkv, dw_weights, pw_weights, heads, dim, dw_biases, pw_biases)
+    out = _output(qkv, heads, dim, len(dw_weights))
+    impl = resolve(OP, qkv.device, kernel_problem(qkv))
+    if impl == "reference":
+        out.copy_(reference.lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases))
+        return out
+    q, k, v = reference.split_packed_qkv(qkv, dim)
+    attention_fwd(OP, q, k, v, eps, reference.split_heads(out[:, : heads * dim], dim))
+    args = (qkv, contiguous(dw_weights), contiguous(pw_weights), heads, dim, eps)
+    biases = (contiguous(dw_biases), contiguous(pw_biases))
+    if impl == "triton":
+        from ..kernels.lite_mla_context import lite_mla_context_fwd
+
+        lite_mla_context_fwd(*args, *biases, out)
+    else:
+        torch.ops.linattn.lite_mla_context_fwd_cuda(*args, *biases, out)
+    return out
+
+
+@_lite_mla_context.register_fake
+def _(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases):
+    _check(qkv, dw_weights, pw_weights, heads, dim, dw_biases, pw_biases)
+    return _output(qkv, heads, dim, len(dw_weights))
+
+
+def _setup(ctx, inputs, output):
+    qkv, dw_weights, pw_weights, ctx.heads, ctx.dim, ctx.eps, dw_biases, pw_biases = inputs
+    save_aggregation(ctx, qkv, dw_weights, pw_weights, dw_biases, pw_biases)
+
+
+def _grad(ctx, grad_out):
+    qkv, dws, pws, dbs, pbs = saved_aggregation(ctx)
+    ops = torch.ops.linattn
+    aggregated = ops.multiscale_aggregate(qkv, dws, pws, ctx.heads, dbs, pbs)
+    d_aggregated = ops.lite_mla_attention_backward(grad_out, aggregated, ctx.dim, ctx.eps)
+    grads = ops.multiscale_aggregate_backward(d_aggregated, qkv, dws, pws, ctx.heads, dbs)
+    dqkv, dwd, dwp, dbd, dbp = aggregation_grads(ctx, *grads)
+    return dqkv, dwd, dwp, None, None, None, dbd, dbp
+
+
+_lite_mla_context.register_autograd(_grad, setup_context=_setup)
+
+
+def lite_mla_context(
+    qkv: Tensor,
+    dw_weights: list[Tensor],
+    pw_weights: list[Tensor],
+    heads: int,
+    dim: int,
+    eps: float = 1e-15,
+    dw_biases: list[Tensor | None] | None = None,
+    pw_biases: list[Tensor | None] | None = None,
+) -> Tensor:
+    """LiteMLA's context: multi-scale aggregation and ReLU linear attention in one op, differentiable.
+
+    Equals `lite_mla_attention(multiscale_aggregate(qkv, dw_weights, pw_weights, heads,
+    dw_biases, pw_biases), dim, eps)`; the aggregated tensor is never written.
+
+    Args:
+        qkv: (B, 3*heads*dim, H, W) output of LiteMLA's qkv conv, NCHW or channels_last.
+        dw_weights, pw_weights, dw_biases, pw_biases: the aggregation's weights, as in
+            `linattn.multiscale_aggregate`.
+        heads: heads per branch; dim: head dimension (qkv has 3*heads*dim channels).
+        eps: added to the attention's denominator.
+
+    Returns:
+        (B, (1+S)*heads*dim, H, W) in qkv's dtype and memory format: the heads over
+        qkv itself first, then those of each scale.
+    """
+    require_tensors(OP, qkv=qkv)
+    dw_weights, pw_weights = list(dw_weights), list(pw_weights)
+    return torch.ops.linattn.lite_mla_context(
+        qkv, dw_weights, pw_weights, heads, dim, eps, bias_list(dw_biases, dw_weights), bias_list(pw_biases, pw_weights)
+    )
