@@ -253,6 +253,8 @@ def _blocks(qkv: torch.Tensor, heads: int):
     D = qkv.shape[1] // (3 * heads)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = 64 if block_d <= 32 else 32
+    if not qkv.is_cuda:  # the interpreter runs programs one by one but each op vectorised: few, large tiles
+        block_n = 256
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
     return D, block_n, block_d, precision
 

@@ -50,6 +50,54 @@ def test_lite_mla_attention_bad_input(case, qkv, dim, error, message):
         linattn.lite_mla_attention(qkv, dim)
 
 
+def _aggregation_args(**bad):
+    C, D = 48, 8
+    args = dict(
+        qkv=torch.randn(1, C, 5, 5),
+        dw_weights=[torch.randn(C, 1, 3, 3)],
+        pw_weights=[torch.randn(C, D, 1, 1)],
+        heads=2,
+        dw_biases=None,
+        pw_biases=None,
+    )
+    args.update(bad)
+    return args
+
+
+AGGREGATION_CASES = [
+    ("heads", dict(heads=5), ValueError, "heads must be >= 1 and divide"),
+    ("heads zero", dict(heads=0), ValueError, "heads must be >= 1"),
+    ("no scale", dict(dw_weights=[], pw_weights=[]), ValueError, "pw_weights needs one weight per scale"),
+    ("scales mismatch", dict(pw_weights=[]), ValueError, "pw_weights needs one weight per scale"),
+    ("even kernel", dict(dw_weights=[torch.randn(48, 1, 4, 4)]), ValueError, r"dw_weights\[0\] must be \(C, 1, k, k\)"),
+    ("dw channels", dict(dw_weights=[torch.randn(40, 1, 3, 3)]), ValueError, r"dw_weights\[0\] must be"),
+    ("pw shape", dict(pw_weights=[torch.randn(48, 16, 1, 1)]), ValueError, r"pw_weights\[0\] must be \(C, D, 1, 1\)"),
+    ("pw rank", dict(pw_weights=[torch.randn(48, 8)]), ValueError, r"pw_weights\[0\] must be 4-D"),
+    ("bias shape", dict(dw_biases=[torch.randn(47)]), ValueError, r"dw_biases\[0\] must be \(48,\)"),
+    ("bias count", dict(pw_biases=[torch.randn(48), torch.randn(48)]), ValueError, "pw_biases needs no entry or one"),
+    ("int qkv", dict(qkv=torch.ones(1, 48, 5, 5, dtype=torch.int32)), TypeError, "qkv must be float16"),
+    ("weight device", dict(pw_weights=[torch.empty(48, 8, 1, 1, device="meta")]), ValueError, r"pw_weights\[0\] is on"),
+    ("empty", dict(qkv=torch.randn(1, 48, 0, 5)), ValueError, "qkv is empty"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "error", "message"), AGGREGATION_CASES, ids=[c[0] for c in AGGREGATION_CASES])
+def test_multiscale_aggregate_bad_input(case, bad, error, message):
+    with pytest.raises(error, match=f"linattn.multiscale_aggregate: {message}"):
+        linattn.multiscale_aggregate(**_aggregation_args(**bad))
+
+
+@pytest.mark.parametrize(("case", "bad", "error", "message"), AGGREGATION_CASES, ids=[c[0] for c in AGGREGATION_CASES])
+def test_lite_mla_context_bad_input(case, bad, error, message):
+    with pytest.raises(error, match=f"linattn.lite_mla_context: {message}"):
+        linattn.lite_mla_context(**_aggregation_args(**bad), dim=8)
+
+
+def test_lite_mla_context_dim_must_match():
+    with pytest.raises(ValueError, match=r"linattn.lite_mla_context: dim must equal qkv's channels / \(3\*heads\) = 8"):
+        linattn.lite_mla_context(**_aggregation_args(), dim=16)
+
+
 def test_bad_input_under_compile_names_the_op():
     """The fake kernel checks too, so a compiled call fails with the same message."""
     torch._dynamo.reset()

@@ -39,30 +39,64 @@ def test_opcheck(target):
         torch.library.opcheck(ops.lite_mla_attention_backward, (g_packed, qkv.detach(), 16, 1e-15))
 
 
+def _aggregation(device, requires_grad=False, bias=True, dtype=torch.float32):
+    from test_multiscale_aggregate import make_aggregation
+
+    # one head, one 3x3 scale: opcheck calls the op many times, and the interpreter is slow
+    qkv, dws, pws, dbs, pbs = make_aggregation(1, 1, 8, 5, 6, (3,), bias, dtype, device, seed=2)
+    return [t.requires_grad_(requires_grad) for t in [qkv]], dws, pws, dbs, pbs
+
+
+@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_opcheck_aggregation(target, bias):
+    name, device = target
+    # float64 on the reference: opcheck compares eager and compiled gradients to fp32 rounding otherwise
+    dtype = torch.float64 if name == "reference" else torch.float32
+    (qkv,), dws, pws, dbs, pbs = _aggregation(device, requires_grad=True, bias=bias, dtype=dtype)
+    for t in (*dws, *pws, *dbs, *pbs):
+        t.requires_grad_()
+    g = torch.randn(1, 2 * 24, 5, 6, device=device, dtype=dtype)
+    ops = torch.ops.linattn
+    with linattn.backend(name):
+        torch.library.opcheck(ops.multiscale_aggregate, (qkv, dws, pws, 1, dbs, pbs))
+        detached = [[t.detach() for t in ts] for ts in (dws, pws, dbs)]
+        torch.library.opcheck(
+            ops.multiscale_aggregate_backward, (g, qkv.detach(), detached[0], detached[1], 1, detached[2])
+        )
+        torch.library.opcheck(ops.lite_mla_context, (qkv, dws, pws, 1, 8, 1e-15, dbs, pbs))
+
+
 @pytest.mark.parametrize("target", _targets())
 def test_compile_fullgraph(target):
     """Both ops, forward and backward, inside one compiled graph with surrounding PyTorch ops."""
     name, device = target
     torch._dynamo.reset()
 
-    def block(q, k, v, qkv):
+    def block(q, k, v, qkv, x, dws, pws, dbs, pbs):
         a = linattn.relu_linear_attention(q * 2.0, k, v)
         b = linattn.lite_mla_attention(qkv + 1.0, 16)
-        return a.sum() + b.square().sum()
+        c = linattn.multiscale_aggregate(x, dws, pws, 1, dbs, pbs)
+        d = linattn.lite_mla_context(x * 0.5, dws, pws, 1, 8, 1e-15, dbs, pbs)
+        return a.sum() + b.square().sum() + c.square().sum() + d.square().sum()
 
     def grads(fn):
         q, k, v = _qkv(device, requires_grad=True)
         qkv = _packed(device, requires_grad=True)
+        (x,), dws, pws, dbs, pbs = _aggregation(device, requires_grad=True)
+        leaves = [q, k, v, qkv, x, *dws, *pws, *dbs, *pbs]
+        for t in leaves:
+            t.requires_grad_()
         with linattn.backend(name):
-            loss = fn(q, k, v, qkv)
+            loss = fn(q, k, v, qkv, x, dws, pws, dbs, pbs)
             loss.backward()
-        return loss.detach(), q.grad, k.grad, v.grad, qkv.grad
+        return [loss.detach()] + [t.grad for t in leaves]
 
     compiled = torch.compile(block, fullgraph=True)
     want = grads(block)
     got = grads(compiled)
-    for label, a, b in zip(("loss", "dq", "dk", "dv", "dqkv"), got, want):
-        assert_close(a, b, 1e-5, label)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, 1e-5, f"output {i} (0: loss, then the inputs' gradients)")
 
 
 def test_compile_eager_reference_agree_on_packed_shape():

@@ -117,5 +117,12 @@ def lite_mla_context(
     require_tensors(OP, qkv=qkv)
     dw_weights, pw_weights = list(dw_weights), list(pw_weights)
     return torch.ops.linattn.lite_mla_context(
-        qkv, dw_weights, pw_weights, heads, dim, eps, bias_list(dw_biases, dw_weights), bias_list(pw_biases, pw_weights)
+        qkv,
+        dw_weights,
+        pw_weights,
+        heads,
+        dim,
+        eps,
+        bias_list(OP, "dw_biases", dw_biases, dw_weights),
+        bias_list(OP, "pw_biases", pw_biases, pw_weights),
     )

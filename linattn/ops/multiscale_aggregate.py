@@ -176,10 +176,12 @@ def _grad(ctx, grad_out):
 _multiscale_aggregate.register_autograd(_grad, setup_context=_setup)
 
 
-def bias_list(biases, weights) -> list[Tensor]:
+def bias_list(op: str, name: str, biases, weights) -> list[Tensor]:
     """The ops take per-scale biases as a list of tensors or an empty list: None entries become zeros."""
     if biases is None or all(b is None for b in biases):
         return []
+    if len(biases) != len(weights):
+        fail(op, name, f"needs no entry or one per scale, got {len(biases)} for {len(weights)} scales")
     return [
         torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b for b, w in zip(biases, weights)
     ]
@@ -211,5 +213,10 @@ def multiscale_aggregate(
     require_tensors(OP, qkv=qkv)
     dw_weights, pw_weights = list(dw_weights), list(pw_weights)
     return torch.ops.linattn.multiscale_aggregate(
-        qkv, dw_weights, pw_weights, heads, bias_list(dw_biases, dw_weights), bias_list(pw_biases, pw_weights)
+        qkv,
+        dw_weights,
+        pw_weights,
+        heads,
+        bias_list(OP, "dw_biases", dw_biases, dw_weights),
+        bias_list(OP, "pw_biases", pw_biases, pw_weights),
     )

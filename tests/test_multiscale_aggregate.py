@@ -1,0 +1,96 @@
+"""multiscale_aggregate: kernels and op against the float64 reference, forward and every gradient."""
+
+import pytest
+import torch
+from utils import assert_close, kernel_targets, rel_err, tolerance
+
+from linattn import reference
+
+
+def make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last=False, seed=0):
+    """Random qkv (B, 3*heads*D, H, W) and per-scale weights (and biases, or empty lists)."""
+    gen = torch.Generator().manual_seed(seed)
+    C = 3 * heads * D
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    qkv = rand(B, C, H, W)
+    if channels_last:
+        qkv = qkv.to(memory_format=torch.channels_last)
+    dws = [rand(C, 1, k, k, scale=1 / k) for k in ksizes]
+    pws = [rand(C, D, 1, 1, scale=D**-0.5) for _ in ksizes]
+    dbs = [rand(C) for _ in ksizes] if bias else []
+    pbs = [rand(C) for _ in ksizes] if bias else []
+    return qkv, dws, pws, dbs, pbs
+
+
+def f64(tensors):
+    return [t.double() for t in tensors]
+
+
+def eager_aggregate(qkv, dws, pws, heads, dbs, pbs):
+    """EfficientViT's eager aggregation (two convs per scale, then cat) in the input dtype, differentiable."""
+    outs = [qkv]
+    for s, (wd, wp) in enumerate(zip(dws, pws)):
+        y = torch.nn.functional.conv2d(qkv, wd, dbs[s] if dbs else None, padding=wd.shape[-1] // 2, groups=qkv.shape[1])
+        outs.append(torch.nn.functional.conv2d(y, wp, pbs[s] if pbs else None, groups=3 * heads))
+    return torch.cat(outs, 1)
+
+
+def launch(name, qkv, dws, pws, heads, dbs, pbs, out=None, grad_out=None):
+    if name == "triton":
+        from linattn.kernels import multiscale_aggregate as kern
+
+        if grad_out is None:
+            return kern.multiscale_aggregate_fwd(qkv, dws, pws, heads, dbs, pbs, out)
+        return kern.multiscale_aggregate_bwd(grad_out, qkv, dws, pws, heads, dbs)
+    if grad_out is None:
+        return torch.ops.linattn.multiscale_aggregate_fwd_cuda(qkv, dws, pws, heads, dbs, pbs, out)
+    return torch.ops.linattn.multiscale_aggregate_bwd_cuda(grad_out, qkv, dws, pws, heads, dbs)
+
+
+CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_last)
+    (2, 1, 8, 7, 9, (5,), False, torch.float32, False),
+    (1, 2, 8, 7, 9, (3,), True, torch.float32, True),
+    (1, 1, 8, 33, 31, (7,), False, torch.float32, False),
+    (1, 1, 16, 8, 8, (3, 5), True, torch.float32, False),
+    (1, 4, 8, 5, 5, (5,), False, torch.float32, False),
+    (1, 1, 32, 6, 7, (3,), True, torch.float32, False),
+    (1, 2, 8, 7, 9, (5,), True, torch.float16, False),
+    (1, 2, 8, 7, 9, (3, 5), False, torch.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("target", kernel_targets())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}h{c[1]}d{c[2]}-{c[3]}x{c[4]}-k{c[5]}-{str(c[7])[6:]}")
+def test_kernels(target, case):
+    name, device = target
+    B, heads, D, H, W, ksizes, bias, dtype, channels_last = case
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last)
+    S = len(ksizes)
+
+    ref = reference.multiscale_aggregate(qkv.double(), f64(dws), f64(pws), heads, f64(dbs), f64(pbs))
+    leaves = [t.detach().clone().requires_grad_() for t in (qkv, *dws, *pws, *dbs, *pbs)]
+    e_dbs = leaves[1 + 2 * S : 1 + 3 * S] if bias else []
+    e_pbs = leaves[1 + 3 * S :] if bias else []
+    eager = eager_aggregate(leaves[0], leaves[1 : 1 + S], leaves[1 + S : 1 + 2 * S], heads, e_dbs, e_pbs)
+
+    out = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
+    launch(name, qkv, dws, pws, heads, dbs, pbs, out=out)
+    assert_close(out, ref, tolerance(dtype, rel_err(eager, ref)), "out")
+
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    want = reference.multiscale_aggregate_backward(g.double(), qkv.double(), f64(dws), f64(pws), heads, f64(dbs))
+    got = launch(name, qkv, dws, pws, heads, dbs, pbs, grad_out=g)
+    eager.backward(g)
+    labels = ["dqkv"] + [f"{what}[{s}]" for what in ("d_dw", "d_pw", "d_dw_bias", "d_pw_bias") for s in range(S)]
+    # without biases only qkv and the weights are leaves; the bias gradients are compared when biases exist
+    for label, got_t, want_t, leaf in zip(labels, flatten(got), flatten(want), leaves):
+        assert_close(got_t, want_t, tolerance(dtype, rel_err(leaf.grad, want_t)), label)
+
+
+def flatten(grads):
+    """(dqkv, [..], [..], [..], [..]) -> [dqkv, ...] in the op's input order."""
+    dqkv, *lists = grads
+    return [dqkv] + [t for group in lists for t in group]
