@@ -26,6 +26,10 @@ def _want_cuda() -> bool:
 def _extensions():
     if not _want_cuda():
         return [], {}
+    # torch guesses CUDA_HOME from nvcc's folder, wrong when nvcc is a link in /usr/local/bin;
+    # it reads the variable when cpp_extension is imported
+    if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -38,8 +42,8 @@ def _extensions():
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", version],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", version],
+            "cxx": ["-O3", "-std=c++20", version],
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo", version],
         },
     )
     return [ext], {"build_ext": BuildExtension}

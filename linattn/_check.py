@@ -18,9 +18,28 @@ from ._backend import KERNEL_BACKENDS, backend
 class Case:
     op: str
     shapes: list[tuple[int, ...]]  # one random input per shape, all differentiated
-    run: Callable  # the linattn op
+    run: Callable  # the linattn op on those inputs
     ref: Callable  # reference math (float64 inputs give the oracle)
     eager: Callable  # official-style eager PyTorch in the input dtype
+
+
+def _aggregation_shapes(heads: int, dim: int, hw: tuple[int, int], ksizes: tuple[int, ...]):
+    C = 3 * heads * dim
+    return [(2, C, *hw)] + [(C, 1, k, k) for k in ksizes] + [(C, dim, 1, 1) for _ in ksizes]
+
+
+def _aggregation_call(fn, heads, scales, *extra):
+    """Adapt fn(qkv, dws, pws, heads, *extra) to flat inputs (qkv, *dws, *pws)."""
+    return lambda qkv, *w: fn(qkv, list(w[:scales]), list(w[scales:]), heads, *extra)
+
+
+def _eager_aggregate(qkv, dws, pws, heads):
+    """EfficientViT's eager aggregation: two convs per scale, then cat, in the input dtype."""
+    outs = [qkv]
+    for wd, wp in zip(dws, pws):
+        y = torch.nn.functional.conv2d(qkv, wd, padding=wd.shape[-1] // 2, groups=qkv.shape[1])
+        outs.append(torch.nn.functional.conv2d(y, wp, groups=3 * heads))
+    return torch.cat(outs, 1)
 
 
 CASES = [
@@ -37,6 +56,20 @@ CASES = [
         lambda qkv: ops.lite_mla_attention(qkv, 32),
         lambda qkv: reference.lite_mla_attention(qkv, 32),
         lambda qkv: reference.efficientvit_lite_mla_attention(qkv, 32),
+    ),
+    Case(
+        "multiscale_aggregate",
+        _aggregation_shapes(2, 16, (15, 17), (3, 5)),
+        _aggregation_call(ops.multiscale_aggregate, 2, 2),
+        _aggregation_call(reference.multiscale_aggregate, 2, 2),
+        _aggregation_call(_eager_aggregate, 2, 2),
+    ),
+    Case(
+        "lite_mla_context",
+        _aggregation_shapes(2, 16, (15, 17), (5,)),
+        _aggregation_call(ops.lite_mla_context, 2, 1, 16),
+        _aggregation_call(reference.lite_mla_context, 2, 1, 16),
+        lambda qkv, wd, wp: reference.efficientvit_lite_mla_attention(_eager_aggregate(qkv, [wd], [wp], 2), 16),
     ),
 ]
 
@@ -58,7 +91,7 @@ def _outputs(fn: Callable, inputs: list[torch.Tensor], grad_seed: int) -> list[t
 def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, float, float]:
     """(passed, worst error, its tolerance) over the output and every gradient."""
     gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in case.shapes]
+    inputs = [(torch.randn(s, generator=gen) / (s[-1] if s[1] == 1 else 1)).to(device, dtype) for s in case.shapes]
     oracle = _outputs(case.ref, [x.double() for x in inputs], 1)
     eager = _outputs(case.eager, inputs, 1)
     with backend(name):
