@@ -2,9 +2,9 @@
 
 lite_mla_context(qkv) = lite_mla_attention(multiscale_aggregate(qkv)) without
 the aggregated tensor ever reaching memory. Output heads [0, heads) attend over
-qkv itself (the caller runs the linear attention kernels on strided views);
-the heads of scale s attend over aggregated q, k, v, recomputed tile by tile
-from qkv:
+qkv itself, the heads of scale s over aggregated q, k, v, recomputed tile by
+tile from qkv; the first scale's kernels also serve heads [0, heads) from the
+centre taps of the same tiles, so qkv is read from memory once:
 
     pass 1, grid (B*heads, SPLITS): k_s = Wp (dwconv(k) + bd) + bp, same for v;
             partial S = sum relu(k_s)^T v_s and z = sum relu(k_s) per split
@@ -25,8 +25,10 @@ from .multiscale_aggregate import _aggregate_tile, _bias_args
 
 @triton.jit
 def _lite_mla_context_state_kernel(
-    S_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D, BLOCK_D) partial S
-    Z_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D) partial z
+    S_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D, BLOCK_D) partial S of the aggregated heads
+    Z_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D) partial z of the aggregated heads
+    S0_ptr,  # same, for the heads over qkv itself (if WITH_RAW)
+    Z0_ptr,
     X_ptr,  # (B, 3*heads*D, H, W) qkv
     stride_xb,
     stride_xc,
@@ -45,6 +47,7 @@ def _lite_mla_context_state_kernel(
     KSIZE: tl.constexpr,
     HAS_BD: tl.constexpr,
     HAS_BP: tl.constexpr,
+    WITH_RAW: tl.constexpr,  # also reduce the state of the heads over qkv itself, from the same tiles
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -59,6 +62,8 @@ def _lite_mla_context_state_kernel(
     c_mask = offs_c < D
     s_acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     z_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    s0_acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    z0_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     N = H * W
     n_lo = pid_s * CHUNK
     for n0 in range(n_lo, tl.minimum(n_lo + CHUNK, N), BLOCK_N):
@@ -66,20 +71,28 @@ def _lite_mla_context_state_kernel(
         n_mask = offs_n < N
         h = offs_n // W
         w = offs_n % W
-        k = _aggregate_tile(
+        k, k0 = _aggregate_tile(
             X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * KSIZE * KSIZE, BD_ptr + ck,
             WP_ptr + ck * D, BP_ptr + ck, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
         )  # fmt: skip
-        v = _aggregate_tile(
+        v, v0 = _aggregate_tile(
             X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * KSIZE * KSIZE, BD_ptr + cv,
             WP_ptr + cv * D, BP_ptr + cv, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
         )  # fmt: skip
         kr = tl.maximum(k, 0.0)
         s_acc = tl.dot(tl.trans(kr), v, s_acc, input_precision=PRECISION)
         z_acc += tl.sum(kr, axis=0)
+        if WITH_RAW:
+            k0r = tl.maximum(k0, 0.0)
+            s0_acc = tl.dot(tl.trans(k0r), v0, s0_acc, input_precision=PRECISION)
+            z0_acc += tl.sum(k0r, axis=0)
     part = pid_bh * SPLITS + pid_s
-    tl.store(S_ptr + part * BLOCK_D * BLOCK_D + offs_c[:, None] * BLOCK_D + offs_c[None, :], s_acc)
+    offs_s = part * BLOCK_D * BLOCK_D + offs_c[:, None] * BLOCK_D + offs_c[None, :]
+    tl.store(S_ptr + offs_s, s_acc)
     tl.store(Z_ptr + part * BLOCK_D + offs_c, z_acc)
+    if WITH_RAW:
+        tl.store(S0_ptr + offs_s, s0_acc)
+        tl.store(Z0_ptr + part * BLOCK_D + offs_c, z0_acc)
 
 
 @triton.jit
@@ -89,6 +102,11 @@ def _lite_mla_context_fwd_kernel(
     stride_oc,
     stride_oh,
     stride_ow,
+    O0_ptr,  # (B, heads*D, H, W) the output's first slice, attention over qkv itself (if WITH_RAW)
+    stride_o0b,
+    stride_o0c,
+    stride_o0h,
+    stride_o0w,
     X_ptr,  # (B, 3*heads*D, H, W) qkv
     stride_xb,
     stride_xc,
@@ -100,6 +118,8 @@ def _lite_mla_context_fwd_kernel(
     BP_ptr,
     S_ptr,  # fp32 partials from _lite_mla_context_state_kernel
     Z_ptr,
+    S0_ptr,
+    Z0_ptr,
     HEADS,
     H,
     W,
@@ -110,6 +130,7 @@ def _lite_mla_context_fwd_kernel(
     KSIZE: tl.constexpr,
     HAS_BD: tl.constexpr,
     HAS_BP: tl.constexpr,
+    WITH_RAW: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -121,11 +142,15 @@ def _lite_mla_context_fwd_kernel(
     cq = 3 * head * D
     X_ptr += b * stride_xb
     O_ptr += b * stride_ob + head * D * stride_oc
+    O0_ptr += b * stride_o0b + head * D * stride_o0c
     offs_c = tl.arange(0, BLOCK_D)
     c_mask = offs_c < D
     offs_s = offs_c[:, None] * BLOCK_D + offs_c[None, :]
     s = _sum_partials(S_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
     z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
+    if WITH_RAW:
+        s0 = _sum_partials(S0_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
+        z0 = _sum_partials(Z0_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
     N = H * W
     n_lo = pid_s * CHUNK
     for n0 in range(n_lo, tl.minimum(n_lo + CHUNK, N), BLOCK_N):
@@ -133,40 +158,53 @@ def _lite_mla_context_fwd_kernel(
         n_mask = offs_n < N
         h = offs_n // W
         w = offs_n % W
-        q = _aggregate_tile(
+        q, q0 = _aggregate_tile(
             X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cq * KSIZE * KSIZE, BD_ptr + cq,
             WP_ptr + cq * D, BP_ptr + cq, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
         )  # fmt: skip
+        mask = n_mask[:, None] & c_mask[None, :]
         qr = tl.maximum(q, 0.0)
         den = tl.sum(qr * z[None, :], axis=1) + eps
         out = tl.dot(qr, s, input_precision=PRECISION) / den[:, None]
         o_ptrs = O_ptr + offs_c[None, :] * stride_oc + h[:, None] * stride_oh + w[:, None] * stride_ow
-        tl.store(o_ptrs, out.to(O_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+        tl.store(o_ptrs, out.to(O_ptr.dtype.element_ty), mask=mask)
+        if WITH_RAW:
+            q0r = tl.maximum(q0, 0.0)
+            den0 = tl.sum(q0r * z0[None, :], axis=1) + eps
+            out0 = tl.dot(q0r, s0, input_precision=PRECISION) / den0[:, None]
+            o0_ptrs = O0_ptr + offs_c[None, :] * stride_o0c + h[:, None] * stride_o0h + w[:, None] * stride_o0w
+            tl.store(o0_ptrs, out0.to(O0_ptr.dtype.element_ty), mask=mask)
 
 
 def lite_mla_context_fwd(qkv, dw_weights, pw_weights, heads: int, dim: int, eps: float, dw_biases, pw_biases, out):
-    """Write the heads of every aggregation scale into out[:, heads*dim:] (B, (1+S)*heads*dim, H, W).
+    """Write lite_mla_attention(multiscale_aggregate(qkv, ...)) into out (B, (1+S)*heads*dim, H, W).
 
-    The first heads*dim channels, attention over qkv itself, are the caller's
-    (linear_attention_fwd on strided views)."""
+    The first scale's passes also compute the heads over qkv itself from the
+    centre taps they load anyway, so qkv is read from memory once for both."""
     B, C, H, W = qkv.shape
     cfg = attention_config(B, heads, H * W, dim, dim, qkv.dtype, qkv.device, None)
     blocks = {k: v for k, v in cfg["blocks"].items() if k != "BLOCK_E"}
-    block_d = blocks["BLOCK_D"]
-    grid = (B * heads, cfg["splits"])
+    block_d, splits = blocks["BLOCK_D"], cfg["splits"]
+    grid = (B * heads, splits)
+
+    def partials():
+        s = torch.empty((B * heads, splits, block_d, block_d), device=qkv.device, dtype=torch.float32)
+        return s, torch.empty((B * heads, splits, block_d), device=qkv.device, dtype=torch.float32)
+
+    raw_out = out[:, : heads * dim]
+    s0, z0 = partials()
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         bd, has_bd = _bias_args(dw_biases, s, wd)
         bp, has_bp = _bias_args(pw_biases, s, wp)
-        flags = dict(KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, **blocks)
-        state = torch.empty((B * heads, cfg["splits"], block_d, block_d), device=qkv.device, dtype=torch.float32)
-        z = torch.empty((B * heads, cfg["splits"], block_d), device=qkv.device, dtype=torch.float32)
+        flags = dict(KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WITH_RAW=s == 0, **blocks)
+        state, z = partials()
         _lite_mla_context_state_kernel[grid](
-            state, z, qkv, *qkv.stride(), wd, bd, wp, bp, heads, H, W, dim, cfg["chunk"], cfg["splits"],
+            state, z, s0, z0, qkv, *qkv.stride(), wd, bd, wp, bp, heads, H, W, dim, cfg["chunk"], splits,
             num_warps=cfg["num_warps"], **flags,
         )  # fmt: skip
         o = out[:, (1 + s) * heads * dim : (2 + s) * heads * dim]
         _lite_mla_context_fwd_kernel[grid](
-            o, *o.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, state, z, heads, H, W, dim,
-            cfg["chunk"], cfg["splits"], eps, num_warps=cfg["num_warps"], **flags,
+            o, *o.stride(), raw_out, *raw_out.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, state, z, s0, z0,
+            heads, H, W, dim, cfg["chunk"], splits, eps, num_warps=cfg["num_warps"], **flags,
         )  # fmt: skip
     return out

@@ -44,18 +44,24 @@ def _dwconv_tile(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, h, w, n_mask, offs_c, c_mask, H, W,
     KSIZE: tl.constexpr, HAS_BD: tl.constexpr,
 ):  # fmt: skip
-    """Depthwise KSIZE x KSIZE conv (+ bias) of one group's channels at positions (h, w); X_ptr, WD_ptr,
-    BD_ptr point at the group's first channel. Rows outside the image's N positions are zero."""
+    """Depthwise KSIZE x KSIZE conv (+ bias) of one group's channels at positions (h, w), and x itself there.
+
+    X_ptr, WD_ptr, BD_ptr point at the group's first channel. Returns fp32 (conv, x)
+    tiles of (BLOCK_N, BLOCK_D), zero in rows outside the image's N positions; x
+    is the centre tap, loaded anyway, so callers that also need x get it free."""
     PAD: tl.constexpr = KSIZE // 2
     acc = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    center = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
     for i in tl.static_range(KSIZE):
         for j in tl.static_range(KSIZE):
             x = _shifted_tile(X_ptr, stride_c, stride_h, stride_w, h, w, i - PAD, j - PAD, n_mask, offs_c, c_mask, H, W)
             tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask, other=0.0)
             acc += x * tap.to(tl.float32)[None, :]
+            if i == PAD and j == PAD:
+                center = x
     if HAS_BD:
         acc += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(n_mask[:, None], acc, 0.0)
+    return tl.where(n_mask[:, None], acc, 0.0), center
 
 
 @triton.jit
@@ -70,16 +76,17 @@ def _aggregate_tile(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask, H, W, D,
     KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """y = Wp (dwconv(x) + bd) + bp for one group at positions (h, w): fp32 (BLOCK_N, BLOCK_D), zero rows outside.
+    """y = Wp (dwconv(x) + bd) + bp for one group at positions (h, w), and x there: fp32 (BLOCK_N, BLOCK_D)
+    tiles (y, x), zero in rows outside.
 
     Pointers are at the group's first channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and first row (WP_ptr)."""
-    t = _dwconv_tile(
+    t, x = _dwconv_tile(
         X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, h, w, n_mask, offs_c, c_mask, H, W, KSIZE, HAS_BD
     )
     y = tl.dot(t, _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D), input_precision=PRECISION)
     if HAS_BP:
         y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(n_mask[:, None], y, 0.0)
+    return tl.where(n_mask[:, None], y, 0.0), x
 
 
 @triton.jit
@@ -125,7 +132,7 @@ def _multiscale_aggregate_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_D)
     c_mask = offs_c < D
     X_ptr += b * stride_xb + c0 * stride_xc
-    y = _aggregate_tile(
+    y, x = _aggregate_tile(
         X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr + c0 * KSIZE * KSIZE, BD_ptr + c0, WP_ptr + c0 * D,
         BP_ptr + c0, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
     )  # fmt: skip
@@ -135,9 +142,8 @@ def _multiscale_aggregate_fwd_kernel(
     )
     tl.store(y_ptrs, y.to(Y_ptr.dtype.element_ty), mask=mask)
     if WRITE_X:
-        x = tl.load(X_ptr + offs_c[None, :] * stride_xc + h[:, None] * stride_xh + w[:, None] * stride_xw, mask=mask)
         x0_ptrs = X0_ptr + b * stride_x0b + (c0 + offs_c[None, :]) * stride_x0c
-        tl.store(x0_ptrs + h[:, None] * stride_x0h + w[:, None] * stride_x0w, x, mask=mask)
+        tl.store(x0_ptrs + h[:, None] * stride_x0h + w[:, None] * stride_x0w, x.to(X0_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -185,7 +191,7 @@ def _multiscale_aggregate_bwd_dt_kernel(
     wp_t = _pointwise_matrix_t(WP_ptr + c0 * D, offs_c, c_mask, D)
     dt = tl.dot(dy, tl.trans(wp_t), input_precision=PRECISION)
     tl.store(DT_ptr + (b * GROUPS * D + c0 + offs_c[None, :]) * N + offs_n[:, None], dt, mask=mask)
-    t = _dwconv_tile(
+    t, _ = _dwconv_tile(
         X_ptr + b * stride_xb + c0 * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c0 * KSIZE * KSIZE,
         BD_ptr + c0, h, w, n_mask, offs_c, c_mask, H, W, KSIZE, HAS_BD,
     )  # fmt: skip

@@ -51,15 +51,16 @@ def _lite_mla_context(
     if impl == "reference":
         out.copy_(reference.lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases))
         return out
-    q, k, v = reference.split_packed_qkv(qkv, dim)
-    attention_fwd(OP, q, k, v, eps, reference.split_heads(out[:, : heads * dim], dim))
     args = (qkv, contiguous(dw_weights), contiguous(pw_weights), heads, dim, eps)
     biases = (contiguous(dw_biases), contiguous(pw_biases))
     if impl == "triton":
         from ..kernels.lite_mla_context import lite_mla_context_fwd
 
-        lite_mla_context_fwd(*args, *biases, out)
+        lite_mla_context_fwd(*args, *biases, out)  # every head, qkv read once
     else:
+        # the CUDA kernels serve the aggregated heads; the heads over qkv itself are plain attention
+        q, k, v = reference.split_packed_qkv(qkv, dim)
+        attention_fwd(OP, q, k, v, eps, reference.split_heads(out[:, : heads * dim], dim))
         torch.ops.linattn.lite_mla_context_fwd_cuda(*args, *biases, out)
     return out
 
