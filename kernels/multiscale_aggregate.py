@@ -57,8 +57,9 @@ def _dwconv_tile(
             x = _shifted_tile(X_ptr, stride_c, stride_h, stride_w, h, w, i - PAD, j - PAD, n_mask, offs_c, c_mask, H, W)
             tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask, other=0.0)
             acc += x * tap.to(tl.float32)[None, :]
-            if i == PAD and j == PAD:
-                center = x
+            if i == PAD:  # nested: both are compile-time, resolved per unrolled tap
+                if j == PAD:
+                    center = x
     if HAS_BD:
         acc += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(n_mask[:, None], acc, 0.0), center
