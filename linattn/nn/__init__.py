@@ -1,0 +1,5 @@
+"""Drop-in modules built on linattn's fused ops (the module layer: forward is one op call per stage)."""
+
+from .lite_mla import LiteMLA
+
+__all__ = ["LiteMLA"]

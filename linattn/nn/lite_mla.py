@@ -1,0 +1,279 @@
+"""`linattn.nn.LiteMLA`: EfficientViT's lightweight multi-scale linear attention on linattn's fused ops.
+
+A drop-in replacement for the official EfficientViT `LiteMLA` and for timm's
+`efficientvit_mit.LiteMLA`: same constructor arguments, same submodule names and
+state_dict keys (`qkv.conv.weight`, `aggreg.{i}.0.weight`, `aggreg.{i}.1.weight`,
+`proj.conv.weight`, `proj.norm.*`), so their checkpoints load with strict=True.
+The forward is three stages: the qkv 1x1 conv, one `linattn.lite_mla_context` call
+(multi-scale aggregation and ReLU linear attention fused, the aggregated tensor
+never written), the projection 1x1 conv with its BatchNorm folded in eval mode.
+"""
+
+import copy
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import reference
+from ..ops import lite_mla_attention, lite_mla_context, multiscale_aggregate
+
+__all__ = ["LiteMLA"]
+
+# EfficientViT's activation names; its "gelu" is the tanh approximation
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "hswish": nn.Hardswish,
+    "silu": nn.SiLU,
+    "gelu": partial(nn.GELU, approximate="tanh"),
+}
+NORMS = ("bn2d",)
+
+
+def _pair(value, name: str) -> tuple:
+    """EfficientViT's per-stage arguments: one value for both stages, or a (qkv, proj) pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return (value[0], value[0])
+        if len(value) == 2:
+            return tuple(value)
+        raise ValueError(f"linattn.nn.LiteMLA: {name} must be one value or a (qkv, proj) pair, got {value!r}")
+    return (value, value)
+
+
+def _build_norm(name: str | None, channels: int, eps: float) -> nn.Module | None:
+    if name is None:
+        return None
+    if name != "bn2d":
+        raise ValueError(f"linattn.nn.LiteMLA: norm {name!r} is not supported; use None or one of {NORMS}")
+    return nn.BatchNorm2d(channels, eps=eps)
+
+
+def _build_act(name: str | None) -> nn.Module | None:
+    if name is None:
+        return None
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"linattn.nn.LiteMLA: act_func {name!r} is not supported; use None or one of {list(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]()
+
+
+def _foldable(norm: nn.Module) -> bool:
+    """A BatchNorm whose eval-mode output is an affine map of its input (it has running statistics)."""
+    return (
+        isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats and norm.running_var is not None
+    )
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of one conv equal to conv then eval-mode BN; computed in fp32 (fp64 stays), cast back."""
+    ct = torch.promote_types(conv.weight.dtype, torch.float32)
+    scale = torch.rsqrt(bn.running_var.to(ct) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(ct)
+    shift = -bn.running_mean.to(ct) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(ct)
+    if conv.bias is not None:
+        shift = shift + conv.bias.to(ct) * scale
+    weight = conv.weight.to(ct) * scale.reshape(-1, 1, 1, 1)
+    return weight.to(conv.weight.dtype), shift.to(conv.weight.dtype)
+
+
+class _ConvLayer(nn.Module):
+    """EfficientViT's ConvLayer for LiteMLA's 1x1 stages: `conv`, then `norm` and `act` when configured (else None).
+
+    In eval mode a BatchNorm `norm` is folded into the conv (one conv call); in
+    train mode the conv and the BatchNorm run separately, so running statistics
+    update and autograd reaches every parameter.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, use_bias: bool, norm, act_func, norm_eps: float):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=use_bias)
+        self.norm = _build_norm(norm, out_channels, norm_eps)
+        self.act = _build_act(act_func)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, norm = self.conv, self.norm
+        if norm is not None and not self.training and _foldable(norm):
+            weight, bias = _fold_bn(conv, norm)
+            x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        else:
+            x = conv(x)
+            if norm is not None:
+                x = norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+def _relu_quadratic_attention(qkv: Tensor, dim: int, eps: float) -> Tensor:
+    """EfficientViT's path for maps of at most `dim` tokens: the (N x N) map relu(q) relu(k)^T, normalised over keys.
+
+    qkv: (B, G*3*dim, H, W) packed as in `linattn.lite_mla_attention`; returns (B, G*dim, H, W).
+    Computed in fp32 for fp16/bf16 inputs (fp64 stays fp64), cast back.
+    """
+    ct = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    with torch.autocast(qkv.device.type, enabled=False):
+        q, k, v = (t.to(ct) for t in reference.split_packed_qkv(qkv, dim))
+        scores = F.relu(q) @ F.relu(k).transpose(-1, -2)  # (B, G, N queries, N keys)
+        scores = scores / (scores.sum(-1, keepdim=True) + eps)
+        out = reference.merge_heads(scores @ v, *qkv.shape[-2:])
+    return out.to(qkv.dtype)
+
+
+def _copy_stage_module(module: nn.Module | None) -> nn.Module | None:
+    """A norm/act of another implementation's ConvLayer, copied; nn.Identity (timm's "none") becomes None."""
+    if module is None or isinstance(module, nn.Identity):
+        return None
+    return copy.deepcopy(module)
+
+
+class LiteMLA(nn.Module):
+    """Lightweight multi-scale ReLU linear attention (EfficientViT), on linattn's fused kernels.
+
+    Arguments are those of the official EfficientViT `LiteMLA`:
+
+    Args:
+        in_channels: C_in, channels of the input feature map.
+        out_channels: C_out, channels of the output feature map.
+        heads: heads per branch; None means int(in_channels // dim * heads_ratio).
+        heads_ratio: scales the default number of heads.
+        dim: head dimension D (32 in every EfficientViT-SAM stage). total_dim = heads * dim.
+        use_bias: bias of the convs, one bool or a pair (qkv conv and aggregation convs, proj conv).
+        norm: after the qkv conv and after the proj conv: "bn2d" (BatchNorm2d) or None, one value or a pair.
+        act_func: after the qkv and proj stages (after the norm): None, "relu", "relu6", "hswish", "silu"
+            or "gelu" (tanh approximation, as EfficientViT), one value or a pair.
+        kernel_func: the attention's feature map; only "relu" is supported.
+        scales: odd kernel sizes of the multi-scale aggregation, one branch per entry, e.g. (5,) or (3,).
+        eps: added to the attention's denominator (official default 1e-15; timm's default is 1e-5).
+        norm_eps: BatchNorm eps (keyword only; the SAM models use 1e-6).
+
+    Submodules (EfficientViT's names, so its state_dicts load with strict=True):
+        qkv: 1x1 conv C_in -> 3*total_dim (+ norm, act); packed per head as [q | k | v] (D channels each).
+        aggreg[i]: nn.Sequential(depthwise kxk conv, padding k//2, groups 3*total_dim;
+            1x1 conv, groups 3*heads) for scale i.
+        proj: 1x1 conv (1+len(scales))*total_dim -> C_out (+ norm, act).
+
+    Shape: (B, C_in, H, W) -> (B, C_out, H, W), NCHW or channels_last. Maps of more than `dim`
+    tokens run `linattn.lite_mla_context` (backend chosen by `linattn.set_backend`); smaller ones
+    EfficientViT's quadratic attention on `linattn.multiscale_aggregate`'s output.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        heads: int | None = None,
+        heads_ratio: float = 1.0,
+        dim: int = 8,
+        use_bias=False,
+        norm=(None, "bn2d"),
+        act_func=(None, None),
+        kernel_func: str = "relu",
+        scales: tuple[int, ...] = (5,),
+        eps: float = 1.0e-15,
+        *,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        if kernel_func != "relu":
+            raise ValueError(
+                f"linattn.nn.LiteMLA: kernel_func must be 'relu' (the fused kernels' feature map), got {kernel_func!r}"
+            )
+        heads = int(in_channels // dim * heads_ratio) if heads is None else int(heads)
+        if heads < 1 or dim < 1:
+            raise ValueError(f"linattn.nn.LiteMLA: heads and dim must be >= 1, got heads={heads}, dim={dim}")
+        scales = tuple(int(k) for k in scales)
+        if any(k < 1 or k % 2 == 0 for k in scales):
+            raise ValueError(f"linattn.nn.LiteMLA: scales must be odd kernel sizes, got {scales}")
+        use_bias, norm, act_func = _pair(use_bias, "use_bias"), _pair(norm, "norm"), _pair(act_func, "act_func")
+
+        self.eps = eps
+        self.dim = dim
+        self.heads = heads
+        self.scales = scales
+        total_dim = heads * dim
+        self.qkv = _ConvLayer(in_channels, 3 * total_dim, use_bias[0], norm[0], act_func[0], norm_eps)
+        self.aggreg = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(3 * total_dim, 3 * total_dim, k, padding=k // 2, groups=3 * total_dim, bias=use_bias[0]),
+                nn.Conv2d(3 * total_dim, 3 * total_dim, 1, groups=3 * heads, bias=use_bias[0]),
+            )
+            for k in scales
+        )
+        self.kernel_func = nn.ReLU()  # what the kernels compute; kept for the official module tree
+        self.proj = _ConvLayer(total_dim * (1 + len(scales)), out_channels, use_bias[1], norm[1], act_func[1], norm_eps)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dim={self.dim}, scales={self.scales}, eps={self.eps}"
+
+    def context(self, qkv: Tensor) -> Tensor:
+        """Aggregation and attention: (B, 3*heads*dim, H, W) -> (B, (1+S)*heads*dim, H, W), qkv's dtype."""
+        dtype = qkv.dtype  # under autocast the weights may be wider than qkv; the ops take one dtype
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        dws = [cast(agg[0].weight) for agg in self.aggreg]
+        pws = [cast(agg[1].weight) for agg in self.aggreg]
+        dbs = [cast(agg[0].bias) for agg in self.aggreg]
+        pbs = [cast(agg[1].bias) for agg in self.aggreg]
+        H, W = qkv.shape[-2:]
+        if H * W > self.dim:
+            if not dws:
+                return lite_mla_attention(qkv, self.dim, self.eps)
+            return lite_mla_context(qkv, dws, pws, self.heads, self.dim, self.eps, dbs, pbs)
+        multi_scale = multiscale_aggregate(qkv, dws, pws, self.heads, dbs, pbs) if dws else qkv
+        return _relu_quadratic_attention(multi_scale, self.dim, self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
+        return self.proj(self.context(self.qkv(x)))
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "LiteMLA":
+        """A linattn LiteMLA equal to `module`, an official EfficientViT or timm `efficientvit_mit.LiteMLA`.
+
+        Reads the configuration from its submodules (`qkv.conv`, `aggreg`, `proj.conv`, `dim`,
+        `eps`), copies its norm and activation modules (so their eps, momentum and kind carry
+        over) and its state_dict (strict), and keeps its device, dtype and training mode.
+        """
+        missing = [name for name in ("qkv", "aggreg", "proj", "dim", "eps") if not hasattr(module, name)]
+        if missing:
+            raise TypeError(f"linattn.nn.LiteMLA.from_module: {type(module).__name__} is not a LiteMLA: no {missing}")
+        kernel = getattr(module, "kernel_func", None)
+        if not isinstance(kernel, nn.ReLU):
+            raise ValueError(
+                f"linattn.nn.LiteMLA.from_module: kernel_func must be nn.ReLU (the fused kernels' feature map), "
+                f"got {type(kernel).__name__}"
+            )
+        for stage in ("qkv", "proj"):
+            dropout = getattr(getattr(module, stage), "dropout", None)
+            if isinstance(dropout, nn.modules.dropout._DropoutNd) and dropout.p > 0:
+                raise ValueError(f"linattn.nn.LiteMLA.from_module: {stage}.dropout (p={dropout.p}) is not supported")
+        qkv_conv, proj_conv = module.qkv.conv, module.proj.conv
+        dim = int(module.dim)
+        new = cls(
+            qkv_conv.in_channels,
+            proj_conv.out_channels,
+            heads=qkv_conv.out_channels // (3 * dim),
+            dim=dim,
+            use_bias=(qkv_conv.bias is not None, proj_conv.bias is not None),
+            norm=(None, None),
+            act_func=(None, None),
+            scales=tuple(int(agg[0].kernel_size[0]) for agg in module.aggreg),
+            eps=float(module.eps),
+        )
+        like = qkv_conv.weight
+        new.to(device=like.device, dtype=like.dtype)
+        for stage in ("qkv", "proj"):
+            source, target = getattr(module, stage), getattr(new, stage)
+            target.norm = _copy_stage_module(getattr(source, "norm", None))
+            target.act = _copy_stage_module(getattr(source, "act", None))
+        new.load_state_dict(module.state_dict(), strict=True)
+        return new.train(module.training)
