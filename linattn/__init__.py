@@ -6,13 +6,23 @@ CUDA, import triton or load the compiled extension (that happens on first use).
 
 from . import reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
-from .ops import lite_mla_attention, lite_mla_context, multiscale_aggregate, relu_linear_attention
+from .ops import (
+    conv_bn_act,
+    fold_bn,
+    lite_mla_attention,
+    lite_mla_context,
+    multiscale_aggregate,
+    relu_linear_attention,
+    upsample_block,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "backend",
+    "conv_bn_act",
+    "fold_bn",
     "get_backend",
     "lite_mla_attention",
     "lite_mla_context",
@@ -20,4 +30,5 @@ __all__ = [
     "reference",
     "relu_linear_attention",
     "set_backend",
+    "upsample_block",
 ]

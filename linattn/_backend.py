@@ -78,23 +78,25 @@ def unavailable(name: str, device: torch.device) -> str | None:
     raise ValueError(f"linattn: unknown backend {name!r}; choose one of {BACKENDS}")
 
 
-def resolve(op: str, device: torch.device, problem: str | None = None) -> str:
+def resolve(op: str, device: torch.device, problem: str | None = None, backends=KERNEL_BACKENDS) -> str:
     """The backend that runs one call of `op` on `device`.
 
     `problem` says why the call's inputs do not fit the kernels (a dtype or size
     they do not support); "auto" then runs the reference, a forced kernel
-    backend raises.
+    backend raises. `backends` lists the kernel backends that implement `op`
+    (an op without a CUDA C++ kernel yet passes ("triton",)).
     """
     name = get_backend()
     if name == "reference":
         return name
     if name != "auto":
-        why = unavailable(name, device) or problem
+        why = None if name in backends else f"there is no {name} kernel for {op} (kernels: {', '.join(backends)})"
+        why = why or unavailable(name, device) or problem
         if why:
             raise RuntimeError(f"linattn.{op}: backend {name!r} cannot run this call: {why}")
         return name
     if device.type == "cuda" and problem is None:
-        for candidate in KERNEL_BACKENDS:
+        for candidate in backends:
             if unavailable(candidate, device) is None:
                 return candidate
     return "reference"

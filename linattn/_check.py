@@ -42,6 +42,27 @@ def _eager_aggregate(qkv, dws, pws, heads):
     return torch.cat(outs, 1)
 
 
+def _conv_call(fn):
+    """conv_bn_act with a stride-2 grouped 3x3 conv, gelu_tanh, BN-after-act affine and a residual on flat
+    inputs (x, weight, bias, post_scale, post_shift, residual); the (Cout,) vectors arrive as (1, Cout)."""
+    return lambda x, w, b, s, t, r: fn(x, w, b.flatten(), 2, 1, 1, 2, "gelu_tanh", s.flatten(), t.flatten(), r)
+
+
+def _eager_conv_bn_act(x, w, b, stride, padding, dilation, groups, act, s, t, r):
+    """Separate eager ops in the input dtype: conv, activation, affine, residual add."""
+    y = reference.activation(torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups), act)
+    return y * s[:, None, None] + t[:, None, None] + r
+
+
+def _upsample_call(fn):
+    return lambda x, w, b, s, t: fn(x, w, b.flatten(), s.flatten(), t.flatten())
+
+
+def _eager_upsample(x, w, b, s, t):
+    y = torch.relu(torch.nn.functional.conv2d(x, w[:, :, None, None], b))
+    return torch.nn.functional.pixel_shuffle(y * s[:, None, None] + t[:, None, None], 2)
+
+
 CASES = [
     Case(
         "relu_linear_attention",
@@ -70,6 +91,20 @@ CASES = [
         _aggregation_call(ops.lite_mla_context, 2, 1, 16),
         _aggregation_call(reference.lite_mla_context, 2, 1, 16),
         lambda qkv, wd, wp: reference.efficientvit_lite_mla_attention(_eager_aggregate(qkv, [wd], [wp], 2), 16),
+    ),
+    Case(
+        "conv_bn_act",
+        [(2, 8, 9, 11), (16, 4, 3, 3), (1, 16), (1, 16), (1, 16), (2, 16, 5, 6)],
+        _conv_call(ops.conv_bn_act),
+        _conv_call(reference.conv_bn_act),
+        _conv_call(_eager_conv_bn_act),
+    ),
+    Case(
+        "upsample_block",
+        [(2, 12, 5, 7), (32, 12), (1, 32), (1, 32), (1, 32)],
+        _upsample_call(ops.upsample_block),
+        _upsample_call(reference.upsample_block),
+        _upsample_call(_eager_upsample),
     ),
 ]
 

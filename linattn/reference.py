@@ -185,3 +185,178 @@ def lite_mla_context(
     ct = _compute_dtype(qkv.dtype)
     agg = multiscale_aggregate(qkv.to(ct), dw_weights, pw_weights, heads, dw_biases, pw_biases)
     return lite_mla_attention(agg, dim, eps).to(qkv.dtype)
+
+
+# --- conv + BatchNorm + activation (DESIGN.md 3.4) ---
+
+CONV_ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
+
+
+def activation(z: torch.Tensor, act: str) -> torch.Tensor:
+    """One of CONV_ACTIVATIONS, as torch.nn.functional computes it."""
+    if act == "identity":
+        return z
+    if act == "relu":
+        return F.relu(z)
+    if act == "relu6":
+        return F.relu6(z)
+    if act == "gelu":
+        return F.gelu(z)
+    if act == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if act == "hardswish":
+        return F.hardswish(z)
+    if act == "silu":
+        return F.silu(z)
+    raise ValueError(f"linattn.reference.activation: unknown act {act!r}; choose one of {CONV_ACTIVATIONS}")
+
+
+def activation_grad(z: torch.Tensor, act: str) -> torch.Tensor:
+    """d activation(z) / dz, with PyTorch's conventions at the kinks (relu'(0) = 0, relu6'(6) = 0)."""
+    if act == "identity":
+        return torch.ones_like(z)
+    if act == "relu":
+        return (z > 0).to(z.dtype)
+    if act == "relu6":
+        return ((z > 0) & (z < 6)).to(z.dtype)
+    if act == "gelu":
+        return 0.5 * (1 + torch.erf(z * 0.5**0.5)) + z * torch.exp(-0.5 * z * z) * (2 * torch.pi) ** -0.5
+    if act == "gelu_tanh":
+        c = (2 / torch.pi) ** 0.5
+        t = torch.tanh(c * (z + 0.044715 * z**3))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+    if act == "hardswish":
+        return torch.where(z < -3, 0.0, torch.where(z <= 3, z / 3 + 0.5, 1.0)).to(z.dtype)
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    raise ValueError(f"linattn.reference.activation_grad: unknown act {act!r}; choose one of {CONV_ACTIVATIONS}")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _channel(t: torch.Tensor | None, ct: torch.dtype) -> torch.Tensor | None:
+    """A per-channel (C,) vector as (C, 1, 1) in the compute dtype."""
+    return None if t is None else t.to(ct)[:, None, None]
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    act: str = "identity",
+    post_scale: torch.Tensor | None = None,
+    post_shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """act(conv2d(x, weight, bias, ...)) * post_scale + post_shift + residual, computed in fp32 (fp64 stays).
+
+    x: (B, Cin, H, W); weight: (Cout, Cin/groups, KH, KW); bias, post_scale, post_shift: (Cout,);
+    residual: (B, Cout, Ho, Wo). Returns (B, Cout, Ho, Wo) in x's dtype.
+    """
+    ct = _compute_dtype(x.dtype)
+    b = None if bias is None else bias.to(ct)
+    y = F.conv2d(x.to(ct), weight.to(ct), b, _pair(stride), _pair(padding), _pair(dilation), groups)
+    y = activation(y, act)
+    if post_scale is not None:
+        y = y * _channel(post_scale, ct)
+    if post_shift is not None:
+        y = y + _channel(post_shift, ct)
+    if residual is not None:
+        y = y + residual.to(ct)
+    return y.to(x.dtype)
+
+
+def conv_bn_act_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    act: str = "identity",
+    post_scale: torch.Tensor | None = None,
+):
+    """Gradients (dx, dweight, dbias, dpost_scale, dpost_shift) of conv_bn_act, in the compute dtype.
+
+    With z = conv2d(x, weight) + bias: dz = g * post_scale * act'(z); dbias = sum dz;
+    dpost_scale = sum g * act(z); dpost_shift = sum g (sums over batch and positions);
+    dx, dweight: the conv's input and weight gradients of dz. The residual's gradient is g itself.
+    """
+    ct = _compute_dtype(x.dtype)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    x32, w32, g = x.to(ct), weight.to(ct), grad_out.to(ct)
+    z = F.conv2d(x32, w32, None if bias is None else bias.to(ct), stride, padding, dilation, groups)
+    gs = g if post_scale is None else g * _channel(post_scale, ct)
+    dz = gs * activation_grad(z, act)
+    dx = torch.nn.grad.conv2d_input(x.shape, w32, dz, stride, padding, dilation, groups)
+    dw = torch.nn.grad.conv2d_weight(x32, weight.shape, dz, stride, padding, dilation, groups)
+    sums = (0, 2, 3)
+    return dx, dw, dz.sum(sums), (g * activation(z, act)).sum(sums), g.sum(sums)
+
+
+def fold_bn(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm (eval) after a conv, folded into the conv: (weight * s, (bias - mean) * s + beta),
+    s = gamma / sqrt(var + eps). Computed in fp32 (fp64 stays) and cast back to weight's dtype."""
+    ct = _compute_dtype(weight.dtype)
+    scale = torch.rsqrt(running_var.to(ct) + eps)
+    if gamma is not None:
+        scale = scale * gamma.to(ct)
+    shift = -running_mean.to(ct) * scale if bias is None else (bias.to(ct) - running_mean.to(ct)) * scale
+    if beta is not None:
+        shift = shift + beta.to(ct)
+    w = weight.to(ct) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return w.to(weight.dtype), shift.to(weight.dtype)
+
+
+def bn_affine(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm (eval) as a per-channel affine (scale, shift), the post_scale/post_shift of conv_bn_act
+    for BN after the activation; computed in fp32 (fp64 stays), returned in running_var's dtype."""
+    ct = _compute_dtype(running_var.dtype)
+    scale = torch.rsqrt(running_var.to(ct) + eps)
+    if gamma is not None:
+        scale = scale * gamma.to(ct)
+    shift = -running_mean.to(ct) * scale
+    if beta is not None:
+        shift = shift + beta.to(ct)
+    return scale.to(running_var.dtype), shift.to(running_var.dtype)
+
+
+def upsample_block(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    post_scale: torch.Tensor | None = None,
+    post_shift: torch.Tensor | None = None,
+    act: str = "relu",
+) -> torch.Tensor:
+    """SqueezeSAM's upsample block: pixel_shuffle(act(linear(x)) * post_scale + post_shift, 2).
+
+    x: (B, C, H, W); weight: (4*Co, C) per-pixel linear (a 1x1 conv); bias, post_scale, post_shift:
+    (4*Co,) in the pre-shuffle channel order (a BatchNorm2d(Co) after the shuffle is these with each
+    entry repeated 4 times). Returns (B, Co, 2*H, 2*W) in x's dtype.
+    """
+    y = conv_bn_act(x, weight[:, :, None, None], bias, act=act, post_scale=post_scale, post_shift=post_shift)
+    return F.pixel_shuffle(y, 2)

@@ -1,0 +1,501 @@
+"""Triton kernels for the fused conv + BatchNorm + activation block (DESIGN.md 3.4).
+
+Forward, per output channel co of group g and output position (b, ho, wo):
+
+    z  = sum_{ci, kh, kw} x[b, g*Cin_g + ci, ho*sh - ph + kh*dh, wo*sw - pw + kw*dw] * W[co, ci, kh, kw] + bias[co]
+    y  = act(z) * post_scale[co] + post_shift[co] + residual[b, co, ho, wo]
+
+Dense, 1x1 and grouped convs are an implicit GEMM per group: M = B*Ho*Wo
+positions, N = Cout/G channels, K = (Cin/G)*KH*KW, one tl.dot per (tap,
+block of input channels), never materialising im2col. Depthwise convs
+(Cin/G = 1, any channel multiplier) take a direct kernel: per tap, a
+(positions x channels) tile times a vector of taps. With SHUFFLE the store
+writes channel co at position (ho, wo) to channel co // 4, position
+(2*ho + (co // 2) % 2, 2*wo + co % 2): the 2x pixel shuffle of the SqueezeSAM
+upsample block, done in the store.
+
+Backward, with dz = g * post_scale * act'(z) (g the output gradient):
+
+    dpost_scale = sum g * act(z)    dpost_shift = sum g    dbias = sum dz    dresidual = g
+    dW[co, ci, kh, kw] = sum_{b, ho, wo} dz[b, co, ho, wo] x[b, ci', ho*sh - ph + kh*dh, wo*sw - pw + kw*dw]
+    dx[b, ci', h, w]   = sum_{co, kh, kw : h = ho*sh - ph + kh*dh, w = ...} dz[b, co, ho, wo] W[co, ci, kh, kw]
+
+Three launches: the dz kernel recomputes z (no activation is saved by the
+forward) and writes dz in fp32 plus per-tile partial sums of the per-channel
+gradients; the dx kernel is the transposed conv as an implicit GEMM (a tap
+contributes where (h + ph - kh*dh) is a non-negative multiple of the stride);
+the dW kernel reduces over positions, split into chunks whose fp32 partials are
+summed afterwards: deterministic, no atomics.
+
+Every tensor is addressed through its (b, c, h, w) strides, so NCHW and
+channels_last are read and written in place; weights are addressed through
+their strides too. Products accumulate in fp32 (`input_precision="ieee"` for
+fp32 inputs, DESIGN.md 8) and results are cast on store.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _tanh(x):
+    """tanh through exp (no libdevice under the interpreter); exact limits at +-inf."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """The activation, index into ACTIVATIONS, on an fp32 tile."""
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+    elif ACT == 3:
+        z = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
+    elif ACT == 4:
+        z = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    elif ACT == 5:
+        z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == 6:
+        z = z / (1.0 + tl.exp(-z))
+    return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz on an fp32 tile, with PyTorch's conventions at the kinks (relu'(0) = 0)."""
+    if ACT == 0:
+        d = tl.full(z.shape, 1.0, tl.float32)
+    elif ACT == 1:
+        d = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        d = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
+    elif ACT == 3:
+        d = 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == 4:
+        t = _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+    elif ACT == 5:
+        d = tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, z / 3.0 + 0.5, 1.0))
+    else:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        d = s * (1.0 + z * (1.0 - s))
+    return d
+
+
+@triton.jit
+def _out_channels(pid_n, COUT, COUT_G, TILES_N, BLOCK_N: tl.constexpr, DEPTHWISE: tl.constexpr):
+    """(output channels, their mask, group index) of column tile pid_n.
+
+    Depthwise tiles run over all Cout channels (each has its own input channel);
+    grouped tiles stay inside one group of Cout_g channels."""
+    if DEPTHWISE:
+        co = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return co, co < COUT, 0
+    g = pid_n // TILES_N
+    local = (pid_n % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return g.to(tl.int64) * COUT_G + local, local < COUT_G, g
+
+
+@triton.jit
+def _positions(pid_m, M, HO, WO, BLOCK_M: tl.constexpr):
+    """(b, ho, wo, mask) of the BLOCK_M flattened positions m = (b*HO + ho)*WO + wo of row tile pid_m."""
+    offs = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    wo = offs % WO
+    t = offs // WO
+    return t // HO, t % HO, wo, offs < M
+
+
+@triton.jit
+def _conv_tile(
+    X_ptr, sxb, sxc, sxh, sxw,  # input (B, Cin, H, W) and its strides
+    W_ptr, swo, swi, swh, sww,  # weight (Cout, Cin_g, KH, KW) and its strides
+    b, ho, wo, m_mask, co, n_mask, g,
+    CIN_G, COUT_G, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The conv without bias at positions (b, ho, wo) x channels co: an fp32 (BLOCK_M, BLOCK_N) tile."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_b = X_ptr + b * sxb
+    if DEPTHWISE:
+        x_c = (co // COUT_G) * sxc  # each output channel reads input channel co // multiplier
+    for r in range(KH * KW):
+        kh = r // KW
+        kw = r % KW
+        hi = ho * STRIDE_H - PAD_H + kh * DIL_H
+        wi = wo * STRIDE_W - PAD_W + kw * DIL_W
+        inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        x_pos = x_b + hi * sxh + wi * sxw  # (BLOCK_M,) pointers at channel 0
+        if DEPTHWISE:
+            x = tl.load(x_pos[:, None] + x_c[None, :], mask=inside[:, None] & n_mask[None, :], other=0.0)
+            tap = tl.load(W_ptr + co * swo + kh * swh + kw * sww, mask=n_mask, other=0.0)
+            acc += x.to(tl.float32) * tap.to(tl.float32)[None, :]
+        else:
+            w_tap = W_ptr + co[None, :] * swo + kh * swh + kw * sww  # (1, BLOCK_N)
+            for c0 in range(0, CIN_G, BLOCK_K):
+                ci = c0 + tl.arange(0, BLOCK_K)
+                k_mask = ci < CIN_G
+                x = tl.load(
+                    x_pos[:, None] + (g * CIN_G + ci)[None, :].to(tl.int64) * sxc,
+                    mask=inside[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                w = tl.load(w_tap + ci[:, None] * swi, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if UPCAST:  # the interpreter's low-precision dot is wrong: products in fp32 there
+                    x = x.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc += tl.dot(x, w, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _out_offsets(b, ho, wo, co, sb, sc, sh, sw, SHUFFLE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) offsets of output element (b, co, ho, wo) in a tensor with strides (sb, sc, sh, sw);
+    with SHUFFLE, of its place after the 2x pixel shuffle."""
+    if SHUFFLE:
+        c = co // 4
+        h = 2 * ho[:, None] + ((co // 2) % 2)[None, :]
+        w = 2 * wo[:, None] + (co % 2)[None, :]
+        return b[:, None] * sb + c[None, :] * sc + h * sh + w * sw
+    return b[:, None] * sb + co[None, :] * sc + ho[:, None] * sh + wo[:, None] * sw
+
+
+@triton.jit
+def _conv_bn_act_fwd_kernel(
+    Y_ptr, syb, syc, syh, syw,  # output (B, Cout, Ho, Wo), or (B, Cout/4, 2*Ho, 2*Wo) with SHUFFLE
+    X_ptr, sxb, sxc, sxh, sxw,  # input (B, Cin, H, W)
+    W_ptr, swo, swi, swh, sww,  # weight (Cout, Cin/G, KH, KW)
+    BIAS_ptr, SCALE_ptr, SHIFT_ptr,  # (Cout,) each, read when the HAS_ flag is set
+    R_ptr, srb, src, srh, srw,  # residual, shaped as the output
+    M, COUT, CIN_G, COUT_G, TILES_N, H, W, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    SHUFFLE: tl.constexpr, DEPTHWISE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    b, ho, wo, m_mask = _positions(tl.program_id(0), M, HO, WO, BLOCK_M)
+    co, n_mask, g = _out_channels(tl.program_id(1), COUT, COUT_G, TILES_N, BLOCK_N, DEPTHWISE)
+    z = _conv_tile(
+        X_ptr, sxb, sxc, sxh, sxw, W_ptr, swo, swi, swh, sww, b, ho, wo, m_mask, co, n_mask, g,
+        CIN_G, COUT_G, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+        KH, KW, DEPTHWISE, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    if HAS_BIAS:
+        z += tl.load(BIAS_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = _act(z, ACT)
+    if HAS_SCALE:
+        y *= tl.load(SCALE_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        y += tl.load(SHIFT_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r_offs = _out_offsets(b, ho, wo, co, srb, src, srh, srw, SHUFFLE)
+        y += tl.load(R_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    y_offs = _out_offsets(b, ho, wo, co, syb, syc, syh, syw, SHUFFLE)
+    tl.store(Y_ptr + y_offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bn_act_bwd_dz_kernel(
+    DZ_ptr,  # fp32 (B, Cout, Ho*Wo) contiguous: g * post_scale * act'(z)
+    PART_ptr,  # fp32 (3, TILES_M, Cout) partial sums over this tile's positions of dz, g*act(z), g
+    G_ptr, sgb, sgc, sgh, sgw,  # output gradient, shaped as the output (shuffled with SHUFFLE)
+    X_ptr, sxb, sxc, sxh, sxw,
+    W_ptr, swo, swi, swh, sww,
+    BIAS_ptr, SCALE_ptr,
+    M, COUT, CIN_G, COUT_G, TILES_N, H, W, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SHUFFLE: tl.constexpr, DEPTHWISE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    b, ho, wo, m_mask = _positions(pid_m, M, HO, WO, BLOCK_M)
+    co, n_mask, g = _out_channels(tl.program_id(1), COUT, COUT_G, TILES_N, BLOCK_N, DEPTHWISE)
+    z = _conv_tile(
+        X_ptr, sxb, sxc, sxh, sxw, W_ptr, swo, swi, swh, sww, b, ho, wo, m_mask, co, n_mask, g,
+        CIN_G, COUT_G, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+        KH, KW, DEPTHWISE, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    if HAS_BIAS:
+        z += tl.load(BIAS_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    grad = tl.load(G_ptr + _out_offsets(b, ho, wo, co, sgb, sgc, sgh, sgw, SHUFFLE), mask=mask, other=0.0)
+    grad = grad.to(tl.float32)
+    ga = tl.sum(grad * _act(z, ACT), axis=0)
+    gsum = tl.sum(grad, axis=0)
+    if HAS_SCALE:
+        grad *= tl.load(SCALE_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    dz = tl.where(mask, grad * _act_grad(z, ACT), 0.0)
+    hw = HO * WO
+    dz_offs = (b * COUT)[:, None] * hw + co[None, :] * hw + (ho * WO + wo)[:, None]
+    tl.store(DZ_ptr + dz_offs, dz, mask=mask)
+    part = PART_ptr + pid_m.to(tl.int64) * COUT + co
+    stride_part = tl.num_programs(0).to(tl.int64) * COUT
+    tl.store(part, tl.sum(dz, axis=0), mask=n_mask)
+    tl.store(part + stride_part, ga, mask=n_mask)
+    tl.store(part + 2 * stride_part, gsum, mask=n_mask)
+
+
+@triton.jit
+def _conv_bn_act_bwd_dx_kernel(
+    DX_ptr, sdb, sdc, sdh, sdw,  # input gradient (B, Cin, H, W), any strides
+    DZ_ptr,  # fp32 (B, Cout, Ho*Wo) contiguous
+    W_ptr, swo, swi, swh, sww,
+    M, CIN, CIN_G, COUT, COUT_G, TILES_N, H, W, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Rows: input positions (b, h, w); columns: input channels (of one group, or any with DEPTHWISE);
+    reduction over the group's output channels and the taps that reach (h, w)."""
+    b, h, w, m_mask = _positions(tl.program_id(0), M, H, W, BLOCK_M)
+    pid_n = tl.program_id(1)
+    if DEPTHWISE:
+        ci = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = ci < CIN
+        g = ci
+    else:
+        g = pid_n // TILES_N
+        ci_local = (pid_n % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = ci_local < CIN_G
+        ci = g.to(tl.int64) * CIN_G + ci_local
+    hw = HO * WO
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(KH * KW):
+        kh = r // KW
+        kw = r % KW
+        hn = h + PAD_H - kh * DIL_H
+        wn = w + PAD_W - kw * DIL_W
+        hn_pos = tl.maximum(hn, 0)
+        wn_pos = tl.maximum(wn, 0)
+        ho = hn_pos // STRIDE_H
+        wo = wn_pos // STRIDE_W
+        hit = m_mask & (hn >= 0) & (wn >= 0) & (hn_pos % STRIDE_H == 0) & (wn_pos % STRIDE_W == 0)
+        hit = hit & (ho < HO) & (wo < WO)
+        dz_pos = DZ_ptr + b * COUT * hw + ho * WO + wo  # (BLOCK_M,) pointers at output channel 0
+        if DEPTHWISE:
+            for j in range(COUT_G):  # the channel multiplier: output channels g*COUT_G + j read channel g
+                co = g * COUT_G + j
+                d = tl.load(dz_pos[:, None] + co[None, :] * hw, mask=hit[:, None] & n_mask[None, :], other=0.0)
+                tap = tl.load(W_ptr + co * swo + kh * swh + kw * sww, mask=n_mask, other=0.0)
+                acc += d * tap.to(tl.float32)[None, :]
+        else:
+            for c0 in range(0, COUT_G, BLOCK_K):
+                co_local = c0 + tl.arange(0, BLOCK_K)
+                k_mask = co_local < COUT_G
+                co = g * COUT_G + co_local
+                d = tl.load(
+                    dz_pos[:, None] + co[None, :].to(tl.int64) * hw, mask=hit[:, None] & k_mask[None, :], other=0.0
+                )
+                wt = tl.load(
+                    W_ptr + co[:, None] * swo + ci_local[None, :] * swi + kh * swh + kw * sww,
+                    mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                acc += tl.dot(d, wt, input_precision=PRECISION)
+    offs = b[:, None] * sdb + ci[None, :] * sdc + h[:, None] * sdh + w[:, None] * sdw
+    tl.store(DX_ptr + offs, acc.to(DX_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _conv_bn_act_bwd_dw_kernel(
+    PART_ptr,  # fp32 (SPLIT, KH*KW, Cout, Cin/G) partial dW[co, ci, tap]
+    DZ_ptr,  # fp32 (B, Cout, Ho*Wo) contiguous
+    X_ptr, sxb, sxc, sxh, sxw,
+    M, COUT, CIN_G, COUT_G, TILES_N, TILES_CI, CHUNK, H, W, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KW: tl.constexpr, DEPTHWISE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (channel tile, tap, split): sum over positions [split*CHUNK, (split+1)*CHUNK) of
+    dz[co, m] x[ci, m shifted by the tap]; the split partials are summed by the launcher."""
+    pid_n = tl.program_id(0)
+    r = tl.program_id(1)
+    split = tl.program_id(2)
+    kh = r // KW
+    kw = r % KW
+    if DEPTHWISE:
+        co = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = co < COUT
+        x_c = (co // COUT_G) * sxc
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        g = pid_n // (TILES_N * TILES_CI)
+        tn = (pid_n // TILES_CI) % TILES_N
+        co_local = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = co_local < COUT_G
+        co = g.to(tl.int64) * COUT_G + co_local
+        ci_local = (pid_n % TILES_CI) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        ci_mask = ci_local < CIN_G
+        x_c = (g.to(tl.int64) * CIN_G + ci_local) * sxc
+        acc = tl.zeros((BLOCK_N, BLOCK_CI), dtype=tl.float32)
+    hw = HO * WO
+    start = split.to(tl.int64) * CHUNK
+    for m0 in range(0, CHUNK, BLOCK_K):
+        offs = start + m0 + tl.arange(0, BLOCK_K)
+        wo = offs % WO
+        b = offs // hw
+        ho = (offs // WO) % HO
+        m_mask = offs < tl.minimum(M, start + CHUNK)
+        hi = ho * STRIDE_H - PAD_H + kh * DIL_H
+        wi = wo * STRIDE_W - PAD_W + kw * DIL_W
+        inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        x_pos = X_ptr + b * sxb + hi * sxh + wi * sxw  # (BLOCK_K,)
+        dz_pos = DZ_ptr + b * COUT * hw + ho * WO + wo
+        dz = tl.load(dz_pos[:, None] + co[None, :] * hw, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if DEPTHWISE:
+            x = tl.load(x_pos[:, None] + x_c[None, :], mask=inside[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.sum(dz * x.to(tl.float32), axis=0)
+        else:
+            x = tl.load(x_pos[:, None] + x_c[None, :], mask=inside[:, None] & ci_mask[None, :], other=0.0)
+            acc += tl.dot(tl.trans(dz), x.to(tl.float32), input_precision=PRECISION)
+    base = PART_ptr + ((split.to(tl.int64) * tl.num_programs(1) + r) * COUT) * CIN_G
+    if DEPTHWISE:
+        tl.store(base + co, acc, mask=n_mask)
+    else:
+        tl.store(base + co[:, None] * CIN_G + ci_local[None, :], acc, mask=n_mask[:, None] & ci_mask[None, :])
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return min(hi, max(lo, triton.next_power_of_2(n)))
+
+
+def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int):
+    """Output size (Ho, Wo) and whether the depthwise kernel takes the conv."""
+    H, W = x.shape[-2:]
+    KH, KW = weight.shape[-2:]
+    Ho = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    return Ho, Wo, weight.shape[1] == 1 and groups > 1
+
+
+def _blocks(x: torch.Tensor, rows: int, cols: int, red: int, depthwise: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) for rows positions, cols channels per group, red
+    reduction channels: a deterministic heuristic (the interpreter runs programs one by one, each op
+    vectorised, so on CPU the tiles are large and few)."""
+    interp = not x.is_cuda
+    if depthwise:
+        block_n = _pow2(cols, 16, 32 if interp else 64)
+        block_m = _pow2(rows, 16, 256 if interp else 64)
+        block_k = 16
+    else:
+        block_n = _pow2(cols, 16, 64 if interp else 128)
+        block_k = _pow2(red, 16, 64 if interp else 32)
+        block_m = _pow2(rows, 16, 256 if interp else (128 if block_n >= 64 else 64))
+    upcast = interp
+    precision = "ieee" if (x.dtype == torch.float32 or upcast) else "tf32"
+    return block_m, block_n, block_k, upcast, precision
+
+
+def _present(t, like):
+    """(pointer, HAS flag): an absent optional tensor is replaced by any tensor (never read)."""
+    return (t, True) if t is not None else (like, False)
+
+
+def conv_bn_act_fwd(
+    x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, post_shift, residual, out,
+    shuffle: bool = False,
+):  # fmt: skip
+    """Write act(conv2d(x, weight, bias) ...) * post_scale + post_shift + residual into out.
+
+    out is (B, Cout, Ho, Wo), or (B, Cout/4, 2*Ho, 2*Wo) with shuffle (residual shaped as out);
+    any strides for x, weight, residual and out."""
+    B, _, H, W = x.shape
+    Cout, cin_g, KH, KW = weight.shape
+    Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
+    cout_g = Cout // groups
+    M = B * Ho * Wo
+    block_m, block_n, block_k, upcast, precision = _blocks(
+        x, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise
+    )
+    tiles_n = triton.cdiv(cout_g, block_n)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(Cout, block_n) if depthwise else groups * tiles_n)
+    bias_t, has_bias = _present(bias, weight)
+    scale_t, has_scale = _present(post_scale, weight)
+    shift_t, has_shift = _present(post_shift, weight)
+    res_t, has_res = _present(residual, out)
+    _conv_bn_act_fwd_kernel[grid](
+        out, *out.stride(), x, *x.stride(), weight, *weight.stride(), bias_t, scale_t, shift_t,
+        res_t, *res_t.stride(),
+        M, Cout, cin_g, cout_g, tiles_n, H, W, Ho, Wo, *stride, *padding, *dilation,
+        KH=KH, KW=KW, ACT=ACTIVATIONS.index(act), HAS_BIAS=has_bias, HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
+        HAS_RES=has_res, SHUFFLE=shuffle, DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return out
+
+
+def conv_bn_act_bwd(
+    grad_out, x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, shuffle: bool = False
+):
+    """Gradients (dx, dweight, dbias, dpost_scale, dpost_shift) of conv_bn_act_fwd (without the residual,
+    whose gradient is grad_out). dx has x's dtype and memory format; the others are fp32."""
+    B, Cin, H, W = x.shape
+    Cout, cin_g, KH, KW = weight.shape
+    Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
+    cout_g = Cout // groups
+    M = B * Ho * Wo
+    dev = x.device
+    bias_t, has_bias = _present(bias, weight)
+    scale_t, has_scale = _present(post_scale, weight)
+    geometry = (H, W, Ho, Wo, *stride, *padding, *dilation)
+
+    # 1. dz = g * post_scale * act'(z), recomputing z; per-tile partial sums of the per-channel gradients
+    block_m, block_n, block_k, upcast, precision = _blocks(
+        x, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise
+    )
+    tiles_n = triton.cdiv(cout_g, block_n)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(Cout, block_n) if depthwise else groups * tiles_n)
+    dz = torch.empty((B, Cout, Ho * Wo), device=dev, dtype=torch.float32)
+    parts = torch.empty((3, grid[0], Cout), device=dev, dtype=torch.float32)
+    _conv_bn_act_bwd_dz_kernel[grid](
+        dz, parts, grad_out, *grad_out.stride(), x, *x.stride(), weight, *weight.stride(), bias_t, scale_t,
+        M, Cout, cin_g, cout_g, tiles_n, *geometry,
+        KH=KH, KW=KW, ACT=ACTIVATIONS.index(act), HAS_BIAS=has_bias, HAS_SCALE=has_scale, SHUFFLE=shuffle,
+        DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    dbias, dscale, dshift = (p.sum(0) for p in parts)  # three tensors, not views of one
+
+    # 2. dx: the transposed conv, rows are input positions, columns the group's input channels
+    Mx = B * H * W
+    block_m, block_n, block_k, _, _ = _blocks(x, Mx, Cin if depthwise else cin_g, cout_g, depthwise)
+    tiles_n = triton.cdiv(cin_g, block_n)
+    grid = (triton.cdiv(Mx, block_m), triton.cdiv(Cin, block_n) if depthwise else groups * tiles_n)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    dx = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _conv_bn_act_bwd_dx_kernel[grid](
+        dx, *dx.stride(), dz, weight, *weight.stride(),
+        Mx, Cin, cin_g, Cout, cout_g, tiles_n, *geometry,
+        KH=KH, KW=KW, DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+
+    # 3. dW: reduction over positions in SPLIT chunks of fp32 partials
+    block_k = _pow2(M, 16, 256 if not x.is_cuda else 64)
+    if depthwise:
+        block_n, block_ci, tiles_n, tiles_ci = _pow2(Cout, 16, 32 if not x.is_cuda else 64), 1, 1, 1
+        programs = triton.cdiv(Cout, block_n)
+    else:
+        block_n, block_ci = _pow2(cout_g, 16, 64), _pow2(cin_g, 16, 64)
+        tiles_n, tiles_ci = triton.cdiv(cout_g, block_n), triton.cdiv(cin_g, block_ci)
+        programs = groups * tiles_n * tiles_ci
+    target = 1 if not x.is_cuda else max(1, 4 * torch.cuda.get_device_properties(dev).multi_processor_count)
+    split = max(1, min(triton.cdiv(M, block_k), target // max(1, programs * KH * KW)))
+    chunk = triton.cdiv(triton.cdiv(M, split), block_k) * block_k
+    split = triton.cdiv(M, chunk)
+    dw_parts = torch.empty((split, KH * KW, Cout, cin_g), device=dev, dtype=torch.float32)
+    _conv_bn_act_bwd_dw_kernel[(programs, KH * KW, split)](
+        dw_parts, dz, x, *x.stride(),
+        M, Cout, cin_g, cout_g, tiles_n, tiles_ci, chunk, *geometry,
+        KW=KW, DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
+        BLOCK_N=block_n, BLOCK_CI=block_ci, BLOCK_K=block_k,
+    )  # fmt: skip
+    dweight = dw_parts.sum(0).permute(1, 2, 0).reshape(Cout, cin_g, KH, KW)
+    return dx, dweight, dbias, dscale, dshift

@@ -1,0 +1,155 @@
+"""`linattn.nn.ConvBNAct`: a conv + BatchNorm + activation block on `linattn.conv_bn_act`.
+
+A drop-in for conv/BN/act containers in either order:
+
+- "conv_bn_act" (EfficientViT's ConvLayer, timm's ConvNormAct): in eval mode the
+  BatchNorm is folded into the conv (`linattn.fold_bn`) and the block is one
+  kernel launch;
+- "conv_act_bn" (SqueezeSAM's conv -> ReLU -> BN): the BatchNorm cannot be
+  folded into the conv; in eval mode it becomes the kernel's post_scale /
+  post_shift epilogue, again one launch.
+
+In train mode the BatchNorm keeps its semantics (batch statistics, running
+statistics and num_batches_tracked updated): the conv (with the activation
+fused for "conv_act_bn") is the fused op and BN runs as torch's BatchNorm2d,
+everything differentiable. Submodules are named `conv` and `norm` as in
+EfficientViT's ConvLayer, so its state_dict keys load unchanged.
+"""
+
+from torch import Tensor, nn
+
+from .. import reference
+from ..ops.conv_bn_act import ACTIVATIONS, conv_bn_act, fold_bn
+
+__all__ = ["ConvBNAct"]
+
+ORDERS = ("conv_bn_act", "conv_act_bn")
+
+
+def activation_name(act) -> str:
+    """linattn's name of an activation given as None, a name, or a torch.nn activation module."""
+    if act is None or isinstance(act, nn.Identity):
+        return "identity"
+    if isinstance(act, str):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"linattn.nn.ConvBNAct: act {act!r} is not supported; use one of {ACTIVATIONS}")
+        return act
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    for cls, name in ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.Hardswish, "hardswish"), (nn.SiLU, "silu")):
+        if type(act) is cls:
+            return name
+    raise ValueError(
+        f"linattn.nn.ConvBNAct: activation module {type(act).__name__} is not supported; use None, "
+        "nn.Identity, nn.ReLU, nn.ReLU6, nn.GELU, nn.Hardswish or nn.SiLU"
+    )
+
+
+def _int_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """conv.padding as a pair of ints ("same" with stride 1 and an even total padding, "valid")."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"linattn.nn.ConvBNAct: padding_mode {conv.padding_mode!r} is not supported; use 'zeros'")
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("linattn.nn.ConvBNAct: padding 'same' with an even kernel is asymmetric, not supported")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+class ConvBNAct(nn.Module):
+    """conv -> BN -> act (order "conv_bn_act") or conv -> act -> BN ("conv_act_bn"), optionally + residual.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, dilation, groups, bias: as nn.Conv2d.
+        padding: as nn.Conv2d; None gives "same" padding dilation * (kernel_size - 1) // 2.
+        norm: whether there is a BatchNorm2d (eps, momentum as nn.BatchNorm2d).
+        act: None or one of "identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu",
+            or an activation module.
+        order: "conv_bn_act" or "conv_act_bn".
+
+    forward(x, residual=None): x (B, Cin, H, W); residual (B, Cout, Ho, Wo) added last.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=None,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        norm: bool = True,
+        act="relu",
+        order: str = "conv_bn_act",
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if padding is None:
+            k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+            d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+            padding = tuple(di * (ki - 1) // 2 for di, ki in zip(d, k))
+        factory = dict(device=device, dtype=dtype)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
+        bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory) if norm else None
+        self._adopt(conv, bn, act, order)
+
+    def _adopt(self, conv: nn.Module, bn: nn.Module | None, act, order: str) -> None:
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"linattn.nn.ConvBNAct: conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if bn is not None and not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"linattn.nn.ConvBNAct: bn must be an nn.BatchNorm2d or None, got {type(bn).__name__}")
+        if bn is not None and bn.num_features != conv.out_channels:
+            raise ValueError(
+                f"linattn.nn.ConvBNAct: bn has {bn.num_features} features, conv {conv.out_channels} output channels"
+            )
+        if order not in ORDERS:
+            raise ValueError(f"linattn.nn.ConvBNAct: order must be one of {ORDERS}, got {order!r}")
+        self.padding = _int_padding(conv)
+        self.conv = conv
+        self.norm = bn
+        self.act = activation_name(act)
+        self.order = order
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act=None, order: str = "conv_bn_act"):
+        """The block around existing modules (their parameters and buffers are shared, not copied)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._adopt(conv, bn, act, order)
+        module.train(conv.training)
+        return module
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}, order={self.order!r}"
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        conv, bn, act = self.conv, self.norm, self.act
+        geometry = (conv.stride, self.padding, conv.dilation, conv.groups)
+        if bn is None:
+            return conv_bn_act(x, conv.weight, conv.bias, *geometry, act=act, residual=residual)
+        if not self.training and bn.running_mean is not None:  # eval: BN is a fixed affine, fused
+            if self.order == "conv_bn_act":
+                weight, bias = fold_bn(conv, bn)
+                return conv_bn_act(x, weight, bias, *geometry, act=act, residual=residual)
+            scale, shift = reference.bn_affine(
+                bn.running_mean,
+                bn.running_var,
+                bn.weight if bn.affine else None,
+                bn.bias if bn.affine else None,
+                bn.eps,
+            )
+            return conv_bn_act(x, conv.weight, conv.bias, *geometry, act, scale, shift, residual)
+        # train (or BN without running statistics): batch statistics, running statistics updated
+        if self.order == "conv_bn_act":
+            y = reference.activation(bn(conv_bn_act(x, conv.weight, conv.bias, *geometry)), act)
+        else:
+            y = bn(conv_bn_act(x, conv.weight, conv.bias, *geometry, act=act))
+        return y if residual is None else y + residual

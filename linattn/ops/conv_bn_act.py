@@ -1,0 +1,376 @@
+"""Fused conv + BatchNorm + activation: `linattn.conv_bn_act`, `linattn.fold_bn`, `linattn.upsample_block`.
+
+Torch custom ops with fake and autograd registrations. Forward and backward
+run on the Triton kernels (kernels/conv_bn_act.py) for every conv they take:
+dense kxk, 1x1, grouped and depthwise, any stride, padding and dilation; the
+backward op `linattn::conv_bn_act_backward` gives the gradients of x, weight,
+bias, post_scale and post_shift (the residual's gradient is the output
+gradient). There is no CUDA C++ kernel yet: forcing backend "cuda" raises, and
+"auto" runs Triton on CUDA tensors. float64 inputs run on the reference.
+"""
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._backend import resolve
+from ._common import check_tensor, fail, kernel_problem, require_tensors
+
+OP = "conv_bn_act"
+UPSAMPLE = "upsample_block"
+ACTIVATIONS = reference.CONV_ACTIVATIONS
+BACKENDS = ("triton",)  # the kernel backends that implement these ops
+
+
+def _new_map(like: Tensor, C: int, H: int, W: int) -> Tensor:
+    """A (B, C, H, W) tensor in `like`'s memory format (channels_last stays channels_last)."""
+    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((like.shape[0], C, H, W), dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    (H, W), (KH, KW) = x.shape[-2:], weight.shape[-2:]
+    Ho = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    return Ho, Wo
+
+
+def _check_channel(op: str, name: str, t: Tensor | None, C: int, x: Tensor) -> None:
+    if t is None:
+        return
+    check_tensor(op, name, t, ndim=1, layout=f"({C},)")
+    if t.shape[0] != C:
+        fail(op, name, f"must have shape ({C},) (one entry per output channel), got {tuple(t.shape)}")
+    if t.device != x.device:
+        fail(op, name, f"is on {t.device}, x on {x.device}")
+
+
+def check_conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual):
+    """Validate conv_bn_act's arguments; returns the output size (Ho, Wo)."""
+    check_tensor(op, "x", x, ndim=4, layout="(B, Cin, H, W)")
+    check_tensor(op, "weight", weight, ndim=4, layout="(Cout, Cin/groups, KH, KW)")
+    if weight.dtype != x.dtype:
+        fail(op, "weight", f"must have x's dtype {x.dtype}, got {weight.dtype}", TypeError)
+    if weight.device != x.device:
+        fail(op, "weight", f"is on {weight.device}, x on {x.device}")
+    Cin, Cout = x.shape[1], weight.shape[0]
+    if groups < 1 or Cin % groups or Cout % groups:
+        fail(op, "groups", f"must be >= 1 and divide Cin ({Cin}) and Cout ({Cout}), got {groups}")
+    if weight.shape[1] != Cin // groups:
+        fail(
+            op,
+            "weight",
+            f"must be (Cout, Cin/groups, KH, KW) with Cin/groups = {Cin // groups}, got {tuple(weight.shape)}",
+        )
+    for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or any(int(i) < low for i in v):
+            fail(op, name, f"must be an int or a pair of ints >= {low}, got {list(v)}")
+    if act not in ACTIVATIONS:
+        fail(op, "act", f"must be one of {ACTIVATIONS}, got {act!r}")
+    Ho, Wo = output_size(x, weight, stride, padding, dilation)
+    if Ho < 1 or Wo < 1:
+        fail(op, "x", f"of size {tuple(x.shape[-2:])} is smaller than the dilated kernel: output would be {Ho}x{Wo}")
+    for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift)):
+        _check_channel(op, name, t, Cout, x)
+    if residual is not None:
+        check_tensor(op, "residual", residual, ndim=4, layout="(B, Cout, Ho, Wo)")
+        want = (x.shape[0], Cout, Ho, Wo)
+        if tuple(residual.shape) != want:
+            fail(op, "residual", f"must have the output's shape {want}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            fail(
+                op,
+                "residual",
+                f"must match x's dtype and device ({x.dtype}, {x.device}), got {residual.dtype}, {residual.device}",
+            )
+    return Ho, Wo
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _conv_fwd(
+    op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out, shuffle
+):
+    """Write the fused block into out on the backend chosen for this call."""
+    impl = resolve(op, x.device, kernel_problem(x), BACKENDS)
+    if impl == "reference":
+        y = reference.conv_bn_act(
+            x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
+        )
+        out.copy_(torch.nn.functional.pixel_shuffle(y, 2) if shuffle else y)
+        return out
+    from ..kernels.conv_bn_act import conv_bn_act_fwd
+
+    vectors = [_contiguous(t) for t in (bias, post_scale, post_shift)]
+    return conv_bn_act_fwd(
+        x, weight, vectors[0], stride, padding, dilation, groups, act, *vectors[1:], residual, out, shuffle
+    )
+
+
+@torch.library.custom_op("linattn::conv_bn_act", mutates_args=(), device_types=("cpu", "cuda"))
+def _conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    post_scale: Tensor | None,
+    post_shift: Tensor | None,
+    residual: Tensor | None,
+) -> Tensor:
+    Ho, Wo = check_conv(OP, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+    out = _new_map(x, weight.shape[0], Ho, Wo)
+    args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+    return _conv_fwd(OP, *args, out, shuffle=False)
+
+
+@_conv_bn_act.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual):
+    Ho, Wo = check_conv(OP, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+    return _new_map(x, weight.shape[0], Ho, Wo)
+
+
+def _grad_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("linattn::conv_bn_act_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _conv_bn_act_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    post_scale: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dpost_scale, dpost_shift): dx in x's dtype and memory format, dweight in
+    weight's dtype, the per-channel gradients in fp32 (fp64 for fp64 inputs) whether or not the
+    optional inputs exist."""
+    impl = resolve(OP, x.device, kernel_problem(x), BACKENDS)
+    args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale)
+    if impl == "reference":
+        dx, dw, db, ds, dt = reference.conv_bn_act_backward(grad_out, *args)
+    else:
+        from ..kernels.conv_bn_act import conv_bn_act_bwd
+
+        dx, dw, db, ds, dt = conv_bn_act_bwd(
+            grad_out, x, weight, _contiguous(bias), stride, padding, dilation, groups, act, _contiguous(post_scale)
+        )
+    dx_out = _new_map(x, x.shape[1], *x.shape[-2:])
+    dx_out.copy_(dx)
+    ct = _grad_dtype(x)
+    return dx_out, dw.to(weight.dtype).contiguous(), db.to(ct), ds.to(ct), dt.to(ct)
+
+
+@_conv_bn_act_backward.register_fake
+def _(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale):
+    ct = _grad_dtype(x)
+    Cout = weight.shape[0]
+    return (
+        _new_map(x, x.shape[1], *x.shape[-2:]),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        weight.new_empty(Cout, dtype=ct),
+        weight.new_empty(Cout, dtype=ct),
+        weight.new_empty(Cout, dtype=ct),
+    )
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual = inputs
+    ctx.conv = (stride, padding, dilation, groups, act)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, post_scale, post_shift))
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, weight, bias, post_scale)
+
+
+def _cast(g: Tensor, dtype):
+    return None if dtype is None else g.to(dtype)
+
+
+def _grad(ctx, grad_out):
+    x, weight, bias, post_scale = ctx.saved_tensors
+    dx, dw, db, ds, dt = torch.ops.linattn.conv_bn_act_backward(grad_out, x, weight, bias, *ctx.conv, post_scale)
+    b_dtype, s_dtype, t_dtype = ctx.dtypes
+    d_res = grad_out if ctx.has_residual else None
+    return dx, dw, _cast(db, b_dtype), None, None, None, None, None, _cast(ds, s_dtype), _cast(dt, t_dtype), d_res
+
+
+_conv_bn_act.register_autograd(_grad, setup_context=_setup)
+
+
+def _pair(op: str, name: str, v) -> list[int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        return list(v)
+    fail(op, name, f"must be an int or a pair of ints, got {v!r}", TypeError)
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    act: str = "identity",
+    post_scale: Tensor | None = None,
+    post_shift: Tensor | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """y = act(conv2d(x, weight, bias, stride, padding, dilation, groups)) * post_scale + post_shift + residual,
+    in one kernel launch; differentiable in every tensor argument.
+
+    BatchNorm before the activation is folded into weight and bias (`linattn.fold_bn`); BatchNorm after
+    it is post_scale = gamma / sqrt(var + eps), post_shift = beta - mean * post_scale.
+
+    Args:
+        x: (B, Cin, H, W), NCHW or channels_last (the output keeps x's memory format).
+        weight: (Cout, Cin/groups, KH, KW), x's dtype.
+        bias, post_scale, post_shift: optional (Cout,) per-channel vectors (any float dtype).
+        stride, padding, dilation: int or (h, w) pair, as in torch.nn.functional.conv2d.
+        groups: 1 (dense), Cin (depthwise, the direct kernel) or any divisor of Cin and Cout.
+        act: "identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish" or "silu".
+        residual: optional (B, Cout, Ho, Wo) added last, x's dtype.
+
+    Returns:
+        (B, Cout, Ho, Wo) in x's dtype. fp16/bf16 accumulate in fp32. Forward and backward run on the
+        Triton kernels for every kernel size, stride and group count (no CUDA C++ kernel yet).
+    """
+    require_tensors(OP, x=x, weight=weight)
+    for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift), ("residual", residual)):
+        if t is not None:
+            require_tensors(OP, **{name: t})
+    if not isinstance(act, str):
+        fail(OP, "act", f"must be a string, one of {ACTIVATIONS}, got {type(act).__name__}", TypeError)
+    return torch.ops.linattn.conv_bn_act(
+        x,
+        weight,
+        bias,
+        _pair(OP, "stride", stride),
+        _pair(OP, "padding", padding),
+        _pair(OP, "dilation", dilation),
+        int(groups),
+        act,
+        post_scale,
+        post_shift,
+        residual,
+    )
+
+
+def fold_bn(conv: torch.nn.Module, bn: torch.nn.Module) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of `conv` with the eval-mode BatchNorm `bn` that follows it folded in.
+
+    weight * s and (bias - running_mean) * s + beta with s = gamma / sqrt(running_var + eps), computed
+    in fp32 (float64 stays float64) and cast back to the conv weight's dtype. Use before the activation
+    (conv -> BN -> act); BN after the activation becomes conv_bn_act's post_scale/post_shift.
+    """
+    weight = getattr(conv, "weight", None)
+    if not isinstance(weight, Tensor):
+        fail("fold_bn", "conv", f"must be a conv module with a weight, got {type(conv).__name__}", TypeError)
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if not isinstance(mean, Tensor) or not isinstance(var, Tensor):
+        fail("fold_bn", "bn", "must be a BatchNorm with running statistics (track_running_stats=True)", TypeError)
+    if mean.shape[0] != weight.shape[0]:
+        fail("fold_bn", "bn", f"has {mean.shape[0]} features, the conv {weight.shape[0]} output channels")
+    gamma = bn.weight if getattr(bn, "affine", True) else None
+    beta = bn.bias if getattr(bn, "affine", True) else None
+    return reference.fold_bn(weight, getattr(conv, "bias", None), mean, var, gamma, beta, bn.eps)
+
+
+# --- SqueezeSAM upsample block: per-pixel linear, act, BN, 2x pixel shuffle in the store ---
+
+
+def check_upsample(x, weight, bias, post_scale, post_shift, act) -> None:
+    check_tensor(UPSAMPLE, "x", x, ndim=4, layout="(B, C, H, W)")
+    check_tensor(UPSAMPLE, "weight", weight, ndim=2, layout="(4*Co, C)")
+    if weight.shape[0] % 4 or weight.shape[1] != x.shape[1]:
+        fail(UPSAMPLE, "weight", f"must be (4*Co, C) with C = {x.shape[1]}, got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        fail(UPSAMPLE, "weight", f"must have x's dtype {x.dtype}, got {weight.dtype}", TypeError)
+    if weight.device != x.device:
+        fail(UPSAMPLE, "weight", f"is on {weight.device}, x on {x.device}")
+    if act not in ACTIVATIONS:
+        fail(UPSAMPLE, "act", f"must be one of {ACTIVATIONS}, got {act!r}")
+    for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift)):
+        _check_channel(UPSAMPLE, name, t, weight.shape[0], x)
+
+
+@torch.library.custom_op("linattn::upsample_block", mutates_args=(), device_types=("cpu", "cuda"))
+def _upsample_block(
+    x: Tensor, weight: Tensor, bias: Tensor | None, post_scale: Tensor | None, post_shift: Tensor | None, act: str
+) -> Tensor:
+    check_upsample(x, weight, bias, post_scale, post_shift, act)
+    H, W = x.shape[-2:]
+    out = _new_map(x, weight.shape[0] // 4, 2 * H, 2 * W)
+    w4 = weight[:, :, None, None]
+    return _conv_fwd(
+        UPSAMPLE, x, w4, bias, [1, 1], [0, 0], [1, 1], 1, act, post_scale, post_shift, None, out, shuffle=True
+    )
+
+
+@_upsample_block.register_fake
+def _(x, weight, bias, post_scale, post_shift, act):
+    check_upsample(x, weight, bias, post_scale, post_shift, act)
+    return _new_map(x, weight.shape[0] // 4, 2 * x.shape[-2], 2 * x.shape[-1])
+
+
+def _upsample_setup(ctx, inputs, output):
+    x, weight, bias, post_scale, post_shift, ctx.act = inputs
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, post_scale, post_shift))
+    ctx.save_for_backward(x, weight, bias, post_scale)
+
+
+def _upsample_grad(ctx, grad_out):
+    """The 1x1 conv's backward op on the un-shuffled output gradient (Triton kernels on that backend)."""
+    x, weight, bias, post_scale = ctx.saved_tensors
+    g = torch.nn.functional.pixel_unshuffle(grad_out, 2)
+    dx, dw, db, ds, dt = torch.ops.linattn.conv_bn_act_backward(
+        g, x, weight[:, :, None, None], bias, [1, 1], [0, 0], [1, 1], 1, ctx.act, post_scale
+    )
+    b_dtype, s_dtype, t_dtype = ctx.dtypes
+    return dx, dw.reshape(weight.shape), _cast(db, b_dtype), _cast(ds, s_dtype), _cast(dt, t_dtype), None
+
+
+_upsample_block.register_autograd(_upsample_grad, setup_context=_upsample_setup)
+
+
+def upsample_block(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    post_scale: Tensor | None = None,
+    post_shift: Tensor | None = None,
+    act: str = "relu",
+) -> Tensor:
+    """SqueezeSAM's upsample block in one kernel: pixel_shuffle(act(linear(x)) * post_scale + post_shift, 2).
+
+    Args:
+        x: (B, C, H, W), NCHW or channels_last.
+        weight: (4*Co, C) per-pixel linear weight (a (4*Co, C, 1, 1) 1x1 conv weight is accepted too).
+        bias, post_scale, post_shift: optional (4*Co,) vectors in the pre-shuffle channel order; a
+            BatchNorm2d(Co) after the shuffle is post_scale/post_shift with each entry repeated 4 times
+            (`repeat_interleave(4)`).
+        act: one of conv_bn_act's activations, ReLU by default.
+
+    Returns:
+        (B, Co, 2*H, 2*W) in x's dtype and memory format; the kernel's store writes the shuffled layout.
+        The backward is conv_bn_act's (Triton kernels) on the un-shuffled output gradient.
+    """
+    require_tensors(UPSAMPLE, x=x, weight=weight)
+    if weight.dim() == 4 and weight.shape[-2:] == (1, 1):
+        weight = weight.flatten(1)
+    if not isinstance(act, str):
+        fail(UPSAMPLE, "act", f"must be a string, one of {ACTIVATIONS}, got {type(act).__name__}", TypeError)
+    return torch.ops.linattn.upsample_block(x, weight, bias, post_scale, post_shift, act)

@@ -1,0 +1,519 @@
+"""conv_bn_act, fold_bn, upsample_block and nn.ConvBNAct: kernels and ops against the float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from utils import assert_close, kernel_targets, rel_err, tolerance
+
+import linattn
+from linattn import reference
+from linattn.nn import ConvBNAct
+
+
+def _kernel_targets():
+    """Kernel targets; the cuda backend has no conv_bn_act kernel yet (its absence is tested below)."""
+    params = []
+    for p in kernel_targets():
+        marks = list(p.marks)
+        if p.values[0][0] == "cuda" and not marks:
+            marks = [pytest.mark.skip(reason="no CUDA C++ kernel for conv_bn_act yet")]
+        params.append(pytest.param(*p.values, id=p.id, marks=marks))
+    return params
+
+
+def _targets():
+    """The reference backend on CPU, plus the kernel targets."""
+    return [pytest.param(("reference", "cpu"), id="reference-cpu"), *_kernel_targets()]
+
+
+def make_conv(case, device, seed=0):
+    """Random inputs of one CASES entry: x, weight, bias, post_scale, post_shift, residual (None when off)."""
+    B, Cin, Cout, H, W, k, stride, dil, groups, act, post, dtype, channels_last, res = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(shape, generator=gen) * scale + offset).to(device=device, dtype=dtype)
+
+    x = rand(B, Cin, H, W)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = rand(Cout, Cin // groups, k, k, scale=(Cin // groups * k * k) ** -0.5 * 2)
+    bias = rand(Cout, scale=0.5)
+    scale, shift = (rand(Cout, scale=0.5, offset=1.0), rand(Cout)) if post else (None, None)
+    pad = dil * (k - 1) // 2
+    Ho, Wo = (H + 2 * pad - dil * (k - 1) - 1) // stride + 1, (W + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    residual = rand(B, Cout, Ho, Wo) if res else None
+    if residual is not None and channels_last:
+        residual = residual.to(memory_format=torch.channels_last)
+    conv = dict(stride=stride, padding=pad, dilation=dil, groups=groups, act=act)
+    return x, weight, bias, scale, shift, residual, conv
+
+
+def eager(x, weight, bias, scale, shift, residual, conv):
+    """Eager PyTorch in the input dtype (conv, activation, affine, residual as separate ops), differentiable."""
+    y = F.conv2d(x, weight, bias, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+    y = reference.activation(y, conv["act"])
+    if scale is not None:
+        y = y * scale[:, None, None] + shift[:, None, None]
+    return y if residual is None else y + residual
+
+
+def f64(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+def pairs(conv):
+    s, p, d = (conv[k] for k in ("stride", "padding", "dilation"))
+    return (s, s), (p, p), (d, d), conv["groups"], conv["act"]
+
+
+# (B, Cin, Cout, H, W, k, stride, dilation, groups, act, post affine (BN after act), dtype, channels_last, residual)
+# post=False is the folded conv -> BN -> act order; every act, k 1/3/5/7, stride 1/2, dense/grouped/depthwise
+CASES = [
+    (2, 3, 17, 9, 11, 3, 1, 1, 1, "gelu", True, torch.float32, False, True),
+    (1, 8, 16, 7, 9, 1, 1, 1, 1, "relu", True, torch.float32, True, False),
+    (1, 8, 8, 9, 9, 5, 2, 1, 8, "hardswish", False, torch.float32, False, True),
+    (1, 8, 16, 10, 9, 3, 2, 1, 8, "silu", True, torch.float32, True, False),  # depthwise, multiplier 2
+    (1, 12, 18, 8, 7, 3, 1, 2, 3, "gelu_tanh", True, torch.float32, False, True),  # grouped, dilated
+    (1, 6, 6, 7, 7, 7, 1, 1, 1, "relu6", False, torch.float32, False, False),
+    (1, 8, 16, 9, 9, 1, 2, 1, 2, "identity", True, torch.float32, False, True),
+    (1, 164, 17, 3, 5, 1, 1, 1, 1, "relu", True, torch.float32, True, True),  # SqueezeSAM's 164 channels
+    (2, 4, 9, 11, 10, 5, 2, 1, 1, "relu6", True, torch.float32, True, False),
+    (1, 8, 17, 7, 9, 3, 1, 1, 1, "gelu_tanh", False, torch.float16, True, True),
+    (1, 16, 16, 11, 8, 7, 1, 1, 16, "hardswish", True, torch.float16, False, False),
+    (1, 8, 8, 9, 7, 3, 2, 1, 8, "relu", True, torch.bfloat16, False, True),
+    (1, 5, 16, 6, 7, 3, 1, 1, 1, "silu", True, torch.bfloat16, True, True),
+]
+
+
+def _case_id(c):
+    B, Cin, Cout, H, W, k, s, d, g, act, post, dtype, cl, res = c
+    kind = "dw" if g == Cin and g > 1 else (f"g{g}" if g > 1 else "dense")
+    tags = ("-post" if post else "") + ("-cl" if cl else "") + ("-res" if res else "")
+    return f"{Cin}to{Cout}-{H}x{W}-k{k}s{s}d{d}-{kind}-{act}-{str(dtype)[6:]}{tags}"
+
+
+@pytest.mark.parametrize("target", _kernel_targets())
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernels(target, case):
+    """Forward into a NaN-poisoned output and every gradient, against float64, within DESIGN.md 8's tolerance."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_bwd, conv_bn_act_fwd
+
+    _, device = target
+    dtype = case[11]
+    x, w, b, s, t, r, conv = make_conv(case, device)
+    ref = reference.conv_bn_act(*f64(x, w, b), *pairs(conv)[:5], *f64(s, t, r))
+    leaves = [None if v is None else v.detach().clone().requires_grad_() for v in (x, w, b, s, t, r)]
+    ref_eager = eager(*leaves, conv)
+
+    out = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.to(memory_format=torch.channels_last)
+    conv_bn_act_fwd(x, w, b, *pairs(conv), s, t, r, out)
+    assert_close(out, ref, tolerance(dtype, rel_err(ref_eager, ref)), "out")
+
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *pairs(conv), *f64(s))
+    got = conv_bn_act_bwd(g, x, w, b, *pairs(conv), s)
+    assert got[0].dtype == dtype and got[0].stride() == x.stride()
+    ref_eager.backward(g)
+    names = ["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"]
+    for name, got_t, want_t, leaf in zip(names, got, want, leaves):
+        if leaf is None:
+            continue
+        assert_close(got_t, want_t, tolerance(dtype, rel_err(leaf.grad, want_t)), name)
+
+
+OP_CASES = [CASES[0], CASES[3], CASES[10]]
+
+
+@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("case", OP_CASES, ids=_case_id)
+def test_op_autograd(target, case):
+    """The functional op on a forced backend: output (memory format kept) and the gradient of every input."""
+    name, device = target
+    dtype = case[11]
+    x, w, b, s, t, r, conv = make_conv(case, device, seed=3)
+    if r is None:
+        r = torch.randn(eager(x, w, b, s, t, None, conv).shape, dtype=dtype, device=device)
+    inputs = [x, w, b, s, t, r]
+    leaves = [v.detach().clone().requires_grad_() for v in inputs]
+    leaves64 = [v.detach().double().requires_grad_() for v in inputs]
+    with linattn.backend(name):
+        out = linattn.conv_bn_act(
+            leaves[0], leaves[1], leaves[2], conv["stride"], conv["padding"], conv["dilation"], conv["groups"],
+            conv["act"], leaves[3], leaves[4], leaves[5],
+        )  # fmt: skip
+    ref = reference.conv_bn_act(*leaves64[:2], leaves64[2], *pairs(conv), *leaves64[3:])
+    leaves_e = [v.detach().clone().requires_grad_() for v in inputs]
+    ref_eager = eager(*leaves_e, conv)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == (
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    )
+    assert_close(out, ref, tolerance(dtype, rel_err(ref_eager, ref)), "out")
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    out.backward(g)
+    ref.backward(g.double())
+    ref_eager.backward(g)
+    for label, a, b64, e in zip(
+        ["x", "weight", "bias", "post_scale", "post_shift", "residual"], leaves, leaves64, leaves_e
+    ):
+        assert a.grad.dtype == a.dtype
+        assert_close(a.grad, b64.grad, tolerance(dtype, rel_err(e.grad, b64.grad)), f"grad {label}")
+
+
+def test_forced_cuda_backend_raises():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
+    with linattn.backend("cuda"), pytest.raises(RuntimeError, match="linattn.conv_bn_act: backend 'cuda' cannot run"):
+        linattn.conv_bn_act(x, w, padding=1)
+    with linattn.backend("cuda"), pytest.raises(RuntimeError, match="no cuda kernel for upsample_block"):
+        linattn.upsample_block(x, torch.randn(16, 4))
+
+
+def test_float64_runs_on_reference_and_int_pairs_match():
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    w = torch.randn(8, 2, 3, 1, dtype=torch.float64)
+    out = linattn.conv_bn_act(x, w, None, (2, 1), (1, 0), (2, 1), 2, "silu")
+    assert_close(out, F.silu(F.conv2d(x, w, None, (2, 1), (1, 0), (2, 1), 2)), 1e-12, "out")
+
+
+# --- fold_bn ---
+
+
+def _bn(C, dtype=torch.float32, seed=0, affine=True):
+    gen = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(C, eps=1e-3, affine=affine).to(dtype)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(C, generator=gen))
+        bn.running_var.copy_(torch.rand(C, generator=gen) + 0.5)
+        if affine:
+            bn.weight.copy_(torch.randn(C, generator=gen))
+            bn.bias.copy_(torch.randn(C, generator=gen))
+    return bn.eval()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_fold_bn_exact(bias, affine):
+    """fold_bn then conv equals conv then BN (eval): to float64 rounding in float64, and fp32 to 1e-6."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1, bias=bias).double()
+    bn = _bn(10, torch.float64, affine=affine)
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    w, b = linattn.fold_bn(conv, bn)
+    assert w.dtype == torch.float64 and b.dtype == torch.float64
+    with torch.no_grad():
+        want = bn(conv(x))
+        assert_close(F.conv2d(x, w, b, padding=1), want, 1e-13, "fold float64")
+        w32, b32 = linattn.fold_bn(conv.float(), bn.float())
+        assert w32.dtype == torch.float32
+        assert_close(F.conv2d(x.float(), w32, b32, padding=1), want, 1e-6, "fold float32")
+
+
+def test_fold_bn_low_precision_folds_in_fp32():
+    conv = nn.Conv2d(4, 8, 1).to(torch.bfloat16)
+    bn = _bn(8)
+    w, b = linattn.fold_bn(conv, bn)
+    want_w, want_b = linattn.fold_bn(conv.float(), bn)
+    assert w.dtype == b.dtype == torch.bfloat16
+    assert torch.equal(w, want_w.to(torch.bfloat16)) and torch.equal(b, want_b.to(torch.bfloat16))
+
+
+def test_fold_bn_bad_input():
+    with pytest.raises(TypeError, match="linattn.fold_bn: bn must be a BatchNorm with running statistics"):
+        linattn.fold_bn(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8, track_running_stats=False))
+    with pytest.raises(ValueError, match="linattn.fold_bn: bn has 4 features"):
+        linattn.fold_bn(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(4))
+    with pytest.raises(TypeError, match="linattn.fold_bn: conv must be a conv module"):
+        linattn.fold_bn(nn.ReLU(), nn.BatchNorm2d(4))
+
+
+# --- upsample_block ---
+
+UPSAMPLE_CASES = [  # (B, C, Co, H, W, dtype, channels_last)
+    (2, 8, 4, 5, 7, torch.float32, False),
+    (1, 17, 8, 3, 6, torch.float32, True),
+    (1, 16, 8, 4, 5, torch.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("case", UPSAMPLE_CASES, ids=lambda c: f"{c[1]}to{c[2]}-{c[3]}x{c[4]}-{str(c[5])[6:]}")
+def test_upsample_block(target, case):
+    """Pixel-shuffled store (NaN-poisoned output) and gradients of x, weight, bias and the BN affine."""
+    name, device = target
+    B, C, Co, H, W, dtype, channels_last = case
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(B, C, H, W, generator=gen).to(device, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = (torch.randn(4 * Co, C, generator=gen) * C**-0.5).to(device, dtype)
+    bias = torch.randn(4 * Co, generator=gen).to(device, dtype)
+    bn = _bn(Co, seed=6)  # BatchNorm2d(Co) after the shuffle: its affine repeated over the 4 sub-pixels
+    scale, shift = (v.repeat_interleave(4).to(device, dtype) for v in reference.bn_affine(*_bn_args(bn)))
+    inputs = [x, weight, bias, scale, shift]
+    ref = reference.upsample_block(*f64(*inputs))
+    with torch.no_grad():  # the BN after the shuffle is the affine repeated 4 times before it, in float64
+        bn64 = bn.double()
+        s64, t64 = (v.repeat_interleave(4) for v in reference.bn_affine(*_bn_args(bn64)))
+        x64, w64, b64 = f64(x, weight, bias)
+        expect = bn64(F.pixel_shuffle(F.relu(F.conv2d(x64, w64[..., None, None], b64)), 2))
+        assert_close(reference.upsample_block(x64, w64, b64, s64, t64), expect, 1e-12, "upsample vs BN modules")
+
+    def eager_block(x, w, b, s, t):
+        y = F.relu(F.conv2d(x, w[..., None, None], b)) * s[:, None, None] + t[:, None, None]
+        return F.pixel_shuffle(y, 2)
+
+    leaves_e = [v.detach().clone().requires_grad_() for v in inputs]
+    out_e = eager_block(*leaves_e)
+    tol = tolerance(dtype, rel_err(out_e, ref))
+    if name == "triton":
+        from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+        poisoned = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
+        w4 = weight[..., None, None]
+        conv_bn_act_fwd(x, w4, bias, (1, 1), (0, 0), (1, 1), 1, "relu", scale, shift, None, poisoned, shuffle=True)
+        assert_close(poisoned, ref, tol, "out (poisoned)")
+    leaves = [v.detach().clone().requires_grad_() for v in inputs]
+    with linattn.backend(name):
+        out = linattn.upsample_block(*leaves)
+    assert out.shape == (B, Co, 2 * H, 2 * W)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_close(out, ref, tol, "out")
+    leaves64 = [v.detach().double().requires_grad_() for v in inputs]
+    g = torch.randn(ref.shape, generator=gen).to(device, dtype)
+    reference.upsample_block(*leaves64).backward(g.double())
+    out.backward(g)
+    out_e.backward(g)
+    for label, a, b64, e in zip(["x", "weight", "bias", "post_scale", "post_shift"], leaves, leaves64, leaves_e):
+        assert_close(a.grad, b64.grad, tolerance(dtype, rel_err(e.grad, b64.grad)), f"grad {label}")
+
+
+def _bn_args(bn):
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+
+
+# --- registration: opcheck, compile ---
+
+
+def _small(device, dtype, requires_grad=True):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 4, 5, 6, generator=gen).to(device, dtype)
+    w = (torch.randn(8, 2, 3, 3, generator=gen) * 0.3).to(device, dtype)
+    vecs = [torch.randn(8, generator=gen).to(device, dtype) for _ in range(3)]
+    r = torch.randn(1, 8, 3, 3, generator=gen).to(device, dtype)
+    tensors = [x, w, *vecs, r]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+@pytest.mark.parametrize("target", _targets())
+def test_opcheck(target):
+    name, device = target
+    # float64 on the reference: opcheck compares eager and compiled gradients to fp32 rounding otherwise
+    dtype = torch.float64 if name == "reference" else torch.float32
+    x, w, b, s, t, r = _small(device, dtype)
+    ops = torch.ops.linattn
+    g = torch.randn(1, 8, 3, 3, device=device, dtype=dtype)
+    with linattn.backend(name):
+        torch.library.opcheck(ops.conv_bn_act, (x, w, b, [2, 2], [1, 1], [1, 1], 2, "gelu_tanh", s, t, r))
+        torch.library.opcheck(ops.conv_bn_act, (x, w, None, [2, 2], [1, 1], [1, 1], 2, "relu", None, None, None))
+        torch.library.opcheck(
+            ops.conv_bn_act_backward, (g, x.detach(), w.detach(), b.detach(), [2, 2], [1, 1], [1, 1], 2, "silu", None)
+        )
+        uw = w.detach()[:, :, 0, 0].clone().repeat(2, 2).requires_grad_()  # (16, 4): C = 4 -> Co = 4
+        ub = torch.randn(16, device=device, dtype=dtype, requires_grad=True)
+        torch.library.opcheck(ops.upsample_block, (x, uw, ub, None, None, "relu"))
+
+
+@pytest.mark.parametrize("target", _targets())
+def test_compile_fullgraph(target):
+    """conv_bn_act, upsample_block and ConvBNAct (eval) inside one compiled graph, forward and backward."""
+    name, device = target
+    torch._dynamo.reset()
+    block = ConvBNAct(8, 4, 1, act="hardswish", order="conv_act_bn").to(device)
+    block.norm.load_state_dict(_bn(4).state_dict())
+    block.eval()
+
+    def fn(x, w, b, s, t, r, uw):
+        y = linattn.conv_bn_act(x * 2.0, w, b, 2, 1, 1, 2, "gelu", s, t, r)
+        z = linattn.upsample_block(y.relu(), uw, None, s.repeat_interleave(4), None)
+        return y.square().sum() + block(z).sum()
+
+    def grads(f):
+        leaves = _small(device, torch.float32)
+        uw = (torch.randn(32, 8, generator=torch.Generator().manual_seed(8)) * 0.3).to(device).requires_grad_()
+        with linattn.backend(name):
+            loss = f(*leaves, uw)
+            loss.backward()
+        return [loss.detach()] + [t.grad for t in (*leaves, uw)]
+
+    want = grads(fn)
+    got = grads(torch.compile(fn, fullgraph=True))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, 1e-5, f"output {i} (0: loss, then the inputs' gradients)")
+
+
+def test_fake_matches_real_channels_last():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 6, 9, 7).to(memory_format=torch.channels_last)
+    w = torch.randn(12, 3, 3, 3)
+    real = linattn.conv_bn_act(x, w, stride=2, padding=1, groups=2)
+    up = linattn.upsample_block(x, torch.randn(8, 6))
+    with FakeTensorMode() as mode:
+        fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+        fake = linattn.conv_bn_act(fx, fw, stride=2, padding=1, groups=2)
+        fake_up = linattn.upsample_block(fx, mode.from_tensor(torch.randn(8, 6)))
+    assert fake.shape == real.shape and fake.stride() == real.stride() and fake.dtype == real.dtype
+    assert fake_up.shape == up.shape and fake_up.stride() == up.stride()
+
+
+# --- bad input ---
+
+
+def _args(**bad):
+    args = dict(x=torch.randn(2, 4, 7, 7), weight=torch.randn(8, 4, 3, 3), bias=None, stride=1, padding=1)
+    args.update(bad)
+    return args
+
+
+BAD_CASES = [
+    ("rank", dict(x=torch.randn(4, 7, 7)), ValueError, "x must be 4-D"),
+    ("weight rank", dict(weight=torch.randn(8, 4, 3)), ValueError, "weight must be 4-D"),
+    ("weight channels", dict(weight=torch.randn(8, 3, 3, 3)), ValueError, "weight must be \\(Cout, Cin/groups"),
+    ("groups", dict(groups=3), ValueError, "groups must be >= 1 and divide Cin"),
+    ("groups zero", dict(groups=0), ValueError, "groups must be >= 1"),
+    ("int dtype", dict(x=torch.ones(2, 4, 7, 7, dtype=torch.int32)), TypeError, "x must be float16"),
+    ("weight dtype", dict(weight=torch.randn(8, 4, 3, 3).half()), TypeError, "weight must have x's dtype"),
+    ("weight device", dict(weight=torch.empty(8, 4, 3, 3, device="meta")), ValueError, "weight is on meta"),
+    ("empty", dict(x=torch.randn(0, 4, 7, 7)), ValueError, "x is empty"),
+    ("bias shape", dict(bias=torch.randn(7)), ValueError, "bias must have shape \\(8,\\)"),
+    ("scale rank", dict(post_scale=torch.randn(8, 1)), ValueError, "post_scale must be 1-D"),
+    ("shift device", dict(post_shift=torch.empty(8, device="meta")), ValueError, "post_shift is on meta"),
+    ("residual shape", dict(residual=torch.randn(2, 8, 6, 7)), ValueError, "residual must have the output's shape"),
+    ("residual dtype", dict(residual=torch.randn(2, 8, 7, 7).double()), ValueError, "residual must match x's dtype"),
+    ("act", dict(act="tanh"), ValueError, "act must be one of"),
+    ("act type", dict(act=None), TypeError, "act must be a string"),
+    ("stride zero", dict(stride=0), ValueError, "stride must be an int or a pair of ints >= 1"),
+    ("padding negative", dict(padding=(-1, 0)), ValueError, "padding must be an int or a pair of ints >= 0"),
+    ("stride triple", dict(stride=(1, 1, 1)), TypeError, "stride must be an int or a pair of ints"),
+    ("too small", dict(x=torch.randn(2, 4, 2, 2), padding=0), ValueError, "x of size \\(2, 2\\) is smaller"),
+    ("not a tensor", dict(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor"),
+    ("residual not a tensor", dict(residual=1.0), TypeError, "residual must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "error", "message"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_conv_bn_act_bad_input(case, bad, error, message):
+    with pytest.raises(error, match=f"linattn.conv_bn_act: {message}"):
+        linattn.conv_bn_act(**_args(**bad))
+
+
+UPSAMPLE_BAD = [
+    ("weight rows", dict(weight=torch.randn(10, 4)), ValueError, "weight must be \\(4\\*Co, C\\)"),
+    ("weight cols", dict(weight=torch.randn(16, 5)), ValueError, "weight must be \\(4\\*Co, C\\)"),
+    ("weight rank", dict(weight=torch.randn(16)), ValueError, "weight must be 2-D"),
+    ("bias", dict(bias=torch.randn(4)), ValueError, "bias must have shape \\(16,\\)"),
+    ("act", dict(act="gelu_erf"), ValueError, "act must be one of"),
+    ("x rank", dict(x=torch.randn(4, 5, 5)), ValueError, "x must be 4-D"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "error", "message"), UPSAMPLE_BAD, ids=[c[0] for c in UPSAMPLE_BAD])
+def test_upsample_block_bad_input(case, bad, error, message):
+    args = dict(x=torch.randn(1, 4, 5, 5), weight=torch.randn(16, 4))
+    args.update(bad)
+    with pytest.raises(error, match=f"linattn.upsample_block: {message}"):
+        linattn.upsample_block(**args)
+
+
+def test_bad_input_under_compile_names_the_op():
+    torch._dynamo.reset()
+    fn = torch.compile(linattn.conv_bn_act, fullgraph=True)
+    with pytest.raises(Exception, match="linattn.conv_bn_act: bias must have shape"):
+        fn(torch.randn(1, 4, 5, 5), torch.randn(8, 4, 1, 1), torch.randn(5))
+
+
+# --- nn.ConvBNAct ---
+
+ACT_MODULES = {
+    "relu": nn.ReLU(),
+    "relu6": nn.ReLU6(),
+    "gelu": nn.GELU(),
+    "gelu_tanh": nn.GELU(approximate="tanh"),
+    "hardswish": nn.Hardswish(),
+    "silu": nn.SiLU(),
+    "identity": nn.Identity(),
+}
+MODULE_CASES = [  # (Cin, Cout, k, stride, groups, bias, act, order)
+    (3, 17, 3, 1, 1, True, "relu", "conv_act_bn"),
+    (8, 8, 5, 2, 8, False, "gelu_tanh", "conv_bn_act"),
+    (6, 10, 1, 1, 2, False, "hardswish", "conv_bn_act"),
+    (4, 6, 3, 2, 1, True, "silu", "conv_act_bn"),
+]
+
+
+def _pair_of_blocks(case, device):
+    Cin, Cout, k, stride, groups, bias, act, order = case
+    torch.manual_seed(0)
+    conv = nn.Conv2d(Cin, Cout, k, stride, k // 2, groups=groups, bias=bias)
+    bn = _bn(Cout, seed=1)
+    seq = (
+        nn.Sequential(conv, bn, ACT_MODULES[act])
+        if order == "conv_bn_act"
+        else nn.Sequential(conv, ACT_MODULES[act], bn)
+    )
+    import copy
+
+    seq = copy.deepcopy(seq).to(device)
+    block = ConvBNAct.from_modules(copy.deepcopy(conv), copy.deepcopy(bn), ACT_MODULES[act], order=order).to(device)
+    return seq, block
+
+
+@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("case", MODULE_CASES, ids=lambda c: f"{c[0]}to{c[1]}-k{c[2]}s{c[3]}g{c[4]}-{c[6]}-{c[7]}")
+def test_module_parity(target, case):
+    """Eval (BN folded / post affine) and train (batch statistics, running stats, gradients) match torch's modules."""
+    name, device = target
+    seq, block = _pair_of_blocks(case, device)
+    x = torch.randn(2, case[0], 9, 7, generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad(), linattn.backend(name):
+        seq.eval()
+        block.eval()
+        assert_close(block(x), seq(x), 1e-5, "eval output")
+    seq.train()
+    block.train()
+    xs, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with linattn.backend(name):
+        out = block(xb)
+    want = seq(xs)
+    assert_close(out, want, 1e-5, "train output")
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    out.backward(g)
+    want.backward(g)
+    assert_close(xb.grad, xs.grad, 1e-5, "train grad x")
+    conv_s, bn_s = seq[0], seq[1] if case[7] == "conv_bn_act" else seq[2]
+    assert_close(block.conv.weight.grad, conv_s.weight.grad, 1e-5, "train grad weight")
+    assert_close(block.norm.weight.grad, bn_s.weight.grad, 1e-5, "train grad gamma")
+    assert_close(block.norm.running_var, bn_s.running_var, 1e-6, "running_var")
+    assert_close(block.norm.running_mean, bn_s.running_mean, 1e-6, "running_mean")
+    assert int(block.norm.num_batches_tracked) == 1
+
+
+def test_module_constructor_state_dict_and_errors():
+    block = ConvBNAct(4, 8, 3, act=nn.GELU(approximate="tanh"))
+    assert block.act == "gelu_tanh" and block.padding == (1, 1)
+    assert set(block.state_dict()) >= {"conv.weight", "norm.weight", "norm.running_var", "norm.num_batches_tracked"}
+    assert ConvBNAct(4, 8, 1, norm=False, act=None)(torch.randn(1, 4, 3, 3)).shape == (1, 8, 3, 3)
+    residual = torch.randn(1, 8, 5, 5)
+    out = block.eval()(torch.randn(1, 4, 5, 5), residual)
+    assert out.shape == residual.shape
+    with pytest.raises(ValueError, match="linattn.nn.ConvBNAct: activation module Tanh is not supported"):
+        ConvBNAct(4, 8, act=nn.Tanh())
+    with pytest.raises(ValueError, match="order must be one of"):
+        ConvBNAct(4, 8, order="bn_conv_act")
+    with pytest.raises(ValueError, match="bn has 4 features"):
+        ConvBNAct.from_modules(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="padding_mode 'reflect'"):
+        ConvBNAct.from_modules(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), None)
