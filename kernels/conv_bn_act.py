@@ -432,10 +432,14 @@ def conv_bn_act_fwd(
 
 
 def conv_bn_act_bwd(
-    grad_out, x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, shuffle: bool = False
-):
+    grad_out, x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, shuffle: bool = False,
+    dw_split: int | None = None,
+):  # fmt: skip
     """Gradients (dx, dweight, dbias, dpost_scale, dpost_shift) of conv_bn_act_fwd (without the residual,
-    whose gradient is grad_out). dx has x's dtype and memory format; the others are fp32."""
+    whose gradient is grad_out). dx has x's dtype and memory format; the others are fp32.
+
+    dw_split: chunks of positions the weight gradient is split into (None: enough programs to fill the GPU,
+    one chunk on CPU)."""
     B, Cin, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
@@ -487,7 +491,8 @@ def conv_bn_act_bwd(
         tiles_n, tiles_ci = triton.cdiv(cout_g, block_n), triton.cdiv(cin_g, block_ci)
         programs = groups * tiles_n * tiles_ci
     target = 1 if not x.is_cuda else max(1, 4 * torch.cuda.get_device_properties(dev).multi_processor_count)
-    split = max(1, min(triton.cdiv(M, block_k), target // max(1, programs * KH * KW)))
+    split = dw_split or max(1, target // max(1, programs * KH * KW))
+    split = max(1, min(triton.cdiv(M, block_k), split))
     chunk = triton.cdiv(triton.cdiv(M, split), block_k) * block_k
     split = triton.cdiv(M, chunk)
     dw_parts = torch.empty((split, KH * KW, Cout, cin_g), device=dev, dtype=torch.float32)

@@ -125,6 +125,31 @@ def test_kernels(target, case):
         assert_close(got_t, want_t, tolerance(dtype, rel_err(leaf.grad, want_t)), name)
 
 
+@pytest.mark.parametrize("target", _kernel_targets())
+@pytest.mark.parametrize("depthwise", [False, True], ids=["grouped", "depthwise"])
+def test_kernels_strided_views_and_split_reduction(target, depthwise):
+    """Non-contiguous x and weight (views), several channel tiles per group, the weight gradient's
+    reduction split into chunks (the GPU's launch shape), gradients against float64."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_bwd, conv_bn_act_fwd
+
+    _, device = target
+    gen = torch.Generator().manual_seed(9)
+    Cin, Cout, groups, k = (20, 40, 20, 3) if depthwise else (20, 130, 2, 1)
+    x = torch.randn(2, Cin + 3, 16, 20, generator=gen).to(device)[:, 2 : 2 + Cin]  # a channel slice
+    w = (torch.randn(k, k, Cin // groups, Cout, generator=gen) * 0.3).to(device).permute(3, 2, 0, 1)  # a view
+    b, s = torch.randn(Cout, generator=gen).to(device), torch.rand(Cout, generator=gen).to(device) + 0.5
+    conv = (1, 1), (k // 2, k // 2), (1, 1), groups, "silu"
+    ref = reference.conv_bn_act(*f64(x, w, b), *conv, s.double())
+    out = torch.full(ref.shape, float("nan"), device=device)
+    conv_bn_act_fwd(x, w, b, *conv, s, None, None, out)
+    assert_close(out, ref, 1e-5, "out")
+    g = torch.randn(ref.shape, generator=gen).to(device)
+    want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *conv, s.double())
+    got = conv_bn_act_bwd(g, x, w, b, *conv, s, dw_split=3)
+    for name, a, e in zip(["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"], got, want):
+        assert_close(a, e, 1e-5, name)
+
+
 OP_CASES = [CASES[0], CASES[3], CASES[10]]
 
 
