@@ -393,6 +393,11 @@ def _blocks(x: torch.Tensor, rows: int, cols: int, red: int, depthwise: bool):
     return block_m, block_n, block_k, upcast, precision
 
 
+def _warps(x: torch.Tensor, block_m: int, block_n: int) -> int:
+    """8 warps for the large GPU tiles (a 128x128 fp32 accumulator), 4 otherwise (ignored by the interpreter)."""
+    return 8 if x.is_cuda and block_m * block_n >= 128 * 128 else 4
+
+
 def _present(t, like):
     """(pointer, HAS flag): an absent optional tensor is replaced by any tensor (never read)."""
     return (t, True) if t is not None else (like, False)
@@ -426,7 +431,7 @@ def conv_bn_act_fwd(
         M, Cout, cin_g, cout_g, tiles_n, H, W, Ho, Wo, *stride, *padding, *dilation,
         KH=KH, KW=KW, ACT=ACTIVATIONS.index(act), HAS_BIAS=has_bias, HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
         HAS_RES=has_res, SHUFFLE=shuffle, DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_warps(x, block_m, block_n),
     )  # fmt: skip
     return out
 
@@ -463,7 +468,7 @@ def conv_bn_act_bwd(
         M, Cout, cin_g, cout_g, tiles_n, *geometry,
         KH=KH, KW=KW, ACT=ACTIVATIONS.index(act), HAS_BIAS=has_bias, HAS_SCALE=has_scale, SHUFFLE=shuffle,
         DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_warps(x, block_m, block_n),
     )  # fmt: skip
     dbias, dscale, dshift = (p.sum(0) for p in parts)  # three tensors, not views of one
 
@@ -478,7 +483,7 @@ def conv_bn_act_bwd(
         dx, *dx.stride(), dz, weight, *weight.stride(),
         Mx, Cin, cin_g, Cout, cout_g, tiles_n, *geometry,
         KH=KH, KW=KW, DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_warps(x, block_m, block_n),
     )  # fmt: skip
 
     # 3. dW: reduction over positions in SPLIT chunks of fp32 partials
