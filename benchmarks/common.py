@@ -15,20 +15,39 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 __all__ = [
+    "COMPILE_MODES",
+    "DTYPES",
+    "LITE_MLA_STAGES",
+    "QUICK_LITE_MLA_STAGES",
+    "SPEEDUP_BASELINES",
+    "LiteMLAShape",
+    "Skipped",
+    "add_benchmark_args",
+    "add_speedups",
+    "compiled",
     "copy_bandwidth_gbs",
     "environment",
     "error_line",
+    "lite_mla_run_shapes",
+    "lite_mla_shapes",
     "load_results",
+    "measure",
+    "parse_benchmark_args",
     "plot_results",
     "print_table",
     "progress",
+    "report",
+    "result_name",
+    "run_providers",
     "save_results",
+    "speedup_column",
     "time_ms",
 ]
 
@@ -265,3 +284,262 @@ def plot_results(
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
+
+
+# ---- LiteMLA shapes and the provider loop, shared by bench_multiscale.py and bench_lite_mla.py ----
+
+
+class Skipped(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class LiteMLAShape:
+    """One LiteMLA of DESIGN.md 5 at one batch size.
+
+    channels is the block's input width C; heads per branch; scales the
+    depthwise kernel sizes; dim the head dimension. The packed qkv has
+    3*heads*dim channels, the context (1+S)*heads*dim.
+    """
+
+    stage: str
+    batch: int
+    channels: int
+    heads: int
+    scales: tuple[int, ...]
+    height: int
+    width: int
+    dim: int = 32
+
+    @property
+    def n(self) -> int:
+        return self.height * self.width
+
+    @property
+    def total_dim(self) -> int:
+        return self.heads * self.dim
+
+    @property
+    def qkv_channels(self) -> int:
+        return 3 * self.total_dim
+
+    @property
+    def label(self) -> str:
+        ks = "+".join(str(k) for k in self.scales)
+        return f"B{self.batch} C{self.channels} h{self.heads} k{ks} {self.height}x{self.width}"
+
+    def columns(self) -> dict:
+        """The shape as result-row columns."""
+        return {
+            "stage": self.stage,
+            "shape": self.label,
+            "batch": self.batch,
+            "channels": self.channels,
+            "heads": self.heads,
+            "dim": self.dim,
+            "scales": "+".join(str(k) for k in self.scales),
+            "hw": f"{self.height}x{self.width}",
+            "n": self.n,
+        }
+
+
+# DESIGN.md 5: every LiteMLA stage of the EfficientViT-SAM encoders, as (channels, heads, scales, height, width)
+LITE_MLA_STAGES = {
+    "l": (512, 16, (5,), 16, 16),  # l0, l1, l2 stage 4
+    "xl-s4": (512, 16, (3,), 32, 32),  # xl0, xl1 stage 4
+    "xl-s5": (1024, 32, (3,), 16, 16),  # xl0, xl1 stage 5
+}
+# --quick: one tiny stage per kernel size; checks a harness end to end in seconds, numbers not kept
+QUICK_LITE_MLA_STAGES = {"tiny-k5": (64, 2, (5,), 8, 8), "tiny-k3": (64, 2, (3,), 6, 10)}
+
+
+def lite_mla_shapes(
+    batches: Sequence[int], stages: dict = LITE_MLA_STAGES, names: Sequence[str] | None = None
+) -> list[LiteMLAShape]:
+    """Every stage (or those in `names`) at every batch size, batch-major (all stages at batches[0] first)."""
+    chosen = [(name, stages[name]) for name in names] if names else stages.items()
+    return [LiteMLAShape(name, b, c, h, tuple(ks), hs, ws) for b in batches for name, (c, h, ks, hs, ws) in chosen]
+
+
+def lite_mla_run_shapes(args, on_gpu: bool) -> list[LiteMLAShape]:
+    """The shapes of one run: --quick the tiny stages at B=2; on GPU every stage at B=16 and 1; on CPU (a short
+    run) the L-model stage at B=1. --batch overrides the batch sizes, --stages the (non-quick) stages."""
+    if args.quick:
+        return lite_mla_shapes(args.batch or (2,), QUICK_LITE_MLA_STAGES)
+    stages = args.stages or (None if on_gpu else ["l"])
+    return lite_mla_shapes(args.batch or ((16, 1) if on_gpu else (1,)), LITE_MLA_STAGES, stages)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune"}
+SPEEDUP_BASELINES = ("eager", "compile", "compile-max-autotune")
+
+
+def speedup_column(baseline: str) -> str:
+    """The column of speedups over `baseline`: speedup_vs_eager, speedup_vs_compile, speedup_vs_max_autotune."""
+    return "speedup_vs_" + baseline.removeprefix("compile-").replace("-", "_")
+
+
+def compiled(fn: Callable, provider: str) -> Callable:
+    """torch.compile of `fn` (a function or module) in the mode of `provider` ("compile", "compile-max-autotune").
+
+    Dynamo caches per code object, and every shape and dtype would recompile the same function until the
+    recompile limit silently falls back to eager: each compiled provider starts from a clean cache.
+    """
+    torch.compiler.reset()
+    return torch.compile(fn, mode=COMPILE_MODES[provider], dynamic=False)
+
+
+def add_benchmark_args(parser, providers: Sequence[str], dtypes: Sequence[str] = tuple(DTYPES)) -> None:
+    """The options every LiteMLA benchmark takes; lists accept spaces or commas (see parse_benchmark_args)."""
+    parser.add_argument("--dtype", nargs="+", help=f"one or more of {', '.join(dtypes)} (default: bf16 on GPU)")
+    parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 16 1 on GPU, 1 on CPU)")
+    parser.add_argument("--providers", nargs="+", help=f"some of {', '.join(providers)}")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        help=f"LiteMLA stages of DESIGN.md 5: some of {', '.join(LITE_MLA_STAGES)} (default: all)",
+    )
+    parser.add_argument(
+        "--max-autotune-batch",
+        nargs="+",
+        type=int,
+        help="run compile-max-autotune only at these batch sizes (it re-tunes every shape: slow); default: all",
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay calls from a CUDA graph (no launch overhead; inputs may stay in L2)",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results", help="folder of the result files and plot")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, numbers not kept")
+
+
+def parse_benchmark_args(parser, argv, **choices: Sequence[str]):
+    """parser.parse_args(argv), with each list option in `choices` split at commas and checked against its choices."""
+    args = parser.parse_args(argv)
+    for name, allowed in choices.items():
+        values = getattr(args, name)
+        if values is not None:
+            values = [v for value in values for v in value.split(",") if v]
+            if bad := [v for v in values if v not in allowed]:
+                parser.error(f"--{name.replace('_', '-')}: unknown {bad}; choose from {', '.join(allowed)}")
+            setattr(args, name, values)
+    return args
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _errors(out, ref) -> dict:
+    """Worst max |out - ref| and ||out - ref|| / ||ref|| over the tensors of `out` (computed in float64)."""
+    row = {"max_abs_err": 0.0, "rel_err": 0.0}
+    for got, want in zip(_as_list(out), _as_list(ref), strict=True):
+        diff = got.double() - want
+        row["max_abs_err"] = max(row["max_abs_err"], diff.abs().max().item())
+        row["rel_err"] = max(row["rel_err"], (diff.norm() / want.norm()).item())
+    return row
+
+
+def measure(fn: Callable, ref, nbytes: int, device: torch.device, cuda_graph: bool = False) -> dict:
+    """Error against `ref`, peak memory and time of one provider's callable.
+
+    `fn()` returns a tensor or a sequence of tensors, `ref` the float64 tensor(s) it
+    should equal; max_abs_err and rel_err (||out - ref|| / ||ref||) are the worst
+    over the tensors. peak_mb is what one call allocates beyond what is live before
+    it (output included; CUDA only). GB/s counts `nbytes` per call.
+    """
+    # first call compiles / autotunes, outside the timed region; its outputs are dropped (by _errors returning)
+    # before the next call may reuse their memory (CUDA graphs)
+    row = {**_errors(fn(), ref), "peak_mb": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    notes = []
+    ms = time_ms(fn, device, cuda_graph=cuda_graph, notes=notes)
+    timer = "perf_counter" if device.type != "cuda" else ("cuda_graph" if cuda_graph and not notes else "do_bench")
+    return {**row, "ms": ms, "gbs": nbytes / ms / 1e6, "timer": timer, "note": "; ".join(notes) or None}
+
+
+def add_speedups(rows: list[dict], baselines: Sequence[str] = SPEEDUP_BASELINES, by: str = "pass") -> None:
+    """Fill `speedup_vs_<baseline>` (baseline ms / row ms) in rows of one shape and dtype, per value of `by`."""
+    for key in dict.fromkeys(r[by] for r in rows):
+        group = [r for r in rows if r[by] == key]
+        timed = {r["provider"]: r["ms"] for r in group if r.get("ms") is not None}
+        for row in group:
+            for baseline in baselines:
+                ok = baseline in timed and row.get("ms") is not None
+                row[speedup_column(baseline)] = timed[baseline] / row["ms"] if ok else None
+
+
+def run_providers(
+    providers: Sequence[str],
+    setup: Callable[[str], dict],
+    passes: dict,
+    base: dict,
+    device: torch.device,
+    copy_gbs: float,
+    bar,
+    cuda_graph: bool = False,
+    skip: dict | None = None,
+) -> list[dict]:
+    """Every provider on one shape and dtype: rows of `base` + pass + provider + measure(), speedups filled in.
+
+    setup(provider) returns {pass name: callable}, or raises (Skipped or any error: the provider's rows then
+    say why). passes maps each pass name to (float64 reference, bytes moved). skip maps a provider to a
+    reason not to run it here. A provider that fails prints one line and the run goes on.
+    """
+    skip = skip or {}
+    rows = []
+    for provider in providers:
+        bar.set_postfix_str(f"{base.get('shape')} {base.get('dtype')} {provider}")
+        why = skip.get(provider)
+        fns = {}
+        if why is None:
+            try:
+                fns = setup(provider)
+            except Skipped as err:
+                why = str(err)
+            except Exception as err:  # a provider that cannot even be set up must not end the run
+                why = error_line(err)
+                tqdm.write(f"{base.get('op')} {base.get('shape')} {base.get('dtype')} {provider}: {why}")
+        for pass_name, (ref, nbytes) in passes.items():
+            row = {**base, "pass": pass_name, "provider": provider, "bytes": nbytes, "ms": None, "note": None}
+            if why is not None:
+                row["note"] = f"skipped: {why}"
+            else:
+                try:
+                    row.update(measure(fns[pass_name], ref, nbytes, device, cuda_graph))
+                    row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+                except Exception as err:  # compile error, OOM, bad kernel: one line, then the next provider
+                    row["note"] = f"failed: {error_line(err)}"
+                    tqdm.write(
+                        f"{base.get('op')} {base.get('shape')} {base.get('dtype')} {provider} {pass_name}: "
+                        f"{error_line(err)}"
+                    )
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            rows.append(row)
+        bar.update()
+    add_speedups(rows)
+    return rows
+
+
+def result_name(name: str, quick: bool, device: torch.device) -> str:
+    """The results file stem: `-quick` and `-cpu` runs are kept out of git (.gitignore)."""
+    return name + ("-quick" if quick else "") + ("" if torch.device(device).type == "cuda" else "-cpu")
+
+
+def report(rows: Sequence[dict], columns: Sequence[str], out_dir: str | Path, name: str, env: dict, **plot) -> Path:
+    """Print `rows` as a table, append them to out_dir/name.jsonl (+ .csv), draw name.png; returns the JSONL path."""
+    print_table(rows, columns)
+    jsonl_path, csv_path = save_results(rows, out_dir, name, env)
+    png_path = plot_results(jsonl_path, jsonl_path.with_suffix(".png"), **plot)
+    print(f"results: {jsonl_path}, {csv_path}" + (f"; plot: {png_path}" if png_path else ""))
+    return jsonl_path

@@ -27,5 +27,11 @@ for tool in memcheck racecheck initcheck; do
 done
 # max-autotune re-tunes every shape and dtype: keep it for a longer run (BENCH_ARGS="" runs every provider)
 step bench-linear-attention python benchmarks/bench_linear_attention.py --out "$OUT/results" ${BENCH_ARGS---providers eager compile triton cuda}
+# LiteMLA ops and block over every LiteMLA of DESIGN.md 5 at B=16 and B=1, bf16, forward (their GPU defaults).
+# compile-max-autotune re-tunes every shape (tens of seconds each): only at B=16, so its speedup column is empty
+# at B=1. MLA_BENCH_ARGS replaces these options in both (e.g. MLA_BENCH_ARGS="--dtype fp16 bf16 --batch 16").
+MLA_DEFAULT="--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager compile compile-max-autotune triton cuda"
+step bench-multiscale python benchmarks/bench_multiscale.py --out "$OUT/results" ${MLA_BENCH_ARGS-$MLA_DEFAULT}
+step bench-lite-mla python benchmarks/bench_lite_mla.py --out "$OUT/results" ${MLA_BENCH_ARGS-$MLA_DEFAULT}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
 echo "summary: ${status[*]}" | tee "$OUT/summary.txt"

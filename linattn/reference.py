@@ -360,3 +360,38 @@ def upsample_block(
     """
     y = conv_bn_act(x, weight[:, :, None, None], bias, act=act, post_scale=post_scale, post_shift=post_shift)
     return F.pixel_shuffle(y, 2)
+
+
+# --- EfficientViT's eager LiteMLA context (benchmark baselines) ---
+
+
+def efficientvit_multiscale_aggregate(
+    qkv: torch.Tensor,
+    dw_weights: list[torch.Tensor],
+    pw_weights: list[torch.Tensor],
+    heads: int,
+    dw_biases: list[torch.Tensor | None] | None = None,
+    pw_biases: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """The official EfficientViT eager aggregation in the input dtype: per scale its `aggreg[s]` (a depthwise
+    conv, then a 1x1 conv with 3*heads groups), then `torch.cat([qkv, y_1, ..., y_S], 1)` (differentiable)."""
+    outs = [qkv]
+    for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
+        y = F.conv2d(qkv, wd, dw_biases[s] if dw_biases else None, padding=wd.shape[-1] // 2, groups=qkv.shape[1])
+        outs.append(F.conv2d(y, wp, pw_biases[s] if pw_biases else None, groups=3 * heads))
+    return torch.cat(outs, 1)
+
+
+def efficientvit_lite_mla_context(
+    qkv: torch.Tensor,
+    dw_weights: list[torch.Tensor],
+    pw_weights: list[torch.Tensor],
+    heads: int,
+    dim: int,
+    eps: float = 1e-15,
+    dw_biases: list[torch.Tensor | None] | None = None,
+    pw_biases: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """The official EfficientViT eager LiteMLA context in the input dtype: aggregation, cat, attention."""
+    multi_scale = efficientvit_multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
+    return efficientvit_lite_mla_attention(multi_scale, dim, eps)

@@ -2,11 +2,20 @@
 
 import csv
 import json
+from functools import partial
 
 import pytest
+import torch
 
-from linattn.benchmarks import bench_linear_attention
-from linattn.benchmarks.common import environment, load_results, print_table, save_results
+from linattn.benchmarks import bench_linear_attention, bench_lite_mla, bench_multiscale
+from linattn.benchmarks.common import (
+    QUICK_LITE_MLA_STAGES,
+    environment,
+    lite_mla_shapes,
+    load_results,
+    print_table,
+    save_results,
+)
 
 ENV_FIELDS = ("device", "torch", "triton", "cuda", "linattn", "date")
 
@@ -53,3 +62,86 @@ def test_save_results_appends_and_print_table(tmp_path, capsys):
     assert out[0].split() == ["provider", "ms"]
     assert [line.split() for line in out[2:]] == [["eager", "1.500"], ["triton", "-"]]
     assert len({len(line) for line in out}) == 1  # aligned: numbers right-justified to the header's width
+
+
+def check_lite_mla_rows(rows, skipped):
+    """Rows of a quick CPU run of a LiteMLA benchmark: providers in `skipped` give notes, the others numbers."""
+    for row in rows:
+        assert all(row[field] for field in ENV_FIELDS if field != "cuda"), row
+        assert row["copy_gbs"] > 0 and row["bytes"] > 0, row
+        if row["provider"] in skipped:
+            assert row["ms"] is None and row["note"].startswith(f"skipped: {skipped[row['provider']]}"), row
+            assert row["speedup_vs_eager"] is None, row
+            continue
+        assert row["ms"] > 0 and row["gbs"] > 0 and row["pct_copy"] > 0, row
+        assert row["gbs"] == pytest.approx(row["bytes"] / row["ms"] / 1e6)
+        assert row["rel_err"] < 1e-5 and row["max_abs_err"] < 1e-4, row
+        assert row["speedup_vs_eager"] > 0 and row["speedup_vs_compile"] is None, row
+        assert row["speedup_vs_max_autotune"] is None and row["note"] is None, row
+        if row["provider"] == "eager":
+            assert row["speedup_vs_eager"] == 1.0
+
+
+def test_bench_multiscale_quick(tmp_path):
+    # cuda cannot run CPU tensors and compile-max-autotune only runs at --max-autotune-batch: skipped rows
+    providers = ["eager", "reference", "cuda", "compile-max-autotune"]
+    argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--backward", "--max-autotune-batch", "16"]
+    returned = bench_multiscale.main([*argv, "--providers", *providers, "--out", str(tmp_path)])
+
+    shapes = lite_mla_shapes([2], QUICK_LITE_MLA_STAGES)
+    assert len(returned) == len(bench_multiscale.OPS) * len(shapes) * len(providers) * 2  # x (fwd, fwd+bwd)
+    for op in bench_multiscale.OPS:
+        rows = load_results(tmp_path / f"{op}-quick-cpu.jsonl")
+        assert len(rows) == len(returned) // 2 and {r["op"] for r in rows} == {op}
+        with (tmp_path / f"{op}-quick-cpu.csv").open() as f:
+            assert len(list(csv.DictReader(f))) == len(rows)
+        check_lite_mla_rows(rows, {"cuda": "the CUDA extension", "compile-max-autotune": "only at --max-autotune"})
+        for shape in shapes:
+            mine = [r for r in rows if r["shape"] == shape.label]
+            assert {(r["provider"], r["pass"]) for r in mine} == {(p, q) for p in providers for q in ("fwd", "fwd+bwd")}
+            # bytes: qkv read + output written + weights, fp32; fwd+bwd twice that
+            C, S, hw = shape.qkv_channels, len(shape.scales), shape.batch * shape.n
+            out = (1 + S) * (C if op == "multiscale_aggregate" else shape.total_dim)
+            weights = sum(C * (k * k + shape.dim) for k in shape.scales)
+            fwd = 4 * (hw * (C + out) + weights)
+            assert {r["bytes"] for r in mine if r["pass"] == "fwd"} == {fwd}
+            assert {r["bytes"] for r in mine if r["pass"] == "fwd+bwd"} == {2 * fwd}
+        pytest.importorskip("matplotlib")
+        assert (tmp_path / f"{op}-quick-cpu.png").stat().st_size > 0
+
+
+def test_bench_lite_mla_quick(tmp_path):
+    providers = ["eager", "reference", "cuda", "compile-max-autotune"]
+    argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--max-autotune-batch", "16"]
+    returned = bench_lite_mla.main([*argv, "--providers", *providers, "--out", str(tmp_path)])
+
+    rows = load_results(tmp_path / "lite_mla-quick-cpu.jsonl")
+    shapes = lite_mla_shapes([2], QUICK_LITE_MLA_STAGES)
+    assert len(rows) == len(returned) == len(shapes) * len(providers)
+    assert [(r["shape"], r["provider"]) for r in rows] == [(s.label, p) for s in shapes for p in providers]
+    # reference: linattn.nn.LiteMLA, loaded with the eager module's state_dict, within 1e-5 of the eager one in fp64
+    check_lite_mla_rows(rows, {"cuda": "the CUDA extension", "compile-max-autotune": "only at --max-autotune"})
+    for row in rows:
+        assert row["pass"] == "fwd" and row["flops"] > 0
+        if row["ms"] is not None:
+            assert row["img_s"] == pytest.approx(row["batch"] * 1e3 / row["ms"]) and row["tflops"] > 0
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "lite_mla-quick-cpu.png").stat().st_size > 0
+
+
+def test_eager_lite_mla_is_timm_lite_mla():
+    """The benchmark's eager baseline computes what timm's EfficientViT LiteMLA computes, from the same state_dict."""
+    timm_mit = pytest.importorskip("timm.models.efficientvit_mit")
+    torch.manual_seed(0)
+    norm = partial(torch.nn.BatchNorm2d, eps=bench_lite_mla.NORM_EPS)
+    theirs = timm_mit.LiteMLA(64, 64, heads=2, dim=32, norm_layer=(None, norm), scales=(3,), eps=bench_lite_mla.EPS)
+    with torch.no_grad():
+        theirs.proj.norm.running_mean.normal_(0, 0.1)
+        theirs.proj.norm.running_var.uniform_(0.5, 1.5)
+    ours = bench_lite_mla.EfficientViTLiteMLA(64, 64, heads=2, dim=32, scales=(3,))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 64, 7, 9, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = ours.double().eval()(x), theirs.double().eval()(x)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # timm computes the attention in fp32
