@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
-from ..ops import lite_mla_attention, lite_mla_context, multiscale_aggregate
+from ..ops import fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
 
 __all__ = ["LiteMLA"]
 
@@ -68,21 +68,6 @@ def _foldable(norm: nn.Module) -> bool:
     )
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-    """(weight, bias) of one conv equal to conv then eval-mode BN; computed in fp32 (fp64 stays), cast back."""
-    ct = torch.promote_types(conv.weight.dtype, torch.float32)
-    scale = torch.rsqrt(bn.running_var.to(ct) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(ct)
-    shift = -bn.running_mean.to(ct) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(ct)
-    if conv.bias is not None:
-        shift = shift + conv.bias.to(ct) * scale
-    weight = conv.weight.to(ct) * scale.reshape(-1, 1, 1, 1)
-    return weight.to(conv.weight.dtype), shift.to(conv.weight.dtype)
-
-
 class _ConvLayer(nn.Module):
     """EfficientViT's ConvLayer for LiteMLA's 1x1 stages: `conv`, then `norm` and `act` when configured (else None).
 
@@ -100,7 +85,7 @@ class _ConvLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         conv, norm = self.conv, self.norm
         if norm is not None and not self.training and _foldable(norm):
-            weight, bias = _fold_bn(conv, norm)
+            weight, bias = fold_bn(conv, norm)
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         else:
             x = conv(x)
