@@ -83,20 +83,27 @@ def resolve(op: str, device: torch.device, problem: str | None = None, backends=
 
     `problem` says why the call's inputs do not fit the kernels (a dtype or size
     they do not support); "auto" then runs the reference, a forced kernel
-    backend raises. `backends` lists the kernel backends that implement `op`
-    (an op without a CUDA C++ kernel yet passes ("triton",)).
+    backend raises. `backends` lists the kernel backends that implement `op`,
+    in the order "auto" tries them (an op without a CUDA C++ kernel yet passes
+    ("triton",)), or maps each to why it cannot run this particular call (None
+    when it can), for kernels that cover only some calls:
+    {"triton": None, "cuda": "it takes depthwise convs only"}. "auto" skips a
+    backend with a reason; a forced one raises with it.
     """
+    limits = backends if isinstance(backends, dict) else dict.fromkeys(backends)
     name = get_backend()
     if name == "reference":
         return name
     if name != "auto":
-        why = None if name in backends else f"there is no {name} kernel for {op} (kernels: {', '.join(backends)})"
-        why = why or unavailable(name, device) or problem
+        if name in limits:
+            why = limits[name] or unavailable(name, device) or problem
+        else:
+            why = f"there is no {name} kernel for {op} (kernels: {', '.join(limits)})"
         if why:
             raise RuntimeError(f"linattn.{op}: backend {name!r} cannot run this call: {why}")
         return name
     if device.type == "cuda" and problem is None:
-        for candidate in backends:
-            if unavailable(candidate, device) is None:
+        for candidate, why in limits.items():
+            if why is None and unavailable(candidate, device) is None:
                 return candidate
     return "reference"

@@ -9,22 +9,42 @@ from utils import assert_close, kernel_targets, rel_err, tolerance
 import linattn
 from linattn import reference
 from linattn.nn import ConvBNAct
+from linattn.ops.conv_bn_act import cuda_limit
 
 
-def _kernel_targets():
-    """Kernel targets; the cuda backend has no conv_bn_act kernel yet (its absence is tested below)."""
+def _kernel_targets(cuda_skip: str | None = None):
+    """Kernel targets; the cuda one skipped with reason cuda_skip when given."""
     params = []
     for p in kernel_targets():
         marks = list(p.marks)
-        if p.values[0][0] == "cuda" and not marks:
-            marks = [pytest.mark.skip(reason="no CUDA C++ kernel for conv_bn_act yet")]
+        if p.values[0][0] == "cuda" and cuda_skip and not marks:
+            marks = [pytest.mark.skip(reason=cuda_skip)]
         params.append(pytest.param(*p.values, id=p.id, marks=marks))
     return params
 
 
-def _targets():
+def _targets(cuda_skip: str | None = None):
     """The reference backend on CPU, plus the kernel targets."""
-    return [pytest.param(("reference", "cpu"), id="reference-cpu"), *_kernel_targets()]
+    return [pytest.param(("reference", "cpu"), id="reference-cpu"), *_kernel_targets(cuda_skip)]
+
+
+def skip_unless_cuda_runs(backend, cin, k, stride, padding, groups):
+    """The CUDA C++ kernels take depthwise and stride-1 1x1 convs only (forced elsewhere they raise:
+    test_forced_cuda_backend_raises); other convs are skipped on that target."""
+    why = cuda_limit(cin, (k, k), (stride, stride), (padding, padding), groups) if backend == "cuda" else None
+    if why:
+        pytest.skip(f"cuda: {why}")
+
+
+def forward(backend, x, w, b, stride, padding, dilation, groups, act, s, t, r, out):
+    """The forward kernel of `backend` into out (the CUDA op reads fp32 per-channel vectors)."""
+    if backend == "cuda":
+        b, s, t = (None if v is None else v.float() for v in (b, s, t))
+        torch.ops.linattn.conv_bn_act_fwd_cuda(x, w, b, stride, padding, dilation, groups, act, s, t, r, out)
+    else:
+        from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+        conv_bn_act_fwd(x, w, b, stride, padding, dilation, groups, act, s, t, r, out)
 
 
 def make_conv(case, device, seed=0):
@@ -97,12 +117,14 @@ def _case_id(c):
 @pytest.mark.parametrize("target", _kernel_targets())
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kernels(target, case):
-    """Forward into a NaN-poisoned output and every gradient, against float64, within DESIGN.md 8's tolerance."""
-    from linattn.kernels.conv_bn_act import conv_bn_act_bwd, conv_bn_act_fwd
+    """Forward into a NaN-poisoned output and every gradient, against float64, within DESIGN.md 8's tolerance.
+    The CUDA kernels are forward only: their target checks the forward."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_bwd
 
-    _, device = target
+    backend, device = target
     dtype = case[11]
     x, w, b, s, t, r, conv = make_conv(case, device)
+    skip_unless_cuda_runs(backend, case[1], case[5], case[6], conv["padding"], case[8])
     ref = reference.conv_bn_act(*f64(x, w, b), *pairs(conv)[:5], *f64(s, t, r))
     leaves = [None if v is None else v.detach().clone().requires_grad_() for v in (x, w, b, s, t, r)]
     ref_eager = eager(*leaves, conv)
@@ -110,8 +132,10 @@ def test_kernels(target, case):
     out = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         out = out.to(memory_format=torch.channels_last)
-    conv_bn_act_fwd(x, w, b, *pairs(conv), s, t, r, out)
+    forward(backend, x, w, b, *pairs(conv), s, t, r, out)
     assert_close(out, ref, tolerance(dtype, rel_err(ref_eager, ref)), "out")
+    if backend == "cuda":
+        return
 
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *pairs(conv), *f64(s))
@@ -129,20 +153,23 @@ def test_kernels(target, case):
 @pytest.mark.parametrize("depthwise", [False, True], ids=["grouped", "depthwise"])
 def test_kernels_strided_views_and_split_reduction(target, depthwise):
     """Non-contiguous x and weight (views), several channel tiles per group, the weight gradient's
-    reduction split into chunks (the GPU's launch shape), gradients against float64."""
-    from linattn.kernels.conv_bn_act import conv_bn_act_bwd, conv_bn_act_fwd
+    reduction split into chunks (the GPU's launch shape), gradients against float64 (forward only on cuda)."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_bwd
 
-    _, device = target
+    backend, device = target
     gen = torch.Generator().manual_seed(9)
     Cin, Cout, groups, k = (20, 40, 20, 3) if depthwise else (20, 130, 2, 1)
+    skip_unless_cuda_runs(backend, Cin, k, 1, k // 2, groups)
     x = torch.randn(2, Cin + 3, 16, 20, generator=gen).to(device)[:, 2 : 2 + Cin]  # a channel slice
     w = (torch.randn(k, k, Cin // groups, Cout, generator=gen) * 0.3).to(device).permute(3, 2, 0, 1)  # a view
     b, s = torch.randn(Cout, generator=gen).to(device), torch.rand(Cout, generator=gen).to(device) + 0.5
     conv = (1, 1), (k // 2, k // 2), (1, 1), groups, "silu"
     ref = reference.conv_bn_act(*f64(x, w, b), *conv, s.double())
     out = torch.full(ref.shape, float("nan"), device=device)
-    conv_bn_act_fwd(x, w, b, *conv, s, None, None, out)
+    forward(backend, x, w, b, *conv, s, None, None, out)
     assert_close(out, ref, 1e-5, "out")
+    if backend == "cuda":
+        return
     g = torch.randn(ref.shape, generator=gen).to(device)
     want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *conv, s.double())
     got = conv_bn_act_bwd(g, x, w, b, *conv, s, dw_split=3)
@@ -156,10 +183,12 @@ OP_CASES = [CASES[0], CASES[3], CASES[10]]
 @pytest.mark.parametrize("target", _targets())
 @pytest.mark.parametrize("case", OP_CASES, ids=_case_id)
 def test_op_autograd(target, case):
-    """The functional op on a forced backend: output (memory format kept) and the gradient of every input."""
+    """The functional op on a forced backend: output (memory format kept) and the gradient of every input
+    (the backward runs after the forced block, on "auto")."""
     name, device = target
     dtype = case[11]
     x, w, b, s, t, r, conv = make_conv(case, device, seed=3)
+    skip_unless_cuda_runs(name, case[1], case[5], case[6], conv["padding"], case[8])
     if r is None:
         r = torch.randn(eager(x, w, b, s, t, None, conv).shape, dtype=dtype, device=device)
     inputs = [x, w, b, s, t, r]
@@ -189,11 +218,20 @@ def test_op_autograd(target, case):
 
 
 def test_forced_cuda_backend_raises():
+    """Forcing cuda on a conv its kernels do not take, on the backward or on upsample_block raises (these
+    reasons come before any device check, so on CPU too)."""
     x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
-    with linattn.backend("cuda"), pytest.raises(RuntimeError, match="linattn.conv_bn_act: backend 'cuda' cannot run"):
+    cannot = "linattn.conv_bn_act: backend 'cuda' cannot run this call: its kernels take depthwise convs"
+    with linattn.backend("cuda"), pytest.raises(RuntimeError, match=f"{cannot}.* not this 3x3 conv with groups 1"):
         linattn.conv_bn_act(x, w, padding=1)
+    with linattn.backend("cuda"), pytest.raises(RuntimeError, match=f"{cannot}.* not this 1x1 conv with groups 2"):
+        linattn.conv_bn_act(x, torch.randn(8, 2, 1, 1), groups=2)
     with linattn.backend("cuda"), pytest.raises(RuntimeError, match="no cuda kernel for upsample_block"):
         linattn.upsample_block(x, torch.randn(16, 4))
+    xg = x.clone().requires_grad_()
+    out = linattn.conv_bn_act(xg, torch.randn(4, 1, 3, 3), padding=1, groups=4)  # depthwise, on "auto"
+    with linattn.backend("cuda"), pytest.raises(RuntimeError, match="conv_bn_act are forward only"):
+        out.sum().backward()
 
 
 def test_float64_runs_on_reference_and_int_pairs_match():
@@ -263,7 +301,7 @@ UPSAMPLE_CASES = [  # (B, C, Co, H, W, dtype, channels_last)
 ]
 
 
-@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("target", _targets(cuda_skip="upsample_block has no CUDA C++ kernel"))
 @pytest.mark.parametrize("case", UPSAMPLE_CASES, ids=lambda c: f"{c[1]}to{c[2]}-{c[3]}x{c[4]}-{str(c[5])[6:]}")
 def test_upsample_block(target, case):
     """Pixel-shuffled store (NaN-poisoned output) and gradients of x, weight, bias and the BN affine."""
@@ -339,6 +377,20 @@ def test_opcheck(target):
     dtype = torch.float64 if name == "reference" else torch.float32
     x, w, b, s, t, r = _small(device, dtype)
     ops = torch.ops.linattn
+    if name == "cuda":  # forward-only kernels of depthwise and 1x1 convs: the forward op on those, and the kernel op
+        dw, pw = (torch.randn(8, c, k, k, device=device) for c, k in ((1, 3), (4, 1)))
+        out = torch.empty(1, 8, 3, 3, device=device)
+        with linattn.backend(name):
+            fwd_only = ("test_schema", "test_faketensor")
+            torch.library.opcheck(
+                ops.conv_bn_act, (x, dw, b, [2, 2], [1, 1], [1, 1], 4, "silu", s, t, r), test_utils=fwd_only
+            )
+            torch.library.opcheck(
+                ops.conv_bn_act, (x, pw, b, [1, 1], [0, 0], [1, 1], 1, "gelu", s, t, None), test_utils=fwd_only
+            )
+            args = (x.detach(), dw, b.detach(), [2, 2], [1, 1], [1, 1], 4, "relu", None, None, r.detach(), out)
+            torch.library.opcheck(ops.conv_bn_act_fwd_cuda, args, test_utils=("test_schema",))
+        return
     g = torch.randn(1, 8, 3, 3, device=device, dtype=dtype)
     with linattn.backend(name):
         torch.library.opcheck(ops.conv_bn_act, (x, w, b, [2, 2], [1, 1], [1, 1], 2, "gelu_tanh", s, t, r))
@@ -351,7 +403,7 @@ def test_opcheck(target):
         torch.library.opcheck(ops.upsample_block, (x, uw, ub, None, None, "relu"))
 
 
-@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("target", _targets(cuda_skip="a grouped conv and upsample_block: no CUDA C++ kernel"))
 def test_compile_fullgraph(target):
     """conv_bn_act, upsample_block and ConvBNAct (eval) inside one compiled graph, forward and backward."""
     name, device = target
@@ -501,6 +553,7 @@ def _pair_of_blocks(case, device):
 def test_module_parity(target, case):
     """Eval (BN folded / post affine) and train (batch statistics, running stats, gradients) match torch's modules."""
     name, device = target
+    skip_unless_cuda_runs(name, case[0], case[2], case[3], case[2] // 2, case[4])
     seq, block = _pair_of_blocks(case, device)
     x = torch.randn(2, case[0], 9, 7, generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad(), linattn.backend(name):

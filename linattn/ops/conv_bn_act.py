@@ -5,8 +5,13 @@ run on the Triton kernels (kernels/conv_bn_act.py) for every conv they take:
 dense kxk, 1x1, grouped and depthwise, any stride, padding and dilation; the
 backward op `linattn::conv_bn_act_backward` gives the gradients of x, weight,
 bias, post_scale and post_shift (the residual's gradient is the output
-gradient). There is no CUDA C++ kernel yet: forcing backend "cuda" raises, and
-"auto" runs Triton on CUDA tensors. float64 inputs run on the reference.
+gradient). The CUDA C++ kernels (csrc/conv_bn_act/, op `conv_bn_act_fwd_cuda`)
+are forward only and take two kinds of conv: depthwise (groups = Cin, any
+kernel size, stride, padding, dilation) and 1x1 with stride 1, padding 0 and
+groups 1. Backend "cuda" runs those; forced on any other conv, on the backward
+or on upsample_block it raises (it never silently runs Triton). "auto" runs
+Triton on CUDA tensors (no measurement yet says the CUDA kernels are faster).
+float64 inputs run on the reference.
 """
 
 import torch
@@ -19,7 +24,12 @@ from ._common import check_tensor, fail, kernel_problem, require_tensors
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
 ACTIVATIONS = reference.CONV_ACTIVATIONS
-BACKENDS = ("triton",)  # the kernel backends that implement these ops
+UPSAMPLE_BACKENDS = ("triton",)  # the kernel backends of upsample_block (no CUDA C++ kernel)
+# the backward's: the CUDA C++ kernels are forward only
+BACKWARD_BACKENDS = {
+    "triton": None,
+    "cuda": "the CUDA C++ kernels of conv_bn_act are forward only; run the backward under backend 'auto' or 'triton'",
+}
 
 
 def _new_map(like: Tensor, C: int, H: int, W: int) -> Tensor:
@@ -91,16 +101,42 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def cuda_limit(cin: int, kernel_size, stride, padding, groups: int) -> str | None:
+    """Why the CUDA C++ kernels cannot run a conv of cin input channels (None when they can): they take
+    depthwise convs (groups = cin; any kernel size, stride, padding, dilation) and 1x1 convs with stride 1,
+    padding 0 and groups 1."""
+    KH, KW = kernel_size
+    if groups == cin or (groups == 1 and (KH, KW) == (1, 1) and list(stride) == [1, 1] and not any(padding)):
+        return None
+    return (
+        "its kernels take depthwise convs (groups = Cin) and 1x1 convs with stride 1, padding 0 and groups 1, "
+        f"not this {KH}x{KW} conv with groups {groups} of {cin} channels, stride {tuple(stride)}, "
+        f"padding {tuple(padding)}; use backend 'auto' or 'triton'"
+    )
+
+
 def _conv_fwd(
     op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out, shuffle
 ):
     """Write the fused block into out on the backend chosen for this call."""
-    impl = resolve(op, x.device, kernel_problem(x), BACKENDS)
+    if shuffle:
+        backends = UPSAMPLE_BACKENDS
+    else:
+        backends = {"triton": None, "cuda": cuda_limit(x.shape[1], weight.shape[-2:], stride, padding, groups)}
+    impl = resolve(op, x.device, kernel_problem(x), backends)
     if impl == "reference":
         y = reference.conv_bn_act(
             x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
         )
         out.copy_(torch.nn.functional.pixel_shuffle(y, 2) if shuffle else y)
+        return out
+    if impl == "cuda":  # the per-channel vectors in fp32, as the kernel reads them
+        bias, post_scale, post_shift = (
+            None if t is None else t.float().contiguous() for t in (bias, post_scale, post_shift)
+        )
+        torch.ops.linattn.conv_bn_act_fwd_cuda(
+            x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out
+        )
         return out
     from ..kernels.conv_bn_act import conv_bn_act_fwd
 
@@ -156,7 +192,7 @@ def _conv_bn_act_backward(
     """(dx, dweight, dbias, dpost_scale, dpost_shift): dx in x's dtype and memory format, dweight in
     weight's dtype, the per-channel gradients in fp32 (fp64 for fp64 inputs) whether or not the
     optional inputs exist."""
-    impl = resolve(OP, x.device, kernel_problem(x), BACKENDS)
+    impl = resolve(OP, x.device, kernel_problem(x), BACKWARD_BACKENDS)
     args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale)
     if impl == "reference":
         dx, dw, db, ds, dt = reference.conv_bn_act_backward(grad_out, *args)
@@ -246,7 +282,15 @@ def conv_bn_act(
 
     Returns:
         (B, Cout, Ho, Wo) in x's dtype. fp16/bf16 accumulate in fp32. Forward and backward run on the
-        Triton kernels for every kernel size, stride and group count (no CUDA C++ kernel yet).
+        Triton kernels for every kernel size, stride and group count.
+
+    Backends: "auto" runs Triton on CUDA tensors (the reference on CPU and for float64). Backend
+    "cuda" runs the forward on the CUDA C++ kernels, which take depthwise convs (groups = Cin) and
+    1x1 convs with stride 1, padding 0 and groups 1; forced on any other conv it raises. The CUDA
+    kernels are forward only: the backward follows the backend set when it runs, so a backward run
+    while "cuda" is forced raises ("forward only; run the backward under backend 'auto' or
+    'triton'") rather than silently running Triton; leave the `with linattn.backend("cuda")` block
+    before calling backward().
     """
     require_tensors(OP, x=x, weight=weight)
     for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift), ("residual", residual)):
