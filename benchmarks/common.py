@@ -49,6 +49,7 @@ __all__ = [
     "save_results",
     "speedup_column",
     "time_ms",
+    "totals",
 ]
 
 
@@ -257,8 +258,12 @@ def plot_results(
     prow, pcol = values(panel_rows, rows), values(panel_cols, rows)
     names = values(series, drawn)  # one colour per series in every panel
     width = 0.8 / max(len(names), 1)
+    # panels 5 inches wide, wider when there are many x values (a quarter inch per group of bars)
+    panel_w = max(
+        5.0, 0.25 * max([len(values(x, [r for r in drawn if r.get(panel_cols) == cv])) for cv in pcol] or [0])
+    )
     fig, axes = plt.subplots(
-        len(prow), len(pcol), figsize=(1 + 5 * len(pcol), 1 + 3.5 * len(prow)), squeeze=False, sharey=True
+        len(prow), len(pcol), figsize=(1 + panel_w * len(pcol), 1 + 3.5 * len(prow)), squeeze=False, sharey=True
     )
     for i, rv in enumerate(prow):
         for j, cv in enumerate(pcol):
@@ -390,16 +395,21 @@ def compiled(fn: Callable, provider: str) -> Callable:
     return torch.compile(fn, mode=COMPILE_MODES[provider], dynamic=False)
 
 
-def add_benchmark_args(parser, providers: Sequence[str], dtypes: Sequence[str] = tuple(DTYPES)) -> None:
-    """The options every LiteMLA benchmark takes; lists accept spaces or commas (see parse_benchmark_args)."""
+def add_benchmark_args(
+    parser, providers: Sequence[str], dtypes: Sequence[str] = tuple(DTYPES), stages: bool = True
+) -> None:
+    """The options every benchmark over DESIGN.md 5's shapes takes; lists accept spaces or commas (see
+    parse_benchmark_args). `stages`: add --stages (the LiteMLA stages); a benchmark with its own shape table
+    passes False and adds its own selection option."""
     parser.add_argument("--dtype", nargs="+", help=f"one or more of {', '.join(dtypes)} (default: bf16 on GPU)")
     parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 16 1 on GPU, 1 on CPU)")
     parser.add_argument("--providers", nargs="+", help=f"some of {', '.join(providers)}")
-    parser.add_argument(
-        "--stages",
-        nargs="+",
-        help=f"LiteMLA stages of DESIGN.md 5: some of {', '.join(LITE_MLA_STAGES)} (default: all)",
-    )
+    if stages:
+        parser.add_argument(
+            "--stages",
+            nargs="+",
+            help=f"LiteMLA stages of DESIGN.md 5: some of {', '.join(LITE_MLA_STAGES)} (default: all)",
+        )
     parser.add_argument(
         "--max-autotune-batch",
         nargs="+",
@@ -488,12 +498,14 @@ def run_providers(
     bar,
     cuda_graph: bool = False,
     skip: dict | None = None,
+    baselines: Sequence[str] = SPEEDUP_BASELINES,
 ) -> list[dict]:
     """Every provider on one shape and dtype: rows of `base` + pass + provider + measure(), speedups filled in.
 
     setup(provider) returns {pass name: callable}, or raises (Skipped or any error: the provider's rows then
     say why). passes maps each pass name to (float64 reference, bytes moved). skip maps a provider to a
-    reason not to run it here. A provider that fails prints one line and the run goes on.
+    reason not to run it here. A provider that fails prints one line and the run goes on. `baselines`: the
+    providers whose speedup columns are filled (see add_speedups).
     """
     skip = skip or {}
     rows = []
@@ -527,8 +539,38 @@ def run_providers(
                         torch.cuda.empty_cache()
             rows.append(row)
         bar.update()
-    add_speedups(rows)
+    add_speedups(rows, baselines)
     return rows
+
+
+def totals(
+    rows: Sequence[dict], by: Sequence[str], baselines: Sequence[str] = SPEEDUP_BASELINES, key: str = "shape"
+) -> list[dict]:
+    """Summed time per provider over the shapes of each group of `by` values: the "taken together" numbers.
+
+    Each total row has the group's `by` values, provider, shapes (how many it timed) and ms (their summed
+    time); `speedup_vs_<baseline>` is the baseline's summed time over the provider's, both summed over
+    the shapes (`key`) that both timed, so that a skipped or failed shape does not bias the ratio. Put "pass"
+    in `by` when rows have several passes.
+    """
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row.get("ms") is not None:
+            group = groups.setdefault(tuple(row.get(k) for k in by), {})
+            group.setdefault(row["provider"], {})[row[key]] = row["ms"]
+    out = []
+    for values, timed in groups.items():
+        for provider, mine in timed.items():
+            total = {**dict(zip(by, values, strict=True)), "provider": provider, "shapes": len(mine)}
+            total["ms"] = sum(mine.values())
+            for baseline in baselines:
+                theirs = timed.get(baseline, {})
+                common = [s for s in mine if s in theirs]
+                total[speedup_column(baseline)] = (
+                    sum(theirs[s] for s in common) / sum(mine[s] for s in common) if common else None
+                )
+            out.append(total)
+    return out
 
 
 def result_name(name: str, quick: bool, device: torch.device) -> str:

@@ -33,5 +33,11 @@ step bench-linear-attention python benchmarks/bench_linear_attention.py --out "$
 MLA_DEFAULT="--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager compile compile-max-autotune triton cuda"
 step bench-multiscale python benchmarks/bench_multiscale.py --out "$OUT/results" ${MLA_BENCH_ARGS-$MLA_DEFAULT}
 step bench-lite-mla python benchmarks/bench_lite_mla.py --out "$OUT/results" ${MLA_BENCH_ARGS-$MLA_DEFAULT}
+# conv + BN + act (linattn.conv_bn_act, linattn.upsample_block) over every conv shape of SqueezeSAM, EfficientViT-SAM
+# L0 and XL1 (89 shapes) at B=16 and B=1, bf16, forward. compile-max-autotune re-tunes every shape: only at
+# B=16 (its speedup column is empty at B=1). CONV_BENCH_ARGS replaces these options (e.g.
+# CONV_BENCH_ARGS="--models squeezesam --dtype fp16 bf16 --batch 16", or "--shapes l0.s3 sq.up8 --providers eager triton").
+CONV_DEFAULT="--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager eager-folded compile compile-max-autotune triton cuda"
+step bench-conv-bn-act python benchmarks/bench_conv_bn_act.py --out "$OUT/results" ${CONV_BENCH_ARGS-$CONV_DEFAULT}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
 echo "summary: ${status[*]}" | tee "$OUT/summary.txt"

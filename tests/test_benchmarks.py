@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from linattn.benchmarks import bench_linear_attention, bench_lite_mla, bench_multiscale
+from linattn.benchmarks import bench_conv_bn_act, bench_linear_attention, bench_lite_mla, bench_multiscale
 from linattn.benchmarks.common import (
     QUICK_LITE_MLA_STAGES,
     environment,
@@ -15,6 +15,7 @@ from linattn.benchmarks.common import (
     load_results,
     print_table,
     save_results,
+    totals,
 )
 
 ENV_FIELDS = ("device", "torch", "triton", "cuda", "linattn", "date")
@@ -145,3 +146,83 @@ def test_eager_lite_mla_is_timm_lite_mla():
         got, want = ours.double().eval()(x), theirs.double().eval()(x)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # timm computes the attention in fp32
+
+
+def test_bench_conv_bn_act_quick(tmp_path):
+    # cuda cannot run CPU tensors, compile-max-autotune only runs at --max-autotune-batch: skipped rows
+    providers = ["eager", "eager-folded", "reference", "cuda", "compile-max-autotune"]
+    argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--max-autotune-batch", "16"]
+    returned = bench_conv_bn_act.main([*argv, "--providers", *providers, "--out", str(tmp_path)])
+
+    rows = load_results(tmp_path / "conv_bn_act-quick-cpu.jsonl")
+    names = [e["name"] for e in bench_conv_bn_act.QUICK_TABLE]
+    assert len(rows) == len(returned) == len(names) * len(providers)
+    assert [(r["name"], r["provider"]) for r in rows] == [(n, p) for n in names for p in providers]
+    with (tmp_path / "conv_bn_act-quick-cpu.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    # bytes = (x + weight + out (+ residual)) * 4 and flops = 2 * multiply-adds, written out per shape (B=2, fp32)
+    x = {"tiny.dense3": 5 * 81, "tiny.dw5.s2": 24 * 121, "tiny.pw.res": 16 * 49, "tiny.up": 8 * 36}
+    weight = {"tiny.dense3": 17 * 5 * 9, "tiny.dw5.s2": 24 * 25, "tiny.pw.res": 24 * 16, "tiny.up": 16 * 8}
+    out = {"tiny.dense3": 17 * 81, "tiny.dw5.s2": 24 * 6 * 6, "tiny.pw.res": 2 * 24 * 49, "tiny.up": 4 * 12 * 12}
+    macs = {
+        "tiny.dense3": 17 * 81 * 5 * 9,
+        "tiny.dw5.s2": 24 * 36 * 25,
+        "tiny.pw.res": 24 * 49 * 16,
+        "tiny.up": 16 * 36 * 8,
+    }
+    skipped = {"cuda": "the CUDA extension", "compile-max-autotune": "only at --max-autotune"}
+    for row in rows:
+        name = row["name"]
+        assert row["bytes"] == 4 * (2 * x[name] + weight[name] + 2 * out[name]), row
+        assert row["flops"] == 2 * 2 * macs[name] and row["intensity"] == row["flops"] / row["bytes"], row
+        assert all(row[field] for field in ENV_FIELDS if field != "cuda") and row["copy_gbs"] > 0, row
+        if row["provider"] in skipped:
+            assert row["ms"] is None and row["note"].startswith(f"skipped: {skipped[row['provider']]}"), row
+            assert row["tflops"] is None and row["speedup_vs_eager"] is None, row
+            continue
+        assert row["ms"] > 0 and row["note"] is None, row
+        assert row["gbs"] == pytest.approx(row["bytes"] / row["ms"] / 1e6) and row["pct_copy"] > 0, row
+        assert row["tflops"] == pytest.approx(row["flops"] / row["ms"] / 1e9), row
+        # eager-folded (BN folded by linattn.fold_bn) and the fused op's reference backend match eager in fp64
+        assert row["max_abs_err"] < 1e-4 and row["rel_err"] < 1e-5, row
+        assert row["speedup_vs_eager"] > 0 and row["speedup_vs_eager_folded"] > 0, row
+        assert row["speedup_vs_compile"] is None and row["speedup_vs_max_autotune"] is None, row
+    assert {r["kind"] for r in rows} == {"dense", "depthwise", "upsample"}
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "conv_bn_act-quick-cpu.png").stat().st_size > 0
+
+
+def test_bench_conv_bn_act_shape_table():
+    """The shapes of DESIGN.md 5: unique names, SqueezeSAM's encoder widths, EfficientViT's expand ratios."""
+    entries = bench_conv_bn_act.all_entries()
+    names = [e["name"] for e in entries]
+    assert len(names) == len(set(names))
+    shapes = {s.name: s for s in bench_conv_bn_act.make_shapes(entries, [1])}
+    widths = (64, 128, 128, 128, 128, 164, 256, 256)
+    encoder = {(s.cout, s.height) for s in shapes.values() if s.name.startswith("sq.enc")}
+    assert encoder == set(zip(widths, (256, 128, 64, 32, 16, 8, 4, 2), strict=True))
+    assert all(s.order == "conv_act_bn" and s.act == "relu" and s.bias for n, s in shapes.items() if "enc" in n)
+    up = shapes["sq.up8"]  # 164 at 8x8 -> 82 at 16x16
+    assert (up.kind, up.cin, up.cout, up.out_channels, up.out_hw) == ("upsample", 164, 328, 82, (16, 16))
+    stem = shapes["xl1.stem"]
+    assert (stem.cin, stem.cout, stem.height, stem.stride, stem.out_hw) == (3, 32, 1024, 2, (512, 512))
+    dw = shapes["l0.s3.mb.dw3"]  # MBConv 256 -> 4 x 256, depthwise 3x3 at 32x32 (input 512)
+    assert (dw.groups, dw.cin, dw.height, dw.conv_kind, dw.order) == (1024, 1024, 32, "depthwise", None)
+    down = shapes["l0.s4.down.dw3"]  # stage 4's downsampling MBConv: expand 4 x 6, stride 2
+    assert (down.cin, down.stride, down.out_hw) == (256 * 24, 2, (16, 16))
+    assert shapes["l0.s4.att.agg.dw5"].kernel == 5 and shapes["xl1.s5.att.agg.dw3"].cin == 3 * 1024
+    assert shapes["l0.s2.fmb.pw_proj"].residual and not shapes["l0.s2.down.pw_proj"].residual
+    assert {s.act for n, s in shapes.items() if not n.startswith("sq.")} == {"gelu_tanh", "identity"}
+
+
+def test_totals_sum_over_shapes_both_timed():
+    rows = [
+        {"dtype": "bf16", "shape": "a", "provider": "eager", "ms": 2.0},
+        {"dtype": "bf16", "shape": "b", "provider": "eager", "ms": 6.0},
+        {"dtype": "bf16", "shape": "a", "provider": "triton", "ms": 1.0},
+        {"dtype": "bf16", "shape": "b", "provider": "triton", "ms": None},  # failed: left out of both sums
+    ]
+    got = {t["provider"]: t for t in totals(rows, ("dtype",), ("eager", "compile"))}
+    assert got["eager"]["ms"] == 8.0 and got["eager"]["shapes"] == 2 and got["eager"]["speedup_vs_eager"] == 1.0
+    assert got["triton"]["ms"] == 1.0 and got["triton"]["speedup_vs_eager"] == 2.0
+    assert got["triton"]["speedup_vs_compile"] is None
