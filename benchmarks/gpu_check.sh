@@ -2,13 +2,22 @@
 # The whole GPU pass in one command: build, GPU tests (triton and cuda backends), compute-sanitizer
 # over every kernel, benchmarks. Everything it produces goes into OUT_DIR; a summary is printed last.
 # usage: bash benchmarks/gpu_check.sh OUT_DIR
+# STEPS="build pytest bench-lite-mla" runs only the named steps (a step's name, or the start of one, e.g.
+# "sanitizer" or "bench"), so a pass can be split over calls with a time limit; build runs whenever named.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 status=()
+selected() {  # selected NAME: is NAME (or a prefix of it) in STEPS, or is STEPS unset
+    [[ -z ${STEPS:-} ]] && return 0
+    local want
+    for want in $STEPS; do [[ $1 == "$want"* ]] && return 0; done
+    return 1
+}
 step() {  # step NAME CMD...: run, log to OUT/NAME.log, remember the exit code
     local name=$1; shift
+    selected "$name" || return 0
     echo "== $name: $*"
     "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
