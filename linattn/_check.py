@@ -6,7 +6,7 @@ fp16/bf16 at most twice the error of eager PyTorch in the same dtype.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,9 @@ class Case:
     run: Callable  # the linattn op on those inputs
     ref: Callable  # reference math (float64 inputs give the oracle)
     eager: Callable  # official-style eager PyTorch in the input dtype
+    label: str = ""  # what the row shows, when the op has several cases
+    forward_only: tuple[str, ...] = ()  # backends without backward kernels: their gradients come from "auto"
+    cannot: dict[str, str] = field(default_factory=dict)  # backend -> why its kernels do not take this case
 
 
 def _aggregation_shapes(heads: int, dim: int, hw: tuple[int, int], ksizes: tuple[int, ...]):
@@ -42,10 +45,16 @@ def _eager_aggregate(qkv, dws, pws, heads):
     return torch.cat(outs, 1)
 
 
-def _conv_call(fn):
-    """conv_bn_act with a stride-2 grouped 3x3 conv, gelu_tanh, BN-after-act affine and a residual on flat
-    inputs (x, weight, bias, post_scale, post_shift, residual); the (Cout,) vectors arrive as (1, Cout)."""
-    return lambda x, w, b, s, t, r: fn(x, w, b.flatten(), 2, 1, 1, 2, "gelu_tanh", s.flatten(), t.flatten(), r)
+def _conv_call(fn, stride: int, padding: int, groups: int, act: str):
+    """conv_bn_act with a BN-after-act affine and a residual on flat inputs (x, weight, bias, post_scale,
+    post_shift, residual); the (Cout,) vectors arrive as (1, Cout)."""
+    return lambda x, w, b, s, t, r: fn(x, w, b.flatten(), stride, padding, 1, groups, act, s.flatten(), t.flatten(), r)
+
+
+def _conv_case(label: str, shapes, stride: int, padding: int, groups: int, act: str, **kwargs) -> "Case":
+    calls = [_conv_call(fn, stride, padding, groups, act) for fn in (ops.conv_bn_act, reference.conv_bn_act)]
+    eager = _conv_call(_eager_conv_bn_act, stride, padding, groups, act)
+    return Case("conv_bn_act", shapes, *calls, eager, label=label, forward_only=("cuda",), **kwargs)
 
 
 def _eager_conv_bn_act(x, w, b, stride, padding, dilation, groups, act, s, t, r):
@@ -92,12 +101,25 @@ CASES = [
         _aggregation_call(reference.lite_mla_context, 2, 1, 16),
         lambda qkv, wd, wp: reference.efficientvit_lite_mla_attention(_eager_aggregate(qkv, [wd], [wp], 2), 16),
     ),
-    Case(
-        "conv_bn_act",
+    _conv_case(
+        "conv_bn_act grouped 3x3/2",
         [(2, 8, 9, 11), (16, 4, 3, 3), (1, 16), (1, 16), (1, 16), (2, 16, 5, 6)],
-        _conv_call(ops.conv_bn_act),
-        _conv_call(reference.conv_bn_act),
-        _conv_call(_eager_conv_bn_act),
+        2,
+        1,
+        2,
+        "gelu_tanh",
+        cannot={"cuda": "CUDA kernels: depthwise and 1x1 convs only"},
+    ),
+    _conv_case(
+        "conv_bn_act depthwise 5x5/2",
+        [(2, 12, 9, 11), (12, 1, 5, 5), (1, 12), (1, 12), (1, 12), (2, 12, 5, 6)],
+        2,
+        2,
+        12,
+        "hardswish",
+    ),
+    _conv_case(
+        "conv_bn_act 1x1", [(2, 12, 7, 9), (20, 12, 1, 1), (1, 20), (1, 20), (1, 20), (2, 20, 7, 9)], 1, 0, 1, "silu"
     ),
     Case(
         "upsample_block",
@@ -129,8 +151,13 @@ def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) ->
     inputs = [(torch.randn(s, generator=gen) / (s[-1] if s[1] == 1 else 1)).to(device, dtype) for s in case.shapes]
     oracle = _outputs(case.ref, [x.double() for x in inputs], 1)
     eager = _outputs(case.eager, inputs, 1)
-    with backend(name):
-        got = _outputs(case.run, inputs, 1)
+    if name in case.forward_only:  # the backend's forward kernels, gradients from the backward "auto" picks
+        with backend(name):
+            forward = case.run(*inputs)
+        got = [forward, *_outputs(case.run, inputs, 1)[1:]]
+    else:
+        with backend(name):
+            got = _outputs(case.run, inputs, 1)
     base = 1e-5 if dtype == torch.float32 else 0.0
     results = [(_rel(g, o), max(base, 2 * _rel(e, o))) for g, e, o in zip(got, eager, oracle)]
     err, tol = max(results, key=lambda r: r[0] / r[1])
@@ -146,16 +173,19 @@ def check(device: torch.device) -> bool:
     for case in CASES:
         for name in ("reference", *KERNEL_BACKENDS):
             why = backend_status(case.op, name, device) if name != "reference" else None
+            why = why or case.cannot.get(name)
+            label = case.label or case.op
+            shown = f"{name} (fwd)" if name in case.forward_only else name
             for dtype in dtypes:
                 if why:
-                    rows.append([case.op, name, str(dtype)[6:], "skipped", "-", why[:60]])
+                    rows.append([label, shown, str(dtype)[6:], "skipped", "-", why[:60]])
                     continue
                 try:
                     ok, err, tol = run_case(case, name, device, dtype)
-                    rows.append([case.op, name, str(dtype)[6:], "pass" if ok else "FAIL", f"{err:.2e}", f"{tol:.2e}"])
+                    rows.append([label, shown, str(dtype)[6:], "pass" if ok else "FAIL", f"{err:.2e}", f"{tol:.2e}"])
                 except Exception as exc:  # a crash is a failure to report, not to hide
                     ok = False
-                    rows.append([case.op, name, str(dtype)[6:], "ERROR", "-", f"{type(exc).__name__}: {exc}"[:80]])
+                    rows.append([label, shown, str(dtype)[6:], "ERROR", "-", f"{type(exc).__name__}: {exc}"[:80]])
                 all_ok &= ok
     print(f"linattn check on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}:")
     print(_table(rows))

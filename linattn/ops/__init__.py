@@ -11,7 +11,7 @@ CUDA_KERNELS = {
     "lite_mla_attention": "linear_attention_fwd_cuda",
     "multiscale_aggregate": "multiscale_aggregate_fwd_cuda",
     "lite_mla_context": "lite_mla_context_fwd_cuda",
-    # no CUDA C++ kernel yet: `info` and `check` report the missing kernel, a forced "cuda" backend raises
+    # forward only, depthwise and 1x1 convs (see conv_bn_act.cuda_limit); upsample_block has no CUDA kernel yet
     "conv_bn_act": "conv_bn_act_fwd_cuda",
     "upsample_block": "upsample_block_fwd_cuda",
 }
