@@ -1,0 +1,186 @@
+// LiteMLA's context (DESIGN 3.3): multi-scale aggregation fused into ReLU linear
+// attention, CUDA kernels, launchers and op registration.
+//
+// For scale s and head h the aggregated q, k, v are groups 3h, 3h+1, 3h+2 of
+//   y_s = Wp_s (dwconv_k(qkv) + bd_s) + bp_s   (kernels/multiscale_aggregate.py)
+// and output head (1+s)*heads + h is their ReLU linear attention (DESIGN 3.1):
+//   S = sum_n relu(k_n)^T v_n,  z = sum_n relu(k_n),  out_n = relu(q_n) S / (relu(q_n) . z + eps)
+// The aggregated tensor never reaches memory: per scale,
+//   state_kernel  grid (B*heads, chunks of spatial tiles): recomputes k, v tile by tile
+//                 (aggregate_tile.cuh) and reduces the chunk's S, z in registers -> fp32
+//                 partials, one slot per block
+//   out_kernel    same grid: sums the partials of its (b, h) in a fixed order (so results
+//                 are deterministic), recomputes q tile by tile and writes out
+// The heads over qkv itself (out[:, :heads*dim]) are not written here: the op's Python
+// side runs the plain attention op for them.
+//
+// Layout contract: qkv and out (B, *, H, W) with any strides; weights and biases
+// contiguous, qkv's dtype.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "multiscale_aggregate/aggregate_tile.cuh"
+
+#define CTX_OP "lite_mla_context"  // the op named in error messages
+
+namespace linattn {
+namespace {
+
+using namespace aggregate;
+
+// S (D x D, [d][e]) and z (D) of one chunk of tiles of head (b, h) -> parts slot (bh, chunk).
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads)
+    state_kernel(float* parts, const Map<const T> x, const T* wd, const T* bd, const T* wp, const T* bp, int k,
+                 int heads, const Geometry g) {
+  extern __shared__ float4 smem4[];
+  float* halo = reinterpret_cast<float*>(smem4);
+  float* ks = halo + Halo<K>::kFloats;  // relu(k) tile [p][d]
+  float* vs = ks + tile_floats(g.D);    // v tile [p][e]
+
+  const int D = g.D;
+  const int b = blockIdx.x / heads, h = blockIdx.x % heads;
+  const int ck = (3 * h + 1) * D, cv = ck + D;
+  GramAcc s;
+  float z[kGram];
+  gram_zero(s, z);
+  int first, last;
+  chunk_tiles(g, first, last);
+  for (int t = first; t < last; ++t) {
+    int h0, w0;
+    tile_origin(g, t, h0, w0);
+    aggregate_tile<T, K, true>(ks, halo, x, b, ck, h0, w0, g, wd, bd, wp, bp, k, nullptr);
+    aggregate_tile<T, K, false>(vs, halo, x, b, cv, h0, w0, g, wd, bd, wp, bp, k, nullptr);
+    gram(s, z, ks, vs, D);  // positions outside the image are zero in both tiles
+  }
+  gram_store(s, z, parts + (static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (D * D + D), D);
+}
+
+// out (this scale's heads*D channels) of one chunk of tiles of head (b, h), from the
+// partial S, z of all `splits` chunks of (b, h).
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads)
+    out_kernel(const Map<T> out, const float* parts, int splits, float eps, const Map<const T> x, const T* wd,
+               const T* bd, const T* wp, const T* bp, int k, int heads, const Geometry g) {
+  extern __shared__ float4 smem4[];
+  const int D = g.D;
+  float* halo = reinterpret_cast<float*>(smem4);
+  float* qs = halo + Halo<K>::kFloats;  // relu(q) tile [p][d], then out tile [p][e]
+  float* st = qs + tile_floats(D);      // S^T [e][d], leading dimension D + 1
+  float* z = st + D * (D + 1);          // [d]
+  float* den = z + D;                   // [p]
+
+  const int b = blockIdx.x / heads, h = blockIdx.x % heads;
+  const float* src = parts + static_cast<int64_t>(blockIdx.x) * splits * (D * D + D);
+  for (int i = threadIdx.x; i < D * D + D; i += kThreads) {
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s) sum += src[static_cast<int64_t>(s) * (D * D + D) + i];
+    if (i < D * D) {
+      st[(i % D) * (D + 1) + i / D] = sum;
+    } else {
+      z[i - D * D] = sum;
+    }
+  }
+  // (aggregate_tile begins with a barrier: st and z are complete before their first use)
+
+  int first, last;
+  chunk_tiles(g, first, last);
+  for (int t = first; t < last; ++t) {
+    int h0, w0;
+    tile_origin(g, t, h0, w0);
+    aggregate_tile<T, K, true>(qs, halo, x, b, 3 * h * D, h0, w0, g, wd, bd, wp, bp, k, nullptr);
+    for (int p = threadIdx.x; p < kTileP; p += kThreads) {
+      float dot = 0.f;
+      for (int d = 0; d < D; ++d) dot = fmaf(qs[p * (D + 1) + d], z[d], dot);
+      den[p] = dot + eps;
+    }
+    PwAcc acc;
+    pointwise(acc, qs, D, [&](int e, int d) { return st[e * (D + 1) + d]; });
+    __syncthreads();  // den, and everyone is done reading qs: it becomes the out tile
+#pragma unroll
+    for (int pp = 0; pp < kPwRows; ++pp) {
+      const int p = pw_row(pp);
+      const float dn = den[p];
+#pragma unroll
+      for (int i = 0; i < kPwCols; ++i) {
+        const int e = pw_col(i);
+        if (e < D) qs[p * (D + 1) + e] = acc[pp][i] / dn;
+      }
+    }
+    __syncthreads();
+    store_tile(out, b, h * D, h0, w0, g, qs);
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+template <int K>
+struct SharedBytes {
+  static size_t state(int D) { return (Halo<K>::kFloats + 2 * tile_floats(D)) * sizeof(float); }
+  static size_t out(int D) {
+    return (Halo<K>::kFloats + tile_floats(D) + D * (D + 1) + D + kTileP) * sizeof(float);
+  }
+};
+
+template <typename T>
+void forward(const at::Tensor& qkv, at::TensorList dw_weights, at::TensorList pw_weights, int64_t heads,
+             int64_t D, float eps, at::TensorList dw_biases, at::TensorList pw_biases, const at::Tensor& out) {
+  const int64_t B = qkv.size(0);
+  const Geometry g = plan(B * heads, qkv.size(2), qkv.size(3), D);
+  const int splits = num_splits(g);
+  const dim3 grid(static_cast<unsigned>(B * heads), static_cast<unsigned>(splits));
+  const at::Tensor parts = at::empty({B * heads * splits * (D * D + D)}, qkv.options().dtype(at::kFloat));
+  const Map<const T> x = make_map<const T>(qkv);
+  for (size_t s = 0; s < dw_weights.size(); ++s) {
+    const Map<T> o = make_map<T>(out.narrow(1, (1 + static_cast<int64_t>(s)) * heads * D, heads * D));
+    const int64_t k = dw_weights[s].size(3);
+    const T* wd = reinterpret_cast<const T*>(dw_weights[s].data_ptr());
+    const T* wp = reinterpret_cast<const T*>(pw_weights[s].data_ptr());
+    const T* bd = data_or_null<T>(dw_biases, s);
+    const T* bp = data_or_null<T>(pw_biases, s);
+    dispatch_ksize(k, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      launch(CTX_OP, state_kernel<T, K>, grid, SharedBytes<K>::state(g.D), parts.data_ptr<float>(), x, wd, bd, wp,
+             bp, static_cast<int>(k), static_cast<int>(heads), g);
+      launch(CTX_OP, out_kernel<T, K>, grid, SharedBytes<K>::out(g.D), o,
+             static_cast<const float*>(parts.data_ptr<float>()), splits, eps, x, wd, bd, wp, bp,
+             static_cast<int>(k), static_cast<int>(heads), g);
+    });
+  }
+}
+
+void lite_mla_context_fwd_cuda(const at::Tensor& qkv, at::TensorList dw_weights, at::TensorList pw_weights,
+                               int64_t heads, int64_t dim, double eps, at::TensorList dw_biases,
+                               at::TensorList pw_biases, const at::Tensor& out) {
+  const int64_t D = check_aggregation(CTX_OP, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases);
+  LINATTN_CHECK(CTX_OP, dim == D, "dim must equal qkv's channels / (3*heads) = ", D, ", got ", dim);
+  const int64_t B = qkv.size(0), H = qkv.size(2), W = qkv.size(3);
+  const int64_t S = static_cast<int64_t>(dw_weights.size());
+  CHECK_DIM(CTX_OP, out, 4, "(B, (1+S)*heads*dim, H, W)");
+  CHECK_SAME_DEVICE(CTX_OP, out, qkv);
+  CHECK_SAME_DTYPE(CTX_OP, out, qkv);
+  CHECK_SHAPE(CTX_OP, out, B, (1 + S) * heads * D, H, W);
+  CHECK_NO_INTERNAL_OVERLAP(CTX_OP, out);
+  check_no_overlap(CTX_OP, out, "out", qkv, "qkv");
+  if (B * H * W == 0) return;
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  const float eps32 = static_cast<float>(eps);
+  LINATTN_DISPATCH_FLOATING(qkv.scalar_type(), CTX_OP, [&] {
+    forward<scalar_t>(qkv, dw_weights, pw_weights, heads, D, eps32, dw_biases, pw_biases, out);
+  });
+}
+
+}  // namespace
+}  // namespace linattn
+
+TORCH_LIBRARY_FRAGMENT(linattn, m) {
+  m.def(
+      "lite_mla_context_fwd_cuda(Tensor qkv, Tensor[] dw_weights, Tensor[] pw_weights, int heads, int dim, "
+      "float eps, Tensor[] dw_biases, Tensor[] pw_biases, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(linattn, CUDA, m) { m.impl("lite_mla_context_fwd_cuda", &linattn::lite_mla_context_fwd_cuda); }
