@@ -32,8 +32,7 @@ import linattn
 from linattn import reference
 from linattn._backend import unavailable
 from linattn.benchmarks.common import (
-    copy_bandwidth_gbs,
-    environment,
+    announce,
     error_line,
     plot_results,
     print_table,
@@ -272,12 +271,7 @@ def main(argv=None) -> list[dict]:
     providers = args.providers or (list(PROVIDERS) if on_gpu else ["eager", "reference"])
     backward = on_gpu if args.backward is None else args.backward
 
-    env = environment(device)
-    copy_gbs = copy_bandwidth_gbs(device)
-    print(
-        f"{env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-        f"copy bandwidth {copy_gbs:.1f} GB/s"
-    )
+    env, copy_gbs = announce(device)
     rows = []
     with progress(len(shapes) * len(dtypes) * len(providers), "linear_attention") as bar:
         for shape in shapes:

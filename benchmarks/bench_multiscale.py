@@ -45,9 +45,8 @@ from linattn.benchmarks.common import (
     LiteMLAShape,
     Skipped,
     add_benchmark_args,
+    announce,
     compiled,
-    copy_bandwidth_gbs,
-    environment,
     lite_mla_run_shapes,
     parse_benchmark_args,
     progress,
@@ -202,12 +201,7 @@ def main(argv=None) -> list[dict]:
     providers = args.providers or list(GPU_PROVIDERS if on_gpu else CPU_PROVIDERS)
     ops = args.ops or list(OPS)
 
-    env = environment(device)
-    copy_gbs = copy_bandwidth_gbs(device)
-    print(
-        f"{env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-        f"copy bandwidth {copy_gbs:.1f} GB/s"
-    )
+    env, copy_gbs = announce(device)
     rows = {op: [] for op in ops}
     with progress(len(shapes) * len(dtypes) * len(ops) * len(providers), "multiscale") as bar:
         for shape in shapes:

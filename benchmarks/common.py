@@ -162,6 +162,17 @@ def copy_bandwidth_gbs(device: torch.device | str) -> float:
     return _copy_bandwidth_gbs(device)
 
 
+def announce(device: torch.device) -> tuple[dict, float]:
+    """The run's environment and measured copy bandwidth, printed once at the start of a benchmark."""
+    env = environment(device)
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(
+        f"{env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+        f"copy bandwidth {copy_gbs:.1f} GB/s"
+    )
+    return env, copy_gbs
+
+
 def progress(total: int, desc: str) -> tqdm:
     """Progress bar over `total` benchmark cases, advanced with `.update()`; print with `tqdm.write` while it runs."""
     return tqdm(total=total, desc=desc, unit="case", dynamic_ncols=True)
