@@ -36,15 +36,6 @@ def _aggregation_call(fn, heads, scales, *extra):
     return lambda qkv, *w: fn(qkv, list(w[:scales]), list(w[scales:]), heads, *extra)
 
 
-def _eager_aggregate(qkv, dws, pws, heads):
-    """EfficientViT's eager aggregation: two convs per scale, then cat, in the input dtype."""
-    outs = [qkv]
-    for wd, wp in zip(dws, pws):
-        y = torch.nn.functional.conv2d(qkv, wd, padding=wd.shape[-1] // 2, groups=qkv.shape[1])
-        outs.append(torch.nn.functional.conv2d(y, wp, groups=3 * heads))
-    return torch.cat(outs, 1)
-
-
 def _conv_call(fn, stride: int, padding: int, groups: int, act: str):
     """conv_bn_act with a BN-after-act affine and a residual on flat inputs (x, weight, bias, post_scale,
     post_shift, residual); the (Cout,) vectors arrive as (1, Cout)."""
@@ -92,14 +83,14 @@ CASES = [
         _aggregation_shapes(2, 16, (15, 17), (3, 5)),
         _aggregation_call(ops.multiscale_aggregate, 2, 2),
         _aggregation_call(reference.multiscale_aggregate, 2, 2),
-        _aggregation_call(_eager_aggregate, 2, 2),
+        _aggregation_call(reference.efficientvit_multiscale_aggregate, 2, 2),
     ),
     Case(
         "lite_mla_context",
         _aggregation_shapes(2, 16, (15, 17), (5,)),
         _aggregation_call(ops.lite_mla_context, 2, 1, 16),
         _aggregation_call(reference.lite_mla_context, 2, 1, 16),
-        lambda qkv, wd, wp: reference.efficientvit_lite_mla_attention(_eager_aggregate(qkv, [wd], [wp], 2), 16),
+        _aggregation_call(reference.efficientvit_lite_mla_context, 2, 1, 16),
     ),
     _conv_case(
         "conv_bn_act grouped 3x3/2",

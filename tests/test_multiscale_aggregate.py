@@ -29,15 +29,6 @@ def f64(tensors):
     return [t.double() for t in tensors]
 
 
-def eager_aggregate(qkv, dws, pws, heads, dbs, pbs):
-    """EfficientViT's eager aggregation (two convs per scale, then cat) in the input dtype, differentiable."""
-    outs = [qkv]
-    for s, (wd, wp) in enumerate(zip(dws, pws)):
-        y = torch.nn.functional.conv2d(qkv, wd, dbs[s] if dbs else None, padding=wd.shape[-1] // 2, groups=qkv.shape[1])
-        outs.append(torch.nn.functional.conv2d(y, wp, pbs[s] if pbs else None, groups=3 * heads))
-    return torch.cat(outs, 1)
-
-
 def launch(name, qkv, dws, pws, heads, dbs, pbs, out=None, grad_out=None):
     if name == "triton":
         from linattn.kernels import multiscale_aggregate as kern
@@ -74,7 +65,8 @@ def test_kernels(target, case):
     leaves = [t.detach().clone().requires_grad_() for t in (qkv, *dws, *pws, *dbs, *pbs)]
     e_dbs = leaves[1 + 2 * S : 1 + 3 * S] if bias else []
     e_pbs = leaves[1 + 3 * S :] if bias else []
-    eager = eager_aggregate(leaves[0], leaves[1 : 1 + S], leaves[1 + S : 1 + 2 * S], heads, e_dbs, e_pbs)
+    e_dws, e_pws = leaves[1 : 1 + S], leaves[1 + S : 1 + 2 * S]
+    eager = reference.efficientvit_multiscale_aggregate(leaves[0], e_dws, e_pws, heads, e_dbs, e_pbs)
 
     out = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
     launch(name, qkv, dws, pws, heads, dbs, pbs, out=out)
