@@ -15,6 +15,7 @@ from .ops import (
     relu_linear_attention,
     upsample_block,
 )
+from .optimize import optimize
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "lite_mla_attention",
     "lite_mla_context",
     "multiscale_aggregate",
+    "optimize",
     "reference",
     "relu_linear_attention",
     "set_backend",

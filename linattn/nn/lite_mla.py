@@ -180,6 +180,9 @@ class LiteMLA(nn.Module):
 
         self.eps = eps
         self.dim = dim
+        # official EfficientViT: maps of at most `dim` tokens take the quadratic attention; timm's LiteMLA
+        # always runs the linear one (from_module copies the source's behaviour)
+        self.quadratic_small_maps = True
         self.heads = heads
         self.scales = scales
         total_dim = heads * dim
@@ -209,7 +212,7 @@ class LiteMLA(nn.Module):
         dbs = [cast(agg[0].bias) for agg in self.aggreg]
         pbs = [cast(agg[1].bias) for agg in self.aggreg]
         H, W = qkv.shape[-2:]
-        if H * W > self.dim:
+        if H * W > self.dim or not self.quadratic_small_maps:
             if not dws:
                 return lite_mla_attention(qkv, self.dim, self.eps)
             return lite_mla_context(qkv, dws, pws, self.heads, self.dim, self.eps, dbs, pbs)
@@ -261,4 +264,6 @@ class LiteMLA(nn.Module):
             target.norm = _copy_stage_module(getattr(source, "norm", None))
             target.act = _copy_stage_module(getattr(source, "act", None))
         new.load_state_dict(module.state_dict(), strict=True)
+        # the official module has relu_quadratic_att for small maps; timm's has only the linear path
+        new.quadratic_small_maps = bool(getattr(module, "quadratic_small_maps", hasattr(module, "relu_quadratic_att")))
         return new.train(module.training)

@@ -1,0 +1,391 @@
+"""`linattn.optimize(model)`: swap linattn's fused modules into any nn.Module (DESIGN.md 6).
+
+Patterns recognised by structure, not by class name, while walking the module tree top-down
+(a replaced module is not descended into):
+
+- LiteMLA-like modules (attributes `qkv`, `aggreg`, `proj`, `dim`, `eps` and a ReLU `kernel_func`:
+  the official EfficientViT `LiteMLA`, timm's `efficientvit_mit.LiteMLA`) -> `linattn.nn.LiteMLA`
+  via `LiteMLA.from_module` (same state_dict keys);
+- conv/norm/act containers (children `conv`, `norm`, `act` and optionally `dropout`, forward
+  conv -> norm -> act: timm's `ConvNormAct`, EfficientViT's `ConvLayer`) -> `linattn.nn.ConvBNAct`
+  sharing the container's conv and BatchNorm (same keys `conv.*`, `norm.*`);
+- runs inside a plain `nn.Sequential`: Conv2d [-> BatchNorm2d] [-> act] (order "conv_bn_act") and
+  Conv2d -> act -> BatchNorm2d (SqueezeSAM's order, "conv_act_bn"). The Sequential becomes a
+  `FusedSequential`: the same children under the same indices (so the same state_dict keys),
+  run as fused `ConvBNAct` blocks;
+- SqueezeSAM's upsampling (children `linear` (1x1 Conv2d), `act`, `shuffle` (PixelShuffle(2)),
+  `norm` (BatchNorm2d)) -> `FusedUpsampleBlock`, one `linattn.upsample_block` call.
+
+Candidates that cannot be fused (dropout p > 0, GroupNorm or another norm, an unsupported
+activation, a conv subclass with its own forward, padding modes) are left as they are and the
+report says why.
+
+The backend: `backend="auto"` (the default) leaves linattn's global backend alone. Any other name
+is applied around every eager forward of the returned model by a forward pre-hook and an
+always-called forward hook on its root (`with linattn.backend(name)` semantics, restored even when
+the forward raises). The hooks do nothing while torch.compile traces the model, so a compiled
+optimized model has no graph break and no traced global side effect; linattn's ops read the
+backend when they run, so call a compiled model under `with linattn.backend(name):` (or
+`linattn.set_backend`) to force a backend there. Per-module backend attributes were not chosen:
+the ops take no backend argument, and a global switched inside a compiled forward would not be
+seen by the ops at run time.
+"""
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from ._backend import BACKENDS, get_backend, set_backend
+from .nn.conv_bn_act import ConvBNAct, activation_name
+from .nn.lite_mla import LiteMLA
+from .ops.conv_bn_act import upsample_block
+
+__all__ = ["FusedSequential", "FusedUpsampleBlock", "OptimizeReport", "optimize"]
+
+
+# --- report ---
+
+
+@dataclass
+class Replaced:
+    name: str  # qualified module name ("" is the root)
+    old: str  # old type name
+    new: str  # new type name
+    detail: str = ""
+
+
+@dataclass
+class Skipped:
+    name: str
+    kind: str  # what it looked like: "LiteMLA", "conv/norm/act", "Sequential run", "upsample"
+    reason: str
+
+
+@dataclass
+class OptimizeReport:
+    """What `linattn.optimize` replaced and what it left alone (and why). `str(report)` is a table."""
+
+    backend: str
+    training: bool
+    replaced: list[Replaced] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Replacements per new module type (runs in a FusedSequential counted one each as ConvBNAct)."""
+        out: dict[str, int] = {}
+        for r in self.replaced:
+            if r.new == "FusedSequential":
+                runs = int(r.detail.split(" ")[0])
+                out["ConvBNAct"] = out.get("ConvBNAct", 0) + runs
+            else:
+                out[r.new] = out.get(r.new, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        mode = "train" if self.training else "eval"
+        lines = [f"linattn.optimize: backend {self.backend!r}, {mode} mode, {len(self.replaced)} replaced, "]
+        lines[0] += f"{len(self.skipped)} left alone; fused blocks: {self.counts()}"
+        if self.replaced:
+            rows = [(r.name or "<root>", f"{r.old} -> {r.new}", r.detail) for r in self.replaced]
+            lines += _table(("replaced module", "type", "detail"), rows)
+        if self.skipped:
+            rows = [(s.name or "<root>", s.kind, s.reason) for s in self.skipped]
+            lines += _table(("left alone", "looks like", "why"), rows)
+        return "\n".join(lines)
+
+
+def _table(header, rows) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
+    return [""] + [line.rstrip() for line in lines]
+
+
+# --- fused modules that optimize builds ---
+
+
+class FusedSequential(nn.Sequential):
+    """An nn.Sequential whose conv [-> BN] [-> act] and conv -> act -> BN runs run as fused ConvBNAct blocks.
+
+    The children are the original modules under their original indices (state_dict keys unchanged);
+    each fused block shares its run's conv and BatchNorm. Do not append or insert: the plan of runs
+    is fixed when optimize builds it.
+    """
+
+    def __init__(self, seq: nn.Sequential, runs: list[tuple[int, int, ConvBNAct]]):
+        super().__init__(OrderedDict(seq._modules))
+        self.train(seq.training)
+        children = list(self._modules.values())
+        steps, i = [], 0
+        for start, stop, block in runs:
+            steps += children[i:start] + [block]
+            i = stop
+        steps += children[i:]
+        # plain list: the blocks' conv/BN are already registered as children, no duplicate keys
+        self._steps = steps
+        self._blocks = [block for _, _, block in runs]
+        self._runs = [(start, stop) for start, stop, _ in runs]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for block in self.__dict__.get("_blocks", ()):
+            block.train(mode)
+        return self
+
+    def extra_repr(self) -> str:
+        runs = (f"[{a}:{b}] {blk.order}/{blk.act}" for (a, b), blk in zip(self._runs, self._blocks))
+        return "fused runs: " + ", ".join(runs)
+
+    def forward(self, x):
+        for step in self._steps:
+            x = step(x)
+        return x
+
+
+class FusedUpsampleBlock(nn.Module):
+    """SqueezeSAM's upsampling (1x1 linear -> act -> pixel shuffle 2 -> BatchNorm2d) as `linattn.upsample_block`.
+
+    Keeps the source's children `linear`, `norm` (and so its state_dict keys). Eval: one kernel, the
+    BatchNorm as the per-channel epilogue (repeated 4x in the pre-shuffle channel order). Train: the fused
+    linear + act + shuffle, then the BatchNorm with batch statistics (running statistics updated).
+    """
+
+    def __init__(self, linear: nn.Conv2d, act: str, norm: nn.BatchNorm2d | None):
+        super().__init__()
+        self.linear = linear
+        self.act = act
+        self.norm = norm
+        self.train(linear.training)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b, bn = self.linear.weight.flatten(1), self.linear.bias, self.norm
+        if bn is not None and not self.training and bn.running_mean is not None:
+            gamma, beta = (bn.weight, bn.bias) if bn.affine else (None, None)
+            scale, shift = reference.bn_affine(bn.running_mean, bn.running_var, gamma, beta, bn.eps)
+            return upsample_block(x, w, b, scale.repeat_interleave(4), shift.repeat_interleave(4), self.act)
+        y = upsample_block(x, w, b, act=self.act)
+        return y if bn is None else bn(y)
+
+
+# --- recognisers: each returns (new module, detail) or raises _Skip(reason); None = not this pattern ---
+
+
+class _Skip(Exception):
+    pass
+
+
+def _act(module: nn.Module | None) -> str:
+    """linattn's activation name for an activation module; _Skip when the kernels do not have it."""
+    if module is not None and type(module).__name__ == "GELUTanh":  # timm's tanh GELU
+        return "gelu_tanh"
+    try:
+        return activation_name(module)
+    except ValueError:
+        raise _Skip(f"activation {type(module).__name__} is not supported") from None
+
+
+def _is_act(module: nn.Module) -> bool:
+    try:
+        _act(module)
+    except _Skip:
+        return False
+    return not isinstance(module, nn.Identity)
+
+
+def _check_conv(conv: nn.Module) -> None:
+    if type(conv) is not nn.Conv2d:
+        raise _Skip(f"conv {type(conv).__name__} is not a plain nn.Conv2d")
+    if conv.padding_mode != "zeros":
+        raise _Skip(f"conv padding_mode {conv.padding_mode!r}")
+    if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
+        raise _Skip("conv padding 'same' with an even kernel")
+
+
+def _check_bn(norm: nn.Module | None) -> nn.BatchNorm2d | None:
+    if norm is None or isinstance(norm, nn.Identity):
+        return None
+    if type(norm) is not nn.BatchNorm2d:
+        raise _Skip(f"norm {type(norm).__name__} is not nn.BatchNorm2d")
+    return norm
+
+
+def _is_lite_mla(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("qkv", "aggreg", "proj", "dim", "eps"))
+
+
+def _convert_lite_mla(module: nn.Module):
+    if not isinstance(getattr(module, "kernel_func", None), nn.ReLU):
+        raise _Skip(f"kernel_func {type(getattr(module, 'kernel_func', None)).__name__} is not ReLU")
+    try:
+        new = LiteMLA.from_module(module)
+    except (TypeError, ValueError) as err:
+        raise _Skip(str(err)) from None
+    path = "quadratic attention for maps <= dim tokens" if new.quadratic_small_maps else "linear attention always"
+    return new, f"heads={new.heads}, dim={new.dim}, scales={new.scales}; {path}"
+
+
+def _is_conv_norm_act(module: nn.Module) -> bool:
+    names = set(module._modules)
+    return isinstance(getattr(module, "conv", None), nn.Conv2d) and {"conv", "norm", "act"} <= names <= {
+        "dropout",
+        "conv",
+        "norm",
+        "act",
+    }
+
+
+def _convert_conv_norm_act(module: nn.Module):
+    dropout = getattr(module, "dropout", None)
+    if dropout is not None and not (isinstance(dropout, nn.modules.dropout._DropoutNd) and dropout.p == 0):
+        what = f"p={dropout.p}" if isinstance(dropout, nn.modules.dropout._DropoutNd) else type(dropout).__name__
+        raise _Skip(f"dropout ({what}) before the conv")
+    _check_conv(module.conv)
+    bn = _check_bn(module.norm)
+    act = _act(module.act)
+    block = ConvBNAct.from_modules(module.conv, bn, act, order="conv_bn_act")
+    block.train(module.training)
+    return block, f"conv {tuple(module.conv.kernel_size)}, {'BN, ' if bn is not None else ''}{act}"
+
+
+def _is_upsample(module: nn.Module) -> bool:
+    return set(module._modules) == {"linear", "act", "shuffle", "norm"} and isinstance(module.shuffle, nn.PixelShuffle)
+
+
+def _convert_upsample(module: nn.Module):
+    conv = module.linear
+    _check_conv(conv)
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding not in ((0, 0), "valid"):
+        raise _Skip("linear is not a 1x1 conv with stride 1, padding 0, groups 1")
+    if module.shuffle.upscale_factor != 2:
+        raise _Skip(f"pixel shuffle factor {module.shuffle.upscale_factor} (the kernel does 2)")
+    bn = _check_bn(module.norm)
+    act = _act(module.act)
+    return FusedUpsampleBlock(conv, act, bn), f"{conv.in_channels} -> {conv.out_channels // 4}, {act}, BN"
+
+
+def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
+    """The fusable runs of a Sequential's children: (start, stop, ConvBNAct)."""
+    children = list(seq._modules.values())
+    keys = list(seq._modules)
+    runs, i = [], 0
+    while i < len(children):
+        conv = children[i]
+        if not isinstance(conv, nn.Conv2d):
+            i += 1
+            continue
+        nxt = children[i + 1 : i + 3]
+        try:
+            _check_conv(conv)
+            first = nxt[0] if nxt else None
+            if isinstance(first, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                bn = _check_bn(first)
+                act_mod = nxt[1] if len(nxt) > 1 and _is_act(nxt[1]) else None
+                order, stop = "conv_bn_act", i + 2 + (act_mod is not None)
+            elif nxt and _is_act(nxt[0]):
+                act_mod = nxt[0]
+                bn = nxt[1] if len(nxt) > 1 and isinstance(nxt[1], nn.modules.batchnorm._NormBase) else None
+                if bn is not None:
+                    bn = _check_bn(bn)
+                order, stop = "conv_act_bn", i + 2 + (bn is not None)
+            else:
+                i += 1  # a lone conv: nothing to fuse
+                continue
+            block = ConvBNAct.from_modules(conv, bn, _act(act_mod) if act_mod is not None else None, order=order)
+            block.train(seq.training)
+            runs.append((i, stop, block))
+            i = stop
+        except _Skip as why:
+            report.skipped.append(Skipped(f"{name}.{keys[i]}" if name else keys[i], "Sequential run", str(why)))
+            i += 1
+    return runs
+
+
+def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module | None:
+    """The fused replacement of `module` (its children converted first where it is not replaced), or None."""
+    if isinstance(module, (LiteMLA, ConvBNAct, FusedSequential, FusedUpsampleBlock)):
+        return None  # already linattn's
+    for kind, matches, convert in (
+        ("LiteMLA", _is_lite_mla, _convert_lite_mla),
+        ("conv/norm/act", _is_conv_norm_act, _convert_conv_norm_act),
+        ("upsample", _is_upsample, _convert_upsample),
+    ):
+        if matches(module):
+            try:
+                new, detail = convert(module)
+            except _Skip as why:
+                report.skipped.append(Skipped(name, kind, str(why)))
+                break  # left alone; its children may still hold patterns
+            report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
+            return new
+    for child_name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new = _convert(child, f"{name}.{child_name}" if name else child_name, report)
+        if new is not None:
+            module._modules[child_name] = new
+    if type(module) is nn.Sequential:
+        runs = _sequential_runs(module, name, report)
+        if runs:
+            detail = f"{len(runs)} runs: " + ", ".join(f"[{a}:{b}] {blk.order}" for a, b, blk in runs)
+            report.replaced.append(Replaced(name, "Sequential", "FusedSequential", detail))
+            return FusedSequential(module, runs)
+    return None
+
+
+# --- backend hooks ---
+
+
+class _BackendHooks:
+    """Forward pre-hook + always-called forward hook running the root's eager forward under one backend."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.saved: list[str] = []
+
+    def pre(self, module, args):
+        if not torch.compiler.is_compiling():
+            self.saved.append(get_backend())
+            set_backend(self.name)
+
+    def post(self, module, args, output):
+        if not torch.compiler.is_compiling() and self.saved:
+            set_backend(self.saved.pop())
+
+
+def optimize(model: nn.Module, backend: str = "auto", inplace: bool = False) -> tuple[nn.Module, OptimizeReport]:
+    """Swap linattn's fused modules into `model`; returns (model, report).
+
+    Args:
+        model: any nn.Module (EfficientViT / timm efficientvit_mit models, SqueezeSAM, ...).
+        backend: "auto" | "triton" | "cuda" | "reference": the linattn backend the returned model's
+            eager forward runs under ("auto" leaves the global setting alone). See the module docstring
+            for torch.compile.
+        inplace: modify `model` itself; by default a deep copy is optimized and `model` is untouched.
+
+    The optimized model computes the same function: in eval mode BatchNorms are folded into the
+    convs (or become the epilogue for conv -> act -> BN); in train mode the BatchNorms keep batch
+    statistics and update their running statistics, and the fused attention and convs have autograd.
+    State_dict keys are unchanged. `print(report)` shows what was replaced and what was left and why.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"linattn.optimize: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"linattn.optimize: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = OptimizeReport(backend=backend, training=model.training)
+    new = _convert(model, "", report)
+    if new is not None:
+        model = new
+    if backend != "auto":
+        hooks = _BackendHooks(backend)
+        model.register_forward_pre_hook(hooks.pre)
+        model.register_forward_hook(hooks.post, always_call=True)
+    return model, report
