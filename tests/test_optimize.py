@@ -1,0 +1,302 @@
+"""linattn.optimize on timm's efficientvit_mit models and modules and on SqueezeSAM: report, parity, keys, compile.
+
+Parity (DESIGN.md 8): the oracle is the original model in float64 (eager PyTorch, no linattn op).
+fp32: relative error under 1e-5 (or twice eager fp32's own error where that is larger); bf16: at
+most twice the error of the original model run eagerly in bf16. Weights and BatchNorm statistics
+are random so that a wrong fold or a swapped key shows.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from utils import assert_close, rel_err, tolerance
+
+import linattn
+from linattn._backend import unavailable
+from linattn.models.squeezesam import SqueezeSAM, squeezesam
+from linattn.nn import ConvBNAct, LiteMLA
+from linattn.optimize import FusedSequential, FusedUpsampleBlock, OptimizeReport
+
+timm_mit = pytest.importorskip("timm.models.efficientvit_mit", reason="timm is a test dependency (pip install timm)")
+
+_WHY = unavailable("triton", torch.device("cpu"))
+BACKENDS = [  # the models run on CPU tensors: the reference, and the Triton kernels under the interpreter
+    pytest.param("reference", id="reference"),
+    pytest.param("triton", id="triton-interpreter", marks=[pytest.mark.skip(reason=f"triton: {_WHY}")] if _WHY else []),
+]
+
+SQUEEZESAM_PARAMS = 10_269_807  # derived from DESIGN.md 5's widths, a 256-wide depth-2 transformer (MLP 512)
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights (scaled by fan-in) and BatchNorm statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("num_batches_tracked") or not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            elif t.dim() > 1:
+                t.copy_(torch.randn(t.shape, generator=gen) * (t[0].numel() ** -0.5))
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model
+
+
+def tiny_efficientvit() -> nn.Module:
+    """timm's EfficientVit (the B-series backbone) at toy widths: 2 LiteMLA blocks, 22 ConvNormAct."""
+    return timm_mit.EfficientVit(
+        widths=(8, 16, 16, 32, 32), depths=(1, 1, 1, 1, 1), head_dim=8, head_widths=(32, 32), num_classes=10
+    )
+
+
+def tiny_squeezesam() -> SqueezeSAM:
+    return squeezesam(
+        widths=(8, 8, 8, 8, 8), transformer_dim=16, transformer_heads=2, transformer_mlp_dim=32, embed_dim=8
+    )
+
+
+def timm_blocks() -> nn.Sequential:
+    """timm modules side by side in a Sequential, plus a plain conv -> BN -> GELU(tanh) run."""
+    return nn.Sequential(
+        timm_mit.ConvNormAct(4, 16, 3, act_layer=timm_mit.GELUTanh),
+        timm_mit.LiteMLA(16, 16, dim=8, scales=(3,), eps=1e-15),
+        nn.Conv2d(16, 8, 1),
+        nn.BatchNorm2d(8),
+        nn.GELU(approximate="tanh"),
+    )
+
+
+def outputs(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def compare_eval(model, optimized, x, dtype, what):
+    """Optimized vs a float64 oracle of the original, in `dtype`, against eager's error in `dtype`."""
+    with torch.no_grad():
+        oracle = outputs(copy.deepcopy(model).double()(x.double()))
+        eager = outputs(copy.deepcopy(model).to(dtype)(x.to(dtype)))
+        got = outputs(optimized.to(dtype)(x.to(dtype)))
+    errors = []
+    for i, (g, e, o) in enumerate(zip(got, eager, oracle)):
+        eager_err = rel_err(e, o)
+        assert_close(g, o, tolerance(dtype, eager_err), f"{what}, output {i}")
+        errors.append((rel_err(g, o), eager_err))
+    return errors
+
+
+# --- report and structure ---
+
+
+def test_report_on_timm_efficientvit():
+    model = tiny_efficientvit()
+    optimized, report = linattn.optimize(model)
+    assert isinstance(report, OptimizeReport)
+    assert report.counts() == {"ConvBNAct": 22, "LiteMLA": 2}
+    assert not report.skipped
+    names = {r.name: (r.old, r.new) for r in report.replaced}
+    assert names["stages.2.blocks.1.context_module.main"] == ("LiteMLA", "LiteMLA")
+    assert names["stem.in_conv"] == ("ConvNormAct", "ConvBNAct")
+    lite = optimized.stages[2].blocks[1].context_module.main
+    assert isinstance(lite, LiteMLA) and not lite.quadratic_small_maps  # timm's attention is always linear
+    assert isinstance(optimized.stem.in_conv, ConvBNAct)
+    assert list(optimized.state_dict()) == list(model.state_dict())
+    text = str(report)
+    assert "stem.in_conv" in text and "ConvNormAct -> ConvBNAct" in text and "LiteMLA" in text
+
+
+def test_report_left_alone_with_reasons():
+    model = nn.Sequential(
+        timm_mit.ConvNormAct(4, 8, 3, dropout=0.1),  # dropout p > 0
+        timm_mit.ConvNormAct(8, 8, 3, act_layer=nn.ELU),  # activation without a kernel
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),  # not a BatchNorm
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),  # conv -> act -> BN
+        nn.Conv2d(8, 8, 1),  # lone conv: not a candidate
+    )
+    optimized, report = linattn.optimize(model)
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert "dropout (p=0.1)" in reasons["0"]
+    assert "ELU" in reasons["1"]
+    assert "GroupNorm" in reasons["2"]
+    assert [(r.name, r.new) for r in report.replaced] == [("", "FusedSequential")]
+    assert isinstance(optimized, FusedSequential) and optimized._runs == [(4, 7)]
+    assert optimized._blocks[0].order == "conv_act_bn"
+    assert "left alone" in str(report) and "GroupNorm" in str(report)
+
+
+def test_report_on_squeezesam():
+    model = squeezesam()
+    optimized, report = linattn.optimize(model)
+    # 8 encoder + 7 decoder DoubleConvs of 2 conv -> ReLU -> BN runs each, 7 upsample blocks
+    assert report.counts() == {"ConvBNAct": 30, "FusedUpsampleBlock": 7}
+    assert [s.name for s in report.skipped] == ["patch_embed.0"]  # conv + GroupNorm
+    assert isinstance(optimized.up[0].up, FusedUpsampleBlock)
+    assert all(isinstance(level, FusedSequential) for level in optimized.down)
+    assert list(optimized.state_dict()) == list(model.state_dict())
+
+
+def test_inplace_semantics():
+    model = timm_blocks()
+    before = copy.deepcopy(model.state_dict())
+    optimized, _ = linattn.optimize(model)
+    assert optimized is not model and isinstance(model[1], timm_mit.LiteMLA)  # copy: model untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    optimized, _ = linattn.optimize(model, inplace=True)
+    assert isinstance(model[1], LiteMLA) and isinstance(model[0], ConvBNAct)  # children swapped in place
+    assert isinstance(optimized, FusedSequential)  # the root Sequential itself holds a run: a new root
+    assert optimized[1] is model[1]
+    again, report = linattn.optimize(optimized)
+    assert not report.replaced  # already optimized: nothing to do
+
+
+def test_backend_argument():
+    model = timm_blocks().eval()
+    optimized, report = linattn.optimize(model, backend="reference")
+    assert report.backend == "reference"
+    seen = []
+    optimized[1].register_forward_pre_hook(lambda m, a: seen.append(linattn.get_backend()))
+    with linattn.backend("auto"):
+        optimized(torch.randn(1, 4, 5, 5))
+        assert linattn.get_backend() == "auto"  # restored after the forward
+    assert seen == ["reference"]
+    with pytest.raises(ValueError, match="unknown backend"):
+        linattn.optimize(model, backend="tpu")
+
+
+# --- parity ---
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_efficientvit_eval_fp32_bf16(backend):
+    model = randomize(tiny_efficientvit(), seed=1).eval()
+    optimized, _ = linattn.optimize(model, backend=backend)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # LiteMLA maps 2x2 and 1x1
+    compare_eval(model, optimized, x, torch.float32, f"timm EfficientVit fp32, {backend}")
+    if backend == "reference":  # bf16 on the interpreter is covered by the smaller models below
+        compare_eval(model, optimized, x, torch.bfloat16, f"timm EfficientVit bf16, {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_timm_blocks_eval(backend, dtype):
+    model = randomize(timm_blocks(), seed=3).eval()
+    optimized, _ = linattn.optimize(model, backend=backend)
+    x = torch.randn(2, 4, 7, 9, generator=torch.Generator().manual_seed(4))
+    compare_eval(model, optimized, x, dtype, f"timm blocks {dtype}, {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_squeezesam_eval(backend, dtype):
+    model = randomize(tiny_squeezesam(), seed=5).eval()
+    optimized, _ = linattn.optimize(model, backend=backend)
+    x = torch.randn(1, 5, 32, 32, generator=torch.Generator().manual_seed(6))
+    compare_eval(model, optimized, x, dtype, f"SqueezeSAM {dtype}, {backend}")
+
+
+def test_squeezesam_full_width_eval_small_input():
+    model = randomize(squeezesam(), seed=7).eval()
+    optimized, _ = linattn.optimize(model, backend="reference")
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    box = torch.zeros(1, 1, 64, 64)
+    box[..., 8:40, 16:48] = 1
+    clicks = torch.zeros(1, 1, 64, 64)
+    with torch.no_grad():
+        masks, iou = model(image, box, clicks)
+        got_masks, got_iou = optimized(image, box, clicks)
+    assert masks.shape == (1, 3, 32, 32) and iou.shape == (1, 3)
+    assert_close(got_masks, masks, 1e-5, "SqueezeSAM masks")
+    assert_close(got_iou, iou, 1e-5, "SqueezeSAM IoU")
+
+
+def run_train(model, x, seed):
+    model.train()
+    x = x.detach().clone().requires_grad_(True)
+    outs = outputs(model(x))
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen).to(o.dtype)).sum() for o in outs)
+    loss.backward()
+    grads = {"x": x.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+    return outs, grads
+
+
+def compare_train(model, optimized, x, what, grad_factor=2.0):
+    """Train-mode outputs and gradients (input and every parameter) and the BatchNorm running-stat updates."""
+    oracle_outs, oracle = run_train(copy.deepcopy(model).double(), x.double(), 11)
+    eager_model = copy.deepcopy(model)
+    eager_outs, eager = run_train(eager_model, x, 11)
+    outs, got = run_train(optimized, x, 11)
+    for i, (g, e, o) in enumerate(zip(outs, eager_outs, oracle_outs)):
+        assert_close(g, o, tolerance(torch.float32, rel_err(e, o)), f"{what}: train output {i}")
+    assert got.keys() == oracle.keys()
+    for key, ref in oracle.items():
+        if ref.abs().max() < 1e-12:  # e.g. a conv bias under a train-mode BatchNorm
+            continue
+        # DESIGN.md 8's fp32 bound, with 4x (not 2x) eager's error: whole-model train-mode gradients go through
+        # BatchNorms over a few values each, where eager fp32 itself is off by up to ~3e-5 and a different
+        # (equally valid) summation order in the fused backward lands anywhere within a few times that
+        bound = max(1e-5, grad_factor * rel_err(eager[key], ref))
+        assert_close(got[key], ref, bound, f"{what}: grad {key}")
+    stats = {k: v for k, v in optimized.state_dict().items() if "running_" in k}
+    assert stats
+    for key, value in stats.items():
+        assert_close(value, eager_model.state_dict()[key], 1e-4, f"{what}: {key}")
+
+
+def test_timm_efficientvit_train_reference():
+    model = randomize(tiny_efficientvit(), seed=12)
+    optimized, _ = linattn.optimize(model, backend="reference")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    compare_train(model, optimized, x, "timm EfficientVit")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_gradients_small(backend):
+    model = randomize(timm_blocks(), seed=14)
+    optimized, _ = linattn.optimize(model, backend=backend)
+    x = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(15))
+    compare_train(model, optimized, x, f"timm blocks, {backend}")
+    # three levels (8x8 .. 2x2 maps at 16x16): train-mode BatchNorm over a 1x1 map of batch 2 would make
+    # every gradient ill-conditioned
+    model = randomize(squeezesam(widths=(8, 8, 8), transformer_dim=16, transformer_heads=2, embed_dim=8), seed=16)
+    optimized, _ = linattn.optimize(model, backend=backend)
+    x = torch.randn(2, 5, 16, 16, generator=torch.Generator().manual_seed(17))
+    compare_train(model, optimized, x, f"SqueezeSAM, {backend}", grad_factor=4.0)
+
+
+# --- compile, size ---
+
+
+def test_compile_fullgraph():
+    model = randomize(tiny_squeezesam(), seed=18).eval()
+    optimized, _ = linattn.optimize(model, backend="reference")
+    x = torch.randn(1, 5, 16, 16, generator=torch.Generator().manual_seed(19))
+    torch._dynamo.reset()
+    # aot_eager: dynamo's full graph and AOTAutograd's trace through the custom ops, without inductor's
+    # C++ code generation (over a minute on this CI's two cores)
+    compiled = torch.compile(optimized, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), linattn.backend("reference"):
+        got = compiled(x)
+        want = model(x)
+    for g, w in zip(got, want):
+        assert_close(g, w, 1e-5, "compiled optimized SqueezeSAM")
+
+
+def test_squeezesam_size_and_shapes():
+    model = squeezesam()
+    assert sum(p.numel() for p in model.parameters()) == SQUEEZESAM_PARAMS
+    assert abs(SQUEEZESAM_PARAMS - 10e6) / 10e6 < 0.05  # "about 10 M" (DESIGN.md 5)
+    with torch.device("meta"):
+        model = squeezesam().eval()
+        masks, iou = model(torch.empty(2, 3, 512, 512), torch.empty(2, 1, 512, 512), torch.empty(2, 1, 512, 512))
+        fused = model.fuse_inputs(torch.empty(2, 5, 512, 512))
+    assert masks.shape == (2, 3, 256, 256) and iou.shape == (2, 3)
+    assert fused.shape == (2, 5, 512, 512)
+    widths = [level[0].out_channels for level in model.down]
+    assert widths == [64, 128, 128, 128, 128, 164, 256, 256]
