@@ -52,7 +52,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["linattn", "linattn.ops", "linattn.nn", "linattn.kernels", "linattn.benchmarks"],
+    packages=["linattn", "linattn.ops", "linattn.nn", "linattn.models", "linattn.kernels", "linattn.benchmarks"],
     package_dir={"linattn.kernels": "kernels", "linattn.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
