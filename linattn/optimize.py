@@ -232,13 +232,14 @@ def _convert_lite_mla(module: nn.Module):
 
 
 def _is_conv_norm_act(module: nn.Module) -> bool:
-    names = set(module._modules)
-    return isinstance(getattr(module, "conv", None), nn.Conv2d) and {"conv", "norm", "act"} <= names <= {
-        "dropout",
-        "conv",
-        "norm",
-        "act",
-    }
+    """Children within {dropout, conv, norm, act}, `norm` and `act` attributes (None allowed: EfficientViT's
+    ConvLayer keeps an absent norm/act as a plain None attribute)."""
+    return (
+        isinstance(getattr(module, "conv", None), nn.Conv2d)
+        and set(module._modules) <= {"dropout", "conv", "norm", "act"}
+        and hasattr(module, "norm")
+        and hasattr(module, "act")
+    )
 
 
 def _convert_conv_norm_act(module: nn.Module):
