@@ -146,7 +146,9 @@ class LiteMLA(nn.Module):
 
     Shape: (B, C_in, H, W) -> (B, C_out, H, W), NCHW or channels_last. Maps of more than `dim`
     tokens run `linattn.lite_mla_context` (backend chosen by `linattn.set_backend`); smaller ones
-    EfficientViT's quadratic attention on `linattn.multiscale_aggregate`'s output.
+    EfficientViT's quadratic attention on `linattn.multiscale_aggregate`'s output,
+    unless `quadratic_small_maps` is False (`from_module` sets it so for timm's module, which is
+    always linear).
     """
 
     def __init__(
