@@ -159,12 +159,12 @@ def test_forward_small_input(variant):
 @pytest.mark.parametrize("variant, size", [("l1", 192), ("l2", 64)])
 def test_backbone_matches_timm(variant, size):
     """timm's efficientvit_l* (a port of the same official backbone): same parameter order and shapes, and the
-    same features once its weights are copied in (eps values copied: they differ between the ports). Run in
-    float64, but timm computes the attention in float32, hence the 1e-6 tolerance. At 192 the last stage is 6x6
-    (36 tokens > 32: linear attention), at 64 it is 2x2 (EfficientViT's quadratic path for tiny maps)."""
+    same features once its weights are copied in (eps values copied: they differ between the ports). In fp32
+    (float64 grouped convs are very slow on CPU); the two sum in different orders, hence 1e-4. At 192 the last
+    stage is 6x6 (36 tokens > 32: linear attention), at 64 it is 2x2 (EfficientViT's quadratic path)."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(1)
-    ref = timm.create_model(f"efficientvit_{variant}", pretrained=False).eval().double()
+    ref = timm.create_model(f"efficientvit_{variant}", pretrained=False).eval()
     state = {k: v for k, v in ref.state_dict().items() if not k.startswith("head.")}
     for key, value in state.items():  # non-trivial BatchNorm statistics
         if key.endswith("running_var"):
@@ -175,7 +175,7 @@ def test_backbone_matches_timm(variant, size):
             value.uniform_(0.5, 1.5)
     ref.load_state_dict(state, strict=False)
 
-    ours = efficientvit_sam_encoder(variant).backbone.eval().double()
+    ours = efficientvit_sam_encoder(variant).backbone.eval()
     own = ours.state_dict()
     assert [tuple(v.shape) for v in own.values()] == [tuple(v.shape) for v in state.values()]
     ours.load_state_dict(dict(zip(own, state.values())), strict=True)
@@ -188,12 +188,13 @@ def test_backbone_matches_timm(variant, size):
     for a, b in zip(ref_mlas, our_mlas, strict=True):
         b.eps = a.eps
 
-    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         expected = ref.forward_features(x)
         got = ours(x)["stage_final"]
     assert got.shape == expected.shape
-    assert ((got - expected).norm() / expected.norm()).item() < 1e-6
+    err = ((got - expected).norm() / expected.norm()).item()
+    assert err < 1e-4, err
 
 
 # ----------------------------------------------------------------------------------------------
