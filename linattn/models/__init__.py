@@ -3,6 +3,7 @@
 from .checkpoint import CheckpointMismatchError, load_checkpoint
 from .efficientsam import efficientsam_encoder, efficientsam_preprocess
 from .efficientvit_sam import efficientvit_sam_encoder, preprocess
+from .squeezesam import SqueezeSAM, squeezesam
 
 __all__ = [
     "CheckpointMismatchError",
@@ -11,4 +12,6 @@ __all__ = [
     "efficientvit_sam_encoder",
     "load_checkpoint",
     "preprocess",
+    "SqueezeSAM",
+    "squeezesam",
 ]
