@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend can run each op here")
     sub.add_parser("check", help="run every op on every available backend against the reference")
-    sub.add_parser("bench", help="benchmark the ops (see `python -m linattn bench --help`)", add_help=False)
+    sub.add_parser(
+        "bench",
+        help="end-to-end encoder benchmark, eager vs linattn.optimize (see `python -m linattn bench --help`)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         info()
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from ._check import check
 
         return 0 if check(_device()) else 1
-    from .benchmarks.bench_linear_attention import main as bench
+    from .benchmarks.bench_e2e import main as bench
 
     bench(rest)
     return 0

@@ -14,7 +14,12 @@ Patterns recognised by structure, not by class name, while walking the module tr
   `FusedSequential`: the same children under the same indices (so the same state_dict keys),
   run as fused `ConvBNAct` blocks;
 - SqueezeSAM's upsampling (children `linear` (1x1 Conv2d), `act`, `shuffle` (PixelShuffle(2)),
-  `norm` (BatchNorm2d)) -> `FusedUpsampleBlock`, one `linattn.upsample_block` call.
+  `norm` (BatchNorm2d)) -> `FusedUpsampleBlock`, one `linattn.upsample_block` call;
+- EfficientViT's residual blocks (children `main`, an identity `shortcut`, no `pre_norm` / `post_act`;
+  official, timm and ours) whose main is one of EfficientViT's conv blocks (MBConv, FusedMBConv,
+  ResBlock / timm's ConvBlock, DSConv: their forward runs the children in order) made only of fused
+  ConvBNActs -> `FusedResidualBlock`: the add is the last block's residual epilogue (one tensor
+  fewer written and read).
 
 Candidates that cannot be fused (dropout p > 0, GroupNorm or another norm, an unsupported
 activation, a conv subclass with its own forward, padding modes) are left as they are and the
@@ -38,13 +43,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import reference
 from ._backend import BACKENDS, get_backend, set_backend
-from .nn.conv_bn_act import ConvBNAct, activation_name
+from .nn._cache import EvalConstants
+from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, fold_sources
 from .nn.lite_mla import LiteMLA
 from .ops.conv_bn_act import upsample_block
 
-__all__ = ["FusedSequential", "FusedUpsampleBlock", "OptimizeReport", "optimize"]
+__all__ = ["FusedResidualBlock", "FusedSequential", "FusedUpsampleBlock", "OptimizeReport", "optimize"]
+
+# EfficientViT's conv blocks (official names and timm's): their forward applies the children in order
+SEQUENTIAL_BLOCKS = ("MBConv", "FusedMBConv", "ResBlock", "ConvBlock", "DSConv")
 
 
 # --- report ---
@@ -146,7 +154,13 @@ class FusedSequential(nn.Sequential):
         return x
 
 
-class FusedUpsampleBlock(nn.Module):
+def _shuffled_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """A BatchNorm after a 2x pixel shuffle as (scale, shift) in the pre-shuffle channel order."""
+    scale, shift = bn_affine(bn)
+    return scale.repeat_interleave(4), shift.repeat_interleave(4)
+
+
+class FusedUpsampleBlock(EvalConstants):
     """SqueezeSAM's upsampling (1x1 linear -> act -> pixel shuffle 2 -> BatchNorm2d) as `linattn.upsample_block`.
 
     Keeps the source's children `linear`, `norm` (and so its state_dict keys). Eval: one kernel, the
@@ -167,11 +181,31 @@ class FusedUpsampleBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w, b, bn = self.linear.weight.flatten(1), self.linear.bias, self.norm
         if bn is not None and not self.training and bn.running_mean is not None:
-            gamma, beta = (bn.weight, bn.bias) if bn.affine else (None, None)
-            scale, shift = reference.bn_affine(bn.running_mean, bn.running_var, gamma, beta, bn.eps)
-            return upsample_block(x, w, b, scale.repeat_interleave(4), shift.repeat_interleave(4), self.act)
+            scale, shift = self.eval_constants(fold_sources(None, bn), lambda: _shuffled_affine(bn))
+            return upsample_block(x, w, b, scale, shift, self.act)
         y = upsample_block(x, w, b, act=self.act)
         return y if bn is None else bn(y)
+
+
+class FusedResidualBlock(nn.Module):
+    """main(x) + x for an EfficientViT conv block of ConvBNActs, the add fused into the last one.
+
+    Keeps the source's `main` (its children under their names) and `shortcut`, so state_dict keys
+    are unchanged.
+    """
+
+    def __init__(self, main: nn.Module, shortcut: nn.Module):
+        super().__init__()
+        self.main = main
+        self.shortcut = shortcut
+        self.train(main.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        *layers, last = self.main.children()
+        y = x
+        for layer in layers:
+            y = layer(y)
+        return last(y, residual=x)
 
 
 # --- recognisers: each returns (new module, detail) or raises _Skip(reason); None = not this pattern ---
@@ -271,6 +305,37 @@ def _convert_upsample(module: nn.Module):
     return FusedUpsampleBlock(conv, act, bn), f"{conv.in_channels} -> {conv.out_channels // 4}, {act}, BN"
 
 
+def _is_residual(module: nn.Module) -> bool:
+    return (
+        "main" in module._modules
+        and "shortcut" in module._modules
+        and set(module._modules)
+        <= {
+            "pre_norm",
+            "main",
+            "shortcut",
+            "post_act",
+        }
+    )
+
+
+def _convert_residual(module: nn.Module):
+    """Called after the children were converted."""
+    for extra in ("pre_norm", "post_act"):
+        if not isinstance(getattr(module, extra, None), (type(None), nn.Identity)):
+            raise _Skip(f"{extra} {type(getattr(module, extra)).__name__}")
+    if type(module.shortcut).__name__ not in ("Identity", "IdentityLayer"):
+        raise _Skip(f"shortcut {type(module.shortcut).__name__} is not an identity")
+    main = module.main
+    if isinstance(main, LiteMLA):
+        raise _Skip("main is the attention: its proj is a cuDNN 1x1 conv, the add stays a torch add")
+    if type(main).__name__ not in SEQUENTIAL_BLOCKS:
+        raise _Skip(f"main {type(main).__name__} is not one of {SEQUENTIAL_BLOCKS}")
+    if not all(isinstance(child, ConvBNAct) for child in main.children()):
+        raise _Skip(f"main {type(main).__name__} holds layers that were not fused")
+    return FusedResidualBlock(main, module.shortcut), f"{type(main).__name__} + identity"
+
+
 def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
     """The fusable runs of a Sequential's children: (start, stop, ConvBNAct)."""
     children = list(seq._modules.values())
@@ -310,7 +375,7 @@ def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
 
 def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module | None:
     """The fused replacement of `module` (its children converted first where it is not replaced), or None."""
-    if isinstance(module, (LiteMLA, ConvBNAct, FusedSequential, FusedUpsampleBlock)):
+    if isinstance(module, (LiteMLA, ConvBNAct, FusedSequential, FusedUpsampleBlock, FusedResidualBlock)):
         return None  # already linattn's
     for kind, matches, convert in (
         ("LiteMLA", _is_lite_mla, _convert_lite_mla),
@@ -331,6 +396,14 @@ def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module 
         new = _convert(child, f"{name}.{child_name}" if name else child_name, report)
         if new is not None:
             module._modules[child_name] = new
+    if _is_residual(module) and module.main is not None:
+        try:
+            new, detail = _convert_residual(module)
+        except _Skip as why:
+            report.skipped.append(Skipped(name, "residual", str(why)))
+            return None
+        report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
+        return new
     if type(module) is nn.Sequential:
         runs = _sequential_runs(module, name, report)
         if runs:

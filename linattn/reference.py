@@ -114,6 +114,21 @@ def efficientvit_lite_mla_attention(qkv: torch.Tensor, dim: int, eps: float = 1e
     return merge_heads(efficientvit_relu_linear_attention(q, k, v, eps), *qkv.shape[-2:])
 
 
+def relu_quadratic_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
+    """EfficientViT's path for maps of at most `dim` tokens: the (N x N) map relu(q) relu(k)^T, normalised over keys.
+
+    qkv: (B, G*3*dim, H, W) packed as in `lite_mla_attention`; returns (B, G*dim, H, W).
+    Computed in fp32 for fp16/bf16 inputs (fp64 stays fp64), cast back.
+    """
+    ct = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    with torch.autocast(qkv.device.type, enabled=False):
+        q, k, v = (t.to(ct) for t in split_packed_qkv(qkv, dim))
+        scores = F.relu(q) @ F.relu(k).transpose(-1, -2)  # (B, G, N queries, N keys)
+        scores = scores / (scores.sum(-1, keepdim=True) + eps)
+        out = merge_heads(scores @ v, *qkv.shape[-2:])
+    return out.to(qkv.dtype)
+
+
 def multiscale_aggregate(
     qkv: torch.Tensor,
     dw_weights: list[torch.Tensor],

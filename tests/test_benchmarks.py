@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from linattn.benchmarks import bench_conv_bn_act, bench_linear_attention, bench_lite_mla, bench_multiscale
+from linattn.benchmarks import bench_conv_bn_act, bench_e2e, bench_linear_attention, bench_lite_mla, bench_multiscale
 from linattn.benchmarks.common import (
     QUICK_LITE_MLA_STAGES,
     environment,
@@ -226,3 +226,42 @@ def test_totals_sum_over_shapes_both_timed():
     assert got["eager"]["ms"] == 8.0 and got["eager"]["shapes"] == 2 and got["eager"]["speedup_vs_eager"] == 1.0
     assert got["triton"]["ms"] == 1.0 and got["triton"]["speedup_vs_eager"] == 2.0
     assert got["triton"]["speedup_vs_compile"] is None
+
+
+def test_bench_e2e_quick(tmp_path, capsys):
+    argv = ["--quick", "--model", "squeezesam", "--providers", "eager", "linattn", "--out", str(tmp_path)]
+    returned = bench_e2e.main(argv)
+
+    rows = load_results(tmp_path / "e2e-quick-cpu.jsonl")
+    assert len(rows) == len(returned) == 2
+    assert [(r["model"], r["provider"], r["batch"], r["dtype"]) for r in rows] == [
+        ("squeezesam", "eager", 1, "fp32"),
+        ("squeezesam", "linattn", 1, "fp32"),
+    ]
+    for row in rows:
+        assert all(row[field] for field in ENV_FIELDS if field != "cuda"), row
+        assert row["input"] == "5x64x64" and row["backend"] == "reference", row
+        assert row["ms"] > 0 and row["img_s"] > 0 and row["lat_b1_ms"] == row["ms"], row
+        assert row["peak_mb"] is None and row["speedup_vs_eager"] > 0, row
+        assert row["rel_err"] < 1e-4, row
+        assert row["ops"] > 0 and row["act_bytes"] > 0 and row["ops_ratio"] > 0 and row["bytes_ratio"] > 0, row
+        assert row["top_ops"] and all(op["self_ms"] >= 0 and op["calls"] > 0 for op in row["top_ops"]), row
+    eager, fused = rows
+    assert eager["rel_err"] == 0 and eager["ops_ratio"] == eager["bytes_ratio"] == 1
+    assert fused["ops_ratio"] == fused["ops"] / eager["ops"] and "ConvBNAct" in fused["note"]
+    assert fused["ops_by_name"].get("linattn.conv_bn_act", 0) > 0  # a custom op is seen as one op
+    out = capsys.readouterr().out
+    assert "GPU numbers need a GPU" in out and "top ops by self time" in out
+    assert f"ops dispatched: eager {eager['ops']}, linattn {fused['ops']}" in out
+    assert "activation bytes written: eager" in out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "e2e-quick-cpu.png").stat().st_size > 0
+
+
+def test_bench_e2e_models_and_aliases():
+    assert set(bench_e2e.GPU_MODELS) <= set(bench_e2e.MODELS) and set(bench_e2e.CPU_MODELS) <= set(bench_e2e.MODELS)
+    assert {bench_e2e.resolve_model(a) for a in ("l0", "l1", "l2", "xl0", "xl1", "vitt", "vits")} <= set(
+        bench_e2e.MODELS
+    )
+    assert bench_e2e.make_input("squeezesam", 2, True, torch.device("cpu")).shape == (2, 5, 64, 64)
+    assert bench_e2e.make_input("efficientvit-sam-xl1", 1, False, torch.device("cpu")).shape == (1, 3, 1024, 1024)

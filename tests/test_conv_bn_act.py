@@ -595,3 +595,52 @@ def test_module_constructor_state_dict_and_errors():
         ConvBNAct.from_modules(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="padding_mode 'reflect'"):
         ConvBNAct.from_modules(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), None)
+
+
+@pytest.mark.parametrize("order", ["conv_bn_act", "conv_act_bn"])
+def test_module_eval_fold_is_cached_and_follows_the_parameters(order):
+    """Eval mode folds once; any change to the conv or BatchNorm (in place, loaded, trained, cast) refolds."""
+    case = (4, 6, 3, 1, 1, True, "relu", order)
+    seq, block = _pair_of_blocks(case, "cpu")
+    bn_index = "1" if order == "conv_bn_act" else "2"
+    seq.eval(), block.eval()
+    x = torch.randn(2, 4, 7, 5, generator=torch.Generator().manual_seed(4))
+
+    def check(what, dtype=torch.float32):
+        with torch.no_grad(), linattn.backend("reference"):
+            assert_close(block(x.to(dtype)), seq(x.to(dtype)), 1e-5, what)
+
+    check("first call")
+    folded = block.__dict__["_linattn_constants"][1]
+    check("second call")
+    assert all(a is b for a, b in zip(block.__dict__["_linattn_constants"][1], folded))  # reused, not refolded
+    seq.get_submodule(bn_index).running_var.mul_(2)
+    block.norm.running_var.mul_(2)
+    check("after running_var changed in place")
+    new_state = {k: torch.rand_like(v) + 0.5 if v.is_floating_point() else v for k, v in seq.state_dict().items()}
+    seq.load_state_dict(new_state)
+    block.load_state_dict({k.replace("0.", "conv.").replace(f"{bn_index}.", "norm."): v for k, v in new_state.items()})
+    check("after load_state_dict")
+    seq.train(), block.train()
+    with linattn.backend("reference"):
+        seq(x), block(x)  # running statistics move
+    seq.eval(), block.eval()
+    check("after a train step")
+    seq.double(), block.double()
+    check("after .double()", torch.float64)
+    # eval with autograd on trainable parameters: folded inline, gradients reach the conv and the BatchNorm
+    seq.float(), block.float()
+    with linattn.backend("reference"):
+        block(x).sum().backward()
+    seq(x).sum().backward()
+    assert_close(block.conv.weight.grad, seq[0].weight.grad, 1e-5, "eval grad weight")
+    assert_close(block.norm.weight.grad, seq.get_submodule(bn_index).weight.grad, 1e-5, "eval grad gamma")
+    # constants folded under inference_mode serve a later call whose input needs a gradient
+    block.requires_grad_(False), seq.requires_grad_(False)
+    with torch.inference_mode(), linattn.backend("reference"):
+        block(x)
+    xb, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with linattn.backend("reference"):
+        block(xb).sum().backward()
+    seq(xs).sum().backward()
+    assert_close(xb.grad, xs.grad, 1e-5, "eval grad x")

@@ -17,7 +17,7 @@ from linattn.models import (
     load_checkpoint,
     preprocess,
 )
-from linattn.models.efficientvit_sam import PIXEL_MEAN, PIXEL_STD, input_size, preprocess_shape
+from linattn.models.efficientvit_sam import PIXEL_MEAN, PIXEL_STD, LiteMLA, input_size, preprocess_shape
 
 EVIT_VARIANTS = ["l0", "l1", "l2", "xl0", "xl1"]
 
@@ -109,14 +109,14 @@ def test_official_key_names(variant):
     [("l0", 5, (4,)), ("l2", 5, (4,)), ("xl0", 3, (4, 5)), ("xl1", 3, (4, 5))],
 )
 def test_lite_mla_config(variant, scale, att_stages):
-    from linattn.nn import LiteMLA
-
     model = meta_encoder(variant)
     mlas = [(name, m) for name, m in model.named_modules() if isinstance(m, LiteMLA)]
     assert {int(name.split(".")[2]) for name, _ in mlas} == set(att_stages)
     for _, m in mlas:
-        assert m.dim == 32 and m.scales == (scale,)
-        assert m.heads == m.qkv.conv.in_channels // 32  # 16 at 512 channels, 32 at 1024
+        assert m.dim == 32 and m.eps == 1e-15 and isinstance(m.kernel_func, nn.ReLU)
+        assert len(m.aggreg) == 1 and m.aggreg[0][0].kernel_size == (scale, scale)
+        # 16 heads at 512 channels, 32 at 1024; grouped per head in the aggregation's 1x1 conv
+        assert m.aggreg[0][1].groups * 32 == 3 * m.qkv.conv.in_channels
         assert m.proj.norm.eps == 1e-6
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.eps == 1e-6 for m in bns)

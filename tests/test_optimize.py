@@ -15,9 +15,11 @@ from utils import assert_close, rel_err, tolerance
 
 import linattn
 from linattn._backend import unavailable
+from linattn.models import efficientvit_sam_encoder
+from linattn.models.efficientvit_sam import LiteMLA as EagerLiteMLA
 from linattn.models.squeezesam import SqueezeSAM, squeezesam
 from linattn.nn import ConvBNAct, LiteMLA
-from linattn.optimize import FusedSequential, FusedUpsampleBlock, OptimizeReport
+from linattn.optimize import FusedResidualBlock, FusedSequential, FusedUpsampleBlock, OptimizeReport
 
 timm_mit = pytest.importorskip("timm.models.efficientvit_mit", reason="timm is a test dependency (pip install timm)")
 
@@ -95,8 +97,12 @@ def test_report_on_timm_efficientvit():
     model = tiny_efficientvit()
     optimized, report = linattn.optimize(model)
     assert isinstance(report, OptimizeReport)
-    assert report.counts() == {"ConvBNAct": 22, "LiteMLA": 2}
-    assert not report.skipped
+    assert report.counts() == {"ConvBNAct": 22, "FusedResidualBlock": 3, "LiteMLA": 2}
+    # the attention's residual add stays; the MBConv residuals are fused
+    assert {s.name for s in report.skipped} == {f"stages.{i}.blocks.1.context_module" for i in (2, 3)}
+    assert all(s.kind == "residual" and "attention" in s.reason for s in report.skipped)
+    fused = optimized.stages[2].blocks[1].local_module
+    assert isinstance(fused, FusedResidualBlock) and type(fused.main).__name__ == "MBConv"
     names = {r.name: (r.old, r.new) for r in report.replaced}
     assert names["stages.2.blocks.1.context_module.main"] == ("LiteMLA", "LiteMLA")
     assert names["stem.in_conv"] == ("ConvNormAct", "ConvBNAct")
@@ -138,6 +144,25 @@ def test_report_on_squeezesam():
     assert [s.name for s in report.skipped] == ["patch_embed.0"]  # conv + GroupNorm
     assert isinstance(optimized.up[0].up, FusedUpsampleBlock)
     assert all(isinstance(level, FusedSequential) for level in optimized.down)
+    assert list(optimized.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("variant, attention", [("l0", 4), ("xl1", 12)])
+def test_report_on_efficientvit_sam(variant, attention):
+    with torch.device("meta"):
+        model = efficientvit_sam_encoder(variant)
+    optimized, report = linattn.optimize(model)
+    # every ConvLayer outside the attention becomes a ConvBNAct (those inside are LiteMLA's qkv and proj)
+    layers = [n for n, m in model.named_modules() if type(m).__name__ == "ConvLayer"]
+    blocks = sum(1 for n in layers if not n.endswith(("main.qkv", "main.proj")))
+    assert blocks == len(layers) - 2 * attention
+    # the residual blocks around MBConv / FusedMBConv / ResBlock with an identity shortcut
+    residual = sum(1 for m in model.modules() if type(m).__name__ == "ResidualBlock" and m.shortcut is not None)
+    assert report.counts() == {"ConvBNAct": blocks, "FusedResidualBlock": residual - attention, "LiteMLA": attention}
+    assert [s.kind for s in report.skipped] == ["residual"] * attention  # the attention's add
+    assert not any(isinstance(m, EagerLiteMLA) for m in optimized.modules())
+    mlas = [m for m in optimized.modules() if isinstance(m, LiteMLA)]
+    assert len(mlas) == attention and all(m.quadratic_small_maps for m in mlas)  # the official small-map path
     assert list(optimized.state_dict()) == list(model.state_dict())
 
 
@@ -198,6 +223,48 @@ def test_squeezesam_eval(backend, dtype):
     optimized, _ = linattn.optimize(model, backend=backend)
     x = torch.randn(1, 5, 32, 32, generator=torch.Generator().manual_seed(6))
     compare_eval(model, optimized, x, dtype, f"SqueezeSAM {dtype}, {backend}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_efficientvit_sam_l0_eval(dtype):
+    """Our eager encoder (official-style attention) against its optimized copy, full width. At 192 the
+    LiteMLA maps are 6x6 (36 tokens > dim 32: linear attention, the fused context op)."""
+    model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=20).eval()
+    optimized, _ = linattn.optimize(model, backend="reference")
+    x = torch.randn(1, 3, 192, 192, generator=torch.Generator().manual_seed(21))
+    compare_eval(model, optimized, x, dtype, f"EfficientViT-SAM l0 {dtype}")
+
+
+def test_efficientvit_sam_l0_small_maps():
+    """At 64 the LiteMLA maps are 2x2: EfficientViT's quadratic attention on the fused aggregation."""
+    model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=22).eval()
+    optimized, _ = linattn.optimize(model, backend="reference")
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(23))
+    compare_eval(model, optimized, x, torch.float32, "EfficientViT-SAM l0 64x64")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_efficientvit_sam_attention_block(backend):
+    """One full-width l0 attention block (512 channels, 16 heads of 32, scale 5) on a 6x6 map: the Triton
+    kernels under the interpreter (the whole encoder there takes minutes)."""
+    model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=28).eval()
+    block = model.backbone.stages[4].op_list[1].context_module
+    optimized, report = linattn.optimize(block, backend=backend)
+    assert report.counts() == {"LiteMLA": 1}
+    x = torch.randn(1, 512, 6, 6, generator=torch.Generator().manual_seed(29))
+    compare_eval(block, optimized, x, torch.float32, f"EfficientViT-SAM l0 attention block, {backend}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_timm_efficientvit_l1_eval(dtype):
+    """timm's efficientvit_l1 (random init), as the issue asks; 192x192: stage-4 maps 6x6, linear attention."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(24)
+    model = randomize(timm.create_model("efficientvit_l1", pretrained=False), seed=24).eval()
+    optimized, report = linattn.optimize(model, backend="reference")
+    assert report.counts()["LiteMLA"] == 6 and not any(isinstance(m, timm_mit.LiteMLA) for m in optimized.modules())
+    x = torch.randn(1, 3, 192, 192, generator=torch.Generator().manual_seed(25))
+    compare_eval(model, optimized, x, dtype, f"timm efficientvit_l1 {dtype}")
 
 
 def test_squeezesam_full_width_eval_small_input():
@@ -282,6 +349,18 @@ def test_compile_fullgraph():
         want = model(x)
     for g, w in zip(got, want):
         assert_close(g, w, 1e-5, "compiled optimized SqueezeSAM")
+
+
+def test_compile_fullgraph_efficientvit_sam():
+    model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=26).eval()
+    optimized, _ = linattn.optimize(model, backend="reference")
+    x = torch.randn(1, 3, 192, 192, generator=torch.Generator().manual_seed(27))
+    torch._dynamo.reset()
+    compiled = torch.compile(optimized, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), linattn.backend("reference"):
+        got = compiled(x)
+        want = model(x)
+    assert_close(got, want, 1e-5, "compiled optimized EfficientViT-SAM l0")
 
 
 def test_squeezesam_size_and_shapes():

@@ -13,10 +13,11 @@ checkpoint loads with strict=True (see `linattn.models.load_checkpoint`), e.g.
     neck.output_ops.0.op_list.0.conv.bias
     norm.weight
 
-The attention is `linattn.nn.LiteMLA` (fused multi-scale aggregation and ReLU
-linear attention); every other layer is a stock nn.Conv2d / nn.BatchNorm2d /
-nn.GELU(approximate="tanh"), grouped in ConvLayer containers (`conv`, `norm`,
-`act`) that `linattn.optimize` recognises. Norms use eps 1e-6, as the official
+Everything is eager PyTorch, as the official code computes it (the `eager`
+baseline of the benchmarks): stock nn.Conv2d / nn.BatchNorm2d /
+nn.GELU(approximate="tanh") grouped in ConvLayer containers (`conv`, `norm`,
+`act`), and the official LiteMLA's attention; `linattn.optimize` recognises
+both and swaps in the fused modules. Norms use eps 1e-6, as the official
 SAM model zoo sets them.
 
 Input (B, 3, 512, 512) for L, (B, 3, 1024, 1024) for XL, normalised with SAM's
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import LiteMLA
+from .. import reference
 
 __all__ = [
     "PIXEL_MEAN",
@@ -197,12 +198,53 @@ class OpSequential(nn.Module):
         return x
 
 
+class LiteMLA(nn.Module):
+    """The official LiteMLA as the SAM encoders configure it, in eager PyTorch (what `linattn.optimize` replaces).
+
+    qkv (1x1 conv) -> cat([qkv, aggreg[i](qkv) ...]) (depthwise kxk, then 1x1 with 3*heads groups) -> ReLU
+    linear attention per head of `dim` channels (EfficientViT's quadratic attention for maps of at most
+    `dim` tokens) -> proj (1x1 conv, BatchNorm). No biases, no activations; heads = in_channels // dim.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dim: int = 32, scales: tuple[int, ...] = (5,)):
+        super().__init__()
+        heads = in_channels // dim
+        total_dim = heads * dim
+        self.dim = dim
+        self.eps = 1.0e-15
+        self.qkv = ConvLayer(in_channels, 3 * total_dim, 1, norm=False, act=False)
+        self.aggreg = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(3 * total_dim, 3 * total_dim, k, padding=k // 2, groups=3 * total_dim, bias=False),
+                nn.Conv2d(3 * total_dim, 3 * total_dim, 1, groups=3 * heads, bias=False),
+            )
+            for k in scales
+        )
+        self.kernel_func = nn.ReLU()
+        self.proj = ConvLayer(total_dim * (1 + len(scales)), out_channels, 1, norm=True, act=False)
+
+    def relu_quadratic_att(self, qkv: Tensor) -> Tensor:
+        return reference.relu_quadratic_attention(qkv, self.dim, self.eps)
+
+    def relu_linear_att(self, qkv: Tensor) -> Tensor:
+        # EfficientViT computes fp16 in fp32 (its bf16 matmuls stay bf16, the division in fp32)
+        wide = qkv.float() if qkv.dtype == torch.float16 else qkv
+        return reference.efficientvit_lite_mla_attention(wide, self.dim, self.eps).to(qkv.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        qkv = self.qkv(x)
+        qkv = torch.cat([qkv] + [op(qkv) for op in self.aggreg], dim=1)
+        H, W = qkv.shape[-2:]
+        out = self.relu_linear_att(qkv) if H * W > self.dim else self.relu_quadratic_att(qkv)
+        return self.proj(out)
+
+
 class EfficientViTBlock(nn.Module):
     """context_module = x + LiteMLA(x); local_module = x + MBConv(x) (biased 1x1 and depthwise, BN last)."""
 
     def __init__(self, channels: int, dim: int = 32, expand_ratio: float = 4.0, scales: tuple[int, ...] = (5,)):
         super().__init__()
-        attention = LiteMLA(channels, channels, dim=dim, norm=(None, "bn2d"), scales=scales, norm_eps=NORM_EPS)
+        attention = LiteMLA(channels, channels, dim=dim, scales=scales)
         self.context_module = ResidualBlock(attention, IdentityLayer())
         local = MBConv(
             channels,

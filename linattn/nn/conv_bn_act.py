@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops.conv_bn_act import ACTIVATIONS, conv_bn_act, fold_bn
+from ._cache import EvalConstants
 
 __all__ = ["ConvBNAct"]
 
@@ -59,7 +60,19 @@ def _int_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
-class ConvBNAct(nn.Module):
+def fold_sources(conv: nn.Module | None, bn: nn.Module) -> list[Tensor | None]:
+    """The tensors an eval-mode fold of `bn` (into `conv`, when given) reads."""
+    conv_params = [] if conv is None else [conv.weight, conv.bias]
+    return conv_params + [bn.running_mean, bn.running_var, bn.weight, bn.bias]
+
+
+def bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as a per-channel (scale, shift)."""
+    gamma, beta = (bn.weight, bn.bias) if bn.affine else (None, None)
+    return reference.bn_affine(bn.running_mean, bn.running_var, gamma, beta, bn.eps)
+
+
+class ConvBNAct(EvalConstants):
     """conv -> BN -> act (order "conv_bn_act") or conv -> act -> BN ("conv_act_bn"), optionally + residual.
 
     Args:
@@ -137,15 +150,9 @@ class ConvBNAct(nn.Module):
             return conv_bn_act(x, conv.weight, conv.bias, *geometry, act=act, residual=residual)
         if not self.training and bn.running_mean is not None:  # eval: BN is a fixed affine, fused
             if self.order == "conv_bn_act":
-                weight, bias = fold_bn(conv, bn)
+                weight, bias = self.eval_constants(fold_sources(conv, bn), lambda: fold_bn(conv, bn))
                 return conv_bn_act(x, weight, bias, *geometry, act=act, residual=residual)
-            scale, shift = reference.bn_affine(
-                bn.running_mean,
-                bn.running_var,
-                bn.weight if bn.affine else None,
-                bn.bias if bn.affine else None,
-                bn.eps,
-            )
+            scale, shift = self.eval_constants(fold_sources(None, bn), lambda: bn_affine(bn))
             return conv_bn_act(x, conv.weight, conv.bias, *geometry, act, scale, shift, residual)
         # train (or BN without running statistics): batch statistics, running statistics updated
         if self.order == "conv_bn_act":

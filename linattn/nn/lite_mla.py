@@ -12,12 +12,13 @@ never written), the projection 1x1 conv with its BatchNorm folded in eval mode.
 import copy
 from functools import partial
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
 from ..ops import fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
+from ._cache import EvalConstants
+from .conv_bn_act import fold_sources
 
 __all__ = ["LiteMLA"]
 
@@ -68,7 +69,7 @@ def _foldable(norm: nn.Module) -> bool:
     )
 
 
-class _ConvLayer(nn.Module):
+class _ConvLayer(EvalConstants):
     """EfficientViT's ConvLayer for LiteMLA's 1x1 stages: `conv`, then `norm` and `act` when configured (else None).
 
     In eval mode a BatchNorm `norm` is folded into the conv (one conv call); in
@@ -85,7 +86,7 @@ class _ConvLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         conv, norm = self.conv, self.norm
         if norm is not None and not self.training and _foldable(norm):
-            weight, bias = fold_bn(conv, norm)
+            weight, bias = self.eval_constants(fold_sources(conv, norm), lambda: fold_bn(conv, norm))
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         else:
             x = conv(x)
@@ -94,21 +95,6 @@ class _ConvLayer(nn.Module):
         if self.act is not None:
             x = self.act(x)
         return x
-
-
-def _relu_quadratic_attention(qkv: Tensor, dim: int, eps: float) -> Tensor:
-    """EfficientViT's path for maps of at most `dim` tokens: the (N x N) map relu(q) relu(k)^T, normalised over keys.
-
-    qkv: (B, G*3*dim, H, W) packed as in `linattn.lite_mla_attention`; returns (B, G*dim, H, W).
-    Computed in fp32 for fp16/bf16 inputs (fp64 stays fp64), cast back.
-    """
-    ct = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    with torch.autocast(qkv.device.type, enabled=False):
-        q, k, v = (t.to(ct) for t in reference.split_packed_qkv(qkv, dim))
-        scores = F.relu(q) @ F.relu(k).transpose(-1, -2)  # (B, G, N queries, N keys)
-        scores = scores / (scores.sum(-1, keepdim=True) + eps)
-        out = reference.merge_heads(scores @ v, *qkv.shape[-2:])
-    return out.to(qkv.dtype)
 
 
 def _copy_stage_module(module: nn.Module | None) -> nn.Module | None:
@@ -207,7 +193,7 @@ class LiteMLA(nn.Module):
         dtype = qkv.dtype  # under autocast the weights may be wider than qkv; the ops take one dtype
 
         def cast(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(dtype)
+            return t if t is None or t.dtype == dtype else t.to(dtype)
 
         dws = [cast(agg[0].weight) for agg in self.aggreg]
         pws = [cast(agg[1].weight) for agg in self.aggreg]
@@ -219,7 +205,7 @@ class LiteMLA(nn.Module):
                 return lite_mla_attention(qkv, self.dim, self.eps)
             return lite_mla_context(qkv, dws, pws, self.heads, self.dim, self.eps, dbs, pbs)
         multi_scale = multiscale_aggregate(qkv, dws, pws, self.heads, dbs, pbs) if dws else qkv
-        return _relu_quadratic_attention(multi_scale, self.dim, self.eps)
+        return reference.relu_quadratic_attention(multi_scale, self.dim, self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_channels, H, W) -> (B, out_channels, H, W)."""

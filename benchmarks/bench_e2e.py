@@ -1,0 +1,393 @@
+"""End-to-end benchmark of the SAM encoders, eager against linattn.optimize (what `python -m linattn bench` runs).
+
+    python -m linattn bench                       # on a GPU: xl1, l0, squeezesam, vitt at batch 16 in bf16
+    python -m linattn bench --model l0 xl1 --batch 16 --dtype bf16 fp16 --providers eager linattn-compile
+    python benchmarks/bench_e2e.py --quick        # tiny inputs: checks the harness in seconds, numbers not kept
+
+Models (DESIGN.md 5; random weights, BatchNorm running statistics randomised so that folding matters), each at
+its native input size: efficientvit-sam-l0/l1/l2 512x512, efficientvit-sam-xl0/xl1 1024x1024, efficientsam-vitt/
+vits 1024x1024, squeezesam 512x512 with its 5-channel input (image, box mask, click map). Short names: l0 .. xl1,
+vitt, vits. Providers (eval mode, torch.inference_mode):
+  eager                 the reference encoder (linattn.models) as it is
+  compile               torch.compile of it (default mode)
+  compile-max-autotune  torch.compile of it, mode="max-autotune" (slow to compile)
+  linattn               linattn.optimize(model, backend=--backend)
+  linattn-compile       torch.compile of the optimized model (run under `linattn.backend(--backend)`)
+Defaults: on a GPU every provider, the four models of the issue, batch 16, bf16, backend auto. Without a GPU a
+short run: eager and linattn (reference backend), efficientvit-sam-l0 and squeezesam, batch 1, fp32.
+
+Per model and provider: img_s (batch / time), lat_b1_ms (batch-1 latency; the same run when the batch is 1),
+peak_mb (CUDA max_memory_allocated during one call beyond what was live before it; "-" on CPU), speedups over
+eager / compile / max-autotune, rel_err (max |out - ref| / max |ref| over the outputs, ref = the eager model in
+fp32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by self
+time, printed for eager and linattn). For eager and linattn (not compiled) a TorchDispatchMode counts the ops
+dispatched in one call (`ops`) and the bytes of the tensors they produce (`act_bytes`; view ops excluded, since
+they write nothing). A custom op (`linattn::conv_bn_act`) counts as one op with its outputs: the mode does not
+see inside it. The issue's CPU target: linattn at most 40% of eager's ops and at most half its bytes.
+
+Rows are appended to <out>/e2e*.jsonl (+ .csv) with the environment (-cpu and -quick files stay out of git);
+the plot (images/s per provider and model) is drawn from that file.
+"""
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from tqdm.auto import tqdm
+
+import linattn
+from linattn.benchmarks.common import (
+    COMPILE_MODES,
+    DTYPES,
+    SPEEDUP_BASELINES,
+    add_speedups,
+    announce,
+    compiled,
+    error_line,
+    parse_benchmark_args,
+    progress,
+    report,
+    result_name,
+    speedup_column,
+    time_ms,
+)
+from linattn.models import efficientsam_encoder, efficientvit_sam_encoder, squeezesam
+
+NAME = "e2e"
+PROVIDERS = ("eager", "compile", "compile-max-autotune", "linattn", "linattn-compile")
+CPU_PROVIDERS = ("eager", "linattn")
+GPU_MODELS = ("efficientvit-sam-xl1", "efficientvit-sam-l0", "squeezesam", "efficientsam-vitt")
+CPU_MODELS = ("efficientvit-sam-l0", "squeezesam")
+COUNTED = ("eager", "linattn")  # providers whose dispatched ops and bytes are counted (compiled graphs are opaque)
+PROFILED = ("eager", "linattn")  # providers whose profile is printed (every provider's is saved)
+TARGET_OPS, TARGET_BYTES = 0.40, 0.50  # the issue's CPU target: linattn / eager
+TABLE = (
+    "model",
+    "dtype",
+    "batch",
+    "provider",
+    "ms",
+    "img_s",
+    "lat_b1_ms",
+    "peak_mb",
+    *map(speedup_column, SPEEDUP_BASELINES),
+    "rel_err",
+    "ops",
+    "act_mb",
+    "note",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[bool], nn.Module]  # build(quick)
+    size: int  # native input side
+    quick_size: int  # --quick input side
+    channels: int = 3
+
+
+def _efficientvit(variant: str, size: int, quick_size: int) -> ModelSpec:
+    # quick: the neck's maps follow the input size (the official 64x64 needs the native input)
+    build = lambda quick: efficientvit_sam_encoder(variant, embed_size=None if quick else 64)
+    return ModelSpec(build, size, quick_size)
+
+
+MODELS = {
+    **{f"efficientvit-sam-{v}": _efficientvit(v, 512, 64) for v in ("l0", "l1", "l2")},
+    **{f"efficientvit-sam-{v}": _efficientvit(v, 1024, 128) for v in ("xl0", "xl1")},
+    "squeezesam": ModelSpec(lambda quick: squeezesam(), 512, 64, channels=5),
+    **{f"efficientsam-{v}": ModelSpec(lambda quick, v=v: efficientsam_encoder(v), 1024, 64) for v in ("vitt", "vits")},
+}
+ALIASES = {**{v: f"efficientvit-sam-{v}" for v in ("l0", "l1", "l2", "xl0", "xl1")}, "vitt": "efficientsam-vitt"}
+ALIASES["vits"] = "efficientsam-vits"
+
+
+def build_model(name: str, quick: bool) -> nn.Module:
+    """The encoder `name` in fp32 eval mode, seeded weights, BatchNorm running statistics away from identity."""
+    torch.manual_seed(0)
+    model = MODELS[name].build(quick).eval().requires_grad_(False)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def make_input(name: str, batch: int, quick: bool, device: torch.device) -> torch.Tensor:
+    """A normalised random image batch at the model's size; SqueezeSAM's carries a box mask and a click disk."""
+    spec = MODELS[name]
+    side = spec.quick_size if quick else spec.size
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, side, side, generator=gen)
+    if spec.channels == 5:
+        box = torch.zeros(batch, 1, side, side)
+        box[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1
+        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        click = (((ys - side // 2) ** 2 + (xs - side // 2) ** 2) <= (side // 32 + 1) ** 2).float()
+        x = torch.cat([x, box, click.expand(batch, 1, side, side)], 1)
+    return x.to(device)
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def errors(out, ref) -> dict:
+    """Worst max |out - ref| and max |out - ref| / max |ref| over the output tensors (in float64)."""
+    row = {"max_abs_err": 0.0, "rel_err": 0.0}
+    for got, want in zip(_outputs(out), _outputs(ref), strict=True):
+        diff = (got.double() - want.double()).abs().max().item()
+        row["max_abs_err"] = max(row["max_abs_err"], diff)
+        row["rel_err"] = max(row["rel_err"], diff / max(want.double().abs().max().item(), 1e-30))
+    return row
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten (and custom) ops dispatched and the bytes of the tensors they produce (views excluded).
+
+    The mode is off while an op it intercepted runs, so a custom op is one op: its internals are not seen.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes, self.per_op = 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        name = str(func.overloadpacket)
+        self.per_op[name] = self.per_op.get(name, 0) + 1
+        if not getattr(func, "is_view", False):
+            self.bytes += sum(t.numel() * t.element_size() for t in _outputs(out))
+        return out
+
+
+def count_ops(fn: Callable) -> dict:
+    with OpCounter() as counter:
+        fn()
+    top = sorted(counter.per_op.items(), key=lambda kv: -kv[1])[:10]
+    return {"ops": counter.ops, "act_bytes": counter.bytes, "act_mb": counter.bytes / 2**20, "ops_by_name": dict(top)}
+
+
+def profile_ops(fn: Callable, device: torch.device, top: int = 10) -> list[dict]:
+    """torch.profiler over one call: the `top` ops by self time (device time on CUDA), with their share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def self_us(event) -> float:
+        if device.type == "cuda":
+            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        return event.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    events.sort(key=self_us, reverse=True)
+    return [
+        {"op": e.key, "self_ms": self_us(e) / 1e3, "calls": e.count, "pct": 100 * self_us(e) / total}
+        for e in events[:top]
+    ]
+
+
+def cpu_time_ms(fn: Callable, budget_s: float = 2.0, max_runs: int = 20) -> float:
+    """Median of at least 2 timed calls (after the caller's warm-up), more while they fit in `budget_s`.
+
+    Lighter than common.time_ms's CPU timer: a whole encoder takes seconds per call on a small CPU.
+    """
+    start = time.perf_counter()
+    fn()
+    times = [time.perf_counter() - start]
+    runs = max(2, min(max_runs, int(budget_s / max(times[0], 1e-9))))
+    for _ in range(runs - 1):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def timed_ms(fn: Callable, device: torch.device) -> float:
+    return time_ms(fn, device) if device.type == "cuda" else cpu_time_ms(fn)
+
+
+def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, str | None]:
+    """(callable module, note) of `provider` on the eager `model` (already in the run's dtype and device)."""
+    if provider == "eager":
+        return model, None
+    if provider in COMPILE_MODES:
+        return compiled(model, provider), None
+    optimized, rep = linattn.optimize(model, backend=backend)
+    fused = ", ".join(f"{n} {k}" for k, n in rep.counts().items())
+    note = f"optimize: {fused or 'nothing replaced'}" + (f"; {len(rep.skipped)} left" if rep.skipped else "")
+    if provider == "linattn":
+        return optimized, note
+    return compiled(optimized, "compile"), note  # linattn-compile
+
+
+def run_case(name, dtype_name, batch, providers, args, device, bar) -> list[dict]:
+    """Every provider on one model, dtype and batch size."""
+    dtype = DTYPES[dtype_name]
+    model32 = build_model(name, args.quick).to(device)
+    x32 = make_input(name, batch, args.quick, device)
+    with torch.inference_mode():
+        ref = model32(x32)  # eager fp32: every provider's error is against this
+    model = model32 if dtype == torch.float32 else copy.deepcopy(model32).to(dtype)
+    x = x32.to(dtype)
+
+    def backend_ctx():  # a fresh context per call (linattn.backend is a one-shot context manager)
+        return linattn.backend(args.backend) if args.backend != "auto" else contextlib.nullcontext()
+
+    case = f"{name} {dtype_name} B{batch}"
+    rows = []
+    for provider in providers:
+        bar.set_postfix_str(f"{case} {provider}")
+        row = {"model": name, "dtype": dtype_name, "batch": batch, "case": case, "provider": provider}
+        row |= {"input": f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}", "backend": args.backend, "ms": None}
+        row |= {"peak_mb": None, "note": None}
+        try:
+            module, row["note"] = prepare(provider, model, args.backend)
+
+            def call(inp=x, module=module):
+                with torch.inference_mode(), backend_ctx():
+                    return module(inp)
+
+            row |= errors(call(), ref)  # first call: compiles / warms up, outside the timed region
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                call()
+                torch.cuda.synchronize(device)
+                row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            row["ms"] = timed_ms(call, device)
+            row["img_s"] = batch * 1e3 / row["ms"]
+            if batch == 1:
+                row["lat_b1_ms"] = row["ms"]
+            else:
+                one = x[:1].clone()
+                call(one)  # a compiled module recompiles for the new shape here
+                row["lat_b1_ms"] = timed_ms(lambda one=one, call=call: call(one), device)
+            row["top_ops"] = profile_ops(call, device, args.top_ops)
+            if provider in COUNTED:
+                row |= count_ops(call)
+        except Exception as err:  # a provider that fails (compiler, OOM, kernel) is one line; the run goes on
+            row["ms"] = None
+            row["note"] = f"failed: {error_line(err)}"
+            tqdm.write(f"{case} {provider}: {error_line(err)}")
+        rows.append(row)
+        bar.update()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    add_speedups(rows, by="case")
+    eager = next((r for r in rows if r["provider"] == "eager" and r.get("ops")), None)
+    for row in rows:
+        if eager and row.get("ops") is not None:
+            row["ops_ratio"] = row["ops"] / eager["ops"]
+            row["bytes_ratio"] = row["act_bytes"] / eager["act_bytes"]
+    return rows
+
+
+def print_profiles(rows: list[dict]) -> None:
+    for row in rows:
+        if row["provider"] in PROFILED and row.get("top_ops"):
+            print(f"\n{row['case']} {row['provider']}: top ops by self time (one call)")
+            for op in row["top_ops"]:
+                print(f"  {op['self_ms']:10.2f} ms {op['pct']:5.1f}%  {op['calls']:5d}x  {op['op']}")
+
+
+def dispatch_lines(rows: list[dict]) -> list[str]:
+    """ "ops dispatched: eager N, linattn M (M/N %)" and the same for bytes, per case with both counted."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = {r["provider"]: r for r in rows if r["case"] == case and r.get("ops") is not None}
+        if "eager" not in mine or "linattn" not in mine:
+            continue
+        e, f = mine["eager"], mine["linattn"]
+        ops_ok = "meets" if f["ops_ratio"] <= TARGET_OPS else "misses"
+        bytes_ok = "meets" if f["bytes_ratio"] <= TARGET_BYTES else "misses"
+        lines.append(
+            f"{case}: ops dispatched: eager {e['ops']}, linattn {f['ops']} ({100 * f['ops_ratio']:.0f} %; "
+            f"target <= {100 * TARGET_OPS:.0f} %: {ops_ok})"
+        )
+        lines.append(
+            f"{case}: activation bytes written: eager {e['act_mb']:.1f} MiB, linattn {f['act_mb']:.1f} MiB "
+            f"({100 * f['bytes_ratio']:.0f} %; target <= {100 * TARGET_BYTES:.0f} %: {bytes_ok})"
+        )
+    return lines
+
+
+def resolve_model(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m linattn bench",
+        description=__doc__.split("\n\n")[0]
+        + " Per-op kernel benchmarks: python benchmarks/bench_{linear_attention,lite_mla,multiscale,conv_bn_act}.py.",
+    )
+    names = [*MODELS, *ALIASES]
+    parser.add_argument("--model", nargs="+", help=f"some of {', '.join(names)} (default: {', '.join(GPU_MODELS)} "
+                        f"on GPU; {', '.join(CPU_MODELS)} on CPU)")  # fmt: skip
+    parser.add_argument("--batch", type=int, help="batch size (default: 16 on GPU, 1 on CPU)")
+    parser.add_argument("--dtype", nargs="+", help=f"some of {', '.join(DTYPES)} (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--providers", nargs="+", help=f"some of {', '.join(PROVIDERS)} (default: all on GPU; "
+                        f"{', '.join(CPU_PROVIDERS)} on CPU)")  # fmt: skip
+    parser.add_argument("--backend", choices=linattn.BACKENDS, help="linattn backend (default: auto; reference on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--top-ops", type=int, default=10, help="ops kept from each profile (default 10)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder of the result files and plot")
+    parser.add_argument("--quick", action="store_true", help="tiny inputs (64x64, XL 128x128): checks the harness")
+    args = parse_benchmark_args(parser, argv, dtype=DTYPES, providers=PROVIDERS, model=names)
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        print(
+            "No GPU: a short CPU run (by default eager and linattn on the reference backend, "
+            f"{' and '.join(CPU_MODELS)}, batch 1, fp32). GPU numbers need a GPU: run `python -m linattn bench` "
+            "on a CUDA machine for the compiled providers, bf16 at batch 16 and the issue's throughput targets."
+        )
+    models = [resolve_model(m) for m in args.model] if args.model else list(GPU_MODELS if on_gpu else CPU_MODELS)
+    models = list(dict.fromkeys(models))
+    providers = args.providers or list(PROVIDERS if on_gpu else CPU_PROVIDERS)
+    dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])
+    batch = args.batch or (16 if on_gpu else 1)
+    args.backend = args.backend or ("auto" if on_gpu else "reference")
+
+    env, _ = announce(device)
+    start = time.perf_counter()
+    rows = []
+    with progress(len(models) * len(dtypes) * len(providers), NAME) as bar:
+        for name in models:
+            for dtype_name in dtypes:
+                rows += run_case(name, dtype_name, batch, providers, args, device, bar)
+    print_profiles(rows)
+    print()
+    plot = {"x": "model", "y": "img_s", "panel_rows": "batch", "hline": None, "ylabel": "images/s"}
+    saved = [{k: v for k, v in row.items() if k != "case"} for row in rows]
+    report(saved, TABLE, args.out, result_name(NAME, args.quick, device), env, **plot)
+    for line in dispatch_lines(rows):
+        print(line)
+    print(f"bench: {time.perf_counter() - start:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

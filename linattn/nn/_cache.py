@@ -1,0 +1,48 @@
+"""Eval-mode constants derived from parameters (folded BatchNorms), computed once per parameter state.
+
+Folding a BatchNorm costs a handful of small ops; done on every forward it would dispatch more ops
+than the fused block saves (a launch each on a GPU). The result is kept on the module and reused
+while its sources are unchanged.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+_SLOT = "_linattn_constants"
+
+
+class EvalConstants(nn.Module):
+    """Mixin for modules that fold parameters in eval mode: `self.eval_constants(sources, compute)`."""
+
+    def train(self, mode: bool = True):
+        # BatchNorm updates its running statistics in train mode without bumping their version
+        # counters, so any mode switch (model.train() / model.eval()) drops what was folded
+        self.__dict__.pop(_SLOT, None)
+        return super().train(mode)
+
+    def eval_constants(self, sources: Sequence[Tensor | None], compute: Callable[[], tuple]) -> tuple:
+        """compute() (tensors derived from `sources`), cached on the module until a source changes.
+
+        A source changes when it is replaced, moved, cast or modified in place (load_state_dict, an
+        optimizer step), seen in the key of each source's identity, storage address and version counter,
+        or when the module's mode is switched. Computed inline, not cached, while torch.compile traces
+        (the compiler sees the arithmetic), while autograd needs the sources' gradients, and for
+        inference-mode sources (they have no version counter).
+        """
+        live = [t for t in sources if t is not None]
+        if (
+            torch.compiler.is_compiling()
+            or any(t.is_inference() for t in live)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in live))
+        ):
+            return compute()
+        key = tuple((id(t), t.data_ptr(), t._version) for t in live)
+        cached = self.__dict__.get(_SLOT)
+        if cached is None or cached[0] != key:
+            # normal tensors even under torch.inference_mode, so a later call with autograd on can use them
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (key, compute())
+            self.__dict__[_SLOT] = cached
+        return cached[1]
