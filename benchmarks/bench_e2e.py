@@ -18,7 +18,7 @@ short run: eager and linattn (reference backend), efficientvit-sam-l0 and squeez
 
 Per model and provider: img_s (batch / time), lat_b1_ms (batch-1 latency; the same run when the batch is 1),
 peak_mb (CUDA max_memory_allocated during one call beyond what was live before it; "-" on CPU), speedups over
-eager / compile / max-autotune, rel_err (max |out - ref| / max |ref| over the outputs, ref = the eager model in
+eager / compile / max-autotune, rel_err (||out - ref|| / ||ref||, the worst over the outputs, ref = the eager model in
 fp32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by self
 time, printed for eager and linattn). For eager and linattn (not compiled) a TorchDispatchMode counts the ops
 dispatched in one call (`ops`) and the bytes of the tensors they produce (`act_bytes`; view ops excluded, since
@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 import linattn
@@ -52,11 +51,15 @@ from linattn.benchmarks.common import (
     announce,
     compiled,
     error_line,
+    errors,
     parse_benchmark_args,
+    peak_mb,
     progress,
     report,
     result_name,
+    run_device,
     speedup_column,
+    tensors,
     time_ms,
 )
 from linattn.models import efficientsam_encoder, efficientvit_sam_encoder, squeezesam
@@ -137,20 +140,6 @@ def make_input(name: str, batch: int, quick: bool, device: torch.device) -> torc
     return x.to(device)
 
 
-def _outputs(out) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def errors(out, ref) -> dict:
-    """Worst max |out - ref| and max |out - ref| / max |ref| over the output tensors (in float64)."""
-    row = {"max_abs_err": 0.0, "rel_err": 0.0}
-    for got, want in zip(_outputs(out), _outputs(ref), strict=True):
-        diff = (got.double() - want.double()).abs().max().item()
-        row["max_abs_err"] = max(row["max_abs_err"], diff)
-        row["rel_err"] = max(row["rel_err"], diff / max(want.double().abs().max().item(), 1e-30))
-    return row
-
-
 class OpCounter(TorchDispatchMode):
     """Counts the aten (and custom) ops dispatched and the bytes of the tensors they produce (views excluded).
 
@@ -167,7 +156,7 @@ class OpCounter(TorchDispatchMode):
         name = str(func.overloadpacket)
         self.per_op[name] = self.per_op.get(name, 0) + 1
         if not getattr(func, "is_view", False):
-            self.bytes += sum(t.numel() * t.element_size() for t in _outputs(out))
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors(out))
         return out
 
 
@@ -264,13 +253,7 @@ def run_case(name, dtype_name, batch, providers, args, device, bar) -> list[dict
                     return module(inp)
 
             row |= errors(call(), ref)  # first call: compiles / warms up, outside the timed region
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                before = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                call()
-                torch.cuda.synchronize(device)
-                row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            row["peak_mb"] = peak_mb(call, device)
             row["ms"] = timed_ms(call, device)
             row["img_s"] = batch * 1e3 / row["ms"]
             if batch == 1:
@@ -356,14 +339,12 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
-        print(
-            "No GPU: a short CPU run (by default eager and linattn on the reference backend, "
-            f"{' and '.join(CPU_MODELS)}, batch 1, fp32). GPU numbers need a GPU: run `python -m linattn bench` "
-            "on a CUDA machine for the compiled providers, bf16 at batch 16 and the issue's throughput targets."
-        )
+    device, on_gpu = run_device(
+        args,
+        f"a short CPU run (by default eager and linattn on the reference backend, {' and '.join(CPU_MODELS)}, "
+        "batch 1, fp32)",
+        "the compiled providers, bf16 at batch 16 and the throughput targets",
+    )
     models = [resolve_model(m) for m in args.model] if args.model else list(GPU_MODELS if on_gpu else CPU_MODELS)
     models = list(dict.fromkeys(models))
     providers = args.providers or list(PROVIDERS if on_gpu else CPU_PROVIDERS)

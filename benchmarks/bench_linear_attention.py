@@ -37,6 +37,7 @@ from linattn.benchmarks.common import (
     plot_results,
     print_table,
     progress,
+    run_device,
     save_results,
     time_ms,
 )
@@ -256,14 +257,11 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
-        print(
-            "No GPU: by default a short CPU run (eager and reference, fp32, batch 1, 32 heads, N 256 and 1024). "
-            "GPU numbers need a GPU: run this on a CUDA machine for the compile, triton and cuda providers, "
-            "fp16/bf16 and the full shape table."
-        )
+    device, on_gpu = run_device(
+        args,
+        "by default a short CPU run (eager and reference, fp32, batch 1, 32 heads, N 256 and 1024)",
+        "the compile, triton and cuda providers, fp16/bf16 and the full shape table",
+    )
     shapes_of = QUICK_SHAPES if args.quick else GPU_SHAPES if on_gpu else CPU_SHAPES
     batch = args.batch or shapes_of["batch"]
     shapes = [Shape(batch, h, *hw) for h in shapes_of["heads"] for hw in shapes_of["maps"]]

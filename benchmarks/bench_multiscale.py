@@ -52,6 +52,7 @@ from linattn.benchmarks.common import (
     progress,
     report,
     result_name,
+    run_device,
     run_providers,
     speedup_column,
 )
@@ -188,14 +189,11 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
-        print(
-            "No GPU: by default a short CPU run (eager and reference, fp32, forward, the L-model stage at batch 1). "
-            "GPU numbers need a GPU: run this on a CUDA machine for the compile, triton and cuda providers, "
-            "fp16/bf16 and DESIGN.md 5's LiteMLA shapes."
-        )
+    device, on_gpu = run_device(
+        args,
+        "by default a short CPU run (eager and reference, fp32, forward, the L-model stage at batch 1)",
+        "the compile, triton and cuda providers, fp16/bf16 and DESIGN.md 5's LiteMLA shapes",
+    )
     shapes = lite_mla_run_shapes(args, on_gpu)
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])
     providers = args.providers or list(GPU_PROVIDERS if on_gpu else CPU_PROVIDERS)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -35,19 +36,23 @@ __all__ = [
     "copy_bandwidth_gbs",
     "environment",
     "error_line",
+    "errors",
     "lite_mla_run_shapes",
     "lite_mla_shapes",
     "load_results",
     "measure",
     "parse_benchmark_args",
+    "peak_mb",
     "plot_results",
     "print_table",
     "progress",
     "report",
     "result_name",
+    "run_device",
     "run_providers",
     "save_results",
     "speedup_column",
+    "tensors",
     "time_ms",
     "totals",
 ]
@@ -160,6 +165,15 @@ def copy_bandwidth_gbs(device: torch.device | str) -> float:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return _copy_bandwidth_gbs(device)
+
+
+def run_device(args, cpu_run: str, gpu_run: str) -> tuple[torch.device, bool]:
+    """(device of --device, whether it is a GPU); without one, says what the CPU run covers and what needs a GPU."""
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        print(f"No GPU: {cpu_run}. GPU numbers need a GPU: run this on a CUDA machine for {gpu_run}.")
+    return device, on_gpu
 
 
 def announce(device: torch.device) -> tuple[dict, float]:
@@ -450,18 +464,31 @@ def parse_benchmark_args(parser, argv, **choices: Sequence[str]):
     return args
 
 
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+def tensors(out) -> list[torch.Tensor]:
+    """The tensors of an output: a tensor, or any nesting of tuples, lists and dicts of them."""
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _errors(out, ref) -> dict:
+def errors(out, ref) -> dict:
     """Worst max |out - ref| and ||out - ref|| / ||ref|| over the tensors of `out` (computed in float64)."""
     row = {"max_abs_err": 0.0, "rel_err": 0.0}
-    for got, want in zip(_as_list(out), _as_list(ref), strict=True):
-        diff = got.double() - want
+    for got, want in zip(tensors(out), tensors(ref), strict=True):
+        diff = got.double() - want.double()
         row["max_abs_err"] = max(row["max_abs_err"], diff.abs().max().item())
-        row["rel_err"] = max(row["rel_err"], (diff.norm() / want.norm()).item())
+        row["rel_err"] = max(row["rel_err"], (diff.norm() / want.double().norm()).item())
     return row
+
+
+def peak_mb(fn: Callable, device: torch.device) -> float | None:
+    """MiB that one call of `fn` allocates on a CUDA device beyond what was live before it (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def measure(fn: Callable, ref, nbytes: int, device: torch.device, cuda_graph: bool = False) -> dict:
@@ -472,16 +499,9 @@ def measure(fn: Callable, ref, nbytes: int, device: torch.device, cuda_graph: bo
     over the tensors. peak_mb is what one call allocates beyond what is live before
     it (output included; CUDA only). GB/s counts `nbytes` per call.
     """
-    # first call compiles / autotunes, outside the timed region; its outputs are dropped (by _errors returning)
+    # first call compiles / autotunes, outside the timed region; its outputs are dropped (by errors returning)
     # before the next call may reuse their memory (CUDA graphs)
-    row = {**_errors(fn(), ref), "peak_mb": None}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    row = {**errors(fn(), ref), "peak_mb": peak_mb(fn, device)}
     notes = []
     ms = time_ms(fn, device, cuda_graph=cuda_graph, notes=notes)
     timer = "perf_counter" if device.type != "cuda" else ("cuda_graph" if cuda_graph and not notes else "do_bench")

@@ -48,5 +48,9 @@ step bench-lite-mla python benchmarks/bench_lite_mla.py --out "$OUT/results" ${M
 # CONV_BENCH_ARGS="--models squeezesam --dtype fp16 bf16 --batch 16", or "--shapes l0.s3 sq.up8 --providers eager triton").
 CONV_DEFAULT="--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager eager-folded compile compile-max-autotune triton cuda"
 step bench-conv-bn-act python benchmarks/bench_conv_bn_act.py --out "$OUT/results" ${CONV_BENCH_ARGS-$CONV_DEFAULT}
+# the end-to-end encoders (python -m linattn bench: xl1, l0, squeezesam, efficientsam-vitt at B=16 in bf16, every
+# provider). compile-max-autotune of a whole encoder takes minutes: under a per-call time limit split it by model,
+# e.g. STEPS=bench-e2e E2E_BENCH_ARGS="--model xl1", then "--model l0 squeezesam vitt".
+step bench-e2e python -m linattn bench --out "$OUT/results" ${E2E_BENCH_ARGS-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
 echo "summary: ${status[*]}" | tee "$OUT/summary.txt"

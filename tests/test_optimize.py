@@ -336,31 +336,27 @@ def test_train_gradients_small(backend):
 # --- compile, size ---
 
 
-def test_compile_fullgraph():
-    model = randomize(tiny_squeezesam(), seed=18).eval()
+COMPILE_CASES = {  # model, input shape
+    "SqueezeSAM": (tiny_squeezesam, (1, 5, 16, 16)),
+    "EfficientViT-SAM l0": (lambda: efficientvit_sam_encoder("l0", embed_size=None), (1, 3, 192, 192)),
+}
+
+
+@pytest.mark.parametrize("name", COMPILE_CASES)
+def test_compile_fullgraph(name):
+    build, shape = COMPILE_CASES[name]
+    model = randomize(build(), seed=18).eval()
     optimized, _ = linattn.optimize(model, backend="reference")
-    x = torch.randn(1, 5, 16, 16, generator=torch.Generator().manual_seed(19))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(19))
     torch._dynamo.reset()
     # aot_eager: dynamo's full graph and AOTAutograd's trace through the custom ops, without inductor's
     # C++ code generation (over a minute on this CI's two cores)
     compiled = torch.compile(optimized, fullgraph=True, backend="aot_eager")
     with torch.no_grad(), linattn.backend("reference"):
-        got = compiled(x)
-        want = model(x)
-    for g, w in zip(got, want):
-        assert_close(g, w, 1e-5, "compiled optimized SqueezeSAM")
-
-
-def test_compile_fullgraph_efficientvit_sam():
-    model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=26).eval()
-    optimized, _ = linattn.optimize(model, backend="reference")
-    x = torch.randn(1, 3, 192, 192, generator=torch.Generator().manual_seed(27))
-    torch._dynamo.reset()
-    compiled = torch.compile(optimized, fullgraph=True, backend="aot_eager")
-    with torch.no_grad(), linattn.backend("reference"):
-        got = compiled(x)
-        want = model(x)
-    assert_close(got, want, 1e-5, "compiled optimized EfficientViT-SAM l0")
+        got = outputs(compiled(x))
+        want = outputs(model(x))
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, 1e-5, f"compiled optimized {name}")
 
 
 def test_squeezesam_size_and_shapes():
