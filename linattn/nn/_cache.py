@@ -27,7 +27,8 @@ class EvalConstants(nn.Module):
 
         A source changes when it is replaced, moved, cast or modified in place (load_state_dict, an
         optimizer step), seen in the key of each source's identity, storage address and version counter,
-        or when the module's mode is switched. Computed inline, not cached, while torch.compile traces
+        or when the module's mode is switched. Writes through `.data` (which has its own version
+        counter) are not seen: call `.eval()` again after them. Computed inline, not cached, while torch.compile traces
         (the compiler sees the arithmetic), while autograd needs the sources' gradients, and for
         inference-mode sources (they have no version counter).
         """
