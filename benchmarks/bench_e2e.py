@@ -72,6 +72,12 @@ CPU_MODELS = ("efficientvit-sam-l0", "squeezesam")
 COUNTED = ("eager", "linattn")  # providers whose dispatched ops and bytes are counted (compiled graphs are opaque)
 PROFILED = ("eager", "linattn")  # providers whose profile is printed (every provider's is saved)
 TARGET_OPS, TARGET_BYTES = 0.40, 0.50  # the issue's CPU target: linattn / eager
+# the issue's GPU targets (an H100, bf16, batch 16), met by the faster of linattn and linattn-compile
+TARGETS = {
+    "efficientvit-sam-xl1": {"img_s": 500, "speedup_vs_eager": 2.5, "speedup_vs_max_autotune": 1.25},
+    "efficientvit-sam-l0": {"img_s": 2000},
+    "squeezesam": {"speedup_vs_eager": 2.0},
+}
 TABLE = (
     "model",
     "dtype",
@@ -311,6 +317,26 @@ def dispatch_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def target_lines(rows: list[dict]) -> list[str]:
+    """Per bf16 batch-16 case with a target: the faster linattn provider against each target."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case]
+        model, dtype, batch = mine[0]["model"], mine[0]["dtype"], mine[0]["batch"]
+        fused = [r for r in mine if r["provider"].startswith("linattn") and r.get("ms") is not None]
+        if model not in TARGETS or dtype != "bf16" or batch != 16 or not fused:
+            continue
+        best = max(fused, key=lambda r: r["img_s"])
+        parts = []
+        for key, goal in TARGETS[model].items():
+            got = best.get(key)
+            show = (lambda v: f"{v:.0f}") if key == "img_s" else (lambda v: f"{v:.2f}x")
+            verdict = "not measured" if got is None else f"{show(got)}: {'meets' if got >= goal else 'misses'}"
+            parts.append(f"{key} >= {show(goal)} ({verdict})")
+        lines.append(f"{case} targets (H100), {best['provider']}: " + "; ".join(parts))
+    return lines
+
+
 def resolve_model(name: str) -> str:
     return ALIASES.get(name, name)
 
@@ -364,7 +390,7 @@ def main(argv=None) -> list[dict]:
     plot = {"x": "model", "y": "img_s", "panel_rows": "batch", "hline": None, "ylabel": "images/s"}
     saved = [{k: v for k, v in row.items() if k != "case"} for row in rows]
     report(saved, TABLE, args.out, result_name(NAME, args.quick, device), env, **plot)
-    for line in dispatch_lines(rows):
+    for line in dispatch_lines(rows) + target_lines(rows):
         print(line)
     print(f"bench: {time.perf_counter() - start:.0f} s")
     return rows

@@ -265,3 +265,24 @@ def test_bench_e2e_models_and_aliases():
     )
     assert bench_e2e.make_input("squeezesam", 2, True, torch.device("cpu")).shape == (2, 5, 64, 64)
     assert bench_e2e.make_input("efficientvit-sam-xl1", 1, False, torch.device("cpu")).shape == (1, 3, 1024, 1024)
+
+
+def test_bench_e2e_target_lines():
+    def row(model, provider, img_s, **speedups):
+        return {"case": f"{model} bf16 B16", "model": model, "dtype": "bf16", "batch": 16, "provider": provider,
+                "ms": 16e3 / img_s, "img_s": img_s, **speedups}  # fmt: skip
+
+    rows = [
+        row("efficientvit-sam-xl1", "eager", 200, speedup_vs_eager=1.0),
+        row("efficientvit-sam-xl1", "linattn", 450, speedup_vs_eager=2.25, speedup_vs_max_autotune=1.1),
+        row("efficientvit-sam-xl1", "linattn-compile", 600, speedup_vs_eager=3.0, speedup_vs_max_autotune=None),
+        row("efficientvit-sam-l0", "linattn", 2500),
+        row("efficientsam-vitt", "linattn", 900),  # no target
+    ]
+    lines = bench_e2e.target_lines(rows)
+    assert len(lines) == 2
+    assert lines[0].startswith("efficientvit-sam-xl1 bf16 B16 targets (H100), linattn-compile:")
+    assert "img_s >= 500 (600: meets)" in lines[0] and "speedup_vs_eager >= 2.50x (3.00x: meets)" in lines[0]
+    assert "speedup_vs_max_autotune >= 1.25x (not measured)" in lines[0]
+    assert lines[1] == "efficientvit-sam-l0 bf16 B16 targets (H100), linattn: img_s >= 2000 (2500: meets)"
+    assert bench_e2e.target_lines([{**r, "dtype": "fp32"} for r in rows]) == []  # targets are bf16 at batch 16
