@@ -19,7 +19,7 @@ short run: eager and linattn (reference backend), efficientvit-sam-l0 and squeez
 Per model and provider: img_s (batch / time), lat_b1_ms (batch-1 latency; the same run when the batch is 1),
 peak_mb (CUDA max_memory_allocated during one call beyond what was live before it; "-" on CPU), speedups over
 eager / compile / max-autotune, rel_err (||out - ref|| / ||ref||, the worst over the outputs, ref = the eager model in
-fp32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by self
+fp32 without TF32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by self
 time, printed for eager and linattn). For eager and linattn (not compiled) a TorchDispatchMode counts the ops
 dispatched in one call (`ops`) and the bytes of the tensors they produce (`act_bytes`; view ops excluded, since
 they write nothing). A custom op (`linattn::conv_bn_act`) counts as one op with its outputs: the mode does not
@@ -231,12 +231,23 @@ def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, st
     return compiled(optimized, "compile"), note  # linattn-compile
 
 
+@contextlib.contextmanager
+def _without_tf32():
+    """True fp32 for the reference: cuDNN convs default to TF32 (about 1e-3 relative) on Ampere and later."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def run_case(name, dtype_name, batch, providers, args, device, bar) -> list[dict]:
     """Every provider on one model, dtype and batch size."""
     dtype = DTYPES[dtype_name]
     model32 = build_model(name, args.quick).to(device)
     x32 = make_input(name, batch, args.quick, device)
-    with torch.inference_mode():
+    with torch.inference_mode(), _without_tf32():
         ref = model32(x32)  # eager fp32: every provider's error is against this
     model = model32 if dtype == torch.float32 else copy.deepcopy(model32).to(dtype)
     x = x32.to(dtype)

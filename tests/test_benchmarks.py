@@ -229,24 +229,30 @@ def test_totals_sum_over_shapes_both_timed():
 
 
 def test_bench_e2e_quick(tmp_path, capsys):
-    argv = ["--quick", "--model", "squeezesam", "--providers", "eager", "linattn", "--out", str(tmp_path)]
+    argv = ["--quick", "--model", "squeezesam", "l0", "--providers", "eager", "linattn", "--out", str(tmp_path)]
     returned = bench_e2e.main(argv)
 
     rows = load_results(tmp_path / "e2e-quick-cpu.jsonl")
-    assert len(rows) == len(returned) == 2
+    assert len(rows) == len(returned) == 4
     assert [(r["model"], r["provider"], r["batch"], r["dtype"]) for r in rows] == [
         ("squeezesam", "eager", 1, "fp32"),
         ("squeezesam", "linattn", 1, "fp32"),
+        ("efficientvit-sam-l0", "eager", 1, "fp32"),
+        ("efficientvit-sam-l0", "linattn", 1, "fp32"),
     ]
     for row in rows:
         assert all(row[field] for field in ENV_FIELDS if field != "cuda"), row
-        assert row["input"] == "5x64x64" and row["backend"] == "reference", row
+        assert row["input"] == ("5x64x64" if row["model"] == "squeezesam" else "3x64x64"), row
+        assert row["backend"] == "reference", row
         assert row["ms"] > 0 and row["img_s"] > 0 and row["lat_b1_ms"] == row["ms"], row
         assert row["peak_mb"] is None and row["speedup_vs_eager"] > 0, row
         assert row["rel_err"] < 1e-4, row
         assert row["ops"] > 0 and row["act_bytes"] > 0 and row["ops_ratio"] > 0 and row["bytes_ratio"] > 0, row
         assert row["top_ops"] and all(op["self_ms"] >= 0 and op["calls"] > 0 for op in row["top_ops"]), row
-    eager, fused = rows
+    l0_fused = rows[3]
+    assert l0_fused["ops_ratio"] < 1 and l0_fused["bytes_ratio"] < 1  # fusion dispatches and writes less
+    assert "4 LiteMLA" in l0_fused["note"] and "FusedResidualBlock" in l0_fused["note"]
+    eager, fused = rows[:2]
     assert eager["rel_err"] == 0 and eager["ops_ratio"] == eager["bytes_ratio"] == 1
     assert fused["ops_ratio"] == fused["ops"] / eager["ops"] and "ConvBNAct" in fused["note"]
     assert fused["ops_by_name"].get("linattn.conv_bn_act", 0) > 0  # a custom op is seen as one op
