@@ -223,7 +223,7 @@ def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, st
         return model, None
     if provider in COMPILE_MODES:
         return compiled(model, provider), None
-    optimized, rep = linattn.optimize(model, backend=backend)
+    optimized, rep = linattn.optimize(model, backend=backend, return_report=True)
     fused = ", ".join(f"{n} {k}" for k, n in rep.counts().items())
     note = f"optimize: {fused or 'nothing replaced'}" + (f"; {len(rep.skipped)} left" if rep.skipped else "")
     if provider == "linattn":

@@ -433,8 +433,10 @@ class _BackendHooks:
             set_backend(self.saved.pop())
 
 
-def optimize(model: nn.Module, backend: str = "auto", inplace: bool = False) -> tuple[nn.Module, OptimizeReport]:
-    """Swap linattn's fused modules into `model`; returns (model, report).
+def optimize(
+    model: nn.Module, backend: str = "auto", inplace: bool = False, return_report: bool = False
+) -> nn.Module | tuple[nn.Module, OptimizeReport]:
+    """Swap linattn's fused modules into `model`; returns the optimized model, or (model, report).
 
     Args:
         model: any nn.Module (EfficientViT / timm efficientvit_mit models, SqueezeSAM, ...).
@@ -442,6 +444,7 @@ def optimize(model: nn.Module, backend: str = "auto", inplace: bool = False) -> 
             eager forward runs under ("auto" leaves the global setting alone). See the module docstring
             for torch.compile.
         inplace: modify `model` itself; by default a deep copy is optimized and `model` is untouched.
+        return_report: also return an `OptimizeReport`: what was replaced, what was left alone and why.
 
     The optimized model computes the same function: in eval mode BatchNorms are folded into the
     convs (or become the epilogue for conv -> act -> BN); in train mode the BatchNorms keep batch
@@ -462,4 +465,4 @@ def optimize(model: nn.Module, backend: str = "auto", inplace: bool = False) -> 
         hooks = _BackendHooks(backend)
         model.register_forward_pre_hook(hooks.pre)
         model.register_forward_hook(hooks.post, always_call=True)
-    return model, report
+    return (model, report) if return_report else model

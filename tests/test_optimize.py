@@ -95,7 +95,7 @@ def compare_eval(model, optimized, x, dtype, what):
 
 def test_report_on_timm_efficientvit():
     model = tiny_efficientvit()
-    optimized, report = linattn.optimize(model)
+    optimized, report = linattn.optimize(model, return_report=True)
     assert isinstance(report, OptimizeReport)
     assert report.counts() == {"ConvBNAct": 22, "FusedResidualBlock": 3, "LiteMLA": 2}
     # the attention's residual add stays; the MBConv residuals are fused
@@ -125,7 +125,7 @@ def test_report_left_alone_with_reasons():
         nn.BatchNorm2d(8),  # conv -> act -> BN
         nn.Conv2d(8, 8, 1),  # lone conv: not a candidate
     )
-    optimized, report = linattn.optimize(model)
+    optimized, report = linattn.optimize(model, return_report=True)
     reasons = {s.name: s.reason for s in report.skipped}
     assert "dropout (p=0.1)" in reasons["0"]
     assert "ELU" in reasons["1"]
@@ -138,7 +138,7 @@ def test_report_left_alone_with_reasons():
 
 def test_report_on_squeezesam():
     model = squeezesam()
-    optimized, report = linattn.optimize(model)
+    optimized, report = linattn.optimize(model, return_report=True)
     # 8 encoder + 7 decoder DoubleConvs of 2 conv -> ReLU -> BN runs each, 7 upsample blocks
     assert report.counts() == {"ConvBNAct": 30, "FusedUpsampleBlock": 7}
     assert [s.name for s in report.skipped] == ["patch_embed.0"]  # conv + GroupNorm
@@ -151,7 +151,7 @@ def test_report_on_squeezesam():
 def test_report_on_efficientvit_sam(variant, attention):
     with torch.device("meta"):
         model = efficientvit_sam_encoder(variant)
-    optimized, report = linattn.optimize(model)
+    optimized, report = linattn.optimize(model, return_report=True)
     # every ConvLayer outside the attention becomes a ConvBNAct (those inside are LiteMLA's qkv and proj)
     layers = [n for n, m in model.named_modules() if type(m).__name__ == "ConvLayer"]
     blocks = sum(1 for n in layers if not n.endswith(("main.qkv", "main.proj")))
@@ -169,20 +169,21 @@ def test_report_on_efficientvit_sam(variant, attention):
 def test_inplace_semantics():
     model = timm_blocks()
     before = copy.deepcopy(model.state_dict())
-    optimized, _ = linattn.optimize(model)
-    assert optimized is not model and isinstance(model[1], timm_mit.LiteMLA)  # copy: model untouched
+    optimized = linattn.optimize(model)  # DESIGN.md 2: the default returns the model alone
+    assert isinstance(optimized, nn.Module) and optimized is not model
+    assert isinstance(model[1], timm_mit.LiteMLA)  # a copy was optimized: the model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    optimized, _ = linattn.optimize(model, inplace=True)
+    optimized = linattn.optimize(model, inplace=True)
     assert isinstance(model[1], LiteMLA) and isinstance(model[0], ConvBNAct)  # children swapped in place
     assert isinstance(optimized, FusedSequential)  # the root Sequential itself holds a run: a new root
     assert optimized[1] is model[1]
-    again, report = linattn.optimize(optimized)
+    again, report = linattn.optimize(optimized, return_report=True)
     assert not report.replaced  # already optimized: nothing to do
 
 
 def test_backend_argument():
     model = timm_blocks().eval()
-    optimized, report = linattn.optimize(model, backend="reference")
+    optimized, report = linattn.optimize(model, backend="reference", return_report=True)
     assert report.backend == "reference"
     seen = []
     optimized[1].register_forward_pre_hook(lambda m, a: seen.append(linattn.get_backend()))
@@ -200,7 +201,7 @@ def test_backend_argument():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_timm_efficientvit_eval_fp32_bf16(backend):
     model = randomize(tiny_efficientvit(), seed=1).eval()
-    optimized, _ = linattn.optimize(model, backend=backend)
+    optimized = linattn.optimize(model, backend=backend)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # LiteMLA maps 2x2 and 1x1
     compare_eval(model, optimized, x, torch.float32, f"timm EfficientVit fp32, {backend}")
     if backend == "reference":  # bf16 on the interpreter is covered by the smaller models below
@@ -211,7 +212,7 @@ def test_timm_efficientvit_eval_fp32_bf16(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_timm_blocks_eval(backend, dtype):
     model = randomize(timm_blocks(), seed=3).eval()
-    optimized, _ = linattn.optimize(model, backend=backend)
+    optimized = linattn.optimize(model, backend=backend)
     x = torch.randn(2, 4, 7, 9, generator=torch.Generator().manual_seed(4))
     compare_eval(model, optimized, x, dtype, f"timm blocks {dtype}, {backend}")
 
@@ -220,7 +221,7 @@ def test_timm_blocks_eval(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_squeezesam_eval(backend, dtype):
     model = randomize(tiny_squeezesam(), seed=5).eval()
-    optimized, _ = linattn.optimize(model, backend=backend)
+    optimized = linattn.optimize(model, backend=backend)
     x = torch.randn(1, 5, 32, 32, generator=torch.Generator().manual_seed(6))
     compare_eval(model, optimized, x, dtype, f"SqueezeSAM {dtype}, {backend}")
 
@@ -230,7 +231,7 @@ def test_efficientvit_sam_l0_eval(dtype):
     """Our eager encoder (official-style attention) against its optimized copy, full width. At 192 the
     LiteMLA maps are 6x6 (36 tokens > dim 32: linear attention, the fused context op)."""
     model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=20).eval()
-    optimized, _ = linattn.optimize(model, backend="reference")
+    optimized = linattn.optimize(model, backend="reference")
     x = torch.randn(1, 3, 192, 192, generator=torch.Generator().manual_seed(21))
     compare_eval(model, optimized, x, dtype, f"EfficientViT-SAM l0 {dtype}")
 
@@ -238,7 +239,7 @@ def test_efficientvit_sam_l0_eval(dtype):
 def test_efficientvit_sam_l0_small_maps():
     """At 64 the LiteMLA maps are 2x2: EfficientViT's quadratic attention on the fused aggregation."""
     model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=22).eval()
-    optimized, _ = linattn.optimize(model, backend="reference")
+    optimized = linattn.optimize(model, backend="reference")
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(23))
     compare_eval(model, optimized, x, torch.float32, "EfficientViT-SAM l0 64x64")
 
@@ -249,7 +250,7 @@ def test_efficientvit_sam_attention_block(backend):
     kernels under the interpreter (the whole encoder there takes minutes)."""
     model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=28).eval()
     block = model.backbone.stages[4].op_list[1].context_module
-    optimized, report = linattn.optimize(block, backend=backend)
+    optimized, report = linattn.optimize(block, backend=backend, return_report=True)
     assert report.counts() == {"LiteMLA": 1}
     x = torch.randn(1, 512, 6, 6, generator=torch.Generator().manual_seed(29))
     compare_eval(block, optimized, x, torch.float32, f"EfficientViT-SAM l0 attention block, {backend}")
@@ -261,7 +262,7 @@ def test_timm_efficientvit_l1_eval(dtype):
     timm = pytest.importorskip("timm")
     torch.manual_seed(24)
     model = randomize(timm.create_model("efficientvit_l1", pretrained=False), seed=24).eval()
-    optimized, report = linattn.optimize(model, backend="reference")
+    optimized, report = linattn.optimize(model, backend="reference", return_report=True)
     assert report.counts()["LiteMLA"] == 6 and not any(isinstance(m, timm_mit.LiteMLA) for m in optimized.modules())
     x = torch.randn(1, 3, 192, 192, generator=torch.Generator().manual_seed(25))
     compare_eval(model, optimized, x, dtype, f"timm efficientvit_l1 {dtype}")
@@ -269,7 +270,7 @@ def test_timm_efficientvit_l1_eval(dtype):
 
 def test_squeezesam_full_width_eval_small_input():
     model = randomize(squeezesam(), seed=7).eval()
-    optimized, _ = linattn.optimize(model, backend="reference")
+    optimized = linattn.optimize(model, backend="reference")
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
     box = torch.zeros(1, 1, 64, 64)
     box[..., 8:40, 16:48] = 1
@@ -314,7 +315,7 @@ def compare_train(model, optimized, x, what):
 
 def test_timm_efficientvit_train_reference():
     model = randomize(tiny_efficientvit(), seed=12)
-    optimized, _ = linattn.optimize(model, backend="reference")
+    optimized = linattn.optimize(model, backend="reference")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(13))
     compare_train(model, optimized, x, "timm EfficientVit")
 
@@ -322,13 +323,13 @@ def test_timm_efficientvit_train_reference():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_gradients_small(backend):
     model = randomize(timm_blocks(), seed=14)
-    optimized, _ = linattn.optimize(model, backend=backend)
+    optimized = linattn.optimize(model, backend=backend)
     x = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(15))
     compare_train(model, optimized, x, f"timm blocks, {backend}")
     # three levels, 16x16 .. 4x4 maps at 32x32: train-mode BatchNorm over a few values (tiny maps of batch 2)
     # makes the gradients ill-conditioned, so the input is large enough to keep DESIGN.md 8's bound meaningful
     model = randomize(squeezesam(widths=(8, 8, 8), transformer_dim=16, transformer_heads=2, embed_dim=8), seed=16)
-    optimized, _ = linattn.optimize(model, backend=backend)
+    optimized = linattn.optimize(model, backend=backend)
     x = torch.randn(2, 5, 32, 32, generator=torch.Generator().manual_seed(17))
     compare_train(model, optimized, x, f"SqueezeSAM, {backend}")
 
@@ -346,7 +347,7 @@ COMPILE_CASES = {  # model, input shape
 def test_compile_fullgraph(name):
     build, shape = COMPILE_CASES[name]
     model = randomize(build(), seed=18).eval()
-    optimized, _ = linattn.optimize(model, backend="reference")
+    optimized = linattn.optimize(model, backend="reference")
     x = torch.randn(shape, generator=torch.Generator().manual_seed(19))
     torch._dynamo.reset()
     # aot_eager: dynamo's full graph and AOTAutograd's trace through the custom ops, without inductor's
