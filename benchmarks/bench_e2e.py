@@ -17,10 +17,13 @@ Defaults: on a GPU every provider, the four models of the issue, batch 16, bf16,
 short run: eager and linattn (reference backend), efficientvit-sam-l0 and squeezesam, batch 1, fp32.
 
 Per model and provider: img_s (batch / time), lat_b1_ms (batch-1 latency; the same run when the batch is 1),
-peak_mb (CUDA max_memory_allocated during one call beyond what was live before it; "-" on CPU), speedups over
-eager / compile / max-autotune, rel_err (||out - ref|| / ||ref||, the worst over the outputs, ref = the eager model in
-fp32 without TF32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by self
-time, printed for eager and linattn). For eager and linattn (not compiled) a TorchDispatchMode counts the ops
+peak_mb (CUDA max_memory_allocated during one call beyond what was live before it, so neither weights nor
+linattn's folded weights nor max-autotune's CUDA-graph pool count; "-" on CPU), speedups over eager / compile /
+max-autotune, rel_err (||out - ref|| / ||ref||, the worst over the outputs, ref = the eager model in fp32
+without TF32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by
+self time, printed for eager and linattn). The compiled providers run without inductor's freezing (its
+default), so linattn-compile refolds its BatchNorms inside the graph on every call, where linattn reuses the
+folded weights. For eager and linattn (not compiled) a TorchDispatchMode counts the ops
 dispatched in one call (`ops`) and the bytes of the tensors they produce (`act_bytes`; view ops excluded, since
 they write nothing). A custom op (`linattn::conv_bn_act`) counts as one op with its outputs: the mode does not
 see inside it. The issue's CPU target: linattn at most 40% of eager's ops and at most half its bytes.

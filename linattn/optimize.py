@@ -16,10 +16,11 @@ Patterns recognised by structure, not by class name, while walking the module tr
 - SqueezeSAM's upsampling (children `linear` (1x1 Conv2d), `act`, `shuffle` (PixelShuffle(2)),
   `norm` (BatchNorm2d)) -> `FusedUpsampleBlock`, one `linattn.upsample_block` call;
 - EfficientViT's residual blocks (children `main`, an identity `shortcut`, no `pre_norm` / `post_act`;
-  official, timm and ours) whose main is one of EfficientViT's conv blocks (MBConv, FusedMBConv,
-  ResBlock / timm's ConvBlock, DSConv: their forward runs the children in order) made only of fused
-  ConvBNActs -> `FusedResidualBlock`: the add is the last block's residual epilogue (one tensor
-  fewer written and read).
+  official, timm and ours) whose main is one of EfficientViT's conv blocks, recognised by class name
+  and child names (MBConv: inverted_conv, depth_conv, point_conv; FusedMBConv: spatial_conv,
+  point_conv; ResBlock / timm's ConvBlock: conv1, conv2; DSConv: depth_conv, point_conv; their
+  forward runs the children in order), made only of fused ConvBNActs -> `FusedResidualBlock`: the
+  add is the last block's residual epilogue (one tensor fewer written and read).
 
 Candidates that cannot be fused (dropout p > 0, GroupNorm or another norm, an unsupported
 activation, a conv subclass with its own forward, padding modes) are left as they are and the
@@ -51,8 +52,14 @@ from .ops.conv_bn_act import upsample_block
 
 __all__ = ["FusedResidualBlock", "FusedSequential", "FusedUpsampleBlock", "OptimizeReport", "optimize"]
 
-# EfficientViT's conv blocks (official names and timm's): their forward applies the children in order
-SEQUENTIAL_BLOCKS = ("MBConv", "FusedMBConv", "ResBlock", "ConvBlock", "DSConv")
+# EfficientViT's conv blocks (official names and timm's) and their children, which forward applies in order
+SEQUENTIAL_BLOCKS = {
+    "MBConv": ("inverted_conv", "depth_conv", "point_conv"),
+    "FusedMBConv": ("spatial_conv", "point_conv"),
+    "ResBlock": ("conv1", "conv2"),
+    "ConvBlock": ("conv1", "conv2"),
+    "DSConv": ("depth_conv", "point_conv"),
+}
 
 
 # --- report ---
@@ -181,7 +188,7 @@ class FusedUpsampleBlock(EvalConstants):
     def forward(self, x: Tensor) -> Tensor:
         w, b, bn = self.linear.weight.flatten(1), self.linear.bias, self.norm
         if bn is not None and not self.training and bn.running_mean is not None:
-            scale, shift = self.eval_constants(fold_sources(None, bn), lambda: _shuffled_affine(bn))
+            scale, shift = self.eval_constants(fold_sources(None, bn), lambda: _shuffled_affine(bn), (bn.eps,))
             return upsample_block(x, w, b, scale, shift, self.act)
         y = upsample_block(x, w, b, act=self.act)
         return y if bn is None else bn(y)
@@ -329,8 +336,9 @@ def _convert_residual(module: nn.Module):
     main = module.main
     if isinstance(main, LiteMLA):
         raise _Skip("main is the attention: its proj is a cuDNN 1x1 conv, the add stays a torch add")
-    if type(main).__name__ not in SEQUENTIAL_BLOCKS:
-        raise _Skip(f"main {type(main).__name__} is not one of {SEQUENTIAL_BLOCKS}")
+    kind = type(main).__name__
+    if tuple(main._modules) != SEQUENTIAL_BLOCKS.get(kind):
+        raise _Skip(f"main {kind} is not one of EfficientViT's conv blocks {tuple(SEQUENTIAL_BLOCKS)}")
     if not all(isinstance(child, ConvBNAct) for child in main.children()):
         raise _Skip(f"main {type(main).__name__} holds layers that were not fused")
     return FusedResidualBlock(main, module.shortcut), f"{type(main).__name__} + identity"

@@ -644,3 +644,30 @@ def test_module_eval_fold_is_cached_and_follows_the_parameters(order):
         block(xb).sum().backward()
     seq(xs).sum().backward()
     assert_close(xb.grad, xs.grad, 1e-5, "eval grad x")
+
+
+def test_module_eval_fold_sees_shared_bn_eps_and_runs_under_vmap():
+    """A BatchNorm trained through another module, a changed eps, and parameters without storage (vmap)."""
+    torch.manual_seed(5)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1), _bn(6, seed=6)
+    block = ConvBNAct.from_modules(conv, bn, "relu").eval()
+    x = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(7))
+
+    def check(what):
+        with torch.no_grad(), linattn.backend("reference"):
+            assert_close(block(x), F.relu(bn(conv(x))), 1e-5, what)
+
+    check("first call")
+    other = nn.Sequential(nn.Conv2d(4, 6, 1), bn).train()  # shares the BatchNorm, not the block
+    other(x)
+    other.eval()  # the block's own mode never switched
+    check("after the shared BatchNorm trained elsewhere")
+    bn.eps = 0.5
+    check("after eps changed")
+
+    copies = [ConvBNAct.from_modules(nn.Conv2d(4, 6, 3, padding=1), _bn(6, seed=s), "relu").eval() for s in (8, 9)]
+    params, buffers = torch.func.stack_module_state(copies)
+    with torch.no_grad(), linattn.backend("reference"):
+        got = torch.func.vmap(lambda p, b: torch.func.functional_call(copies[0], (p, b), (x,)))(params, buffers)
+        for i, module in enumerate(copies):
+            assert_close(got[i], F.relu(module.norm(module.conv(x))), 1e-5, f"vmap copy {i}")

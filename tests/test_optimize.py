@@ -166,6 +166,23 @@ def test_report_on_efficientvit_sam(variant, attention):
     assert list(optimized.state_dict()) == list(model.state_dict())
 
 
+def test_residual_needs_an_efficientvit_block():
+    class MBConv(nn.Module):  # an MBConv by name only: other children, another forward
+        def __init__(self):
+            super().__init__()
+            self.expand = timm_mit.ConvNormAct(4, 4, 1)
+            self.mix = timm_mit.ConvNormAct(4, 4, 3)
+
+        def forward(self, x):
+            return self.mix(self.expand(x)) * 2
+
+    model = randomize(timm_mit.ResidualBlock(MBConv(), nn.Identity()), seed=30).eval()
+    optimized, report = linattn.optimize(model, backend="reference", return_report=True)
+    assert report.counts() == {"ConvBNAct": 2}
+    assert [s.kind for s in report.skipped] == ["residual"] and "conv blocks" in report.skipped[0].reason
+    compare_eval(model, optimized, torch.randn(1, 4, 5, 5), torch.float32, "MBConv look-alike")
+
+
 def test_inplace_semantics():
     model = timm_blocks()
     before = copy.deepcopy(model.state_dict())

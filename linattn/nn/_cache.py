@@ -14,7 +14,7 @@ _SLOT = "_linattn_constants"
 
 
 class EvalConstants(nn.Module):
-    """Mixin for modules that fold parameters in eval mode: `self.eval_constants(sources, compute)`."""
+    """Mixin for modules that fold parameters in eval mode: `self.eval_constants(sources, compute, settings)`."""
 
     def train(self, mode: bool = True):
         # BatchNorm updates its running statistics in train mode without bumping their version
@@ -22,15 +22,19 @@ class EvalConstants(nn.Module):
         self.__dict__.pop(_SLOT, None)
         return super().train(mode)
 
-    def eval_constants(self, sources: Sequence[Tensor | None], compute: Callable[[], tuple]) -> tuple:
-        """compute() (tensors derived from `sources`), cached on the module until a source changes.
+    def eval_constants(
+        self, sources: Sequence[Tensor | None], compute: Callable[[], tuple], settings: tuple = ()
+    ) -> tuple:
+        """compute() (tensors derived from `sources` and `settings`), cached on the module until either changes.
 
         A source changes when it is replaced, moved, cast or modified in place (load_state_dict, an
-        optimizer step), seen in the key of each source's identity, storage address and version counter,
-        or when the module's mode is switched. Writes through `.data` (which has its own version
-        counter) are not seen: call `.eval()` again after them. Computed inline, not cached, while torch.compile traces
-        (the compiler sees the arithmetic), while autograd needs the sources' gradients, and for
-        inference-mode sources (they have no version counter).
+        optimizer step): the key holds each source's identity, storage address, dtype, device and version
+        counter, and the hashable `settings` (e.g. a BatchNorm's eps). The cache is also dropped when the
+        module's mode is switched. Writes through `.data` (which has its own version counter) are not
+        seen: call `.eval()` again after them. Computed inline, not cached, while torch.compile traces (the
+        compiler sees the arithmetic), while autograd needs the sources' gradients, for inference-mode
+        sources (they have no version counter) and for sources without storage (functorch transforms,
+        tensor subclasses).
         """
         live = [t for t in sources if t is not None]
         if (
@@ -39,7 +43,10 @@ class EvalConstants(nn.Module):
             or (torch.is_grad_enabled() and any(t.requires_grad for t in live))
         ):
             return compute()
-        key = tuple((id(t), t.data_ptr(), t._version) for t in live)
+        try:
+            key = (settings, *((id(t), t.data_ptr(), t.dtype, t.device, t._version) for t in live))
+        except RuntimeError:  # no storage: vmap'd parameters, DTensor
+            return compute()
         cached = self.__dict__.get(_SLOT)
         if cached is None or cached[0] != key:
             # normal tensors even under torch.inference_mode, so a later call with autograd on can use them

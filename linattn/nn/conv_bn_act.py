@@ -61,9 +61,14 @@ def _int_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 
 def fold_sources(conv: nn.Module | None, bn: nn.Module) -> list[Tensor | None]:
-    """The tensors an eval-mode fold of `bn` (into `conv`, when given) reads."""
+    """The tensors an eval-mode fold of `bn` (into `conv`, when given) depends on.
+
+    num_batches_tracked stands for the running statistics: BatchNorm updates those in train mode
+    without bumping their version counters, but the add_ on its counter bumps the counter's (so a
+    BatchNorm shared with a module that runs in train mode is seen to change).
+    """
     conv_params = [] if conv is None else [conv.weight, conv.bias]
-    return conv_params + [bn.running_mean, bn.running_var, bn.weight, bn.bias]
+    return conv_params + [bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.weight, bn.bias]
 
 
 def bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -150,9 +155,9 @@ class ConvBNAct(EvalConstants):
             return conv_bn_act(x, conv.weight, conv.bias, *geometry, act=act, residual=residual)
         if not self.training and bn.running_mean is not None:  # eval: BN is a fixed affine, fused
             if self.order == "conv_bn_act":
-                weight, bias = self.eval_constants(fold_sources(conv, bn), lambda: fold_bn(conv, bn))
+                weight, bias = self.eval_constants(fold_sources(conv, bn), lambda: fold_bn(conv, bn), (bn.eps,))
                 return conv_bn_act(x, weight, bias, *geometry, act=act, residual=residual)
-            scale, shift = self.eval_constants(fold_sources(None, bn), lambda: bn_affine(bn))
+            scale, shift = self.eval_constants(fold_sources(None, bn), lambda: bn_affine(bn), (bn.eps,))
             return conv_bn_act(x, conv.weight, conv.bias, *geometry, act, scale, shift, residual)
         # train (or BN without running statistics): batch statistics, running statistics updated
         if self.order == "conv_bn_act":

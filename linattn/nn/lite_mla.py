@@ -86,7 +86,7 @@ class _ConvLayer(EvalConstants):
     def forward(self, x: Tensor) -> Tensor:
         conv, norm = self.conv, self.norm
         if norm is not None and not self.training and _foldable(norm):
-            weight, bias = self.eval_constants(fold_sources(conv, norm), lambda: fold_bn(conv, norm))
+            weight, bias = self.eval_constants(fold_sources(conv, norm), lambda: fold_bn(conv, norm), (norm.eps,))
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         else:
             x = conv(x)
