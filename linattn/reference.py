@@ -114,6 +114,18 @@ def efficientvit_lite_mla_attention(qkv: torch.Tensor, dim: int, eps: float = 1e
     return merge_heads(efficientvit_relu_linear_attention(q, k, v, eps), *qkv.shape[-2:])
 
 
+def efficientvit_relu_quadratic_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
+    """The official EfficientViT eager quadratic attention (maps of at most `dim` tokens), packed layout.
+
+    Its precision: both matmuls in the input dtype, only the normalisation over keys in fp32.
+    """
+    q, k, v = split_packed_qkv(qkv, dim)
+    scores = F.relu(q) @ F.relu(k).transpose(-1, -2)  # (B, G, N queries, N keys)
+    wide = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    scores = (wide / (wide.sum(-1, keepdim=True) + eps)).to(qkv.dtype)
+    return merge_heads(scores @ v, *qkv.shape[-2:])
+
+
 def relu_quadratic_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
     """EfficientViT's path for maps of at most `dim` tokens: the (N x N) map relu(q) relu(k)^T, normalised over keys.
 

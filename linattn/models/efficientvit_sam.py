@@ -224,7 +224,7 @@ class LiteMLA(nn.Module):
         self.proj = ConvLayer(total_dim * (1 + len(scales)), out_channels, 1, norm=True, act=False)
 
     def relu_quadratic_att(self, qkv: Tensor) -> Tensor:
-        return reference.relu_quadratic_attention(qkv, self.dim, self.eps)
+        return reference.efficientvit_relu_quadratic_attention(qkv, self.dim, self.eps)
 
     def relu_linear_att(self, qkv: Tensor) -> Tensor:
         # EfficientViT computes fp16 in fp32 (its bf16 matmuls stay bf16, the division in fp32)
