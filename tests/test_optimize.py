@@ -15,7 +15,7 @@ from utils import assert_close, rel_err, tolerance
 
 import linattn
 from linattn._backend import unavailable
-from linattn.models import efficientvit_sam_encoder
+from linattn.models import efficientsam_encoder, efficientvit_sam_encoder
 from linattn.models.efficientvit_sam import LiteMLA as EagerLiteMLA
 from linattn.models.squeezesam import SqueezeSAM, squeezesam
 from linattn.nn import ConvBNAct, LiteMLA
@@ -354,9 +354,11 @@ def test_train_gradients_small(backend):
 # --- compile, size ---
 
 
-COMPILE_CASES = {  # model, input shape
+COMPILE_CASES = {  # model, input shape (XL0 has every block type of XL1, fewer of them; 8x8 maps at stage 5)
     "SqueezeSAM": (tiny_squeezesam, (1, 5, 16, 16)),
     "EfficientViT-SAM l0": (lambda: efficientvit_sam_encoder("l0", embed_size=None), (1, 3, 192, 192)),
+    "EfficientViT-SAM xl0": (lambda: efficientvit_sam_encoder("xl0", embed_size=None), (1, 3, 256, 256)),
+    "EfficientSAM vitt": (lambda: efficientsam_encoder("vitt"), (1, 3, 64, 64)),
 }
 
 
