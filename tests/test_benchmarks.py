@@ -229,16 +229,14 @@ def test_totals_sum_over_shapes_both_timed():
 
 
 def test_bench_e2e_quick(tmp_path, capsys):
-    argv = ["--quick", "--model", "squeezesam", "l0", "--providers", "eager", "linattn", "--out", str(tmp_path)]
+    models = ["squeezesam", "l0", "vitt"]
+    argv = ["--quick", "--model", *models, "--providers", "eager", "linattn", "--out", str(tmp_path)]
     returned = bench_e2e.main(argv)
 
     rows = load_results(tmp_path / "e2e-quick-cpu.jsonl")
-    assert len(rows) == len(returned) == 4
+    assert len(rows) == len(returned) == 6
     assert [(r["model"], r["provider"], r["batch"], r["dtype"]) for r in rows] == [
-        ("squeezesam", "eager", 1, "fp32"),
-        ("squeezesam", "linattn", 1, "fp32"),
-        ("efficientvit-sam-l0", "eager", 1, "fp32"),
-        ("efficientvit-sam-l0", "linattn", 1, "fp32"),
+        (bench_e2e.resolve_model(m), p, 1, "fp32") for m in models for p in ("eager", "linattn")
     ]
     for row in rows:
         assert all(row[field] for field in ENV_FIELDS if field != "cuda"), row
@@ -252,6 +250,8 @@ def test_bench_e2e_quick(tmp_path, capsys):
     l0_fused = rows[3]
     assert l0_fused["ops_ratio"] < 1 and l0_fused["bytes_ratio"] < 1  # fusion dispatches and writes less
     assert "4 LiteMLA" in l0_fused["note"] and "FusedResidualBlock" in l0_fused["note"]
+    vitt_fused = rows[5]  # EfficientSAM: nothing for linattn to fuse, the same ops
+    assert vitt_fused["note"].startswith("optimize: nothing replaced") and vitt_fused["ops_ratio"] == 1
     eager, fused = rows[:2]
     assert eager["rel_err"] == 0 and eager["ops_ratio"] == eager["bytes_ratio"] == 1
     assert fused["ops_ratio"] == fused["ops"] / eager["ops"] and "ConvBNAct" in fused["note"]
