@@ -35,7 +35,6 @@ the plot (images/s per provider and model) is drawn from that file.
 import argparse
 import contextlib
 import copy
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from linattn.benchmarks.common import (
     add_speedups,
     announce,
     compiled,
+    cpu_time_ms,
     error_line,
     errors,
     parse_benchmark_args,
@@ -200,24 +200,11 @@ def profile_ops(fn: Callable, device: torch.device, top: int = 10) -> list[dict]
     ]
 
 
-def cpu_time_ms(fn: Callable, budget_s: float = 2.0, max_runs: int = 20) -> float:
-    """Median of at least 2 timed calls (after the caller's warm-up), more while they fit in `budget_s`.
-
-    Lighter than common.time_ms's CPU timer: a whole encoder takes seconds per call on a small CPU.
-    """
-    start = time.perf_counter()
-    fn()
-    times = [time.perf_counter() - start]
-    runs = max(2, min(max_runs, int(budget_s / max(times[0], 1e-9))))
-    for _ in range(runs - 1):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def timed_ms(fn: Callable, device: torch.device) -> float:
-    return time_ms(fn, device) if device.type == "cuda" else cpu_time_ms(fn)
+    """The caller has warmed `fn` up; on CPU a whole encoder takes seconds a call: a 2 s budget, 2 runs at least."""
+    if device.type == "cuda":
+        return time_ms(fn, device)
+    return cpu_time_ms(fn, budget_s=2.0, min_runs=2, max_runs=20, warm_up=False)
 
 
 def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, str | None]:

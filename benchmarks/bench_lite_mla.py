@@ -46,6 +46,7 @@ from linattn.benchmarks.common import (
     announce,
     compiled,
     lite_mla_run_shapes,
+    max_autotune_skip,
     parse_benchmark_args,
     progress,
     report,
@@ -225,9 +226,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     with progress(len(shapes) * len(dtypes) * len(providers), OP) as bar:
         for shape in shapes:
-            skip = {}
-            if args.max_autotune_batch and shape.batch not in args.max_autotune_batch:
-                skip["compile-max-autotune"] = f"only at --max-autotune-batch {args.max_autotune_batch}"
+            skip = max_autotune_skip(args, shape.batch)
             for dtype_name in dtypes:
                 rows += run_shape(shape, dtype_name, providers, device, copy_gbs, bar, args.cuda_graph, skip)
                 if on_gpu:

@@ -48,6 +48,7 @@ from linattn.benchmarks.common import (
     announce,
     compiled,
     lite_mla_run_shapes,
+    max_autotune_skip,
     parse_benchmark_args,
     progress,
     report,
@@ -203,9 +204,7 @@ def main(argv=None) -> list[dict]:
     rows = {op: [] for op in ops}
     with progress(len(shapes) * len(dtypes) * len(ops) * len(providers), "multiscale") as bar:
         for shape in shapes:
-            skip = {}
-            if args.max_autotune_batch and shape.batch not in args.max_autotune_batch:
-                skip["compile-max-autotune"] = f"only at --max-autotune-batch {args.max_autotune_batch}"
+            skip = max_autotune_skip(args, shape.batch)
             for dtype_name in dtypes:
                 for op in ops:
                     inputs = make_inputs(op, shape, DTYPES[dtype_name], device)

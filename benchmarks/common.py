@@ -34,12 +34,14 @@ __all__ = [
     "add_speedups",
     "compiled",
     "copy_bandwidth_gbs",
+    "cpu_time_ms",
     "environment",
     "error_line",
     "errors",
     "lite_mla_run_shapes",
     "lite_mla_shapes",
     "load_results",
+    "max_autotune_skip",
     "measure",
     "parse_benchmark_args",
     "peak_mb",
@@ -112,7 +114,7 @@ def time_ms(
     appends the reason to `notes`. CPU: perf_counter median after warm-up.
     """
     if torch.device(device).type != "cuda":
-        return _cpu_time_ms(fn)
+        return cpu_time_ms(fn)
     import triton.testing
 
     if cuda_graph:
@@ -129,18 +131,21 @@ def time_ms(
     return triton.testing.do_bench(fn, return_mode="median")
 
 
-def _cpu_time_ms(fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 3, max_runs: int = 50) -> float:
-    fn()  # warm-up: first-call allocations and lazy initialisation
-    start = time.perf_counter()
-    fn()
-    estimate = time.perf_counter() - start
-    runs = max(min_runs, min(max_runs, int(budget_s / max(estimate, 1e-9))))
+def cpu_time_ms(
+    fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 3, max_runs: int = 50, warm_up: bool = True
+) -> float:
+    """Median of min_runs to max_runs timed calls of `fn` (as many as fit in `budget_s`), in milliseconds,
+    after one untimed warm-up call (first-call allocations, lazy initialisation) unless the caller did it."""
+    if warm_up:
+        fn()
     times = []
-    for _ in range(runs):
+    while True:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        runs = max(min_runs, min(max_runs, int(budget_s / max(times[0], 1e-9))))
+        if len(times) >= runs:
+            return 1e3 * statistics.median(times)
 
 
 def error_line(err: BaseException) -> str:
@@ -418,6 +423,13 @@ def compiled(fn: Callable, provider: str) -> Callable:
     """
     torch.compiler.reset()
     return torch.compile(fn, mode=COMPILE_MODES[provider], dynamic=False)
+
+
+def max_autotune_skip(args, batch: int) -> dict[str, str]:
+    """The `skip` of run_providers for a shape of `batch`: compile-max-autotune outside --max-autotune-batch."""
+    if args.max_autotune_batch and batch not in args.max_autotune_batch:
+        return {"compile-max-autotune": f"only at --max-autotune-batch {args.max_autotune_batch}"}
+    return {}
 
 
 def add_benchmark_args(
