@@ -69,9 +69,9 @@ from linattn.benchmarks.common import (
     announce,
     compiled,
     max_autotune_skip,
+    measuring,
     parse_benchmark_args,
     print_table,
-    progress,
     report,
     result_name,
     run_providers,
@@ -95,6 +95,8 @@ TABLE = (
     "shape",
     "provider",
     "ms",
+    "reps",
+    "iqr_pct",
     "tflops",
     "gbs",
     "pct_copy",
@@ -497,7 +499,8 @@ def print_totals(rows) -> None:
     """Per model, batch and dtype: every provider's time summed over the shapes, and the speedups of the sums."""
     by = ("model", "batch", "dtype")
     print("\ntaken together (summed over each model's shapes; speedups over the shapes both providers timed):")
-    print_table(totals(rows, by, BASELINES), (*by, "provider", "shapes", "ms", *map(speedup_column, BASELINES)))
+    columns = (*by, "provider", "shapes", "ms", "reps", "iqr_pct", *map(speedup_column, BASELINES))
+    print_table(totals(rows, by, BASELINES), columns)
 
 
 def parse_args(argv):
@@ -534,7 +537,7 @@ def main(argv=None) -> list[dict]:
 
     env, copy_gbs = announce(device)
     rows = []
-    with progress(len(shapes) * len(dtypes) * len(providers), OP) as bar:
+    with measuring(len(shapes) * len(dtypes) * len(providers), OP) as bar:  # SIGTERM ends the loop, rows kept
         for shape in shapes:
             skip = max_autotune_skip(args, shape.batch)
             for dtype_name in dtypes:

@@ -16,7 +16,9 @@ vitt, vits. Providers (eval mode, torch.inference_mode):
 Defaults: on a GPU every provider, the four models of the issue, batch 16, bf16, backend auto. Without a GPU a
 short run: eager and linattn (reference backend), efficientvit-sam-l0 and squeezesam, batch 1, fp32.
 
-Per model and provider: img_s (batch / time), lat_b1_ms (batch-1 latency; the same run when the batch is 1),
+Per model and provider: ms (the median of reps timed calls, with iqr_pct their interquartile range over the
+median in %, min_ms and max_ms; timer says which clock: CUDA events, or perf_counter on a CPU), img_s (batch /
+time), lat_b1_ms (batch-1 latency, with lat_b1_reps, lat_b1_iqr_pct...; the same run when the batch is 1),
 peak_mb (CUDA max_memory_allocated during one call beyond what was live before it, so neither weights nor
 linattn's folded weights nor max-autotune's CUDA-graph pool count; "-" on CPU), speedups over eager / compile /
 max-autotune, rel_err (||out - ref|| / ||ref||, the worst over the outputs, ref = the eager model in fp32
@@ -42,28 +44,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from tqdm.auto import tqdm
 
 import linattn
 from linattn.benchmarks.common import (
     COMPILE_MODES,
     DTYPES,
     SPEEDUP_BASELINES,
+    TimeUp,
+    Timing,
     add_speedups,
     announce,
     compiled,
-    cpu_time_ms,
+    cpu_timing,
     error_line,
     errors,
+    measuring,
     parse_benchmark_args,
     peak_mb,
-    progress,
     report,
     result_name,
     run_device,
     speedup_column,
     tensors,
-    time_ms,
+    timer_name,
+    timing,
+    write,
 )
 from linattn.models import efficientsam_encoder, efficientvit_sam_encoder, squeezesam
 
@@ -87,6 +92,8 @@ TABLE = (
     "batch",
     "provider",
     "ms",
+    "reps",
+    "iqr_pct",
     "img_s",
     "lat_b1_ms",
     "peak_mb",
@@ -200,11 +207,11 @@ def profile_ops(fn: Callable, device: torch.device, top: int = 10) -> list[dict]
     ]
 
 
-def timed_ms(fn: Callable, device: torch.device) -> float:
-    """The caller has warmed `fn` up; on CPU a whole encoder takes seconds a call: a 2 s budget, 2 runs at least."""
+def timed(fn: Callable, device: torch.device) -> Timing:
+    """The caller has warmed `fn` up; on CPU a whole encoder takes seconds a call: a 2 s budget, 3 runs at least."""
     if device.type == "cuda":
-        return time_ms(fn, device)
-    return cpu_time_ms(fn, budget_s=2.0, min_runs=2, max_runs=20, warm_up=False)
+        return timing(fn, device)
+    return cpu_timing(fn, budget_s=2.0, min_runs=3, max_runs=20, warm_up=False)
 
 
 def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, str | None]:
@@ -232,8 +239,9 @@ def _without_tf32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def run_case(name, dtype_name, batch, providers, args, device, bar) -> list[dict]:
-    """Every provider on one model, dtype and batch size."""
+def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[dict]) -> None:
+    """Every provider on one model, dtype and batch size; each row is appended to `rows` as soon as it is done
+    (a provider stopped by TimeUp gets a row that says so, then TimeUp goes on up)."""
     dtype = DTYPES[dtype_name]
     model32 = build_model(name, args.quick).to(device)
     x32 = make_input(name, batch, args.quick, device)
@@ -246,12 +254,11 @@ def run_case(name, dtype_name, batch, providers, args, device, bar) -> list[dict
         return linattn.backend(args.backend) if args.backend != "auto" else contextlib.nullcontext()
 
     case = f"{name} {dtype_name} B{batch}"
-    rows = []
     for provider in providers:
         bar.set_postfix_str(f"{case} {provider}")
         row = {"model": name, "dtype": dtype_name, "batch": batch, "case": case, "provider": provider}
         row |= {"input": f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}", "backend": args.backend, "ms": None}
-        row |= {"peak_mb": None, "note": None}
+        row |= {"peak_mb": None, "note": None, "timer": timer_name(device)}
         try:
             module, row["note"] = prepare(provider, model, args.backend)
 
@@ -261,32 +268,42 @@ def run_case(name, dtype_name, batch, providers, args, device, bar) -> list[dict
 
             row |= errors(call(), ref)  # first call: compiles / warms up, outside the timed region
             row["peak_mb"] = peak_mb(call, device)
-            row["ms"] = timed_ms(call, device)
+            whole = timed(call, device)
+            row |= whole.columns()
             row["img_s"] = batch * 1e3 / row["ms"]
             if batch == 1:
-                row["lat_b1_ms"] = row["ms"]
+                row |= whole.columns("lat_b1_")
             else:
                 one = x[:1].clone()
                 call(one)  # a compiled module recompiles for the new shape here
-                row["lat_b1_ms"] = timed_ms(lambda one=one, call=call: call(one), device)
+                row |= timed(lambda one=one, call=call: call(one), device).columns("lat_b1_")
             row["top_ops"] = profile_ops(call, device, args.top_ops)
             if provider in COUNTED:
                 row |= count_ops(call)
+        except TimeUp as err:  # what was measured before it stays in the row
+            row["note"] = f"stopped: {err}"
+            rows.append(row)
+            raise
         except Exception as err:  # a provider that fails (compiler, OOM, kernel) is one line; the run goes on
             row["ms"] = None
             row["note"] = f"failed: {error_line(err)}"
-            tqdm.write(f"{case} {provider}: {error_line(err)}")
+            write(f"{case} {provider}: {error_line(err)}")
         rows.append(row)
         bar.update()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def finish(rows: list[dict]) -> None:
+    """Speedups within each case, and the op and byte ratios against the case's eager row."""
     add_speedups(rows, by="case")
-    eager = next((r for r in rows if r["provider"] == "eager" and r.get("ops")), None)
-    for row in rows:
-        if eager and row.get("ops") is not None:
-            row["ops_ratio"] = row["ops"] / eager["ops"]
-            row["bytes_ratio"] = row["act_bytes"] / eager["act_bytes"]
-    return rows
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case]
+        eager = next((r for r in mine if r["provider"] == "eager" and r.get("ops")), None)
+        for row in mine:
+            if eager and row.get("ops") is not None:
+                row["ops_ratio"] = row["ops"] / eager["ops"]
+                row["bytes_ratio"] = row["act_bytes"] / eager["act_bytes"]
 
 
 def print_profiles(rows: list[dict]) -> None:
@@ -382,10 +399,11 @@ def main(argv=None) -> list[dict]:
     env, _ = announce(device)
     start = time.perf_counter()
     rows = []
-    with progress(len(models) * len(dtypes) * len(providers), NAME) as bar:
+    with measuring(len(models) * len(dtypes) * len(providers), NAME) as bar:  # SIGTERM ends the loop, rows kept
         for name in models:
             for dtype_name in dtypes:
-                rows += run_case(name, dtype_name, batch, providers, args, device, bar)
+                run_case(name, dtype_name, batch, providers, args, device, bar, rows)
+    finish(rows)
     print_profiles(rows)
     print()
     plot = {"x": "model", "y": "img_s", "panel_rows": "batch", "hline": None, "ylabel": "images/s"}

@@ -47,8 +47,8 @@ from linattn.benchmarks.common import (
     compiled,
     lite_mla_run_shapes,
     max_autotune_skip,
+    measuring,
     parse_benchmark_args,
-    progress,
     report,
     result_name,
     run_device,
@@ -68,6 +68,8 @@ TABLE = (
     "shape",
     "provider",
     "ms",
+    "reps",
+    "iqr_pct",
     "img_s",
     "tflops",
     "gbs",
@@ -224,7 +226,7 @@ def main(argv=None) -> list[dict]:
 
     env, copy_gbs = announce(device)
     rows = []
-    with progress(len(shapes) * len(dtypes) * len(providers), OP) as bar:
+    with measuring(len(shapes) * len(dtypes) * len(providers), OP) as bar:  # SIGTERM ends the loop, rows kept
         for shape in shapes:
             skip = max_autotune_skip(args, shape.batch)
             for dtype_name in dtypes:

@@ -49,8 +49,8 @@ from linattn.benchmarks.common import (
     compiled,
     lite_mla_run_shapes,
     max_autotune_skip,
+    measuring,
     parse_benchmark_args,
-    progress,
     report,
     result_name,
     run_device,
@@ -70,6 +70,8 @@ TABLE = (
     "shape",
     "provider",
     "ms",
+    "reps",
+    "iqr_pct",
     "gbs",
     "pct_copy",
     *map(speedup_column, SPEEDUP_BASELINES),
@@ -202,7 +204,7 @@ def main(argv=None) -> list[dict]:
 
     env, copy_gbs = announce(device)
     rows = {op: [] for op in ops}
-    with progress(len(shapes) * len(dtypes) * len(ops) * len(providers), "multiscale") as bar:
+    with measuring(len(shapes) * len(dtypes) * len(ops) * len(providers), "multiscale") as bar:  # SIGTERM: rows kept
         for shape in shapes:
             skip = max_autotune_skip(args, shape.batch)
             for dtype_name in dtypes:

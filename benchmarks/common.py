@@ -3,15 +3,22 @@
 Every row a benchmark saves carries the environment that produced it (device,
 torch, triton, CUDA and linattn versions, date), rows are appended to
 `<out>/<name>.jsonl` so that every run is kept, and plots are drawn from those
-files, never from memory.
+files, never from memory. Every timing reports its repeats and spread (Timing:
+the median ms of `reps` timed calls, `iqr_pct`, `min_ms`, `max_ms`), and its
+`timer` says which clock took it (CUDA events, or perf_counter on a CPU).
 """
 
+import contextlib
 import csv
 import datetime
 import functools
 import json
+import os
 import platform
+import signal
 import statistics
+import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,21 +27,30 @@ from pathlib import Path
 
 import torch
 from torch.utils._pytree import tree_leaves
-from tqdm.auto import tqdm
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm only draws progress bars: a bare machine without it still benchmarks
+    tqdm = None
 
 __all__ = [
     "COMPILE_MODES",
     "DTYPES",
     "LITE_MLA_STAGES",
+    "MIN_REPS",
     "QUICK_LITE_MLA_STAGES",
     "SPEEDUP_BASELINES",
     "LiteMLAShape",
     "Skipped",
+    "TimeUp",
+    "Timing",
     "add_benchmark_args",
     "add_speedups",
+    "announce",
     "compiled",
     "copy_bandwidth_gbs",
     "cpu_time_ms",
+    "cpu_timing",
     "environment",
     "error_line",
     "errors",
@@ -43,6 +59,7 @@ __all__ = [
     "load_results",
     "max_autotune_skip",
     "measure",
+    "measuring",
     "parse_benchmark_args",
     "peak_mb",
     "plot_results",
@@ -54,9 +71,14 @@ __all__ = [
     "run_providers",
     "save_results",
     "speedup_column",
+    "stop_on_sigterm",
     "tensors",
     "time_ms",
+    "timer_name",
+    "timing",
+    "timing_legend",
     "totals",
+    "write",
 ]
 
 
@@ -81,7 +103,8 @@ def _version(module: str) -> str | None:
 def environment(device: torch.device | str | None = None) -> dict:
     """What produced a result: device name, software versions, UTC date. No hostname or user.
 
-    `device` defaults to the current CUDA device when there is one, else the CPU.
+    `device` defaults to the current CUDA device when there is one, else the CPU. When LINATTN_BENCH_RUN is
+    set (gpu_check.sh sets it), `run` carries it: the rows of several benchmark processes form one run.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -90,7 +113,9 @@ def environment(device: torch.device | str | None = None) -> dict:
         capability = f"{major}.{minor}"
     else:
         name, capability = f"cpu: {_cpu_model()}", None
+    run = {"run": os.environ["LINATTN_BENCH_RUN"]} if os.environ.get("LINATTN_BENCH_RUN") else {}
     return {
+        **run,
         "device": name,
         "capability": capability,
         "torch": torch.__version__,
@@ -102,50 +127,118 @@ def environment(device: torch.device | str | None = None) -> dict:
     }
 
 
-def time_ms(
-    fn: Callable[[], object], device: torch.device | str, cuda_graph: bool = False, notes: list[str] | None = None
-) -> float:
-    """Median time of one call of `fn`, in milliseconds.
+@dataclass(frozen=True)
+class Timing:
+    """The timed calls of one measurement: their median and spread, in milliseconds.
 
-    CUDA: `triton.testing.do_bench` (warm-up, L2 flushed between calls), or with
-    `cuda_graph` the calls replayed from a CUDA graph, which removes launch
-    overhead for small ops (inputs may then stay in L2). When capture fails (an
-    op that syncs, torch.compile's own graphs) it falls back to do_bench and
-    appends the reason to `notes`. CPU: perf_counter median after warm-up.
+    reps is how many times were taken (do_bench: one per call; a CUDA graph replay: one per replay, each the
+    mean over the calls it holds); iqr_pct is their interquartile range over the median, in percent: two
+    medians closer than about the larger iqr_pct of the two are noise.
+    """
+
+    ms: float  # median
+    reps: int | None
+    q1: float
+    q3: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, times: Sequence[float]) -> "Timing":
+        times = sorted(times)
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+        return cls(statistics.median(times), len(times), q1, q3, times[0], times[-1])
+
+    @property
+    def iqr_pct(self) -> float:
+        return 100 * (self.q3 - self.q1) / self.ms if self.ms > 0 else 0.0
+
+    def columns(self, prefix: str = "") -> dict:
+        """Row columns: `<prefix>ms` (the median), `<prefix>reps`, `<prefix>iqr_pct`, `<prefix>min_ms`, `..max_ms`."""
+        return {
+            f"{prefix}ms": self.ms,
+            f"{prefix}reps": self.reps,
+            f"{prefix}iqr_pct": self.iqr_pct,
+            f"{prefix}min_ms": self.min_ms,
+            f"{prefix}max_ms": self.max_ms,
+        }
+
+
+MIN_REPS = 10  # GPU timings: at least this many timed calls, also of calls slower than do_bench's 100 ms budget
+
+
+def _gpu_timing(bench: Callable, fn: Callable) -> Timing:
+    """Timing of triton.testing.do_bench / do_bench_cudagraph over every timed call, MIN_REPS at least (a
+    triton without return_mode="all" gives quantiles only: reps is then None)."""
+    try:
+        timed = Timing.of(bench(fn, return_mode="all"))
+    except (AssertionError, TypeError, ValueError):
+        low, q1, median, q3, high = bench(fn, quantiles=[0.0, 0.25, 0.5, 0.75, 1.0])
+        return Timing(median, None, q1, q3, low, high)
+    if timed.reps < MIN_REPS:  # do_bench repeats for about 100 ms: a slow call (a whole encoder) gets a few
+        timed = Timing.of(bench(fn, rep=1.2 * MIN_REPS * timed.ms, return_mode="all"))  # the first run warmed up
+    return timed
+
+
+def timing(
+    fn: Callable[[], object], device: torch.device | str, cuda_graph: bool = False, notes: list[str] | None = None
+) -> Timing:
+    """Median and spread of calls of `fn` (see Timing).
+
+    CUDA: `triton.testing.do_bench` (warm-up, L2 flushed between calls, one time
+    per call, MIN_REPS calls at least), or with `cuda_graph` the calls replayed
+    from a CUDA graph, which removes launch overhead for small ops (inputs may
+    then stay in L2; one time per replay). When capture fails (an op that syncs,
+    torch.compile's own graphs) it falls back to do_bench and appends the reason
+    to `notes`. CPU: cpu_timing (perf_counter after a warm-up call).
     """
     if torch.device(device).type != "cuda":
-        return cpu_time_ms(fn)
+        return cpu_timing(fn)
     import triton.testing
 
     if cuda_graph:
         try:
             # Capture is not allowed on the default stream (older triton does not switch streams itself).
             with torch.cuda.stream(torch.cuda.Stream()):
-                return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+                return _gpu_timing(triton.testing.do_bench_cudagraph, fn)
         except Exception as err:  # capture failures come as RuntimeError, AssertionError or CUDA errors
             torch.cuda.synchronize()
             reason = f"CUDA graph capture failed, timed with do_bench: {error_line(err)}"
             if notes is not None:
                 notes.append(reason)
             warnings.warn(reason, RuntimeWarning, stacklevel=2)
-    return triton.testing.do_bench(fn, return_mode="median")
+    return _gpu_timing(triton.testing.do_bench, fn)
 
 
-def cpu_time_ms(
-    fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 3, max_runs: int = 50, warm_up: bool = True
+def time_ms(
+    fn: Callable[[], object], device: torch.device | str, cuda_graph: bool = False, notes: list[str] | None = None
 ) -> float:
-    """Median of min_runs to max_runs timed calls of `fn` (as many as fit in `budget_s`), in milliseconds,
-    after one untimed warm-up call (first-call allocations, lazy initialisation) unless the caller did it."""
+    """The median of `timing` alone, in milliseconds."""
+    return timing(fn, device, cuda_graph, notes).ms
+
+
+def cpu_timing(
+    fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 5, max_runs: int = 50, warm_up: bool = True
+) -> Timing:
+    """min_runs to max_runs timed calls of `fn` (as many as fit in `budget_s`), with perf_counter, after one
+    untimed warm-up call (first-call allocations, lazy initialisation) unless the caller did it."""
     if warm_up:
         fn()
     times = []
     while True:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-        runs = max(min_runs, min(max_runs, int(budget_s / max(times[0], 1e-9))))
+        times.append(1e3 * (time.perf_counter() - start))
+        runs = max(min_runs, min(max_runs, int(1e3 * budget_s / max(times[0], 1e-6))))
         if len(times) >= runs:
-            return 1e3 * statistics.median(times)
+            return Timing.of(times)
+
+
+def cpu_time_ms(
+    fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 5, max_runs: int = 50, warm_up: bool = True
+) -> float:
+    """The median of `cpu_timing` alone, in milliseconds."""
+    return cpu_timing(fn, budget_s, min_runs, max_runs, warm_up).ms
 
 
 def error_line(err: BaseException) -> str:
@@ -192,16 +285,81 @@ def announce(device: torch.device) -> tuple[dict, float]:
     return env, copy_gbs
 
 
-def progress(total: int, desc: str) -> tqdm:
-    """Progress bar over `total` benchmark cases, advanced with `.update()`; print with `tqdm.write` while it runs."""
+class _Progress:
+    """What a benchmark uses of a tqdm bar, where tqdm is not installed: prints each case as it starts."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n = total, desc, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, text: str) -> None:
+        print(f"{self.desc} {self.n + 1}/{self.total}: {text}", flush=True)
+
+
+def progress(total: int, desc: str):
+    """Progress bar over `total` benchmark cases, advanced with `.update()`; print with `write` while it runs."""
+    if tqdm is None:
+        return _Progress(total, desc)
     return tqdm(total=total, desc=desc, unit="case", dynamic_ncols=True)
+
+
+def write(text: str) -> None:
+    """Print a line without breaking a progress bar."""
+    if tqdm is None:
+        print(text, flush=True)
+    else:
+        tqdm.write(text)
+
+
+class TimeUp(BaseException):
+    """SIGTERM arrived (e.g. from `timeout` in gpu_check.sh): stop measuring, keep and save what was measured.
+
+    A BaseException, so that the `except Exception` around each provider does not take it for a failure.
+    """
+
+
+@contextlib.contextmanager
+def measuring(total: int, desc: str):
+    """`with measuring(cases, name) as bar:` the progress bar of a benchmark's loop, which SIGTERM (a time limit)
+    ends quietly: the loop stops, and what follows the block prints and saves the rows measured so far."""
+    try:
+        with stop_on_sigterm(), progress(total, desc) as bar:
+            yield bar
+    except TimeUp as err:
+        print(f"\n{desc}: {err}; the rows measured so far are kept", flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within the block SIGTERM raises TimeUp in the main thread (the previous handler is restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise TimeUp(f"stopped by signal {signum} (time limit)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def save_results(rows: Sequence[dict], out_dir: str | Path, name: str, env: dict | None = None) -> tuple[Path, Path]:
     """Append `rows` (each merged with `env`, default `environment()`) to out_dir/name.jsonl; rewrite name.csv.
 
     The JSONL file keeps every run; the CSV beside it is regenerated from it
-    with the union of all columns. Returns (jsonl_path, csv_path).
+    with the union of all columns, nested values (lists, dicts) as JSON text.
+    Returns (jsonl_path, csv_path).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -215,7 +373,8 @@ def save_results(rows: Sequence[dict], out_dir: str | Path, name: str, env: dict
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(every)
+        for row in every:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
     return jsonl_path, csv_path
 
 
@@ -266,8 +425,8 @@ def plot_results(
     """Grouped bars of `y` per `series` over `x`, one panel per (panel_rows, panel_cols) value, from a results file.
 
     Draws the latest run in the file (the rows sharing the last row's device
-    and date), with `hline` (the copy bandwidth) as a dashed line. Returns
-    the PNG path, or None when matplotlib is not installed.
+    and `run`, or without a run its date), with `hline` (the copy bandwidth) as
+    a dashed line. Returns the PNG path, or None when matplotlib is not installed.
     """
     try:
         import matplotlib
@@ -279,7 +438,8 @@ def plot_results(
         return None
     rows = load_results(jsonl_path)
     last = rows[-1]
-    rows = [r for r in rows if r.get("date") == last.get("date") and r.get("device") == last.get("device")]
+    same = "run" if last.get("run") else "date"
+    rows = [r for r in rows if r.get(same) == last.get(same) and r.get("device") == last.get("device")]
     drawn = [r for r in rows if r.get(y) is not None]
 
     def values(key, among):
@@ -292,8 +452,14 @@ def plot_results(
     panel_w = max(
         5.0, 0.25 * max([len(values(x, [r for r in drawn if r.get(panel_cols) == cv])) for cv in pcol] or [0])
     )
+    # constrained layout makes room for the two-line suptitle (tight_layout ignores it and clips it)
     fig, axes = plt.subplots(
-        len(prow), len(pcol), figsize=(1 + panel_w * len(pcol), 1 + 3.5 * len(prow)), squeeze=False, sharey=True
+        len(prow),
+        len(pcol),
+        figsize=(1 + panel_w * len(pcol), 1.5 + 3.5 * len(prow)),
+        squeeze=False,
+        sharey=True,
+        constrained_layout=True,
     )
     for i, rv in enumerate(prow):
         for j, cv in enumerate(pcol):
@@ -313,8 +479,11 @@ def plot_results(
             if panel:
                 ax.legend(fontsize=7)
     versions = ", ".join(f"{k} {last.get(k)}" for k in ("torch", "triton", "cuda", "linattn"))
-    fig.suptitle(f"{Path(jsonl_path).stem}: {last.get('device')}\n{versions}, {last.get('date')}", fontsize=10)
-    fig.tight_layout()
+    run = f", run {last['run']}" if last.get("run") else ""
+    title = [f"{Path(jsonl_path).stem}: {last.get('device')}", versions, f"{last.get('date')}{run}"]
+    # each line wrapped to the figure's width (about 13 characters an inch at 10 pt), so that none is clipped
+    chars = max(20, int(13 * fig.get_figwidth()))
+    fig.suptitle("\n".join(part for line in title for part in textwrap.wrap(line, chars)), fontsize=10)
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
@@ -509,15 +678,21 @@ def measure(fn: Callable, ref, nbytes: int, device: torch.device, cuda_graph: bo
     `fn()` returns a tensor or a sequence of tensors, `ref` the float64 tensor(s) it
     should equal; max_abs_err and rel_err (||out - ref|| / ||ref||) are the worst
     over the tensors. peak_mb is what one call allocates beyond what is live before
-    it (output included; CUDA only). GB/s counts `nbytes` per call.
+    it (output included; CUDA only). ms is the median of `reps` timed calls, with
+    iqr_pct, min_ms and max_ms their spread (Timing); GB/s counts `nbytes` per call.
     """
     # first call compiles / autotunes, outside the timed region; its outputs are dropped (by errors returning)
     # before the next call may reuse their memory (CUDA graphs)
     row = {**errors(fn(), ref), "peak_mb": peak_mb(fn, device)}
     notes = []
-    ms = time_ms(fn, device, cuda_graph=cuda_graph, notes=notes)
-    timer = "perf_counter" if device.type != "cuda" else ("cuda_graph" if cuda_graph and not notes else "do_bench")
-    return {**row, "ms": ms, "gbs": nbytes / ms / 1e6, "timer": timer, "note": "; ".join(notes) or None}
+    timed = timing(fn, device, cuda_graph=cuda_graph, notes=notes)
+    row |= {**timed.columns(), "gbs": nbytes / timed.ms / 1e6}
+    return {**row, "timer": timer_name(device, cuda_graph and not notes), "note": "; ".join(notes) or None}
+
+
+def timer_name(device: torch.device, cuda_graph: bool = False) -> str:
+    """The `timer` column: perf_counter (CPU: wall clock), do_bench or cuda_graph (CUDA events)."""
+    return "perf_counter (CPU)" if device.type != "cuda" else ("cuda_graph" if cuda_graph else "do_bench")
 
 
 def add_speedups(rows: list[dict], baselines: Sequence[str] = SPEEDUP_BASELINES, by: str = "pass") -> None:
@@ -563,7 +738,7 @@ def run_providers(
                 why = str(err)
             except Exception as err:  # a provider that cannot even be set up must not end the run
                 why = error_line(err)
-                tqdm.write(f"{base.get('op')} {base.get('shape')} {base.get('dtype')} {provider}: {why}")
+                write(f"{base.get('op')} {base.get('shape')} {base.get('dtype')} {provider}: {why}")
         for pass_name, (ref, nbytes) in passes.items():
             row = {**base, "pass": pass_name, "provider": provider, "bytes": nbytes, "ms": None, "note": None}
             if why is not None:
@@ -574,7 +749,7 @@ def run_providers(
                     row["pct_copy"] = 100 * row["gbs"] / copy_gbs
                 except Exception as err:  # compile error, OOM, bad kernel: one line, then the next provider
                     row["note"] = f"failed: {error_line(err)}"
-                    tqdm.write(
+                    write(
                         f"{base.get('op')} {base.get('shape')} {base.get('dtype')} {provider} {pass_name}: "
                         f"{error_line(err)}"
                     )
@@ -591,21 +766,29 @@ def totals(
 ) -> list[dict]:
     """Summed time per provider over the shapes of each group of `by` values: the "taken together" numbers.
 
-    Each total row has the group's `by` values, provider, shapes (how many it timed) and ms (their summed
-    time); `speedup_vs_<baseline>` is the baseline's summed time over the provider's, both summed over
-    the shapes (`key`) that both timed, so that a skipped or failed shape does not bias the ratio. Put "pass"
+    Each total row has the group's `by` values, provider, shapes (how many it timed), ms (their summed
+    time), reps (the fewest timed calls of any shape) and iqr_pct (the summed interquartile ranges over
+    ms); `speedup_vs_<baseline>` is the baseline's summed time over the provider's, both summed over the
+    shapes (`key`) that both timed, so that a skipped or failed shape does not bias the ratio. Put "pass"
     in `by` when rows have several passes.
     """
     groups: dict[tuple, dict[str, dict]] = {}
+    spreads: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("ms") is not None:
             group = groups.setdefault(tuple(row.get(k) for k in by), {})
             group.setdefault(row["provider"], {})[row[key]] = row["ms"]
+            spreads.setdefault((*(row.get(k) for k in by), row["provider"]), []).append(row)
     out = []
     for values, timed in groups.items():
         for provider, mine in timed.items():
             total = {**dict(zip(by, values, strict=True)), "provider": provider, "shapes": len(mine)}
             total["ms"] = sum(mine.values())
+            timed_rows = spreads[(*values, provider)]
+            reps = [r.get("reps") for r in timed_rows]
+            total["reps"] = min(reps) if None not in reps else None  # the fewest of any shape
+            if all(r.get("iqr_pct") is not None for r in timed_rows):  # summed interquartile ranges / summed ms
+                total["iqr_pct"] = sum(r["iqr_pct"] * r["ms"] for r in timed_rows) / total["ms"]
             for baseline in baselines:
                 theirs = timed.get(baseline, {})
                 common = [s for s in mine if s in theirs]
@@ -621,9 +804,23 @@ def result_name(name: str, quick: bool, device: torch.device) -> str:
     return name + ("-quick" if quick else "") + ("" if torch.device(device).type == "cuda" else "-cpu")
 
 
+TIMING_LEGEND = (
+    "ms: median of reps timed calls ({timer}); iqr_pct: their interquartile range over the median, in %; "
+    "a speedup within the providers' iqr_pct is noise"
+)
+
+
+def timing_legend(rows: Sequence[dict]) -> str:
+    """The line under a table that says what its ms, reps and iqr_pct columns are."""
+    timers = ", ".join(dict.fromkeys(str(r["timer"]) for r in rows if r.get("timer"))) or "-"
+    return TIMING_LEGEND.format(timer=timers)
+
+
 def report(rows: Sequence[dict], columns: Sequence[str], out_dir: str | Path, name: str, env: dict, **plot) -> Path:
-    """Print `rows` as a table, append them to out_dir/name.jsonl (+ .csv), draw name.png; returns the JSONL path."""
+    """Print `rows` as a table (with the timing legend), append them to out_dir/name.jsonl (+ .csv), draw
+    name.png; returns the JSONL path."""
     print_table(rows, columns)
+    print(timing_legend(rows))
     jsonl_path, csv_path = save_results(rows, out_dir, name, env)
     png_path = plot_results(jsonl_path, jsonl_path.with_suffix(".png"), **plot)
     print(f"results: {jsonl_path}, {csv_path}" + (f"; plot: {png_path}" if png_path else ""))

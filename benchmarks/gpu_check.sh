@@ -1,56 +1,241 @@
 #!/usr/bin/env bash
-# The whole GPU pass in one command: build, GPU tests (triton and cuda backends), compute-sanitizer
-# over every kernel, benchmarks. Everything it produces goes into OUT_DIR; a summary is printed last.
-# usage: bash benchmarks/gpu_check.sh OUT_DIR
-# STEPS="build pytest bench-lite-mla" runs only the named steps (a step's name, or the start of one, e.g.
-# "sanitizer" or "bench"), so a pass can be split over calls with a time limit; build runs whenever named.
+# The GPU pass in one command: build, check, GPU tests, compute-sanitizer, benchmarks; the results into OUT_DIR.
+#   usage: bash benchmarks/gpu_check.sh OUT_DIR
+#
+# The default profile (PROFILE=quick) fits one device lease: each step runs under `timeout` with its bound
+# (seconds, below), and the pass under BUDGET_S=450: a step starts only while 20 s of the budget are left, its
+# bound cut to what is left, so the pass ends within 8 minutes of a bare machine's start, the build included.
+# Steps run in this order (most wanted first: what the budget cuts is at the end); one that fails or times out
+# does not stop the next, and a benchmark stopped by its bound saves the rows it has measured:
+#   build              200  pip install -e . with the CUDA extension for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0,
+#                           MAX_JOBS=16, --no-deps --no-build-isolation --no-index), then linattn._C must load
+#   info                30  python -m linattn info
+#   check               60  python -m linattn check: every op on every backend against the reference
+#   pytest              75  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
+#                           pytest-timeout (60 s a test) and pytest-xdist (8 workers) when installed
+#   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
+#   bench-e2e-l0        60  python -m linattn bench: eager, compile, linattn at B16 bf16 (img_s), each with its
+#   bench-e2e-xl1       90  batch-1 latency (lat_b1_ms); no max-autotune
+#   bench-lite-mla      30  the op benchmarks at the headline shapes: every LiteMLA stage at B16, bf16, forward,
+#   bench-multiscale    30  eager against the triton and cuda backends (conv: six shapes, one of each kind and
+#   bench-linear-attention  model; the compile providers are in the end-to-end steps)
+#   bench-conv-bn-act   30
+# Opt-in (named in STEPS, or PROFILE=full): sanitizer-racecheck, sanitizer-initcheck.
+#
+# PROFILE=full: no total budget, 600 s bounds (split it over calls with STEPS): the whole test suite, every
+# sanitizer tool, the op benchmarks on every shape at B16 and 1 with compile and compile-max-autotune (at B16),
+# the end-to-end benchmark on xl1, l0, squeezesam and vitt with every provider.
+# PROFILE=smoke: the same steps at CPU scale, without build and sanitizer (--quick benchmarks): checks this
+# script on a machine without a GPU. DRY_RUN=1 writes each step's command to its log instead of running it.
+#
+# STEPS="check pytest" runs only the named steps (a name, or the start of one: "sanitizer", "bench-e2e"); a
+# bare machine has no extension: name build too. BUDGET_S (0: none), BOUND_<STEP> (e.g. BOUND_PYTEST=120,
+# BOUND_BENCH_E2E_XL1=150), PYTEST_ARGS, PYTEST_WORKERS (0: no xdist), PYTEST_TIMEOUT, E2E_MODELS (default
+# "l0 xl1"), E2E_BENCH_ARGS, LITE_MLA_BENCH_ARGS, MULTISCALE_BENCH_ARGS, LINEAR_ATTENTION_BENCH_ARGS and
+# CONV_BENCH_ARGS (each replaces that benchmark's options), TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON (python3),
+# WORK_DIR (default a fresh /tmp/gpu_check.*).
+#
+# Needs on the machine: torch, triton, numpy, pip, setuptools, wheel, nvcc, pytest (and compute-sanitizer); the
+# rest is optional (tqdm: progress bars, matplotlib: plots, timm: some tests, pytest-timeout, pytest-xdist).
+# gpu.txt lists what is missing. OUT_DIR receives at most 8 files (5): gpu_check.tar.gz (the work folder: every
+# log, result file, plot, pytest.xml), summary.txt (the step table and the headline numbers), results.jsonl
+# (every benchmark row of this pass, each with its results_file and run), gpu.txt (GPU, driver, versions,
+# missing packages) and e2e.png. The step table and headline numbers are printed last.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-status=()
-selected() {  # selected NAME: is NAME (or a prefix of it) in STEPS, or is STEPS unset
-    [[ -z ${STEPS:-} ]] && return 0
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python3}
+PROFILE=${PROFILE:-quick}
+DRY_RUN=${DRY_RUN:-0}
+WORK=${WORK_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+LOGS=$WORK/logs
+RESULTS=$WORK/results
+mkdir -p "$LOGS" "$RESULTS" || exit 2
+: > "$WORK/steps.tsv"
+START=$SECONDS
+KILL_AFTER=10 # seconds between timeout's TERM (benchmarks then save the rows they have) and KILL
+MIN_STEP_S=20 # a step does not start with less of the budget left
+
+case $PROFILE in
+    quick) BUDGET_S=${BUDGET_S:-450} ;;
+    full | smoke) BUDGET_S=${BUDGET_S:-0} ;;
+    *)
+        echo "PROFILE must be quick, full or smoke, not $PROFILE" >&2
+        exit 2
+        ;;
+esac
+
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# every benchmark row of this pass carries this id (its `run` column); plots draw the rows of the latest run
+export LINATTN_BENCH_RUN=${LINATTN_BENCH_RUN:-gpu_check-$(date -u +%Y%m%dT%H%M%SZ)}
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-5} # progress bars in log files: a line every 5 s, not every case
+
+selected() { # selected NAME OPTIONAL: named in STEPS (or a prefix of NAME is), or STEPS unset and not optional
+    if [[ -z ${STEPS:-} ]]; then
+        [[ $2 == 0 ]]
+        return
+    fi
     local want
     for want in $STEPS; do [[ $1 == "$want"* ]] && return 0; done
     return 1
 }
-step() {  # step NAME CMD...: run, log to OUT/NAME.log, remember the exit code
-    local name=$1; shift
-    selected "$name" || return 0
-    echo "== $name: $*"
-    "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    status+=("$name=$rc")
-    tail -n 5 "$OUT/$name.log"
+
+record() { # record NAME STATUS RC SECONDS BOUND
+    printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$WORK/steps.tsv"
 }
 
-export LINATTN_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
-step build python -m pip install --no-deps --no-build-isolation -e .
-step info python -m linattn info
-step check python -m linattn check
-step pytest python -m pytest -rs --junitxml="$OUT/pytest.xml"
-# small shapes on every backend: what `check` runs, under the sanitizer's tools
+step() { # step NAME BOUND_S OPTIONAL CMD...: run CMD under timeout, log to WORK/logs/NAME.log
+    local name=$1 bound=$2 optional=$3
+    shift 3
+    selected "$name" "$optional" || return 0
+    local var=BOUND_${name//-/_}
+    var=${var^^}
+    bound=${!var:-$bound}
+    if ((BUDGET_S > 0)); then
+        local left=$((BUDGET_S - (SECONDS - START) - KILL_AFTER))
+        if ((left < MIN_STEP_S)); then
+            echo "== $name: skipped, ${left}s of the ${BUDGET_S}s budget left"
+            record "$name" "no-time" - 0 "$bound"
+            return 0
+        fi
+        ((bound > left)) && bound=$left
+    fi
+    local log=$LOGS/$name.log t0=$SECONDS rc
+    echo "== $name (at most ${bound}s): $*"
+    if [[ $DRY_RUN == 1 ]]; then
+        echo "dry run: $*" > "$log"
+        rc=0
+    else
+        timeout --kill-after="$KILL_AFTER" "$bound" "$@" > "$log" 2>&1
+        rc=$?
+    fi
+    local status=ok
+    ((rc != 0)) && status=FAIL
+    ((rc == 124 || rc == 137)) && status=TIMEOUT
+    # compute-sanitizer refuses the GPU under some sandboxes (gVisor): say so rather than FAIL
+    [[ $name == sanitizer-* && $rc != 0 ]] && grep -q "Device not supported" "$log" && status=UNSUPPORTED
+    record "$name" "$status" "$rc" "$((SECONDS - t0))" "$bound"
+    tail -n 3 "$log" | cut -c 1-200
+}
+
+bench_args() { # bench_args VAR DEFAULT...: the options of a benchmark, VAR's words when VAR is set
+    if [[ -n ${!1+set} ]]; then
+        read -r -a ARGS <<< "${!1}"
+    else
+        ARGS=("${@:2}")
+    fi
+}
+
+# ---- the machine: GPU, driver, versions, packages (always; written to gpu.txt) ----
+{
+    echo "gpu_check.sh PROFILE=$PROFILE BUDGET_S=$BUDGET_S STEPS=${STEPS:-<default>} $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
+    nvidia-smi 2>&1 | head -n 20
+    nvcc --version 2>&1 | tail -n 2
+    command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"
+    echo "cpus: $(nproc); kernel: $(uname -r)"
+    timeout 60 "$PY" - << 'EOF'
+import importlib, platform
+print("python", platform.python_version())
+try:
+    import torch
+    cuda = torch.cuda.is_available()
+    print("torch", torch.__version__, "CUDA", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+          "device:", torch.cuda.get_device_name() if cuda else "none")
+except Exception as err:
+    print("torch: cannot import:", err)
+# linattn needs torch, triton (GPU kernels) and numpy (models); the benchmarks tqdm (optional: plain lines
+# without it) and matplotlib (plots, optional); the tests pytest, timm (some skip without), pytest-timeout
+# and pytest-xdist (optional here); einops is a declared dependency.
+missing = []
+for name in ("triton", "numpy", "einops", "tqdm", "matplotlib", "pytest", "timm", "pytest_timeout", "xdist"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as err:
+        missing.append(f"{name} ({type(err).__name__})")
+print("missing:", ", ".join(missing) or "none")
+EOF
+} > "$WORK/gpu.txt" 2>&1
+grep -E "^(torch|missing)" "$WORK/gpu.txt"
+
+# ---- per-profile arguments ----
+has() { "$PY" -c "import $1" > /dev/null 2>&1; }
+PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$LOGS/pytest.xml")
+has pytest_timeout && PYTEST+=(--timeout "${PYTEST_TIMEOUT:-60}") # per test
+has xdist && ((${PYTEST_WORKERS:-8} > 0)) && PYTEST+=(-n "${PYTEST_WORKERS:-8}")
+E2E_MODELS=${E2E_MODELS:-l0 xl1}
+CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj xl1.s3.fmb.conv3 xl1.s4.mb.dw3)
+OPS=(--dtype bf16 --batch 16 --providers eager triton cuda)
+case $PROFILE in
+    quick)
+        B_BUILD=200 B_CHECK=60 B_PYTEST=75 B_SAN=60 B_E2E=60 B_BENCH=30 # XL models: 1.5 x B_E2E
+        read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
+        E2E=(--batch 16 --dtype bf16 --providers eager compile linattn)
+        LIN=("${OPS[@]}" --no-backward) MS=("${OPS[@]}") MLA=("${OPS[@]}")
+        CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda --shapes "${CONV_SHAPES[@]}")
+        ;;
+    full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
+        B_BUILD=600 B_CHECK=600 B_PYTEST=600 B_SAN=600 B_E2E=600 B_BENCH=600
+        read -r -a PYTEST_SEL <<< "${PYTEST_ARGS-}"
+        E2E=() # every provider, compile-max-autotune included
+        ALL=(eager compile compile-max-autotune triton cuda)
+        LIN=(--batch 16 1 --max-autotune-batch 16 --providers "${ALL[@]}") # fp32, fp16, bf16; fwd and fwd+bwd
+        MS=(--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers "${ALL[@]}")
+        MLA=("${MS[@]}")
+        CONV=(--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager eager-folded "${ALL[@]:1}")
+        E2E_MODELS=${E2E_MODELS_FULL:-xl1 l0 squeezesam vitt}
+        ;;
+    smoke)
+        B_BUILD=600 B_CHECK=300 B_PYTEST=300 B_SAN=300 B_E2E=300 B_BENCH=300
+        read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
+        E2E=(--quick --providers eager linattn)
+        LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick)
+        ;;
+esac
+NO_GPU_STEP=0
+[[ $PROFILE == smoke ]] && NO_GPU_STEP=1 # build and sanitizer need a GPU: opt-in only
+
+# ---- the steps ----
+LOADS='from linattn._extension import load_extension; ext, why = load_extension(); assert ext, why; print("_C loads")'
+# shellcheck disable=SC2016 # "$1" and "$2" are bash -c's own arguments
+step build "$B_BUILD" "$NO_GPU_STEP" env LINATTN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+    MAX_JOBS="${MAX_JOBS:-16}" bash -c '"$1" -m pip install -v --no-deps --no-build-isolation --no-index -e . &&
+    "$1" -c "$2"' build "$PY" "$LOADS"
+step info 30 0 "$PY" -m linattn info
+step check "$B_CHECK" 0 "$PY" -m linattn check
+step pytest "$B_PYTEST" 0 "${PYTEST[@]}" "${PYTEST_SEL[@]}"
 for tool in memcheck racecheck initcheck; do
-    step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 python -m linattn check
+    optional=$NO_GPU_STEP
+    [[ $tool != memcheck && $PROFILE != full ]] && optional=1
+    # without PyTorch's caching allocator every tensor is its own allocation: memcheck sees every overrun
+    step "sanitizer-$tool" "$B_SAN" "$optional" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m linattn check
 done
-# max-autotune re-tunes every shape and dtype: keep it for a longer run (BENCH_ARGS="" runs every provider)
-step bench-linear-attention python benchmarks/bench_linear_attention.py --out "$OUT/results" ${BENCH_ARGS---providers eager compile triton cuda}
-# LiteMLA ops and block over every LiteMLA of DESIGN.md 5 at B=16 and B=1, bf16, forward (their GPU defaults).
-# compile-max-autotune re-tunes every shape (tens of seconds each): only at B=16, so its speedup column is empty
-# at B=1. MLA_BENCH_ARGS replaces these options in both (e.g. MLA_BENCH_ARGS="--dtype fp16 bf16 --batch 16").
-MLA_DEFAULT="--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager compile compile-max-autotune triton cuda"
-step bench-multiscale python benchmarks/bench_multiscale.py --out "$OUT/results" ${MLA_BENCH_ARGS-$MLA_DEFAULT}
-step bench-lite-mla python benchmarks/bench_lite_mla.py --out "$OUT/results" ${MLA_BENCH_ARGS-$MLA_DEFAULT}
-# conv + BN + act (linattn.conv_bn_act, linattn.upsample_block) over every conv shape of SqueezeSAM, EfficientViT-SAM
-# L0 and XL1 (89 shapes) at B=16 and B=1, bf16, forward. compile-max-autotune re-tunes every shape: only at
-# B=16 (its speedup column is empty at B=1). CONV_BENCH_ARGS replaces these options (e.g.
-# CONV_BENCH_ARGS="--models squeezesam --dtype fp16 bf16 --batch 16", or "--shapes l0.s3 sq.up8 --providers eager triton").
-CONV_DEFAULT="--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager eager-folded compile compile-max-autotune triton cuda"
-step bench-conv-bn-act python benchmarks/bench_conv_bn_act.py --out "$OUT/results" ${CONV_BENCH_ARGS-$CONV_DEFAULT}
-# the end-to-end encoders (python -m linattn bench: xl1, l0, squeezesam, efficientsam-vitt at B=16 in bf16, every
-# provider). compile-max-autotune of a whole encoder takes minutes: under a per-call time limit split it by model,
-# e.g. STEPS=bench-e2e E2E_BENCH_ARGS="--model xl1", then "--model l0 squeezesam vitt".
-step bench-e2e python -m linattn bench --out "$OUT/results" ${E2E_BENCH_ARGS-}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
-echo "summary: ${status[*]}" | tee "$OUT/summary.txt"
+for model in $E2E_MODELS; do
+    bench_args E2E_BENCH_ARGS "${E2E[@]}"
+    bound=$B_E2E
+    [[ $model == xl* ]] && bound=$((B_E2E * 3 / 2)) # 1024x1024 input: longer to compile and time
+    step "bench-e2e-$model" "$bound" 0 "$PY" -m linattn bench --model "$model" --out "$RESULTS" "${ARGS[@]}"
+done
+bench_args LITE_MLA_BENCH_ARGS "${MLA[@]}"
+step bench-lite-mla "$B_BENCH" 0 "$PY" benchmarks/bench_lite_mla.py --out "$RESULTS" "${ARGS[@]}"
+bench_args MULTISCALE_BENCH_ARGS "${MS[@]}"
+step bench-multiscale "$B_BENCH" 0 "$PY" benchmarks/bench_multiscale.py --out "$RESULTS" "${ARGS[@]}"
+bench_args LINEAR_ATTENTION_BENCH_ARGS "${LIN[@]}"
+step bench-linear-attention "$B_BENCH" 0 "$PY" benchmarks/bench_linear_attention.py --out "$RESULTS" "${ARGS[@]}"
+bench_args CONV_BENCH_ARGS "${CONV[@]}"
+step bench-conv-bn-act "$B_BENCH" 0 "$PY" benchmarks/bench_conv_bn_act.py --out "$RESULTS" "${ARGS[@]}"
+
+# ---- OUT: at most 8 files; everything else in the tar ----
+if ! "$PY" benchmarks/gpu_summary.py "$WORK" "$((SECONDS - START))" > /dev/null 2> "$LOGS/summary.err"; then
+    { echo "gpu_summary.py failed (logs/summary.err); the steps:" && cat "$WORK/steps.tsv"; } > "$WORK/summary.txt"
+fi
+cp "$WORK/gpu.txt" "$WORK/summary.txt" "$OUT/"
+[[ -f $WORK/results.jsonl ]] && cp "$WORK/results.jsonl" "$OUT/"
+for png in "$RESULTS"/e2e*.png; do
+    [[ -f $png ]] && cp "$png" "$OUT/e2e.png" && break
+done
+tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" . || echo "tar failed"
+echo "OUT: $(cd "$OUT" && echo *) (work folder $WORK)"
+cat "$WORK/summary.txt"

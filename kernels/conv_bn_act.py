@@ -37,11 +37,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import Device, device_of
+
 ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _gelu_constants():
+    """(sqrt(2/pi), 1/sqrt(2), 1/sqrt(2 pi)). Local constants, not module globals: the GPU compiler rejects a
+    global that is not a tl.constexpr, and the interpreter cannot multiply a tensor by a tl.constexpr one."""
+    return 0.7978845608028654, 0.7071067811865476, 0.3989422804014327
 
 
 @triton.jit
@@ -58,9 +64,11 @@ def _act(z, ACT: tl.constexpr):
     elif ACT == 2:
         z = tl.minimum(tl.maximum(z, 0.0), 6.0)
     elif ACT == 3:
-        z = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
+        _, inv_sqrt_2, _ = _gelu_constants()
+        z = 0.5 * z * (1.0 + tl.erf(z * inv_sqrt_2))
     elif ACT == 4:
-        z = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+        sqrt_2_over_pi, _, _ = _gelu_constants()
+        z = 0.5 * z * (1.0 + _tanh(sqrt_2_over_pi * (z + 0.044715 * z * z * z)))
     elif ACT == 5:
         z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     elif ACT == 6:
@@ -78,10 +86,12 @@ def _act_grad(z, ACT: tl.constexpr):
     elif ACT == 2:
         d = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
     elif ACT == 3:
-        d = 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        _, inv_sqrt_2, inv_sqrt_2pi = _gelu_constants()
+        d = 0.5 * (1.0 + tl.erf(z * inv_sqrt_2)) + z * inv_sqrt_2pi * tl.exp(-0.5 * z * z)
     elif ACT == 4:
-        t = _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
-        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+        sqrt_2_over_pi, _, _ = _gelu_constants()
+        t = _tanh(sqrt_2_over_pi * (z + 0.044715 * z * z * z))
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * sqrt_2_over_pi * (1.0 + 3.0 * 0.044715 * z * z)
     elif ACT == 5:
         d = tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, z / 3.0 + 0.5, 1.0))
     else:
@@ -375,27 +385,50 @@ def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     return Ho, Wo, weight.shape[1] == 1 and groups > 1
 
 
-def _blocks(x: torch.Tensor, rows: int, cols: int, red: int, depthwise: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) for rows positions, cols channels per group, red
-    reduction channels: a deterministic heuristic (the interpreter runs programs one by one, each op
-    vectorised, so on CPU the tiles are large and few)."""
-    interp = not x.is_cuda
+def conv_config(dev: Device, rows: int, cols: int, red: int, depthwise: bool, dz: bool = False) -> dict:
+    """Tiles and launch options of the implicit-GEMM kernels (fwd, dz, dx) for rows positions, cols channels
+    per group and red reduction channels: a deterministic heuristic. The interpreter runs programs one by
+    one, each op vectorised, so on CPU the tiles are large and few.
+
+    num_stages pipelines the channel loop (cp.async): 3 stages of the largest tiles take 96 KiB of shared
+    memory in fp32, inside sm_80's 163 KiB per block. dz also holds the output-gradient tile beside the
+    accumulator: its tiles stop at 128 x 64 so that 8 warps keep both in registers without spilling."""
     if depthwise:
-        block_n = _pow2(cols, 16, 32 if interp else 64)
-        block_m = _pow2(rows, 16, 256 if interp else 64)
+        block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
+        block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
         block_k = 16
     else:
-        block_n = _pow2(cols, 16, 64 if interp else 128)
-        block_k = _pow2(red, 16, 64 if interp else 32)
-        block_m = _pow2(rows, 16, 256 if interp else (128 if block_n >= 64 else 64))
-    upcast = interp
-    precision = "ieee" if (x.dtype == torch.float32 or upcast) else "tf32"
-    return block_m, block_n, block_k, upcast, precision
+        block_n = _pow2(cols, 16, (64 if dz else 128) if dev.gpu else 64)
+        block_k = _pow2(red, 16, 32 if dev.gpu else 64)
+        block_m = _pow2(rows, 16, (128 if block_n >= 64 else 64) if dev.gpu else 256)
+    warps = 8 if dev.gpu and block_m * block_n >= (128 * 64 if dz else 128 * 128) else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
 
 
-def _warps(x: torch.Tensor, block_m: int, block_n: int) -> int:
-    """8 warps for the large GPU tiles (a 128x128 fp32 accumulator), 4 otherwise (ignored by the interpreter)."""
-    return 8 if x.is_cuda and block_m * block_n >= 128 * 128 else 4
+def _dw_programs(cfg: dict, cout: int, cin_g: int, groups: int, depthwise: bool) -> int:
+    """Programs per tap of the weight-gradient kernel: its channel tiles."""
+    if depthwise:
+        return triton.cdiv(cout, cfg["BLOCK_N"])
+    return groups * triton.cdiv(cout // groups, cfg["BLOCK_N"]) * triton.cdiv(cin_g, cfg["BLOCK_CI"])
+
+
+def conv_dw_config(dev: Device, positions: int, cout: int, cin_g: int, groups: int, depthwise: bool, taps: int):
+    """Tiles of the weight-gradient kernel and the split of its positions into chunks: enough programs to
+    fill the GPU four times over (one chunk under the interpreter)."""
+    if depthwise:
+        cfg = dict(BLOCK_N=_pow2(cout, 16, 64 if dev.gpu else 32), BLOCK_CI=1)
+    else:
+        cfg = dict(BLOCK_N=_pow2(cout // groups, 16, 64), BLOCK_CI=_pow2(cin_g, 16, 64))
+    programs = _dw_programs(cfg, cout, cin_g, groups, depthwise) * taps
+    split = max(1, 4 * dev.sms // programs) if dev.gpu else 1
+    return dict(cfg, BLOCK_K=_pow2(positions, 16, 64 if dev.gpu else 256), split=split, num_warps=4, num_stages=3)
+
+
+def _precision(x: torch.Tensor) -> dict:
+    """UPCAST: products in fp32 under the interpreter (its low-precision dot is wrong). fp32 inputs take full
+    fp32 products (DESIGN.md 8); input_precision does not apply to fp16/bf16 operands."""
+    upcast = not x.is_cuda
+    return dict(UPCAST=upcast, PRECISION="ieee" if (x.dtype == torch.float32 or upcast) else "tf32")
 
 
 def _present(t, like):
@@ -405,22 +438,23 @@ def _present(t, like):
 
 def conv_bn_act_fwd(
     x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, post_shift, residual, out,
-    shuffle: bool = False,
+    shuffle: bool = False, config: dict | None = None,
 ):  # fmt: skip
     """Write act(conv2d(x, weight, bias) ...) * post_scale + post_shift + residual into out.
 
     out is (B, Cout, Ho, Wo), or (B, Cout/4, 2*Ho, 2*Wo) with shuffle (residual shaped as out);
-    any strides for x, weight, residual and out."""
+    any strides for x, weight, residual and out. config: conv_config()'s dict, to launch another
+    device's choice (the tests run a GPU's tiles under the interpreter); None: this device's."""
     B, _, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
     cout_g = Cout // groups
     M = B * Ho * Wo
-    block_m, block_n, block_k, upcast, precision = _blocks(
-        x, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise
+    cfg = config or conv_config(
+        device_of(x), M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise
     )
-    tiles_n = triton.cdiv(cout_g, block_n)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(Cout, block_n) if depthwise else groups * tiles_n)
+    tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     bias_t, has_bias = _present(bias, weight)
     scale_t, has_scale = _present(post_scale, weight)
     shift_t, has_shift = _present(post_shift, weight)
@@ -430,82 +464,74 @@ def conv_bn_act_fwd(
         res_t, *res_t.stride(),
         M, Cout, cin_g, cout_g, tiles_n, H, W, Ho, Wo, *stride, *padding, *dilation,
         KH=KH, KW=KW, ACT=ACTIVATIONS.index(act), HAS_BIAS=has_bias, HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
-        HAS_RES=has_res, SHUFFLE=shuffle, DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_warps(x, block_m, block_n),
+        HAS_RES=has_res, SHUFFLE=shuffle, DEPTHWISE=depthwise, **_precision(x), **cfg,
     )  # fmt: skip
     return out
 
 
 def conv_bn_act_bwd(
     grad_out, x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, shuffle: bool = False,
-    dw_split: int | None = None,
+    config: dict | None = None,
 ):  # fmt: skip
     """Gradients (dx, dweight, dbias, dpost_scale, dpost_shift) of conv_bn_act_fwd (without the residual,
     whose gradient is grad_out). dx has x's dtype and memory format; the others are fp32.
 
-    dw_split: chunks of positions the weight gradient is split into (None: enough programs to fill the GPU,
-    one chunk on CPU)."""
+    config: {"dz": conv_config(..., dz=True), "dx": conv_config(...), "dw": conv_dw_config(...)}, any of
+    them, to launch another device's choice; the rest are this device's."""
     B, Cin, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
     cout_g = Cout // groups
     M = B * Ho * Wo
-    dev = x.device
+    dev = device_of(x)
+    config = config or {}
     bias_t, has_bias = _present(bias, weight)
     scale_t, has_scale = _present(post_scale, weight)
     geometry = (H, W, Ho, Wo, *stride, *padding, *dilation)
+    precision = _precision(x)
 
     # 1. dz = g * post_scale * act'(z), recomputing z; per-tile partial sums of the per-channel gradients
-    block_m, block_n, block_k, upcast, precision = _blocks(
-        x, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise
+    cfg = config.get("dz") or conv_config(
+        dev, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, dz=True
     )
-    tiles_n = triton.cdiv(cout_g, block_n)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(Cout, block_n) if depthwise else groups * tiles_n)
-    dz = torch.empty((B, Cout, Ho * Wo), device=dev, dtype=torch.float32)
-    parts = torch.empty((3, grid[0], Cout), device=dev, dtype=torch.float32)
+    tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
+    dz = torch.empty((B, Cout, Ho * Wo), device=x.device, dtype=torch.float32)
+    parts = torch.empty((3, grid[0], Cout), device=x.device, dtype=torch.float32)
     _conv_bn_act_bwd_dz_kernel[grid](
         dz, parts, grad_out, *grad_out.stride(), x, *x.stride(), weight, *weight.stride(), bias_t, scale_t,
         M, Cout, cin_g, cout_g, tiles_n, *geometry,
         KH=KH, KW=KW, ACT=ACTIVATIONS.index(act), HAS_BIAS=has_bias, HAS_SCALE=has_scale, SHUFFLE=shuffle,
-        DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_warps(x, block_m, block_n),
+        DEPTHWISE=depthwise, **precision, **cfg,
     )  # fmt: skip
     dbias, dscale, dshift = (p.sum(0) for p in parts)  # three tensors, not views of one
 
     # 2. dx: the transposed conv, rows are input positions, columns the group's input channels
     Mx = B * H * W
-    block_m, block_n, block_k, _, _ = _blocks(x, Mx, Cin if depthwise else cin_g, cout_g, depthwise)
-    tiles_n = triton.cdiv(cin_g, block_n)
-    grid = (triton.cdiv(Mx, block_m), triton.cdiv(Cin, block_n) if depthwise else groups * tiles_n)
+    cfg = config.get("dx") or conv_config(dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise)
+    tiles_n = triton.cdiv(cin_g, cfg["BLOCK_N"])
+    grid = (triton.cdiv(Mx, cfg["BLOCK_M"]), triton.cdiv(Cin, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     dx = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     _conv_bn_act_bwd_dx_kernel[grid](
         dx, *dx.stride(), dz, weight, *weight.stride(),
         Mx, Cin, cin_g, Cout, cout_g, tiles_n, *geometry,
-        KH=KH, KW=KW, DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_warps(x, block_m, block_n),
+        KH=KH, KW=KW, DEPTHWISE=depthwise, **precision, **cfg,
     )  # fmt: skip
 
     # 3. dW: reduction over positions in SPLIT chunks of fp32 partials
-    block_k = _pow2(M, 16, 256 if not x.is_cuda else 64)
-    if depthwise:
-        block_n, block_ci, tiles_n, tiles_ci = _pow2(Cout, 16, 32 if not x.is_cuda else 64), 1, 1, 1
-        programs = triton.cdiv(Cout, block_n)
-    else:
-        block_n, block_ci = _pow2(cout_g, 16, 64), _pow2(cin_g, 16, 64)
-        tiles_n, tiles_ci = triton.cdiv(cout_g, block_n), triton.cdiv(cin_g, block_ci)
-        programs = groups * tiles_n * tiles_ci
-    target = 1 if not x.is_cuda else max(1, 4 * torch.cuda.get_device_properties(dev).multi_processor_count)
-    split = dw_split or max(1, target // max(1, programs * KH * KW))
-    split = max(1, min(triton.cdiv(M, block_k), split))
+    cfg = dict(config.get("dw") or conv_dw_config(dev, M, Cout, cin_g, groups, depthwise, KH * KW))
+    block_k = cfg["BLOCK_K"]
+    split = max(1, min(triton.cdiv(M, block_k), cfg.pop("split")))
     chunk = triton.cdiv(triton.cdiv(M, split), block_k) * block_k
     split = triton.cdiv(M, chunk)
-    dw_parts = torch.empty((split, KH * KW, Cout, cin_g), device=dev, dtype=torch.float32)
-    _conv_bn_act_bwd_dw_kernel[(programs, KH * KW, split)](
+    tiles_n = 1 if depthwise else triton.cdiv(cout_g, cfg["BLOCK_N"])
+    tiles_ci = 1 if depthwise else triton.cdiv(cin_g, cfg["BLOCK_CI"])
+    dw_parts = torch.empty((split, KH * KW, Cout, cin_g), device=x.device, dtype=torch.float32)
+    _conv_bn_act_bwd_dw_kernel[(_dw_programs(cfg, Cout, cin_g, groups, depthwise), KH * KW, split)](
         dw_parts, dz, x, *x.stride(),
         M, Cout, cin_g, cout_g, tiles_n, tiles_ci, chunk, *geometry,
-        KW=KW, DEPTHWISE=depthwise, UPCAST=upcast, PRECISION=precision,
-        BLOCK_N=block_n, BLOCK_CI=block_ci, BLOCK_K=block_k,
+        KW=KW, DEPTHWISE=depthwise, **precision, **cfg,
     )  # fmt: skip
     dweight = dw_parts.sum(0).permute(1, 2, 0).reshape(Cout, cin_g, KH, KW)
     return dx, dweight, dbias, dscale, dshift

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import Device, device_of
+
 
 @triton.jit
 def _relu_tile(ptr, stride_n, stride_d, offs_n, offs_d, N, D):
@@ -279,73 +281,81 @@ def _linear_attention_bwd_dkv_kernel(
         tl.store(dv_ptrs, dv.to(DV_ptr.dtype.element_ty), mask=mask_e)
 
 
-def attention_config(B: int, H: int, N: int, D: int, E: int, dtype, device: torch.device, splits: int | None):
-    """Block sizes, split count and dot precision for B*H attention problems of N rows, D x E state."""
+def attention_config(dev: Device, B: int, H: int, N: int, D: int, E: int, splits: int | None = None) -> dict:
+    """Tiles, launch options and the split of N for B*H attention problems with a D x E state.
+
+    splits: programs per problem, each reducing a chunk of N into fp32 partials (None: enough programs to fill
+    the GPU twice over; one under the interpreter). num_stages=2 double-buffers the row loop's loads."""
     block_d = max(16, triton.next_power_of_2(D))
     block_e = max(16, triton.next_power_of_2(E))
     block_n = 64 if block_d * block_e <= 64 * 64 else 32
-    num_warps = 4 if block_d * block_e <= 64 * 64 else 8
-    tiles = triton.cdiv(N, block_n)
     if splits is None:
-        # enough programs to fill the GPU twice over; the interpreter just needs few
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        splits = triton.cdiv(target, B * H)
-    splits = max(1, min(splits, tiles))
-    chunk = triton.cdiv(tiles, splits) * block_n
-    splits = triton.cdiv(N, chunk)
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+        splits = triton.cdiv(2 * dev.sms, B * H) if dev.gpu else 1
     return dict(
-        blocks=dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_E=block_e, PRECISION=precision),
-        num_warps=num_warps,
-        chunk=chunk,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_E=block_e,
+        num_warps=4 if block_d * block_e <= 64 * 64 else 8,
+        num_stages=2,
         splits=splits,
     )
 
 
-def _state(k: torch.Tensor, v: torch.Tensor, cfg: dict):
+def split_rows(N: int, config: dict) -> tuple[dict, int, int]:
+    """(kernel keywords, rows per split, splits) of a config: splits clamped to the row tiles, each chunk a
+    multiple of BLOCK_N."""
+    cfg = dict(config)
+    tiles = triton.cdiv(N, cfg["BLOCK_N"])
+    splits = max(1, min(cfg.pop("splits"), tiles))
+    chunk = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
+    return cfg, chunk, triton.cdiv(N, chunk)
+
+
+def _precision(t: torch.Tensor) -> str:
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _state(k: torch.Tensor, v: torch.Tensor, cfg: dict, chunk: int, splits: int):
     """fp32 partials of S = sum relu(k)^T v and z = sum relu(k), one per (batch*head, split)."""
     B, H, N, D = k.shape
     E = v.shape[-1]
-    blocks, splits = cfg["blocks"], cfg["splits"]
-    s = torch.empty((B * H, splits, blocks["BLOCK_D"], blocks["BLOCK_E"]), device=k.device, dtype=torch.float32)
-    z = torch.empty((B * H, splits, blocks["BLOCK_D"]), device=k.device, dtype=torch.float32)
+    s = torch.empty((B * H, splits, cfg["BLOCK_D"], cfg["BLOCK_E"]), device=k.device, dtype=torch.float32)
+    z = torch.empty((B * H, splits, cfg["BLOCK_D"]), device=k.device, dtype=torch.float32)
     _linear_attention_state_kernel[(B * H, splits)](
-        s, z, k, *k.stride(), v, *v.stride(), H, N, D, E, cfg["chunk"], splits,
-        num_warps=cfg["num_warps"], **blocks,
+        s, z, k, *k.stride(), v, *v.stride(), H, N, D, E, chunk, splits, PRECISION=_precision(k), **cfg,
     )  # fmt: skip
     return s, z
 
 
-def linear_attention_fwd(q, k, v, eps: float, out, splits: int | None = None):
-    """Write relu linear attention of q, k, v into out (all (B, H, N, *), any strides)."""
+def linear_attention_fwd(q, k, v, eps: float, out, config: dict | None = None):
+    """Write relu linear attention of q, k, v into out (all (B, H, N, *), any strides).
+    config: attention_config()'s dict, to launch another device's choice."""
     B, H, N, D = q.shape
     E = v.shape[-1]
-    cfg = attention_config(B, H, N, D, E, q.dtype, q.device, splits)
-    s, z = _state(k, v, cfg)
-    _linear_attention_fwd_kernel[(B * H, cfg["splits"])](
-        out, *out.stride(), q, *q.stride(), s, z, H, N, D, E, cfg["chunk"], cfg["splits"], eps,
-        num_warps=cfg["num_warps"], **cfg["blocks"],
+    cfg, chunk, splits = split_rows(N, config or attention_config(device_of(q), B, H, N, D, E))
+    s, z = _state(k, v, cfg, chunk, splits)
+    _linear_attention_fwd_kernel[(B * H, splits)](
+        out, *out.stride(), q, *q.stride(), s, z, H, N, D, E, chunk, splits, eps, PRECISION=_precision(q), **cfg,
     )  # fmt: skip
     return out
 
 
-def linear_attention_bwd(grad_out, q, k, v, eps: float, dq, dk, dv, splits: int | None = None):
-    """Write the gradients of relu linear attention into dq, dk, dv (any strides)."""
+def linear_attention_bwd(grad_out, q, k, v, eps: float, dq, dk, dv, config: dict | None = None):
+    """Write the gradients of relu linear attention into dq, dk, dv (any strides).
+    config: attention_config()'s dict, to launch another device's choice."""
     B, H, N, D = q.shape
     E = v.shape[-1]
-    cfg = attention_config(B, H, N, D, E, q.dtype, q.device, splits)
-    grid = (B * H, cfg["splits"])
-    s, z = _state(k, v, cfg)
+    cfg, chunk, splits = split_rows(N, config or attention_config(device_of(q), B, H, N, D, E))
+    grid = (B * H, splits)
+    s, z = _state(k, v, cfg, chunk, splits)
     ds = torch.empty_like(s)
     dz = torch.empty_like(z)
     _linear_attention_bwd_dq_kernel[grid](
         dq, *dq.stride(), ds, dz, grad_out, *grad_out.stride(), q, *q.stride(), s, z,
-        H, N, D, E, cfg["chunk"], cfg["splits"], eps,
-        num_warps=cfg["num_warps"], **cfg["blocks"],
+        H, N, D, E, chunk, splits, eps, PRECISION=_precision(q), **cfg,
     )  # fmt: skip
     _linear_attention_bwd_dkv_kernel[grid](
         dk, *dk.stride(), dv, *dv.stride(), k, *k.stride(), v, *v.stride(), ds, dz,
-        H, N, D, E, cfg["chunk"], cfg["splits"],
-        num_warps=cfg["num_warps"], **cfg["blocks"],
+        H, N, D, E, chunk, splits, PRECISION=_precision(q), **cfg,
     )  # fmt: skip
     return dq, dk, dv

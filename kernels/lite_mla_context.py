@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_attention import _sum_partials, attention_config
+from ._device import Device, device_of
+from .linear_attention import _precision, _sum_partials, attention_config, split_rows
 from .multiscale_aggregate import _aggregate_tile, _bias_args
 
 
@@ -176,15 +177,26 @@ def _lite_mla_context_fwd_kernel(
             tl.store(o0_ptrs, out0.to(O0_ptr.dtype.element_ty), mask=mask)
 
 
-def lite_mla_context_fwd(qkv, dw_weights, pw_weights, heads: int, dim: int, eps: float, dw_biases, pw_biases, out):
+def context_config(dev: Device, B: int, heads: int, N: int, dim: int, splits: int | None = None) -> dict:
+    """The attention's tiles and split of N (attention_config), its row loop not pipelined: each row tile
+    is K*K shifted loads per aggregated head, and with num_stages > 1 every one of them takes a shared-memory
+    buffer per stage (270 KB at K=5, over any GPU's per-block limit)."""
+    cfg = attention_config(dev, B, heads, N, dim, dim, splits)
+    del cfg["BLOCK_E"]
+    return dict(cfg, num_stages=1)
+
+
+def lite_mla_context_fwd(
+    qkv, dw_weights, pw_weights, heads: int, dim: int, eps: float, dw_biases, pw_biases, out, config=None
+):
     """Write lite_mla_attention(multiscale_aggregate(qkv, ...)) into out (B, (1+S)*heads*dim, H, W).
 
     The first scale's passes also compute the heads over qkv itself from the
-    centre taps they load anyway, so qkv is read from memory once for both."""
+    centre taps they load anyway, so qkv is read from memory once for both.
+    config: context_config()'s dict, to launch another device's choice."""
     B, C, H, W = qkv.shape
-    cfg = attention_config(B, heads, H * W, dim, dim, qkv.dtype, qkv.device, None)
-    blocks = {k: v for k, v in cfg["blocks"].items() if k != "BLOCK_E"}
-    block_d, splits = blocks["BLOCK_D"], cfg["splits"]
+    cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim))
+    block_d = cfg["BLOCK_D"]
     grid = (B * heads, splits)
 
     def partials():
@@ -196,15 +208,14 @@ def lite_mla_context_fwd(qkv, dw_weights, pw_weights, heads: int, dim: int, eps:
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         bd, has_bd = _bias_args(dw_biases, s, wd)
         bp, has_bp = _bias_args(pw_biases, s, wp)
-        flags = dict(KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WITH_RAW=s == 0, **blocks)
+        flags = dict(KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WITH_RAW=s == 0, PRECISION=_precision(qkv))
         state, z = partials()
         _lite_mla_context_state_kernel[grid](
-            state, z, s0, z0, qkv, *qkv.stride(), wd, bd, wp, bp, heads, H, W, dim, cfg["chunk"], splits,
-            num_warps=cfg["num_warps"], **flags,
+            state, z, s0, z0, qkv, *qkv.stride(), wd, bd, wp, bp, heads, H, W, dim, chunk, splits, **flags, **cfg,
         )  # fmt: skip
         o = out[:, (1 + s) * heads * dim : (2 + s) * heads * dim]
         _lite_mla_context_fwd_kernel[grid](
             o, *o.stride(), raw_out, *raw_out.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, state, z, s0, z0,
-            heads, H, W, dim, cfg["chunk"], splits, eps, num_warps=cfg["num_warps"], **flags,
+            heads, H, W, dim, chunk, splits, eps, **flags, **cfg,
         )  # fmt: skip
     return out

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import Device, device_of
+
 
 @triton.jit
 def _shifted_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, offs_c, c_mask, H, W):
@@ -47,19 +49,19 @@ def _dwconv_tile(
     """Depthwise KSIZE x KSIZE conv (+ bias) of one group's channels at positions (h, w), and x itself there.
 
     X_ptr, WD_ptr, BD_ptr point at the group's first channel. Returns fp32 (conv, x)
-    tiles of (BLOCK_N, BLOCK_D), zero in rows outside the image's N positions; x
-    is the centre tap, loaded anyway, so callers that also need x get it free."""
+    tiles of (BLOCK_N, BLOCK_D), zero in rows outside the image's N positions; x,
+    the centre tap loaded again, comes from cache (and is dropped by callers that
+    do not use it)."""
     PAD: tl.constexpr = KSIZE // 2
     acc = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
-    center = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
-    for i in tl.static_range(KSIZE):
-        for j in tl.static_range(KSIZE):
-            x = _shifted_tile(X_ptr, stride_c, stride_h, stride_w, h, w, i - PAD, j - PAD, n_mask, offs_c, c_mask, H, W)
-            tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask, other=0.0)
-            acc += x * tap.to(tl.float32)[None, :]
-            if i == PAD:  # nested: both are compile-time, resolved per unrolled tap
-                if j == PAD:
-                    center = x
+    # a loop, not static_range: unrolled, the compiler hoists all K*K tile loads ahead of the sums and spills
+    for t in range(KSIZE * KSIZE):
+        x = _shifted_tile(
+            X_ptr, stride_c, stride_h, stride_w, h, w, t // KSIZE - PAD, t % KSIZE - PAD, n_mask, offs_c, c_mask, H, W
+        )
+        tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + t, mask=c_mask, other=0.0)
+        acc += x * tap.to(tl.float32)[None, :]
+    center = _shifted_tile(X_ptr, stride_c, stride_h, stride_w, h, w, 0, 0, n_mask, offs_c, c_mask, H, W)  # cached
     if HAS_BD:
         acc += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(n_mask[:, None], acc, 0.0), center
@@ -242,28 +244,30 @@ def _multiscale_aggregate_bwd_dx_kernel(
     dt = tl.load(DT_ptr + offs_c[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
     part = pid_bg * tl.num_programs(1) + pid_n
     dx = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for i in tl.static_range(KSIZE):
-        for j in tl.static_range(KSIZE):
-            tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask, other=0.0)
-            shifted_dt = _shifted_tile(DT_ptr, N, W, 1, h, w, PAD - i, PAD - j, n_mask, offs_c, c_mask, H, W)
-            dx += shifted_dt * tap.to(tl.float32)[None, :]
-            x = _shifted_tile(
-                X_ptr, stride_xc, stride_xh, stride_xw, h, w, i - PAD, j - PAD, n_mask, offs_c, c_mask, H, W
-            )
-            tl.store(DWD_ptr + (part * KSIZE * KSIZE + i * KSIZE + j) * BLOCK_D + offs_c, tl.sum(dt * x, axis=0))
+    for t in range(KSIZE * KSIZE):  # a loop, not static_range: unrolled, the hoisted tile loads spill
+        i = t // KSIZE
+        j = t % KSIZE
+        tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + t, mask=c_mask, other=0.0)
+        shifted_dt = _shifted_tile(DT_ptr, N, W, 1, h, w, PAD - i, PAD - j, n_mask, offs_c, c_mask, H, W)
+        dx += shifted_dt * tap.to(tl.float32)[None, :]
+        x = _shifted_tile(X_ptr, stride_xc, stride_xh, stride_xw, h, w, i - PAD, j - PAD, n_mask, offs_c, c_mask, H, W)
+        tl.store(DWD_ptr + (part * KSIZE * KSIZE + t) * BLOCK_D + offs_c, tl.sum(dt * x, axis=0))
     tl.store(DBD_ptr + part * BLOCK_D + offs_c, tl.sum(dt, axis=0))
     dx_ptrs = DX_ptr + (b * GROUPS * D + c0 + offs_c[None, :]) * N + offs_n[:, None]
     tl.store(dx_ptrs, tl.load(dx_ptrs, mask=mask, other=0.0) + dx, mask=mask)
 
 
-def _blocks(qkv: torch.Tensor, heads: int):
-    D = qkv.shape[1] // (3 * heads)
+def aggregate_config(dev: Device, D: int) -> dict:
+    """Tiles and launch options for groups of D channels. 4 warps over a 64 x 32 tile: 16 fp32 values per
+    thread for each live tile. num_stages=1: the tap loop is not pipelined (its K*K shifted loads would
+    each take a shared-memory buffer per stage)."""
     block_d = max(16, triton.next_power_of_2(D))
-    block_n = 64 if block_d <= 32 else 32
-    if not qkv.is_cuda:  # the interpreter runs programs one by one but each op vectorised: few, large tiles
-        block_n = 256
-    precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
-    return D, block_n, block_d, precision
+    block_n = (64 if block_d <= 32 else 32) if dev.gpu else 256  # interpreter: few, large tiles
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1)
+
+
+def _precision(qkv: torch.Tensor) -> str:
+    return "ieee" if qkv.dtype == torch.float32 else "tf32"
 
 
 def _bias_args(biases, s, like):
@@ -272,13 +276,14 @@ def _bias_args(biases, s, like):
     return (biases[s], True) if biases else (like, False)
 
 
-def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases, pw_biases, out):
+def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases, pw_biases, out, config=None):
     """Write cat([qkv, y_1, ..., y_S], 1) into out (B, (1+S)*C, H, W); weights contiguous, bias lists empty or
-    one (C,) tensor per scale."""
+    one (C,) tensor per scale. config: aggregate_config()'s dict, to launch another device's choice."""
     B, C, H, W = qkv.shape
-    D, block_n, block_d, precision = _blocks(qkv, heads)
+    D = C // (3 * heads)
+    cfg = config or aggregate_config(device_of(qkv), D)
     groups = 3 * heads
-    grid = (B * groups, triton.cdiv(H * W, block_n))
+    grid = (B * groups, triton.cdiv(H * W, cfg["BLOCK_N"]))
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         bd, has_bd = _bias_args(dw_biases, s, wd)
         bp, has_bp = _bias_args(pw_biases, s, wp)
@@ -286,19 +291,21 @@ def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases,
         x0 = out[:, :C]
         _multiscale_aggregate_fwd_kernel[grid](
             y, *y.stride(), x0, *x0.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, groups, H, W, D,
-            KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WRITE_X=s == 0,
-            BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+            KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WRITE_X=s == 0, PRECISION=_precision(qkv), **cfg,
         )  # fmt: skip
     return out
 
 
-def multiscale_aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads: int, dw_biases):
-    """Gradients (dqkv, [dWd_s], [dWp_s], [dbd_s], [dbp_s]) of multiscale_aggregate, weights' grads in fp32."""
+def multiscale_aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads: int, dw_biases, config=None):
+    """Gradients (dqkv, [dWd_s], [dWp_s], [dbd_s], [dbp_s]) of multiscale_aggregate, weights' grads in fp32.
+    config: aggregate_config()'s dict, to launch another device's choice."""
     B, C, H, W = qkv.shape
     N = H * W
-    D, block_n, block_d, precision = _blocks(qkv, heads)
+    D = C // (3 * heads)
+    cfg = config or aggregate_config(device_of(qkv), D)
+    block_d = cfg["BLOCK_D"]
     groups = 3 * heads
-    tiles = triton.cdiv(N, block_n)
+    tiles = triton.cdiv(N, cfg["BLOCK_N"])
     grid = (B * groups, tiles)
     parts = B * groups * tiles
     # dy_0, the identity branch; a private fp32 copy that every scale accumulates into
@@ -313,13 +320,12 @@ def multiscale_aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads: int, 
         dbp_parts = torch.empty((parts, block_d), device=qkv.device, dtype=torch.float32)
         _multiscale_aggregate_bwd_dt_kernel[grid](
             dt, dwp_parts, dbp_parts, dy, *dy.stride(), qkv, *qkv.stride(), wd, bd, wp, groups, H, W, D,
-            KSIZE=K, HAS_BD=has_bd, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+            KSIZE=K, HAS_BD=has_bd, PRECISION=_precision(qkv), **cfg,
         )  # fmt: skip
         dwd_parts = torch.empty((parts, K * K, block_d), device=qkv.device, dtype=torch.float32)
         dbd_parts = torch.empty((parts, block_d), device=qkv.device, dtype=torch.float32)
         _multiscale_aggregate_bwd_dx_kernel[grid](
-            dx, dwd_parts, dbd_parts, dt, qkv, *qkv.stride(), wd, groups, H, W, D,
-            KSIZE=K, BLOCK_N=block_n, BLOCK_D=block_d,
+            dx, dwd_parts, dbd_parts, dt, qkv, *qkv.stride(), wd, groups, H, W, D, KSIZE=K, **cfg,
         )  # fmt: skip
         # per-group partials -> (C, ...) weight layouts
         dwp = dwp_parts.view(B, groups, tiles, block_d, block_d).sum((0, 2))[:, :D, :D]  # [g, i, o]

@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, device, and which backend can run each op here")
     sub.add_parser("check", help="run every op on every available backend against the reference")
     sub.add_parser(
+        "audit",
+        help="the GPU compile gate: compile every kernel for sm_90 and sm_80 (see `python -m linattn audit --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="end-to-end encoder benchmark, eager vs linattn.optimize (see `python -m linattn bench --help`)",
         add_help=False,
@@ -77,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._check import check
 
         return 0 if check(_device()) else 1
+    if args.command == "audit":
+        from .audit import main as audit
+
+        return audit(rest)
     from .benchmarks.bench_e2e import main as bench
 
     bench(rest)

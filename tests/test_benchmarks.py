@@ -1,15 +1,32 @@
-"""Smoke tests of the benchmark harness: a quick CPU run end to end, and the result files and tables."""
+"""Smoke tests of the benchmark harness: a quick CPU run end to end, the result files and tables, the timers'
+spread, and gpu_check.sh's layout (a dry run)."""
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 
-from linattn.benchmarks import bench_conv_bn_act, bench_e2e, bench_linear_attention, bench_lite_mla, bench_multiscale
+from linattn.__main__ import backend_status
+from linattn.benchmarks import (
+    bench_conv_bn_act,
+    bench_e2e,
+    bench_linear_attention,
+    bench_lite_mla,
+    bench_multiscale,
+    common,
+    gpu_summary,
+)
 from linattn.benchmarks.common import (
     QUICK_LITE_MLA_STAGES,
+    Timing,
     environment,
     lite_mla_shapes,
     load_results,
@@ -19,6 +36,20 @@ from linattn.benchmarks.common import (
 )
 
 ENV_FIELDS = ("device", "torch", "triton", "cuda", "linattn", "date")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cuda_skip(op: str) -> str:
+    """Why the cuda provider is skipped on CPU tensors here, in linattn's own words (with or without linattn._C)."""
+    why = backend_status(op, "cuda", torch.device("cpu"))
+    assert why
+    return why
+
+
+def check_timing(row):
+    """A timed row reports its repeats and spread: the median of reps CPU timings, their IQR and range."""
+    assert row["timer"] == "perf_counter (CPU)" and row["reps"] >= 3, row
+    assert row["min_ms"] <= row["ms"] <= row["max_ms"] and row["iqr_pct"] >= 0, row
 
 
 def test_bench_linear_attention_quick(tmp_path):
@@ -40,7 +71,10 @@ def test_bench_linear_attention_quick(tmp_path):
         assert row["ms"] > 0 and row["gbs"] > 0 and row["pct_copy"] > 0, row
         assert row["rel_err"] < 1e-5 and row["max_abs_err"] < 1e-4, row
         assert row["speedup_vs_eager"] > 0 and row["speedup_vs_compile"] is None, row
-        assert row["note"] is None, row
+        assert row["note"] is None and row["stage"] in QUICK_LITE_MLA_STAGES, row
+        check_timing(row)
+    # the attention of each quick stage: (1 + scales) x heads per branch
+    assert {(r["shape"], r["heads"]) for r in rows} == {("B2 H4 8x8", 4), ("B2 H4 6x10", 4)}
     pytest.importorskip("matplotlib")
     assert (tmp_path / "linear_attention-quick-cpu.png").stat().st_size > 0
 
@@ -75,6 +109,7 @@ def check_lite_mla_rows(rows, skipped):
             assert row["speedup_vs_eager"] is None, row
             continue
         assert row["ms"] > 0 and row["gbs"] > 0 and row["pct_copy"] > 0, row
+        check_timing(row)
         assert row["gbs"] == pytest.approx(row["bytes"] / row["ms"] / 1e6)
         assert row["rel_err"] < 1e-5 and row["max_abs_err"] < 1e-4, row
         assert row["speedup_vs_eager"] > 0 and row["speedup_vs_compile"] is None, row
@@ -96,7 +131,8 @@ def test_bench_multiscale_quick(tmp_path):
         assert len(rows) == len(returned) // 2 and {r["op"] for r in rows} == {op}
         with (tmp_path / f"{op}-quick-cpu.csv").open() as f:
             assert len(list(csv.DictReader(f))) == len(rows)
-        check_lite_mla_rows(rows, {"cuda": "the CUDA extension", "compile-max-autotune": "only at --max-autotune"})
+        skipped = {"cuda": cuda_skip(op), "compile-max-autotune": "only at --max-autotune"}
+        check_lite_mla_rows(rows, skipped)
         for shape in shapes:
             mine = [r for r in rows if r["shape"] == shape.label]
             assert {(r["provider"], r["pass"]) for r in mine} == {(p, q) for p in providers for q in ("fwd", "fwd+bwd")}
@@ -121,7 +157,7 @@ def test_bench_lite_mla_quick(tmp_path):
     assert len(rows) == len(returned) == len(shapes) * len(providers)
     assert [(r["shape"], r["provider"]) for r in rows] == [(s.label, p) for s in shapes for p in providers]
     # reference: linattn.nn.LiteMLA, loaded with the eager module's state_dict, within 1e-5 of the eager one in fp64
-    check_lite_mla_rows(rows, {"cuda": "the CUDA extension", "compile-max-autotune": "only at --max-autotune"})
+    check_lite_mla_rows(rows, {"cuda": cuda_skip("lite_mla_context"), "compile-max-autotune": "only at --max-autotune"})
     for row in rows:
         assert row["pass"] == "fwd" and row["flops"] > 0
         if row["ms"] is not None:
@@ -170,9 +206,10 @@ def test_bench_conv_bn_act_quick(tmp_path):
         "tiny.pw.res": 24 * 49 * 16,
         "tiny.up": 16 * 36 * 8,
     }
-    skipped = {"cuda": "the CUDA extension", "compile-max-autotune": "only at --max-autotune"}
     for row in rows:
         name = row["name"]
+        op = "upsample_block" if row["kind"] == "upsample" else "conv_bn_act"
+        skipped = {"cuda": cuda_skip(op), "compile-max-autotune": "only at --max-autotune"}
         assert row["bytes"] == 4 * (2 * x[name] + weight[name] + 2 * out[name]), row
         assert row["flops"] == 2 * 2 * macs[name] and row["intensity"] == row["flops"] / row["bytes"], row
         assert all(row[field] for field in ENV_FIELDS if field != "cuda") and row["copy_gbs"] > 0, row
@@ -181,6 +218,7 @@ def test_bench_conv_bn_act_quick(tmp_path):
             assert row["tflops"] is None and row["speedup_vs_eager"] is None, row
             continue
         assert row["ms"] > 0 and row["note"] is None, row
+        check_timing(row)
         assert row["gbs"] == pytest.approx(row["bytes"] / row["ms"] / 1e6) and row["pct_copy"] > 0, row
         assert row["tflops"] == pytest.approx(row["flops"] / row["ms"] / 1e9), row
         # eager-folded (BN folded by linattn.fold_bn) and the fused op's reference backend match eager in fp64
@@ -243,6 +281,8 @@ def test_bench_e2e_quick(tmp_path, capsys):
         assert row["input"] == ("5x64x64" if row["model"] == "squeezesam" else "3x64x64"), row
         assert row["backend"] == "reference", row
         assert row["ms"] > 0 and row["img_s"] > 0 and row["lat_b1_ms"] == row["ms"], row
+        check_timing(row)
+        assert row["lat_b1_reps"] == row["reps"] and row["lat_b1_iqr_pct"] == row["iqr_pct"], row  # B1: one run
         assert row["peak_mb"] is None and row["speedup_vs_eager"] > 0, row
         assert row["rel_err"] < 1e-4, row
         assert row["ops"] > 0 and row["act_bytes"] > 0 and row["ops_ratio"] > 0 and row["bytes_ratio"] > 0, row
@@ -256,8 +296,16 @@ def test_bench_e2e_quick(tmp_path, capsys):
     assert eager["rel_err"] == 0 and eager["ops_ratio"] == eager["bytes_ratio"] == 1
     assert fused["ops_ratio"] == fused["ops"] / eager["ops"] and "ConvBNAct" in fused["note"]
     assert fused["ops_by_name"].get("linattn.conv_bn_act", 0) > 0  # a custom op is seen as one op
+    with (tmp_path / "e2e-quick-cpu.csv").open() as f:
+        table = list(csv.DictReader(f))
+    # nested columns are JSON in the CSV, not Python reprs
+    assert [json.loads(r["top_ops"]) for r in table] == [r["top_ops"] for r in rows]
+    assert json.loads(table[1]["ops_by_name"]) == rows[1]["ops_by_name"]
     out = capsys.readouterr().out
     assert "GPU numbers need a GPU" in out and "top ops by self time" in out
+    header = next(line for line in out.splitlines() if line.startswith("model "))
+    assert header.split()[:7] == ["model", "dtype", "batch", "provider", "ms", "reps", "iqr_pct"]
+    assert "iqr_pct: their interquartile range over the median" in out and "perf_counter (CPU)" in out
     assert f"ops dispatched: eager {eager['ops']}, linattn {fused['ops']}" in out
     assert "activation bytes written: eager" in out
     pytest.importorskip("matplotlib")
@@ -292,3 +340,138 @@ def test_bench_e2e_target_lines():
     assert "speedup_vs_max_autotune >= 1.25x (not measured)" in lines[0]
     assert lines[1] == "efficientvit-sam-l0 bf16 B16 targets (H100), linattn: img_s >= 2000 (2500: meets)"
     assert bench_e2e.target_lines([{**r, "dtype": "fp32"} for r in rows]) == []  # targets are bf16 at batch 16
+
+
+def test_timing_statistics():
+    t = Timing.of([4.0, 1.0, 2.0, 3.0, 100.0])
+    assert (t.ms, t.reps, t.min_ms, t.max_ms) == (3.0, 5, 1.0, 100.0)
+    assert (t.q1, t.q3) == (2.0, 4.0) and t.iqr_pct == pytest.approx(100 * 2 / 3)  # the outlier does not count
+    assert t.columns("lat_b1_") == {
+        "lat_b1_ms": 3.0,
+        "lat_b1_reps": 5,
+        "lat_b1_iqr_pct": t.iqr_pct,
+        "lat_b1_min_ms": 1.0,
+        "lat_b1_max_ms": 100.0,
+    }
+    one = Timing.of([2.5])
+    assert (one.ms, one.reps, one.iqr_pct) == (2.5, 1, 0.0)
+
+    calls = []
+    timed = common.cpu_timing(lambda: calls.append(1), budget_s=0.0, min_runs=7)
+    assert timed.reps == 7 and len(calls) == 8  # a warm-up call, then the timed ones
+    assert common.cpu_time_ms(lambda: None, budget_s=0.0) == pytest.approx(
+        common.cpu_timing(lambda: None, budget_s=0.0).ms, abs=1.0
+    )
+
+
+def test_gpu_timing_repeats_slow_calls():
+    """do_bench times about 100 ms of calls: a slower call is timed again, MIN_REPS times at least."""
+    asked = []
+
+    def do_bench(fn, rep=100, return_mode="mean"):
+        asked.append(rep)
+        return [50.0, 52.0] if rep == 100 else [50.0 + i for i in range(12)]
+
+    timed = common._gpu_timing(do_bench, lambda: None)
+    assert asked == [100, pytest.approx(1.2 * common.MIN_REPS * 51.0)] and timed.reps == 12 and timed.ms == 55.5
+
+    def old_do_bench(fn, quantiles=None, return_mode="mean"):  # no return_mode="all": quantiles, reps unknown
+        assert return_mode != "all"
+        return [1.0, 2.0, 3.0, 5.0, 9.0]
+
+    timed = common._gpu_timing(old_do_bench, lambda: None)
+    assert (timed.ms, timed.reps, timed.iqr_pct, timed.min_ms, timed.max_ms) == (3.0, None, 100.0, 1.0, 9.0)
+
+
+def test_totals_spread():
+    rows = [
+        {"dtype": "bf16", "shape": "a", "provider": "eager", "ms": 2.0, "reps": 100, "iqr_pct": 10.0},
+        {"dtype": "bf16", "shape": "b", "provider": "eager", "ms": 6.0, "reps": 40, "iqr_pct": 5.0},
+    ]
+    (total,) = totals(rows, ("dtype",), ("eager",))
+    assert total["reps"] == 40 and total["iqr_pct"] == pytest.approx((0.2 + 0.3) / 8 * 100)
+
+
+def test_sigterm_stops_a_benchmark_loop_and_keeps_its_rows(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    rows = []
+    with common.measuring(3, "demo") as bar:
+        for i in range(3):
+            rows.append(i)
+            bar.update()
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends at the step's bound
+    assert rows == [0, 1] and signal.getsignal(signal.SIGTERM) is before
+    assert "demo: stopped by signal" in capsys.readouterr().out
+
+
+def test_bench_e2e_saves_the_rows_measured_before_sigterm(tmp_path, monkeypatch):
+    """A time limit (TimeUp, raised by SIGTERM) in the second provider: the first one's row is saved, the second
+    says it was stopped, and the next model does not start."""
+    profiled = []
+
+    def profile_then_stop(*args, **kwargs):
+        if profiled:
+            raise common.TimeUp("stopped by signal 15 (time limit)")
+        profiled.append(1)
+        return real(*args, **kwargs)
+
+    real = bench_e2e.profile_ops
+    monkeypatch.setattr(bench_e2e, "profile_ops", profile_then_stop)
+    argv = ["--quick", "--model", "squeezesam", "l0", "--providers", "eager", "linattn", "--out", str(tmp_path)]
+    returned = bench_e2e.main(argv)
+    rows = load_results(tmp_path / "e2e-quick-cpu.jsonl")
+    assert [(r["model"], r["provider"]) for r in rows] == [("squeezesam", "eager"), ("squeezesam", "linattn")]
+    assert len(returned) == 2 and rows[0]["note"] is None and "top_ops" in rows[0]
+    # stopped while profiling: its timing (taken before) is kept, the profile is not there
+    assert rows[1]["note"] == "stopped: stopped by signal 15 (time limit)" and "top_ops" not in rows[1]
+    assert rows[1]["ms"] > 0 and rows[1]["speedup_vs_eager"] > 0
+
+
+def test_gpu_summary(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "steps.tsv").write_text("check\tok\t0\t12\t60\nbench-e2e-l0\tTIMEOUT\t124\t90\t90\n")
+    (tmp_path / "logs" / "check.log").write_text("a\nall passed\n\n")
+    (tmp_path / "logs" / "bench-e2e-l0.log").write_text(
+        "progress\r50%\refficientvit-sam-l0 bf16 B16 targets (H100), linattn: img_s >= 2000 (2500: meets)\n"
+    )
+    e2e = {"model": "efficientvit-sam-l0", "dtype": "bf16", "batch": 16, "provider": "linattn", "ms": 6.4}
+    e2e |= {"img_s": 2500.0, "reps": 80, "iqr_pct": 1.5, "lat_b1_ms": 2.0, "speedup_vs_eager": 2.1, "note": None}
+    (tmp_path / "results" / "e2e.jsonl").write_text(json.dumps(e2e) + "\n")
+    skipped = {"op": "x", "provider": "cuda", "ms": None, "note": "skipped: no"}
+    (tmp_path / "results" / "lite_mla.jsonl").write_text(json.dumps(skipped) + "\n")
+
+    assert gpu_summary.main([str(tmp_path), "123"]) == 0
+    text = (tmp_path / "summary.txt").read_text()
+    assert "gpu_check: 1 of 2 steps ok in 123 s; not ok: bench-e2e-l0 TIMEOUT" in text
+    assert "all passed" in text and "targets (H100), linattn: img_s >= 2000" in text
+    assert "l0 bf16 B16" in text and "2500" in text
+    combined = load_results(tmp_path / "results.jsonl")
+    assert [r["results_file"] for r in combined] == ["e2e", "lite_mla"]
+
+
+def test_gpu_check_dry_run_layout(tmp_path):
+    """gpu_check.sh without running its steps: the step table, at most 8 files in OUT, a tar of the rest."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "DRY_RUN": "1", "WORK_DIR": str(work), "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"gpu_check.tar.gz", "summary.txt", "gpu.txt"} <= set(files), files
+    summary = (out / "summary.txt").read_text()
+    steps = ["build", "info", "check", "pytest", "sanitizer-memcheck", "bench-e2e-l0", "bench-e2e-xl1"]
+    steps += ["bench-lite-mla", "bench-multiscale", "bench-linear-attention", "bench-conv-bn-act"]
+    assert [line.split()[0] for line in summary.splitlines() if line.split() and line.split()[0] in steps] == steps
+    assert "sanitizer-racecheck" not in summary  # opt-in
+    assert result.stdout.rstrip().endswith(summary.rstrip())  # the table is printed last
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./logs/check.log" in names and "./summary.txt" in names and "./gpu.txt" in names
+    assert "--dtype bf16 --batch 16" in (work / "logs" / "bench-lite-mla.log").read_text()

@@ -79,6 +79,16 @@ def eager(x, weight, bias, scale, shift, residual, conv):
     return y if residual is None else y + residual
 
 
+def dw_config(x, w, groups, split):
+    """The weight-gradient kernel's config for this device with its positions split into `split` chunks."""
+    from linattn.kernels._device import device_of
+    from linattn.kernels.conv_bn_act import conv_dw_config
+
+    positions = x.shape[0] * x.shape[2] * x.shape[3]  # stride 1, same padding
+    cfg = conv_dw_config(device_of(x), positions, w.shape[0], w.shape[1], groups, w.shape[1] == 1, w[0, 0].numel())
+    return dict(cfg, split=split)
+
+
 def f64(*tensors):
     return [None if t is None else t.double() for t in tensors]
 
@@ -172,7 +182,7 @@ def test_kernels_strided_views_and_split_reduction(target, depthwise):
         return
     g = torch.randn(ref.shape, generator=gen).to(device)
     want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *conv, s.double())
-    got = conv_bn_act_bwd(g, x, w, b, *conv, s, dw_split=3)
+    got = conv_bn_act_bwd(g, x, w, b, *conv, s, config={"dw": dw_config(x, w, groups, split=3)})
     for name, a, e in zip(["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"], got, want):
         assert_close(a, e, 1e-5, name)
 
@@ -671,3 +681,25 @@ def test_module_eval_fold_sees_shared_bn_eps_and_runs_under_vmap():
         got = torch.func.vmap(lambda p, b: torch.func.functional_call(copies[0], (p, b), (x,)))(params, buffers)
         for i, module in enumerate(copies):
             assert_close(got[i], F.relu(module.norm(module.conv(x))), 1e-5, f"vmap copy {i}")
+
+
+INTERPRETER_TRITON = [t for t in _kernel_targets() if t.values[0] == ("triton", "cpu")]
+GPU_TILE_CASES = [  # sizes that take a GPU's largest tiles: 128 x 128 (8 warps), dz's 128 x 64, dW split in chunks
+    (1, 40, 130, 9, 8, 3, 1, 1, 1, "gelu_tanh", True, torch.float32, False, True),
+    (2, 24, 144, 6, 5, 1, 1, 1, 2, "relu", True, torch.float32, True, False),
+    (1, 70, 70, 11, 9, 5, 2, 1, 70, "hardswish", False, torch.float32, True, False),
+    (1, 36, 72, 7, 9, 3, 2, 1, 1, "gelu", False, torch.bfloat16, False, False),
+]
+
+
+@pytest.mark.parametrize("target", INTERPRETER_TRITON)
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=_case_id)
+def test_kernels_gpu_tiles(target, case, gpu_heuristics):
+    """The tiles, warps, stages and weight-gradient splits an H100 launches, run under the interpreter."""
+    from linattn.kernels.conv_bn_act import conv_config
+
+    B, Cin, Cout, H, W, k, stride, _, groups = case[:9]
+    depthwise = groups == Cin
+    cols, red = (Cout, k * k) if depthwise else (Cout // groups, Cin // groups)
+    assert conv_config(gpu_heuristics, B * H * W // stride**2, cols, red, depthwise)["BLOCK_N"] >= 64
+    test_kernels(target, case)

@@ -14,11 +14,13 @@ def launch(name: str, q, k, v, eps, outs, grad_out=None, splits=None):
     """Call one backend's kernels directly, writing into caller-owned (poisoned) outputs."""
     if name == "triton":
         from linattn.kernels import linear_attention as kern
+        from linattn.kernels._device import device_of
 
+        cfg = None if splits is None else kern.attention_config(device_of(q), *q.shape, v.shape[-1], splits)
         if grad_out is None:
-            kern.linear_attention_fwd(q, k, v, eps, *outs, splits=splits)
+            kern.linear_attention_fwd(q, k, v, eps, *outs, config=cfg)
         else:
-            kern.linear_attention_bwd(grad_out, q, k, v, eps, *outs, splits=splits)
+            kern.linear_attention_bwd(grad_out, q, k, v, eps, *outs, config=cfg)
     elif grad_out is None:
         torch.ops.linattn.linear_attention_fwd_cuda(q, k, v, eps, *outs)
     else:
@@ -200,9 +202,9 @@ def test_lite_mla_attention_reads_and_writes_in_place(target, monkeypatch):
     seen = {}
     real_fwd = kern.linear_attention_fwd
 
-    def spy(q, k, v, eps, out, splits=None):
+    def spy(q, k, v, eps, out, config=None):
         seen.update(q=q, k=k, v=v, out=out)
-        return real_fwd(q, k, v, eps, out, splits)
+        return real_fwd(q, k, v, eps, out, config)
 
     monkeypatch.setattr(kern, "linear_attention_fwd", spy)
     device = target[1]
@@ -243,3 +245,17 @@ def test_gradcheck_reference_float64():
     q, k, v = (torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
     with linattn.backend("reference"):
         assert torch.autograd.gradcheck(lambda a, b, c: linattn.relu_linear_attention(a, b, c, 1e-3), (q, k, v))
+
+
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0] == ("triton", "cpu")])
+@pytest.mark.parametrize("shape", [(1, 2, 300, 32, 32), (2, 1, 67, 64, 64), (1, 1, 70, 128, 128)], ids=str)
+def test_gpu_configs_under_interpreter(target, shape, gpu_heuristics):
+    """An H100's tiles, warps, stages and split of N (several programs per head), under the interpreter."""
+    from linattn.kernels.linear_attention import attention_config, split_rows
+
+    B, H, N, D, E = shape
+    assert split_rows(N, attention_config(gpu_heuristics, B, H, N, D, E))[2] > 1
+    q = make((B, H, N, D), torch.float32, "cpu", seed=14)
+    k = make((B, H, N, D), torch.float32, "cpu", seed=15)
+    v = make((B, H, N, E), torch.float32, "cpu", layout="n-major", seed=16)
+    check_forward_backward(target, q, k, v)

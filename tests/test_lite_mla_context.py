@@ -63,3 +63,22 @@ def test_context_equals_attention_of_aggregate():
     fused = linattn.lite_mla_context(qkv, dws, pws, 2, 8, 1e-15, dbs, pbs)
     chained = linattn.lite_mla_attention(linattn.multiscale_aggregate(qkv, dws, pws, 2, dbs, pbs), 8)
     torch.testing.assert_close(fused, chained, rtol=1e-12, atol=1e-12)
+
+
+GPU_CASES = [  # maps of several 64-position tiles, so that the GPU's split of N gives several programs a head
+    CASES[2],
+    (1, 2, 8, 13, 11, (3, 5), True, torch.float32, True),
+    (1, 1, 16, 12, 12, (3,), False, torch.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0] == ("triton", "cpu")])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[3]}x{c[4]}-k{c[5]}-{str(c[7])[6:]}")
+def test_gpu_configs_under_interpreter(target, case, monkeypatch, gpu_heuristics):
+    """An H100's tiles and split of the map over several programs per head, under the interpreter."""
+    from linattn.kernels.linear_attention import split_rows
+    from linattn.kernels.lite_mla_context import context_config
+
+    B, heads, D, H, W = case[:5]
+    assert split_rows(H * W, context_config(gpu_heuristics, B, heads, H * W, D))[2] > 1
+    test_lite_mla_context(target, case, monkeypatch)

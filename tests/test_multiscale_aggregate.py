@@ -86,3 +86,10 @@ def flatten(grads):
     """(dqkv, [..], [..], [..], [..]) -> [dqkv, ...] in the op's input order."""
     dqkv, *lists = grads
     return [dqkv] + [t for group in lists for t in group]
+
+
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0] == ("triton", "cpu")])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7]], ids=lambda c: f"{c[3]}x{c[4]}-k{c[5]}-{str(c[7])[6:]}")
+def test_gpu_configs_under_interpreter(target, case, gpu_heuristics):
+    """An H100's tiles (64 positions per program), warps and stages, under the interpreter."""
+    test_kernels(target, case)

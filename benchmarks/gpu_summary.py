@@ -1,0 +1,142 @@
+"""The end of benchmarks/gpu_check.sh: its step table, the headline end-to-end numbers, one results file.
+
+    python benchmarks/gpu_summary.py WORK_DIR [SECONDS]
+
+Reads WORK_DIR/steps.tsv (name, status, exit code, seconds, bound per step), WORK_DIR/logs/<step>.log and
+WORK_DIR/results/*.jsonl; writes WORK_DIR/results.jsonl (every row of this pass, each with its results_file)
+and WORK_DIR/summary.txt, and prints the summary. Standard library only: it runs where the build failed too.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+HEADLINE = (  # e2e columns shown in the summary
+    ("model", "model"),
+    ("provider", "provider"),
+    ("img_s", "img/s"),
+    ("reps", "reps"),
+    ("iqr_pct", "iqr%"),
+    ("lat_b1_ms", "B1 ms"),
+    ("lat_b1_iqr_pct", "B1 iqr%"),
+    ("speedup_vs_eager", "vs eager"),
+    ("speedup_vs_compile", "vs compile"),
+    ("rel_err", "rel_err"),
+    ("note", "note"),
+)
+
+
+def cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: list[list[str]]) -> list[str]:
+    """Aligned text table; the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def last_line(log: Path, width: int = 70) -> str:
+    """The last non-empty line of a log (progress-bar carriage returns split too), cut to `width`."""
+    if not log.exists():
+        return ""
+    lines = [s.strip() for s in log.read_text(errors="replace").replace("\r", "\n").splitlines() if s.strip()]
+    return (lines[-1][: width - 3] + "...") if lines and len(lines[-1]) > width else (lines[-1] if lines else "")
+
+
+def step_rows(work: Path) -> list[dict]:
+    rows = []
+    path = work / "steps.tsv"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        name, status, rc, seconds, bound = line.split("\t")
+        rows.append({"step": name, "status": status, "rc": rc, "s": seconds, "bound": bound})
+    return rows
+
+
+def combine(results: Path) -> list[dict]:
+    """Every row of every results file, tagged with the file's stem (the benchmark and its suffixes)."""
+    rows = []
+    for path in sorted(results.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rows.append({"results_file": path.stem, **json.loads(line)})
+    return rows
+
+
+def summary(work: Path, seconds: str | None = None) -> list[str]:
+    steps = step_rows(work)
+    rows = combine(work / "results")
+    with (work / "results.jsonl").open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    lines = []
+    gpu = work / "gpu.txt"
+    if gpu.exists():
+        lines += [s for s in gpu.read_text().splitlines() if s.startswith(("gpu_check.sh", "torch", "missing"))]
+    done = [s for s in steps if s["status"] == "ok"]
+    bad = [f"{s['step']} {s['status']}" for s in steps if s["status"] != "ok"]
+    took = f" in {seconds} s" if seconds else ""
+    lines.append(
+        f"gpu_check: {len(done)} of {len(steps)} steps ok{took}" + (f"; not ok: {', '.join(bad)}" if bad else "")
+    )
+    lines.append("")
+    if steps:
+        header = ["step", "status", "rc", "s", "bound", "last line of its log"]
+        logs = {s["step"]: last_line(work / "logs" / f"{s['step']}.log") for s in steps}
+        lines += table(
+            [header] + [[s["step"], s["status"], s["rc"], s["s"], s["bound"], logs[s["step"]]] for s in steps]
+        )
+    # per results file: rows, timed, skipped, failed
+    files = list(dict.fromkeys(r["results_file"] for r in rows))
+    if files:
+        lines.append("")
+        counts = [["results file", "rows", "timed", "skipped", "failed"]]
+        for name in files:
+            mine = [r for r in rows if r["results_file"] == name]
+            notes = [str(r.get("note") or "") for r in mine]
+            timed = sum(r.get("ms") is not None for r in mine)
+            counts.append([name, str(len(mine)), str(timed), str(sum(n.startswith("skipped") for n in notes)),
+                           str(sum(n.startswith(("failed", "stopped")) for n in notes))])  # fmt: skip
+        lines += table(counts)
+    e2e = [r for r in rows if r["results_file"].startswith("e2e")]
+    if e2e:
+        lines += ["", "end to end (python -m linattn bench; ms are medians of reps timed calls, iqr% their spread):"]
+        shown = [[title for _, title in HEADLINE]]
+        for r in e2e:
+            name = str(r.get("model", "")).removeprefix("efficientvit-sam-")
+            values = {**r, "model": f"{name} {r.get('dtype')} B{r.get('batch')}", "note": note_of(r)}
+            shown.append([cell(values.get(key)) for key, _ in HEADLINE])
+        lines += table(shown)
+        for step in steps:
+            log = work / "logs" / f"{step['step']}.log"
+            if step["step"].startswith("bench-e2e") and log.exists():
+                lines += [s for s in log.read_text(errors="replace").splitlines() if "targets (H100)" in s]
+    return lines
+
+
+def note_of(row: dict) -> str:
+    """A short note: failures and skips in full, optimize's report cut."""
+    note = str(row.get("note") or "")
+    return note if note.startswith(("failed", "stopped", "skipped")) else note[:40]
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    work = Path(argv[0])
+    lines = summary(work, argv[1] if len(argv) > 1 else None)
+    text = "\n".join(lines) + "\n"
+    (work / "summary.txt").write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,697 @@
+"""The GPU compile gate, `python -m linattn audit`: every kernel compiled for sm_90 and sm_80 without a GPU.
+
+The Triton interpreter checks a kernel's arithmetic, not whether it compiles
+for a GPU, fits its shared memory or spills. This gate answers that on a
+machine without one:
+
+1. Trace. The optimized encoders (EfficientViT-SAM L0 and XL1, SqueezeSAM) run
+   on the meta device, eval forward and train forward + backward, at batch 16
+   and 1, fp32/fp16/bf16, NCHW and channels_last, and every linattn op call is
+   recorded with its tensors' shapes, strides, offsets and dtypes. The
+   attention ops that the encoders reach only through lite_mla_context are
+   called at the same LiteMLA shapes. The shapes are the models', never retyped.
+2. Replay. Each distinct call runs the op's real implementation on fake CUDA
+   tensors (torch's FakeTensorMode) with backend "triton", so the launchers
+   choose their configurations exactly as on a GPU of the target's SM count.
+   Launches are recorded, not run.
+3. Compile. Each distinct launch (kernel, argument specialization, constexprs,
+   warps, stages) is compiled by Triton for each target through a stand-in
+   driver, and its cubin read with cuobjdump: registers, stack, shared memory,
+   tensor-core instructions, the widest global load, local-memory traffic.
+4. The built extension linattn._C is read the same way (its fatbin holds one
+   cubin per arch in TORCH_CUDA_ARCH_LIST).
+
+A kernel fails the gate on a compile error, shared memory over the arch's
+per-block limit, or any spill (stack frame or local loads/stores) in a forward
+kernel. Backward kernels may spill up to BACKWARD_SPILL_BUDGET bytes. A Triton
+kernel in linattn.kernels that no traced call launches fails too: the gate
+cannot vouch for what it did not compile.
+"""
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+# spill bytes (stack frame) a backward kernel may have; forward kernels may have none
+BACKWARD_SPILL_BUDGET = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """What the gate needs of one GPU generation (CUDA occupancy limits)."""
+
+    cc: int  # compute capability, 90 or 80
+    gpu: str  # the GPU whose SM count the launchers see
+    sms: int
+    smem_block: int  # largest dynamic shared memory of one block, bytes
+    smem_sm: int  # shared memory of one SM, bytes
+    regs_sm: int = 65536
+    max_warps_sm: int = 64
+    max_blocks_sm: int = 32
+
+
+ARCHS = {
+    90: Arch(90, "H100 SXM", 132, 232448, 233472),
+    80: Arch(80, "A100", 108, 166912, 167936),
+}
+MODELS = ("efficientvit-sam-l0", "efficientvit-sam-xl1", "squeezesam")
+BATCHES = (16, 1)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LAYOUTS = ("nchw", "channels_last")
+
+
+# --- 1. trace: the linattn op calls of the optimized encoders, on the meta device ---
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's metadata: enough to rebuild it as a fake CUDA tensor with the same alignment."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+    requires_grad: bool = False
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorSpec":
+        return cls(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, t.requires_grad)
+
+    def make(self, device: str) -> torch.Tensor:
+        extent = self.offset + 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride) if n > 0)
+        base = torch.empty(extent, dtype=self.dtype, device=device)
+        return base.as_strided(self.shape, self.stride, self.offset)
+
+
+def _spec_tree(value):
+    if isinstance(value, torch.Tensor):
+        return TensorSpec.of(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_spec_tree(v) for v in value)
+    return value
+
+
+def _make_tree(value, device: str, as_list: bool = False):
+    if isinstance(value, TensorSpec):
+        return value.make(device)
+    if isinstance(value, tuple):
+        items = [_make_tree(v, device) for v in value]
+        return items if as_list else tuple(items)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+    op: str  # "linattn::conv_bn_act"
+    args: tuple  # tensors as TensorSpec, lists as tuples
+    where: str  # the first traced model / pass that made it
+
+
+class _Recorder:
+    """A dispatch mode recording every linattn op call (a custom op is one call, as the counters see it)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls = {}
+        self.where = ""
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+                name = func._schema.name
+                if name.startswith("linattn::"):
+                    call = OpCall(name, _spec_tree(tuple(args)), recorder.where)
+                    calls.setdefault((call.op, call.args), call)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode
+
+
+def _encoder(name: str) -> tuple[torch.nn.Module, int, int]:
+    """(model on the meta device, input side, input channels) of one of MODELS."""
+    from .models import efficientvit_sam_encoder, squeezesam
+
+    with torch.device("meta"):
+        if name == "squeezesam":
+            return squeezesam(), 512, 5
+        variant = name.rsplit("-", 1)[1]
+        return efficientvit_sam_encoder(variant), 512 if variant.startswith("l") else 1024, 3
+
+
+def _attention_calls(calls: Iterable[OpCall]) -> list[tuple]:
+    """(qkv shape, heads, dim, scales, dtype, memory format) of every traced lite_mla_context call."""
+    seen = []
+    for call in calls:
+        if call.op == "linattn::lite_mla_context":
+            qkv, dw, _, heads, dim = call.args[:5]
+            cl = qkv.stride[1] == 1 and qkv.shape[1] > 1
+            key = (qkv.shape, heads, dim, len(dw), qkv.dtype, cl)
+            if key not in seen:
+                seen.append(key)
+    return seen
+
+
+def _trace_attention_ops(shape, heads, dim, scales, dtype, channels_last) -> None:
+    """Forward and backward of the attention ops at one LiteMLA's shapes: the packed op on the aggregated
+    tensor (what lite_mla_context's backward runs too), relu_linear_attention on its (B, G, N, D) views."""
+    import linattn
+
+    B, C, H, W = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    agg = torch.randn(B, (1 + scales) * C, H, W, device="meta", dtype=dtype).contiguous(memory_format=fmt)
+    linattn.lite_mla_attention(agg.requires_grad_(), dim).sum().backward()
+    qkv = agg.detach().reshape(B, -1, 3 * dim, H * W).transpose(-1, -2)
+    q, k, v = (t.requires_grad_() for t in qkv.split(dim, dim=-1))
+    linattn.relu_linear_attention(q, k, v).sum().backward()
+
+
+def trace(
+    models: Sequence[str] = MODELS,
+    batches: Sequence[int] = BATCHES,
+    dtypes: Sequence[str] = tuple(DTYPES),
+    layouts: Sequence[str] = LAYOUTS,
+    progress: Callable[[str], None] = lambda s: None,
+) -> list[OpCall]:
+    """Every distinct linattn op call of the optimized encoders (eval forward, train forward + backward)."""
+    import linattn
+
+    recorder = _Recorder()
+    flag = torch.__future__.get_overwrite_module_params_on_conversion()
+    try:
+        for name in models:
+            for dtype_name in dtypes:
+                for layout in layouts:
+                    for train in (False, True):
+                        model, side, channels = _encoder(name)
+                        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                        model = model.to(DTYPES[dtype_name], memory_format=fmt).train(train)
+                        model = linattn.optimize(model)
+                        for batch in batches:
+                            recorder.where = f"{name} {dtype_name} {layout} B{batch} {'train' if train else 'eval'}"
+                            progress(recorder.where)
+                            x = torch.randn(batch, channels, side, side, device="meta", dtype=DTYPES[dtype_name])
+                            with recorder.mode():
+                                y = model(x.contiguous(memory_format=fmt))
+                                if train:
+                                    outputs = y if isinstance(y, (tuple, list)) else (y,)
+                                    sum(t.float().sum() for t in outputs if t.requires_grad).backward()
+        for key in _attention_calls(list(recorder.calls.values())):
+            recorder.where = f"attention ops at {key[0]} {str(key[4])[6:]}"
+            with recorder.mode():
+                _trace_attention_ops(*key)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(flag)
+    return list(recorder.calls.values())
+
+
+# --- 2. replay: the launches the ops' implementations make on a GPU of the target's size ---
+
+
+@dataclasses.dataclass(frozen=True)
+class PtrSpec:
+    """A kernel's tensor argument as Triton's specialization sees it: dtype and 16-byte alignment."""
+
+    dtype: torch.dtype
+    ptr: int
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    kernel: str  # "linattn.kernels.conv_bn_act:_conv_bn_act_fwd_kernel"
+    args: tuple  # positional arguments, tensors as PtrSpec
+    kwargs: tuple  # sorted (name, value): constexprs and launch options
+
+    @property
+    def name(self) -> str:
+        return self.kernel.rsplit(":", 1)[1]
+
+    def config(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.kwargs)
+
+    def config_key(self) -> tuple:
+        """A configuration: the kernel, its pointers' dtypes, constexprs and options (warps, stages)."""
+        return (self.kernel, tuple(str(a.dtype) for a in self.args if isinstance(a, PtrSpec)), self.kwargs)
+
+    def alignment(self) -> int:
+        """How many arguments Triton may treat as 16-aligned or divisible by 16 (vector-width hints)."""
+        flags = [a.ptr % 16 == 0 if isinstance(a, PtrSpec) else a % 16 == 0 for a in self.args if _hinted(a)]
+        return sum(flags)
+
+
+def _hinted(a) -> bool:
+    """Arguments Triton gives alignment hints: pointers and ints."""
+    return isinstance(a, PtrSpec) or (isinstance(a, int) and not isinstance(a, bool))
+
+
+def _as_ptr(a):
+    if isinstance(a, torch.Tensor):  # the caching allocator's blocks are 512-byte aligned: only offsets matter
+        return PtrSpec(a.dtype, a.storage_offset() * a.element_size())
+    return a
+
+
+@contextlib.contextmanager
+def _gpu_launches(arch: Arch):
+    """Launches are recorded instead of run, and launchers see a GPU with the arch's SM count."""
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+
+    def record(fn, *args, grid, warmup, **kwargs):
+        name = f"{fn.fn.__module__}:{fn.fn.__qualname__}"
+        launches.append(Launch(name, tuple(_as_ptr(a) for a in args), tuple(sorted(kwargs.items()))))
+
+    props = types.SimpleNamespace(multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10)
+    saved = JITFunction.run, torch.cuda.get_device_properties
+    JITFunction.run = record
+    torch.cuda.get_device_properties = lambda device=None: props
+    try:
+        yield launches
+    finally:
+        JITFunction.run, torch.cuda.get_device_properties = saved
+
+
+def replay(calls: Iterable[OpCall], arch: Arch) -> dict[tuple, tuple[Launch, list[str]]]:
+    """Distinct configurations -> (launch, the calls that launch it).
+
+    Launches of one configuration differ only in the alignment hints of their sizes and pointers; the one
+    with the most (the widest vector loads, as at the encoders' power-of-two sizes) stands for them."""
+    from torch._library.custom_ops import OPDEFS
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import linattn
+
+    found: dict[tuple, tuple[Launch, list[str]]] = {}
+    with _gpu_launches(arch) as launches, linattn.backend("triton"):
+        for call in calls:
+            fn = OPDEFS[call.op]._init_fn
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                args = [_make_tree(a, "cuda", as_list=True) for a in call.args]
+                start = len(launches)
+                fn(*args)
+            for launch in launches[start:]:
+                best, where = found.setdefault(launch.config_key(), (launch, []))
+                if launch.alignment() > best.alignment():
+                    found[launch.config_key()] = (launch, where)
+                if call.where not in where:
+                    where.append(call.where)
+    return found
+
+
+# --- 3. compile for a target without its GPU, and read the cubin ---
+
+
+class _TargetDriver:
+    """Triton's active driver for a GPU that is not here: it names the target and compiles; nothing runs.
+    The arch doubles as the device index, so Triton keeps one kernel cache per target."""
+
+    def __init__(self, cc: int):
+        self.cc = cc
+
+    def is_active(self) -> bool:
+        return True
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.cc, 32)
+
+    def get_current_device(self) -> int:
+        return self.cc
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+
+@functools.cache
+def _tool(name: str) -> str:
+    """Path of a CUDA binary tool: Triton's bundled copy, else the one on PATH."""
+    try:
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    return name
+
+
+_LOAD_WIDTH = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
+
+
+def _width(opcode: str) -> int:
+    """Bits moved by one LDG/LDGSTS opcode such as LDG.E.128.CONSTANT or LDGSTS.E.BYPASS.LTC128B.128."""
+    bits = [_LOAD_WIDTH[p] for p in opcode.split(".")[1:] if p in _LOAD_WIDTH]
+    return max(bits) if bits else 32
+
+
+def read_cubins(path: str) -> dict[str, dict]:
+    """Per kernel in a cubin, or in each arch's cubin of a fatbin (.so): registers, stack, local memory,
+    static shared memory and what the SASS does (keys 'arch:name')."""
+    res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    kernels: dict[str, dict] = {}
+    arch = ""
+    for line in res.splitlines():
+        if m := re.search(r"arch = (sm_\d+a?)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            current = kernels.setdefault(f"{arch}:{m.group(1)}", {})
+        elif m := re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line):
+            current.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]))
+    arch = ""
+    for line in sass.splitlines():
+        if m := re.search(r"arch = (sm_\d+a?)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", line):
+            current = kernels.setdefault(f"{arch}:{m.group(1)}", {})
+            current.update(hmma=0, hgmma=0, ldg=0, ldgsts=0, tma=0, ldl=0, stl=0)
+        elif m := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*(?:\.[A-Z0-9_]+)*)", line):
+            op = m.group(1)
+            base = op.split(".")[0]
+            if base == "HMMA":
+                current["hmma"] += 1
+            elif base == "HGMMA":
+                current["hgmma"] += 1
+            elif base == "LDG":
+                current["ldg"] = max(current["ldg"], _width(op))
+            elif base == "LDGSTS":
+                current["ldgsts"] = max(current["ldgsts"], _width(op))
+            elif base == "UTMALDG":
+                current["tma"] += 1
+            elif base == "LDL":
+                current["ldl"] += 1
+            elif base == "STL":
+                current["stl"] += 1
+    return kernels
+
+
+def warps_per_sm(arch: Arch, warps: int, regs: int, shared: int) -> int:
+    """Resident warps per SM for blocks of `warps` warps (CUDA's occupancy rules: registers in 256-register
+    units per warp, 1 KiB of shared memory reserved per block)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = arch.regs_sm // max(1, warps * per_warp)
+    by_smem = arch.smem_sm // (shared + 1024)
+    blocks = min(by_regs, by_smem, arch.max_blocks_sm, arch.max_warps_sm // warps)
+    return blocks * warps
+
+
+@dataclasses.dataclass
+class Row:
+    """One compiled kernel configuration on one arch, and the gate's verdict."""
+
+    kernel: str
+    config: str
+    arch: int
+    uses: int = 0  # traced calls that launch it
+    example: str = ""
+    regs: int = 0
+    spill: int = 0  # stack frame bytes
+    local_ops: int = 0  # LDL + STL instructions
+    shared: int = 0
+    warps: int = 0
+    warps_sm: int = 0
+    hmma: int = 0
+    hgmma: int = 0
+    ldg: int = 0
+    ldgsts: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def backward(self) -> bool:
+        return "bwd" in self.kernel or "backward" in self.kernel
+
+
+def judge(row: Row, arch: Arch) -> Row:
+    """The gate's rules, applied to a measured row."""
+    if row.shared > arch.smem_block:
+        row.problems.append(f"shared memory {row.shared} B over sm_{arch.cc}'s {arch.smem_block} B per block")
+    spilled = row.spill + 4 * row.local_ops
+    budget = BACKWARD_SPILL_BUDGET if row.backward else 0
+    if spilled and (not row.backward or row.spill > budget or (row.local_ops and not budget)):
+        row.problems.append(f"spills: {row.spill} B stack, {row.local_ops} local loads/stores")
+    return row
+
+
+def compile_launch(launch: Launch, arch: Arch) -> Row:
+    """Compile one launch for `arch` with Triton and measure it."""
+    from triton.runtime import driver
+
+    module, qualname = launch.kernel.split(":")
+    fn = getattr(importlib.import_module(module), qualname)
+    row = Row(launch.name, launch.config(), arch.cc)
+    previous = driver._active  # no public getter that does not create the default (GPU-only) driver
+    driver.set_active(_TargetDriver(arch.cc))
+    try:
+        compiled = fn.warmup(*launch.args, grid=(1,), **dict(launch.kwargs))
+    except Exception as err:  # a compile error is the finding: report it, keep going
+        row.problems.append(f"does not compile: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
+        return row
+    finally:
+        driver._active = previous
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        (stats,) = read_cubins(f.name).values()
+    row.regs, row.spill, row.local_ops = stats["regs"], stats["stack"], stats["ldl"] + stats["stl"]
+    row.shared = compiled.metadata.shared + stats["static_shared"]
+    row.warps = compiled.metadata.num_warps
+    row.warps_sm = warps_per_sm(arch, row.warps, row.regs, row.shared)
+    row.hmma, row.hgmma, row.ldg, row.ldgsts = stats["hmma"], stats["hgmma"], stats["ldg"], stats["ldgsts"]
+    return judge(row, arch)
+
+
+def _compile_job(job: tuple[Launch, int]) -> Row:
+    launch, cc = job
+    return compile_launch(launch, ARCHS[cc])
+
+
+def triton_kernels() -> list[str]:
+    """Every @triton.jit kernel (a name ending in _kernel) of linattn.kernels, as 'module:name'."""
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    from . import kernels
+
+    found = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, JITFunction) and name.endswith("_kernel") and value.fn.__module__ == module.__name__:
+                found.append(f"{module.__name__}:{name}")
+    return sorted(found)
+
+
+# --- 4. the built extension ---
+
+
+def extension_rows(archs: Sequence[int]) -> tuple[list[Row], str | None]:
+    """Rows for every kernel of the built linattn._C per arch, or ([], why) when there is none to read."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("linattn._C")
+    if spec is None or not spec.origin:
+        return [], "linattn._C is not built (LINATTN_BUILD_CUDA=1 pip install ...)"
+    kernels = read_cubins(spec.origin)
+    rows = []
+    for cc in archs:
+        arch = ARCHS[cc]
+        mine = {k.split(":", 1)[1]: v for k, v in kernels.items() if k.split(":")[0].rstrip("a") == f"sm_{cc}"}
+        if not mine:
+            row = Row("linattn._C", "", cc)
+            row.problems.append(f"has no sm_{cc} code (build with TORCH_CUDA_ARCH_LIST including {cc / 10:.1f})")
+            rows.append(row)
+            continue
+        for mangled, stats in sorted(mine.items()):
+            row = Row(_demangle(mangled), "", cc, regs=stats.get("regs", 0), spill=stats.get("stack", 0))
+            row.local_ops = stats.get("ldl", 0) + stats.get("stl", 0)
+            row.shared = stats.get("static_shared", 0)
+            row.hmma, row.hgmma, row.ldg, row.ldgsts = (stats.get(k, 0) for k in ("hmma", "hgmma", "ldg", "ldgsts"))
+            rows.append(judge(row, arch))
+    return rows, None
+
+
+def _demangle(name: str) -> str:
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return name
+    return out.split("(")[0] if "(" in out else out
+
+
+# --- the report ---
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _summary(rows: Sequence[Row]) -> list[list[str]]:
+    """One line per (kernel, arch): configurations, worst registers / spill / shared, fewest warps per SM."""
+    out = [["kernel", "arch", "configs", "regs max", "spill B", "smem max", "warps/SM min", "MMA", "LDG bits", "fails"]]
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.kernel, r.arch), []).append(r)
+    for (kernel, cc), rs in groups.items():
+        mma = "HGMMA" if any(r.hgmma for r in rs) else ("HMMA" if any(r.hmma for r in rs) else "-")
+        ldg = sorted({r.ldg for r in rs if r.ldg})
+        out.append(
+            [
+                kernel,
+                f"sm_{cc}",
+                str(len(rs)),
+                str(max(r.regs for r in rs)),
+                str(max(r.spill + 4 * r.local_ops for r in rs)),
+                str(max(r.shared for r in rs)),
+                str(min(r.warps_sm for r in rs)) if any(r.warps for r in rs) else "-",
+                mma,
+                "/".join(map(str, ldg)) or "-",
+                str(sum(bool(r.problems) for r in rs)),
+            ]
+        )
+    return out
+
+
+def versions() -> dict:
+    import triton
+
+    ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "ptxas": ptxas[-1] if ptxas else "unknown",
+        "python": sys.version.split()[0],
+    }
+
+
+def audit(
+    archs: Sequence[int] = (90, 80),
+    models: Sequence[str] = MODELS,
+    batches: Sequence[int] = BATCHES,
+    dtypes: Sequence[str] = tuple(DTYPES),
+    layouts: Sequence[str] = LAYOUTS,
+    jobs: int | None = None,
+    extension: bool = True,
+    verbose: bool = False,
+) -> tuple[bool, dict]:
+    """Run the gate; (passed, report) with report['rows'] one dict per compiled configuration."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(desc="trace", unit="pass", leave=False, disable=None) as bar:
+        calls = trace(models, batches, dtypes, layouts, progress=lambda s: bar.update())
+    jobs_list: list[tuple[Launch, int]] = []
+    uses: dict[tuple, list[str]] = {}
+    for cc in archs:
+        for key, (launch, where) in replay(calls, ARCHS[cc]).items():
+            jobs_list.append((launch, cc))
+            uses[(key, cc)] = where
+    t_trace = time.perf_counter() - t0
+    workers = jobs or os.cpu_count() or 1
+    rows: list[Row] = []
+    ctx = multiprocessing.get_context("fork")  # the children inherit the imported kernels; nothing touches CUDA
+    with (
+        concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool,
+        tqdm(total=len(jobs_list), desc="compile", unit="kernel", leave=False, disable=None) as bar,
+    ):
+        for (launch, cc), row in zip(jobs_list, pool.map(_compile_job, jobs_list, chunksize=1)):
+            where = uses[(launch.config_key(), cc)]
+            row.uses, row.example = len(where), where[0]
+            rows.append(row)
+            bar.update()
+    launched = {launch.kernel for launch, _ in jobs_list}
+    for kernel in triton_kernels():
+        if kernel not in launched:
+            row = Row(kernel.split(":")[1], "", 0)
+            row.problems.append("no traced call launches it: the gate cannot check it")
+            rows.append(row)
+    ext_rows, ext_missing = extension_rows(archs) if extension else ([], "not asked (--no-extension)")
+    rows += ext_rows
+    report = {
+        "versions": versions(),
+        "archs": {f"sm_{cc}": dataclasses.asdict(ARCHS[cc]) for cc in archs},
+        "traced": {"models": list(models), "batches": list(batches), "dtypes": list(dtypes), "layouts": list(layouts)},
+        "calls": len(calls),
+        "triton_configs": len(jobs_list),
+        "extension": ext_missing or f"{len(ext_rows)} kernel rows",
+        "backward_spill_budget": BACKWARD_SPILL_BUDGET,
+        "seconds": {"trace_replay": round(t_trace, 1), "total": round(time.perf_counter() - t0, 1)},
+        "rows": [{**dataclasses.asdict(r), "backward": r.backward} for r in rows],
+    }
+    return not any(r.problems for r in rows), report
+
+
+def print_report(report: dict, verbose: bool = False) -> None:
+    rows = [Row(**{k: v for k, v in r.items() if k != "backward"}) for r in report["rows"]]
+    v = report["versions"]
+    print(f"linattn audit: torch {v['torch']}, triton {v['triton']}, {v['ptxas']}")
+    print(
+        f"{report['calls']} distinct op calls traced from {', '.join(report['traced']['models'])}; "
+        f"{report['triton_configs']} Triton kernel configurations compiled for {', '.join(report['archs'])}; "
+        f"extension: {report['extension']}; {report['seconds']['total']} s"
+    )
+    print(_table(_summary(rows)))
+    if verbose:
+        detail = [["kernel", "arch", "config", "regs", "spill", "smem", "warps/SM", "HMMA", "HGMMA", "LDG", "uses"]]
+        for r in rows:
+            detail.append(
+                [r.kernel, f"sm_{r.arch}", r.config, str(r.regs), str(r.spill + 4 * r.local_ops), str(r.shared)]
+                + [str(r.warps_sm), str(r.hmma), str(r.hgmma), str(r.ldg), str(r.uses)]
+            )
+        print(_table(detail))
+    failed = [r for r in rows if r.problems]
+    for r in failed:
+        arch = f"sm_{r.arch}" if r.arch else "-"
+        print(
+            f"FAIL {r.kernel} [{arch}] {r.config}: {'; '.join(r.problems)}" + (f" (e.g. {r.example})" * bool(r.example))
+        )
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m linattn audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(ARCHS))
+    parser.add_argument("--model", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--jobs", type=int, help="compile processes (default: one per core)")
+    parser.add_argument("--no-extension", action="store_true", help="skip linattn._C")
+    parser.add_argument("--require-extension", action="store_true", help="fail when linattn._C is not built")
+    parser.add_argument("--json", help="write the full report (every configuration) to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every configuration")
+    args = parser.parse_args(argv)
+    ok, report = audit(
+        args.arch, args.model, args.batch, args.dtype, args.layout, args.jobs, extension=not args.no_extension
+    )
+    print_report(report, args.verbose)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    if args.require_extension and not report["extension"].endswith("kernel rows"):
+        print(f"FAIL linattn._C: {report['extension']}")
+        ok = False
+    return 0 if ok else 1
