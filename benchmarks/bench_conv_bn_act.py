@@ -1,16 +1,16 @@
 """Benchmark of the fused conv + BatchNorm + activation blocks (linattn.conv_bn_act, linattn.upsample_block), inference.
 
-    python benchmarks/bench_conv_bn_act.py     # on a GPU: every conv shape of DESIGN.md 5 at B=16 and 1, bf16, forward
+    python benchmarks/bench_conv_bn_act.py     # GPU: every conv of docs/design.md 5, B=16 and 1, bf16, forward
     python benchmarks/bench_conv_bn_act.py --models squeezesam --dtype fp16 bf16 --providers eager triton
     python benchmarks/bench_conv_bn_act.py --list   # the shape table
 
-Shapes (DESIGN.md 5, one named entry per distinct conv; --models and --shapes pick some, --list prints them):
+Shapes (docs/design.md 5, one named entry per distinct conv; --models and --shapes pick some, --list prints them):
   sq.*   SqueezeSAM at input 512: patch embed 2x2/2 5->64 (no BN: GroupNorm follows); encoder DoubleConv units
          conv3x3+bias -> ReLU -> BN with widths 64,128,128,128,128,164,256,256 at 256^2 ... 2^2 (sq.enc<r>.c1 is
          the unit that changes width, sq.enc<r>.c2 the C -> C one); decoder Up blocks sq.up<r> (per-pixel linear
          C -> 4*C/2 at r, ReLU, BN, pixel shuffle to C/2 at 2r: linattn.upsample_block) and the first unit of
          each decoder DoubleConv, sq.dec<r>.c1, on the concat of the upsampled map and the skip
-         (C/2 + C_skip -> C_skip; its C -> C unit is an encoder shape). DESIGN.md 5 does not spell out the
+         (C/2 + C_skip -> C_skip; its C -> C unit is an encoder shape). docs/design.md 5 does not spell out the
          decoder's widths: these mirror the encoder.
   l0.*   EfficientViT-SAM-L0 at input 512, xl1.* XL1 at input 1024 (EfficientViT's EfficientViTLargeBackbone and
          SamNeck): conv -> BN -> GELU(tanh) (--act hardswish for EfficientViT-B's activation). Stem 3x3/2; the
@@ -108,7 +108,7 @@ TABLE = (
 
 @dataclass(frozen=True)
 class ConvShape:
-    """One conv (or Up block) of DESIGN.md 5 at one batch size.
+    """One conv (or Up block) of docs/design.md 5 at one batch size.
 
     order: "conv_bn_act" (BN before the activation, foldable), "conv_act_bn" (BN after it) or None (no BN).
     kind: "conv", or "upsample" (1x1 conv Cin -> cout = 4*Co, act, BN, 2x pixel shuffle).
@@ -196,7 +196,7 @@ class ConvShape:
 
 
 def squeezesam_table() -> list[dict]:
-    """SqueezeSAM's convs at input 512 (DESIGN.md 5), de-duplicated, in network order."""
+    """SqueezeSAM's convs at input 512 (docs/design.md 5), de-duplicated, in network order."""
     widths = (64, 128, 128, 128, 128, 164, 256, 256)
     sizes = (256, 128, 64, 32, 16, 8, 4, 2)
     unit = dict(kernel=3, bias=True, order="conv_act_bn", act="relu")
@@ -530,7 +530,7 @@ def main(argv=None) -> list[dict]:
         print(
             f"No GPU: {what}; eager, eager-folded and reference, fp32, forward unless told otherwise. GPU numbers "
             "need a GPU: run this on a CUDA machine for the compile, triton and cuda providers, fp16/bf16 and "
-            "every conv shape of DESIGN.md 5 at B=16 and 1."
+            "every conv shape of docs/design.md 5 at B=16 and 1."
         )
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])
     providers = args.providers or list(GPU_PROVIDERS if on_gpu else CPU_PROVIDERS)

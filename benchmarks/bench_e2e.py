@@ -4,7 +4,7 @@
     python -m linattn bench --model l0 xl1 --batch 16 --dtype bf16 fp16 --providers eager linattn-compile
     python benchmarks/bench_e2e.py --quick        # tiny inputs: checks the harness in seconds, numbers not kept
 
-Models (DESIGN.md 5; random weights, BatchNorm running statistics randomised so that folding matters), each at
+Models (docs/design.md 5; random weights, BatchNorm running statistics randomised so that folding matters), each at
 its native input size: efficientvit-sam-l0/l1/l2 512x512, efficientvit-sam-xl0/xl1 1024x1024, efficientsam-vitt/
 vits 1024x1024, squeezesam 512x512 with its 5-channel input (image, box mask, click map). Short names: l0 .. xl1,
 vitt, vits. Providers (eval mode, torch.inference_mode):
@@ -37,6 +37,7 @@ the plot (images/s per provider and model) is drawn from that file.
 import argparse
 import contextlib
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,6 +189,9 @@ def profile_ops(fn: Callable, device: torch.device, top: int = 10) -> list[dict]
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # kineto prints USDT lines on every trace and, on a CUDA build without a GPU, "gpuGetDeviceCount failed";
+    # 6 is above its highest level. It is read at the process's first profiler start; a user's setting wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=activities) as prof:
         fn()
         if device.type == "cuda":

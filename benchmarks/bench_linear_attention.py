@@ -5,7 +5,7 @@
 
 Input is the (B, heads*3*32, Hs, Ws) tensor EfficientViT's LiteMLA builds after
 its multi-scale concat; output (B, heads*32, Hs, Ws). Shapes: every LiteMLA stage of
-DESIGN.md 5 (--stages picks some), with heads = (1 + scales) x heads per branch: L
+docs/design.md 5 (--stages picks some), with heads = (1 + scales) x heads per branch: L
 32 heads at 16x16, XL 32 at 32x32 and 64 at 16x16; at B=16 and 1 on a GPU, the L stage
 at B=1 on a CPU. Providers:
   eager                 the official EfficientViT eager computation, in the input dtype

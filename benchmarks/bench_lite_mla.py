@@ -1,11 +1,11 @@
 """Benchmark of the whole LiteMLA block (linattn.nn.LiteMLA) against EfficientViT's eager LiteMLA, inference.
 
-    python benchmarks/bench_lite_mla.py        # on a GPU: every LiteMLA of DESIGN.md 5 at B=16 and 1, bf16, eval mode
+    python benchmarks/bench_lite_mla.py        # GPU: every LiteMLA of docs/design.md 5, B=16 and 1, bf16, eval
     python benchmarks/bench_lite_mla.py --dtype fp16 bf16 --batch 16 --providers eager compile triton
 
 The block as EfficientViT-SAM builds it (C -> C, head dim 32, heads C/32, no biases, BatchNorm eps 1e-6 after
 the projection): qkv 1x1 conv, per scale a depthwise and a grouped 1x1 conv, cat, ReLU linear attention, proj
-1x1 conv + BatchNorm, in eval mode (forward only). Shapes: every LiteMLA stage of DESIGN.md 5 (--stages picks
+1x1 conv + BatchNorm, in eval mode (forward only). Shapes: every LiteMLA stage of docs/design.md 5 (--stages picks
 some) at B=16 and 1 on a GPU; without a GPU a short run: the L stage at B=1, fp32, eager and reference. Providers:
   eager                 EfficientViTLiteMLA below: the official forward in eager PyTorch (nn.Conv2d modules,
                         torch.cat, EfficientViT's attention, conv then BatchNorm), in the input dtype
@@ -218,7 +218,7 @@ def main(argv=None) -> list[dict]:
     device, on_gpu = run_device(
         args,
         "by default a short CPU run (eager and reference, fp32, the L-model stage at batch 1)",
-        "the compile, triton and cuda providers, fp16/bf16 and every LiteMLA shape of DESIGN.md 5",
+        "the compile, triton and cuda providers, fp16/bf16 and every LiteMLA shape of docs/design.md 5",
     )
     shapes = lite_mla_run_shapes(args, on_gpu)
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])

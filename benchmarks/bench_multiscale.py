@@ -1,13 +1,13 @@
 """Benchmark of LiteMLA's multi-scale aggregation (linattn.multiscale_aggregate) and of the context op
 (linattn.lite_mla_context: aggregation and ReLU linear attention fused, the aggregated tensor never written).
 
-    python benchmarks/bench_multiscale.py      # on a GPU: both ops, every LiteMLA of DESIGN.md 5 at B=16 and 1, bf16
+    python benchmarks/bench_multiscale.py      # GPU: both ops, every LiteMLA of docs/design.md 5, B=16 and 1, bf16
     python benchmarks/bench_multiscale.py --backward --dtype fp16 bf16 --ops lite_mla_context --providers eager triton
 
 Input qkv is the (B, 3*heads*32, H, W) output of LiteMLA's qkv conv; per scale k a depthwise weight (C, 1, k, k) and
 a grouped 1x1 weight (C, 32, 1, 1), no biases (EfficientViT-SAM has none). multiscale_aggregate returns
 cat([qkv, y_1, ...]) (B, (1+S)*C, H, W); lite_mla_context returns the attention over it, (B, (1+S)*heads*32, H, W).
-Shapes: every LiteMLA stage of DESIGN.md 5 (C=512, 16 heads, scales (5,), 16x16 for L; 512, 16, (3,), 32x32 and
+Shapes: every LiteMLA stage of docs/design.md 5 (C=512, 16 heads, scales (5,), 16x16 for L; 512, 16, (3,), 32x32 and
 1024, 32, (3,), 16x16 for XL; --stages picks some), at B=16 and 1 on a GPU. Without a GPU the default is a short
 run: the L stage at B=1, fp32, eager and reference. Providers:
   eager                 EfficientViT's eager PyTorch in the input dtype: per scale the depthwise conv and the
@@ -195,7 +195,7 @@ def main(argv=None) -> list[dict]:
     device, on_gpu = run_device(
         args,
         "by default a short CPU run (eager and reference, fp32, forward, the L-model stage at batch 1)",
-        "the compile, triton and cuda providers, fp16/bf16 and DESIGN.md 5's LiteMLA shapes",
+        "the compile, triton and cuda providers, fp16/bf16 and docs/design.md 5's LiteMLA shapes",
     )
     shapes = lite_mla_run_shapes(args, on_gpu)
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])

@@ -499,7 +499,7 @@ class Skipped(Exception):
 
 @dataclass(frozen=True)
 class LiteMLAShape:
-    """One LiteMLA of DESIGN.md 5 at one batch size.
+    """One LiteMLA of docs/design.md 5 at one batch size.
 
     channels is the block's input width C; heads per branch; scales the
     depthwise kernel sizes; dim the head dimension. The packed qkv has
@@ -547,7 +547,7 @@ class LiteMLAShape:
         }
 
 
-# DESIGN.md 5: every LiteMLA stage of the EfficientViT-SAM encoders, as (channels, heads, scales, height, width)
+# docs/design.md 5: every LiteMLA stage of the EfficientViT-SAM encoders, as (channels, heads, scales, height, width)
 LITE_MLA_STAGES = {
     "l": (512, 16, (5,), 16, 16),  # l0, l1, l2 stage 4
     "xl-s4": (512, 16, (3,), 32, 32),  # xl0, xl1 stage 4
@@ -604,7 +604,7 @@ def max_autotune_skip(args, batch: int) -> dict[str, str]:
 def add_benchmark_args(
     parser, providers: Sequence[str], dtypes: Sequence[str] = tuple(DTYPES), stages: bool = True
 ) -> None:
-    """The options every benchmark over DESIGN.md 5's shapes takes; lists accept spaces or commas (see
+    """The options every benchmark over docs/design.md 5's shapes takes; lists accept spaces or commas (see
     parse_benchmark_args). `stages`: add --stages (the LiteMLA stages); a benchmark with its own shape table
     passes False and adds its own selection option."""
     parser.add_argument("--dtype", nargs="+", help=f"one or more of {', '.join(dtypes)} (default: bf16 on GPU)")
@@ -614,7 +614,7 @@ def add_benchmark_args(
         parser.add_argument(
             "--stages",
             nargs="+",
-            help=f"LiteMLA stages of DESIGN.md 5: some of {', '.join(LITE_MLA_STAGES)} (default: all)",
+            help=f"LiteMLA stages of docs/design.md 5: some of {', '.join(LITE_MLA_STAGES)} (default: all)",
         )
     parser.add_argument(
         "--max-autotune-batch",

@@ -1,4 +1,4 @@
-"""Triton kernels for the fused conv + BatchNorm + activation block (DESIGN.md 3.4).
+"""Triton kernels for the fused conv + BatchNorm + activation block (docs/design.md 3.4).
 
 Forward, per output channel co of group g and output position (b, ho, wo):
 
@@ -30,7 +30,7 @@ summed afterwards: deterministic, no atomics.
 Every tensor is addressed through its (b, c, h, w) strides, so NCHW and
 channels_last are read and written in place; weights are addressed through
 their strides too. Products accumulate in fp32 (`input_precision="ieee"` for
-fp32 inputs, DESIGN.md 8) and results are cast on store.
+fp32 inputs, docs/design.md 8) and results are cast on store.
 """
 
 import torch
@@ -40,7 +40,6 @@ import triton.language as tl
 from ._device import Device, device_of
 
 ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
-
 
 
 @triton.jit
@@ -385,24 +384,34 @@ def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     return Ho, Wo, weight.shape[1] == 1 and groups > 1
 
 
-def conv_config(dev: Device, rows: int, cols: int, red: int, depthwise: bool, dz: bool = False) -> dict:
+def conv_config(
+    dev: Device, rows: int, cols: int, red: int, depthwise: bool, low_precision: bool, wide: bool = True
+) -> dict:
     """Tiles and launch options of the implicit-GEMM kernels (fwd, dz, dx) for rows positions, cols channels
     per group and red reduction channels: a deterministic heuristic. The interpreter runs programs one by
     one, each op vectorised, so on CPU the tiles are large and few.
 
-    num_stages pipelines the channel loop (cp.async): 3 stages of the largest tiles take 96 KiB of shared
-    memory in fp32, inside sm_80's 163 KiB per block. dz also holds the output-gradient tile beside the
-    accumulator: its tiles stop at 128 x 64 so that 8 warps keep both in registers without spilling."""
+    On a GPU the tile sizes come from the compile gate (python -m linattn audit), which found spills in
+    every configuration beyond these: 128 x 128 tiles only with tensor-core (fp16/bf16) products and not in
+    the backward kernels (wide=False: dz holds the gradient tile beside the accumulator, dx its own index
+    math), full fp32 products (FMA, operands in registers) at most 128 x 64 with two stages, 8 warps from
+    64 x 64 up, and no 64 x 128 tile (its row loads spill at any warp count)."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
         block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
-        block_k = 16
-    else:
-        block_n = _pow2(cols, 16, (64 if dz else 128) if dev.gpu else 64)
-        block_k = _pow2(red, 16, 32 if dev.gpu else 64)
-        block_m = _pow2(rows, 16, (128 if block_n >= 64 else 64) if dev.gpu else 256)
-    warps = 8 if dev.gpu and block_m * block_n >= (128 * 64 if dz else 128 * 128) else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=2 if dev.gpu else 1)
+    if not dev.gpu:
+        return dict(BLOCK_M=_pow2(rows, 16, 256), BLOCK_N=_pow2(cols, 16, 64), BLOCK_K=_pow2(red, 16, 64))
+    block_m = _pow2(rows, 16, 128)
+    block_n = _pow2(cols, 16, 128 if wide and low_precision and block_m == 128 else 64)
+    warps = 8 if block_m * block_n >= 64 * 64 else 4
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=_pow2(red, 16, 32),
+        num_warps=warps,
+        num_stages=3 if low_precision else 2,
+    )
 
 
 def _dw_programs(cfg: dict, cout: int, cin_g: int, groups: int, depthwise: bool) -> int:
@@ -421,12 +430,13 @@ def conv_dw_config(dev: Device, positions: int, cout: int, cin_g: int, groups: i
         cfg = dict(BLOCK_N=_pow2(cout // groups, 16, 64), BLOCK_CI=_pow2(cin_g, 16, 64))
     programs = _dw_programs(cfg, cout, cin_g, groups, depthwise) * taps
     split = max(1, 4 * dev.sms // programs) if dev.gpu else 1
-    return dict(cfg, BLOCK_K=_pow2(positions, 16, 64 if dev.gpu else 256), split=split, num_warps=4, num_stages=3)
+    warps = 8 if dev.gpu and cfg["BLOCK_N"] * cfg["BLOCK_CI"] >= 64 * 64 else 4  # 4 warps spill at 64 x 64
+    return dict(cfg, BLOCK_K=_pow2(positions, 16, 64 if dev.gpu else 256), split=split, num_warps=warps, num_stages=2)
 
 
 def _precision(x: torch.Tensor) -> dict:
     """UPCAST: products in fp32 under the interpreter (its low-precision dot is wrong). fp32 inputs take full
-    fp32 products (DESIGN.md 8); input_precision does not apply to fp16/bf16 operands."""
+    fp32 products (docs/design.md 8); input_precision does not apply to fp16/bf16 operands."""
     upcast = not x.is_cuda
     return dict(UPCAST=upcast, PRECISION="ieee" if (x.dtype == torch.float32 or upcast) else "tf32")
 
@@ -450,8 +460,9 @@ def conv_bn_act_fwd(
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
     cout_g = Cout // groups
     M = B * Ho * Wo
+    low = x.dtype != torch.float32
     cfg = config or conv_config(
-        device_of(x), M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise
+        device_of(x), M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, low
     )
     tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
@@ -476,7 +487,7 @@ def conv_bn_act_bwd(
     """Gradients (dx, dweight, dbias, dpost_scale, dpost_shift) of conv_bn_act_fwd (without the residual,
     whose gradient is grad_out). dx has x's dtype and memory format; the others are fp32.
 
-    config: {"dz": conv_config(..., dz=True), "dx": conv_config(...), "dw": conv_dw_config(...)}, any of
+    config: {"dz": conv_config(...), "dx": conv_config(...), "dw": conv_dw_config(...)}, any of
     them, to launch another device's choice; the rest are this device's."""
     B, Cin, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
@@ -491,8 +502,9 @@ def conv_bn_act_bwd(
     precision = _precision(x)
 
     # 1. dz = g * post_scale * act'(z), recomputing z; per-tile partial sums of the per-channel gradients
+    low = x.dtype != torch.float32
     cfg = config.get("dz") or conv_config(
-        dev, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, dz=True
+        dev, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, low, wide=False
     )
     tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
@@ -508,7 +520,7 @@ def conv_bn_act_bwd(
 
     # 2. dx: the transposed conv, rows are input positions, columns the group's input channels
     Mx = B * H * W
-    cfg = config.get("dx") or conv_config(dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise)
+    cfg = config.get("dx") or conv_config(dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise, low, wide=False)
     tiles_n = triton.cdiv(cin_g, cfg["BLOCK_N"])
     grid = (triton.cdiv(Mx, cfg["BLOCK_M"]), triton.cdiv(Cin, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

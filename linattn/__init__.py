@@ -2,7 +2,11 @@
 
 Importing linattn registers the ops (`torch.ops.linattn.*`); it does not touch
 CUDA, import triton or load the compiled extension (that happens on first use).
+The subpackages `linattn.models` and `linattn.benchmarks` load on first access
+(`linattn.models.efficientvit_sam_encoder("l0")` works after a plain `import linattn`).
 """
+
+import importlib
 
 from . import reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
@@ -18,6 +22,20 @@ from .ops import (
 from .optimize import optimize
 
 __version__ = "0.1.0"
+
+# imported on first attribute access (PEP 562): the encoders and the benchmark harness are not needed to use the ops
+_SUBPACKAGES = ("benchmarks", "models", "nn")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)  # also sets the attribute: later lookups skip this
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBPACKAGES})
+
 
 __all__ = [
     "BACKENDS",

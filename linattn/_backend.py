@@ -96,7 +96,8 @@ def resolve(op: str, device: torch.device, problem: str | None = None, backends=
         return name
     if name != "auto":
         if name in limits:
-            why = limits[name] or unavailable(name, device) or problem
+            # the device first: on CPU tensors a call-specific limit would send the user after the wrong fix
+            why = unavailable(name, device) or limits[name] or problem
         else:
             why = f"there is no {name} kernel for {op} (kernels: {', '.join(limits)})"
         if why:

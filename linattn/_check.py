@@ -1,8 +1,11 @@
 """`python -m linattn check`: every op on every backend that runs here, against the float64 reference.
 
 A user runs this after installing. Pass means the forward and every input
-gradient are within DESIGN.md 8's tolerances: fp32 relative error under 1e-5,
-fp16/bf16 at most twice the error of eager PyTorch in the same dtype.
+gradient are within the tolerances of docs/design.md 8: fp32 relative error
+under 1e-5, fp16/bf16 at most twice the error of eager PyTorch in the same
+dtype. A backend that cannot run here is a skip, not a pass: the summary counts
+passed, skipped and failed rows, and every skip reason and error is printed in
+full once, as a numbered note the table's rows point to.
 """
 
 from collections.abc import Callable
@@ -156,11 +159,17 @@ def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) ->
 
 
 def check(device: torch.device) -> bool:
+    """Print the table, its footnotes and a count of passed, skipped and failed rows; True when none failed."""
     from .__main__ import _table, backend_status
 
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device.type == "cuda" else [])
     rows = [["op", "backend", "dtype", "result", "worst rel. error", "tolerance"]]
-    all_ok = True
+    notes: dict[tuple[str, str], int] = {}  # (kind, full text) -> footnote number, one per distinct text
+    counts = {"passed": 0, "skipped": 0, "failed": 0}
+
+    def mark(kind: str, text: str) -> str:
+        return f"[{notes.setdefault((kind, text), len(notes) + 1)}]"
+
     for case in CASES:
         for name in ("reference", *KERNEL_BACKENDS):
             why = backend_status(case.op, name, device) if name != "reference" else None
@@ -168,17 +177,29 @@ def check(device: torch.device) -> bool:
             label = case.label or case.op
             shown = f"{name} (fwd)" if name in case.forward_only else name
             for dtype in dtypes:
+                row = [label, shown, str(dtype)[6:]]
                 if why:
-                    rows.append([label, shown, str(dtype)[6:], "skipped", "-", why[:60]])
+                    counts["skipped"] += 1
+                    rows.append([*row, f"skipped {mark('skipped', why)}", "-", "-"])
                     continue
                 try:
                     ok, err, tol = run_case(case, name, device, dtype)
-                    rows.append([label, shown, str(dtype)[6:], "pass" if ok else "FAIL", f"{err:.2e}", f"{tol:.2e}"])
+                    rows.append([*row, "pass" if ok else "FAIL", f"{err:.2e}", f"{tol:.2e}"])
                 except Exception as exc:  # a crash is a failure to report, not to hide
                     ok = False
-                    rows.append([label, shown, str(dtype)[6:], "ERROR", "-", f"{type(exc).__name__}: {exc}"[:80]])
-                all_ok &= ok
-    print(f"linattn check on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}:")
+                    rows.append([*row, f"ERROR {mark('error', f'{type(exc).__name__}: {exc}')}", "-", "-"])
+                counts["passed" if ok else "failed"] += 1
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (float32; float16 and bfloat16 on a GPU)"
+    print(f"linattn check on {where}:")
     print(_table(rows))
-    print("all passed" if all_ok else "SOME CHECKS FAILED")
-    return all_ok
+    for kind, title in (("skipped", "skipped because"), ("error", "errors")):
+        listed = [(n, text) for (k, text), n in notes.items() if k == kind]
+        if listed:
+            print(f"\n{title}:")
+            for n, text in listed:
+                print(f"[{n}] " + text.replace("\n", "\n    "))
+    skipped = f"{counts['skipped']} skipped"
+    if counts["skipped"]:
+        skipped += " (reasons " + ", ".join(f"[{n}]" for (k, _), n in notes.items() if k == "skipped") + ")"
+    print(f"\n{counts['passed']} passed, {skipped}, {counts['failed']} failed")
+    return counts["failed"] == 0

@@ -272,6 +272,7 @@ def _as_ptr(a):
 @contextlib.contextmanager
 def _gpu_launches(arch: Arch):
     """Launches are recorded instead of run, and launchers see a GPU with the arch's SM count."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     launches: list[Launch] = []
@@ -281,13 +282,13 @@ def _gpu_launches(arch: Arch):
         launches.append(Launch(name, tuple(_as_ptr(a) for a in args), tuple(sorted(kwargs.items()))))
 
     props = types.SimpleNamespace(multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10)
-    saved = JITFunction.run, torch.cuda.get_device_properties
-    JITFunction.run = record
+    saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties
+    JITFunction.run = InterpretedFunction.run = record  # with TRITON_INTERPRET=1 the kernels are interpreted ones
     torch.cuda.get_device_properties = lambda device=None: props
     try:
         yield launches
     finally:
-        JITFunction.run, torch.cuda.get_device_properties = saved
+        JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties = saved
 
 
 def replay(calls: Iterable[OpCall], arch: Arch) -> dict[tuple, tuple[Launch, list[str]]]:
@@ -454,18 +455,24 @@ def judge(row: Row, arch: Arch) -> Row:
 
 
 def compile_launch(launch: Launch, arch: Arch) -> Row:
-    """Compile one launch for `arch` with Triton and measure it."""
+    """Compile one launch for `arch` with Triton and measure it, in a process that imported triton without
+    TRITON_INTERPRET (under the interpreter triton.language's own jit functions are interpreted ones, which the
+    code generator cannot call): compile_all's workers."""
     from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
 
     module, qualname = launch.kernel.split(":")
     fn = getattr(importlib.import_module(module), qualname)
+    if not isinstance(fn, JITFunction):  # imported under TRITON_INTERPRET=1: compile its Python function
+        fn = JITFunction(fn.fn)
     row = Row(launch.name, launch.config(), arch.cc)
     previous = driver._active  # no public getter that does not create the default (GPU-only) driver
     driver.set_active(_TargetDriver(arch.cc))
     try:
         compiled = fn.warmup(*launch.args, grid=(1,), **dict(launch.kwargs))
     except Exception as err:  # a compile error is the finding: report it, keep going
-        row.problems.append(f"does not compile: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
+        lines = str(err).strip().splitlines() or [repr(err)]
+        row.problems.append(f"does not compile: {type(err).__name__}: {lines[-1][:300]}")
         return row
     finally:
         driver._active = previous
@@ -486,11 +493,27 @@ def _compile_job(job: tuple[Launch, int]) -> Row:
     return compile_launch(launch, ARCHS[cc])
 
 
+def _worker_init() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)  # before the worker first imports triton
+
+
+def compile_all(jobs: Sequence[tuple[Launch, int]], workers: int, progress=lambda done, total: None) -> list[Row]:
+    """compile_launch over (launch, arch) pairs in fresh worker processes; rows in the order of `jobs`."""
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no TRITON_INTERPRET, nothing inherited
+    rows: list[Row | None] = [None] * len(jobs)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        # the slowest compiles (the fused context kernels) first, so that no worker finishes alone
+        order = sorted(range(len(jobs)), key=lambda i: "lite_mla" not in jobs[i][0].kernel)
+        futures = {pool.submit(_compile_job, jobs[i]): i for i in order}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            rows[futures[future]] = future.result()
+            progress(done, len(jobs))
+    return rows
+
+
 def triton_kernels() -> list[str]:
     """Every @triton.jit kernel (a name ending in _kernel) of linattn.kernels, as 'module:name'."""
     import pkgutil
-
-    from triton.runtime.jit import JITFunction
 
     from . import kernels
 
@@ -498,7 +521,8 @@ def triton_kernels() -> list[str]:
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         for name, value in vars(module).items():
-            if isinstance(value, JITFunction) and name.endswith("_kernel") and value.fn.__module__ == module.__name__:
+            fn = getattr(value, "fn", None)  # a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1
+            if name.endswith("_kernel") and getattr(fn, "__module__", None) == module.__name__:
                 found.append(f"{module.__name__}:{name}")
     return sorted(found)
 
@@ -588,6 +612,11 @@ def versions() -> dict:
     }
 
 
+def _log(message: str, show: bool = True) -> None:
+    if show:
+        print(f"audit: {message}", file=sys.stderr, flush=True)
+
+
 def audit(
     archs: Sequence[int] = (90, 80),
     models: Sequence[str] = MODELS,
@@ -599,11 +628,8 @@ def audit(
     verbose: bool = False,
 ) -> tuple[bool, dict]:
     """Run the gate; (passed, report) with report['rows'] one dict per compiled configuration."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
-    with tqdm(desc="trace", unit="pass", leave=False, disable=None) as bar:
-        calls = trace(models, batches, dtypes, layouts, progress=lambda s: bar.update())
+    calls = trace(models, batches, dtypes, layouts, progress=lambda where: _log(f"tracing {where}", verbose))
     jobs_list: list[tuple[Launch, int]] = []
     uses: dict[tuple, list[str]] = {}
     for cc in archs:
@@ -611,18 +637,18 @@ def audit(
             jobs_list.append((launch, cc))
             uses[(key, cc)] = where
     t_trace = time.perf_counter() - t0
-    workers = jobs or os.cpu_count() or 1
-    rows: list[Row] = []
-    ctx = multiprocessing.get_context("fork")  # the children inherit the imported kernels; nothing touches CUDA
-    with (
-        concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool,
-        tqdm(total=len(jobs_list), desc="compile", unit="kernel", leave=False, disable=None) as bar,
-    ):
-        for (launch, cc), row in zip(jobs_list, pool.map(_compile_job, jobs_list, chunksize=1)):
-            where = uses[(launch.config_key(), cc)]
-            row.uses, row.example = len(where), where[0]
-            rows.append(row)
-            bar.update()
+    _log(f"{len(calls)} op calls traced, {len(jobs_list)} configurations to compile ({t_trace:.0f} s)")
+    step = max(1, len(jobs_list) // 10)
+
+    def progress(done, total):
+        if done % step == 0 or done == total:
+            _log(f"compiled {done}/{total} ({time.perf_counter() - t0:.0f} s)")
+
+    rows = compile_all(jobs_list, jobs or os.cpu_count() or 1, progress)
+    for (launch, cc), row in zip(jobs_list, rows):
+        where = uses[(launch.config_key(), cc)]
+        row.uses, row.example = len(where), where[0]
+    rows.sort(key=lambda r: (r.kernel, -r.arch, r.config))
     launched = {launch.kernel for launch, _ in jobs_list}
     for kernel in triton_kernels():
         if kernel not in launched:

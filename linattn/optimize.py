@@ -1,4 +1,4 @@
-"""`linattn.optimize(model)`: swap linattn's fused modules into any nn.Module (DESIGN.md 6).
+"""`linattn.optimize(model)`: swap linattn's fused modules into any nn.Module (docs/design.md 6).
 
 Patterns recognised by structure, not by class name, while walking the module tree top-down
 (a replaced module is not descended into):

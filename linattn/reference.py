@@ -214,7 +214,7 @@ def lite_mla_context(
     return lite_mla_attention(agg, dim, eps).to(qkv.dtype)
 
 
-# --- conv + BatchNorm + activation (DESIGN.md 3.4) ---
+# --- conv + BatchNorm + activation (docs/design.md 3.4) ---
 
 CONV_ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
 

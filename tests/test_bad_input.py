@@ -113,3 +113,195 @@ def test_forced_kernel_backend_rejects_what_it_cannot_run():
     for name in ("triton", "cuda"):
         with linattn.backend(name), pytest.raises(RuntimeError, match=f"relu_linear_attention: backend '{name}'"):
             linattn.relu_linear_attention(q, q, q)
+
+
+# --- messages a new user ran into (issue 11) ---
+
+
+def _message(call) -> str:
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("name", "bad"), [("k", dict(k=_ok().half())), ("v", dict(v=_ok().half()))])
+def test_mixed_dtype_names_the_odd_tensor_once(name, bad):
+    args = {**dict(q=_ok(), k=_ok(), v=_ok()), **bad}
+    message = _message(lambda: linattn.relu_linear_attention(**args))
+    want = f"linattn.relu_linear_attention: {name} has dtype torch.float16, q torch.float32: q, k and v must share"
+    assert message.startswith(want), message
+
+
+def test_mixed_device_names_the_odd_tensor_once():
+    v = torch.empty(2, 3, 7, 8, device="meta")
+    message = _message(lambda: linattn.relu_linear_attention(_ok(), _ok(), v))
+    assert message == "linattn.relu_linear_attention: v is on meta, q on cpu: q, k and v must be on one device"
+
+
+def _context(**bad):
+    return linattn.lite_mla_context(**{**_aggregation_args(), "dim": 8, **bad})
+
+
+INT_CASES = [
+    ("lite_mla_attention", "dim", lambda v: linattn.lite_mla_attention(torch.randn(1, 48, 5, 5), dim=v)),
+    ("multiscale_aggregate", "heads", lambda v: linattn.multiscale_aggregate(**_aggregation_args(heads=v))),
+    ("lite_mla_context", "heads", lambda v: _context(heads=v)),
+    ("lite_mla_context", "dim", lambda v: _context(dim=v)),
+    (
+        "conv_bn_act",
+        "groups",
+        lambda v: linattn.conv_bn_act(torch.randn(1, 4, 5, 5), torch.randn(4, 2, 1, 1), groups=v),
+    ),
+]
+
+
+@pytest.mark.parametrize(("op", "arg", "call"), INT_CASES, ids=[f"{c[0]}-{c[1]}" for c in INT_CASES])
+@pytest.mark.parametrize("value", [2.0, 16.0, 2.5, True, "2"], ids=repr)
+def test_int_arguments_reject_other_types(op, arg, call, value):
+    """A float (even a whole one) or a bool is a TypeError naming the op and argument, not a schema dump;
+    groups=2.5 used to be truncated to 2."""
+    with pytest.raises(TypeError, match=f"^linattn.{op}: {arg} must be an int, got {type(value).__name__} "):
+        call(value)
+
+
+def test_int_arguments_take_numpy_ints():
+    np = pytest.importorskip("numpy")
+    qkv = torch.randn(1, 48, 5, 5)
+    assert torch.equal(linattn.lite_mla_attention(qkv, np.int64(16)), linattn.lite_mla_attention(qkv, 16))
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 1, 1)
+    assert torch.equal(linattn.conv_bn_act(x, w, groups=np.int32(2)), linattn.conv_bn_act(x, w, groups=2))
+
+
+def test_stride_float_is_a_type_error():
+    with pytest.raises(TypeError, match="linattn.conv_bn_act: stride must be an int or a pair of ints, got 1.0"):
+        linattn.conv_bn_act(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 1, 1), stride=1.0)
+    with pytest.raises(
+        TypeError, match=r"linattn.conv_bn_act: padding must be an int or a pair of ints, got \(1, 0.5\)"
+    ):
+        linattn.conv_bn_act(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 1, 1), padding=(1, 0.5))
+
+
+EPS_CALLS = [
+    ("relu_linear_attention", lambda eps: linattn.relu_linear_attention(_ok(), _ok(), _ok(), eps=eps)),
+    ("lite_mla_attention", lambda eps: linattn.lite_mla_attention(torch.randn(1, 48, 5, 5), 16, eps=eps)),
+    ("lite_mla_context", lambda eps: _context(eps=eps)),
+]
+
+
+@pytest.mark.parametrize(("op", "call"), EPS_CALLS, ids=[c[0] for c in EPS_CALLS])
+@pytest.mark.parametrize("eps", [-1, -1e-15, float("nan"), float("inf")], ids=repr)
+def test_eps_must_be_finite_and_not_negative(op, call, eps):
+    with pytest.raises(ValueError, match=f"^linattn.{op}: eps must be finite and >= 0, got {eps!r}$"):
+        call(eps)
+
+
+@pytest.mark.parametrize(("op", "call"), EPS_CALLS, ids=[c[0] for c in EPS_CALLS])
+def test_eps_must_be_a_number(op, call):
+    with pytest.raises(TypeError, match=f"^linattn.{op}: eps must be a float, got str '1e-5'$"):
+        call("1e-5")
+
+
+def test_eps_checked_on_the_registered_op_too():
+    """torch.ops.linattn.* is public API as well: the check is in the op (eager and fake), not only the wrapper."""
+    with pytest.raises(ValueError, match="linattn.relu_linear_attention: eps must be finite and >= 0"):
+        torch.ops.linattn.relu_linear_attention(_ok(), _ok(), _ok(), -1.0)
+    with pytest.raises(ValueError, match="linattn.lite_mla_attention: eps must be finite and >= 0"):
+        torch.ops.linattn.lite_mla_attention(torch.randn(1, 48, 5, 5), 16, float("nan"))
+
+
+def test_eps_zero_is_the_plain_formula():
+    """eps = 0 is accepted (docs/design.md 3.1): positive inputs give the reference's result; a token whose
+    relu(q) . z is 0 gives 0/0 = NaN, where any eps > 0 gives 0."""
+    q, k, v = (torch.rand(1, 2, 9, 4, dtype=torch.float64) + 0.1 for _ in range(3))
+    want = linattn.reference.relu_linear_attention(q, k, v, 0.0)
+    assert torch.allclose(linattn.relu_linear_attention(q, k, v, eps=0), want)
+    q[0, 0, 3] = -1.0
+    assert linattn.relu_linear_attention(q, k, v, eps=0)[0, 0, 3].isnan().all()
+    assert (linattn.relu_linear_attention(q, k, v, eps=1e-15)[0, 0, 3] == 0).all()
+
+
+def _backends():
+    """The reference, and Triton where it runs on CPU tensors (the interpreter; a GPU machine tests it there)."""
+    from utils import kernel_targets
+
+    triton_cpu = [p for p in kernel_targets() if p.values[0] == ("triton", "cpu")]
+    return ["reference", pytest.param("triton", marks=triton_cpu[0].marks)]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("given", ["post_scale", "post_shift"])
+def test_post_scale_or_post_shift_alone_is_defined(backend, given):
+    """Not a silent guess: a missing post_scale is 1 and a missing post_shift 0 (a layer scale, or a bias after
+    the activation), on conv_bn_act and upsample_block alike, forward and gradients."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, w2 = torch.randn(1, 4, 5, 5, generator=gen), torch.randn(8, 4, 1, 1, generator=gen), torch.randn(16, 4)
+    for call, C in (
+        (lambda **kw: linattn.conv_bn_act(x, w, act="relu", **kw), 8),
+        (lambda **kw: linattn.upsample_block(x, w2, **kw), 16),
+    ):
+        vector = (torch.randn(C, generator=gen) + 2.0).requires_grad_()
+        identity = torch.ones(C) if given == "post_shift" else torch.zeros(C)
+        missing = "post_scale" if given == "post_shift" else "post_shift"
+        with linattn.backend(backend):
+            alone = call(**{given: vector})
+            (d_alone,) = torch.autograd.grad(alone.square().sum(), vector)
+            explicit = call(**{given: vector, missing: identity})
+            (d_explicit,) = torch.autograd.grad(explicit.square().sum(), vector)
+        assert torch.allclose(alone, explicit, atol=1e-6) and torch.allclose(d_alone, d_explicit, rtol=1e-5)
+        assert not torch.allclose(alone, call())  # the vector is applied, not dropped
+
+
+LIST_CASES = [
+    ("dw_weights", lambda args: args["dw_weights"][0]),
+    ("pw_weights", lambda args: args["pw_weights"][0]),
+    ("dw_biases", lambda args: torch.randn(48)),
+    ("pw_biases", lambda args: torch.randn(48)),
+]
+
+
+@pytest.mark.parametrize("op", ["multiscale_aggregate", "lite_mla_context"])
+@pytest.mark.parametrize(("arg", "single"), LIST_CASES, ids=[c[0] for c in LIST_CASES])
+def test_single_tensor_for_a_per_scale_list(op, arg, single):
+    """A lone tensor used to be iterated over its first dimension and fail on a shape, or a count, it never had."""
+    args = _aggregation_args()
+    args[arg] = single(args)
+    extra = dict(dim=8) if op == "lite_mla_context" else {}
+    shape = tuple(args[arg].shape)
+    want = f"linattn.{op}: {arg} must be a list or tuple of tensors"
+    message = _message(lambda: getattr(linattn, op)(**args, **extra))
+    assert message.startswith(want), message
+    assert f"one per scale, got a single Tensor of shape {shape}" in message
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (dict(dw_weights=3), "dw_weights must be a list or tuple of tensors, one per scale, got int"),
+        (dict(pw_weights=[[1.0]]), r"pw_weights\[0\] must be a torch.Tensor, got list"),
+        (dict(dw_biases=[None, "b"]), r"dw_biases\[1\] must be a torch.Tensor, got str"),
+    ],
+)
+def test_per_scale_list_entries(bad, message):
+    with pytest.raises(TypeError, match=f"linattn.multiscale_aggregate: {message}"):
+        linattn.multiscale_aggregate(**_aggregation_args(**bad))
+
+
+def test_per_scale_tuples_and_none_biases_still_work():
+    args = _aggregation_args()
+    want = linattn.multiscale_aggregate(**args)
+    args.update(dw_weights=tuple(args["dw_weights"]), pw_weights=tuple(args["pw_weights"]), dw_biases=[None])
+    assert torch.equal(linattn.multiscale_aggregate(**args), want)
+
+
+def test_forced_cuda_on_cpu_tensors_reports_the_device_first():
+    """Forcing cuda on CPU tensors used to complain about the conv's shape; the device is the first problem."""
+    from linattn._backend import unavailable
+
+    device_reason = unavailable("cuda", torch.device("cpu"))
+    assert device_reason  # the CUDA backend never runs CPU tensors
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)  # a 3x3 dense conv: not one the CUDA kernels take
+    with linattn.backend("cuda"), pytest.raises(RuntimeError) as info:
+        linattn.conv_bn_act(x, w, padding=1)
+    message = str(info.value)
+    assert message == f"linattn.conv_bn_act: backend 'cuda' cannot run this call: {device_reason}"
+    assert "depthwise" not in message

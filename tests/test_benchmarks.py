@@ -231,7 +231,7 @@ def test_bench_conv_bn_act_quick(tmp_path):
 
 
 def test_bench_conv_bn_act_shape_table():
-    """The shapes of DESIGN.md 5: unique names, SqueezeSAM's encoder widths, EfficientViT's expand ratios."""
+    """The shapes of docs/design.md 5: unique names, SqueezeSAM's encoder widths, EfficientViT's expand ratios."""
     entries = bench_conv_bn_act.all_entries()
     names = [e["name"] for e in entries]
     assert len(names) == len(set(names))

@@ -1,12 +1,42 @@
 """`python -m linattn info` and `check` on this machine."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import linattn.__main__ as cli
+from linattn import _check
 from linattn.__main__ import main
+
+SUMMARY = re.compile(r"^(\d+) passed, (\d+) skipped(?: \(reasons ((?:\[\d+\](?:, )?)+)\))?, (\d+) failed$", re.M)
+
+
+def _summary(out: str) -> tuple[int, int, int]:
+    """(passed, skipped, failed) from check's last line, checked against the table's rows."""
+    match = SUMMARY.search(out)
+    assert match, out
+    passed, skipped, failed = int(match[1]), int(match[2]), int(match[4])
+    results = re.findall(r"  (pass|FAIL|ERROR|skipped)\b", out)
+    assert results.count("pass") == passed and results.count("skipped") == skipped
+    assert results.count("FAIL") + results.count("ERROR") == failed
+    return passed, skipped, failed
+
+
+def _footnotes(out: str) -> dict[str, str]:
+    """Footnote number -> its text (continuation lines joined)."""
+    notes, current = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"^\[(\d+)\] (.*)$", line):
+            current = m[1]
+            notes[current] = m[2]
+        elif current and line.startswith("    "):
+            notes[current] += "\n" + line[4:]
+        else:
+            current = None
+    return notes
 
 
 def test_info_lists_every_op_and_backend(capsys):
@@ -20,7 +50,51 @@ def test_info_lists_every_op_and_backend(capsys):
 def test_check_passes_here(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out
-    assert "all passed" in out and "FAIL" not in out and "ERROR" not in out
+    assert "FAIL" not in out and "ERROR" not in out
+    passed, skipped, failed = _summary(out)
+    assert passed >= len(_check.CASES) and failed == 0  # the reference backend runs everywhere
+    notes = _footnotes(out)
+    for mark in set(re.findall(r"skipped \[(\d+)\]", out)):
+        assert mark in notes
+    if skipped:
+        assert "all passed" not in out
+
+
+def _small_check(monkeypatch, run_case, why=None):
+    """check() over two cases with run_case and backend_status replaced (no kernels run)."""
+    monkeypatch.setattr(_check, "CASES", _check.CASES[:2])
+    monkeypatch.setattr(_check, "run_case", run_case)
+    monkeypatch.setattr(cli, "backend_status", lambda op, name, device: why if name == "cuda" else None)
+    return main(["check"])
+
+
+LONG_REASON = "the CUDA extension is missing because " + "this reason is long enough to be cut off " * 3 + "(end)"
+
+
+def test_check_counts_skips_and_prints_each_reason_once_in_full(monkeypatch, capsys):
+    assert _small_check(monkeypatch, lambda case, name, device, dtype: (True, 1e-7, 1e-5), LONG_REASON) == 0
+    out = capsys.readouterr().out
+    assert _summary(out) == (4, 2, 0)
+    assert "all passed" not in out
+    assert _footnotes(out) == {"1": LONG_REASON}
+    assert out.count(LONG_REASON) == 1
+    assert "0 failed" in out.splitlines()[-1] and "(reasons [1])" in out.splitlines()[-1]
+
+
+def test_check_reports_failures_and_errors_in_full(monkeypatch, capsys):
+    error = "kernel launch failed: " + "details " * 20 + "\nsecond line of the message"
+
+    def run_case(case, name, device, dtype):
+        if name == "triton":
+            raise RuntimeError(error)
+        return (case.op != "lite_mla_attention", 2e-3, 1e-5)
+
+    assert _small_check(monkeypatch, run_case, LONG_REASON) == 1
+    out = capsys.readouterr().out
+    # reference: one pass, one FAIL; triton: two errors with one message; cuda: two skips
+    assert _summary(out) == (1, 2, 3)
+    assert set(_footnotes(out).values()) == {LONG_REASON, f"RuntimeError: {error}"}
+    assert out.count("kernel launch failed") == 1
 
 
 def test_module_entry_point():

@@ -53,7 +53,7 @@ def reference_grads(q, k, v, g, eps):
 
 
 def eager_errors(q, k, v, g, eps, ref_out, ref_grads):
-    """Errors of the official eager computation in the inputs' dtype: the yardstick of DESIGN.md 8."""
+    """Errors of the official eager computation in the inputs' dtype: the yardstick of docs/design.md 8."""
     qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = reference.efficientvit_relu_linear_attention(qe, ke, ve, eps)
     out.backward(g)

@@ -3,7 +3,7 @@
 Outputs and gradients are compared with a float64 oracle (our module in float64
 on the reference backend); timm's module in the test dtype is checked against
 the same oracle, so the module equals timm's and the kernels' error is at most
-the tolerance of DESIGN.md 8 relative to timm's own.
+the tolerance of docs/design.md 8 relative to timm's own.
 """
 
 import copy

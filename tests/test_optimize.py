@@ -1,6 +1,6 @@
 """linattn.optimize on timm's efficientvit_mit models and modules and on SqueezeSAM: report, parity, keys, compile.
 
-Parity (DESIGN.md 8): the oracle is the original model in float64 (eager PyTorch, no linattn op).
+Parity (docs/design.md 8): the oracle is the original model in float64 (eager PyTorch, no linattn op).
 fp32: relative error under 1e-5 (or twice eager fp32's own error where that is larger); bf16: at
 most twice the error of the original model run eagerly in bf16. Weights and BatchNorm statistics
 are random so that a wrong fold or a swapped key shows.
@@ -29,7 +29,7 @@ BACKENDS = [  # the models run on CPU tensors: the reference, and the Triton ker
     pytest.param("triton", id="triton-interpreter", marks=[pytest.mark.skip(reason=f"triton: {_WHY}")] if _WHY else []),
 ]
 
-SQUEEZESAM_PARAMS = 10_269_807  # derived from DESIGN.md 5's widths, a 256-wide depth-2 transformer (MLP 512)
+SQUEEZESAM_PARAMS = 10_269_807  # derived from docs/design.md 5's widths, a 256-wide depth-2 transformer (MLP 512)
 
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -186,7 +186,7 @@ def test_residual_needs_an_efficientvit_block():
 def test_inplace_semantics():
     model = timm_blocks()
     before = copy.deepcopy(model.state_dict())
-    optimized = linattn.optimize(model)  # DESIGN.md 2: the default returns the model alone
+    optimized = linattn.optimize(model)  # docs/design.md 2: the default returns the model alone
     assert isinstance(optimized, nn.Module) and optimized is not model
     assert isinstance(model[1], timm_mit.LiteMLA)  # a copy was optimized: the model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -344,7 +344,7 @@ def test_train_gradients_small(backend):
     x = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(15))
     compare_train(model, optimized, x, f"timm blocks, {backend}")
     # three levels, 16x16 .. 4x4 maps at 32x32: train-mode BatchNorm over a few values (tiny maps of batch 2)
-    # makes the gradients ill-conditioned, so the input is large enough to keep DESIGN.md 8's bound meaningful
+    # makes the gradients ill-conditioned, so the input is large enough to keep docs/design.md 8's bound meaningful
     model = randomize(squeezesam(widths=(8, 8, 8), transformer_dim=16, transformer_heads=2, embed_dim=8), seed=16)
     optimized = linattn.optimize(model, backend=backend)
     x = torch.randn(2, 5, 32, 32, generator=torch.Generator().manual_seed(17))
@@ -382,7 +382,7 @@ def test_compile_fullgraph(name):
 def test_squeezesam_size_and_shapes():
     model = squeezesam()
     assert sum(p.numel() for p in model.parameters()) == SQUEEZESAM_PARAMS
-    assert abs(SQUEEZESAM_PARAMS - 10e6) / 10e6 < 0.05  # "about 10 M" (DESIGN.md 5)
+    assert abs(SQUEEZESAM_PARAMS - 10e6) / 10e6 < 0.05  # "about 10 M" (docs/design.md 5)
     with torch.device("meta"):
         model = squeezesam().eval()
         masks, iou = model(torch.empty(2, 3, 512, 512), torch.empty(2, 1, 512, 512), torch.empty(2, 1, 512, 512))

@@ -1,5 +1,9 @@
 """Custom-op registration: opcheck and torch.compile(fullgraph=True) over every op, forward and backward."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from utils import assert_close, kernel_targets
@@ -109,3 +113,28 @@ def test_compile_eager_reference_agree_on_packed_shape():
         fake = linattn.lite_mla_attention(mode.from_tensor(qkv), 16)
     assert fake.shape == real.shape and fake.stride() == real.stride() and fake.dtype == real.dtype
     assert_close(real, reference.lite_mla_attention(qkv, 16), 1e-6, "out")
+
+
+def test_subpackages_load_on_first_access():
+    """`import linattn; linattn.models.efficientvit_sam_encoder("l0")` works without importing linattn.models by
+    hand, and the plain import stays lean: no encoders, no triton, no CUDA, no extension until asked for."""
+    code = """
+        import sys, torch, linattn
+        loaded = lambda: ["linattn.models" in sys.modules, "triton" in sys.modules, "linattn._C" in sys.modules]
+        print(*loaded(), torch.cuda.is_initialized(), "models" in dir(linattn))
+        encoder = linattn.models.efficientvit_sam_encoder("l0")
+        print(type(encoder).__name__, linattn.models is sys.modules["linattn.models"], *loaded())
+        print(linattn.nn.LiteMLA.__name__, linattn.benchmarks.__name__, torch.cuda.is_initialized())
+        try:
+            linattn.no_such_name
+        except AttributeError as err:
+            print(err)
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "False False False False True",
+        "EfficientViTSamImageEncoder True True False False",
+        "LiteMLA linattn.benchmarks False",
+        "module 'linattn' has no attribute 'no_such_name'",
+    ]

@@ -29,7 +29,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def tolerance(dtype: torch.dtype, eager_err: float) -> float:
-    """DESIGN.md 8: fp32 within 1e-5 relative; fp16/bf16 within twice eager PyTorch's error in that dtype.
+    """docs/design.md 8: fp32 within 1e-5 relative; fp16/bf16 within twice eager PyTorch's error in that dtype.
 
     fp32 also gets the twice-eager bound where eager fp32 itself is worse than
     1e-5: ill-conditioned gradients (N = 1, where dq is a difference of two

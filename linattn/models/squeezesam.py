@@ -1,6 +1,6 @@
 """SqueezeSAM: a convolutional UNet Segment-Anything model with early fusion of the prompts (reference, pure PyTorch).
 
-The published design (DESIGN.md 5), built here as a reference network for
+The published design (docs/design.md 5), built here as a reference network for
 `linattn.optimize` and the end-to-end benchmarks (random init; no official
 checkpoint is published):
 

@@ -1,5 +1,9 @@
 """What the ops share: argument checks (every error names the op and the argument) and allocation."""
 
+import math
+import numbers
+import operator
+
 import torch
 from torch import Tensor
 
@@ -30,6 +34,54 @@ def require_tensors(op: str, **tensors) -> None:
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             fail(op, name, f"must be a torch.Tensor, got {type(t).__name__}", TypeError)
+
+
+def as_int(op: str, name: str, value) -> int:
+    """value as a Python int; a float (even 32.0) or a bool is a caller's mistake, not a size."""
+    if isinstance(value, torch.SymInt):  # traced under torch.compile: an int by construction
+        return value
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # int, numpy and 0-d integer tensors; never truncates
+        except TypeError:
+            pass
+    fail(op, name, f"must be an int, got {type(value).__name__} {value!r}", TypeError)
+
+
+def check_eps(op: str, eps) -> float:
+    """eps as a float: finite and >= 0. 0 is the plain formula (0/0 = NaN where relu(q_n) . z is 0)."""
+    if isinstance(eps, torch.SymFloat):  # traced under torch.compile: its value is checked at run time
+        return eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        fail(op, "eps", f"must be a float, got {type(eps).__name__} {eps!r}", TypeError)
+    if not math.isfinite(eps) or eps < 0:
+        fail(op, "eps", f"must be finite and >= 0, got {eps!r}")
+    return float(eps)
+
+
+def tensor_list(op: str, name: str, tensors, optional: bool = False) -> list:
+    """Per-scale arguments as a list: a list or tuple (any iterable) of tensors, None entries too when `optional`.
+
+    A lone tensor would be iterated over its first dimension and fail later with a shape error about
+    the wrong thing, so it is rejected here, by name.
+    """
+    what = "tensors (or None)" if optional else "tensors"
+    if isinstance(tensors, Tensor):
+        shape = tuple(tensors.shape)
+        got = f"a single Tensor of shape {shape} (for one scale, pass [tensor])"
+        fail(op, name, f"must be a list or tuple of {what}, one per scale, got {got}", TypeError)
+    items = None
+    if not isinstance(tensors, (str, bytes)):
+        try:
+            items = list(tensors)  # lists, tuples, ParameterLists, generators
+        except TypeError:
+            pass
+    if items is None:
+        fail(op, name, f"must be a list or tuple of {what}, one per scale, got {type(tensors).__name__}", TypeError)
+    for s, t in enumerate(items):
+        if not isinstance(t, Tensor) and not (optional and t is None):
+            fail(op, f"{name}[{s}]", f"must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    return items
 
 
 def check_tensor(op: str, name: str, t: Tensor, ndim: int, layout: str) -> None:

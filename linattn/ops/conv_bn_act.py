@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
-from ._common import check_tensor, fail, kernel_problem, require_tensors
+from ._common import as_int, check_tensor, fail, kernel_problem, require_tensors
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
@@ -245,11 +245,13 @@ _conv_bn_act.register_autograd(_grad, setup_context=_setup)
 
 
 def _pair(op: str, name: str, v) -> list[int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return [v, v]
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return list(v)
-    fail(op, name, f"must be an int or a pair of ints, got {v!r}", TypeError)
+    message = f"must be an int or a pair of ints, got {v!r}"
+    try:
+        if isinstance(v, (tuple, list)) and len(v) == 2:
+            return [as_int(op, name, i) for i in v]
+        return [as_int(op, name, v)] * 2
+    except TypeError:
+        fail(op, name, message, TypeError)
 
 
 def conv_bn_act(
@@ -274,9 +276,12 @@ def conv_bn_act(
     Args:
         x: (B, Cin, H, W), NCHW or channels_last (the output keeps x's memory format).
         weight: (Cout, Cin/groups, KH, KW), x's dtype.
-        bias, post_scale, post_shift: optional (Cout,) per-channel vectors (any float dtype).
-        stride, padding, dilation: int or (h, w) pair, as in torch.nn.functional.conv2d.
-        groups: 1 (dense), Cin (depthwise, the direct kernel) or any divisor of Cin and Cout.
+        bias: optional (Cout,) per-channel vector (any float dtype).
+        post_scale, post_shift: optional (Cout,) per-channel vectors, each on its own: a missing post_scale
+            is 1 and a missing post_shift 0 (post_scale alone is a layer scale, post_shift alone a bias
+            after the activation; a BatchNorm after the activation passes both).
+        stride, padding, dilation: int or (h, w) pair of ints, as in torch.nn.functional.conv2d.
+        groups: an int: 1 (dense), Cin (depthwise, the direct kernel) or any divisor of Cin and Cout.
         act: "identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish" or "silu".
         residual: optional (B, Cout, Ho, Wo) added last, x's dtype.
 
@@ -305,7 +310,7 @@ def conv_bn_act(
         _pair(OP, "stride", stride),
         _pair(OP, "padding", padding),
         _pair(OP, "dilation", dilation),
-        int(groups),
+        as_int(OP, "groups", groups),
         act,
         post_scale,
         post_shift,
@@ -403,7 +408,8 @@ def upsample_block(
     Args:
         x: (B, C, H, W), NCHW or channels_last.
         weight: (4*Co, C) per-pixel linear weight (a (4*Co, C, 1, 1) 1x1 conv weight is accepted too).
-        bias, post_scale, post_shift: optional (4*Co,) vectors in the pre-shuffle channel order; a
+        bias, post_scale, post_shift: optional (4*Co,) vectors in the pre-shuffle channel order, each
+            on its own as in conv_bn_act (a missing post_scale is 1, a missing post_shift 0); a
             BatchNorm2d(Co) after the shuffle is post_scale/post_shift with each entry repeated 4 times
             (`repeat_interleave(4)`).
         act: one of conv_bn_act's activations, ReLU by default.

@@ -11,18 +11,19 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
-from ._common import check_tensor, fail, kernel_problem, new_feature_map, require_tensors
+from ._common import as_int, check_eps, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
 
 MAX_HEAD_DIM = 128  # both kernel backends keep a (D, E) state tile on chip
 
 
-def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t, ndim=4, layout="(B, H, N, D)" if name != "v" else "(B, H, N, E)")
-    if not (q.dtype == k.dtype == v.dtype):
-        fail(op, "v", f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
-    if not (q.device == k.device == v.device):
-        fail(op, "v", f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            fail(op, name, f"has dtype {t.dtype}, q {q.dtype}: q, k and v must share a dtype", TypeError)
+        if t.device != q.device:
+            fail(op, name, f"is on {t.device}, q on {q.device}: q, k and v must be on one device")
     if k.shape != q.shape:
         fail(op, "k", f"must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
@@ -30,14 +31,16 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, size in (("q", q.shape[-1]), ("v", v.shape[-1])):
         if size > MAX_HEAD_DIM:
             fail(op, name, f"head dim {size} is larger than the supported {MAX_HEAD_DIM}")
+    check_eps(op, eps)
 
 
-def _check_packed(op: str, qkv: Tensor, dim: int) -> None:
+def _check_packed(op: str, qkv: Tensor, dim: int, eps: float) -> None:
     check_tensor(op, "qkv", qkv, ndim=4, layout="(B, heads*3*dim, H, W)")
     if not 1 <= dim <= MAX_HEAD_DIM:
         fail(op, "dim", f"must be in [1, {MAX_HEAD_DIM}], got {dim}")
     if qkv.shape[1] % (3 * dim):
         fail(op, "qkv", f"channels ({qkv.shape[1]}) must be a multiple of 3*dim = {3 * dim}")
+    check_eps(op, eps)
 
 
 def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor) -> None:
@@ -70,7 +73,7 @@ def attention_bwd(op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: floa
 
 @torch.library.custom_op("linattn::relu_linear_attention", mutates_args=(), device_types=("cpu", "cuda"))
 def _relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
-    _check_qkv("relu_linear_attention", q, k, v)
+    _check_qkv("relu_linear_attention", q, k, v, eps)
     out = q.new_empty((*q.shape[:3], v.shape[-1]))
     attention_fwd("relu_linear_attention", q, k, v, eps, out)
     return out
@@ -78,7 +81,7 @@ def _relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tenso
 
 @_relu_linear_attention.register_fake
 def _(q, k, v, eps):
-    _check_qkv("relu_linear_attention", q, k, v)
+    _check_qkv("relu_linear_attention", q, k, v, eps)
     return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
@@ -114,7 +117,7 @@ _relu_linear_attention.register_autograd(_grad_qkv, setup_context=_setup_qkv)
 
 @torch.library.custom_op("linattn::lite_mla_attention", mutates_args=(), device_types=("cpu", "cuda"))
 def _lite_mla_attention(qkv: Tensor, dim: int, eps: float) -> Tensor:
-    _check_packed("lite_mla_attention", qkv, dim)
+    _check_packed("lite_mla_attention", qkv, dim, eps)
     out = new_feature_map(qkv, qkv.shape[1] // 3)
     q, k, v = reference.split_packed_qkv(qkv, dim)
     attention_fwd("lite_mla_attention", q, k, v, eps, reference.split_heads(out, dim))
@@ -123,7 +126,7 @@ def _lite_mla_attention(qkv: Tensor, dim: int, eps: float) -> Tensor:
 
 @_lite_mla_attention.register_fake
 def _(qkv, dim, eps):
-    _check_packed("lite_mla_attention", qkv, dim)
+    _check_packed("lite_mla_attention", qkv, dim, eps)
     return new_feature_map(qkv, qkv.shape[1] // 3)
 
 
@@ -167,14 +170,15 @@ def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -
         q: (B, H, N, D) queries, any strides.
         k: (B, H, N, D) keys.
         v: (B, H, N, E) values; D and E at most 128.
-        eps: added to the denominator (EfficientViT: 1e-15; timm: 1e-5).
+        eps: added to the denominator (EfficientViT: 1e-15; timm: 1e-5); finite and >= 0. With 0,
+            a token whose relu(q_n) . z is 0 gets 0/0 = NaN (any eps > 0 gives 0 there).
 
     Returns:
         (B, H, N, E) tensor in the inputs' dtype (float16, bfloat16 or float32 on
         every backend; float64 on the reference backend).
     """
     require_tensors("relu_linear_attention", q=q, k=k, v=v)
-    return torch.ops.linattn.relu_linear_attention(q, k, v, eps)
+    return torch.ops.linattn.relu_linear_attention(q, k, v, check_eps("relu_linear_attention", eps))
 
 
 def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
@@ -184,12 +188,13 @@ def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
         qkv: (B, G*3*dim, H, W), NCHW or channels_last; head g owns channels
             [3*dim*g, 3*dim*(g+1)) laid out [q | k | v] (what LiteMLA builds
             after concatenating its multi-scale branches).
-        dim: head dimension D (= E), at most 128.
-        eps: added to the denominator.
+        dim: head dimension D (= E), an int, at most 128.
+        eps: added to the denominator; finite and >= 0 (see relu_linear_attention).
 
     Returns:
         (B, G*dim, H, W) in qkv's dtype and memory format, head g in channels
         [g*dim, (g+1)*dim).
     """
-    require_tensors("lite_mla_attention", qkv=qkv)
-    return torch.ops.linattn.lite_mla_attention(qkv, dim, eps)
+    op = "lite_mla_attention"
+    require_tensors(op, qkv=qkv)
+    return torch.ops.linattn.lite_mla_attention(qkv, as_int(op, "dim", dim), check_eps(op, eps))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
-from ._common import fail, kernel_problem, new_feature_map, require_tensors
+from ._common import as_int, check_eps, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 from .linear_attention import attention_fwd
 from .multiscale_aggregate import (
     aggregation_grads,
@@ -24,10 +24,11 @@ from .multiscale_aggregate import (
 OP = "lite_mla_context"
 
 
-def _check(qkv, dw_weights, pw_weights, heads, dim, dw_biases, pw_biases) -> None:
+def _check(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases) -> None:
     D = check_aggregation(OP, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
     if dim != D:
         fail(OP, "dim", f"must equal qkv's channels / (3*heads) = {D}, got {dim}")
+    check_eps(OP, eps)
 
 
 def _output(qkv, heads, dim, scales) -> Tensor:
@@ -45,7 +46,7 @@ def _lite_mla_context(
     dw_biases: list[Tensor],
     pw_biases: list[Tensor],
 ) -> Tensor:
-    _check(qkv, dw_weights, pw_weights, heads, dim, dw_biases, pw_biases)
+    _check(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
     out = _output(qkv, heads, dim, len(dw_weights))
     impl = resolve(OP, qkv.device, kernel_problem(qkv))
     if impl == "reference":
@@ -67,7 +68,7 @@ def _lite_mla_context(
 
 @_lite_mla_context.register_fake
 def _(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases):
-    _check(qkv, dw_weights, pw_weights, heads, dim, dw_biases, pw_biases)
+    _check(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
     return _output(qkv, heads, dim, len(dw_weights))
 
 
@@ -108,22 +109,22 @@ def lite_mla_context(
         qkv: (B, 3*heads*dim, H, W) output of LiteMLA's qkv conv, NCHW or channels_last.
         dw_weights, pw_weights, dw_biases, pw_biases: the aggregation's weights, as in
             `linattn.multiscale_aggregate`.
-        heads: heads per branch; dim: head dimension (qkv has 3*heads*dim channels).
-        eps: added to the attention's denominator.
+        heads: heads per branch; dim: head dimension (ints; qkv has 3*heads*dim channels).
+        eps: added to the attention's denominator; finite and >= 0 (see relu_linear_attention).
 
     Returns:
         (B, (1+S)*heads*dim, H, W) in qkv's dtype and memory format: the heads over
         qkv itself first, then those of each scale.
     """
     require_tensors(OP, qkv=qkv)
-    dw_weights, pw_weights = list(dw_weights), list(pw_weights)
+    dw_weights, pw_weights = tensor_list(OP, "dw_weights", dw_weights), tensor_list(OP, "pw_weights", pw_weights)
     return torch.ops.linattn.lite_mla_context(
         qkv,
         dw_weights,
         pw_weights,
-        heads,
-        dim,
-        eps,
+        as_int(OP, "heads", heads),
+        as_int(OP, "dim", dim),
+        check_eps(OP, eps),
         bias_list(OP, "dw_biases", dw_biases, dw_weights),
         bias_list(OP, "pw_biases", pw_biases, pw_weights),
     )

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
-from ._common import check_tensor, fail, kernel_problem, new_feature_map, require_tensors
+from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 
 OP = "multiscale_aggregate"
 MAX_GROUP_DIM = 128  # the kernels hold a (D x D) pointwise matrix on chip
@@ -178,7 +178,10 @@ _multiscale_aggregate.register_autograd(_grad, setup_context=_setup)
 
 def bias_list(op: str, name: str, biases, weights) -> list[Tensor]:
     """The ops take per-scale biases as a list of tensors or an empty list: None entries become zeros."""
-    if biases is None or all(b is None for b in biases):
+    if biases is None:
+        return []
+    biases = tensor_list(op, name, biases, optional=True)
+    if all(b is None for b in biases):
         return []
     if len(biases) != len(weights):
         fail(op, name, f"needs no entry or one per scale, got {len(biases)} for {len(weights)} scales")
@@ -202,21 +205,21 @@ def multiscale_aggregate(
 
     Args:
         qkv: (B, C, H, W), C = 3*heads*D, NCHW or channels_last.
-        dw_weights: per scale, (C, 1, k, k) depthwise weights, k odd (3, 5, 7).
-        pw_weights: per scale, (C, D, 1, 1) grouped pointwise weights.
-        heads: number of heads; the pointwise conv has 3*heads groups of D channels.
+        dw_weights: a list with one (C, 1, k, k) depthwise weight per scale, k odd (3, 5, 7).
+        pw_weights: a list with one (C, D, 1, 1) grouped pointwise weight per scale.
+        heads: number of heads (an int); the pointwise conv has 3*heads groups of D channels.
         dw_biases, pw_biases: optional per-scale (C,) biases (a list, None entries allowed, or None).
 
     Returns:
         (B, (1+S)*C, H, W) in qkv's dtype and memory format.
     """
     require_tensors(OP, qkv=qkv)
-    dw_weights, pw_weights = list(dw_weights), list(pw_weights)
+    dw_weights, pw_weights = tensor_list(OP, "dw_weights", dw_weights), tensor_list(OP, "pw_weights", pw_weights)
     return torch.ops.linattn.multiscale_aggregate(
         qkv,
         dw_weights,
         pw_weights,
-        heads,
+        as_int(OP, "heads", heads),
         bias_list(OP, "dw_biases", dw_biases, dw_weights),
         bias_list(OP, "pw_biases", pw_biases, pw_weights),
     )
