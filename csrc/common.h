@@ -64,3 +64,23 @@
                          " (float32, float16 or bfloat16)");                          \
     }                                                                                 \
   } while (0)
+
+#ifdef __CUDACC__
+namespace linattn {
+
+// x, in a register the compiler cannot see into: what is computed from it is computed
+// after this point. The kernels run with __launch_bounds__ that leave no registers to
+// spare, and the compiler otherwise computes a loop phase's per-thread indices and
+// addresses (from the thread index and the sizes) once, before the loop, and carries them
+// (or spills them) through the other phases. A phase that takes its inputs through
+// opaque() computes them where it uses them. The value is unchanged: results are too.
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+// threadIdx.x through opaque().
+__device__ __forceinline__ int thread_index() { return opaque(static_cast<int>(threadIdx.x)); }
+
+}  // namespace linattn
+#endif

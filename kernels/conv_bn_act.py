@@ -391,27 +391,26 @@ def conv_config(
     per group and red reduction channels: a deterministic heuristic. The interpreter runs programs one by
     one, each op vectorised, so on CPU the tiles are large and few.
 
-    On a GPU the tile sizes come from the compile gate (python -m linattn audit), which found spills in
-    every configuration beyond these: 128 x 128 tiles only with tensor-core (fp16/bf16) products and not in
-    the backward kernels (wide=False: dz holds the gradient tile beside the accumulator, dx its own index
-    math), full fp32 products (FMA, operands in registers) at most 128 x 64 with two stages, 8 warps from
-    64 x 64 up, and no 64 x 128 tile (its row loads spill at any warp count)."""
+    On a GPU the tiles come from the compile gate (python -m linattn audit), which found spills beyond
+    these: 128 x 128 tiles only with tensor-core (fp16/bf16) products and not in the backward kernels
+    (wide=False: dz holds the gradient tile beside the accumulator, dx its own index math), 8 warps from
+    64 x 64 or 128 rows up, no 64 x 128 tile (its row loads spill at any warp count). Full fp32 products
+    (FMA, both operands in registers, beside 64-bit address tiles) take at most 64 x 64 x 16 (64 x 32 in the
+    backward), unpipelined."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
         block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=2 if dev.gpu else 1)
     if not dev.gpu:
         return dict(BLOCK_M=_pow2(rows, 16, 256), BLOCK_N=_pow2(cols, 16, 64), BLOCK_K=_pow2(red, 16, 64))
+    if not low_precision:
+        block_m, block_n = _pow2(rows, 16, 64), _pow2(cols, 16, 64 if wide else 32)
+        warps = 8 if block_m * block_n >= 64 * 64 else 4
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps, num_stages=1)
     block_m = _pow2(rows, 16, 128)
-    block_n = _pow2(cols, 16, 128 if wide and low_precision and block_m == 128 else 64)
-    warps = 8 if block_m * block_n >= 64 * 64 else 4
-    return dict(
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=_pow2(red, 16, 32),
-        num_warps=warps,
-        num_stages=3 if low_precision else 2,
-    )
+    block_n = _pow2(cols, 16, 128 if wide and block_m == 128 else 64)
+    warps = 8 if block_m * block_n >= 64 * 64 or block_m >= 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(red, 16, 32), num_warps=warps, num_stages=3)
 
 
 def _dw_programs(cfg: dict, cout: int, cin_g: int, groups: int, depthwise: bool) -> int:
@@ -421,17 +420,21 @@ def _dw_programs(cfg: dict, cout: int, cin_g: int, groups: int, depthwise: bool)
     return groups * triton.cdiv(cout // groups, cfg["BLOCK_N"]) * triton.cdiv(cin_g, cfg["BLOCK_CI"])
 
 
-def conv_dw_config(dev: Device, positions: int, cout: int, cin_g: int, groups: int, depthwise: bool, taps: int):
+def conv_dw_config(
+    dev: Device, positions: int, cout: int, cin_g: int, groups: int, depthwise: bool, taps: int, low_precision: bool
+) -> dict:
     """Tiles of the weight-gradient kernel and the split of its positions into chunks: enough programs to
-    fill the GPU four times over (one chunk under the interpreter)."""
+    fill the GPU four times over (one chunk under the interpreter). Its reduction runs over positions:
+    16 at a time and unpipelined with full fp32 products, which spill at 64 (compile gate)."""
     if depthwise:
         cfg = dict(BLOCK_N=_pow2(cout, 16, 64 if dev.gpu else 32), BLOCK_CI=1)
     else:
         cfg = dict(BLOCK_N=_pow2(cout // groups, 16, 64), BLOCK_CI=_pow2(cin_g, 16, 64))
     programs = _dw_programs(cfg, cout, cin_g, groups, depthwise) * taps
     split = max(1, 4 * dev.sms // programs) if dev.gpu else 1
+    block_k = _pow2(positions, 16, (64 if low_precision else 16) if dev.gpu else 256)
     warps = 8 if dev.gpu and cfg["BLOCK_N"] * cfg["BLOCK_CI"] >= 64 * 64 else 4  # 4 warps spill at 64 x 64
-    return dict(cfg, BLOCK_K=_pow2(positions, 16, 64 if dev.gpu else 256), split=split, num_warps=warps, num_stages=2)
+    return dict(cfg, BLOCK_K=block_k, split=split, num_warps=warps, num_stages=2 if low_precision else 1)
 
 
 def _precision(x: torch.Tensor) -> dict:
@@ -532,7 +535,7 @@ def conv_bn_act_bwd(
     )  # fmt: skip
 
     # 3. dW: reduction over positions in SPLIT chunks of fp32 partials
-    cfg = dict(config.get("dw") or conv_dw_config(dev, M, Cout, cin_g, groups, depthwise, KH * KW))
+    cfg = dict(config.get("dw") or conv_dw_config(dev, M, Cout, cin_g, groups, depthwise, KH * KW, low))
     block_k = cfg["BLOCK_K"]
     split = max(1, min(triton.cdiv(M, block_k), cfg.pop("split")))
     chunk = triton.cdiv(triton.cdiv(M, split), block_k) * block_k

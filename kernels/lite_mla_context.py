@@ -177,12 +177,17 @@ def _lite_mla_context_fwd_kernel(
             tl.store(o0_ptrs, out0.to(O0_ptr.dtype.element_ty), mask=mask)
 
 
-def context_config(dev: Device, B: int, heads: int, N: int, dim: int, splits: int | None = None) -> dict:
+def context_config(
+    dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool, splits: int | None = None
+) -> dict:
     """The attention's tiles and split of N (attention_config), its row loop not pipelined: each row tile
     is K*K shifted loads per aggregated head, and with num_stages > 1 every one of them takes a shared-memory
-    buffer per stage (270 KB at K=5, over any GPU's per-block limit)."""
+    buffer per stage (270 KB at K=5, over any GPU's per-block limit). With full fp32 products the state
+    kernel's four dots keep their operands in registers: 32-row tiles over 8 warps (compile gate)."""
     cfg = attention_config(dev, B, heads, N, dim, dim, splits)
     del cfg["BLOCK_E"]
+    if dev.gpu and not low_precision:
+        cfg.update(BLOCK_N=32, num_warps=8)
     return dict(cfg, num_stages=1)
 
 
@@ -195,7 +200,8 @@ def lite_mla_context_fwd(
     centre taps they load anyway, so qkv is read from memory once for both.
     config: context_config()'s dict, to launch another device's choice."""
     B, C, H, W = qkv.shape
-    cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim))
+    low = qkv.dtype != torch.float32
+    cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim, low))
     block_d = cfg["BLOCK_D"]
     grid = (B * heads, splits)
 

@@ -88,7 +88,8 @@ def dw_config(x, w, groups, split):
     from linattn.kernels.conv_bn_act import conv_dw_config
 
     positions = x.shape[0] * x.shape[2] * x.shape[3]  # stride 1, same padding
-    cfg = conv_dw_config(device_of(x), positions, w.shape[0], w.shape[1], groups, w.shape[1] == 1, w[0, 0].numel())
+    dw = w.shape[1] == 1
+    cfg = conv_dw_config(device_of(x), positions, w.shape[0], w.shape[1], groups, dw, w[0, 0].numel(), False)
     return dict(cfg, split=split)
 
 

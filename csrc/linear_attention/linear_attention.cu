@@ -26,7 +26,9 @@
 // rows each: it stages a tile in shared memory as fp32 while the next one is loaded into
 // registers, and computes with register-tiled fp32 FMAs (TileGemm); S or dS stays in
 // shared memory for the whole chunk. Chunks per (b, h) are chosen (plan) so that about
-// 8 blocks per SM are launched.
+// 8 blocks per SM are launched. __launch_bounds__ hold every kernel to the registers of
+// 16 resident warps per SM (Config::kMinBlocks; bwd_dq fewer above BX = 32, see
+// kMinBlocksDq), unspilled.
 //
 // Templates: the scalar type (float, half, bfloat16) and BX, the head dim padded to
 // 32, 64 or 128 (both D and E are padded to it; the padding is zeros in shared memory).
@@ -62,6 +64,13 @@ template <int BX>
 struct Config {
   static_assert(BX == 32 || BX == 64 || BX == 128, "head-dim bucket");
   static constexpr int kThreads = BX == 128 ? 256 : 128;
+  // Blocks per SM that the kernels' registers must allow (__launch_bounds__): 16 warps of
+  // 64, i.e. at most 128 registers per thread.
+  static constexpr int kMinBlocks = 16 * 32 / kThreads;
+  // bwd_dq holds dS (8 floats a thread at BX = 32, 32 and 64 above) through its loop,
+  // beside the tile products and the next tiles' loads: above BX = 32 it fits 12 warps
+  // (8 at BX = 128) without spilling, not 16.
+  static constexpr int kMinBlocksDq = BX == 32 ? kMinBlocks : 12 * 32 / kThreads;
   static constexpr int kRows = 2048 / BX;
   static constexpr int kLd = BX + 4;
   static constexpr int kTileFloats = kRows * kLd;  // one (kRows x BX) row tile
@@ -118,10 +127,11 @@ struct TileIO {
   // Fetches rows [n0, n0 + kRows) of m (base = m.head(b, h)) into registers.
   static __device__ __forceinline__ void load(Regs& regs, const Operand<const T>& m, const T* base, int n0,
                                               int N, int X) {
+    const int tid = thread_index();  // (see opaque)
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       int r, x;
-      chunk(threadIdx.x + i * C::kThreads, m.n_fast, r, x);
+      chunk(tid + i * C::kThreads, m.n_fast, r, x);
       const int n = n0 + r;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -135,10 +145,11 @@ struct TileIO {
   // Converts what load fetched from m to fp32 (relu applied if RELU) into s.
   template <bool RELU>
   static __device__ __forceinline__ void stage(float* s, const Regs& regs, const Operand<const T>& m) {
+    const int tid = thread_index();
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       int r, x;
-      chunk(threadIdx.x + i * C::kThreads, m.n_fast, r, x);
+      chunk(tid + i * C::kThreads, m.n_fast, r, x);
       float4 f = make_float4(static_cast<float>(regs[i][0]), static_cast<float>(regs[i][1]),
                              static_cast<float>(regs[i][2]), static_cast<float>(regs[i][3]));
       if (RELU) {
@@ -151,10 +162,11 @@ struct TileIO {
   // Writes s (rows < N, columns < X) to the rows [n0, n0 + kRows) of m, cast to T.
   static __device__ __forceinline__ void store(const Operand<T>& m, T* base, int n0, int N, int X,
                                                const float* s) {
+    const int tid = thread_index();
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       int r, x;
-      chunk(threadIdx.x + i * C::kThreads, m.n_fast, r, x);
+      chunk(tid + i * C::kThreads, m.n_fast, r, x);
       const int n = n0 + r;
       if (n < N) {
         const float4 f = *reinterpret_cast<const float4*>(s + r * C::kLd + x);
@@ -209,30 +221,36 @@ struct TileGemm {
       for (int j = 0; j < TX; ++j) acc[i][j] = 0.f;
   }
 
+  // f[kk][w] = operand(k + kk, w-th owned index) of a k-major operand, for kk < KS.
+  template <int W, int KS>
+  static __device__ __forceinline__ void fetch_rows(float (&f)[KS][W], const float* s, int k, int first) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const float* p = s + (k + kk) * C::kLd + first;
+      if constexpr (W % 4 == 0) {
+#pragma unroll
+        for (int w = 0; w < W; w += 4) {
+          const float4 t = *reinterpret_cast<const float4*>(p + w);
+          f[kk][w] = t.x;
+          f[kk][w + 1] = t.y;
+          f[kk][w + 2] = t.z;
+          f[kk][w + 3] = t.w;
+        }
+      } else if constexpr (W == 2) {
+        const float2 t = *reinterpret_cast<const float2*>(p);
+        f[kk][0] = t.x;
+        f[kk][1] = t.y;
+      } else {
+        f[kk][0] = p[0];
+      }
+    }
+  }
+
   // f[kk][w] = operand(k + kk, w-th owned index), for kk < 4.
   template <int W, bool KMAJOR>
   static __device__ __forceinline__ void fetch(float (&f)[4][W], const float* s, int k, int first, int step) {
     if constexpr (KMAJOR) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const float* p = s + (k + kk) * C::kLd + first;
-        if constexpr (W % 4 == 0) {
-#pragma unroll
-          for (int w = 0; w < W; w += 4) {
-            const float4 t = *reinterpret_cast<const float4*>(p + w);
-            f[kk][w] = t.x;
-            f[kk][w + 1] = t.y;
-            f[kk][w + 2] = t.z;
-            f[kk][w + 3] = t.w;
-          }
-        } else if constexpr (W == 2) {
-          const float2 t = *reinterpret_cast<const float2*>(p);
-          f[kk][0] = t.x;
-          f[kk][1] = t.y;
-        } else {
-          f[kk][0] = p[0];
-        }
-      }
+      fetch_rows<W, 4>(f, s, k, first);
     } else {
 #pragma unroll
       for (int w = 0; w < W; ++w) {
@@ -250,15 +268,30 @@ struct TileGemm {
     const int b_first = B_KMAJOR ? col_thread() * TX : col_thread();
 #pragma unroll 2
     for (int k = 0; k < K; k += 4) {
-      float a[4][TM], b[4][TX];
-      fetch<TM, A_KMAJOR>(a, A, k, a_first, kRowThreads);
+      float b[4][TX];
       fetch<TX, B_KMAJOR>(b, B, k, b_first, kColThreads);
+      if constexpr (A_KMAJOR) {
+        // A a k at a time: its TM values (up to 16) for 4 k's would not fit beside a
+        // (TM x 4) accumulator in the 128 registers of kMinBlocks
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
+        for (int kk = 0; kk < 4; ++kk) {
+          float a[1][TM];
+          fetch_rows<TM, 1>(a, A, k + kk, a_first);
 #pragma unroll
-        for (int i = 0; i < TM; ++i)
+          for (int i = 0; i < TM; ++i)
 #pragma unroll
-          for (int j = 0; j < TX; ++j) acc[i][j] = fmaf(a[kk][i], b[kk][j], acc[i][j]);
+            for (int j = 0; j < TX; ++j) acc[i][j] = fmaf(a[0][i], b[kk][j], acc[i][j]);
+        }
+      } else {
+        float a[4][TM];
+        fetch<TM, false>(a, A, k, a_first, kRowThreads);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TX; ++j) acc[i][j] = fmaf(a[kk][i], b[kk][j], acc[i][j]);
+      }
     }
   }
 
@@ -367,7 +400,7 @@ __device__ __forceinline__ void chunk_tiles(const Sizes& sz, int& first, int& la
 
 // S = sum_m kr_m^T v_m and z = sum_m kr_m over one chunk of N -> state (one slot per block).
 template <typename T, int BX>
-__global__ void __launch_bounds__(Config<BX>::kThreads)
+__global__ void __launch_bounds__(Config<BX>::kThreads, Config<BX>::kMinBlocks)
     kv_state_kernel(float* state, const Operand<const T> k, const Operand<const T> v, const Sizes sz) {
   using C = Config<BX>;
   using IO = TileIO<T, BX>;
@@ -419,7 +452,7 @@ __global__ void sum_partials_kernel(float* dst, const float* parts, int num_part
 
 // out_n = qr_n S / (qr_n . z + eps) for one chunk of N.
 template <typename T, int BX>
-__global__ void __launch_bounds__(Config<BX>::kThreads)
+__global__ void __launch_bounds__(Config<BX>::kThreads, Config<BX>::kMinBlocks)
     fwd_out_kernel(const Operand<T> out, const Operand<const T> q, const float* state, float eps,
                    const Sizes sz) {
   using C = Config<BX>;
@@ -463,7 +496,7 @@ __global__ void __launch_bounds__(Config<BX>::kThreads)
 
 // dq for one chunk of N, and that chunk's dS, dz partials -> dstate (one slot per block).
 template <typename T, int BX>
-__global__ void __launch_bounds__(Config<BX>::kThreads)
+__global__ void __launch_bounds__(Config<BX>::kThreads, Config<BX>::kMinBlocksDq)
     bwd_dq_kernel(const Operand<T> dq, float* dstate, const Operand<const T> g, const Operand<const T> q,
                   const float* state, float eps, const Sizes sz) {
   using C = Config<BX>;
@@ -555,7 +588,7 @@ __global__ void __launch_bounds__(Config<BX>::kThreads)
 
 // dk_m = k_m > 0 ? dS v_m + dz : 0 and dv_m = kr_m dS for one chunk of N.
 template <typename T, int BX>
-__global__ void __launch_bounds__(Config<BX>::kThreads)
+__global__ void __launch_bounds__(Config<BX>::kThreads, Config<BX>::kMinBlocks)
     bwd_dkv_kernel(const Operand<T> dk, const Operand<T> dv, const Operand<const T> k,
                    const Operand<const T> v, const float* dstate, const Sizes sz) {
   using C = Config<BX>;

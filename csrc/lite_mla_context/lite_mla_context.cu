@@ -7,8 +7,8 @@
 //   S = sum_n relu(k_n)^T v_n,  z = sum_n relu(k_n),  out_n = relu(q_n) S / (relu(q_n) . z + eps)
 // The aggregated tensor never reaches memory: per scale,
 //   state_kernel  grid (B*heads, chunks of spatial tiles): recomputes k, v tile by tile
-//                 (aggregate_tile.cuh) and reduces the chunk's S, z in registers -> fp32
-//                 partials, one slot per block
+//                 (aggregate_tile.cuh) and reduces the chunk's S, z (in registers over a
+//                 tile, in its slot between tiles) -> fp32 partials, one slot per block
 //   out_kernel    same grid: sums the partials of its (b, h) in a fixed order (so results
 //                 are deterministic), recomputes q tile by tile and writes out
 // The heads over qkv itself (out[:, :heads*dim]) are not written here: the op's Python
@@ -32,9 +32,10 @@ namespace {
 
 using namespace aggregate;
 
-// S (D x D, [d][e]) and z (D) of one chunk of tiles of head (b, h) -> parts slot (bh, chunk).
+// S (D x D, [d][e]) and z (D) of one chunk of tiles of head (b, h) -> parts slot (bh, chunk),
+// where the running sums also wait between tiles (see gram_load).
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     state_kernel(float* parts, const Map<const T> x, const T* wd, const T* bd, const T* wp, const T* bp, int k,
                  int heads, const Geometry g) {
   extern __shared__ float4 smem4[];
@@ -45,32 +46,37 @@ __global__ void __launch_bounds__(kThreads)
   const int D = g.D;
   const int b = blockIdx.x / heads, h = blockIdx.x % heads;
   const int ck = (3 * h + 1) * D, cv = ck + D;
-  GramAcc s;
-  float z[kGram];
-  gram_zero(s, z);
+  float* part = parts + (static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (D * D + D);
   int first, last;
-  chunk_tiles(g, first, last);
+  chunk_tiles(g, first, last);  // never empty (num_splits): every part gets written
   for (int t = first; t < last; ++t) {
     int h0, w0;
     tile_origin(g, t, h0, w0);
-    aggregate_tile<T, K, true>(ks, halo, x, b, ck, h0, w0, g, wd, bd, wp, bp, k, nullptr);
-    aggregate_tile<T, K, false>(vs, halo, x, b, cv, h0, w0, g, wd, bd, wp, bp, k, nullptr);
+    aggregate_tile<T, K, true>(ks, halo, x, b, ck, h0, w0, g, wd, bd, wp, bp, k, Map<T>{});
+    aggregate_tile<T, K, false>(vs, halo, x, b, cv, h0, w0, g, wd, bd, wp, bp, k, Map<T>{});
+    GramAcc s;
+    float z[kGram];
+    if (t == first) {
+      gram_zero(s, z);
+    } else {
+      gram_load(s, z, part, D);
+    }
     gram(s, z, ks, vs, D);  // positions outside the image are zero in both tiles
+    gram_store(s, z, part, D);
   }
-  gram_store(s, z, parts + (static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (D * D + D), D);
 }
 
 // out (this scale's heads*D channels) of one chunk of tiles of head (b, h), from the
 // partial S, z of all `splits` chunks of (b, h).
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     out_kernel(const Map<T> out, const float* parts, int splits, float eps, const Map<const T> x, const T* wd,
                const T* bd, const T* wp, const T* bp, int k, int heads, const Geometry g) {
   extern __shared__ float4 smem4[];
   const int D = g.D;
   float* halo = reinterpret_cast<float*>(smem4);
-  float* qs = halo + Halo<K>::kFloats;  // relu(q) tile [p][d], then out tile [p][e]
-  float* st = qs + tile_floats(D);      // S^T [e][d], leading dimension D + 1
+  float* qs = halo + Halo<K>::kFloats;  // relu(q) tile [p][d], then relu(q) S [p][e]
+  float* st = qs + tile_floats(D);      // S [d][e], leading dimension D + 1
   float* z = st + D * (D + 1);          // [d]
   float* den = z + D;                   // [p]
 
@@ -80,39 +86,42 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0.f;
     for (int s = 0; s < splits; ++s) sum += src[static_cast<int64_t>(s) * (D * D + D) + i];
     if (i < D * D) {
-      st[(i % D) * (D + 1) + i / D] = sum;
+      st[(i / D) * (D + 1) + i % D] = sum;
     } else {
       z[i - D * D] = sum;
     }
   }
-  // (aggregate_tile begins with a barrier: st and z are complete before their first use)
+  // (aggregate_tile begins with a barrier: st and z are complete before their first use;
+  // den is written after it, and read after the barriers that follow)
 
   int first, last;
   chunk_tiles(g, first, last);
   for (int t = first; t < last; ++t) {
     int h0, w0;
     tile_origin(g, t, h0, w0);
-    aggregate_tile<T, K, true>(qs, halo, x, b, 3 * h * D, h0, w0, g, wd, bd, wp, bp, k, nullptr);
+    aggregate_tile<T, K, true>(qs, halo, x, b, 3 * h * D, h0, w0, g, wd, bd, wp, bp, k, Map<T>{});
+    const int Dq = opaque(D);  // (see opaque)
     for (int p = threadIdx.x; p < kTileP; p += kThreads) {
       float dot = 0.f;
-      for (int d = 0; d < D; ++d) dot = fmaf(qs[p * (D + 1) + d], z[d], dot);
+      for (int d = 0; d < Dq; ++d) dot = fmaf(qs[p * (Dq + 1) + d], z[d], dot);
       den[p] = dot + eps;
     }
     PwAcc acc;
-    pointwise(acc, qs, D, [&](int e, int d) { return st[e * (D + 1) + d]; });
-    __syncthreads();  // den, and everyone is done reading qs: it becomes the out tile
+    pointwise_zero(acc);
+    pointwise_rows(acc, qs, Dq, 0, Dq, st, Dq + 1);  // (e, d) -> S[d][e]
+    __syncthreads();  // den, and everyone is done reading qs: it becomes the relu(q) S tile
+    const int Do = opaque(D), cols = pw_cols(Do);
 #pragma unroll
     for (int pp = 0; pp < kPwRows; ++pp) {
-      const int p = pw_row(pp);
-      const float dn = den[p];
 #pragma unroll
       for (int i = 0; i < kPwCols; ++i) {
-        const int e = pw_col(i);
-        if (e < D) qs[p * (D + 1) + e] = acc[pp][i] / dn;
+        if (i < cols) qs[pw_row(pp) * (Do + 1) + pw_col(i)] = acc[pp][i];
       }
     }
     __syncthreads();
-    store_tile(out, b, h * D, h0, w0, g, qs);
+    // out = relu(q) S / den, divided in the store: the IEEE division has a slow-path call,
+    // which costs registers where the 64 accumulators are live, and few there
+    store_tile(out, b, h * D, h0, w0, g, qs, den);
   }
 }
 

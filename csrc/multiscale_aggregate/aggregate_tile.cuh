@@ -8,10 +8,19 @@
 //                   halo is staged in shared memory (fp32) kChunkC channels at a time, and
 //                   each thread slides a register window along 8 positions of one row
 //   pointwise       the group's (D x D) pointwise product on the fp32 tile, register-tiled
-//                   (4 positions x up to 16 channels per thread), matrix read through a
-//                   warp-uniform accessor (global Wp, L1-resident, or a shared matrix)
+//                   (4 positions x up to 16 channels per thread), the matrix read from shared
+//                   memory as [j][c] rows (a global Wp is staged there, in the halo buffer the
+//                   conv no longer needs, as many rows at a time as fit)
 //   gram            sum over the tile's positions of a(p, d) b(p, e) into per-thread
-//                   registers (up to 8 x 8), for S = kr^T v and the pointwise weight gradient
+//                   registers (up to 8 x 8), for S = kr^T v and the pointwise weight gradient;
+//                   a sum over several tiles waits in its global slot (gram_store / gram_load)
+//                   while the next tiles are built, so that it costs no registers there
+//
+// Registers: the kernels run two blocks per SM (kMinBlocks; 16 warps of 64), so they must
+// fit 128 registers per thread without spilling. The pointwise accumulators (64 floats)
+// and the gram sums (72) are the largest live sets, and little else may be live beside
+// them: gram sums wait in memory between tiles, conv taps are loaded a row at a time,
+// and each phase computes its own indices and addresses (opaque).
 // Tiles in shared memory are [position][channel] fp32 with an odd leading dimension
 // D + 1, so both the position-strided reads of the products and the channel-strided
 // reads of the layout-following stores are free of bank conflicts.
@@ -43,6 +52,7 @@ constexpr int kTileP = kTileH * kTileW;  // positions per tile; the pointwise ma
 constexpr int kChunkC = 16;              // channels per halo chunk: 16 x 8 rows x 2 halves = kThreads
 constexpr int kRun = 8;                  // consecutive positions of a row per thread in the conv
 static_assert(kTileP == 128 && kChunkC * kTileH * (kTileW / kRun) == kThreads, "thread maps");
+constexpr int kMinBlocks = 2;  // blocks per SM the kernels' registers must allow (__launch_bounds__)
 
 // A (B, C, H, W) feature map addressed through element strides.
 template <typename T>
@@ -75,6 +85,17 @@ struct Geometry {
   int tiles_w, num_tiles, tiles_per_block;
 };
 
+// g's sizes through opaque() (common.h). Each phase of a tile (conv, pointwise, gram, loads
+// and stores) takes the sizes, and the copies the thread index, through it.
+using linattn::opaque;
+__device__ __forceinline__ Geometry opaque(const Geometry& g) {
+  Geometry o = g;
+  o.H = opaque(g.H);
+  o.W = opaque(g.W);
+  o.D = opaque(g.D);
+  return o;
+}
+
 __device__ __forceinline__ void chunk_tiles(const Geometry& g, int& first, int& last) {
   first = blockIdx.y * g.tiles_per_block;
   last = min(first + g.tiles_per_block, g.num_tiles);
@@ -106,9 +127,10 @@ __host__ __device__ __forceinline__ int tile_floats(int D) { return kTileP * (D 
 // side) into halo[c][y][x] as fp32, zero outside the image and for c >= cc.
 template <typename T, int K>
 __device__ __forceinline__ void load_halo(float* halo, const Map<const T>& x, int b, int c0, int cc, int h0,
-                                          int w0, const Geometry& g) {
+                                          int w0, const Geometry& geometry) {
   using Hl = Halo<K>;
-  for (int i = threadIdx.x; i < Hl::kFloats; i += kThreads) {
+  const Geometry g = opaque(geometry);
+  for (int i = thread_index(); i < Hl::kFloats; i += kThreads) {
     int c, y, xx;
     if (x.c_fast) {
       c = i % kChunkC;
@@ -144,9 +166,10 @@ __device__ __forceinline__ void tile_element(const Map<T>& m, int i, int channel
 // tile[p][c] = m(b, c0 + c, position p), zero outside the image.
 template <typename T>
 __device__ __forceinline__ void load_tile(float* tile, const Map<const T>& m, int b, int c0, int h0, int w0,
-                                          const Geometry& g) {
+                                          const Geometry& geometry) {
+  const Geometry g = opaque(geometry);
   const int ld = g.D + 1;
-  for (int i = threadIdx.x; i < kTileP * g.D; i += kThreads) {
+  for (int i = thread_index(); i < kTileP * g.D; i += kThreads) {
     int p, c;
     tile_element(m, i, g.D, p, c);
     const int h = h0 + p / kTileW, w = w0 + p % kTileW;
@@ -154,16 +177,23 @@ __device__ __forceinline__ void load_tile(float* tile, const Map<const T>& m, in
   }
 }
 
-// m(b, c0 + c, position p) = tile[p][c] for the positions inside the image.
+// m(b, c0 + c, position p) = tile[p][c] (divided by den[p] if den is given) for the
+// positions inside the image.
 template <typename T>
-__device__ __forceinline__ void store_tile(const Map<T>& m, int b, int c0, int h0, int w0, const Geometry& g,
-                                           const float* tile) {
+__device__ __forceinline__ void store_tile(const Map<T>& m, int b, int c0, int h0, int w0,
+                                           const Geometry& geometry, const float* tile,
+                                           const float* den = nullptr) {
+  const Geometry g = opaque(geometry);
   const int ld = g.D + 1;
-  for (int i = threadIdx.x; i < kTileP * g.D; i += kThreads) {
+  for (int i = thread_index(); i < kTileP * g.D; i += kThreads) {
     int p, c;
     tile_element(m, i, g.D, p, c);
     const int h = h0 + p / kTileW, w = w0 + p % kTileW;
-    if (h < g.H && w < g.W) m.ptr[m.offset(b, c0 + c, h, w)] = static_cast<T>(tile[p * ld + c]);
+    if (h < g.H && w < g.W) {
+      float v = tile[p * ld + c];
+      if (den != nullptr) v = v / den[p];
+      m.ptr[m.offset(b, c0 + c, h, w)] = static_cast<T>(v);
+    }
   }
 }
 
@@ -173,35 +203,40 @@ __device__ __forceinline__ void store_tile(const Map<T>& m, int b, int c0, int h
 struct ConvThread {
   int ch, row, x0;
   __device__ __forceinline__ ConvThread()
-      : ch(threadIdx.x / (kThreads / kChunkC)),
-        row((threadIdx.x / (kTileW / kRun)) % kTileH),
-        x0((threadIdx.x % (kTileW / kRun)) * kRun) {}
+      : ch(thread_index() / (kThreads / kChunkC)),
+        row((thread_index() / (kTileW / kRun)) % kTileH),
+        x0((thread_index() % (kTileW / kRun)) * kRun) {}
 };
 
-// The K x K taps of channel c from a contiguous (C, 1, k, k) weight, k <= K centred in
-// zeros; flipped (w[K-1-i][K-1-j]) for the transposed conv. Zeros when !valid.
+// Row i of the K x K taps of channel c from a contiguous (C, 1, k, k) weight, k <= K
+// centred in zeros; flipped (w[K-1-i][K-1-j]) for the transposed conv. Zeros when !valid.
 template <typename T, int K>
-__device__ __forceinline__ void load_taps(float (&w)[K][K], const T* wd, int c, int k, bool valid, bool flip) {
+__device__ __forceinline__ void load_tap_row(float (&w)[K], const T* wd, int c, int k, int i, bool valid,
+                                             bool flip) {
   const int off = (K - k) / 2;
+  const int si = (flip ? K - 1 - i : i) - off;
 #pragma unroll
-  for (int i = 0; i < K; ++i) {
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-      const int si = (flip ? K - 1 - i : i) - off, sj = (flip ? K - 1 - j : j) - off;
-      const bool inside = valid && si >= 0 && si < k && sj >= 0 && sj < k;
-      w[i][j] = inside ? static_cast<float>(wd[(static_cast<int64_t>(c) * k + si) * k + sj]) : 0.f;
-    }
+  for (int j = 0; j < K; ++j) {
+    const int sj = (flip ? K - 1 - j : j) - off;
+    const bool inside = valid && si >= 0 && si < k && sj >= 0 && sj < k;
+    w[j] = inside ? static_cast<float>(wd[(static_cast<int64_t>(c) * k + si) * k + sj]) : 0.f;
   }
 }
 
 // acc[j] += sum_{i, jj} w[i][jj] halo_c[row + i][x0 + j + jj] for the thread's kRun
-// positions: one register window of kRun + K - 1 values per conv row.
-template <int K>
-__device__ __forceinline__ void conv_run(float (&acc)[kRun], const float* halo_c, const float (&w)[K][K],
-                                         const ConvThread& t) {
+// positions, w the taps of load_tap_row(wd, c, k, i, valid, flip): one register window of
+// kRun + K - 1 values per conv row. The taps are loaded a row at a time, and at K = 9 the
+// rows are a loop: unrolled, the scheduler fetches all 81 taps ahead, which needs more
+// registers than kMinBlocks leaves.
+template <typename T, int K>
+__device__ __forceinline__ void conv_run(float (&acc)[kRun], const float* halo_c, const T* wd, int c, int k,
+                                         bool valid, bool flip, const ConvThread& t) {
   using Hl = Halo<K>;
-#pragma unroll
+  constexpr int kRowUnroll = K <= 5 ? K : 1;
+#pragma unroll kRowUnroll
   for (int i = 0; i < K; ++i) {
+    float w[K];
+    load_tap_row<T, K>(w, wd, c, k, i, valid, flip);
     float win[kRun + K - 1];
     const float* src = halo_c + (t.row + i) * Hl::kW + t.x0;
 #pragma unroll
@@ -209,20 +244,22 @@ __device__ __forceinline__ void conv_run(float (&acc)[kRun], const float* halo_c
 #pragma unroll
     for (int jj = 0; jj < K; ++jj) {
 #pragma unroll
-      for (int j = 0; j < kRun; ++j) acc[j] = fmaf(w[i][jj], win[j + jj], acc[j]);
+      for (int j = 0; j < kRun; ++j) acc[j] = fmaf(w[jj], win[j + jj], acc[j]);
     }
   }
 }
 
 // tile[p][c] = dwconv(x)[c0 + c] + bd at the tile's positions, for the group's D
 // channels starting at c0 (positions outside the image get whatever the zero padding
-// gives). When x0 is given, also copies x itself there (the identity branch of the
-// output). Begins and ends with a barrier, so the tile may be read or overwritten
-// by anyone before and after.
+// gives). When x0.ptr is set, also copies x itself there (the identity branch of the
+// output). Begins and ends with a barrier, so the tile and the halo may be read or
+// overwritten by anyone before and after. (x0 comes by value: a pointer to a kernel
+// argument would put a copy of it on the stack.)
 template <typename T, int K>
 __device__ void dwconv_tile(float* tile, float* halo, const Map<const T>& x, int b, int c0, int h0, int w0,
-                            const Geometry& g, const T* wd, const T* bd, int k, const Map<T>* x0) {
+                            const Geometry& geometry, const T* wd, const T* bd, int k, const Map<T> x0) {
   using Hl = Halo<K>;
+  const Geometry g = opaque(geometry);
   const int ld = g.D + 1;
   const ConvThread t;
   for (int cc0 = 0; cc0 < g.D; cc0 += kChunkC) {
@@ -230,26 +267,24 @@ __device__ void dwconv_tile(float* tile, float* halo, const Map<const T>& x, int
     __syncthreads();  // the previous chunk's conv is done with the halo
     load_halo<T, K>(halo, x, b, c0 + cc0, cc, h0, w0, g);
     __syncthreads();
-    if (x0 != nullptr) {
-      for (int i = threadIdx.x; i < kTileP * cc; i += kThreads) {
+    if (x0.ptr != nullptr) {
+      for (int i = thread_index(); i < kTileP * cc; i += kThreads) {
         int p, c;
-        tile_element(*x0, i, cc, p, c);
+        tile_element(x0, i, cc, p, c);
         const int r = p / kTileW, s = p % kTileW;
         if (h0 + r < g.H && w0 + s < g.W) {
-          x0->ptr[x0->offset(b, c0 + cc0 + c, h0 + r, w0 + s)] =
+          x0.ptr[x0.offset(b, c0 + cc0 + c, h0 + r, w0 + s)] =
               static_cast<T>(halo[(c * Hl::kH + r + Hl::kPad) * Hl::kW + s + Hl::kPad]);
         }
       }
     }
     if (t.ch < cc) {
       const int c = c0 + cc0 + t.ch;
-      float w[K][K];
-      load_taps<T, K>(w, wd, c, k, true, false);
       const float bias = bd != nullptr ? static_cast<float>(bd[c]) : 0.f;
       float acc[kRun];
 #pragma unroll
       for (int j = 0; j < kRun; ++j) acc[j] = bias;
-      conv_run<K>(acc, halo + t.ch * Hl::kH * Hl::kW, w, t);
+      conv_run<T, K>(acc, halo + t.ch * Hl::kH * Hl::kW, wd, c, k, true, false, t);
 #pragma unroll
       for (int j = 0; j < kRun; ++j) tile[(t.row * kTileW + t.x0 + j) * ld + cc0 + t.ch] = acc[j];
     }
@@ -267,29 +302,70 @@ using PwAcc = float[kPwRows][kPwCols];
 
 __device__ __forceinline__ int pw_row(int pp) { return threadIdx.x % 32 + 32 * pp; }
 __device__ __forceinline__ int pw_col(int i) { return threadIdx.x / 32 + (kThreads / 32) * i; }
+// How many of the thread's columns are < D: pw_col(i) < D exactly when i < pw_cols(D), a
+// test against one register (not one column index per i).
+__device__ __forceinline__ int pw_cols(int D) { return (D - pw_col(0) + kThreads / 32 - 1) / (kThreads / 32); }
 
-// acc(p, c) = sum_{j < D} m(c, j) * tile[p][j], j in a fixed order. m(c, j) is called
-// with c uniform across each warp, so a global matrix is a broadcast load.
-template <typename M>
-__device__ __forceinline__ void pointwise(PwAcc& acc, const float* tile, int D, M m) {
-  const int ld = D + 1;
+__device__ __forceinline__ void pointwise_zero(PwAcc& acc) {
 #pragma unroll
   for (int pp = 0; pp < kPwRows; ++pp)
 #pragma unroll
     for (int i = 0; i < kPwCols; ++i) acc[pp][i] = 0.f;
-  for (int j = 0; j < D; ++j) {
+}
+
+// acc(p, c) += sum_{j0 <= j < j1} m[(j - j0) * ldm + c] * tile[p][j], j increasing, with m
+// a shared [j][c] matrix. c is uniform across each warp (m is a broadcast load), and the
+// thread's columns are fixed offsets from one row pointer: no address registers per column.
+__device__ __forceinline__ void pointwise_rows(PwAcc& acc, const float* tile, int D, int j0, int j1,
+                                               const float* m, int ldm) {
+  const int ld = D + 1;
+  const int cols = pw_cols(D);
+  const float* mrow = m + pw_col(0);
+  for (int j = j0; j < j1; ++j, mrow += ldm) {
     float a[kPwRows];
 #pragma unroll
     for (int pp = 0; pp < kPwRows; ++pp) a[pp] = tile[pw_row(pp) * ld + j];
 #pragma unroll
     for (int i = 0; i < kPwCols; ++i) {
-      const int c = pw_col(i);
-      if (c < D) {
-        const float mv = m(c, j);
+      if (i < cols) {
+        const float mv = mrow[pw_col(i) - pw_col(0)];
 #pragma unroll
         for (int pp = 0; pp < kPwRows; ++pp) acc[pp][i] = fmaf(mv, a[pp], acc[pp][i]);
       }
     }
+  }
+}
+
+// acc(p, c) = sum_{j < D} W(c, j) * tile[p][j], j increasing, for a (D x D) matrix W in
+// global memory: w[c * D + j], or w[j * D + c] when TRANSPOSED. W is staged as fp32 [j][c]
+// rows in `scratch` (scratch_floats of shared memory that nobody else uses until the
+// caller's next barrier), as many rows at a time as fit; every thread must call it.
+template <bool TRANSPOSED, typename T>
+__device__ __forceinline__ void pointwise(PwAcc& acc, const float* tile, int group, const T* w, float* scratch,
+                                          int scratch_floats) {
+  const int D = opaque(group);
+  const int ldm = D + 1;  // odd: the transposing writes are free of bank conflicts
+  const int rows = min(D, scratch_floats / ldm);
+  pointwise_zero(acc);
+  for (int j0 = 0; j0 < D; j0 += rows) {
+    const int n = min(rows, D - j0);
+    if (j0 > 0) __syncthreads();  // everyone is done with the previous rows
+    // a warp per row of w, its lanes along the row (coalesced); neither divisions nor
+    // unrolled loads: they would need registers here, where acc is live
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (TRANSPOSED) {
+#pragma unroll 1
+      for (int r = warp; r < n; r += kThreads / 32)
+#pragma unroll 1
+        for (int c = lane; c < D; c += 32) scratch[r * ldm + c] = static_cast<float>(w[(j0 + r) * D + c]);
+    } else {
+#pragma unroll 1
+      for (int c = warp; c < D; c += kThreads / 32)
+#pragma unroll 1
+        for (int r = lane; r < n; r += 32) scratch[r * ldm + c] = static_cast<float>(w[c * D + j0 + r]);
+    }
+    __syncthreads();
+    pointwise_rows(acc, tile, D, j0, j0 + n, scratch, ldm);
   }
 }
 
@@ -299,17 +375,22 @@ using GramAcc = float[kGram][kGram];
 
 __device__ __forceinline__ int gram_row(int i) { return threadIdx.x % 16 + 16 * i; }
 __device__ __forceinline__ int gram_col(int j) { return threadIdx.x / 16 + 16 * j; }
+// gram_row(i) < D exactly when i < gram_rows(D), gram_col(j) < D when j < gram_cols(D)
+// (see pw_cols).
+__device__ __forceinline__ int gram_rows(int D) { return (D - gram_row(0) + 15) / 16; }
+__device__ __forceinline__ int gram_cols(int D) { return (D - gram_col(0) + 15) / 16; }
 
 // r(d, e) += sum_p a[p][d] * b[p][e] and col(d) += sum_p a[p][d] over the tile's
 // positions in order (every thread sums col for its rows; callers keep one column's).
-__device__ __forceinline__ void gram(GramAcc& r, float (&col)[kGram], const float* a, const float* b, int D) {
-  const int ld = D + 1;
+__device__ __forceinline__ void gram(GramAcc& r, float (&col)[kGram], const float* a, const float* b, int group) {
+  const int D = opaque(group);
+  const int ld = D + 1, rows = gram_rows(D), cols = gram_cols(D);
   for (int p = 0; p < kTileP; ++p) {
     float av[kGram], bv[kGram];
 #pragma unroll
     for (int i = 0; i < kGram; ++i) {
-      av[i] = gram_row(i) < D ? a[p * ld + gram_row(i)] : 0.f;
-      bv[i] = gram_col(i) < D ? b[p * ld + gram_col(i)] : 0.f;
+      av[i] = i < rows ? a[p * ld + gram_row(i)] : 0.f;
+      bv[i] = i < cols ? b[p * ld + gram_col(i)] : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < kGram; ++i) {
@@ -332,18 +413,37 @@ __device__ __forceinline__ void gram_zero(GramAcc& r, float (&col)[kGram]) {
   }
 }
 
-// dst[d * D + e] = r(d, e), dst[D * D + d] = col(d).
-__device__ __forceinline__ void gram_store(const GramAcc& r, const float (&col)[kGram], float* dst, int D) {
+// dst[d * D + e] = r(d, e), dst[D * D + d] = col(d) (from the threads whose gram_col(0) is 0).
+__device__ __forceinline__ void gram_store(const GramAcc& r, const float (&col)[kGram], float* dst, int group) {
+  const int D = opaque(group);
+  const int rows = gram_rows(D), cols = gram_cols(D);
 #pragma unroll
   for (int i = 0; i < kGram; ++i) {
     const int d = gram_row(i);
-    if (d >= D) continue;
+    if (i >= rows) continue;
 #pragma unroll
     for (int j = 0; j < kGram; ++j) {
-      const int e = gram_col(j);
-      if (e < D) dst[d * D + e] = r[i][j];
+      if (j < cols) dst[d * D + gram_col(j)] = r[i][j];
     }
     if (gram_col(0) == 0) dst[D * D + d] = col[i];
+  }
+}
+
+// r, col back from what this thread's gram_store wrote to src; what it did not write
+// (past D, and col where gram_col(0) != 0) is zero, and no gram_store reads it back.
+__device__ __forceinline__ void gram_load(GramAcc& r, float (&col)[kGram], const float* src, int group) {
+  const int D = opaque(group);
+  const int rows = gram_rows(D), cols = gram_cols(D);
+  gram_zero(r, col);
+#pragma unroll
+  for (int i = 0; i < kGram; ++i) {
+    const int d = gram_row(i);
+    if (i >= rows) continue;
+#pragma unroll
+    for (int j = 0; j < kGram; ++j) {
+      if (j < cols) r[i][j] = src[d * D + gram_col(j)];
+    }
+    if (gram_col(0) == 0) col[i] = src[D * D + d];
   }
 }
 
@@ -352,24 +452,30 @@ __device__ __forceinline__ void gram_store(const GramAcc& r, const float (&col)[
 template <typename T, int K, bool RELU>
 __device__ void aggregate_tile(float* tile, float* halo, const Map<const T>& x, int b, int c0, int h0, int w0,
                                const Geometry& g, const T* wd, const T* bd, const T* wp, const T* bp, int k,
-                               const Map<T>* x0) {
-  dwconv_tile<T, K>(tile, halo, x, b, c0, h0, w0, g, wd, bd, k, x0);
-  const int D = g.D;
-  const T* wp_g = wp + static_cast<int64_t>(c0) * D;
+                               const Map<T> x0) {
+  dwconv_tile<T, K>(tile, halo, x, b, c0, h0, w0, g, wd, bd, k, x0);  // ends with a barrier: halo is free
   PwAcc acc;
-  pointwise(acc, tile, D, [&](int c, int j) { return static_cast<float>(wp_g[c * D + j]); });
-  __syncthreads();  // everyone is done reading the conv tile: it becomes the output tile
+  pointwise<false>(acc, tile, g.D, wp + static_cast<int64_t>(c0) * g.D, halo, Halo<K>::kFloats);
+  __syncthreads();  // everyone is done reading the conv tile and halo: the conv tile becomes the output tile
+  const Geometry gt = opaque(g);
+  const int ld = gt.D + 1, cols = pw_cols(gt.D);
+  bool inside[kPwRows];
 #pragma unroll
   for (int pp = 0; pp < kPwRows; ++pp) {
     const int p = pw_row(pp);
-    const bool inside = h0 + p / kTileW < g.H && w0 + p % kTileW < g.W;
+    inside[pp] = h0 + p / kTileW < gt.H && w0 + p % kTileW < gt.W;
+  }
+  // column by column: one bias value live at a time
 #pragma unroll
-    for (int i = 0; i < kPwCols; ++i) {
+  for (int i = 0; i < kPwCols; ++i) {
+    if (i < cols) {
       const int c = pw_col(i);
-      if (c < D) {
-        float y = acc[pp][i] + (bp != nullptr ? static_cast<float>(bp[c0 + c]) : 0.f);
+      const float bias = bp != nullptr ? static_cast<float>(bp[c0 + c]) : 0.f;
+#pragma unroll
+      for (int pp = 0; pp < kPwRows; ++pp) {
+        float y = acc[pp][i] + bias;
         if (RELU) y = relu(y);
-        tile[p * (D + 1) + c] = inside ? y : 0.f;
+        tile[pw_row(pp) * ld + c] = inside[pp] ? y : 0.f;
       }
     }
   }

@@ -45,7 +45,7 @@ using namespace aggregate;
 // y (this scale's slice of out) for one (batch, group) and chunk of tiles; x0 (out's first
 // slice) gets x when x0.ptr is set.
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     fwd_kernel(const Map<T> y, const Map<T> x0, const Map<const T> x, const T* wd, const T* bd, const T* wp,
                const T* bp, int k, int groups, const Geometry g) {
   extern __shared__ float4 smem4[];
@@ -58,16 +58,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = first; t < last; ++t) {
     int h0, w0;
     tile_origin(g, t, h0, w0);
-    aggregate_tile<T, K, false>(tile, halo, x, b, c0, h0, w0, g, wd, bd, wp, bp, k,
-                                x0.ptr != nullptr ? &x0 : nullptr);
+    aggregate_tile<T, K, false>(tile, halo, x, b, c0, h0, w0, g, wd, bd, wp, bp, k, x0);
     store_tile(y, b, c0, h0, w0, g, tile);
   }
 }
 
 // dt = Wp^T dy of one (batch, group) and chunk of tiles into dt_out (fp32 (B, C, H, W)
-// contiguous), and the chunk's partial [dWp (D x D, [c][j]) | dbp (D)] into parts.
+// contiguous), and the chunk's partial [dWp (D x D, [c][j]) | dbp (D)] into parts (where
+// it also waits between tiles: see gram_load).
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     bwd_dt_kernel(float* dt_out, float* parts, const Map<const T> dy, const Map<const T> x, const T* wd,
                   const T* bd, const T* wp, int k, int groups, const Geometry g) {
   extern __shared__ float4 smem4[];
@@ -78,42 +78,54 @@ __global__ void __launch_bounds__(kThreads)
   const int D = g.D;
   const int b = blockIdx.x / groups, c0 = (blockIdx.x % groups) * D;
   const T* wp_g = wp + static_cast<int64_t>(c0) * D;
-  const int64_t HW = static_cast<int64_t>(g.H) * g.W;
-  float* dt_g = dt_out + (static_cast<int64_t>(b) * groups * D + c0) * HW;
-  GramAcc dwp;
-  float dbp[kGram];
-  gram_zero(dwp, dbp);
+  float* part = parts + (static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (D * D + D);
   int first, last;
-  chunk_tiles(g, first, last);
+  chunk_tiles(g, first, last);  // never empty (num_splits): every part gets written
   for (int t = first; t < last; ++t) {
     int h0, w0;
     tile_origin(g, t, h0, w0);
     load_tile(dys, dy, b, c0, h0, w0, g);  // zero outside the image: those positions add nothing
-    dwconv_tile<T, K>(ts, halo, x, b, c0, h0, w0, g, wd, bd, k, nullptr);  // its barriers cover dys too
-    gram(dwp, dbp, dys, ts, D);
+    // its barriers cover dys too; it ends with one: halo is free for pointwise's weights
+    dwconv_tile<T, K>(ts, halo, x, b, c0, h0, w0, g, wd, bd, k, Map<T>{});
+    {
+      GramAcc dwp;
+      float dbp[kGram];
+      if (t == first) {
+        gram_zero(dwp, dbp);
+      } else {
+        gram_load(dwp, dbp, part, D);
+      }
+      gram(dwp, dbp, dys, ts, D);
+      gram_store(dwp, dbp, part, D);
+    }
     PwAcc acc;
-    pointwise(acc, dys, D, [&](int j, int c) { return static_cast<float>(wp_g[c * D + j]); });
+    pointwise<true>(acc, dys, D, wp_g, halo, Halo<K>::kFloats);
+    const Geometry gt = opaque(g);  // (see opaque)
+    const int64_t HW = static_cast<int64_t>(gt.H) * gt.W;
+    const int cols = pw_cols(gt.D);
 #pragma unroll
     for (int pp = 0; pp < kPwRows; ++pp) {
       const int p = pw_row(pp);
       const int h = h0 + p / kTileW, w = w0 + p % kTileW;
-      if (h >= g.H || w >= g.W) continue;
+      if (h >= gt.H || w >= gt.W) continue;
+      // dt(b, c0 + j, h, w), j = pw_col(i): one pointer stepped by the channel stride
+      float* dst = dt_out + (static_cast<int64_t>(b) * groups * gt.D + c0 + pw_col(0)) * HW +
+                   static_cast<int64_t>(h) * gt.W + w;
+      const int64_t step = (pw_col(1) - pw_col(0)) * HW;
 #pragma unroll
-      for (int i = 0; i < kPwCols; ++i) {
-        const int j = pw_col(i);
-        if (j < D) dt_g[j * HW + static_cast<int64_t>(h) * g.W + w] = acc[pp][i];
+      for (int i = 0; i < kPwCols; ++i, dst += step) {
+        if (i < cols) *dst = acc[pp][i];
       }
     }
-    __syncthreads();  // the next tile overwrites dys and ts
+    __syncthreads();  // the next tile overwrites dys, ts and halo
   }
-  gram_store(dwp, dbp, parts + (static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (D * D + D), D);
 }
 
 // dx = base + dwconv^T(dt) for one (batch, group) and chunk of tiles, and the chunk's
 // partial [dWd (D x k*k) | dbd (D)] into parts. base is g0 (grad_out[:, :C]) for the
 // first scale, else dx_acc; the result goes to dx_out for the last scale, else dx_acc.
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     bwd_dx_kernel(const Map<T> dx_out, float* dx_acc, float* parts, const Map<const T> g0,
                   const Map<const float> dt, const Map<const T> x, const T* wd, int k, bool first_scale,
                   bool last_scale, int groups, const Geometry g) {
@@ -147,12 +159,10 @@ __global__ void __launch_bounds__(kThreads)
       const float* xh_c = xh + ct.ch * Hl::kH * Hl::kW;
 
       // dwconv^T(dt) at the thread's positions: the conv of dt with the flipped taps
-      float w[K][K];
-      load_taps<T, K>(w, wd, valid ? c : 0, k, valid, true);
       float acc[kRun];
 #pragma unroll
       for (int j = 0; j < kRun; ++j) acc[j] = 0.f;
-      conv_run<K>(acc, dth_c, w, ct);
+      conv_run<T, K>(acc, dth_c, wd, valid ? c : 0, k, valid, true, ct);
       const int h = h0 + ct.row;
       if (valid && h < g.H) {
         const int64_t row_acc = (static_cast<int64_t>(b) * groups * D + c) * HW + static_cast<int64_t>(h) * g.W;
