@@ -366,25 +366,29 @@ def _width(opcode: str) -> int:
     return max(bits) if bits else 32
 
 
+def _by_arch(listing: str):
+    """(arch, line) over a cuobjdump listing, whose ELF sections each start with an 'arch = sm_XX' line."""
+    arch = ""
+    for line in listing.splitlines():
+        if m := re.search(r"arch = (sm_\d+a?)", line):
+            arch = m.group(1)
+        else:
+            yield arch, line
+
+
 def read_cubins(path: str) -> dict[str, dict]:
     """Per kernel in a cubin, or in each arch's cubin of a fatbin (.so): registers, stack, local memory,
     static shared memory and what the SASS does (keys 'arch:name')."""
     res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
     sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
     kernels: dict[str, dict] = {}
-    arch = ""
-    for line in res.splitlines():
-        if m := re.search(r"arch = (sm_\d+a?)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function (\S+):", line):
+    for arch, line in _by_arch(res):
+        if m := re.match(r"\s*Function (\S+):", line):
             current = kernels.setdefault(f"{arch}:{m.group(1)}", {})
         elif m := re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line):
             current.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]))
-    arch = ""
-    for line in sass.splitlines():
-        if m := re.search(r"arch = (sm_\d+a?)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function : (\S+)", line):
+    for arch, line in _by_arch(sass):
+        if m := re.match(r"\s*Function : (\S+)", line):
             current = kernels.setdefault(f"{arch}:{m.group(1)}", {})
             current.update(hmma=0, hgmma=0, ldg=0, ldgsts=0, tma=0, ldl=0, stl=0)
         elif m := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*(?:\.[A-Z0-9_]+)*)", line):

@@ -35,9 +35,9 @@ def _wide_fwd_kernel(X, Y, N, BLOCK: tl.constexpr):
     """A BLOCK x BLOCK fp32 tile with live temporaries in one warp: at 64, far over 255 registers a thread."""
     offs = tl.arange(0, BLOCK)
     x = tl.load(X + offs[:, None] * BLOCK + offs[None, :])
-    a = tl.exp(x)
-    b = tl.sin(x)
-    c = tl.cos(x)
+    a = tl.exp(x)  # not sin/cos: their slow path keeps a local array, a stack frame of its own
+    b = x * x + 1.0
+    c = a * x - b
     tl.store(
         Y + offs[:, None] * BLOCK + offs[None, :],
         a * b + c * tl.sum(a, axis=0)[None, :] + tl.sum(b * c, axis=1)[:, None],
