@@ -552,7 +552,8 @@ def extension_rows(archs: Sequence[int]) -> tuple[list[Row], str | None]:
             rows.append(row)
             continue
         for mangled, stats in sorted(mine.items()):
-            row = Row(_demangle(mangled), "", cc, regs=stats.get("regs", 0), spill=stats.get("stack", 0))
+            name, bracket, targs = _demangle(mangled).partition("<")  # a row per kernel, its instances as configs
+            row = Row(name, bracket + targs, cc, regs=stats.get("regs", 0), spill=stats.get("stack", 0))
             row.local_ops = stats.get("ldl", 0) + stats.get("stl", 0)
             row.shared = stats.get("static_shared", 0)
             row.hmma, row.hgmma, row.ldg, row.ldgsts = (stats.get(k, 0) for k in ("hmma", "hgmma", "ldg", "ldgsts"))
@@ -561,11 +562,12 @@ def extension_rows(archs: Sequence[int]) -> tuple[list[Row], str | None]:
 
 
 def _demangle(name: str) -> str:
+    """A csrc kernel's C++ name without its parameter list (`multiscale_aggregate::fwd_kernel<float, 5>`)."""
     try:
-        out = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(["c++filt", "-p", name], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return name
-    return out.split("(")[0] if "(" in out else out
+    return out.removeprefix("void ").replace("(anonymous namespace)::", "").replace("linattn::", "")
 
 
 # --- the report ---
