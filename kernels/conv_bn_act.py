@@ -384,33 +384,41 @@ def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     return Ho, Wo, weight.shape[1] == 1 and groups > 1
 
 
-def conv_config(
-    dev: Device, rows: int, cols: int, red: int, depthwise: bool, low_precision: bool, wide: bool = True
-) -> dict:
-    """Tiles and launch options of the implicit-GEMM kernels (fwd, dz, dx) for rows positions, cols channels
-    per group and red reduction channels: a deterministic heuristic. The interpreter runs programs one by
-    one, each op vectorised, so on CPU the tiles are large and few.
+# the largest tile (rows, columns) of each implicit-GEMM kernel, (tensor-core products, full fp32 products), from
+# the compile gate (python -m linattn audit) under triton 3.6 and 3.8: beyond these a configuration spills. What
+# else is live beside the accumulator sets them: the pixel-shuffle store's indices, dz's output-gradient tile, dx's
+# index math; full fp32 products keep both operands in registers beside 64-bit address tiles
+MAX_TILES = {
+    "fwd": ((128, 128), (64, 64)),
+    "shuffle": ((128, 64), (64, 64)),
+    "dz": ((128, 32), (64, 32)),
+    "dx": ((128, 64), (64, 32)),
+}
 
-    On a GPU the tiles come from the compile gate (python -m linattn audit), which found spills beyond
-    these: 128 x 128 tiles only with tensor-core (fp16/bf16) products and not in the backward kernels
-    (wide=False: dz holds the gradient tile beside the accumulator, dx its own index math), 8 warps from
-    64 x 64 or 128 rows up, no 64 x 128 tile (its row loads spill at any warp count). Full fp32 products
-    (FMA, both operands in registers, beside 64-bit address tiles) take at most 64 x 64 x 16 (64 x 32 in the
-    backward), unpipelined."""
+
+def conv_config(
+    dev: Device, rows: int, cols: int, red: int, depthwise: bool, low_precision: bool, kernel: str = "fwd"
+) -> dict:
+    """Tiles and launch options of the implicit-GEMM kernel `kernel` (a key of MAX_TILES) for rows positions,
+    cols channels per group and red reduction channels: a deterministic heuristic. The interpreter runs
+    programs one by one, each op vectorised, so on CPU the tiles are large and few. On a GPU (compile gate):
+    128-column tiles only at 128 rows (a 64 x 128 tile spills at any warp count), 8 warps from 64 x 64 or 128
+    rows up, three pipeline stages for the widest tiles and two otherwise; full fp32 products 16 channels at a
+    time, unpipelined."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
         block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=2 if dev.gpu else 1)
     if not dev.gpu:
         return dict(BLOCK_M=_pow2(rows, 16, 256), BLOCK_N=_pow2(cols, 16, 64), BLOCK_K=_pow2(red, 16, 64))
-    if not low_precision:
-        block_m, block_n = _pow2(rows, 16, 64), _pow2(cols, 16, 64 if wide else 32)
-        warps = 8 if block_m * block_n >= 64 * 64 else 4
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps, num_stages=1)
-    block_m = _pow2(rows, 16, 128)
-    block_n = _pow2(cols, 16, 128 if wide and block_m == 128 else 64)
+    max_m, max_n = MAX_TILES[kernel][0 if low_precision else 1]
+    block_m = _pow2(rows, 16, max_m)
+    block_n = _pow2(cols, 16, max_n if block_m == 128 or max_n <= 64 else 64)
     warps = 8 if block_m * block_n >= 64 * 64 or block_m >= 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(red, 16, 32), num_warps=warps, num_stages=3)
+    if not low_precision:
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps, num_stages=1)
+    stages = 3 if block_n == 128 else 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(red, 16, 32), num_warps=warps, num_stages=stages)
 
 
 def _dw_programs(cfg: dict, cout: int, cin_g: int, groups: int, depthwise: bool) -> int:
@@ -425,15 +433,16 @@ def conv_dw_config(
 ) -> dict:
     """Tiles of the weight-gradient kernel and the split of its positions into chunks: enough programs to
     fill the GPU four times over (one chunk under the interpreter). Its reduction runs over positions:
-    16 at a time and unpipelined with full fp32 products, which spill at 64 (compile gate)."""
+    with full fp32 products 16 at a time, unpipelined, into at most 64 x 32 tiles (compile gate)."""
     if depthwise:
         cfg = dict(BLOCK_N=_pow2(cout, 16, 64 if dev.gpu else 32), BLOCK_CI=1)
     else:
-        cfg = dict(BLOCK_N=_pow2(cout // groups, 16, 64), BLOCK_CI=_pow2(cin_g, 16, 64))
+        cfg = dict(BLOCK_N=_pow2(cout // groups, 16, 64), BLOCK_CI=_pow2(cin_g, 16, 64 if low_precision else 32))
     programs = _dw_programs(cfg, cout, cin_g, groups, depthwise) * taps
     split = max(1, 4 * dev.sms // programs) if dev.gpu else 1
     block_k = _pow2(positions, 16, (64 if low_precision else 16) if dev.gpu else 256)
-    warps = 8 if dev.gpu and cfg["BLOCK_N"] * cfg["BLOCK_CI"] >= 64 * 64 else 4  # 4 warps spill at 64 x 64
+    big = cfg["BLOCK_N"] * cfg["BLOCK_CI"] >= (64 * 64 if low_precision else 64 * 32)
+    warps = 8 if dev.gpu and big else 4  # 4 warps spill from there (compile gate)
     return dict(cfg, BLOCK_K=block_k, split=split, num_warps=warps, num_stages=2 if low_precision else 1)
 
 
@@ -465,8 +474,9 @@ def conv_bn_act_fwd(
     M = B * Ho * Wo
     low = x.dtype != torch.float32
     cfg = config or conv_config(
-        device_of(x), M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, low
-    )
+        device_of(x), M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, low,
+        "shuffle" if shuffle else "fwd",
+    )  # fmt: skip
     tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     bias_t, has_bias = _present(bias, weight)
@@ -507,7 +517,7 @@ def conv_bn_act_bwd(
     # 1. dz = g * post_scale * act'(z), recomputing z; per-tile partial sums of the per-channel gradients
     low = x.dtype != torch.float32
     cfg = config.get("dz") or conv_config(
-        dev, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, low, wide=False
+        dev, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, low, "dz"
     )
     tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
@@ -523,7 +533,7 @@ def conv_bn_act_bwd(
 
     # 2. dx: the transposed conv, rows are input positions, columns the group's input channels
     Mx = B * H * W
-    cfg = config.get("dx") or conv_config(dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise, low, wide=False)
+    cfg = config.get("dx") or conv_config(dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise, low, "dx")
     tiles_n = triton.cdiv(cin_g, cfg["BLOCK_N"])
     grid = (triton.cdiv(Mx, cfg["BLOCK_M"]), triton.cdiv(Cin, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ._backend import BACKENDS, get_backend, set_backend
 from .nn._cache import EvalConstants
-from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, fold_sources
+from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold_sources
 from .nn.lite_mla import LiteMLA
 from .ops.conv_bn_act import upsample_block
 
@@ -186,7 +186,8 @@ class FusedUpsampleBlock(EvalConstants):
         return f"act={self.act!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        w, b, bn = self.linear.weight.flatten(1), self.linear.bias, self.norm
+        w, b = cast_to(getattr(x, "dtype", None), self.linear.weight.flatten(1), self.linear.bias)
+        bn = self.norm
         if bn is not None and not self.training and bn.running_mean is not None:
             scale, shift = self.eval_constants(fold_sources(None, bn), lambda: _shuffled_affine(bn), (bn.eps,))
             return upsample_block(x, w, b, scale, shift, self.act)
@@ -212,7 +213,21 @@ class FusedResidualBlock(nn.Module):
         y = x
         for layer in layers:
             y = layer(y)
+        if _wider_than_autocast(x):
+            # eager's main(x) + x promotes to x's dtype, where the fused add would give the autocast dtype
+            return last(y) + x
         return last(y, residual=x)
+
+
+def _wider_than_autocast(x: Tensor) -> bool:
+    """Whether autocast is on for x's device and x is a floating tensor wider than its dtype."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.device.type not in ("cpu", "cuda"):
+        return False  # autocast has no state for other devices (meta: the compile gate's trace)
+    if not torch.is_autocast_enabled(x.device.type):
+        return False
+    return torch.promote_types(x.dtype, torch.get_autocast_dtype(x.device.type)) != torch.get_autocast_dtype(
+        x.device.type
+    )
 
 
 # --- recognisers: each returns (new module, detail) or raises _Skip(reason); None = not this pattern ---

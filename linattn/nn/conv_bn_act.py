@@ -16,6 +16,7 @@ everything differentiable. Submodules are named `conv` and `norm` as in
 EfficientViT's ConvLayer, so its state_dict keys load unchanged.
 """
 
+import torch
 from torch import Tensor, nn
 
 from .. import reference
@@ -69,6 +70,15 @@ def fold_sources(conv: nn.Module | None, bn: nn.Module) -> list[Tensor | None]:
     """
     conv_params = [] if conv is None else [conv.weight, conv.bias]
     return conv_params + [bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.weight, bn.bias]
+
+
+def cast_to(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors in `dtype` (None stays None): folded or conv weights follow the activation's dtype, so an
+    fp32 block fed bf16 activations (autocast, or mixed dtypes between blocks) runs in bf16, not a TypeError.
+    Floating activations only (dtype None or not floating: unchanged, for the op to reject)."""
+    if dtype is None or not dtype.is_floating_point:
+        return tensors
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -151,17 +161,23 @@ class ConvBNAct(EvalConstants):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         conv, bn, act = self.conv, self.norm, self.act
         geometry = (conv.stride, self.padding, conv.dilation, conv.groups)
+        # the conv's weight and bias follow the activation's dtype (mixed dtypes between blocks)
+        dtype = getattr(x, "dtype", None)
         if bn is None:
-            return conv_bn_act(x, conv.weight, conv.bias, *geometry, act=act, residual=residual)
+            return conv_bn_act(x, *cast_to(dtype, conv.weight, conv.bias), *geometry, act=act, residual=residual)
         if not self.training and bn.running_mean is not None:  # eval: BN is a fixed affine, fused
             if self.order == "conv_bn_act":
-                weight, bias = self.eval_constants(fold_sources(conv, bn), lambda: fold_bn(conv, bn), (bn.eps,))
+                weight, bias = self.eval_constants(
+                    fold_sources(conv, bn), lambda: cast_to(dtype, *fold_bn(conv, bn)), (bn.eps, dtype)
+                )
                 return conv_bn_act(x, weight, bias, *geometry, act=act, residual=residual)
             scale, shift = self.eval_constants(fold_sources(None, bn), lambda: bn_affine(bn), (bn.eps,))
-            return conv_bn_act(x, conv.weight, conv.bias, *geometry, act, scale, shift, residual)
+            weight, bias = cast_to(dtype, conv.weight, conv.bias)
+            return conv_bn_act(x, weight, bias, *geometry, act, scale, shift, residual)
         # train (or BN without running statistics): batch statistics, running statistics updated
+        weight, bias = cast_to(dtype, conv.weight, conv.bias)
         if self.order == "conv_bn_act":
-            y = reference.activation(bn(conv_bn_act(x, conv.weight, conv.bias, *geometry)), act)
+            y = reference.activation(bn(conv_bn_act(x, weight, bias, *geometry)), act)
         else:
-            y = bn(conv_bn_act(x, conv.weight, conv.bias, *geometry, act=act))
+            y = bn(conv_bn_act(x, weight, bias, *geometry, act=act))
         return y if residual is None else y + residual

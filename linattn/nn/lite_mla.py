@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import reference
 from ..ops import fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
 from ._cache import EvalConstants
-from .conv_bn_act import fold_sources
+from .conv_bn_act import cast_to, fold_sources
 
 __all__ = ["LiteMLA"]
 
@@ -85,13 +85,18 @@ class _ConvLayer(EvalConstants):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, norm = self.conv, self.norm
-        if norm is not None and not self.training and _foldable(norm):
-            weight, bias = self.eval_constants(fold_sources(conv, norm), lambda: fold_bn(conv, norm), (norm.eps,))
-            x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        # the conv's (folded) weights follow the activation's dtype, as ConvBNAct's (mixed dtypes between blocks)
+        dtype = getattr(x, "dtype", None)
+        fold = norm is not None and not self.training and _foldable(norm)
+        if fold:
+            weight, bias = self.eval_constants(
+                fold_sources(conv, norm), lambda: cast_to(dtype, *fold_bn(conv, norm)), (norm.eps, dtype)
+            )
         else:
-            x = conv(x)
-            if norm is not None:
-                x = norm(x)
+            weight, bias = cast_to(dtype, conv.weight, conv.bias)
+        x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if norm is not None and not fold:
+            x = norm(x)
         if self.act is not None:
             x = self.act(x)
         return x

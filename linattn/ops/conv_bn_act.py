@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
+from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, require_tensors
 
 OP = "conv_bn_act"
@@ -424,3 +425,8 @@ def upsample_block(
     if not isinstance(act, str):
         fail(UPSAMPLE, "act", f"must be a string, one of {ACTIVATIONS}, got {type(act).__name__}", TypeError)
     return torch.ops.linattn.upsample_block(x, weight, bias, post_scale, post_shift, act)
+
+
+register_autocast("conv_bn_act", "lower", ("x", "weight", "bias", "residual"))
+register_autocast("upsample_block", "lower", ("x", "weight", "bias"))
+register_autocast("conv_bn_act_backward", "none")

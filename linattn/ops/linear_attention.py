@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
+from ._autocast import register_autocast
 from ._common import as_int, check_eps, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
 
 MAX_HEAD_DIM = 128  # both kernel backends keep a (D, E) state tile on chip
@@ -198,3 +199,9 @@ def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
     op = "lite_mla_attention"
     require_tensors(op, qkv=qkv)
     return torch.ops.linattn.lite_mla_attention(qkv, as_int(op, "dim", dim), check_eps(op, eps))
+
+
+register_autocast("relu_linear_attention", "promote", ("q", "k", "v"))
+register_autocast("lite_mla_attention", "none")
+register_autocast("relu_linear_attention_backward", "none")
+register_autocast("lite_mla_attention_backward", "none")

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
+from ._autocast import register_autocast
 from ._common import as_int, check_eps, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 from .linear_attention import attention_fwd
 from .multiscale_aggregate import (
@@ -128,3 +129,6 @@ def lite_mla_context(
         bias_list(OP, "dw_biases", dw_biases, dw_weights),
         bias_list(OP, "pw_biases", pw_biases, pw_weights),
     )
+
+
+register_autocast(OP, "lower", ("qkv", "dw_weights", "pw_weights", "dw_biases", "pw_biases"))

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import resolve
+from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 
 OP = "multiscale_aggregate"
@@ -223,3 +224,7 @@ def multiscale_aggregate(
         bias_list(OP, "dw_biases", dw_biases, dw_weights),
         bias_list(OP, "pw_biases", pw_biases, pw_weights),
     )
+
+
+register_autocast(OP, "lower", ("qkv", "dw_weights", "pw_weights", "dw_biases", "pw_biases"))
+register_autocast("multiscale_aggregate_backward", "none")
