@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from utils import assert_close, rel_err, tolerance
+from utils import assert_close, randomize, rel_err, tolerance
 
 import linattn
 from linattn._backend import unavailable
@@ -28,22 +28,6 @@ BACKENDS = [  # CPU tensors: the reference, and the Triton kernels under the int
     pytest.param("triton", id="triton-interpreter", marks=[pytest.mark.skip(reason=f"triton: {_WHY}")] if _WHY else []),
 ]
 LOW = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
-
-
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights (scaled by fan-in) and BatchNorm statistics, so a wrong fold or cast shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("num_batches_tracked") or not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif t.dim() > 1:
-                t.copy_(torch.randn(t.shape, generator=gen) * (t[0].numel() ** -0.5))
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
-    return model.eval()
 
 
 def compare_autocast(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, backend: str, what: str):
@@ -79,7 +63,7 @@ def small_model() -> nn.Module:
 def test_conv_layer_after_conv2d(backend, dtype):
     """Conv2d's autocast output (low precision) into an fp32 ConvLayer: the original returns the low dtype;
     optimized, the folded fp32 weights used to raise `weight must have x's dtype`."""
-    model = randomize(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), ConvLayer(8, 8, 3)), seed=1)
+    model = randomize(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), ConvLayer(8, 8, 3)), seed=1).eval()
     x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(2))
     compare_autocast(model, x, dtype, backend, f"Conv2d -> ConvLayer, autocast {dtype}")
 
@@ -88,13 +72,15 @@ def test_conv_layer_after_conv2d(backend, dtype):
 def test_efficientvit_blocks(backend):
     """An fp32 model of official blocks under autocast bf16: the fused convs run in bf16, as the original's."""
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(4))
-    optimized = compare_autocast(randomize(small_model(), seed=3), x, torch.bfloat16, backend, "EfficientViT blocks")
+    optimized = compare_autocast(
+        randomize(small_model(), seed=3).eval(), x, torch.bfloat16, backend, "EfficientViT blocks"
+    )
     counts = str(optimized)
     assert "ConvBNAct" in counts and "LiteMLA" in counts and "FusedResidualBlock" in counts
 
 
 def test_squeezesam_upsample():
-    model = randomize(nn.Sequential(nn.Conv2d(4, 8, 1), UpsampleBlock(8, 4)), seed=5)
+    model = randomize(nn.Sequential(nn.Conv2d(4, 8, 1), UpsampleBlock(8, 4)), seed=5).eval()
     x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(6))
     optimized = compare_autocast(model, x, torch.bfloat16, "reference", "Conv2d -> UpsampleBlock")
     assert type(optimized[1]).__name__ == "FusedUpsampleBlock"
@@ -103,7 +89,7 @@ def test_squeezesam_upsample():
 def test_residual_wider_than_autocast():
     """main(x) + x with x fp32 under autocast bf16 is fp32 in eager (the add promotes): the fused block
     unfuses the add there rather than return bf16."""
-    model = randomize(nn.Sequential(ResidualBlock(MBConv(8, 8, expand_ratio=2), IdentityLayer())), seed=7)
+    model = randomize(nn.Sequential(ResidualBlock(MBConv(8, 8, expand_ratio=2), IdentityLayer())), seed=7).eval()
     x = torch.randn(1, 8, 5, 5, generator=torch.Generator().manual_seed(8))
     optimized = compare_autocast(model, x, torch.bfloat16, "reference", "residual block on an fp32 input")
     assert isinstance(optimized[0], FusedResidualBlock)
@@ -287,7 +273,7 @@ def test_compile_fullgraph():
 def test_compile_optimized_model():
     """An optimized model compiled with fullgraph under autocast: the module casts and the residual
     block's autocast check trace (a residual block fed fp32 keeps eager's fp32 add)."""
-    optimized = linattn.optimize(randomize(small_model(), seed=19))
+    optimized = linattn.optimize(randomize(small_model(), seed=19).eval())
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(20))
     wide = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(21))
     torch._dynamo.reset()

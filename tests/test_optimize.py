@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from utils import assert_close, rel_err, tolerance
+from utils import assert_close, randomize, rel_err, tolerance
 
 import linattn
 from linattn._backend import unavailable
@@ -30,22 +30,6 @@ BACKENDS = [  # the models run on CPU tensors: the reference, and the Triton ker
 ]
 
 SQUEEZESAM_PARAMS = 10_269_807  # derived from docs/design.md 5's widths, a 256-wide depth-2 transformer (MLP 512)
-
-
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights (scaled by fan-in) and BatchNorm statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("num_batches_tracked") or not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif t.dim() > 1:
-                t.copy_(torch.randn(t.shape, generator=gen) * (t[0].numel() ** -0.5))
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
-    return model
 
 
 def tiny_efficientvit() -> nn.Module:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from linattn._backend import unavailable
 
@@ -52,3 +53,19 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) ->
         f"{what}: relative error {err:.3e} > tolerance {tol:.3e}; worst at {idx}: "
         f"got {out[idx].item():.6g}, expected {ref[idx].item():.6g}; {nan} NaN of {out.numel()}"
     )
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights (scaled by fan-in) and BatchNorm statistics, so that a wrong fold or cast shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("num_batches_tracked") or not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            elif t.dim() > 1:
+                t.copy_(torch.randn(t.shape, generator=gen) * (t[0].numel() ** -0.5))
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model
