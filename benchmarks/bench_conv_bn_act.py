@@ -60,7 +60,7 @@ from torch import nn
 import linattn
 import linattn.nn
 from linattn import reference
-from linattn.__main__ import backend_status
+from linattn._backend import status
 from linattn.benchmarks.common import (
     COMPILE_MODES,
     DTYPES,
@@ -432,7 +432,7 @@ def setup(provider: str, shape: ConvShape, eager: EagerBlock, x, residual) -> di
     op = "upsample_block" if shape.kind == "upsample" else OP
     if provider in BACKEND_PROVIDERS or provider == "triton-module":
         backend = provider.removesuffix("-module")
-        why = backend_status(op, backend, x.device)
+        why = status(op, backend, x.device)
         if why:
             raise Skipped(why)
         if provider == "triton-module":

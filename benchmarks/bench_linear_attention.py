@@ -34,7 +34,7 @@ import torch
 
 import linattn
 from linattn import reference
-from linattn.__main__ import backend_status
+from linattn._backend import status
 from linattn.benchmarks.common import (
     COMPILE_MODES,
     DTYPES,
@@ -124,7 +124,7 @@ def setup(provider: str, shape: Shape, inputs: Inputs) -> dict:
     """
     device = inputs.qkv.device
     if provider in BACKEND_PROVIDERS:
-        why = backend_status(OP, provider, device)
+        why = status(OP, provider, device)
         if why:
             raise Skipped(why)
         context = lambda: linattn.backend(provider)  # the backend is resolved per call, backward included

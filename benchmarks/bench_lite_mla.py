@@ -34,7 +34,7 @@ from torch import nn
 import linattn
 import linattn.nn
 from linattn import reference
-from linattn.__main__ import backend_status
+from linattn._backend import status
 from linattn.benchmarks.common import (
     COMPILE_MODES,
     DTYPES,
@@ -160,7 +160,7 @@ def flops(shape: LiteMLAShape) -> int:
 def setup(provider: str, shape: LiteMLAShape, eager: nn.Module, fused: nn.Module, x: torch.Tensor) -> dict:
     """{"fwd": callable} of `provider` (inference: no autograd graph); raises Skipped when it cannot run here."""
     if provider in BACKEND_PROVIDERS:
-        why = backend_status("lite_mla_context", provider, x.device)
+        why = status("lite_mla_context", provider, x.device)
         if why:
             raise Skipped(why)
 

@@ -36,7 +36,7 @@ import torch
 
 import linattn
 from linattn import reference
-from linattn.__main__ import backend_status
+from linattn._backend import status
 from linattn.benchmarks.common import (
     COMPILE_MODES,
     DTYPES,
@@ -139,7 +139,7 @@ def setup(op: str, provider: str, shape: LiteMLAShape, inputs: Inputs) -> dict:
     """
     device = inputs.qkv.device
     if provider in BACKEND_PROVIDERS:
-        why = backend_status(op, provider, device)
+        why = status(op, provider, device)
         if why:
             raise Skipped(why)
         fn = op_function(op, "linattn", shape)

@@ -7,27 +7,12 @@ import sys
 import torch
 
 from . import __version__
-from ._backend import KERNEL_BACKENDS, unavailable
-from .ops import CUDA_KERNELS
+from ._backend import KERNEL_BACKENDS, registered_ops, status
+from ._table import table
 
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def backend_status(op: str, name: str, device: torch.device) -> str | None:
-    """Why backend `name` cannot run `op` on `device`, or None."""
-    why = unavailable(name, device)
-    if why is None and name == "cuda" and not hasattr(torch.ops.linattn, CUDA_KERNELS[op]):
-        why = f"linattn._C has no {CUDA_KERNELS[op]} kernel"
-    return why
 
 
 def info() -> None:
@@ -43,10 +28,10 @@ def info() -> None:
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU only (no CUDA device)'}")
     rows = [["op", "reference", *KERNEL_BACKENDS]]
     notes = {}
-    for op in CUDA_KERNELS:
+    for op in registered_ops():
         row = [op, "yes"]
         for name in KERNEL_BACKENDS:
-            why = backend_status(op, name, device)
+            why = status(op, name, device)
             if why:
                 mark = notes.setdefault(why, f"[{len(notes) + 1}]")
                 row.append(f"no {mark}")
@@ -54,7 +39,7 @@ def info() -> None:
                 row.append("yes")
         rows.append(row)
     print(f"\nops x backends on {device.type}:")
-    print(_table(rows))
+    print(table(rows))
     for why, mark in notes.items():
         print(f"{mark} {why}")
 

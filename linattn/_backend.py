@@ -1,16 +1,22 @@
-"""Which implementation runs an op: the one place where backends are chosen.
+"""Which implementation runs an op: the registry of implementations and the one place where they are chosen.
 
 A backend is "triton" (kernels/ on CUDA tensors, or on CPU tensors when
 TRITON_INTERPRET=1), "cuda" (the compiled extension linattn._C) or
-"reference" (pure PyTorch, any device). "auto" picks, per call, the first
-kernel backend that can run the inputs on their device and falls back to the
-reference; a forced backend that cannot run a call raises instead of silently
+"reference" (pure PyTorch, any device; on CUDA tensors, PyTorch's own path).
+Each op module registers, per pass ("fwd", "bwd"), the implementations it has
+and what each cannot take (`register`); dispatch (`resolve`), `info`, `check`,
+the tests and the benchmarks ask the registry (`reasons`, `status`), and
+nothing else states support. "auto" takes, per call, the first implementation
+in PRIORITY that can run it and falls back to the reference; a forced backend
+that cannot run a call raises with every reason at once instead of silently
 running something else.
 """
 
 import contextlib
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -78,33 +84,87 @@ def unavailable(name: str, device: torch.device) -> str | None:
     raise ValueError(f"linattn: unknown backend {name!r}; choose one of {BACKENDS}")
 
 
-def resolve(op: str, device: torch.device, problem: str | None = None, backends=KERNEL_BACKENDS) -> str:
-    """The backend that runs one call of `op` on `device`.
+# auto's order. Triton first: the CUDA C++ kernels have not been timed against it on a GPU yet (measured
+# dispatch, issue 12, will choose per call); the reference last, as the fallback
+PRIORITY = ("triton", "cuda", "reference")
+PASSES = {"fwd": "", "bwd": " backward"}
 
-    `problem` says why the call's inputs do not fit the kernels (a dtype or size
-    they do not support); "auto" then runs the reference, a forced kernel
-    backend raises. `backends` lists the kernel backends that implement `op`,
-    in the order "auto" tries them (an op without a CUDA C++ kernel yet passes
-    ("triton",)), or maps each to why it cannot run this particular call (None
-    when it can), for kernels that cover only some calls:
-    {"triton": None, "cuda": "it takes depthwise convs only"}. "auto" skips a
-    backend with a reason; a forced one raises with it.
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of one pass of an op."""
+
+    backend: str
+    kernel: str | None = None  # the linattn._C op it calls, which an older build may lack
+    limit: Callable[..., str | None] | None = None  # why it cannot take a call's arguments (None: it can)
+
+
+_REGISTRY: dict[tuple[str, str], dict[str, Impl]] = {}
+
+
+def register(op: str, pass_: str, backend: str, kernel: str | None = None, limit=None) -> None:
+    """Declare that `backend` implements pass `pass_` ("fwd" or "bwd") of `op`: one line per implementation.
+    The reference implements every registered pass."""
+    impls = _REGISTRY.setdefault((op, pass_), {"reference": Impl("reference")})
+    impls[backend] = Impl(backend, kernel, limit)
+
+
+def registered_ops() -> list[str]:
+    """Every op with a registered forward, in registration order."""
+    return [op for op, pass_ in _REGISTRY if pass_ == "fwd"]
+
+
+def implementations(op: str, pass_: str = "fwd") -> dict[str, Impl]:
+    return _REGISTRY.get((op, pass_), {})
+
+
+def reasons(
+    op: str, pass_: str, backend: str, device: torch.device, problem: str | None = None, args: tuple = ()
+) -> list[str]:
+    """Every reason `backend` cannot run this call of `op` (empty when it can): no implementation, the device
+    or build, the inputs' dtype (`problem`), the call's arguments (`args`, handed to the implementation's limit).
+    The device comes first: on CPU tensors a call-specific limit would send the user after the wrong fix."""
+    impls = implementations(op, pass_)
+    if not impls:
+        return [f"{op} has no{PASSES[pass_]} kernel of its own (other ops' kernels compute it)"]
+    impl = impls.get(backend)
+    if impl is None:
+        return [f"there is no {backend} kernel for {op}{PASSES[pass_]} (implementations: {', '.join(impls)})"]
+    if backend == "reference":
+        return []
+    found = [why] if (why := unavailable(backend, device)) else []
+    if not found and impl.kernel and not hasattr(torch.ops.linattn, impl.kernel):
+        found.append(f"linattn._C has no {impl.kernel} kernel (built from an older linattn: rebuild it)")
+    if problem:
+        found.append(problem)
+    if impl.limit is not None and args and (why := impl.limit(*args)):
+        found.append(why)
+    return found
+
+
+def status(op: str, backend: str, device: torch.device, pass_: str = "fwd") -> str | None:
+    """Why `backend` cannot run `op` on `device` at all (None when it can run some calls): for info, check and
+    the benchmarks."""
+    found = reasons(op, pass_, backend, device)
+    return "; ".join(found) or None
+
+
+def resolve(op: str, pass_: str, device: torch.device, problem: str | None = None, args: tuple = ()) -> str:
+    """The backend that runs one call of `op`'s pass `pass_` on `device`.
+
+    `problem` says why the call's inputs do not fit the kernels (a dtype they do not support); `args` are
+    handed to each implementation's limit. "auto" takes the first implementation in PRIORITY that can run
+    the call on a CUDA device and the reference otherwise; a forced backend raises with every reason.
     """
-    limits = backends if isinstance(backends, dict) else dict.fromkeys(backends)
     name = get_backend()
     if name == "reference":
         return name
     if name != "auto":
-        if name in limits:
-            # the device first: on CPU tensors a call-specific limit would send the user after the wrong fix
-            why = unavailable(name, device) or limits[name] or problem
-        else:
-            why = f"there is no {name} kernel for {op} (kernels: {', '.join(limits)})"
-        if why:
-            raise RuntimeError(f"linattn.{op}: backend {name!r} cannot run this call: {why}")
+        if found := reasons(op, pass_, name, device, problem, args):
+            raise RuntimeError(f"linattn.{op}: backend {name!r} cannot run this call: {'; '.join(found)}")
         return name
-    if device.type == "cuda" and problem is None:
-        for candidate, why in limits.items():
-            if why is None and unavailable(candidate, device) is None:
+    if device.type == "cuda":
+        for candidate in PRIORITY:
+            if candidate in implementations(op, pass_) and not reasons(op, pass_, candidate, device, problem, args):
                 return candidate
     return "reference"

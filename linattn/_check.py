@@ -9,12 +9,13 @@ full once, as a numbered note the table's rows point to.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from . import ops, reference
-from ._backend import KERNEL_BACKENDS, backend
+from ._backend import KERNEL_BACKENDS, backend, implementations, reasons
+from ._table import table
 
 
 @dataclass
@@ -25,8 +26,7 @@ class Case:
     ref: Callable  # reference math (float64 inputs give the oracle)
     eager: Callable  # official-style eager PyTorch in the input dtype
     label: str = ""  # what the row shows, when the op has several cases
-    forward_only: tuple[str, ...] = ()  # backends without backward kernels: their gradients come from "auto"
-    cannot: dict[str, str] = field(default_factory=dict)  # backend -> why its kernels do not take this case
+    limit_args: tuple = ()  # what the registry's implementation limits read (linattn/_backend.py)
 
 
 def _aggregation_shapes(heads: int, dim: int, hw: tuple[int, int], ksizes: tuple[int, ...]):
@@ -48,7 +48,8 @@ def _conv_call(fn, stride: int, padding: int, groups: int, act: str):
 def _conv_case(label: str, shapes, stride: int, padding: int, groups: int, act: str, **kwargs) -> "Case":
     calls = [_conv_call(fn, stride, padding, groups, act) for fn in (ops.conv_bn_act, reference.conv_bn_act)]
     eager = _conv_call(_eager_conv_bn_act, stride, padding, groups, act)
-    return Case("conv_bn_act", shapes, *calls, eager, label=label, forward_only=("cuda",), **kwargs)
+    limits = (shapes[0][1], shapes[1][-2:], [stride, stride], [padding, padding], groups)
+    return Case("conv_bn_act", shapes, *calls, eager, label=label, limit_args=limits, **kwargs)
 
 
 def _eager_conv_bn_act(x, w, b, stride, padding, dilation, groups, act, s, t, r):
@@ -102,7 +103,6 @@ CASES = [
         1,
         2,
         "gelu_tanh",
-        cannot={"cuda": "CUDA kernels: depthwise and 1x1 convs only"},
     ),
     _conv_case(
         "conv_bn_act depthwise 5x5/2",
@@ -139,13 +139,20 @@ def _outputs(fn: Callable, inputs: list[torch.Tensor], grad_seed: int) -> list[t
     return [out.detach(), *(x.grad for x in leaves)]
 
 
+def forward_only(op: str, backend: str) -> bool:
+    """Whether `backend` implements op's forward but not the backward of its own (gradients then come from
+    the backend "auto" picks)."""
+    backward = implementations(op, "bwd")
+    return bool(backward) and backend in implementations(op, "fwd") and backend not in backward
+
+
 def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, float, float]:
     """(passed, worst error, its tolerance) over the output and every gradient."""
     gen = torch.Generator().manual_seed(0)
     inputs = [(torch.randn(s, generator=gen) / (s[-1] if s[1] == 1 else 1)).to(device, dtype) for s in case.shapes]
     oracle = _outputs(case.ref, [x.double() for x in inputs], 1)
     eager = _outputs(case.eager, inputs, 1)
-    if name in case.forward_only:  # the backend's forward kernels, gradients from the backward "auto" picks
+    if forward_only(case.op, name):  # the backend's forward kernels, gradients from the backward "auto" picks
         with backend(name):
             forward = case.run(*inputs)
         got = [forward, *_outputs(case.run, inputs, 1)[1:]]
@@ -160,8 +167,6 @@ def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) ->
 
 def check(device: torch.device) -> bool:
     """Print the table, its footnotes and a count of passed, skipped and failed rows; True when none failed."""
-    from .__main__ import _table, backend_status
-
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device.type == "cuda" else [])
     rows = [["op", "backend", "dtype", "result", "worst rel. error", "tolerance"]]
     notes: dict[tuple[str, str], int] = {}  # (kind, full text) -> footnote number, one per distinct text
@@ -172,10 +177,9 @@ def check(device: torch.device) -> bool:
 
     for case in CASES:
         for name in ("reference", *KERNEL_BACKENDS):
-            why = backend_status(case.op, name, device) if name != "reference" else None
-            why = why or case.cannot.get(name)
+            why = "; ".join(reasons(case.op, "fwd", name, device, args=case.limit_args)) or None
             label = case.label or case.op
-            shown = f"{name} (fwd)" if name in case.forward_only else name
+            shown = f"{name} (fwd)" if forward_only(case.op, name) else name
             for dtype in dtypes:
                 row = [label, shown, str(dtype)[6:]]
                 if why:
@@ -191,7 +195,7 @@ def check(device: torch.device) -> bool:
                 counts["passed" if ok else "failed"] += 1
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (float32; float16 and bfloat16 on a GPU)"
     print(f"linattn check on {where}:")
-    print(_table(rows))
+    print(table(rows))
     for kind, title in (("skipped", "skipped because"), ("error", "errors")):
         listed = [(n, text) for (k, text), n in notes.items() if k == kind]
         if listed:

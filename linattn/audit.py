@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from ._table import table
+
 # stack bytes a backward kernel may spill; forward kernels may spill none. 16: the conv dz kernel keeps the
 # output-gradient tile beside its accumulator, and on sm_80 some of its tiles spill one or two 8-byte values
 # whatever the tile, differently under each ptxas (triton 3.6 and 3.8)
@@ -574,13 +576,6 @@ def _demangle(name: str) -> str:
 # --- the report ---
 
 
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _summary(rows: Sequence[Row]) -> list[list[str]]:
     """One line per (kernel, arch): configurations, worst registers / spill / shared, fewest warps per SM."""
     out = [["kernel", "arch", "configs", "regs max", "spill B", "smem max", "warps/SM min", "MMA", "LDG bits", "fails"]]
@@ -687,7 +682,7 @@ def print_report(report: dict, verbose: bool = False) -> None:
         f"{report['triton_configs']} Triton kernel configurations compiled for {', '.join(report['archs'])}; "
         f"extension: {report['extension']}; {report['seconds']['total']} s"
     )
-    print(_table(_summary(rows)))
+    print(table(_summary(rows)))
     if verbose:
         detail = [["kernel", "arch", "config", "regs", "spill", "smem", "warps/SM", "HMMA", "HGMMA", "LDG", "uses"]]
         for r in rows:
@@ -695,7 +690,7 @@ def print_report(report: dict, verbose: bool = False) -> None:
                 [r.kernel, f"sm_{r.arch}", r.config, str(r.regs), str(r.spill + 4 * r.local_ops), str(r.shared)]
                 + [str(r.warps_sm), str(r.hmma), str(r.hgmma), str(r.ldg), str(r.uses)]
             )
-        print(_table(detail))
+        print(table(detail))
     failed = [r for r in rows if r.problems]
     for r in failed:
         arch = f"sm_{r.arch}" if r.arch else "-"

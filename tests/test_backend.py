@@ -41,7 +41,62 @@ def test_set_backend_and_context_manager():
 
 
 def test_auto_runs_reference_on_cpu():
-    assert _backend.resolve("relu_linear_attention", torch.device("cpu")) == "reference"
+    assert _backend.resolve("relu_linear_attention", "fwd", torch.device("cpu")) == "reference"
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    """A registry of one op, "toy", on a machine where every backend runs (nothing else is touched)."""
+    monkeypatch.setattr(_backend, "_REGISTRY", {})
+    monkeypatch.setattr(_backend, "unavailable", lambda name, device: None)
+    _backend.register("toy", "fwd", "triton", limit=lambda n: "triton takes n <= 8" if n > 8 else None)
+    _backend.register("toy", "fwd", "cuda", limit=lambda n: "cuda takes even n" if n % 2 else None)
+    _backend.register("toy", "bwd", "triton")
+    return torch.device("cuda")
+
+
+def test_registry_auto_takes_the_first_implementation_that_runs(toy_registry, monkeypatch):
+    device = toy_registry
+    assert _backend.resolve("toy", "fwd", device, args=(4,)) == "triton"
+    assert _backend.resolve("toy", "fwd", device, args=(10,)) == "cuda"  # over triton's limit
+    assert _backend.resolve("toy", "fwd", device, args=(11,)) == "reference"  # neither takes it
+    assert _backend.resolve("toy", "fwd", device, problem="float64") == "reference"
+    assert _backend.resolve("toy", "fwd", torch.device("cpu"), args=(4,)) == "reference"
+    monkeypatch.setattr(_backend, "PRIORITY", ("cuda", "triton", "reference"))
+    assert _backend.resolve("toy", "fwd", device, args=(4,)) == "cuda"
+
+
+def test_registry_forced_backend_gives_every_reason(toy_registry, monkeypatch):
+    device = toy_registry
+    with linattn.backend("cuda"):
+        assert _backend.resolve("toy", "fwd", device, args=(4,)) == "cuda"
+        with pytest.raises(
+            RuntimeError, match=r"cannot run this call: float64 only on the reference; cuda takes even n"
+        ):
+            _backend.resolve("toy", "fwd", device, problem="float64 only on the reference", args=(3,))
+        with pytest.raises(
+            RuntimeError, match=r"no cuda kernel for toy backward \(implementations: reference, triton\)"
+        ):
+            _backend.resolve("toy", "bwd", device)
+    monkeypatch.setattr(_backend, "unavailable", lambda name, device: f"{name} is not here")
+    assert _backend.status("toy", "cuda", device) == "cuda is not here"
+    assert _backend.status("toy", "reference", device) is None
+
+
+def test_registry_is_what_info_and_check_read():
+    """Every op with a functional API has a registered forward with Triton and the reference; info lists exactly
+    the registered ops; check's forward-only marking comes from the registry."""
+    from linattn import _check, ops
+
+    registered = set(_backend.registered_ops())
+    assert registered == {name for name in ops.__all__ if name != "fold_bn"}
+    for op in registered:
+        assert {"triton", "reference"} <= set(_backend.implementations(op, "fwd"))
+    assert _check.forward_only("conv_bn_act", "cuda") and not _check.forward_only("conv_bn_act", "triton")
+    assert not _check.forward_only("lite_mla_context", "cuda")  # its backward is other ops' kernels
+    out = run_python("import linattn.__main__ as m; m.info()")
+    listed = {line.split()[0] for line in out.splitlines() if line and line.split()[0] in registered}
+    assert listed == registered
 
 
 def test_cuda_backend_on_cpu_tensors_says_why():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from linattn.__main__ import backend_status
+from linattn._backend import status
 from linattn.benchmarks import (
     bench_conv_bn_act,
     bench_e2e,
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cuda_skip(op: str) -> str:
     """Why the cuda provider is skipped on CPU tensors here, in linattn's own words (with or without linattn._C)."""
-    why = backend_status(op, "cuda", torch.device("cpu"))
+    why = status(op, "cuda", torch.device("cpu"))
     assert why
     return why
 

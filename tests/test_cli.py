@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import linattn.__main__ as cli
 from linattn import _check
 from linattn.__main__ import main
 
@@ -61,10 +60,12 @@ def test_check_passes_here(capsys):
 
 
 def _small_check(monkeypatch, run_case, why=None):
-    """check() over two cases with run_case and backend_status replaced (no kernels run)."""
+    """check() over two cases with run_case and the registry's reasons replaced (no kernels run)."""
     monkeypatch.setattr(_check, "CASES", _check.CASES[:2])
     monkeypatch.setattr(_check, "run_case", run_case)
-    monkeypatch.setattr(cli, "backend_status", lambda op, name, device: why if name == "cuda" else None)
+    monkeypatch.setattr(
+        _check, "reasons", lambda op, pass_, name, device, args=(): [why] if why and name == "cuda" else []
+    )
     return main(["check"])
 
 

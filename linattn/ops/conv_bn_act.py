@@ -18,19 +18,13 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import resolve
+from .._backend import register, resolve
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, require_tensors
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
 ACTIVATIONS = reference.CONV_ACTIVATIONS
-UPSAMPLE_BACKENDS = ("triton",)  # the kernel backends of upsample_block (no CUDA C++ kernel)
-# the backward's: the CUDA C++ kernels are forward only
-BACKWARD_BACKENDS = {
-    "triton": None,
-    "cuda": "the CUDA C++ kernels of conv_bn_act are forward only; run the backward under backend 'auto' or 'triton'",
-}
 
 
 def _new_map(like: Tensor, C: int, H: int, W: int) -> Tensor:
@@ -116,15 +110,19 @@ def cuda_limit(cin: int, kernel_size, stride, padding, groups: int) -> str | Non
     )
 
 
+# the implementations (linattn/_backend.py): the CUDA C++ kernels are forward only, for some convs; upsample_block
+# has Triton's (its backward is conv_bn_act's)
+register(OP, "fwd", "triton")
+register(OP, "fwd", "cuda", kernel="conv_bn_act_fwd_cuda", limit=cuda_limit)
+register(OP, "bwd", "triton")
+register(UPSAMPLE, "fwd", "triton")
+
+
 def _conv_fwd(
     op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out, shuffle
 ):
     """Write the fused block into out on the backend chosen for this call."""
-    if shuffle:
-        backends = UPSAMPLE_BACKENDS
-    else:
-        backends = {"triton": None, "cuda": cuda_limit(x.shape[1], weight.shape[-2:], stride, padding, groups)}
-    impl = resolve(op, x.device, kernel_problem(x), backends)
+    impl = resolve(op, "fwd", x.device, kernel_problem(x), (x.shape[1], weight.shape[-2:], stride, padding, groups))
     if impl == "reference":
         y = reference.conv_bn_act(
             x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
@@ -193,7 +191,7 @@ def _conv_bn_act_backward(
     """(dx, dweight, dbias, dpost_scale, dpost_shift): dx in x's dtype and memory format, dweight in
     weight's dtype, the per-channel gradients in fp32 (fp64 for fp64 inputs) whether or not the
     optional inputs exist."""
-    impl = resolve(OP, x.device, kernel_problem(x), BACKWARD_BACKENDS)
+    impl = resolve(OP, "bwd", x.device, kernel_problem(x))
     args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale)
     if impl == "reference":
         dx, dw, db, ds, dt = reference.conv_bn_act_backward(grad_out, *args)

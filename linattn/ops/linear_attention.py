@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import resolve
+from .._backend import register, resolve
 from ._autocast import register_autocast
 from ._common import as_int, check_eps, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
 
@@ -44,8 +44,15 @@ def _check_packed(op: str, qkv: Tensor, dim: int, eps: float) -> None:
     check_eps(op, eps)
 
 
+# the implementations (linattn/_backend.py): both ops run the same kernels, the packed one on strided views
+for _op in ("relu_linear_attention", "lite_mla_attention"):
+    for _pass in ("fwd", "bwd"):
+        register(_op, _pass, "triton")
+        register(_op, _pass, "cuda", kernel=f"linear_attention_{_pass}_cuda")
+
+
 def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor) -> None:
-    impl = resolve(op, q.device, kernel_problem(q))
+    impl = resolve(op, "fwd", q.device, kernel_problem(q))
     if impl == "reference":
         out.copy_(reference.relu_linear_attention(q, k, v, eps))
     elif impl == "triton":
@@ -57,7 +64,7 @@ def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Ten
 
 
 def attention_bwd(op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float, dq: Tensor, dk: Tensor, dv: Tensor):
-    impl = resolve(op, q.device, kernel_problem(q))
+    impl = resolve(op, "bwd", q.device, kernel_problem(q))
     if impl == "reference":
         for dst, src in zip((dq, dk, dv), reference.relu_linear_attention_backward(g, q, k, v, eps)):
             dst.copy_(src)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import resolve
+from .._backend import register, resolve
 from ._autocast import register_autocast
 from ._common import as_int, check_eps, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 from .linear_attention import attention_fwd
@@ -36,6 +36,11 @@ def _output(qkv, heads, dim, scales) -> Tensor:
     return new_feature_map(qkv, (1 + scales) * heads * dim)
 
 
+# the implementations (linattn/_backend.py); the backward chains the aggregation's and the attention's
+register(OP, "fwd", "triton")
+register(OP, "fwd", "cuda", kernel="lite_mla_context_fwd_cuda")
+
+
 @torch.library.custom_op("linattn::lite_mla_context", mutates_args=(), device_types=("cpu", "cuda"))
 def _lite_mla_context(
     qkv: Tensor,
@@ -49,7 +54,7 @@ def _lite_mla_context(
 ) -> Tensor:
     _check(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
     out = _output(qkv, heads, dim, len(dw_weights))
-    impl = resolve(OP, qkv.device, kernel_problem(qkv))
+    impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv))
     if impl == "reference":
         out.copy_(reference.lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases))
         return out

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import resolve
+from .._backend import register, resolve
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 
@@ -60,9 +60,15 @@ def contiguous(tensors):
     return [t.contiguous() for t in tensors]
 
 
+# the implementations (linattn/_backend.py)
+for _pass in ("fwd", "bwd"):
+    register(OP, _pass, "triton")
+    register(OP, _pass, "cuda", kernel=f"multiscale_aggregate_{_pass}_cuda")
+
+
 def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases, out) -> None:
     """Write multiscale_aggregate(qkv, ...) into out on the backend chosen for this call."""
-    impl = resolve(op, qkv.device, kernel_problem(qkv))
+    impl = resolve(op, "fwd", qkv.device, kernel_problem(qkv))
     if impl == "reference":
         out.copy_(reference.multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases))
         return
@@ -106,7 +112,7 @@ def _multiscale_aggregate_backward(
     dw_biases: list[Tensor],
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(dqkv, [dWd_s], [dWp_s], [dbd_s], [dbp_s]); weight and bias gradients in the weights' dtypes."""
-    impl = resolve(OP, qkv.device, kernel_problem(qkv))
+    impl = resolve(OP, "bwd", qkv.device, kernel_problem(qkv))
     if impl == "reference":
         dx, dwd, dwp, dbd, dbp = reference.multiscale_aggregate_backward(
             grad_out, qkv, dw_weights, pw_weights, heads, dw_biases
