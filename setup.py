@@ -54,6 +54,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=["linattn", "linattn.ops", "linattn.nn", "linattn.models", "linattn.kernels", "linattn.benchmarks"],
     package_dir={"linattn.kernels": "kernels", "linattn.benchmarks": "benchmarks"},
+    package_data={"linattn": ["tables/*.json"]},  # measured dispatch tables shipped for GPUs (linattn/_tune.py)
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

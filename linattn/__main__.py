@@ -1,4 +1,4 @@
-"""Command line: `python -m linattn info | check | bench`."""
+"""Command line: `python -m linattn info | check | tune | audit | bench`."""
 
 import argparse
 import platform
@@ -9,6 +9,7 @@ import torch
 from . import __version__
 from ._backend import KERNEL_BACKENDS, registered_ops, status
 from ._table import table
+from ._tune import describe
 
 
 def _device() -> torch.device:
@@ -42,6 +43,25 @@ def info() -> None:
     print(table(rows))
     for why, mark in notes.items():
         print(f"{mark} {why}")
+    print(describe())
+
+
+def _tune_command(args) -> int:
+    from . import _tune
+
+    if not torch.cuda.is_available():
+        print("linattn tune: no GPU here; auto runs the reference on CPU tensors, so there is nothing to measure")
+        return 0
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    measured = _tune.tune(args.model, args.batch, dtype, args.backward)
+    rows = [["op", "pass", "call (shapes/strides/dtype)", "chosen", "ms (median of 5, CUDA events)"]]
+    for entry in measured:
+        op, pass_, call = entry["key"].split(":", 2)
+        ms = ", ".join(f"{backend} {t:.3f}" for backend, t in entry["ms"].items())
+        rows.append([op, pass_, call if len(call) <= 60 else call[:57] + "...", entry["chosen"], ms])
+    print(table(rows) if measured else "nothing new to measure: every call's choice is in the table")
+    print(_tune.describe())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend can run each op here")
     sub.add_parser("check", help="run every op on every available backend against the reference")
+    tune = sub.add_parser("tune", help="measure dispatch's choices for a model's calls on this GPU and keep them")
+    tune.add_argument("--model", nargs="+", default=["l0"], help="encoders (l0 .. xl1, squeezesam, vitt, vits)")
+    tune.add_argument("--batch", type=int, default=16)
+    tune.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"))
+    tune.add_argument("--backward", action="store_true", help="also the backward (train mode)")
     sub.add_parser(
         "audit",
         help="the GPU compile gate: compile every kernel for sm_90 and sm_80 (see `python -m linattn audit --help`)",
@@ -67,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         from ._check import check
 
         return 0 if check(_device()) else 1
+    if args.command == "tune":
+        return _tune_command(args)
     if args.command == "audit":
         from .audit import main as audit
 

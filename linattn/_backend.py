@@ -149,12 +149,23 @@ def status(op: str, backend: str, device: torch.device, pass_: str = "fwd") -> s
     return "; ".join(found) or None
 
 
-def resolve(op: str, pass_: str, device: torch.device, problem: str | None = None, args: tuple = ()) -> str:
+def resolve(
+    op: str,
+    pass_: str,
+    device: torch.device,
+    problem: str | None = None,
+    args: tuple = (),
+    runner: Callable[[str], object] | None = None,
+    inputs: tuple = (),
+) -> str:
     """The backend that runs one call of `op`'s pass `pass_` on `device`.
 
     `problem` says why the call's inputs do not fit the kernels (a dtype they do not support); `args` are
-    handed to each implementation's limit. "auto" takes the first implementation in PRIORITY that can run
-    the call on a CUDA device and the reference otherwise; a forced backend raises with every reason.
+    handed to each implementation's limit. A forced backend raises with every reason when it cannot run
+    the call. "auto" on a CUDA device: with a `runner` (runner(backend) runs that implementation on the
+    call's `inputs` into scratch outputs) and more than one implementation that can run the call, the
+    measured choice (linattn/_tune.py); otherwise the first in PRIORITY that can. On other devices the
+    reference.
     """
     name = get_backend()
     if name == "reference":
@@ -163,8 +174,12 @@ def resolve(op: str, pass_: str, device: torch.device, problem: str | None = Non
         if found := reasons(op, pass_, name, device, problem, args):
             raise RuntimeError(f"linattn.{op}: backend {name!r} cannot run this call: {'; '.join(found)}")
         return name
-    if device.type == "cuda":
-        for candidate in PRIORITY:
-            if candidate in implementations(op, pass_) and not reasons(op, pass_, candidate, device, problem, args):
-                return candidate
-    return "reference"
+    if device.type != "cuda":
+        return "reference"
+    impls = implementations(op, pass_)
+    candidates = [b for b in PRIORITY if b in impls and not reasons(op, pass_, b, device, problem, args)]
+    if runner is not None and len(candidates) > 1:
+        from ._tune import choose
+
+        return choose(op, pass_, device, candidates, runner, inputs)
+    return candidates[0]

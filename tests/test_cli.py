@@ -116,3 +116,10 @@ def test_bench_runs_the_end_to_end_benchmark(tmp_path, capsys):
     argv = ["bench", "--quick", "--model", "squeezesam", "--providers", "eager", "--out", str(tmp_path)]
     assert main(argv) == 0
     assert "squeezesam" in capsys.readouterr().out and (tmp_path / "e2e-quick-cpu.jsonl").exists()
+
+
+def test_tune_without_a_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("measures on the GPU: run by hand")
+    assert main(["tune", "--model", "l0"]) == 0
+    assert "no GPU here" in capsys.readouterr().out

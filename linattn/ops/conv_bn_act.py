@@ -119,10 +119,15 @@ register(UPSAMPLE, "fwd", "triton")
 
 
 def _conv_fwd(
-    op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out, shuffle
-):
-    """Write the fused block into out on the backend chosen for this call."""
-    impl = resolve(op, "fwd", x.device, kernel_problem(x), (x.shape[1], weight.shape[-2:], stride, padding, groups))
+    op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out, shuffle,
+    impl: str | None = None,
+):  # fmt: skip
+    """Write the fused block into out with implementation `impl` (None: the one dispatch chooses)."""
+    if impl is None:
+        call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+        scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)
+        limits = (x.shape[1], weight.shape[-2:], stride, padding, groups)
+        impl = resolve(op, "fwd", x.device, kernel_problem(x), limits, runner=scratch, inputs=(*call[1:], out))
     if impl == "reference":
         y = reference.conv_bn_act(
             x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
@@ -191,20 +196,25 @@ def _conv_bn_act_backward(
     """(dx, dweight, dbias, dpost_scale, dpost_shift): dx in x's dtype and memory format, dweight in
     weight's dtype, the per-channel gradients in fp32 (fp64 for fp64 inputs) whether or not the
     optional inputs exist."""
-    impl = resolve(OP, "bwd", x.device, kernel_problem(x))
-    args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale)
-    if impl == "reference":
-        dx, dw, db, ds, dt = reference.conv_bn_act_backward(grad_out, *args)
-    else:
-        from ..kernels.conv_bn_act import conv_bn_act_bwd
-
-        dx, dw, db, ds, dt = conv_bn_act_bwd(
-            grad_out, x, weight, _contiguous(bias), stride, padding, dilation, groups, act, _contiguous(post_scale)
-        )
+    call = (grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
+    impl = resolve(OP, "bwd", x.device, kernel_problem(x), runner=lambda b: _conv_bwd(*call, b), inputs=call)
+    dx, dw, db, ds, dt = _conv_bwd(*call, impl)
     dx_out = _new_map(x, x.shape[1], *x.shape[-2:])
     dx_out.copy_(dx)
     ct = _grad_dtype(x)
     return dx_out, dw.to(weight.dtype).contiguous(), db.to(ct), ds.to(ct), dt.to(ct)
+
+
+def _conv_bwd(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale, impl: str):
+    """The backward on implementation `impl`: (dx, dweight, dbias, dpost_scale, dpost_shift), unconverted."""
+    args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale)
+    if impl == "reference":
+        return reference.conv_bn_act_backward(grad_out, *args)
+    from ..kernels.conv_bn_act import conv_bn_act_bwd
+
+    return conv_bn_act_bwd(
+        grad_out, x, weight, _contiguous(bias), stride, padding, dilation, groups, act, _contiguous(post_scale)
+    )
 
 
 @_conv_bn_act_backward.register_fake

@@ -51,8 +51,11 @@ for _op in ("relu_linear_attention", "lite_mla_attention"):
         register(_op, _pass, "cuda", kernel=f"linear_attention_{_pass}_cuda")
 
 
-def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor) -> None:
-    impl = resolve(op, "fwd", q.device, kernel_problem(q))
+def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor, impl: str | None = None) -> None:
+    """Write the attention into out with implementation `impl` (None: the one dispatch chooses)."""
+    if impl is None:
+        scratch = lambda b: attention_fwd(op, q, k, v, eps, torch.empty_like(out), b)
+        impl = resolve(op, "fwd", q.device, kernel_problem(q), runner=scratch, inputs=(q, k, v, eps, out))
     if impl == "reference":
         out.copy_(reference.relu_linear_attention(q, k, v, eps))
     elif impl == "triton":
@@ -63,8 +66,16 @@ def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Ten
         torch.ops.linattn.linear_attention_fwd_cuda(q, k, v, eps, out)
 
 
-def attention_bwd(op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float, dq: Tensor, dk: Tensor, dv: Tensor):
-    impl = resolve(op, "bwd", q.device, kernel_problem(q))
+def attention_bwd(
+    op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float, dq: Tensor, dk: Tensor, dv: Tensor, impl=None
+):
+    """Write the gradients into dq, dk, dv with implementation `impl` (None: the one dispatch chooses)."""
+    if impl is None:
+
+        def scratch(b):
+            attention_bwd(op, g, q, k, v, eps, *(torch.empty_like(t) for t in (dq, dk, dv)), b)
+
+        impl = resolve(op, "bwd", q.device, kernel_problem(q), runner=scratch, inputs=(g, q, k, v, eps, dq, dk, dv))
     if impl == "reference":
         for dst, src in zip((dq, dk, dv), reference.relu_linear_attention_backward(g, q, k, v, eps)):
             dst.copy_(src)

@@ -54,10 +54,17 @@ def _lite_mla_context(
 ) -> Tensor:
     _check(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
     out = _output(qkv, heads, dim, len(dw_weights))
-    impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv))
+    call = (qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
+    scratch = lambda b: _context_fwd(*call, torch.empty_like(out), b)
+    _context_fwd(*call, out, resolve(OP, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=call))
+    return out
+
+
+def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, out, impl: str) -> None:
+    """Write the context into out with implementation `impl`."""
     if impl == "reference":
         out.copy_(reference.lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases))
-        return out
+        return
     args = (qkv, contiguous(dw_weights), contiguous(pw_weights), heads, dim, eps)
     biases = (contiguous(dw_biases), contiguous(pw_biases))
     if impl == "triton":
@@ -67,9 +74,8 @@ def _lite_mla_context(
     else:
         # the CUDA kernels serve the aggregated heads; the heads over qkv itself are plain attention
         q, k, v = reference.split_packed_qkv(qkv, dim)
-        attention_fwd(OP, q, k, v, eps, reference.split_heads(out[:, : heads * dim], dim))
+        attention_fwd(OP, q, k, v, eps, reference.split_heads(out[:, : heads * dim], dim), "cuda")
         torch.ops.linattn.lite_mla_context_fwd_cuda(*args, *biases, out)
-    return out
 
 
 @_lite_mla_context.register_fake

@@ -66,9 +66,12 @@ for _pass in ("fwd", "bwd"):
     register(OP, _pass, "cuda", kernel=f"multiscale_aggregate_{_pass}_cuda")
 
 
-def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases, out) -> None:
-    """Write multiscale_aggregate(qkv, ...) into out on the backend chosen for this call."""
-    impl = resolve(op, "fwd", qkv.device, kernel_problem(qkv))
+def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases, out, impl=None) -> None:
+    """Write multiscale_aggregate(qkv, ...) into out with implementation `impl` (None: dispatch chooses)."""
+    if impl is None:
+        call = (qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
+        scratch = lambda b: aggregate_fwd(op, *call, torch.empty_like(out), b)
+        impl = resolve(op, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=(*call, out))
     if impl == "reference":
         out.copy_(reference.multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases))
         return
@@ -112,7 +115,22 @@ def _multiscale_aggregate_backward(
     dw_biases: list[Tensor],
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(dqkv, [dWd_s], [dWp_s], [dbd_s], [dbp_s]); weight and bias gradients in the weights' dtypes."""
-    impl = resolve(OP, "bwd", qkv.device, kernel_problem(qkv))
+    call = (grad_out, qkv, dw_weights, pw_weights, heads, dw_biases)
+    impl = resolve(OP, "bwd", qkv.device, kernel_problem(qkv), runner=lambda b: _aggregate_bwd(*call, b), inputs=call)
+    dx, dwd, dwp, dbd, dbp = _aggregate_bwd(*call, impl)
+    dqkv = new_feature_map(qkv, qkv.shape[1])
+    dqkv.copy_(dx)
+    return (
+        dqkv,
+        [g.to(w.dtype) for g, w in zip(dwd, dw_weights)],
+        [g.to(w.dtype) for g, w in zip(dwp, pw_weights)],
+        [g.to(w.dtype) for g, w in zip(dbd, dw_weights)],
+        [g.to(w.dtype) for g, w in zip(dbp, pw_weights)],
+    )
+
+
+def _aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases, impl: str):
+    """The backward on implementation `impl`: (dx, [dWd], [dWp], [dbd], [dbp]) in the kernels' dtypes."""
     if impl == "reference":
         dx, dwd, dwp, dbd, dbp = reference.multiscale_aggregate_backward(
             grad_out, qkv, dw_weights, pw_weights, heads, dw_biases
@@ -125,15 +143,7 @@ def _multiscale_aggregate_backward(
             dx, dwd, dwp, dbd, dbp = multiscale_aggregate_bwd(*args)
         else:
             dx, dwd, dwp, dbd, dbp = torch.ops.linattn.multiscale_aggregate_bwd_cuda(*args)
-    dqkv = new_feature_map(qkv, qkv.shape[1])
-    dqkv.copy_(dx)
-    return (
-        dqkv,
-        [g.to(w.dtype) for g, w in zip(dwd, dw_weights)],
-        [g.to(w.dtype) for g, w in zip(dwp, pw_weights)],
-        [g.to(w.dtype) for g, w in zip(dbd, dw_weights)],
-        [g.to(w.dtype) for g, w in zip(dbp, pw_weights)],
-    )
+    return dx, dwd, dwp, dbd, dbp
 
 
 @_multiscale_aggregate_backward.register_fake

@@ -1,0 +1,226 @@
+"""Measured dispatch: "auto" on a GPU times every implementation that can run a call and keeps the fastest.
+
+The first call with a new key (op, pass, every tensor's shape, strides and dtype, the other arguments, the
+GPU's name, linattn/torch/triton versions) runs each candidate implementation on the call's own inputs into
+scratch outputs (a runner the op hands over), timed with CUDA events after a warm-up, and keeps the one with
+the smallest median; ties go to the registry's priority order. Later calls with that key are one dictionary
+lookup. Choices persist per GPU and versions as JSON in LINATTN_CACHE_DIR (default ~/.cache/linattn), loaded
+at first use; tables shipped in the package (linattn/tables/) are read first. LINATTN_TUNE=0 turns timing
+off: the table, else the priority order. Nothing is timed while a CUDA graph is being captured or
+torch.compile traces (the table or the priority order again, with a one-time warning for capture). A
+corrupt, foreign or stale file is ignored with a warning.
+"""
+
+import json
+import os
+import re
+import statistics
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+FORMAT = 1  # the table file's layout version
+WARMUP, REPEATS = 2, 5
+
+_lock = threading.Lock()
+_tables: dict[str, dict[str, str]] = {}  # table file name -> {key: backend}
+_timings: list[dict] = []  # every measurement of this process, for `python -m linattn tune`
+_warned: set[str] = set()
+
+
+def enabled() -> bool:
+    return os.environ.get("LINATTN_TUNE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LINATTN_CACHE_DIR") or Path.home() / ".cache" / "linattn")
+
+
+def versions() -> dict:
+    from . import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"linattn": __version__, "torch": torch.__version__, "triton": triton_version}
+
+
+def table_name(device_name: str) -> str:
+    """The file of one GPU and versions: choices measured elsewhere do not carry over."""
+    v = versions()
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{device_name}-linattn{v['linattn']}-torch{v['torch']}-triton{v['triton']}")
+    return f"{slug.strip('-')}.json"
+
+
+def _read(path: Path, device_name: str) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT or data.get("device") != device_name or data.get("versions") != versions():
+            raise ValueError("made for another GPU, format or versions")
+        choices = data["choices"]
+        if not all(isinstance(k, str) and isinstance(b, str) for k, b in choices.items()):
+            raise ValueError("choices are not strings")
+        return dict(choices)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        warnings.warn(f"linattn: ignoring the dispatch table {path}: {err}", RuntimeWarning, stacklevel=4)
+        return {}
+
+
+def table(device_name: str) -> dict[str, str]:
+    """The choices for this GPU and versions: the shipped table, then this machine's cache over it."""
+    name = table_name(device_name)
+    if name not in _tables:
+        shipped = _read(Path(__file__).parent / "tables" / name, device_name)
+        _tables[name] = {**shipped, **_read(cache_dir() / name, device_name)}
+    return _tables[name]
+
+
+def _save(device_name: str) -> None:
+    path = cache_dir() / table_name(device_name)
+    data = {"format": FORMAT, "device": device_name, "versions": versions(), "choices": table(device_name)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: a concurrent reader sees the old table or the new one
+    except OSError as err:
+        if "save" not in _warned:
+            _warned.add("save")
+            warnings.warn(f"linattn: cannot save the dispatch table to {path}: {err}", RuntimeWarning, stacklevel=4)
+
+
+def call_key(op: str, pass_: str, args: Sequence) -> str:
+    """The key of a call: its op, pass, and each argument (a tensor by shape, strides and dtype)."""
+
+    def describe(a) -> str:
+        if isinstance(a, torch.Tensor):
+            return f"{tuple(a.shape)}/{a.stride()}/{str(a.dtype)[6:]}"
+        if isinstance(a, (list, tuple)):
+            return "[" + ",".join(describe(x) for x in a) + "]"
+        return repr(a)
+
+    return f"{op}:{pass_}:" + ";".join(describe(a) for a in args)
+
+
+def cuda_median_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn on the current stream (CUDA events), after a warm-up."""
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+_timer = cuda_median_ms  # tests inject a timer
+
+
+def _cannot_time() -> str | None:
+    if torch.compiler.is_compiling():
+        return "compiling"
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "capture"
+    return None
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def choose(
+    op: str, pass_: str, device: torch.device, candidates: Sequence[str], runner: Callable[[str], object], args
+) -> str:
+    """The implementation among `candidates` (in priority order) that runs this call; runner(backend) runs one
+    of them on the call's inputs into scratch outputs."""
+    device_name = _device_name(device)
+    key = call_key(op, pass_, args)
+    with _lock:
+        chosen = table(device_name).get(key)
+    if chosen in candidates:
+        return chosen
+    why_not = _cannot_time() or (None if enabled() else "LINATTN_TUNE=0")
+    if why_not:
+        if why_not == "capture" and "capture" not in _warned:
+            _warned.add("capture")
+            warnings.warn(
+                "linattn: a call with no measured choice during CUDA-graph capture runs the priority order; "
+                "run the model once before capturing (or `python -m linattn tune`)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return candidates[0]
+    times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in candidates}
+    chosen = min(candidates, key=lambda b: (times[b], candidates.index(b)))
+    with _lock:
+        table(device_name)[key] = chosen
+        _timings.append({"key": key, "device": device_name, "ms": times, "chosen": chosen})
+        _save(device_name)
+    return chosen
+
+
+def timings() -> list[dict]:
+    """What this process measured: one entry per new key, with every candidate's milliseconds."""
+    return list(_timings)
+
+
+def reset() -> None:
+    """Forget the loaded tables and this process's timings (the files stay)."""
+    with _lock:
+        _tables.clear()
+        _timings.clear()
+        _warned.clear()
+
+
+def tune(models: Sequence[str], batch: int, dtype: torch.dtype, backward: bool = False, quick: bool = False):
+    """Fill the table for the calls of each model's optimized forward (and backward) at `batch` and `dtype` on
+    this GPU; returns the measurements (one per new key). Keys measured before are lookups: delete the table
+    file to measure again."""
+    from . import optimize
+    from .benchmarks.bench_e2e import build_model, make_input, resolve_model
+
+    device = torch.device("cuda")
+    before = len(_timings)
+    previous = os.environ.get("LINATTN_TUNE")
+    os.environ["LINATTN_TUNE"] = "1"
+    try:
+        for name in models:
+            name = resolve_model(name)
+            model = optimize(build_model(name, quick).to(device, dtype).train(backward).requires_grad_(backward))
+            x = make_input(name, batch, quick, device).to(dtype)
+            with torch.set_grad_enabled(backward):
+                y = model(x)
+                if backward:
+                    outputs = y if isinstance(y, (tuple, list)) else (y,)
+                    sum(t.float().sum() for t in outputs if t.requires_grad).backward()
+            torch.cuda.synchronize(device)
+    finally:
+        if previous is None:
+            os.environ.pop("LINATTN_TUNE", None)
+        else:
+            os.environ["LINATTN_TUNE"] = previous
+    return _timings[before:]
+
+
+def describe() -> str:
+    """Where the current GPU's table lives and how many choices it holds (for `python -m linattn info`)."""
+    if not torch.cuda.is_available():
+        return "measured dispatch: no GPU (auto runs the reference on CPU tensors)"
+    name = torch.cuda.get_device_name()
+    shipped = Path(__file__).parent / "tables" / table_name(name)
+    return (
+        f"measured dispatch: {'on' if enabled() else 'off (LINATTN_TUNE=0)'}; table {cache_dir() / table_name(name)} "
+        f"({len(table(name))} choices{', with the shipped table' if shipped.exists() else ''})"
+    )

@@ -1,0 +1,132 @@
+"""Measured dispatch (linattn/_tune.py) with an injected timer: no GPU needed."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import linattn
+from linattn import _backend, _tune
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """A registry of one op, "toy", on a pretend GPU where every backend runs, a fresh table directory, and a
+    timer that reads each implementation's time from `speed` and counts its calls."""
+    monkeypatch.setattr(_backend, "_REGISTRY", {})
+    monkeypatch.setattr(_backend, "unavailable", lambda name, device: None)
+    monkeypatch.setattr(_tune, "_device_name", lambda device: "Toy GPU")
+    monkeypatch.setenv("LINATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LINATTN_TUNE", raising=False)
+    _backend.register("toy", "fwd", "triton")
+    _backend.register("toy", "fwd", "cuda", limit=lambda n: "cuda takes even n" if n % 2 else None)
+    speed = {"triton": 2.0, "cuda": 1.0, "reference": 3.0}
+    calls = []
+
+    def timer(fn):
+        return fn()
+
+    def runner(backend):
+        calls.append(backend)
+        return speed[backend]
+
+    monkeypatch.setattr(_tune, "_timer", timer)
+    _tune.reset()
+    yield speed, calls, runner, torch.device("cuda")
+    _tune.reset()
+
+
+def _resolve(runner, device, x, n=2):
+    return _backend.resolve("toy", "fwd", device, args=(n,), runner=runner, inputs=(x, n))
+
+
+def test_the_fastest_runs_and_later_calls_are_a_lookup(tuned):
+    speed, calls, runner, device = tuned
+    x = torch.empty(4, 8)
+    assert _resolve(runner, device, x) == "cuda"
+    assert sorted(calls) == ["cuda", "reference", "triton"]  # every implementation that can run it, timed once
+    calls.clear()
+    assert _resolve(runner, device, x) == "cuda" and calls == []
+    assert _resolve(runner, device, x, n=3) == "triton"  # cuda cannot take n = 3: not timed, not chosen
+    assert "cuda" not in calls
+    (first, second) = _tune.timings()
+    assert first["chosen"] == "cuda" and first["ms"] == speed
+
+
+def test_ties_go_to_the_priority_order(tuned):
+    speed, _, runner, device = tuned
+    speed.update(triton=1.0, cuda=1.0, reference=1.0)
+    assert _resolve(runner, device, torch.empty(3)) == "triton"
+
+
+def test_keys_separate_shapes_dtypes_and_layouts(tuned):
+    speed, calls, runner, device = tuned
+    x = torch.empty(2, 3, 4, 5)
+    for t in (x, torch.empty(2, 3, 4, 6), x.half(), x.to(memory_format=torch.channels_last)):
+        calls.clear()
+        _resolve(runner, device, t)
+        assert len(calls) == 3, t.shape
+    keys = {entry["key"] for entry in _tune.timings()}
+    assert len(keys) == 4
+
+
+def test_the_table_persists_and_is_read_back(tuned, tmp_path):
+    speed, calls, runner, device = tuned
+    x = torch.empty(4, 8)
+    assert _resolve(runner, device, x) == "cuda"
+    (path,) = tmp_path.glob("*.json")
+    assert "Toy-GPU" in path.name and torch.__version__.split("+")[0] in path.name
+    _tune.reset()  # a new process: the file is read back, nothing is timed
+    speed["triton"] = 0.1
+    calls.clear()
+    assert _resolve(runner, device, x) == "cuda" and calls == []
+
+
+def test_tune_off_uses_the_table_or_the_priority_order(tuned, monkeypatch):
+    speed, calls, runner, device = tuned
+    monkeypatch.setenv("LINATTN_TUNE", "0")
+    assert _resolve(runner, device, torch.empty(5)) == "triton" and calls == []
+    monkeypatch.setenv("LINATTN_TUNE", "1")
+    assert _resolve(runner, device, torch.empty(6)) == "cuda"
+    monkeypatch.setenv("LINATTN_TUNE", "0")
+    calls.clear()
+    assert _resolve(runner, device, torch.empty(6)) == "cuda" and calls == []  # the table still applies
+
+
+def test_no_timing_during_capture_and_one_warning(tuned, monkeypatch):
+    speed, calls, runner, device = tuned
+    monkeypatch.setattr(_tune, "_cannot_time", lambda: "capture")
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture"):
+        assert _resolve(runner, device, torch.empty(7)) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _resolve(runner, device, torch.empty(8)) == "triton"
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        json.dumps({"format": 1, "device": "Another GPU", "versions": _tune.versions(), "choices": {}}),
+        json.dumps({"format": 1, "device": "Toy GPU", "versions": {"torch": "0.1"}, "choices": {}}),
+        json.dumps({"format": 99, "device": "Toy GPU", "versions": _tune.versions(), "choices": {}}),
+        json.dumps({"format": 1, "device": "Toy GPU", "versions": _tune.versions(), "choices": [1, 2]}),
+    ],
+    ids=["corrupt", "foreign", "stale", "format", "malformed"],
+)
+def test_bad_table_files_are_ignored_with_a_warning(tuned, tmp_path, content):
+    speed, calls, runner, device = tuned
+    (tmp_path / _tune.table_name("Toy GPU")).write_text(content)
+    with pytest.warns(RuntimeWarning, match="ignoring the dispatch table"):
+        assert _resolve(runner, device, torch.empty(9)) == "cuda"
+    assert len(calls) == 3
+
+
+def test_forced_backends_and_cpu_never_time(tuned):
+    speed, calls, runner, device = tuned
+    with linattn.backend("triton"):
+        assert _resolve(runner, device, torch.empty(10)) == "triton"
+    assert _resolve(runner, torch.device("cpu"), torch.empty(10)) == "reference"
+    assert calls == []
