@@ -9,10 +9,9 @@ from torch import nn
 from utils import assert_close, kernel_targets, rel_err, tolerance
 
 import linattn
-from linattn import reference
+from linattn import _backend, reference
 from linattn._backend import unavailable
 from linattn.nn import ConvBNAct
-from linattn.ops.conv_bn_act import cuda_limit
 
 
 def _kernel_targets(cuda_skip: str | None = None):
@@ -32,10 +31,12 @@ def _targets(cuda_skip: str | None = None):
 
 
 def skip_unless_cuda_runs(backend, cin, k, stride, padding, groups):
-    """The CUDA C++ kernels take depthwise and stride-1 1x1 convs only (forced elsewhere they raise:
-    test_forced_cuda_backend_raises); other convs are skipped on that target."""
-    why = cuda_limit(cin, (k, k), (stride, stride), (padding, padding), groups) if backend == "cuda" else None
-    if why:
+    """The convs the registry says the CUDA C++ kernels do not take (forced there they raise:
+    test_forced_cuda_backend_raises) are skipped on that target."""
+    if backend != "cuda":
+        return
+    limit = _backend.implementations("conv_bn_act", "fwd")["cuda"].limit
+    if why := limit(cin, (k, k), (stride, stride), (padding, padding), groups):
         pytest.skip(f"cuda: {why}")
 
 
@@ -233,9 +234,9 @@ def test_op_autograd(target, case):
 
 def test_forced_cuda_backend_raises():
     """Forcing cuda on a conv its kernels do not take, on the backward or on upsample_block raises. The device
-    comes first (tests/test_bad_input.py), so on CPU tensors the conv-shape reasons are checked on cuda_limit."""
-    from linattn.ops.conv_bn_act import cuda_limit
-
+    comes first (tests/test_bad_input.py), so on CPU tensors the conv-shape reasons are checked on the
+    registry's limit."""
+    cuda_limit = _backend.implementations("conv_bn_act", "fwd")["cuda"].limit
     assert "not this 3x3 conv with groups 1" in cuda_limit(4, (3, 3), [1, 1], [1, 1], 1)
     assert "not this 1x1 conv with groups 2" in cuda_limit(4, (1, 1), [1, 1], [0, 0], 2)
     assert cuda_limit(4, (5, 5), [2, 2], [2, 2], 4) is None and cuda_limit(4, (1, 1), [1, 1], [0, 0], 1) is None
