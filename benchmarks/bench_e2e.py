@@ -13,6 +13,8 @@ vitt, vits. Providers (eval mode, torch.inference_mode):
   compile-max-autotune  torch.compile of it, mode="max-autotune" (slow to compile)
   linattn               linattn.optimize(model, backend=--backend)
   linattn-compile       torch.compile of the optimized model (run under `linattn.backend(--backend)`)
+  linattn-priority      linattn with "auto" in the registry's fixed priority order, not measured (on a GPU,
+                        what measured dispatch gains; every linattn row records auto's choices: auto_choices)
 Defaults: on a GPU every provider, the four models of the issue, batch 16, bf16, backend auto. Without a GPU a
 short run: eager and linattn (reference backend), efficientvit-sam-l0 and squeezesam, batch 1, fp32.
 
@@ -47,6 +49,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import linattn
+from linattn._backend import auto_choices
+from linattn._tune import fixed_priority
 from linattn.benchmarks.common import (
     COMPILE_MODES,
     DTYPES,
@@ -74,7 +78,7 @@ from linattn.benchmarks.common import (
 from linattn.models import efficientsam_encoder, efficientvit_sam_encoder, squeezesam
 
 NAME = "e2e"
-PROVIDERS = ("eager", "compile", "compile-max-autotune", "linattn", "linattn-compile")
+PROVIDERS = ("eager", "compile", "compile-max-autotune", "linattn", "linattn-compile", "linattn-priority")
 CPU_PROVIDERS = ("eager", "linattn")
 GPU_MODELS = ("efficientvit-sam-xl1", "efficientvit-sam-l0", "squeezesam", "efficientsam-vitt")
 CPU_MODELS = ("efficientvit-sam-l0", "squeezesam")
@@ -229,6 +233,13 @@ def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, st
     note = f"optimize: {fused or 'nothing replaced'}" + (f"; {len(rep.skipped)} left" if rep.skipped else "")
     if provider == "linattn":
         return optimized, note
+    if provider == "linattn-priority":
+
+        def fixed(x, module=optimized):
+            with fixed_priority():
+                return module(x)
+
+        return fixed, note
     return compiled(optimized, "compile"), note  # linattn-compile
 
 
@@ -270,7 +281,10 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
                 with torch.inference_mode(), backend_ctx():
                     return module(inp)
 
-            row |= errors(call(), ref)  # first call: compiles / warms up, outside the timed region
+            auto_choices(reset=True)
+            row |= errors(call(), ref)  # first call: compiles / warms up / measures, outside the timed region
+            if provider.startswith("linattn"):
+                row["auto_choices"] = auto_choices(reset=True)  # what auto ran in that call
             row["peak_mb"] = peak_mb(call, device)
             whole = timed(call, device)
             row |= whole.columns()

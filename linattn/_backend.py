@@ -100,6 +100,17 @@ class Impl:
 
 
 _REGISTRY: dict[tuple[str, str], dict[str, Impl]] = {}
+_chosen: dict[tuple[str, str, str], int] = {}  # (op, pass, backend) -> calls that auto sent there
+
+
+def auto_choices(reset: bool = False) -> dict[str, dict[str, int]]:
+    """What "auto" ran since the last reset: {"op:pass": {backend: calls}} (the benchmarks record it)."""
+    out: dict[str, dict[str, int]] = {}
+    for (op, pass_, backend), n in sorted(_chosen.items()):
+        out.setdefault(f"{op}:{pass_}", {})[backend] = n
+    if reset:
+        _chosen.clear()
+    return out
 
 
 def register(op: str, pass_: str, backend: str, kernel: str | None = None, limit=None) -> None:
@@ -174,12 +185,15 @@ def resolve(
         if found := reasons(op, pass_, name, device, problem, args):
             raise RuntimeError(f"linattn.{op}: backend {name!r} cannot run this call: {'; '.join(found)}")
         return name
-    if device.type != "cuda":
-        return "reference"
-    impls = implementations(op, pass_)
-    candidates = [b for b in PRIORITY if b in impls and not reasons(op, pass_, b, device, problem, args)]
-    if runner is not None and len(candidates) > 1:
-        from ._tune import choose
+    chosen = "reference"
+    if device.type == "cuda":
+        impls = implementations(op, pass_)
+        candidates = [b for b in PRIORITY if b in impls and not reasons(op, pass_, b, device, problem, args)]
+        chosen = candidates[0]
+        if runner is not None and len(candidates) > 1:
+            from ._tune import choose
 
-        return choose(op, pass_, device, candidates, runner, inputs)
-    return candidates[0]
+            chosen = choose(op, pass_, device, candidates, runner, inputs)
+    key = (op, pass_, chosen)
+    _chosen[key] = _chosen.get(key, 0) + 1
+    return chosen

@@ -11,6 +11,7 @@ torch.compile traces (the table or the priority order again, with a one-time war
 corrupt, foreign or stale file is ignored with a warning.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,19 @@ _lock = threading.Lock()
 _tables: dict[str, dict[str, str]] = {}  # table file name -> {key: backend}
 _timings: list[dict] = []  # every measurement of this process, for `python -m linattn tune`
 _warned: set[str] = set()
+_fixed = threading.local()  # fixed_priority(): this thread's auto ignores tables and timing
+
+
+@contextlib.contextmanager
+def fixed_priority():
+    """Within the block, this thread's "auto" takes the registry's priority order: no table, no timing (the
+    benchmarks compare it with the measured choice)."""
+    previous = getattr(_fixed, "on", False)
+    _fixed.on = True
+    try:
+        yield
+    finally:
+        _fixed.on = previous
 
 
 def enabled() -> bool:
@@ -145,6 +159,8 @@ def choose(
 ) -> str:
     """The implementation among `candidates` (in priority order) that runs this call; runner(backend) runs one
     of them on the call's inputs into scratch outputs."""
+    if getattr(_fixed, "on", False):
+        return candidates[0]
     device_name = _device_name(device)
     key = call_key(op, pass_, args)
     with _lock:

@@ -130,3 +130,16 @@ def test_forced_backends_and_cpu_never_time(tuned):
         assert _resolve(runner, device, torch.empty(10)) == "triton"
     assert _resolve(runner, torch.device("cpu"), torch.empty(10)) == "reference"
     assert calls == []
+
+
+def test_fixed_priority_skips_the_table_and_auto_choices_count(tuned):
+    speed, calls, runner, device = tuned
+    x = torch.empty(12)
+    _backend.auto_choices(reset=True)
+    assert _resolve(runner, device, x) == "cuda"
+    with _tune.fixed_priority():
+        calls.clear()
+        assert _resolve(runner, device, x) == "triton" and calls == []
+    assert _resolve(runner, device, x) == "cuda"
+    assert _backend.auto_choices(reset=True) == {"toy:fwd": {"cuda": 2, "triton": 1}}
+    assert _backend.auto_choices() == {}
