@@ -125,9 +125,23 @@ CASES = [
 ]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item() if torch.isfinite(a).all() else float("inf")
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (inf when out is not finite)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def tolerance(dtype: torch.dtype, eager_err: float) -> float:
+    """docs/design.md 8: fp32 within 1e-5 relative; fp16/bf16 within twice eager PyTorch's error in that dtype.
+
+    fp32 also gets the twice-eager bound where eager fp32 itself is worse than
+    1e-5: ill-conditioned gradients (N = 1, where dq is a difference of two
+    nearly equal terms) where no fp32 computation can reach 1e-5.
+    """
+    base = 1e-5 if dtype == torch.float32 else 0.0
+    return max(base, 2.0 * eager_err)
 
 
 def _outputs(fn: Callable, inputs: list[torch.Tensor], grad_seed: int) -> list[torch.Tensor]:
@@ -159,8 +173,7 @@ def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) ->
     else:
         with backend(name):
             got = _outputs(case.run, inputs, 1)
-    base = 1e-5 if dtype == torch.float32 else 0.0
-    results = [(_rel(g, o), max(base, 2 * _rel(e, o))) for g, e, o in zip(got, eager, oracle)]
+    results = [(rel_err(g, o), tolerance(dtype, rel_err(e, o))) for g, e, o in zip(got, eager, oracle)]
     err, tol = max(results, key=lambda r: r[0] / r[1])
     return all(e <= t for e, t in results), err, tol
 

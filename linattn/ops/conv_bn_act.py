@@ -20,18 +20,11 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from ._autocast import register_autocast
-from ._common import as_int, check_tensor, fail, kernel_problem, require_tensors
+from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
 ACTIVATIONS = reference.CONV_ACTIVATIONS
-
-
-def _new_map(like: Tensor, C: int, H: int, W: int) -> Tensor:
-    """A (B, C, H, W) tensor in `like`'s memory format (channels_last stays channels_last)."""
-    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((like.shape[0], C, H, W), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 def output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
@@ -165,7 +158,7 @@ def _conv_bn_act(
     residual: Tensor | None,
 ) -> Tensor:
     Ho, Wo = check_conv(OP, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-    out = _new_map(x, weight.shape[0], Ho, Wo)
+    out = new_feature_map(x, weight.shape[0], Ho, Wo)
     args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
     return _conv_fwd(OP, *args, out, shuffle=False)
 
@@ -173,7 +166,7 @@ def _conv_bn_act(
 @_conv_bn_act.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual):
     Ho, Wo = check_conv(OP, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-    return _new_map(x, weight.shape[0], Ho, Wo)
+    return new_feature_map(x, weight.shape[0], Ho, Wo)
 
 
 def _grad_dtype(x: Tensor) -> torch.dtype:
@@ -199,7 +192,7 @@ def _conv_bn_act_backward(
     call = (grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
     impl = resolve(OP, "bwd", x.device, kernel_problem(x), runner=lambda b: _conv_bwd(*call, b), inputs=call)
     dx, dw, db, ds, dt = _conv_bwd(*call, impl)
-    dx_out = _new_map(x, x.shape[1], *x.shape[-2:])
+    dx_out = new_feature_map(x, x.shape[1], *x.shape[-2:])
     dx_out.copy_(dx)
     ct = _grad_dtype(x)
     return dx_out, dw.to(weight.dtype).contiguous(), db.to(ct), ds.to(ct), dt.to(ct)
@@ -222,7 +215,7 @@ def _(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_sc
     ct = _grad_dtype(x)
     Cout = weight.shape[0]
     return (
-        _new_map(x, x.shape[1], *x.shape[-2:]),
+        new_feature_map(x, x.shape[1], *x.shape[-2:]),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
         weight.new_empty(Cout, dtype=ct),
         weight.new_empty(Cout, dtype=ct),
@@ -371,7 +364,7 @@ def _upsample_block(
 ) -> Tensor:
     check_upsample(x, weight, bias, post_scale, post_shift, act)
     H, W = x.shape[-2:]
-    out = _new_map(x, weight.shape[0] // 4, 2 * H, 2 * W)
+    out = new_feature_map(x, weight.shape[0] // 4, 2 * H, 2 * W)
     w4 = weight[:, :, None, None]
     return _conv_fwd(
         UPSAMPLE, x, w4, bias, [1, 1], [0, 0], [1, 1], 1, act, post_scale, post_shift, None, out, shuffle=True
@@ -381,7 +374,7 @@ def _upsample_block(
 @_upsample_block.register_fake
 def _(x, weight, bias, post_scale, post_shift, act):
     check_upsample(x, weight, bias, post_scale, post_shift, act)
-    return _new_map(x, weight.shape[0] // 4, 2 * x.shape[-2], 2 * x.shape[-1])
+    return new_feature_map(x, weight.shape[0] // 4, 2 * x.shape[-2], 2 * x.shape[-1])
 
 
 def _upsample_setup(ctx, inputs, output):
