@@ -9,9 +9,10 @@ gradient). The CUDA C++ kernels (csrc/conv_bn_act/, op `conv_bn_act_fwd_cuda`)
 are forward only and take two kinds of conv: depthwise (groups = Cin, any
 kernel size, stride, padding, dilation) and 1x1 with stride 1, padding 0 and
 groups 1. Backend "cuda" runs those; forced on any other conv, on the backward
-or on upsample_block it raises (it never silently runs Triton). "auto" runs
-Triton on CUDA tensors (no measurement yet says the CUDA kernels are faster).
-float64 inputs run on the reference.
+or on upsample_block it raises (it never silently runs Triton). "auto" on CUDA
+tensors runs the fastest measured of the implementations that take the call
+(linattn/_tune.py), PyTorch's own path included. float64 inputs run on the
+reference.
 """
 
 import torch
@@ -291,13 +292,13 @@ def conv_bn_act(
         (B, Cout, Ho, Wo) in x's dtype. fp16/bf16 accumulate in fp32. Forward and backward run on the
         Triton kernels for every kernel size, stride and group count.
 
-    Backends: "auto" runs Triton on CUDA tensors (the reference on CPU and for float64). Backend
+    Backends: "auto" runs the fastest measured implementation on CUDA tensors (the reference on CPU and for
+    float64). Backend
     "cuda" runs the forward on the CUDA C++ kernels, which take depthwise convs (groups = Cin) and
     1x1 convs with stride 1, padding 0 and groups 1; forced on any other conv it raises. The CUDA
     kernels are forward only: the backward follows the backend set when it runs, so a backward run
-    while "cuda" is forced raises ("forward only; run the backward under backend 'auto' or
-    'triton'") rather than silently running Triton; leave the `with linattn.backend("cuda")` block
-    before calling backward().
+    while "cuda" is forced raises ("there is no cuda kernel for conv_bn_act backward") rather than
+    silently running Triton; leave the `with linattn.backend("cuda")` block before calling backward().
     """
     require_tensors(OP, x=x, weight=weight)
     for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift), ("residual", residual)):
