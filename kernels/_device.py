@@ -25,6 +25,12 @@ INTERPRETER = Device(gpu=False)
 H100 = Device(gpu=True, sms=132)  # what the tests use as "a GPU" under the interpreter
 
 
+def dot_precision(t: torch.Tensor) -> str:
+    """tl.dot's input_precision for tiles of t's dtype: full fp32 products for fp32 (docs/design.md 8); fp16/bf16
+    tiles upcast in the kernel are exact in tf32."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
 def device_of(t: torch.Tensor) -> Device:
     if not t.is_cuda:
         return INTERPRETER

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, device_of
+from ._device import Device, device_of, dot_precision
 
 
 @triton.jit
@@ -311,10 +311,6 @@ def split_rows(N: int, config: dict) -> tuple[dict, int, int]:
     return cfg, chunk, triton.cdiv(N, chunk)
 
 
-def _precision(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
-
-
 def _state(k: torch.Tensor, v: torch.Tensor, cfg: dict, chunk: int, splits: int):
     """fp32 partials of S = sum relu(k)^T v and z = sum relu(k), one per (batch*head, split)."""
     B, H, N, D = k.shape
@@ -322,7 +318,7 @@ def _state(k: torch.Tensor, v: torch.Tensor, cfg: dict, chunk: int, splits: int)
     s = torch.empty((B * H, splits, cfg["BLOCK_D"], cfg["BLOCK_E"]), device=k.device, dtype=torch.float32)
     z = torch.empty((B * H, splits, cfg["BLOCK_D"]), device=k.device, dtype=torch.float32)
     _linear_attention_state_kernel[(B * H, splits)](
-        s, z, k, *k.stride(), v, *v.stride(), H, N, D, E, chunk, splits, PRECISION=_precision(k), **cfg,
+        s, z, k, *k.stride(), v, *v.stride(), H, N, D, E, chunk, splits, PRECISION=dot_precision(k), **cfg,
     )  # fmt: skip
     return s, z
 
@@ -335,7 +331,7 @@ def linear_attention_fwd(q, k, v, eps: float, out, config: dict | None = None):
     cfg, chunk, splits = split_rows(N, config or attention_config(device_of(q), B, H, N, D, E))
     s, z = _state(k, v, cfg, chunk, splits)
     _linear_attention_fwd_kernel[(B * H, splits)](
-        out, *out.stride(), q, *q.stride(), s, z, H, N, D, E, chunk, splits, eps, PRECISION=_precision(q), **cfg,
+        out, *out.stride(), q, *q.stride(), s, z, H, N, D, E, chunk, splits, eps, PRECISION=dot_precision(q), **cfg,
     )  # fmt: skip
     return out
 
@@ -352,10 +348,10 @@ def linear_attention_bwd(grad_out, q, k, v, eps: float, dq, dk, dv, config: dict
     dz = torch.empty_like(z)
     _linear_attention_bwd_dq_kernel[grid](
         dq, *dq.stride(), ds, dz, grad_out, *grad_out.stride(), q, *q.stride(), s, z,
-        H, N, D, E, chunk, splits, eps, PRECISION=_precision(q), **cfg,
+        H, N, D, E, chunk, splits, eps, PRECISION=dot_precision(q), **cfg,
     )  # fmt: skip
     _linear_attention_bwd_dkv_kernel[grid](
         dk, *dk.stride(), dv, *dv.stride(), k, *k.stride(), v, *v.stride(), ds, dz,
-        H, N, D, E, chunk, splits, PRECISION=_precision(q), **cfg,
+        H, N, D, E, chunk, splits, PRECISION=dot_precision(q), **cfg,
     )  # fmt: skip
     return dq, dk, dv

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, device_of
-from .linear_attention import _precision, _sum_partials, attention_config, split_rows
+from ._device import Device, device_of, dot_precision
+from .linear_attention import _sum_partials, attention_config, split_rows
 from .multiscale_aggregate import _aggregate_tile, _bias_args
 
 
@@ -214,7 +214,7 @@ def lite_mla_context_fwd(
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         bd, has_bd = _bias_args(dw_biases, s, wd)
         bp, has_bp = _bias_args(pw_biases, s, wp)
-        flags = dict(KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WITH_RAW=s == 0, PRECISION=_precision(qkv))
+        flags = dict(KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WITH_RAW=s == 0, PRECISION=dot_precision(qkv))
         state, z = partials()
         _lite_mla_context_state_kernel[grid](
             state, z, s0, z0, qkv, *qkv.stride(), wd, bd, wp, bp, heads, H, W, dim, chunk, splits, **flags, **cfg,

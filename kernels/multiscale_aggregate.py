@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, device_of
+from ._device import Device, device_of, dot_precision
 
 
 @triton.jit
@@ -266,10 +266,6 @@ def aggregate_config(dev: Device, D: int) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1)
 
 
-def _precision(qkv: torch.Tensor) -> str:
-    return "ieee" if qkv.dtype == torch.float32 else "tf32"
-
-
 def _bias_args(biases, s, like):
     """(pointer, HAS flag) for scale s of a bias list that is empty or has one tensor per scale;
     when absent, any tensor stands in for the pointer (never read)."""
@@ -291,7 +287,7 @@ def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases,
         x0 = out[:, :C]
         _multiscale_aggregate_fwd_kernel[grid](
             y, *y.stride(), x0, *x0.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, groups, H, W, D,
-            KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WRITE_X=s == 0, PRECISION=_precision(qkv), **cfg,
+            KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WRITE_X=s == 0, PRECISION=dot_precision(qkv), **cfg,
         )  # fmt: skip
     return out
 
@@ -320,7 +316,7 @@ def multiscale_aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads: int, 
         dbp_parts = torch.empty((parts, block_d), device=qkv.device, dtype=torch.float32)
         _multiscale_aggregate_bwd_dt_kernel[grid](
             dt, dwp_parts, dbp_parts, dy, *dy.stride(), qkv, *qkv.stride(), wd, bd, wp, groups, H, W, D,
-            KSIZE=K, HAS_BD=has_bd, PRECISION=_precision(qkv), **cfg,
+            KSIZE=K, HAS_BD=has_bd, PRECISION=dot_precision(qkv), **cfg,
         )  # fmt: skip
         dwd_parts = torch.empty((parts, K * K, block_d), device=qkv.device, dtype=torch.float32)
         dbd_parts = torch.empty((parts, block_d), device=qkv.device, dtype=torch.float32)

@@ -12,6 +12,7 @@ corrupt, foreign or stale file is ignored with a warning.
 """
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -30,7 +31,7 @@ _lock = threading.Lock()
 _tables: dict[str, dict[str, str]] = {}  # table file name -> {key: backend}
 _timings: list[dict] = []  # every measurement of this process, for `python -m linattn tune`
 _warned: set[str] = set()
-_fixed = threading.local()  # fixed_priority(): this thread's auto ignores tables and timing
+_fixed = threading.local()  # on: fixed_priority() (no table, no timing); force: tune() (timing despite TUNE=0)
 
 
 @contextlib.contextmanager
@@ -46,13 +47,14 @@ def fixed_priority():
 
 
 def enabled() -> bool:
-    return os.environ.get("LINATTN_TUNE", "1") != "0"
+    return getattr(_fixed, "force", False) or os.environ.get("LINATTN_TUNE", "1") != "0"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LINATTN_CACHE_DIR") or Path.home() / ".cache" / "linattn")
 
 
+@functools.cache
 def versions() -> dict:
     from . import __version__
 
@@ -65,6 +67,7 @@ def versions() -> dict:
     return {"linattn": __version__, "torch": torch.__version__, "triton": triton_version}
 
 
+@functools.cache
 def table_name(device_name: str) -> str:
     """The file of one GPU and versions: choices measured elsewhere do not carry over."""
     v = versions()
@@ -150,7 +153,9 @@ def _cannot_time() -> str | None:
     return None
 
 
+@functools.cache
 def _device_name(device: torch.device) -> str:
+    """Asked once per device: choose() runs on every auto call."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
@@ -209,8 +214,7 @@ def tune(models: Sequence[str], batch: int, dtype: torch.dtype, backward: bool =
 
     device = torch.device("cuda")
     before = len(_timings)
-    previous = os.environ.get("LINATTN_TUNE")
-    os.environ["LINATTN_TUNE"] = "1"
+    _fixed.force = True
     try:
         for name in models:
             name = resolve_model(name)
@@ -223,10 +227,7 @@ def tune(models: Sequence[str], batch: int, dtype: torch.dtype, backward: bool =
                     sum(t.float().sum() for t in outputs if t.requires_grad).backward()
             torch.cuda.synchronize(device)
     finally:
-        if previous is None:
-            os.environ.pop("LINATTN_TUNE", None)
-        else:
-            os.environ["LINATTN_TUNE"] = previous
+        _fixed.force = False
     return _timings[before:]
 
 

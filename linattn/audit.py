@@ -603,15 +603,11 @@ def _summary(rows: Sequence[Row]) -> list[list[str]]:
 
 
 def versions() -> dict:
-    import triton
+    """linattn, torch and triton (as measured dispatch keys its tables), and the ptxas and Python checked."""
+    from ._tune import versions as package_versions
 
     ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    return {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "ptxas": ptxas[-1] if ptxas else "unknown",
-        "python": sys.version.split()[0],
-    }
+    return {**package_versions(), "ptxas": ptxas[-1] if ptxas else "unknown", "python": sys.version.split()[0]}
 
 
 def _log(message: str, show: bool = True) -> None:
