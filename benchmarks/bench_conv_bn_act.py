@@ -35,6 +35,8 @@ Providers (the same weights and inputs; modules in eval mode, forward only):
   compile-max-autotune  torch.compile of eager, mode="max-autotune" (slow to compile: --max-autotune-batch)
   triton, cuda          linattn.conv_bn_act / linattn.upsample_block forced onto that backend, the BN folded
                         once (fold_bn) or turned into post_scale/post_shift once (BN after the activation)
+  auto                  the same linattn ops as users get them: auto, on a GPU the fastest implementation
+                        measured on the call's first run; auto_choices records what it ran
   reference             the same linattn ops on the pure-PyTorch reference backend
   triton-module         linattn.nn.ConvBNAct.from_modules(conv, bn, act, order) on the triton backend: the
                         module (it re-folds its BatchNorm on every eval forward); not in the defaults
@@ -60,18 +62,18 @@ from torch import nn
 import linattn
 import linattn.nn
 from linattn import reference
-from linattn._backend import status
+from linattn._table import dict_table
 from linattn.benchmarks.common import (
     COMPILE_MODES,
     DTYPES,
     Skipped,
     add_benchmark_args,
     announce,
+    check_backend,
     compiled,
     max_autotune_skip,
     measuring,
     parse_benchmark_args,
-    print_table,
     report,
     result_name,
     run_providers,
@@ -80,10 +82,10 @@ from linattn.benchmarks.common import (
 )
 
 OP = "conv_bn_act"
-PROVIDERS = ("eager", "eager-folded", "compile", "compile-max-autotune", "triton", "cuda", "reference", "triton-module")
-GPU_PROVIDERS = ("eager", "eager-folded", "compile", "compile-max-autotune", "triton", "cuda")
+GPU_PROVIDERS = ("eager", "eager-folded", "compile", "compile-max-autotune", "triton", "cuda", "auto")
+PROVIDERS = (*GPU_PROVIDERS, "reference", "triton-module")
 CPU_PROVIDERS = ("eager", "eager-folded", "reference")
-BACKEND_PROVIDERS = ("triton", "cuda", "reference")
+BACKEND_PROVIDERS = ("triton", "cuda", "auto", "reference")
 BASELINES = ("eager", "eager-folded", "compile", "compile-max-autotune")
 MODELS = ("squeezesam", "l0", "xl1")
 EVIT_ACTS = ("gelu_tanh", "hardswish")
@@ -102,6 +104,7 @@ TABLE = (
     "pct_copy",
     *map(speedup_column, BASELINES),
     "max_abs_err",
+    "auto_choices",
     "note",
 )
 
@@ -432,9 +435,7 @@ def setup(provider: str, shape: ConvShape, eager: EagerBlock, x, residual) -> di
     op = "upsample_block" if shape.kind == "upsample" else OP
     if provider in BACKEND_PROVIDERS or provider == "triton-module":
         backend = provider.removesuffix("-module")
-        why = status(op, backend, x.device)
-        if why:
-            raise Skipped(why)
+        check_backend(op, backend, x.device)
         if provider == "triton-module":
             if shape.kind == "upsample":
                 raise Skipped("ConvBNAct is a conv block; the Up block is linattn.upsample_block")
@@ -500,7 +501,7 @@ def print_totals(rows) -> None:
     by = ("model", "batch", "dtype")
     print("\ntaken together (summed over each model's shapes; speedups over the shapes both providers timed):")
     columns = (*by, "provider", "shapes", "ms", "reps", "iqr_pct", *map(speedup_column, BASELINES))
-    print_table(totals(rows, by, BASELINES), columns)
+    print(dict_table(totals(rows, by, BASELINES), columns))
 
 
 def parse_args(argv):
@@ -523,13 +524,14 @@ def main(argv=None) -> list[dict]:
     shapes = run_shapes(args, on_gpu)
     if args.list:
         cols = ("model", "name", "kind", "cin", "cout", "kernel", "stride", "groups", "hw_in", "hw_out")
-        print_table([s.columns() for s in shapes if s.batch == shapes[0].batch], (*cols, "order", "act", "residual"))
+        shown = [s.columns() for s in shapes if s.batch == shapes[0].batch]
+        print(dict_table(shown, (*cols, "order", "act", "residual")))
         return []
     if not on_gpu:
         what = "--quick: tiny shapes" if args.quick else f"by default a short CPU run ({', '.join(CPU_SHAPES)} at B=1)"
         print(
             f"No GPU: {what}; eager, eager-folded and reference, fp32, forward unless told otherwise. GPU numbers "
-            "need a GPU: run this on a CUDA machine for the compile, triton and cuda providers, fp16/bf16 and "
+            "need a GPU: run this on a CUDA machine for the compile, triton, cuda and auto providers, fp16/bf16 and "
             "every conv shape of docs/design.md 5 at B=16 and 1."
         )
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])

@@ -49,7 +49,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import linattn
-from linattn._backend import auto_choices
 from linattn._tune import fixed_priority
 from linattn.benchmarks.common import (
     COMPILE_MODES,
@@ -62,7 +61,7 @@ from linattn.benchmarks.common import (
     compiled,
     cpu_timing,
     error_line,
-    errors,
+    first_call,
     measuring,
     parse_benchmark_args,
     peak_mb,
@@ -281,10 +280,10 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
                 with torch.inference_mode(), backend_ctx():
                     return module(inp)
 
-            auto_choices(reset=True)
-            row |= errors(call(), ref)  # first call: compiles / warms up / measures, outside the timed region
+            checked, ran = first_call(call, ref)  # compiles / warms up / measures, outside the timed region
+            row |= checked
             if provider.startswith("linattn"):
-                row["auto_choices"] = auto_choices(reset=True)  # what auto ran in that call
+                row["auto_choices"] = ran  # what auto ran in that call
             row["peak_mb"] = peak_mb(call, device)
             whole = timed(call, device)
             row |= whole.columns()

@@ -12,6 +12,8 @@ at B=1 on a CPU. Providers:
   compile               torch.compile of eager (default mode)
   compile-max-autotune  torch.compile of eager, mode="max-autotune"
   triton, cuda          linattn.lite_mla_attention forced onto that backend
+  auto                  linattn.lite_mla_attention as users get it: auto, on a GPU the fastest implementation
+                        measured on the call's first run; auto_choices records what it ran
   reference             linattn.lite_mla_attention on the pure-PyTorch reference backend (fp32 accumulation)
 
 Bytes moved, s = element size, counting every input read once and every output written once:
@@ -33,17 +35,18 @@ from dataclasses import dataclass
 import torch
 
 import linattn
-from linattn import reference
-from linattn._backend import status
+from linattn import eager, reference
 from linattn.benchmarks.common import (
+    BACKEND_PROVIDERS,
     COMPILE_MODES,
+    CPU_PROVIDERS,
     DTYPES,
     LITE_MLA_STAGES,
-    SPEEDUP_BASELINES,
+    PROVIDERS,
     LiteMLAShape,
-    Skipped,
     add_benchmark_args,
     announce,
+    check_backend,
     compiled,
     lite_mla_run_shapes,
     max_autotune_skip,
@@ -53,27 +56,11 @@ from linattn.benchmarks.common import (
     result_name,
     run_device,
     run_providers,
-    speedup_column,
+    table_columns,
 )
 
 OP = "lite_mla_attention"
-PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton", "cuda", "reference")
-BACKEND_PROVIDERS = ("triton", "cuda", "reference")
-TABLE = (
-    "pass",
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "reps",
-    "iqr_pct",
-    "gbs",
-    "pct_copy",
-    *map(speedup_column, SPEEDUP_BASELINES),
-    "peak_mb",
-    "rel_err",
-    "note",
-)
+TABLE = table_columns("pass", "dtype", "shape")
 
 
 @dataclass(frozen=True)
@@ -124,9 +111,7 @@ def setup(provider: str, shape: Shape, inputs: Inputs) -> dict:
     """
     device = inputs.qkv.device
     if provider in BACKEND_PROVIDERS:
-        why = status(OP, provider, device)
-        if why:
-            raise Skipped(why)
+        check_backend(OP, provider, device)
         context = lambda: linattn.backend(provider)  # the backend is resolved per call, backward included
 
         def attention(x):
@@ -135,7 +120,7 @@ def setup(provider: str, shape: Shape, inputs: Inputs) -> dict:
         context = contextlib.nullcontext
 
         def attention(x):
-            return reference.efficientvit_lite_mla_attention(x, shape.dim)
+            return eager.lite_mla_attention(x, shape.dim)
 
         if provider in COMPILE_MODES:
             attention = compiled(attention, provider)
@@ -180,11 +165,11 @@ def main(argv=None) -> list[dict]:
     device, on_gpu = run_device(
         args,
         "by default a short CPU run (eager and reference, fp32, forward, the L-model stage at batch 1)",
-        "the compile, triton and cuda providers, fp16/bf16, forward+backward and every LiteMLA stage",
+        "the compile, triton, cuda and auto providers, fp16/bf16, forward+backward and every LiteMLA stage",
     )
     shapes = [Shape.of(s) for s in lite_mla_run_shapes(args, on_gpu)]
     dtypes = args.dtype or (list(DTYPES) if on_gpu else ["fp32"])
-    providers = args.providers or list(PROVIDERS if on_gpu else ("eager", "reference"))
+    providers = args.providers or list(PROVIDERS if on_gpu else CPU_PROVIDERS)
     backward = on_gpu if args.backward is None else args.backward
 
     env, copy_gbs = announce(device)

@@ -14,6 +14,8 @@ some) at B=16 and 1 on a GPU; without a GPU a short run: the L stage at B=1, fp3
                         compile: --max-autotune-batch limits it)
   triton, cuda          linattn.nn.LiteMLA (qkv conv, linattn.lite_mla_context, proj conv with the BatchNorm
                         folded) with its op forced onto that backend
+  auto                  linattn.nn.LiteMLA as users get it: auto, on a GPU the fastest implementation of each
+                        op measured on the call's first run; auto_choices records what it ran
   reference             linattn.nn.LiteMLA on the pure-PyTorch reference backend
 Every provider runs the same weights: linattn.nn.LiteMLA loads the eager module's state_dict (strict), and the
 BatchNorm has random running statistics so that folding it is exercised.
@@ -33,17 +35,19 @@ from torch import nn
 
 import linattn
 import linattn.nn
-from linattn import reference
-from linattn._backend import status
+from linattn import eager
 from linattn.benchmarks.common import (
+    BACKEND_PROVIDERS,
     COMPILE_MODES,
+    CPU_PROVIDERS,
     DTYPES,
+    GPU_PROVIDERS,
     LITE_MLA_STAGES,
-    SPEEDUP_BASELINES,
+    PROVIDERS,
     LiteMLAShape,
-    Skipped,
     add_benchmark_args,
     announce,
+    check_backend,
     compiled,
     lite_mla_run_shapes,
     max_autotune_skip,
@@ -53,32 +57,13 @@ from linattn.benchmarks.common import (
     result_name,
     run_device,
     run_providers,
-    speedup_column,
+    table_columns,
 )
 
 OP = "lite_mla"  # the block; its fused op is lite_mla_context
-PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton", "cuda", "reference")
-GPU_PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton", "cuda")
-CPU_PROVIDERS = ("eager", "reference")
-BACKEND_PROVIDERS = ("triton", "cuda", "reference")
 EPS = 1e-15  # EfficientViT's attention eps
 NORM_EPS = 1e-6  # EfficientViT-SAM's BatchNorm eps
-TABLE = (
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "reps",
-    "iqr_pct",
-    "img_s",
-    "tflops",
-    "gbs",
-    "pct_copy",
-    *map(speedup_column, SPEEDUP_BASELINES),
-    "peak_mb",
-    "rel_err",
-    "note",
-)
+TABLE = table_columns("dtype", "shape", work=("img_s", "tflops", "gbs", "pct_copy"))
 
 
 class _ConvNorm(nn.Module):
@@ -118,7 +103,7 @@ class EfficientViTLiteMLA(nn.Module):
     def forward(self, x):
         qkv = self.qkv(x)
         multi_scale_qkv = torch.cat([qkv, *(op(qkv) for op in self.aggreg)], dim=1)
-        return self.proj(reference.efficientvit_lite_mla_attention(multi_scale_qkv, self.dim, self.eps))
+        return self.proj(eager.lite_mla_attention(multi_scale_qkv, self.dim, self.eps))
 
 
 def make_modules(shape: LiteMLAShape, dtype: torch.dtype, device: torch.device):
@@ -160,9 +145,7 @@ def flops(shape: LiteMLAShape) -> int:
 def setup(provider: str, shape: LiteMLAShape, eager: nn.Module, fused: nn.Module, x: torch.Tensor) -> dict:
     """{"fwd": callable} of `provider` (inference: no autograd graph); raises Skipped when it cannot run here."""
     if provider in BACKEND_PROVIDERS:
-        why = status("lite_mla_context", provider, x.device)
-        if why:
-            raise Skipped(why)
+        check_backend("lite_mla_context", provider, x.device)
 
         def forward():
             with torch.no_grad(), linattn.backend(provider):
@@ -218,7 +201,7 @@ def main(argv=None) -> list[dict]:
     device, on_gpu = run_device(
         args,
         "by default a short CPU run (eager and reference, fp32, the L-model stage at batch 1)",
-        "the compile, triton and cuda providers, fp16/bf16 and every LiteMLA shape of docs/design.md 5",
+        "the compile, triton, cuda and auto providers, fp16/bf16 and every LiteMLA shape of docs/design.md 5",
     )
     shapes = lite_mla_run_shapes(args, on_gpu)
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])

@@ -12,11 +12,13 @@ Shapes: every LiteMLA stage of docs/design.md 5 (C=512, 16 heads, scales (5,), 1
 run: the L stage at B=1, fp32, eager and reference. Providers:
   eager                 EfficientViT's eager PyTorch in the input dtype: per scale the depthwise conv and the
                         grouped 1x1 conv, torch.cat, then (context op) EfficientViT's attention
-                        (linattn.reference.efficientvit_multiscale_aggregate / efficientvit_lite_mla_context)
+                        (linattn.eager.multiscale_aggregate / lite_mla_context)
   compile               torch.compile of eager (default mode)
   compile-max-autotune  torch.compile of eager, mode="max-autotune" (with CUDA graphs; slow to compile:
                         --max-autotune-batch limits it)
   triton, cuda          the linattn op forced onto that backend
+  auto                  the linattn op as users get it: auto, on a GPU the fastest implementation measured on
+                        the call's first run; auto_choices records what it ran
   reference             the linattn op on the pure-PyTorch reference backend (fp32 accumulation)
 
 Bytes moved, counting every input read once and every output written once (s = element size, C = 3*heads*32):
@@ -30,22 +32,25 @@ environment; each plot is drawn from its file.
 """
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 import linattn
-from linattn import reference
-from linattn._backend import status
+from linattn import eager, reference
 from linattn.benchmarks.common import (
+    BACKEND_PROVIDERS,
     COMPILE_MODES,
+    CPU_PROVIDERS,
     DTYPES,
+    GPU_PROVIDERS,
     LITE_MLA_STAGES,
-    SPEEDUP_BASELINES,
+    PROVIDERS,
     LiteMLAShape,
-    Skipped,
     add_benchmark_args,
     announce,
+    check_backend,
     compiled,
     lite_mla_run_shapes,
     max_autotune_skip,
@@ -55,30 +60,11 @@ from linattn.benchmarks.common import (
     result_name,
     run_device,
     run_providers,
-    speedup_column,
+    table_columns,
 )
 
 OPS = ("multiscale_aggregate", "lite_mla_context")
-PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton", "cuda", "reference")
-GPU_PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton", "cuda")
-CPU_PROVIDERS = ("eager", "reference")
-BACKEND_PROVIDERS = ("triton", "cuda", "reference")
-TABLE = (
-    "op",
-    "pass",
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "reps",
-    "iqr_pct",
-    "gbs",
-    "pct_copy",
-    *map(speedup_column, SPEEDUP_BASELINES),
-    "peak_mb",
-    "rel_err",
-    "note",
-)
+TABLE = table_columns("op", "pass", "dtype", "shape")
 
 
 @dataclass
@@ -118,13 +104,13 @@ def op_function(op: str, impl: str, shape: LiteMLAShape):
     """f(qkv, dws, pws) -> output: `impl` "eager" (EfficientViT's PyTorch), "linattn" (the op) or "reference"."""
     if op == "multiscale_aggregate":
         fn = {
-            "eager": reference.efficientvit_multiscale_aggregate,
+            "eager": eager.multiscale_aggregate,
             "linattn": linattn.multiscale_aggregate,
             "reference": reference.multiscale_aggregate,
         }[impl]
         return lambda qkv, dws, pws: fn(qkv, dws, pws, shape.heads)
     fn = {
-        "eager": reference.efficientvit_lite_mla_context,
+        "eager": eager.lite_mla_context,
         "linattn": linattn.lite_mla_context,
         "reference": reference.lite_mla_context,
     }[impl]
@@ -139,16 +125,12 @@ def setup(op: str, provider: str, shape: LiteMLAShape, inputs: Inputs) -> dict:
     """
     device = inputs.qkv.device
     if provider in BACKEND_PROVIDERS:
-        why = status(op, provider, device)
-        if why:
-            raise Skipped(why)
-        fn = op_function(op, "linattn", shape)
-
-        def run(*args):
-            with linattn.backend(provider):  # resolved per call, backward included
-                return fn(*args)
+        check_backend(op, provider, device)
+        run = op_function(op, "linattn", shape)
+        context = lambda: linattn.backend(provider)  # the backend is resolved per call: the backward's too
     else:
         run = op_function(op, "eager", shape)
+        context = contextlib.nullcontext
         if provider in COMPILE_MODES:
             run = compiled(run, provider)
     leaves = inputs.leaves()
@@ -156,11 +138,13 @@ def setup(op: str, provider: str, shape: LiteMLAShape, inputs: Inputs) -> dict:
     detached = [t.detach() for t in leaves]
 
     def forward():
-        return run(detached[0], detached[1 : 1 + S], detached[1 + S :])
+        with context():
+            return run(detached[0], detached[1 : 1 + S], detached[1 + S :])
 
     def forward_backward():
-        out = run(inputs.qkv, inputs.dws, inputs.pws)
-        return torch.autograd.grad(out, leaves, inputs.grad_out)
+        with context():
+            out = run(inputs.qkv, inputs.dws, inputs.pws)
+            return torch.autograd.grad(out, leaves, inputs.grad_out)
 
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
@@ -195,7 +179,7 @@ def main(argv=None) -> list[dict]:
     device, on_gpu = run_device(
         args,
         "by default a short CPU run (eager and reference, fp32, forward, the L-model stage at batch 1)",
-        "the compile, triton and cuda providers, fp16/bf16 and docs/design.md 5's LiteMLA shapes",
+        "the compile, triton, cuda and auto providers, fp16/bf16 and docs/design.md 5's LiteMLA shapes",
     )
     shapes = lite_mla_run_shapes(args, on_gpu)
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])

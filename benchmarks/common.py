@@ -28,16 +28,23 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves
 
+from linattn._backend import auto_choices, status
+from linattn._table import dict_table
+
 try:
     from tqdm.auto import tqdm
 except ImportError:  # tqdm only draws progress bars: a bare machine without it still benchmarks
     tqdm = None
 
 __all__ = [
+    "BACKEND_PROVIDERS",
     "COMPILE_MODES",
+    "CPU_PROVIDERS",
     "DTYPES",
+    "GPU_PROVIDERS",
     "LITE_MLA_STAGES",
     "MIN_REPS",
+    "PROVIDERS",
     "QUICK_LITE_MLA_STAGES",
     "SPEEDUP_BASELINES",
     "LiteMLAShape",
@@ -47,6 +54,7 @@ __all__ = [
     "add_benchmark_args",
     "add_speedups",
     "announce",
+    "check_backend",
     "compiled",
     "copy_bandwidth_gbs",
     "cpu_time_ms",
@@ -54,6 +62,7 @@ __all__ = [
     "environment",
     "error_line",
     "errors",
+    "first_call",
     "lite_mla_run_shapes",
     "lite_mla_shapes",
     "load_results",
@@ -63,7 +72,6 @@ __all__ = [
     "parse_benchmark_args",
     "peak_mb",
     "plot_results",
-    "print_table",
     "progress",
     "report",
     "result_name",
@@ -72,6 +80,7 @@ __all__ = [
     "save_results",
     "speedup_column",
     "stop_on_sigterm",
+    "table_columns",
     "tensors",
     "time_ms",
     "timer_name",
@@ -384,33 +393,6 @@ def load_results(jsonl_path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
-            return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-        return f"{value:.2e}"
-    return str(value)
-
-
-def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """Print `rows` as an aligned text table of `columns` (missing values as "-")."""
-    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max([len(col)] + [len(line[i]) for line in cells]) for i, col in enumerate(columns)]
-    # Numbers right-aligned for comparison down a column, text left-aligned.
-    numeric = [all(isinstance(row.get(col), (int, float, type(None))) for row in rows) for col in columns]
-
-    def fmt(line):
-        cells = (c.rjust(w) if n else c.ljust(w) for c, w, n in zip(line, widths, numeric, strict=True))
-        return "  ".join(cells).rstrip()
-
-    print(fmt(columns))
-    print("  ".join("-" * w for w in widths))
-    for line in cells:
-        print(fmt(line))
-
-
 def plot_results(
     jsonl_path: str | Path,
     png_path: str | Path,
@@ -577,11 +559,36 @@ def lite_mla_run_shapes(args, on_gpu: bool) -> list[LiteMLAShape]:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune"}
 SPEEDUP_BASELINES = ("eager", "compile", "compile-max-autotune")
+# linattn's op under `linattn.backend(provider)`: a forced backend, or "auto" (the dispatch users get: on a GPU
+# it times the implementations on the call's first run and keeps the fastest; rows record what it ran)
+BACKEND_PROVIDERS = ("triton", "cuda", "auto", "reference")
+PROVIDERS = ("eager", *COMPILE_MODES, *BACKEND_PROVIDERS)  # of the op benchmarks over the LiteMLA shapes
+GPU_PROVIDERS = ("eager", *COMPILE_MODES, "triton", "cuda", "auto")  # their defaults on a GPU
+CPU_PROVIDERS = ("eager", "reference")  # and on a CPU (a short run)
 
 
 def speedup_column(baseline: str) -> str:
     """The column of speedups over `baseline`: speedup_vs_eager, speedup_vs_compile, speedup_vs_max_autotune."""
     return "speedup_vs_" + baseline.removeprefix("compile-").replace("-", "_")
+
+
+def check_backend(op: str, provider: str, device: torch.device) -> None:
+    """Raise Skipped with the registry's reasons when `provider`, a linattn backend, cannot run `op` on `device`.
+    "auto" always runs: where no kernel can, it runs the reference."""
+    if provider != "auto" and (why := status(op, provider, device)):
+        raise Skipped(why)
+
+
+def table_columns(
+    *lead: str,
+    work: Sequence[str] = ("gbs", "pct_copy"),
+    baselines: Sequence[str] = SPEEDUP_BASELINES,
+    errors: Sequence[str] = ("peak_mb", "rel_err"),
+) -> tuple[str, ...]:
+    """The printed columns of an op benchmark: `lead` (what tells its rows apart), provider, the time and its
+    spread, `work` (throughput), the speedups over `baselines`, `errors`, what auto ran and the note."""
+    speedups = map(speedup_column, baselines)
+    return (*lead, "provider", "ms", "reps", "iqr_pct", *work, *speedups, *errors, "auto_choices", "note")
 
 
 def compiled(fn: Callable, provider: str) -> Callable:
@@ -660,6 +667,16 @@ def errors(out, ref) -> dict:
     return row
 
 
+def first_call(fn: Callable, ref) -> tuple[dict, dict]:
+    """The first call of a provider (it compiles, warms up and lets a GPU's auto measure), outside any timed
+    region: (its errors against `ref`, what linattn's auto dispatch ran in it: {"op:pass": {implementation:
+    calls}}, empty when it ran nothing through auto). The output is dropped before returning, so that the next
+    call may reuse its memory."""
+    auto_choices(reset=True)
+    row = errors(fn(), ref)
+    return row, auto_choices(reset=True)
+
+
 def peak_mb(fn: Callable, device: torch.device) -> float | None:
     """MiB that one call of `fn` allocates on a CUDA device beyond what was live before it (None on CPU)."""
     if device.type != "cuda":
@@ -680,13 +697,16 @@ def measure(fn: Callable, ref, nbytes: int, device: torch.device, cuda_graph: bo
     over the tensors. peak_mb is what one call allocates beyond what is live before
     it (output included; CUDA only). ms is the median of `reps` timed calls, with
     iqr_pct, min_ms and max_ms their spread (Timing); GB/s counts `nbytes` per call.
+    auto_choices, where `fn` calls linattn's auto dispatch, is what it ran in the first call (see first_call):
+    the timed calls run the same, from auto's table.
     """
-    # first call compiles / autotunes, outside the timed region; its outputs are dropped (by errors returning)
-    # before the next call may reuse their memory (CUDA graphs)
-    row = {**errors(fn(), ref), "peak_mb": peak_mb(fn, device)}
+    row, ran = first_call(fn, ref)
+    row["peak_mb"] = peak_mb(fn, device)
     notes = []
     timed = timing(fn, device, cuda_graph=cuda_graph, notes=notes)
     row |= {**timed.columns(), "gbs": nbytes / timed.ms / 1e6}
+    if ran:
+        row["auto_choices"] = ran
     return {**row, "timer": timer_name(device, cuda_graph and not notes), "note": "; ".join(notes) or None}
 
 
@@ -808,6 +828,7 @@ TIMING_LEGEND = (
     "ms: median of reps timed calls ({timer}); iqr_pct: their interquartile range over the median, in %; "
     "a speedup within the providers' iqr_pct is noise"
 )
+AUTO_LEGEND = "auto_choices: per op:pass, the implementation linattn's auto dispatch ran and its calls, in one call"
 
 
 def timing_legend(rows: Sequence[dict]) -> str:
@@ -819,8 +840,10 @@ def timing_legend(rows: Sequence[dict]) -> str:
 def report(rows: Sequence[dict], columns: Sequence[str], out_dir: str | Path, name: str, env: dict, **plot) -> Path:
     """Print `rows` as a table (with the timing legend), append them to out_dir/name.jsonl (+ .csv), draw
     name.png; returns the JSONL path."""
-    print_table(rows, columns)
+    print(dict_table(rows, columns))
     print(timing_legend(rows))
+    if "auto_choices" in columns and any(r.get("auto_choices") for r in rows):
+        print(AUTO_LEGEND)
     jsonl_path, csv_path = save_results(rows, out_dir, name, env)
     png_path = plot_results(jsonl_path, jsonl_path.with_suffix(".png"), **plot)
     print(f"results: {jsonl_path}, {csv_path}" + (f"; plot: {png_path}" if png_path else ""))

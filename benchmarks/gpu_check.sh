@@ -147,9 +147,9 @@ except Exception as err:
     print("torch: cannot import:", err)
 # linattn needs torch, triton (GPU kernels) and numpy (models); the benchmarks tqdm (optional: plain lines
 # without it) and matplotlib (plots, optional); the tests pytest, timm (some skip without), pytest-timeout
-# and pytest-xdist (optional here); einops is a declared dependency.
+# and pytest-xdist (optional here).
 missing = []
-for name in ("triton", "numpy", "einops", "tqdm", "matplotlib", "pytest", "timm", "pytest_timeout", "xdist"):
+for name in ("triton", "numpy", "tqdm", "matplotlib", "pytest", "timm", "pytest_timeout", "xdist"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as err:
@@ -166,20 +166,20 @@ has pytest_timeout && PYTEST+=(--timeout "${PYTEST_TIMEOUT:-60}") # per test
 has xdist && ((${PYTEST_WORKERS:-8} > 0)) && PYTEST+=(-n "${PYTEST_WORKERS:-8}")
 E2E_MODELS=${E2E_MODELS:-l0 xl1}
 CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj xl1.s3.fmb.conv3 xl1.s4.mb.dw3)
-OPS=(--dtype bf16 --batch 16 --providers eager triton cuda)
+OPS=(--dtype bf16 --batch 16 --providers eager triton cuda auto)
 case $PROFILE in
     quick)
         B_BUILD=200 B_CHECK=60 B_PYTEST=75 B_SAN=60 B_E2E=60 B_BENCH=30 # XL models: 1.5 x B_E2E
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--batch 16 --dtype bf16 --providers eager compile linattn)
         LIN=("${OPS[@]}" --no-backward) MS=("${OPS[@]}") MLA=("${OPS[@]}")
-        CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda --shapes "${CONV_SHAPES[@]}")
+        CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --shapes "${CONV_SHAPES[@]}")
         ;;
     full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
         B_BUILD=600 B_CHECK=600 B_PYTEST=600 B_SAN=600 B_E2E=600 B_BENCH=600
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS-}"
         E2E=() # every provider, compile-max-autotune included
-        ALL=(eager compile compile-max-autotune triton cuda)
+        ALL=(eager compile compile-max-autotune triton cuda auto)
         LIN=(--batch 16 1 --max-autotune-batch 16 --providers "${ALL[@]}") # fp32, fp16, bf16; fwd and fwd+bwd
         MS=(--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers "${ALL[@]}")
         MLA=("${MS[@]}")

@@ -8,7 +8,7 @@ The subpackages `linattn.models` and `linattn.benchmarks` load on first access
 
 import importlib
 
-from . import reference
+from . import eager, reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
 from .ops import (
     conv_bn_act,
@@ -41,6 +41,7 @@ __all__ = [
     "BACKENDS",
     "backend",
     "conv_bn_act",
+    "eager",
     "fold_bn",
     "get_backend",
     "lite_mla_attention",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, reference
+from . import eager, ops, reference
 from ._backend import KERNEL_BACKENDS, backend, implementations, reasons
 from ._table import table
 
@@ -24,7 +24,7 @@ class Case:
     shapes: list[tuple[int, ...]]  # one random input per shape, all differentiated
     run: Callable  # the linattn op on those inputs
     ref: Callable  # reference math (float64 inputs give the oracle)
-    eager: Callable  # official-style eager PyTorch in the input dtype
+    eager: Callable  # official-style eager PyTorch in the input dtype (linattn.eager for the LiteMLA ops)
     label: str = ""  # what the row shows, when the op has several cases
     limit_args: tuple = ()  # what the registry's implementation limits read (linattn/_backend.py)
 
@@ -47,9 +47,9 @@ def _conv_call(fn, stride: int, padding: int, groups: int, act: str):
 
 def _conv_case(label: str, shapes, stride: int, padding: int, groups: int, act: str, **kwargs) -> "Case":
     calls = [_conv_call(fn, stride, padding, groups, act) for fn in (ops.conv_bn_act, reference.conv_bn_act)]
-    eager = _conv_call(_eager_conv_bn_act, stride, padding, groups, act)
+    baseline = _conv_call(_eager_conv_bn_act, stride, padding, groups, act)
     limits = (shapes[0][1], shapes[1][-2:], [stride, stride], [padding, padding], groups)
-    return Case("conv_bn_act", shapes, *calls, eager, label=label, limit_args=limits, **kwargs)
+    return Case("conv_bn_act", shapes, *calls, baseline, label=label, limit_args=limits, **kwargs)
 
 
 def _eager_conv_bn_act(x, w, b, stride, padding, dilation, groups, act, s, t, r):
@@ -73,28 +73,28 @@ CASES = [
         [(2, 4, 257, 32)] * 3,
         ops.relu_linear_attention,
         reference.relu_linear_attention,
-        reference.efficientvit_relu_linear_attention,
+        eager.relu_linear_attention,
     ),
     Case(
         "lite_mla_attention",
         [(2, 4 * 3 * 32, 15, 17)],
         lambda qkv: ops.lite_mla_attention(qkv, 32),
         lambda qkv: reference.lite_mla_attention(qkv, 32),
-        lambda qkv: reference.efficientvit_lite_mla_attention(qkv, 32),
+        lambda qkv: eager.lite_mla_attention(qkv, 32),
     ),
     Case(
         "multiscale_aggregate",
         _aggregation_shapes(2, 16, (15, 17), (3, 5)),
         _aggregation_call(ops.multiscale_aggregate, 2, 2),
         _aggregation_call(reference.multiscale_aggregate, 2, 2),
-        _aggregation_call(reference.efficientvit_multiscale_aggregate, 2, 2),
+        _aggregation_call(eager.multiscale_aggregate, 2, 2),
     ),
     Case(
         "lite_mla_context",
         _aggregation_shapes(2, 16, (15, 17), (5,)),
         _aggregation_call(ops.lite_mla_context, 2, 1, 16),
         _aggregation_call(reference.lite_mla_context, 2, 1, 16),
-        _aggregation_call(reference.efficientvit_lite_mla_context, 2, 1, 16),
+        _aggregation_call(eager.lite_mla_context, 2, 1, 16),
     ),
     _conv_case(
         "conv_bn_act grouped 3x3/2",
@@ -165,7 +165,7 @@ def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) ->
     gen = torch.Generator().manual_seed(0)
     inputs = [(torch.randn(s, generator=gen) / (s[-1] if s[1] == 1 else 1)).to(device, dtype) for s in case.shapes]
     oracle = _outputs(case.ref, [x.double() for x in inputs], 1)
-    eager = _outputs(case.eager, inputs, 1)
+    baseline = _outputs(case.eager, inputs, 1)
     if forward_only(case.op, name):  # the backend's forward kernels, gradients from the backward "auto" picks
         with backend(name):
             forward = case.run(*inputs)
@@ -173,7 +173,7 @@ def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) ->
     else:
         with backend(name):
             got = _outputs(case.run, inputs, 1)
-    results = [(rel_err(g, o), tolerance(dtype, rel_err(e, o))) for g, e, o in zip(got, eager, oracle)]
+    results = [(rel_err(g, o), tolerance(dtype, rel_err(e, o))) for g, e, o in zip(got, baseline, oracle)]
     err, tol = max(results, key=lambda r: r[0] / r[1])
     return all(e <= t for e, t in results), err, tol
 

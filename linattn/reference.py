@@ -1,14 +1,17 @@
-"""Pure-PyTorch reference math of every linattn op.
+"""Pure-PyTorch reference math of every linattn op: the float64 oracle.
 
-These functions are the CPU kernels of the ops, the oracle of the tests and the
-baseline of the benchmarks. They favour clarity over speed. fp16/bf16 inputs are
-computed in fp32 (float64 stays float64) and the result is cast back to the
-input dtype, matching the kernels' contract of fp32 accumulation.
+Each op's forward and (written out) backward, the activations and the BatchNorm
+folding. The tests, `python -m linattn check` and the benchmarks compare against
+them, and they are the `reference` backend: the CPU kernels of the ops and, on
+CUDA tensors, PyTorch's own path (cuDNN, cuBLAS). They favour clarity over
+speed. fp16/bf16 inputs are computed in fp32 (float64 stays float64) and the
+result is cast back to the input dtype, matching the kernels' contract of fp32
+accumulation.
 
-`efficientvit_*` functions are different: they reproduce the official
-EfficientViT eager computation in the input dtype (v padded with a row of
-ones, two matmuls), the "eager" provider of benchmarks and the yardstick of the
-low-precision tolerances in the tests.
+The packed LiteMLA layout (docs/design.md 3.2) is defined here too, by
+`split_heads`, `merge_heads` and `split_packed_qkv`: the oracle computes through
+them, and the ops hand the same views to their kernels. EfficientViT's own
+eager formulation, in the input dtype, is `linattn.eager`.
 """
 
 import torch
@@ -58,6 +61,9 @@ def relu_linear_attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+# --- the packed LiteMLA layout (docs/design.md 3.2): the oracle, linattn.eager and the ops' kernel views ---
+
+
 def split_heads(x: torch.Tensor, dim: int) -> torch.Tensor:
     """(B, G*dim, H, W) feature map -> (B, G, H*W, dim) per-head view (a copy only if H, W can't merge)."""
     B, C, H, W = x.shape
@@ -80,6 +86,9 @@ def split_packed_qkv(qkv: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.T
     return heads[..., :dim], heads[..., dim : 2 * dim], heads[..., 2 * dim :]
 
 
+# --- the LiteMLA ops on the packed layout (docs/design.md 3.2, 3.3) ---
+
+
 def lite_mla_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
     """relu_linear_attention on the packed LiteMLA layout: (B, G*3*dim, H, W) -> (B, G*dim, H, W)."""
     q, k, v = split_packed_qkv(qkv, dim)
@@ -93,37 +102,6 @@ def lite_mla_attention_backward(
     q, k, v = split_packed_qkv(qkv, dim)
     grads = relu_linear_attention_backward(split_heads(grad_out, dim), q, k, v, eps)
     return merge_heads(torch.cat(grads, dim=-1), *qkv.shape[-2:])
-
-
-def efficientvit_relu_linear_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15
-) -> torch.Tensor:
-    """The official EfficientViT eager computation, in the input dtype (differentiable)."""
-    qr, kr = F.relu(q), F.relu(k)
-    v1 = F.pad(v, (0, 1), mode="constant", value=1.0)  # ones column: the last output is the denominator
-    vk = kr.transpose(-1, -2) @ v1  # (B, H, D, E+1)
-    out = qr @ vk
-    if out.dtype == torch.bfloat16:
-        out = out.float()
-    return (out[..., :-1] / (out[..., -1:] + eps)).to(q.dtype)
-
-
-def efficientvit_lite_mla_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
-    """The official EfficientViT eager computation on the packed layout, in the input dtype."""
-    q, k, v = split_packed_qkv(qkv, dim)
-    return merge_heads(efficientvit_relu_linear_attention(q, k, v, eps), *qkv.shape[-2:])
-
-
-def efficientvit_relu_quadratic_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
-    """The official EfficientViT eager quadratic attention (maps of at most `dim` tokens), packed layout.
-
-    Its precision: both matmuls in the input dtype, only the normalisation over keys in fp32.
-    """
-    q, k, v = split_packed_qkv(qkv, dim)
-    scores = F.relu(q) @ F.relu(k).transpose(-1, -2)  # (B, G, N queries, N keys)
-    wide = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    scores = (wide / (wide.sum(-1, keepdim=True) + eps)).to(qkv.dtype)
-    return merge_heads(scores @ v, *qkv.shape[-2:])
 
 
 def relu_quadratic_attention(qkv: torch.Tensor, dim: int, eps: float = 1e-15) -> torch.Tensor:
@@ -387,38 +365,3 @@ def upsample_block(
     """
     y = conv_bn_act(x, weight[:, :, None, None], bias, act=act, post_scale=post_scale, post_shift=post_shift)
     return F.pixel_shuffle(y, 2)
-
-
-# --- EfficientViT's eager LiteMLA context (benchmark baselines) ---
-
-
-def efficientvit_multiscale_aggregate(
-    qkv: torch.Tensor,
-    dw_weights: list[torch.Tensor],
-    pw_weights: list[torch.Tensor],
-    heads: int,
-    dw_biases: list[torch.Tensor | None] | None = None,
-    pw_biases: list[torch.Tensor | None] | None = None,
-) -> torch.Tensor:
-    """The official EfficientViT eager aggregation in the input dtype: per scale its `aggreg[s]` (a depthwise
-    conv, then a 1x1 conv with 3*heads groups), then `torch.cat([qkv, y_1, ..., y_S], 1)` (differentiable)."""
-    outs = [qkv]
-    for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
-        y = F.conv2d(qkv, wd, dw_biases[s] if dw_biases else None, padding=wd.shape[-1] // 2, groups=qkv.shape[1])
-        outs.append(F.conv2d(y, wp, pw_biases[s] if pw_biases else None, groups=3 * heads))
-    return torch.cat(outs, 1)
-
-
-def efficientvit_lite_mla_context(
-    qkv: torch.Tensor,
-    dw_weights: list[torch.Tensor],
-    pw_weights: list[torch.Tensor],
-    heads: int,
-    dim: int,
-    eps: float = 1e-15,
-    dw_biases: list[torch.Tensor | None] | None = None,
-    pw_biases: list[torch.Tensor | None] | None = None,
-) -> torch.Tensor:
-    """The official EfficientViT eager LiteMLA context in the input dtype: aggregation, cat, attention."""
-    multi_scale = efficientvit_multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
-    return efficientvit_lite_mla_attention(multi_scale, dim, eps)

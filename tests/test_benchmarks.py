@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from linattn._backend import status
+from linattn._table import dict_table, table
 from linattn.benchmarks import (
     bench_conv_bn_act,
     bench_e2e,
@@ -30,7 +31,6 @@ from linattn.benchmarks.common import (
     environment,
     lite_mla_shapes,
     load_results,
-    print_table,
     save_results,
     totals,
 )
@@ -52,13 +52,29 @@ def check_timing(row):
     assert row["min_ms"] <= row["ms"] <= row["max_ms"] and row["iqr_pct"] >= 0, row
 
 
-def test_bench_linear_attention_quick(tmp_path):
+def check_auto(rows, op_of=lambda row: row["op"]):
+    """The auto provider's rows record what linattn's dispatch ran: on CPU tensors the reference, one call of the
+    op (`op_of(row)`) per forward, and the backward's ops in fwd+bwd. Forced backends and eager record nothing."""
+    assert any(row["provider"] == "auto" for row in rows)
+    for row in rows:
+        if row["provider"] != "auto":
+            assert "auto_choices" not in row, row
+            continue
+        choices = row["auto_choices"]
+        if row["pass"] == "fwd":
+            assert choices == {f"{op_of(row)}:fwd": {"reference": 1}}, row
+        else:
+            assert f"{op_of(row)}:fwd" in choices and {b for c in choices.values() for b in c} == {"reference"}, row
+
+
+def test_bench_linear_attention_quick(tmp_path, capsys):
     # "cuda" cannot run on CPU tensors: it must give skipped rows, not end the run.
-    argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--backward", "--providers", "eager", "reference", "cuda"]
+    providers = ["eager", "reference", "auto", "cuda"]
+    argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--backward", "--providers", *providers]
     returned = bench_linear_attention.main([*argv, "--out", str(tmp_path)])
 
     rows = load_results(tmp_path / "linear_attention-quick-cpu.jsonl")
-    assert len(rows) == len(returned) == 2 * 3 * 2  # shapes x providers x (fwd, fwd+bwd)
+    assert len(rows) == len(returned) == 2 * len(providers) * 2  # shapes x providers x (fwd, fwd+bwd)
     with (tmp_path / "linear_attention-quick-cpu.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     for row in rows:
@@ -75,11 +91,16 @@ def test_bench_linear_attention_quick(tmp_path):
         check_timing(row)
     # the attention of each quick stage: (1 + scales) x heads per branch
     assert {(r["shape"], r["heads"]) for r in rows} == {("B2 H4 8x8", 4), ("B2 H4 6x10", 4)}
+    check_auto(rows)
+    fwd_bwd = next(r for r in rows if r["provider"] == "auto" and r["pass"] == "fwd+bwd")
+    assert fwd_bwd["auto_choices"] == {f"lite_mla_attention:{p}": {"reference": 1} for p in ("bwd", "fwd")}
+    out = capsys.readouterr().out  # the printed table shows what auto ran, and says what the column is
+    assert "lite_mla_attention:fwd reference 1" in out and common.AUTO_LEGEND in out
     pytest.importorskip("matplotlib")
     assert (tmp_path / "linear_attention-quick-cpu.png").stat().st_size > 0
 
 
-def test_save_results_appends_and_print_table(tmp_path, capsys):
+def test_save_results_appends(tmp_path):
     env = environment("cpu")
     assert set(ENV_FIELDS) <= env.keys() and env["device"].startswith("cpu")
     save_results([{"provider": "eager", "ms": 1.5}], tmp_path, "demo", env)
@@ -92,11 +113,23 @@ def test_save_results_appends_and_print_table(tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert [r["provider"] for r in table] == ["eager", "triton"] and table[0]["note"] == ""  # union of columns
 
-    print_table([{"provider": "eager", "ms": 1.5}, {"provider": "triton", "ms": None}], ["provider", "ms"])
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["provider", "ms"]
-    assert [line.split() for line in out[2:]] == [["eager", "1.500"], ["triton", "-"]]
-    assert len({len(line) for line in out}) == 1  # aligned: numbers right-justified to the header's width
+
+def test_one_table_printer():
+    """linattn._table prints every table: the command line's left-aligned, the benchmarks' rows (dicts) with their
+    numbers right-aligned, floats rounded, missing values as "-" and auto's choices as "op:pass backend calls"."""
+    assert table([["name", "n"], ["triton", "12"]]) == "name    n\n------  --\ntriton  12"
+    assert table([["name", "n"], ["triton", "2"]], right=[False, True]) == "name    n\n------  -\ntriton  2"
+    rows = [
+        {"provider": "eager", "ms": 1.5, "reps": 10},
+        {"provider": "auto", "ms": None, "reps": 3, "auto_choices": {"op:fwd": {"triton": 1}}},
+    ]
+    lines = dict_table(rows, ["provider", "ms", "reps", "auto_choices"]).splitlines()
+    assert lines == [
+        "provider     ms  reps  auto_choices",
+        "--------  -----  ----  ---------------",
+        "eager     1.500    10  -",
+        "auto          -     3  op:fwd triton 1",
+    ]
 
 
 def check_lite_mla_rows(rows, skipped):
@@ -120,7 +153,7 @@ def check_lite_mla_rows(rows, skipped):
 
 def test_bench_multiscale_quick(tmp_path):
     # cuda cannot run CPU tensors and compile-max-autotune only runs at --max-autotune-batch: skipped rows
-    providers = ["eager", "reference", "cuda", "compile-max-autotune"]
+    providers = ["eager", "reference", "auto", "cuda", "compile-max-autotune"]
     argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--backward", "--max-autotune-batch", "16"]
     returned = bench_multiscale.main([*argv, "--providers", *providers, "--out", str(tmp_path)])
 
@@ -133,6 +166,7 @@ def test_bench_multiscale_quick(tmp_path):
             assert len(list(csv.DictReader(f))) == len(rows)
         skipped = {"cuda": cuda_skip(op), "compile-max-autotune": "only at --max-autotune"}
         check_lite_mla_rows(rows, skipped)
+        check_auto(rows)
         for shape in shapes:
             mine = [r for r in rows if r["shape"] == shape.label]
             assert {(r["provider"], r["pass"]) for r in mine} == {(p, q) for p in providers for q in ("fwd", "fwd+bwd")}
@@ -148,7 +182,7 @@ def test_bench_multiscale_quick(tmp_path):
 
 
 def test_bench_lite_mla_quick(tmp_path):
-    providers = ["eager", "reference", "cuda", "compile-max-autotune"]
+    providers = ["eager", "reference", "auto", "cuda", "compile-max-autotune"]
     argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--max-autotune-batch", "16"]
     returned = bench_lite_mla.main([*argv, "--providers", *providers, "--out", str(tmp_path)])
 
@@ -162,6 +196,7 @@ def test_bench_lite_mla_quick(tmp_path):
         assert row["pass"] == "fwd" and row["flops"] > 0
         if row["ms"] is not None:
             assert row["img_s"] == pytest.approx(row["batch"] * 1e3 / row["ms"]) and row["tflops"] > 0
+    check_auto(rows, lambda row: "lite_mla_context")  # the block's fused op
     pytest.importorskip("matplotlib")
     assert (tmp_path / "lite_mla-quick-cpu.png").stat().st_size > 0
 
@@ -186,7 +221,7 @@ def test_eager_lite_mla_is_timm_lite_mla():
 
 def test_bench_conv_bn_act_quick(tmp_path):
     # cuda cannot run CPU tensors, compile-max-autotune only runs at --max-autotune-batch: skipped rows
-    providers = ["eager", "eager-folded", "reference", "cuda", "compile-max-autotune"]
+    providers = ["eager", "eager-folded", "reference", "auto", "cuda", "compile-max-autotune"]
     argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--max-autotune-batch", "16"]
     returned = bench_conv_bn_act.main([*argv, "--providers", *providers, "--out", str(tmp_path)])
 
@@ -226,6 +261,7 @@ def test_bench_conv_bn_act_quick(tmp_path):
         assert row["speedup_vs_eager"] > 0 and row["speedup_vs_eager_folded"] > 0, row
         assert row["speedup_vs_compile"] is None and row["speedup_vs_max_autotune"] is None, row
     assert {r["kind"] for r in rows} == {"dense", "depthwise", "upsample"}
+    check_auto(rows, lambda row: "upsample_block" if row["kind"] == "upsample" else "conv_bn_act")
     pytest.importorskip("matplotlib")
     assert (tmp_path / "conv_bn_act-quick-cpu.png").stat().st_size > 0
 

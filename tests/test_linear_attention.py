@@ -5,7 +5,7 @@ import torch
 from utils import assert_close, kernel_targets, rel_err, tolerance
 
 import linattn
-from linattn import reference
+from linattn import eager, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -55,7 +55,7 @@ def reference_grads(q, k, v, g, eps):
 def eager_errors(q, k, v, g, eps, ref_out, ref_grads):
     """Errors of the official eager computation in the inputs' dtype: the yardstick of docs/design.md 8."""
     qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = reference.efficientvit_relu_linear_attention(qe, ke, ve, eps)
+    out = eager.relu_linear_attention(qe, ke, ve, eps)
     out.backward(g)
     return rel_err(out, ref_out), [rel_err(t.grad, r) for t, r in zip((qe, ke, ve), ref_grads)]
 
@@ -139,7 +139,7 @@ def test_fp16_large_activations_do_not_overflow(target):
     device = target[1]
     q, k, v = (make((1, 2, 1031, 32), torch.float16, device, scale=60.0, seed=s) for s in (14, 15, 16))
     ref = reference.relu_linear_attention(q.double(), k.double(), v.double())
-    assert not torch.isfinite(reference.efficientvit_relu_linear_attention(q, k, v)).all()
+    assert not torch.isfinite(eager.relu_linear_attention(q, k, v)).all()
     out = torch.full(v.shape, float("nan"), dtype=v.dtype, device=device)
     launch(target[0], q, k, v, 1e-15, [out])
     # the only unavoidable error is rounding the result to fp16; allow twice that
@@ -188,9 +188,9 @@ def test_lite_mla_attention(target, dtype, heads, dim, hw, channels_last):
     ref = reference.lite_mla_attention(q64, dim)
     ref.backward(g.double())
     qe = qkv.detach().clone().requires_grad_()
-    eager = reference.efficientvit_lite_mla_attention(qe, dim)
-    eager.backward(g)
-    assert_close(out, ref, tolerance(dtype, rel_err(eager, ref)), "out")
+    baseline = eager.lite_mla_attention(qe, dim)
+    baseline.backward(g)
+    assert_close(out, ref, tolerance(dtype, rel_err(baseline, ref)), "out")
     assert_close(qkv.grad, q64.grad, tolerance(dtype, rel_err(qe.grad, q64.grad)), "dqkv")
 
 
@@ -236,7 +236,7 @@ def test_efficientvit_eager_equals_reference():
     gen = torch.Generator().manual_seed(23)
     qkv = torch.randn(2, 2 * 3 * 8, 5, 7, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(
-        reference.efficientvit_lite_mla_attention(qkv, 8), reference.lite_mla_attention(qkv, 8), rtol=1e-12, atol=1e-12
+        eager.lite_mla_attention(qkv, 8), reference.lite_mla_attention(qkv, 8), rtol=1e-12, atol=1e-12
     )
 
 

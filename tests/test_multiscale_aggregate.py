@@ -4,7 +4,7 @@ import pytest
 import torch
 from utils import assert_close, kernel_targets, rel_err, tolerance
 
-from linattn import reference
+from linattn import eager, reference
 
 
 def make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last=False, seed=0):
@@ -66,16 +66,16 @@ def test_kernels(target, case):
     e_dbs = leaves[1 + 2 * S : 1 + 3 * S] if bias else []
     e_pbs = leaves[1 + 3 * S :] if bias else []
     e_dws, e_pws = leaves[1 : 1 + S], leaves[1 + S : 1 + 2 * S]
-    eager = reference.efficientvit_multiscale_aggregate(leaves[0], e_dws, e_pws, heads, e_dbs, e_pbs)
+    baseline = eager.multiscale_aggregate(leaves[0], e_dws, e_pws, heads, e_dbs, e_pbs)
 
     out = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
     launch(name, qkv, dws, pws, heads, dbs, pbs, out=out)
-    assert_close(out, ref, tolerance(dtype, rel_err(eager, ref)), "out")
+    assert_close(out, ref, tolerance(dtype, rel_err(baseline, ref)), "out")
 
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     want = reference.multiscale_aggregate_backward(g.double(), qkv.double(), f64(dws), f64(pws), heads, f64(dbs))
     got = launch(name, qkv, dws, pws, heads, dbs, pbs, grad_out=g)
-    eager.backward(g)
+    baseline.backward(g)
     labels = ["dqkv"] + [f"{what}[{s}]" for what in ("d_dw", "d_pw", "d_dw_bias", "d_pw_bias") for s in range(S)]
     # without biases only qkv and the weights are leaves; the bias gradients are compared when biases exist
     for label, got_t, want_t, leaf in zip(labels, flatten(got), flatten(want), leaves):

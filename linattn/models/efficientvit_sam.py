@@ -16,7 +16,7 @@ checkpoint loads with strict=True (see `linattn.models.load_checkpoint`), e.g.
 Everything is eager PyTorch, as the official code computes it (the `eager`
 baseline of the benchmarks): stock nn.Conv2d / nn.BatchNorm2d /
 nn.GELU(approximate="tanh") grouped in ConvLayer containers (`conv`, `norm`,
-`act`), and the official LiteMLA's attention; `linattn.optimize` recognises
+`act`), and the official LiteMLA's attention (`linattn.eager`); `linattn.optimize` recognises
 both and swaps in the fused modules. Norms use eps 1e-6, as the official
 SAM model zoo sets them.
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import reference
+from .. import eager
 
 __all__ = [
     "PIXEL_MEAN",
@@ -224,12 +224,12 @@ class LiteMLA(nn.Module):
         self.proj = ConvLayer(total_dim * (1 + len(scales)), out_channels, 1, norm=True, act=False)
 
     def relu_quadratic_att(self, qkv: Tensor) -> Tensor:
-        return reference.efficientvit_relu_quadratic_attention(qkv, self.dim, self.eps)
+        return eager.relu_quadratic_attention(qkv, self.dim, self.eps)
 
     def relu_linear_att(self, qkv: Tensor) -> Tensor:
         # EfficientViT computes fp16 in fp32 (its bf16 matmuls stay bf16, the division in fp32)
         wide = qkv.float() if qkv.dtype == torch.float16 else qkv
-        return reference.efficientvit_lite_mla_attention(wide, self.dim, self.eps).to(qkv.dtype)
+        return eager.lite_mla_attention(wide, self.dim, self.eps).to(qkv.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(x)
