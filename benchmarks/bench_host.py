@@ -1,0 +1,591 @@
+"""Host time per op call, on the CPU: each linattn op against the eager PyTorch it replaces, and where linattn's own
+time goes (pytest-benchmark: statistics, saved runs, --benchmark-compare).
+
+Not part of `python -m pytest` (testpaths is tests/, and bench_*.py is not a test file name); run it by name:
+
+    python -m pytest benchmarks/bench_host.py --benchmark-only \\
+        --benchmark-storage=benchmarks/results/host --benchmark-save=cpu
+    python -m pytest benchmarks/bench_host.py --benchmark-only \\
+        --benchmark-storage=benchmarks/results/host --benchmark-compare   # against the latest saved run
+
+The tensors are tiny (B=1, a few channels, 4x4 maps, fp32), so the math is small and what is timed is host work:
+Python, the dispatcher, allocation. Every call runs with one intra-op thread and a warm-up. These are CPU
+timings (time.perf_counter), labelled so in every row's extra_info; compare runs from one machine only.
+tests/test_bench_host.py runs every case once (no timing), so the benchmark does not rot.
+
+Test ids are `<op>-<variant>`, one group per op (its variants side by side):
+
+  linattn             linattn.<op>(...), backend "auto" (on CPU tensors: the reference kernel)
+  torch.ops           torch.ops.linattn.<op>(...) on normalised arguments: no functional wrapper
+  body                the op's registered Python function, called directly: no dispatcher
+  inference_mode      linattn under torch.inference_mode(): the custom op's Python autograd wrapper is skipped
+  reference           linattn.reference.<op>: the math the CPU kernel runs, without checks, dispatch or copy
+  eager               the eager PyTorch the fused op replaces (official EfficientViT formulation, from
+                      linattn.eager if that module exists, else linattn.reference's efficientvit_*; conv,
+                      ReLU and BatchNorm for SqueezeSAM's blocks)
+  validation          the op's argument checks alone (check_conv, check_aggregation, ...)
+  resolve             linattn._backend.resolve as the op calls it on CPU tensors ("auto": the reference)
+  resolve-gpu         resolve as on a CUDA device whose measured choice is in the table: every implementation's
+                      reasons, the call key and the lookup (simulated: device name patched, table seeded)
+  call-key            linattn._tune.call_key alone, the string resolve-gpu builds per call
+  triton-launch       backend "triton" with every Triton kernel replaced by a stub that takes the launch and
+                      returns: linattn's host path on a GPU (wrapper, dispatch, checks, allocation, launcher
+                      heuristics with H100's, grids, argument lists) without Triton's launch (it needs a GPU)
+                      and without the kernel; extra_info["launches"] counts each launch's arguments
+  triton-launch-body  the same on the op's registered Python function (no dispatcher): checks, allocation,
+                      resolve and the launcher; less validation and allocation, the launcher's own host time
+  triton-interpreter  the same call on the real kernels under TRITON_INTERPRET=1: timed in a group of its own,
+                      3 rounds; it measures the interpreter running the kernel in numpy, not launch cost
+
+and the group "dispatch": the custom-op machinery on a trivial body (torch.empty_like), allocation, views, and
+triton.cdiv called from host code (a ConstexprFunction in Triton 3.x) against plain integer arithmetic.
+"""
+
+import contextlib
+import importlib
+import os
+import pkgutil
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linattn
+from linattn import _backend, _tune, reference
+from linattn.ops._common import kernel_problem, new_feature_map
+
+if not torch.cuda.is_available():  # before triton is first imported: linattn imports its kernels on first use
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+OPS = (
+    "relu_linear_attention",
+    "lite_mla_attention",
+    "multiscale_aggregate",
+    "lite_mla_context",
+    "conv_bn_act",
+    "upsample_block",
+)
+VARIANTS = (
+    "linattn",
+    "torch.ops",
+    "body",
+    "inference_mode",
+    "reference",
+    "eager",
+    "validation",
+    "resolve",
+    "resolve-gpu",
+    "call-key",
+    "triton-launch",
+    "triton-launch-body",
+    "triton-interpreter",
+)
+DISPATCH = (
+    "python-function",
+    "aten-empty_like",
+    "custom_op",
+    "custom_op-default",
+    "custom_op-autograd",
+    "custom_op-autograd-inference_mode",
+    "new_feature_map",
+    "copy_",
+    "packed-views",
+    "import-in-function",
+    "triton-cdiv",
+    "python-cdiv",
+)
+INTERPRETER_ROUNDS = 3
+# one intra-op thread, as a GPU's host path runs: on a shared machine an OpenMP region whose second thread is
+# descheduled stalls a tiny conv for milliseconds (seen here: 35 ms instead of 10 us with 2 threads under load)
+THREADS = 1
+
+# tiny problems: B=1, 2 heads of dim 8, 4x4 maps (N = 16), 8-channel convs; fp32
+B, HEADS, DIM, HW, EPS = 1, 2, 8, 4, 1e-15
+C_QKV = 3 * HEADS * DIM
+C_CONV = 8
+KSIZE = 3  # EfficientViT-SAM-XL's aggregation scale (L: 5)
+
+
+class Unavailable(Exception):
+    """This variant cannot run here (the reason says why); the benchmark skips it."""
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+LABEL = {
+    "device": f"cpu ({_cpu_name()}, {os.cpu_count()} cores)",
+    "timer": "perf_counter (CPU)",
+    "torch": torch.__version__,
+    "torch_threads": THREADS,
+    "dtype": "float32",
+}
+
+
+def eager_function(name: str) -> tuple[Callable, str]:
+    """The eager EfficientViT formulation of op `name` and where it came from: linattn.eager's
+    `efficientvit_<name>` (or `<name>`) if that module exists, else linattn.reference's `efficientvit_<name>`."""
+    try:
+        eager = importlib.import_module("linattn.eager")
+    except ImportError:
+        eager = None
+    candidates = [(eager, f"efficientvit_{name}"), (eager, name)] if eager else []
+    for module, attr in [*candidates, (reference, f"efficientvit_{name}")]:
+        fn = getattr(module, attr, None)
+        if callable(fn):
+            return fn, f"{module.__name__}.{attr}"
+    raise Unavailable(f"no eager formulation of {name} in linattn.eager or linattn.reference")
+
+
+@dataclass
+class Case:
+    """One op on tiny inputs: each callable runs one form of the call."""
+
+    op: str
+    shapes: str
+    fused: Callable[[], object]  # linattn.<op>(...)
+    raw_args: tuple  # torch.ops.linattn.<op>'s arguments
+    reference: Callable[[], object]
+    eager: Callable[[], object]
+    eager_source: str
+    validation: Callable[[], object]
+    resolve_inputs: tuple  # what the op hands resolve as `inputs` (the call key is built from them)
+    resolve: Callable[[torch.device], str]  # the op's resolve call, on a device
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen)
+
+
+def _relu_linear_attention(gen) -> Case:
+    from linattn.ops.linear_attention import _check_qkv
+
+    op = "relu_linear_attention"
+    q, k, v = (_randn(gen, B, HEADS, HW * HW, DIM) for _ in range(3))
+    out = torch.empty_like(v)
+    inputs = (q, k, v, EPS, out)
+    eager, source = eager_function(op)
+    return Case(
+        op,
+        f"q, k, v ({B}, {HEADS}, {HW * HW}, {DIM})",
+        fused=lambda: linattn.relu_linear_attention(q, k, v, EPS),
+        raw_args=(q, k, v, EPS),
+        reference=lambda: reference.relu_linear_attention(q, k, v, EPS),
+        eager=lambda: eager(q, k, v, EPS),
+        eager_source=source,
+        validation=lambda: _check_qkv(op, q, k, v, EPS),
+        resolve_inputs=inputs,
+        resolve=lambda device: _backend.resolve(
+            op, "fwd", device, kernel_problem(q), runner=lambda b: None, inputs=inputs
+        ),
+    )
+
+
+def _lite_mla_attention(gen) -> Case:
+    from linattn.ops.linear_attention import _check_packed
+
+    op = "lite_mla_attention"
+    qkv = _randn(gen, B, C_QKV, HW, HW)
+    out = torch.empty(B, HEADS * DIM, HW, HW)
+    inputs = (*reference.split_packed_qkv(qkv, DIM), EPS, reference.split_heads(out, DIM))
+    eager, source = eager_function(op)
+    return Case(
+        op,
+        f"qkv ({B}, {C_QKV}, {HW}, {HW}), dim {DIM}",
+        fused=lambda: linattn.lite_mla_attention(qkv, DIM, EPS),
+        raw_args=(qkv, DIM, EPS),
+        reference=lambda: reference.lite_mla_attention(qkv, DIM, EPS),
+        eager=lambda: eager(qkv, DIM, EPS),
+        eager_source=source,
+        validation=lambda: _check_packed(op, qkv, DIM, EPS),
+        resolve_inputs=inputs,
+        resolve=lambda device: _backend.resolve(
+            op, "fwd", device, kernel_problem(qkv), runner=lambda b: None, inputs=inputs
+        ),
+    )
+
+
+def _aggregation(gen):
+    qkv = _randn(gen, B, C_QKV, HW, HW)
+    dws = [_randn(gen, C_QKV, 1, KSIZE, KSIZE) * 0.2]
+    pws = [_randn(gen, C_QKV, DIM, 1, 1) * 0.3]
+    return qkv, dws, pws
+
+
+def _multiscale_aggregate(gen) -> Case:
+    from linattn.ops.multiscale_aggregate import check_aggregation
+
+    op = "multiscale_aggregate"
+    qkv, dws, pws = _aggregation(gen)
+    out = torch.empty(B, 2 * C_QKV, HW, HW)
+    inputs = (qkv, dws, pws, HEADS, [], [], out)
+    eager, source = eager_function(op)
+    return Case(
+        op,
+        f"qkv ({B}, {C_QKV}, {HW}, {HW}), {HEADS} heads, one {KSIZE}x{KSIZE} scale",
+        fused=lambda: linattn.multiscale_aggregate(qkv, dws, pws, HEADS),
+        raw_args=(qkv, dws, pws, HEADS, [], []),
+        reference=lambda: reference.multiscale_aggregate(qkv, dws, pws, HEADS),
+        eager=lambda: eager(qkv, dws, pws, HEADS),
+        eager_source=source,
+        validation=lambda: check_aggregation(op, qkv, dws, pws, HEADS, [], []),
+        resolve_inputs=inputs,
+        resolve=lambda device: _backend.resolve(
+            op, "fwd", device, kernel_problem(qkv), runner=lambda b: None, inputs=inputs
+        ),
+    )
+
+
+def _lite_mla_context(gen) -> Case:
+    from linattn.ops.lite_mla_context import _check
+
+    op = "lite_mla_context"
+    qkv, dws, pws = _aggregation(gen)
+    inputs = (qkv, dws, pws, HEADS, DIM, EPS, [], [])
+    eager, source = eager_function(op)
+    return Case(
+        op,
+        f"qkv ({B}, {C_QKV}, {HW}, {HW}), {HEADS} heads of dim {DIM}, one {KSIZE}x{KSIZE} scale",
+        fused=lambda: linattn.lite_mla_context(qkv, dws, pws, HEADS, DIM, EPS),
+        raw_args=inputs,
+        reference=lambda: reference.lite_mla_context(qkv, dws, pws, HEADS, DIM, EPS),
+        eager=lambda: eager(qkv, dws, pws, HEADS, DIM, EPS),
+        eager_source=source,
+        validation=lambda: _check(*inputs),
+        resolve_inputs=inputs,
+        resolve=lambda device: _backend.resolve(
+            op, "fwd", device, kernel_problem(qkv), runner=lambda b: None, inputs=inputs
+        ),
+    )
+
+
+def _batch_norm(gen, C: int) -> tuple:
+    """Eval-mode BatchNorm statistics and parameters (mean, var, gamma, beta, eps)."""
+    return _randn(gen, C) * 0.1, torch.rand(C, generator=gen) + 0.5, torch.rand(C, generator=gen) + 0.5, _randn(gen, C)
+
+
+def _conv_bn_act(gen) -> Case:
+    from linattn.ops.conv_bn_act import check_conv
+
+    op = "conv_bn_act"
+    x = _randn(gen, B, C_CONV, HW, HW)
+    w, b = _randn(gen, C_CONV, C_CONV, 3, 3) * 0.2, _randn(gen, C_CONV)
+    bn = _batch_norm(gen, C_CONV)
+    scale, shift = reference.bn_affine(*bn, eps=1e-5)  # BN after the ReLU (SqueezeSAM), once at fold time
+    one, pad = [1, 1], [1, 1]
+    raw = (x, w, b, one, pad, one, 1, "relu", scale, shift, None)
+    out = torch.empty(B, C_CONV, HW, HW)
+    limits = (C_CONV, w.shape[-2:], one, pad, 1)
+    inputs = (*raw, out)
+    return Case(
+        op,
+        f"x ({B}, {C_CONV}, {HW}, {HW}), 3x3 conv to {C_CONV}, padding 1, ReLU, BN after",
+        fused=lambda: linattn.conv_bn_act(x, w, b, padding=1, act="relu", post_scale=scale, post_shift=shift),
+        raw_args=raw,
+        reference=lambda: reference.conv_bn_act(x, w, b, 1, 1, 1, 1, "relu", scale, shift),
+        eager=lambda: F.batch_norm(F.relu(F.conv2d(x, w, b, padding=1)), *bn, False, 0.0, 1e-5),
+        eager_source="F.conv2d + F.relu + F.batch_norm (eval), SqueezeSAM's conv unit",
+        validation=lambda: check_conv(op, *raw),
+        resolve_inputs=inputs,
+        resolve=lambda device: _backend.resolve(
+            op, "fwd", device, kernel_problem(x), limits, runner=lambda b: None, inputs=inputs
+        ),
+    )
+
+
+def _upsample_block(gen) -> Case:
+    from linattn.ops.conv_bn_act import check_upsample
+
+    op = "upsample_block"
+    co = C_CONV // 2
+    x = _randn(gen, B, C_CONV, HW, HW)
+    w, b = _randn(gen, 4 * co, C_CONV) * 0.3, _randn(gen, 4 * co)
+    w4 = w[:, :, None, None].contiguous()  # the eager module's 1x1 conv weight
+    bn = _batch_norm(gen, co)
+    scale, shift = (t.repeat_interleave(4) for t in reference.bn_affine(*bn, eps=1e-5))  # pre-shuffle order
+    out = torch.empty(B, co, 2 * HW, 2 * HW)
+    one, zero = [1, 1], [0, 0]
+    limits = (C_CONV, w4.shape[-2:], one, zero, 1)
+    inputs = (x, w4, b, one, zero, one, 1, "relu", scale, shift, None, out)
+    return Case(
+        op,
+        f"x ({B}, {C_CONV}, {HW}, {HW}) -> ({B}, {co}, {2 * HW}, {2 * HW}), ReLU, BN after the shuffle",
+        fused=lambda: linattn.upsample_block(x, w, b, scale, shift, act="relu"),
+        raw_args=(x, w, b, scale, shift, "relu"),
+        reference=lambda: reference.upsample_block(x, w, b, scale, shift, act="relu"),
+        eager=lambda: F.batch_norm(F.pixel_shuffle(F.relu(F.conv2d(x, w4, b)), 2), *bn, False, 0.0, 1e-5),
+        eager_source="F.conv2d 1x1 + F.relu + F.pixel_shuffle + F.batch_norm (eval), SqueezeSAM's UpsampleBlock",
+        validation=lambda: check_upsample(x, w, b, scale, shift, "relu"),
+        resolve_inputs=inputs,
+        resolve=lambda device: _backend.resolve(
+            op, "fwd", device, kernel_problem(x), limits, runner=lambda b: None, inputs=inputs
+        ),
+    )
+
+
+CASES = {
+    "relu_linear_attention": _relu_linear_attention,
+    "lite_mla_attention": _lite_mla_attention,
+    "multiscale_aggregate": _multiscale_aggregate,
+    "lite_mla_context": _lite_mla_context,
+    "conv_bn_act": _conv_bn_act,
+    "upsample_block": _upsample_block,
+}
+
+
+def case(op: str) -> Case:
+    return CASES[op](torch.Generator().manual_seed(0))
+
+
+# ---- the Triton paths -------------------------------------------------------------------------
+
+
+def triton_unavailable() -> str | None:
+    if torch.cuda.is_available():
+        return "a GPU is here: time launches on it (benchmarks/bench_*.py), not through stubs or the interpreter"
+    return _backend.unavailable("triton", torch.device("cpu"))
+
+
+@dataclass
+class Launches:
+    """What the stubs saw while `on`: one entry per launch, the kernel and how many arguments it was handed."""
+
+    on: bool = True
+    seen: list = field(default_factory=list)
+
+
+class NoLaunch:
+    """Stands in for a Triton kernel: takes `kernel[grid](*args, **kwargs)` and returns without launching."""
+
+    def __init__(self, name: str, launches: Launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        if self.launches.on:
+            self.launches.seen.append({"kernel": self.name, "args": len(args), "keywords": len(kwargs)})
+
+
+@contextlib.contextmanager
+def triton_launch_stubs():
+    """Within the block, linattn's Triton kernels are stubs (NoLaunch) and the launchers choose as on an H100:
+    a forced-triton call runs every bit of linattn's host path and launches nothing. Yields the Launches."""
+    from triton.runtime.jit import KernelInterface
+
+    from linattn import kernels
+    from linattn.kernels._device import H100
+
+    launches = Launches()
+    saved = []
+    # every module imported before any is patched: one imported later would bind the stubs of its imports
+    modules = [importlib.import_module(f"{kernels.__name__}.{i.name}") for i in pkgutil.iter_modules(kernels.__path__)]
+    for module in modules:
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, KernelInterface):
+                saved.append((module, name, obj))
+                setattr(module, name, NoLaunch(name, launches))
+        if hasattr(module, "device_of"):
+            saved.append((module, "device_of", module.device_of))
+            module.device_of = lambda t: H100
+    try:
+        with linattn.backend("triton"):
+            yield launches
+    finally:
+        for module, name, obj in reversed(saved):
+            setattr(module, name, obj)
+
+
+SIMULATED_GPU = "simulated GPU (linattn bench_host)"
+
+
+@contextlib.contextmanager
+def simulated_gpu_table(op: str, inputs: tuple):
+    """Within the block, measured dispatch runs as on a GPU whose table holds this call's choice ("triton"):
+    the device name is patched (no CUDA is touched), the key seeded, and LINATTN_TUNE=0 so a miss never times."""
+    saved_name, saved_tune = _tune._device_name, os.environ.get("LINATTN_TUNE")
+    _tune._device_name = lambda device: SIMULATED_GPU
+    os.environ["LINATTN_TUNE"] = "0"
+    _tune.table(SIMULATED_GPU)[_tune.call_key(op, "fwd", inputs)] = "triton"
+    try:
+        yield None
+    finally:
+        _tune._device_name = saved_name
+        if saved_tune is None:
+            os.environ.pop("LINATTN_TUNE", None)
+        else:
+            os.environ["LINATTN_TUNE"] = saved_tune
+        _tune._tables.pop(_tune.table_name(SIMULATED_GPU), None)
+
+
+# ---- the custom-op machinery on a trivial body ------------------------------------------------
+
+
+def _trivial(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def bench_ops():
+    """Two custom ops with a trivial body (torch.empty_like), registered as linattn registers its ops
+    (device_types cpu and cuda): `linattn_bench::bare` with nothing else, `linattn_bench::with_autograd` with
+    register_fake and register_autograd. Registered on first use, once per process."""
+    ns = torch.ops.linattn_bench
+    if not hasattr(ns, "bare"):
+        torch.library.custom_op("linattn_bench::bare", _trivial, mutates_args=(), device_types=("cpu", "cuda"))
+        op = torch.library.custom_op(
+            "linattn_bench::with_autograd", _trivial, mutates_args=(), device_types=("cpu", "cuda")
+        )
+        op.register_fake(_trivial)
+        op.register_autograd(lambda ctx, g: torch.zeros_like(g), setup_context=lambda ctx, inputs, output: None)
+    return ns.bare, ns.with_autograd
+
+
+def _import_in_function():
+    from linattn.ops._common import kernel_problem  # what the ops do per call before a kernel backend
+
+    return kernel_problem
+
+
+# ---- what a test id runs ----------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    fn: Callable[[], object]
+    group: str
+    info: dict
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    rounds: int | None = None  # fixed rounds (benchmark.pedantic) for slow calls; None: pytest-benchmark calibrates
+
+
+def _dispatch(variant: str) -> Bench:
+    x = torch.randn(B, C_CONV, HW, HW)
+    qkv, out = torch.randn(B, C_QKV, HW, HW), torch.empty(B, HEADS * DIM, HW, HW)
+    y = torch.randn(B, C_CONV, HW, HW)
+    bare, with_autograd = bench_ops()
+    calls = {
+        "python-function": (lambda: _trivial(x), "a Python function whose body is torch.empty_like(x)"),
+        "aten-empty_like": (lambda: torch.empty_like(x), "torch.empty_like(x): one aten op"),
+        "custom_op": (lambda: bare(x), "torch.ops.linattn_bench.bare(x): custom_op, body empty_like"),
+        "custom_op-default": (lambda: bare.default(x), "the same through its OpOverload (.default)"),
+        "custom_op-autograd": (lambda: with_autograd(x), "custom_op with register_fake and register_autograd"),
+        "custom_op-autograd-inference_mode": (lambda: with_autograd(x), "the same under torch.inference_mode()"),
+        "new_feature_map": (lambda: new_feature_map(x, C_CONV, HW, HW), "linattn's output allocation"),
+        "copy_": (lambda: x.copy_(y), "out.copy_(y), the reference path's extra copy into the op's output"),
+        "packed-views": (
+            lambda: (reference.split_packed_qkv(qkv, DIM), reference.split_heads(out, DIM)),
+            "split_packed_qkv + split_heads: the views lite_mla_attention hands its kernels",
+        ),
+        "import-in-function": (_import_in_function, "a `from ... import` statement in a function body"),
+        "python-cdiv": (lambda: -(-HW * HW // 64), "-(-a // b): a ceiling division in plain Python"),
+    }
+    if variant == "triton-cdiv":
+        if why := _backend._triton_missing():
+            raise Unavailable(why)
+        import triton
+
+        calls[variant] = (lambda: triton.cdiv(HW * HW, 64), "triton.cdiv(a, b) from host code, as launchers call it")
+    fn, what = calls[variant]
+    context = torch.inference_mode if variant.endswith("inference_mode") else contextlib.nullcontext
+    return Bench(fn, "dispatch", {"op": "dispatch", "variant": variant, "runs": what, **LABEL}, context)
+
+
+def build(op: str, variant: str) -> Bench:
+    """What test id `<op>-<variant>` times; raises Unavailable when it cannot run here."""
+    if op == "dispatch":
+        return _dispatch(variant)
+    c = case(op)
+    info = {"op": op, "variant": variant, "shapes": c.shapes, **LABEL}
+    raw_op = getattr(torch.ops.linattn, op)
+    if variant == "linattn":
+        return Bench(c.fused, op, {**info, "runs": f"linattn.{op}, backend auto"})
+    if variant == "torch.ops":
+        return Bench(lambda: raw_op(*c.raw_args), op, {**info, "runs": f"torch.ops.linattn.{op}"})
+    if variant in ("body", "triton-launch-body"):
+        from torch._library.custom_ops import OPDEFS
+
+        body = OPDEFS[f"linattn::{op}"]._init_fn  # the function custom_op registered, undecorated
+    if variant == "body":
+        return Bench(lambda: body(*c.raw_args), op, {**info, "runs": f"linattn::{op}'s Python function, no dispatcher"})
+    if variant == "inference_mode":
+        return Bench(c.fused, op, {**info, "runs": f"linattn.{op} under torch.inference_mode()"}, torch.inference_mode)
+    if variant == "reference":
+        return Bench(c.reference, op, {**info, "runs": f"linattn.reference.{op}"})
+    if variant == "eager":
+        return Bench(c.eager, op, {**info, "runs": c.eager_source})
+    if variant == "validation":
+        return Bench(c.validation, op, {**info, "runs": "the op's argument checks"})
+    if variant == "resolve":
+        cpu = torch.device("cpu")
+        return Bench(lambda: c.resolve(cpu), op, {**info, "runs": "linattn._backend.resolve on CPU, auto"})
+    if variant == "resolve-gpu":
+        cuda = torch.device("cuda")
+        return Bench(
+            lambda: c.resolve(cuda),
+            op,
+            {**info, "runs": "resolve on a cuda device, auto, measured choice in the table (simulated)"},
+            lambda: simulated_gpu_table(op, c.resolve_inputs),
+        )
+    if variant == "call-key":
+        return Bench(lambda: _tune.call_key(op, "fwd", c.resolve_inputs), op, {**info, "runs": "_tune.call_key"})
+    if variant in ("triton-launch", "triton-launch-body", "triton-interpreter"):
+        if why := triton_unavailable():
+            raise Unavailable(f"{variant}: {why}")
+        if variant == "triton-launch":
+            runs = f"linattn.{op}, backend triton, kernels stubbed (no launch), H100 heuristics"
+            return Bench(c.fused, op, {**info, "runs": runs}, triton_launch_stubs)
+        if variant == "triton-launch-body":
+            runs = f"linattn::{op}'s Python function, backend triton, kernels stubbed, H100 heuristics"
+            return Bench(lambda: body(*c.raw_args), op, {**info, "runs": runs}, triton_launch_stubs)
+        runs = f"linattn.{op}, backend triton, Triton's interpreter (kernel emulation, not launch cost)"
+        group = f"{op} (triton interpreter)"
+        return Bench(c.fused, group, {**info, "runs": runs}, lambda: linattn.backend("triton"), INTERPRETER_ROUNDS)
+    raise ValueError(f"bench_host: unknown variant {variant!r} of {op}")
+
+
+pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=200)
+
+PARAMS = [(op, variant) for op in OPS for variant in VARIANTS] + [("dispatch", v) for v in DISPATCH]
+
+
+def run(benchmark, op: str, variant: str):
+    """Time one test id with pytest-benchmark's fixture (or anything with its interface); returns the first
+    call's result, made outside the timing (lazy imports and caches warm up there; the stubs record it)."""
+    try:
+        bench = build(op, variant)
+    except Unavailable as why:
+        pytest.skip(str(why))
+    benchmark.group = bench.group
+    benchmark.extra_info.update(bench.info)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        with bench.context() as launches:
+            first = bench.fn()
+            if isinstance(launches, Launches):
+                launches.on = False
+                benchmark.extra_info["launches"] = launches.seen
+            if bench.rounds:
+                benchmark.pedantic(bench.fn, rounds=bench.rounds, warmup_rounds=1)
+            else:
+                benchmark(bench.fn)
+    finally:
+        torch.set_num_threads(threads)
+    return first
+
+
+@pytest.mark.parametrize(("op", "variant"), PARAMS, ids=[f"{op}-{variant}" for op, variant in PARAMS])
+def test_host(benchmark, op, variant):
+    run(benchmark, op, variant)

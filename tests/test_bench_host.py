@@ -1,0 +1,46 @@
+"""benchmarks/bench_host.py (host time per op call, a pytest-benchmark module kept out of this run) does not rot:
+every test id runs once, untimed, through the same function the benchmark uses, and the calls it times against
+each other compute the same thing."""
+
+import pytest
+import torch
+from utils import rel_err
+
+from linattn.benchmarks import bench_host
+
+# the variants whose result is the op's output (the others time parts of the call, or launch nothing)
+OUTPUTS = ("linattn", "torch.ops", "body", "inference_mode", "reference", "eager", "triton-interpreter")
+
+
+class NoTiming:
+    """pytest-benchmark's fixture with nothing timed: bench_host.run makes the first call itself (outside the
+    timing, its result is returned), so the function handed over is not run again."""
+
+    def __init__(self):
+        self.group, self.extra_info, self.calls = None, {}, 0
+
+    def __call__(self, fn, *args, **kwargs):
+        assert callable(fn)
+        self.calls += 1
+
+    def pedantic(self, target, args=(), kwargs=None, rounds=1, warmup_rounds=0, iterations=1, **_):
+        assert callable(target) and rounds >= 1
+        self.calls += 1
+
+
+@pytest.mark.parametrize(("op", "variant"), bench_host.PARAMS, ids=[f"{op}-{v}" for op, v in bench_host.PARAMS])
+def test_bench_host_runs(op, variant):
+    fixture = NoTiming()
+    threads = torch.get_num_threads()
+    result = bench_host.run(fixture, op, variant)  # skips (pytest.skip) where the variant cannot run here
+
+    assert fixture.calls == 1 and fixture.group and torch.get_num_threads() == threads
+    info = fixture.extra_info
+    assert info["op"] == op and info["variant"] == variant and info["device"].startswith("cpu"), info
+    if variant.startswith("triton-launch"):  # the stubs saw every launch and its arguments
+        assert info["launches"] and all(launch["args"] > 0 for launch in info["launches"]), info
+    if variant in OUTPUTS:
+        expected = bench_host.case(op).eager()
+        assert result.shape == expected.shape and rel_err(result, expected) < 1e-5, (op, variant)
+    if variant == "resolve-gpu":  # the simulated table answered, and is gone
+        assert result == "triton" and bench_host.SIMULATED_GPU not in str(bench_host._tune._tables)
