@@ -126,42 +126,58 @@ def _positions(pid_m, M, HO, WO, BLOCK_M: tl.constexpr):
 def _conv_tile(
     X_ptr, sxb, sxc, sxh, sxw,  # input (B, Cin, H, W) and its strides
     W_ptr, swo, swi, swh, sww,  # weight (Cout, Cin_g, KH, KW) and its strides
-    b, ho, wo, m_mask, co, n_mask, g,
+    b, ho, wo, m_mask, co, n_mask, g, k_start, k_end,
     CIN_G, COUT_G, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The conv without bias at positions (b, ho, wo) x channels co: an fp32 (BLOCK_M, BLOCK_N) tile."""
+    """The conv without bias at positions (b, ho, wo) x channels co: an fp32 (BLOCK_M, BLOCK_N) tile.
+
+    Dense and grouped convs run one flat reduction loop over (tap, block of BLOCK_K input channels),
+    iterations [k_start, k_end) of KH*KW*cdiv(CIN_G, BLOCK_K) (a split-K program takes a range): one loop,
+    so the compiler pipelines the loads of every tap, not only those of the channel blocks within one. With
+    channels_last inputs and K-contiguous (Cout, KH, KW, Cin) weights both operands are read along
+    contiguous channels."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_b = X_ptr + b * sxb
+    h0 = ho * STRIDE_H - PAD_H
+    w0 = wo * STRIDE_W - PAD_W
     if DEPTHWISE:
         x_c = (co // COUT_G) * sxc  # each output channel reads input channel co // multiplier
-    for r in range(KH * KW):
-        kh = r // KW
-        kw = r % KW
-        hi = ho * STRIDE_H - PAD_H + kh * DIL_H
-        wi = wo * STRIDE_W - PAD_W + kw * DIL_W
-        inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        x_pos = x_b + hi * sxh + wi * sxw  # (BLOCK_M,) pointers at channel 0
-        if DEPTHWISE:
+        for r in range(KH * KW):
+            kh = r // KW
+            kw = r % KW
+            hi = h0 + kh * DIL_H
+            wi = w0 + kw * DIL_W
+            inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            x_pos = x_b + hi * sxh + wi * sxw
             x = tl.load(x_pos[:, None] + x_c[None, :], mask=inside[:, None] & n_mask[None, :], other=0.0)
             tap = tl.load(W_ptr + co * swo + kh * swh + kw * sww, mask=n_mask, other=0.0)
             acc += x.to(tl.float32) * tap.to(tl.float32)[None, :]
-        else:
-            w_tap = W_ptr + co[None, :] * swo + kh * swh + kw * sww  # (1, BLOCK_N)
-            for c0 in range(0, CIN_G, BLOCK_K):
-                ci = c0 + tl.arange(0, BLOCK_K)
-                k_mask = ci < CIN_G
-                x = tl.load(
-                    x_pos[:, None] + (g * CIN_G + ci)[None, :].to(tl.int64) * sxc,
-                    mask=inside[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                w = tl.load(w_tap + ci[:, None] * swi, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                if UPCAST:  # the interpreter's low-precision dot is wrong: products in fp32 there
-                    x = x.to(tl.float32)
-                    w = w.to(tl.float32)
-                acc += tl.dot(x, w, input_precision=PRECISION)
+    else:
+        x_g = x_b + (g * CIN_G).to(tl.int64) * sxc
+        w_n = W_ptr + co[None, :] * swo  # (1, BLOCK_N)
+        tiles_c = tl.cdiv(CIN_G, BLOCK_K)
+        for kk in range(k_start, k_end):
+            r = kk // tiles_c
+            ci = (kk - r * tiles_c) * BLOCK_K + tl.arange(0, BLOCK_K)
+            kh = r // KW
+            kw = r - kh * KW
+            hi = h0 + kh * DIL_H
+            wi = w0 + kw * DIL_W
+            inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            k_mask = ci < CIN_G
+            x = tl.load(
+                (x_g + hi * sxh + wi * sxw)[:, None] + ci[None, :] * sxc,
+                mask=inside[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            w_k = w_n + ci[:, None] * swi + kh * swh + kw * sww
+            w = tl.load(w_k, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:  # the interpreter's low-precision dot is wrong: products in fp32 there
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
     return acc
 
 
@@ -178,25 +194,13 @@ def _out_offsets(b, ho, wo, co, sb, sc, sh, sw, SHUFFLE: tl.constexpr):
 
 
 @triton.jit
-def _conv_bn_act_fwd_kernel(
-    Y_ptr, syb, syc, syh, syw,  # output (B, Cout, Ho, Wo), or (B, Cout/4, 2*Ho, 2*Wo) with SHUFFLE
-    X_ptr, sxb, sxc, sxh, sxw,  # input (B, Cin, H, W)
-    W_ptr, swo, swi, swh, sww,  # weight (Cout, Cin/G, KH, KW)
-    BIAS_ptr, SCALE_ptr, SHIFT_ptr,  # (Cout,) each, read when the HAS_ flag is set
-    R_ptr, srb, src, srh, srw,  # residual, shaped as the output
-    M, COUT, CIN_G, COUT_G, TILES_N, H, W, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    SHUFFLE: tl.constexpr, DEPTHWISE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _epilogue(
+    z, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+    b, ho, wo, m_mask, co, n_mask,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RES: tl.constexpr, SHUFFLE: tl.constexpr,
 ):  # fmt: skip
-    b, ho, wo, m_mask = _positions(tl.program_id(0), M, HO, WO, BLOCK_M)
-    co, n_mask, g = _out_channels(tl.program_id(1), COUT, COUT_G, TILES_N, BLOCK_N, DEPTHWISE)
-    z = _conv_tile(
-        X_ptr, sxb, sxc, sxh, sxw, W_ptr, swo, swi, swh, sww, b, ho, wo, m_mask, co, n_mask, g,
-        CIN_G, COUT_G, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-        KH, KW, DEPTHWISE, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
+    """Store act(z + bias) * post_scale + post_shift + residual for the tile's positions x channels."""
     if HAS_BIAS:
         z += tl.load(BIAS_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = _act(z, ACT)
@@ -210,6 +214,70 @@ def _conv_bn_act_fwd_kernel(
         y += tl.load(R_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
     y_offs = _out_offsets(b, ho, wo, co, syb, syc, syh, syw, SHUFFLE)
     tl.store(Y_ptr + y_offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bn_act_fwd_kernel(
+    Y_ptr, syb, syc, syh, syw,  # output (B, Cout, Ho, Wo), or (B, Cout/4, 2*Ho, 2*Wo) with SHUFFLE
+    X_ptr, sxb, sxc, sxh, sxw,  # input (B, Cin, H, W)
+    W_ptr, swo, swi, swh, sww,  # weight (Cout, Cin/G, KH, KW)
+    BIAS_ptr, SCALE_ptr, SHIFT_ptr,  # (Cout,) each, read when the HAS_ flag is set
+    R_ptr, srb, src, srh, srw,  # residual, shaped as the output
+    PART_ptr,  # fp32 (SPLIT, M, Cout) with SPLIT_K: this program's partial sums, no epilogue
+    M, COUT, CIN_G, COUT_G, TILES_N, K_PER_SPLIT, H, W, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    SHUFFLE: tl.constexpr, DEPTHWISE: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    b, ho, wo, m_mask = _positions(pid_m, M, HO, WO, BLOCK_M)
+    co, n_mask, g = _out_channels(tl.program_id(1), COUT, COUT_G, TILES_N, BLOCK_N, DEPTHWISE)
+    split = tl.program_id(2)
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, KH * KW * tl.cdiv(CIN_G, BLOCK_K))
+    z = _conv_tile(
+        X_ptr, sxb, sxc, sxh, sxw, W_ptr, swo, swi, swh, sww, b, ho, wo, m_mask, co, n_mask, g, k_start, k_end,
+        CIN_G, COUT_G, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+        KH, KW, DEPTHWISE, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    if SPLIT_K:
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        part = PART_ptr + (split.to(tl.int64) * M + rows)[:, None] * COUT + co[None, :]
+        tl.store(part, z, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        _epilogue(
+            z, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+            b, ho, wo, m_mask, co, n_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SHUFFLE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _conv_bn_act_splitk_epilogue_kernel(
+    Y_ptr, syb, syc, syh, syw,  # output, as the forward kernel's
+    PART_ptr,  # fp32 (SPLIT, M, Cout): the forward's split-K partial sums
+    BIAS_ptr, SCALE_ptr, SHIFT_ptr,
+    R_ptr, srb, src, srh, srw,
+    M, COUT, SPLIT, HO, WO,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RES: tl.constexpr, SHUFFLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Sum the split-K partials in a fixed order (deterministic, no atomics) and apply the fused epilogue."""
+    pid_m = tl.program_id(0)
+    b, ho, wo, m_mask = _positions(pid_m, M, HO, WO, BLOCK_M)
+    co = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = co < COUT
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = m_mask[:, None] & n_mask[None, :]
+    part = PART_ptr + rows[:, None] * COUT + co[None, :]
+    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(SPLIT):
+        z += tl.load(part, mask=mask, other=0.0)
+        part += M * COUT
+    _epilogue(
+        z, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+        b, ho, wo, m_mask, co, n_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SHUFFLE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -230,7 +298,7 @@ def _conv_bn_act_bwd_dz_kernel(
     co, n_mask, g = _out_channels(tl.program_id(1), COUT, COUT_G, TILES_N, BLOCK_N, DEPTHWISE)
     z = _conv_tile(
         X_ptr, sxb, sxc, sxh, sxw, W_ptr, swo, swi, swh, sww, b, ho, wo, m_mask, co, n_mask, g,
-        CIN_G, COUT_G, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+        0, KH * KW * tl.cdiv(CIN_G, BLOCK_K), CIN_G, COUT_G, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
         KH, KW, DEPTHWISE, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if HAS_BIAS:
@@ -396,29 +464,86 @@ MAX_TILES = {
 }
 
 
+def _shrink(dev: Device, bm: int, bn: int, rows: int, cols: int, groups: int) -> tuple[int, int]:
+    """Halve the wider side of a (bm, bn) tile, down to 64, while the grid does not fill the GPU once."""
+    while max(bm, bn) > 64 and triton.cdiv(rows, bm) * groups * triton.cdiv(cols, bn) < dev.sms:
+        if bn >= bm:
+            bn //= 2
+        else:
+            bm //= 2
+    return bm, bn
+
+
+def _split_k(dev: Device, bm: int, bn: int, rows: int, cols: int, groups: int, k_iters: int) -> int:
+    """Programs per output tile along the reduction: when the grid is under half the GPU and each program
+    keeps at least 4 iterations (small maps at batch 1)."""
+    tiles = triton.cdiv(rows, bm) * groups * triton.cdiv(cols, bn)
+    if not dev.gpu or 2 * tiles > dev.sms or k_iters < 8:
+        return 1
+    return max(1, min(triton.cdiv(dev.sms, tiles), k_iters // 4, 8))
+
+
 def conv_config(
-    dev: Device, rows: int, cols: int, red: int, depthwise: bool, low_precision: bool, kernel: str = "fwd"
-) -> dict:
-    """Tiles and launch options of the implicit-GEMM kernel `kernel` (a key of MAX_TILES) for rows positions,
-    cols channels per group and red reduction channels: a deterministic heuristic. The interpreter runs
-    programs one by one, each op vectorised, so on CPU the tiles are large and few. On a GPU (compile gate):
-    128-column tiles only at 128 rows (a 64 x 128 tile spills at any warp count), 8 warps from 64 x 64 or 128
-    rows up, three pipeline stages for the widest tiles and two otherwise; full fp32 products 16 channels at a
-    time, unpipelined."""
+    dev: Device, rows: int, cols: int, red: int, depthwise: bool, low_precision: bool, kernel: str = "fwd",
+    groups: int = 1, taps: int = 1, packed: bool = False,
+):  # fmt: skip
+    """The heuristic configuration of the implicit-GEMM kernel `kernel` (a key of MAX_TILES): the first of
+    conv_configs(), which says how it is chosen."""
+    return conv_configs(dev, rows, cols, red, depthwise, low_precision, kernel, groups, taps, packed)[0]
+
+
+# the other tiles (rows, columns) measured dispatch times beside the heuristic's (linattn/_tune.py) for packed
+# tensor-core forwards, pruned to the problem and MAX_TILES
+ALTERNATIVES = ((128, 128), (128, 64), (64, 128), (64, 64))
+
+
+def conv_configs(
+    dev: Device, rows: int, cols: int, red: int, depthwise: bool, low_precision: bool, kernel: str = "fwd",
+    groups: int = 1, taps: int = 1, packed: bool = False,
+) -> list[dict]:  # fmt: skip
+    """The configurations worth timing for one call of `kernel` with rows positions, cols channels per group (of
+    `groups`) and red reduction channels per tap (of `taps`), the deterministic heuristic first.
+
+    The interpreter runs programs one by one, each op vectorised, so on CPU the tiles are large and few. On a
+    GPU (numbers from the compile gate, python -m linattn audit): the largest tile within MAX_TILES, halved
+    while the grid does not fill the GPU once. `packed`: both operands are read along contiguous channels
+    (channels_last x, K-contiguous weights), so every load is a 128-bit cp.async and deep pipelines cost
+    shared memory, not registers: 64 channels per step, 3-4 stages, 8 warps from 64 x 128 up, the reduction
+    split over programs when the grid stays under half the GPU, and ALTERNATIVES to time. Otherwise the loads
+    of future steps wait in registers: 32 channels per step, 2 stages (3 at 128 columns), 8 warps from 64 x 64
+    or 128 rows up. Full fp32 products 16 channels at a time, unpipelined. The backward's dz and dx kernels
+    read fp32 dz tiles: they keep the unpacked rule."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
         block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=2 if dev.gpu else 1)
+        return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=2 if dev.gpu else 1)]
     if not dev.gpu:
-        return dict(BLOCK_M=_pow2(rows, 16, 256), BLOCK_N=_pow2(cols, 16, 64), BLOCK_K=_pow2(red, 16, 64))
+        return [dict(BLOCK_M=_pow2(rows, 16, 256), BLOCK_N=_pow2(cols, 16, 64), BLOCK_K=_pow2(red, 16, 64))]
     max_m, max_n = MAX_TILES[kernel][0 if low_precision else 1]
     block_m = _pow2(rows, 16, max_m)
     block_n = _pow2(cols, 16, max_n if block_m == 128 or max_n <= 64 else 64)
-    warps = 8 if block_m * block_n >= 64 * 64 or block_m >= 128 else 4
-    if not low_precision:
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps, num_stages=1)
-    stages = 3 if block_n == 128 else 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(red, 16, 32), num_warps=warps, num_stages=stages)
+    forward = kernel in ("fwd", "shuffle")
+    if forward:
+        block_m, block_n = _shrink(dev, block_m, block_n, rows, cols, groups)
+    if not (forward and packed and low_precision):
+        warps = 8 if block_m * block_n >= 64 * 64 or block_m >= 128 else 4
+        if not low_precision:
+            return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps, num_stages=1)]
+        stages = 3 if block_n == 128 else 2
+        return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(red, 16, 32), num_warps=warps, num_stages=stages)]
+    block_k = _pow2(red, 16, 64)
+    big = 64 * 64 if kernel == "shuffle" else 64 * 128  # the shuffled store's indices need the registers of 8
+    configs = []
+    for bm, bn in ((block_m, block_n), *ALTERNATIVES):
+        bm, bn = min(bm, _pow2(rows, 16, max_m)), min(bn, _pow2(cols, 16, max_n))
+        if not any(c["BLOCK_M"] == bm and c["BLOCK_N"] == bn for c in configs):
+            warps = 8 if bm * bn >= big else 4
+            stages = 3 if bm * bn >= 128 * 128 else 4
+            configs.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, num_warps=warps, num_stages=stages, split=1))
+    configs[0]["split"] = split = _split_k(dev, block_m, block_n, rows, cols, groups, taps * triton.cdiv(red, block_k))
+    if split > 1:  # the same tile without the split: the partials' traffic may cost more than it gains
+        configs.append(dict(configs[0], split=1))
+    return configs
 
 
 def _dw_programs(cfg: dict, cout: int, cin_g: int, groups: int, depthwise: bool) -> int:
@@ -458,6 +583,23 @@ def _present(t, like):
     return (t, True) if t is not None else (like, False)
 
 
+def _problem(x, weight, stride, padding, dilation, groups: int, kernel: str) -> tuple:
+    """conv_configs()'s arguments for a call (rows, columns, reduction per tap, taps, groups, packed)."""
+    Cout, cin_g, KH, KW = weight.shape
+    Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
+    M = x.shape[0] * Ho * Wo
+    low = x.dtype != torch.float32
+    if depthwise:
+        return (device_of(x), M, Cout, cin_g * KH * KW, True, low, kernel)
+    packed = x.stride(1) == 1 and weight.stride(1) == 1
+    return (device_of(x), M, Cout // groups, cin_g, False, low, kernel, groups, KH * KW, packed)
+
+
+def fwd_configs(x, weight, stride, padding, dilation, groups: int, shuffle: bool = False) -> list[dict]:
+    """The forward's candidate configurations for this call on x's device, the heuristic first."""
+    return conv_configs(*_problem(x, weight, stride, padding, dilation, groups, "shuffle" if shuffle else "fwd"))
+
+
 def conv_bn_act_fwd(
     x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, post_shift, residual, out,
     shuffle: bool = False, config: dict | None = None,
@@ -465,31 +607,41 @@ def conv_bn_act_fwd(
     """Write act(conv2d(x, weight, bias) ...) * post_scale + post_shift + residual into out.
 
     out is (B, Cout, Ho, Wo), or (B, Cout/4, 2*Ho, 2*Wo) with shuffle (residual shaped as out);
-    any strides for x, weight, residual and out. config: conv_config()'s dict, to launch another
-    device's choice (the tests run a GPU's tiles under the interpreter); None: this device's."""
+    any strides for x, weight, residual and out (weights read fastest K-contiguous: channels_last
+    (Cout, KH, KW, Cin) strides). config: one of fwd_configs(), to launch another configuration or
+    another device's choice (the tests run a GPU's tiles under the interpreter); None: the heuristic.
+    With config["split"] > 1 the reduction is split over that many programs, whose fp32 partials a
+    second kernel sums before the epilogue."""
     B, _, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
     cout_g = Cout // groups
     M = B * Ho * Wo
-    low = x.dtype != torch.float32
-    cfg = config or conv_config(
-        device_of(x), M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, low,
-        "shuffle" if shuffle else "fwd",
-    )  # fmt: skip
+    cfg = dict(config or fwd_configs(x, weight, stride, padding, dilation, groups, shuffle)[0])
+    k_iters = KH * KW * triton.cdiv(cin_g, cfg["BLOCK_K"])
+    split = 1 if depthwise else max(1, min(cfg.pop("split", 1), k_iters))
+    k_per_split = triton.cdiv(k_iters, split)
+    split = triton.cdiv(k_iters, k_per_split)
     tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
-    bias_t, has_bias = _present(bias, weight)
-    scale_t, has_scale = _present(post_scale, weight)
-    shift_t, has_shift = _present(post_shift, weight)
-    res_t, has_res = _present(residual, out)
-    _conv_bn_act_fwd_kernel[grid](
-        out, *out.stride(), x, *x.stride(), weight, *weight.stride(), bias_t, scale_t, shift_t,
-        res_t, *res_t.stride(),
-        M, Cout, cin_g, cout_g, tiles_n, H, W, Ho, Wo, *stride, *padding, *dilation,
-        KH=KH, KW=KW, ACT=ACTIVATIONS.index(act), HAS_BIAS=has_bias, HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
-        HAS_RES=has_res, SHUFFLE=shuffle, DEPTHWISE=depthwise, **_precision(x), **cfg,
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n, split)
+    epilogue = dict(
+        ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None, HAS_SCALE=post_scale is not None,
+        HAS_SHIFT=post_shift is not None, HAS_RES=residual is not None, SHUFFLE=shuffle,
     )  # fmt: skip
+    vectors = [t if t is not None else weight for t in (bias, post_scale, post_shift)]  # absent: never read
+    res_t = residual if residual is not None else out
+    parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
+    _conv_bn_act_fwd_kernel[grid](
+        out, *out.stride(), x, *x.stride(), weight, *weight.stride(), *vectors, res_t, *res_t.stride(), parts,
+        M, Cout, cin_g, cout_g, tiles_n, k_per_split, H, W, Ho, Wo, *stride, *padding, *dilation,
+        KH=KH, KW=KW, DEPTHWISE=depthwise, SPLIT_K=split > 1, **epilogue, **_precision(x), **cfg,
+    )  # fmt: skip
+    if split > 1:
+        block_m, block_n = 32, _pow2(Cout, 16, 128)
+        _conv_bn_act_splitk_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(Cout, block_n))](
+            out, *out.stride(), parts, *vectors, res_t, *res_t.stride(), M, Cout, split, Ho, Wo,
+            **epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -516,9 +668,7 @@ def conv_bn_act_bwd(
 
     # 1. dz = g * post_scale * act'(z), recomputing z; per-tile partial sums of the per-channel gradients
     low = x.dtype != torch.float32
-    cfg = config.get("dz") or conv_config(
-        dev, M, Cout if depthwise else cout_g, cin_g * (KH * KW if depthwise else 1), depthwise, low, "dz"
-    )
+    cfg = config.get("dz") or conv_configs(*_problem(x, weight, stride, padding, dilation, groups, "dz"))[0]
     tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     dz = torch.empty((B, Cout, Ho * Wo), device=x.device, dtype=torch.float32)

@@ -192,6 +192,25 @@ def choose(
     return chosen
 
 
+def config_name(config: dict) -> str:
+    """A Triton launch configuration as the table stores it: "BLOCK_M=128,BLOCK_N=64,...,num_warps=4"."""
+    return ",".join(f"{k}={v}" for k, v in sorted(config.items()))
+
+
+def choose_config(
+    op: str, pass_: str, device: torch.device, configs: Sequence[dict], runner: Callable[[dict], object], args
+) -> dict:
+    """The fastest of a Triton kernel's candidate configurations for this call (the heuristic first, which
+    wins ties and runs when nothing may be timed): measured and kept in the table as choose() does, under the
+    key of op "<op>.triton". runner(config) launches one of them on the call's inputs into scratch outputs.
+    A single candidate, or a device that is not a GPU, takes the first without a lookup."""
+    if len(configs) == 1 or device.type != "cuda":
+        return configs[0]
+    names = [config_name(c) for c in configs]
+    chosen = choose(f"{op}.triton", pass_, device, names, lambda name: runner(configs[names.index(name)]), args)
+    return configs[names.index(chosen)]
+
+
 def timings() -> list[dict]:
     """What this process measured: one entry per new key, with every candidate's milliseconds."""
     return list(_timings)

@@ -244,17 +244,20 @@ class Launch:
     kernel: str  # "linattn.kernels.conv_bn_act:_conv_bn_act_fwd_kernel"
     args: tuple  # positional arguments, tensors as PtrSpec
     kwargs: tuple  # sorted (name, value): constexprs and launch options
+    units: tuple = ()  # names of the int arguments equal to 1, which Triton compiles as constants
 
     @property
     def name(self) -> str:
         return self.kernel.rsplit(":", 1)[1]
 
     def config(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.kwargs)
+        return " ".join([f"{k}={v}" for k, v in self.kwargs] + [f"{name}=1" for name in self.units])
 
     def config_key(self) -> tuple:
-        """A configuration: the kernel, its pointers' dtypes, constexprs and options (warps, stages)."""
-        return (self.kernel, tuple(str(a.dtype) for a in self.args if isinstance(a, PtrSpec)), self.kwargs)
+        """A configuration: the kernel, its pointers' dtypes, which int arguments are 1 (Triton compiles those
+        as constants: a unit stride is what makes a load contiguous), constexprs and options (warps, stages)."""
+        dtypes = tuple(str(a.dtype) for a in self.args if isinstance(a, PtrSpec))
+        return (self.kernel, dtypes, self.units, self.kwargs)
 
     def alignment(self) -> int:
         """How many arguments Triton may treat as 16-aligned or divisible by 16 (vector-width hints)."""
@@ -283,7 +286,8 @@ def _gpu_launches(arch: Arch):
 
     def record(fn, *args, grid, warmup, **kwargs):
         name = f"{fn.fn.__module__}:{fn.fn.__qualname__}"
-        launches.append(Launch(name, tuple(_as_ptr(a) for a in args), tuple(sorted(kwargs.items()))))
+        units = tuple(n for n, a in zip(fn.arg_names, args) if type(a) is int and a == 1)
+        launches.append(Launch(name, tuple(_as_ptr(a) for a in args), tuple(sorted(kwargs.items())), units))
 
     props = types.SimpleNamespace(multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10)
     saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties
@@ -293,6 +297,31 @@ def _gpu_launches(arch: Arch):
         yield launches
     finally:
         JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties = saved
+
+
+@contextlib.contextmanager
+def _every_candidate(arch: Arch):
+    """Measured dispatch "times" each candidate Triton configuration by running it once (so each is recorded,
+    and the heuristic wins the tie), against a throwaway table."""
+    from . import _tune
+
+    saved = _tune._timer, _tune._device_name, os.environ.get("LINATTN_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LINATTN_CACHE_DIR"] = tmp
+        _tune._timer = lambda fn: (fn(), 0.0)[1]
+        _tune._device_name = lambda device: f"{arch.gpu} (audit)"
+        _tune._fixed.force = True
+        _tune.reset()
+        try:
+            yield
+        finally:
+            _tune._timer, _tune._device_name, cache = saved
+            _tune._fixed.force = False
+            _tune.reset()
+            if cache is None:
+                os.environ.pop("LINATTN_CACHE_DIR", None)
+            else:
+                os.environ["LINATTN_CACHE_DIR"] = cache
 
 
 def replay(calls: Iterable[OpCall], arch: Arch) -> dict[tuple, tuple[Launch, list[str]]]:
@@ -306,7 +335,7 @@ def replay(calls: Iterable[OpCall], arch: Arch) -> dict[tuple, tuple[Launch, lis
     import linattn
 
     found: dict[tuple, tuple[Launch, list[str]]] = {}
-    with _gpu_launches(arch) as launches, linattn.backend("triton"):
+    with _gpu_launches(arch) as launches, _every_candidate(arch), linattn.backend("triton"):
         for call in calls:
             fn = OPDEFS[call.op]._init_fn
             with FakeTensorMode(allow_non_fake_inputs=True):
@@ -394,7 +423,7 @@ def read_cubins(path: str) -> dict[str, dict]:
     for arch, line in _by_arch(sass):
         if m := re.match(r"\s*Function : (\S+)", line):
             current = kernels.setdefault(f"{arch}:{m.group(1)}", {})
-            current.update(hmma=0, hgmma=0, ldg=0, ldgsts=0, tma=0, ldl=0, stl=0)
+            current.update(hmma=0, hgmma=0, ldg=0, ldgsts=0, narrow=0, tma=0, ldl=0, stl=0)
         elif m := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*(?:\.[A-Z0-9_]+)*)", line):
             op = m.group(1)
             base = op.split(".")[0]
@@ -402,10 +431,10 @@ def read_cubins(path: str) -> dict[str, dict]:
                 current["hmma"] += 1
             elif base == "HGMMA":
                 current["hgmma"] += 1
-            elif base == "LDG":
-                current["ldg"] = max(current["ldg"], _width(op))
-            elif base == "LDGSTS":
-                current["ldgsts"] = max(current["ldgsts"], _width(op))
+            elif base in ("LDG", "LDGSTS"):
+                key = base.lower()
+                current[key] = max(current[key], _width(op))
+                current["narrow"] += _width(op) < 64
             elif base == "UTMALDG":
                 current["tma"] += 1
             elif base == "LDL":
@@ -444,6 +473,7 @@ class Row:
     hgmma: int = 0
     ldg: int = 0
     ldgsts: int = 0
+    narrow: int = 0  # global loads (LDG, LDGSTS) under 64 bits: scalar 16/32-bit loads
     problems: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -492,6 +522,7 @@ def compile_launch(launch: Launch, arch: Arch) -> Row:
     row.warps = compiled.metadata.num_warps
     row.warps_sm = warps_per_sm(arch, row.warps, row.regs, row.shared)
     row.hmma, row.hgmma, row.ldg, row.ldgsts = stats["hmma"], stats["hgmma"], stats["ldg"], stats["ldgsts"]
+    row.narrow = stats["narrow"]
     return judge(row, arch)
 
 
@@ -559,7 +590,9 @@ def extension_rows(archs: Sequence[int]) -> tuple[list[Row], str | None]:
             row = Row(name, bracket + targs, cc, regs=stats.get("regs", 0), spill=stats.get("stack", 0))
             row.local_ops = stats.get("ldl", 0) + stats.get("stl", 0)
             row.shared = stats.get("static_shared", 0)
-            row.hmma, row.hgmma, row.ldg, row.ldgsts = (stats.get(k, 0) for k in ("hmma", "hgmma", "ldg", "ldgsts"))
+            row.hmma, row.hgmma, row.ldg, row.ldgsts, row.narrow = (
+                stats.get(k, 0) for k in ("hmma", "hgmma", "ldg", "ldgsts", "narrow")
+            )
             rows.append(judge(row, arch))
     return rows, None
 
@@ -578,7 +611,21 @@ def _demangle(name: str) -> str:
 
 def _summary(rows: Sequence[Row]) -> list[list[str]]:
     """One line per (kernel, arch): configurations, worst registers / spill / shared, fewest warps per SM."""
-    out = [["kernel", "arch", "configs", "regs max", "spill B", "smem max", "warps/SM min", "MMA", "LDG bits", "fails"]]
+    out = [
+        [
+            "kernel",
+            "arch",
+            "configs",
+            "regs max",
+            "spill B",
+            "smem max",
+            "warps/SM min",
+            "MMA",
+            "LDG bits",
+            "narrow max",
+            "fails",
+        ]
+    ]
     groups: dict[tuple[str, int], list[Row]] = {}
     for r in rows:
         groups.setdefault((r.kernel, r.arch), []).append(r)
@@ -596,6 +643,7 @@ def _summary(rows: Sequence[Row]) -> list[list[str]]:
                 str(min(r.warps_sm for r in rs)) if any(r.warps for r in rs) else "-",
                 mma,
                 "/".join(map(str, ldg)) or "-",
+                str(max(r.narrow for r in rs)),
                 str(sum(bool(r.problems) for r in rs)),
             ]
         )
@@ -680,11 +728,13 @@ def print_report(report: dict, verbose: bool = False) -> None:
     )
     print(table(_summary(rows)))
     if verbose:
-        detail = [["kernel", "arch", "config", "regs", "spill", "smem", "warps/SM", "HMMA", "HGMMA", "LDG", "uses"]]
+        detail = [
+            ["kernel", "arch", "config", "regs", "spill", "smem", "warps/SM", "HMMA", "HGMMA", "LDG", "narrow", "uses"]
+        ]
         for r in rows:
             detail.append(
                 [r.kernel, f"sm_{r.arch}", r.config, str(r.regs), str(r.spill + 4 * r.local_ops), str(r.shared)]
-                + [str(r.warps_sm), str(r.hmma), str(r.hgmma), str(r.ldg), str(r.uses)]
+                + [str(r.warps_sm), str(r.hmma), str(r.hgmma), str(r.ldg), str(r.narrow), str(r.uses)]
             )
         print(table(detail))
     failed = [r for r in rows if r.problems]

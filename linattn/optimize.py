@@ -19,8 +19,9 @@ Patterns recognised by structure, not by class name, while walking the module tr
   official, timm and ours) whose main is one of EfficientViT's conv blocks, recognised by class name
   and child names (MBConv: inverted_conv, depth_conv, point_conv; FusedMBConv: spatial_conv,
   point_conv; ResBlock / timm's ConvBlock: conv1, conv2; DSConv: depth_conv, point_conv; their
-  forward runs the children in order), made only of fused ConvBNActs -> `FusedResidualBlock`: the
-  add is the last block's residual epilogue (one tensor fewer written and read).
+  forward runs the children in order), made only of fused ConvBNActs, or whose main is a (fused) LiteMLA
+  -> `FusedResidualBlock`: the add is the last conv's residual epilogue (the LiteMLA projection's), one
+  tensor fewer written and read and no aten add left in an EfficientViT block.
 
 Candidates that cannot be fused (dropout p > 0, GroupNorm or another norm, an unsupported
 activation, a conv subclass with its own forward, padding modes) are left as they are and the
@@ -196,7 +197,7 @@ class FusedUpsampleBlock(EvalConstants):
 
 
 class FusedResidualBlock(nn.Module):
-    """main(x) + x for an EfficientViT conv block of ConvBNActs, the add fused into the last one.
+    """main(x) + x for an EfficientViT conv block of ConvBNActs or a LiteMLA, the add fused into the last conv.
 
     Keeps the source's `main` (its children under their names) and `shortcut`, so state_dict keys
     are unchanged.
@@ -209,7 +210,10 @@ class FusedResidualBlock(nn.Module):
         self.train(main.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        *layers, last = self.main.children()
+        if isinstance(self.main, LiteMLA):  # the add is its projection's epilogue
+            layers, last = [], self.main
+        else:
+            *layers, last = self.main.children()
         y = x
         for layer in layers:
             y = layer(y)
@@ -350,7 +354,7 @@ def _convert_residual(module: nn.Module):
         raise _Skip(f"shortcut {type(module.shortcut).__name__} is not an identity")
     main = module.main
     if isinstance(main, LiteMLA):
-        raise _Skip("main is the attention: its proj is a cuDNN 1x1 conv, the add stays a torch add")
+        return FusedResidualBlock(main, module.shortcut), "LiteMLA + identity"
     kind = type(main).__name__
     if tuple(main._modules) != SEQUENTIAL_BLOCKS.get(kind):
         raise _Skip(f"main {kind} is not one of EfficientViT's conv blocks {tuple(SEQUENTIAL_BLOCKS)}")

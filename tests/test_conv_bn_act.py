@@ -718,3 +718,106 @@ def test_kernels_gpu_tiles(target, case, gpu_heuristics):
     low = case[11] != torch.float32
     assert conv_config(gpu_heuristics, B * H * W // stride**2, cols, red, depthwise, low)["BLOCK_N"] >= 64
     test_kernels(target, case)
+
+
+# encoder-sized problems (rows, columns per group, reduction channels per tap, taps, kernel) whose GPU candidate
+# configurations test_kernels_every_gpu_forward_config runs at a small shape: a large 3x3, a wide 1x1, a batch-1
+# 3x3 (split-K) and SqueezeSAM's upsample (the shuffled store)
+GPU_FORWARD_PROBLEMS = [
+    (16 * 64 * 64, 256, 256, 9, "fwd"),
+    (16 * 16 * 16, 512, 2048, 1, "fwd"),
+    (16 * 16, 256, 512, 9, "fwd"),
+    (16 * 64 * 64, 256, 256, 1, "shuffle"),
+]
+
+
+def _gpu_forward_configs():
+    from linattn.kernels._device import H100
+    from linattn.kernels.conv_bn_act import conv_configs
+
+    found = []
+    for rows, cols, red, taps, kernel in GPU_FORWARD_PROBLEMS:
+        for packed in (True, False):
+            for low in (True, False):
+                for cfg in conv_configs(H100, rows, cols, red, False, low, kernel, 1, taps, packed):
+                    if (kernel, cfg) not in found:
+                        found.append((kernel, cfg))
+    return found
+
+
+def _config_id(entry):
+    kernel, cfg = entry
+    tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}-w{cfg['num_warps']}s{cfg['num_stages']}"
+    return f"{kernel}-{tile}-split{cfg.get('split', 1)}"
+
+
+@pytest.mark.parametrize("entry", _gpu_forward_configs(), ids=_config_id)
+def test_kernels_every_gpu_forward_config(entry):
+    """Every forward configuration an H100 may launch or time (heuristic, alternatives, split-K, unpacked), run
+    under the interpreter on odd sizes (channels and positions not multiples of any tile), channels_last x with
+    K-contiguous weights, into a NaN-poisoned output, against float64."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    kernel, cfg = entry
+    shuffle = kernel == "shuffle"
+    gen = torch.Generator().manual_seed(11)
+    k = 1 if shuffle else 3
+    x = torch.randn(2, 20, 7, 9, generator=gen).to(memory_format=torch.channels_last)
+    w = (torch.randn(24, 20, k, k, generator=gen) * 0.2).to(memory_format=torch.channels_last)
+    b, s, t = torch.randn(24, generator=gen), torch.rand(24, generator=gen) + 0.5, torch.randn(24, generator=gen)
+    conv = (1, 1), (k // 2, k // 2), (1, 1), 1, "gelu_tanh"
+    ref = reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t))
+    if shuffle:
+        ref = F.pixel_shuffle(ref, 2)
+    r = torch.randn(ref.shape, generator=gen).to(memory_format=torch.channels_last)
+    ref = ref + r.double()
+    out = torch.full(ref.shape, float("nan")).to(memory_format=torch.channels_last)
+    conv_bn_act_fwd(x, w, b, *conv, s, t, r, out, shuffle=shuffle, config=cfg)
+    assert_close(out, ref, 1e-5, f"out ({_config_id(entry)})")
+
+
+def test_kernels_split_k_uneven(gpu_heuristics):
+    """A split that does not divide the reduction (9 taps over 4 programs: 3, 3, 3) and a grouped conv."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 12, 5, 6, generator=gen).to(memory_format=torch.channels_last)
+    w = torch.randn(18, 4, 3, 3, generator=gen) * 0.3
+    conv = (1, 1), (1, 1), (1, 1), 3, "relu"
+    ref = reference.conv_bn_act(*f64(x, w), None, *conv)
+    out = torch.full(ref.shape, float("nan"))
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=4, split=4)
+    conv_bn_act_fwd(x, w, None, *conv, None, None, None, out, config=cfg)
+    assert_close(out, ref, 1e-5, "out")
+
+
+def test_gpu_configs_fill_the_gpu_and_split_small_maps(gpu_heuristics):
+    """The heuristic on an H100: a batch-1 map of 256 positions halves its tiles and splits the reduction;
+    a large map keeps 128 x 128 tiles of 64 channels per step, unsplit; NCHW (unpacked) keeps 32 per step."""
+    from linattn.kernels.conv_bn_act import conv_config, conv_configs
+
+    small = conv_config(gpu_heuristics, 256, 256, 512, False, True, "fwd", 1, 9, True)
+    assert (small["BLOCK_M"], small["BLOCK_N"]) == (64, 64) and small["split"] > 1
+    assert any(c.get("split", 1) == 1 and c["BLOCK_M"] == 64 for c in conv_configs(
+        gpu_heuristics, 256, 256, 512, False, True, "fwd", 1, 9, True)[1:])  # fmt: skip
+    big = conv_config(gpu_heuristics, 16 * 64 * 64, 256, 256, False, True, "fwd", 1, 9, True)
+    assert (big["BLOCK_M"], big["BLOCK_N"], big["BLOCK_K"], big["split"]) == (128, 128, 64, 1)
+    assert conv_config(gpu_heuristics, 16 * 64 * 64, 256, 256, False, True, "fwd", 1, 9, False)["BLOCK_K"] == 32
+
+
+@pytest.mark.parametrize("target", INTERPRETER_TRITON)
+def test_op_packs_weights_for_channels_last_inputs(target):
+    """The op reads NCHW-contiguous weights as K-contiguous ones for channels_last inputs: same result, and the
+    caller's weight is untouched."""
+    torch.manual_seed(13)
+    x = torch.randn(1, 16, 6, 5).to(memory_format=torch.channels_last)
+    w = torch.randn(8, 16, 3, 3) * 0.2
+    before = w.clone()
+    with linattn.backend("triton"):
+        got = linattn.conv_bn_act(x, w, None, padding=1, act="relu")
+    assert_close(got, reference.conv_bn_act(*f64(x, w), None, (1, 1), (1, 1), (1, 1), 1, "relu"), 1e-5, "out")
+    assert w.is_contiguous() and torch.equal(w, before)

@@ -143,3 +143,30 @@ def test_fixed_priority_skips_the_table_and_auto_choices_count(tuned):
     assert _resolve(runner, device, x) == "cuda"
     assert _backend.auto_choices(reset=True) == {"toy:fwd": {"cuda": 2, "triton": 1}}
     assert _backend.auto_choices() == {}
+
+
+def test_triton_configurations_are_measured_and_kept(tuned):
+    """choose_config times each candidate launch configuration once, keeps the fastest under "<op>.triton",
+    lets the heuristic (first) win ties, and never times a single candidate or a CPU call."""
+    _, _, _, device = tuned
+    configs = [dict(BLOCK_M=128, num_warps=8), dict(BLOCK_M=64, num_warps=4), dict(BLOCK_M=32, num_warps=4)]
+    speed = [2.0, 1.0, 1.0]
+    calls = []
+
+    def runner(cfg):
+        calls.append(cfg["BLOCK_M"])
+        return speed[configs.index(cfg)]
+
+    x = torch.empty(2, 3)
+    assert _tune.choose_config("toy", "fwd", device, configs, runner, (x,)) == configs[1]
+    assert calls == [128, 64, 32]
+    calls.clear()
+    assert _tune.choose_config("toy", "fwd", device, configs, runner, (x,)) == configs[1] and calls == []
+    key = _tune.timings()[-1]["key"]
+    assert key.startswith("toy.triton:fwd:") and _tune.timings()[-1]["chosen"] == _tune.config_name(configs[1])
+    speed[:] = [1.0, 1.0, 1.0]
+    assert _tune.choose_config("toy", "fwd", device, configs, runner, (torch.empty(5),)) == configs[0]
+    calls.clear()
+    assert _tune.choose_config("toy", "fwd", device, configs[:1], runner, (torch.empty(7),)) == configs[0]
+    assert _tune.choose_config("toy", "fwd", torch.device("cpu"), configs, runner, (torch.empty(7),)) == configs[0]
+    assert calls == []

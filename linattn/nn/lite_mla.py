@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
-from ..ops import fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
+from ..ops import conv_bn_act, fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
 from ._cache import EvalConstants
-from .conv_bn_act import cast_to, fold_sources
+from .conv_bn_act import activation_name, cast_to, fold_sources
 
 __all__ = ["LiteMLA"]
 
@@ -83,7 +83,10 @@ class _ConvLayer(EvalConstants):
         self.norm = _build_norm(norm, out_channels, norm_eps)
         self.act = _build_act(act_func)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x: (B, in, H, W) -> (B, out, H, W), plus `residual` (the block's shortcut) when given. With the norm
+        folded (eval) or absent and a fusable activation, the whole stage is one conv_bn_act call, residual
+        included."""
         conv, norm = self.conv, self.norm
         # the conv's (folded) weights follow the activation's dtype, as ConvBNAct's (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)
@@ -94,12 +97,24 @@ class _ConvLayer(EvalConstants):
             )
         else:
             weight, bias = cast_to(dtype, conv.weight, conv.bias)
+        act = _fused_activation(self.act)
+        if act is not None and (norm is None or fold):
+            geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+            return conv_bn_act(x, weight, bias, *geometry, act=act, residual=residual)
         x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if norm is not None and not fold:
             x = norm(x)
         if self.act is not None:
             x = self.act(x)
-        return x
+        return x if residual is None else x + residual
+
+
+def _fused_activation(act: nn.Module | None) -> str | None:
+    """conv_bn_act's name for a stage's activation module, or None when the kernels do not have it."""
+    try:
+        return activation_name(act)
+    except ValueError:
+        return None
 
 
 def _copy_stage_module(module: nn.Module | None) -> nn.Module | None:
@@ -212,9 +227,10 @@ class LiteMLA(nn.Module):
         multi_scale = multiscale_aggregate(qkv, dws, pws, self.heads, dbs, pbs) if dws else qkv
         return reference.relu_quadratic_attention(multi_scale, self.dim, self.eps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
-        return self.proj(self.context(self.qkv(x)))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x: (B, in_channels, H, W) -> (B, out_channels, H, W), plus `residual` when given (an EfficientViT
+        block's shortcut, added in the projection conv's epilogue)."""
+        return self.proj(self.context(self.qkv(x)), residual=residual)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "LiteMLA":

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
+from .._tune import choose_config
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
 
@@ -136,12 +137,17 @@ def _conv_fwd(
             x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out
         )
         return out
-    from ..kernels.conv_bn_act import conv_bn_act_fwd
+    from ..kernels.conv_bn_act import conv_bn_act_fwd, fwd_configs
 
-    vectors = [_contiguous(t) for t in (bias, post_scale, post_shift)]
-    return conv_bn_act_fwd(
-        x, weight, vectors[0], stride, padding, dilation, groups, act, *vectors[1:], residual, out, shuffle
-    )
+    bias, post_scale, post_shift = (_contiguous(t) for t in (bias, post_scale, post_shift))
+    if x.stride(1) == 1 and weight.stride(1) != 1:  # channels_last x: K-contiguous weights make every load 128-bit
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+    config = choose_config(
+        op, "fwd", x.device, fwd_configs(x, weight, stride, padding, dilation, groups, shuffle),
+        lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c), (*call, out),
+    )  # fmt: skip
+    return conv_bn_act_fwd(*call, out, shuffle, config)
 
 
 @torch.library.custom_op("linattn::conv_bn_act", mutates_args=(), device_types=("cpu", "cuda"))
