@@ -143,9 +143,16 @@ class _Recorder:
                 if name.startswith("linattn::"):
                     call = OpCall(name, _spec_tree(tuple(args)), recorder.where)
                     calls.setdefault((call.op, call.args), call)
-                return func(*args, **(kwargs or {}))
+                out = func(*args, **(kwargs or {}))
+                if func is torch.ops.aten.convolution.default and _channels_last(args[0]):
+                    out = out.contiguous(memory_format=torch.channels_last)  # as cuDNN's; meta's conv drops it
+                return out
 
         self.mode = Mode
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _encoder(name: str) -> tuple[torch.nn.Module, int, int]:
@@ -206,7 +213,7 @@ def trace(
                         model, side, channels = _encoder(name)
                         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                         model = model.to(DTYPES[dtype_name], memory_format=fmt).train(train)
-                        model = linattn.optimize(model)
+                        model = linattn.optimize(model, channels_last=layout == "channels_last")
                         for batch in batches:
                             recorder.where = f"{name} {dtype_name} {layout} B{batch} {'train' if train else 'eval'}"
                             progress(recorder.where)

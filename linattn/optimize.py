@@ -87,6 +87,7 @@ class OptimizeReport:
 
     backend: str
     training: bool
+    channels_last: bool = False
     replaced: list[Replaced] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
@@ -103,7 +104,8 @@ class OptimizeReport:
 
     def __str__(self) -> str:
         mode = "train" if self.training else "eval"
-        lines = [f"linattn.optimize: backend {self.backend!r}, {mode} mode, {len(self.replaced)} replaced, "]
+        layout = ", channels_last" if self.channels_last else ""
+        lines = [f"linattn.optimize: backend {self.backend!r}, {mode} mode{layout}, {len(self.replaced)} replaced, "]
         lines[0] += f"{len(self.skipped)} left alone; fused blocks: {self.counts()}"
         if self.replaced:
             rows = [(r.name or "<root>", f"{r.old} -> {r.new}", r.detail) for r in self.replaced]
@@ -402,7 +404,7 @@ def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
 
 def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module | None:
     """The fused replacement of `module` (its children converted first where it is not replaced), or None."""
-    if isinstance(module, (LiteMLA, ConvBNAct, FusedSequential, FusedUpsampleBlock, FusedResidualBlock)):
+    if isinstance(module, (*CONV_CALLERS, FusedSequential, FusedResidualBlock)):
         return None  # already linattn's
     for kind, matches, convert in (
         ("LiteMLA", _is_lite_mla, _convert_lite_mla),
@@ -460,8 +462,32 @@ class _BackendHooks:
             set_backend(self.saved.pop())
 
 
+# the fused modules that call the convs themselves: with channels_last, each converts an NCHW input
+CONV_CALLERS = (LiteMLA, ConvBNAct, FusedUpsampleBlock)
+
+
+def _channels_last_inputs(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: 4-D floating tensor arguments in channels_last (a copy only where they are not)."""
+    if not any(_nchw(a) for a in args):
+        return None
+    return tuple(a.contiguous(memory_format=torch.channels_last) if _nchw(a) else a for a in args)
+
+
+def _nchw(a) -> bool:
+    return isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point() and not _is_channels_last(a)
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    # a tensor contiguous in both formats (1x1 maps, one channel) reads the same either way
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
 def optimize(
-    model: nn.Module, backend: str = "auto", inplace: bool = False, return_report: bool = False
+    model: nn.Module,
+    backend: str = "auto",
+    inplace: bool = False,
+    return_report: bool = False,
+    channels_last: bool | None = None,
 ) -> nn.Module | tuple[nn.Module, OptimizeReport]:
     """Swap linattn's fused modules into `model`; returns the optimized model, or (model, report).
 
@@ -472,6 +498,11 @@ def optimize(
             for torch.compile.
         inplace: modify `model` itself; by default a deep copy is optimized and `model` is untouched.
         return_report: also return an `OptimizeReport`: what was replaced, what was left alone and why.
+        channels_last: run the model channels_last: its 4-D parameters (the conv weights, so K-contiguous
+            (Cout, kh, kw, Cin) and read with 128-bit loads) are converted once, and the model's input and
+            every fused module's input are converted when they arrive in NCHW (after an op that does not
+            keep channels_last, such as CUDA's GroupNorm). None (default): when the model's parameters are on
+            a GPU. NCHW inputs work either way; the fused modules' outputs are channels_last.
 
     The optimized model computes the same function: in eval mode BatchNorms are folded into the
     convs (or become the epilogue for conv -> act -> BN); in train mode the BatchNorms keep batch
@@ -484,10 +515,20 @@ def optimize(
         raise TypeError(f"linattn.optimize: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    report = OptimizeReport(backend=backend, training=model.training)
+    if channels_last is None:
+        channels_last = any(p.is_cuda for p in model.parameters())
+    report = OptimizeReport(backend=backend, training=model.training, channels_last=bool(channels_last))
     new = _convert(model, "", report)
     if new is not None:
         model = new
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.register_forward_pre_hook(_channels_last_inputs)
+        for module in model.modules():
+            blocks = module._blocks if isinstance(module, FusedSequential) else [module]  # not registered children
+            for block in blocks:
+                if isinstance(block, CONV_CALLERS) and block is not model:
+                    block.register_forward_pre_hook(_channels_last_inputs)
     if backend != "auto":
         hooks = _BackendHooks(backend)
         model.register_forward_pre_hook(hooks.pre)

@@ -376,3 +376,51 @@ def test_squeezesam_size_and_shapes():
     assert fused.shape == (2, 5, 512, 512)
     widths = [level[0].out_channels for level in model.down]
     assert widths == [64, 128, 128, 128, 128, 164, 256, 256]
+
+
+class _ToNCHW(nn.Module):
+    """An op that drops channels_last, as CUDA's GroupNorm does."""
+
+    def forward(self, x):
+        return x.contiguous()
+
+
+def _conv_inputs(model, x) -> list[bool]:
+    """Whether each linattn conv call of model(x) read a channels_last input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in ("linattn::conv_bn_act", "linattn::upsample_block"):
+                seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Mode():
+        model(x)
+    return seen
+
+
+def test_channels_last_end_to_end():
+    """optimize(channels_last=True): conv weights packed K-contiguous once, the model's NCHW input and the input of
+    a fused conv after an op that drops channels_last converted, every conv call channels_last, same outputs."""
+    torch.manual_seed(31)
+    seq = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), _ToNCHW(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8),
+    )  # fmt: skip
+    model = randomize(seq, seed=32).eval()
+    optimized, report = linattn.optimize(model, backend="reference", channels_last=True, return_report=True)
+    assert report.channels_last and "channels_last" in str(report)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in optimized if isinstance(m, nn.Conv2d))
+    x = torch.randn(2, 4, 7, 9)
+    assert _conv_inputs(optimized, x) == [True, True]
+    assert _conv_inputs(linattn.optimize(model, backend="reference"), x) == [False, False]  # CPU default: as given
+    compare_eval(model, optimized, x, torch.float32, "channels_last Sequential")
+
+    timm_model = tiny_efficientvit()
+    timm_optimized = linattn.optimize(timm_model, backend="reference", channels_last=True)
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(33))
+    assert all(_conv_inputs(timm_optimized, image))
+    compare_eval(timm_model, timm_optimized, image, torch.float32, "channels_last timm EfficientViT")
