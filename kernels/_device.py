@@ -6,6 +6,7 @@ the GPU compile gate (linattn.audit) compiles it for sm_90 without a GPU, and
 the tests run it under the Triton interpreter at small shapes.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,16 @@ INTERPRETER = Device(gpu=False)
 H100 = Device(gpu=True, sms=132)  # what the tests use as "a GPU" under the interpreter
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host code: triton.cdiv is a compile-time helper, about 20x slower to call."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), in plain integers (host code; see cdiv)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def dot_precision(t: torch.Tensor) -> str:
     """tl.dot's input_precision for tiles of t's dtype: full fp32 products for fp32 (docs/design.md 8); fp16/bf16
     tiles upcast in the kernel are exact in tf32."""
@@ -34,4 +45,10 @@ def dot_precision(t: torch.Tensor) -> str:
 def device_of(t: torch.Tensor) -> Device:
     if not t.is_cuda:
         return INTERPRETER
-    return Device(gpu=True, sms=torch.cuda.get_device_properties(t.device).multi_processor_count)
+    return cuda_device(t.device.index)
+
+
+@functools.cache
+def cuda_device(index: int | None) -> Device:
+    """The description of GPU `index`, asked once (every launch calls device_of)."""
+    return Device(gpu=True, sms=torch.cuda.get_device_properties(index).multi_processor_count)

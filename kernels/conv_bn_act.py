@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, device_of
+from ._device import Device, cdiv, device_of, next_pow2
 
 ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
 
@@ -440,7 +440,7 @@ def _conv_bn_act_bwd_dw_kernel(
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return min(hi, max(lo, triton.next_power_of_2(n)))
+    return min(hi, max(lo, next_pow2(n)))
 
 
 def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int):
@@ -466,7 +466,7 @@ MAX_TILES = {
 
 def _shrink(dev: Device, bm: int, bn: int, rows: int, cols: int, groups: int) -> tuple[int, int]:
     """Halve the wider side of a (bm, bn) tile, down to 64, while the grid does not fill the GPU once."""
-    while max(bm, bn) > 64 and triton.cdiv(rows, bm) * groups * triton.cdiv(cols, bn) < dev.sms:
+    while max(bm, bn) > 64 and cdiv(rows, bm) * groups * cdiv(cols, bn) < dev.sms:
         if bn >= bm:
             bn //= 2
         else:
@@ -477,10 +477,10 @@ def _shrink(dev: Device, bm: int, bn: int, rows: int, cols: int, groups: int) ->
 def _split_k(dev: Device, bm: int, bn: int, rows: int, cols: int, groups: int, k_iters: int) -> int:
     """Programs per output tile along the reduction: when the grid is under half the GPU and each program
     keeps at least 4 iterations (small maps at batch 1)."""
-    tiles = triton.cdiv(rows, bm) * groups * triton.cdiv(cols, bn)
+    tiles = cdiv(rows, bm) * groups * cdiv(cols, bn)
     if not dev.gpu or 2 * tiles > dev.sms or k_iters < 8:
         return 1
-    return max(1, min(triton.cdiv(dev.sms, tiles), k_iters // 4, 8))
+    return max(1, min(cdiv(dev.sms, tiles), k_iters // 4, 8))
 
 
 def conv_config(
@@ -540,7 +540,7 @@ def conv_configs(
             warps = 8 if bm * bn >= big else 4
             stages = 3 if bm * bn >= 128 * 128 else 4
             configs.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, num_warps=warps, num_stages=stages, split=1))
-    configs[0]["split"] = split = _split_k(dev, block_m, block_n, rows, cols, groups, taps * triton.cdiv(red, block_k))
+    configs[0]["split"] = split = _split_k(dev, block_m, block_n, rows, cols, groups, taps * cdiv(red, block_k))
     if split > 1:  # the same tile without the split: the partials' traffic may cost more than it gains
         configs.append(dict(configs[0], split=1))
     return configs
@@ -549,8 +549,8 @@ def conv_configs(
 def _dw_programs(cfg: dict, cout: int, cin_g: int, groups: int, depthwise: bool) -> int:
     """Programs per tap of the weight-gradient kernel: its channel tiles."""
     if depthwise:
-        return triton.cdiv(cout, cfg["BLOCK_N"])
-    return groups * triton.cdiv(cout // groups, cfg["BLOCK_N"]) * triton.cdiv(cin_g, cfg["BLOCK_CI"])
+        return cdiv(cout, cfg["BLOCK_N"])
+    return groups * cdiv(cout // groups, cfg["BLOCK_N"]) * cdiv(cin_g, cfg["BLOCK_CI"])
 
 
 def conv_dw_config(
@@ -618,12 +618,12 @@ def conv_bn_act_fwd(
     cout_g = Cout // groups
     M = B * Ho * Wo
     cfg = dict(config or fwd_configs(x, weight, stride, padding, dilation, groups, shuffle)[0])
-    k_iters = KH * KW * triton.cdiv(cin_g, cfg["BLOCK_K"])
+    k_iters = KH * KW * cdiv(cin_g, cfg["BLOCK_K"])
     split = 1 if depthwise else max(1, min(cfg.pop("split", 1), k_iters))
-    k_per_split = triton.cdiv(k_iters, split)
-    split = triton.cdiv(k_iters, k_per_split)
-    tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n, split)
+    k_per_split = cdiv(k_iters, split)
+    split = cdiv(k_iters, k_per_split)
+    tiles_n = cdiv(cout_g, cfg["BLOCK_N"])
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n, split)
     epilogue = dict(
         ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None, HAS_SCALE=post_scale is not None,
         HAS_SHIFT=post_shift is not None, HAS_RES=residual is not None, SHUFFLE=shuffle,
@@ -638,7 +638,7 @@ def conv_bn_act_fwd(
     )  # fmt: skip
     if split > 1:
         block_m, block_n = 32, _pow2(Cout, 16, 128)
-        _conv_bn_act_splitk_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(Cout, block_n))](
+        _conv_bn_act_splitk_epilogue_kernel[(cdiv(M, block_m), cdiv(Cout, block_n))](
             out, *out.stride(), parts, *vectors, res_t, *res_t.stride(), M, Cout, split, Ho, Wo,
             **epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
@@ -669,8 +669,8 @@ def conv_bn_act_bwd(
     # 1. dz = g * post_scale * act'(z), recomputing z; per-tile partial sums of the per-channel gradients
     low = x.dtype != torch.float32
     cfg = config.get("dz") or conv_configs(*_problem(x, weight, stride, padding, dilation, groups, "dz"))[0]
-    tiles_n = triton.cdiv(cout_g, cfg["BLOCK_N"])
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
+    tiles_n = cdiv(cout_g, cfg["BLOCK_N"])
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     dz = torch.empty((B, Cout, Ho * Wo), device=x.device, dtype=torch.float32)
     parts = torch.empty((3, grid[0], Cout), device=x.device, dtype=torch.float32)
     _conv_bn_act_bwd_dz_kernel[grid](
@@ -684,8 +684,8 @@ def conv_bn_act_bwd(
     # 2. dx: the transposed conv, rows are input positions, columns the group's input channels
     Mx = B * H * W
     cfg = config.get("dx") or conv_config(dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise, low, "dx")
-    tiles_n = triton.cdiv(cin_g, cfg["BLOCK_N"])
-    grid = (triton.cdiv(Mx, cfg["BLOCK_M"]), triton.cdiv(Cin, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
+    tiles_n = cdiv(cin_g, cfg["BLOCK_N"])
+    grid = (cdiv(Mx, cfg["BLOCK_M"]), cdiv(Cin, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     dx = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     _conv_bn_act_bwd_dx_kernel[grid](
@@ -697,11 +697,11 @@ def conv_bn_act_bwd(
     # 3. dW: reduction over positions in SPLIT chunks of fp32 partials
     cfg = dict(config.get("dw") or conv_dw_config(dev, M, Cout, cin_g, groups, depthwise, KH * KW, low))
     block_k = cfg["BLOCK_K"]
-    split = max(1, min(triton.cdiv(M, block_k), cfg.pop("split")))
-    chunk = triton.cdiv(triton.cdiv(M, split), block_k) * block_k
-    split = triton.cdiv(M, chunk)
-    tiles_n = 1 if depthwise else triton.cdiv(cout_g, cfg["BLOCK_N"])
-    tiles_ci = 1 if depthwise else triton.cdiv(cin_g, cfg["BLOCK_CI"])
+    split = max(1, min(cdiv(M, block_k), cfg.pop("split")))
+    chunk = cdiv(cdiv(M, split), block_k) * block_k
+    split = cdiv(M, chunk)
+    tiles_n = 1 if depthwise else cdiv(cout_g, cfg["BLOCK_N"])
+    tiles_ci = 1 if depthwise else cdiv(cin_g, cfg["BLOCK_CI"])
     dw_parts = torch.empty((split, KH * KW, Cout, cin_g), device=x.device, dtype=torch.float32)
     _conv_bn_act_bwd_dw_kernel[(_dw_programs(cfg, Cout, cin_g, groups, depthwise), KH * KW, split)](
         dw_parts, dz, x, *x.stride(),

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, device_of, dot_precision
+from ._device import Device, cdiv, device_of, dot_precision, next_pow2
 
 
 @triton.jit
@@ -286,11 +286,11 @@ def attention_config(dev: Device, B: int, H: int, N: int, D: int, E: int, splits
 
     splits: programs per problem, each reducing a chunk of N into fp32 partials (None: enough programs to fill
     the GPU twice over; one under the interpreter). num_stages=2 double-buffers the row loop's loads."""
-    block_d = max(16, triton.next_power_of_2(D))
-    block_e = max(16, triton.next_power_of_2(E))
+    block_d = max(16, next_pow2(D))
+    block_e = max(16, next_pow2(E))
     block_n = 64 if block_d * block_e <= 64 * 64 else 32
     if splits is None:
-        splits = triton.cdiv(2 * dev.sms, B * H) if dev.gpu else 1
+        splits = cdiv(2 * dev.sms, B * H) if dev.gpu else 1
     return dict(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -305,10 +305,10 @@ def split_rows(N: int, config: dict) -> tuple[dict, int, int]:
     """(kernel keywords, rows per split, splits) of a config: splits clamped to the row tiles, each chunk a
     multiple of BLOCK_N."""
     cfg = dict(config)
-    tiles = triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = cdiv(N, cfg["BLOCK_N"])
     splits = max(1, min(cfg.pop("splits"), tiles))
-    chunk = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
-    return cfg, chunk, triton.cdiv(N, chunk)
+    chunk = cdiv(tiles, splits) * cfg["BLOCK_N"]
+    return cfg, chunk, cdiv(N, chunk)
 
 
 def _state(k: torch.Tensor, v: torch.Tensor, cfg: dict, chunk: int, splits: int):

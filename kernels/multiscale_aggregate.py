@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, device_of, dot_precision
+from ._device import Device, cdiv, device_of, dot_precision, next_pow2
 
 
 @triton.jit
@@ -261,7 +261,7 @@ def aggregate_config(dev: Device, D: int) -> dict:
     """Tiles and launch options for groups of D channels. 4 warps over a 64 x 32 tile: 16 fp32 values per
     thread for each live tile. num_stages=1: the tap loop is not pipelined (its K*K shifted loads would
     each take a shared-memory buffer per stage)."""
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     block_n = (64 if block_d <= 32 else 32) if dev.gpu else 256  # interpreter: few, large tiles
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1)
 
@@ -279,7 +279,7 @@ def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases,
     D = C // (3 * heads)
     cfg = config or aggregate_config(device_of(qkv), D)
     groups = 3 * heads
-    grid = (B * groups, triton.cdiv(H * W, cfg["BLOCK_N"]))
+    grid = (B * groups, cdiv(H * W, cfg["BLOCK_N"]))
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         bd, has_bd = _bias_args(dw_biases, s, wd)
         bp, has_bp = _bias_args(pw_biases, s, wp)
@@ -301,7 +301,7 @@ def multiscale_aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads: int, 
     cfg = config or aggregate_config(device_of(qkv), D)
     block_d = cfg["BLOCK_D"]
     groups = 3 * heads
-    tiles = triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = cdiv(N, cfg["BLOCK_N"])
     grid = (B * groups, tiles)
     parts = B * groups * tiles
     # dy_0, the identity branch; a private fp32 copy that every scale accumulates into

@@ -118,6 +118,7 @@ def register(op: str, pass_: str, backend: str, kernel: str | None = None, limit
     The reference implements every registered pass."""
     impls = _REGISTRY.setdefault((op, pass_), {"reference": Impl("reference")})
     impls[backend] = Impl(backend, kernel, limit)
+    _candidates_seen.clear()
 
 
 def registered_ops() -> list[str]:
@@ -160,6 +161,21 @@ def status(op: str, backend: str, device: torch.device, pass_: str = "fwd") -> s
     return "; ".join(found) or None
 
 
+_candidates_seen: dict[tuple, list[str]] = {}
+
+
+def _candidates(op: str, pass_: str, device: torch.device, problem: str | None, args: tuple) -> list[str]:
+    """The implementations that can run a call, in priority order: asked once per distinct call (every auto
+    call on a GPU resolves; args must be hashable). The key holds what the answer reads besides the call, so
+    a replaced registry, priority or availability check (the tests') is a new key."""
+    key = (op, pass_, device, problem, args, PRIORITY, id(_REGISTRY), unavailable)
+    if (found := _candidates_seen.get(key)) is None:
+        impls = implementations(op, pass_)
+        found = [b for b in PRIORITY if b in impls and not reasons(op, pass_, b, device, problem, args)]
+        _candidates_seen[key] = found
+    return found
+
+
 def resolve(
     op: str,
     pass_: str,
@@ -187,8 +203,7 @@ def resolve(
         return name
     chosen = "reference"
     if device.type == "cuda":
-        impls = implementations(op, pass_)
-        candidates = [b for b in PRIORITY if b in impls and not reasons(op, pass_, b, device, problem, args)]
+        candidates = _candidates(op, pass_, device, problem, args)
         chosen = candidates[0]
         if runner is not None and len(candidates) > 1:
             from ._tune import choose

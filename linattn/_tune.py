@@ -31,6 +31,7 @@ _lock = threading.Lock()
 _tables: dict[str, dict[str, str]] = {}  # table file name -> {key: backend}
 _timings: list[dict] = []  # every measurement of this process, for `python -m linattn tune`
 _warned: set[str] = set()
+_memo: dict[tuple, str] = {}  # (op, pass, GPU, candidates, _signature) -> choice: the hot path's one lookup
 _fixed = threading.local()  # on: fixed_priority() (no table, no timing); force: tune() (timing despite TUNE=0)
 
 
@@ -127,6 +128,16 @@ def call_key(op: str, pass_: str, args: Sequence) -> str:
     return f"{op}:{pass_}:" + ";".join(describe(a) for a in args)
 
 
+def _signature(args: Sequence) -> tuple:
+    """call_key's information as a tuple (cheaper to build than its string): the in-process lookup's key."""
+    return tuple(
+        (a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor)
+        else _signature(a) if isinstance(a, (list, tuple))
+        else a
+        for a in args
+    )  # fmt: skip
+
+
 def cuda_median_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of fn on the current stream (CUDA events), after a warm-up."""
     for _ in range(WARMUP):
@@ -167,10 +178,14 @@ def choose(
     if getattr(_fixed, "on", False):
         return candidates[0]
     device_name = _device_name(device)
+    memo = (op, pass_, device_name, tuple(candidates), _signature(args))
+    if (chosen := _memo.get(memo)) is not None:
+        return chosen
     key = call_key(op, pass_, args)
     with _lock:
         chosen = table(device_name).get(key)
     if chosen in candidates:
+        _memo[memo] = chosen
         return chosen
     why_not = _cannot_time() or (None if enabled() else "LINATTN_TUNE=0")
     if why_not:
@@ -186,6 +201,7 @@ def choose(
     times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in candidates}
     chosen = min(candidates, key=lambda b: (times[b], candidates.index(b)))
     with _lock:
+        _memo[memo] = chosen
         table(device_name)[key] = chosen
         _timings.append({"key": key, "device": device_name, "ms": times, "chosen": chosen})
         _save(device_name)
@@ -220,6 +236,7 @@ def reset() -> None:
     """Forget the loaded tables and this process's timings (the files stay)."""
     with _lock:
         _tables.clear()
+        _memo.clear()
         _timings.clear()
         _warned.clear()
 

@@ -297,13 +297,17 @@ def _gpu_launches(arch: Arch):
         launches.append(Launch(name, tuple(_as_ptr(a) for a in args), tuple(sorted(kwargs.items())), units))
 
     props = types.SimpleNamespace(multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10)
+    from .kernels._device import cuda_device
+
     saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties
     JITFunction.run = InterpretedFunction.run = record  # with TRITON_INTERPRET=1 the kernels are interpreted ones
     torch.cuda.get_device_properties = lambda device=None: props
+    cuda_device.cache_clear()
     try:
         yield launches
     finally:
         JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties = saved
+        cuda_device.cache_clear()
 
 
 @contextlib.contextmanager

@@ -121,7 +121,7 @@ def _conv_fwd(
     if impl is None:
         call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
         scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)
-        limits = (x.shape[1], weight.shape[-2:], stride, padding, groups)
+        limits = (x.shape[1], tuple(weight.shape[-2:]), tuple(stride), tuple(padding), groups)
         impl = resolve(op, "fwd", x.device, kernel_problem(x), limits, runner=scratch, inputs=(*call[1:], out))
     if impl == "reference":
         y = reference.conv_bn_act(
