@@ -23,7 +23,8 @@ Shapes (docs/design.md 5, one named entry per distinct conv; --models and --shap
          MBConv depthwise is 3x3 in both encoders.
 Names: <model>.s<stage>.<block>.<conv>, e.g. l0.s3.mb.dw3 (l0 stage 3 MBConv depthwise), l0.s4.down.pw_expand.
 On a GPU every shape runs at B=16 and 1; without a GPU the default is a short run (four small shapes at B=1,
-fp32, eager, eager-folded and reference), and --quick runs tiny shapes at B=2 (numbers not kept).
+fp32, eager, eager-folded and reference), and --quick runs tiny shapes at B=2 (numbers not kept). Inputs and
+weights are channels_last for every provider (--layout nchw for NCHW), as linattn.optimize runs a model on a GPU.
 
 Providers (the same weights and inputs; modules in eval mode, forward only):
   eager                 nn.Conv2d, BatchNorm2d and the activation as separate modules in the block's order
@@ -512,7 +513,11 @@ def parse_args(argv):
     parser.add_argument(
         "--act", default="gelu_tanh", choices=EVIT_ACTS, help="EfficientViT's activation (default gelu_tanh)"
     )
-    parser.add_argument("--channels-last", action="store_true", help="inputs and weights in channels_last")
+    parser.add_argument(
+        "--layout", choices=("channels_last", "nchw"), default="channels_last",
+        help="inputs and weights (every provider's): channels_last (default, as linattn.optimize runs a model on "
+        "a GPU) or nchw",
+    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="print the shape table and exit")
     return parse_benchmark_args(parser, argv, dtype=DTYPES, providers=PROVIDERS, models=MODELS)
 
@@ -543,9 +548,8 @@ def main(argv=None) -> list[dict]:
         for shape in shapes:
             skip = max_autotune_skip(args, shape.batch)
             for dtype_name in dtypes:
-                rows += run_shape(
-                    shape, dtype_name, providers, device, copy_gbs, bar, args.cuda_graph, skip, args.channels_last
-                )
+                cl = args.layout == "channels_last"
+                rows += run_shape(shape, dtype_name, providers, device, copy_gbs, bar, args.cuda_graph, skip, cl)
                 if on_gpu:
                     torch.cuda.empty_cache()
     plot = {
