@@ -281,6 +281,59 @@ def _conv_bn_act_splitk_epilogue_kernel(
 
 
 @triton.jit
+def _separable_conv_bn_act_fwd_kernel(
+    Y_ptr, syb, syc, syh, syw,  # output (B, Cout, Ho, Wo)
+    X_ptr, sxb, sxc, sxh, sxw,  # input (B, C, H, W)
+    DW_ptr, sdc, sdh, sdw,  # depthwise weight (C, 1, KH, KW)
+    DB_ptr,  # depthwise bias (C,), read with HAS_DW_BIAS
+    PW_ptr, spo, spi,  # pointwise weight (Cout, C, 1, 1)
+    BIAS_ptr, SCALE_ptr, SHIFT_ptr,  # the pointwise conv's (Cout,) vectors, read when the HAS_ flag is set
+    R_ptr, srb, src, srh, srw,  # residual, shaped as the output
+    M, C, COUT, H, W, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, DW_ACT: tl.constexpr, HAS_DW_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A depthwise conv block feeding a 1x1 conv block, the depthwise output never written: per block of
+    BLOCK_K channels, the depthwise tile d = dw_act(dwconv(x) + dw_bias) of the tile's positions is computed
+    in registers, cast to x's dtype (as the unfused pair stores it) and multiplied into the 1x1 conv's tile."""
+    b, ho, wo, m_mask = _positions(tl.program_id(0), M, HO, WO, BLOCK_M)
+    co = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = co < COUT
+    x_b = X_ptr + b * sxb
+    h0 = ho * STRIDE_H - PAD_H
+    w0 = wo * STRIDE_W - PAD_W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        ci = c0 + tl.arange(0, BLOCK_K)
+        k_mask = ci < C
+        d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r in range(KH * KW):
+            kh = r // KW
+            kw = r % KW
+            hi = h0 + kh * DIL_H
+            wi = w0 + kw * DIL_W
+            inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            x_pos = x_b + hi * sxh + wi * sxw
+            x = tl.load(x_pos[:, None] + ci[None, :] * sxc, mask=inside[:, None] & k_mask[None, :], other=0.0)
+            tap = tl.load(DW_ptr + ci * sdc + kh * sdh + kw * sdw, mask=k_mask, other=0.0)
+            d += x.to(tl.float32) * tap.to(tl.float32)[None, :]
+        if HAS_DW_BIAS:
+            d += tl.load(DB_ptr + ci, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        d = tl.where(k_mask[None, :], _act(d, DW_ACT), 0.0).to(X_ptr.dtype.element_ty)
+        w = tl.load(PW_ptr + co[None, :] * spo + ci[:, None] * spi, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's low-precision dot is wrong: products in fp32 there
+            d = d.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(d, w, acc, input_precision=PRECISION)
+    _epilogue(
+        acc, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+        b, ho, wo, m_mask, co, n_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, False,
+    )  # fmt: skip
+
+
+@triton.jit
 def _conv_bn_act_bwd_dz_kernel(
     DZ_ptr,  # fp32 (B, Cout, Ho*Wo) contiguous: g * post_scale * act'(z)
     PART_ptr,  # fp32 (3, TILES_M, Cout) partial sums over this tile's positions of dz, g*act(z), g
@@ -457,10 +510,10 @@ def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
 # else is live beside the accumulator sets them: the pixel-shuffle store's indices, dz's output-gradient tile, dx's
 # index math; full fp32 products keep both operands in registers beside 64-bit address tiles
 MAX_TILES = {
-    "fwd": ((128, 128), (64, 64)),
+    "fwd": ((128, 128), (64, 32)),
     "shuffle": ((128, 64), (64, 64)),
     "dz": ((128, 32), (64, 32)),
-    "dx": ((128, 64), (64, 32)),
+    "dx": ((64, 64), (64, 32)),
 }
 
 
@@ -508,14 +561,16 @@ def conv_configs(
     GPU (numbers from the compile gate, python -m linattn audit): the largest tile within MAX_TILES, halved
     while the grid does not fill the GPU once. `packed`: both operands are read along contiguous channels
     (channels_last x, K-contiguous weights), so every load is a 128-bit cp.async and deep pipelines cost
-    shared memory, not registers: 64 channels per step, 3-4 stages, 8 warps from 64 x 128 up, the reduction
+    shared memory, not registers: 64 channels per step, 3-4 stages, 8 warps from 64 x 64 up, the reduction
     split over programs when the grid stays under half the GPU, and ALTERNATIVES to time. Otherwise the loads
     of future steps wait in registers: 32 channels per step, 2 stages (3 at 128 columns), 8 warps from 64 x 64
     or 128 rows up. Full fp32 products 16 channels at a time, unpipelined. The backward's dz and dx kernels
-    read fp32 dz tiles: they keep the unpacked rule."""
+    (fp32 dz tiles, more index math) keep the unpacked rule, unpipelined: 2 stages spill there."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
         block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
+        if kernel == "dx":  # fp32 dz tiles in a loop over the channel multiplier: 8 warps, unpipelined
+            return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=8 if dev.gpu else 4, num_stages=1)]
         return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=2 if dev.gpu else 1)]
     if not dev.gpu:
         return [dict(BLOCK_M=_pow2(rows, 16, 256), BLOCK_N=_pow2(cols, 16, 64), BLOCK_K=_pow2(red, 16, 64))]
@@ -529,10 +584,10 @@ def conv_configs(
         warps = 8 if block_m * block_n >= 64 * 64 or block_m >= 128 else 4
         if not low_precision:
             return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps, num_stages=1)]
-        stages = 3 if block_n == 128 else 2
+        stages = 1 if not forward else 3 if block_n == 128 else 2
         return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(red, 16, 32), num_warps=warps, num_stages=stages)]
     block_k = _pow2(red, 16, 64)
-    big = 64 * 64 if kernel == "shuffle" else 64 * 128  # the shuffled store's indices need the registers of 8
+    big = 64 * 64  # 4 warps from 64 x 64 spill on sm_80 (its HMMA operands live in registers)
     configs = []
     for bm, bn in ((block_m, block_n), *ALTERNATIVES):
         bm, bn = min(bm, _pow2(rows, 16, max_m)), min(bn, _pow2(cols, 16, max_n))
@@ -642,6 +697,46 @@ def conv_bn_act_fwd(
             out, *out.stride(), parts, *vectors, res_t, *res_t.stride(), M, Cout, split, Ho, Wo,
             **epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
+    return out
+
+
+def separable_config(dev: Device, rows: int, channels: int, cout: int, low_precision: bool) -> dict:
+    """Tiles of the separable kernel: every output channel in one tile where it fits (up to 256, so the
+    depthwise tile is computed once per position tile), 32 channels per step: the depthwise tile accumulates
+    in fp32 registers beside the output tile, so the steps are not pipelined; full fp32 products 16 at a time."""
+    if not dev.gpu:
+        return dict(BLOCK_M=_pow2(rows, 16, 128), BLOCK_N=_pow2(cout, 16, 64), BLOCK_K=_pow2(channels, 16, 32))
+    block_n = _pow2(cout, 16, 256 if low_precision else 64)
+    block_m = 64 if block_n <= 128 else 32
+    block_k = _pow2(channels, 16, 32 if low_precision else 16)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 128 else 4, num_stages=1)
+
+
+def separable_conv_bn_act_fwd(
+    x, dw_weight, dw_bias, stride, padding, dilation, dw_act: str, weight, bias, act: str, post_scale, post_shift,
+    residual, out, config: dict | None = None,
+):  # fmt: skip
+    """Write act(conv1x1(dw_act(depthwise_conv(x, dw_weight) + dw_bias), weight) + bias) * post_scale + post_shift
+    + residual into out (B, Cout, Ho, Wo); any strides. config: separable_config()'s dict (None: this
+    device's)."""
+    B, C, H, W = x.shape
+    Cout = weight.shape[0]
+    KH, KW = dw_weight.shape[-2:]
+    Ho, Wo, _ = conv_geometry(x, dw_weight, stride, padding, dilation, C)
+    M = B * Ho * Wo
+    cfg = config or separable_config(device_of(x), M, C, Cout, x.dtype != torch.float32)
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]))
+    dw_bias_t, has_dw_bias = _present(dw_bias, dw_weight)
+    vectors = [t if t is not None else weight for t in (bias, post_scale, post_shift)]  # absent: never read
+    res_t = residual if residual is not None else out
+    _separable_conv_bn_act_fwd_kernel[grid](
+        out, *out.stride(), x, *x.stride(), dw_weight, dw_weight.stride(0), *dw_weight.stride()[2:], dw_bias_t,
+        weight, weight.stride(0), weight.stride(1), *vectors, res_t, *res_t.stride(),
+        M, C, Cout, H, W, Ho, Wo, *stride, *padding, *dilation,
+        KH=KH, KW=KW, DW_ACT=ACTIVATIONS.index(dw_act), HAS_DW_BIAS=has_dw_bias, ACT=ACTIVATIONS.index(act),
+        HAS_BIAS=bias is not None, HAS_SCALE=post_scale is not None, HAS_SHIFT=post_shift is not None,
+        HAS_RES=residual is not None, **_precision(x), **cfg,
+    )  # fmt: skip
     return out
 
 

@@ -3,7 +3,8 @@
 Importing linattn registers the ops (`torch.ops.linattn.*`); it does not touch
 CUDA, import triton or load the compiled extension (that happens on first use).
 The subpackages `linattn.models` and `linattn.benchmarks` load on first access
-(`linattn.models.efficientvit_sam_encoder("l0")` works after a plain `import linattn`).
+(`linattn.models.efficientvit_sam_encoder("l0")` works after a plain `import linattn`), and so does
+`linattn.graphs` (`linattn.optimize(model, cuda_graph=True)` wraps the model in its CUDAGraphModule).
 """
 
 import importlib
@@ -17,14 +18,16 @@ from .ops import (
     lite_mla_context,
     multiscale_aggregate,
     relu_linear_attention,
+    separable_conv_bn_act,
     upsample_block,
 )
 from .optimize import optimize
 
 __version__ = "0.1.0"
 
-# imported on first attribute access (PEP 562): the encoders and the benchmark harness are not needed to use the ops
-_SUBPACKAGES = ("benchmarks", "models", "nn")
+# imported on first attribute access (PEP 562): the encoders, the benchmark harness and the CUDA-graph wrapper
+# (linattn.graphs.CUDAGraphModule) are not needed to use the ops
+_SUBPACKAGES = ("benchmarks", "graphs", "models", "nn")
 
 
 def __getattr__(name: str):
@@ -50,6 +53,7 @@ __all__ = [
     "optimize",
     "reference",
     "relu_linear_attention",
+    "separable_conv_bn_act",
     "set_backend",
     "upsample_block",
 ]

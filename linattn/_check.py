@@ -67,6 +67,23 @@ def _eager_upsample(x, w, b, s, t):
     return torch.nn.functional.pixel_shuffle(y * s[:, None, None] + t[:, None, None], 2)
 
 
+def _separable_call(fn):
+    """separable_conv_bn_act 3x3/2 (hardswish, then identity with a BN-after-act affine and a residual) on flat
+    inputs (x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual)."""
+    return lambda x, dw, db, w, b, s, t, r: fn(
+        x, dw, db.flatten(), 2, 1, 1, "hardswish", w, b.flatten(), "identity", s.flatten(), t.flatten(), r
+    )
+
+
+def _eager_separable(x, dw, db, stride, padding, dilation, dw_act, w, b, act, s, t, r):
+    m = reference.activation(torch.nn.functional.conv2d(x, dw, db, stride, padding, dilation, x.shape[1]), dw_act)
+    return reference.activation(torch.nn.functional.conv2d(m, w, b), act) * s[:, None, None] + t[:, None, None] + r
+
+
+def _separable_op(x, dw, db, stride, padding, dilation, dw_act, w, b, act, s, t, r):
+    return ops.separable_conv_bn_act(x, dw, w, db, b, stride, padding, dilation, dw_act, act, s, t, r)
+
+
 CASES = [
     Case(
         "relu_linear_attention",
@@ -114,6 +131,13 @@ CASES = [
     ),
     _conv_case(
         "conv_bn_act 1x1", [(2, 12, 7, 9), (20, 12, 1, 1), (1, 20), (1, 20), (1, 20), (2, 20, 7, 9)], 1, 0, 1, "silu"
+    ),
+    Case(
+        "separable_conv_bn_act",
+        [(2, 12, 9, 11), (12, 1, 3, 3), (1, 12), (20, 12, 1, 1), (1, 20), (1, 20), (1, 20), (2, 20, 5, 6)],
+        _separable_call(_separable_op),
+        _separable_call(reference.separable_conv_bn_act),
+        _separable_call(_eager_separable),
     ),
     Case(
         "upsample_block",

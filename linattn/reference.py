@@ -278,6 +278,26 @@ def conv_bn_act(
     return y.to(x.dtype)
 
 
+def separable_conv_bn_act(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor | None,
+    stride,
+    padding,
+    dilation,
+    dw_act: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "identity",
+    post_scale: torch.Tensor | None = None,
+    post_shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The depthwise conv block (its output in x's dtype, as the unfused pair stores it), then the 1x1 block."""
+    mid = conv_bn_act(x, dw_weight, dw_bias, stride, padding, dilation, x.shape[1], dw_act)
+    return conv_bn_act(mid, weight, bias, 1, 0, 1, 1, act, post_scale, post_shift, residual)
+
+
 def conv_bn_act_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,

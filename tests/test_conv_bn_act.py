@@ -698,7 +698,7 @@ def test_module_eval_fold_sees_shared_bn_eps_and_runs_under_vmap():
 
 
 INTERPRETER_TRITON = [t for t in _kernel_targets() if t.values[0] == ("triton", "cpu")]
-GPU_TILE_CASES = [  # sizes that take a GPU's largest tiles: 128 x 128 (bf16), 128 x 64 (fp32), dW split in chunks
+GPU_TILE_CASES = [  # sizes that take a GPU's widest forward tiles (MAX_TILES), the weight gradient split in chunks
     (1, 40, 130, 9, 8, 3, 1, 1, 1, "gelu_tanh", True, torch.float32, False, True),
     (2, 24, 144, 6, 5, 1, 1, 1, 2, "relu", True, torch.float32, True, False),
     (1, 70, 70, 11, 9, 5, 2, 1, 70, "hardswish", False, torch.float32, True, False),
@@ -710,13 +710,14 @@ GPU_TILE_CASES = [  # sizes that take a GPU's largest tiles: 128 x 128 (bf16), 1
 @pytest.mark.parametrize("case", GPU_TILE_CASES, ids=_case_id)
 def test_kernels_gpu_tiles(target, case, gpu_heuristics):
     """The tiles, warps, stages and weight-gradient splits an H100 launches, run under the interpreter."""
-    from linattn.kernels.conv_bn_act import conv_config
+    from linattn.kernels.conv_bn_act import MAX_TILES, conv_config
 
     B, Cin, Cout, H, W, k, stride, _, groups = case[:9]
     depthwise = groups == Cin
     cols, red = (Cout, k * k) if depthwise else (Cout // groups, Cin // groups)
     low = case[11] != torch.float32
-    assert conv_config(gpu_heuristics, B * H * W // stride**2, cols, red, depthwise, low)["BLOCK_N"] >= 64
+    widest = 64 if depthwise else min(64, MAX_TILES["fwd"][0 if low else 1][1])  # halved to fill the GPU
+    assert conv_config(gpu_heuristics, B * H * W // stride**2, cols, red, depthwise, low)["BLOCK_N"] == widest
     test_kernels(target, case)
 
 
@@ -821,3 +822,133 @@ def test_op_packs_weights_for_channels_last_inputs(target):
         got = linattn.conv_bn_act(x, w, None, padding=1, act="relu")
     assert_close(got, reference.conv_bn_act(*f64(x, w), None, (1, 1), (1, 1), (1, 1), 1, "relu"), 1e-5, "out")
     assert w.is_contiguous() and torch.equal(w, before)
+
+
+# --- separable_conv_bn_act: EfficientViT's depthwise -> 1x1 pair in one kernel ---
+
+# (B, C, Cout, H, W, k, stride, dw_act, act, dw_bias, affine, residual, dtype, channels_last)
+SEPARABLE_CASES = [
+    (2, 20, 12, 7, 9, 3, 1, "hardswish", "identity", True, True, True, torch.float32, True),
+    (1, 37, 40, 9, 8, 5, 2, "gelu_tanh", "relu", False, False, False, torch.float32, False),
+    (1, 24, 17, 6, 7, 3, 2, "relu6", "identity", True, False, True, torch.float16, True),
+    (1, 33, 20, 5, 9, 3, 1, "silu", "gelu", True, True, False, torch.bfloat16, False),
+]
+
+
+def _separable_id(c):
+    B, C, Cout, H, W, k, s, dw_act, act, db, aff, res, dtype, cl = c
+    return f"{C}to{Cout}-{H}x{W}-k{k}s{s}-{dw_act}-{act}-{str(dtype)[6:]}" + ("-cl" if cl else "") + ("-res" * res)
+
+
+def make_separable(case, device, seed=20):
+    B, C, Cout, H, W, k, stride, dw_act, act, dw_bias, affine, res, dtype, cl = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(shape, generator=gen) * scale + offset).to(device=device, dtype=dtype)
+
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = rand(B, C, H, W).contiguous(memory_format=fmt)
+    dw, pw = rand(C, 1, k, k, scale=0.3), rand(Cout, C, 1, 1, scale=C**-0.5)
+    Ho, Wo = (H + 2 * (k // 2) - k) // stride + 1, (W + 2 * (k // 2) - k) // stride + 1
+    tensors = dict(
+        dw_bias=rand(C, scale=0.5) if dw_bias else None, bias=rand(Cout, scale=0.5),
+        post_scale=rand(Cout, scale=0.5, offset=1.0) if affine else None, post_shift=rand(Cout) if affine else None,
+        residual=rand(B, Cout, Ho, Wo).contiguous(memory_format=fmt) if res else None,
+    )  # fmt: skip
+    geometry = dict(stride=(stride, stride), padding=(k // 2, k // 2), dilation=(1, 1), dw_act=dw_act, act=act)
+    return x, dw, pw, tensors, geometry
+
+
+def _separable_ref(x, dw, pw, t, g):
+    return reference.separable_conv_bn_act(
+        x, dw, t["dw_bias"], g["stride"], g["padding"], g["dilation"], g["dw_act"], pw, t["bias"], g["act"],
+        t["post_scale"], t["post_shift"], t["residual"],
+    )  # fmt: skip
+
+
+def _separable_configs():
+    """The interpreter's configuration and every one an H100 picks for the encoders' separable pairs."""
+    from linattn.kernels._device import H100, INTERPRETER
+    from linattn.kernels.conv_bn_act import separable_config
+
+    found = [separable_config(INTERPRETER, 63, 20, 12, False)]
+    for rows, channels, cout in ((16 * 32 * 32, 1024, 256), (256, 2048, 512), (16 * 64 * 64, 256, 64)):
+        for low in (True, False):
+            if (cfg := separable_config(H100, rows, channels, cout, low)) not in found:
+                found.append(cfg)
+    return found
+
+
+@pytest.mark.parametrize("config", _separable_configs(), ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
+@pytest.mark.parametrize("case", SEPARABLE_CASES, ids=_separable_id)
+def test_separable_kernel(case, config):
+    """The fused kernel at every configuration, into a NaN-poisoned output, against float64, within docs/design.md
+    8's tolerance (eager's error: the two convs and their ops in the input dtype)."""
+    from linattn.kernels.conv_bn_act import separable_conv_bn_act_fwd
+
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    x, dw, pw, t, g = make_separable(case, "cpu")
+    ref = _separable_ref(
+        *(v.double() for v in (x, dw, pw)), {k: None if v is None else v.double() for k, v in t.items()}, g
+    )
+    eager_mid = reference.activation(
+        F.conv2d(x, dw, t["dw_bias"], g["stride"], g["padding"], 1, x.shape[1]), g["dw_act"]
+    )
+    eager_out = reference.activation(F.conv2d(eager_mid, pw, t["bias"]), g["act"])
+    if t["post_scale"] is not None:
+        eager_out = eager_out * t["post_scale"][:, None, None] + t["post_shift"][:, None, None]
+    if t["residual"] is not None:
+        eager_out = eager_out + t["residual"]
+    out = torch.full(ref.shape, float("nan"), dtype=x.dtype).contiguous(
+        memory_format=torch.channels_last if case[-1] else torch.contiguous_format
+    )
+    separable_conv_bn_act_fwd(
+        x, dw, t["dw_bias"], g["stride"], g["padding"], g["dilation"], g["dw_act"], pw, t["bias"], g["act"],
+        t["post_scale"], t["post_shift"], t["residual"], out, config=config,
+    )  # fmt: skip
+    assert_close(out, ref, tolerance(x.dtype, rel_err(eager_out, ref)), "out")
+
+
+@pytest.mark.parametrize("target", [t for t in _targets() if t.values[0][0] != "cuda"])  # no CUDA C++ kernel
+def test_separable_op_gradients_and_opcheck(target):
+    """The op's gradients of every tensor (the backward through conv_bn_act's ops) against float64 autograd of
+    the unfused pair, and opcheck."""
+    backend, device = target
+    case = (1, 12, 10, 6, 5, 3, 2, "hardswish", "relu", True, True, True, torch.float32, True)
+    x, dw, pw, t, g = make_separable(case, device)
+    leaves = [x, dw, pw, *(v for v in t.values() if v is not None)]
+    leaves = [v.detach().clone().requires_grad_() for v in leaves]
+    x, dw, pw, db, b, s, sh, r = leaves
+    with linattn.backend(backend):
+        out = linattn.separable_conv_bn_act(x, dw, pw, db, b, 2, 1, 1, "hardswish", "relu", s, sh, r)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    got = torch.autograd.grad(out, leaves, grad)
+    leaves64 = [v.detach().double().requires_grad_() for v in leaves]
+    x6, dw6, pw6, db6, b6, s6, sh6, r6 = leaves64
+    mid = reference.activation(F.conv2d(x6, dw6, db6, 2, 1, 1, x6.shape[1]), "hardswish")
+    want_out = reference.activation(F.conv2d(mid, pw6, b6), "relu") * s6[:, None, None] + sh6[:, None, None] + r6
+    want = torch.autograd.grad(want_out, leaves64, grad.double())
+    assert_close(out, want_out, 1e-5, "out")
+    for name, a, e in zip(
+        ["x", "dw_weight", "weight", "dw_bias", "bias", "post_scale", "post_shift", "residual"], got, want
+    ):
+        assert_close(a, e, 1e-5, f"d{name}")
+    with linattn.backend(backend):
+        args = (x, dw, db, [2, 2], [1, 1], [1, 1], "hardswish", pw, b, "relu", s, sh, r)
+        torch.library.opcheck(torch.ops.linattn.separable_conv_bn_act, args)
+
+
+def test_separable_bad_input():
+    x, dw, pw = torch.randn(1, 8, 5, 5), torch.randn(8, 1, 3, 3), torch.randn(4, 8, 1, 1)
+    with pytest.raises(ValueError, match=r"separable_conv_bn_act: dw_weight must be \(C, 1, KH, KW\)"):
+        linattn.separable_conv_bn_act(x, torch.randn(16, 1, 3, 3), pw)
+    with pytest.raises(ValueError, match=r"separable_conv_bn_act: weight must be \(Cout, C, 1, 1\)"):
+        linattn.separable_conv_bn_act(x, dw, torch.randn(4, 8, 3, 3))
+    with pytest.raises(TypeError, match="separable_conv_bn_act: weight must have x's dtype"):
+        linattn.separable_conv_bn_act(x, dw, pw.double())
+    with pytest.raises(ValueError, match="separable_conv_bn_act: residual must have the output's shape"):
+        linattn.separable_conv_bn_act(x, dw, pw, residual=torch.randn(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="separable_conv_bn_act: act must be one of"):
+        linattn.separable_conv_bn_act(x, dw, pw, act="tanh")

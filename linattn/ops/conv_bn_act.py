@@ -26,6 +26,7 @@ from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
+SEPARABLE = "separable_conv_bn_act"
 ACTIVATIONS = reference.CONV_ACTIVATIONS
 
 
@@ -111,6 +112,7 @@ register(OP, "fwd", "triton")
 register(OP, "fwd", "cuda", kernel="conv_bn_act_fwd_cuda", limit=cuda_limit)
 register(OP, "bwd", "triton")
 register(UPSAMPLE, "fwd", "triton")
+register(SEPARABLE, "fwd", "triton")
 
 
 def _conv_fwd(
@@ -435,6 +437,151 @@ def upsample_block(
     return torch.ops.linattn.upsample_block(x, weight, bias, post_scale, post_shift, act)
 
 
+# --- EfficientViT's depthwise-separable pair (MBConv's and DSConv's depth_conv -> point_conv), fused ---
+
+
+def check_separable(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual):
+    """Validate separable_conv_bn_act's arguments; returns the output size (Ho, Wo)."""
+    C = x.shape[1] if isinstance(x, Tensor) and x.dim() == 4 else 1
+    Ho, Wo = check_conv(SEPARABLE, x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None, None, None)
+    if dw_weight.shape[:2] != (C, 1):
+        fail(SEPARABLE, "dw_weight", f"must be (C, 1, KH, KW) with C = {C}, got {tuple(dw_weight.shape)}")
+    check_tensor(SEPARABLE, "weight", weight, ndim=4, layout="(Cout, C, 1, 1)")
+    if weight.shape[1:] != (C, 1, 1):
+        fail(SEPARABLE, "weight", f"must be (Cout, C, 1, 1) with C = {C}, got {tuple(weight.shape)}")
+    mid = torch.empty_strided((x.shape[0], C, Ho, Wo), (0, 0, 0, 0), dtype=x.dtype, device=x.device)
+    check_conv(SEPARABLE, mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, ps, pt, residual)
+    return Ho, Wo
+
+
+def _separable_fwd(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual, out,
+                   impl: str | None = None):  # fmt: skip
+    """Write the fused pair into out with implementation `impl` (None: the one dispatch chooses)."""
+    call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual)
+    if impl is None:
+        scratch = lambda b: _separable_fwd(*call, torch.empty_like(out), b)  # noqa: E731
+        impl = resolve(SEPARABLE, "fwd", x.device, kernel_problem(x), runner=scratch, inputs=(*call, out))
+    if impl == "reference":
+        return out.copy_(reference.separable_conv_bn_act(*call))
+    from ..kernels.conv_bn_act import separable_conv_bn_act_fwd
+
+    dw_bias, bias, ps, pt = (_contiguous(t) for t in (dw_bias, bias, ps, pt))
+    return separable_conv_bn_act_fwd(
+        x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual, out
+    )
+
+
+@torch.library.custom_op("linattn::separable_conv_bn_act", mutates_args=(), device_types=("cpu", "cuda"))
+def _separable_conv_bn_act(
+    x: Tensor,
+    dw_weight: Tensor,
+    dw_bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    dw_act: str,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: str,
+    post_scale: Tensor | None,
+    post_shift: Tensor | None,
+    residual: Tensor | None,
+) -> Tensor:
+    args = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale, post_shift)
+    Ho, Wo = check_separable(*args, residual)
+    return _separable_fwd(*args, residual, new_feature_map(x, weight.shape[0], Ho, Wo))
+
+
+@_separable_conv_bn_act.register_fake
+def _(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale, post_shift, residual):
+    args = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale, post_shift)
+    Ho, Wo = check_separable(*args, residual)
+    return new_feature_map(x, weight.shape[0], Ho, Wo)
+
+
+def _separable_setup(ctx, inputs, output):
+    x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale, post_shift, res = inputs
+    ctx.geometry = (stride, padding, dilation, dw_act, act)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (dw_bias, bias, post_scale, post_shift))
+    ctx.has_residual = res is not None
+    ctx.save_for_backward(x, dw_weight, dw_bias, weight, bias, post_scale)
+
+
+def _separable_grad(ctx, grad_out):
+    """The pair's backward through conv_bn_act's ops: the depthwise output recomputed, then each conv's
+    backward in turn."""
+    x, dw_weight, dw_bias, weight, bias, post_scale = ctx.saved_tensors
+    stride, padding, dilation, dw_act, act = ctx.geometry
+    C = x.shape[1]
+    mid = torch.ops.linattn.conv_bn_act(x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None, None, None)
+    dmid, dw, db, ds, dt = torch.ops.linattn.conv_bn_act_backward(
+        grad_out, mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, post_scale
+    )
+    dx, ddw, ddb, _, _ = torch.ops.linattn.conv_bn_act_backward(
+        dmid, x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None
+    )
+    db_dtype, b_dtype, s_dtype, t_dtype = ctx.dtypes
+    d_res = grad_out if ctx.has_residual else None
+    return (
+        dx, ddw, _cast(ddb, db_dtype), None, None, None, None,
+        dw, _cast(db, b_dtype), None, _cast(ds, s_dtype), _cast(dt, t_dtype), d_res,
+    )  # fmt: skip
+
+
+_separable_conv_bn_act.register_autograd(_separable_grad, setup_context=_separable_setup)
+
+
+def separable_conv_bn_act(
+    x: Tensor,
+    dw_weight: Tensor,
+    weight: Tensor,
+    dw_bias: Tensor | None = None,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    dw_act: str = "identity",
+    act: str = "identity",
+    post_scale: Tensor | None = None,
+    post_shift: Tensor | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """A depthwise conv block and the 1x1 conv block after it (EfficientViT's MBConv / DSConv depth_conv ->
+    point_conv) in one kernel, the depthwise output never written to memory:
+
+        m = dw_act(conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=C))   (rounded to x's dtype)
+        y = act(conv2d(m, weight, bias)) * post_scale + post_shift + residual
+
+    i.e. conv_bn_act(conv_bn_act(x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act), weight, bias,
+    act=act, post_scale=post_scale, post_shift=post_shift, residual=residual); differentiable in every tensor.
+
+    Args:
+        x: (B, C, H, W), NCHW or channels_last (the output keeps x's memory format).
+        dw_weight: (C, 1, KH, KW), x's dtype (channel multiplier 1); dw_bias: optional (C,).
+        weight: (Cout, C, 1, 1), x's dtype; bias, post_scale, post_shift: optional (Cout,) vectors.
+        stride, padding, dilation: the depthwise conv's, int or (h, w) pair.
+        dw_act, act: conv_bn_act's activation names.
+        residual: optional (B, Cout, Ho, Wo), x's dtype, added last.
+
+    Backends: "triton" (the fused kernel) and the reference (the two convs); "auto" on CUDA measures which
+    is faster per call. The backward recomputes the depthwise output and runs conv_bn_act's backward twice.
+    """
+    require_tensors(SEPARABLE, x=x, dw_weight=dw_weight, weight=weight)
+    optional = (("dw_bias", dw_bias), ("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift),
+                ("residual", residual))  # fmt: skip
+    for name, t in optional:
+        if t is not None:
+            require_tensors(SEPARABLE, **{name: t})
+    for name, a in (("dw_act", dw_act), ("act", act)):
+        if not isinstance(a, str):
+            fail(SEPARABLE, name, f"must be a string, one of {ACTIVATIONS}, got {type(a).__name__}", TypeError)
+    return torch.ops.linattn.separable_conv_bn_act(
+        x, dw_weight, dw_bias, _pair(SEPARABLE, "stride", stride), _pair(SEPARABLE, "padding", padding),
+        _pair(SEPARABLE, "dilation", dilation), dw_act, weight, bias, act, post_scale, post_shift, residual,
+    )  # fmt: skip
+
+
 register_autocast("conv_bn_act", "lower", ("x", "weight", "bias", "residual"))
 register_autocast("upsample_block", "lower", ("x", "weight", "bias"))
+register_autocast(SEPARABLE, "lower", ("x", "dw_weight", "dw_bias", "weight", "bias", "residual"))
 register_autocast("conv_bn_act_backward", "none")
