@@ -11,10 +11,15 @@ vitt, vits. Providers (eval mode, torch.inference_mode):
   eager                 the reference encoder (linattn.models) as it is
   compile               torch.compile of it (default mode)
   compile-max-autotune  torch.compile of it, mode="max-autotune" (slow to compile)
+  compile-reduce-overhead  torch.compile of it, mode="reduce-overhead" (inductor's CUDA graphs; GPU only)
   linattn               linattn.optimize(model, backend=--backend)
   linattn-compile       torch.compile of the optimized model (run under `linattn.backend(--backend)`)
   linattn-priority      linattn with "auto" in the registry's fixed priority order, not measured (on a GPU,
                         what measured dispatch gains; every linattn row records auto's choices: auto_choices)
+  linattn-graph         linattn.optimize(model, backend=--backend, cuda_graph=True): the optimized forward
+                        captured into a CUDA graph per input shape and replayed, outputs cloned (no host
+                        overhead per op; GPU only). Its first call per shape warms up (measured dispatch
+                        times there), then captures
 Defaults: on a GPU every provider, the four models of the issue, batch 16, bf16, backend auto. Without a GPU a
 short run: eager and linattn (reference backend), efficientvit-sam-l0 and squeezesam, batch 1, fp32.
 
@@ -27,10 +32,13 @@ max-autotune, rel_err (||out - ref|| / ||ref||, the worst over the outputs, ref 
 without TF32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by
 self time, printed for eager and linattn). The compiled providers run without inductor's freezing (its
 default), so linattn-compile refolds its BatchNorms inside the graph on every call, where linattn reuses the
-folded weights. For eager and linattn (not compiled) a TorchDispatchMode counts the ops
-dispatched in one call (`ops`) and the bytes of the tensors they produce (`act_bytes`; view ops excluded, since
-they write nothing). A custom op (`linattn::conv_bn_act`) counts as one op with its outputs: the mode does not
-see inside it. The issue's CPU target: linattn at most 40% of eager's ops and at most half its bytes.
+folded weights. The CUDA-graph providers (compile-reduce-overhead, linattn-graph) allocate their activations in
+a graph pool at capture, outside peak_mb, which counts what a replay allocates (linattn-graph: its output copy;
+its rows also carry `graphs`, the wrapper's captures, replays and eager calls). For eager and linattn (not
+compiled) a TorchDispatchMode counts the ops dispatched in one call (`ops`) and the bytes of the tensors they
+produce (`act_bytes`; view ops excluded, since they write nothing). A custom op (`linattn::conv_bn_act`)
+counts as one op with its outputs: the mode does not see inside it. The issue's CPU target: linattn at most
+40% of eager's ops and at most half its bytes.
 
 Rows are appended to <out>/e2e*.jsonl (+ .csv) with the environment (-cpu and -quick files stay out of git);
 the plot (images/s per provider and model) is drawn from that file.
@@ -77,7 +85,21 @@ from linattn.benchmarks.common import (
 from linattn.models import efficientsam_encoder, efficientvit_sam_encoder, squeezesam
 
 NAME = "e2e"
-PROVIDERS = ("eager", "compile", "compile-max-autotune", "linattn", "linattn-compile", "linattn-priority")
+PROVIDERS = (
+    "eager",
+    "compile",
+    "compile-max-autotune",
+    "compile-reduce-overhead",
+    "linattn",
+    "linattn-compile",
+    "linattn-priority",
+    "linattn-graph",
+)
+# providers that need a CUDA device: on a CPU their rows say why they were skipped
+GPU_ONLY = {
+    "compile-reduce-overhead": "reduce-overhead is torch.compile's CUDA graphs, it needs a GPU",
+    "linattn-graph": "CUDA graphs need a GPU (on CPU inputs linattn.graphs runs the optimized model eagerly)",
+}
 CPU_PROVIDERS = ("eager", "linattn")
 GPU_MODELS = ("efficientvit-sam-xl1", "efficientvit-sam-l0", "squeezesam", "efficientsam-vitt")
 CPU_MODELS = ("efficientvit-sam-l0", "squeezesam")
@@ -227,13 +249,16 @@ def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, st
         return model, None
     if provider in COMPILE_MODES:
         return compiled(model, provider), None
-    optimized, rep = linattn.optimize(model, backend=backend, return_report=True)
+    graph = provider == "linattn-graph"
+    optimized, rep = linattn.optimize(model, backend=backend, return_report=True, cuda_graph=graph)
     fused = ", ".join(f"{n} {k}" for k, n in rep.counts().items())
     note = f"optimize: {fused or 'nothing replaced'}" + (f"; {len(rep.skipped)} left" if rep.skipped else "")
     if rep.channels_last:  # run_case hands it a channels_last input: the conversion stays out of the timing
         note += "; channels_last"
     if provider == "linattn":
         return optimized, note
+    if graph:
+        return optimized, note + "; CUDA graph per input shape, outputs cloned"
     if provider == "linattn-priority":
 
         def fixed(x, module=optimized):
@@ -275,6 +300,11 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
         row = {"model": name, "dtype": dtype_name, "batch": batch, "case": case, "provider": provider}
         row |= {"input": f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}", "backend": args.backend, "ms": None}
         row |= {"peak_mb": None, "note": None, "timer": timer_name(device)}
+        if provider in GPU_ONLY and device.type != "cuda":
+            row["note"] = f"skipped: {GPU_ONLY[provider]}"
+            rows.append(row)
+            bar.update()
+            continue
         try:
             module, row["note"] = prepare(provider, model, args.backend)
             layout = torch.channels_last if "channels_last" in (row["note"] or "") else torch.contiguous_format
@@ -301,6 +331,10 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
             row["top_ops"] = profile_ops(call, device, args.top_ops)
             if provider in COUNTED:
                 row |= count_ops(call)
+            if provider == "linattn-graph":  # captures, replays, and the calls that ran eagerly (and why)
+                row["graphs"] = module.cache_info()
+                if row["graphs"]["eager"]:
+                    row["note"] += f"; ran eagerly: {row['graphs']['eager']}"
         except TimeUp as err:  # what was measured before it stays in the row
             row["note"] = f"stopped: {err}"
             rows.append(row)

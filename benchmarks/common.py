@@ -557,13 +557,13 @@ def lite_mla_run_shapes(args, on_gpu: bool) -> list[LiteMLAShape]:
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune"}
+COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune", "compile-reduce-overhead": "reduce-overhead"}
 SPEEDUP_BASELINES = ("eager", "compile", "compile-max-autotune")
 # linattn's op under `linattn.backend(provider)`: a forced backend, or "auto" (the dispatch users get: on a GPU
 # it times the implementations on the call's first run and keeps the fastest; rows record what it ran)
 BACKEND_PROVIDERS = ("triton", "cuda", "auto", "reference")
 PROVIDERS = ("eager", *COMPILE_MODES, *BACKEND_PROVIDERS)  # of the op benchmarks over the LiteMLA shapes
-GPU_PROVIDERS = ("eager", *COMPILE_MODES, "triton", "cuda", "auto")  # their defaults on a GPU
+GPU_PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton", "cuda", "auto")  # their defaults on a GPU
 CPU_PROVIDERS = ("eager", "reference")  # and on a CPU (a short run)
 
 

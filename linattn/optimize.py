@@ -488,6 +488,7 @@ def optimize(
     inplace: bool = False,
     return_report: bool = False,
     channels_last: bool | None = None,
+    cuda_graph: bool = False,
 ) -> nn.Module | tuple[nn.Module, OptimizeReport]:
     """Swap linattn's fused modules into `model`; returns the optimized model, or (model, report).
 
@@ -503,6 +504,10 @@ def optimize(
             every fused module's input are converted when they arrive in NCHW (after an op that does not
             keep channels_last, such as CUDA's GroupNorm). None (default): when the model's parameters are on
             a GPU. NCHW inputs work either way; the fused modules' outputs are channels_last.
+        cuda_graph: return a `linattn.graphs.CUDAGraphModule` around the optimized model: on CUDA inputs in
+            eval mode without autograd it captures one forward per input signature into a CUDA graph (after
+            eager warm-up runs, so measured dispatch fills its table first) and replays it; it returns fresh
+            output tensors and keeps the model's state_dict keys. Other calls run the model as it is.
 
     The optimized model computes the same function: in eval mode BatchNorms are folded into the
     convs (or become the epilogue for conv -> act -> BN); in train mode the BatchNorms keep batch
@@ -533,4 +538,8 @@ def optimize(
         hooks = _BackendHooks(backend)
         model.register_forward_pre_hook(hooks.pre)
         model.register_forward_hook(hooks.post, always_call=True)
+    if cuda_graph:
+        from .graphs import CUDAGraphModule
+
+        model = CUDAGraphModule(model)
     return (model, report) if return_report else model
