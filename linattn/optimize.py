@@ -49,7 +49,7 @@ from ._backend import BACKENDS, get_backend, set_backend
 from .nn._cache import EvalConstants
 from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold_sources
 from .nn.lite_mla import LiteMLA
-from .ops.conv_bn_act import upsample_block
+from .ops.conv_bn_act import separable_conv_bn_act, upsample_block
 
 __all__ = ["FusedResidualBlock", "FusedSequential", "FusedUpsampleBlock", "OptimizeReport", "optimize"]
 
@@ -212,17 +212,47 @@ class FusedResidualBlock(nn.Module):
         self.train(main.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.main, LiteMLA):  # the add is its projection's epilogue
-            layers, last = [], self.main
-        else:
-            *layers, last = self.main.children()
-        y = x
-        for layer in layers:
-            y = layer(y)
+        blocks = [self.main] if isinstance(self.main, LiteMLA) else list(self.main.children())
+        if self.shortcut is None:  # a downsampling block: no add
+            return _run_blocks(blocks, x, None)
         if _wider_than_autocast(x):
             # eager's main(x) + x promotes to x's dtype, where the fused add would give the autocast dtype
-            return last(y) + x
-        return last(y, residual=x)
+            return _run_blocks(blocks, x, None) + x
+        return _run_blocks(blocks, x, x)  # the add is the last conv's epilogue (the LiteMLA projection's)
+
+
+def _run_blocks(blocks: list[nn.Module], x: Tensor, residual: Tensor | None) -> Tensor:
+    """The blocks in order, `residual` added by the last; a depthwise ConvBNAct followed by a 1x1 one (MBConv's
+    and DSConv's depth_conv -> point_conv) runs as one separable_conv_bn_act where both fold (eval)."""
+    i = 0
+    while i < len(blocks):
+        block, last = blocks[i], i == len(blocks) - 1
+        pair = None if last else _separable_pair(block, blocks[i + 1], x)
+        if pair is not None:
+            x = separable_conv_bn_act(x, *pair, residual=residual if i + 2 == len(blocks) else None)
+            i += 2
+            continue
+        x = block(x, residual=residual) if last and residual is not None else block(x)
+        i += 1
+    return x
+
+
+def _separable_pair(dw: nn.Module, pw: nn.Module, x: Tensor) -> tuple | None:
+    """separable_conv_bn_act's arguments (after x) for depthwise block `dw` feeding 1x1 block `pw`, or None
+    when they do not form that pair or one of them does not fold (train mode)."""
+    if not (isinstance(dw, ConvBNAct) and isinstance(pw, ConvBNAct)):
+        return None
+    c, p = dw.conv, pw.conv
+    depthwise = c.groups == c.in_channels == c.out_channels and dw.order == "conv_bn_act"
+    pointwise = p.kernel_size == (1, 1) and p.stride == (1, 1) and pw.padding == (0, 0) and p.groups == 1
+    if not (depthwise and pointwise):
+        return None
+    dtype = getattr(x, "dtype", None)
+    first, second = dw.fused_arguments(dtype), pw.fused_arguments(dtype)
+    if first is None or second is None:
+        return None
+    (dw_weight, dw_bias, _, _), (weight, bias, scale, shift) = first, second
+    return (dw_weight, weight, dw_bias, bias, c.stride, dw.padding, c.dilation, dw.act, pw.act, scale, shift)
 
 
 def _wider_than_autocast(x: Tensor) -> bool:
@@ -334,9 +364,10 @@ def _convert_upsample(module: nn.Module):
 
 
 def _is_residual(module: nn.Module) -> bool:
+    """EfficientViT's ResidualBlock: `main` and `shortcut` (None in downsampling blocks: main alone)."""
     return (
         "main" in module._modules
-        and "shortcut" in module._modules
+        and hasattr(module, "shortcut")
         and set(module._modules)
         <= {
             "pre_norm",
@@ -352,7 +383,7 @@ def _convert_residual(module: nn.Module):
     for extra in ("pre_norm", "post_act"):
         if not isinstance(getattr(module, extra, None), (type(None), nn.Identity)):
             raise _Skip(f"{extra} {type(getattr(module, extra)).__name__}")
-    if type(module.shortcut).__name__ not in ("Identity", "IdentityLayer"):
+    if module.shortcut is not None and type(module.shortcut).__name__ not in ("Identity", "IdentityLayer"):
         raise _Skip(f"shortcut {type(module.shortcut).__name__} is not an identity")
     main = module.main
     if isinstance(main, LiteMLA):
@@ -362,7 +393,8 @@ def _convert_residual(module: nn.Module):
         raise _Skip(f"main {kind} is not one of EfficientViT's conv blocks {tuple(SEQUENTIAL_BLOCKS)}")
     if not all(isinstance(child, ConvBNAct) for child in main.children()):
         raise _Skip(f"main {type(main).__name__} holds layers that were not fused")
-    return FusedResidualBlock(main, module.shortcut), f"{type(main).__name__} + identity"
+    detail = type(main).__name__ + (" + identity" if module.shortcut is not None else "")
+    return FusedResidualBlock(main, module.shortcut), detail
 
 
 def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
@@ -404,7 +436,7 @@ def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
 
 def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module | None:
     """The fused replacement of `module` (its children converted first where it is not replaced), or None."""
-    if isinstance(module, (*CONV_CALLERS, FusedSequential, FusedResidualBlock)):
+    if isinstance(module, (*CONV_CALLERS, FusedSequential)):
         return None  # already linattn's
     for kind, matches, convert in (
         ("LiteMLA", _is_lite_mla, _convert_lite_mla),
@@ -463,7 +495,7 @@ class _BackendHooks:
 
 
 # the fused modules that call the convs themselves: with channels_last, each converts an NCHW input
-CONV_CALLERS = (LiteMLA, ConvBNAct, FusedUpsampleBlock)
+CONV_CALLERS = (LiteMLA, ConvBNAct, FusedUpsampleBlock, FusedResidualBlock)
 
 
 def _channels_last_inputs(module: nn.Module, args: tuple) -> tuple | None:

@@ -81,8 +81,9 @@ def test_report_on_timm_efficientvit():
     model = tiny_efficientvit()
     optimized, report = linattn.optimize(model, return_report=True)
     assert isinstance(report, OptimizeReport)
-    assert report.counts() == {"ConvBNAct": 22, "FusedResidualBlock": 5, "LiteMLA": 2}
-    # every residual add is fused: the MBConvs' into their last conv, the attention's into its projection
+    assert report.counts() == {"ConvBNAct": 22, "FusedResidualBlock": 9, "LiteMLA": 2}
+    # every residual add is fused: the MBConvs' into their last conv, the attention's into its projection; the
+    # 4 downsampling blocks (no shortcut) too, for their MBConv's depthwise -> 1x1 pair
     assert report.skipped == []
     fused = optimized.stages[2].blocks[1].local_module
     assert isinstance(fused, FusedResidualBlock) and type(fused.main).__name__ == "MBConv"
@@ -141,8 +142,9 @@ def test_report_on_efficientvit_sam(variant, attention):
     layers = [n for n, m in model.named_modules() if type(m).__name__ == "ConvLayer"]
     blocks = sum(1 for n in layers if not n.endswith(("main.qkv", "main.proj")))
     assert blocks == len(layers) - 2 * attention
-    # the residual blocks around MBConv / FusedMBConv / ResBlock with an identity shortcut
-    residual = sum(1 for m in model.modules() if type(m).__name__ == "ResidualBlock" and m.shortcut is not None)
+    # every residual block: around MBConv / FusedMBConv / ResBlock / LiteMLA with an identity shortcut, and the
+    # downsampling ones without (shortcut None), whose MBConv depthwise -> 1x1 pair is fused too
+    residual = sum(1 for m in model.modules() if type(m).__name__ == "ResidualBlock")
     assert report.counts() == {"ConvBNAct": blocks, "FusedResidualBlock": residual, "LiteMLA": attention}
     assert report.skipped == []  # the attention's add too: its projection's epilogue
     assert not any(isinstance(m, EagerLiteMLA) for m in optimized.modules())
@@ -424,3 +426,33 @@ def test_channels_last_end_to_end():
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(33))
     assert all(_conv_inputs(timm_optimized, image))
     compare_eval(timm_model, timm_optimized, image, torch.float32, "channels_last timm EfficientViT")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mbconv_depthwise_pointwise_pair_is_one_call(backend):
+    """An l0 stage-3 MBConv block in eval (and its downsampling block, no shortcut): the depthwise -> 1x1 pair runs
+    as one separable_conv_bn_act (the residual in its epilogue); train mode keeps the pair apart."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Mode(TorchDispatchMode):  # the linattn ops a call runs
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name.startswith("linattn::"):
+                calls.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    model = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=34).eval()
+    stage = model.backbone.stages[3].op_list
+    for block, side in ((stage[1], 6), (stage[0], 12)):
+        optimized = linattn.optimize(block, backend=backend)
+        calls.clear()
+        x = torch.randn(1, block.main.inverted_conv.conv.in_channels, side, side)
+        with torch.no_grad(), Mode():
+            optimized(x)
+        assert calls == ["linattn::conv_bn_act", "linattn::separable_conv_bn_act"]
+        compare_eval(block, optimized, x, torch.float32, f"l0 MBConv {side}x{side}, {backend}")
+        calls.clear()
+        with Mode():
+            optimized.train()(x)
+        assert "linattn::separable_conv_bn_act" not in calls

@@ -158,21 +158,30 @@ class ConvBNAct(EvalConstants):
     def extra_repr(self) -> str:
         return f"act={self.act!r}, order={self.order!r}"
 
+    def fused_arguments(self, dtype: torch.dtype | None) -> tuple | None:
+        """(weight, bias, post_scale, post_shift) of the whole block as one conv_bn_act call on activations of
+        `dtype` (the BatchNorm folded or turned into the affine, cached), or None when its BatchNorm uses batch
+        statistics (train mode)."""
+        conv, bn = self.conv, self.norm
+        if bn is None:
+            return (*cast_to(dtype, conv.weight, conv.bias), None, None)
+        if self.training or bn.running_mean is None:
+            return None
+        if self.order == "conv_bn_act":
+            folded = self.eval_constants(
+                fold_sources(conv, bn), lambda: cast_to(dtype, *fold_bn(conv, bn)), (bn.eps, dtype)
+            )
+            return (*folded, None, None)
+        scale, shift = self.eval_constants(fold_sources(None, bn), lambda: bn_affine(bn), (bn.eps,))
+        return (*cast_to(dtype, conv.weight, conv.bias), scale, shift)
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         conv, bn, act = self.conv, self.norm, self.act
         geometry = (conv.stride, self.padding, conv.dilation, conv.groups)
         # the conv's weight and bias follow the activation's dtype (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)
-        if bn is None:
-            return conv_bn_act(x, *cast_to(dtype, conv.weight, conv.bias), *geometry, act=act, residual=residual)
-        if not self.training and bn.running_mean is not None:  # eval: BN is a fixed affine, fused
-            if self.order == "conv_bn_act":
-                weight, bias = self.eval_constants(
-                    fold_sources(conv, bn), lambda: cast_to(dtype, *fold_bn(conv, bn)), (bn.eps, dtype)
-                )
-                return conv_bn_act(x, weight, bias, *geometry, act=act, residual=residual)
-            scale, shift = self.eval_constants(fold_sources(None, bn), lambda: bn_affine(bn), (bn.eps,))
-            weight, bias = cast_to(dtype, conv.weight, conv.bias)
+        if (fused := self.fused_arguments(dtype)) is not None:  # eval (or no BN): one call
+            weight, bias, scale, shift = fused
             return conv_bn_act(x, weight, bias, *geometry, act, scale, shift, residual)
         # train (or BN without running statistics): batch statistics, running statistics updated
         weight, bias = cast_to(dtype, conv.weight, conv.bias)
