@@ -563,8 +563,8 @@ def conv_configs(
     (channels_last x, K-contiguous weights), so every load is a 128-bit cp.async and deep pipelines cost
     shared memory, not registers: 64 channels per step, 3-4 stages, 8 warps from 64 x 64 up, the reduction
     split over programs when the grid stays under half the GPU, and ALTERNATIVES to time. Otherwise the loads
-    of future steps wait in registers: 32 channels per step, 2 stages (3 at 128 columns), 8 warps from 64 x 64
-    or 128 rows up. Full fp32 products 16 channels at a time, unpipelined. The backward's dz and dx kernels
+    of future steps wait in registers: 32 channels per step, 2 stages (3 at 128 columns), 8 warps from 64 x 32
+    up. Full fp32 products 16 channels at a time, unpipelined. The backward's dz and dx kernels
     (fp32 dz tiles, more index math) keep the unpacked rule, unpipelined: 2 stages spill there."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
@@ -581,7 +581,7 @@ def conv_configs(
     if forward:
         block_m, block_n = _shrink(dev, block_m, block_n, rows, cols, groups)
     if not (forward and packed and low_precision):
-        warps = 8 if block_m * block_n >= 64 * 64 or block_m >= 128 else 4
+        warps = 8 if block_m * block_n >= 64 * 32 else 4
         if not low_precision:
             return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps, num_stages=1)]
         stages = 1 if not forward else 3 if block_n == 128 else 2
