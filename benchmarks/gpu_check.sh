@@ -8,7 +8,10 @@
 # Steps run in this order (most wanted first: what the budget cuts is at the end); one that fails or times out
 # does not stop the next, and a benchmark stopped by its bound saves the rows it has measured:
 #   build              200  pip install -e . with the CUDA extension for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0,
-#                           MAX_JOBS=16, --no-deps --no-build-isolation --no-index), then linattn._C must load
+#                           MAX_JOBS=16, --no-deps --no-build-isolation --no-index), then linattn._C must load;
+#                           its cuDNN conv graph needs the cudnn-frontend headers, which the device image lacks
+#                           (no internet there): run `bash third_party/get_cudnn_frontend.sh` before the lease
+#                           and carry the git-ignored third_party/cudnn_frontend (gpu.txt says if it is here)
 #   info                30  python -m linattn info
 #   check               60  python -m linattn check: every op on every backend against the reference
 #   pytest              75  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
@@ -135,6 +138,8 @@ bench_args() { # bench_args VAR DEFAULT...: the options of a benchmark, VAR's wo
     nvcc --version 2>&1 | tail -n 2
     command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"
     echo "cpus: $(nproc); kernel: $(uname -r)"
+    echo "cudnn-frontend headers: $(cat third_party/cudnn_frontend/VERSION 2> /dev/null ||
+        echo "not in third_party/cudnn_frontend (the build takes an installed nvidia-cudnn-frontend, else fails)")"
     timeout 60 "$PY" - << 'EOF'
 import importlib, platform
 print("python", platform.python_version())

@@ -9,9 +9,10 @@ from torch import nn
 from utils import assert_close, kernel_targets, rel_err, tolerance
 
 import linattn
-from linattn import _backend, reference
+from linattn import reference
 from linattn._backend import unavailable
 from linattn.nn import ConvBNAct
+from linattn.ops._conv_bn_act_cudnn import simt_limit
 
 
 def _kernel_targets(cuda_skip: str | None = None):
@@ -31,12 +32,12 @@ def _targets(cuda_skip: str | None = None):
 
 
 def skip_unless_cuda_runs(backend, cin, k, stride, padding, groups):
-    """The convs the registry says the CUDA C++ kernels do not take (forced there they raise:
-    test_forced_cuda_backend_raises) are skipped on that target."""
+    """The convs the hand-written CUDA kernels do not take are skipped on that target: it runs those kernels
+    (the cuda implementation's fallback where cuDNN declines a call); tests/test_conv_bn_act_cudnn.py tests
+    cuDNN's graph, which takes the other convs."""
     if backend != "cuda":
         return
-    limit = _backend.implementations("conv_bn_act", "fwd")["cuda"].limit
-    if why := limit(cin, (k, k), (stride, stride), (padding, padding), groups):
+    if why := simt_limit(cin, (k, k), (stride, stride), (padding, padding), groups):
         pytest.skip(f"cuda: {why}")
 
 
@@ -233,22 +234,21 @@ def test_op_autograd(target, case):
 
 
 def test_forced_cuda_backend_raises():
-    """Forcing cuda on a conv its kernels do not take, on the backward or on upsample_block raises. The device
-    comes first (tests/test_bad_input.py), so on CPU tensors the conv-shape reasons are checked on the
-    registry's limit."""
-    cuda_limit = _backend.implementations("conv_bn_act", "fwd")["cuda"].limit
-    assert "not this 3x3 conv with groups 1" in cuda_limit(4, (3, 3), [1, 1], [1, 1], 1)
-    assert "not this 1x1 conv with groups 2" in cuda_limit(4, (1, 1), [1, 1], [0, 0], 2)
-    assert cuda_limit(4, (5, 5), [2, 2], [2, 2], 4) is None and cuda_limit(4, (1, 1), [1, 1], [0, 0], 1) is None
+    """Forcing cuda on CPU tensors, on the backward or on upsample_block raises. The device comes first
+    (tests/test_bad_input.py); the conv forms the hand-written kernels behind cuDNN's graph take are checked on
+    their limit (a conv cuDNN declines: tests/test_conv_bn_act_cudnn.py)."""
+    assert "not this 3x3 conv with groups 1" in simt_limit(4, (3, 3), [1, 1], [1, 1], 1)
+    assert "not this 1x1 conv with groups 2" in simt_limit(4, (1, 1), [1, 1], [0, 0], 2)
+    assert simt_limit(4, (5, 5), [2, 2], [2, 2], 4) is None and simt_limit(4, (1, 1), [1, 1], [0, 0], 1) is None
     device = "cuda" if unavailable("cuda", torch.device("cuda")) is None and torch.cuda.is_available() else "cpu"
     x, w = torch.randn(1, 4, 5, 5, device=device), torch.randn(8, 4, 3, 3, device=device)
-    cannot = "linattn.conv_bn_act: backend 'cuda' cannot run this call: "
-    want = "its kernels take depthwise convs" if device == "cuda" else unavailable("cuda", x.device)
-    with (
-        linattn.backend("cuda"),
-        pytest.raises(RuntimeError, match=re.escape(cannot + want)),
-    ):
-        linattn.conv_bn_act(x, w, padding=1)
+    if device == "cpu":  # on a GPU, cuDNN's graph runs this conv
+        cannot = "linattn.conv_bn_act: backend 'cuda' cannot run this call: "
+        with (
+            linattn.backend("cuda"),
+            pytest.raises(RuntimeError, match=re.escape(cannot + unavailable("cuda", x.device))),
+        ):
+            linattn.conv_bn_act(x, w, padding=1)
     with linattn.backend("cuda"), pytest.raises(RuntimeError, match="no cuda kernel for upsample_block"):
         linattn.upsample_block(x, torch.randn(16, 4, device=device))
     xg = x.clone().requires_grad_()

@@ -5,11 +5,11 @@ run on the Triton kernels (kernels/conv_bn_act.py) for every conv they take:
 dense kxk, 1x1, grouped and depthwise, any stride, padding and dilation; the
 backward op `linattn::conv_bn_act_backward` gives the gradients of x, weight,
 bias, post_scale and post_shift (the residual's gradient is the output
-gradient). The CUDA C++ kernels (csrc/conv_bn_act/, op `conv_bn_act_fwd_cuda`)
-are forward only and take two kinds of conv: depthwise (groups = Cin, any
-kernel size, stride, padding, dilation) and 1x1 with stride 1, padding 0 and
-groups 1. Backend "cuda" runs those; forced on any other conv, on the backward
-or on upsample_block it raises (it never silently runs Triton). "auto" on CUDA
+gradient). Backend "cuda" is forward only: cuDNN's fused conv graph for every
+call cuDNN takes, the hand-written depthwise and stride-1 1x1 kernels
+(csrc/conv_bn_act/) where it declines (linattn/ops/_conv_bn_act_cudnn.py);
+forced on a call neither takes, on the backward or on upsample_block it raises
+(it never silently runs Triton). "auto" on CUDA
 tensors runs the fastest measured of the implementations that take the call
 (linattn/_tune.py), PyTorch's own path included. float64 inputs run on the
 reference.
@@ -23,6 +23,7 @@ from .._backend import register, resolve
 from .._tune import choose_config
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
+from ._conv_bn_act_cudnn import cuda_limit, limit_call, run_cuda
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
@@ -92,22 +93,9 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def cuda_limit(cin: int, kernel_size, stride, padding, groups: int) -> str | None:
-    """Why the CUDA C++ kernels cannot run a conv of cin input channels (None when they can): they take
-    depthwise convs (groups = cin; any kernel size, stride, padding, dilation) and 1x1 convs with stride 1,
-    padding 0 and groups 1."""
-    KH, KW = kernel_size
-    if groups == cin or (groups == 1 and (KH, KW) == (1, 1) and list(stride) == [1, 1] and not any(padding)):
-        return None
-    return (
-        "its kernels take depthwise convs (groups = Cin) and 1x1 convs with stride 1, padding 0 and groups 1, "
-        f"not this {KH}x{KW} conv with groups {groups} of {cin} channels, stride {tuple(stride)}, "
-        f"padding {tuple(padding)}; use backend 'auto' or 'triton'"
-    )
-
-
-# the implementations (linattn/_backend.py): the CUDA C++ kernels are forward only, for some convs; upsample_block
-# has Triton's (its backward is conv_bn_act's)
+# the implementations (linattn/_backend.py): the CUDA one is forward only (cuDNN's fused graph, the hand-written
+# kernels where cuDNN declines: linattn/ops/_conv_bn_act_cudnn.py); upsample_block has Triton's (its backward is
+# conv_bn_act's)
 register(OP, "fwd", "triton")
 register(OP, "fwd", "cuda", kernel="conv_bn_act_fwd_cuda", limit=cuda_limit)
 register(OP, "bwd", "triton")
@@ -123,7 +111,8 @@ def _conv_fwd(
     if impl is None:
         call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
         scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)
-        limits = (x.shape[1], tuple(weight.shape[-2:]), tuple(stride), tuple(padding), groups)
+        cudnn_call = limit_call(*call[1:], out) if op == OP else None  # what cuda_limit asks cuDNN
+        limits = (x.shape[1], tuple(weight.shape[-2:]), tuple(stride), tuple(padding), groups, cudnn_call)
         impl = resolve(op, "fwd", x.device, kernel_problem(x), limits, runner=scratch, inputs=(*call[1:], out))
     if impl == "reference":
         y = reference.conv_bn_act(
@@ -131,14 +120,8 @@ def _conv_fwd(
         )
         out.copy_(torch.nn.functional.pixel_shuffle(y, 2) if shuffle else y)
         return out
-    if impl == "cuda":  # the per-channel vectors in fp32, as the kernel reads them
-        bias, post_scale, post_shift = (
-            None if t is None else t.float().contiguous() for t in (bias, post_scale, post_shift)
-        )
-        torch.ops.linattn.conv_bn_act_fwd_cuda(
-            x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out
-        )
-        return out
+    if impl == "cuda":
+        return run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
     from ..kernels.conv_bn_act import conv_bn_act_fwd, fwd_configs
 
     bias, post_scale, post_shift = (_contiguous(t) for t in (bias, post_scale, post_shift))
@@ -302,9 +285,9 @@ def conv_bn_act(
 
     Backends: "auto" runs the fastest measured implementation on CUDA tensors (the reference on CPU and for
     float64). Backend
-    "cuda" runs the forward on the CUDA C++ kernels, which take depthwise convs (groups = Cin) and
-    1x1 convs with stride 1, padding 0 and groups 1; forced on any other conv it raises. The CUDA
-    kernels are forward only: the backward follows the backend set when it runs, so a backward run
+    "cuda" runs the forward as one cuDNN graph (conv, bias, act, affine, residual), or on the hand-written
+    depthwise and stride-1 1x1 kernels where cuDNN declines the call; forced on a call neither takes it
+    raises with cuDNN's reason. It is forward only: the backward follows the backend set when it runs, so a backward run
     while "cuda" is forced raises ("there is no cuda kernel for conv_bn_act backward") rather than
     silently running Triton; leave the `with linattn.backend("cuda")` block before calling backward().
     """

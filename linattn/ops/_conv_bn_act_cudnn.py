@@ -1,0 +1,158 @@
+"""conv_bn_act's "cuda" implementation: cuDNN's fused conv graph, with the hand-written kernels behind it.
+
+The forward runs as one cuDNN operation graph (csrc/conv_bn_act/cudnn_graph.cpp, op
+`conv_bn_act_fwd_cudnn`): conv -> bias -> act -> post_scale -> post_shift -> residual, the stages the
+call needs, for every conv form (dense kxk, 1x1, grouped, depthwise, strided, dilated) and layout that
+cuDNN's engines take. Whether they take a call is cuDNN's answer, asked once per call signature
+(`conv_bn_act_cudnn_check`: the graph is built then and kept for the calls that follow); where cuDNN
+declines, the hand-written SIMT kernels of csrc/conv_bn_act/conv_bn_act.cu (op `conv_bn_act_fwd_cuda`)
+run the depthwise convs and the stride-1 1x1 convs they cover, and any other call is one this
+implementation cannot take: `cuda_limit` says so with cuDNN's message, and dispatch passes it by.
+A build of linattn._C without the cuDNN graph (setup.py: no cudnn-frontend headers) has only the
+hand-written kernels.
+"""
+
+import functools
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .._backend import get_backend
+
+CHECK = "conv_bn_act_cudnn_check"  # the linattn._C ops
+FWD = "conv_bn_act_fwd_cudnn"
+SIMT = "conv_bn_act_fwd_cuda"
+
+
+def simt_limit(cin: int, kernel_size, stride, padding, groups: int) -> str | None:
+    """Why the hand-written kernels cannot run a conv of cin input channels (None when they can): they take
+    depthwise convs (groups = cin; any kernel size, stride, padding, dilation) and 1x1 convs with stride 1,
+    padding 0 and groups 1."""
+    KH, KW = kernel_size
+    if groups == cin or (groups == 1 and (KH, KW) == (1, 1) and list(stride) == [1, 1] and not any(padding)):
+        return None
+    return (
+        "its hand-written kernels take depthwise convs (groups = Cin) and 1x1 convs with stride 1, padding 0 and "
+        f"groups 1, not this {KH}x{KW} conv with groups {groups} of {cin} channels, stride {tuple(stride)}, "
+        f"padding {tuple(padding)}; use backend 'auto' or 'triton'"
+    )
+
+
+@functools.cache
+def has_cudnn() -> bool:
+    """Whether linattn._C loads and carries the cuDNN graph ops (it does unless built without the headers)."""
+    from .._extension import load_extension
+
+    ext, _ = load_extension()
+    return ext is not None and hasattr(torch.ops.linattn, CHECK) and hasattr(torch.ops.linattn, FWD)
+
+
+def _alignment(t: Tensor) -> int:
+    """The largest power of two up to 16 that divides t's data pointer (what cuDNN's engines may assume)."""
+    p = t.data_ptr()
+    return 16 if p % 16 == 0 else p & -p
+
+
+def _packed_weight(x: Tensor, weight: Tensor) -> bool:
+    """Whether the weight goes to cuDNN repacked K-contiguous (channels_last x, a weight that is not): the
+    runtime-fusion engines want both operands channels_last. optimize() packs weights so once."""
+    return x.stride(1) == 1 and weight.stride(1) != 1
+
+
+def limit_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out):
+    """The signature (below) that dispatch hands cuda_limit for a call, or None where the cuda implementation
+    is not asked: tensors not on a GPU, a backend forced elsewhere, fake tensors (the compile gate's replay)."""
+    if not x.is_cuda or get_backend() not in ("auto", "cuda") or isinstance(x, FakeTensor):
+        return None
+    return signature(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
+
+
+def signature(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out) -> tuple:
+    """What the cuDNN graph of a call depends on, as the call's operands will reach it (run_cuda): device,
+    dtype, every size, stride and pointer alignment, the conv geometry, act and which optional inputs exist.
+    Hashable: the registry's limit reads it (linattn/_backend.py caches answers by it)."""
+    if _packed_weight(x, weight):
+        K, C, R, S = weight.shape
+        w_stride, w_align = (C * R * S, 1, S * C, C), 16
+    else:
+        w_stride, w_align = weight.stride(), _alignment(weight)
+    return (
+        x.device.index,
+        x.dtype,
+        tuple(x.shape),
+        x.stride(),
+        tuple(weight.shape),
+        w_stride,
+        out.stride(),
+        None if residual is None else residual.stride(),
+        (_alignment(x), w_align, _alignment(out), 0 if residual is None else _alignment(residual)),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        act,
+        bias is not None,
+        post_scale is not None,
+        post_shift is not None,
+    )
+
+
+_verdicts: dict[tuple, str] = {}  # signature -> "" (cuDNN runs it) or cuDNN's message
+
+
+def cudnn_reason(call: tuple) -> str:
+    """Why cuDNN cannot run the call of this signature ("" when it can), asked once per signature: the first
+    ask builds the graph (linattn._C keeps it)."""
+    if (verdict := _verdicts.get(call)) is None:
+        if not has_cudnn():
+            verdict = "linattn._C was built without the cuDNN conv graph (no cudnn-frontend headers at build time)"
+        else:
+            device, dtype, xs, xt, ws, wt, ot, rt, align, stride, padding, dilation, act, b, s, t = call
+            try:
+                verdict = getattr(torch.ops.linattn, CHECK)(
+                    device, dtype, list(xs), list(xt), list(ws), list(wt), list(ot), None if rt is None else list(rt),
+                    list(align), list(stride), list(padding), list(dilation), act, b, s, t,
+                )  # fmt: skip
+            except (RuntimeError, ValueError, TypeError) as err:
+                verdict = f"cuDNN graph check failed: {str(err).splitlines()[0]}"
+        _verdicts[call] = verdict
+    return verdict
+
+
+def cuda_limit(cin: int, kernel_size, stride, padding, groups: int, call: tuple | None = None) -> str | None:
+    """Why the cuda implementation cannot run a conv (None when it can). With the call's signature
+    (`limit_call`, as dispatch passes it): None when cuDNN runs the call or the hand-written kernels cover the
+    conv, else cuDNN's message. Without it (`python -m linattn check`'s cases, callers with no tensors) only
+    the hand-written kernels' forms are certain: any other conv is cuDNN's to decide per call, and the limit
+    says so rather than promise it."""
+    simt = simt_limit(cin, kernel_size, stride, padding, groups)
+    if call is None:
+        if simt is None:
+            return None
+        if has_cudnn():
+            return f"{simt} (cuDNN's graph may take it: dispatch asks cuDNN per call, with the call's tensors)"
+        return f"{simt} (linattn._C was built without the cuDNN conv graph)"
+    if simt is None or not (why := cudnn_reason(call)):
+        return None
+    return f"cuDNN cannot run this call ({why}) and {simt}"
+
+
+def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out) -> Tensor:
+    """The forward into out: cuDNN's graph where it takes the call, else the hand-written kernels."""
+    call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
+    simt = simt_limit(x.shape[1], weight.shape[-2:], stride, padding, groups)
+    # the per-channel vectors in fp32, as both read them; cuDNN's as 16-byte-aligned tensors of their own
+    vectors = [None if t is None else t.float().contiguous() for t in (bias, post_scale, post_shift)]
+    if not cudnn_reason(signature(*call)):
+        vectors = [t if t is None or t.data_ptr() % 16 == 0 else t.clone() for t in vectors]
+        w = weight.contiguous(memory_format=torch.channels_last) if _packed_weight(x, weight) else weight
+        b, s, t = vectors
+        try:
+            getattr(torch.ops.linattn, FWD)(x, w, b, stride, padding, dilation, groups, act, s, t, residual, out)
+            return out
+        except NotImplementedError:  # a graph cuDNN declines at run time (say, a view's alignment)
+            if simt is not None:
+                raise
+    b, s, t = vectors
+    getattr(torch.ops.linattn, SIMT)(x, weight, b, stride, padding, dilation, groups, act, s, t, residual, out)
+    return out

@@ -1,0 +1,285 @@
+"""conv_bn_act's cuda implementation: cuDNN's fused conv graph (csrc/conv_bn_act/cudnn_graph.cpp) and the registry
+entry that puts it, with the hand-written kernels behind it, in dispatch (linattn/ops/_conv_bn_act_cudnn.py).
+
+The GPU tests (named test_cuda_*: the GPU pass selects with `-k cuda`) need a CUDA device and a linattn._C built
+with the cuDNN graph; they skip cleanly otherwise. The registry, the limit's logic and `info` are checked on CPU.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from utils import assert_close, rel_err, tolerance
+
+import linattn
+from linattn import _backend, reference
+from linattn.ops import _conv_bn_act_cudnn as cudnn
+from linattn.ops.conv_bn_act import ACTIVATIONS
+
+OP = "conv_bn_act"
+
+
+def _gpu_skip() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if why := _backend.unavailable("cuda", torch.device("cuda")):
+        return why
+    if not cudnn.has_cudnn():
+        return "linattn._C was built without the cuDNN conv graph"
+    return None
+
+
+gpu = pytest.mark.skipif(_gpu_skip() is not None, reason=f"cuDNN graph: {_gpu_skip()}")
+
+
+# ---- CPU: the registry, the limit, info ----
+
+
+def test_registry_entry_is_the_cudnn_graph_with_the_hand_kernels_behind_it():
+    impl = _backend.implementations(OP, "fwd")["cuda"]
+    assert impl.limit is cudnn.cuda_limit and impl.kernel == cudnn.SIMT
+    assert "cuda" not in _backend.implementations(OP, "bwd")  # forward only
+    # without a call's signature only the hand kernels' forms are certain; cuDNN decides the rest per call
+    why = cudnn.cuda_limit(16, (3, 3), [2, 2], [1, 1], 1)
+    assert "hand-written kernels take depthwise convs" in why
+    assert ("dispatch asks cuDNN per call" if cudnn.has_cudnn() else "built without the cuDNN conv graph") in why
+    assert cudnn.cuda_limit(16, (5, 5), [2, 2], [2, 2], 16) is None  # depthwise: the hand kernel at worst
+    assert cudnn.cuda_limit(16, (1, 1), [1, 1], [0, 0], 1) is None
+
+
+def test_limit_reports_cudnn_reason_unless_the_hand_kernels_cover_the_conv(monkeypatch):
+    """With a call's signature the limit is cuDNN's answer; a conv cuDNN declines runs on the hand-written
+    kernels where they cover it (depthwise; 1x1 with stride 1, padding 0, groups 1), else the limit says why."""
+    monkeypatch.setattr(cudnn, "_verdicts", {})
+    declined, taken = ("declined",), ("taken",)
+    cudnn._verdicts.update({declined: "cuDNN check_support: no engine", taken: ""})
+    assert cudnn.cuda_limit(16, (3, 3), [1, 1], [1, 1], 1, taken) is None
+    why = cudnn.cuda_limit(16, (3, 3), [1, 1], [1, 1], 1, declined)
+    assert why.startswith("cuDNN cannot run this call (cuDNN check_support: no engine) and its hand-written kernels")
+    assert cudnn.cuda_limit(16, (3, 3), [2, 2], [1, 1], 16, declined) is None  # depthwise
+    assert cudnn.cuda_limit(16, (1, 1), [1, 1], [0, 0], 1, declined) is None  # pointwise
+    assert "groups 2" in cudnn.cuda_limit(16, (1, 1), [1, 1], [0, 0], 2, declined)
+
+
+def test_forced_cuda_says_cudnns_reason(monkeypatch):
+    """A call cuDNN declines and the hand kernels do not cover: the forced backend raises with cuDNN's message
+    (the registry's reasons), auto passes cuda by."""
+    monkeypatch.setattr(cudnn, "_verdicts", {("call",): "cuDNN build_plans: no plan builds"})
+    device = torch.device("cuda")
+    monkeypatch.setattr(_backend, "unavailable", lambda name, dev: None)
+    args = (16, (3, 3), (1, 1), (1, 1), 1, ("call",))
+    found = _backend.reasons(OP, "fwd", "cuda", device, None, args)
+    assert found[-1] == cudnn.cuda_limit(*args) and "cuDNN build_plans: no plan builds" in found[-1]
+    assert "cuda" not in _backend._candidates(OP, "fwd", device, None, args)
+    match = r"backend 'cuda' cannot run this call: .*cuDNN cannot run this call \(cuDNN build_plans: no plan builds\)"
+    with linattn.backend("cuda"), pytest.raises(RuntimeError, match=match):
+        _backend.resolve(OP, "fwd", device, None, args)
+
+
+def test_signature_describes_operands_as_cudnn_gets_them():
+    """channels_last x with an NCHW weight: the weight goes K-contiguous (a fresh, aligned tensor); a view's
+    pointer alignment is part of the signature; the optional inputs as flags."""
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = torch.randn(4, 8, 3, 3, dtype=torch.float16)
+    out = torch.empty(2, 4, 5, 7, dtype=torch.float16).to(memory_format=torch.channels_last)
+    sig = cudnn.signature(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None, out)
+    assert sig[5] == (72, 1, 24, 8) and sig[8] == (16, 16, 16, 0) and sig[13:] == (False, False, False)
+    base = torch.randn(1 + 2 * 8 * 5 * 7, dtype=torch.float16)
+    view = base[1:].view(2, 8, 5, 7)  # 2 bytes past an aligned pointer
+    r = torch.randn(2, 4, 5, 7, dtype=torch.float16)
+    b = torch.randn(4)
+    sig = cudnn.signature(view, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", None, b, r, out)
+    assert sig[5] == w.stride() and sig[8][0] == 2 and sig[7] == r.stride() and sig[13:] == (True, False, True)
+    assert hash(sig) is not None
+    # dispatch asks only for GPU tensors on auto or cuda
+    assert cudnn.limit_call(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None, out) is None
+
+
+def test_info_lists_the_cuda_backend_for_conv_bn_act(capsys):
+    """`python -m linattn info` shows conv_bn_act's cuda column from the registry: on CPU only the device (or
+    the build) keeps it from running, never a missing kernel."""
+    from linattn.__main__ import info
+
+    info()
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("op "))
+    row = next(line for line in text.splitlines() if line.startswith("conv_bn_act "))
+    cells = dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip())))
+    if torch.cuda.is_available() and _gpu_skip() is None:
+        assert cells["cuda"] == "yes"
+    else:
+        assert cells["cuda"].startswith("no [")
+        why = _backend.status(OP, "cuda", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        assert "no cuda kernel" not in why and f"{cells['cuda'][3:]} {why}" in text
+
+
+# ---- GPU: cuDNN's graph against float64 ----
+
+# (B, Cin, Cout, H, W, k, stride, dilation, groups, act, bias, affine, residual, dtype, channels_last)
+CASES = [
+    (2, 32, 64, 13, 11, 3, 1, 1, 1, "relu", True, True, False, torch.bfloat16, True),  # SqueezeSAM's block
+    (2, 64, 32, 9, 9, 1, 1, 1, 1, "identity", True, False, True, torch.float16, True),  # 1x1 + residual
+    (1, 16, 48, 17, 15, 3, 2, 1, 1, "gelu_tanh", True, False, False, torch.bfloat16, True),  # strided
+    (2, 24, 24, 12, 10, 3, 1, 2, 1, "silu", False, True, False, torch.float16, True),  # dilated
+    (2, 32, 32, 11, 13, 3, 1, 1, 4, "gelu", True, False, True, torch.bfloat16, True),  # grouped
+    (2, 64, 64, 15, 9, 5, 2, 1, 64, "hardswish", True, True, False, torch.float16, True),  # depthwise
+    (1, 8, 16, 7, 9, 3, 1, 1, 1, "relu6", True, True, True, torch.bfloat16, True),
+    (2, 16, 32, 9, 7, 3, 1, 1, 1, "relu", True, True, True, torch.float16, False),  # NCHW
+    (2, 16, 24, 9, 7, 3, 2, 1, 1, "silu", True, False, False, torch.float32, True),  # fp32 (no TF32)
+    (1, 3, 5, 9, 7, 3, 1, 1, 1, "gelu", True, True, False, torch.float16, True),  # odd channels
+] + [(2, 32, 32, 10, 9, 3, 1, 1, 1, act, True, True, True, torch.bfloat16, True) for act in ACTIVATIONS]
+
+
+def _case_id(c) -> str:
+    B, Cin, Cout, H, W, k, s, d, g, act, bias, affine, res, dtype, cl = c
+    flags = "".join(f for f, on in (("b", bias), ("a", affine), ("r", res)) if on) or "none"
+    layout = "nhwc" if cl else "nchw"
+    return f"{Cin}to{Cout}-{H}x{W}-k{k}s{s}d{d}g{g}-{act}-{flags}-{str(dtype)[6:]}-{layout}"
+
+
+def _must_run(case) -> bool:
+    """Calls cuDNN's runtime-fusion engines take on sm_80+ (channels_last fp16/bf16, dense, channels a multiple
+    of 8, an activation that is one pointwise mode): a rejection there fails; elsewhere (hardswish, four
+    pointwise nodes with constants, among them) the test reports cuDNN's reason as a skip."""
+    _, Cin, Cout, *_, groups, act, _, _, _, dtype, cl = case
+    dense = groups == 1 and Cin % 8 == 0 and Cout % 8 == 0
+    return cl and dtype != torch.float32 and dense and act != "hardswish"
+
+
+def _inputs(case, seed=0):
+    B, Cin, Cout, H, W, k, stride, dil, groups, act, bias, affine, res, dtype, cl = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(shape, generator=gen) * scale + offset).cuda()
+
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = rand(B, Cin, H, W).to(dtype).contiguous(memory_format=fmt)
+    w = rand(Cout, Cin // groups, k, k, scale=(Cin // groups * k * k) ** -0.5).to(dtype).contiguous(memory_format=fmt)
+    b = rand(Cout, scale=0.5) if bias else None
+    s, t = (rand(Cout, scale=0.2, offset=1.0), rand(Cout, scale=0.5)) if affine else (None, None)
+    pad = dil * (k // 2)
+    Ho, Wo = (H + 2 * pad - dil * (k - 1) - 1) // stride + 1, (W + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    r = rand(B, Cout, Ho, Wo).to(dtype).contiguous(memory_format=fmt) if res else None
+    geometry = ([stride] * 2, [pad] * 2, [dil] * 2, groups, act)
+    return x, w, b, s, t, r, geometry
+
+
+def _eager(x, w, b, s, t, r, geometry):
+    """Separate PyTorch ops in the input dtype: the error every fp16/bf16 tolerance is twice of."""
+    stride, pad, dil, groups, act = geometry
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32: full fp32, as the graph must be
+        y = F.conv2d(x, w, None if b is None else b.to(x.dtype), stride, pad, dil, groups)
+    y = reference.activation(y, act)
+    if s is not None:
+        y = y * s.to(x.dtype)[:, None, None] + t.to(x.dtype)[:, None, None]
+    return y if r is None else y + r
+
+
+def _poisoned(like_x, ref):
+    out = torch.full(ref.shape, float("nan"), dtype=like_x.dtype, device=like_x.device)
+    if like_x.is_contiguous(memory_format=torch.channels_last) and not like_x.is_contiguous():
+        out = out.to(memory_format=torch.channels_last)
+    return out
+
+
+def _reason_or_fail(case, call) -> None:
+    if why := cudnn.cudnn_reason(call):
+        if _must_run(case):
+            pytest.fail(f"cuDNN declined a call its fusion engines should take: {why}")
+        pytest.skip(f"cuDNN declines this call: {why}")
+
+
+@gpu
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_cuda_graph_forward(case):
+    """The graph's forward into a NaN-poisoned output against float64, within docs/design.md 8's tolerance
+    (fp16/bf16: twice eager's error in that dtype; fp32: 1e-5, so no TF32 engine)."""
+    x, w, b, s, t, r, geometry = _inputs(case)
+    stride, pad, dil, groups, act = geometry
+    f64 = [None if v is None else v.double() for v in (x, w, b, s, t, r)]
+    ref = reference.conv_bn_act(f64[0], f64[1], f64[2], stride, pad, dil, groups, act, *f64[3:])
+    out = _poisoned(x, ref)
+    call = cudnn.signature(x, w, b, stride, pad, dil, groups, act, s, t, r, out)
+    _reason_or_fail(case, call)
+    torch.ops.linattn.conv_bn_act_fwd_cudnn(x, w, b, stride, pad, dil, groups, act, s, t, r, out)
+    torch.cuda.synchronize()
+    assert_close(out, ref, tolerance(x.dtype, rel_err(_eager(x, w, b, s, t, r, geometry), ref)), "out")
+    # the cached graph, a second time, into fresh poison
+    out2 = _poisoned(x, ref)
+    torch.ops.linattn.conv_bn_act_fwd_cudnn(x, w, b, stride, pad, dil, groups, act, s, t, r, out2)
+    assert_close(out2, ref, tolerance(x.dtype, rel_err(_eager(x, w, b, s, t, r, geometry), ref)), "out, again")
+
+
+@gpu
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[7]], ids=_case_id)
+def test_cuda_forced_backend_runs_every_conv_form(case):
+    """The functional op with backend "cuda": cuDNN's graph where it takes the call, the hand-written kernel
+    where it covers the conv, and dispatch's candidates include cuda for a dense conv cuDNN takes."""
+    x, w, b, s, t, r, geometry = _inputs(case, seed=1)
+    stride, pad, dil, groups, act = geometry
+    f64 = [None if v is None else v.double() for v in (x, w, b, s, t, r)]
+    ref = reference.conv_bn_act(f64[0], f64[1], f64[2], stride, pad, dil, groups, act, *f64[3:])
+    args = (x.shape[1], tuple(w.shape[-2:]), tuple(stride), tuple(pad), groups)
+    call = cudnn.signature(x, w, b, stride, pad, dil, groups, act, s, t, r, _poisoned(x, ref))  # as the op's out
+    if why := cudnn.cuda_limit(*args, call):
+        _reason_or_fail(case, call)  # fails where cuDNN should have taken it
+        pytest.skip(why)
+    with linattn.backend("cuda"):
+        out = linattn.conv_bn_act(x, w, b, stride, pad, dil, groups, act, s, t, r)
+    assert_close(out, ref, tolerance(x.dtype, rel_err(_eager(x, w, b, s, t, r, geometry), ref)), "out")
+    assert out.is_contiguous(memory_format=torch.channels_last) == case[-1]
+    assert "cuda" in _backend._candidates(OP, "fwd", x.device, None, (*args, call))
+
+
+@gpu
+def test_cuda_hand_kernel_runs_where_cudnn_declines(monkeypatch):
+    """A depthwise call cuDNN declines (simulated) runs on the hand-written depthwise kernel."""
+    case = (2, 32, 32, 11, 9, 3, 1, 1, 32, "relu", True, True, True, torch.float16, True)
+    x, w, b, s, t, r, geometry = _inputs(case)
+    stride, pad, dil, groups, act = geometry
+    ref_out = _poisoned(x, torch.empty(2, 32, 11, 9))
+    call = cudnn.signature(x, w, b, stride, pad, dil, groups, act, s, t, r, ref_out)
+    monkeypatch.setattr(cudnn, "_verdicts", {call: "simulated"})
+    monkeypatch.setattr(cudnn, "FWD", "not_an_op")  # were the graph's op called, the lookup would fail
+    cudnn.run_cuda(x, w, b, stride, pad, dil, groups, act, s, t, r, ref_out)
+    f64 = [None if v is None else v.double() for v in (x, w, b, s, t, r)]
+    ref = reference.conv_bn_act(f64[0], f64[1], f64[2], stride, pad, dil, groups, act, *f64[3:])
+    assert_close(ref_out, ref, tolerance(x.dtype, rel_err(_eager(x, w, b, s, t, r, geometry), ref)), "out")
+
+
+@gpu
+def test_cuda_unsupported_call_reports_cudnns_reason():
+    """A graph cuDNN(-frontend) rejects (a filter over 2^31 elements; no tensor is allocated: the check takes
+    sizes) comes back with its message; a dtype the graph does not take is a reason too."""
+    n = 65536
+    why = torch.ops.linattn.conv_bn_act_cudnn_check(
+        torch.cuda.current_device(), torch.float16, [1, n, 1, 1], [n, 1, n, n], [n, n, 1, 1], [n, 1, n, n],
+        [n, 1, n, n], None, [16, 16, 16, 0], [1, 1], [0, 0], [1, 1], "relu", False, False, False,
+    )  # fmt: skip
+    assert why.startswith("cuDNN "), why
+    x = torch.randn(1, 8, 5, 5, device="cuda", dtype=torch.float64)  # a dtype the graph does not take
+    w = torch.randn(8, 8, 3, 3, device="cuda", dtype=torch.float64)
+    out = torch.empty(1, 8, 5, 5, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match="must be float32, float16 or bfloat16"):
+        torch.ops.linattn.conv_bn_act_fwd_cudnn(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None, out)
+    call = cudnn.signature(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None, out)
+    assert "is not taken (float32, float16, bfloat16)" in cudnn.cudnn_reason(call)
+
+
+@gpu
+def test_cuda_opcheck():
+    case = CASES[0]
+    x, w, b, s, t, r, geometry = _inputs(case)
+    stride, pad, dil, groups, act = geometry
+    out = torch.empty(2, 64, 13, 11, device="cuda", dtype=x.dtype).to(memory_format=torch.channels_last)
+    _reason_or_fail(case, cudnn.signature(x, w, b, stride, pad, dil, groups, act, s, t, r, out))
+    args = (x, w, b, stride, pad, dil, groups, act, s, t, r, out)
+    torch.library.opcheck(torch.ops.linattn.conv_bn_act_fwd_cudnn, args, test_utils=("test_schema",))
+    with linattn.backend("cuda"):
+        torch.library.opcheck(
+            torch.ops.linattn.conv_bn_act,
+            (x, w, b, stride, pad, dil, groups, act, s, t, r),
+            test_utils=("test_schema", "test_faketensor"),
+        )
