@@ -1,27 +1,220 @@
 """Triton kernels for LiteMLA's context: multi-scale aggregation fused into ReLU linear attention.
 
 lite_mla_context(qkv) = lite_mla_attention(multiscale_aggregate(qkv)) without
-the aggregated tensor ever reaching memory. Output heads [0, heads) attend over
-qkv itself, the heads of scale s over aggregated q, k, v, recomputed tile by
-tile from qkv; the first scale's kernels also serve heads [0, heads) from the
-centre taps of the same tiles, so qkv is read from memory once:
+the aggregated tensor ever reaching memory. Per (batch b, head g) and scale s,
+with x the head's q, k or v group of qkv (D channels), taps w_t of the depthwise
+weight, Wp the group's pointwise (D x D) matrix:
 
-    pass 1, grid (B*heads, SPLITS): k_s = Wp (dwconv(k) + bd) + bp, same for v;
-            partial S = sum relu(k_s)^T v_s and z = sum relu(k_s) per split
-    pass 2, grid (B*heads, SPLITS): q_s likewise; out = relu(q_s) S / (relu(q_s) . z + eps)
+    agg(x) = sum_t x_t M_t + (Wp bd + bp)      x_t: x shifted by tap t (zero padded),
+                                               M_t = diag(w_t) Wp^T  (D x D)
+    S = sum_n relu(agg(k))_n^T agg(v)_n        z = sum_n relu(agg(k))_n
+    out_n = relu(agg(q))_n S / (relu(agg(q))_n . z + eps)
 
-Math of each step: kernels/multiscale_aggregate.py and kernels/linear_attention.py.
-The backward is not fused: it recomputes the aggregation and composes the two
-ops' backward kernels (linattn/ops/lite_mla_context.py).
+and the same with x itself in place of agg(x) for the heads over qkv (output
+slice 0), computed by the first scale's programs in loops of their own just
+ahead of the taps' loops, which then find those tiles in cache: qkv is read
+from memory once (as long as a head's slice of it stays in L2 between loops).
+
+One pass (grid B*heads): a program reduces S and z over the whole map in
+registers, then recomputes agg(q) and writes its output; nothing but the output
+is written. When B*heads programs cannot fill the GPU (batch 1) the map is split:
+_lite_mla_context_state_kernel writes fp32 partial states per split of N and
+_lite_mla_context_fwd_kernel sums them; each pass reads only its own groups.
+
+Precision. fp32 inputs: the depthwise taps as fp32 FMAs, every dot with IEEE
+fp32 products (docs/design.md 8). fp16/bf16 inputs (TAP_MMA): the stencil is a
+GEMM over (tap, channel) on tensor cores, x_t (as loaded) times M_t rounded to
+the input dtype, fp32 accumulation; agg(k), agg(v), agg(q) and S enter their dots
+in the input dtype (bf16 x bf16 and fp16 x fp16 products are exact in fp32), as
+eager PyTorch rounds them. fp16 S is scaled per column into fp16's range first
+(the scale is divided out in fp32): the state does not overflow. Under the Triton
+interpreter (UPCAST) the low-precision dots run on fp32 copies of the same
+rounded operands, since its fp16/bf16 dot is wrong.
+
+Layout: qkv, out any strides; channels_last makes a tile's channels contiguous
+and its stencil loads 128-bit wide. The backward is not fused: it recomputes the
+aggregation and composes the two ops' backward kernels (linattn/ops/lite_mla_context.py).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, device_of, dot_precision
-from .linear_attention import _sum_partials, attention_config, split_rows
-from .multiscale_aggregate import _aggregate_tile, _bias_args
+from ._device import Device, cdiv, device_of, next_pow2
+from .linear_attention import _sum_partials, split_rows
+from .multiscale_aggregate import _bias_args, _pointwise_matrix_t
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; UPCAST: on fp32 copies (the interpreter's fp16/bf16 dot is wrong)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(x, dt: tl.constexpr, UPCAST: tl.constexpr):
+    """x in dtype dt, rounded to nearest even. The interpreter truncates fp32 to bf16: there (UPCAST) the
+    rounding is done on the bits first, so that the interpreter computes what the GPU does."""
+    if UPCAST and dt == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dt)
+
+
+@triton.jit
+def _tap_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, offs_c, c_mask, H, W):
+    """x[c, h + dh, w + dw] as a (BLOCK_N, BLOCK_D) tile in x's dtype, zero outside the image (the padding)."""
+    hh = h + dh
+    ww = w + dw
+    mask = n_mask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    ptrs = X_ptr + offs_c[None, :] * stride_c + hh[:, None] * stride_h + ww[:, None] * stride_w
+    return tl.load(ptrs, mask=mask[:, None] & c_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _aggregate(
+    X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS,
+    KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """agg(x) = Wp (dwconv(x) + bd) + bp, an fp32 (BLOCK_N, BLOCK_D) tile of one group at positions (h, w), zero
+    in rows outside. Pointers at the group's first channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and first row (WP_ptr).
+
+    TAP_MMA: each tap is a dot, x_t @ (diag(w_t) Wp^T) in x's dtype, the pointwise conv folded in. Else the taps
+    are fp32 FMAs and the pointwise conv one dot of their sum, in x's dtype."""
+    PAD: tl.constexpr = KSIZE // 2
+    wp_t = _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D)  # fp32 [i, o] = Wp[o, i]
+    acc = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    # TAPS = KSIZE^2, a loop count known at run time only: ptxas unrolls a constant 9-tap loop and its hoisted loads
+    # cost 40 registers. Weight addresses keep the constant KSIZE^2 (immediate offsets of one base register), and
+    # each tap's tile addresses are computed in the loop (a pointer tile hoisted out of it costs 16-50 registers
+    # in NCHW, whose loads are not vectors)
+    for t in range(TAPS):
+        dh = t // KSIZE - PAD
+        dw = t % KSIZE - PAD
+        x = _tap_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, offs_c, c_mask, H, W)
+        tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + t, mask=c_mask, other=0.0).to(tl.float32)
+        if TAP_MMA:
+            acc = _dot(x, _cast(tap[:, None] * wp_t, x.dtype, UPCAST), acc, UPCAST, PRECISION)
+        else:
+            acc += x.to(tl.float32) * tap[None, :]
+    if TAP_MMA:
+        y = acc
+        if HAS_BD:
+            bd = tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            y += tl.sum(bd[:, None] * wp_t, axis=0)[None, :]
+    else:
+        if HAS_BD:
+            acc += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        dt: tl.constexpr = X_ptr.dtype.element_ty
+        y = _dot(_cast(acc, dt, UPCAST), wp_t.to(dt), tl.zeros_like(acc), UPCAST, PRECISION)
+    if HAS_BP:
+        y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(n_mask[:, None], y, 0.0)
+
+
+@triton.jit
+def _kv_state(
+    X_ptr, stride_xc, stride_xh, stride_xw, ck, WD_ptr, BD_ptr, WP_ptr, BP_ptr, n_lo, n_hi, H, W, D, TAPS,
+    KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, WITH_RAW: tl.constexpr,
+    TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(S, z, S0, z0) over positions [n_lo, n_hi) of the head whose k group starts at channel ck: fp32 sums of
+    relu(k)^T v and relu(k), aggregated (S, z) and over qkv itself (S0, z0, if WITH_RAW). k and v enter the
+    products in qkv's dtype, and z sums the same rounded relu(k).
+
+    The heads over qkv itself take a loop of their own, ahead of the taps' loop (which then finds the centre
+    tiles in cache): in one loop body the two state dots hold twice the registers (Triton lays chained dots out
+    with every warp on all 32 rows) and the forward kernel no longer fits 128 registers."""
+    dt: tl.constexpr = X_ptr.dtype.element_ty
+    cv = ck + D
+    offs_c = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < D
+    s0 = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    z0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if WITH_RAW:
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_hi
+            h = offs_n // W
+            w = offs_n % W
+            k0 = _tap_tile(X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c,
+                           c_mask, H, W)  # fmt: skip
+            v0 = _tap_tile(X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c,
+                           c_mask, H, W)  # fmt: skip
+            k0r = tl.maximum(k0, 0.0).to(dt)  # exact: qkv's own values
+            s0 = _dot(tl.trans(k0r), v0, s0, UPCAST, PRECISION)
+            z0 += tl.sum(k0r.to(tl.float32), axis=0)
+    s = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    z = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        h = offs_n // W
+        w = offs_n % W
+        k = _aggregate(
+            X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * TAPS, BD_ptr + ck, WP_ptr + ck * D,
+            BP_ptr + ck, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST,
+            PRECISION,
+        )  # fmt: skip
+        kr = _cast(tl.maximum(k, 0.0), dt, UPCAST)  # before v's taps: k held in the input dtype
+        v = _aggregate(
+            X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * TAPS, BD_ptr + cv, WP_ptr + cv * D,
+            BP_ptr + cv, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST,
+            PRECISION,
+        )  # fmt: skip
+        s = _dot(tl.trans(kr), _cast(v, dt, UPCAST), s, UPCAST, PRECISION)
+        z += tl.sum(kr.to(tl.float32), axis=0)
+    return s, z, s0, z0
+
+
+@triton.jit
+def _state_operand(s, dt: tl.constexpr, UPCAST: tl.constexpr):
+    """(S in dtype dt, per-column fp32 scale): fp16 columns scaled to at most 2^14 (S grows with N and fp16
+    overflows at 65504); other dtypes unscaled."""
+    if dt == tl.float16:
+        col = tl.max(tl.abs(s), axis=0)
+        scale = tl.where(col > 0.0, col * (1.0 / 16384.0), 1.0)
+        return _cast(s / scale[None, :], dt, UPCAST), scale
+    return _cast(s, dt, UPCAST), tl.full((s.shape[1],), 1.0, tl.float32)
+
+
+@triton.jit
+def _write_out(
+    O_ptr, stride_oc, stride_oh, stride_ow, X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr,
+    s, z, eps, n_lo, n_hi, H, W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
+    AGGREGATE: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Store relu(q) S / (relu(q) . z + eps) over positions [n_lo, n_hi) of one head, for q = agg(q) (AGGREGATE)
+    or q itself; S and z fp32. Pointers at the head's first output channel and its q group (and the group's
+    weights, if AGGREGATE)."""
+    dt: tl.constexpr = X_ptr.dtype.element_ty
+    s_op, s_scale = _state_operand(s, dt, UPCAST)
+    offs_c = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < D
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        h = offs_n // W
+        w = offs_n % W
+        if AGGREGATE:
+            q = _aggregate(
+                X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask,
+                H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST, PRECISION,
+            )  # fmt: skip
+        else:
+            q = _tap_tile(X_ptr, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c, c_mask, H, W)
+        qr = _cast(tl.maximum(q, 0.0), dt, UPCAST)
+        num = _dot(qr, s_op, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
+        den = tl.sum(qr.to(tl.float32) * z[None, :], axis=1) + eps
+        out = num * s_scale[None, :] / den[:, None]
+        o_ptrs = O_ptr + offs_c[None, :] * stride_oc + h[:, None] * stride_oh + w[:, None] * stride_ow
+        tl.store(o_ptrs, _cast(out, O_ptr.dtype.element_ty, UPCAST), mask=n_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -43,57 +236,38 @@ def _lite_mla_context_state_kernel(
     H,
     W,
     D,
+    TAPS,  # K*K, at run time (see _aggregate)
     CHUNK,  # positions per split, a multiple of BLOCK_N
     SPLITS,
     KSIZE: tl.constexpr,
     HAS_BD: tl.constexpr,
     HAS_BP: tl.constexpr,
-    WITH_RAW: tl.constexpr,  # also reduce the state of the heads over qkv itself, from the same tiles
+    WITH_RAW: tl.constexpr,  # also reduce the state of the heads over qkv itself
+    TAP_MMA: tl.constexpr,  # the stencil as dots on tensor cores (fp16/bf16)
+    UPCAST: tl.constexpr,  # low-precision dots on fp32 copies (interpreter)
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
+    """The split path's first pass: the partial states of one (batch*head, split of N)."""
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     b = pid_bh // HEADS
     ck = (3 * (pid_bh % HEADS) + 1) * D  # first channel of this head's k group; v follows
-    cv = ck + D
-    X_ptr += b * stride_xb
-    offs_c = tl.arange(0, BLOCK_D)
-    c_mask = offs_c < D
-    s_acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    z_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    s0_acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    z0_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    N = H * W
     n_lo = pid_s * CHUNK
-    for n0 in range(n_lo, tl.minimum(n_lo + CHUNK, N), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        h = offs_n // W
-        w = offs_n % W
-        k, k0 = _aggregate_tile(
-            X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * KSIZE * KSIZE, BD_ptr + ck,
-            WP_ptr + ck * D, BP_ptr + ck, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
-        )  # fmt: skip
-        v, v0 = _aggregate_tile(
-            X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * KSIZE * KSIZE, BD_ptr + cv,
-            WP_ptr + cv * D, BP_ptr + cv, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
-        )  # fmt: skip
-        kr = tl.maximum(k, 0.0)
-        s_acc = tl.dot(tl.trans(kr), v, s_acc, input_precision=PRECISION)
-        z_acc += tl.sum(kr, axis=0)
-        if WITH_RAW:
-            k0r = tl.maximum(k0, 0.0)
-            s0_acc = tl.dot(tl.trans(k0r), v0, s0_acc, input_precision=PRECISION)
-            z0_acc += tl.sum(k0r, axis=0)
+    s, z, s0, z0 = _kv_state(
+        X_ptr + b * stride_xb, stride_xc, stride_xh, stride_xw, ck, WD_ptr, BD_ptr, WP_ptr, BP_ptr, n_lo,
+        tl.minimum(n_lo + CHUNK, H * W), H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION,
+        BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+    offs_c = tl.arange(0, BLOCK_D)
     part = pid_bh * SPLITS + pid_s
     offs_s = part * BLOCK_D * BLOCK_D + offs_c[:, None] * BLOCK_D + offs_c[None, :]
-    tl.store(S_ptr + offs_s, s_acc)
-    tl.store(Z_ptr + part * BLOCK_D + offs_c, z_acc)
+    tl.store(S_ptr + offs_s, s)
+    tl.store(Z_ptr + part * BLOCK_D + offs_c, z)
     if WITH_RAW:
-        tl.store(S0_ptr + offs_s, s0_acc)
-        tl.store(Z0_ptr + part * BLOCK_D + offs_c, z0_acc)
+        tl.store(S0_ptr + offs_s, s0)
+        tl.store(Z0_ptr + part * BLOCK_D + offs_c, z0)
 
 
 @triton.jit
@@ -113,11 +287,11 @@ def _lite_mla_context_fwd_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    WD_ptr,
-    BD_ptr,
-    WP_ptr,
-    BP_ptr,
-    S_ptr,  # fp32 partials from _lite_mla_context_state_kernel
+    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight, contiguous
+    BD_ptr,  # (C,) depthwise bias (if HAS_BD)
+    WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
+    BP_ptr,  # (C,) pointwise bias (if HAS_BP)
+    S_ptr,  # fp32 partials from _lite_mla_context_state_kernel (unless ONE_PASS)
     Z_ptr,
     S0_ptr,
     Z0_ptr,
@@ -125,70 +299,79 @@ def _lite_mla_context_fwd_kernel(
     H,
     W,
     D,
-    CHUNK,
+    TAPS,  # K*K, at run time (see _aggregate)
+    CHUNK,  # positions per split, a multiple of BLOCK_N (ONE_PASS: all of them)
     SPLITS,
     eps,
     KSIZE: tl.constexpr,
     HAS_BD: tl.constexpr,
     HAS_BP: tl.constexpr,
     WITH_RAW: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # reduce the state here, over the whole map (grid (B*heads, 1)): no partials
+    TAP_MMA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
+    """The output of one (batch*head, split of N); with ONE_PASS, of the whole map after reducing its state."""
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     b = pid_bh // HEADS
     head = pid_bh % HEADS
-    cq = 3 * head * D
+    cq = 3 * head * D  # first channel of this head's q group; k and v follow
     X_ptr += b * stride_xb
-    O_ptr += b * stride_ob + head * D * stride_oc
-    O0_ptr += b * stride_o0b + head * D * stride_o0c
-    offs_c = tl.arange(0, BLOCK_D)
-    c_mask = offs_c < D
-    offs_s = offs_c[:, None] * BLOCK_D + offs_c[None, :]
-    s = _sum_partials(S_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
-    z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
-    if WITH_RAW:
-        s0 = _sum_partials(S0_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
-        z0 = _sum_partials(Z0_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
     N = H * W
-    n_lo = pid_s * CHUNK
-    for n0 in range(n_lo, tl.minimum(n_lo + CHUNK, N), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        h = offs_n // W
-        w = offs_n % W
-        q, q0 = _aggregate_tile(
-            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cq * KSIZE * KSIZE, BD_ptr + cq,
-            WP_ptr + cq * D, BP_ptr + cq, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
+    if ONE_PASS:
+        s, z, s0, z0 = _kv_state(
+            X_ptr, stride_xc, stride_xh, stride_xw, cq + D, WD_ptr, BD_ptr, WP_ptr, BP_ptr, 0, N, H, W, D, TAPS,
+            KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION, BLOCK_N, BLOCK_D,
         )  # fmt: skip
-        mask = n_mask[:, None] & c_mask[None, :]
-        qr = tl.maximum(q, 0.0)
-        den = tl.sum(qr * z[None, :], axis=1) + eps
-        out = tl.dot(qr, s, input_precision=PRECISION) / den[:, None]
-        o_ptrs = O_ptr + offs_c[None, :] * stride_oc + h[:, None] * stride_oh + w[:, None] * stride_ow
-        tl.store(o_ptrs, out.to(O_ptr.dtype.element_ty), mask=mask)
+    else:
+        offs_c = tl.arange(0, BLOCK_D)
+        offs_s = offs_c[:, None] * BLOCK_D + offs_c[None, :]
+        s = _sum_partials(S_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
+        z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
+        s0 = s
+        z0 = z
         if WITH_RAW:
-            q0r = tl.maximum(q0, 0.0)
-            den0 = tl.sum(q0r * z0[None, :], axis=1) + eps
-            out0 = tl.dot(q0r, s0, input_precision=PRECISION) / den0[:, None]
-            o0_ptrs = O0_ptr + offs_c[None, :] * stride_o0c + h[:, None] * stride_o0h + w[:, None] * stride_o0w
-            tl.store(o0_ptrs, out0.to(O0_ptr.dtype.element_ty), mask=mask)
+            s0 = _sum_partials(S0_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
+            z0 = _sum_partials(Z0_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
+    n_lo = pid_s * CHUNK
+    n_hi = tl.minimum(n_lo + CHUNK, N)
+    if WITH_RAW:  # a loop of its own, as in _kv_state: one state operand in registers at a time
+        _write_out(
+            O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr, s0, z0, eps,
+            n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, False, TAP_MMA, UPCAST, PRECISION, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+    _write_out(
+        O_ptr + b * stride_ob + head * D * stride_oc, stride_oc, stride_oh, stride_ow, X_ptr + cq * stride_xc,
+        stride_xc, stride_xh, stride_xw, WD_ptr + cq * TAPS, BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, s, z, eps,
+        n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, True, TAP_MMA, UPCAST, PRECISION, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
 
 
 def context_config(
     dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool, splits: int | None = None
 ) -> dict:
-    """The attention's tiles and split of N (attention_config), its row loop not pipelined: each row tile
-    is K*K shifted loads per aggregated head, and with num_stages > 1 every one of them takes a shared-memory
-    buffer per stage (270 KB at K=5, over any GPU's per-block limit). With full fp32 products the state
-    kernel's four dots keep their operands in registers: 32-row tiles over 8 warps (compile gate)."""
-    cfg = attention_config(dev, B, heads, N, dim, dim, splits)
-    del cfg["BLOCK_E"]
-    if dev.gpu and not low_precision:
-        cfg.update(BLOCK_N=32, num_warps=8)
-    return dict(cfg, num_stages=1)
+    """Tiles, launch options and the split of N for B*heads heads of `dim` channels over N positions.
+
+    splits: programs per head (None: one, the one-pass kernel, when B*heads programs fill the GPU's SMs, and
+    under the interpreter; else enough to fill it twice over). fp16/bf16 (TAP_MMA): the stencil on tensor
+    cores, 64-row tiles over 8 warps (4 warps hold twice the registers per thread: over 128 on sm_80, compile
+    gate). fp32 keeps IEEE fp32 products on FMAs, whose dot operands stay in registers: 16-row tiles, and a
+    register cap (ptxas otherwise trades a small spill for 64 registers on sm_80). The loops are not pipelined
+    (num_stages=1): the programs of an SM hide each other's latency."""
+    block_d = max(16, next_pow2(dim))
+    if splits is None:
+        splits = 1 if not dev.gpu or B * heads >= dev.sms else cdiv(2 * dev.sms, B * heads)
+    cfg = dict(BLOCK_N=64, BLOCK_D=block_d, TAP_MMA=low_precision, num_warps=8, num_stages=1, splits=splits)
+    if not dev.gpu:
+        cfg.update(num_warps=4)  # the interpreter: any tile runs; few, large ones are fastest
+    elif not low_precision:
+        cfg.update(BLOCK_N=16, maxnreg=96)
+    return cfg
 
 
 def lite_mla_context_fwd(
@@ -196,32 +379,39 @@ def lite_mla_context_fwd(
 ):
     """Write lite_mla_attention(multiscale_aggregate(qkv, ...)) into out (B, (1+S)*heads*dim, H, W).
 
-    The first scale's passes also compute the heads over qkv itself from the
-    centre taps they load anyway, so qkv is read from memory once for both.
-    config: context_config()'s dict, to launch another device's choice."""
+    The first scale's passes also compute the heads over qkv itself, so qkv is read from memory once for both.
+    config: context_config()'s dict, to launch another device's choice (its splits clamped to the map's row
+    tiles; one split runs the one-pass kernel)."""
     B, C, H, W = qkv.shape
     low = qkv.dtype != torch.float32
     cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim, low))
+    upcast = not qkv.is_cuda  # the interpreter: its fp16/bf16 dot is wrong
+    precision = "ieee" if (upcast or not low) else "tf32"  # tf32 unused: fp16/bf16 operands stay as they are
     block_d = cfg["BLOCK_D"]
+    one_pass = splits == 1
     grid = (B * heads, splits)
-
-    def partials():
-        s = torch.empty((B * heads, splits, block_d, block_d), device=qkv.device, dtype=torch.float32)
-        return s, torch.empty((B * heads, splits, block_d), device=qkv.device, dtype=torch.float32)
-
     raw_out = out[:, : heads * dim]
-    s0, z0 = partials()
+    if one_pass:
+        s0 = z0 = qkv  # never read
+    else:
+        s0 = torch.empty((B * heads, splits, block_d, block_d), device=qkv.device, dtype=torch.float32)
+        z0 = torch.empty((B * heads, splits, block_d), device=qkv.device, dtype=torch.float32)
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         bd, has_bd = _bias_args(dw_biases, s, wd)
         bp, has_bp = _bias_args(pw_biases, s, wp)
-        flags = dict(KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WITH_RAW=s == 0, PRECISION=dot_precision(qkv))
-        state, z = partials()
-        _lite_mla_context_state_kernel[grid](
-            state, z, s0, z0, qkv, *qkv.stride(), wd, bd, wp, bp, heads, H, W, dim, chunk, splits, **flags, **cfg,
-        )  # fmt: skip
+        K = wd.shape[-1]
+        flags = dict(KSIZE=K, HAS_BD=has_bd, HAS_BP=has_bp, WITH_RAW=s == 0, UPCAST=upcast, PRECISION=precision)
+        sizes = (heads, H, W, dim, K * K, chunk, splits)
+        if one_pass:
+            state = z = qkv
+        else:
+            state, z = torch.empty_like(s0), torch.empty_like(z0)
+            _lite_mla_context_state_kernel[grid](
+                state, z, s0, z0, qkv, *qkv.stride(), wd, bd, wp, bp, *sizes, **flags, **cfg,
+            )  # fmt: skip
         o = out[:, (1 + s) * heads * dim : (2 + s) * heads * dim]
         _lite_mla_context_fwd_kernel[grid](
             o, *o.stride(), raw_out, *raw_out.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, state, z, s0, z0,
-            heads, H, W, dim, chunk, splits, eps, **flags, **cfg,
+            *sizes, eps, ONE_PASS=one_pass, **flags, **cfg,
         )  # fmt: skip
     return out

@@ -1,4 +1,7 @@
-"""lite_mla_context (aggregation fused into attention) against the float64 reference, forward and gradients."""
+"""lite_mla_context (aggregation fused into attention) against the float64 reference, forward and gradients.
+
+The Triton launcher is also run directly at every configuration a GPU would launch (one-pass and split over N,
+the stencil on tensor cores or as FMAs, the GPU's tiles and warps), under the interpreter on CPU."""
 
 import sys
 
@@ -18,6 +21,8 @@ CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_last)
     (1, 1, 32, 5, 7, (3,), False, torch.float32, False),
     (1, 2, 8, 7, 9, (5,), True, torch.float16, False),
     (1, 1, 16, 7, 9, (3,), False, torch.bfloat16, True),
+    (1, 2, 8, 1, 1, (3,), True, torch.float32, True),  # N = 1: every tap but the centre is padding
+    (1, 1, 16, 67, 1, (5,), False, torch.float16, True),  # N = 67, a column
 ]
 
 
@@ -83,3 +88,94 @@ def test_gpu_configs_under_interpreter(target, case, monkeypatch, gpu_heuristics
     low = case[7] != torch.float32
     assert split_rows(H * W, context_config(gpu_heuristics, B, heads, H * W, D, low))[2] > 1
     test_lite_mla_context(target, case, monkeypatch)
+
+
+# --- the Triton launcher at each configuration a GPU would launch ---
+
+KERNEL_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_last): odd and prime maps
+    (1, 2, 16, 1, 1, (3,), True, torch.float32, False),  # N = 1
+    (2, 1, 16, 1, 7, (5,), False, torch.bfloat16, True),  # N = 7, a row
+    (1, 1, 16, 67, 1, (3,), True, torch.float16, False),  # N = 67, a column
+    (1, 2, 8, 9, 13, (3, 5), True, torch.float32, True),  # two scales; D = 8 < BLOCK_D (masked channels)
+    (1, 1, 32, 8, 9, (5,), False, torch.bfloat16, False),  # the SAM head dim
+    (2, 1, 16, 11, 7, (3,), True, torch.float16, True),
+]
+
+
+def _configs(case):
+    """(id, config or None) of every configuration kind the launcher picks: the interpreter's own, and an H100's
+    tiles one-pass and split over N, each with the stencil on tensor cores and as FMAs."""
+    from linattn.kernels._device import H100
+    from linattn.kernels.lite_mla_context import context_config
+
+    B, heads, D, H, W = case[:5]
+    low = case[7] != torch.float32
+    out = [("interpreter", None)]
+    for splits in (1, 3):
+        gpu = context_config(H100, B, heads, H * W, D, low, splits)
+        name = "one-pass" if splits == 1 else "split"
+        out += [(f"gpu-{name}", gpu), (f"gpu-{name}-tap-{'fma' if low else 'mma'}", dict(gpu, TAP_MMA=not low))]
+    return out
+
+
+def _case_id(c):
+    return f"B{c[0]}h{c[1]}d{c[2]}-{c[3]}x{c[4]}-k{c[5]}-{str(c[7])[6:]}-{'cl' if c[8] else 'nchw'}"
+
+
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=_case_id)
+def test_launcher_configs(target, case):
+    """lite_mla_context_fwd with each configuration into a NaN-poisoned output, against the float64 reference:
+    fp32 within 1e-5, fp16/bf16 within twice eager PyTorch's error in the dtype."""
+    from linattn.kernels.lite_mla_context import lite_mla_context_fwd
+
+    device = target[1]
+    B, heads, D, H, W, ksizes, bias, dtype, channels_last = case
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last, seed=7)
+    want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
+    tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for name, config in _configs(case):
+        out = torch.full(want.shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=fmt)
+        lite_mla_context_fwd(qkv, dws, pws, heads, D, 1e-15, dbs, pbs, out, config)
+        assert_close(out, want, tol, f"out ({name}: {config})")
+
+
+def test_context_config_one_pass_when_the_gpu_is_full():
+    """One program per head (no partials) once B*heads fills the SMs; a split of N below that, none beyond the
+    map's row tiles; fp32 and fp16/bf16 tiles within the compile gate's registers."""
+    from linattn.kernels._device import H100, INTERPRETER
+    from linattn.kernels.linear_attention import split_rows
+    from linattn.kernels.lite_mla_context import context_config
+
+    def splits(dev, B, heads, N, low=True):
+        return split_rows(N, context_config(dev, B, heads, N, 32, low))[2]
+
+    assert splits(H100, 16, 16, 256) == 1  # L0 and XL1 at batch 16: one pass
+    assert splits(H100, 16, 32, 256) == 1
+    assert splits(H100, 1, 16, 256) == 4  # batch 1: split, at most one 64-row tile a program
+    assert splits(H100, 1, 16, 1024) == 16
+    assert splits(H100, 1, 16, 1) == 1
+    assert splits(INTERPRETER, 1, 16, 1024) == 1
+    low, full = context_config(H100, 16, 16, 256, 32, True), context_config(H100, 16, 16, 256, 32, False)
+    assert low["TAP_MMA"] and not full["TAP_MMA"] and full["maxnreg"] <= 128
+
+
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fp16_large_activations_do_not_overflow(target, splits):
+    """S exceeds fp16's range here (eager fp16 overflows); the kernels scale it into range and must not."""
+    from linattn.kernels._device import H100
+    from linattn.kernels.lite_mla_context import context_config, lite_mla_context_fwd
+
+    device = target[1]
+    qkv, dws, pws, dbs, pbs = make_aggregation(1, 1, 16, 16, 16, (3,), False, torch.float32, device, seed=8)
+    qkv = (qkv * 40.0).half()
+    dws, pws = [w.half() for w in dws], [w.half() for w in pws]
+    want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), 1, 16)
+    assert not torch.isfinite(eager.lite_mla_context(qkv, dws, pws, 1, 16)).all()
+    out = torch.full(want.shape, float("nan"), dtype=torch.float16, device=device)
+    config = context_config(H100, 1, 1, 256, 16, True, splits)
+    lite_mla_context_fwd(qkv, dws, pws, 1, 16, 1e-15, [], [], out, config)
+    # about five fp16 roundings (taps, aggregated q/k/v, S, the result): allow ten
+    assert_close(out, want, 10 * rel_err(want.half(), want), "out")
