@@ -709,7 +709,8 @@ def separable_config(dev: Device, rows: int, channels: int, cout: int, low_preci
     block_n = _pow2(cout, 16, 256 if low_precision else 64)
     block_m = 64 if block_n <= 128 else 32
     block_k = _pow2(channels, 16, 32 if low_precision else 16)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 128 else 4, num_stages=1)
+    warps = 8 if block_m * block_n >= 64 * 64 else 4  # 4 warps spill there on sm_80 (compile gate)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
 
 
 def separable_conv_bn_act_fwd(
