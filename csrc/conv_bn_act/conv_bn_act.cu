@@ -47,18 +47,15 @@
 #include <vector>
 
 #include "common.h"
-
-#define CBA_OP "conv_bn_act"  // the op named in error messages
+#include "conv_bn_act/conv_checks.h"
 
 namespace linattn {
 namespace {
 
+using namespace conv;  // Act, act_code and the call's checks, shared with cudnn_graph.cpp
+
 // ---- epilogue ------------------------------------------------------------------------------
 
-// Activation codes, in the order of linattn.reference.CONV_ACTIVATIONS.
-enum Act : int { kIdentity = 0, kRelu, kRelu6, kGelu, kGeluTanh, kHardswish, kSilu };
-constexpr std::array<const char*, 7> kActNames{"identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish",
-                                               "silu"};
 
 // As torch.nn.functional computes them (in fp32); comparisons keep NaN as NaN.
 __device__ __forceinline__ float activate(float z, int act) {
@@ -430,38 +427,6 @@ void launch_gemm1x1(const ConvArgs<T>& a, const Epilogue<T>& ep, bool c_fast, cu
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ---- argument checks ----------------------------------------------------------------------------
-
-int act_code(const std::string& act) {
-  for (int i = 0; i < static_cast<int>(kActNames.size()); ++i) {
-    if (act == kActNames[i]) return i;
-  }
-  LINATTN_CHECK(CBA_OP, false, "act must be one of identity, relu, relu6, gelu, gelu_tanh, hardswish, silu, got '",
-                act, "'");
-  return 0;
-}
-
-void check_pair(const char* name, c10::IntArrayRef v, int64_t low) {
-  LINATTN_CHECK(CBA_OP, v.size() == 2 && v[0] >= low && v[1] >= low, name, " must be two ints >= ", low, ", got ",
-                v);
-}
-
-void check_vector(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t C) {
-  if (!t.has_value()) return;
-  LINATTN_CHECK(CBA_OP, t->device() == x.device(), name, " must be on x's device ", x.device(), ", got ",
-                t->device());
-  LINATTN_CHECK_TYPE(CBA_OP, t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
-  LINATTN_CHECK(CBA_OP, t->dim() == 1 && t->size(0) == C && t->is_contiguous(), name,
-                " must be a contiguous (", C, ",) vector, got shape ", t->sizes(), " strides ", t->strides());
-}
-
-// Outputs are written while inputs are still being read (by other blocks, too).
-void check_no_overlap(const at::Tensor& out, const at::Tensor& input, const char* input_name) {
-  const at::MemOverlapStatus status = at::get_overlap_status(out, input);
-  LINATTN_CHECK(CBA_OP, status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
-                "out must not share memory with ", input_name);
-}
-
 // ---- op -----------------------------------------------------------------------------------------
 
 void conv_bn_act_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -469,25 +434,10 @@ void conv_bn_act_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const s
                           int64_t groups, const std::string& act, const std::optional<at::Tensor>& post_scale,
                           const std::optional<at::Tensor>& post_shift, const std::optional<at::Tensor>& residual,
                           const at::Tensor& out) {
-  CHECK_DIM(CBA_OP, x, 4, "(B, Cin, H, W)");
-  CHECK_DIM(CBA_OP, weight, 4, "(Cout, Cin/groups, KH, KW)");
-  CHECK_DIM(CBA_OP, out, 4, "(B, Cout, Ho, Wo)");
-  CHECK_CUDA(CBA_OP, x);
-  CHECK_SAME_DEVICE(CBA_OP, weight, x);
-  CHECK_SAME_DEVICE(CBA_OP, out, x);
-  CHECK_FLOATING_DTYPE(CBA_OP, x);
-  CHECK_SAME_DTYPE(CBA_OP, weight, x);
-  CHECK_SAME_DTYPE(CBA_OP, out, x);
-  check_pair("stride", stride, 1);
-  check_pair("padding", padding, 0);
-  check_pair("dilation", dilation, 1);
-  const int code = act_code(act);
-  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Cout = weight.size(0), KH = weight.size(2), KW = weight.size(3);
-  LINATTN_CHECK(CBA_OP, B >= 1 && Cin >= 1 && H >= 1 && W >= 1, "x must not be empty, got shape ", x.sizes());
-  LINATTN_CHECK(CBA_OP, groups >= 1 && Cin % groups == 0 && Cout % groups == 0 && Cout >= 1,
-                "groups must be >= 1 and divide Cin (", Cin, ") and Cout (", Cout, "), got ", groups);
-  CHECK_SHAPE(CBA_OP, weight, Cout, Cin / groups, KH, KW);
+  const ConvSizes s = check_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift,
+                                 residual, out);
+  const int code = s.act;
+  const int64_t B = s.B, Cin = s.Cin, H = s.H, W = s.W, Cout = s.Cout, KH = s.KH, KW = s.KW;
   const bool depthwise = groups == Cin && weight.size(1) == 1;
   const bool pointwise = groups == 1 && KH == 1 && KW == 1 && stride[0] == 1 && stride[1] == 1 &&
                          padding[0] == 0 && padding[1] == 0;
@@ -496,23 +446,6 @@ void conv_bn_act_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const s
                 "groups 1; got a ",
                 KH, "x", KW, " conv with groups ", groups, " of ", Cin, " channels, stride ", stride, ", padding ",
                 padding, " (use backend 'triton')");
-  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
-  const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
-  LINATTN_CHECK(CBA_OP, Ho >= 1 && Wo >= 1, "x of size (", H, ", ", W, ") is smaller than the dilated kernel");
-  CHECK_SHAPE(CBA_OP, out, B, Cout, Ho, Wo);
-  CHECK_NO_INTERNAL_OVERLAP(CBA_OP, out);
-  check_vector("bias", bias, x, Cout);
-  check_vector("post_scale", post_scale, x, Cout);
-  check_vector("post_shift", post_shift, x, Cout);
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    CHECK_DIM(CBA_OP, r, 4, "(B, Cout, Ho, Wo)");
-    CHECK_SAME_DEVICE(CBA_OP, r, x);
-    CHECK_SAME_DTYPE(CBA_OP, r, x);
-    CHECK_SHAPE(CBA_OP, r, B, Cout, Ho, Wo);
-  }
-  check_no_overlap(out, x, "x");
-  check_no_overlap(out, weight, "weight");
   if (residual.has_value()) {
     // out may be the residual itself (each element read, then written, by one thread) but no other overlap
     const at::MemOverlapStatus status = at::get_overlap_status(out, *residual);

@@ -63,33 +63,19 @@
 #include <vector>
 
 #include "common.h"
-
-#define CBA_OP "conv_bn_act"  // the op named in error messages
+#include "conv_bn_act/conv_checks.h"
 
 namespace linattn {
 namespace {
 
+using namespace conv;  // Act, act_code and the call's checks, shared with conv_bn_act.cu
 namespace fe = cudnn_frontend;
 using Dims = std::array<int64_t, 4>;
-
-// Activation codes, in the order of linattn.reference.CONV_ACTIVATIONS.
-enum Act : int { kIdentity = 0, kRelu, kRelu6, kGelu, kGeluTanh, kHardswish, kSilu };
-constexpr std::array<const char*, 7> kActNames{"identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish",
-                                               "silu"};
 
 // The graph's tensors, by uid (the variant pack of an execution).
 enum Uid : int64_t { kX = 1, kW, kBias, kScale, kShift, kResidual, kY };
 
 constexpr int64_t kMaxAlignment = 16;  // what cuDNN's engines ask of a pointer at most
-
-int act_code(const std::string& act) {
-  for (int i = 0; i < static_cast<int>(kActNames.size()); ++i) {
-    if (act == kActNames[i]) return i;
-  }
-  LINATTN_CHECK(CBA_OP, false, "act must be one of identity, relu, relu6, gelu, gelu_tanh, hardswish, silu, got '",
-                act, "'");
-  return 0;
-}
 
 // The largest power of two (up to 16) that divides a pointer: the alignment the graph may assume.
 int64_t alignment_of(const void* ptr) {
@@ -354,69 +340,25 @@ std::shared_ptr<Entry> entry_for(const Signature& sig) {
 
 // ---- ops -------------------------------------------------------------------------------------------
 
-void check_vector(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t C) {
-  if (!t.has_value()) return;
-  LINATTN_CHECK(CBA_OP, t->device() == x.device(), name, " must be on x's device ", x.device(), ", got ",
-                t->device());
-  LINATTN_CHECK_TYPE(CBA_OP, t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
-  LINATTN_CHECK(CBA_OP, t->dim() == 1 && t->size(0) == C && t->is_contiguous(), name, " must be a contiguous (",
-                C, ",) vector, got shape ", t->sizes(), " strides ", t->strides());
-}
-
-void check_no_overlap(const at::Tensor& out, const at::Tensor& input, const char* input_name) {
-  const at::MemOverlapStatus status = at::get_overlap_status(out, input);
-  LINATTN_CHECK(CBA_OP, status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
-                "out must not share memory with ", input_name);
-}
-
 void conv_bn_act_fwd_cudnn(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                            int64_t groups, const std::string& act, const std::optional<at::Tensor>& post_scale,
                            const std::optional<at::Tensor>& post_shift, const std::optional<at::Tensor>& residual,
                            const at::Tensor& out) {
-  CHECK_DIM(CBA_OP, x, 4, "(B, Cin, H, W)");
-  CHECK_DIM(CBA_OP, weight, 4, "(Cout, Cin/groups, KH, KW)");
-  CHECK_DIM(CBA_OP, out, 4, "(B, Cout, Ho, Wo)");
-  CHECK_CUDA(CBA_OP, x);
-  CHECK_SAME_DEVICE(CBA_OP, weight, x);
-  CHECK_SAME_DEVICE(CBA_OP, out, x);
-  CHECK_FLOATING_DTYPE(CBA_OP, x);
-  CHECK_SAME_DTYPE(CBA_OP, weight, x);
-  CHECK_SAME_DTYPE(CBA_OP, out, x);
+  const ConvSizes s = check_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift,
+                                 residual, out);
+  if (residual.has_value()) check_no_overlap(out, *residual, "residual");
   Signature sig;
-  sig.stride = pair_of(stride, "stride", 1);
-  sig.padding = pair_of(padding, "padding", 0);
-  sig.dilation = pair_of(dilation, "dilation", 1);
-  sig.act = act_code(act);
-  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Cout = weight.size(0), KH = weight.size(2), KW = weight.size(3);
-  LINATTN_CHECK(CBA_OP, B >= 1 && Cin >= 1 && H >= 1 && W >= 1, "x must not be empty, got shape ", x.sizes());
-  LINATTN_CHECK(CBA_OP, groups >= 1 && Cin % groups == 0 && Cout % groups == 0 && Cout >= 1,
-                "groups must be >= 1 and divide Cin (", Cin, ") and Cout (", Cout, "), got ", groups);
-  CHECK_SHAPE(CBA_OP, weight, Cout, Cin / groups, KH, KW);
+  sig.stride = {stride[0], stride[1]};
+  sig.padding = {padding[0], padding[1]};
+  sig.dilation = {dilation[0], dilation[1]};
+  sig.act = s.act;
   sig.device = x.device().index();
   sig.dtype = x.scalar_type();
   sig.x_size = dims_of(x.sizes(), "x");
   sig.x_stride = dims_of(x.strides(), "x");
   sig.w_size = dims_of(weight.sizes(), "weight");
   sig.w_stride = dims_of(weight.strides(), "weight");
-  const Dims y = sig.y_size();
-  LINATTN_CHECK(CBA_OP, y[2] >= 1 && y[3] >= 1, "x of size (", H, ", ", W, ") is smaller than the dilated kernel");
-  CHECK_SHAPE(CBA_OP, out, y[0], y[1], y[2], y[3]);
-  CHECK_NO_INTERNAL_OVERLAP(CBA_OP, out);
-  check_vector("bias", bias, x, Cout);
-  check_vector("post_scale", post_scale, x, Cout);
-  check_vector("post_shift", post_shift, x, Cout);
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    CHECK_DIM(CBA_OP, r, 4, "(B, Cout, Ho, Wo)");
-    CHECK_SAME_DEVICE(CBA_OP, r, x);
-    CHECK_SAME_DTYPE(CBA_OP, r, x);
-    CHECK_SHAPE(CBA_OP, r, y[0], y[1], y[2], y[3]);
-    check_no_overlap(out, r, "residual");
-  }
-  check_no_overlap(out, x, "x");
-  check_no_overlap(out, weight, "weight");
   sig.y_stride = dims_of(out.strides(), "out");
   sig.bias = bias.has_value();
   sig.scale = post_scale.has_value();
