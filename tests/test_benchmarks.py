@@ -52,9 +52,10 @@ def check_timing(row):
     assert row["min_ms"] <= row["ms"] <= row["max_ms"] and row["iqr_pct"] >= 0, row
 
 
-def check_auto(rows, op_of=lambda row: row["op"]):
+def check_auto(rows, op_of=lambda row: row["op"], also: dict | None = None):
     """The auto provider's rows record what linattn's dispatch ran: on CPU tensors the reference, one call of the
-    op (`op_of(row)`) per forward, and the backward's ops in fwd+bwd. Forced backends and eager record nothing."""
+    op (`op_of(row)`) per forward (plus the calls in `also`, {"op:pass": {backend: calls}}), and the backward's
+    ops in fwd+bwd. Forced backends and eager record nothing."""
     assert any(row["provider"] == "auto" for row in rows)
     for row in rows:
         if row["provider"] != "auto":
@@ -62,7 +63,7 @@ def check_auto(rows, op_of=lambda row: row["op"]):
             continue
         choices = row["auto_choices"]
         if row["pass"] == "fwd":
-            assert choices == {f"{op_of(row)}:fwd": {"reference": 1}}, row
+            assert choices == {f"{op_of(row)}:fwd": {"reference": 1}, **(also or {})}, row
         else:
             assert f"{op_of(row)}:fwd" in choices and {b for c in choices.values() for b in c} == {"reference"}, row
 
@@ -196,7 +197,8 @@ def test_bench_lite_mla_quick(tmp_path):
         assert row["pass"] == "fwd" and row["flops"] > 0
         if row["ms"] is not None:
             assert row["img_s"] == pytest.approx(row["batch"] * 1e3 / row["ms"]) and row["tflops"] > 0
-    check_auto(rows, lambda row: "lite_mla_context")  # the block's fused op
+    # the block's fused op, and its qkv and projection convs (the projection's BatchNorm folded in)
+    check_auto(rows, lambda row: "lite_mla_context", {"conv_bn_act:fwd": {"reference": 2}})
     pytest.importorskip("matplotlib")
     assert (tmp_path / "lite_mla-quick-cpu.png").stat().st_size > 0
 
