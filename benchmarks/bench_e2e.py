@@ -243,30 +243,32 @@ def timed(fn: Callable, device: torch.device) -> Timing:
     return cpu_timing(fn, budget_s=2.0, min_runs=3, max_runs=20, warm_up=False)
 
 
-def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, str | None]:
-    """(callable module, note) of `provider` on the eager `model` (already in the run's dtype and device)."""
+def prepare(provider: str, model: nn.Module, backend: str) -> tuple[Callable, str | None, bool]:
+    """(callable module, note, whether it takes its input channels_last) of `provider` on the eager `model`
+    (already in the run's dtype and device). An optimized model that runs channels_last gets its input so from
+    run_case: the conversion stays out of the timing."""
     if provider == "eager":
-        return model, None
+        return model, None, False
     if provider in COMPILE_MODES:
-        return compiled(model, provider), None
+        return compiled(model, provider), None, False
     graph = provider == "linattn-graph"
     optimized, rep = linattn.optimize(model, backend=backend, return_report=True, cuda_graph=graph)
     fused = ", ".join(f"{n} {k}" for k, n in rep.counts().items())
     note = f"optimize: {fused or 'nothing replaced'}" + (f"; {len(rep.skipped)} left" if rep.skipped else "")
-    if rep.channels_last:  # run_case hands it a channels_last input: the conversion stays out of the timing
+    if rep.channels_last:
         note += "; channels_last"
-    if provider == "linattn":
-        return optimized, note
     if graph:
-        return optimized, note + "; CUDA graph per input shape, outputs cloned"
+        note += "; CUDA graph per input shape, outputs cloned"
     if provider == "linattn-priority":
 
         def fixed(x, module=optimized):
             with fixed_priority():
                 return module(x)
 
-        return fixed, note
-    return compiled(optimized, "compile"), note  # linattn-compile
+        return fixed, note, rep.channels_last
+    if provider == "linattn-compile":
+        optimized = compiled(optimized, "compile")
+    return optimized, note, rep.channels_last
 
 
 @contextlib.contextmanager
@@ -306,9 +308,8 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
             bar.update()
             continue
         try:
-            module, row["note"] = prepare(provider, model, args.backend)
-            layout = torch.channels_last if "channels_last" in (row["note"] or "") else torch.contiguous_format
-            inp = x.contiguous(memory_format=layout)
+            module, row["note"], channels_last = prepare(provider, model, args.backend)
+            inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
             def call(inp=inp, module=module):
                 with torch.inference_mode(), backend_ctx():

@@ -683,8 +683,8 @@ def conv_bn_act_fwd(
         ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None, HAS_SCALE=post_scale is not None,
         HAS_SHIFT=post_shift is not None, HAS_RES=residual is not None, SHUFFLE=shuffle,
     )  # fmt: skip
-    vectors = [t if t is not None else weight for t in (bias, post_scale, post_shift)]  # absent: never read
-    res_t = residual if residual is not None else out
+    vectors = [_present(t, weight)[0] for t in (bias, post_scale, post_shift)]
+    res_t = _present(residual, out)[0]
     parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
     _conv_bn_act_fwd_kernel[grid](
         out, *out.stride(), x, *x.stride(), weight, *weight.stride(), *vectors, res_t, *res_t.stride(), parts,
@@ -728,8 +728,8 @@ def separable_conv_bn_act_fwd(
     cfg = config or separable_config(device_of(x), M, C, Cout, x.dtype != torch.float32)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]))
     dw_bias_t, has_dw_bias = _present(dw_bias, dw_weight)
-    vectors = [t if t is not None else weight for t in (bias, post_scale, post_shift)]  # absent: never read
-    res_t = residual if residual is not None else out
+    vectors = [_present(t, weight)[0] for t in (bias, post_scale, post_shift)]
+    res_t = _present(residual, out)[0]
     _separable_conv_bn_act_fwd_kernel[grid](
         out, *out.stride(), x, *x.stride(), dw_weight, dw_weight.stride(0), *dw_weight.stride()[2:], dw_bias_t,
         weight, weight.stride(0), weight.stride(1), *vectors, res_t, *res_t.stride(),

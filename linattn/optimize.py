@@ -506,12 +506,10 @@ def _channels_last_inputs(module: nn.Module, args: tuple) -> tuple | None:
 
 
 def _nchw(a) -> bool:
-    return isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point() and not _is_channels_last(a)
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    # a tensor contiguous in both formats (1x1 maps, one channel) reads the same either way
-    return t.is_contiguous(memory_format=torch.channels_last)
+    """A 4-D floating tensor not laid out channels_last (one contiguous in both formats, such as a 1x1 map,
+    reads the same either way and is left alone)."""
+    is_4d = isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()
+    return is_4d and not a.is_contiguous(memory_format=torch.channels_last)
 
 
 def optimize(

@@ -78,12 +78,13 @@ def test_forced_cuda_says_cudnns_reason(monkeypatch):
 
 
 def test_signature_describes_operands_as_cudnn_gets_them():
-    """channels_last x with an NCHW weight: the weight goes K-contiguous (a fresh, aligned tensor); a view's
-    pointer alignment is part of the signature; the optional inputs as flags."""
+    """The operands as they reach cuDNN (the op packs an NCHW weight K-contiguous for channels_last x before
+    dispatch): strides, a view's pointer alignment, the optional inputs as flags."""
     x = torch.randn(2, 8, 5, 7, dtype=torch.float16).to(memory_format=torch.channels_last)
     w = torch.randn(4, 8, 3, 3, dtype=torch.float16)
+    packed = w.contiguous(memory_format=torch.channels_last)
     out = torch.empty(2, 4, 5, 7, dtype=torch.float16).to(memory_format=torch.channels_last)
-    sig = cudnn.signature(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None, out)
+    sig = cudnn.signature(x, packed, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None, out)
     assert sig[5] == (72, 1, 24, 8) and sig[8] == (16, 16, 16, 0) and sig[13:] == (False, False, False)
     base = torch.randn(1 + 2 * 8 * 5 * 7, dtype=torch.float16)
     view = base[1:].view(2, 8, 5, 7)  # 2 bytes past an aligned pointer

@@ -54,12 +54,6 @@ def _alignment(t: Tensor) -> int:
     return 16 if p % 16 == 0 else p & -p
 
 
-def _packed_weight(x: Tensor, weight: Tensor) -> bool:
-    """Whether the weight goes to cuDNN repacked K-contiguous (channels_last x, a weight that is not): the
-    runtime-fusion engines want both operands channels_last. optimize() packs weights so once."""
-    return x.stride(1) == 1 and weight.stride(1) != 1
-
-
 def limit_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out):
     """The signature (below) that dispatch hands cuda_limit for a call, or None where the cuda implementation
     is not asked: tensors not on a GPU, a backend forced elsewhere, fake tensors (the compile gate's replay)."""
@@ -72,21 +66,16 @@ def signature(x, weight, bias, stride, padding, dilation, groups, act, post_scal
     """What the cuDNN graph of a call depends on, as the call's operands will reach it (run_cuda): device,
     dtype, every size, stride and pointer alignment, the conv geometry, act and which optional inputs exist.
     Hashable: the registry's limit reads it (linattn/_backend.py caches answers by it)."""
-    if _packed_weight(x, weight):
-        K, C, R, S = weight.shape
-        w_stride, w_align = (C * R * S, 1, S * C, C), 16
-    else:
-        w_stride, w_align = weight.stride(), _alignment(weight)
     return (
         x.device.index,
         x.dtype,
         tuple(x.shape),
         x.stride(),
         tuple(weight.shape),
-        w_stride,
+        weight.stride(),
         out.stride(),
         None if residual is None else residual.stride(),
-        (_alignment(x), w_align, _alignment(out), 0 if residual is None else _alignment(residual)),
+        (_alignment(x), _alignment(weight), _alignment(out), 0 if residual is None else _alignment(residual)),
         tuple(stride),
         tuple(padding),
         tuple(dilation),
@@ -145,10 +134,9 @@ def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale
     vectors = [None if t is None else t.float().contiguous() for t in (bias, post_scale, post_shift)]
     if not cudnn_reason(signature(*call)):
         vectors = [t if t is None or t.data_ptr() % 16 == 0 else t.clone() for t in vectors]
-        w = weight.contiguous(memory_format=torch.channels_last) if _packed_weight(x, weight) else weight
         b, s, t = vectors
         try:
-            getattr(torch.ops.linattn, FWD)(x, w, b, stride, padding, dilation, groups, act, s, t, residual, out)
+            getattr(torch.ops.linattn, FWD)(x, weight, b, stride, padding, dilation, groups, act, s, t, residual, out)
             return out
         except NotImplementedError:  # a graph cuDNN declines at run time (say, a view's alignment)
             if simt is not None:

@@ -108,6 +108,10 @@ def _conv_fwd(
     impl: str | None = None,
 ):  # fmt: skip
     """Write the fused block into out with implementation `impl` (None: the one dispatch chooses)."""
+    if x.stride(1) == 1 and weight.stride(1) != 1:
+        # channels_last x: K-contiguous weights, read along contiguous channels by Triton's 128-bit loads and by
+        # cuDNN's fused engines (optimize packs a model's weights once, so this copy is for other callers)
+        weight = weight.contiguous(memory_format=torch.channels_last)
     if impl is None:
         call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
         scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)
@@ -125,8 +129,6 @@ def _conv_fwd(
     from ..kernels.conv_bn_act import conv_bn_act_fwd, fwd_configs
 
     bias, post_scale, post_shift = (_contiguous(t) for t in (bias, post_scale, post_shift))
-    if x.stride(1) == 1 and weight.stride(1) != 1:  # channels_last x: K-contiguous weights make every load 128-bit
-        weight = weight.contiguous(memory_format=torch.channels_last)
     call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
     config = choose_config(
         op, "fwd", x.device, fwd_configs(x, weight, stride, padding, dilation, groups, shuffle),
