@@ -21,6 +21,9 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
@@ -98,6 +101,43 @@ def _cudnn_build_args(cuda_home: str | None) -> dict:
     return {"cxx": cxx, "extra_link_args": link}
 
 
+def _needs_libstdcxx(so: Path) -> bool | None:
+    """Whether a shared object lists libstdc++.so as NEEDED (None: readelf is missing or failed)."""
+    if not shutil.which("readelf"):
+        return None
+    out = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True)
+    return "libstdc++.so" in out.stdout if out.returncode == 0 else None
+
+
+def _shared_libstdcxx_args() -> list[str]:
+    """Link arguments that keep linattn._C on the process's shared libstdc++ where the C++ compiler would link
+    libstdc++ statically into a shared object (the GPU machine's /opt/gcc does). A static copy's iostream
+    and locale code then runs against the data of the shared copy that torch loaded (-Bsymbolic-functions
+    binds functions locally, not data), and the first std::ostream insertion in linattn._C segfaults
+    (benchmarks/results/gpu/2026-11-26-h100). Linking the loaded libstdc++.so.6 by path, ahead of the
+    compiler's own -lstdc++, resolves every libstdc++ symbol there."""
+    import torch  # noqa: F401  (loads the libstdc++ the extension will run with)
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    with open("/proc/self/maps") as maps:
+        loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, so = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
+        src.write_text("#include <sstream>\nstd::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+        built = subprocess.run([get_cxx_compiler(), "-shared", "-fPIC", str(src), "-o", str(so)], capture_output=True)
+        if built.returncode != 0 or _needs_libstdcxx(so) is not False:
+            return []
+    if len(loaded) != 1:
+        raise SystemExit(
+            f"linattn: {get_cxx_compiler()} links libstdc++ statically into shared objects, which crashes linattn._C "
+            f"next to torch's shared libstdc++, and the libstdc++ torch loaded was not found ({sorted(loaded)}); "
+            "set CXX to a compiler that links it dynamically"
+        )
+    lib = loaded.pop()
+    print(f"linattn: {get_cxx_compiler()} links libstdc++ statically; linking linattn._C against {lib} instead")
+    return [lib]
+
+
 def _extensions():
     if not _want_cuda():
         return [], {}
@@ -111,7 +151,7 @@ def _extensions():
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = ["csrc/ext.cpp", *sorted(glob.glob("csrc/*/*.cu")), *sorted(glob.glob("csrc/*/*.cpp"))]
-    cxx_flags, extra_link_args = [], []  # the C++ sources' (nvcc's .cu files see no cuDNN header)
+    cxx_flags, extra_link_args = [], _shared_libstdcxx_args()  # cxx_flags: nvcc's .cu files see no cuDNN header
     frontend, looked = (None, ["LINATTN_CUDNN=0"]) if os.environ.get("LINATTN_CUDNN") == "0" else _frontend_include()
     if frontend is not None:
         cudnn = _cudnn_build_args(CUDA_HOME)

@@ -265,6 +265,29 @@ def test_float64_runs_on_reference_and_int_pairs_match():
     assert_close(out, F.silu(F.conv2d(x, w, None, (2, 1), (1, 0), (2, 1), 2)), 1e-12, "out")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_reference_on_cuda_is_eager_pytorch(dtype):
+    """On CUDA the reference backend is PyTorch's own path, the baseline auto is measured against: cuDNN's conv in
+    the input dtype as eager runs it (not an fp32 upcast), its result returned without a copy."""
+    x = torch.randn(2, 16, 9, 7, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(24, 16, 3, 3, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    b = torch.randn(24, device="cuda", dtype=dtype)
+    with linattn.backend("reference"):
+        out = linattn.conv_bn_act(x, w, b, padding=1, act="relu")
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, w, b, padding=1)), rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_reference_result_is_the_op_output_when_its_layout_matches():
+    from linattn.ops.conv_bn_act import _reference_result
+
+    y = torch.randn(2, 3, 4, 5)
+    assert _reference_result(y, torch.empty_like(y)) is y
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    assert _reference_result(y, out) is out and torch.equal(out, y)
+
+
 # --- fold_bn ---
 
 

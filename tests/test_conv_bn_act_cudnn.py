@@ -26,7 +26,7 @@ def _gpu_skip() -> str | None:
     if why := _backend.unavailable("cuda", torch.device("cuda")):
         return why
     if not cudnn.has_cudnn():
-        return "linattn._C was built without the cuDNN conv graph"
+        return cudnn.NO_CUDNN
     return None
 
 
@@ -43,9 +43,24 @@ def test_registry_entry_is_the_cudnn_graph_with_the_hand_kernels_behind_it():
     # without a call's signature only the hand kernels' forms are certain; cuDNN decides the rest per call
     why = cudnn.cuda_limit(16, (3, 3), [2, 2], [1, 1], 1)
     assert "hand-written kernels take depthwise convs" in why
-    assert ("dispatch asks cuDNN per call" if cudnn.has_cudnn() else "built without the cuDNN conv graph") in why
+    assert ("dispatch asks cuDNN per call" if cudnn.has_cudnn() else cudnn.NO_CUDNN) in why
     assert cudnn.cuda_limit(16, (5, 5), [2, 2], [2, 2], 16) is None  # depthwise: the hand kernel at worst
     assert cudnn.cuda_limit(16, (1, 1), [1, 1], [0, 0], 1) is None
+
+
+def test_linattn_cudnn_0_turns_the_graph_off_at_run_time(monkeypatch):
+    """LINATTN_CUDNN=0 leaves the hand-written kernels alone in the cuda implementation, as a build without the
+    cudnn-frontend headers does: the escape hatch if cuDNN's graph misbehaves on some machine."""
+    monkeypatch.setenv("LINATTN_CUDNN", "0")
+    cudnn.has_cudnn.cache_clear()
+    try:
+        assert not cudnn.has_cudnn()
+        assert cudnn.cudnn_reason(("a signature never asked",)) == cudnn.NO_CUDNN
+        assert cudnn.NO_CUDNN in cudnn.cuda_limit(16, (3, 3), [2, 2], [1, 1], 1)
+    finally:
+        cudnn._verdicts.pop(("a signature never asked",), None)
+        monkeypatch.undo()
+        cudnn.has_cudnn.cache_clear()
 
 
 def test_limit_reports_cudnn_reason_unless_the_hand_kernels_cover_the_conv(monkeypatch):

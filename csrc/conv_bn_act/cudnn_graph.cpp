@@ -57,7 +57,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -114,25 +113,25 @@ struct Signature {
     return y;
   }
 
-  std::string key() const {
-    std::ostringstream s;
-    auto put = [&s](const char* tag, const auto& v) {
-      s << tag;
-      for (auto e : v) s << e << ',';
+  std::string key() const {  // std::to_string, not a stream: no locale on the hot path
+    std::string s = std::to_string(device) + '|' + std::to_string(static_cast<int>(dtype)) + '|' +
+                    std::to_string(act) + '|' + char('0' + bias) + char('0' + scale) + char('0' + shift) +
+                    char('0' + residual);
+    auto put = [&s](char tag, const auto& v) {
+      s += tag;
+      for (auto e : v) s += std::to_string(e) + ',';
     };
-    s << static_cast<int>(device) << '|' << static_cast<int>(dtype) << '|' << act << '|' << bias << scale << shift
-      << residual;
-    put("|x", x_size);
-    put("/", x_stride);
-    put("|w", w_size);
-    put("/", w_stride);
-    put("|y", y_stride);
-    put("|r", r_stride);
-    put("|s", stride);
-    put("|p", padding);
-    put("|d", dilation);
-    put("|a", align);
-    return s.str();
+    put('x', x_size);
+    put('/', x_stride);
+    put('w', w_size);
+    put('/', w_stride);
+    put('y', y_stride);
+    put('r', r_stride);
+    put('s', stride);
+    put('p', padding);
+    put('d', dilation);
+    put('a', align);
+    return s;
   }
 };
 

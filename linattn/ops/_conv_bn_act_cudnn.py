@@ -13,6 +13,7 @@ hand-written kernels.
 """
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -39,11 +40,17 @@ def simt_limit(cin: int, kernel_size, stride, padding, groups: int) -> str | Non
     )
 
 
+NO_CUDNN = "cuDNN's conv graph is off: LINATTN_CUDNN=0, or linattn._C was built without the cudnn-frontend headers"
+
+
 @functools.cache
 def has_cudnn() -> bool:
-    """Whether linattn._C loads and carries the cuDNN graph ops (it does unless built without the headers)."""
+    """Whether linattn._C loads and carries the cuDNN graph ops (it does unless built without the headers) and
+    LINATTN_CUDNN=0 does not turn them off (the hand-written kernels then run alone, as in a build without)."""
     from .._extension import load_extension
 
+    if os.environ.get("LINATTN_CUDNN") == "0":
+        return False
     ext, _ = load_extension()
     return ext is not None and hasattr(torch.ops.linattn, CHECK) and hasattr(torch.ops.linattn, FWD)
 
@@ -94,7 +101,7 @@ def cudnn_reason(call: tuple) -> str:
     ask builds the graph (linattn._C keeps it)."""
     if (verdict := _verdicts.get(call)) is None:
         if not has_cudnn():
-            verdict = "linattn._C was built without the cuDNN conv graph (no cudnn-frontend headers at build time)"
+            verdict = NO_CUDNN
         else:
             device, dtype, xs, xt, ws, wt, ot, rt, align, stride, padding, dilation, act, b, s, t = call
             try:
@@ -120,7 +127,7 @@ def cuda_limit(cin: int, kernel_size, stride, padding, groups: int, call: tuple 
             return None
         if has_cudnn():
             return f"{simt} (cuDNN's graph may take it: dispatch asks cuDNN per call, with the call's tensors)"
-        return f"{simt} (linattn._C was built without the cuDNN conv graph)"
+        return f"{simt} ({NO_CUDNN})"
     if simt is None or not (why := cudnn_reason(call)):
         return None
     return f"cuDNN cannot run this call ({why}) and {simt}"

@@ -103,11 +103,18 @@ register(UPSAMPLE, "fwd", "triton")
 register(SEPARABLE, "fwd", "triton")
 
 
+def _reference_result(y: Tensor, out: Tensor) -> Tensor:
+    """The reference's result as the op's: y itself where it has out's layout (the PyTorch path with no extra
+    pass over the output, the baseline measured dispatch compares against), else copied into out."""
+    return y if y.stride() == out.stride() else out.copy_(y)
+
+
 def _conv_fwd(
     op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out, shuffle,
     impl: str | None = None,
 ):  # fmt: skip
-    """Write the fused block into out with implementation `impl` (None: the one dispatch chooses)."""
+    """The fused block by implementation `impl` (None: the one dispatch chooses), written into out (the
+    reference may return its own result instead: `_reference_result`)."""
     if x.stride(1) == 1 and weight.stride(1) != 1:
         # channels_last x: K-contiguous weights, read along contiguous channels by Triton's 128-bit loads and by
         # cuDNN's fused engines (optimize packs a model's weights once, so this copy is for other callers)
@@ -122,8 +129,7 @@ def _conv_fwd(
         y = reference.conv_bn_act(
             x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
         )
-        out.copy_(torch.nn.functional.pixel_shuffle(y, 2) if shuffle else y)
-        return out
+        return _reference_result(torch.nn.functional.pixel_shuffle(y, 2) if shuffle else y, out)
     if impl == "cuda":
         return run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
     from ..kernels.conv_bn_act import conv_bn_act_fwd, fwd_configs
@@ -441,13 +447,14 @@ def check_separable(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, we
 
 def _separable_fwd(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual, out,
                    impl: str | None = None):  # fmt: skip
-    """Write the fused pair into out with implementation `impl` (None: the one dispatch chooses)."""
+    """The fused pair by implementation `impl` (None: the one dispatch chooses), written into out (or the
+    reference's own result: `_reference_result`)."""
     call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual)
     if impl is None:
         scratch = lambda b: _separable_fwd(*call, torch.empty_like(out), b)  # noqa: E731
         impl = resolve(SEPARABLE, "fwd", x.device, kernel_problem(x), runner=scratch, inputs=(*call, out))
     if impl == "reference":
-        return out.copy_(reference.separable_conv_bn_act(*call))
+        return _reference_result(reference.separable_conv_bn_act(*call), out)
     from ..kernels.conv_bn_act import separable_conv_bn_act_fwd
 
     dw_bias, bias, ps, pt = (_contiguous(t) for t in (dw_bias, bias, ps, pt))
