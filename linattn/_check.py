@@ -16,6 +16,7 @@ import torch
 from . import eager, ops, reference
 from ._backend import KERNEL_BACKENDS, backend, implementations, reasons
 from ._table import table
+from .benchmarks.common import progress
 
 
 @dataclass
@@ -212,24 +213,29 @@ def check(device: torch.device) -> bool:
     def mark(kind: str, text: str) -> str:
         return f"[{notes.setdefault((kind, text), len(notes) + 1)}]"
 
-    for case in CASES:
-        for name in ("reference", *KERNEL_BACKENDS):
-            why = "; ".join(reasons(case.op, "fwd", name, device, args=case.limit_args)) or None
-            label = case.label or case.op
-            shown = f"{name} (fwd)" if forward_only(case.op, name) else name
-            for dtype in dtypes:
-                row = [label, shown, str(dtype)[6:]]
-                if why:
-                    counts["skipped"] += 1
-                    rows.append([*row, f"skipped {mark('skipped', why)}", "-", "-"])
-                    continue
-                try:
-                    ok, err, tol = run_case(case, name, device, dtype)
-                    rows.append([*row, "pass" if ok else "FAIL", f"{err:.2e}", f"{tol:.2e}"])
-                except Exception as exc:  # a crash is a failure to report, not to hide
-                    ok = False
-                    rows.append([*row, f"ERROR {mark('error', f'{type(exc).__name__}: {exc}')}", "-", "-"])
-                counts["passed" if ok else "failed"] += 1
+    backends = ("reference", *KERNEL_BACKENDS)
+    # a GPU's first run compiles every kernel (minutes): the bar says which row a stopped run was on
+    with progress(len(CASES) * len(backends) * len(dtypes), "check") as bar:
+        for case in CASES:
+            for name in backends:
+                why = "; ".join(reasons(case.op, "fwd", name, device, args=case.limit_args)) or None
+                label = case.label or case.op
+                shown = f"{name} (fwd)" if forward_only(case.op, name) else name
+                for dtype in dtypes:
+                    row = [label, shown, str(dtype)[6:]]
+                    bar.set_postfix_str(" ".join(row))
+                    bar.update()
+                    if why:
+                        counts["skipped"] += 1
+                        rows.append([*row, f"skipped {mark('skipped', why)}", "-", "-"])
+                        continue
+                    try:
+                        ok, err, tol = run_case(case, name, device, dtype)
+                        rows.append([*row, "pass" if ok else "FAIL", f"{err:.2e}", f"{tol:.2e}"])
+                    except Exception as exc:  # a crash is a failure to report, not to hide
+                        ok = False
+                        rows.append([*row, f"ERROR {mark('error', f'{type(exc).__name__}: {exc}')}", "-", "-"])
+                    counts["passed" if ok else "failed"] += 1
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (float32; float16 and bfloat16 on a GPU)"
     print(f"linattn check on {where}:")
     print(table(rows))
