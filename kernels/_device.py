@@ -52,3 +52,9 @@ def device_of(t: torch.Tensor) -> Device:
 def cuda_device(index: int | None) -> Device:
     """The description of GPU `index`, asked once (every launch calls device_of)."""
     return Device(gpu=True, sms=torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def launcher(kernel, grid, compile_only: bool = False):
+    """kernel[grid], or with compile_only a call that compiles the kernel for its arguments without launching it
+    (measured dispatch compiles a call's candidate configurations on threads before timing them)."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, cdiv, device_of, next_pow2
+from ._device import Device, cdiv, device_of, launcher, next_pow2
 
 ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
 
@@ -657,7 +657,7 @@ def fwd_configs(x, weight, stride, padding, dilation, groups: int, shuffle: bool
 
 def conv_bn_act_fwd(
     x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, post_shift, residual, out,
-    shuffle: bool = False, config: dict | None = None,
+    shuffle: bool = False, config: dict | None = None, compile_only: bool = False,
 ):  # fmt: skip
     """Write act(conv2d(x, weight, bias) ...) * post_scale + post_shift + residual into out.
 
@@ -666,7 +666,7 @@ def conv_bn_act_fwd(
     (Cout, KH, KW, Cin) strides). config: one of fwd_configs(), to launch another configuration or
     another device's choice (the tests run a GPU's tiles under the interpreter); None: the heuristic.
     With config["split"] > 1 the reduction is split over that many programs, whose fp32 partials a
-    second kernel sums before the epilogue."""
+    second kernel sums before the epilogue. compile_only: compile the kernels this call launches, launch nothing."""
     B, _, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
@@ -686,14 +686,14 @@ def conv_bn_act_fwd(
     vectors = [_present(t, weight)[0] for t in (bias, post_scale, post_shift)]
     res_t = _present(residual, out)[0]
     parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
-    _conv_bn_act_fwd_kernel[grid](
+    launcher(_conv_bn_act_fwd_kernel, grid, compile_only)(
         out, *out.stride(), x, *x.stride(), weight, *weight.stride(), *vectors, res_t, *res_t.stride(), parts,
         M, Cout, cin_g, cout_g, tiles_n, k_per_split, H, W, Ho, Wo, *stride, *padding, *dilation,
         KH=KH, KW=KW, DEPTHWISE=depthwise, SPLIT_K=split > 1, **epilogue, **_precision(x), **cfg,
     )  # fmt: skip
     if split > 1:
         block_m, block_n = 32, _pow2(Cout, 16, 128)
-        _conv_bn_act_splitk_epilogue_kernel[(cdiv(M, block_m), cdiv(Cout, block_n))](
+        launcher(_conv_bn_act_splitk_epilogue_kernel, (cdiv(M, block_m), cdiv(Cout, block_n)), compile_only)(
             out, *out.stride(), parts, *vectors, res_t, *res_t.stride(), M, Cout, split, Ho, Wo,
             **epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip

@@ -193,6 +193,16 @@ def test_kernels_strided_views_and_split_reduction(target, depthwise):
         assert_close(a, e, 1e-5, name)
 
 
+def test_compile_only_launches_nothing():
+    """The launcher's compile_only (measured dispatch compiles candidates on threads with it) writes nothing."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    x, w = torch.randn(1, 8, 6, 5), torch.randn(16, 8, 3, 3)
+    out = torch.full((1, 16, 6, 5), float("nan"))
+    conv_bn_act_fwd(x, w, None, (1, 1), (1, 1), (1, 1), 1, "relu", None, None, None, out, compile_only=True)
+    assert out.isnan().all()
+
+
 OP_CASES = [CASES[0], CASES[3], CASES[10]]
 
 

@@ -139,6 +139,7 @@ def _conv_fwd(
     config = choose_config(
         op, "fwd", x.device, fwd_configs(x, weight, stride, padding, dilation, groups, shuffle),
         lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c), (*call, out),
+        lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c, compile_only=True),
     )  # fmt: skip
     return conv_bn_act_fwd(*call, out, shuffle, config)
 
