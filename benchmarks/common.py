@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves
 
+from linattn import _tune
 from linattn._backend import auto_choices, status
 from linattn._table import dict_table
 
@@ -377,6 +378,7 @@ def save_results(rows: Sequence[dict], out_dir: str | Path, name: str, env: dict
     with jsonl_path.open("a") as f:
         for row in rows:
             f.write(json.dumps({**row, **env}) + "\n")
+    _save_dispatch_timings(out_dir / "dispatch" / f"{name}.jsonl", env)
     every = load_results(jsonl_path)
     columns = list(dict.fromkeys(key for row in every for key in row))
     with csv_path.open("w", newline="") as f:
@@ -385,6 +387,23 @@ def save_results(rows: Sequence[dict], out_dir: str | Path, name: str, env: dict
         for row in every:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
     return jsonl_path, csv_path
+
+
+_timings_saved = 0  # how many of this process's measured-dispatch timings are in a file already
+
+
+def _save_dispatch_timings(path: Path, env: dict) -> None:
+    """Append what measured dispatch timed since the last save (every candidate implementation and Triton
+    configuration of each new call, in ms: linattn._tune.timings()) to path, one call a line: on a GPU, which
+    configurations win and by how much, per shape. Not a results file (gpu_summary reads results/*.jsonl)."""
+    global _timings_saved
+    measured = _tune.timings()[_timings_saved:]
+    if measured:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            for entry in measured:
+                f.write(json.dumps({**entry, **env}) + "\n")
+        _timings_saved += len(measured)
 
 
 def load_results(jsonl_path: str | Path) -> list[dict]:

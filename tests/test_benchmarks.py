@@ -115,6 +115,26 @@ def test_save_results_appends(tmp_path):
     assert [r["provider"] for r in table] == ["eager", "triton"] and table[0]["note"] == ""  # union of columns
 
 
+def test_save_results_keeps_what_measured_dispatch_timed(tmp_path, monkeypatch):
+    """Each candidate's milliseconds of every call measured dispatch timed go beside the results, once each, in
+    results/dispatch/ (not a results file: gpu_summary reads results/*.jsonl)."""
+    from linattn import _tune
+    from linattn.benchmarks import common
+
+    monkeypatch.setattr(common, "_timings_saved", 0)
+    measured = [{"key": "conv_bn_act:fwd:...", "device": "Toy GPU", "ms": {"triton": 0.2, "reference": 0.1},
+                 "chosen": "reference"}]  # fmt: skip
+    monkeypatch.setattr(_tune, "_timings", measured)
+    env = environment("cpu")
+    save_results([{"provider": "auto", "ms": 0.1}], tmp_path, "demo", env)
+    measured.append({**measured[0], "key": "conv_bn_act.triton:fwd:..."})
+    save_results([{"provider": "auto", "ms": 0.1}], tmp_path, "demo", env)
+    saved = [json.loads(line) for line in (tmp_path / "dispatch" / "demo.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in saved] == ["conv_bn_act:fwd:...", "conv_bn_act.triton:fwd:..."]
+    assert saved[0]["ms"] == {"triton": 0.2, "reference": 0.1} and saved[0]["torch"] == env["torch"]
+    assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["demo.jsonl"]
+
+
 def test_one_table_printer():
     """linattn._table prints every table: the command line's left-aligned, the benchmarks' rows (dicts) with their
     numbers right-aligned, floats rounded, missing values as "-" and auto's choices as "op:pass backend calls"."""
