@@ -244,7 +244,7 @@ def test_op_autograd(target, case):
 
 
 def test_forced_cuda_backend_raises():
-    """Forcing cuda on CPU tensors, on the backward or on upsample_block raises. The device comes first
+    """Forcing cuda on CPU tensors, on the backward or on separable_conv_bn_act raises. The device comes first
     (tests/test_bad_input.py); the conv forms the hand-written kernels behind cuDNN's graph take are checked on
     their limit (a conv cuDNN declines: tests/test_conv_bn_act_cudnn.py)."""
     assert "not this 3x3 conv with groups 1" in simt_limit(4, (3, 3), [1, 1], [1, 1], 1)
@@ -259,8 +259,8 @@ def test_forced_cuda_backend_raises():
             pytest.raises(RuntimeError, match=re.escape(cannot + unavailable("cuda", x.device))),
         ):
             linattn.conv_bn_act(x, w, padding=1)
-    with linattn.backend("cuda"), pytest.raises(RuntimeError, match="no cuda kernel for upsample_block"):
-        linattn.upsample_block(x, torch.randn(16, 4, device=device))
+    with linattn.backend("cuda"), pytest.raises(RuntimeError, match="no cuda kernel for separable_conv_bn_act"):
+        linattn.separable_conv_bn_act(x, torch.randn(4, 1, 3, 3, device=device), torch.randn(8, 4, 1, 1, device=device))
     xg = x.clone().requires_grad_()
     out = linattn.conv_bn_act(xg, torch.randn(4, 1, 3, 3, device=device), padding=1, groups=4)  # depthwise, "auto"
     forward_only = "no cuda kernel for conv_bn_act backward" if device == "cuda" else "cannot run this call"
@@ -351,6 +351,18 @@ def test_fold_bn_bad_input():
 
 # --- upsample_block ---
 
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_pixel_shuffle_into_matches_pixel_shuffle(channels_last):
+    """The CUDA upsample's shuffle: one copy into out, whatever its strides."""
+    from linattn.ops.conv_bn_act import pixel_shuffle_into
+
+    y = torch.randn(2, 12, 3, 5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.full((2, 3, 6, 10), float("nan")).contiguous(memory_format=fmt)
+    assert pixel_shuffle_into(y, out) is out and torch.equal(out, F.pixel_shuffle(y, 2))
+
+
 UPSAMPLE_CASES = [  # (B, C, Co, H, W, dtype, channels_last)
     (2, 8, 4, 5, 7, torch.float32, False),
     (1, 17, 8, 3, 6, torch.float32, True),
@@ -358,7 +370,7 @@ UPSAMPLE_CASES = [  # (B, C, Co, H, W, dtype, channels_last)
 ]
 
 
-@pytest.mark.parametrize("target", _targets(cuda_skip="upsample_block has no CUDA C++ kernel"))
+@pytest.mark.parametrize("target", _targets())
 @pytest.mark.parametrize("case", UPSAMPLE_CASES, ids=lambda c: f"{c[1]}to{c[2]}-{c[3]}x{c[4]}-{str(c[5])[6:]}")
 def test_upsample_block(target, case):
     """Pixel-shuffled store (NaN-poisoned output) and gradients of x, weight, bias and the BN affine."""
@@ -388,12 +400,13 @@ def test_upsample_block(target, case):
     leaves_e = [v.detach().clone().requires_grad_() for v in inputs]
     out_e = eager_block(*leaves_e)
     tol = tolerance(dtype, rel_err(out_e, ref))
-    if name == "triton":
-        from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+    if name != "reference":  # the implementation itself, into a NaN-poisoned output
+        from linattn.ops.conv_bn_act import UPSAMPLE, _conv_fwd
 
         poisoned = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
         w4 = weight[..., None, None]
-        conv_bn_act_fwd(x, w4, bias, (1, 1), (0, 0), (1, 1), 1, "relu", scale, shift, None, poisoned, shuffle=True)
+        conv = ([1, 1], [0, 0], [1, 1], 1, "relu", scale, shift, None)
+        assert _conv_fwd(UPSAMPLE, x, w4, bias, *conv, poisoned, shuffle=True, impl=name) is poisoned
         assert_close(poisoned, ref, tol, "out (poisoned)")
     leaves = [v.detach().clone().requires_grad_() for v in inputs]
     with linattn.backend(name):
@@ -460,7 +473,7 @@ def test_opcheck(target):
         torch.library.opcheck(ops.upsample_block, (x, uw, ub, None, None, "relu"))
 
 
-@pytest.mark.parametrize("target", _targets(cuda_skip="a grouped conv and upsample_block: no CUDA C++ kernel"))
+@pytest.mark.parametrize("target", _targets(cuda_skip="a grouped conv: cuDNN's graph only (test_conv_bn_act_cudnn.py)"))
 def test_compile_fullgraph(target):
     """conv_bn_act, upsample_block and ConvBNAct (eval) inside one compiled graph, forward and backward."""
     name, device = target

@@ -23,7 +23,7 @@ from .._backend import register, resolve
 from .._tune import choose_config
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
-from ._conv_bn_act_cudnn import cuda_limit, limit_call, run_cuda
+from ._conv_bn_act_cudnn import SIMT, cuda_limit, limit_call, run_cuda
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
@@ -94,13 +94,21 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 
 # the implementations (linattn/_backend.py): the CUDA one is forward only (cuDNN's fused graph, the hand-written
-# kernels where cuDNN declines: linattn/ops/_conv_bn_act_cudnn.py); upsample_block has Triton's (its backward is
-# conv_bn_act's)
+# kernels where cuDNN declines: linattn/ops/_conv_bn_act_cudnn.py); upsample_block's too, its 1x1 conv then the
+# pixel shuffle as a copy (its backward is conv_bn_act's)
 register(OP, "fwd", "triton")
-register(OP, "fwd", "cuda", kernel="conv_bn_act_fwd_cuda", limit=cuda_limit)
+register(OP, "fwd", "cuda", kernel=SIMT, limit=cuda_limit)
 register(OP, "bwd", "triton")
 register(UPSAMPLE, "fwd", "triton")
+register(UPSAMPLE, "fwd", "cuda", kernel=SIMT, limit=cuda_limit)
 register(SEPARABLE, "fwd", "triton")
+
+
+def pixel_shuffle_into(y: Tensor, out: Tensor) -> Tensor:
+    """out[b, c, 2h + i, 2w + j] = y[b, 4c + 2i + j, h, w] (F.pixel_shuffle(y, 2)) in one copy, any out strides."""
+    B, C4, H, W = y.shape
+    out.unflatten(3, (W, 2)).unflatten(2, (H, 2)).copy_(y.unflatten(1, (C4 // 4, 2, 2)).permute(0, 1, 4, 2, 5, 3))
+    return out
 
 
 def _reference_result(y: Tensor, out: Tensor) -> Tensor:
@@ -131,7 +139,14 @@ def _conv_fwd(
         )
         return _reference_result(torch.nn.functional.pixel_shuffle(y, 2) if shuffle else y, out)
     if impl == "cuda":
-        return run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
+        if not shuffle:
+            return run_cuda(
+                x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out
+            )
+        # neither cuDNN's graph nor the 1x1 kernel stores pixel-shuffled: the block, then the shuffle as one copy
+        y = run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, None,
+                     new_feature_map(x, weight.shape[0]))  # fmt: skip
+        return pixel_shuffle_into(y, out)
     from ..kernels.conv_bn_act import conv_bn_act_fwd, fwd_configs
 
     bias, post_scale, post_shift = (_contiguous(t) for t in (bias, post_scale, post_shift))
