@@ -17,12 +17,12 @@
 #   pytest              75  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
 #                           pytest-timeout (60 s a test) and pytest-xdist (8 workers) when installed
 #   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
-#   bench-e2e-l0        60  python -m linattn bench: eager, compile, linattn at B16 bf16 (img_s), each with its
-#   bench-e2e-xl1       90  batch-1 latency (lat_b1_ms); no max-autotune
+#   bench-e2e-l0        60  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
+#   bench-e2e-xl1       90  each with its batch-1 latency (lat_b1_ms); no max-autotune
 #   bench-lite-mla      30  the op benchmarks at the headline shapes: every LiteMLA stage at B16, bf16, forward,
 #   bench-multiscale    30  eager against the triton and cuda backends (conv: six shapes, one of each kind and
 #   bench-linear-attention  model; the compile providers are in the end-to-end steps)
-#   bench-conv-bn-act   30
+#   bench-conv-bn-act   30  (conv: replayed as CUDA graphs, the kernels' time without the host's)
 # Opt-in (named in STEPS, or PROFILE=full): sanitizer-racecheck, sanitizer-initcheck.
 #
 # PROFILE=full: no total budget, 600 s bounds (split it over calls with STEPS): the whole test suite, every
@@ -176,9 +176,12 @@ case $PROFILE in
     quick)
         B_BUILD=200 B_CHECK=60 B_PYTEST=75 B_SAN=60 B_E2E=60 B_BENCH=30 # XL models: 1.5 x B_E2E
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
-        E2E=(--batch 16 --dtype bf16 --providers eager compile linattn)
+        E2E=(--batch 16 --dtype bf16 --providers eager compile linattn linattn-graph)
         LIN=("${OPS[@]}" --no-backward) MS=("${OPS[@]}") MLA=("${OPS[@]}")
-        CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --shapes "${CONV_SHAPES[@]}")
+        # replayed as CUDA graphs: the kernels' time (the first H100 pass timed launches, host-bound where the conv is
+        # small: its Triton 1x1 conv ran 0.16 ms against eager's 0.045)
+        CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --cuda-graph
+            --shapes "${CONV_SHAPES[@]}")
         ;;
     full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
         B_BUILD=600 B_CHECK=600 B_PYTEST=600 B_SAN=600 B_E2E=600 B_BENCH=600
