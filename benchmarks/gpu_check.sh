@@ -3,26 +3,30 @@
 #   usage: bash benchmarks/gpu_check.sh OUT_DIR
 #
 # The default profile (PROFILE=quick) fits one device lease: each step runs under `timeout` with its bound
-# (seconds, below), and the pass under BUDGET_S=450: a step starts only while 20 s of the budget are left, its
-# bound cut to what is left, so the pass ends within 8 minutes of a bare machine's start, the build included.
-# Steps run in this order (most wanted first: what the budget cuts is at the end); one that fails or times out
-# does not stop the next, and a benchmark stopped by its bound saves the rows it has measured:
+# (seconds, below), and the pass under BUDGET_S=500: a step starts only while 20 s of the budget are left, its
+# bound cut to what is left, so the pass ends within 9 minutes of a bare machine's start, the build included
+# (run it under `timeout 540`). Steps run in this order (most wanted first: what the budget cuts is at the
+# end); one that fails or times out does not stop the next, and a benchmark stopped by its bound saves the rows
+# it has measured:
 #   build              200  pip install -e . with the CUDA extension for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0,
 #                           MAX_JOBS=16, --no-deps --no-build-isolation --no-index), then linattn._C must load;
 #                           its cuDNN conv graph needs the cudnn-frontend headers, which the device image lacks
 #                           (no internet there): run `bash third_party/get_cudnn_frontend.sh` before the lease
 #                           and carry the git-ignored third_party/cudnn_frontend (gpu.txt says if it is here)
 #   info                30  python -m linattn info
-#   check               60  python -m linattn check: every op on every backend against the reference
+#   check               90  python -m linattn check: every op on every backend against the reference (a bare
+#                           machine compiles every kernel here: the H100 pass's check ran past 60 s)
+#   bench-e2e-l0        90  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
+#                           each with its batch-1 latency (lat_b1_ms); no max-autotune
+#   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at six shapes (one of each kind
+#                           and model), B16, bf16, replayed as CUDA graphs: the kernels' time, not the host's
 #   pytest              75  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
 #                           pytest-timeout (60 s a test) and pytest-xdist (8 workers) when installed
+#   bench-e2e-xl1      135  as l0 (E2E_MODELS: the first model runs before the conv benchmark, the rest here)
+#   bench-lite-mla      40  the op benchmarks at the headline shapes: every LiteMLA stage at B16, bf16, forward,
 #   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
-#   bench-e2e-l0        60  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
-#   bench-e2e-xl1       90  each with its batch-1 latency (lat_b1_ms); no max-autotune
-#   bench-lite-mla      30  the op benchmarks at the headline shapes: every LiteMLA stage at B16, bf16, forward,
-#   bench-multiscale    30  eager against the triton and cuda backends (conv: six shapes, one of each kind and
-#   bench-linear-attention  model; the compile providers are in the end-to-end steps)
-#   bench-conv-bn-act   30  (conv: replayed as CUDA graphs, the kernels' time without the host's)
+#   bench-multiscale    40  eager against the triton and cuda backends; the compile providers are in the
+#   bench-linear-attention  end-to-end steps
 # Opt-in (named in STEPS, or PROFILE=full): sanitizer-racecheck, sanitizer-initcheck.
 #
 # PROFILE=full: no total budget, 600 s bounds (split it over calls with STEPS): the whole test suite, every
@@ -61,7 +65,7 @@ KILL_AFTER=10 # seconds between timeout's TERM (benchmarks then save the rows th
 MIN_STEP_S=20 # a step does not start with less of the budget left
 
 case $PROFILE in
-    quick) BUDGET_S=${BUDGET_S:-450} ;;
+    quick) BUDGET_S=${BUDGET_S:-500} ;;
     full | smoke) BUDGET_S=${BUDGET_S:-0} ;;
     *)
         echo "PROFILE must be quick, full or smoke, not $PROFILE" >&2
@@ -174,7 +178,7 @@ CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj xl1.s3.fmb.conv3
 OPS=(--dtype bf16 --batch 16 --providers eager triton cuda auto)
 case $PROFILE in
     quick)
-        B_BUILD=200 B_CHECK=60 B_PYTEST=75 B_SAN=60 B_E2E=60 B_BENCH=30 # XL models: 1.5 x B_E2E
+        B_BUILD=200 B_CHECK=90 B_PYTEST=75 B_SAN=60 B_E2E=90 B_BENCH=40 # XL models: 1.5 x B_E2E
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--batch 16 --dtype bf16 --providers eager compile linattn linattn-graph)
         LIN=("${OPS[@]}" --no-backward) MS=("${OPS[@]}") MLA=("${OPS[@]}")
@@ -212,7 +216,23 @@ step build "$B_BUILD" "$NO_GPU_STEP" env LINATTN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LI
     "$1" -c "$2"' build "$PY" "$LOADS"
 step info 30 0 "$PY" -m linattn info
 step check "$B_CHECK" 0 "$PY" -m linattn check
+
+e2e() { # e2e MODEL: the end-to-end benchmark of one model
+    bench_args E2E_BENCH_ARGS "${E2E[@]}"
+    local bound=$B_E2E
+    [[ $1 == xl* ]] && bound=$((B_E2E * 3 / 2)) # 1024x1024 input: longer to compile and time
+    step "bench-e2e-$1" "$bound" 0 "$PY" -m linattn bench --model "$1" --out "$RESULTS" "${ARGS[@]}"
+}
+bench() { # bench NAME ARGS_VAR SCRIPT DEFAULT...: one op benchmark
+    bench_args "$2" "${@:4}"
+    step "bench-$1" "$B_BENCH" 0 "$PY" "benchmarks/$3" --out "$RESULTS" "${ARGS[@]}"
+}
+read -r -a MODELS <<< "$E2E_MODELS"
+e2e "${MODELS[0]}" # the first model's numbers, then the conv kernels' and the GPU tests, then the rest
+bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 step pytest "$B_PYTEST" 0 "${PYTEST[@]}" "${PYTEST_SEL[@]}"
+for model in "${MODELS[@]:1}"; do e2e "$model"; done
+bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
 for tool in memcheck racecheck initcheck; do
     optional=$NO_GPU_STEP
     [[ $tool != memcheck && $PROFILE != full ]] && optional=1
@@ -220,20 +240,8 @@ for tool in memcheck racecheck initcheck; do
     step "sanitizer-$tool" "$B_SAN" "$optional" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m linattn check
 done
-for model in $E2E_MODELS; do
-    bench_args E2E_BENCH_ARGS "${E2E[@]}"
-    bound=$B_E2E
-    [[ $model == xl* ]] && bound=$((B_E2E * 3 / 2)) # 1024x1024 input: longer to compile and time
-    step "bench-e2e-$model" "$bound" 0 "$PY" -m linattn bench --model "$model" --out "$RESULTS" "${ARGS[@]}"
-done
-bench_args LITE_MLA_BENCH_ARGS "${MLA[@]}"
-step bench-lite-mla "$B_BENCH" 0 "$PY" benchmarks/bench_lite_mla.py --out "$RESULTS" "${ARGS[@]}"
-bench_args MULTISCALE_BENCH_ARGS "${MS[@]}"
-step bench-multiscale "$B_BENCH" 0 "$PY" benchmarks/bench_multiscale.py --out "$RESULTS" "${ARGS[@]}"
-bench_args LINEAR_ATTENTION_BENCH_ARGS "${LIN[@]}"
-step bench-linear-attention "$B_BENCH" 0 "$PY" benchmarks/bench_linear_attention.py --out "$RESULTS" "${ARGS[@]}"
-bench_args CONV_BENCH_ARGS "${CONV[@]}"
-step bench-conv-bn-act "$B_BENCH" 0 "$PY" benchmarks/bench_conv_bn_act.py --out "$RESULTS" "${ARGS[@]}"
+bench multiscale MULTISCALE_BENCH_ARGS bench_multiscale.py "${MS[@]}"
+bench linear-attention LINEAR_ATTENTION_BENCH_ARGS bench_linear_attention.py "${LIN[@]}"
 
 # ---- OUT: at most 8 files; everything else in the tar ----
 if ! "$PY" benchmarks/gpu_summary.py "$WORK" "$((SECONDS - START))" > /dev/null 2> "$LOGS/summary.err"; then
