@@ -16,6 +16,7 @@ import torch
 class Device:
     gpu: bool  # False: Triton's interpreter on CPU tensors (programs run one by one: few, large tiles)
     sms: int = 1  # streaming multiprocessors, for the grids that must fill the GPU
+    tma: bool = False  # Hopper's tensor memory accelerator (sm_90 on): tensor-descriptor kernels are worth timing
 
     @property
     def interpreter(self) -> bool:
@@ -23,7 +24,7 @@ class Device:
 
 
 INTERPRETER = Device(gpu=False)
-H100 = Device(gpu=True, sms=132)  # what the tests use as "a GPU" under the interpreter
+H100 = Device(gpu=True, sms=132, tma=True)  # what the tests use as "a GPU" under the interpreter
 
 
 def cdiv(a: int, b: int) -> int:
@@ -51,7 +52,8 @@ def device_of(t: torch.Tensor) -> Device:
 @functools.cache
 def cuda_device(index: int | None) -> Device:
     """The description of GPU `index`, asked once (every launch calls device_of)."""
-    return Device(gpu=True, sms=torch.cuda.get_device_properties(index).multi_processor_count)
+    props = torch.cuda.get_device_properties(index)
+    return Device(gpu=True, sms=props.multi_processor_count, tma=props.major >= 9)
 
 
 def launcher(kernel, grid, compile_only: bool = False):

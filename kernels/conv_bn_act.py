@@ -27,6 +27,12 @@ contributes where (h + ph - kh*dh) is a non-negative multiple of the stride);
 the dW kernel reduces over positions, split into chunks whose fp32 partials are
 summed afterwards: deterministic, no atomics.
 
+On Hopper, dense stride-1 fp16/bf16 convs over channels_last maps have a second
+forward kernel, timed by measured dispatch beside the first: both operands come
+through tensor descriptors (TMA), a program's positions are a rectangle of one
+image, and each tap's input window is that rectangle shifted, the padding the
+copy engine's zero fill (_conv_bn_act_fwd_tma_kernel, tma_configs).
+
 Every tensor is addressed through its (b, c, h, w) strides, so NCHW and
 channels_last are read and written in place; weights are addressed through
 their strides too. Products accumulate in fp32 (`input_precision="ieee"` for
@@ -250,6 +256,56 @@ def _conv_bn_act_fwd_kernel(
             z, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
             b, ho, wo, m_mask, co, n_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SHUFFLE,
         )  # fmt: skip
+
+
+@triton.jit
+def _conv_bn_act_fwd_tma_kernel(
+    Y_ptr, syb, syc, syh, syw,  # output (B, Cout, Ho, Wo), or (B, Cout/4, 2*Ho, 2*Wo) with SHUFFLE
+    x_desc,  # (B, H, W, Cin): the channels_last input, blocks (1, BLOCK_H, BLOCK_W, BLOCK_K)
+    w_desc,  # (Cout, KH, KW, Cin): the packed weights, blocks (BLOCK_N, 1, 1, BLOCK_K)
+    BIAS_ptr, SCALE_ptr, SHIFT_ptr,  # (Cout,) each, read when the HAS_ flag is set
+    R_ptr, srb, src, srh, srw,  # residual, shaped as the output
+    COUT, CIN, HO, WO, TILES_H, TILES_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    SHUFFLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The stride-1 dense conv with both operands fetched by tensor descriptors (TMA on Hopper): a program
+    computes a BLOCK_H x BLOCK_W rectangle of one image's output positions; the tap's input window is the
+    rectangle shifted by (kh*DIL_H - PAD_H, kw*DIL_W - PAD_W), and the copy engine fills what falls outside
+    the image (the padding) and past Cin with zeros: no index math or masks in the loop."""
+    pid = tl.program_id(0)
+    tw = pid % TILES_W
+    t = pid // TILES_W
+    oh0 = (t % TILES_H) * BLOCK_H
+    ow0 = tw * BLOCK_W
+    b = t // TILES_H
+    n0 = tl.program_id(1) * BLOCK_N
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tiles_c = tl.cdiv(CIN, BLOCK_K)
+    for kk in range(KH * KW * tiles_c):
+        r = kk // tiles_c
+        k0 = (kk - r * tiles_c) * BLOCK_K
+        kh = r // KW
+        kw = r - kh * KW
+        a = x_desc.load([b, oh0 + kh * DIL_H - PAD_H, ow0 + kw * DIL_W - PAD_W, k0]).reshape(BLOCK_M, BLOCK_K)
+        w = w_desc.load([n0, kh, kw, k0]).reshape(BLOCK_N, BLOCK_K)
+        if UPCAST:  # the interpreter's low-precision dot is wrong: products in fp32 there
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+    offs = tl.arange(0, BLOCK_M)
+    ho = oh0 + offs // BLOCK_W
+    wo = ow0 + offs % BLOCK_W
+    co = n0 + tl.arange(0, BLOCK_N)
+    bb = tl.full((BLOCK_M,), b, tl.int64)
+    _epilogue(
+        acc, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+        bb, ho, wo, (ho < HO) & (wo < WO), co.to(tl.int64), co < COUT,
+        ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SHUFFLE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -651,8 +707,64 @@ def _problem(x, weight, stride, padding, dilation, groups: int, kernel: str) -> 
 
 
 def fwd_configs(x, weight, stride, padding, dilation, groups: int, shuffle: bool = False) -> list[dict]:
-    """The forward's candidate configurations for this call on x's device, the heuristic first."""
-    return conv_configs(*_problem(x, weight, stride, padding, dilation, groups, "shuffle" if shuffle else "fwd"))
+    """The forward's candidate configurations for this call on x's device, the heuristic first, then the
+    tensor-descriptor kernel's where it takes the call."""
+    problem = _problem(x, weight, stride, padding, dilation, groups, "shuffle" if shuffle else "fwd")
+    return conv_configs(*problem) + tma_configs(problem[0], x, weight, stride, padding, dilation, groups)
+
+
+def _desc_strides(t: torch.Tensor, dims: tuple[int, ...]) -> list[int]:
+    """t's strides along dims for a tensor descriptor: a dim of size 1 is never stepped along, and takes the
+    16 bytes a descriptor asks of every outer stride whatever t's (a 1x1 weight's taps, say)."""
+    return [t.stride(d) if t.shape[d] > 1 else 16 // t.element_size() for d in dims]
+
+
+def _tma_ready(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """Whether a tensor descriptor can address t along dims (innermost last): that one contiguous, the others'
+    strides and the base 16-byte aligned (fake tensors, the compile gate's, by their storage offset alone: the
+    caching allocator's blocks are 512-byte aligned)."""
+    size, strides = t.element_size(), _desc_strides(t, dims)
+    if strides[-1] != 1 or any(stride * size % 16 for stride in strides[:-1]):
+        return False
+    try:
+        return t.data_ptr() % 16 == 0
+    except RuntimeError:
+        return t.storage_offset() * size % 16 == 0
+
+
+def tma_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) -> list[dict]:
+    """The tensor-descriptor forward's configurations (_conv_bn_act_fwd_tma_kernel) on a GPU with TMA, for the
+    calls it takes: dense stride-1 convs of fp16/bf16 tensors read along contiguous, 16-byte aligned channels
+    (channels_last x, packed weights, Cin a multiple of 8). Position tiles are rectangles of one image, 16
+    wide (8 for narrower maps), of 128 or 64 positions."""
+    Cout, cin, _, _ = weight.shape
+    takes = dev.tma and groups == 1 and tuple(stride) == (1, 1) and x.dtype in (torch.float16, torch.bfloat16)
+    if not (takes and _tma_ready(x, (0, 2, 3, 1)) and _tma_ready(weight, (0, 2, 3, 1))):
+        return []
+    _, Wo, _ = conv_geometry(x, weight, stride, padding, dilation, groups)
+    bw, bn, bk = _pow2(Wo, 8, 16), _pow2(Cout, 16, 128), _pow2(cin, 16, 64)
+    return [
+        dict(tma=True, BLOCK_H=128 // bw, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3),
+        dict(tma=True, BLOCK_H=64 // bw, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4),
+    ]
+
+
+def _fwd_tma(x, weight, padding, dilation, Ho, Wo, epilogue: dict, vectors, res_t, out, cfg: dict, compile_only):
+    """The forward on _conv_bn_act_fwd_tma_kernel (cfg: one of tma_configs(), without its "tma" key)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, cin, H, W = x.shape
+    Cout, _, KH, KW = weight.shape
+    bh, bw, bn, bk = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    x_desc = TensorDescriptor(x, [B, H, W, cin], _desc_strides(x, (0, 2, 3, 1)), [1, bh, bw, bk])
+    w_desc = TensorDescriptor(weight, [Cout, KH, KW, cin], _desc_strides(weight, (0, 2, 3, 1)), [bn, 1, 1, bk])
+    tiles_h, tiles_w = cdiv(Ho, bh), cdiv(Wo, bw)
+    launcher(_conv_bn_act_fwd_tma_kernel, (B * tiles_h * tiles_w, cdiv(Cout, bn)), compile_only)(
+        out, *out.stride(), x_desc, w_desc, *vectors, res_t, *res_t.stride(),
+        Cout, cin, Ho, Wo, tiles_h, tiles_w, *padding, *dilation,
+        KH=KH, KW=KW, **epilogue, **_precision(x), **cfg,
+    )  # fmt: skip
+    return out
 
 
 def conv_bn_act_fwd(
@@ -666,25 +778,28 @@ def conv_bn_act_fwd(
     (Cout, KH, KW, Cin) strides). config: one of fwd_configs(), to launch another configuration or
     another device's choice (the tests run a GPU's tiles under the interpreter); None: the heuristic.
     With config["split"] > 1 the reduction is split over that many programs, whose fp32 partials a
-    second kernel sums before the epilogue. compile_only: compile the kernels this call launches, launch nothing."""
+    second kernel sums before the epilogue; config["tma"]: the tensor-descriptor kernel (tma_configs()).
+    compile_only: compile the kernels this call launches, launch nothing."""
     B, _, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
     cout_g = Cout // groups
     M = B * Ho * Wo
     cfg = dict(config or fwd_configs(x, weight, stride, padding, dilation, groups, shuffle)[0])
-    k_iters = KH * KW * cdiv(cin_g, cfg["BLOCK_K"])
-    split = 1 if depthwise else max(1, min(cfg.pop("split", 1), k_iters))
-    k_per_split = cdiv(k_iters, split)
-    split = cdiv(k_iters, k_per_split)
-    tiles_n = cdiv(cout_g, cfg["BLOCK_N"])
-    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n, split)
     epilogue = dict(
         ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None, HAS_SCALE=post_scale is not None,
         HAS_SHIFT=post_shift is not None, HAS_RES=residual is not None, SHUFFLE=shuffle,
     )  # fmt: skip
     vectors = [_present(t, weight)[0] for t in (bias, post_scale, post_shift)]
     res_t = _present(residual, out)[0]
+    if cfg.pop("tma", False):
+        return _fwd_tma(x, weight, padding, dilation, Ho, Wo, epilogue, vectors, res_t, out, cfg, compile_only)
+    k_iters = KH * KW * cdiv(cin_g, cfg["BLOCK_K"])
+    split = 1 if depthwise else max(1, min(cfg.pop("split", 1), k_iters))
+    k_per_split = cdiv(k_iters, split)
+    split = cdiv(k_iters, k_per_split)
+    tiles_n = cdiv(cout_g, cfg["BLOCK_N"])
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n, split)
     parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
     launcher(_conv_bn_act_fwd_kernel, grid, compile_only)(
         out, *out.stride(), x, *x.stride(), weight, *weight.stride(), *vectors, res_t, *res_t.stride(), parts,

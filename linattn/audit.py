@@ -263,7 +263,10 @@ class Launch:
     def config_key(self) -> tuple:
         """A configuration: the kernel, its pointers' dtypes, which int arguments are 1 (Triton compiles those
         as constants: a unit stride is what makes a load contiguous), constexprs and options (warps, stages)."""
-        dtypes = tuple(str(a.dtype) for a in self.args if isinstance(a, PtrSpec))
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bases = [a.base if isinstance(a, TensorDescriptor) else a for a in self.args]
+        dtypes = tuple(str(a.dtype) for a in bases if isinstance(a, PtrSpec))
         return (self.kernel, dtypes, self.units, self.kwargs)
 
     def alignment(self) -> int:
@@ -278,8 +281,12 @@ def _hinted(a) -> bool:
 
 
 def _as_ptr(a):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     if isinstance(a, torch.Tensor):  # the caching allocator's blocks are 512-byte aligned: only offsets matter
         return PtrSpec(a.dtype, a.storage_offset() * a.element_size())
+    if isinstance(a, TensorDescriptor):  # its base as a PtrSpec: picklable, for the compile workers
+        return dataclasses.replace(a, base=_as_ptr(a.base))
     return a
 
 

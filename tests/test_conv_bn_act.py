@@ -825,6 +825,80 @@ def test_kernels_every_gpu_forward_config(entry):
     assert_close(out, ref, 1e-5, f"out ({_config_id(entry)})")
 
 
+# encoder-sized calls (Cin, Cout, map size, kernel) whose tensor-descriptor configurations on an H100
+# test_tma_kernel_every_gpu_config runs at a small shape: SqueezeSAM's 3x3 at 64x64, an XL1 1x1 at 16x16, a small
+# map (8-wide tiles) and narrow channels
+TMA_PROBLEMS = [(256, 256, 64, 3), (512, 2048, 16, 1), (128, 128, 8, 3), (16, 24, 32, 5)]
+
+
+def _tma_gpu_configs():
+    from linattn.kernels._device import H100
+    from linattn.kernels.conv_bn_act import tma_configs
+
+    found = []
+    for cin, cout, size, k in TMA_PROBLEMS:
+        x = torch.empty(16, cin, size, size, device="meta", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        w = torch.empty(cout, cin, k, k, device="meta", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        for cfg in tma_configs(H100, x, w, (1, 1), (k // 2, k // 2), (1, 1), 1):
+            if cfg not in found:
+                found.append(cfg)
+    return found
+
+
+def _tma_id(cfg):
+    tile = f"{cfg['BLOCK_H']}x{cfg['BLOCK_W']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+    return f"{tile}-w{cfg['num_warps']}s{cfg['num_stages']}"
+
+
+@pytest.mark.parametrize("cfg", _tma_gpu_configs(), ids=_tma_id)
+def test_tma_kernel_every_gpu_config(cfg):
+    """Every tensor-descriptor configuration an H100 may time, under the interpreter on odd sizes (positions and
+    channels not multiples of the tiles, padding and dilation read as the descriptor's zero fill), bf16 channels_last
+    x as a channel slice of a wider map (a view) with packed weights, the whole epilogue, into a NaN-poisoned
+    output, against float64 within twice eager bf16's error."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    gen = torch.Generator().manual_seed(13)
+    wide = torch.randn(2, 40, 11, 19, generator=gen).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = wide[:, 8:32]  # 24 channels from the 8th: 16-byte aligned, not contiguous
+    w = (torch.randn(20, 24, 3, 3, generator=gen) * 0.2).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    b, s, t = (torch.randn(20, generator=gen).to(torch.bfloat16) for _ in range(3))
+    conv = (1, 1), (2, 1), (2, 1), 1, "gelu_tanh"  # dilated rows: the window reaches 2 rows past each edge
+    r = torch.randn(2, 20, 11, 19, generator=gen).to(torch.bfloat16)
+    ref = reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t, r))
+    eager = reference.activation(F.conv2d(x, w, b, *conv[:3]), "gelu_tanh") * s[:, None, None] + t[:, None, None] + r
+    out = torch.full(ref.shape, float("nan"), dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    conv_bn_act_fwd(x, w, b, *conv, s, t, r, out, config=dict(cfg))
+    assert_close(out, ref, tolerance(torch.bfloat16, rel_err(eager, ref)), f"out ({_tma_id(cfg)})")
+
+
+def test_tma_configs_take_only_what_a_descriptor_addresses():
+    """Dense stride-1 fp16/bf16 convs with channels read contiguously and 16-byte aligned, on a GPU with TMA; the
+    heuristic stays the first candidate."""
+    from linattn.kernels._device import H100, Device
+    from linattn.kernels.conv_bn_act import fwd_configs, tma_configs
+
+    def tensors(cin=32, dtype=torch.bfloat16, fmt=torch.channels_last):
+        x = torch.empty(2, cin, 16, 16, dtype=dtype).to(memory_format=fmt)
+        return x, torch.empty(64, cin, 3, 3, dtype=dtype).to(memory_format=fmt)
+
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    assert len(tma_configs(H100, *tensors(), *args)) == 2
+    assert tma_configs(Device(gpu=True, sms=108), *tensors(), *args) == []  # sm_80: no TMA
+    assert tma_configs(H100, *tensors(fmt=torch.contiguous_format), *args) == []  # NCHW: channels strided
+    assert tma_configs(H100, *tensors(dtype=torch.float32), *args) == []  # fp32: full-precision products
+    assert tma_configs(H100, *tensors(cin=20), *args) == []  # 40-byte rows
+    assert tma_configs(H100, *tensors(), (2, 2), (1, 1), (1, 1), 1) == []  # strided
+    x, w = tensors()
+    assert tma_configs(H100, x[:, 1:], w[:, 1:], *args) == []  # a view 2 bytes off
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("linattn.kernels.conv_bn_act.device_of", lambda t: H100)
+        configs = fwd_configs(x, w, *args)
+    assert not configs[0].get("tma") and [c for c in configs if c.get("tma")] == tma_configs(H100, x, w, *args)
+
+
 def test_kernels_split_k_uneven(gpu_heuristics):
     """A split that does not divide the reduction (9 taps over 4 programs: 3, 3, 3) and a grouped conv."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd
