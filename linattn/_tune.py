@@ -34,6 +34,7 @@ _tables: dict[str, dict[str, str]] = {}  # table file name -> {key: backend}
 _timings: list[dict] = []  # every measurement of this process, for `python -m linattn tune`
 _warned: set[str] = set()
 _memo: dict[tuple, str] = {}  # (op, pass, GPU, candidates, _signature) -> choice: the hot path's one lookup
+_settled: dict[tuple, dict] = {}  # (op, pass, GPU, _signature) -> the Triton configuration choose_config settled on
 _fixed = threading.local()  # on: fixed_priority() (no table, no timing); force: tune() (timing despite TUNE=0)
 
 
@@ -226,23 +227,34 @@ def config_name(config: dict) -> str:
 
 
 def choose_config(
-    op: str, pass_: str, device: torch.device, configs: Sequence[dict], runner: Callable[[dict], object], args,
-    compile_only: Callable[[dict], object] | None = None,
+    op: str, pass_: str, device: torch.device, configs: Callable[[], Sequence[dict]],
+    runner: Callable[[dict], object], args, compile_only: Callable[[dict], object] | None = None,
 ) -> dict:  # fmt: skip
-    """The fastest of a Triton kernel's candidate configurations for this call (the heuristic first, which
-    wins ties and runs when nothing may be timed): measured and kept in the table as choose() does, under the
-    key of op "<op>.triton". runner(config) launches one of them on the call's inputs into scratch outputs;
+    """The fastest of a Triton kernel's candidate configurations for this call (configs(): the heuristic first,
+    which wins ties and runs when nothing may be timed): measured and kept in the table as choose() does, under
+    the key of op "<op>.triton". runner(config) launches one of them on the call's inputs into scratch outputs;
     compile_only(config), when given, compiles one without launching it: before timing, the candidates compile on
     threads at once (each compile is a second or so, and a model's first call on a new machine has dozens).
-    A single candidate, or a device that is not a GPU, takes the first without a lookup."""
-    if len(configs) == 1 or device.type != "cuda":
-        return configs[0]
-    names = [config_name(c) for c in configs]
-    prepare = None if compile_only is None else functools.partial(_compile_all, compile_only, configs)
-    chosen = choose(
-        f"{op}.triton", pass_, device, names, lambda name: runner(configs[names.index(name)]), args, prepare
-    )
-    return configs[names.index(chosen)]
+    A settled call (measured, or in the table) is one lookup: configs() is not asked again. A device that is
+    not a GPU takes the first without a lookup."""
+    if device.type != "cuda" or getattr(_fixed, "on", False):
+        return configs()[0]
+    device_name, signature = _device_name(device), _signature(args)
+    settled = (op, pass_, device_name, signature)
+    if (config := _settled.get(settled)) is not None:
+        return config
+    found = configs()
+    names = [config_name(c) for c in found]
+    if len(found) > 1:
+        prepare = None if compile_only is None else functools.partial(_compile_all, compile_only, found)
+        chosen = choose(
+            f"{op}.triton", pass_, device, names, lambda name: runner(found[names.index(name)]), args, prepare
+        )
+        if (f"{op}.triton", pass_, device_name, tuple(names), signature) not in _memo:
+            return found[names.index(chosen)]  # nothing measured (capture, compile, LINATTN_TUNE=0): ask again
+        found = [found[names.index(chosen)]]
+    _settled[settled] = found[0]
+    return found[0]
 
 
 def _compile_all(compile_only: Callable[[dict], object], configs: Sequence[dict]) -> None:
@@ -272,6 +284,7 @@ def reset() -> None:
     with _lock:
         _tables.clear()
         _memo.clear()
+        _settled.clear()
         _timings.clear()
         _warned.clear()
 

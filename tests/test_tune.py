@@ -158,18 +158,42 @@ def test_triton_configurations_are_measured_and_kept(tuned):
         return speed[configs.index(cfg)]
 
     x = torch.empty(2, 3)
-    assert _tune.choose_config("toy", "fwd", device, configs, runner, (x,)) == configs[1]
+    assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,)) == configs[1]
     assert calls == [128, 64, 32]
     calls.clear()
-    assert _tune.choose_config("toy", "fwd", device, configs, runner, (x,)) == configs[1] and calls == []
+    assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,)) == configs[1] and calls == []
     key = _tune.timings()[-1]["key"]
     assert key.startswith("toy.triton:fwd:") and _tune.timings()[-1]["chosen"] == _tune.config_name(configs[1])
     speed[:] = [1.0, 1.0, 1.0]
-    assert _tune.choose_config("toy", "fwd", device, configs, runner, (torch.empty(5),)) == configs[0]
+    assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (torch.empty(5),)) == configs[0]
     calls.clear()
-    assert _tune.choose_config("toy", "fwd", device, configs[:1], runner, (torch.empty(7),)) == configs[0]
-    assert _tune.choose_config("toy", "fwd", torch.device("cpu"), configs, runner, (torch.empty(7),)) == configs[0]
+    assert _tune.choose_config("toy", "fwd", device, lambda: configs[:1], runner, (torch.empty(7),)) == configs[0]
+    cpu = torch.device("cpu")
+    assert _tune.choose_config("toy", "fwd", cpu, lambda: configs, runner, (torch.empty(7),)) == configs[0]
     assert calls == []
+
+
+def test_a_settled_call_does_not_list_its_configurations_again(tuned, monkeypatch):
+    """Once measured (or found in the table) a call's configuration is one lookup: the launcher's candidate list
+    (its heuristics, per call) is not built again. A call nothing may time runs the heuristic and stays open."""
+    _, _, _, device = tuned
+    configs = [dict(BLOCK_M=128), dict(BLOCK_M=64)]
+    listed = []
+
+    def candidates():
+        listed.append(1)
+        return configs
+
+    x = torch.empty(2, 3)
+    runner = lambda cfg: float(cfg["BLOCK_M"])  # noqa: E731
+    assert _tune.choose_config("toy", "fwd", device, candidates, runner, (x,)) == configs[1] and len(listed) == 1
+    assert _tune.choose_config("toy", "fwd", device, candidates, runner, (x,)) == configs[1] and len(listed) == 1
+    monkeypatch.setattr(_tune, "_cannot_time", lambda: "capture")
+    y = torch.empty(4, 3)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture"):
+        assert _tune.choose_config("toy", "fwd", device, candidates, runner, (y,)) == configs[0]
+    monkeypatch.setattr(_tune, "_cannot_time", lambda: None)
+    assert _tune.choose_config("toy", "fwd", device, candidates, runner, (y,)) == configs[1]  # measured now
 
 
 def test_candidate_configurations_compile_before_timing(tuned):
@@ -189,8 +213,8 @@ def test_candidate_configurations_compile_before_timing(tuned):
         return float(cfg["BLOCK_M"])
 
     x = torch.empty(2, 3)
-    assert _tune.choose_config("toy", "fwd", device, configs, runner, (x,), compile_only) == configs[2]
+    assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,), compile_only) == configs[2]
     assert events == [("compile", 128), ("compile", 64), ("compile", 32), ("run", 128), ("run", 64), ("run", 32)]
     events.clear()
-    assert _tune.choose_config("toy", "fwd", device, configs, runner, (x,), compile_only) == configs[2]
+    assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,), compile_only) == configs[2]
     assert events == []  # a lookup: nothing compiles or runs

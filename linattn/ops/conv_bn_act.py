@@ -152,7 +152,7 @@ def _conv_fwd(
     bias, post_scale, post_shift = (_contiguous(t) for t in (bias, post_scale, post_shift))
     call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
     config = choose_config(
-        op, "fwd", x.device, fwd_configs(x, weight, stride, padding, dilation, groups, shuffle),
+        op, "fwd", x.device, lambda: fwd_configs(x, weight, stride, padding, dilation, groups, shuffle),
         lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c), (*call, out),
         lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c, compile_only=True),
     )  # fmt: skip
