@@ -19,6 +19,7 @@ import os
 import re
 import statistics
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -209,14 +210,17 @@ def choose(
                 stacklevel=3,
             )
         return candidates[0]
+    started = time.perf_counter()
     if prepare is not None:
         prepare()
     times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in candidates}
     chosen = min(candidates, key=lambda b: (times[b], candidates.index(b)))
+    # seconds the choice took (compiles, cuDNN graph builds, nested choices, timing): a first call's cost
+    spent = round(time.perf_counter() - started, 3)
     with _lock:
         _memo[memo] = chosen
         table(device_name)[key] = chosen
-        _timings.append({"key": key, "device": device_name, "ms": times, "chosen": chosen})
+        _timings.append({"key": key, "device": device_name, "ms": times, "chosen": chosen, "s": spent})
         _save(device_name)
     return chosen
 
@@ -275,7 +279,8 @@ def _compile_all(compile_only: Callable[[dict], object], configs: Sequence[dict]
 
 
 def timings() -> list[dict]:
-    """What this process measured: one entry per new key, with every candidate's milliseconds."""
+    """What this process measured: one entry per new key, with every candidate's milliseconds and the seconds the
+    choice took ("s": compiles and graph builds included)."""
     return list(_timings)
 
 
