@@ -2,9 +2,10 @@
 
     python benchmarks/gpu_summary.py WORK_DIR [SECONDS]
 
-Reads WORK_DIR/steps.tsv (name, status, exit code, seconds, bound per step), WORK_DIR/logs/<step>.log and
-WORK_DIR/results/*.jsonl; writes WORK_DIR/results.jsonl (every row of this pass, each with its results_file)
-and WORK_DIR/summary.txt, and prints the summary. Standard library only: it runs where the build failed too.
+Reads WORK_DIR/steps.tsv (name, status, exit code, seconds, bound per step), WORK_DIR/logs/<step>.log,
+WORK_DIR/results/*.jsonl and results/dispatch/*.jsonl (what measured dispatch timed); writes
+WORK_DIR/results.jsonl (every row of this pass, each with its results_file) and WORK_DIR/summary.txt, and
+prints the summary. Standard library only: it runs where the build failed too.
 """
 
 import json
@@ -117,6 +118,27 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
             log = work / "logs" / f"{step['step']}.log"
             if step["step"].startswith("bench-e2e") and log.exists():
                 lines += [s for s in log.read_text(errors="replace").splitlines() if "targets (H100)" in s]
+    lines += dispatch_lines(work / "results")
+    return lines
+
+
+def dispatch_lines(results: Path, slowest: int = 5) -> list[str]:
+    """What measured dispatch did in this pass (results/dispatch/*.jsonl, the benchmarks' saved timings): how many
+    choices and the seconds they took, the slowest (a first call's compiles and graph builds), and what won."""
+    entries = []
+    for path in sorted((results / "dispatch").glob("*.jsonl")):
+        entries += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        return []
+    total = sum(e.get("s") or 0.0 for e in entries)
+    won: dict[str, int] = {}
+    for e in entries:
+        kind = "triton config" if ".triton:" in e["key"] else e["chosen"]
+        won[kind] = won.get(kind, 0) + 1
+    lines = ["", f"measured dispatch: {len(entries)} choices in {total:.1f} s; chosen: "
+             + ", ".join(f"{k} {n}" for k, n in sorted(won.items()))]  # fmt: skip
+    for e in sorted(entries, key=lambda e: -(e.get("s") or 0.0))[:slowest]:
+        lines.append(f"  {e.get('s') or 0.0:6.2f} s  {e['chosen'][:40]:40}  {e['key'][:110]}")
     return lines
 
 

@@ -499,12 +499,18 @@ def test_gpu_summary(tmp_path):
     (tmp_path / "results" / "e2e.jsonl").write_text(json.dumps(e2e) + "\n")
     skipped = {"op": "x", "provider": "cuda", "ms": None, "note": "skipped: no"}
     (tmp_path / "results" / "lite_mla.jsonl").write_text(json.dumps(skipped) + "\n")
+    (tmp_path / "results" / "dispatch").mkdir()
+    timed = [{"key": "conv_bn_act:fwd:(16, 64)", "chosen": "reference", "ms": {}, "s": 0.5},
+             {"key": "conv_bn_act.triton:fwd:(16, 64)", "chosen": "BLOCK_M=128", "ms": {}, "s": 2.25}]  # fmt: skip
+    (tmp_path / "results" / "dispatch" / "e2e.jsonl").write_text("".join(json.dumps(t) + "\n" for t in timed))
 
     assert gpu_summary.main([str(tmp_path), "123"]) == 0
     text = (tmp_path / "summary.txt").read_text()
     assert "gpu_check: 1 of 2 steps ok in 123 s; not ok: bench-e2e-l0 TIMEOUT" in text
     assert "all passed" in text and "targets (H100), linattn: img_s >= 2000" in text
     assert "l0 bf16 B16" in text and "2500" in text
+    assert "measured dispatch: 2 choices in 2.8 s; chosen: reference 1, triton config 1" in text
+    assert text.index("2.25 s") < text.index("0.50 s")  # the slowest first
     combined = load_results(tmp_path / "results.jsonl")
     assert [r["results_file"] for r in combined] == ["e2e", "lite_mla"]
 
