@@ -23,10 +23,12 @@
 #   pytest              75  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
 #                           pytest-timeout (60 s a test) and pytest-xdist (8 workers) when installed
 #   bench-e2e-xl1      135  as l0 (E2E_MODELS: the first model runs before the conv benchmark, the rest here)
-#   bench-lite-mla      40  the op benchmarks at the headline shapes: every LiteMLA stage at B16, bf16, forward,
+#   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
+#                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
+#                           the end-to-end steps); bench-multiscale and bench-linear-attention the same
 #   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
-#   bench-multiscale    40  eager against the triton and cuda backends; the compile providers are in the
-#   bench-linear-attention  end-to-end steps
+#   bench-multiscale    40
+#   bench-linear-attention
 # Opt-in (named in STEPS, or PROFILE=full): sanitizer-racecheck, sanitizer-initcheck.
 #
 # PROFILE=full: no total budget, 600 s bounds (split it over calls with STEPS): the whole test suite, every
@@ -181,9 +183,10 @@ case $PROFILE in
         B_BUILD=200 B_CHECK=90 B_PYTEST=75 B_SAN=60 B_E2E=90 B_BENCH=40 # XL models: 1.5 x B_E2E
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--batch 16 --dtype bf16 --providers eager compile linattn linattn-graph)
-        LIN=("${OPS[@]}" --no-backward) MS=("${OPS[@]}") MLA=("${OPS[@]}")
-        # replayed as CUDA graphs: the kernels' time (the first H100 pass timed launches, host-bound where the conv is
-        # small: its Triton 1x1 conv ran 0.16 ms against eager's 0.045)
+        # the op benchmarks replayed as CUDA graphs: the kernels' time (the first H100 pass timed launches, host-bound
+        # where the op is small: its Triton 1x1 conv ran 0.16 ms against eager's 0.045); the end-to-end steps time
+        # both (linattn, linattn-graph)
+        LIN=("${OPS[@]}" --no-backward --cuda-graph) MS=("${OPS[@]}" --cuda-graph) MLA=("${OPS[@]}" --cuda-graph)
         CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --cuda-graph
             --shapes "${CONV_SHAPES[@]}")
         ;;
