@@ -101,12 +101,14 @@ def _cudnn_build_args(cuda_home: str | None) -> dict:
     return {"cxx": cxx, "extra_link_args": link}
 
 
-def _needs_libstdcxx(so: Path) -> bool | None:
-    """Whether a shared object lists libstdc++.so as NEEDED (None: readelf is missing or failed)."""
-    if not shutil.which("readelf"):
-        return None
-    out = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True)
-    return "libstdc++.so" in out.stdout if out.returncode == 0 else None
+def _needs_libstdcxx(so: Path) -> bool:
+    """Whether a shared object lists libstdc++.so as NEEDED: readelf's answer, or without binutils whether the
+    name is in the file at all (a statically linked libstdc++ does not name itself)."""
+    if shutil.which("readelf"):
+        out = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True)
+        if out.returncode == 0:
+            return "libstdc++.so" in out.stdout
+    return b"libstdc++.so" in so.read_bytes()
 
 
 def _shared_libstdcxx_args() -> list[str]:
@@ -125,7 +127,7 @@ def _shared_libstdcxx_args() -> list[str]:
         src, so = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
         src.write_text("#include <sstream>\nstd::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n")
         built = subprocess.run([get_cxx_compiler(), "-shared", "-fPIC", str(src), "-o", str(so)], capture_output=True)
-        if built.returncode != 0 or _needs_libstdcxx(so) is not False:
+        if built.returncode != 0 or _needs_libstdcxx(so):
             return []
     if len(loaded) != 1:
         raise SystemExit(
