@@ -137,7 +137,7 @@ def _conv_fwd(
         y = reference.conv_bn_act(
             x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
         )
-        return _reference_result(torch.nn.functional.pixel_shuffle(y, 2) if shuffle else y, out)
+        return pixel_shuffle_into(y, out) if shuffle else _reference_result(y, out)
     if impl == "cuda":
         if not shuffle:
             return run_cuda(
