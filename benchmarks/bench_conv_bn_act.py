@@ -58,7 +58,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import linattn
 import linattn.nn
@@ -460,8 +460,8 @@ def setup(provider: str, shape: ConvShape, eager: EagerBlock, x, residual) -> di
     return {"fwd": forward}
 
 
-def run_shape(shape, dtype_name, providers, device, copy_gbs, bar, cuda_graph, skip, channels_last) -> list[dict]:
-    dtype = DTYPES[dtype_name]
+def make_inputs(shape: ConvShape, dtype: torch.dtype, device, channels_last: bool) -> tuple[EagerBlock, Tensor, Tensor]:
+    """The eager block of a shape and its random input and residual (None when the block has none)."""
     eager = make_eager(shape, dtype, device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
@@ -474,6 +474,11 @@ def run_shape(shape, dtype_name, providers, device, copy_gbs, bar, cuda_graph, s
         Ho, Wo = shape.out_hw
         residual = torch.randn(shape.batch, shape.out_channels, Ho, Wo, device=device, generator=gen)
         residual = residual.to(dtype).contiguous(memory_format=fmt)
+    return eager, x, residual
+
+
+def run_shape(shape, dtype_name, providers, device, copy_gbs, bar, cuda_graph, skip, channels_last) -> list[dict]:
+    eager, x, residual = make_inputs(shape, DTYPES[dtype_name], device, channels_last)
     ref = float64_reference(eager, x, residual)
     nbytes = shape.bytes(x.element_size())
     base = {"op": OP if shape.kind == "conv" else "upsample_block", "dtype": dtype_name, **shape.columns()}

@@ -26,6 +26,9 @@
 #   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
 #                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
 #                           the end-to-end steps); bench-multiscale and bench-linear-attention the same
+#   kernels             40  benchmarks/profile_kernels.py: the profiler's per-kernel view (time, registers,
+#                           shared memory, occupancy, bandwidth over the call's span) of the conv and LiteMLA
+#                           benchmarks' headline shapes, eager, triton and cuda
 #   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
 #   bench-multiscale    40
 #   bench-linear-attention
@@ -40,9 +43,9 @@
 # STEPS="check pytest" runs only the named steps (a name, or the start of one: "sanitizer", "bench-e2e"); a
 # bare machine has no extension: name build too. BUDGET_S (0: none), BOUND_<STEP> (e.g. BOUND_PYTEST=120,
 # BOUND_BENCH_E2E_XL1=150), PYTEST_ARGS, PYTEST_WORKERS (0: no xdist), PYTEST_TIMEOUT, E2E_MODELS (default
-# "l0 xl1"), E2E_BENCH_ARGS, LITE_MLA_BENCH_ARGS, MULTISCALE_BENCH_ARGS, LINEAR_ATTENTION_BENCH_ARGS and
-# CONV_BENCH_ARGS (each replaces that benchmark's options), TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON (python3),
-# WORK_DIR (default a fresh /tmp/gpu_check.*).
+# "l0 xl1"), E2E_BENCH_ARGS, KERNELS_ARGS, LITE_MLA_BENCH_ARGS, MULTISCALE_BENCH_ARGS,
+# LINEAR_ATTENTION_BENCH_ARGS and CONV_BENCH_ARGS (each replaces that benchmark's options), TORCH_CUDA_ARCH_LIST,
+# MAX_JOBS, PYTHON (python3), WORK_DIR (default a fresh /tmp/gpu_check.*).
 #
 # Needs on the machine: torch, triton, numpy, pip, setuptools, wheel, nvcc, pytest (and compute-sanitizer); the
 # rest is optional (tqdm: progress bars, matplotlib: plots, timm: some tests, pytest-timeout, pytest-xdist).
@@ -189,6 +192,7 @@ case $PROFILE in
         LIN=("${OPS[@]}" --no-backward --cuda-graph) MS=("${OPS[@]}" --cuda-graph) MLA=("${OPS[@]}" --cuda-graph)
         CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --cuda-graph
             --shapes "${CONV_SHAPES[@]}")
+        KERNELS=()
         ;;
     full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
         B_BUILD=600 B_CHECK=600 B_PYTEST=600 B_SAN=600 B_E2E=600 B_BENCH=600
@@ -200,12 +204,13 @@ case $PROFILE in
         MLA=("${MS[@]}")
         CONV=(--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager eager-folded "${ALL[@]:1}")
         E2E_MODELS=${E2E_MODELS_FULL:-xl1 l0 squeezesam vitt}
+        KERNELS=()
         ;;
     smoke)
         B_BUILD=600 B_CHECK=300 B_PYTEST=300 B_SAN=300 B_E2E=300 B_BENCH=300
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--quick --providers eager linattn)
-        LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick)
+        LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick)
         ;;
 esac
 NO_GPU_STEP=0
@@ -236,6 +241,8 @@ bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 step pytest "$B_PYTEST" 0 "${PYTEST[@]}" "${PYTEST_SEL[@]}"
 for model in "${MODELS[@]:1}"; do e2e "$model"; done
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
+bench_args KERNELS_ARGS "${KERNELS[@]}"
+step kernels "$B_BENCH" 0 "$PY" benchmarks/profile_kernels.py --out "$RESULTS" "${ARGS[@]}"
 for tool in memcheck racecheck initcheck; do
     optional=$NO_GPU_STEP
     [[ $tool != memcheck && $PROFILE != full ]] && optional=1

@@ -101,7 +101,7 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
         for name in files:
             mine = [r for r in rows if r["results_file"] == name]
             notes = [str(r.get("note") or "") for r in mine]
-            timed = sum(r.get("ms") is not None for r in mine)
+            timed = sum(r.get("ms", r.get("us")) is not None for r in mine)  # profile rows: us
             counts.append([name, str(len(mine)), str(timed), str(sum(n.startswith("skipped") for n in notes)),
                            str(sum(n.startswith(("failed", "stopped")) for n in notes))])  # fmt: skip
         lines += table(counts)

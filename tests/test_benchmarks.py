@@ -24,6 +24,7 @@ from linattn.benchmarks import (
     bench_multiscale,
     common,
     gpu_summary,
+    profile_kernels,
 )
 from linattn.benchmarks.common import (
     QUICK_LITE_MLA_STAGES,
@@ -133,6 +134,25 @@ def test_save_results_keeps_what_measured_dispatch_timed(tmp_path, monkeypatch):
     assert [r["key"] for r in saved] == ["conv_bn_act:fwd:...", "conv_bn_act.triton:fwd:..."]
     assert saved[0]["ms"] == {"triton": 0.2, "reference": 0.1} and saved[0]["torch"] == env["torch"]
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["demo.jsonl"]
+
+
+def test_profile_kernels_rows_and_quick_run(tmp_path):
+    """Per kernel its launch facts; per call the kernels' sum, their span, the host time and the bandwidth over the
+    span. On CPU the --quick run profiles every call that runs here (no kernels) and saves its rows."""
+    kernels = [
+        {"name": "k1", "ts": 100.0, "dur": 10.0, "args": {"grid": [4, 1, 1], "registers per thread": 96}},
+        {"name": "k2", "ts": 130.0, "dur": 20.0, "args": {"shared memory": 4096, "est. achieved occupancy %": 50}},
+    ]
+    rows = profile_kernels.rows_of(kernels, 80.0, 3_000_000, 3000.0, {"shape": "s", "provider": "p"})
+    assert [r["kernel"] for r in rows] == ["k1", "k2", "(call)"]
+    assert rows[0]["regs"] == 96 and rows[1]["smem"] == 4096 and rows[1]["occupancy_pct"] == 50
+    call = rows[-1]
+    assert call["kernels"] == 2 and call["us"] == 30.0 and call["span_us"] == 50.0 and call["host_us"] == 80.0
+    assert call["gbs"] == 60.0 and call["pct_copy"] == 2.0  # 3 MB over 50 us
+    got = profile_kernels.main(["--quick", "--out", str(tmp_path)])
+    calls = {(r["shape"], r["provider"]) for r in got if r["kernel"] == "(call)"}
+    assert {("tiny.dense3", "eager"), ("tiny.pw.res", "eager")} <= calls
+    assert len(load_results(next(tmp_path.glob("profile-quick*.jsonl")))) == len(got)
 
 
 def test_one_table_printer():
@@ -531,7 +551,7 @@ def test_gpu_check_dry_run_layout(tmp_path):
     assert len(files) <= 8 and {"gpu_check.tar.gz", "summary.txt", "gpu.txt"} <= set(files), files
     summary = (out / "summary.txt").read_text()
     steps = ["build", "info", "check", "bench-e2e-l0", "bench-conv-bn-act", "pytest", "bench-e2e-xl1"]
-    steps += ["bench-lite-mla", "sanitizer-memcheck", "bench-multiscale", "bench-linear-attention"]
+    steps += ["bench-lite-mla", "kernels", "sanitizer-memcheck", "bench-multiscale", "bench-linear-attention"]
     assert [line.split()[0] for line in summary.splitlines() if line.split() and line.split()[0] in steps] == steps
     assert "sanitizer-racecheck" not in summary  # opt-in
     assert result.stdout.rstrip().endswith(summary.rstrip())  # the table is printed last
