@@ -42,6 +42,7 @@ fp32 inputs, docs/design.md 8) and results are cast on store.
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._device import Device, cdiv, device_of, launcher, next_pow2
 
@@ -726,10 +727,9 @@ def _tma_ready(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
     size, strides = t.element_size(), _desc_strides(t, dims)
     if strides[-1] != 1 or any(stride * size % 16 for stride in strides[:-1]):
         return False
-    try:
-        return t.data_ptr() % 16 == 0
-    except RuntimeError:
+    if t.is_meta or isinstance(t, FakeTensor):
         return t.storage_offset() * size % 16 == 0
+    return t.data_ptr() % 16 == 0
 
 
 def tma_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) -> list[dict]:
