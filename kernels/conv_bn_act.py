@@ -605,6 +605,10 @@ def conv_config(
 # the other tiles (rows, columns) measured dispatch times beside the heuristic's (linattn/_tune.py) for packed
 # tensor-core forwards, pruned to the problem and MAX_TILES
 ALTERNATIVES = ((128, 128), (128, 64), (64, 128), (64, 64))
+# the depthwise forward's, (rows, columns, warps, stages), pruned to the problem: it is memory-bound (the H100
+# pass: Triton's 64 x 64 tiles and cuDNN both at 19-20% of copy bandwidth), so more loads in flight: more warps
+# per tile, a taller tile, a deeper pipeline (8 warps on 128 x 64 or 64 x 128 spill on sm_90: the gate)
+DW_ALTERNATIVES = ((64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3))
 
 
 def conv_configs(
@@ -622,13 +626,20 @@ def conv_configs(
     split over programs when the grid stays under half the GPU, and ALTERNATIVES to time. Otherwise the loads
     of future steps wait in registers: 32 channels per step, 2 stages (3 at 128 columns), 8 warps from 64 x 32
     up. Full fp32 products 16 channels at a time, unpipelined. The backward's dz and dx kernels
-    (fp32 dz tiles, more index math) keep the unpacked rule, unpipelined: 2 stages spill there."""
+    (fp32 dz tiles, more index math) keep the unpacked rule, unpipelined: 2 stages spill there. Depthwise
+    convs: 64 x 64 tiles, 4 warps, 2 stages, and on a GPU's forward DW_ALTERNATIVES to time."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
         block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
         if kernel == "dx":  # fp32 dz tiles in a loop over the channel multiplier: 8 warps, unpipelined
             return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=8 if dev.gpu else 4, num_stages=1)]
-        return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=2 if dev.gpu else 1)]
+        configs = [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=2 if dev.gpu else 1)]
+        for bm, bn, warps, stages in DW_ALTERNATIVES if dev.gpu and kernel == "fwd" else ():
+            cfg = dict(BLOCK_M=min(bm, _pow2(rows, 16, bm)), BLOCK_N=min(bn, _pow2(cols, 16, bn)), BLOCK_K=16,
+                       num_warps=warps, num_stages=stages)  # fmt: skip
+            if cfg not in configs:
+                configs.append(cfg)
+        return configs
     if not dev.gpu:
         return [dict(BLOCK_M=_pow2(rows, 16, 256), BLOCK_N=_pow2(cols, 16, 64), BLOCK_K=_pow2(red, 16, 64))]
     max_m, max_n = MAX_TILES[kernel][0 if low_precision else 1]

@@ -899,6 +899,39 @@ def test_tma_configs_take_only_what_a_descriptor_addresses():
     assert not configs[0].get("tma") and [c for c in configs if c.get("tma")] == tma_configs(H100, x, w, *args)
 
 
+def _dw_gpu_configs():
+    from linattn.kernels._device import H100
+    from linattn.kernels.conv_bn_act import conv_configs
+
+    found = []
+    for rows, channels in ((16 * 32 * 32, 1024), (16 * 8 * 8, 48)):  # l0's MBConv depthwise; a narrow, small map
+        for cfg in conv_configs(H100, rows, channels, 9, True, True, "fwd"):
+            if cfg not in found:
+                found.append(cfg)
+    return found
+
+
+@pytest.mark.parametrize(
+    "cfg", _dw_gpu_configs(), ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}-w{c['num_warps']}s{c['num_stages']}"
+)
+def test_kernels_every_gpu_depthwise_config(cfg):
+    """Every depthwise forward configuration an H100 may time, under the interpreter on odd sizes (a stride-2 5x5
+    with a channel multiplier of 2), channels_last, into a NaN-poisoned output, against float64."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 20, 13, 11, generator=gen).to(memory_format=torch.channels_last)
+    w = torch.randn(40, 1, 5, 5, generator=gen) * 0.2
+    b, s, t = torch.randn(40, generator=gen), torch.rand(40, generator=gen) + 0.5, torch.randn(40, generator=gen)
+    conv = (2, 2), (2, 2), (1, 1), 20, "hardswish"
+    ref = reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t))
+    out = torch.full(ref.shape, float("nan")).to(memory_format=torch.channels_last)
+    conv_bn_act_fwd(x, w, b, *conv, s, t, None, out, config=dict(cfg))
+    assert_close(out, ref, 1e-5, f"out ({cfg})")
+
+
 def test_kernels_split_k_uneven(gpu_heuristics):
     """A split that does not divide the reduction (9 taps over 4 programs: 3, 3, 3) and a grouped conv."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd
