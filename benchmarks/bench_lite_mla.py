@@ -160,11 +160,16 @@ def setup(provider: str, shape: LiteMLAShape, eager: nn.Module, fused: nn.Module
     return {"fwd": forward}
 
 
+def make_input(shape: LiteMLAShape, dtype: torch.dtype, device) -> torch.Tensor:
+    """The block's random input at a shape."""
+    gen = torch.Generator(device).manual_seed(1)
+    return torch.randn(shape.batch, shape.channels, shape.height, shape.width, device=device, generator=gen).to(dtype)
+
+
 def run_shape(shape, dtype_name, providers, device, copy_gbs, bar, cuda_graph, skip) -> list[dict]:
     dtype = DTYPES[dtype_name]
     eager, fused = make_modules(shape, dtype, device)
-    gen = torch.Generator(device).manual_seed(1)
-    x = torch.randn(shape.batch, shape.channels, shape.height, shape.width, device=device, generator=gen).to(dtype)
+    x = make_input(shape, dtype, device)
     with torch.no_grad():
         ref = copy.deepcopy(eager).double()(x.double())
     weights = sum(p.numel() for p in eager.parameters())

@@ -87,19 +87,28 @@ def profile(label: str, fn, nbytes: int, copy_gbs: float, base: dict) -> list[di
     return rows_of(kernels, host_us, nbytes, copy_gbs, base)
 
 
+def provider_rows(providers, op: str, shape: str, batch: int, nbytes: int, copy_gbs: float, setup, *inputs):
+    """profile()'s rows of each provider that runs here: setup(provider, *inputs), a benchmark's, gives the call
+    (Skipped where it cannot run)."""
+    rows = []
+    for provider in providers:
+        try:
+            fn = setup(provider, *inputs)["fwd"]
+        except Skipped:
+            continue
+        base = {"op": op, "shape": shape, "batch": batch, "provider": provider}
+        rows += profile(f"{shape} {provider}", fn, nbytes, copy_gbs, base)
+    return rows
+
+
 def conv_rows(names, providers, dtype, device, copy_gbs, quick: bool) -> list[dict]:
     table = conv_bench.QUICK_TABLE if quick else conv_bench.all_entries()
     entries = [e for e in table if e["name"] in names]
     rows = []
     for shape in conv_bench.make_shapes(entries, (2,) if quick else (16,), model="quick" if quick else None):
         eager, x, residual = conv_bench.make_inputs(shape, dtype, device, channels_last=True)
-        for provider in providers:
-            try:
-                fn = conv_bench.setup(provider, shape, eager, x, residual)["fwd"]
-            except Skipped:
-                continue
-            base = {"op": "conv_bn_act", "shape": shape.name, "batch": shape.batch, "provider": provider}
-            rows += profile(f"{shape.name} {provider}", fn, shape.bytes(x.element_size()), copy_gbs, base)
+        call = ("conv_bn_act", shape.name, shape.batch, shape.bytes(x.element_size()), copy_gbs)
+        rows += provider_rows(providers, *call, conv_bench.setup, shape, eager, x, residual)
     return rows
 
 
@@ -108,17 +117,10 @@ def lite_mla_rows(stages, providers, dtype, device, copy_gbs, quick: bool) -> li
     rows = []
     for shape in shapes:
         eager, fused = mla_bench.make_modules(shape, dtype, device)
-        gen = torch.Generator(device).manual_seed(1)
-        x = torch.randn(shape.batch, shape.channels, shape.height, shape.width, device=device, generator=gen)
-        x = x.to(dtype)
+        x = mla_bench.make_input(shape, dtype, device)
         nbytes = 2 * x.numel() * x.element_size()  # the block's input read and output written, at the least
-        for provider in providers:
-            try:
-                fn = mla_bench.setup(provider, shape, eager, fused, x)["fwd"]
-            except Skipped:
-                continue
-            base = {"op": "lite_mla", "shape": shape.label, "batch": shape.batch, "provider": provider}
-            rows += profile(f"{shape.label} {provider}", fn, nbytes, copy_gbs, base)
+        rows += provider_rows(providers, "lite_mla", shape.label, shape.batch, nbytes, copy_gbs, mla_bench.setup,
+                              shape, eager, fused, x)  # fmt: skip
     return rows
 
 

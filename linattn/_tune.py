@@ -182,23 +182,28 @@ def _device_name(device: torch.device) -> str:
 
 
 def choose(
-    op: str, pass_: str, device: torch.device, candidates: Sequence[str], runner: Callable[[str], object], args,
-    prepare: Callable[[], object] | None = None,
-) -> str:  # fmt: skip
+    op: str, pass_: str, device: torch.device, candidates: Sequence[str], runner: Callable[[str], object], args
+) -> str:
     """The implementation among `candidates` (in priority order) that runs this call; runner(backend) runs one
-    of them on the call's inputs into scratch outputs. prepare(), when given, runs once before the timing."""
+    of them on the call's inputs into scratch outputs."""
+    return _choose(op, pass_, device, candidates, runner, args)[0]
+
+
+def _choose(op, pass_, device, candidates, runner, args, prepare=None) -> tuple[str, bool]:
+    """choose()'s (choice, settled): settled unless nothing could be timed (the choice is then the priority
+    order's, asked again next call). prepare(), when given, runs once before the timing."""
     if getattr(_fixed, "on", False):
-        return candidates[0]
+        return candidates[0], False
     device_name = _device_name(device)
     memo = (op, pass_, device_name, tuple(candidates), _signature(args))
     if (chosen := _memo.get(memo)) is not None:
-        return chosen
+        return chosen, True
     key = call_key(op, pass_, args)
     with _lock:
         chosen = table(device_name).get(key)
     if chosen in candidates:
         _memo[memo] = chosen
-        return chosen
+        return chosen, True
     why_not = _cannot_time() or (None if enabled() else "LINATTN_TUNE=0")
     if why_not:
         if why_not == "capture" and "capture" not in _warned:
@@ -207,9 +212,9 @@ def choose(
                 "linattn: a call with no measured choice during CUDA-graph capture runs the priority order; "
                 "run the model once before capturing (or `python -m linattn tune`)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        return candidates[0]
+        return candidates[0], False
     started = time.perf_counter()
     if prepare is not None:
         prepare()
@@ -222,7 +227,7 @@ def choose(
         table(device_name)[key] = chosen
         _timings.append({"key": key, "device": device_name, "ms": times, "chosen": chosen, "s": spent})
         _save(device_name)
-    return chosen
+    return chosen, True
 
 
 def config_name(config: dict) -> str:
@@ -243,19 +248,17 @@ def choose_config(
     not a GPU takes the first without a lookup."""
     if device.type != "cuda" or getattr(_fixed, "on", False):
         return configs()[0]
-    device_name, signature = _device_name(device), _signature(args)
-    settled = (op, pass_, device_name, signature)
+    settled = (op, pass_, _device_name(device), _signature(args))
     if (config := _settled.get(settled)) is not None:
         return config
     found = configs()
-    names = [config_name(c) for c in found]
     if len(found) > 1:
+        names = [config_name(c) for c in found]
         prepare = None if compile_only is None else functools.partial(_compile_all, compile_only, found)
-        chosen = choose(
-            f"{op}.triton", pass_, device, names, lambda name: runner(found[names.index(name)]), args, prepare
-        )
-        if (f"{op}.triton", pass_, device_name, tuple(names), signature) not in _memo:
-            return found[names.index(chosen)]  # nothing measured (capture, compile, LINATTN_TUNE=0): ask again
+        run = lambda name: runner(found[names.index(name)])  # noqa: E731
+        chosen, final = _choose(f"{op}.triton", pass_, device, names, run, args, prepare)
+        if not final:  # nothing measured (capture, compile, LINATTN_TUNE=0): asked again next call
+            return found[names.index(chosen)]
         found = [found[names.index(chosen)]]
     _settled[settled] = found[0]
     return found[0]
