@@ -14,6 +14,8 @@
 #                           (no internet there): run `bash third_party/get_cudnn_frontend.sh` before the lease
 #                           and carry the git-ignored third_party/cudnn_frontend (gpu.txt says if it is here)
 #   info                30  python -m linattn info
+#   cudnn               30  four convs forced onto the cuDNN graph against the float64 reference, in a process of
+#                           its own; where it fails, LINATTN_CUDNN=0 for every later step (gpu.txt says so)
 #   check               90  python -m linattn check: every op on every backend against the reference (a bare
 #                           machine compiles every kernel here: the H100 pass's check ran past 60 s)
 #   bench-e2e-l0        90  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
@@ -222,7 +224,31 @@ LOADS='from linattn._extension import load_extension; ext, why = load_extension(
 step build "$B_BUILD" "$NO_GPU_STEP" env LINATTN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     MAX_JOBS="${MAX_JOBS:-16}" bash -c '"$1" -m pip install -v --no-deps --no-build-isolation --no-index -e . &&
     "$1" -c "$2"' build "$PY" "$LOADS"
+# the cuDNN conv graph in a process of its own, before any step that may reach it: the first H100 pass's graph
+# segfaulted the process at its first call, and every later step that ran a conv died with it. Where this probe
+# fails, LINATTN_CUDNN=0 turns the graph off for the rest of the pass (the cuda backend keeps its hand-written
+# kernels), and gpu.txt says so.
+CUDNN_PROBE='
+import torch, linattn
+from linattn import reference
+torch.manual_seed(0)
+x = torch.randn(2, 32, 17, 19, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+for cout, k, groups in ((64, 3, 1), (64, 1, 1), (32, 3, 32), (64, 3, 2)):
+    w = torch.randn(cout, 32 // groups, k, k, device="cuda", dtype=x.dtype) / (32 // groups * k * k) ** 0.5
+    b = torch.randn(cout, device="cuda", dtype=x.dtype)
+    with linattn.backend("cuda"):
+        y = linattn.conv_bn_act(x, w, b, padding=k // 2, groups=groups, act="gelu_tanh")
+    ref = reference.conv_bn_act(x.double(), w.double(), b.double(), padding=k // 2, groups=groups, act="gelu_tanh")
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    print(f"cuDNN graph {cout}x{32 // groups}x{k}x{k} groups {groups}: relative error {err:.1e}")
+    assert err < 2e-2, err
+'
 step info 30 0 "$PY" -m linattn info
+step cudnn 30 "$NO_GPU_STEP" "$PY" -c "$CUDNN_PROBE"
+if selected cudnn "$NO_GPU_STEP" && [[ $(tail -n 1 "$WORK/steps.tsv" | cut -f 2) != ok ]]; then
+    export LINATTN_CUDNN=0
+    echo "cuDNN graph probe did not pass (logs/cudnn.log): LINATTN_CUDNN=0 for the steps after it" | tee -a "$WORK/gpu.txt"
+fi
 step check "$B_CHECK" 0 "$PY" -m linattn check
 
 e2e() { # e2e MODEL: the end-to-end benchmark of one model

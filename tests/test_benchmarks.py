@@ -550,7 +550,7 @@ def test_gpu_check_dry_run_layout(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"gpu_check.tar.gz", "summary.txt", "gpu.txt"} <= set(files), files
     summary = (out / "summary.txt").read_text()
-    steps = ["build", "info", "check", "bench-e2e-l0", "bench-conv-bn-act", "pytest", "bench-e2e-xl1"]
+    steps = ["build", "info", "cudnn", "check", "bench-e2e-l0", "bench-conv-bn-act", "pytest", "bench-e2e-xl1"]
     steps += ["bench-lite-mla", "kernels", "sanitizer-memcheck", "bench-multiscale", "bench-linear-attention"]
     assert [line.split()[0] for line in summary.splitlines() if line.split() and line.split()[0] in steps] == steps
     assert "sanitizer-racecheck" not in summary  # opt-in
@@ -559,3 +559,35 @@ def test_gpu_check_dry_run_layout(tmp_path):
         names = tar.getnames()
     assert "./logs/check.log" in names and "./summary.txt" in names and "./gpu.txt" in names
     assert "--dtype bf16 --batch 16" in (work / "logs" / "bench-lite-mla.log").read_text()
+
+
+def test_gpu_check_turns_the_cudnn_graph_off_when_its_probe_fails(tmp_path):
+    """A cuDNN probe that dies (the first H100 pass's graph segfaulted) leaves LINATTN_CUDNN=0 to the later steps,
+    and gpu.txt says so; a probe that passes leaves the variable alone."""
+    fake = tmp_path / "python"
+    seen = tmp_path / "seen"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in\n'
+        f'  *"cuDNN graph"*) [[ -f {tmp_path}/probe_passes ]] && exit 0; kill -SEGV $$ ;;\n'
+        f'  *"linattn check"*) echo "${{LINATTN_CUDNN-unset}}" > {seen}; exit 0 ;;\n'
+        "esac\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "LINATTN_CUDNN"}
+    for passes, expected in ((False, "0"), (True, "unset")):
+        if passes:
+            (tmp_path / "probe_passes").touch()
+        out, work = tmp_path / f"out{passes}", tmp_path / f"work{passes}"
+        run_env = {**env, "WORK_DIR": str(work), "PYTHON": str(fake), "STEPS": "cudnn check"}
+        result = subprocess.run(
+            ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        assert seen.read_text().strip() == expected
+        assert ("LINATTN_CUDNN=0 for the steps after it" in (out / "gpu.txt").read_text()) == (not passes)
