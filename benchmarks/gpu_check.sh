@@ -34,6 +34,7 @@
 #   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
 #   bench-multiscale    40
 #   bench-linear-attention
+#   bench-upsample-sum      the neck merge (l0, xl1), as the other op benchmarks
 # Opt-in (named in STEPS, or PROFILE=full): sanitizer-racecheck, sanitizer-initcheck.
 #
 # PROFILE=full: no total budget, 600 s bounds (split it over calls with STEPS): the whole test suite, every
@@ -46,8 +47,8 @@
 # bare machine has no extension: name build too. BUDGET_S (0: none), BOUND_<STEP> (e.g. BOUND_PYTEST=120,
 # BOUND_BENCH_E2E_XL1=150), PYTEST_ARGS, PYTEST_WORKERS (0: no xdist), PYTEST_TIMEOUT, E2E_MODELS (default
 # "l0 xl1"), E2E_BENCH_ARGS, KERNELS_ARGS, LITE_MLA_BENCH_ARGS, MULTISCALE_BENCH_ARGS,
-# LINEAR_ATTENTION_BENCH_ARGS and CONV_BENCH_ARGS (each replaces that benchmark's options), TORCH_CUDA_ARCH_LIST,
-# MAX_JOBS, PYTHON (python3), WORK_DIR (default a fresh /tmp/gpu_check.*).
+# LINEAR_ATTENTION_BENCH_ARGS, UPSAMPLE_SUM_BENCH_ARGS and CONV_BENCH_ARGS (each replaces that benchmark's
+# options), TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON (python3), WORK_DIR (default a fresh /tmp/gpu_check.*).
 #
 # Needs on the machine: torch, triton, numpy, pip, setuptools, wheel, nvcc, pytest (and compute-sanitizer); the
 # rest is optional (tqdm: progress bars, matplotlib: plots, timm: some tests, pytest-timeout, pytest-xdist).
@@ -195,6 +196,7 @@ case $PROFILE in
         CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --cuda-graph
             --shapes "${CONV_SHAPES[@]}")
         KERNELS=()
+        UPS=(--dtype bf16 --batch 16 --providers eager compile triton auto --cuda-graph)
         ;;
     full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
         B_BUILD=600 B_CHECK=600 B_PYTEST=600 B_SAN=600 B_E2E=600 B_BENCH=600
@@ -207,12 +209,13 @@ case $PROFILE in
         CONV=(--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager eager-folded "${ALL[@]:1}")
         E2E_MODELS=${E2E_MODELS_FULL:-xl1 l0 squeezesam vitt}
         KERNELS=()
+        UPS=(--dtype bf16 --batch 16 1 --layout channels_last nchw --backward --providers "${ALL[@]}")
         ;;
     smoke)
         B_BUILD=600 B_CHECK=300 B_PYTEST=300 B_SAN=300 B_E2E=300 B_BENCH=300
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--quick --providers eager linattn)
-        LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick)
+        LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick) UPS=(--quick)
         ;;
 esac
 NO_GPU_STEP=0
@@ -278,6 +281,7 @@ for tool in memcheck racecheck initcheck; do
 done
 bench multiscale MULTISCALE_BENCH_ARGS bench_multiscale.py "${MS[@]}"
 bench linear-attention LINEAR_ATTENTION_BENCH_ARGS bench_linear_attention.py "${LIN[@]}"
+bench upsample-sum UPSAMPLE_SUM_BENCH_ARGS bench_upsample_sum.py "${UPS[@]}"
 
 # ---- OUT: at most 8 files; everything else in the tar ----
 if ! "$PY" benchmarks/gpu_summary.py "$WORK" "$((SECONDS - START))" > /dev/null 2> "$LOGS/summary.err"; then

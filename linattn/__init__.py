@@ -20,6 +20,7 @@ from .ops import (
     relu_linear_attention,
     separable_conv_bn_act,
     upsample_block,
+    upsample_sum,
 )
 from .optimize import optimize
 
@@ -56,4 +57,5 @@ __all__ = [
     "separable_conv_bn_act",
     "set_backend",
     "upsample_block",
+    "upsample_sum",
 ]

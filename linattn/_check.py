@@ -147,6 +147,14 @@ CASES = [
         _upsample_call(reference.upsample_block),
         _upsample_call(_eager_upsample),
     ),
+    Case(
+        "upsample_sum",
+        [(2, 12, 4, 5), (2, 12, 9, 9), (2, 12, 17, 18)],
+        lambda *maps: ops.upsample_sum(maps, (17, 18)),
+        lambda *maps: reference.upsample_sum(maps, (17, 18)),
+        lambda *maps: eager.upsample_sum(maps, (17, 18)),
+        limit_args=(3,),
+    ),
 ]
 
 

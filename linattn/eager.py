@@ -79,3 +79,15 @@ def lite_mla_context(
     """EfficientViT's LiteMLA context in the input dtype: aggregation, concat, attention."""
     multi_scale = multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
     return lite_mla_attention(multi_scale, dim, eps)
+
+
+def upsample_sum(inputs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """EfficientViT-SAM's neck merge: each input through the official UpSampleLayer (returned as it is at `size`,
+    else bicubic in fp32), then list_sum's adds; cast back to the inputs' dtype (as linattn.models' layer does:
+    the official one keeps fp32)."""
+    out = None
+    for x in inputs:
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x.float(), size=tuple(size), mode="bicubic", align_corners=False).to(x.dtype)
+        out = x if out is None else out + x
+    return out

@@ -23,6 +23,10 @@ Patterns recognised by structure, not by class name, while walking the module tr
   -> `FusedResidualBlock`: the add is the last conv's residual epilogue (the LiteMLA projection's), one
   tensor fewer written and read and no aten add left in an EfficientViT block.
 
+- EfficientViT-SAM's neck (a DAGBlock summing its input ops, each a conv block then a bicubic
+  `UpSampleLayer`: the official code's and linattn.models' SamNeck) -> `FusedNeck`: the resizes and the
+  sum are one `linattn.upsample_sum` call, its conv blocks and middle converted as above.
+
 Candidates that cannot be fused (dropout p > 0, GroupNorm or another norm, an unsupported
 activation, a conv subclass with its own forward, padding modes) are left as they are and the
 report says why.
@@ -50,8 +54,9 @@ from .nn._cache import EvalConstants
 from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold_sources
 from .nn.lite_mla import LiteMLA
 from .ops.conv_bn_act import separable_conv_bn_act, upsample_block
+from .ops.upsample_sum import upsample_sum
 
-__all__ = ["FusedResidualBlock", "FusedSequential", "FusedUpsampleBlock", "OptimizeReport", "optimize"]
+__all__ = ["FusedNeck", "FusedResidualBlock", "FusedSequential", "FusedUpsampleBlock", "OptimizeReport", "optimize"]
 
 # EfficientViT's conv blocks (official names and timm's) and their children, which forward applies in order
 SEQUENTIAL_BLOCKS = {
@@ -219,6 +224,29 @@ class FusedResidualBlock(nn.Module):
             # eager's main(x) + x promotes to x's dtype, where the fused add would give the autocast dtype
             return _run_blocks(blocks, x, None) + x
         return _run_blocks(blocks, x, x)  # the add is the last conv's epilogue (the LiteMLA projection's)
+
+
+class FusedNeck(nn.Module):
+    """EfficientViT-SAM's neck with its bicubic resizes and their sum as one `linattn.upsample_sum` call.
+
+    Keeps the source's `input_ops` (each a conv block, then the resize that upsample_sum replaces), `middle`
+    and `output_ops` (and so its state_dict keys); `size(features)` is the size the maps are resized to.
+    """
+
+    def __init__(self, source: nn.Module, size):
+        super().__init__()
+        self.input_keys, self.output_keys = list(source.input_keys), list(source.output_keys)
+        self.input_ops, self.middle, self.output_ops = source.input_ops, source.middle, source.output_ops
+        self.size = size
+        self.train(source.training)
+
+    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        maps = [op.op_list[0](features[key]) for key, op in zip(self.input_keys, self.input_ops)]
+        x = self.middle(upsample_sum(maps, self.size(features)))
+        features = dict(features)
+        for key, op in zip(self.output_keys, self.output_ops):
+            features[key] = op(x)
+        return features
 
 
 def _run_blocks(blocks: list[nn.Module], x: Tensor, residual: Tensor | None) -> Tensor:
@@ -397,6 +425,40 @@ def _convert_residual(module: nn.Module):
     return FusedResidualBlock(main, module.shortcut), detail
 
 
+def _is_neck(module: nn.Module) -> bool:
+    """A DAGBlock-like module (input_keys, input_ops, middle, output_keys, output_ops) whose input ops are each
+    a block and an `UpSampleLayer` (`op_list` of two)."""
+    attrs = ("input_keys", "input_ops", "middle", "output_keys", "output_ops")
+    if not all(hasattr(module, a) for a in attrs) or not isinstance(module.input_ops, nn.ModuleList):
+        return False
+    ops = list(module.input_ops)
+    return bool(ops) and all(
+        len(getattr(op, "op_list", ())) == 2 and type(op.op_list[1]).__name__ == "UpSampleLayer" for op in ops
+    )
+
+
+def _convert_neck(module: nn.Module):
+    """Called after the children were converted. The size: linattn.models' SamNeck says it (`merge_size`);
+    the official DAGBlock's UpSampleLayers each hold it."""
+    if (merge := getattr(module, "merge", "add")) != "add":
+        raise _Skip(f"merge {merge!r} (upsample_sum sums)")
+    if getattr(module, "post_input", None) is not None:
+        raise _Skip(f"post_input {type(module.post_input).__name__}")
+    resizes = [op.op_list[1] for op in module.input_ops]
+    for r in resizes:
+        if getattr(r, "mode", "bicubic") != "bicubic" or getattr(r, "align_corners", False):
+            raise _Skip(f"resize mode {r.mode!r}, align_corners {r.align_corners} (the kernel is bicubic, False)")
+    if hasattr(module, "merge_size"):
+        size = module.merge_size
+    else:
+        sizes = {tuple(r.size) if getattr(r, "size", None) is not None else None for r in resizes}
+        if len(sizes) != 1 or None in sizes:
+            raise _Skip("its UpSampleLayers do not share one output size (a resize by factor)")
+        fixed = list(sizes.pop())
+        size = lambda features: fixed  # noqa: E731
+    return FusedNeck(module, size), f"{len(resizes)} inputs resized and summed by upsample_sum"
+
+
 def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
     """The fusable runs of a Sequential's children: (start, stop, ConvBNAct)."""
     children = list(seq._modules.values())
@@ -462,6 +524,14 @@ def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module 
             new, detail = _convert_residual(module)
         except _Skip as why:
             report.skipped.append(Skipped(name, "residual", str(why)))
+            return None
+        report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
+        return new
+    if _is_neck(module):
+        try:
+            new, detail = _convert_neck(module)
+        except _Skip as why:
+            report.skipped.append(Skipped(name, "neck", str(why)))
             return None
         report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
         return new

@@ -393,3 +393,63 @@ def upsample_block(
     """
     y = conv_bn_act(x, weight[:, :, None, None], bias, act=act, post_scale=post_scale, post_shift=post_shift)
     return F.pixel_shuffle(y, 2)
+
+
+def upsample_sum(inputs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """sum_i interpolate(inputs[i], size, mode="bicubic", align_corners=False); an input already at `size` is
+    added as it is. inputs: (B, C, h_i, w_i) of one dtype; sums in fp32 (float64 stays float64), returns
+    (B, C, *size) in the inputs' dtype and the first input's memory format."""
+    ct = _compute_dtype(inputs[0].dtype)
+    out = None
+    for x in inputs:
+        y = x.to(ct)
+        if tuple(x.shape[-2:]) != tuple(size):
+            y = F.interpolate(y, size=tuple(size), mode="bicubic", align_corners=False)
+        out = y if out is None else out + y
+    fmt = torch.channels_last if _channels_last(inputs[0]) else torch.contiguous_format
+    out = out.to(inputs[0].dtype, memory_format=fmt)
+    return out.clone() if out is inputs[0] else out  # one float input at `size`: never the input itself
+
+
+def bicubic_matrix(n_in, n_out, dtype: torch.dtype, device) -> torch.Tensor:
+    """The (n_out, n_in) matrix of PyTorch's bicubic resize along one axis (align_corners=False, no antialias):
+    output o reads s = (o + 0.5) * n_in / n_out - 0.5 and weighs inputs floor(s) - 1 .. floor(s) + 2 by Keys'
+    cubic (A = -0.75) of t = s - floor(s), indices clamped to the axis (clamped taps add up)."""
+    A = -0.75
+    s = (torch.arange(n_out, dtype=dtype, device=device) + 0.5) * (n_in / n_out) - 0.5
+    first = torch.floor(s)
+    t = s - first
+
+    def near(x):  # |x| <= 1
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+
+    matrix = torch.zeros(n_out, n_in, dtype=dtype, device=device)
+    for j, w in enumerate((far(t + 1), near(t), near(1 - t), far(2 - t))):
+        index = (first + (j - 1)).clamp(0, n_in - 1).long()
+        matrix.scatter_add_(1, index[:, None], w[:, None])
+    return matrix
+
+
+def upsample_sum_backward(grad_out: torch.Tensor, shapes: list, dtypes: list) -> list[torch.Tensor]:
+    """Gradients of upsample_sum for inputs of `shapes` and `dtypes`, one per input in its dtype: the bicubic
+    resize's adjoint Ry^T grad_out Rx (bicubic_matrix), in fp32 (float64 stays float64); grad_out itself for
+    an input at the output size. (aten's upsample_bicubic2d_backward has no meta kernel for symbolic sizes,
+    so torch.compile with dynamic shapes could not trace it.)"""
+    ct = _compute_dtype(grad_out.dtype)
+    H, W = grad_out.shape[-2:]
+    grads = []
+    for shape, dtype in zip(shapes, dtypes):
+        g = grad_out.to(ct)
+        h, w = shape[-2:]
+        if (h, w) != (H, W):
+            rows, cols = (bicubic_matrix(n, m, ct, g.device) for n, m in ((h, H), (w, W)))
+            g = rows.t() @ g @ cols
+        grads.append(g.to(dtype))
+    return grads
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)

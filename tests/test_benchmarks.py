@@ -22,6 +22,7 @@ from linattn.benchmarks import (
     bench_linear_attention,
     bench_lite_mla,
     bench_multiscale,
+    bench_upsample_sum,
     common,
     gpu_summary,
     profile_kernels,
@@ -220,6 +221,29 @@ def test_bench_multiscale_quick(tmp_path):
             assert {r["bytes"] for r in mine if r["pass"] == "fwd+bwd"} == {2 * fwd}
         pytest.importorskip("matplotlib")
         assert (tmp_path / f"{op}-quick-cpu.png").stat().st_size > 0
+
+
+def test_bench_upsample_sum_quick(tmp_path):
+    providers = ["eager", "triton", "reference", "auto"]
+    argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--backward", "--models", "l0", "--layout", "nchw"]
+    returned = bench_upsample_sum.main([*argv, "--providers", *providers, "--out", str(tmp_path)])
+    rows = load_results(tmp_path / "upsample_sum-quick-cpu.jsonl")
+    assert len(rows) == len(returned) == len(providers) * 2  # one shape (B2), x (fwd, fwd+bwd)
+    assert {(r["provider"], r["pass"]) for r in rows} == {(p, q) for p in providers for q in ("fwd", "fwd+bwd")}
+    assert all(r["ms"] is not None and r["rel_err"] < 1e-5 for r in rows), [r["note"] for r in rows]
+    # l0's neck at an eighth of its side, 16 channels, fp32: the 2x2, 4x4 and 8x8 maps read, the 8x8 sum written
+    fwd = 4 * 2 * 16 * (4 + 16 + 64 + 64)
+    assert {r["bytes"] for r in rows if r["pass"] == "fwd"} == {fwd}
+    assert {r["bytes"] for r in rows if r["pass"] == "fwd+bwd"} == {2 * fwd}
+    check_auto(rows)
+
+
+def test_bench_upsample_sum_neck_shapes_come_from_the_encoders():
+    """The neck's merge from the models: three 256-channel maps resized to 64x64 (docs/design.md 5)."""
+    (l0,) = bench_upsample_sum.neck_shapes("l0", [16])
+    assert (l0.channels, l0.sizes, tuple(l0.size)) == (256, ((16, 16), (32, 32), (64, 64)), (64, 64))
+    (xl1,) = bench_upsample_sum.neck_shapes("xl1", [1])
+    assert (xl1.batch, xl1.sizes, tuple(xl1.size)) == (1, ((16, 16), (32, 32), (64, 64)), (64, 64))
 
 
 def test_bench_lite_mla_quick(tmp_path):
@@ -552,6 +576,7 @@ def test_gpu_check_dry_run_layout(tmp_path):
     summary = (out / "summary.txt").read_text()
     steps = ["build", "info", "cudnn", "check", "bench-e2e-l0", "bench-conv-bn-act", "pytest", "bench-e2e-xl1"]
     steps += ["bench-lite-mla", "kernels", "sanitizer-memcheck", "bench-multiscale", "bench-linear-attention"]
+    steps += ["bench-upsample-sum"]
     assert [line.split()[0] for line in summary.splitlines() if line.split() and line.split()[0] in steps] == steps
     assert "sanitizer-racecheck" not in summary  # opt-in
     assert result.stdout.rstrip().endswith(summary.rstrip())  # the table is printed last

@@ -10,16 +10,18 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from utils import assert_close, randomize, rel_err, tolerance
 
 import linattn
 from linattn._backend import unavailable
+from linattn.benchmarks.bench_e2e import OpCounter
 from linattn.models import efficientsam_encoder, efficientvit_sam_encoder
 from linattn.models.efficientvit_sam import LiteMLA as EagerLiteMLA
 from linattn.models.squeezesam import SqueezeSAM, squeezesam
 from linattn.nn import ConvBNAct, LiteMLA
-from linattn.optimize import FusedResidualBlock, FusedSequential, FusedUpsampleBlock, OptimizeReport
+from linattn.optimize import FusedNeck, FusedResidualBlock, FusedSequential, FusedUpsampleBlock, OptimizeReport
 
 timm_mit = pytest.importorskip("timm.models.efficientvit_mit", reason="timm is a test dependency (pip install timm)")
 
@@ -145,8 +147,10 @@ def test_report_on_efficientvit_sam(variant, attention):
     # every residual block: around MBConv / FusedMBConv / ResBlock / LiteMLA with an identity shortcut, and the
     # downsampling ones without (shortcut None), whose MBConv depthwise -> 1x1 pair is fused too
     residual = sum(1 for m in model.modules() if type(m).__name__ == "ResidualBlock")
-    assert report.counts() == {"ConvBNAct": blocks, "FusedResidualBlock": residual, "LiteMLA": attention}
+    counts = {"ConvBNAct": blocks, "FusedResidualBlock": residual, "LiteMLA": attention, "FusedNeck": 1}
+    assert report.counts() == counts
     assert report.skipped == []  # the attention's add too: its projection's epilogue
+    assert isinstance(optimized.neck, FusedNeck)  # the resizes and their sum: one upsample_sum
     assert not any(isinstance(m, EagerLiteMLA) for m in optimized.modules())
     mlas = [m for m in optimized.modules() if isinstance(m, LiteMLA)]
     assert len(mlas) == attention and all(m.quadratic_small_maps for m in mlas)  # the official small-map path
@@ -456,3 +460,81 @@ def test_mbconv_depthwise_pointwise_pair_is_one_call(backend):
         with Mode():
             optimized.train()(x)
         assert "linattn::separable_conv_bn_act" not in calls
+
+
+class UpSampleLayer(nn.Module):
+    """The official EfficientViT UpSampleLayer (bicubic to `size` in fp32, or by `factor`)."""
+
+    def __init__(self, mode="bicubic", size=None, factor=2, align_corners=False):
+        super().__init__()
+        self.mode, self.size, self.factor, self.align_corners = mode, size, factor, align_corners
+
+    def forward(self, x):
+        if (self.size is not None and tuple(x.shape[-2:]) == self.size) or self.factor == 1:
+            return x
+        return F.interpolate(x.float(), self.size, None if self.size else self.factor, self.mode, self.align_corners)
+
+
+class OpSequential(nn.Module):
+    def __init__(self, ops):
+        super().__init__()
+        self.op_list = nn.ModuleList(ops)
+
+    def forward(self, x):
+        for op in self.op_list:
+            x = op(x)
+        return x
+
+
+class DAGBlock(nn.Module):
+    """The official EfficientViT DAGBlock (SamNeck's base): input ops merged by add or cat, then middle, outputs."""
+
+    def __init__(self, inputs: dict, merge: str, post_input, middle, outputs: dict):
+        super().__init__()
+        self.input_keys, self.input_ops = list(inputs), nn.ModuleList(inputs.values())
+        self.merge, self.post_input, self.middle = merge, post_input, middle
+        self.output_keys, self.output_ops = list(outputs), nn.ModuleList(outputs.values())
+
+    def forward(self, feature_dict):
+        feat = [op(feature_dict[key]) for key, op in zip(self.input_keys, self.input_ops)]
+        feat = sum(feat[1:], feat[0]) if self.merge == "add" else torch.cat(feat, 1)
+        feat = self.middle(feat if self.post_input is None else self.post_input(feat))
+        for key, op in zip(self.output_keys, self.output_ops):
+            feature_dict[key] = op(feat)
+        return feature_dict
+
+
+def _official_neck(merge="add", size=(16, 16)):
+    def conv(c):
+        return nn.Sequential(nn.Conv2d(c, 8, 1, bias=False), nn.BatchNorm2d(8))
+
+    inputs = {f"stage{i}": OpSequential([conv(c), UpSampleLayer(size=size)]) for i, c in ((4, 12), (3, 6), (2, 4))}
+    middle = nn.Sequential(nn.Conv2d(8 * (3 if merge == "cat" else 1), 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    return randomize(DAGBlock(inputs, merge, None, middle, {"sam_encoder": nn.Conv2d(8, 5, 1)}), 3).eval()
+
+
+def test_official_neck_is_one_upsample_sum():
+    """The official DAGBlock neck: its bicubic resizes and their sum become one upsample_sum, same outputs."""
+    neck = _official_neck()
+    features = {f"stage{i}": torch.randn(2, c, s, s) for i, c, s in ((4, 12, 4), (3, 6, 8), (2, 4, 16))}
+    optimized, report = linattn.optimize(neck, return_report=True)
+    assert isinstance(optimized, FusedNeck) and report.counts()["FusedNeck"] == 1
+    assert list(optimized.state_dict()) == list(neck.state_dict())
+    with torch.no_grad(), OpCounter() as counter:
+        got = optimized(dict(features))["sam_encoder"]
+    assert counter.per_op.get("linattn.upsample_sum") == 1 and "aten.upsample_bicubic2d" not in counter.per_op
+    want = neck.double()(dict((k, v.double()) for k, v in features.items()))["sam_encoder"]
+    assert_close(got, want, 1e-5, "neck output")
+
+
+@pytest.mark.parametrize(
+    "neck, reason",
+    [
+        (_official_neck(merge="cat"), "merge 'cat'"),
+        (_official_neck(size=None), "do not share one output size"),
+    ],
+    ids=["cat", "factor"],
+)
+def test_neck_left_alone(neck, reason):
+    _, report = linattn.optimize(neck, return_report=True)
+    assert [(s.kind, reason in s.reason) for s in report.skipped] == [("neck", True)]

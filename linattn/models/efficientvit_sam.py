@@ -327,11 +327,7 @@ class UpSampleLayer(nn.Module):
     """Bicubic resize (align_corners=False) to `size`, computed in fp32 (as the official layer), cast back."""
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        if tuple(x.shape[-2:]) == tuple(size):
-            return x
-        # interpolate is not on autocast's lower-precision list: a float32 input stays float32
-        y = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False)
-        return y.to(x.dtype)
+        return eager.upsample_sum([x], size)
 
 
 class _NeckInput(OpSequential):
@@ -366,11 +362,14 @@ class SamNeck(nn.Module):
             [OpSequential([ConvLayer(head_width, out_dim, 1, use_bias=True, norm=False, act=False)])]
         )
 
-    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+    def merge_size(self, features: dict[str, Tensor]) -> tuple[int, int]:
+        """The (H, W) that the input maps are resized to before they are summed."""
         if self.embed_size is None:
-            size = max((tuple(features[k].shape[-2:]) for k in self.input_keys), key=lambda hw: hw[0] * hw[1])
-        else:
-            size = (self.embed_size, self.embed_size)
+            return max((tuple(features[k].shape[-2:]) for k in self.input_keys), key=lambda hw: hw[0] * hw[1])
+        return self.embed_size, self.embed_size
+
+    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        size = self.merge_size(features)
         x = None
         for key, op in zip(self.input_keys, self.input_ops):
             y = op(features[key], size)

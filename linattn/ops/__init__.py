@@ -4,6 +4,7 @@ from .conv_bn_act import conv_bn_act, fold_bn, separable_conv_bn_act, upsample_b
 from .linear_attention import lite_mla_attention, relu_linear_attention
 from .lite_mla_context import lite_mla_context
 from .multiscale_aggregate import multiscale_aggregate
+from .upsample_sum import upsample_sum
 
 __all__ = [
     "conv_bn_act",
@@ -14,4 +15,5 @@ __all__ = [
     "relu_linear_attention",
     "separable_conv_bn_act",
     "upsample_block",
+    "upsample_sum",
 ]
