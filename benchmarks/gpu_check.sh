@@ -16,6 +16,10 @@
 #   info                30  python -m linattn info
 #   cudnn               30  four convs forced onto the cuDNN graph against the float64 reference, in a process of
 #                           its own; where it fails, LINATTN_CUDNN=0 for every later step (gpu.txt says so)
+#   precompile          60  python -m linattn tune --compile-only: every Triton configuration the E2E_MODELS' calls
+#                           launch at B16 and 1 in bf16 (measured dispatch's candidates too) compiled at once,
+#                           one process per core, into Triton's cache: the first H100 pass's optimized L0 did not
+#                           finish its first call in 90 s, compiling kernel after kernel
 #   check               90  python -m linattn check: every op on every backend against the reference (a bare
 #                           machine compiles every kernel here: the H100 pass's check ran past 60 s)
 #   bench-e2e-l0        90  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
@@ -186,7 +190,8 @@ CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj xl1.s3.fmb.conv3
 OPS=(--dtype bf16 --batch 16 --providers eager triton cuda auto)
 case $PROFILE in
     quick)
-        B_BUILD=200 B_CHECK=90 B_PYTEST=75 B_SAN=60 B_E2E=90 B_BENCH=40 # XL models: 1.5 x B_E2E
+        B_BUILD=200 B_PRE=60 B_CHECK=90 B_PYTEST=75 B_SAN=60 B_E2E=90 B_BENCH=40 # XL models: 1.5 x B_E2E
+        PRE=(--batch 16 1 --dtype bf16)
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--batch 16 --dtype bf16 --providers eager compile linattn linattn-graph)
         # the op benchmarks replayed as CUDA graphs: the kernels' time (the first H100 pass timed launches, host-bound
@@ -199,7 +204,8 @@ case $PROFILE in
         UPS=(--dtype bf16 --batch 16 --providers eager compile triton auto --cuda-graph)
         ;;
     full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
-        B_BUILD=600 B_CHECK=600 B_PYTEST=600 B_SAN=600 B_E2E=600 B_BENCH=600
+        B_BUILD=600 B_PRE=600 B_CHECK=600 B_PYTEST=600 B_SAN=600 B_E2E=600 B_BENCH=600
+        PRE=(--batch 16 1 --dtype bf16)
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS-}"
         E2E=() # every provider, compile-max-autotune included
         ALL=(eager compile compile-max-autotune triton cuda auto)
@@ -212,7 +218,8 @@ case $PROFILE in
         UPS=(--dtype bf16 --batch 16 1 --layout channels_last nchw --backward --providers "${ALL[@]}")
         ;;
     smoke)
-        B_BUILD=600 B_CHECK=300 B_PYTEST=300 B_SAN=300 B_E2E=300 B_BENCH=300
+        B_BUILD=600 B_PRE=300 B_CHECK=300 B_PYTEST=300 B_SAN=300 B_E2E=300 B_BENCH=300
+        PRE=(--batch 1 --dtype bf16 --arch 90) # no GPU: compiles for an H100 all the same
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--quick --providers eager linattn)
         LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick) UPS=(--quick)
@@ -252,6 +259,10 @@ if selected cudnn "$NO_GPU_STEP" && [[ $(tail -n 1 "$WORK/steps.tsv" | cut -f 2)
     export LINATTN_CUDNN=0
     echo "cuDNN graph probe did not pass (logs/cudnn.log): LINATTN_CUDNN=0 for the steps after it" | tee -a "$WORK/gpu.txt"
 fi
+# every Triton configuration of the end-to-end models' calls compiled at once (one process per core) into
+# Triton's cache, before the steps whose first calls would compile them one call at a time
+read -r -a PRE_MODELS <<< "$E2E_MODELS"
+step precompile "$B_PRE" 0 "$PY" -m linattn tune --compile-only --model "${PRE_MODELS[@]}" "${PRE[@]}"
 step check "$B_CHECK" 0 "$PY" -m linattn check
 
 e2e() { # e2e MODEL: the end-to-end benchmark of one model

@@ -1,8 +1,10 @@
 """Command line: `python -m linattn info | check | tune | audit | bench`."""
 
 import argparse
+import contextlib
 import platform
 import sys
+import time
 
 import torch
 
@@ -46,14 +48,55 @@ def info() -> None:
     print(describe())
 
 
+def _precompile(args) -> bool:
+    """tune's first part: every Triton configuration of the models' calls compiled at once into Triton's cache;
+    False when one did not compile."""
+    from .audit import ARCHS, precompile
+    from .benchmarks.bench_e2e import resolve_model
+    from .benchmarks.common import progress
+
+    cc = args.arch
+    if cc is None and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        cc = 10 * major + minor
+    if cc is None:
+        print("linattn tune: no GPU here to precompile for: name one with --arch")
+        return True
+    if cc not in ARCHS:
+        print(f"linattn tune: no precompile for sm_{cc} (its launch sizes are known for sm_80 and sm_90): kernels "
+              "compile at their first call")  # fmt: skip
+        return True
+    # the encoders with fused ops (EfficientSAM's ViTs have none)
+    models = [m for m in map(resolve_model, args.model) if m.startswith("efficientvit-sam-") or m == "squeezesam"]
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        bar = []
+
+        def advance(done: int, total: int) -> None:
+            if not bar:
+                bar.append(stack.enter_context(progress(total, f"precompile sm_{cc}")))
+            bar[0].update(done - bar[0].n)
+
+        count, failed = precompile(cc, models, args.batch, [args.dtype], [args.layout], args.backward, args.jobs,
+                                   advance)  # fmt: skip
+    print(f"linattn tune: {count} Triton configurations of {', '.join(models)} compiled for sm_{cc} into Triton's "
+          f"cache in {time.perf_counter() - started:.0f} s")  # fmt: skip
+    for line in failed:
+        print(f"did not compile: {line}")
+    return not failed
+
+
 def _tune_command(args) -> int:
     from . import _tune
 
+    compiled = _precompile(args) if args.precompile or args.compile_only else True
+    if args.compile_only:
+        return 0 if compiled else 1
     if not torch.cuda.is_available():
         print("linattn tune: no GPU here; auto runs the reference on CPU tensors, so there is nothing to measure")
-        return 0
+        return 0 if compiled else 1
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    measured = _tune.tune(args.model, args.batch, dtype, args.backward)
+    measured = [e for b in args.batch for e in _tune.tune(args.model, b, dtype, args.backward, args.layout)]
     rows = [["op", "pass", "call (shapes/strides/dtype)", "chosen", "ms (median of 5, CUDA events)"]]
     for entry in measured:
         op, pass_, call = entry["key"].split(":", 2)
@@ -61,7 +104,7 @@ def _tune_command(args) -> int:
         rows.append([op, pass_, call if len(call) <= 60 else call[:57] + "...", entry["chosen"], ms])
     print(table(rows) if measured else "nothing new to measure: every call's choice is in the table")
     print(_tune.describe())
-    return 0
+    return 0 if compiled else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="run every op on every available backend against the reference")
     tune = sub.add_parser("tune", help="measure dispatch's choices for a model's calls on this GPU and keep them")
     tune.add_argument("--model", nargs="+", default=["l0"], help="encoders (l0 .. xl1, squeezesam, vitt, vits)")
-    tune.add_argument("--batch", type=int, default=16)
+    tune.add_argument("--batch", type=int, nargs="+", default=[16])
     tune.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"))
+    tune.add_argument("--layout", default="channels_last", choices=("channels_last", "nchw"),
+                      help="the models' layout (channels_last: optimize's default on a GPU)")  # fmt: skip
     tune.add_argument("--backward", action="store_true", help="also the backward (train mode)")
+    tune.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=True,
+                      help="first compile every Triton configuration the calls may launch into Triton's cache, one "
+                      "process per core (a bare machine's first calls then load their kernels)")  # fmt: skip
+    tune.add_argument("--compile-only", action="store_true",
+                      help="precompile, then stop (without a GPU: name the target with --arch)")  # fmt: skip
+    tune.add_argument("--arch", type=int, choices=(80, 90), help="precompile for sm_80 or sm_90 (default: this GPU)")
+    tune.add_argument("--jobs", type=int, help="precompile processes (default: one per core)")
     sub.add_parser(
         "audit",
         help="the GPU compile gate: compile every kernel for sm_90 and sm_80 (see `python -m linattn audit --help`)",

@@ -297,10 +297,17 @@ def reset() -> None:
         _warned.clear()
 
 
-def tune(models: Sequence[str], batch: int, dtype: torch.dtype, backward: bool = False, quick: bool = False):
-    """Fill the table for the calls of each model's optimized forward (and backward) at `batch` and `dtype` on
-    this GPU; returns the measurements (one per new key). Keys measured before are lookups: delete the table
-    file to measure again."""
+def tune(
+    models: Sequence[str],
+    batch: int,
+    dtype: torch.dtype,
+    backward: bool = False,
+    layout: str = "channels_last",
+    quick: bool = False,
+):
+    """Fill the table for the calls of each model's optimized forward (and backward) at `batch` and `dtype`, run
+    in `layout`, on this GPU; returns the measurements (one per new key). Keys measured before are lookups:
+    delete the table file to measure again."""
     from . import optimize
     from .benchmarks.bench_e2e import build_model, make_input, resolve_model
 
@@ -310,7 +317,8 @@ def tune(models: Sequence[str], batch: int, dtype: torch.dtype, backward: bool =
     try:
         for name in models:
             name = resolve_model(name)
-            model = optimize(build_model(name, quick).to(device, dtype).train(backward).requires_grad_(backward))
+            model = build_model(name, quick).to(device, dtype).train(backward).requires_grad_(backward)
+            model = optimize(model, channels_last=layout == "channels_last")
             x = make_input(name, batch, quick, device).to(dtype)
             with torch.set_grad_enabled(backward):
                 y = model(x)

@@ -199,8 +199,10 @@ def trace(
     dtypes: Sequence[str] = tuple(DTYPES),
     layouts: Sequence[str] = LAYOUTS,
     progress: Callable[[str], None] = lambda s: None,
+    modes: Sequence[bool] = (False, True),
 ) -> list[OpCall]:
-    """Every distinct linattn op call of the optimized encoders (eval forward, train forward + backward)."""
+    """Every distinct linattn op call of the optimized encoders: for each of `modes`, the eval forward (False)
+    and the train forward + backward (True)."""
     import linattn
 
     recorder = _Recorder()
@@ -209,7 +211,7 @@ def trace(
         for name in models:
             for dtype_name in dtypes:
                 for layout in layouts:
-                    for train in (False, True):
+                    for train in modes:
                         model, side, channels = _encoder(name)
                         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                         model = model.to(DTYPES[dtype_name], memory_format=fmt).train(train)
@@ -223,7 +225,9 @@ def trace(
                                 if train:
                                     outputs = y if isinstance(y, (tuple, list)) else (y,)
                                     sum(t.float().sum() for t in outputs if t.requires_grad).backward()
-        for key in _attention_calls(list(recorder.calls.values())):
+        # the attention ops on their own, forward and backward, at the traced LiteMLA shapes: with training only
+        attention = _attention_calls(list(recorder.calls.values())) if True in modes else []
+        for key in attention:
             recorder.where = f"attention ops at {key[0]} {str(key[4])[6:]}"
             with recorder.mode():
                 _trace_attention_ops(*key)
@@ -666,6 +670,29 @@ def _summary(rows: Sequence[Row]) -> list[list[str]]:
             ]
         )
     return out
+
+
+def precompile(
+    cc: int,
+    models: Sequence[str],
+    batches: Sequence[int],
+    dtypes: Sequence[str],
+    layouts: Sequence[str],
+    backward: bool = False,
+    jobs: int | None = None,
+    progress=lambda done, total: None,
+) -> tuple[int, list[str]]:
+    """Compile every Triton configuration that the optimized encoders' calls launch on a GPU of compute
+    capability `cc` (each measured-dispatch candidate included) into Triton's on-disk cache (TRITON_CACHE_DIR),
+    in `jobs` processes at once: a bare machine's first forward then loads its kernels instead of compiling
+    them one call at a time (the first H100 pass's optimized L0 did not finish its first call in 90 s). The
+    gate's trace and compile, without its judgement. Returns (configurations, the errors of those that did not
+    compile)."""
+    calls = trace(models, batches, dtypes, layouts, modes=(False, True) if backward else (False,))
+    jobs_list = [(launch, cc) for launch, _ in replay(calls, ARCHS[cc]).values()]
+    rows = compile_all(jobs_list, jobs or os.cpu_count() or 1, progress)
+    failed = [f"{r.kernel} [{r.config}]: {p}" for r in rows for p in r.problems if p.startswith("does not compile")]
+    return len(rows), failed
 
 
 def versions() -> dict:

@@ -121,5 +121,27 @@ def test_bench_runs_the_end_to_end_benchmark(tmp_path, capsys):
 def test_tune_without_a_gpu_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("measures on the GPU: run by hand")
-    assert main(["tune", "--model", "l0"]) == 0
+    assert main(["tune", "--model", "l0", "--no-precompile"]) == 0
     assert "no GPU here" in capsys.readouterr().out
+
+
+def test_tune_precompiles_into_tritons_cache(tmp_path, monkeypatch, capsys):
+    """tune --compile-only --arch 80 (no GPU needed): the models' configurations land in Triton's on-disk cache,
+    one entry each, and a second run compiles nothing new (the first call of a bare GPU then loads them)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    argv = ["tune", "--compile-only", "--arch", "80", "--model", "squeezesam", "vitt", "--batch", "1", "--jobs", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    count = int(re.search(r"linattn tune: (\d+) Triton configurations of squeezesam compiled for sm_80", out)[1])
+    entries = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert count > 0 and len(list(tmp_path.iterdir())) == count  # vitt (EfficientSAM): no fused op, nothing traced
+    assert main(argv) == 0  # every configuration a cache hit: no file written again
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == entries
+
+
+def test_tune_precompile_needs_a_target(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("precompiles for this GPU")
+    assert main(["tune", "--compile-only"]) == 0
+    assert "no GPU here to precompile for: name one with --arch" in capsys.readouterr().out
