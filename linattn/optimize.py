@@ -394,7 +394,7 @@ def _convert_upsample(module: nn.Module):
 def _is_residual(module: nn.Module) -> bool:
     """EfficientViT's ResidualBlock: `main` and `shortcut` (None in downsampling blocks: main alone)."""
     return (
-        "main" in module._modules
+        module._modules.get("main") is not None
         and hasattr(module, "shortcut")
         and set(module._modules)
         <= {
@@ -519,22 +519,16 @@ def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module 
         new = _convert(child, f"{name}.{child_name}" if name else child_name, report)
         if new is not None:
             module._modules[child_name] = new
-    if _is_residual(module) and module.main is not None:
-        try:
-            new, detail = _convert_residual(module)
-        except _Skip as why:
-            report.skipped.append(Skipped(name, "residual", str(why)))
-            return None
-        report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
-        return new
-    if _is_neck(module):
-        try:
-            new, detail = _convert_neck(module)
-        except _Skip as why:
-            report.skipped.append(Skipped(name, "neck", str(why)))
-            return None
-        report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
-        return new
+    # containers whose children are converted by now
+    for kind, matches, convert in (("residual", _is_residual, _convert_residual), ("neck", _is_neck, _convert_neck)):
+        if matches(module):
+            try:
+                new, detail = convert(module)
+            except _Skip as why:
+                report.skipped.append(Skipped(name, kind, str(why)))
+                return None
+            report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
+            return new
     if type(module) is nn.Sequential:
         runs = _sequential_runs(module, name, report)
         if runs:

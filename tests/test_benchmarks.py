@@ -559,18 +559,18 @@ def test_gpu_summary(tmp_path):
     assert [r["results_file"] for r in combined] == ["e2e", "lite_mla"]
 
 
+def run_gpu_check(out, env: dict) -> subprocess.CompletedProcess:
+    """benchmarks/gpu_check.sh OUT under `env`; it must exit 0."""
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_gpu_check_dry_run_layout(tmp_path):
     """gpu_check.sh without running its steps: the step table, at most 8 files in OUT, a tar of the rest."""
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "DRY_RUN": "1", "WORK_DIR": str(work), "PYTHON": sys.executable}
-    result = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_gpu_check(out, {**os.environ, "DRY_RUN": "1", "WORK_DIR": str(work), "PYTHON": sys.executable})
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"gpu_check.tar.gz", "summary.txt", "gpu.txt"} <= set(files), files
     summary = (out / "summary.txt").read_text()
@@ -605,14 +605,6 @@ def test_gpu_check_turns_the_cudnn_graph_off_when_its_probe_fails(tmp_path):
         if passes:
             (tmp_path / "probe_passes").touch()
         out, work = tmp_path / f"out{passes}", tmp_path / f"work{passes}"
-        run_env = {**env, "WORK_DIR": str(work), "PYTHON": str(fake), "STEPS": "cudnn check"}
-        result = subprocess.run(
-            ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
-            env=run_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr
+        run_gpu_check(out, {**env, "WORK_DIR": str(work), "PYTHON": str(fake), "STEPS": "cudnn check"})
         assert seen.read_text().strip() == expected
         assert ("LINATTN_CUDNN=0 for the steps after it" in (out / "gpu.txt").read_text()) == (not passes)
