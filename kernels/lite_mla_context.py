@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import Device, cdiv, device_of, next_pow2
+from ._device import Device, cdiv, device_of, launcher, next_pow2
 from .linear_attention import _sum_partials, split_rows
 from .multiscale_aggregate import _bias_args, _pointwise_matrix_t
 
@@ -374,14 +374,34 @@ def context_config(
     return cfg
 
 
+def context_configs(dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool) -> list[dict]:
+    """The configurations measured dispatch times for a call (linattn._tune.choose_config), the heuristic's
+    first. On a GPU also the stencil the other way for fp16/bf16 (tensor-core dots per tap, or FMAs and one
+    pointwise dot: the first H100 pass had the tap-dot kernel at 3-7% of copy bandwidth, far from its memory
+    floor, and which is faster is the GPU's to say) and the other side of the one-pass / split-over-N choice
+    (where the map has more than one row tile)."""
+    first = context_config(dev, B, heads, N, dim, low_precision)
+    if not dev.gpu:
+        return [first]
+    found = [first]
+    if low_precision:  # FMA taps on 32-row tiles: 64 spilled 24 bytes on sm_80 over NCHW maps (compile gate)
+        found.append(dict(first, TAP_MMA=False, BLOCK_N=32))
+    other = context_config(dev, B, heads, N, dim, low_precision, 1 if first["splits"] > 1 else 2)
+    if split_rows(N, other)[2] != split_rows(N, first)[2]:
+        found.append(other)
+    return found
+
+
 def lite_mla_context_fwd(
-    qkv, dw_weights, pw_weights, heads: int, dim: int, eps: float, dw_biases, pw_biases, out, config=None
-):
+    qkv, dw_weights, pw_weights, heads: int, dim: int, eps: float, dw_biases, pw_biases, out, config=None,
+    compile_only: bool = False,
+):  # fmt: skip
     """Write lite_mla_attention(multiscale_aggregate(qkv, ...)) into out (B, (1+S)*heads*dim, H, W).
 
     The first scale's passes also compute the heads over qkv itself, so qkv is read from memory once for both.
     config: context_config()'s dict, to launch another device's choice (its splits clamped to the map's row
-    tiles; one split runs the one-pass kernel)."""
+    tiles; one split runs the one-pass kernel). compile_only: compile the kernels for these arguments without
+    launching them (measured dispatch's candidates, compiled at once before they are timed)."""
     B, C, H, W = qkv.shape
     low = qkv.dtype != torch.float32
     cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim, low))
@@ -406,11 +426,11 @@ def lite_mla_context_fwd(
             state = z = qkv
         else:
             state, z = torch.empty_like(s0), torch.empty_like(z0)
-            _lite_mla_context_state_kernel[grid](
+            launcher(_lite_mla_context_state_kernel, grid, compile_only)(
                 state, z, s0, z0, qkv, *qkv.stride(), wd, bd, wp, bp, *sizes, **flags, **cfg,
             )  # fmt: skip
         o = out[:, (1 + s) * heads * dim : (2 + s) * heads * dim]
-        _lite_mla_context_fwd_kernel[grid](
+        launcher(_lite_mla_context_fwd_kernel, grid, compile_only)(
             o, *o.stride(), raw_out, *raw_out.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, state, z, s0, z0,
             *sizes, eps, ONE_PASS=one_pass, **flags, **cfg,
         )  # fmt: skip

@@ -103,14 +103,20 @@ KERNEL_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_la
 
 
 def _configs(case):
-    """(id, config or None) of every configuration kind the launcher picks: the interpreter's own, and an H100's
-    tiles one-pass and split over N, each with the stencil on tensor cores and as FMAs."""
+    """(id, config or None) of every configuration kind the launcher picks: the interpreter's own, every candidate
+    an H100's measured dispatch times (context_configs) for this head count at this batch and at a batch that
+    fills the GPU (one-pass heuristic), and an H100's tiles one-pass and split over N, each with the stencil on
+    tensor cores and as FMAs."""
     from linattn.kernels._device import H100
-    from linattn.kernels.lite_mla_context import context_config
+    from linattn.kernels.lite_mla_context import context_config, context_configs
 
     B, heads, D, H, W = case[:5]
     low = case[7] != torch.float32
     out = [("interpreter", None)]
+    for batch in (B, H100.sms):
+        out += [
+            (f"gpu-candidate-B{batch}-{i}", c) for i, c in enumerate(context_configs(H100, batch, heads, H * W, D, low))
+        ]
     for splits in (1, 3):
         gpu = context_config(H100, B, heads, H * W, D, low, splits)
         name = "one-pass" if splits == 1 else "split"
@@ -159,6 +165,24 @@ def test_context_config_one_pass_when_the_gpu_is_full():
     assert splits(INTERPRETER, 1, 16, 1024) == 1
     low, full = context_config(H100, 16, 16, 256, 32, True), context_config(H100, 16, 16, 256, 32, False)
     assert low["TAP_MMA"] and not full["TAP_MMA"] and full["maxnreg"] <= 128
+
+
+def test_context_configs_measured_on_a_gpu():
+    """What measured dispatch times per call: the heuristic first, the stencil the other way (fp16/bf16), the
+    other side of the one-pass / split choice where the map has several row tiles; the interpreter's alone."""
+    from linattn.kernels._device import H100, INTERPRETER
+    from linattn.kernels.linear_attention import split_rows
+    from linattn.kernels.lite_mla_context import context_config, context_configs
+
+    def kinds(B, N, low=True):
+        return [(c["TAP_MMA"], split_rows(N, c)[2]) for c in context_configs(H100, B, 16, N, 32, low)]
+
+    assert context_configs(H100, 16, 16, 256, 32, True)[0] == context_config(H100, 16, 16, 256, 32, True)
+    assert kinds(16, 256) == [(True, 1), (False, 1), (True, 2)]  # L0 at batch 16: one pass first
+    assert kinds(1, 256) == [(True, 4), (False, 8), (True, 1)]  # batch 1: the split first (FMA taps: 32-row tiles)
+    assert kinds(1, 256, low=False) == [(False, 16), (False, 1)]  # fp32: FMA taps only (IEEE), 16-row tiles
+    assert kinds(1, 49) == [(True, 1), (False, 2)]  # one 64-row tile: nothing to split (two of 32 rows)
+    assert context_configs(INTERPRETER, 16, 16, 256, 32, True) == [context_config(INTERPRETER, 16, 16, 256, 32, True)]
 
 
 @pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
+from .._tune import choose_config
 from ._autocast import register_autocast
 from ._common import as_int, check_eps, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 from .linear_attention import attention_fwd
@@ -67,10 +68,19 @@ def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_bia
         return
     args = (qkv, contiguous(dw_weights), contiguous(pw_weights), heads, dim, eps)
     biases = (contiguous(dw_biases), contiguous(pw_biases))
-    if impl == "triton":
-        from ..kernels.lite_mla_context import lite_mla_context_fwd
+    if impl == "triton":  # every head, qkv read once
+        from ..kernels._device import device_of
+        from ..kernels.lite_mla_context import context_configs, lite_mla_context_fwd
 
-        lite_mla_context_fwd(*args, *biases, out)  # every head, qkv read once
+        call = (*args, *biases)
+        B, _, H, W = qkv.shape
+        config = choose_config(
+            OP, "fwd", qkv.device,
+            lambda: context_configs(device_of(qkv), B, heads, H * W, dim, qkv.dtype != torch.float32),
+            lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c), (*call, out),
+            lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c, compile_only=True),
+        )  # fmt: skip
+        lite_mla_context_fwd(*call, out, config)
     else:
         # the CUDA kernels serve the aggregated heads; the heads over qkv itself are plain attention
         q, k, v = reference.split_packed_qkv(qkv, dim)
