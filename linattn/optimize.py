@@ -23,6 +23,9 @@ Patterns recognised by structure, not by class name, while walking the module tr
   -> `FusedResidualBlock`: the add is the last conv's residual epilogue (the LiteMLA projection's), one
   tensor fewer written and read and no aten add left in an EfficientViT block.
 
+- EfficientViT's LayerNorm2d (an nn.LayerNorm named so, over the channels of a map: official, timm's, ours)
+  -> `FusedLayerNorm2d`: one aten layer_norm over the map's NHWC view (a view of a channels_last map) where the
+  official forward makes six passes (mean, centring, square, mean, sqrt and division, affine);
 - EfficientViT-SAM's neck (a DAGBlock summing its input ops, each a conv block then a bicubic
   `UpSampleLayer`: the official code's and linattn.models' SamNeck) -> `FusedNeck`: the resizes and the
   sum are one `linattn.upsample_sum` call, its conv blocks and middle converted as above.
@@ -47,6 +50,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._backend import BACKENDS, get_backend, set_backend
@@ -56,7 +60,15 @@ from .nn.lite_mla import LiteMLA
 from .ops.conv_bn_act import separable_conv_bn_act, upsample_block
 from .ops.upsample_sum import upsample_sum
 
-__all__ = ["FusedNeck", "FusedResidualBlock", "FusedSequential", "FusedUpsampleBlock", "OptimizeReport", "optimize"]
+__all__ = [
+    "FusedLayerNorm2d",
+    "FusedNeck",
+    "FusedResidualBlock",
+    "FusedSequential",
+    "FusedUpsampleBlock",
+    "OptimizeReport",
+    "optimize",
+]
 
 # EfficientViT's conv blocks (official names and timm's) and their children, which forward applies in order
 SEQUENTIAL_BLOCKS = {
@@ -249,6 +261,19 @@ class FusedNeck(nn.Module):
         return features
 
 
+class FusedLayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map as one aten layer_norm of its NHWC view, which is a view
+    of a channels_last map (an NCHW map is copied into that layout and the result back). Its own parameters are
+    the source's (same keys). The result has eager's dtype, under autocast too: the official forward's
+    `* weight` promotes x's dtype and the parameters'."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype if self.weight is None else torch.promote_types(x.dtype, self.weight.dtype)
+        y = F.layer_norm(x.to(dtype).permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        y = y.to(dtype).permute(0, 3, 1, 2)
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+
 def _run_blocks(blocks: list[nn.Module], x: Tensor, residual: Tensor | None) -> Tensor:
     """The blocks in order, `residual` added by the last; a depthwise ConvBNAct followed by a 1x1 one (MBConv's
     and DSConv's depth_conv -> point_conv) runs as one separable_conv_bn_act where both fold (eval)."""
@@ -373,6 +398,19 @@ def _convert_conv_norm_act(module: nn.Module):
     block = ConvBNAct.from_modules(module.conv, bn, act, order="conv_bn_act")
     block.train(module.training)
     return block, f"conv {tuple(module.conv.kernel_size)}, {'BN, ' if bn is not None else ''}{act}"
+
+
+def _is_layer_norm_2d(module: nn.Module) -> bool:
+    return type(module).__name__ == "LayerNorm2d" and isinstance(module, nn.LayerNorm)
+
+
+def _convert_layer_norm_2d(module: nn.LayerNorm):
+    if len(module.normalized_shape) != 1:
+        raise _Skip(f"normalized_shape {tuple(module.normalized_shape)} is not the channels alone")
+    new = FusedLayerNorm2d(module.normalized_shape, module.eps, elementwise_affine=False)
+    new.weight, new.bias = module.weight, module.bias  # the same parameters (None without the affine)
+    new.train(module.training)
+    return new, f"{module.normalized_shape[0]} channels, eps {module.eps}"
 
 
 def _is_upsample(module: nn.Module) -> bool:
@@ -504,6 +542,7 @@ def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module 
         ("LiteMLA", _is_lite_mla, _convert_lite_mla),
         ("conv/norm/act", _is_conv_norm_act, _convert_conv_norm_act),
         ("upsample", _is_upsample, _convert_upsample),
+        ("LayerNorm2d", _is_layer_norm_2d, _convert_layer_norm_2d),
     ):
         if matches(module):
             try:

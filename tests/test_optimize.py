@@ -21,7 +21,14 @@ from linattn.models import efficientsam_encoder, efficientvit_sam_encoder
 from linattn.models.efficientvit_sam import LiteMLA as EagerLiteMLA
 from linattn.models.squeezesam import SqueezeSAM, squeezesam
 from linattn.nn import ConvBNAct, LiteMLA
-from linattn.optimize import FusedNeck, FusedResidualBlock, FusedSequential, FusedUpsampleBlock, OptimizeReport
+from linattn.optimize import (
+    FusedLayerNorm2d,
+    FusedNeck,
+    FusedResidualBlock,
+    FusedSequential,
+    FusedUpsampleBlock,
+    OptimizeReport,
+)
 
 timm_mit = pytest.importorskip("timm.models.efficientvit_mit", reason="timm is a test dependency (pip install timm)")
 
@@ -148,6 +155,7 @@ def test_report_on_efficientvit_sam(variant, attention):
     # downsampling ones without (shortcut None), whose MBConv depthwise -> 1x1 pair is fused too
     residual = sum(1 for m in model.modules() if type(m).__name__ == "ResidualBlock")
     counts = {"ConvBNAct": blocks, "FusedResidualBlock": residual, "LiteMLA": attention, "FusedNeck": 1}
+    counts["FusedLayerNorm2d"] = 1
     assert report.counts() == counts
     assert report.skipped == []  # the attention's add too: its projection's epilogue
     assert isinstance(optimized.neck, FusedNeck)  # the resizes and their sum: one upsample_sum
@@ -538,3 +546,41 @@ def test_official_neck_is_one_upsample_sum():
 def test_neck_left_alone(neck, reason):
     _, report = linattn.optimize(neck, return_report=True)
     assert [(s.kind, reason in s.reason) for s in report.skipped] == [("neck", True)]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """The official EfficientViT LayerNorm2d: the channels' statistics as separate ops."""
+
+    def forward(self, x):
+        out = x - torch.mean(x, dim=1, keepdim=True)
+        out = out / torch.sqrt(torch.square(out).mean(dim=1, keepdim=True) + self.eps)
+        return out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.elementwise_affine else out
+
+
+@pytest.mark.parametrize(
+    "model_dtype, x_dtype, autocast, layout",
+    [
+        (torch.float32, torch.float32, False, "nchw"),
+        (torch.float32, torch.float32, False, "channels_last"),
+        (torch.bfloat16, torch.bfloat16, False, "channels_last"),
+        (torch.float32, torch.bfloat16, False, "nchw"),  # eager's `* weight` promotes to float32
+        (torch.float32, torch.bfloat16, True, "channels_last"),  # layer_norm under autocast: float32
+    ],
+)
+def test_layer_norm_2d_is_one_layer_norm(model_dtype, x_dtype, autocast, layout):
+    """EfficientViT's LayerNorm2d becomes one aten layer_norm over the NHWC view: the same values, dtype and
+    memory format as the official module's, and the same parameters and keys."""
+    norm = randomize(LayerNorm2d(24, eps=1e-6), 11).to(model_dtype)
+    fused, report = linattn.optimize(norm, return_report=True)
+    assert isinstance(fused, FusedLayerNorm2d) and list(fused.state_dict()) == list(norm.state_dict())
+    assert fused.weight is not norm.weight and torch.equal(fused.weight, norm.weight)  # a deep copy: optimize's
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(2, 24, 5, 7) * 3 + 1).to(x_dtype).contiguous(memory_format=fmt)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with OpCounter() as counter:
+            got = fused(x)
+        want = norm(x)
+    assert got.dtype == want.dtype and got.is_contiguous(memory_format=fmt)
+    oracle = norm.double()(x.double())
+    assert_close(got, oracle, tolerance(got.dtype, rel_err(want, oracle)), "layer norm")
+    assert counter.per_op.get("aten.native_layer_norm") == 1 and "aten.mean" not in counter.per_op
