@@ -51,7 +51,7 @@ def info() -> None:
 def _precompile(args) -> bool:
     """tune's first part: every Triton configuration of the models' calls compiled at once into Triton's cache;
     False when one did not compile."""
-    from .audit import ARCHS, precompile
+    from .audit import ARCHS, precompile, traceable
     from .benchmarks.bench_e2e import resolve_model
     from .benchmarks.common import progress
 
@@ -66,8 +66,7 @@ def _precompile(args) -> bool:
         print(f"linattn tune: no precompile for sm_{cc} (its launch sizes are known for sm_80 and sm_90): kernels "
               "compile at their first call")  # fmt: skip
         return True
-    # the encoders with fused ops (EfficientSAM's ViTs have none)
-    models = [m for m in map(resolve_model, args.model) if m.startswith("efficientvit-sam-") or m == "squeezesam"]
+    models = [m for m in map(resolve_model, args.model) if traceable(m)]
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         bar = []

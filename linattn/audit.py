@@ -155,8 +155,14 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def traceable(name: str) -> bool:
+    """Whether `trace` takes the encoder `name` (a bench_e2e model name): those with fused ops, EfficientViT-SAM's
+    and SqueezeSAM (EfficientSAM's ViTs have none)."""
+    return name == "squeezesam" or name.startswith("efficientvit-sam-")
+
+
 def _encoder(name: str) -> tuple[torch.nn.Module, int, int]:
-    """(model on the meta device, input side, input channels) of one of MODELS."""
+    """(model on the meta device, input side, input channels) of a traceable encoder."""
     from .models import efficientvit_sam_encoder, squeezesam
 
     with torch.device("meta"):

@@ -2,7 +2,7 @@
 
 A torch custom op with fake and autograd registrations. The Triton kernel reads each input once and writes the
 sum once; eager PyTorch writes each resized map in fp32, casts it, and writes every partial sum. The backward is
-bicubic resizing's adjoint (aten's upsample_bicubic2d_backward) per input, as eager's.
+bicubic resizing's adjoint per input (reference.upsample_sum_backward).
 """
 
 import torch
