@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import eager, ops, reference
-from ._backend import KERNEL_BACKENDS, backend, implementations, reasons
+from ._backend import KERNEL_BACKENDS, backend, reasons
 from ._table import table
 from .benchmarks.common import progress
 
@@ -186,26 +186,14 @@ def _outputs(fn: Callable, inputs: list[torch.Tensor], grad_seed: int) -> list[t
     return [out.detach(), *(x.grad for x in leaves)]
 
 
-def forward_only(op: str, backend: str) -> bool:
-    """Whether `backend` implements op's forward but not the backward of its own (gradients then come from
-    the backend "auto" picks)."""
-    backward = implementations(op, "bwd")
-    return bool(backward) and backend in implementations(op, "fwd") and backend not in backward
-
-
 def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, float, float]:
     """(passed, worst error, its tolerance) over the output and every gradient."""
     gen = torch.Generator().manual_seed(0)
     inputs = [(torch.randn(s, generator=gen) / (s[-1] if s[1] == 1 else 1)).to(device, dtype) for s in case.shapes]
     oracle = _outputs(case.ref, [x.double() for x in inputs], 1)
     baseline = _outputs(case.eager, inputs, 1)
-    if forward_only(case.op, name):  # the backend's forward kernels, gradients from the backward "auto" picks
-        with backend(name):
-            forward = case.run(*inputs)
-        got = [forward, *_outputs(case.run, inputs, 1)[1:]]
-    else:
-        with backend(name):
-            got = _outputs(case.run, inputs, 1)
+    with backend(name):
+        got = _outputs(case.run, inputs, 1)
     results = [(rel_err(g, o), tolerance(dtype, rel_err(e, o))) for g, e, o in zip(got, baseline, oracle)]
     err, tol = max(results, key=lambda r: r[0] / r[1])
     return all(e <= t for e, t in results), err, tol
@@ -228,9 +216,8 @@ def check(device: torch.device) -> bool:
             for name in backends:
                 why = "; ".join(reasons(case.op, "fwd", name, device, args=case.limit_args)) or None
                 label = case.label or case.op
-                shown = f"{name} (fwd)" if forward_only(case.op, name) else name
                 for dtype in dtypes:
-                    row = [label, shown, str(dtype)[6:]]
+                    row = [label, name, str(dtype)[6:]]
                     bar.set_postfix_str(" ".join(row))
                     bar.update()
                     if why:

@@ -316,14 +316,19 @@ def _gpu_launches(arch: Arch):
     props = types.SimpleNamespace(multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10)
     from .kernels._device import cuda_device
 
-    saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties
+    saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, os.environ.get("LINATTN_TMA")
     JITFunction.run = InterpretedFunction.run = record  # with TRITON_INTERPRET=1 the kernels are interpreted ones
     torch.cuda.get_device_properties = lambda device=None: props
+    os.environ["LINATTN_TMA"] = "1"  # the opt-in tensor-descriptor kernels compile too: a GPU may launch them
     cuda_device.cache_clear()
     try:
         yield launches
     finally:
-        JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties = saved
+        JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, tma = saved
+        if tma is None:
+            os.environ.pop("LINATTN_TMA")
+        else:
+            os.environ["LINATTN_TMA"] = tma
         cuda_device.cache_clear()
 
 

@@ -12,7 +12,7 @@ import linattn
 from linattn import reference
 from linattn._backend import unavailable
 from linattn.nn import ConvBNAct
-from linattn.ops._conv_bn_act_cudnn import simt_limit
+from linattn.ops._conv_bn_act_cudnn import backward_cuda, simt_limit
 
 
 def _kernel_targets(cuda_skip: str | None = None):
@@ -134,7 +134,7 @@ def _case_id(c):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kernels(target, case):
     """Forward into a NaN-poisoned output and every gradient, against float64, within docs/design.md 8's tolerance.
-    The CUDA kernels are forward only: their target checks the forward."""
+    The cuda target: the hand-written forward kernels, cuDNN's backward (backward_cuda)."""
     from linattn.kernels.conv_bn_act import conv_bn_act_bwd
 
     backend, device = target
@@ -150,13 +150,14 @@ def test_kernels(target, case):
         out = out.to(memory_format=torch.channels_last)
     forward(backend, x, w, b, *pairs(conv), s, t, r, out)
     assert_close(out, ref, tolerance(dtype, rel_err(ref_eager, ref)), "out")
-    if backend == "cuda":
-        return
 
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *pairs(conv), *f64(s))
-    got = conv_bn_act_bwd(g, x, w, b, *pairs(conv), s)
-    assert got[0].dtype == dtype and got[0].stride() == x.stride()
+    if backend == "cuda":
+        got = backward_cuda(g, x, w, b, *pairs(conv), s)
+    else:
+        got = conv_bn_act_bwd(g, x, w, b, *pairs(conv), s)
+        assert got[0].dtype == dtype and got[0].stride() == x.stride()
     ref_eager.backward(g)
     names = ["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"]
     for name, got_t, want_t, leaf in zip(names, got, want, leaves):
@@ -169,7 +170,7 @@ def test_kernels(target, case):
 @pytest.mark.parametrize("depthwise", [False, True], ids=["grouped", "depthwise"])
 def test_kernels_strided_views_and_split_reduction(target, depthwise):
     """Non-contiguous x and weight (views), several channel tiles per group, the weight gradient's
-    reduction split into chunks (the GPU's launch shape), gradients against float64 (forward only on cuda)."""
+    reduction split into chunks (the GPU's launch shape), gradients against float64 (cuDNN's on cuda)."""
     from linattn.kernels.conv_bn_act import conv_bn_act_bwd
 
     backend, device = target
@@ -184,11 +185,12 @@ def test_kernels_strided_views_and_split_reduction(target, depthwise):
     out = torch.full(ref.shape, float("nan"), device=device)
     forward(backend, x, w, b, *conv, s, None, None, out)
     assert_close(out, ref, 1e-5, "out")
-    if backend == "cuda":
-        return
     g = torch.randn(ref.shape, generator=gen).to(device)
     want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *conv, s.double())
-    got = conv_bn_act_bwd(g, x, w, b, *conv, s, config={"dw": dw_config(x, w, groups, split=3)})
+    if backend == "cuda":
+        got = backward_cuda(g, x, w, b, *conv, s)
+    else:
+        got = conv_bn_act_bwd(g, x, w, b, *conv, s, config={"dw": dw_config(x, w, groups, split=3)})
     for name, a, e in zip(["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"], got, want):
         assert_close(a, e, 1e-5, name)
 
@@ -244,7 +246,7 @@ def test_op_autograd(target, case):
 
 
 def test_forced_cuda_backend_raises():
-    """Forcing cuda on CPU tensors, on the backward or on separable_conv_bn_act raises. The device comes first
+    """Forcing cuda on CPU tensors (forward and backward) or on separable_conv_bn_act raises. The device comes first
     (tests/test_bad_input.py); the conv forms the hand-written kernels behind cuDNN's graph take are checked on
     their limit (a conv cuDNN declines: tests/test_conv_bn_act_cudnn.py)."""
     assert "not this 3x3 conv with groups 1" in simt_limit(4, (3, 3), [1, 1], [1, 1], 1)
@@ -261,11 +263,11 @@ def test_forced_cuda_backend_raises():
             linattn.conv_bn_act(x, w, padding=1)
     with linattn.backend("cuda"), pytest.raises(RuntimeError, match="no cuda kernel for separable_conv_bn_act"):
         linattn.separable_conv_bn_act(x, torch.randn(4, 1, 3, 3, device=device), torch.randn(8, 4, 1, 1, device=device))
-    xg = x.clone().requires_grad_()
-    out = linattn.conv_bn_act(xg, torch.randn(4, 1, 3, 3, device=device), padding=1, groups=4)  # depthwise, "auto"
-    forward_only = "no cuda kernel for conv_bn_act backward" if device == "cuda" else "cannot run this call"
-    with linattn.backend("cuda"), pytest.raises(RuntimeError, match=forward_only):
-        out.sum().backward()
+    if device == "cpu":  # the backward too (on a GPU it runs: test_conv_bn_act_cudnn.py's test_cuda_backward)
+        xg = x.clone().requires_grad_()
+        out = linattn.conv_bn_act(xg, torch.randn(4, 1, 3, 3), padding=1, groups=4)  # depthwise, on "auto"
+        with linattn.backend("cuda"), pytest.raises(RuntimeError, match=re.escape(unavailable("cuda", x.device))):
+            out.sum().backward()
 
 
 def test_float64_runs_on_reference_and_int_pairs_match():
@@ -387,7 +389,7 @@ def test_upsample_block(target, case):
     inputs = [x, weight, bias, scale, shift]
     ref = reference.upsample_block(*f64(*inputs))
     with torch.no_grad():  # the BN after the shuffle is the affine repeated 4 times before it, in float64
-        bn64 = bn.double()
+        bn64 = bn.double().to(device)
         s64, t64 = (v.repeat_interleave(4) for v in reference.bn_affine(*_bn_args(bn64)))
         x64, w64, b64 = f64(x, weight, bias)
         expect = bn64(F.pixel_shuffle(F.relu(F.conv2d(x64, w64[..., None, None], b64)), 2))
@@ -872,6 +874,58 @@ def test_tma_kernel_every_gpu_config(cfg):
     out = torch.full(ref.shape, float("nan"), dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     conv_bn_act_fwd(x, w, b, *conv, s, t, r, out, config=dict(cfg))
     assert_close(out, ref, tolerance(torch.bfloat16, rel_err(eager, ref)), f"out ({_tma_id(cfg)})")
+
+
+# the third H100 pass's two dense 3x3 benchmark shapes whose TMA rows ran at 4-5x eager's error (B16, bf16,
+# channels_last, the models' epilogues): (B, Cin, Cout, H, k, act, BN after the act)
+GPU_CONFIG_PROBLEMS = [(16, 128, 128, 128, 3, "relu", True), (16, 256, 1024, 64, 3, "gelu_tanh", False)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("problem", GPU_CONFIG_PROBLEMS, ids=lambda p: f"B{p[0]}-{p[1]}to{p[2]}-{p[3]}x{p[3]}-{p[5]}")
+def test_cuda_every_forward_config_at_benchmark_shapes(problem, monkeypatch, tmp_path):
+    """On a GPU, every forward configuration measured dispatch may time (LINATTN_TMA=1: the tensor-descriptor
+    ones too), launched directly into a NaN-poisoned output, then the op through measured dispatch (its
+    compiles on threads and its timing, forced to Triton), each against float64 within twice eager's error."""
+    from linattn import _tune
+    from linattn.kernels._device import cuda_device
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd, fwd_configs
+
+    monkeypatch.setenv("LINATTN_TMA", "1")
+    monkeypatch.setenv("LINATTN_CACHE_DIR", str(tmp_path))
+    cuda_device.cache_clear()
+    _tune.reset()
+    try:
+        B, cin, cout, size, k, act, post = problem
+        gen = torch.Generator().manual_seed(21)
+        cl = torch.channels_last
+
+        def rand(*shape, scale=1.0, offset=0.0):
+            return (torch.randn(shape, generator=gen) * scale + offset).to("cuda", torch.bfloat16)
+
+        x = rand(B, cin, size, size).to(memory_format=cl)
+        w = rand(cout, cin, k, k, scale=(cin * k * k) ** -0.5).to(memory_format=cl)
+        b = rand(cout, scale=0.5)
+        s, t = (rand(cout, scale=0.5, offset=1.0), rand(cout)) if post else (None, None)
+        conv = (1, 1), (k // 2, k // 2), (1, 1), 1, act
+        ref = reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t), None)
+        eager_out = reference.activation(F.conv2d(x, w, b, padding=k // 2), act)
+        if post:
+            eager_out = eager_out * s[:, None, None] + t[:, None, None]
+        tol = tolerance(torch.bfloat16, rel_err(eager_out, ref))
+        configs = fwd_configs(x, w, *conv[:4])
+        assert any(c.get("tma") for c in configs), "an H100 with LINATTN_TMA=1 times the TMA kernel"
+        for cfg in configs:
+            out = torch.full(ref.shape, float("nan"), device="cuda", dtype=torch.bfloat16).to(memory_format=cl)
+            conv_bn_act_fwd(x, w, b, *conv, s, t, None, out, config=dict(cfg))
+            assert_close(out, ref, tol, f"out ({cfg})")
+        with linattn.backend("triton"):
+            out = linattn.conv_bn_act(x, w, b, *conv, s, t)
+        chosen = [entry["chosen"] for entry in _tune.timings()]
+        assert_close(out, ref, tol, f"out through measured dispatch (chose {chosen})")
+    finally:
+        cuda_device.cache_clear()
+        _tune.reset()
 
 
 def test_tma_configs_take_only_what_a_descriptor_addresses():

@@ -39,7 +39,7 @@ gpu = pytest.mark.skipif(_gpu_skip() is not None, reason=f"cuDNN graph: {_gpu_sk
 def test_registry_entry_is_the_cudnn_graph_with_the_hand_kernels_behind_it():
     impl = _backend.implementations(OP, "fwd")["cuda"]
     assert impl.limit is cudnn.cuda_limit and impl.kernel == cudnn.SIMT
-    assert "cuda" not in _backend.implementations(OP, "bwd")  # forward only
+    assert _backend.implementations(OP, "bwd")["cuda"].limit is None  # cuDNN's dgrad and wgrad take every conv
     # without a call's signature only the hand kernels' forms are certain; cuDNN decides the rest per call
     why = cudnn.cuda_limit(16, (3, 3), [2, 2], [1, 1], 1)
     assert "hand-written kernels take depthwise convs" in why
@@ -299,3 +299,52 @@ def test_cuda_opcheck():
             (x, w, b, stride, pad, dil, groups, act, s, t, r),
             test_utils=("test_schema", "test_faketensor"),
         )
+
+
+# ---- the backward: cuDNN's dgrad and wgrad (backward_cuda) ----
+
+BACKWARD_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[8], CASES[9]]
+
+
+def _grads_against_float64(x, w, b, s, t, r, geometry, backward):
+    """backward(g, x, w, b, stride, pad, dil, groups, act, s)'s five gradients against float64, each within
+    docs/design.md 8's tolerance: twice the error of eager autograd in the inputs' dtype (fp32: 1e-5)."""
+    stride, pad, dil, groups, act = geometry
+    g = torch.randn(r.shape if r is not None else _eager(x, w, b, s, t, r, geometry).shape, device=x.device)
+    g = g.to(x.dtype)
+    leaves = [None if v is None else v.detach().clone().requires_grad_() for v in (x, w, b, s, t)]
+    _eager(*leaves, None, geometry).backward(g)
+    f64 = [None if v is None else v.double() for v in (g, x, w, b)]
+    want = reference.conv_bn_act_backward(*f64, stride, pad, dil, groups, act, None if s is None else s.double())
+    got = backward(g, x, w, b, stride, pad, dil, groups, act, s)
+    for name, got_t, want_t, leaf in zip(["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"], got, want, leaves):
+        if leaf is not None:
+            assert_close(got_t, want_t, tolerance(x.dtype, rel_err(leaf.grad, want_t)), name)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c[:13] + (dtype,) + c[14:] for c in BACKWARD_CASES for dtype in (torch.float32, torch.bfloat16)],
+    ids=_case_id,
+)
+def test_backward_math_on_cpu(monkeypatch, case):
+    """backward_cuda's arithmetic, runnable without a GPU: with cuDNN's graph declining (as on CPU tensors) z is
+    aten's conv, and dgrad/wgrad are aten.convolution_backward, the ops that reach cuDNN on a GPU."""
+    monkeypatch.setattr(cudnn, "cudnn_reason", lambda call: "simulated")
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda t: t)  # _inputs' tensors stay on the CPU
+    x, w, b, s, t, r, geometry = _inputs(case)
+    _grads_against_float64(x, w, b, s, t, None, geometry, cudnn.backward_cuda)
+
+
+@gpu
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=_case_id)
+def test_cuda_backward(case):
+    """The backward op with backend "cuda" forced (conv_bn_act_backward: what autograd calls), every gradient
+    against float64; the residual's gradient is the output gradient whatever the backend."""
+    x, w, b, s, t, r, geometry = _inputs(case, seed=2)
+
+    def forced(*args):
+        with linattn.backend("cuda"):
+            return torch.ops.linattn.conv_bn_act_backward(*args)
+
+    _grads_against_float64(x, w, b, s, t, None, geometry, forced)

@@ -90,6 +90,7 @@ def test_parity_with_timm(target, case, train):
 
     with linattn.backend("reference"):
         oracle = run(copy.deepcopy(ours).double(), x.double(), g.double(), train)
+    oracle = {key: t.to(device) for key, t in oracle.items()}  # built on the CPU, compared where the rest ran
     theirs.to(device=device, dtype=dtype)
     x, g = x.to(device=device, dtype=dtype), g.to(device)
     if channels_last:
@@ -141,7 +142,7 @@ def test_quadratic_path_for_small_maps(target):
         oracle = ref_model.proj(official_quadratic_attention(aggregated, dim, ours.eps))
         with linattn.backend(name):
             got = ours.to(device)(x.to(device))
-    assert_close(got, oracle, 1e-5, f"quadratic path, {name} on {device}")
+    assert_close(got, oracle.to(device), 1e-5, f"quadratic path, {name} on {device}")
 
 
 def test_from_module_copies_configuration():

@@ -12,6 +12,7 @@ A build of linattn._C without the cuDNN graph (setup.py: no cudnn-frontend heade
 hand-written kernels.
 """
 
+import contextlib
 import functools
 import os
 
@@ -151,3 +152,44 @@ def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale
     b, s, t = vectors
     getattr(torch.ops.linattn, SIMT)(x, weight, b, stride, padding, dilation, groups, act, s, t, residual, out)
     return out
+
+
+def _full_fp32(dtype: torch.dtype):
+    """fp32 convs in full fp32 (docs/design.md 8), not the TF32 PyTorch lets cuDNN use by default; cuDNN's
+    other settings as the caller has them."""
+    if dtype != torch.float32:
+        return contextlib.nullcontext()
+    c = torch.backends.cudnn
+    return c.flags(enabled=c.enabled, benchmark=c.benchmark, deterministic=c.deterministic, allow_tf32=False)
+
+
+def backward_cuda(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale) -> tuple:
+    """The backward on cuDNN, in the inputs' dtype as eager autograd runs it: z = conv(x, weight) + bias again
+    (cuDNN's fused graph where it takes the call, else aten's cuDNN conv and an add), the activation's and the
+    post-affine's gradients as fp32 pointwise ops (dz = g * post_scale * act'(z): no cuDNN engine fuses a
+    prologue into dgrad), then cuDNN's dgrad and wgrad of dz (aten.convolution_backward). Returns (dx, dweight,
+    dbias, dpost_scale, dpost_shift), the per-channel sums in fp32."""
+    from .. import reference
+    from ._common import new_feature_map
+
+    conv = (stride, padding, dilation, False, [0, 0], groups)
+    z = new_feature_map(x, weight.shape[0], *grad_out.shape[-2:])
+    call = (x, weight, bias, stride, padding, dilation, groups, "identity", None, None, None, z)
+    fused = not cudnn_reason(signature(*call))
+    if fused:
+        try:
+            run_cuda(*call)
+        except NotImplementedError:  # declined at run time
+            fused = False
+    with _full_fp32(x.dtype):
+        if fused:
+            z32 = z.float()
+        else:  # the bias in fp32, as the graph adds it
+            z32 = torch.ops.aten.convolution(x, weight, None, *conv).float()
+            z32 = z32 if bias is None else z32 + bias.float()[:, None, None]
+        g32 = grad_out.float()
+        gs = g32 if post_scale is None else g32 * post_scale.float()[:, None, None]
+        dz32 = gs * reference.activation_grad(z32, act)
+        dx, dw, _ = torch.ops.aten.convolution_backward(dz32.to(x.dtype), x, weight, None, *conv, [True, True, False])
+    sums = (0, 2, 3)
+    return dx, dw, dz32.sum(sums), (g32 * reference.activation(z32, act)).sum(sums), g32.sum(sums)

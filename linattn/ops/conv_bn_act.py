@@ -5,11 +5,11 @@ run on the Triton kernels (kernels/conv_bn_act.py) for every conv they take:
 dense kxk, 1x1, grouped and depthwise, any stride, padding and dilation; the
 backward op `linattn::conv_bn_act_backward` gives the gradients of x, weight,
 bias, post_scale and post_shift (the residual's gradient is the output
-gradient). Backend "cuda" is forward only: cuDNN's fused conv graph for every
-call cuDNN takes, the hand-written depthwise and stride-1 1x1 kernels
-(csrc/conv_bn_act/) where it declines (linattn/ops/_conv_bn_act_cudnn.py);
-forced on a call neither takes, on the backward or on upsample_block it raises
-(it never silently runs Triton). "auto" on CUDA
+gradient). Backend "cuda" runs cuDNN: the forward as its fused conv graph for
+every call cuDNN takes, the hand-written depthwise and stride-1 1x1 kernels
+(csrc/conv_bn_act/) where it declines, the backward as cuDNN's dgrad and wgrad
+(linattn/ops/_conv_bn_act_cudnn.py); forced on a forward neither takes it
+raises (it never silently runs Triton). "auto" on CUDA
 tensors runs the fastest measured of the implementations that take the call
 (linattn/_tune.py), PyTorch's own path included. float64 inputs run on the
 reference.
@@ -23,7 +23,7 @@ from .._backend import register, resolve
 from .._tune import choose_config
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
-from ._conv_bn_act_cudnn import SIMT, cuda_limit, limit_call, run_cuda
+from ._conv_bn_act_cudnn import SIMT, backward_cuda, cuda_limit, limit_call, run_cuda
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
@@ -93,12 +93,13 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-# the implementations (linattn/_backend.py): the CUDA one is forward only (cuDNN's fused graph, the hand-written
-# kernels where cuDNN declines: linattn/ops/_conv_bn_act_cudnn.py); upsample_block's too, its 1x1 conv then the
-# pixel shuffle as a copy (its backward is conv_bn_act's)
+# the implementations (linattn/_backend.py): the CUDA forward is cuDNN's fused graph, the hand-written kernels
+# where cuDNN declines, its backward cuDNN's dgrad and wgrad (linattn/ops/_conv_bn_act_cudnn.py); upsample_block's
+# forward too, its 1x1 conv then the pixel shuffle as a copy (its backward is conv_bn_act's)
 register(OP, "fwd", "triton")
 register(OP, "fwd", "cuda", kernel=SIMT, limit=cuda_limit)
 register(OP, "bwd", "triton")
+register(OP, "bwd", "cuda")
 register(UPSAMPLE, "fwd", "triton")
 register(UPSAMPLE, "fwd", "cuda", kernel=SIMT, limit=cuda_limit)
 register(SEPARABLE, "fwd", "triton")
@@ -219,6 +220,8 @@ def _conv_bwd(grad_out, x, weight, bias, stride, padding, dilation, groups, act,
     args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale)
     if impl == "reference":
         return reference.conv_bn_act_backward(grad_out, *args)
+    if impl == "cuda":
+        return backward_cuda(grad_out, *args)
     from ..kernels.conv_bn_act import conv_bn_act_bwd
 
     return conv_bn_act_bwd(
@@ -311,9 +314,8 @@ def conv_bn_act(
     float64). Backend
     "cuda" runs the forward as one cuDNN graph (conv, bias, act, affine, residual), or on the hand-written
     depthwise and stride-1 1x1 kernels where cuDNN declines the call; forced on a call neither takes it
-    raises with cuDNN's reason. It is forward only: the backward follows the backend set when it runs, so a backward run
-    while "cuda" is forced raises ("there is no cuda kernel for conv_bn_act backward") rather than
-    silently running Triton; leave the `with linattn.backend("cuda")` block before calling backward().
+    raises with cuDNN's reason. Its backward is cuDNN's dgrad and wgrad in the inputs' dtype, the activation's
+    gradient between them. The backward follows the backend set when it runs.
     """
     require_tensors(OP, x=x, weight=weight)
     for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift), ("residual", residual)):
