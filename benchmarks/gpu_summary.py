@@ -97,14 +97,21 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
     files = list(dict.fromkeys(r["results_file"] for r in rows))
     if files:
         lines.append("")
-        counts = [["results file", "rows", "timed", "skipped", "failed"]]
+        counts = [["results file", "rows", "timed", "skipped", "failed", "wrong"]]
+        wrong = []
         for name in files:
             mine = [r for r in rows if r["results_file"] == name]
             notes = [str(r.get("note") or "") for r in mine]
             timed = sum(r.get("ms", r.get("us")) is not None for r in mine)  # profile rows: us
             counts.append([name, str(len(mine)), str(timed), str(sum(n.startswith("skipped") for n in notes)),
-                           str(sum(n.startswith(("failed", "stopped")) for n in notes))])  # fmt: skip
+                           str(sum(n.startswith(("failed", "stopped")) for n in notes)),
+                           str(sum(n.startswith("wrong") for n in notes))])  # fmt: skip
+            wrong += [r for r, n in zip(mine, notes) if n.startswith("wrong")]
         lines += table(counts)
+        # a result outside the tolerance is the pass's first news: each row, not only a count
+        for r in wrong:
+            what = " ".join(str(r.get(k)) for k in ("op", "shape", "dtype", "pass", "provider") if r.get(k))
+            lines.append(f"WRONG {r['results_file']}: {what}: {str(r['note']).split(';')[0]}")
     e2e = [r for r in rows if r["results_file"].startswith("e2e")]
     if e2e:
         lines += ["", "end to end (python -m linattn bench; ms are medians of reps timed calls, iqr% their spread):"]

@@ -13,7 +13,8 @@ Per (batch b, head h), with qr = relu(q), kr = relu(k):
 Layout: q, k (B, H, N, D), v, out (B, H, N, E), any strides, so the packed
 (B, G*3*D, H, W) tensor of LiteMLA is read and written in place through strided
 views. Every product and sum is fp32 (fp16/bf16 tiles are upcast, which is exact,
-and multiplied with tf32 tensor cores; fp32 inputs use IEEE fp32 products).
+and multiplied on tensor cores: TF32 for bf16, 3xTF32 for fp16, whose precision
+TF32's rounding of the fp32 states would match; fp32 inputs use IEEE products).
 
 Work is split over N: grid (B*H, SPLITS), each program owns a contiguous chunk
 of rows. Reductions over N (S, z, dS, dz) write one fp32 partial per split; the
@@ -317,8 +318,9 @@ def _state(k: torch.Tensor, v: torch.Tensor, cfg: dict, chunk: int, splits: int)
     E = v.shape[-1]
     s = torch.empty((B * H, splits, cfg["BLOCK_D"], cfg["BLOCK_E"]), device=k.device, dtype=torch.float32)
     z = torch.empty((B * H, splits, cfg["BLOCK_D"]), device=k.device, dtype=torch.float32)
+    precision = "ieee" if k.dtype == torch.float32 else "tf32"  # both operands loaded tiles: exact in TF32
     _linear_attention_state_kernel[(B * H, splits)](
-        s, z, k, *k.stride(), v, *v.stride(), H, N, D, E, chunk, splits, PRECISION=dot_precision(k), **cfg,
+        s, z, k, *k.stride(), v, *v.stride(), H, N, D, E, chunk, splits, PRECISION=precision, **cfg,
     )  # fmt: skip
     return s, z
 

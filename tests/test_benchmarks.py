@@ -31,6 +31,7 @@ from linattn.benchmarks.common import (
     QUICK_LITE_MLA_STAGES,
     Timing,
     environment,
+    flag_wrong,
     lite_mla_shapes,
     load_results,
     save_results,
@@ -542,7 +543,9 @@ def test_gpu_summary(tmp_path):
     e2e |= {"img_s": 2500.0, "reps": 80, "iqr_pct": 1.5, "lat_b1_ms": 2.0, "speedup_vs_eager": 2.1, "note": None}
     (tmp_path / "results" / "e2e.jsonl").write_text(json.dumps(e2e) + "\n")
     skipped = {"op": "x", "provider": "cuda", "ms": None, "note": "skipped: no"}
-    (tmp_path / "results" / "lite_mla.jsonl").write_text(json.dumps(skipped) + "\n")
+    wrong = {"op": "y", "shape": "B16 C8", "dtype": "bf16", "provider": "triton", "ms": 1.0}
+    wrong["note"] = "wrong: rel_err 1.30e-02 > 5.60e-03 (twice eager's); timed with events"
+    (tmp_path / "results" / "lite_mla.jsonl").write_text(json.dumps(skipped) + "\n" + json.dumps(wrong) + "\n")
     (tmp_path / "results" / "dispatch").mkdir()
     timed = [{"key": "conv_bn_act:fwd:(16, 64)", "chosen": "reference", "ms": {}, "s": 0.5},
              {"key": "conv_bn_act.triton:fwd:(16, 64)", "chosen": "BLOCK_M=128", "ms": {}, "s": 2.25}]  # fmt: skip
@@ -555,8 +558,25 @@ def test_gpu_summary(tmp_path):
     assert "l0 bf16 B16" in text and "2500" in text
     assert "measured dispatch: 2 choices in 2.8 s; chosen: reference 1, triton config 1" in text
     assert text.index("2.25 s") < text.index("0.50 s")  # the slowest first
+    assert "WRONG lite_mla: y B16 C8 bf16 triton: wrong: rel_err 1.30e-02 > 5.60e-03 (twice eager's)\n" in text
     combined = load_results(tmp_path / "results.jsonl")
-    assert [r["results_file"] for r in combined] == ["e2e", "lite_mla"]
+    assert [r["results_file"] for r in combined] == ["e2e", "lite_mla", "lite_mla"]
+
+
+def test_flag_wrong_marks_rows_past_twice_eagers_error():
+    """Per pass, a row whose rel_err breaks docs/design.md 8's bound against the eager row gets a "wrong" note;
+    fp32's bound is at least 1e-5; a pass without an eager row is left alone."""
+    rows = [
+        {"pass": "fwd", "dtype": "bf16", "provider": "eager", "rel_err": 3e-3, "note": None},
+        {"pass": "fwd", "dtype": "bf16", "provider": "triton", "rel_err": 1.3e-2, "note": "timed"},
+        {"pass": "fwd", "dtype": "bf16", "provider": "cuda", "rel_err": 5e-3, "note": None},
+        {"pass": "bwd", "dtype": "fp32", "provider": "eager", "rel_err": 1e-7, "note": None},
+        {"pass": "bwd", "dtype": "fp32", "provider": "triton", "rel_err": 8e-6, "note": None},
+        {"pass": "fb", "dtype": "bf16", "provider": "triton", "rel_err": 1.0, "note": None},
+    ]
+    flag_wrong(rows)
+    assert rows[1]["note"] == "wrong: rel_err 1.30e-02 > 6.00e-03 (twice eager's); timed"
+    assert [r["note"] for r in rows[2:]] == [None, None, None, None]
 
 
 def run_gpu_check(out, env: dict) -> subprocess.CompletedProcess:
