@@ -33,6 +33,13 @@ through tensor descriptors (TMA), a program's positions are a rectangle of one
 image, and each tap's input window is that rectangle shifted, the padding the
 copy engine's zero fill (_conv_bn_act_fwd_tma_kernel, tma_configs).
 
+3x3 stride-1 depthwise convs have a second forward kernel too, timed beside the
+direct one: a program slides down the rows of a strip, reads each input row as
+three column-shifted tiles and adds them into the two output rows it still
+holds, so an input row is read three times, not nine (the direct kernel's
+taps; the H100 pass had both PyTorch's depthwise kernel and the direct one at
+about 20% of copy bandwidth) (_conv_bn_act_fwd_dw3_kernel, dw3_configs).
+
 Every tensor is addressed through its (b, c, h, w) strides, so NCHW and
 channels_last are read and written in place; weights are addressed through
 their strides too. Products accumulate in fp32 (`input_precision="ieee"` for
@@ -307,6 +314,78 @@ def _conv_bn_act_fwd_tma_kernel(
         bb, ho, wo, (ho < HO) & (wo < WO), co.to(tl.int64), co < COUT,
         ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SHUFFLE,
     )  # fmt: skip
+
+
+@triton.jit
+def _shifted_row(x_row, wo, W, sxw, c_off, c_mask, row_ok):
+    """Input row x_row (the pointer of its (b, h)) at columns wo - 1, wo, wo + 1: three (BLOCK_W, BLOCK_C) fp32
+    tiles, zero outside the map (the padding)."""
+    left, right = wo - 1, wo + 1
+    cols = c_off[None, :]
+    m_l = (row_ok & (left >= 0) & (left < W))[:, None] & c_mask[None, :]
+    m_c = (row_ok & (wo < W))[:, None] & c_mask[None, :]
+    m_r = (row_ok & (right < W))[:, None] & c_mask[None, :]
+    x_l = tl.load(x_row + (left.to(tl.int64) * sxw)[:, None] + cols, mask=m_l, other=0.0).to(tl.float32)
+    x_c = tl.load(x_row + (wo.to(tl.int64) * sxw)[:, None] + cols, mask=m_c, other=0.0).to(tl.float32)
+    x_r = tl.load(x_row + (right.to(tl.int64) * sxw)[:, None] + cols, mask=m_r, other=0.0).to(tl.float32)
+    return x_l, x_c, x_r
+
+
+@triton.jit
+def _kernel_row(W_ptr, c, c_mask, swo, swh, sww, KH: tl.constexpr):
+    """Row KH of the (C, 1, 3, 3) depthwise weight: three (1, BLOCK_C) fp32 tap vectors."""
+    w = W_ptr + c * swo + KH * swh
+    w0 = tl.load(w, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.load(w + sww, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w + 2 * sww, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return w0, w1, w2
+
+
+@triton.jit
+def _conv_bn_act_fwd_dw3_kernel(
+    Y_ptr, syb, syc, syh, syw,  # output (B, C, H, W)
+    X_ptr, sxb, sxc, sxh, sxw,  # input (B, C, H, W)
+    W_ptr, swo, swh, sww,  # depthwise weight (C, 1, 3, 3)
+    BIAS_ptr, SCALE_ptr, SHIFT_ptr,  # (C,) each, read when the HAS_ flag is set
+    R_ptr, srb, src, srh, srw,  # residual, shaped as the output
+    C, H, W, ROWS, TILES_H, TILES_W,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The 3x3 depthwise conv (stride 1, padding 1), sliding down the rows: a program owns ROWS output rows of a
+    BLOCK_W-wide strip of one image and BLOCK_C channels, and reads each input row once per kernel column (three
+    shifted tiles), not once per tap (nine, the direct kernel's). Input row r completes output row r - 1 with the
+    kernel's last row (then stored), adds its middle row to output row r and starts output row r + 1 with its
+    first row: two fp32 accumulators roll down with r."""
+    pid = tl.program_id(0)
+    tw = pid % TILES_W
+    t = pid // TILES_W
+    r0 = (t % TILES_H) * ROWS
+    b = (t // TILES_H).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    wo = tw * BLOCK_W + tl.arange(0, BLOCK_W)
+    w00, w01, w02 = _kernel_row(W_ptr, c, c_mask, swo, swh, sww, 0)
+    w10, w11, w12 = _kernel_row(W_ptr, c, c_mask, swo, swh, sww, 1)
+    w20, w21, w22 = _kernel_row(W_ptr, c, c_mask, swo, swh, sww, 2)
+    x_b = X_ptr + b * sxb
+    c_off = c * sxc
+    bb = tl.zeros((BLOCK_W,), tl.int64) + b
+    above = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)  # output row r - 1
+    here = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)  # output row r
+    r1 = tl.minimum(r0 + ROWS, H)
+    x_row = x_b + (r0 - 1).to(tl.int64) * sxh  # input row r
+    for r in range(r0 - 1, r1 + 1):
+        x_l, x_c, x_r = _shifted_row(x_row, wo, W, sxw, c_off, c_mask, (r >= 0) & (r < H))
+        x_row += sxh
+        above += x_l * w20 + x_c * w21 + x_r * w22
+        ho = tl.zeros((BLOCK_W,), tl.int64) + (r - 1)
+        _epilogue(
+            above, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+            bb, ho, wo, (wo < W) & (r - 1 >= r0), c, c_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, False,
+        )  # fmt: skip
+        above = here + x_l * w10 + x_c * w11 + x_r * w12
+        here = x_l * w00 + x_c * w01 + x_r * w02
 
 
 @triton.jit
@@ -720,9 +799,11 @@ def _problem(x, weight, stride, padding, dilation, groups: int, kernel: str) -> 
 
 def fwd_configs(x, weight, stride, padding, dilation, groups: int, shuffle: bool = False) -> list[dict]:
     """The forward's candidate configurations for this call on x's device, the heuristic first, then the
-    tensor-descriptor kernel's where it takes the call."""
+    tensor-descriptor kernel's and the row-sliding depthwise kernel's where they take the call."""
     problem = _problem(x, weight, stride, padding, dilation, groups, "shuffle" if shuffle else "fwd")
-    return conv_configs(*problem) + tma_configs(problem[0], x, weight, stride, padding, dilation, groups)
+    conv = (x, weight, stride, padding, dilation, groups)
+    extra = [] if shuffle else tma_configs(problem[0], *conv) + dw3_configs(problem[0], *conv)
+    return conv_configs(*problem) + extra
 
 
 def _desc_strides(t: torch.Tensor, dims: tuple[int, ...]) -> list[int]:
@@ -760,6 +841,42 @@ def tma_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) 
     ]
 
 
+def dw3_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) -> list[dict]:
+    """The row-sliding depthwise forward's configurations (_conv_bn_act_fwd_dw3_kernel) on a GPU, for the calls it
+    takes: 3x3 depthwise convs, one filter per channel, stride 1, padding 1, no dilation (the MBConv blocks' at
+    every stride-1 stage). Strips of 64 channels, 16 columns on 4 warps or 32 on 8 (8 registers per thread for
+    each of the six live fp32 tiles: 32 x 128 tiles took 200 registers in the gate); ROWS output rows per
+    program, the most (up to 16) that still gives every SM four programs."""
+    C, cin_g, KH, KW = weight.shape
+    same = (tuple(stride), tuple(padding), tuple(dilation), (KH, KW)) == ((1, 1), (1, 1), (1, 1), (3, 3))
+    if not (dev.gpu and same and cin_g == 1 and groups == C == x.shape[1]):
+        return []
+    B, _, H, W = x.shape
+    bc = _pow2(C, 16, 64)
+    configs = []
+    for bw, warps in ((16, 4), (32, 8)):
+        bw = _pow2(W, 8, bw)
+        programs = B * cdiv(W, bw) * cdiv(C, bc)
+        rows = next(r for r in (16, 8, 4, 2, 1) if r == 1 or programs * cdiv(H, r) >= 4 * dev.sms)
+        cfg = dict(dw3=True, BLOCK_W=bw, BLOCK_C=bc, ROWS=rows, num_warps=warps, num_stages=2)
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+def _fwd_dw3(x, weight, epilogue: dict, vectors, res_t, out, cfg: dict, compile_only):
+    """The forward on _conv_bn_act_fwd_dw3_kernel (cfg: one of dw3_configs(), without its "dw3" key)."""
+    B, C, H, W = x.shape
+    rows = cfg.pop("ROWS")
+    tiles_h, tiles_w = cdiv(H, rows), cdiv(W, cfg["BLOCK_W"])
+    flags = {k: v for k, v in epilogue.items() if k != "SHUFFLE"}  # the row kernel stores in place only
+    launcher(_conv_bn_act_fwd_dw3_kernel, (B * tiles_h * tiles_w, cdiv(C, cfg["BLOCK_C"])), compile_only)(
+        out, *out.stride(), x, *x.stride(), weight, weight.stride(0), *weight.stride()[2:], *vectors,
+        res_t, *res_t.stride(), C, H, W, rows, tiles_h, tiles_w, **flags, **cfg,
+    )  # fmt: skip
+    return out
+
+
 def _fwd_tma(x, weight, padding, dilation, Ho, Wo, epilogue: dict, vectors, res_t, out, cfg: dict, compile_only):
     """The forward on _conv_bn_act_fwd_tma_kernel (cfg: one of tma_configs(), without its "tma" key)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -789,7 +906,8 @@ def conv_bn_act_fwd(
     (Cout, KH, KW, Cin) strides). config: one of fwd_configs(), to launch another configuration or
     another device's choice (the tests run a GPU's tiles under the interpreter); None: the heuristic.
     With config["split"] > 1 the reduction is split over that many programs, whose fp32 partials a
-    second kernel sums before the epilogue; config["tma"]: the tensor-descriptor kernel (tma_configs()).
+    second kernel sums before the epilogue; config["tma"]: the tensor-descriptor kernel (tma_configs());
+    config["dw3"]: the row-sliding depthwise kernel (dw3_configs()).
     compile_only: compile the kernels this call launches, launch nothing."""
     B, _, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
@@ -805,6 +923,8 @@ def conv_bn_act_fwd(
     res_t = _present(residual, out)[0]
     if cfg.pop("tma", False):
         return _fwd_tma(x, weight, padding, dilation, Ho, Wo, epilogue, vectors, res_t, out, cfg, compile_only)
+    if cfg.pop("dw3", False):
+        return _fwd_dw3(x, weight, epilogue, vectors, res_t, out, cfg, compile_only)
     k_iters = KH * KW * cdiv(cin_g, cfg["BLOCK_K"])
     split = 1 if depthwise else max(1, min(cfg.pop("split", 1), k_iters))
     k_per_split = cdiv(k_iters, split)

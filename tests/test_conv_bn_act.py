@@ -876,6 +876,75 @@ def test_tma_kernel_every_gpu_config(cfg):
     assert_close(out, ref, tolerance(torch.bfloat16, rel_err(eager, ref)), f"out ({_tma_id(cfg)})")
 
 
+# the depthwise 3x3 stride-1 calls of the encoders whose row-sliding configurations (dw3_configs) an H100 may time:
+# (B, channels, map size): L0's stage-3 MBConv at B16 and B1, XL1's stage-5 at B16
+DW3_PROBLEMS = [(16, 1024, 32), (1, 1024, 32), (16, 2048, 16)]
+
+
+def _dw3_gpu_configs():
+    from linattn.kernels._device import H100
+    from linattn.kernels.conv_bn_act import dw3_configs
+
+    found = []
+    for B, C, size in DW3_PROBLEMS:
+        x = torch.empty(B, C, size, size, device="meta", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        w = torch.empty(C, 1, 3, 3, device="meta", dtype=torch.bfloat16)
+        for cfg in dw3_configs(H100, x, w, (1, 1), (1, 1), (1, 1), C):
+            if cfg not in found:
+                found.append(cfg)
+    return found + [dict(found[0], ROWS=3)]  # several row chunks per map at the test's size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize(
+    "cfg", _dw3_gpu_configs(), ids=lambda c: f"{c['BLOCK_W']}x{c['BLOCK_C']}-r{c['ROWS']}-w{c['num_warps']}"
+)
+def test_dw3_kernel_every_gpu_config(cfg, channels_last, dtype):
+    """Every row-sliding depthwise configuration an H100 may time, under the interpreter on odd sizes (columns and
+    channels not multiples of the strip, rows not of ROWS), the whole epilogue, into a NaN-poisoned output, against
+    float64 (fp32: 1e-5; bf16: twice eager's error)."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    gen = torch.Generator().manual_seed(17)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    C = 70
+    x = torch.randn(2, C, 11, 19, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(C, 1, 3, 3, generator=gen) * 0.3).to(dtype)
+    b, s, t = (torch.randn(C, generator=gen).to(dtype) for _ in range(3))
+    r = torch.randn(2, C, 11, 19, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    conv = (1, 1), (1, 1), (1, 1), C, "silu"
+    ref = reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t, r))
+    eager = reference.activation(F.conv2d(x, w, b, *conv[:4]), "silu") * s[:, None, None] + t[:, None, None] + r
+    out = torch.full(ref.shape, float("nan"), dtype=dtype).contiguous(memory_format=fmt)
+    conv_bn_act_fwd(x, w, b, *conv, s, t, r, out, config=dict(cfg))
+    assert_close(out, ref, tolerance(dtype, rel_err(eager, ref)), "out")
+
+
+def test_dw3_configs_take_only_3x3_stride_1_depthwise():
+    """The row-sliding kernel is offered on a GPU for 3x3 depthwise convs with stride 1, padding 1, no dilation and
+    one filter per channel, after the heuristic."""
+    from linattn.kernels._device import H100, INTERPRETER
+    from linattn.kernels.conv_bn_act import dw3_configs, fwd_configs
+
+    x = torch.empty(2, 32, 16, 16, dtype=torch.bfloat16)
+    w = torch.empty(32, 1, 3, 3, dtype=torch.bfloat16)
+    same = ((1, 1), (1, 1), (1, 1), 32)
+    assert len(dw3_configs(H100, x, w, *same)) == 2
+    assert dw3_configs(INTERPRETER, x, w, *same) == []
+    assert dw3_configs(H100, x, w, (2, 2), (1, 1), (1, 1), 32) == []  # strided
+    assert dw3_configs(H100, x, w, (1, 1), (2, 2), (2, 2), 32) == []  # dilated
+    assert dw3_configs(H100, x, torch.empty(32, 1, 5, 5), (1, 1), (2, 2), (1, 1), 32) == []  # 5x5
+    assert dw3_configs(H100, x, torch.empty(64, 1, 3, 3), *same) == []  # two filters per channel
+    assert dw3_configs(H100, x, torch.empty(32, 2, 3, 3), (1, 1), (1, 1), (1, 1), 16) == []  # grouped
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("linattn.kernels.conv_bn_act.device_of", lambda t: H100)
+        configs = fwd_configs(x, w, *same)
+    assert not configs[0].get("dw3") and [c for c in configs if c.get("dw3")] == dw3_configs(H100, x, w, *same)
+
+
 # the third H100 pass's two dense 3x3 benchmark shapes whose TMA rows ran at 4-5x eager's error (B16, bf16,
 # channels_last, the models' epilogues): (B, Cin, Cout, H, k, act, BN after the act)
 GPU_CONFIG_PROBLEMS = [(16, 128, 128, 128, 3, "relu", True), (16, 256, 1024, 64, 3, "gelu_tanh", False)]
