@@ -801,8 +801,9 @@ def fwd_configs(x, weight, stride, padding, dilation, groups: int, shuffle: bool
     """The forward's candidate configurations for this call on x's device, the heuristic first, then the
     tensor-descriptor kernel's and the row-sliding depthwise kernel's where they take the call."""
     problem = _problem(x, weight, stride, padding, dilation, groups, "shuffle" if shuffle else "fwd")
-    conv = (x, weight, stride, padding, dilation, groups)  # (a shuffled store is a 1x1 conv's: no dw3 there)
-    return conv_configs(*problem) + tma_configs(problem[0], *conv) + dw3_configs(problem[0], *conv)
+    conv = (x, weight, stride, padding, dilation, groups)
+    rows = [] if shuffle else dw3_configs(problem[0], *conv)  # the row kernel stores in place only
+    return conv_configs(*problem) + tma_configs(problem[0], *conv) + rows
 
 
 def _desc_strides(t: torch.Tensor, dims: tuple[int, ...]) -> list[int]:
