@@ -39,11 +39,10 @@ def next_pow2(n: int) -> int:
 
 
 def dot_precision(t: torch.Tensor) -> str:
-    """tl.dot's input_precision for fp32 tiles in a kernel whose inputs have t's dtype: full fp32 products for fp32
-    (docs/design.md 8). Tiles loaded from fp16/bf16 are exact in tf32, but the fp32 intermediates that meet them
-    (states, scaled gradients) lose TF32's rounding, 2^-11: beside bf16's own 2^-8 that is noise, beside fp16's
-    2^-11 it doubles the error (the H100 pass had fp16 gradients at 2.04-2.08x eager's), so fp16 takes 3xTF32."""
-    return {torch.float32: "ieee", torch.float16: "tf32x3"}.get(t.dtype, "tf32")
+    """tl.dot's input_precision for tiles of t's dtype: full fp32 products for fp32 (docs/design.md 8); fp16/bf16
+    tiles upcast in the kernel are exact in tf32 (fp32 intermediates are rounded to it first: linear_attention's
+    _tf32)."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def device_of(t: torch.Tensor) -> Device:

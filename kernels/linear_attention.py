@@ -13,8 +13,8 @@ Per (batch b, head h), with qr = relu(q), kr = relu(k):
 Layout: q, k (B, H, N, D), v, out (B, H, N, E), any strides, so the packed
 (B, G*3*D, H, W) tensor of LiteMLA is read and written in place through strided
 views. Every product and sum is fp32 (fp16/bf16 tiles are upcast, which is exact,
-and multiplied on tensor cores: TF32 for bf16, 3xTF32 for fp16, whose precision
-TF32's rounding of the fp32 states would match; fp32 inputs use IEEE products).
+and multiplied with tf32 tensor cores, the fp32 states and scaled gradients
+rounded to TF32 first: _tf32; fp32 inputs use IEEE fp32 products).
 
 Work is split over N: grid (B*H, SPLITS), each program owns a contiguous chunk
 of rows. Reductions over N (S, z, dS, dz) write one fp32 partial per split; the
@@ -46,6 +46,18 @@ def _sum_partials(ptr, offs, SIZE: tl.constexpr, SPLITS):
     for s in range(1, SPLITS):
         acc += tl.load(ptr + s * SIZE + offs)
     return acc
+
+
+@triton.jit
+def _tf32(x, PRECISION: tl.constexpr):
+    """An fp32 tile rounded to TF32 (10 mantissa bits, to nearest) where tl.dot multiplies in TF32: the tensor
+    cores truncate fp32 operands, and for fp16 inputs that truncation of the fp32 intermediates (states, scaled
+    gradients) doubled the gradients' error on the H100 pass (2.04-2.08x eager's, reproduced to three digits by
+    truncating on the CPU); rounded, a CPU emulation puts it at 0.7-0.85x. Loaded fp16/bf16 tiles are exact in
+    TF32 and pass as they are."""
+    if PRECISION == "tf32":
+        x = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return x
 
 
 @triton.jit
@@ -132,7 +144,9 @@ def _linear_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     offs_s = offs_d[:, None] * BLOCK_E + offs_e[None, :]
-    s = _sum_partials(S_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS)
+    s = _tf32(
+        _sum_partials(S_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS), PRECISION
+    )
     z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_d, BLOCK_D, SPLITS)
     n_lo = pid_s * CHUNK
     n_hi = tl.minimum(n_lo + CHUNK, N)
@@ -190,7 +204,9 @@ def _linear_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     offs_s = offs_d[:, None] * BLOCK_E + offs_e[None, :]
-    s = _sum_partials(S_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS)
+    s = _tf32(
+        _sum_partials(S_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS), PRECISION
+    )
     z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_d, BLOCK_D, SPLITS)
     ds_acc = tl.zeros((BLOCK_D, BLOCK_E), dtype=tl.float32)
     dz_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -204,13 +220,14 @@ def _linear_attention_bwd_dq_kernel(
         out = tl.dot(qr, s, input_precision=PRECISION) / den[:, None]
         a = g / den[:, None]
         c = -tl.sum(g * out, axis=1) / den
-        dq = tl.dot(a, tl.trans(s), input_precision=PRECISION) + c[:, None] * z[None, :]
+        a_t = _tf32(a, PRECISION)
+        dq = tl.dot(a_t, tl.trans(s), input_precision=PRECISION) + c[:, None] * z[None, :]
         # select, not multiply: a masked row may hold inf (den == eps) and inf * 0 is NaN
         dq = tl.where(q > 0.0, dq, 0.0)
         mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
         dq_ptrs = DQ_ptr + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
         tl.store(dq_ptrs, dq.to(DQ_ptr.dtype.element_ty), mask=mask)
-        ds_acc = tl.dot(tl.trans(qr), a, ds_acc, input_precision=PRECISION)
+        ds_acc = tl.dot(tl.trans(qr), a_t, ds_acc, input_precision=PRECISION)
         dz_acc += tl.sum(qr * c[:, None], axis=0)
     part = pid_bh * SPLITS + pid_s
     tl.store(DS_ptr + part * (BLOCK_D * BLOCK_E) + offs_s, ds_acc)
@@ -263,7 +280,9 @@ def _linear_attention_bwd_dkv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     offs_s = offs_d[:, None] * BLOCK_E + offs_e[None, :]
-    ds = _sum_partials(DS_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS)
+    ds = _tf32(
+        _sum_partials(DS_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS), PRECISION
+    )
     dz = _sum_partials(DZ_ptr + pid_bh * SPLITS * BLOCK_D, offs_d, BLOCK_D, SPLITS)
     n_lo = pid_s * CHUNK
     n_hi = tl.minimum(n_lo + CHUNK, N)
@@ -318,9 +337,8 @@ def _state(k: torch.Tensor, v: torch.Tensor, cfg: dict, chunk: int, splits: int)
     E = v.shape[-1]
     s = torch.empty((B * H, splits, cfg["BLOCK_D"], cfg["BLOCK_E"]), device=k.device, dtype=torch.float32)
     z = torch.empty((B * H, splits, cfg["BLOCK_D"]), device=k.device, dtype=torch.float32)
-    precision = "ieee" if k.dtype == torch.float32 else "tf32"  # both operands loaded tiles: exact in TF32
     _linear_attention_state_kernel[(B * H, splits)](
-        s, z, k, *k.stride(), v, *v.stride(), H, N, D, E, chunk, splits, PRECISION=precision, **cfg,
+        s, z, k, *k.stride(), v, *v.stride(), H, N, D, E, chunk, splits, PRECISION=dot_precision(k), **cfg,
     )  # fmt: skip
     return s, z
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._device import Device, cdiv, device_of, dot_precision, next_pow2
+from .linear_attention import _tf32
 
 
 @triton.jit
@@ -86,7 +87,7 @@ def _aggregate_tile(
     t, x = _dwconv_tile(
         X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, h, w, n_mask, offs_c, c_mask, H, W, KSIZE, HAS_BD
     )
-    y = tl.dot(t, _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D), input_precision=PRECISION)
+    y = tl.dot(_tf32(t, PRECISION), _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D), input_precision=PRECISION)
     if HAS_BP:
         y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(n_mask[:, None], y, 0.0), x
@@ -200,7 +201,8 @@ def _multiscale_aggregate_bwd_dt_kernel(
     )  # fmt: skip
     part = pid_bg * tl.num_programs(1) + pid_n
     offs_dd = offs_c[:, None] * BLOCK_D + offs_c[None, :]
-    tl.store(DWP_ptr + part * BLOCK_D * BLOCK_D + offs_dd, tl.dot(tl.trans(t), dy, input_precision=PRECISION))
+    dwp = tl.dot(tl.trans(_tf32(t, PRECISION)), dy, input_precision=PRECISION)
+    tl.store(DWP_ptr + part * BLOCK_D * BLOCK_D + offs_dd, dwp)
     tl.store(DBP_ptr + part * BLOCK_D + offs_c, tl.sum(dy, axis=0))
 
 
