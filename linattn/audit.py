@@ -301,8 +301,9 @@ def _as_ptr(a):
 
 
 @contextlib.contextmanager
-def _gpu_launches(arch: Arch):
-    """Launches are recorded instead of run, and launchers see a GPU with the arch's SM count."""
+def _gpu_launches(arch: Arch, tma: bool):
+    """Launches are recorded instead of run, and launchers see a GPU with the arch's SM count (and, with `tma`,
+    the opt-in tensor-descriptor kernels: LINATTN_TMA=1)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -314,22 +315,18 @@ def _gpu_launches(arch: Arch):
         launches.append(Launch(name, tuple(_as_ptr(a) for a in args), tuple(sorted(kwargs.items())), units))
 
     props = types.SimpleNamespace(multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10)
-    from .kernels._device import cuda_device
+    from .kernels import _device
 
-    saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, os.environ.get("LINATTN_TMA")
+    saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, _device.tma_opted_in
     JITFunction.run = InterpretedFunction.run = record  # with TRITON_INTERPRET=1 the kernels are interpreted ones
     torch.cuda.get_device_properties = lambda device=None: props
-    os.environ["LINATTN_TMA"] = "1"  # the opt-in tensor-descriptor kernels compile too: a GPU may launch them
-    cuda_device.cache_clear()
+    _device.tma_opted_in = lambda: tma
+    _device.cuda_device.cache_clear()
     try:
         yield launches
     finally:
-        JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, tma = saved
-        if tma is None:
-            os.environ.pop("LINATTN_TMA")
-        else:
-            os.environ["LINATTN_TMA"] = tma
-        cuda_device.cache_clear()
+        JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, _device.tma_opted_in = saved
+        _device.cuda_device.cache_clear()
 
 
 @contextlib.contextmanager
@@ -357,8 +354,9 @@ def _every_candidate(arch: Arch):
                 os.environ["LINATTN_CACHE_DIR"] = cache
 
 
-def replay(calls: Iterable[OpCall], arch: Arch) -> dict[tuple, tuple[Launch, list[str]]]:
-    """Distinct configurations -> (launch, the calls that launch it).
+def replay(calls: Iterable[OpCall], arch: Arch, tma: bool = True) -> dict[tuple, tuple[Launch, list[str]]]:
+    """Distinct configurations -> (launch, the calls that launch it); `tma`: with the opt-in tensor-descriptor
+    kernels (the gate compiles them: a GPU with LINATTN_TMA=1 launches them).
 
     Launches of one configuration differ only in the alignment hints of their sizes and pointers; the one
     with the most (the widest vector loads, as at the encoders' power-of-two sizes) stands for them."""
@@ -368,7 +366,7 @@ def replay(calls: Iterable[OpCall], arch: Arch) -> dict[tuple, tuple[Launch, lis
     import linattn
 
     found: dict[tuple, tuple[Launch, list[str]]] = {}
-    with _gpu_launches(arch) as launches, _every_candidate(arch), linattn.backend("triton"):
+    with _gpu_launches(arch, tma) as launches, _every_candidate(arch), linattn.backend("triton"):
         for call in calls:
             fn = OPDEFS[call.op]._init_fn
             with FakeTensorMode(allow_non_fake_inputs=True):
@@ -694,13 +692,15 @@ def precompile(
     progress=lambda done, total: None,
 ) -> tuple[int, list[str]]:
     """Compile every Triton configuration that the optimized encoders' calls launch on a GPU of compute
-    capability `cc` (each measured-dispatch candidate included) into Triton's on-disk cache (TRITON_CACHE_DIR),
-    in `jobs` processes at once: a bare machine's first forward then loads its kernels instead of compiling
-    them one call at a time (the first H100 pass's optimized L0 did not finish its first call in 90 s). The
-    gate's trace and compile, without its judgement. Returns (configurations, the errors of those that did not
-    compile)."""
+    capability `cc` (each measured-dispatch candidate included; the TMA ones with LINATTN_TMA=1) into Triton's
+    on-disk cache (TRITON_CACHE_DIR), in `jobs` processes at once: a bare machine's first forward then loads its
+    kernels instead of compiling them one call at a time (the first H100 pass's optimized L0 did not finish its
+    first call in 90 s). The gate's trace and compile, without its judgement. Returns (configurations, the
+    errors of those that did not compile)."""
+    from .kernels._device import tma_opted_in
+
     calls = trace(models, batches, dtypes, layouts, modes=(False, True) if backward else (False,))
-    jobs_list = [(launch, cc) for launch, _ in replay(calls, ARCHS[cc]).values()]
+    jobs_list = [(launch, cc) for launch, _ in replay(calls, ARCHS[cc], tma_opted_in()).values()]
     rows = compile_all(jobs_list, jobs or os.cpu_count() or 1, progress)
     failed = [f"{r.kernel} [{r.config}]: {p}" for r in rows for p in r.problems if p.startswith("does not compile")]
     return len(rows), failed

@@ -534,40 +534,48 @@ def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
     return runs
 
 
-def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module | None:
-    """The fused replacement of `module` (its children converted first where it is not replaced), or None."""
-    if isinstance(module, (*CONV_CALLERS, FusedSequential)):
-        return None  # already linattn's
-    for kind, matches, convert in (
-        ("LiteMLA", _is_lite_mla, _convert_lite_mla),
-        ("conv/norm/act", _is_conv_norm_act, _convert_conv_norm_act),
-        ("upsample", _is_upsample, _convert_upsample),
-        ("LayerNorm2d", _is_layer_norm_2d, _convert_layer_norm_2d),
-    ):
+# (kind, matches, convert): patterns replaced whole, before their children are looked at
+LEAF_PATTERNS = (
+    ("LiteMLA", _is_lite_mla, _convert_lite_mla),
+    ("conv/norm/act", _is_conv_norm_act, _convert_conv_norm_act),
+    ("upsample", _is_upsample, _convert_upsample),
+    ("LayerNorm2d", _is_layer_norm_2d, _convert_layer_norm_2d),
+)
+# patterns replaced after their children are converted
+CONTAINER_PATTERNS = (("residual", _is_residual, _convert_residual), ("neck", _is_neck, _convert_neck))
+
+
+def _replace(module: nn.Module, name: str, report: OptimizeReport, patterns) -> tuple[bool, nn.Module | None]:
+    """The first of `patterns` that matches `module`: (True, its replacement, or None where its conversion was
+    skipped, which the report says), else (False, None)."""
+    for kind, matches, convert in patterns:
         if matches(module):
             try:
                 new, detail = convert(module)
             except _Skip as why:
                 report.skipped.append(Skipped(name, kind, str(why)))
-                break  # left alone; its children may still hold patterns
+                return True, None
             report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
-            return new
+            return True, new
+    return False, None
+
+
+def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module | None:
+    """The fused replacement of `module` (its children converted first where it is not replaced), or None."""
+    if isinstance(module, (*CONV_CALLERS, FusedSequential)):
+        return None  # already linattn's
+    _, new = _replace(module, name, report, LEAF_PATTERNS)
+    if new is not None:
+        return new  # a skipped one is left alone, but its children may still hold patterns
     for child_name, child in list(module._modules.items()):
         if child is None:
             continue
         new = _convert(child, f"{name}.{child_name}" if name else child_name, report)
         if new is not None:
             module._modules[child_name] = new
-    # containers whose children are converted by now
-    for kind, matches, convert in (("residual", _is_residual, _convert_residual), ("neck", _is_neck, _convert_neck)):
-        if matches(module):
-            try:
-                new, detail = convert(module)
-            except _Skip as why:
-                report.skipped.append(Skipped(name, kind, str(why)))
-                return None
-            report.replaced.append(Replaced(name, type(module).__name__, type(new).__name__, detail))
-            return new
+    matched, new = _replace(module, name, report, CONTAINER_PATTERNS)
+    if matched:
+        return new
     if type(module) is nn.Sequential:
         runs = _sequential_runs(module, name, report)
         if runs:
