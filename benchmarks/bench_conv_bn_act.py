@@ -24,7 +24,7 @@ Shapes (docs/design.md 5, one named entry per distinct conv; --models and --shap
 Names: <model>.s<stage>.<block>.<conv>, e.g. l0.s3.mb.dw3 (l0 stage 3 MBConv depthwise), l0.s4.down.pw_expand.
 On a GPU every shape runs at B=16 and 1; without a GPU the default is a short run (four small shapes at B=1,
 fp32, eager, eager-folded and reference), and --quick runs tiny shapes at B=2 (numbers not kept). Inputs and
-weights are channels_last for every provider (--layout nchw for NCHW), as linattn.optimize runs a model on a GPU.
+weights are channels_last for every provider (--layout nchw, or both), as linattn.optimize runs a model on a GPU.
 
 Providers (the same weights and inputs; modules in eval mode, forward only):
   eager                 nn.Conv2d, BatchNorm2d and the activation as separate modules in the block's order
@@ -67,6 +67,7 @@ from linattn._table import dict_table
 from linattn.benchmarks.common import (
     COMPILE_MODES,
     DTYPES,
+    LAYOUTS,
     Skipped,
     add_benchmark_args,
     announce,
@@ -460,12 +461,11 @@ def setup(provider: str, shape: ConvShape, eager: EagerBlock, x, residual) -> di
     return {"fwd": forward}
 
 
-def make_inputs(shape: ConvShape, dtype: torch.dtype, device, channels_last: bool) -> tuple[EagerBlock, Tensor, Tensor]:
-    """The eager block of a shape and its random input and residual (None when the block has none)."""
-    eager = make_eager(shape, dtype, device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        eager = eager.to(memory_format=fmt)
+def make_inputs(shape: ConvShape, dtype: torch.dtype, device, layout: str) -> tuple[EagerBlock, Tensor, Tensor]:
+    """The eager block of a shape and its random input and residual (None when the block has none), in the
+    layout (the block's weights too)."""
+    fmt = LAYOUTS[layout]
+    eager = make_eager(shape, dtype, device).to(memory_format=fmt)
     gen = torch.Generator(device).manual_seed(1)
     x = torch.randn(shape.batch, shape.cin, shape.height, shape.width, device=device, generator=gen)
     x = x.to(dtype).contiguous(memory_format=fmt)
@@ -477,12 +477,12 @@ def make_inputs(shape: ConvShape, dtype: torch.dtype, device, channels_last: boo
     return eager, x, residual
 
 
-def run_shape(shape, dtype_name, providers, device, copy_gbs, bar, cuda_graph, skip, channels_last) -> list[dict]:
-    eager, x, residual = make_inputs(shape, DTYPES[dtype_name], device, channels_last)
+def run_shape(shape, dtype_name, layout, providers, device, copy_gbs, bar, cuda_graph, skip) -> list[dict]:
+    eager, x, residual = make_inputs(shape, DTYPES[dtype_name], device, layout)
     ref = float64_reference(eager, x, residual)
     nbytes = shape.bytes(x.element_size())
     base = {"op": OP if shape.kind == "conv" else "upsample_block", "dtype": dtype_name, **shape.columns()}
-    base.update(layout="channels_last" if channels_last else "nchw", copy_gbs=copy_gbs)
+    base.update(layout=layout, copy_gbs=copy_gbs)
     rows = run_providers(
         providers,
         lambda provider: setup(provider, shape, eager, x, residual),
@@ -512,17 +512,12 @@ def print_totals(rows) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_benchmark_args(parser, PROVIDERS, stages=False)
+    add_benchmark_args(parser, PROVIDERS, stages=False, layouts=True)
     parser.add_argument("--models", nargs="+", help=f"some of {', '.join(MODELS)} (default: all on GPU)")
     parser.add_argument("--shapes", nargs="+", help="shape names or name prefixes, e.g. sq.up8 l0.s3 (see --list)")
     parser.add_argument(
         "--act", default="gelu_tanh", choices=EVIT_ACTS, help="EfficientViT's activation (default gelu_tanh)"
     )
-    parser.add_argument(
-        "--layout", choices=("channels_last", "nchw"), default="channels_last",
-        help="inputs and weights (every provider's): channels_last (default, as linattn.optimize runs a model on "
-        "a GPU) or nchw",
-    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="print the shape table and exit")
     return parse_benchmark_args(parser, argv, dtype=DTYPES, providers=PROVIDERS, models=MODELS)
 
@@ -549,14 +544,13 @@ def main(argv=None) -> list[dict]:
 
     env, copy_gbs = announce(device)
     rows = []
-    with measuring(len(shapes) * len(dtypes) * len(providers), OP) as bar:  # SIGTERM ends the loop, rows kept
-        for shape in shapes:
+    cases = [(shape, d, layout) for shape in shapes for d in dtypes for layout in args.layout]
+    with measuring(len(cases) * len(providers), OP) as bar:  # SIGTERM ends the loop, rows kept
+        for shape, dtype_name, layout in cases:
             skip = max_autotune_skip(args, shape.batch)
-            for dtype_name in dtypes:
-                cl = args.layout == "channels_last"
-                rows += run_shape(shape, dtype_name, providers, device, copy_gbs, bar, args.cuda_graph, skip, cl)
-                if on_gpu:
-                    torch.cuda.empty_cache()
+            rows += run_shape(shape, dtype_name, layout, providers, device, copy_gbs, bar, args.cuda_graph, skip)
+            if on_gpu:
+                torch.cuda.empty_cache()
     plot = {
         "x": "name",
         "y": "speedup_vs_eager",

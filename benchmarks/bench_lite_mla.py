@@ -5,7 +5,8 @@
 
 The block as EfficientViT-SAM builds it (C -> C, head dim 32, heads C/32, no biases, BatchNorm eps 1e-6 after
 the projection): qkv 1x1 conv, per scale a depthwise and a grouped 1x1 conv, cat, ReLU linear attention, proj
-1x1 conv + BatchNorm, in eval mode (forward only). Shapes: every LiteMLA stage of docs/design.md 5 (--stages picks
+1x1 conv + BatchNorm, in eval mode (forward only), input and modules channels_last as in an optimized encoder
+(--layout nchw, or both). Shapes: every LiteMLA stage of docs/design.md 5 (--stages picks
 some) at B=16 and 1 on a GPU; without a GPU a short run: the L stage at B=1, fp32, eager and reference. Providers:
   eager                 EfficientViTLiteMLA below: the official forward in eager PyTorch (nn.Conv2d modules,
                         torch.cat, EfficientViT's attention, conv then BatchNorm), in the input dtype
@@ -42,6 +43,7 @@ from linattn.benchmarks.common import (
     CPU_PROVIDERS,
     DTYPES,
     GPU_PROVIDERS,
+    LAYOUTS,
     LITE_MLA_STAGES,
     PROVIDERS,
     LiteMLAShape,
@@ -63,7 +65,7 @@ from linattn.benchmarks.common import (
 OP = "lite_mla"  # the block; its fused op is lite_mla_context
 EPS = 1e-15  # EfficientViT's attention eps
 NORM_EPS = 1e-6  # EfficientViT-SAM's BatchNorm eps
-TABLE = table_columns("dtype", "shape", work=("img_s", "tflops", "gbs", "pct_copy"))
+TABLE = table_columns("dtype", "layout", "shape", work=("img_s", "tflops", "gbs", "pct_copy"))
 
 
 class _ConvNorm(nn.Module):
@@ -160,21 +162,22 @@ def setup(provider: str, shape: LiteMLAShape, eager: nn.Module, fused: nn.Module
     return {"fwd": forward}
 
 
-def make_input(shape: LiteMLAShape, dtype: torch.dtype, device) -> torch.Tensor:
+def make_input(shape: LiteMLAShape, dtype: torch.dtype, layout: str, device) -> torch.Tensor:
     """The block's random input at a shape."""
     gen = torch.Generator(device).manual_seed(1)
-    return torch.randn(shape.batch, shape.channels, shape.height, shape.width, device=device, generator=gen).to(dtype)
+    x = torch.randn(shape.batch, shape.channels, shape.height, shape.width, device=device, generator=gen)
+    return x.to(dtype, memory_format=LAYOUTS[layout])
 
 
-def run_shape(shape, dtype_name, providers, device, copy_gbs, bar, cuda_graph, skip) -> list[dict]:
+def run_shape(shape, dtype_name, layout, providers, device, copy_gbs, bar, cuda_graph, skip) -> list[dict]:
     dtype = DTYPES[dtype_name]
-    eager, fused = make_modules(shape, dtype, device)
-    x = make_input(shape, dtype, device)
+    eager, fused = (m.to(memory_format=LAYOUTS[layout]) for m in make_modules(shape, dtype, device))
+    x = make_input(shape, dtype, layout, device)
     with torch.no_grad():
         ref = copy.deepcopy(eager).double()(x.double())
     weights = sum(p.numel() for p in eager.parameters())
     nbytes = (x.numel() + ref.numel() + weights) * x.element_size()
-    base = {"op": OP, "dtype": dtype_name, **shape.columns(), "copy_gbs": copy_gbs}
+    base = {"op": OP, "dtype": dtype_name, "layout": layout, **shape.columns(), "copy_gbs": copy_gbs}
     rows = run_providers(
         providers,
         lambda provider: setup(provider, shape, eager, fused, x),
@@ -197,7 +200,7 @@ def run_shape(shape, dtype_name, providers, device, copy_gbs, bar, cuda_graph, s
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_benchmark_args(parser, PROVIDERS)
+    add_benchmark_args(parser, PROVIDERS, layouts=True)
     return parse_benchmark_args(parser, argv, dtype=DTYPES, providers=PROVIDERS, stages=LITE_MLA_STAGES)
 
 
@@ -214,13 +217,13 @@ def main(argv=None) -> list[dict]:
 
     env, copy_gbs = announce(device)
     rows = []
-    with measuring(len(shapes) * len(dtypes) * len(providers), OP) as bar:  # SIGTERM ends the loop, rows kept
-        for shape in shapes:
+    cases = [(shape, d, layout) for shape in shapes for d in dtypes for layout in args.layout]
+    with measuring(len(cases) * len(providers), OP) as bar:  # SIGTERM ends the loop, rows kept
+        for shape, dtype_name, layout in cases:
             skip = max_autotune_skip(args, shape.batch)
-            for dtype_name in dtypes:
-                rows += run_shape(shape, dtype_name, providers, device, copy_gbs, bar, args.cuda_graph, skip)
-                if on_gpu:
-                    torch.cuda.empty_cache()
+            rows += run_shape(shape, dtype_name, layout, providers, device, copy_gbs, bar, args.cuda_graph, skip)
+            if on_gpu:
+                torch.cuda.empty_cache()
     # speedups, not images/s: B=16 and B=1 differ tenfold in images/s and share the plot's axis
     plot = {"y": "speedup_vs_eager", "hline": None, "ylabel": "speedup over eager (x)"}
     report(rows, TABLE, args.out, result_name(OP, args.quick, device), env, **plot)

@@ -4,9 +4,10 @@
     python benchmarks/bench_multiscale.py      # GPU: both ops, every LiteMLA of docs/design.md 5, B=16 and 1, bf16
     python benchmarks/bench_multiscale.py --backward --dtype fp16 bf16 --ops lite_mla_context --providers eager triton
 
-Input qkv is the (B, 3*heads*32, H, W) output of LiteMLA's qkv conv; per scale k a depthwise weight (C, 1, k, k) and
-a grouped 1x1 weight (C, 32, 1, 1), no biases (EfficientViT-SAM has none). multiscale_aggregate returns
-cat([qkv, y_1, ...]) (B, (1+S)*C, H, W); lite_mla_context returns the attention over it, (B, (1+S)*heads*32, H, W).
+Input qkv is the (B, 3*heads*32, H, W) output of LiteMLA's qkv conv, channels_last as in an optimized encoder
+(--layout nchw, or both); per scale k a depthwise weight (C, 1, k, k) and a grouped 1x1 weight (C, 32, 1, 1), no
+biases (EfficientViT-SAM has none). multiscale_aggregate returns cat([qkv, y_1, ...]) (B, (1+S)*C, H, W);
+lite_mla_context returns the attention over it, (B, (1+S)*heads*32, H, W).
 Shapes: every LiteMLA stage of docs/design.md 5 (C=512, 16 heads, scales (5,), 16x16 for L; 512, 16, (3,), 32x32 and
 1024, 32, (3,), 16x16 for XL; --stages picks some), at B=16 and 1 on a GPU. Without a GPU the default is a short
 run: the L stage at B=1, fp32, eager and reference. Providers:
@@ -45,6 +46,7 @@ from linattn.benchmarks.common import (
     CPU_PROVIDERS,
     DTYPES,
     GPU_PROVIDERS,
+    LAYOUTS,
     LITE_MLA_STAGES,
     PROVIDERS,
     LiteMLAShape,
@@ -64,7 +66,7 @@ from linattn.benchmarks.common import (
 )
 
 OPS = ("multiscale_aggregate", "lite_mla_context")
-TABLE = table_columns("op", "pass", "dtype", "shape")
+TABLE = table_columns("op", "pass", "dtype", "layout", "shape")
 
 
 @dataclass
@@ -85,18 +87,18 @@ def out_channels(op: str, shape: LiteMLAShape) -> int:
     return (1 + len(shape.scales)) * width
 
 
-def make_inputs(op: str, shape: LiteMLAShape, dtype: torch.dtype, device: torch.device) -> Inputs:
+def make_inputs(op: str, shape: LiteMLAShape, dtype: torch.dtype, layout: str, device: torch.device) -> Inputs:
     gen = torch.Generator(device).manual_seed(0)
     C, D = shape.qkv_channels, shape.dim
 
-    def rand(*size, scale=1.0):
-        return (torch.randn(size, device=device, generator=gen) * scale).to(dtype).requires_grad_()
+    def rand(*size, scale=1.0, fmt=torch.contiguous_format):
+        return (torch.randn(size, device=device, generator=gen) * scale).to(dtype, memory_format=fmt).requires_grad_()
 
-    qkv = rand(shape.batch, C, shape.height, shape.width)
+    qkv = rand(shape.batch, C, shape.height, shape.width, fmt=LAYOUTS[layout])
     dws = [rand(C, 1, k, k, scale=1 / k) for k in shape.scales]
     pws = [rand(C, D, 1, 1, scale=D**-0.5) for _ in shape.scales]
     out_size = (shape.batch, out_channels(op, shape), shape.height, shape.width)
-    grad_out = torch.randn(out_size, device=device, generator=gen).to(dtype)
+    grad_out = torch.randn(out_size, device=device, generator=gen).to(dtype, memory_format=LAYOUTS[layout])
     return Inputs(qkv, dws, pws, grad_out)
 
 
@@ -166,7 +168,7 @@ def passes(op: str, shape: LiteMLAShape, inputs: Inputs, backward: bool) -> dict
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_benchmark_args(parser, PROVIDERS)
+    add_benchmark_args(parser, PROVIDERS, layouts=True)
     parser.add_argument("--ops", nargs="+", help=f"some of {', '.join(OPS)} (default: both)")
     parser.add_argument(
         "--backward", action=argparse.BooleanOptionalAction, default=False, help="also time forward+backward"
@@ -188,27 +190,25 @@ def main(argv=None) -> list[dict]:
 
     env, copy_gbs = announce(device)
     rows = {op: [] for op in ops}
-    with measuring(len(shapes) * len(dtypes) * len(ops) * len(providers), "multiscale") as bar:  # SIGTERM: rows kept
-        for shape in shapes:
-            skip = max_autotune_skip(args, shape.batch)
-            for dtype_name in dtypes:
-                for op in ops:
-                    inputs = make_inputs(op, shape, DTYPES[dtype_name], device)
-                    base = {"op": op, "dtype": dtype_name, **shape.columns(), "copy_gbs": copy_gbs}
-                    rows[op] += run_providers(
-                        providers,
-                        lambda provider, op=op, shape=shape, inputs=inputs: setup(op, provider, shape, inputs),
-                        passes(op, shape, inputs, args.backward),
-                        base,
-                        device,
-                        copy_gbs,
-                        bar,
-                        cuda_graph=args.cuda_graph,
-                        skip=skip,
-                    )
-                    del inputs
-                    if on_gpu:
-                        torch.cuda.empty_cache()
+    cases = [(shape, d, layout, op) for shape in shapes for d in dtypes for layout in args.layout for op in ops]
+    with measuring(len(cases) * len(providers), "multiscale") as bar:  # SIGTERM: rows kept
+        for shape, dtype_name, layout, op in cases:
+            inputs = make_inputs(op, shape, DTYPES[dtype_name], layout, device)
+            base = {"op": op, "dtype": dtype_name, "layout": layout, **shape.columns(), "copy_gbs": copy_gbs}
+            rows[op] += run_providers(
+                providers,
+                lambda provider, op=op, shape=shape, inputs=inputs: setup(op, provider, shape, inputs),
+                passes(op, shape, inputs, args.backward),
+                base,
+                device,
+                copy_gbs,
+                bar,
+                cuda_graph=args.cuda_graph,
+                skip=max_autotune_skip(args, shape.batch),
+            )
+            del inputs
+            if on_gpu:
+                torch.cuda.empty_cache()
     for op in ops:
         report(rows[op], TABLE, args.out, result_name(op, args.quick, device), env)
     return [row for op in ops for row in rows[op]]

@@ -32,6 +32,7 @@ from linattn.benchmarks.common import (
     COMPILE_MODES,
     CPU_PROVIDERS,
     DTYPES,
+    LAYOUTS,
     add_benchmark_args,
     announce,
     check_backend,
@@ -87,7 +88,7 @@ def neck_shapes(model: str, batches) -> list[NeckShape]:
 
 def make_inputs(shape: NeckShape, dtype, layout: str, device) -> tuple[list[torch.Tensor], torch.Tensor]:
     gen = torch.Generator(device).manual_seed(0)
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    fmt = LAYOUTS[layout]
     maps = [
         torch.randn(shape.batch, shape.channels, h, w, device=device, generator=gen)
         .to(dtype)
@@ -129,15 +130,12 @@ def passes(shape: NeckShape, maps, grad_out, backward: bool) -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_benchmark_args(parser, PROVIDERS, stages=False)
+    add_benchmark_args(parser, PROVIDERS, stages=False, layouts=True)
     parser.add_argument("--models", nargs="+", help=f"some of {', '.join(MODELS)} (default: l0 xl1)")
-    parser.add_argument("--layout", nargs="+", help="channels_last (default) and/or nchw")
     parser.add_argument(
         "--backward", action=argparse.BooleanOptionalAction, default=False, help="also time forward+backward"
     )
-    return parse_benchmark_args(
-        parser, argv, dtype=DTYPES, providers=PROVIDERS, models=MODELS, layout=("channels_last", "nchw")
-    )
+    return parse_benchmark_args(parser, argv, dtype=DTYPES, providers=PROVIDERS, models=MODELS)
 
 
 def main(argv=None) -> list[dict]:
@@ -156,7 +154,7 @@ def main(argv=None) -> list[dict]:
             for s in shapes
         ]
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])
-    layouts = args.layout or ["channels_last"]
+    layouts = args.layout
     providers = args.providers or list(GPU_PROVIDERS if on_gpu else CPU_PROVIDERS)
 
     env, copy_gbs = announce(device)

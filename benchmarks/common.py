@@ -576,6 +576,7 @@ def lite_mla_run_shapes(args, on_gpu: bool) -> list[LiteMLAShape]:
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune", "compile-reduce-overhead": "reduce-overhead"}
 SPEEDUP_BASELINES = ("eager", "compile", "compile-max-autotune")
 # linattn's op under `linattn.backend(provider)`: a forced backend, or "auto" (the dispatch users get: on a GPU
@@ -628,13 +629,22 @@ def max_autotune_skip(args, batch: int) -> dict[str, str]:
 
 
 def add_benchmark_args(
-    parser, providers: Sequence[str], dtypes: Sequence[str] = tuple(DTYPES), stages: bool = True
+    parser, providers: Sequence[str], dtypes: Sequence[str] = tuple(DTYPES), stages: bool = True, layouts=False
 ) -> None:
     """The options every benchmark over docs/design.md 5's shapes takes; lists accept spaces or commas (see
     parse_benchmark_args). `stages`: add --stages (the LiteMLA stages); a benchmark with its own shape table
-    passes False and adds its own selection option."""
+    passes False and adds its own selection option. `layouts`: add --layout (feature maps in memory; the
+    benchmark loops over args.layout and records a layout column)."""
     parser.add_argument("--dtype", nargs="+", help=f"one or more of {', '.join(dtypes)} (default: bf16 on GPU)")
     parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 16 1 on GPU, 1 on CPU)")
+    if layouts:
+        parser.add_argument(
+            "--layout",
+            nargs="+",
+            default=["channels_last"],
+            help=f"some of {', '.join(LAYOUTS)}: the feature maps' (and conv weights') memory format, every "
+            "provider's (default: channels_last, as linattn.optimize runs a model on a GPU)",
+        )
     parser.add_argument("--providers", nargs="+", help=f"some of {', '.join(providers)}")
     if stages:
         parser.add_argument(
@@ -661,6 +671,8 @@ def add_benchmark_args(
 def parse_benchmark_args(parser, argv, **choices: Sequence[str]):
     """parser.parse_args(argv), with each list option in `choices` split at commas and checked against its choices."""
     args = parser.parse_args(argv)
+    if hasattr(args, "layout"):
+        choices = {"layout": tuple(LAYOUTS), **choices}
     for name, allowed in choices.items():
         values = getattr(args, name)
         if values is not None:

@@ -106,7 +106,7 @@ def conv_rows(names, providers, dtype, device, copy_gbs, quick: bool) -> list[di
     entries = [e for e in table if e["name"] in names]
     rows = []
     for shape in conv_bench.make_shapes(entries, (2,) if quick else (16,), model="quick" if quick else None):
-        eager, x, residual = conv_bench.make_inputs(shape, dtype, device, channels_last=True)
+        eager, x, residual = conv_bench.make_inputs(shape, dtype, device, "channels_last")
         call = ("conv_bn_act", shape.name, shape.batch, shape.bytes(x.element_size()), copy_gbs)
         rows += provider_rows(providers, *call, conv_bench.setup, shape, eager, x, residual)
     return rows
@@ -116,8 +116,9 @@ def lite_mla_rows(stages, providers, dtype, device, copy_gbs, quick: bool) -> li
     shapes = lite_mla_shapes((2,), QUICK_LITE_MLA_STAGES) if quick else lite_mla_shapes((16,), names=stages)
     rows = []
     for shape in shapes:
-        eager, fused = mla_bench.make_modules(shape, dtype, device)
-        x = mla_bench.make_input(shape, dtype, device)
+        cl = torch.channels_last  # as the op benchmarks' default layout
+        eager, fused = (m.to(memory_format=cl) for m in mla_bench.make_modules(shape, dtype, device))
+        x = mla_bench.make_input(shape, dtype, "channels_last", device)
         nbytes = 2 * x.numel() * x.element_size()  # the block's input read and output written, at the least
         rows += provider_rows(providers, "lite_mla", shape.label, shape.batch, nbytes, copy_gbs, mla_bench.setup,
                               shape, eager, fused, x)  # fmt: skip

@@ -828,7 +828,9 @@ def tma_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) 
     """The tensor-descriptor forward's configurations (_conv_bn_act_fwd_tma_kernel) on a GPU with TMA, for the
     calls it takes: dense stride-1 convs of fp16/bf16 tensors read along contiguous, 16-byte aligned channels
     (channels_last x, packed weights, Cin a multiple of 8). Position tiles are rectangles of one image, 16
-    wide (8 for narrower maps), of 128 or 64 positions."""
+    wide (8 for narrower maps), of 128 or 64 positions. No 128-position tile on 8 warps with 3 or 4 stages: the
+    fourth H100 pass had it wrong (triton 3.6), mostly in the lower rows of its tiles, whenever a grid held
+    more than one wave, and exact at one wave; 2 stages on 8 warps, or 4 warps at any depth, were exact."""
     Cout, cin, _, _ = weight.shape
     takes = dev.tma and groups == 1 and tuple(stride) == (1, 1) and x.dtype in (torch.float16, torch.bfloat16)
     if not (takes and _tma_ready(x, (0, 2, 3, 1)) and _tma_ready(weight, (0, 2, 3, 1))):
@@ -836,7 +838,8 @@ def tma_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) 
     _, Wo, _ = conv_geometry(x, weight, stride, padding, dilation, groups)
     bw, bn, bk = _pow2(Wo, 8, 16), _pow2(Cout, 16, 128), _pow2(cin, 16, 64)
     return [
-        dict(tma=True, BLOCK_H=128 // bw, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3),
+        dict(tma=True, BLOCK_H=128 // bw, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=2),
+        dict(tma=True, BLOCK_H=128 // bw, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3),
         dict(tma=True, BLOCK_H=64 // bw, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4),
     ]
 

@@ -75,32 +75,48 @@ def _tap_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, offs_c,
 
 
 @triton.jit
+def _tap(
+    acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, wp_t, t, dh, dw, h, w, n_mask, offs_c, c_mask, H, W,
+    KSIZE: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc plus tap t of the stencil, at offset (dh, dw) (see _aggregate)."""
+    x = _tap_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, offs_c, c_mask, H, W)
+    tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + t, mask=c_mask, other=0.0).to(tl.float32)
+    if TAP_MMA:
+        return _dot(x, _cast(tap[:, None] * wp_t, x.dtype, UPCAST), acc, UPCAST, PRECISION)
+    return acc + x.to(tl.float32) * tap[None, :]
+
+
+@triton.jit
 def _aggregate(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS,
     KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ROW_TAPS: tl.constexpr,
 ):  # fmt: skip
     """agg(x) = Wp (dwconv(x) + bd) + bp, an fp32 (BLOCK_N, BLOCK_D) tile of one group at positions (h, w), zero
     in rows outside. Pointers at the group's first channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and first row (WP_ptr).
 
     TAP_MMA: each tap is a dot, x_t @ (diag(w_t) Wp^T) in x's dtype, the pointwise conv folded in. Else the taps
-    are fp32 FMAs and the pointwise conv one dot of their sum, in x's dtype."""
-    PAD: tl.constexpr = KSIZE // 2
+    are fp32 FMAs and the pointwise conv one dot of their sum, in x's dtype.
+    ROW_TAPS: the taps of a kernel row unrolled, so that their KSIZE loads are in flight together (the fourth
+    H100 pass had the one-pass kernel latency-bound, 2 programs of 8 warps per SM waiting on one tap's load at a
+    time, at 2-8% of copy bandwidth; all KSIZE^2 taps unrolled spilled kilobytes in the gate: ptxas hoists every
+    load). Else one tap's tile in registers at a time. The loop counts are known at run time only (TAPS = KSIZE^2):
+    ptxas unrolls a constant loop and hoists its loads."""
     wp_t = _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D)  # fp32 [i, o] = Wp[o, i]
     acc = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
-    # TAPS = KSIZE^2, a loop count known at run time only: ptxas unrolls a constant 9-tap loop and its hoisted loads
-    # cost 40 registers. Weight addresses keep the constant KSIZE^2 (immediate offsets of one base register), and
     # each tap's tile addresses are computed in the loop (a pointer tile hoisted out of it costs 16-50 registers
     # in NCHW, whose loads are not vectors)
-    for t in range(TAPS):
-        dh = t // KSIZE - PAD
-        dw = t % KSIZE - PAD
-        x = _tap_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, offs_c, c_mask, H, W)
-        tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + t, mask=c_mask, other=0.0).to(tl.float32)
-        if TAP_MMA:
-            acc = _dot(x, _cast(tap[:, None] * wp_t, x.dtype, UPCAST), acc, UPCAST, PRECISION)
-        else:
-            acc += x.to(tl.float32) * tap[None, :]
+    PAD: tl.constexpr = KSIZE // 2
+    if ROW_TAPS:
+        for r in range(TAPS // KSIZE):
+            for c in tl.static_range(KSIZE):
+                acc = _tap(acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, wp_t, r * KSIZE + c, r - PAD, c - PAD, h,
+                           w, n_mask, offs_c, c_mask, H, W, KSIZE, TAP_MMA, UPCAST, PRECISION)  # fmt: skip
+    else:
+        for t in range(TAPS):
+            acc = _tap(acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, wp_t, t, t // KSIZE - PAD, t % KSIZE - PAD, h,
+                       w, n_mask, offs_c, c_mask, H, W, KSIZE, TAP_MMA, UPCAST, PRECISION)  # fmt: skip
     if TAP_MMA:
         y = acc
         if HAS_BD:
@@ -120,8 +136,8 @@ def _aggregate(
 def _kv_state(
     X_ptr, stride_xc, stride_xh, stride_xw, ck, WD_ptr, BD_ptr, WP_ptr, BP_ptr, n_lo, n_hi, H, W, D, TAPS,
     KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, WITH_RAW: tl.constexpr,
-    TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROW_TAPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """(S, z, S0, z0) over positions [n_lo, n_hi) of the head whose k group starts at channel ck: fp32 sums of
     relu(k)^T v and relu(k), aggregated (S, z) and over qkv itself (S0, z0, if WITH_RAW). k and v enter the
@@ -159,13 +175,13 @@ def _kv_state(
         k = _aggregate(
             X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * TAPS, BD_ptr + ck, WP_ptr + ck * D,
             BP_ptr + ck, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST,
-            PRECISION,
+            PRECISION, ROW_TAPS,
         )  # fmt: skip
         kr = _cast(tl.maximum(k, 0.0), dt, UPCAST)  # before v's taps: k held in the input dtype
         v = _aggregate(
             X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * TAPS, BD_ptr + cv, WP_ptr + cv * D,
             BP_ptr + cv, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST,
-            PRECISION,
+            PRECISION, ROW_TAPS,
         )  # fmt: skip
         s = _dot(tl.trans(kr), _cast(v, dt, UPCAST), s, UPCAST, PRECISION)
         z += tl.sum(kr.to(tl.float32), axis=0)
@@ -188,7 +204,7 @@ def _write_out(
     O_ptr, stride_oc, stride_oh, stride_ow, X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr,
     s, z, eps, n_lo, n_hi, H, W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
     AGGREGATE: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_TAPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Store relu(q) S / (relu(q) . z + eps) over positions [n_lo, n_hi) of one head, for q = agg(q) (AGGREGATE)
     or q itself; S and z fp32. Pointers at the head's first output channel and its q group (and the group's
@@ -205,7 +221,7 @@ def _write_out(
         if AGGREGATE:
             q = _aggregate(
                 X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask,
-                H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST, PRECISION,
+                H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
             )  # fmt: skip
         else:
             q = _tap_tile(X_ptr, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c, c_mask, H, W)
@@ -246,6 +262,7 @@ def _lite_mla_context_state_kernel(
     TAP_MMA: tl.constexpr,  # the stencil as dots on tensor cores (fp16/bf16)
     UPCAST: tl.constexpr,  # low-precision dots on fp32 copies (interpreter)
     PRECISION: tl.constexpr,
+    ROW_TAPS: tl.constexpr,  # the taps unrolled (see _aggregate)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -258,7 +275,7 @@ def _lite_mla_context_state_kernel(
     s, z, s0, z0 = _kv_state(
         X_ptr + b * stride_xb, stride_xc, stride_xh, stride_xw, ck, WD_ptr, BD_ptr, WP_ptr, BP_ptr, n_lo,
         tl.minimum(n_lo + CHUNK, H * W), H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION,
-        BLOCK_N, BLOCK_D,
+        ROW_TAPS, BLOCK_N, BLOCK_D,
     )  # fmt: skip
     offs_c = tl.arange(0, BLOCK_D)
     part = pid_bh * SPLITS + pid_s
@@ -311,6 +328,7 @@ def _lite_mla_context_fwd_kernel(
     TAP_MMA: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROW_TAPS: tl.constexpr,  # the taps unrolled (see _aggregate)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -325,7 +343,7 @@ def _lite_mla_context_fwd_kernel(
     if ONE_PASS:
         s, z, s0, z0 = _kv_state(
             X_ptr, stride_xc, stride_xh, stride_xw, cq + D, WD_ptr, BD_ptr, WP_ptr, BP_ptr, 0, N, H, W, D, TAPS,
-            KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION, BLOCK_N, BLOCK_D,
+            KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, BLOCK_N, BLOCK_D,
         )  # fmt: skip
     else:
         offs_c = tl.arange(0, BLOCK_D)
@@ -343,12 +361,14 @@ def _lite_mla_context_fwd_kernel(
         _write_out(
             O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
             X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr, s0, z0, eps,
-            n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, False, TAP_MMA, UPCAST, PRECISION, BLOCK_N, BLOCK_D,
+            n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, False, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
+            BLOCK_N, BLOCK_D,
         )  # fmt: skip
     _write_out(
         O_ptr + b * stride_ob + head * D * stride_oc, stride_oc, stride_oh, stride_ow, X_ptr + cq * stride_xc,
         stride_xc, stride_xh, stride_xw, WD_ptr + cq * TAPS, BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, s, z, eps,
-        n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, True, TAP_MMA, UPCAST, PRECISION, BLOCK_N, BLOCK_D,
+        n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, True, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
+        BLOCK_N, BLOCK_D,
     )  # fmt: skip
 
 
@@ -359,34 +379,44 @@ def context_config(
 
     splits: programs per head (None: one, the one-pass kernel, when B*heads programs fill the GPU's SMs, and
     under the interpreter; else enough to fill it twice over). fp16/bf16 (TAP_MMA): the stencil on tensor
-    cores, 64-row tiles over 8 warps (4 warps hold twice the registers per thread: over 128 on sm_80, compile
-    gate). fp32 keeps IEEE fp32 products on FMAs, whose dot operands stay in registers: 16-row tiles, and a
-    register cap (ptxas otherwise trades a small spill for 64 registers on sm_80). The loops are not pipelined
-    (num_stages=1): the programs of an SM hide each other's latency."""
+    cores, 64-row tiles over 4 warps (the fourth H100 pass: 4 warps 1.2-1.8x faster than 8 over channels_last
+    maps, every LiteMLA stage; over 128 registers on sm_80, without spills). fp32 keeps IEEE fp32 products on
+    FMAs, whose dot operands stay in registers: 16-row tiles over 8 warps, and a register cap (ptxas otherwise
+    trades a small spill for 64 registers on sm_80). The loops are not pipelined (num_stages=1): the programs
+    of an SM hide each other's latency."""
     block_d = max(16, next_pow2(dim))
     if splits is None:
         splits = 1 if not dev.gpu or B * heads >= dev.sms else cdiv(2 * dev.sms, B * heads)
-    cfg = dict(BLOCK_N=64, BLOCK_D=block_d, TAP_MMA=low_precision, num_warps=8, num_stages=1, splits=splits)
-    if not dev.gpu:
-        cfg.update(num_warps=4)  # the interpreter: any tile runs; few, large ones are fastest
-    elif not low_precision:
-        cfg.update(BLOCK_N=16, maxnreg=96)
+    cfg = dict(
+        BLOCK_N=64, BLOCK_D=block_d, TAP_MMA=low_precision, ROW_TAPS=False, num_warps=4, num_stages=1, splits=splits
+    )
+    if dev.gpu and not low_precision:
+        cfg.update(BLOCK_N=16, num_warps=8, maxnreg=96)
     return cfg
 
 
 def context_configs(dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool) -> list[dict]:
     """The configurations measured dispatch times for a call (linattn._tune.choose_config), the heuristic's
-    first. On a GPU also the stencil the other way for fp16/bf16 (tensor-core dots per tap, or FMAs and one
-    pointwise dot: the first H100 pass had the tap-dot kernel at 3-7% of copy bandwidth, far from its memory
-    floor, and which is faster is the GPU's to say) and the other side of the one-pass / split-over-N choice
-    (where the map has more than one row tile)."""
+    first; on a GPU also:
+    - fp16/bf16: the stencil the other way, FMA taps and one pointwise dot, 32-row tiles (64 spilled 24 bytes
+      on sm_80 over NCHW maps, compile gate);
+    - one pass: FMA taps (fp16/bf16 on 8 warps) with a kernel row's taps in flight together (ROW_TAPS: the
+      split's state kernel spilled 8-16 bytes at k=5, compile gate);
+    - the other side of the one-pass / split-over-N choice (four splits), where the map has several row tiles.
+    The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
+    was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
+    ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
+    (benchmarks/results/gpu/2026-11-26-h100-pass4)."""
     first = context_config(dev, B, heads, N, dim, low_precision)
     if not dev.gpu:
         return [first]
     found = [first]
-    if low_precision:  # FMA taps on 32-row tiles: 64 spilled 24 bytes on sm_80 over NCHW maps (compile gate)
-        found.append(dict(first, TAP_MMA=False, BLOCK_N=32))
-    other = context_config(dev, B, heads, N, dim, low_precision, 1 if first["splits"] > 1 else 2)
+    fma = dict(first, TAP_MMA=False, BLOCK_N=32) if low_precision else first
+    if low_precision:
+        found.append(fma)
+    if split_rows(N, fma)[2] == 1:
+        found.append(dict(fma, ROW_TAPS=True, num_warps=8))
+    other = context_config(dev, B, heads, N, dim, low_precision, 1 if first["splits"] > 1 else 4)
     if split_rows(N, other)[2] != split_rows(N, first)[2]:
         found.append(other)
     return found

@@ -1015,7 +1015,7 @@ def test_tma_configs_take_only_what_a_descriptor_addresses():
         return x, torch.empty(64, cin, 3, 3, dtype=dtype).to(memory_format=fmt)
 
     args = ((1, 1), (1, 1), (1, 1), 1)
-    assert len(tma_configs(H100, *tensors(), *args)) == 2
+    assert len(tma_configs(H100, *tensors(), *args)) == 3
     assert tma_configs(Device(gpu=True, sms=108), *tensors(), *args) == []  # sm_80: no TMA
     assert tma_configs(H100, *tensors(fmt=torch.contiguous_format), *args) == []  # NCHW: channels strided
     assert tma_configs(H100, *tensors(dtype=torch.float32), *args) == []  # fp32: full-precision products

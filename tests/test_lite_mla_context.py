@@ -168,20 +168,24 @@ def test_context_config_one_pass_when_the_gpu_is_full():
 
 
 def test_context_configs_measured_on_a_gpu():
-    """What measured dispatch times per call: the heuristic first, the stencil the other way (fp16/bf16), the
-    other side of the one-pass / split choice where the map has several row tiles; the interpreter's alone."""
+    """What measured dispatch times per call: the heuristic first, the stencil the other way (fp16/bf16), that
+    stencil with a kernel row's taps unrolled (one pass only), the other side of the one-pass / split choice
+    where the map has several row tiles; the interpreter's alone."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.linear_attention import split_rows
     from linattn.kernels.lite_mla_context import context_config, context_configs
 
     def kinds(B, N, low=True):
-        return [(c["TAP_MMA"], split_rows(N, c)[2]) for c in context_configs(H100, B, 16, N, 32, low)]
+        configs = context_configs(H100, B, 16, N, 32, low)
+        return [(c["TAP_MMA"], c["ROW_TAPS"], split_rows(N, c)[2]) for c in configs]
 
     assert context_configs(H100, 16, 16, 256, 32, True)[0] == context_config(H100, 16, 16, 256, 32, True)
-    assert kinds(16, 256) == [(True, 1), (False, 1), (True, 2)]  # L0 at batch 16: one pass first
-    assert kinds(1, 256) == [(True, 4), (False, 8), (True, 1)]  # batch 1: the split first (FMA taps: 32-row tiles)
-    assert kinds(1, 256, low=False) == [(False, 16), (False, 1)]  # fp32: FMA taps only (IEEE), 16-row tiles
-    assert kinds(1, 49) == [(True, 1), (False, 2)]  # one 64-row tile: nothing to split (two of 32 rows)
+    assert kinds(16, 256) == [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4)]  # L0, B16
+    assert kinds(16, 256, low=False) == [(False, False, 1), (False, True, 1), (False, False, 4)]
+    # batch 1: the split first (FMA taps: 32-row tiles), and no unrolled taps (split)
+    assert kinds(1, 256) == [(True, False, 4), (False, False, 8), (True, False, 1)]
+    assert kinds(1, 256, low=False) == [(False, False, 16), (False, False, 1)]  # fp32: FMA taps (IEEE), 16-row tiles
+    assert kinds(1, 49) == [(True, False, 1), (False, False, 2)]  # one 64-row tile: nothing to split (two of 32 rows)
     assert context_configs(INTERPRETER, 16, 16, 256, 32, True) == [context_config(INTERPRETER, 16, 16, 256, 32, True)]
 
 

@@ -62,6 +62,29 @@ def _alignment(t: Tensor) -> int:
     return 16 if p % 16 == 0 else p & -p
 
 
+def _packed(t: Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _packing(t: Tensor) -> torch.memory_format:
+    """The layout a copy of t keeps: channels_last where its channels are the innermost dim, else NCHW."""
+    return torch.channels_last if t.stride(1) == min(t.stride()) else torch.contiguous_format
+
+
+def _graph_operand(t: Tensor | None) -> Tensor | None:
+    """t as cuDNN's graph reads it: t itself when packed NCHW or NHWC, else a packed copy. The fourth H100 pass
+    had the graph's output 0.92 off (relative) for an fp32 grouped conv of a channel slice x and a permuted
+    weight view, which cuDNN accepted; PyTorch hands cuDNN packed tensors only."""
+    return t if t is None or _packed(t) else t.contiguous(memory_format=_packing(t))
+
+
+def _graph_layout(t: Tensor) -> tuple[tuple[int, ...], int]:
+    """(strides, pointer alignment) of _graph_operand(t), without the copy."""
+    if _packed(t):
+        return t.stride(), _alignment(t)
+    return torch.empty(t.shape, device="meta").contiguous(memory_format=_packing(t)).stride(), 16
+
+
 def limit_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out):
     """The signature (below) that dispatch hands cuda_limit for a call, or None where the cuda implementation
     is not asked: tensors not on a GPU, a backend forced elsewhere, fake tensors (the compile gate's replay)."""
@@ -71,19 +94,21 @@ def limit_call(x, weight, bias, stride, padding, dilation, groups, act, post_sca
 
 
 def signature(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out) -> tuple:
-    """What the cuDNN graph of a call depends on, as the call's operands will reach it (run_cuda): device,
-    dtype, every size, stride and pointer alignment, the conv geometry, act and which optional inputs exist.
-    Hashable: the registry's limit reads it (linattn/_backend.py caches answers by it)."""
+    """What the cuDNN graph of a call depends on, as the call's operands will reach it (run_cuda, packed by
+    _graph_operand): device, dtype, every size, stride and pointer alignment, the conv geometry, act and which
+    optional inputs exist. Hashable: the registry's limit reads it (linattn/_backend.py caches answers by it)."""
+    (xs, xa), (ws, wa), (os_, oa) = _graph_layout(x), _graph_layout(weight), _graph_layout(out)
+    rs, ra = (None, 0) if residual is None else _graph_layout(residual)
     return (
         x.device.index,
         x.dtype,
         tuple(x.shape),
-        x.stride(),
+        xs,
         tuple(weight.shape),
-        weight.stride(),
-        out.stride(),
-        None if residual is None else residual.stride(),
-        (_alignment(x), _alignment(weight), _alignment(out), 0 if residual is None else _alignment(residual)),
+        ws,
+        os_,
+        rs,
+        (xa, wa, oa, ra),
         tuple(stride),
         tuple(padding),
         tuple(dilation),
@@ -143,8 +168,11 @@ def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale
     if not cudnn_reason(signature(*call)):
         vectors = [t if t is None or t.data_ptr() % 16 == 0 else t.clone() for t in vectors]
         b, s, t = vectors
+        xg, wg, rg, og = map(_graph_operand, (x, weight, residual, out))
         try:
-            getattr(torch.ops.linattn, FWD)(x, weight, b, stride, padding, dilation, groups, act, s, t, residual, out)
+            getattr(torch.ops.linattn, FWD)(xg, wg, b, stride, padding, dilation, groups, act, s, t, rg, og)
+            if og is not out:
+                out.copy_(og)
             return out
         except NotImplementedError:  # a graph cuDNN declines at run time (say, a view's alignment)
             if simt is not None:
@@ -165,28 +193,16 @@ def _full_fp32(dtype: torch.dtype):
 
 def backward_cuda(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale) -> tuple:
     """The backward on cuDNN, in the inputs' dtype as eager autograd runs it: z = conv(x, weight) + bias again
-    (cuDNN's fused graph where it takes the call, else aten's cuDNN conv and an add), the activation's and the
+    (aten's cuDNN conv, the bias added in fp32 as the forward's graph adds it), the activation's and the
     post-affine's gradients as fp32 pointwise ops (dz = g * post_scale * act'(z): no cuDNN engine fuses a
     prologue into dgrad), then cuDNN's dgrad and wgrad of dz (aten.convolution_backward). Returns (dx, dweight,
     dbias, dpost_scale, dpost_shift), the per-channel sums in fp32."""
     from .. import reference
-    from ._common import new_feature_map
 
     conv = (stride, padding, dilation, False, [0, 0], groups)
-    z = new_feature_map(x, weight.shape[0], *grad_out.shape[-2:])
-    call = (x, weight, bias, stride, padding, dilation, groups, "identity", None, None, None, z)
-    fused = not cudnn_reason(signature(*call))
-    if fused:
-        try:
-            run_cuda(*call)
-        except NotImplementedError:  # declined at run time
-            fused = False
     with _full_fp32(x.dtype):
-        if fused:
-            z32 = z.float()
-        else:  # the bias in fp32, as the graph adds it
-            z32 = torch.ops.aten.convolution(x, weight, None, *conv).float()
-            z32 = z32 if bias is None else z32 + bias.float()[:, None, None]
+        z32 = torch.ops.aten.convolution(x, weight, None, *conv).float()
+        z32 = z32 if bias is None else z32 + bias.float()[:, None, None]
         g32 = grad_out.float()
         gs = g32 if post_scale is None else g32 * post_scale.float()[:, None, None]
         dz32 = gs * reference.activation_grad(z32, act)
