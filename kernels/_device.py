@@ -53,8 +53,9 @@ def device_of(t: torch.Tensor) -> Device:
 
 def tma_opted_in() -> bool:
     """LINATTN_TMA=1: measured dispatch also times the tensor-descriptor (TMA) kernels on Hopper. Off by default:
-    on the third H100 pass the dense 3x3 conv's TMA configuration ran at 4-5x eager's error at B16
-    (benchmarks/results/gpu/2026-11-26-h100-pass3); a pass that clears it turns it back on."""
+    on the third and fourth H100 passes one TMA configuration was wrong past one wave of programs (8 warps, 3-4
+    stages; benchmarks/results/gpu/2026-11-26-h100-pass4), and the configurations that replace it have run exact
+    on one shape only; a pass whose GPU tests clear them turns TMA back on."""
     return os.environ.get("LINATTN_TMA") == "1"
 
 
