@@ -399,7 +399,7 @@ def context_configs(dev: Device, B: int, heads: int, N: int, dim: int, low_preci
     """The configurations measured dispatch times for a call (linattn._tune.choose_config), the heuristic's
     first; on a GPU also:
     - fp16/bf16: the stencil the other way, FMA taps and one pointwise dot, 32-row tiles (64 spilled 24 bytes
-      on sm_80 over NCHW maps, compile gate);
+      on sm_80 over NCHW maps, compile gate), split over N on 8 warps;
     - one pass: FMA taps (fp16/bf16 on 8 warps) with a kernel row's taps in flight together (ROW_TAPS: the
       split's state kernel spilled 8-16 bytes at k=5, compile gate);
     - the other side of the one-pass / split-over-N choice (four splits), where the map has several row tiles.
@@ -413,6 +413,8 @@ def context_configs(dev: Device, B: int, heads: int, N: int, dim: int, low_preci
     found = [first]
     fma = dict(first, TAP_MMA=False, BLOCK_N=32) if low_precision else first
     if low_precision:
+        if split_rows(N, fma)[2] > 1:  # on 8 warps: the state kernel spilled 16 bytes on sm_80 on 4 (compile gate)
+            fma["num_warps"] = 8
         found.append(fma)
     if split_rows(N, fma)[2] == 1:
         found.append(dict(fma, ROW_TAPS=True, num_warps=8))
