@@ -96,6 +96,7 @@ NORM_EPS = {"squeezesam": 1e-5, "l0": 1e-6, "xl1": 1e-6}  # torch's default; Eff
 CPU_SHAPES = ("sq.enc16.c1", "sq.up8", "l0.s4.mb.dw3", "l0.s3.mb.pw_proj")
 TABLE = (
     "dtype",
+    "layout",
     "shape",
     "provider",
     "ms",
@@ -503,8 +504,9 @@ def run_shape(shape, dtype_name, layout, providers, device, copy_gbs, bar, cuda_
 
 
 def print_totals(rows) -> None:
-    """Per model, batch and dtype: every provider's time summed over the shapes, and the speedups of the sums."""
-    by = ("model", "batch", "dtype")
+    """Per model, batch, dtype and layout: every provider's time summed over the shapes, and the speedups of the
+    sums."""
+    by = ("model", "batch", "dtype", "layout")
     print("\ntaken together (summed over each model's shapes; speedups over the shapes both providers timed):")
     columns = (*by, "provider", "shapes", "ms", "reps", "iqr_pct", *map(speedup_column, BASELINES))
     print(dict_table(totals(rows, by, BASELINES), columns))

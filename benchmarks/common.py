@@ -441,6 +441,8 @@ def plot_results(
     last = rows[-1]
     same = "run" if last.get("run") else "date"
     rows = [r for r in rows if r.get(same) == last.get(same) and r.get("device") == last.get("device")]
+    if len({r.get("layout") for r in rows}) > 1:  # a run over both layouts (--layout): one group of bars each
+        rows = [dict(r, **{x: f"{r.get(x)} {r.get('layout')}"}) for r in rows]
     drawn = [r for r in rows if r.get(y) is not None]
 
     def values(key, among):
@@ -629,7 +631,7 @@ def max_autotune_skip(args, batch: int) -> dict[str, str]:
 
 
 def add_benchmark_args(
-    parser, providers: Sequence[str], dtypes: Sequence[str] = tuple(DTYPES), stages: bool = True, layouts=False
+    parser, providers: Sequence[str], dtypes: Sequence[str] = tuple(DTYPES), stages: bool = True, layouts: bool = False
 ) -> None:
     """The options every benchmark over docs/design.md 5's shapes takes; lists accept spaces or commas (see
     parse_benchmark_args). `stages`: add --stages (the LiteMLA stages); a benchmark with its own shape table

@@ -381,9 +381,9 @@ def context_config(
     under the interpreter; else enough to fill it twice over). fp16/bf16 (TAP_MMA): the stencil on tensor
     cores, 64-row tiles over 4 warps (the fourth H100 pass: 4 warps 1.2-1.8x faster than 8 over channels_last
     maps, every LiteMLA stage; over 128 registers on sm_80, without spills). fp32 keeps IEEE fp32 products on
-    FMAs, whose dot operands stay in registers: 16-row tiles over 8 warps, and a register cap (ptxas otherwise
-    trades a small spill for 64 registers on sm_80). The loops are not pipelined (num_stages=1): the programs
-    of an SM hide each other's latency."""
+    FMAs, whose dot operands stay in registers: on a GPU 16-row tiles over 8 warps, and a register cap (ptxas
+    otherwise trades a small spill for 64 registers on sm_80); the interpreter runs 64-row tiles. The loops are
+    not pipelined (num_stages=1): the programs of an SM hide each other's latency."""
     block_d = max(16, next_pow2(dim))
     if splits is None:
         splits = 1 if not dev.gpu or B * heads >= dev.sms else cdiv(2 * dev.sms, B * heads)

@@ -95,10 +95,12 @@ def test_parity_with_timm(target, case, train):
     x, g = x.to(device=device, dtype=dtype), g.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # timm's fp32 convs in fp32, not TF32
+    # fp32 convs in fp32, not the TF32 PyTorch lets cuDNN use by default: timm's, and ours where the module
+    # calls aten (a train-mode projection)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         eager = run(theirs, x, g, train)
-    with linattn.backend(name):
-        got = run(ours.to(device=device, dtype=dtype), x, g, train)
+        with linattn.backend(name):
+            got = run(ours.to(device=device, dtype=dtype), x, g, train)
     assert got.keys() == oracle.keys()
     # a conv bias under a train-mode BatchNorm has zero gradient (the batch mean absorbs it): no relative measure
     vanishing = {f"grad {s}.conv.bias" for s in ("qkv", "proj") if train and getattr(ours, s).norm is not None}

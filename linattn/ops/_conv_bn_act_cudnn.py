@@ -66,23 +66,34 @@ def _packed(t: Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _packing(t: Tensor) -> torch.memory_format:
-    """The layout a copy of t keeps: channels_last where its channels are the innermost dim, else NCHW."""
-    return torch.channels_last if t.stride(1) == min(t.stride()) else torch.contiguous_format
+def _layout(t: Tensor) -> torch.memory_format:
+    """The layout a packed copy of t keeps: channels_last where its channels have its smallest stride (size-1
+    and broadcast dims aside), else NCHW."""
+    live = [s for s, n in zip(t.stride(), t.shape, strict=True) if n > 1 and s > 0]
+    return torch.channels_last if t.shape[1] > 1 and t.stride(1) == min(live, default=0) else torch.contiguous_format
+
+
+def _graph_strides(t: Tensor) -> tuple[int, ...]:
+    """The strides of _graph_operand(t): a packed t's own, but for its batch stride, which a batch-1 slice keeps
+    from its parent (C*H*W in either layout); a copy's, PyTorch's for a packed tensor in _layout(t)."""
+    _, C, H, W = t.shape
+    if _packed(t):
+        return (C * H * W, *t.stride()[1:])
+    return (H * W * C, 1, W * C, C) if _layout(t) == torch.channels_last else (C * H * W, H * W, W, 1)
 
 
 def _graph_operand(t: Tensor | None) -> Tensor | None:
-    """t as cuDNN's graph reads it: t itself when packed NCHW or NHWC, else a packed copy. The fourth H100 pass
-    had the graph's output 0.92 off (relative) for an fp32 grouped conv of a channel slice x and a permuted
-    weight view, which cuDNN accepted; PyTorch hands cuDNN packed tensors only."""
-    return t if t is None or _packed(t) else t.contiguous(memory_format=_packing(t))
+    """t as cuDNN's graph reads it: packed NCHW or NHWC (a packed copy where t is not), as PyTorch hands cuDNN
+    its tensors. The fourth H100 pass had the graph's output 0.92 off (relative) for an fp32 grouped conv of a
+    channel-slice x and a permuted weight view, which cuDNN accepted."""
+    if t is None or t.stride() == (strides := _graph_strides(t)):
+        return t
+    return t.as_strided(t.shape, strides) if _packed(t) else t.contiguous(memory_format=_layout(t))
 
 
 def _graph_layout(t: Tensor) -> tuple[tuple[int, ...], int]:
-    """(strides, pointer alignment) of _graph_operand(t), without the copy."""
-    if _packed(t):
-        return t.stride(), _alignment(t)
-    return torch.empty(t.shape, device="meta").contiguous(memory_format=_packing(t)).stride(), 16
+    """(strides, pointer alignment) of _graph_operand(t), without the copy (a fresh one is 16-byte aligned)."""
+    return _graph_strides(t), _alignment(t) if _packed(t) else 16
 
 
 def limit_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out):
@@ -168,10 +179,12 @@ def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale
     if not cudnn_reason(signature(*call)):
         vectors = [t if t is None or t.data_ptr() % 16 == 0 else t.clone() for t in vectors]
         b, s, t = vectors
-        xg, wg, rg, og = map(_graph_operand, (x, weight, residual, out))
+        xg, wg, rg = map(_graph_operand, (x, weight, residual))
+        fresh = not _packed(out)  # the graph writes a packed tensor, copied into out after
+        og = _graph_operand(torch.empty_like(out, memory_format=_layout(out)) if fresh else out)
         try:
             getattr(torch.ops.linattn, FWD)(xg, wg, b, stride, padding, dilation, groups, act, s, t, rg, og)
-            if og is not out:
+            if fresh:
                 out.copy_(og)
             return out
         except NotImplementedError:  # a graph cuDNN declines at run time (say, a view's alignment)
@@ -193,7 +206,7 @@ def _full_fp32(dtype: torch.dtype):
 
 def backward_cuda(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale) -> tuple:
     """The backward on cuDNN, in the inputs' dtype as eager autograd runs it: z = conv(x, weight) + bias again
-    (aten's cuDNN conv, the bias added in fp32 as the forward's graph adds it), the activation's and the
+    (aten's cuDNN conv in the inputs' dtype, then the bias added in fp32), the activation's and the
     post-affine's gradients as fp32 pointwise ops (dz = g * post_scale * act'(z): no cuDNN engine fuses a
     prologue into dgrad), then cuDNN's dgrad and wgrad of dz (aten.convolution_backward). Returns (dx, dweight,
     dbias, dpost_scale, dpost_shift), the per-channel sums in fp32."""
