@@ -108,8 +108,9 @@ class EfficientViTLiteMLA(nn.Module):
         return self.proj(eager.lite_mla_attention(multi_scale_qkv, self.dim, self.eps))
 
 
-def make_modules(shape: LiteMLAShape, dtype: torch.dtype, device: torch.device):
-    """(eager EfficientViTLiteMLA, linattn.nn.LiteMLA with its state_dict), both in eval mode, same random weights."""
+def make_modules(shape: LiteMLAShape, dtype: torch.dtype, layout: str, device: torch.device):
+    """(eager EfficientViTLiteMLA, linattn.nn.LiteMLA with its state_dict), both in eval mode, same random weights,
+    their weights in the layout."""
     torch.manual_seed(0)
     args = (shape.channels, shape.channels, shape.heads, shape.dim, shape.scales)
     eager = EfficientViTLiteMLA(*args)
@@ -131,7 +132,8 @@ def make_modules(shape: LiteMLAShape, dtype: torch.dtype, device: torch.device):
         norm_eps=NORM_EPS,
     )
     fused.load_state_dict(eager.state_dict(), strict=True)
-    return eager.to(device, dtype).eval().requires_grad_(False), fused.to(device, dtype).eval().requires_grad_(False)
+    fmt = LAYOUTS[layout]
+    return tuple(m.to(device, dtype, memory_format=fmt).eval().requires_grad_(False) for m in (eager, fused))
 
 
 def flops(shape: LiteMLAShape) -> int:
@@ -171,7 +173,7 @@ def make_input(shape: LiteMLAShape, dtype: torch.dtype, layout: str, device) -> 
 
 def run_shape(shape, dtype_name, layout, providers, device, copy_gbs, bar, cuda_graph, skip) -> list[dict]:
     dtype = DTYPES[dtype_name]
-    eager, fused = (m.to(memory_format=LAYOUTS[layout]) for m in make_modules(shape, dtype, device))
+    eager, fused = make_modules(shape, dtype, layout, device)
     x = make_input(shape, dtype, layout, device)
     with torch.no_grad():
         ref = copy.deepcopy(eager).double()(x.double())

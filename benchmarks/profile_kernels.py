@@ -116,8 +116,7 @@ def lite_mla_rows(stages, providers, dtype, device, copy_gbs, quick: bool) -> li
     shapes = lite_mla_shapes((2,), QUICK_LITE_MLA_STAGES) if quick else lite_mla_shapes((16,), names=stages)
     rows = []
     for shape in shapes:
-        cl = torch.channels_last  # as the op benchmarks' default layout
-        eager, fused = (m.to(memory_format=cl) for m in mla_bench.make_modules(shape, dtype, device))
+        eager, fused = mla_bench.make_modules(shape, dtype, "channels_last", device)
         x = mla_bench.make_input(shape, dtype, "channels_last", device)
         nbytes = 2 * x.numel() * x.element_size()  # the block's input read and output written, at the least
         rows += provider_rows(providers, "lite_mla", shape.label, shape.batch, nbytes, copy_gbs, mla_bench.setup,

@@ -411,8 +411,9 @@ def context_configs(dev: Device, B: int, heads: int, N: int, dim: int, low_preci
     if not dev.gpu:
         return [first]
     found = [first]
-    fma = dict(first, TAP_MMA=False, BLOCK_N=32) if low_precision else first
+    fma = first
     if low_precision:
+        fma = dict(first, TAP_MMA=False, BLOCK_N=32)
         if split_rows(N, fma)[2] > 1:  # on 8 warps: the state kernel spilled 16 bytes on sm_80 on 4 (compile gate)
             fma["num_warps"] = 8
         found.append(fma)

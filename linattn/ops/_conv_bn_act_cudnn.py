@@ -181,7 +181,7 @@ def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale
         b, s, t = vectors
         xg, wg, rg = map(_graph_operand, (x, weight, residual))
         fresh = not _packed(out)  # the graph writes a packed tensor, copied into out after
-        og = _graph_operand(torch.empty_like(out, memory_format=_layout(out)) if fresh else out)
+        og = torch.empty_like(out, memory_format=_layout(out)) if fresh else _graph_operand(out)
         try:
             getattr(torch.ops.linattn, FWD)(xg, wg, b, stride, padding, dilation, groups, act, s, t, rg, og)
             if fresh:
