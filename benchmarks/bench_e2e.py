@@ -30,7 +30,9 @@ peak_mb (CUDA max_memory_allocated during one call beyond what was live before i
 linattn's folded weights nor max-autotune's CUDA-graph pool count; "-" on CPU), speedups over eager / compile /
 max-autotune, rel_err (||out - ref|| / ||ref||, the worst over the outputs, ref = the eager model in fp32
 without TF32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by
-self time, printed for eager and linattn). The compiled providers run without inductor's freezing (its
+self time, printed for eager and linattn); host_b1_ms: the host's time per batch-1 call (the median of 5,
+the GPU idle at each call's start: the time to queue its work; GPU only), with top_host the functions that took it
+(cProfile over 5 more calls, own time per call; printed for eager and linattn). The compiled providers run without inductor's freezing (its
 default), so linattn-compile refolds its BatchNorms inside the graph on every call, where linattn reuses the
 folded weights. The CUDA-graph providers (compile-reduce-overhead, linattn-graph) allocate their activations in
 a graph pool at capture, outside peak_mb, which counts what a replay allocates (linattn-graph: its output copy;
@@ -122,6 +124,7 @@ TABLE = (
     "iqr_pct",
     "img_s",
     "lat_b1_ms",
+    "host_b1_ms",
     "peak_mb",
     *map(speedup_column, SPEEDUP_BASELINES),
     "rel_err",
@@ -236,6 +239,41 @@ def profile_ops(fn: Callable, device: torch.device, top: int = 10) -> list[dict]
     ]
 
 
+HOST_CALLS = 5  # host_profile: calls timed, then as many profiled
+
+
+def host_profile(fn: Callable, device: torch.device, top: int) -> tuple[float, list[dict]]:
+    """(host ms, top functions) of a warmed-up `fn`: the median over HOST_CALLS calls of each call's wall time
+    until it returns, the device synchronized before each call and not waited for after it (on a GPU: the time
+    the host takes to queue the call's work); then cProfile over HOST_CALLS more calls, the `top` functions by
+    own time per call (Python functions, and the C functions they call: launches, allocations, dispatch)."""
+    import cProfile
+    import pstats
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    wall = []
+    for _ in range(HOST_CALLS):
+        sync()
+        start = time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - start)
+    profiler = cProfile.Profile()
+    for _ in range(HOST_CALLS):
+        sync()
+        profiler.runcall(fn)
+    sync()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, _)
+    hot = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    functions = [
+        {"function": pstats.func_std_string(where), "own_ms": own * 1e3 / HOST_CALLS, "calls": calls / HOST_CALLS}
+        for where, (_, calls, own, _, _) in hot
+    ]
+    return sorted(wall)[HOST_CALLS // 2] * 1e3, functions
+
+
 def timed(fn: Callable, device: torch.device) -> Timing:
     """The caller has warmed `fn` up; on CPU a whole encoder takes seconds a call: a 2 s budget, 3 runs at least."""
     if device.type == "cuda":
@@ -330,6 +368,9 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
                 call(one)  # a compiled module recompiles for the new shape here
                 row |= timed(lambda one=one, call=call: call(one), device).columns("lat_b1_")
             row["top_ops"] = profile_ops(call, device, args.top_ops)
+            if device.type == "cuda":  # on a CPU the host's time is the call's (ms)
+                one = inp if batch == 1 else inp[:1].clone()
+                row["host_b1_ms"], row["top_host"] = host_profile(lambda one=one: call(one), device, args.top_ops)
             if provider in COUNTED:
                 row |= count_ops(call)
             if provider == "linattn-graph":  # captures, replays, and the calls that ran eagerly (and why)
@@ -368,6 +409,11 @@ def print_profiles(rows: list[dict]) -> None:
             print(f"\n{row['case']} {row['provider']}: top ops by self time (one call)")
             for op in row["top_ops"]:
                 print(f"  {op['self_ms']:10.2f} ms {op['pct']:5.1f}%  {op['calls']:5d}x  {op['op']}")
+        if row["provider"] in PROFILED and row.get("top_host"):
+            print(f"\n{row['case']} {row['provider']}: host {row['host_b1_ms']:.2f} ms per batch-1 call; top "
+                  "functions by own time (cProfile, per call)")  # fmt: skip
+            for fn in row["top_host"]:
+                print(f"  {fn['own_ms']:10.3f} ms  {fn['calls']:7.1f}x  {fn['function']}")
 
 
 def dispatch_lines(rows: list[dict]) -> list[str]:

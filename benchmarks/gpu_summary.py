@@ -20,6 +20,7 @@ HEADLINE = (  # e2e columns shown in the summary
     ("iqr_pct", "iqr%"),
     ("lat_b1_ms", "B1 ms"),
     ("lat_b1_iqr_pct", "B1 iqr%"),
+    ("host_b1_ms", "B1 host ms"),
     ("speedup_vs_eager", "vs eager"),
     ("speedup_vs_compile", "vs compile"),
     ("rel_err", "rel_err"),

@@ -51,19 +51,19 @@ def device_of(t: torch.Tensor) -> Device:
     return cuda_device(t.device.index)
 
 
-def tma_opted_in() -> bool:
-    """LINATTN_TMA=1: measured dispatch also times the tensor-descriptor (TMA) kernels on Hopper. Off by default:
-    on the third and fourth H100 passes one TMA configuration was wrong past one wave of programs (8 warps, 3-4
-    stages; benchmarks/results/gpu/2026-11-26-h100-pass4), and the configurations that replace it have run exact
-    on one shape only; a pass whose GPU tests clear them turns TMA back on."""
-    return os.environ.get("LINATTN_TMA") == "1"
+def tma_enabled() -> bool:
+    """Whether measured dispatch also times the tensor-descriptor (TMA) kernels on Hopper: unless LINATTN_TMA=0.
+    On the third and fourth H100 passes one TMA configuration was wrong past one wave of programs (8 warps, 3-4
+    stages; benchmarks/results/gpu/2026-11-26-h100-pass4); the fifth pass ran the GPU tests clean with the
+    configurations that replaced it (every candidate at two benchmark shapes, 16 images and 1)."""
+    return os.environ.get("LINATTN_TMA") != "0"
 
 
 @functools.cache
 def cuda_device(index: int | None) -> Device:
     """The description of GPU `index`, asked once (every launch calls device_of)."""
     props = torch.cuda.get_device_properties(index)
-    return Device(gpu=True, sms=props.multi_processor_count, tma=props.major >= 9 and tma_opted_in())
+    return Device(gpu=True, sms=props.multi_processor_count, tma=props.major >= 9 and tma_enabled())
 
 
 def launcher(kernel, grid, compile_only: bool = False):

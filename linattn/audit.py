@@ -303,7 +303,7 @@ def _as_ptr(a):
 @contextlib.contextmanager
 def _gpu_launches(arch: Arch, tma: bool):
     """Launches are recorded instead of run, and launchers see a GPU with the arch's SM count (and, with `tma`,
-    the opt-in tensor-descriptor kernels: LINATTN_TMA=1)."""
+    the tensor-descriptor kernels, which a Hopper GPU launches unless LINATTN_TMA=0)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -317,15 +317,15 @@ def _gpu_launches(arch: Arch, tma: bool):
     props = types.SimpleNamespace(multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10)
     from .kernels import _device
 
-    saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, _device.tma_opted_in
+    saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, _device.tma_enabled
     JITFunction.run = InterpretedFunction.run = record  # with TRITON_INTERPRET=1 the kernels are interpreted ones
     torch.cuda.get_device_properties = lambda device=None: props
-    _device.tma_opted_in = lambda: tma
+    _device.tma_enabled = lambda: tma
     _device.cuda_device.cache_clear()
     try:
         yield launches
     finally:
-        JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, _device.tma_opted_in = saved
+        JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, _device.tma_enabled = saved
         _device.cuda_device.cache_clear()
 
 
@@ -355,8 +355,8 @@ def _every_candidate(arch: Arch):
 
 
 def replay(calls: Iterable[OpCall], arch: Arch, tma: bool = True) -> dict[tuple, tuple[Launch, list[str]]]:
-    """Distinct configurations -> (launch, the calls that launch it); `tma`: with the opt-in tensor-descriptor
-    kernels (the gate compiles them: a GPU with LINATTN_TMA=1 launches them).
+    """Distinct configurations -> (launch, the calls that launch it); `tma`: with the tensor-descriptor
+    kernels (the gate compiles them: a Hopper GPU launches them unless LINATTN_TMA=0).
 
     Launches of one configuration differ only in the alignment hints of their sizes and pointers; the one
     with the most (the widest vector loads, as at the encoders' power-of-two sizes) stands for them."""
@@ -692,15 +692,15 @@ def precompile(
     progress=lambda done, total: None,
 ) -> tuple[int, list[str]]:
     """Compile every Triton configuration that the optimized encoders' calls launch on a GPU of compute
-    capability `cc` (each measured-dispatch candidate included; the TMA ones with LINATTN_TMA=1) into Triton's
+    capability `cc` (each measured-dispatch candidate included; the TMA ones unless LINATTN_TMA=0) into Triton's
     on-disk cache (TRITON_CACHE_DIR), in `jobs` processes at once: a bare machine's first forward then loads its
     kernels instead of compiling them one call at a time (the first H100 pass's optimized L0 did not finish its
     first call in 90 s). The gate's trace and compile, without its judgement. Returns (configurations, the
     errors of those that did not compile)."""
-    from .kernels._device import tma_opted_in
+    from .kernels._device import tma_enabled
 
     calls = trace(models, batches, dtypes, layouts, modes=(False, True) if backward else (False,))
-    jobs_list = [(launch, cc) for launch, _ in replay(calls, ARCHS[cc], tma_opted_in()).values()]
+    jobs_list = [(launch, cc) for launch, _ in replay(calls, ARCHS[cc], tma_enabled()).values()]
     rows = compile_all(jobs_list, jobs or os.cpu_count() or 1, progress)
     failed = [f"{r.kernel} [{r.config}]: {p}" for r in rows for p in r.problems if p.startswith("does not compile")]
     return len(rows), failed

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -443,6 +444,23 @@ def test_bench_e2e_target_lines():
     assert "speedup_vs_max_autotune >= 1.25x (not measured)" in lines[0]
     assert lines[1] == "efficientvit-sam-l0 bf16 B16 targets (H100), linattn: img_s >= 2000 (2500: meets)"
     assert bench_e2e.target_lines([{**r, "dtype": "fp32"} for r in rows]) == []  # targets are bf16 at batch 16
+
+
+def test_bench_e2e_host_profile_names_where_the_time_goes():
+    """host_profile: the median wall time of the calls and the functions that took it, by own time per call."""
+
+    def slow_step():
+        time.sleep(0.004)
+
+    def call():
+        for _ in range(2):
+            slow_step()
+
+    ms, functions = bench_e2e.host_profile(call, torch.device("cpu"), top=3)
+    assert 8 <= ms < 200
+    top = functions[0]
+    assert "sleep" in top["function"] and top["calls"] == 2 and 8 <= top["own_ms"] < 200
+    assert len(functions) == 3 and any("slow_step" in f["function"] and f["calls"] == 2 for f in functions)
 
 
 def test_timing_statistics():

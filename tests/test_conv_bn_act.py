@@ -1,5 +1,6 @@
 """conv_bn_act, fold_bn, upsample_block and nn.ConvBNAct: kernels and ops against the float64 reference."""
 
+import importlib
 import re
 
 import pytest
@@ -953,8 +954,8 @@ GPU_CONFIG_PROBLEMS = [(16, 128, 128, 128, 3, "relu", True), (16, 256, 1024, 64,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("problem", GPU_CONFIG_PROBLEMS, ids=lambda p: f"B{p[0]}-{p[1]}to{p[2]}-{p[3]}x{p[3]}-{p[5]}")
 def test_cuda_every_forward_config_at_benchmark_shapes(problem, monkeypatch, tmp_path):
-    """On a GPU, every forward configuration measured dispatch may time (LINATTN_TMA=1: the tensor-descriptor
-    ones too), launched directly into a NaN-poisoned output at the whole batch and at its first image (one wave
+    """On a GPU, every forward configuration measured dispatch may time (the tensor-descriptor ones too, on by
+    default), launched directly into a NaN-poisoned output at the whole batch and at its first image (one wave
     of programs), then the op through measured dispatch (compiles on threads, timing; forced to Triton), each
     against float64 within twice eager's error. Every result is listed before the verdict: which of these fail
     tells a kernel's bug from the measured path's."""
@@ -962,7 +963,7 @@ def test_cuda_every_forward_config_at_benchmark_shapes(problem, monkeypatch, tmp
     from linattn.kernels._device import cuda_device
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd, fwd_configs
 
-    monkeypatch.setenv("LINATTN_TMA", "1")
+    monkeypatch.delenv("LINATTN_TMA", raising=False)
     monkeypatch.setenv("LINATTN_CACHE_DIR", str(tmp_path))
     cuda_device.cache_clear()
     _tune.reset()
@@ -985,7 +986,7 @@ def test_cuda_every_forward_config_at_benchmark_shapes(problem, monkeypatch, tmp
             eager_out = eager_out * s[:, None, None] + t[:, None, None]
         tol = tolerance(torch.bfloat16, rel_err(eager_out, ref))
         configs = fwd_configs(x, w, *conv[:4])
-        assert any(c.get("tma") for c in configs), "an H100 with LINATTN_TMA=1 times the TMA kernel"
+        assert any(c.get("tma") for c in configs), "an H100 times the TMA kernel"
         results = []  # (what, relative error)
         for cfg in configs:
             for images in (B, 1):
@@ -1027,6 +1028,17 @@ def test_tma_configs_take_only_what_a_descriptor_addresses():
         patch.setattr("linattn.kernels.conv_bn_act.device_of", lambda t: H100)
         configs = fwd_configs(x, w, *args)
     assert not configs[0].get("tma") and [c for c in configs if c.get("tma")] == tma_configs(H100, x, w, *args)
+
+
+def test_tma_is_on_unless_turned_off(monkeypatch):
+    """Hopper's TMA kernels are timed by default since the fifth H100 pass ran them clean; LINATTN_TMA=0 turns
+    them off."""
+    from linattn.kernels._device import tma_enabled
+
+    monkeypatch.delenv("LINATTN_TMA", raising=False)
+    assert tma_enabled()
+    monkeypatch.setenv("LINATTN_TMA", "0")
+    assert not tma_enabled()
 
 
 def _dw_gpu_configs():
@@ -1221,6 +1233,31 @@ def test_separable_op_gradients_and_opcheck(target):
     with linattn.backend(backend):
         args = (x, dw, db, [2, 2], [1, 1], [1, 1], "hardswish", pw, b, "relu", s, sh, r)
         torch.library.opcheck(torch.ops.linattn.separable_conv_bn_act, args)
+
+
+@pytest.mark.skipif(unavailable("triton", torch.device("cpu")) is not None, reason="needs the Triton interpreter")
+def test_separable_reference_dispatches_each_conv(monkeypatch):
+    """Where auto picks the unfused pair (the reference implementation) each conv goes through conv_bn_act's own
+    dispatch, so it can land on a kernel: here a GPU's measured choices are played on CPU tensors (the pair for
+    the op, Triton for each conv, run by the interpreter), into a NaN-poisoned output."""
+    ops = importlib.import_module("linattn.ops.conv_bn_act")  # the module: linattn.ops.conv_bn_act is the function
+    asked = []
+
+    def measured(op, pass_, device, *args, **kwargs):
+        asked.append(op)
+        return "reference" if op == ops.SEPARABLE else "triton"
+
+    monkeypatch.setattr(ops, "resolve", measured)
+    case = (2, 12, 9, 7, 5, 3, 1, "relu6", "identity", True, True, True, torch.float32, False)
+    x, dw, pw, t, _ = make_separable(case, torch.device("cpu"))
+    call = (x, dw, t["dw_bias"], [1, 1], [1, 1], [1, 1], "relu6", pw, t["bias"], "identity", t["post_scale"])
+    call += (t["post_shift"], t["residual"])
+    out = torch.full((2, 9, 7, 5), float("nan"))
+    got = ops._separable_fwd(*call, out)
+    assert asked == [ops.SEPARABLE, ops.OP, ops.OP]
+    assert got.data_ptr() == out.data_ptr()  # Triton wrote into the op's output, not the reference's tensor
+    want = reference.separable_conv_bn_act(*(v.double() if isinstance(v, torch.Tensor) else v for v in call))
+    assert_close(got, want, 1e-5, "out")
 
 
 def test_separable_bad_input():

@@ -472,7 +472,14 @@ def _separable_fwd(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, wei
         scratch = lambda b: _separable_fwd(*call, torch.empty_like(out), b)  # noqa: E731
         impl = resolve(SEPARABLE, "fwd", x.device, kernel_problem(x), runner=scratch, inputs=(*call, out))
     if impl == "reference":
-        return _reference_result(reference.separable_conv_bn_act(*call), out)
+        # the pair unfused, each conv through conv_bn_act's own dispatch: PyTorch's two convs where the backend is
+        # "reference" (and on CPU), each conv's fastest implementation under "auto" (the fifth H100 pass: the
+        # pair on PyTorch's convs beat the fused kernel at every L0 shape, so MBConv's depthwise never reached
+        # the row-sliding kernel, 1.87x PyTorch's alone)
+        C = x.shape[1]
+        mid = _conv_fwd(OP, x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None, None, None,
+                        new_feature_map(x, C, *out.shape[-2:]), shuffle=False)  # fmt: skip
+        return _conv_fwd(OP, mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, ps, pt, residual, out, shuffle=False)
     from ..kernels.conv_bn_act import separable_conv_bn_act_fwd
 
     dw_bias, bias, ps, pt = (_contiguous(t) for t in (dw_bias, bias, ps, pt))
@@ -573,8 +580,9 @@ def separable_conv_bn_act(
         dw_act, act: conv_bn_act's activation names.
         residual: optional (B, Cout, Ho, Wo), x's dtype, added last.
 
-    Backends: "triton" (the fused kernel) and the reference (the two convs); "auto" on CUDA measures which
-    is faster per call. The backward recomputes the depthwise output and runs conv_bn_act's backward twice.
+    Backends: "triton" (the fused kernel) and the reference: the two convs as two conv_bn_act calls, each
+    dispatched as conv_bn_act dispatches (PyTorch's convs under backend "reference"; under "auto" on CUDA each
+    conv's measured choice). "auto" on CUDA measures which of the two is faster per call. The backward recomputes the depthwise output and runs conv_bn_act's backward twice.
     """
     require_tensors(SEPARABLE, x=x, dw_weight=dw_weight, weight=weight)
     optional = (("dw_bias", dw_bias), ("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift),
