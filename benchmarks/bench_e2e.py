@@ -23,24 +23,23 @@ vitt, vits. Providers (eval mode, torch.inference_mode):
 Defaults: on a GPU every provider, the four models of the issue, batch 16, bf16, backend auto. Without a GPU a
 short run: eager and linattn (reference backend), efficientvit-sam-l0 and squeezesam, batch 1, fp32.
 
-Per model and provider: ms (the median of reps timed calls, with iqr_pct their interquartile range over the
-median in %, min_ms and max_ms; timer says which clock: CUDA events, or perf_counter on a CPU), img_s (batch /
-time), lat_b1_ms (batch-1 latency, with lat_b1_reps, lat_b1_iqr_pct...; the same run when the batch is 1),
-peak_mb (CUDA max_memory_allocated during one call beyond what was live before it, so neither weights nor
-linattn's folded weights nor max-autotune's CUDA-graph pool count; "-" on CPU), speedups over eager / compile /
-max-autotune, rel_err (||out - ref|| / ||ref||, the worst over the outputs, ref = the eager model in fp32
-without TF32 on the same input) and max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by
-self time, printed for eager and linattn); host_b1_ms: the host's time per batch-1 call (the median of 5,
-the GPU idle at each call's start: the time to queue its work; GPU only), with top_host the functions that took it
-(cProfile over 5 more calls, own time per call; printed for eager and linattn). The compiled providers run without inductor's freezing (its
-default), so linattn-compile refolds its BatchNorms inside the graph on every call, where linattn reuses the
-folded weights. The CUDA-graph providers (compile-reduce-overhead, linattn-graph) allocate their activations in
-a graph pool at capture, outside peak_mb, which counts what a replay allocates (linattn-graph: its output copy;
-its rows also carry `graphs`, the wrapper's captures, replays and eager calls). For eager and linattn (not
-compiled) a TorchDispatchMode counts the ops dispatched in one call (`ops`) and the bytes of the tensors they
-produce (`act_bytes`; view ops excluded, since they write nothing). A custom op (`linattn::conv_bn_act`)
-counts as one op with its outputs: the mode does not see inside it. The issue's CPU target: linattn at most
-40% of eager's ops and at most half its bytes.
+Per model and provider: ms (the median of reps timed calls, with iqr_pct their interquartile range over the median
+in %, min_ms and max_ms; timer says which clock: CUDA events, or perf_counter on a CPU), img_s (batch / time),
+lat_b1_ms (batch-1 latency, with lat_b1_reps, lat_b1_iqr_pct...; the same run when the batch is 1), peak_mb (CUDA
+max_memory_allocated during one call beyond what was live before it, so neither weights nor linattn's folded weights
+nor max-autotune's CUDA-graph pool count; "-" on CPU), speedups over eager / compile / max-autotune, rel_err (||out
+- ref|| / ||ref||, the worst over the outputs, ref = the eager model in fp32 without TF32 on the same input) and
+max_abs_err; top_ops: the torch.profiler breakdown of one call (top ops by self time, printed for eager and
+linattn); host_b1_ms: the host's time per batch-1 call (the median of 5, the GPU idle at each call's start: the time
+to queue its work; GPU only), with top_host the functions that took it (cProfile over 5 more calls, own time per
+call; printed for eager and linattn). The compiled providers run without inductor's freezing (its default), so
+linattn-compile refolds its BatchNorms inside the graph on every call, where linattn reuses the folded weights. The
+CUDA-graph providers (compile-reduce-overhead, linattn-graph) allocate their activations in a graph pool at capture,
+outside peak_mb, which counts what a replay allocates (linattn-graph: its output copy; its rows also carry `graphs`,
+the wrapper's captures, replays and eager calls). For eager and linattn (not compiled) a TorchDispatchMode counts
+the ops dispatched in one call (`ops`) and the bytes of the tensors they produce (`act_bytes`; view ops excluded,
+since they write nothing). A custom op (`linattn::conv_bn_act`) counts as one op with its outputs: the mode does not
+see inside it. The issue's CPU target: linattn at most 40% of eager's ops and at most half its bytes.
 
 Rows are appended to <out>/e2e*.jsonl (+ .csv) with the environment (-cpu and -quick files stay out of git);
 the plot (images/s per provider and model) is drawn from that file.

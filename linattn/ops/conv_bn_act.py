@@ -582,7 +582,8 @@ def separable_conv_bn_act(
 
     Backends: "triton" (the fused kernel) and the reference: the two convs as two conv_bn_act calls, each
     dispatched as conv_bn_act dispatches (PyTorch's convs under backend "reference"; under "auto" on CUDA each
-    conv's measured choice). "auto" on CUDA measures which of the two is faster per call. The backward recomputes the depthwise output and runs conv_bn_act's backward twice.
+    conv's measured choice). "auto" on CUDA measures which of the two is faster per call. The backward
+    recomputes the depthwise output and runs conv_bn_act's backward twice.
     """
     require_tensors(SEPARABLE, x=x, dw_weight=dw_weight, weight=weight)
     optional = (("dw_bias", dw_bias), ("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift),
