@@ -14,7 +14,7 @@ CUDNN_INCLUDE_DIR / CUDNN_LIB_DIR override cuDNN's). libcudnn and libnvrtc are l
 to their folders (torch has loaded both already when linattn._C is imported). Without the frontend
 headers LINATTN_BUILD_CUDA=1 stops with an error saying how to get them; an automatic build (GPU
 visible, the variable unset) or LINATTN_CUDNN=0 builds without the cuDNN graph (the cuda backend
-then has only the hand-written depthwise and 1x1 kernels).
+then has no conv).
 """
 
 import glob

@@ -286,7 +286,7 @@ def _conv_bn_act(gen) -> Case:
     one, pad = [1, 1], [1, 1]
     raw = (x, w, b, one, pad, one, 1, "relu", scale, shift, None)
     out = torch.empty(B, C_CONV, HW, HW)
-    limits = (C_CONV, tuple(w.shape[-2:]), tuple(one), tuple(pad), 1)
+    limits = (None,)  # cuda_limit's cuDNN signature: limit_call builds none for CPU tensors
     inputs = (*raw, out)
     return Case(
         op,
@@ -316,7 +316,7 @@ def _upsample_block(gen) -> Case:
     scale, shift = (t.repeat_interleave(4) for t in reference.bn_affine(*bn, eps=1e-5))  # pre-shuffle order
     out = torch.empty(B, co, 2 * HW, 2 * HW)
     one, zero = [1, 1], [0, 0]
-    limits = (C_CONV, tuple(w4.shape[-2:]), tuple(one), tuple(zero), 1)
+    limits = (None,)  # cuda_limit's cuDNN signature: limit_call builds none for CPU tensors
     inputs = (x, w4, b, one, zero, one, 1, "relu", scale, shift, None, out)
     return Case(
         op,

@@ -22,16 +22,17 @@
 #                           finish its first call in 90 s, compiling kernel after kernel
 #   check               90  python -m linattn check: every op on every backend against the reference (a bare
 #                           machine compiles every kernel here: the H100 pass's check ran past 60 s)
-#   bench-e2e-l0       120  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
-#                           each with its batch-1 latency (lat_b1_ms); no max-autotune (the fourth H100 pass's
-#                           L0 ran past 90 s, measured dispatch timing 92 choices, before linattn-graph)
+#   bench-e2e-l0       150  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
+#                           each with its batch-1 latency (lat_b1_ms) and host time (host_b1_ms); no max-autotune
+#                           (the fifth H100 pass's L0 took 105 s, measured dispatch timing 127 choices; the TMA
+#                           conv configurations it times since add to that)
 #   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at six shapes (one of each kind
 #                           and model), B16, bf16, replayed as CUDA graphs: the kernels' time, not the host's
 #   pytest             110  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
 #                           pytest-timeout (60 s a test) and pytest-xdist (all cores but two) when installed;
 #                           stopped by SIGINT at its bound, so the summary still lists the failures (the third
 #                           H100 pass: 255 tests in 97 s on 14 workers)
-#   bench-e2e-xl1      180  as l0 (E2E_MODELS: the first model runs before the conv benchmark, the rest here)
+#   bench-e2e-xl1      225  as l0 (E2E_MODELS: the first model runs before the conv benchmark, the rest here)
 #   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
 #                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
 #                           the end-to-end steps); bench-multiscale and bench-linear-attention the same
@@ -198,7 +199,7 @@ CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj xl1.s3.fmb.conv3
 OPS=(--dtype bf16 --batch 16 --providers eager triton cuda auto)
 case $PROFILE in
     quick)
-        B_BUILD=200 B_PRE=60 B_CHECK=90 B_PYTEST=110 B_SAN=60 B_E2E=120 B_BENCH=40 # XL models: 1.5 x B_E2E
+        B_BUILD=200 B_PRE=60 B_CHECK=90 B_PYTEST=110 B_SAN=60 B_E2E=150 B_BENCH=40 # XL models: 1.5 x B_E2E
         PRE=(--batch 16 1 --dtype bf16)
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--batch 16 --dtype bf16 --providers eager compile linattn linattn-graph)
@@ -244,8 +245,8 @@ step build "$B_BUILD" "$NO_GPU_STEP" env LINATTN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LI
     "$1" -c "$2"' build "$PY" "$LOADS"
 # the cuDNN conv graph in a process of its own, before any step that may reach it: the first H100 pass's graph
 # segfaulted the process at its first call, and every later step that ran a conv died with it. Where this probe
-# fails, LINATTN_CUDNN=0 turns the graph off for the rest of the pass (the cuda backend keeps its hand-written
-# kernels), and gpu.txt says so.
+# fails, LINATTN_CUDNN=0 turns the graph off for the rest of the pass (the cuda backend then takes no conv), and
+# gpu.txt says so.
 CUDNN_PROBE='
 import torch, linattn
 from linattn import reference

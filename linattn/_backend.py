@@ -26,6 +26,11 @@ KERNEL_BACKENDS = ("triton", "cuda")
 _current = "auto"
 
 
+class Unsupported(RuntimeError):
+    """A forced backend cannot run a call: the message gives every reason (`python -m linattn check` counts a
+    row that raises it as skipped, not failed)."""
+
+
 def set_backend(name: str) -> None:
     """Select the backend used by every linattn op from now on."""
     global _current
@@ -199,7 +204,7 @@ def resolve(
         return name
     if name != "auto":
         if found := reasons(op, pass_, name, device, problem, args):
-            raise RuntimeError(f"linattn.{op}: backend {name!r} cannot run this call: {'; '.join(found)}")
+            raise Unsupported(f"linattn.{op}: backend {name!r} cannot run this call: {'; '.join(found)}")
         return name
     chosen = "reference"
     if device.type == "cuda":

@@ -1,5 +1,6 @@
 """conv_bn_act, fold_bn, upsample_block and nn.ConvBNAct: kernels and ops against the float64 reference."""
 
+import contextlib
 import importlib
 import re
 
@@ -11,9 +12,9 @@ from utils import assert_close, kernel_targets, rel_err, tolerance
 
 import linattn
 from linattn import reference
-from linattn._backend import unavailable
+from linattn._backend import Unsupported, unavailable
 from linattn.nn import ConvBNAct
-from linattn.ops._conv_bn_act_cudnn import backward_cuda, simt_limit
+from linattn.ops._conv_bn_act_cudnn import backward_cuda, cudnn_reason, run_cuda, signature
 
 
 def _kernel_targets(cuda_skip: str | None = None):
@@ -32,21 +33,28 @@ def _targets(cuda_skip: str | None = None):
     return [pytest.param(("reference", "cpu"), id="reference-cpu"), *_kernel_targets(cuda_skip)]
 
 
-def skip_unless_cuda_runs(backend, cin, k, stride, padding, groups):
-    """The convs the hand-written CUDA kernels do not take are skipped on that target: it runs those kernels
-    (the cuda implementation's fallback where cuDNN declines a call); tests/test_conv_bn_act_cudnn.py tests
-    cuDNN's graph, which takes the other convs."""
-    if backend != "cuda":
-        return
-    if why := simt_limit(cin, (k, k), (stride, stride), (padding, padding), groups):
-        pytest.skip(f"cuda: {why}")
+@contextlib.contextmanager
+def cuda_may_decline(backend):
+    """On the cuda target a call cuDNN declines is a skip with cuDNN's reason: the forced backend raises
+    Unsupported with it (the cuda implementation is cuDNN's graph alone)."""
+    try:
+        yield
+    except Unsupported as err:
+        if backend != "cuda":
+            raise
+        pytest.skip(str(err))
 
 
 def forward(backend, x, w, b, stride, padding, dilation, groups, act, s, t, r, out):
-    """The forward kernel of `backend` into out (the CUDA op reads fp32 per-channel vectors)."""
+    """The forward kernel of `backend` into out: cuDNN's graph for cuda (skipped where cuDNN declines the call),
+    the Triton launcher otherwise."""
     if backend == "cuda":
-        b, s, t = (None if v is None else v.float() for v in (b, s, t))
-        torch.ops.linattn.conv_bn_act_fwd_cuda(x, w, b, stride, padding, dilation, groups, act, s, t, r, out)
+        if x.stride(1) == 1 and w.stride(1) != 1:  # as the op hands cuDNN a channels_last x's weight: K-contiguous
+            w = w.contiguous(memory_format=torch.channels_last)
+        call = (x, w, b, stride, padding, dilation, groups, act, s, t, r, out)
+        if why := cudnn_reason(signature(*call)):
+            pytest.skip(f"cuda: cuDNN declines this call: {why}")
+        run_cuda(*call)
     else:
         from linattn.kernels.conv_bn_act import conv_bn_act_fwd
 
@@ -135,13 +143,12 @@ def _case_id(c):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kernels(target, case):
     """Forward into a NaN-poisoned output and every gradient, against float64, within docs/design.md 8's tolerance.
-    The cuda target: the hand-written forward kernels, cuDNN's backward (backward_cuda)."""
+    The cuda target: cuDNN's fused graph (run_cuda) and cuDNN's backward (backward_cuda)."""
     from linattn.kernels.conv_bn_act import conv_bn_act_bwd
 
     backend, device = target
     dtype = case[11]
     x, w, b, s, t, r, conv = make_conv(case, device)
-    skip_unless_cuda_runs(backend, case[1], case[5], case[6], conv["padding"], case[8])
     ref = reference.conv_bn_act(*f64(x, w, b), *pairs(conv)[:5], *f64(s, t, r))
     leaves = [None if v is None else v.detach().clone().requires_grad_() for v in (x, w, b, s, t, r)]
     ref_eager = eager(*leaves, conv)
@@ -177,7 +184,6 @@ def test_kernels_strided_views_and_split_reduction(target, depthwise):
     backend, device = target
     gen = torch.Generator().manual_seed(9)
     Cin, Cout, groups, k = (20, 40, 20, 3) if depthwise else (20, 130, 2, 1)
-    skip_unless_cuda_runs(backend, Cin, k, 1, k // 2, groups)
     x = torch.randn(2, Cin + 3, 16, 20, generator=gen).to(device)[:, 2 : 2 + Cin]  # a channel slice
     w = (torch.randn(k, k, Cin // groups, Cout, generator=gen) * 0.3).to(device).permute(3, 2, 0, 1)  # a view
     b, s = torch.randn(Cout, generator=gen).to(device), torch.rand(Cout, generator=gen).to(device) + 0.5
@@ -217,13 +223,12 @@ def test_op_autograd(target, case):
     name, device = target
     dtype = case[11]
     x, w, b, s, t, r, conv = make_conv(case, device, seed=3)
-    skip_unless_cuda_runs(name, case[1], case[5], case[6], conv["padding"], case[8])
     if r is None:
         r = torch.randn(eager(x, w, b, s, t, None, conv).shape, dtype=dtype, device=device)
     inputs = [x, w, b, s, t, r]
     leaves = [v.detach().clone().requires_grad_() for v in inputs]
     leaves64 = [v.detach().double().requires_grad_() for v in inputs]
-    with linattn.backend(name):
+    with linattn.backend(name), cuda_may_decline(name):
         out = linattn.conv_bn_act(
             leaves[0], leaves[1], leaves[2], conv["stride"], conv["padding"], conv["dilation"], conv["groups"],
             conv["act"], leaves[3], leaves[4], leaves[5],
@@ -247,22 +252,18 @@ def test_op_autograd(target, case):
 
 
 def test_forced_cuda_backend_raises():
-    """Forcing cuda on CPU tensors (forward and backward) or on separable_conv_bn_act raises. The device comes first
-    (tests/test_bad_input.py); the conv forms the hand-written kernels behind cuDNN's graph take are checked on
-    their limit (a conv cuDNN declines: tests/test_conv_bn_act_cudnn.py)."""
-    assert "not this 3x3 conv with groups 1" in simt_limit(4, (3, 3), [1, 1], [1, 1], 1)
-    assert "not this 1x1 conv with groups 2" in simt_limit(4, (1, 1), [1, 1], [0, 0], 2)
-    assert simt_limit(4, (5, 5), [2, 2], [2, 2], 4) is None and simt_limit(4, (1, 1), [1, 1], [0, 0], 1) is None
+    """Forcing cuda on CPU tensors (forward and backward) or on separable_conv_bn_act raises Unsupported. The
+    device comes first (tests/test_bad_input.py); a conv cuDNN declines: tests/test_conv_bn_act_cudnn.py."""
     device = "cuda" if unavailable("cuda", torch.device("cuda")) is None and torch.cuda.is_available() else "cpu"
     x, w = torch.randn(1, 4, 5, 5, device=device), torch.randn(8, 4, 3, 3, device=device)
     if device == "cpu":  # on a GPU, cuDNN's graph runs this conv
         cannot = "linattn.conv_bn_act: backend 'cuda' cannot run this call: "
         with (
             linattn.backend("cuda"),
-            pytest.raises(RuntimeError, match=re.escape(cannot + unavailable("cuda", x.device))),
+            pytest.raises(Unsupported, match=re.escape(cannot + unavailable("cuda", x.device))),
         ):
             linattn.conv_bn_act(x, w, padding=1)
-    with linattn.backend("cuda"), pytest.raises(RuntimeError, match="no cuda kernel for separable_conv_bn_act"):
+    with linattn.backend("cuda"), pytest.raises(Unsupported, match="no cuda kernel for separable_conv_bn_act"):
         linattn.separable_conv_bn_act(x, torch.randn(4, 1, 3, 3, device=device), torch.randn(8, 4, 1, 1, device=device))
     if device == "cpu":  # the backward too (on a GPU it runs: test_conv_bn_act_cudnn.py's test_cuda_backward)
         xg = x.clone().requires_grad_()
@@ -443,27 +444,13 @@ def _small(device, dtype, requires_grad=True):
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
-@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("target", _targets(cuda_skip="cuDNN's graph: test_conv_bn_act_cudnn.py's test_cuda_opcheck"))
 def test_opcheck(target):
     name, device = target
     # float64 on the reference: opcheck compares eager and compiled gradients to fp32 rounding otherwise
     dtype = torch.float64 if name == "reference" else torch.float32
     x, w, b, s, t, r = _small(device, dtype)
     ops = torch.ops.linattn
-    if name == "cuda":  # forward-only kernels of depthwise and 1x1 convs: the forward op on those, and the kernel op
-        dw, pw = (torch.randn(8, c, k, k, device=device) for c, k in ((1, 3), (4, 1)))
-        out = torch.empty(1, 8, 3, 3, device=device)
-        with linattn.backend(name):
-            fwd_only = ("test_schema", "test_faketensor")
-            torch.library.opcheck(
-                ops.conv_bn_act, (x, dw, b, [2, 2], [1, 1], [1, 1], 4, "silu", s, t, r), test_utils=fwd_only
-            )
-            torch.library.opcheck(
-                ops.conv_bn_act, (x, pw, b, [1, 1], [0, 0], [1, 1], 1, "gelu", s, t, None), test_utils=fwd_only
-            )
-            args = (x.detach(), dw, b.detach(), [2, 2], [1, 1], [1, 1], 4, "relu", None, None, r.detach(), out)
-            torch.library.opcheck(ops.conv_bn_act_fwd_cuda, args, test_utils=("test_schema",))
-        return
     g = torch.randn(1, 8, 3, 3, device=device, dtype=dtype)
     with linattn.backend(name):
         torch.library.opcheck(ops.conv_bn_act, (x, w, b, [2, 2], [1, 1], [1, 1], 2, "gelu_tanh", s, t, r))
@@ -626,10 +613,9 @@ def _pair_of_blocks(case, device):
 def test_module_parity(target, case):
     """Eval (BN folded / post affine) and train (batch statistics, running stats, gradients) match torch's modules."""
     name, device = target
-    skip_unless_cuda_runs(name, case[0], case[2], case[3], case[2] // 2, case[4])
     seq, block = _pair_of_blocks(case, device)
     x = torch.randn(2, case[0], 9, 7, generator=torch.Generator().manual_seed(2)).to(device)
-    with torch.no_grad(), linattn.backend(name):
+    with torch.no_grad(), linattn.backend(name), cuda_may_decline(name):
         seq.eval()
         block.eval()
         assert_close(block(x), seq(x), 1e-5, "eval output")

@@ -1,5 +1,5 @@
 """conv_bn_act's cuda implementation: cuDNN's fused conv graph (csrc/conv_bn_act/cudnn_graph.cpp) and the registry
-entry that puts it, with the hand-written kernels behind it, in dispatch (linattn/ops/_conv_bn_act_cudnn.py).
+entry that puts it in dispatch (linattn/ops/_conv_bn_act_cudnn.py).
 
 The GPU tests (named test_cuda_*: the GPU pass selects with `-k cuda`) need a CUDA device and a linattn._C built
 with the cuDNN graph; they skip cleanly otherwise. The registry, the limit's logic and `info` are checked on CPU.
@@ -36,59 +36,51 @@ gpu = pytest.mark.skipif(_gpu_skip() is not None, reason=f"cuDNN graph: {_gpu_sk
 # ---- CPU: the registry, the limit, info ----
 
 
-def test_registry_entry_is_the_cudnn_graph_with_the_hand_kernels_behind_it():
-    impl = _backend.implementations(OP, "fwd")["cuda"]
-    assert impl.limit is cudnn.cuda_limit and impl.kernel == cudnn.SIMT
+def test_registry_entry_is_the_cudnn_graph():
+    for op in (OP, "upsample_block"):
+        impl = _backend.implementations(op, "fwd")["cuda"]
+        assert impl.limit is cudnn.cuda_limit and impl.kernel == cudnn.FWD
     assert _backend.implementations(OP, "bwd")["cuda"].limit is None  # cuDNN's dgrad and wgrad take every conv
-    # without a call's signature only the hand kernels' forms are certain; cuDNN decides the rest per call
-    why = cudnn.cuda_limit(16, (3, 3), [2, 2], [1, 1], 1)
-    assert "hand-written kernels take depthwise convs" in why
-    assert ("dispatch asks cuDNN per call" if cudnn.has_cudnn() else cudnn.NO_CUDNN) in why
-    assert cudnn.cuda_limit(16, (5, 5), [2, 2], [2, 2], 16) is None  # depthwise: the hand kernel at worst
-    assert cudnn.cuda_limit(16, (1, 1), [1, 1], [0, 0], 1) is None
+    # without a call's signature only a graph that is off is certain; cuDNN decides each call
+    assert cudnn.cuda_limit() == (None if cudnn.has_cudnn() else cudnn.NO_CUDNN)
 
 
 def test_linattn_cudnn_0_turns_the_graph_off_at_run_time(monkeypatch):
-    """LINATTN_CUDNN=0 leaves the hand-written kernels alone in the cuda implementation, as a build without the
-    cudnn-frontend headers does: the escape hatch if cuDNN's graph misbehaves on some machine."""
+    """LINATTN_CUDNN=0 leaves the cuda implementation no conv, as a build without the cudnn-frontend headers
+    does: the escape hatch if cuDNN's graph misbehaves on some machine (dispatch then weighs Triton and PyTorch)."""
     monkeypatch.setenv("LINATTN_CUDNN", "0")
     cudnn.has_cudnn.cache_clear()
     try:
         assert not cudnn.has_cudnn()
         assert cudnn.cudnn_reason(("a signature never asked",)) == cudnn.NO_CUDNN
-        assert cudnn.NO_CUDNN in cudnn.cuda_limit(16, (3, 3), [2, 2], [1, 1], 1)
+        assert cudnn.cuda_limit() == cudnn.NO_CUDNN == cudnn.cuda_limit(("a signature never asked",))
     finally:
         cudnn._verdicts.pop(("a signature never asked",), None)
         monkeypatch.undo()
         cudnn.has_cudnn.cache_clear()
 
 
-def test_limit_reports_cudnn_reason_unless_the_hand_kernels_cover_the_conv(monkeypatch):
-    """With a call's signature the limit is cuDNN's answer; a conv cuDNN declines runs on the hand-written
-    kernels where they cover it (depthwise; 1x1 with stride 1, padding 0, groups 1), else the limit says why."""
-    monkeypatch.setattr(cudnn, "_verdicts", {})
-    declined, taken = ("declined",), ("taken",)
-    cudnn._verdicts.update({declined: "cuDNN check_support: no engine", taken: ""})
-    assert cudnn.cuda_limit(16, (3, 3), [1, 1], [1, 1], 1, taken) is None
-    why = cudnn.cuda_limit(16, (3, 3), [1, 1], [1, 1], 1, declined)
-    assert why.startswith("cuDNN cannot run this call (cuDNN check_support: no engine) and its hand-written kernels")
-    assert cudnn.cuda_limit(16, (3, 3), [2, 2], [1, 1], 16, declined) is None  # depthwise
-    assert cudnn.cuda_limit(16, (1, 1), [1, 1], [0, 0], 1, declined) is None  # pointwise
-    assert "groups 2" in cudnn.cuda_limit(16, (1, 1), [1, 1], [0, 0], 2, declined)
+def test_limit_is_cudnns_answer(monkeypatch):
+    """With a call's signature the limit is cuDNN's answer, its message when it declines."""
+    monkeypatch.setattr(cudnn, "has_cudnn", lambda: True)
+    monkeypatch.setattr(cudnn, "_verdicts", {("declined",): "cuDNN check_support: no engine", ("taken",): ""})
+    assert cudnn.cuda_limit(("taken",)) is None
+    assert cudnn.cuda_limit(("declined",)) == "cuDNN cannot run this call (cuDNN check_support: no engine)"
 
 
 def test_forced_cuda_says_cudnns_reason(monkeypatch):
-    """A call cuDNN declines and the hand kernels do not cover: the forced backend raises with cuDNN's message
-    (the registry's reasons), auto passes cuda by."""
+    """A call cuDNN declines: the forced backend raises Unsupported with cuDNN's message (the registry's
+    reasons), auto passes cuda by."""
+    monkeypatch.setattr(cudnn, "has_cudnn", lambda: True)
     monkeypatch.setattr(cudnn, "_verdicts", {("call",): "cuDNN build_plans: no plan builds"})
     device = torch.device("cuda")
     monkeypatch.setattr(_backend, "unavailable", lambda name, dev: None)
-    args = (16, (3, 3), (1, 1), (1, 1), 1, ("call",))
+    args = (("call",),)
     found = _backend.reasons(OP, "fwd", "cuda", device, None, args)
     assert found[-1] == cudnn.cuda_limit(*args) and "cuDNN build_plans: no plan builds" in found[-1]
     assert "cuda" not in _backend._candidates(OP, "fwd", device, None, args)
     match = r"backend 'cuda' cannot run this call: .*cuDNN cannot run this call \(cuDNN build_plans: no plan builds\)"
-    with linattn.backend("cuda"), pytest.raises(RuntimeError, match=match):
+    with linattn.backend("cuda"), pytest.raises(_backend.Unsupported, match=match):
         _backend.resolve(OP, "fwd", device, None, args)
 
 
@@ -144,7 +136,7 @@ CASES = [
     (2, 16, 32, 9, 7, 3, 1, 1, 1, "relu", True, True, True, torch.float16, False),  # NCHW
     (2, 16, 24, 9, 7, 3, 2, 1, 1, "silu", True, False, False, torch.float32, True),  # fp32 (no TF32)
     (1, 3, 5, 9, 7, 3, 1, 1, 1, "gelu", True, True, False, torch.float16, True),  # odd channels
-    # L0's stage-3 MBConv depthwise as benchmarked: the third H100 pass ran the hand kernel there (cuDNN declined)
+    # L0's stage-3 MBConv depthwise as benchmarked (cuDNN 9.19 declines it on sm_90: the skip gives its reason)
     (16, 1024, 1024, 32, 32, 3, 1, 1, 1024, "gelu_tanh", True, False, False, torch.bfloat16, True),
 ] + [(2, 32, 32, 10, 9, 3, 1, 1, 1, act, True, True, True, torch.bfloat16, True) for act in ACTIVATIONS]
 
@@ -233,22 +225,21 @@ def test_cuda_graph_forward(case):
 @gpu
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[7]], ids=_case_id)
 def test_cuda_forced_backend_runs_every_conv_form(case):
-    """The functional op with backend "cuda": cuDNN's graph where it takes the call, the hand-written kernel
-    where it covers the conv, and dispatch's candidates include cuda for a dense conv cuDNN takes."""
+    """The functional op with backend "cuda" on cuDNN's graph, and dispatch's candidates include cuda for a conv
+    cuDNN takes."""
     x, w, b, s, t, r, geometry = _inputs(case, seed=1)
     stride, pad, dil, groups, act = geometry
     f64 = [None if v is None else v.double() for v in (x, w, b, s, t, r)]
     ref = reference.conv_bn_act(f64[0], f64[1], f64[2], stride, pad, dil, groups, act, *f64[3:])
-    args = (x.shape[1], tuple(w.shape[-2:]), tuple(stride), tuple(pad), groups)
     call = cudnn.signature(x, w, b, stride, pad, dil, groups, act, s, t, r, _poisoned(x, ref))  # as the op's out
-    if why := cudnn.cuda_limit(*args, call):
+    if why := cudnn.cuda_limit(call):
         _reason_or_fail(case, call)  # fails where cuDNN should have taken it
         pytest.skip(why)
     with linattn.backend("cuda"):
         out = linattn.conv_bn_act(x, w, b, stride, pad, dil, groups, act, s, t, r)
     assert_close(out, ref, tolerance(x.dtype, rel_err(_eager(x, w, b, s, t, r, geometry), ref)), "out")
     assert out.is_contiguous(memory_format=torch.channels_last) == case[-1]
-    assert "cuda" in _backend._candidates(OP, "fwd", x.device, None, (*args, call))
+    assert "cuda" in _backend._candidates(OP, "fwd", x.device, None, (call,))
 
 
 @gpu
@@ -269,26 +260,10 @@ def test_cuda_forward_of_views(views, dtype):
     ref = reference.conv_bn_act(x.double(), w.double(), b.double(), *geometry)
     out = torch.full(ref.shape, float("nan"), device="cuda", dtype=dtype)
     if why := cudnn.cudnn_reason(cudnn.signature(x, w, b, *geometry, None, None, None, out)):
-        pytest.skip(f"cuDNN declines this call (the hand-written kernel would run): {why}")
+        pytest.skip(f"cuDNN declines this call: {why}")
     cudnn.run_cuda(x, w, b, *geometry, None, None, None, out)
     eager = _eager(x, w, b.to(dtype), None, None, None, geometry)
     assert_close(out, ref, tolerance(dtype, rel_err(eager, ref)), "out")
-
-
-@gpu
-def test_cuda_hand_kernel_runs_where_cudnn_declines(monkeypatch):
-    """A depthwise call cuDNN declines (simulated) runs on the hand-written depthwise kernel."""
-    case = (2, 32, 32, 11, 9, 3, 1, 1, 32, "relu", True, True, True, torch.float16, True)
-    x, w, b, s, t, r, geometry = _inputs(case)
-    stride, pad, dil, groups, act = geometry
-    ref_out = _poisoned(x, torch.empty(2, 32, 11, 9))
-    call = cudnn.signature(x, w, b, stride, pad, dil, groups, act, s, t, r, ref_out)
-    monkeypatch.setattr(cudnn, "_verdicts", {call: "simulated"})
-    monkeypatch.setattr(cudnn, "FWD", "not_an_op")  # were the graph's op called, the lookup would fail
-    cudnn.run_cuda(x, w, b, stride, pad, dil, groups, act, s, t, r, ref_out)
-    f64 = [None if v is None else v.double() for v in (x, w, b, s, t, r)]
-    ref = reference.conv_bn_act(f64[0], f64[1], f64[2], stride, pad, dil, groups, act, *f64[3:])
-    assert_close(ref_out, ref, tolerance(x.dtype, rel_err(_eager(x, w, b, s, t, r, geometry), ref)), "out")
 
 
 @gpu

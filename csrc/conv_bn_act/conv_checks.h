@@ -1,6 +1,5 @@
-// What the two CUDA implementations of conv_bn_act's forward share: the op's name in errors, the activation
-// codes, and the argument checks of a call (cudnn_graph.cpp: cuDNN's fused graph; conv_bn_act.cu: the
-// hand-written depthwise and 1x1 kernels, where cuDNN declines).
+// The checks of a conv_bn_act call on its cuDNN graph (cudnn_graph.cpp): the op's name in errors, the activation
+// codes, and the argument checks.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>

@@ -67,7 +67,7 @@
 namespace linattn {
 namespace {
 
-using namespace conv;  // Act, act_code and the call's checks, shared with conv_bn_act.cu
+using namespace conv;  // Act, act_code and the call's checks (conv_checks.h)
 namespace fe = cudnn_frontend;
 using Dims = std::array<int64_t, 4>;
 

@@ -17,13 +17,17 @@ def kernel_problem(t: Tensor) -> str | None:
     return None
 
 
+def channels_last(t: Tensor) -> bool:
+    """Whether t is channels_last and not also NCHW-contiguous (the maps new_feature_map makes like it)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def new_feature_map(like: Tensor, channels: int, H: int | None = None, W: int | None = None) -> Tensor:
     """A (B, channels, H, W) tensor (H, W: like's unless given) in `like`'s memory format (channels_last stays
     channels_last)."""
     B, _, like_h, like_w = like.shape
     H, W = H or like_h, W or like_w
-    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if channels_last(like) else torch.contiguous_format
     return torch.empty((B, channels, H, W), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 

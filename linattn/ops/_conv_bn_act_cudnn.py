@@ -1,15 +1,15 @@
-"""conv_bn_act's "cuda" implementation: cuDNN's fused conv graph, with the hand-written kernels behind it.
+"""conv_bn_act's and upsample_block's "cuda" implementation: cuDNN's fused conv graph.
 
 The forward runs as one cuDNN operation graph (csrc/conv_bn_act/cudnn_graph.cpp, op
 `conv_bn_act_fwd_cudnn`): conv -> bias -> act -> post_scale -> post_shift -> residual, the stages the
 call needs, for every conv form (dense kxk, 1x1, grouped, depthwise, strided, dilated) and layout that
 cuDNN's engines take. Whether they take a call is cuDNN's answer, asked once per call signature
-(`conv_bn_act_cudnn_check`: the graph is built then and kept for the calls that follow); where cuDNN
-declines, the hand-written SIMT kernels of csrc/conv_bn_act/conv_bn_act.cu (op `conv_bn_act_fwd_cuda`)
-run the depthwise convs and the stride-1 1x1 convs they cover, and any other call is one this
-implementation cannot take: `cuda_limit` says so with cuDNN's message, and dispatch passes it by.
-A build of linattn._C without the cuDNN graph (setup.py: no cudnn-frontend headers) has only the
-hand-written kernels.
+(`conv_bn_act_cudnn_check`: the graph is built then and kept for the calls that follow); a call cuDNN
+declines is one this implementation cannot take: `cuda_limit` says so with cuDNN's message, and dispatch
+passes it by. There are no hand-written kernels behind the graph: the SIMT depthwise kernel ran at a third
+of PyTorch's speed on two H100 passes (cuDNN 9.19 has no fused depthwise engine on sm_90: measured dispatch
+weighs PyTorch's path and the Triton kernels there), and the SIMT 1x1 GEMM had no tensor cores. A build of
+linattn._C without the cudnn-frontend headers (setup.py) has no cuda conv.
 """
 
 import contextlib
@@ -21,24 +21,10 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .._backend import get_backend
+from ._common import channels_last
 
 CHECK = "conv_bn_act_cudnn_check"  # the linattn._C ops
 FWD = "conv_bn_act_fwd_cudnn"
-SIMT = "conv_bn_act_fwd_cuda"
-
-
-def simt_limit(cin: int, kernel_size, stride, padding, groups: int) -> str | None:
-    """Why the hand-written kernels cannot run a conv of cin input channels (None when they can): they take
-    depthwise convs (groups = cin; any kernel size, stride, padding, dilation) and 1x1 convs with stride 1,
-    padding 0 and groups 1."""
-    KH, KW = kernel_size
-    if groups == cin or (groups == 1 and (KH, KW) == (1, 1) and list(stride) == [1, 1] and not any(padding)):
-        return None
-    return (
-        "its hand-written kernels take depthwise convs (groups = Cin) and 1x1 convs with stride 1, padding 0 and "
-        f"groups 1, not this {KH}x{KW} conv with groups {groups} of {cin} channels, stride {tuple(stride)}, "
-        f"padding {tuple(padding)}; use backend 'auto' or 'triton'"
-    )
 
 
 NO_CUDNN = "cuDNN's conv graph is off: LINATTN_CUDNN=0, or linattn._C was built without the cudnn-frontend headers"
@@ -47,7 +33,7 @@ NO_CUDNN = "cuDNN's conv graph is off: LINATTN_CUDNN=0, or linattn._C was built 
 @functools.cache
 def has_cudnn() -> bool:
     """Whether linattn._C loads and carries the cuDNN graph ops (it does unless built without the headers) and
-    LINATTN_CUDNN=0 does not turn them off (the hand-written kernels then run alone, as in a build without)."""
+    LINATTN_CUDNN=0 does not turn them off (the cuda implementation then takes no call, as in a build without)."""
     from .._extension import load_extension
 
     if os.environ.get("LINATTN_CUDNN") == "0":
@@ -96,9 +82,18 @@ def _graph_layout(t: Tensor) -> tuple[tuple[int, ...], int]:
     return _graph_strides(t), _alignment(t) if _packed(t) else 16
 
 
-def limit_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out):
+def _fresh_strides(x: Tensor, channels: int) -> tuple[int, ...]:
+    """The strides of new_feature_map(x, channels)."""
+    B, _, H, W = x.shape
+    if channels_last(x):
+        return (H * W * channels, 1, W * channels, channels)
+    return (channels * H * W, H * W, W, 1)
+
+
+def limit_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out=None):
     """The signature (below) that dispatch hands cuda_limit for a call, or None where the cuda implementation
-    is not asked: tensors not on a GPU, a backend forced elsewhere, fake tensors (the compile gate's replay)."""
+    is not asked: tensors not on a GPU, a backend forced elsewhere, fake tensors (the compile gate's replay).
+    out None: the call writes a fresh map in x's layout (upsample_block's, before its pixel shuffle)."""
     if not x.is_cuda or get_backend() not in ("auto", "cuda") or isinstance(x, FakeTensor):
         return None
     return signature(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
@@ -107,8 +102,10 @@ def limit_call(x, weight, bias, stride, padding, dilation, groups, act, post_sca
 def signature(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out) -> tuple:
     """What the cuDNN graph of a call depends on, as the call's operands will reach it (run_cuda, packed by
     _graph_operand): device, dtype, every size, stride and pointer alignment, the conv geometry, act and which
-    optional inputs exist. Hashable: the registry's limit reads it (linattn/_backend.py caches answers by it)."""
-    (xs, xa), (ws, wa), (os_, oa) = _graph_layout(x), _graph_layout(weight), _graph_layout(out)
+    optional inputs exist. Hashable: the registry's limit reads it (linattn/_backend.py caches answers by it).
+    out None: a fresh map in x's layout (new_feature_map: packed, 16-byte aligned)."""
+    (xs, xa), (ws, wa) = _graph_layout(x), _graph_layout(weight)
+    os_, oa = (_fresh_strides(x, weight.shape[0]), 16) if out is None else _graph_layout(out)
     rs, ra = (None, 0) if residual is None else _graph_layout(residual)
     return (
         x.device.index,
@@ -152,47 +149,27 @@ def cudnn_reason(call: tuple) -> str:
     return verdict
 
 
-def cuda_limit(cin: int, kernel_size, stride, padding, groups: int, call: tuple | None = None) -> str | None:
-    """Why the cuda implementation cannot run a conv (None when it can). With the call's signature
-    (`limit_call`, as dispatch passes it): None when cuDNN runs the call or the hand-written kernels cover the
-    conv, else cuDNN's message. Without it (`python -m linattn check`'s cases, callers with no tensors) only
-    the hand-written kernels' forms are certain: any other conv is cuDNN's to decide per call, and the limit
-    says so rather than promise it."""
-    simt = simt_limit(cin, kernel_size, stride, padding, groups)
-    if call is None:
-        if simt is None:
-            return None
-        if has_cudnn():
-            return f"{simt} (cuDNN's graph may take it: dispatch asks cuDNN per call, with the call's tensors)"
-        return f"{simt} ({NO_CUDNN})"
-    if simt is None or not (why := cudnn_reason(call)):
-        return None
-    return f"cuDNN cannot run this call ({why}) and {simt}"
+def cuda_limit(call: tuple | None = None) -> str | None:
+    """Why the cuda implementation cannot run a call (None when it can): cuDNN's message for the call's
+    signature (`limit_call`, as dispatch passes it). Without one (callers with no tensors) only a graph that
+    is off is certain; cuDNN decides the rest per call."""
+    if not has_cudnn():
+        return NO_CUDNN
+    if call is not None and (why := cudnn_reason(call)):
+        return f"cuDNN cannot run this call ({why})"
+    return None
 
 
 def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out) -> Tensor:
-    """The forward into out: cuDNN's graph where it takes the call, else the hand-written kernels."""
-    call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
-    simt = simt_limit(x.shape[1], weight.shape[-2:], stride, padding, groups)
-    # the per-channel vectors in fp32, as both read them; cuDNN's as 16-byte-aligned tensors of their own
-    vectors = [None if t is None else t.float().contiguous() for t in (bias, post_scale, post_shift)]
-    if not cudnn_reason(signature(*call)):
-        vectors = [t if t is None or t.data_ptr() % 16 == 0 else t.clone() for t in vectors]
-        b, s, t = vectors
-        xg, wg, rg = map(_graph_operand, (x, weight, residual))
-        fresh = not _packed(out)  # the graph writes a packed tensor, copied into out after
-        og = torch.empty_like(out, memory_format=_layout(out)) if fresh else _graph_operand(out)
-        try:
-            getattr(torch.ops.linattn, FWD)(xg, wg, b, stride, padding, dilation, groups, act, s, t, rg, og)
-            if fresh:
-                out.copy_(og)
-            return out
-        except NotImplementedError:  # a graph cuDNN declines at run time (say, a view's alignment)
-            if simt is not None:
-                raise
-    b, s, t = vectors
-    getattr(torch.ops.linattn, SIMT)(x, weight, b, stride, padding, dilation, groups, act, s, t, residual, out)
-    return out
+    """The forward into out on cuDNN's graph (dispatch has asked cuDNN: cuda_limit)."""
+    # the per-channel vectors in fp32 tensors of their own, 16-byte aligned, as the graph's signature assumes
+    b, s, t = (None if v is None else v.float().contiguous() for v in (bias, post_scale, post_shift))
+    b, s, t = (v if v is None or v.data_ptr() % 16 == 0 else v.clone() for v in (b, s, t))
+    xg, wg, rg = map(_graph_operand, (x, weight, residual))
+    fresh = not _packed(out)  # the graph writes a packed tensor, copied into out after
+    og = torch.empty_like(out, memory_format=_layout(out)) if fresh else _graph_operand(out)
+    getattr(torch.ops.linattn, FWD)(xg, wg, b, stride, padding, dilation, groups, act, s, t, rg, og)
+    return out.copy_(og) if fresh else out
 
 
 def _full_fp32(dtype: torch.dtype):

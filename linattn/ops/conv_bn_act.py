@@ -6,10 +6,9 @@ dense kxk, 1x1, grouped and depthwise, any stride, padding and dilation; the
 backward op `linattn::conv_bn_act_backward` gives the gradients of x, weight,
 bias, post_scale and post_shift (the residual's gradient is the output
 gradient). Backend "cuda" runs cuDNN: the forward as its fused conv graph for
-every call cuDNN takes, the hand-written depthwise and stride-1 1x1 kernels
-(csrc/conv_bn_act/) where it declines, the backward as cuDNN's dgrad and wgrad
-(linattn/ops/_conv_bn_act_cudnn.py); forced on a forward neither takes it
-raises (it never silently runs Triton). "auto" on CUDA
+every call cuDNN takes, the backward as cuDNN's dgrad and wgrad
+(linattn/ops/_conv_bn_act_cudnn.py); forced on a forward cuDNN declines it
+raises with cuDNN's reason (it never silently runs Triton). "auto" on CUDA
 tensors runs the fastest measured of the implementations that take the call
 (linattn/_tune.py), PyTorch's own path included. float64 inputs run on the
 reference.
@@ -23,7 +22,7 @@ from .._backend import register, resolve
 from .._tune import choose_config
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
-from ._conv_bn_act_cudnn import SIMT, backward_cuda, cuda_limit, limit_call, run_cuda
+from ._conv_bn_act_cudnn import FWD, backward_cuda, cuda_limit, limit_call, run_cuda
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
@@ -93,15 +92,15 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-# the implementations (linattn/_backend.py): the CUDA forward is cuDNN's fused graph, the hand-written kernels
-# where cuDNN declines, its backward cuDNN's dgrad and wgrad (linattn/ops/_conv_bn_act_cudnn.py); upsample_block's
-# forward too, its 1x1 conv then the pixel shuffle as a copy (its backward is conv_bn_act's)
+# the implementations (linattn/_backend.py): the CUDA forward is cuDNN's fused graph, its backward cuDNN's dgrad
+# and wgrad (linattn/ops/_conv_bn_act_cudnn.py); upsample_block's forward too, its 1x1 conv then the pixel shuffle
+# as a copy (its backward is conv_bn_act's)
 register(OP, "fwd", "triton")
-register(OP, "fwd", "cuda", kernel=SIMT, limit=cuda_limit)
+register(OP, "fwd", "cuda", kernel=FWD, limit=cuda_limit)
 register(OP, "bwd", "triton")
 register(OP, "bwd", "cuda")
 register(UPSAMPLE, "fwd", "triton")
-register(UPSAMPLE, "fwd", "cuda", kernel=SIMT, limit=cuda_limit)
+register(UPSAMPLE, "fwd", "cuda", kernel=FWD, limit=cuda_limit)
 register(SEPARABLE, "fwd", "triton")
 
 
@@ -131,9 +130,8 @@ def _conv_fwd(
     if impl is None:
         call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
         scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)
-        cudnn_call = limit_call(*call[1:], out) if op == OP else None  # what cuda_limit asks cuDNN
-        limits = (x.shape[1], tuple(weight.shape[-2:]), tuple(stride), tuple(padding), groups, cudnn_call)
-        impl = resolve(op, "fwd", x.device, kernel_problem(x), limits, runner=scratch, inputs=(*call[1:], out))
+        cudnn_call = limit_call(*call[1:], None if shuffle else out)  # what cuda_limit asks cuDNN
+        impl = resolve(op, "fwd", x.device, kernel_problem(x), (cudnn_call,), runner=scratch, inputs=(*call[1:], out))
     if impl == "reference":
         y = reference.conv_bn_act(
             x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
@@ -144,7 +142,7 @@ def _conv_fwd(
             return run_cuda(
                 x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out
             )
-        # neither cuDNN's graph nor the 1x1 kernel stores pixel-shuffled: the block, then the shuffle as one copy
+        # cuDNN's graph does not store pixel-shuffled: the block, then the shuffle as one copy
         y = run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, None,
                      new_feature_map(x, weight.shape[0]))  # fmt: skip
         return pixel_shuffle_into(y, out)
@@ -311,11 +309,10 @@ def conv_bn_act(
         Triton kernels for every kernel size, stride and group count.
 
     Backends: "auto" runs the fastest measured implementation on CUDA tensors (the reference on CPU and for
-    float64). Backend
-    "cuda" runs the forward as one cuDNN graph (conv, bias, act, affine, residual), or on the hand-written
-    depthwise and stride-1 1x1 kernels where cuDNN declines the call; forced on a call neither takes it
-    raises with cuDNN's reason. Its backward is cuDNN's dgrad and wgrad in the inputs' dtype, the activation's
-    gradient between them. The backward follows the backend set when it runs.
+    float64). Backend "cuda" runs the forward as one cuDNN graph (conv, bias, act, affine, residual); forced
+    on a call cuDNN declines it raises linattn._backend.Unsupported with cuDNN's reason. Its backward is
+    cuDNN's dgrad and wgrad in the inputs' dtype, the activation's gradient between them. The backward follows
+    the backend set when it runs.
     """
     require_tensors(OP, x=x, weight=weight)
     for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift), ("residual", residual)):
