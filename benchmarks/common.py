@@ -29,7 +29,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from linattn import _tune
-from linattn._backend import auto_choices, status
+from linattn._backend import Unsupported, auto_choices, status
 from linattn._table import dict_table
 
 try:
@@ -818,6 +818,8 @@ def run_providers(
                 try:
                     row.update(measure(fns[pass_name], ref, nbytes, device, cuda_graph))
                     row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+                except Unsupported as err:  # the call's own limit (cuDNN declines it): a skip with its reason
+                    row["note"] = f"skipped: {err}"
                 except Exception as err:  # compile error, OOM, bad kernel: one line, then the next provider
                     row["note"] = f"failed: {error_line(err)}"
                     write(

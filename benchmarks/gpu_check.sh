@@ -250,13 +250,19 @@ step build "$B_BUILD" "$NO_GPU_STEP" env LINATTN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LI
 CUDNN_PROBE='
 import torch, linattn
 from linattn import reference
+from linattn._backend import Unsupported
 torch.manual_seed(0)
 x = torch.randn(2, 32, 17, 19, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 for cout, k, groups in ((64, 3, 1), (64, 1, 1), (32, 3, 32), (64, 3, 2)):
     w = torch.randn(cout, 32 // groups, k, k, device="cuda", dtype=x.dtype) / (32 // groups * k * k) ** 0.5
     b = torch.randn(cout, device="cuda", dtype=x.dtype)
-    with linattn.backend("cuda"):
-        y = linattn.conv_bn_act(x, w, b, padding=k // 2, groups=groups, act="gelu_tanh")
+    try:
+        with linattn.backend("cuda"):
+            y = linattn.conv_bn_act(x, w, b, padding=k // 2, groups=groups, act="gelu_tanh")
+    except Unsupported as err:  # declined (cuDNN 9.19 has no fused depthwise engine on sm_90): not a failure
+        assert groups > 1, err
+        print(f"cuDNN graph {cout}x{32 // groups}x{k}x{k} groups {groups}: declined ({str(err)[:120]})")
+        continue
     ref = reference.conv_bn_act(x.double(), w.double(), b.double(), padding=k // 2, groups=groups, act="gelu_tanh")
     err = ((y.double() - ref).norm() / ref.norm()).item()
     print(f"cuDNN graph {cout}x{32 // groups}x{k}x{k} groups {groups}: relative error {err:.1e}")

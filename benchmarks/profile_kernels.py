@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from linattn._backend import Unsupported
 from linattn.benchmarks import bench_conv_bn_act as conv_bench
 from linattn.benchmarks import bench_lite_mla as mla_bench
 from linattn.benchmarks.common import (
@@ -89,7 +90,7 @@ def profile(label: str, fn, nbytes: int, copy_gbs: float, base: dict) -> list[di
 
 def provider_rows(providers, op: str, shape: str, batch: int, nbytes: int, copy_gbs: float, setup, *inputs):
     """profile()'s rows of each provider that runs here: setup(provider, *inputs), a benchmark's, gives the call
-    (Skipped where it cannot run)."""
+    (Skipped where it cannot run; Unsupported where the call's own limit says no)."""
     rows = []
     for provider in providers:
         try:
@@ -97,7 +98,10 @@ def provider_rows(providers, op: str, shape: str, batch: int, nbytes: int, copy_
         except Skipped:
             continue
         base = {"op": op, "shape": shape, "batch": batch, "provider": provider}
-        rows += profile(f"{shape} {provider}", fn, nbytes, copy_gbs, base)
+        try:
+            rows += profile(f"{shape} {provider}", fn, nbytes, copy_gbs, base)
+        except Unsupported:  # the call's own limit: cuDNN declines it
+            continue
     return rows
 
 

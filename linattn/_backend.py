@@ -102,10 +102,24 @@ class Impl:
     backend: str
     kernel: str | None = None  # the linattn._C op it calls, which an older build may lack
     limit: Callable[..., str | None] | None = None  # why it cannot take a call's arguments (None: it can)
+    ready: Callable[[], str | None] | None = None  # why it can take no call here (None: it may), asked always
 
 
 _REGISTRY: dict[tuple[str, str], dict[str, Impl]] = {}
 _chosen: dict[tuple[str, str, str], int] = {}  # (op, pass, backend) -> calls that auto sent there
+_timing = 0  # > 0 while measured dispatch times candidates: the calls nested in theirs are not what auto ran
+
+
+@contextlib.contextmanager
+def uncounted():
+    """Calls resolved inside the block stay out of auto_choices (measured dispatch timing a candidate that
+    dispatches further: separable_conv_bn_act's unfused pair)."""
+    global _timing
+    _timing += 1
+    try:
+        yield
+    finally:
+        _timing -= 1
 
 
 def auto_choices(reset: bool = False) -> dict[str, dict[str, int]]:
@@ -118,11 +132,11 @@ def auto_choices(reset: bool = False) -> dict[str, dict[str, int]]:
     return out
 
 
-def register(op: str, pass_: str, backend: str, kernel: str | None = None, limit=None) -> None:
+def register(op: str, pass_: str, backend: str, kernel: str | None = None, limit=None, ready=None) -> None:
     """Declare that `backend` implements pass `pass_` ("fwd" or "bwd") of `op`: one line per implementation.
     The reference implements every registered pass."""
     impls = _REGISTRY.setdefault((op, pass_), {"reference": Impl("reference")})
-    impls[backend] = Impl(backend, kernel, limit)
+    impls[backend] = Impl(backend, kernel, limit, ready)
     _candidates_seen.clear()
 
 
@@ -152,6 +166,8 @@ def reasons(
     found = [why] if (why := unavailable(backend, device)) else []
     if not found and impl.kernel and not hasattr(torch.ops.linattn, impl.kernel):
         found.append(f"linattn._C has no {impl.kernel} kernel (built from an older linattn: rebuild it)")
+    if not found and impl.ready is not None and (why := impl.ready()):
+        found.append(why)
     if problem:
         found.append(problem)
     if impl.limit is not None and args and (why := impl.limit(*args)):
@@ -214,6 +230,7 @@ def resolve(
             from ._tune import choose
 
             chosen = choose(op, pass_, device, candidates, runner, inputs)
-    key = (op, pass_, chosen)
-    _chosen[key] = _chosen.get(key, 0) + 1
+    if not _timing:
+        key = (op, pass_, chosen)
+        _chosen[key] = _chosen.get(key, 0) + 1
     return chosen

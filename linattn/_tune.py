@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-FORMAT = 1  # the table file's layout version
+from . import _backend
+
+FORMAT = 2  # the table's version, new when its layout or what a choice runs changes (2: separable's pair)
 WARMUP, REPEATS = 2, 5
 SPIN_CYCLES = 1_000_000  # GPU clock cycles ahead of each timed call: 0.5-0.7 ms at 1.4-2 GHz
 
@@ -224,7 +226,8 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None) -> tuple[
     started = time.perf_counter()
     if prepare is not None:
         prepare()
-    times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in candidates}
+    with _backend.uncounted():
+        times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in candidates}
     chosen = min(candidates, key=lambda b: (times[b], candidates.index(b)))
     # seconds the choice took (compiles, cuDNN graph builds, nested choices, timing): a first call's cost
     spent = round(time.perf_counter() - started, 3)

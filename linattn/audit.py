@@ -137,18 +137,33 @@ class _Recorder:
         self.where = ""
         recorder = self
 
+        def record(name, args):
+            call = OpCall(name, _spec_tree(tuple(args)), recorder.where)
+            calls.setdefault((call.op, call.args), call)
+
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
                 name = func._schema.name
                 if name.startswith("linattn::"):
-                    call = OpCall(name, _spec_tree(tuple(args)), recorder.where)
-                    calls.setdefault((call.op, call.args), call)
+                    record(name, args)
+                if name == "linattn::separable_conv_bn_act":  # auto also times the pair unfused: its two convs
+                    for conv in _separable_convs(args):
+                        record("linattn::conv_bn_act", conv)
                 out = func(*args, **(kwargs or {}))
                 if func is torch.ops.aten.convolution.default and _channels_last(args[0]):
                     out = out.contiguous(memory_format=torch.channels_last)  # as cuDNN's; meta's conv drops it
                 return out
 
         self.mode = Mode
+
+
+def _separable_convs(args) -> list[tuple]:
+    """conv_bn_act's arguments for the two convs of a separable_conv_bn_act call, as its reference implementation
+    dispatches them (linattn/ops/conv_bn_act.py `_separable_fwd`)."""
+    x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, scale, shift, residual = args
+    depthwise = (x, dw_weight, dw_bias, stride, padding, dilation, x.shape[1], dw_act, None, None, None)
+    mid = torch.ops.linattn.conv_bn_act(*depthwise)  # its shape and layout (a meta tensor while tracing)
+    return [depthwise, (mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, scale, shift, residual)]
 
 
 def _channels_last(t: torch.Tensor) -> bool:

@@ -1,6 +1,5 @@
 """conv_bn_act, fold_bn, upsample_block and nn.ConvBNAct: kernels and ops against the float64 reference."""
 
-import contextlib
 import importlib
 import re
 
@@ -8,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils import assert_close, kernel_targets, rel_err, tolerance
+from utils import assert_close, cuda_may_decline, kernel_targets, rel_err, tolerance
 
 import linattn
 from linattn import reference
 from linattn._backend import Unsupported, unavailable
 from linattn.nn import ConvBNAct
-from linattn.ops._conv_bn_act_cudnn import backward_cuda, cudnn_reason, run_cuda, signature
+from linattn.ops._conv_bn_act_cudnn import backward_cuda, cuda_limit, cudnn_reason, limit_call, run_cuda, signature
 
 
 def _kernel_targets(cuda_skip: str | None = None):
@@ -31,18 +30,6 @@ def _kernel_targets(cuda_skip: str | None = None):
 def _targets(cuda_skip: str | None = None):
     """The reference backend on CPU, plus the kernel targets."""
     return [pytest.param(("reference", "cpu"), id="reference-cpu"), *_kernel_targets(cuda_skip)]
-
-
-@contextlib.contextmanager
-def cuda_may_decline(backend):
-    """On the cuda target a call cuDNN declines is a skip with cuDNN's reason: the forced backend raises
-    Unsupported with it (the cuda implementation is cuDNN's graph alone)."""
-    try:
-        yield
-    except Unsupported as err:
-        if backend != "cuda":
-            raise
-        pytest.skip(str(err))
 
 
 def forward(backend, x, w, b, stride, padding, dilation, groups, act, s, t, r, out):
@@ -410,10 +397,12 @@ def test_upsample_block(target, case):
         poisoned = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
         w4 = weight[..., None, None]
         conv = ([1, 1], [0, 0], [1, 1], 1, "relu", scale, shift, None)
+        if name == "cuda" and (why := cuda_limit(limit_call(x, w4, bias, *conv))):
+            pytest.skip(why)  # the pre-shuffle conv as dispatch asks cuDNN about it
         assert _conv_fwd(UPSAMPLE, x, w4, bias, *conv, poisoned, shuffle=True, impl=name) is poisoned
         assert_close(poisoned, ref, tol, "out (poisoned)")
     leaves = [v.detach().clone().requires_grad_() for v in inputs]
-    with linattn.backend(name):
+    with linattn.backend(name), cuda_may_decline(name):
         out = linattn.upsample_block(*leaves)
     assert out.shape == (B, Co, 2 * H, 2 * W)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -463,7 +452,10 @@ def test_opcheck(target):
         torch.library.opcheck(ops.upsample_block, (x, uw, ub, None, None, "relu"))
 
 
-@pytest.mark.parametrize("target", _targets(cuda_skip="a grouped conv: cuDNN's graph only (test_conv_bn_act_cudnn.py)"))
+GROUPED_ON_CUDA = "a grouped conv cuDNN may decline: the cuda forward is test_conv_bn_act_cudnn.py's"
+
+
+@pytest.mark.parametrize("target", _targets(cuda_skip=GROUPED_ON_CUDA))
 def test_compile_fullgraph(target):
     """conv_bn_act, upsample_block and ConvBNAct (eval) inside one compiled graph, forward and backward."""
     name, device = target
@@ -622,7 +614,7 @@ def test_module_parity(target, case):
     seq.train()
     block.train()
     xs, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    with linattn.backend(name):
+    with linattn.backend(name), cuda_may_decline(name):
         out = block(xb)
     want = seq(xs)
     assert_close(out, want, 1e-5, "train output")

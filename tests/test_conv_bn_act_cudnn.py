@@ -39,10 +39,10 @@ gpu = pytest.mark.skipif(_gpu_skip() is not None, reason=f"cuDNN graph: {_gpu_sk
 def test_registry_entry_is_the_cudnn_graph():
     for op in (OP, "upsample_block"):
         impl = _backend.implementations(op, "fwd")["cuda"]
-        assert impl.limit is cudnn.cuda_limit and impl.kernel == cudnn.FWD
+        assert impl.limit is cudnn.cuda_limit and impl.ready is cudnn.cuda_ready
     assert _backend.implementations(OP, "bwd")["cuda"].limit is None  # cuDNN's dgrad and wgrad take every conv
-    # without a call's signature only a graph that is off is certain; cuDNN decides each call
-    assert cudnn.cuda_limit() == (None if cudnn.has_cudnn() else cudnn.NO_CUDNN)
+    # without a call's signature cuDNN decides when the call runs
+    assert cudnn.cuda_limit() is None
 
 
 def test_linattn_cudnn_0_turns_the_graph_off_at_run_time(monkeypatch):
@@ -53,7 +53,11 @@ def test_linattn_cudnn_0_turns_the_graph_off_at_run_time(monkeypatch):
     try:
         assert not cudnn.has_cudnn()
         assert cudnn.cudnn_reason(("a signature never asked",)) == cudnn.NO_CUDNN
-        assert cudnn.cuda_limit() == cudnn.NO_CUDNN == cudnn.cuda_limit(("a signature never asked",))
+        assert cudnn.cuda_ready() == cudnn.NO_CUDNN
+        assert cudnn.cuda_limit(("a signature never asked",)) == f"cuDNN cannot run this call ({cudnn.NO_CUDNN})"
+        # the registry says so before any call: info and the benchmarks skip the cuda conv
+        why = _backend.reasons(OP, "fwd", "cuda", torch.device("cuda"))
+        assert why[-1] == cudnn.NO_CUDNN or _backend.unavailable("cuda", torch.device("cuda"))
     finally:
         cudnn._verdicts.pop(("a signature never asked",), None)
         monkeypatch.undo()
@@ -62,7 +66,6 @@ def test_linattn_cudnn_0_turns_the_graph_off_at_run_time(monkeypatch):
 
 def test_limit_is_cudnns_answer(monkeypatch):
     """With a call's signature the limit is cuDNN's answer, its message when it declines."""
-    monkeypatch.setattr(cudnn, "has_cudnn", lambda: True)
     monkeypatch.setattr(cudnn, "_verdicts", {("declined",): "cuDNN check_support: no engine", ("taken",): ""})
     assert cudnn.cuda_limit(("taken",)) is None
     assert cudnn.cuda_limit(("declined",)) == "cuDNN cannot run this call (cuDNN check_support: no engine)"
@@ -71,7 +74,7 @@ def test_limit_is_cudnns_answer(monkeypatch):
 def test_forced_cuda_says_cudnns_reason(monkeypatch):
     """A call cuDNN declines: the forced backend raises Unsupported with cuDNN's message (the registry's
     reasons), auto passes cuda by."""
-    monkeypatch.setattr(cudnn, "has_cudnn", lambda: True)
+    monkeypatch.setattr(cudnn, "has_cudnn", lambda: True)  # the graph on, as on a GPU machine with the headers
     monkeypatch.setattr(cudnn, "_verdicts", {("call",): "cuDNN build_plans: no plan builds"})
     device = torch.device("cuda")
     monkeypatch.setattr(_backend, "unavailable", lambda name, dev: None)
@@ -102,6 +105,19 @@ def test_signature_describes_operands_as_cudnn_gets_them():
     assert hash(sig) is not None
     # dispatch asks only for GPU tensors on auto or cuda
     assert cudnn.limit_call(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None, out) is None
+
+
+def test_signature_of_a_fresh_out_is_that_of_new_feature_map():
+    """upsample_block asks cuDNN about its pre-shuffle conv before that map exists (out None): the signature
+    must be the one run_cuda's fresh map will have, in either layout, and for maps that are both."""
+    from linattn.ops._common import new_feature_map
+
+    for shape in ((2, 8, 5, 7), (2, 8, 1, 1)):
+        for fmt in (torch.channels_last, torch.contiguous_format):
+            x = torch.randn(shape, dtype=torch.float16).to(memory_format=fmt)
+            w = torch.randn(12, 8, 1, 1, dtype=torch.float16)
+            call = (x, w, None, [1, 1], [0, 0], [1, 1], 1, "relu", None, None, None)
+            assert cudnn.signature(*call, None) == cudnn.signature(*call, new_feature_map(x, 12)), (shape, fmt)
 
 
 def test_info_lists_the_cuda_backend_for_conv_bn_act(capsys):

@@ -109,10 +109,10 @@ def test_no_timing_during_capture_and_one_warning(tuned, monkeypatch):
     "content",
     [
         "{not json",
-        json.dumps({"format": 1, "device": "Another GPU", "versions": _tune.versions(), "choices": {}}),
-        json.dumps({"format": 1, "device": "Toy GPU", "versions": {"torch": "0.1"}, "choices": {}}),
+        json.dumps({"format": _tune.FORMAT, "device": "Another GPU", "versions": _tune.versions(), "choices": {}}),
+        json.dumps({"format": _tune.FORMAT, "device": "Toy GPU", "versions": {"torch": "0.1"}, "choices": {}}),
         json.dumps({"format": 99, "device": "Toy GPU", "versions": _tune.versions(), "choices": {}}),
-        json.dumps({"format": 1, "device": "Toy GPU", "versions": _tune.versions(), "choices": [1, 2]}),
+        json.dumps({"format": _tune.FORMAT, "device": "Toy GPU", "versions": _tune.versions(), "choices": [1, 2]}),
     ],
     ids=["corrupt", "foreign", "stale", "format", "malformed"],
 )
@@ -143,6 +143,23 @@ def test_fixed_priority_skips_the_table_and_auto_choices_count(tuned):
     assert _resolve(runner, device, x) == "cuda"
     assert _backend.auto_choices(reset=True) == {"toy:fwd": {"cuda": 2, "triton": 1}}
     assert _backend.auto_choices() == {}
+
+
+def test_calls_nested_in_timing_are_not_counted(tuned):
+    """A candidate that dispatches further (separable_conv_bn_act's unfused pair) resolves other calls while it
+    is timed: auto_choices counts the calls that ran, not those."""
+    speed, calls, runner, device = tuned
+    _backend.register("outer", "fwd", "triton")
+
+    def outer(backend):  # each timed run resolves "toy" once
+        _resolve(runner, device, torch.empty(14))
+        return speed[backend]
+
+    _backend.auto_choices(reset=True)
+    assert _backend.resolve("outer", "fwd", device, runner=outer, inputs=(torch.empty(13),)) == "triton"
+    assert _backend.auto_choices(reset=True) == {"outer:fwd": {"triton": 1}}
+    _resolve(runner, device, torch.empty(14))  # the nested call's own choice, counted when it runs on its own
+    assert _backend.auto_choices() == {"toy:fwd": {"cuda": 1}}
 
 
 def test_triton_configurations_are_measured_and_kept(tuned):

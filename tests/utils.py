@@ -1,10 +1,12 @@
 """Shared test helpers: where kernels can run, error measures, verbose comparisons."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
-from linattn._backend import unavailable
+from linattn._backend import Unsupported, unavailable
 from linattn._check import rel_err, tolerance  # noqa: F401 (the tests import them from here)
 
 
@@ -20,6 +22,18 @@ def kernel_targets():
         marks = [pytest.mark.skip(reason=f"{name} on {device}: {why}")] if why else []
         params.append(pytest.param((name, device), id=f"{name}-{device}", marks=marks))
     return params
+
+
+@contextlib.contextmanager
+def cuda_may_decline(backend: str):
+    """On the cuda target a conv cuDNN declines is a skip with cuDNN's reason: the forced backend raises
+    Unsupported with it (conv_bn_act's cuda implementation is cuDNN's graph alone)."""
+    try:
+        yield
+    except Unsupported as err:
+        if backend != "cuda":
+            raise
+        pytest.skip(str(err))
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:

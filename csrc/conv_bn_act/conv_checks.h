@@ -58,7 +58,7 @@ struct ConvSizes {
   int act;
 };
 
-// Every check of a forward call but the residual's overlap with out (the implementations differ there):
+// Every check of a forward call but the residual's overlap with out (checked by the caller):
 // ranks, devices, dtypes, the conv's geometry, out's and the residual's shapes, the per-channel vectors.
 inline ConvSizes check_call(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,

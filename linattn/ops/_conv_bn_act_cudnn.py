@@ -7,7 +7,7 @@ cuDNN's engines take. Whether they take a call is cuDNN's answer, asked once per
 (`conv_bn_act_cudnn_check`: the graph is built then and kept for the calls that follow); a call cuDNN
 declines is one this implementation cannot take: `cuda_limit` says so with cuDNN's message, and dispatch
 passes it by. There are no hand-written kernels behind the graph: the SIMT depthwise kernel ran at a third
-of PyTorch's speed on two H100 passes (cuDNN 9.19 has no fused depthwise engine on sm_90: measured dispatch
+of PyTorch's speed on three H100 passes (cuDNN 9.19 has no fused depthwise engine on sm_90: measured dispatch
 weighs PyTorch's path and the Triton kernels there), and the SIMT 1x1 GEMM had no tensor cores. A build of
 linattn._C without the cudnn-frontend headers (setup.py) has no cuda conv.
 """
@@ -149,12 +149,14 @@ def cudnn_reason(call: tuple) -> str:
     return verdict
 
 
+def cuda_ready() -> str | None:
+    """Why the cuda implementation can take no call here (None when cuDNN's graph is on)."""
+    return None if has_cudnn() else NO_CUDNN
+
+
 def cuda_limit(call: tuple | None = None) -> str | None:
     """Why the cuda implementation cannot run a call (None when it can): cuDNN's message for the call's
-    signature (`limit_call`, as dispatch passes it). Without one (callers with no tensors) only a graph that
-    is off is certain; cuDNN decides the rest per call."""
-    if not has_cudnn():
-        return NO_CUDNN
+    signature (`limit_call`, as dispatch passes it); without one, cuDNN decides when the call runs."""
     if call is not None and (why := cudnn_reason(call)):
         return f"cuDNN cannot run this call ({why})"
     return None

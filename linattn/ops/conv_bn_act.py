@@ -22,7 +22,7 @@ from .._backend import register, resolve
 from .._tune import choose_config
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
-from ._conv_bn_act_cudnn import FWD, backward_cuda, cuda_limit, limit_call, run_cuda
+from ._conv_bn_act_cudnn import backward_cuda, cuda_limit, cuda_ready, limit_call, run_cuda
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
@@ -96,11 +96,11 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 # and wgrad (linattn/ops/_conv_bn_act_cudnn.py); upsample_block's forward too, its 1x1 conv then the pixel shuffle
 # as a copy (its backward is conv_bn_act's)
 register(OP, "fwd", "triton")
-register(OP, "fwd", "cuda", kernel=FWD, limit=cuda_limit)
+register(OP, "fwd", "cuda", limit=cuda_limit, ready=cuda_ready)
 register(OP, "bwd", "triton")
 register(OP, "bwd", "cuda")
 register(UPSAMPLE, "fwd", "triton")
-register(UPSAMPLE, "fwd", "cuda", kernel=FWD, limit=cuda_limit)
+register(UPSAMPLE, "fwd", "cuda", limit=cuda_limit, ready=cuda_ready)
 register(SEPARABLE, "fwd", "triton")
 
 
