@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from ._table import table
+from .reference import channels_last
 
 # stack bytes a backward kernel may spill; forward kernels may spill none. 16: the conv dz kernel keeps the
 # output-gradient tile beside its accumulator, and on sm_80 some of its tiles spill one or two 8-byte values
@@ -150,7 +151,7 @@ class _Recorder:
                     for conv in _separable_convs(args):
                         record("linattn::conv_bn_act", conv)
                 out = func(*args, **(kwargs or {}))
-                if func is torch.ops.aten.convolution.default and _channels_last(args[0]):
+                if func is torch.ops.aten.convolution.default and channels_last(args[0]):
                     out = out.contiguous(memory_format=torch.channels_last)  # as cuDNN's; meta's conv drops it
                 return out
 
@@ -164,10 +165,6 @@ def _separable_convs(args) -> list[tuple]:
     depthwise = (x, dw_weight, dw_bias, stride, padding, dilation, x.shape[1], dw_act, None, None, None)
     mid = torch.ops.linattn.conv_bn_act(*depthwise)  # its shape and layout (a meta tensor while tracing)
     return [depthwise, (mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, scale, shift, residual)]
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def traceable(name: str) -> bool:

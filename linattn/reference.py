@@ -406,7 +406,7 @@ def upsample_sum(inputs: list[torch.Tensor], size: tuple[int, int]) -> torch.Ten
         if tuple(x.shape[-2:]) != tuple(size):
             y = F.interpolate(y, size=tuple(size), mode="bicubic", align_corners=False)
         out = y if out is None else out + y
-    fmt = torch.channels_last if _channels_last(inputs[0]) else torch.contiguous_format
+    fmt = torch.channels_last if channels_last(inputs[0]) else torch.contiguous_format
     out = out.to(inputs[0].dtype, memory_format=fmt)
     return out.clone() if out is inputs[0] else out  # one float input at `size`: never the input itself
 
@@ -451,5 +451,6 @@ def upsample_sum_backward(grad_out: torch.Tensor, shapes: list, dtypes: list) ->
     return grads
 
 
-def _channels_last(t: torch.Tensor) -> bool:
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether t is a channels_last map and not also NCHW-contiguous (the layout new maps made like it keep)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ import linattn
 from linattn import reference
 from linattn._backend import Unsupported, unavailable
 from linattn.nn import ConvBNAct
-from linattn.ops._conv_bn_act_cudnn import backward_cuda, cuda_limit, cudnn_reason, limit_call, run_cuda, signature
+from linattn.ops._conv_bn_act_cudnn import backward_cuda
 
 
 def _kernel_targets(cuda_skip: str | None = None):
@@ -33,15 +33,13 @@ def _targets(cuda_skip: str | None = None):
 
 
 def forward(backend, x, w, b, stride, padding, dilation, groups, act, s, t, r, out):
-    """The forward kernel of `backend` into out: cuDNN's graph for cuda (skipped where cuDNN declines the call),
-    the Triton launcher otherwise."""
+    """The forward kernel of `backend` into out: for cuda the op's own path (weights packed, cuDNN asked, then
+    its graph; skipped where cuDNN declines the call), the Triton launcher otherwise."""
     if backend == "cuda":
-        if x.stride(1) == 1 and w.stride(1) != 1:  # as the op hands cuDNN a channels_last x's weight: K-contiguous
-            w = w.contiguous(memory_format=torch.channels_last)
-        call = (x, w, b, stride, padding, dilation, groups, act, s, t, r, out)
-        if why := cudnn_reason(signature(*call)):
-            pytest.skip(f"cuda: cuDNN declines this call: {why}")
-        run_cuda(*call)
+        from linattn.ops.conv_bn_act import OP, _conv_fwd
+
+        with linattn.backend(backend), cuda_may_decline(backend):
+            assert _conv_fwd(OP, x, w, b, stride, padding, dilation, groups, act, s, t, r, out, shuffle=False) is out
     else:
         from linattn.kernels.conv_bn_act import conv_bn_act_fwd
 
@@ -130,7 +128,7 @@ def _case_id(c):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kernels(target, case):
     """Forward into a NaN-poisoned output and every gradient, against float64, within docs/design.md 8's tolerance.
-    The cuda target: cuDNN's fused graph (run_cuda) and cuDNN's backward (backward_cuda)."""
+    The cuda target: cuDNN's fused graph (the op's cuda path) and cuDNN's backward (backward_cuda)."""
     from linattn.kernels.conv_bn_act import conv_bn_act_bwd
 
     backend, device = target
@@ -397,9 +395,8 @@ def test_upsample_block(target, case):
         poisoned = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
         w4 = weight[..., None, None]
         conv = ([1, 1], [0, 0], [1, 1], 1, "relu", scale, shift, None)
-        if name == "cuda" and (why := cuda_limit(limit_call(x, w4, bias, *conv))):
-            pytest.skip(why)  # the pre-shuffle conv as dispatch asks cuDNN about it
-        assert _conv_fwd(UPSAMPLE, x, w4, bias, *conv, poisoned, shuffle=True, impl=name) is poisoned
+        with linattn.backend(name), cuda_may_decline(name):  # cuda: a pre-shuffle conv cuDNN declines skips
+            assert _conv_fwd(UPSAMPLE, x, w4, bias, *conv, poisoned, shuffle=True) is poisoned
         assert_close(poisoned, ref, tol, "out (poisoned)")
     leaves = [v.detach().clone().requires_grad_() for v in inputs]
     with linattn.backend(name), cuda_may_decline(name):

@@ -7,6 +7,8 @@ import operator
 import torch
 from torch import Tensor
 
+from ..reference import channels_last
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -15,11 +17,6 @@ def kernel_problem(t: Tensor) -> str | None:
     if t.dtype not in KERNEL_DTYPES:
         return f"dtype {t.dtype} runs on the reference backend only"
     return None
-
-
-def channels_last(t: Tensor) -> bool:
-    """Whether t is channels_last and not also NCHW-contiguous (the maps new_feature_map makes like it)."""
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def new_feature_map(like: Tensor, channels: int, H: int | None = None, W: int | None = None) -> Tensor:
