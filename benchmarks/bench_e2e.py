@@ -366,13 +366,15 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
                 one = inp[:1].clone()
                 call(one)  # a compiled module recompiles for the new shape here
                 row |= timed(lambda one=one, call=call: call(one), device).columns("lat_b1_")
-            row["top_ops"] = profile_ops(call, device, args.top_ops)
             if device.type == "cuda":  # on a CPU the host's time is the call's (ms)
                 one = inp if batch == 1 else inp[:1].clone()
+                # before the torch.profiler run: right after one, the sixth H100 pass's eager host time came out
+                # at 13.9 ms per call against a 7.3 ms batch-1 latency
                 try:  # a diagnostic: its failure (another profiler active, say) is a note, not the provider's
                     row["host_b1_ms"], row["top_host"] = host_profile(lambda one=one: call(one), device, args.top_ops)
                 except Exception as err:
                     row["note"] = f"{row['note'] or ''}; host profile failed: {error_line(err)}".lstrip("; ")
+            row["top_ops"] = profile_ops(call, device, args.top_ops)
             if provider in COUNTED:
                 row |= count_ops(call)
             if provider == "linattn-graph":  # captures, replays, and the calls that ran eagerly (and why)

@@ -15,10 +15,12 @@ tests/test_bench_host.py runs every case once (no timing), so the benchmark does
 
 Test ids are `<op>-<variant>`, one group per op (its variants side by side):
 
-  linattn             linattn.<op>(...), backend "auto" (on CPU tensors: the reference kernel)
-  torch.ops           torch.ops.linattn.<op>(...) on normalised arguments: no functional wrapper
+  linattn             linattn.<op>(...), backend "auto" (on CPU tensors: the reference kernel); no input needs a
+                      gradient, so the functional runs the op's body itself (linattn/ops/_common.py `direct`)
+  torch.ops           torch.ops.linattn.<op>(...) on normalised arguments: the custom op's dispatch, which
+                      autograd, autocast, torch.compile and dispatch modes take
   body                the op's registered Python function, called directly: no dispatcher
-  inference_mode      linattn under torch.inference_mode(): the custom op's Python autograd wrapper is skipped
+  inference_mode      linattn under torch.inference_mode()
   reference           linattn.reference.<op>: the math the CPU kernel runs, without checks, dispatch or copy
   eager               the eager PyTorch the fused op replaces (official EfficientViT formulation, from
                       linattn.eager if that module exists, else linattn.reference's efficientvit_*; conv,
@@ -36,6 +38,15 @@ Test ids are `<op>-<variant>`, one group per op (its variants side by side):
                       resolve and the launcher; less validation and allocation, the launcher's own host time
   triton-interpreter  the same call on the real kernels under TRITON_INTERPRET=1: timed in a group of its own,
                       3 rounds; it measures the interpreter running the kernel in numpy, not launch cost
+
+the group "encoder": a whole forward of EfficientViT-SAM-L0 at batch 1 and 256 x 256 (its LiteMLA maps 8 x 8, so
+the context op runs, as at 512):
+
+  eager-meta              the eager encoder on the meta device: PyTorch's own host path through every op (module
+                          calls, dispatch, shape checks) with no kernel at all, the floor eager's forward pays
+  linattn-triton-launch   linattn.optimize(encoder), channels_last, backend "triton", kernels stubbed as in
+                          triton-launch: every fused module's and op's host path, no launch (what is left computes
+                          on the CPU: the LayerNorm and the neck's resize, small at this size)
 
 and the group "dispatch": the custom-op machinery on a trivial body (torch.empty_like), allocation, views, and
 triton.cdiv called from host code (a ConstexprFunction in Triton 3.x) against plain integer arithmetic.
@@ -97,6 +108,8 @@ DISPATCH = (
     "triton-cdiv",
     "python-cdiv",
 )
+ENCODER = ("eager-meta", "linattn-triton-launch")
+ENCODER_MODEL, ENCODER_SIZE = "l0", 256
 INTERPRETER_ROUNDS = 3
 # one intra-op thread, as a GPU's host path runs: on a shared machine an OpenMP region whose second thread is
 # descheduled stalls a tiny conv for milliseconds (seen here: 35 ms instead of 10 us with 2 threads under load)
@@ -502,10 +515,34 @@ def _dispatch(variant: str) -> Bench:
     return Bench(fn, "dispatch", {"op": "dispatch", "variant": variant, "runs": what, **LABEL}, context)
 
 
+@contextlib.contextmanager
+def _stubbed_inference():
+    with triton_launch_stubs() as launches, torch.inference_mode():
+        yield launches
+
+
+def _encoder(variant: str) -> Bench:
+    model = linattn.models.efficientvit_sam_encoder(ENCODER_MODEL).eval()
+    size = (1, 3, ENCODER_SIZE, ENCODER_SIZE)
+    info = {"op": "encoder", "variant": variant, "shapes": f"{ENCODER_MODEL}, input {size}", **LABEL}
+    if variant == "eager-meta":
+        meta, x = model.to("meta"), torch.empty(size, device="meta")
+        runs = "the eager encoder on the meta device: PyTorch's dispatch of every op, no kernel"
+        return Bench(lambda: meta(x), "encoder", {**info, "runs": runs}, torch.inference_mode)
+    if why := triton_unavailable():
+        raise Unavailable(f"{variant}: {why}")
+    optimized = linattn.optimize(model, channels_last=True)
+    x = torch.randn(size).contiguous(memory_format=torch.channels_last)
+    runs = "linattn.optimize(encoder), channels_last, backend triton, kernels stubbed (no launch), H100 heuristics"
+    return Bench(lambda: optimized(x), "encoder", {**info, "runs": runs}, _stubbed_inference)
+
+
 def build(op: str, variant: str) -> Bench:
     """What test id `<op>-<variant>` times; raises Unavailable when it cannot run here."""
     if op == "dispatch":
         return _dispatch(variant)
+    if op == "encoder":
+        return _encoder(variant)
     c = case(op)
     info = {"op": op, "variant": variant, "shapes": c.shapes, **LABEL}
     raw_op = getattr(torch.ops.linattn, op)
@@ -557,7 +594,8 @@ def build(op: str, variant: str) -> Bench:
 
 pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=200)
 
-PARAMS = [(op, variant) for op in OPS for variant in VARIANTS] + [("dispatch", v) for v in DISPATCH]
+PARAMS = [(op, v) for op in OPS for v in VARIANTS] + [("encoder", v) for v in ENCODER]
+PARAMS += [("dispatch", v) for v in DISPATCH]
 
 
 def run(benchmark, op: str, variant: str):

@@ -20,19 +20,20 @@
 #                           launch at B16 and 1 in bf16 (measured dispatch's candidates too) compiled at once,
 #                           one process per core, into Triton's cache: the first H100 pass's optimized L0 did not
 #                           finish its first call in 90 s, compiling kernel after kernel
-#   check               90  python -m linattn check: every op on every backend against the reference (a bare
-#                           machine compiles every kernel here: the H100 pass's check ran past 60 s)
-#   bench-e2e-l0       150  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
-#                           each with its batch-1 latency (lat_b1_ms) and host time (host_b1_ms); no max-autotune
-#                           (the fifth H100 pass's L0 took 105 s, measured dispatch timing 127 choices; the TMA
-#                           conv configurations it times since add to that)
-#   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at six shapes (one of each kind
-#                           and model), B16, bf16, replayed as CUDA graphs: the kernels' time, not the host's
 #   pytest             110  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
 #                           pytest-timeout (60 s a test) and pytest-xdist (all cores but two) when installed;
-#                           stopped by SIGINT at its bound, so the summary still lists the failures (the third
-#                           H100 pass: 255 tests in 97 s on 14 workers)
-#   bench-e2e-xl1      225  as l0 (E2E_MODELS: the first model runs before the conv benchmark, the rest here)
+#                           stopped by SIGINT at its bound, so the summary still lists the failures (the sixth
+#                           H100 pass: 240 tests in 76 s on 14 workers with the kernels compiled, past 106 s on a
+#                           bare machine)
+#   bench-e2e-l0       150  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
+#                           each with its batch-1 latency (lat_b1_ms) and host time (host_b1_ms); no max-autotune
+#                           (the sixth H100 pass's L0 took 127 s, measured dispatch timing 146 choices)
+#   check              120  python -m linattn check: every op on every backend against the reference (a bare
+#                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
+#                           on its bare one)
+#   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at six shapes (one of each kind
+#                           and model), B16, bf16, replayed as CUDA graphs: the kernels' time, not the host's
+#   bench-e2e-xl1      225  as l0 (E2E_MODELS: the first model runs before check, the rest here)
 #   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
 #                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
 #                           the end-to-end steps); bench-multiscale and bench-linear-attention the same
@@ -199,7 +200,7 @@ CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj xl1.s3.fmb.conv3
 OPS=(--dtype bf16 --batch 16 --providers eager triton cuda auto)
 case $PROFILE in
     quick)
-        B_BUILD=200 B_PRE=60 B_CHECK=90 B_PYTEST=110 B_SAN=60 B_E2E=150 B_BENCH=40 # XL models: 1.5 x B_E2E
+        B_BUILD=200 B_PRE=60 B_CHECK=120 B_PYTEST=110 B_SAN=60 B_E2E=150 B_BENCH=40 # XL models: 1.5 x B_E2E
         PRE=(--batch 16 1 --dtype bf16)
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--batch 16 --dtype bf16 --providers eager compile linattn linattn-graph)
@@ -278,7 +279,7 @@ fi
 # Triton's cache, before the steps whose first calls would compile them one call at a time
 read -r -a PRE_MODELS <<< "$E2E_MODELS"
 step precompile "$B_PRE" 0 "$PY" -m linattn tune --compile-only --model "${PRE_MODELS[@]}" "${PRE[@]}"
-step check "$B_CHECK" 0 "$PY" -m linattn check
+step pytest "$B_PYTEST" 0 "${PYTEST[@]}" "${PYTEST_SEL[@]}"
 
 e2e() { # e2e MODEL: the end-to-end benchmark of one model
     bench_args E2E_BENCH_ARGS "${E2E[@]}"
@@ -291,9 +292,9 @@ bench() { # bench NAME ARGS_VAR SCRIPT DEFAULT...: one op benchmark
     step "bench-$1" "$B_BENCH" 0 "$PY" "benchmarks/$3" --out "$RESULTS" "${ARGS[@]}"
 }
 read -r -a MODELS <<< "$E2E_MODELS"
-e2e "${MODELS[0]}" # the first model's numbers, then the conv kernels' and the GPU tests, then the rest
+e2e "${MODELS[0]}" # the GPU tests and the first model's numbers, then check and the conv kernels', then the rest
+step check "$B_CHECK" 0 "$PY" -m linattn check
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
-step pytest "$B_PYTEST" 0 "${PYTEST[@]}" "${PYTEST_SEL[@]}"
 for model in "${MODELS[@]:1}"; do e2e "$model"; done
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
 bench_args KERNELS_ARGS "${KERNELS[@]}"

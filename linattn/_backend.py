@@ -106,8 +106,10 @@ class Impl:
 
 
 _REGISTRY: dict[tuple[str, str], dict[str, Impl]] = {}
+_registered = 0  # registrations so far: part of every cached answer's key (a new implementation is a new answer)
 _chosen: dict[tuple[str, str, str], int] = {}  # (op, pass, backend) -> calls that auto sent there
 _timing = 0  # > 0 while measured dispatch times candidates: the calls nested in theirs are not what auto ran
+_recording: tuple[list, int] | None = None  # while a call plan is built: its choices, and _timing's level then
 
 
 @contextlib.contextmanager
@@ -120,6 +122,28 @@ def uncounted():
         yield
     finally:
         _timing -= 1
+
+
+def count(op: str, pass_: str, backend: str) -> None:
+    """One call that auto sent to `backend`: counted outside measured dispatch's timing, and listed for the call
+    plan being built at this timing level (not for one whose candidate, timed, made the call)."""
+    key = (op, pass_, backend)
+    if not _timing:
+        _chosen[key] = _chosen.get(key, 0) + 1
+    if _recording is not None and _recording[1] == _timing:
+        _recording[0].append(key)
+
+
+@contextlib.contextmanager
+def record():
+    """Within the block, the choices counted are also listed in the list it yields (a call plan keeps them, to
+    count them again on each call that reuses it: linattn/_tune.py `plan`)."""
+    global _recording
+    previous, _recording = _recording, ([], _timing)
+    try:
+        yield _recording[0]
+    finally:
+        _recording = previous
 
 
 def auto_choices(reset: bool = False) -> dict[str, dict[str, int]]:
@@ -138,6 +162,8 @@ def register(op: str, pass_: str, backend: str, kernel: str | None = None, limit
     impls = _REGISTRY.setdefault((op, pass_), {"reference": Impl("reference")})
     impls[backend] = Impl(backend, kernel, limit, ready)
     _candidates_seen.clear()
+    global _registered
+    _registered += 1
 
 
 def registered_ops() -> list[str]:
@@ -185,11 +211,17 @@ def status(op: str, backend: str, device: torch.device, pass_: str = "fwd") -> s
 _candidates_seen: dict[tuple, list[str]] = {}
 
 
+def state() -> tuple:
+    """What dispatch's answers read besides the call: the registry, the priority and the availability check (the
+    tests replace them), the backend set. Part of the key of every answer kept for later calls."""
+    return (_current, PRIORITY, id(_REGISTRY), _registered, unavailable)
+
+
 def _candidates(op: str, pass_: str, device: torch.device, problem: str | None, args: tuple) -> list[str]:
     """The implementations that can run a call, in priority order: asked once per distinct call (every auto
     call on a GPU resolves; args must be hashable). The key holds what the answer reads besides the call, so
     a replaced registry, priority or availability check (the tests') is a new key."""
-    key = (op, pass_, device, problem, args, PRIORITY, id(_REGISTRY), unavailable)
+    key = (op, pass_, device, problem, args, *state())
     if (found := _candidates_seen.get(key)) is None:
         impls = implementations(op, pass_)
         found = [b for b in PRIORITY if b in impls and not reasons(op, pass_, b, device, problem, args)]
@@ -230,7 +262,5 @@ def resolve(
             from ._tune import choose
 
             chosen = choose(op, pass_, device, candidates, runner, inputs)
-    if not _timing:
-        key = (op, pass_, chosen)
-        _chosen[key] = _chosen.get(key, 0) + 1
+    count(op, pass_, chosen)
     return chosen

@@ -39,6 +39,8 @@ _warned: set[str] = set()
 _memo: dict[tuple, str] = {}  # (op, pass, GPU, candidates, _signature) -> choice: the hot path's one lookup
 _settled: dict[tuple, dict] = {}  # (op, pass, GPU, _signature) -> the Triton configuration choose_config settled on
 _fixed = threading.local()  # on: fixed_priority() (no table, no timing); force: tune() (timing despite TUNE=0)
+_plans: dict[tuple, tuple] = {}  # plan_key and dispatch state -> (call plan, the choices it counts)
+_unsettled = 0  # answers given without settling (nothing could be timed): a plan that took one is not kept
 
 
 @contextlib.contextmanager
@@ -150,6 +152,53 @@ def _signature(args: Sequence) -> tuple:
     return tuple(out)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_SCALARS = (int, float, str, bool, type(None))
+
+
+def plan_key(args: Sequence) -> tuple | None:
+    """A call's arguments as a call plan's key: each tensor by shape, strides, dtype, device and the 16-byte
+    alignment class of its data pointer (cuDNN's graphs and Triton's specializations read it), lists as tuples,
+    plain scalars as they are; None where an argument is none of those (a fake or subclassed tensor): such calls
+    are not planned."""
+    out = []
+    for a in args:
+        kind = type(a)
+        if kind in _PLAIN:
+            out.append((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15))
+        elif kind is list or kind is tuple:  # the conv geometry: ints (the bodies run on concrete calls)
+            out.append(tuple(a))
+        elif kind in _SCALARS:
+            out.append(a)
+        else:
+            return None
+    return tuple(out)
+
+
+def plan(op: str, args: Sequence, build: Callable[[], tuple]) -> tuple:
+    """build(): what an op's argument checks and dispatch decide for a call (output size, implementation, Triton
+    configuration), kept per call signature (plan_key(args)) and dispatch state, so that a later call with that
+    signature does neither: one lookup. The sixth H100 pass had an optimized L0's eager forward host-bound, about
+    20 ms of host time for 62 fused calls, slower than eager PyTorch; each call re-ran its checks, its dispatch
+    keys and the launchers' heuristics. A plan whose build met an unsettled answer (nothing could be timed:
+    capture, compile, LINATTN_TUNE=0 without a table entry) is not kept: it is asked again next call. Each call
+    that reuses a plan counts the choices the plan's build counted (auto_choices)."""
+    key = plan_key(args)
+    if key is None:
+        return build()
+    full = (op, key, *_backend.state(), _device_name, getattr(_fixed, "on", False))
+    if (kept := _plans.get(full)) is not None:
+        for choice in kept[1]:
+            _backend.count(*choice)
+        return kept[0]
+    before = _unsettled
+    with _backend.record() as counted:
+        built = build()
+    if _unsettled == before:
+        _plans[full] = (built, tuple(counted))
+    return built
+
+
 def cuda_median_ms(fn: Callable[[], object]) -> float:
     """Median GPU milliseconds of fn on the current stream (CUDA events), after a warm-up.
 
@@ -214,6 +263,8 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None) -> tuple[
         return chosen, True
     why_not = _cannot_time() or (None if enabled() else "LINATTN_TUNE=0")
     if why_not:
+        global _unsettled
+        _unsettled += 1
         if why_not == "capture" and "capture" not in _warned:
             _warned.add("capture")
             warnings.warn(
@@ -302,6 +353,7 @@ def reset() -> None:
         _tables.clear()
         _memo.clear()
         _settled.clear()
+        _plans.clear()
         _timings.clear()
         _warned.clear()
 

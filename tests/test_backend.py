@@ -1,5 +1,6 @@
 """Backend selection, optional dependencies and a cheap `import linattn`."""
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -173,3 +174,67 @@ def test_extension_load_failure_is_a_warning(monkeypatch):
         assert len(caught) == 1 and "\n" not in str(caught[0].message)
     finally:
         _extension.load_extension.cache_clear()
+
+
+def test_functional_calls_skip_the_dispatcher_only_where_nothing_needs_it(monkeypatch):
+    """An eager call on plain tensors with nothing the dispatcher adds runs the op's body from the functional
+    (linattn/ops/_common.py `direct`); autograd, autocast, dispatch modes, the profiler go through the op."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    conv_ops = importlib.import_module("linattn.ops.conv_bn_act")
+    callers, real = [], conv_ops._conv
+
+    def spy(*args, **kwargs):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv_ops, "_conv", spy)
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    with torch.no_grad():
+        y = linattn.conv_bn_act(x, w, padding=1, act="relu")
+    assert callers == ["conv_bn_act"]  # the functional itself
+    via_op = torch.ops.linattn.conv_bn_act(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None)
+    assert callers[-1] == "_conv_bn_act" and torch.equal(y, via_op)
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    needs_the_op = {
+        "autograd": (contextlib.nullcontext(), w.clone().requires_grad_()),
+        "autocast": (torch.autocast("cpu", dtype=torch.bfloat16), w),
+        "dispatch mode": (Seen(), w),
+        "profiler": (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]), w),
+    }
+    for name, (context, weight) in needs_the_op.items():
+        callers.clear()
+        with context:
+            linattn.conv_bn_act(x, weight, padding=1, act="relu")
+        assert callers == ["_conv_bn_act"], name
+
+
+def test_direct_declines_what_the_dispatcher_handles():
+    from linattn.ops._common import direct
+
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        assert direct(x, None, x)
+        assert not direct(torch.empty(2, device="meta"))
+        assert not direct(x, torch.randn(3).as_subclass(_Subclass))
+    with torch.enable_grad():
+        assert not direct(x, torch.randn(3, requires_grad=True))
+        assert direct(x, torch.randn(3))
+    seen = []
+
+    def probe(t):
+        seen.append(direct(t))
+        return t
+
+    torch.func.vmap(probe)(torch.randn(4, 3))
+    assert seen == [False]
+
+
+class _Subclass(torch.Tensor):
+    pass

@@ -235,3 +235,121 @@ def test_candidate_configurations_compile_before_timing(tuned):
     events.clear()
     assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,), compile_only) == configs[2]
     assert events == []  # a lookup: nothing compiles or runs
+
+
+# ---- call plans: an op call's checks and dispatch done once per call signature ----
+
+
+def _planner(built: list):
+    """A plan build that counts its runs and, as an op's would, resolves the toy op (counting auto's choice)."""
+
+    def build(runner, device, x):
+        def run():
+            built.append(1)
+            return ("plan", _resolve(runner, device, x))
+
+        return run
+
+    return build
+
+
+def test_a_plan_is_built_once_per_signature_and_state(tuned):
+    _, _, runner, device = tuned
+    built = []
+    build = _planner(built)
+    x = torch.zeros(4, 8)
+    assert _tune.plan("toy", (x, 2), build(runner, device, x)) == ("plan", "cuda")
+    assert _tune.plan("toy", (x, 2), build(runner, device, x)) == ("plan", "cuda")
+    assert len(built) == 1
+    _tune.plan("toy", (torch.zeros(4, 9), 2), build(runner, device, x))  # another shape
+    _tune.plan("toy", (x[:, 1:], 2), build(runner, device, x))  # other strides
+    flat = torch.zeros(40)
+    _tune.plan("toy", (flat[:32], 2), build(runner, device, x))
+    _tune.plan("toy", (flat[1:33], 2), build(runner, device, x))  # the same but for the pointer's alignment
+    _tune.plan("toy", (x.double(), 2), build(runner, device, x))  # another dtype
+    _tune.plan("toy", (x, 3), build(runner, device, x))  # another scalar
+    assert len(built) == 7
+    with linattn.backend("reference"):  # the backend set is part of the key
+        _tune.plan("toy", (x, 2), build(runner, device, x))
+    _backend.register("toy", "fwd", "cuda")  # so is the registry
+    _tune.plan("toy", (x, 2), build(runner, device, x))
+    assert len(built) == 9
+    _tune.reset()
+    _tune.plan("toy", (x, 2), build(runner, device, x))
+    assert len(built) == 10
+
+
+def test_a_plan_counts_its_choices_on_every_call(tuned):
+    _, _, runner, device = tuned
+    x = torch.zeros(3, 5)
+    build = _planner([])
+    _backend.auto_choices(reset=True)
+    for _ in range(3):
+        _tune.plan("toy", (x, 2), build(runner, device, x))
+    assert _backend.auto_choices(reset=True) == {"toy:fwd": {"cuda": 3}}
+    with _backend.uncounted():  # a reuse inside measured dispatch's timing is not what auto ran
+        _tune.plan("toy", (x, 2), build(runner, device, x))
+    assert _backend.auto_choices(reset=True) == {}
+
+
+def test_a_plan_built_inside_timing_still_counts_later_calls(tuned):
+    _, _, runner, device = tuned
+    x = torch.zeros(3, 7)
+    build = _planner([])
+    _backend.auto_choices(reset=True)
+    with _backend.uncounted():  # built by a candidate measured dispatch times (separable's unfused pair)
+        _tune.plan("toy", (x, 2), build(runner, device, x))
+    assert _backend.auto_choices(reset=True) == {}
+    _tune.plan("toy", (x, 2), build(runner, device, x))
+    assert _backend.auto_choices(reset=True) == {"toy:fwd": {"cuda": 1}}
+
+
+def test_an_outer_plan_does_not_keep_the_choices_of_calls_timed_in_its_build(tuned):
+    _, _, runner, device = tuned
+    x = torch.zeros(2, 3)
+    inner = _planner([])
+
+    def outer():
+        with _backend.uncounted():  # the build times a candidate that makes a call of its own
+            _tune.plan("toy", (x, 2), inner(runner, device, x))
+        _backend.count("outer", "fwd", "triton")
+        return "outer plan"
+
+    _backend.auto_choices(reset=True)
+    for _ in range(2):
+        assert _tune.plan("outer", (x,), outer) == "outer plan"
+    assert _backend.auto_choices(reset=True) == {"outer:fwd": {"triton": 2}}
+
+
+def test_an_unsettled_plan_is_asked_again(tuned, monkeypatch):
+    _, _, runner, device = tuned
+    monkeypatch.setattr(_tune, "_cannot_time", lambda: "capture")
+    built = []
+    x = torch.zeros(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            assert _tune.plan("toy", (x, 2), _planner(built)(runner, device, x)) == ("plan", "triton")
+    assert len(built) == 2  # nothing could be timed: the priority order's answer, not kept
+    monkeypatch.setattr(_tune, "_cannot_time", lambda: None)
+    for _ in range(2):
+        assert _tune.plan("toy", (x, 2), _planner(built)(runner, device, x)) == ("plan", "cuda")
+    assert len(built) == 3
+
+
+def test_calls_that_cannot_be_keyed_are_not_planned(tuned):
+    built = []
+
+    def build():
+        built.append(1)
+        return "plan"
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub = torch.zeros(3).as_subclass(Sub)
+    for _ in range(2):
+        _tune.plan("toy", (sub,), build)
+        _tune.plan("toy", (object(),), build)
+    assert len(built) == 4
+    assert _tune.plan_key((torch.zeros(2), [1, 2], None, "gelu", 1.5)) is not None

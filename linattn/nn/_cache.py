@@ -36,17 +36,20 @@ class EvalConstants(nn.Module):
         sources (they have no version counter) and for sources without storage (functorch transforms,
         tensor subclasses).
         """
-        live = [t for t in sources if t is not None]
-        if (
-            torch.compiler.is_compiling()
-            or any(t.is_inference() for t in live)
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in live))
-        ):
+        if torch.compiler.is_compiling():
             return compute()
-        try:
-            key = (settings, *((id(t), t.data_ptr(), t.dtype, t.device, t._version) for t in live))
+        grad = torch.is_grad_enabled()
+        key = [settings]
+        try:  # one pass, no generators: every eager forward of a fused block runs this (host time per call)
+            for t in sources:
+                if t is None:
+                    continue
+                if t.is_inference() or (grad and t.requires_grad):
+                    return compute()
+                key.append((id(t), t.data_ptr(), t.dtype, t.device, t._version))
         except RuntimeError:  # no storage: vmap'd parameters, DTensor
             return compute()
+        key = tuple(key)
         cached = self.__dict__.get(_SLOT)
         if cached is None or cached[0] != key:
             # normal tensors even under torch.inference_mode, so a later call with autograd on can use them

@@ -28,6 +28,34 @@ def new_feature_map(like: Tensor, channels: int, H: int | None = None, W: int | 
     return torch.empty((B, channels, H, W), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+_EAGER_DEVICES = ("cpu", "cuda")
+
+
+def direct(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether a functional call may run its op's Python body itself instead of through torch's dispatcher: an
+    eager call on plain CPU or CUDA tensors with nothing the dispatcher adds on top of the body: no autograd (no
+    tensor needs a gradient, or grad mode is off), no torch.compile, jit tracing, functorch transform, dispatch or
+    function mode (FakeTensor, op counters), autocast or profiler (which names the op). The body is what the
+    dispatcher would run (the op's CPU and CUDA kernels are one function), so the result is the same; the call
+    skips the custom op's layers, which cost more host time than a small conv's launch (benchmarks/bench_host.py)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
+        return False
+    c = torch._C
+    if (
+        c._len_torch_dispatch_stack()
+        or c._is_torch_function_mode_enabled()
+        or c._is_any_autocast_enabled()
+        or c._autograd._profiler_enabled()
+        or c._get_tracing_state() is not None
+        or c._functorch.peek_interpreter_stack() is not None
+    ):
+        return False
+    return x.device.type in _EAGER_DEVICES and all(t is None or type(t) in _PLAIN for t in (x, *tensors))
+
+
 def fail(op: str, arg: str, message: str, error: type[Exception] = ValueError):
     raise error(f"linattn.{op}: {arg} {message}")
 

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import choose_config
+from .._tune import choose_config, plan
 from ._autocast import register_autocast
-from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
+from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors
 from ._conv_bn_act_cudnn import backward_cuda, cuda_limit, cuda_ready, limit_call, run_cuda
 
 OP = "conv_bn_act"
@@ -117,45 +117,96 @@ def _reference_result(y: Tensor, out: Tensor) -> Tensor:
     return y if y.stride() == out.stride() else out.copy_(y)
 
 
-def _conv_fwd(
-    op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out, shuffle,
-    impl: str | None = None,
-):  # fmt: skip
-    """The fused block by implementation `impl` (None: the one dispatch chooses), written into out (the
-    reference may return its own result instead: `_reference_result`)."""
+def _packed_weight(x: Tensor, weight: Tensor) -> Tensor:
+    """weight as the implementations read it: K-contiguous for a channels_last x, read along contiguous channels
+    by Triton's 128-bit loads and by cuDNN's fused engines (optimize packs a model's weights once, so this copy
+    is for other callers)."""
     if x.stride(1) == 1 and weight.stride(1) != 1:
-        # channels_last x: K-contiguous weights, read along contiguous channels by Triton's 128-bit loads and by
-        # cuDNN's fused engines (optimize packs a model's weights once, so this copy is for other callers)
-        weight = weight.contiguous(memory_format=torch.channels_last)
-    if impl is None:
-        call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-        scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)
-        cudnn_call = limit_call(*call[1:], None if shuffle else out)  # what cuda_limit asks cuDNN
-        impl = resolve(op, "fwd", x.device, kernel_problem(x), (cudnn_call,), runner=scratch, inputs=(*call[1:], out))
-    if impl == "reference":
-        y = reference.conv_bn_act(
-            x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
-        )
-        return pixel_shuffle_into(y, out) if shuffle else _reference_result(y, out)
-    if impl == "cuda":
-        if not shuffle:
-            return run_cuda(
-                x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out
-            )
-        # cuDNN's graph does not store pixel-shuffled: the block, then the shuffle as one copy
-        y = run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, None,
-                     new_feature_map(x, weight.shape[0]))  # fmt: skip
-        return pixel_shuffle_into(y, out)
+        return weight.contiguous(memory_format=torch.channels_last)
+    return weight
+
+
+def _decide(op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out,
+            shuffle) -> tuple[str, dict | None]:  # fmt: skip
+    """(implementation, its Triton configuration or None) that dispatch picks for a call writing `out` (a tensor
+    laid out as the call's output)."""
+    weight = _packed_weight(x, weight)
+    call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+    scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)  # noqa: E731
+    cudnn_call = limit_call(*call[1:], None if shuffle else out)  # what cuda_limit asks cuDNN
+    impl = resolve(op, "fwd", x.device, kernel_problem(x), (cudnn_call,), runner=scratch, inputs=(*call[1:], out))
+    return impl, _triton_config(op, *call[1:], out, shuffle) if impl == "triton" else None
+
+
+def _triton_args(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual) -> tuple:
+    """The Triton launcher's arguments: its per-channel vectors contiguous."""
+    bias, post_scale, post_shift = (_contiguous(t) for t in (bias, post_scale, post_shift))
+    return x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual
+
+
+def _triton_config(op, *call_out_shuffle) -> dict:
+    """The Triton configuration measured dispatch settles on for a call (arguments as _conv_fwd's, then out and
+    shuffle)."""
     from ..kernels.conv_bn_act import conv_bn_act_fwd, fwd_configs
 
-    bias, post_scale, post_shift = (_contiguous(t) for t in (bias, post_scale, post_shift))
-    call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-    config = choose_config(
+    *args, out, shuffle = call_out_shuffle
+    call = _triton_args(*args)
+    x, weight, _, stride, padding, dilation, groups = call[:7]
+    return choose_config(
         op, "fwd", x.device, lambda: fwd_configs(x, weight, stride, padding, dilation, groups, shuffle),
         lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c), (*call, out),
         lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c, compile_only=True),
     )  # fmt: skip
-    return conv_bn_act_fwd(*call, out, shuffle, config)
+
+
+def _conv_fwd(
+    op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out, shuffle,
+    impl: str | None = None, config: dict | None = None,
+):  # fmt: skip
+    """The fused block by implementation `impl` (None: the one dispatch chooses) and, on Triton, configuration
+    `config` (None: the one measured dispatch settles on), written into out (the reference may return its own
+    result instead: `_reference_result`)."""
+    weight = _packed_weight(x, weight)
+    call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+    if impl is None:
+        impl, config = _decide(op, *call, out, shuffle)
+    if impl == "reference":
+        y = reference.conv_bn_act(*call)
+        return pixel_shuffle_into(y, out) if shuffle else _reference_result(y, out)
+    if impl == "cuda":
+        if not shuffle:
+            return run_cuda(*call, out)
+        # cuDNN's graph does not store pixel-shuffled: the block, then the shuffle as one copy
+        y = run_cuda(*call[:-1], None, new_feature_map(x, weight.shape[0]))
+        return pixel_shuffle_into(y, out)
+    from ..kernels.conv_bn_act import conv_bn_act_fwd
+
+    if config is None:
+        config = _triton_config(op, *call, out, shuffle)
+    return conv_bn_act_fwd(*_triton_args(*call), out, shuffle, config)
+
+
+def _output(x: Tensor, weight: Tensor, Ho: int, Wo: int, shuffle: bool) -> Tensor:
+    """A fresh output in x's memory format: (B, Cout, Ho, Wo), or pixel-shuffled (B, Cout/4, 2Ho, 2Wo)."""
+    if shuffle:
+        return new_feature_map(x, weight.shape[0] // 4, 2 * Ho, 2 * Wo)
+    return new_feature_map(x, weight.shape[0], Ho, Wo)
+
+
+def _conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual,
+          shuffle: bool = False, out: Tensor | None = None) -> Tensor:  # fmt: skip
+    """conv_bn_act's body (upsample_block's with shuffle, the separable pair's unfused convs with their out):
+    the argument checks and dispatch's decision, planned once per call signature (linattn/_tune.py `plan`),
+    then the run into out (a fresh output when None)."""
+    args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+
+    def build() -> tuple:
+        Ho, Wo = check_conv(op, *args)
+        return Ho, Wo, *_decide(op, *args, _output(x, weight, Ho, Wo, shuffle) if out is None else out, shuffle)
+
+    Ho, Wo, impl, config = plan(op, (*args, shuffle, out), build)
+    out = _output(x, weight, Ho, Wo, shuffle) if out is None else out
+    return _conv_fwd(op, *args, out, shuffle, impl, config)
 
 
 @torch.library.custom_op("linattn::conv_bn_act", mutates_args=(), device_types=("cpu", "cuda"))
@@ -172,10 +223,7 @@ def _conv_bn_act(
     post_shift: Tensor | None,
     residual: Tensor | None,
 ) -> Tensor:
-    Ho, Wo = check_conv(OP, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-    out = new_feature_map(x, weight.shape[0], Ho, Wo)
-    args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-    return _conv_fwd(OP, *args, out, shuffle=False)
+    return _conv(OP, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
 
 
 @_conv_bn_act.register_fake
@@ -264,6 +312,9 @@ _conv_bn_act.register_autograd(_grad, setup_context=_setup)
 
 
 def _pair(op: str, name: str, v) -> list[int]:
+    kind = type(v)
+    if (kind is tuple or kind is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return list(v)  # a module's geometry, on every call: no checks to run
     message = f"must be an int or a pair of ints, got {v!r}"
     try:
         if isinstance(v, (tuple, list)) and len(v) == 2:
@@ -320,7 +371,7 @@ def conv_bn_act(
             require_tensors(OP, **{name: t})
     if not isinstance(act, str):
         fail(OP, "act", f"must be a string, one of {ACTIVATIONS}, got {type(act).__name__}", TypeError)
-    return torch.ops.linattn.conv_bn_act(
+    args = (
         x,
         weight,
         bias,
@@ -333,6 +384,9 @@ def conv_bn_act(
         post_shift,
         residual,
     )
+    if direct(x, weight, bias, post_scale, post_shift, residual):
+        return _conv(OP, *args)
+    return torch.ops.linattn.conv_bn_act(*args)
 
 
 def fold_bn(conv: torch.nn.Module, bn: torch.nn.Module) -> tuple[Tensor, Tensor]:
@@ -377,13 +431,14 @@ def check_upsample(x, weight, bias, post_scale, post_shift, act) -> None:
 def _upsample_block(
     x: Tensor, weight: Tensor, bias: Tensor | None, post_scale: Tensor | None, post_shift: Tensor | None, act: str
 ) -> Tensor:
+    return _upsample(x, weight, bias, post_scale, post_shift, act)
+
+
+def _upsample(x, weight, bias, post_scale, post_shift, act) -> Tensor:
+    """upsample_block's body: its checks, then conv_bn_act's with the pixel shuffle in the store."""
     check_upsample(x, weight, bias, post_scale, post_shift, act)
-    H, W = x.shape[-2:]
-    out = new_feature_map(x, weight.shape[0] // 4, 2 * H, 2 * W)
     w4 = weight[:, :, None, None]
-    return _conv_fwd(
-        UPSAMPLE, x, w4, bias, [1, 1], [0, 0], [1, 1], 1, act, post_scale, post_shift, None, out, shuffle=True
-    )
+    return _conv(UPSAMPLE, x, w4, bias, [1, 1], [0, 0], [1, 1], 1, act, post_scale, post_shift, None, shuffle=True)
 
 
 @_upsample_block.register_fake
@@ -440,6 +495,8 @@ def upsample_block(
         weight = weight.flatten(1)
     if not isinstance(act, str):
         fail(UPSAMPLE, "act", f"must be a string, one of {ACTIVATIONS}, got {type(act).__name__}", TypeError)
+    if direct(x, weight, bias, post_scale, post_shift):
+        return _upsample(x, weight, bias, post_scale, post_shift, act)
     return torch.ops.linattn.upsample_block(x, weight, bias, post_scale, post_shift, act)
 
 
@@ -460,23 +517,27 @@ def check_separable(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, we
     return Ho, Wo
 
 
+def _separable_impl(call: tuple, out: Tensor) -> str:
+    """The implementation dispatch picks for the pair's call `call` writing `out`."""
+    x = call[0]
+    scratch = lambda b: _separable_fwd(*call, torch.empty_like(out), b)  # noqa: E731
+    return resolve(SEPARABLE, "fwd", x.device, kernel_problem(x), runner=scratch, inputs=(*call, out))
+
+
 def _separable_fwd(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual, out,
                    impl: str | None = None):  # fmt: skip
     """The fused pair by implementation `impl` (None: the one dispatch chooses), written into out (or the
     reference's own result: `_reference_result`)."""
-    call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual)
     if impl is None:
-        scratch = lambda b: _separable_fwd(*call, torch.empty_like(out), b)  # noqa: E731
-        impl = resolve(SEPARABLE, "fwd", x.device, kernel_problem(x), runner=scratch, inputs=(*call, out))
+        impl = _separable_impl((x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt,
+                                residual), out)  # fmt: skip
     if impl == "reference":
         # the pair unfused, each conv through conv_bn_act's own dispatch: PyTorch's two convs where the backend is
         # "reference" (and on CPU), each conv's fastest implementation under "auto" (the fifth H100 pass: the
         # pair on PyTorch's convs beat the fused kernel at every L0 shape, so MBConv's depthwise never reached
         # the row-sliding kernel, 1.87x PyTorch's alone)
-        C = x.shape[1]
-        mid = _conv_fwd(OP, x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None, None, None,
-                        new_feature_map(x, C, *out.shape[-2:]), shuffle=False)  # fmt: skip
-        return _conv_fwd(OP, mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, ps, pt, residual, out, shuffle=False)
+        mid = _conv(OP, x, dw_weight, dw_bias, stride, padding, dilation, x.shape[1], dw_act, None, None, None)
+        return _conv(OP, mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, ps, pt, residual, out=out)
     from ..kernels.conv_bn_act import separable_conv_bn_act_fwd
 
     dw_bias, bias, ps, pt = (_contiguous(t) for t in (dw_bias, bias, ps, pt))
@@ -501,9 +562,21 @@ def _separable_conv_bn_act(
     post_shift: Tensor | None,
     residual: Tensor | None,
 ) -> Tensor:
-    args = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale, post_shift)
-    Ho, Wo = check_separable(*args, residual)
-    return _separable_fwd(*args, residual, new_feature_map(x, weight.shape[0], Ho, Wo))
+    return _separable(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale,
+                      post_shift, residual)  # fmt: skip
+
+
+def _separable(*args) -> Tensor:
+    """separable_conv_bn_act's body: the argument checks and dispatch's decision, planned once per call signature
+    (as conv_bn_act's), then the run."""
+    x, weight = args[0], args[7]
+
+    def build() -> tuple:
+        Ho, Wo = check_separable(*args)
+        return Ho, Wo, _separable_impl(args, new_feature_map(x, weight.shape[0], Ho, Wo))
+
+    Ho, Wo, impl = plan(SEPARABLE, args, build)
+    return _separable_fwd(*args, new_feature_map(x, weight.shape[0], Ho, Wo), impl)
 
 
 @_separable_conv_bn_act.register_fake
@@ -591,10 +664,13 @@ def separable_conv_bn_act(
     for name, a in (("dw_act", dw_act), ("act", act)):
         if not isinstance(a, str):
             fail(SEPARABLE, name, f"must be a string, one of {ACTIVATIONS}, got {type(a).__name__}", TypeError)
-    return torch.ops.linattn.separable_conv_bn_act(
+    args = (
         x, dw_weight, dw_bias, _pair(SEPARABLE, "stride", stride), _pair(SEPARABLE, "padding", padding),
         _pair(SEPARABLE, "dilation", dilation), dw_act, weight, bias, act, post_scale, post_shift, residual,
     )  # fmt: skip
+    if direct(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual):
+        return _separable(*args)
+    return torch.ops.linattn.separable_conv_bn_act(*args)
 
 
 register_autocast("conv_bn_act", "lower", ("x", "weight", "bias", "residual"))

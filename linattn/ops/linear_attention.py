@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from ._autocast import register_autocast
-from ._common import as_int, check_eps, check_tensor, fail, kernel_problem, new_feature_map, require_tensors
+from ._common import as_int, check_eps, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors
 
 MAX_HEAD_DIM = 128  # both kernel backends keep a (D, E) state tile on chip
 
@@ -92,6 +92,12 @@ def attention_bwd(
 
 @torch.library.custom_op("linattn::relu_linear_attention", mutates_args=(), device_types=("cpu", "cuda"))
 def _relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
+    return _attention(q, k, v, eps)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
+    """relu_linear_attention's body (its CPU and CUDA kernel; the functional calls it directly where `direct`
+    allows)."""
     _check_qkv("relu_linear_attention", q, k, v, eps)
     out = q.new_empty((*q.shape[:3], v.shape[-1]))
     attention_fwd("relu_linear_attention", q, k, v, eps, out)
@@ -136,6 +142,11 @@ _relu_linear_attention.register_autograd(_grad_qkv, setup_context=_setup_qkv)
 
 @torch.library.custom_op("linattn::lite_mla_attention", mutates_args=(), device_types=("cpu", "cuda"))
 def _lite_mla_attention(qkv: Tensor, dim: int, eps: float) -> Tensor:
+    return _packed_attention(qkv, dim, eps)
+
+
+def _packed_attention(qkv: Tensor, dim: int, eps: float) -> Tensor:
+    """lite_mla_attention's body (as _attention's)."""
     _check_packed("lite_mla_attention", qkv, dim, eps)
     out = new_feature_map(qkv, qkv.shape[1] // 3)
     q, k, v = reference.split_packed_qkv(qkv, dim)
@@ -197,7 +208,10 @@ def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -
         every backend; float64 on the reference backend).
     """
     require_tensors("relu_linear_attention", q=q, k=k, v=v)
-    return torch.ops.linattn.relu_linear_attention(q, k, v, check_eps("relu_linear_attention", eps))
+    eps = check_eps("relu_linear_attention", eps)
+    if direct(q, k, v):
+        return _attention(q, k, v, eps)
+    return torch.ops.linattn.relu_linear_attention(q, k, v, eps)
 
 
 def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
@@ -216,7 +230,10 @@ def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
     """
     op = "lite_mla_attention"
     require_tensors(op, qkv=qkv)
-    return torch.ops.linattn.lite_mla_attention(qkv, as_int(op, "dim", dim), check_eps(op, eps))
+    dim, eps = as_int(op, "dim", dim), check_eps(op, eps)
+    if direct(qkv):
+        return _packed_attention(qkv, dim, eps)
+    return torch.ops.linattn.lite_mla_attention(qkv, dim, eps)
 
 
 register_autocast("relu_linear_attention", "promote", ("q", "k", "v"))

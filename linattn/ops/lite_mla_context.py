@@ -12,7 +12,7 @@ from .. import reference
 from .._backend import register, resolve
 from .._tune import choose_config
 from ._autocast import register_autocast
-from ._common import as_int, check_eps, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
+from ._common import as_int, check_eps, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 from .linear_attention import attention_fwd
 from .multiscale_aggregate import (
     aggregation_grads,
@@ -53,6 +53,11 @@ def _lite_mla_context(
     dw_biases: list[Tensor],
     pw_biases: list[Tensor],
 ) -> Tensor:
+    return _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
+
+
+def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases) -> Tensor:
+    """The op's body (its CPU and CUDA kernel; the functional calls it directly where `direct` allows)."""
     _check(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
     out = _output(qkv, heads, dim, len(dw_weights))
     call = (qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
@@ -140,16 +145,15 @@ def lite_mla_context(
     """
     require_tensors(OP, qkv=qkv)
     dw_weights, pw_weights = tensor_list(OP, "dw_weights", dw_weights), tensor_list(OP, "pw_weights", pw_weights)
-    return torch.ops.linattn.lite_mla_context(
-        qkv,
-        dw_weights,
-        pw_weights,
-        as_int(OP, "heads", heads),
-        as_int(OP, "dim", dim),
-        check_eps(OP, eps),
+    dw_biases, pw_biases = (
         bias_list(OP, "dw_biases", dw_biases, dw_weights),
         bias_list(OP, "pw_biases", pw_biases, pw_weights),
     )
+    args = (qkv, dw_weights, pw_weights, as_int(OP, "heads", heads), as_int(OP, "dim", dim), check_eps(OP, eps),
+            dw_biases, pw_biases)  # fmt: skip
+    if direct(qkv, *dw_weights, *pw_weights, *dw_biases, *pw_biases):
+        return _context(*args)
+    return torch.ops.linattn.lite_mla_context(*args)
 
 
 register_autocast(OP, "lower", ("qkv", "dw_weights", "pw_weights", "dw_biases", "pw_biases"))

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from ._autocast import register_autocast
-from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
+from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 
 OP = "multiscale_aggregate"
 MAX_GROUP_DIM = 128  # the kernels hold a (D x D) pointwise matrix on chip
@@ -93,6 +93,11 @@ def _multiscale_aggregate(
     dw_biases: list[Tensor],
     pw_biases: list[Tensor],
 ) -> Tensor:
+    return _aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
+
+
+def _aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases) -> Tensor:
+    """The op's body (its CPU and CUDA kernel; the functional calls it directly where `direct` allows)."""
     check_aggregation(OP, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
     out = new_feature_map(qkv, qkv.shape[1] * (1 + len(dw_weights)))
     aggregate_fwd(OP, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases, out)
@@ -232,14 +237,14 @@ def multiscale_aggregate(
     """
     require_tensors(OP, qkv=qkv)
     dw_weights, pw_weights = tensor_list(OP, "dw_weights", dw_weights), tensor_list(OP, "pw_weights", pw_weights)
-    return torch.ops.linattn.multiscale_aggregate(
-        qkv,
-        dw_weights,
-        pw_weights,
-        as_int(OP, "heads", heads),
+    dw_biases, pw_biases = (
         bias_list(OP, "dw_biases", dw_biases, dw_weights),
         bias_list(OP, "pw_biases", pw_biases, pw_weights),
     )
+    args = (qkv, dw_weights, pw_weights, as_int(OP, "heads", heads), dw_biases, pw_biases)
+    if direct(qkv, *dw_weights, *pw_weights, *dw_biases, *pw_biases):
+        return _aggregate(*args)
+    return torch.ops.linattn.multiscale_aggregate(*args)
 
 
 register_autocast(OP, "lower", ("qkv", "dw_weights", "pw_weights", "dw_biases", "pw_biases"))

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from ._autocast import register_autocast
-from ._common import as_int, check_tensor, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
+from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 
 OP = "upsample_sum"
 MAX_INPUTS = 3  # kernels/upsample_sum.py unrolls this many inputs
@@ -60,6 +60,11 @@ def _upsample_sum_fwd(inputs: list[Tensor], size: list[int], impl: str | None = 
 
 @torch.library.custom_op("linattn::upsample_sum", mutates_args=(), device_types=("cpu", "cuda"))
 def _upsample_sum(inputs: list[Tensor], size: list[int]) -> Tensor:
+    return _upsample_sum_body(inputs, size)
+
+
+def _upsample_sum_body(inputs: list[Tensor], size: list[int]) -> Tensor:
+    """The op's body (its CPU and CUDA kernel; the functional calls it directly where `direct` allows)."""
     check_upsample_sum(OP, inputs, size)
     return _upsample_sum_fwd(inputs, size)
 
@@ -99,7 +104,10 @@ def upsample_sum(inputs: list[Tensor], size) -> Tensor:
         fail(OP, "inputs", "needs at least one tensor")
     require_tensors(OP, **{f"inputs[{i}]": x for i, x in enumerate(inputs)})
     size = [size, size] if not isinstance(size, (list, tuple)) else list(size)
-    return torch.ops.linattn.upsample_sum(inputs, [as_int(OP, "size", s) for s in size])
+    size = [as_int(OP, "size", s) for s in size]
+    if direct(*inputs):
+        return _upsample_sum_body(inputs, size)
+    return torch.ops.linattn.upsample_sum(inputs, size)
 
 
 register_autocast(OP, "promote", ("inputs",))
