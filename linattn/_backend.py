@@ -15,6 +15,7 @@ running something else.
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,42 +109,42 @@ class Impl:
 _REGISTRY: dict[tuple[str, str], dict[str, Impl]] = {}
 _registered = 0  # registrations so far: part of every cached answer's key (a new implementation is a new answer)
 _chosen: dict[tuple[str, str, str], int] = {}  # (op, pass, backend) -> calls that auto sent there
-_timing = 0  # > 0 while measured dispatch times candidates: the calls nested in theirs are not what auto ran
-_recording: tuple[list, int] | None = None  # while a call plan is built: its choices, and _timing's level then
+# per thread: timing > 0 while measured dispatch times candidates (the calls nested in theirs are not what auto
+# ran); recording, while a call plan is built: its choices, and the timing level then
+_local = threading.local()
 
 
 @contextlib.contextmanager
 def uncounted():
     """Calls resolved inside the block stay out of auto_choices (measured dispatch timing a candidate that
     dispatches further: separable_conv_bn_act's unfused pair)."""
-    global _timing
-    _timing += 1
+    _local.timing = getattr(_local, "timing", 0) + 1
     try:
         yield
     finally:
-        _timing -= 1
+        _local.timing -= 1
 
 
 def count(op: str, pass_: str, backend: str) -> None:
     """One call that auto sent to `backend`: counted outside measured dispatch's timing, and listed for the call
     plan being built at this timing level (not for one whose candidate, timed, made the call)."""
-    key = (op, pass_, backend)
-    if not _timing:
+    key, timing, recording = (op, pass_, backend), getattr(_local, "timing", 0), getattr(_local, "recording", None)
+    if not timing:
         _chosen[key] = _chosen.get(key, 0) + 1
-    if _recording is not None and _recording[1] == _timing:
-        _recording[0].append(key)
+    if recording is not None and recording[1] == timing:
+        recording[0].append(key)
 
 
 @contextlib.contextmanager
 def record():
     """Within the block, the choices counted are also listed in the list it yields (a call plan keeps them, to
     count them again on each call that reuses it: linattn/_tune.py `plan`)."""
-    global _recording
-    previous, _recording = _recording, ([], _timing)
+    previous = getattr(_local, "recording", None)
+    _local.recording = ([], getattr(_local, "timing", 0))
     try:
-        yield _recording[0]
+        yield _local.recording[0]
     finally:
-        _recording = previous
+        _local.recording = previous
 
 
 def auto_choices(reset: bool = False) -> dict[str, dict[str, int]]:

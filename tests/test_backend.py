@@ -223,6 +223,9 @@ def test_direct_declines_what_the_dispatcher_handles():
         assert direct(x, None, x)
         assert not direct(torch.empty(2, device="meta"))
         assert not direct(x, torch.randn(3).as_subclass(_Subclass))
+        assert not direct(torch.randn(2, 3).to_sparse())  # the op's error names it; plan keys read strides
+        with torch.autograd.forward_ad.dual_level():
+            assert not direct(x)  # the dispatcher decides what a dual tensor's tangent gets
     with torch.enable_grad():
         assert not direct(x, torch.randn(3, requires_grad=True))
         assert direct(x, torch.randn(3))

@@ -34,12 +34,13 @@ _EAGER_DEVICES = ("cpu", "cuda")
 
 def direct(x: Tensor, *tensors: Tensor | None) -> bool:
     """Whether a functional call may run its op's Python body itself instead of through torch's dispatcher: an
-    eager call on plain CPU or CUDA tensors with nothing the dispatcher adds on top of the body: no autograd (no
-    tensor needs a gradient, or grad mode is off), no torch.compile, jit tracing, functorch transform, dispatch or
-    function mode (FakeTensor, op counters), autocast or profiler (which names the op). The body is what the
-    dispatcher would run (the op's CPU and CUDA kernels are one function), so the result is the same; the call
+    eager call on plain strided CPU or CUDA tensors with nothing the dispatcher adds on top of the body: no
+    autograd (no tensor needs a gradient, or grad mode is off; no forward-mode dual level), no torch.compile, jit
+    tracing, functorch transform, dispatch or function mode (FakeTensor, op counters, a default device), autocast
+    or profiler (which names the op). The body is what the dispatcher would run (the op's CPU and CUDA kernels are
+    one function, and no body returns an input, which the custom op checks), so the result is the same; the call
     skips the custom op's layers, which cost more host time than a small conv's launch (benchmarks/bench_host.py)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return False
@@ -53,7 +54,9 @@ def direct(x: Tensor, *tensors: Tensor | None) -> bool:
         or c._functorch.peek_interpreter_stack() is not None
     ):
         return False
-    return x.device.type in _EAGER_DEVICES and all(t is None or type(t) in _PLAIN for t in (x, *tensors))
+    return x.device.type in _EAGER_DEVICES and all(
+        t is None or (type(t) in _PLAIN and t.layout is torch.strided and not t.is_nested) for t in (x, *tensors)
+    )
 
 
 def fail(op: str, arg: str, message: str, error: type[Exception] = ValueError):

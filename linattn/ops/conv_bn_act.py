@@ -135,7 +135,9 @@ def _decide(op, x, weight, bias, stride, padding, dilation, groups, act, post_sc
     scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)  # noqa: E731
     cudnn_call = limit_call(*call[1:], None if shuffle else out)  # what cuda_limit asks cuDNN
     impl = resolve(op, "fwd", x.device, kernel_problem(x), (cudnn_call,), runner=scratch, inputs=(*call[1:], out))
-    return impl, _triton_config(op, *call[1:], out, shuffle) if impl == "triton" else None
+    # the configuration is planned where measured (a GPU); under the interpreter the launcher's heuristic, whose
+    # device description the host benchmark's stubs replace, is asked on every call
+    return impl, _triton_config(op, *call[1:], out, shuffle) if impl == "triton" and x.is_cuda else None
 
 
 def _triton_args(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual) -> tuple:
