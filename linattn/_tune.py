@@ -152,7 +152,7 @@ def _signature(args: Sequence) -> tuple:
     return tuple(out)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN = (torch.Tensor, torch.nn.Parameter)  # the tensor types plans key and functionals run directly
 _SCALARS = (int, float, str, bool, type(None))
 
 
@@ -164,7 +164,7 @@ def plan_key(args: Sequence) -> tuple | None:
     out = []
     for a in args:
         kind = type(a)
-        if kind in _PLAIN:
+        if kind in PLAIN:
             out.append((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15))
         elif kind is list or kind is tuple:  # the conv geometry: ints (the bodies run on concrete calls)
             out.append(tuple(a))

@@ -7,6 +7,7 @@ import operator
 import torch
 from torch import Tensor
 
+from .._tune import PLAIN
 from ..reference import channels_last
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,7 +29,6 @@ def new_feature_map(like: Tensor, channels: int, H: int | None = None, W: int | 
     return torch.empty((B, channels, H, W), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
 _EAGER_DEVICES = ("cpu", "cuda")
 
 
@@ -55,7 +55,7 @@ def direct(x: Tensor, *tensors: Tensor | None) -> bool:
     ):
         return False
     return x.device.type in _EAGER_DEVICES and all(
-        t is None or (type(t) in _PLAIN and t.layout is torch.strided and not t.is_nested) for t in (x, *tensors)
+        t is None or (type(t) in PLAIN and t.layout is torch.strided and not t.is_nested) for t in (x, *tensors)
     )
 
 
