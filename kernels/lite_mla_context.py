@@ -91,7 +91,7 @@ def _tap(
 def _aggregate(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS,
     KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, ROW_TAPS: tl.constexpr,
+    PRECISION: tl.constexpr, ROW_TAPS: tl.constexpr, TAP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """agg(x) = Wp (dwconv(x) + bd) + bp, an fp32 (BLOCK_N, BLOCK_D) tile of one group at positions (h, w), zero
     in rows outside. Pointers at the group's first channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and first row (WP_ptr).
@@ -102,7 +102,10 @@ def _aggregate(
     H100 pass had the one-pass kernel latency-bound, 2 programs of 8 warps per SM waiting on one tap's load at a
     time, at 2-8% of copy bandwidth; all KSIZE^2 taps unrolled spilled kilobytes in the gate: ptxas hoists every
     load). Else one tap's tile in registers at a time. The loop counts are known at run time only (TAPS = KSIZE^2):
-    ptxas unrolls a constant loop and hoists its loads."""
+    ptxas unrolls a constant loop and hoists its loads.
+    TAP_STAGES: the tap loop software-pipelined over that many stages (1: not): Triton turns the next taps' tile
+    loads into cp.async copies to shared memory (LDGSTS in the sm_90 SASS, channels_last), issued while the
+    current tap computes, so a program no longer waits on one tap's load at a time."""
     wp_t = _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D)  # fp32 [i, o] = Wp[o, i]
     acc = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
     # each tap's tile addresses are computed in the loop (a pointer tile hoisted out of it costs 16-50 registers
@@ -114,7 +117,7 @@ def _aggregate(
                 acc = _tap(acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, wp_t, r * KSIZE + c, r - PAD, c - PAD, h,
                            w, n_mask, offs_c, c_mask, H, W, KSIZE, TAP_MMA, UPCAST, PRECISION)  # fmt: skip
     else:
-        for t in range(TAPS):
+        for t in tl.range(TAPS, num_stages=TAP_STAGES):
             acc = _tap(acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, wp_t, t, t // KSIZE - PAD, t % KSIZE - PAD, h,
                        w, n_mask, offs_c, c_mask, H, W, KSIZE, TAP_MMA, UPCAST, PRECISION)  # fmt: skip
     if TAP_MMA:
@@ -137,7 +140,7 @@ def _kv_state(
     X_ptr, stride_xc, stride_xh, stride_xw, ck, WD_ptr, BD_ptr, WP_ptr, BP_ptr, n_lo, n_hi, H, W, D, TAPS,
     KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, WITH_RAW: tl.constexpr,
     TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROW_TAPS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TAP_STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """(S, z, S0, z0) over positions [n_lo, n_hi) of the head whose k group starts at channel ck: fp32 sums of
     relu(k)^T v and relu(k), aggregated (S, z) and over qkv itself (S0, z0, if WITH_RAW). k and v enter the
@@ -175,13 +178,13 @@ def _kv_state(
         k = _aggregate(
             X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * TAPS, BD_ptr + ck, WP_ptr + ck * D,
             BP_ptr + ck, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST,
-            PRECISION, ROW_TAPS,
+            PRECISION, ROW_TAPS, TAP_STAGES,
         )  # fmt: skip
         kr = _cast(tl.maximum(k, 0.0), dt, UPCAST)  # before v's taps: k held in the input dtype
         v = _aggregate(
             X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * TAPS, BD_ptr + cv, WP_ptr + cv * D,
             BP_ptr + cv, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST,
-            PRECISION, ROW_TAPS,
+            PRECISION, ROW_TAPS, TAP_STAGES,
         )  # fmt: skip
         s = _dot(tl.trans(kr), _cast(v, dt, UPCAST), s, UPCAST, PRECISION)
         z += tl.sum(kr.to(tl.float32), axis=0)
@@ -204,7 +207,7 @@ def _write_out(
     O_ptr, stride_oc, stride_oh, stride_ow, X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr,
     s, z, eps, n_lo, n_hi, H, W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
     AGGREGATE: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    ROW_TAPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_TAPS: tl.constexpr, TAP_STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Store relu(q) S / (relu(q) . z + eps) over positions [n_lo, n_hi) of one head, for q = agg(q) (AGGREGATE)
     or q itself; S and z fp32. Pointers at the head's first output channel and its q group (and the group's
@@ -221,7 +224,7 @@ def _write_out(
         if AGGREGATE:
             q = _aggregate(
                 X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask,
-                H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
+                H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, TAP_STAGES,
             )  # fmt: skip
         else:
             q = _tap_tile(X_ptr, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c, c_mask, H, W)
@@ -263,6 +266,7 @@ def _lite_mla_context_state_kernel(
     UPCAST: tl.constexpr,  # low-precision dots on fp32 copies (interpreter)
     PRECISION: tl.constexpr,
     ROW_TAPS: tl.constexpr,  # the taps unrolled (see _aggregate)
+    TAP_STAGES: tl.constexpr,  # the tap loop's pipeline stages (see _aggregate)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -275,7 +279,7 @@ def _lite_mla_context_state_kernel(
     s, z, s0, z0 = _kv_state(
         X_ptr + b * stride_xb, stride_xc, stride_xh, stride_xw, ck, WD_ptr, BD_ptr, WP_ptr, BP_ptr, n_lo,
         tl.minimum(n_lo + CHUNK, H * W), H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION,
-        ROW_TAPS, BLOCK_N, BLOCK_D,
+        ROW_TAPS, TAP_STAGES, BLOCK_N, BLOCK_D,
     )  # fmt: skip
     offs_c = tl.arange(0, BLOCK_D)
     part = pid_bh * SPLITS + pid_s
@@ -329,6 +333,7 @@ def _lite_mla_context_fwd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     ROW_TAPS: tl.constexpr,  # the taps unrolled (see _aggregate)
+    TAP_STAGES: tl.constexpr,  # the tap loop's pipeline stages (see _aggregate)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -343,7 +348,7 @@ def _lite_mla_context_fwd_kernel(
     if ONE_PASS:
         s, z, s0, z0 = _kv_state(
             X_ptr, stride_xc, stride_xh, stride_xw, cq + D, WD_ptr, BD_ptr, WP_ptr, BP_ptr, 0, N, H, W, D, TAPS,
-            KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, BLOCK_N, BLOCK_D,
+            KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, TAP_STAGES, BLOCK_N, BLOCK_D,
         )  # fmt: skip
     else:
         offs_c = tl.arange(0, BLOCK_D)
@@ -362,14 +367,17 @@ def _lite_mla_context_fwd_kernel(
             O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
             X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr, s0, z0, eps,
             n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, False, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
-            BLOCK_N, BLOCK_D,
+            TAP_STAGES, BLOCK_N, BLOCK_D,
         )  # fmt: skip
     _write_out(
         O_ptr + b * stride_ob + head * D * stride_oc, stride_oc, stride_oh, stride_ow, X_ptr + cq * stride_xc,
         stride_xc, stride_xh, stride_xw, WD_ptr + cq * TAPS, BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, s, z, eps,
         n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, True, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
-        BLOCK_N, BLOCK_D,
+        TAP_STAGES, BLOCK_N, BLOCK_D,
     )  # fmt: skip
+
+
+PIPELINED_TAPS = 3  # stages of a pipelined tap loop: the next two taps' tiles in flight behind the current one
 
 
 def context_config(
@@ -383,26 +391,34 @@ def context_config(
     maps, every LiteMLA stage; over 128 registers on sm_80, without spills). fp32 keeps IEEE fp32 products on
     FMAs, whose dot operands stay in registers: on a GPU 16-row tiles over 8 warps, and a register cap (ptxas
     otherwise trades a small spill for 64 registers on sm_80); the interpreter runs 64-row tiles. The loops are
-    not pipelined (num_stages=1): the programs of an SM hide each other's latency."""
+    not pipelined (num_stages=1, TAP_STAGES=1): the programs of an SM hide each other's latency (the fourth pass's
+    sweep; the pipelined tap loop is a measured candidate, context_configs)."""
     block_d = max(16, next_pow2(dim))
     if splits is None:
         splits = 1 if not dev.gpu or B * heads >= dev.sms else cdiv(2 * dev.sms, B * heads)
     cfg = dict(
-        BLOCK_N=64, BLOCK_D=block_d, TAP_MMA=low_precision, ROW_TAPS=False, num_warps=4, num_stages=1, splits=splits
-    )
+        BLOCK_N=64, BLOCK_D=block_d, TAP_MMA=low_precision, ROW_TAPS=False, TAP_STAGES=1, num_warps=4, num_stages=1,
+        splits=splits,
+    )  # fmt: skip
     if dev.gpu and not low_precision:
         cfg.update(BLOCK_N=16, num_warps=8, maxnreg=96)
     return cfg
 
 
-def context_configs(dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool) -> list[dict]:
+def context_configs(
+    dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool, channels_last: bool = True
+) -> list[dict]:
     """The configurations measured dispatch times for a call (linattn._tune.choose_config), the heuristic's
     first; on a GPU also:
     - fp16/bf16: the stencil the other way, FMA taps and one pointwise dot, 32-row tiles (64 spilled 24 bytes
       on sm_80 over NCHW maps, compile gate), split over N on 8 warps;
     - one pass: FMA taps (fp16/bf16 on 8 warps) with a kernel row's taps in flight together (ROW_TAPS: the
       split's state kernel spilled 8-16 bytes at k=5, compile gate);
-    - the other side of the one-pass / split-over-N choice (four splits), where the map has several row tiles.
+    - the other side of the one-pass / split-over-N choice (four splits), where the map has several row tiles;
+    - over channels_last maps (qkv's channels contiguous), each of those but the ROW_TAPS one with its tap loop
+      pipelined over PIPELINED_TAPS stages (TAP_STAGES: the unpipelined ones wait on one tap's load at a time;
+      pipelined, the sm_90 and sm_80 compiles issue cp.async copies for the tap tiles, without spills; over NCHW
+      maps the compile is the same as unpipelined: no copy is provably aligned). Not yet timed on a GPU.
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -422,7 +438,9 @@ def context_configs(dev: Device, B: int, heads: int, N: int, dim: int, low_preci
     other = context_config(dev, B, heads, N, dim, low_precision, 1 if first["splits"] > 1 else 4)
     if split_rows(N, other)[2] != split_rows(N, first)[2]:
         found.append(other)
-    return found
+    if not channels_last:
+        return found
+    return found + [dict(c, TAP_STAGES=PIPELINED_TAPS) for c in found if not c["ROW_TAPS"]]
 
 
 def lite_mla_context_fwd(

@@ -115,7 +115,8 @@ def _configs(case):
     out = [("interpreter", None)]
     for batch in (B, H100.sms):
         out += [
-            (f"gpu-candidate-B{batch}-{i}", c) for i, c in enumerate(context_configs(H100, batch, heads, H * W, D, low))
+            (f"gpu-candidate-B{batch}-{i}", c)
+            for i, c in enumerate(context_configs(H100, batch, heads, H * W, D, low, channels_last=case[8]))
         ]
     for splits in (1, 3):
         gpu = context_config(H100, B, heads, H * W, D, low, splits)
@@ -170,14 +171,19 @@ def test_context_config_one_pass_when_the_gpu_is_full():
 def test_context_configs_measured_on_a_gpu():
     """What measured dispatch times per call: the heuristic first, the stencil the other way (fp16/bf16), that
     stencil with a kernel row's taps unrolled (one pass only), the other side of the one-pass / split choice
-    where the map has several row tiles; the interpreter's alone."""
+    where the map has several row tiles, then each but the unrolled one with its tap loop pipelined; the
+    interpreter's alone."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.linear_attention import split_rows
-    from linattn.kernels.lite_mla_context import context_config, context_configs
+    from linattn.kernels.lite_mla_context import PIPELINED_TAPS, context_config, context_configs
 
     def kinds(B, N, low=True):
         configs = context_configs(H100, B, 16, N, 32, low)
-        return [(c["TAP_MMA"], c["ROW_TAPS"], split_rows(N, c)[2]) for c in configs]
+        unpipelined = [c for c in configs if c["TAP_STAGES"] == 1]
+        # then each of them but the unrolled one, with its tap loop pipelined
+        pipelined = [dict(c, TAP_STAGES=PIPELINED_TAPS) for c in unpipelined if not c["ROW_TAPS"]]
+        assert configs == unpipelined + pipelined and PIPELINED_TAPS > 1
+        return [(c["TAP_MMA"], c["ROW_TAPS"], split_rows(N, c)[2]) for c in unpipelined]
 
     assert context_configs(H100, 16, 16, 256, 32, True)[0] == context_config(H100, 16, 16, 256, 32, True)
     assert kinds(16, 256) == [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4)]  # L0, B16
@@ -187,6 +193,9 @@ def test_context_configs_measured_on_a_gpu():
     assert kinds(1, 256, low=False) == [(False, False, 16), (False, False, 1)]  # fp32: FMA taps (IEEE), 16-row tiles
     assert kinds(1, 49) == [(True, False, 1), (False, False, 2)]  # one 64-row tile: nothing to split (two of 32 rows)
     assert context_configs(INTERPRETER, 16, 16, 256, 32, True) == [context_config(INTERPRETER, 16, 16, 256, 32, True)]
+    assert context_config(H100, 16, 16, 256, 32, True)["TAP_STAGES"] == 1  # the heuristic: not pipelined
+    nchw = context_configs(H100, 16, 16, 256, 32, True, channels_last=False)  # nothing to pipeline: no duplicates
+    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True) if c["TAP_STAGES"] == 1]
 
 
 @pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])

@@ -79,9 +79,10 @@ def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_bia
 
         call = (*args, *biases)
         B, _, H, W = qkv.shape
+        low, channels_last = qkv.dtype != torch.float32, qkv.stride(1) == 1
         config = choose_config(
             OP, "fwd", qkv.device,
-            lambda: context_configs(device_of(qkv), B, heads, H * W, dim, qkv.dtype != torch.float32),
+            lambda: context_configs(device_of(qkv), B, heads, H * W, dim, low, channels_last),
             lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c), (*call, out),
             lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c, compile_only=True),
         )  # fmt: skip
