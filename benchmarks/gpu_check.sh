@@ -33,10 +33,11 @@
 #                           on its bare one)
 #   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at six shapes (one of each kind
 #                           and model), B16, bf16, replayed as CUDA graphs: the kernels' time, not the host's
-#   bench-e2e-xl1      225  as l0 (E2E_MODELS: the first model runs before check, the rest here)
 #   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
 #                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
-#                           the end-to-end steps); bench-multiscale and bench-linear-attention the same
+#                           the end-to-end steps); bench-multiscale and bench-linear-attention the same. Ahead
+#                           of XL1 (11 s on the seventh pass, which had no budget left for it after XL1)
+#   bench-e2e-xl1      225  as l0 (E2E_MODELS: the first model runs before check, the rest here)
 #   kernels             40  benchmarks/profile_kernels.py: the profiler's per-kernel view (time, registers,
 #                           shared memory, occupancy, bandwidth over the call's span) of the conv and LiteMLA
 #                           benchmarks' headline shapes, eager, triton and cuda
@@ -295,8 +296,8 @@ read -r -a MODELS <<< "$E2E_MODELS"
 e2e "${MODELS[0]}" # the GPU tests and the first model's numbers, then check and the conv kernels', then the rest
 step check "$B_CHECK" 0 "$PY" -m linattn check
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
-for model in "${MODELS[@]:1}"; do e2e "$model"; done
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
+for model in "${MODELS[@]:1}"; do e2e "$model"; done
 bench_args KERNELS_ARGS "${KERNELS[@]}"
 step kernels "$B_BENCH" 0 "$PY" benchmarks/profile_kernels.py --out "$RESULTS" "${ARGS[@]}"
 for tool in memcheck racecheck initcheck; do
