@@ -239,6 +239,33 @@ def test_cuda_graph_forward(case):
 
 
 @gpu
+def test_cuda_first_execution_under_graph_capture():
+    """A signature built (the registry's check) and first executed while a CUDA graph is being captured: no plan
+    timing there (its device sync would break the capture), the heuristics' plan is captured and replays right;
+    the first call outside capture times the plans then, and the plan it keeps is right too. The shape is this
+    test's alone (the graph cache is per process)."""
+    case = (1, 24, 40, 11, 11, 3, 1, 1, 1, "relu", True, True, True, torch.bfloat16, True)
+    x, w, b, s, t, r, geometry = _inputs(case, seed=3)
+    stride, pad, dil, groups, act = geometry
+    f64 = [None if v is None else v.double() for v in (x, w, b, s, t, r)]
+    ref = reference.conv_bn_act(f64[0], f64[1], f64[2], stride, pad, dil, groups, act, *f64[3:])
+    tol = tolerance(x.dtype, rel_err(_eager(x, w, b, s, t, r, geometry), ref))
+    out = _poisoned(x, ref)
+    _reason_or_fail(case, cudnn.signature(x, w, b, stride, pad, dil, groups, act, s, t, r, out))  # builds it
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # the first execution
+        torch.ops.linattn.conv_bn_act_fwd_cudnn(x, w, b, stride, pad, dil, groups, act, s, t, r, out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref, tol, "out (captured)")
+    for i in range(2):  # the first tunes, the second runs what it kept
+        out = _poisoned(x, ref)
+        torch.ops.linattn.conv_bn_act_fwd_cudnn(x, w, b, stride, pad, dil, groups, act, s, t, r, out)
+        torch.cuda.synchronize()
+        assert_close(out, ref, tol, f"out (call {i} after capture)")
+
+
+@gpu
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[7]], ids=_case_id)
 def test_cuda_forced_backend_runs_every_conv_form(case):
     """The functional op with backend "cuda" on cuDNN's graph, and dispatch's candidates include cuda for a conv

@@ -26,6 +26,11 @@
 // create_execution_plans (heuristics A, then fallback) -> check_support -> build_plans (the first
 // plan the heuristics rank that builds), and kept in a process-wide map with its workspace size,
 // or with cuDNN's message when a stage fails. A rejected signature stays rejected: nothing is retried.
+// Its first execution outside CUDA-graph capture times the heuristics' first kTunedPlans plans on the
+// call's own tensors (cudnn-frontend's autotune: a device sync, a few runs of each) and keeps the fastest
+// for good, as PyTorch's cudnn.benchmark does for its convs; LINATTN_TUNE=0 (measured dispatch off)
+// keeps the heuristics' plan. The eager baseline it is compared with runs PyTorch's default, the
+// heuristics' choice.
 // Execution is on torch's current stream with a cuDNN handle of torch's per-thread, per-device pool,
 // and the workspace comes from torch's caching allocator.
 //
@@ -47,6 +52,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cudnn/Handle.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -54,6 +60,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -141,7 +148,35 @@ struct Entry {
   std::shared_ptr<fe::graph::Graph> graph;
   int64_t workspace = 0;
   std::string error;
+  bool tuned = false;  // the plan timed against the others (or that could not be done): tune() ran
 };
+
+constexpr int64_t kTunedPlans = 6;  // heuristics-ranked plans timed at the first execution
+
+// Timing may run: not while a stream captures a CUDA graph (a device sync there breaks the capture),
+// not with LINATTN_TUNE=0 (linattn/_tune.py: measured dispatch off).
+bool may_tune() {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return false;
+  const char* env = std::getenv("LINATTN_TUNE");
+  return env == nullptr || std::string(env) != "0";
+}
+
+// The heuristics' first kTunedPlans plans built and timed on the call's tensors (pack), the fastest made
+// the one executed. Best effort: a plan that does not build or run is skipped, and a failed tune leaves
+// the heuristics' plan in place (cudnn-frontend reorders the plans only after a successful one).
+void tune(Entry& entry, cudnnHandle_t handle, std::unordered_map<int64_t, void*>& pack,
+          const at::TensorOptions& options) {
+  fe::graph::Graph& g = *entry.graph;
+  const int64_t count = std::min<int64_t>(g.get_execution_plan_count(), kTunedPlans);
+  int64_t built = 0;
+  for (int64_t i = 0; i < count; ++i) built += g.build_plan_at_index(i).is_good();
+  if (built < 2) return;  // nothing to choose between
+  const at::Tensor workspace =
+      at::empty({std::max<int64_t>(g.get_autotune_workspace_size(), 1)}, options.dtype(at::kByte));
+  if (g.autotune(handle, pack, workspace.data_ptr()).is_bad()) return;
+  int64_t size = 0;
+  if (g.get_workspace_size(size).is_good()) entry.workspace = size;
+}
 
 std::string one_line(std::string message) {
   std::replace(message.begin(), message.end(), '\n', ' ');
@@ -379,12 +414,17 @@ void conv_bn_act_fwd_cudnn(const at::Tensor& x, const at::Tensor& weight, const 
   if (sig.scale) pack[kScale] = post_scale->data_ptr();
   if (sig.shift) pack[kShift] = post_shift->data_ptr();
   if (sig.residual) pack[kResidual] = residual->data_ptr();
-  const at::Tensor workspace = at::empty({std::max<int64_t>(entry->workspace, 1)}, x.options().dtype(at::kByte));
   cudnnHandle_t handle = at::native::getCudnnHandle();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TORCH_CHECK(cudnnSetStream(handle, stream) == CUDNN_STATUS_SUCCESS, "linattn." CBA_OP
               " (cuda): cudnnSetStream failed");
   const std::lock_guard<std::mutex> lock(entry->mutex);
+  if (!entry->tuned && may_tune()) {
+    entry->tuned = true;  // one try: what it leaves is kept
+    tune(*entry, handle, pack, x.options());
+  }
+  // after tune(): the plan it keeps may want another workspace size
+  const at::Tensor workspace = at::empty({std::max<int64_t>(entry->workspace, 1)}, x.options().dtype(at::kByte));
   fe::error_t status = entry->graph->execute(handle, pack, workspace.data_ptr());
   TORCH_CHECK(status.is_good(), "linattn." CBA_OP " (cuda): cuDNN execute failed: ", one_line(status.get_message()));
 }
