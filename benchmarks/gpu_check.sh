@@ -37,7 +37,8 @@
 #                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
 #                           the end-to-end steps); bench-multiscale and bench-linear-attention the same. Ahead
 #                           of XL1 (11 s on the seventh pass, which had no budget left for it after XL1)
-#   bench-e2e-xl1      225  as l0 (E2E_MODELS: the first model runs before check, the rest here)
+#   bench-e2e-xl1      225  as l0 without compile (E2E_MODELS: the first model runs before check with compile, the
+#                           rest here without it)
 #   kernels             40  benchmarks/profile_kernels.py: the profiler's per-kernel view (time, registers,
 #                           shared memory, occupancy, bandwidth over the call's span) of the conv and LiteMLA
 #                           benchmarks' headline shapes, eager, triton and cuda
@@ -205,6 +206,9 @@ case $PROFILE in
         PRE=(--batch 16 1 --dtype bf16)
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--batch 16 --dtype bf16 --providers eager compile linattn linattn-graph)
+        # the later models without torch.compile (the seventh pass's XL1 took 86 s with it, past what the budget
+        # had left; the first model has the compile comparison)
+        E2E_REST=(--batch 16 --dtype bf16 --providers eager linattn linattn-graph)
         # the op benchmarks replayed as CUDA graphs: the kernels' time (the first H100 pass timed launches, host-bound
         # where the op is small: its Triton 1x1 conv ran 0.16 ms against eager's 0.045); the end-to-end steps time
         # both (linattn, linattn-graph)
@@ -219,6 +223,7 @@ case $PROFILE in
         PRE=(--batch 16 1 --dtype bf16)
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS-}"
         E2E=() # every provider, compile-max-autotune included
+        E2E_REST=()
         ALL=(eager compile compile-max-autotune triton cuda auto)
         LIN=(--batch 16 1 --max-autotune-batch 16 --providers "${ALL[@]}") # fp32, fp16, bf16; fwd and fwd+bwd
         MS=(--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers "${ALL[@]}")
@@ -233,6 +238,7 @@ case $PROFILE in
         PRE=(--batch 1 --dtype bf16 --arch 90) # no GPU: compiles for an H100 all the same
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--quick --providers eager linattn)
+        E2E_REST=("${E2E[@]}")
         LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick) UPS=(--quick)
         ;;
 esac
@@ -282,8 +288,8 @@ read -r -a PRE_MODELS <<< "$E2E_MODELS"
 step precompile "$B_PRE" 0 "$PY" -m linattn tune --compile-only --model "${PRE_MODELS[@]}" "${PRE[@]}"
 step pytest "$B_PYTEST" 0 "${PYTEST[@]}" "${PYTEST_SEL[@]}"
 
-e2e() { # e2e MODEL: the end-to-end benchmark of one model
-    bench_args E2E_BENCH_ARGS "${E2E[@]}"
+e2e() { # e2e MODEL DEFAULT...: the end-to-end benchmark of one model, DEFAULT its options unless E2E_BENCH_ARGS
+    bench_args E2E_BENCH_ARGS "${@:2}"
     local bound=$B_E2E
     [[ $1 == xl* ]] && bound=$((B_E2E * 3 / 2)) # 1024x1024 input: longer to compile and time
     step "bench-e2e-$1" "$bound" 0 "$PY" -m linattn bench --model "$1" --out "$RESULTS" "${ARGS[@]}"
@@ -293,11 +299,11 @@ bench() { # bench NAME ARGS_VAR SCRIPT DEFAULT...: one op benchmark
     step "bench-$1" "$B_BENCH" 0 "$PY" "benchmarks/$3" --out "$RESULTS" "${ARGS[@]}"
 }
 read -r -a MODELS <<< "$E2E_MODELS"
-e2e "${MODELS[0]}" # the GPU tests and the first model's numbers, then check and the conv kernels', then the rest
+e2e "${MODELS[0]}" "${E2E[@]}" # the GPU tests and the first model, then check and the conv kernels, then the rest
 step check "$B_CHECK" 0 "$PY" -m linattn check
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
-for model in "${MODELS[@]:1}"; do e2e "$model"; done
+for model in "${MODELS[@]:1}"; do e2e "$model" "${E2E_REST[@]}"; done
 bench_args KERNELS_ARGS "${KERNELS[@]}"
 step kernels "$B_BENCH" 0 "$PY" benchmarks/profile_kernels.py --out "$RESULTS" "${ARGS[@]}"
 for tool in memcheck racecheck initcheck; do

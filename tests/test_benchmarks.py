@@ -622,6 +622,9 @@ def test_gpu_check_dry_run_layout(tmp_path):
         names = tar.getnames()
     assert "./logs/check.log" in names and "./summary.txt" in names and "./gpu.txt" in names
     assert "--dtype bf16 --batch 16" in (work / "logs" / "bench-lite-mla.log").read_text()
+    # torch.compile in the first model's end to end only (quick profile)
+    assert "--providers eager compile linattn" in (work / "logs" / "bench-e2e-l0.log").read_text()
+    assert "--providers eager linattn linattn-graph" in (work / "logs" / "bench-e2e-xl1.log").read_text()
 
 
 def test_gpu_check_turns_the_cudnn_graph_off_when_its_probe_fails(tmp_path):

@@ -26,11 +26,11 @@
 // create_execution_plans (heuristics A, then fallback) -> check_support -> build_plans (the first
 // plan the heuristics rank that builds), and kept in a process-wide map with its workspace size,
 // or with cuDNN's message when a stage fails. A rejected signature stays rejected: nothing is retried.
-// Its first execution outside CUDA-graph capture times the heuristics' first kTunedPlans plans on the
-// call's own tensors (cudnn-frontend's autotune: a device sync, a few runs of each) and keeps the fastest
-// for good, as PyTorch's cudnn.benchmark does for its convs; LINATTN_TUNE=0 (measured dispatch off)
-// keeps the heuristics' plan. The eager baseline it is compared with runs PyTorch's default, the
-// heuristics' choice.
+// Its first execution outside CUDA-graph capture times the heuristics' first kTunedPlans plans (those
+// that build within kTuneBuildSeconds) on the call's own tensors (cudnn-frontend's autotune: a device
+// sync, a few runs of each) and keeps the fastest for good, as PyTorch's cudnn.benchmark does for its
+// convs; LINATTN_TUNE=0 (measured dispatch off) keeps the heuristics' plan. (The eager baseline the
+// benchmarks compare with runs PyTorch's default: the heuristics' choice.)
 // Execution is on torch's current stream with a cuDNN handle of torch's per-thread, per-device pool,
 // and the workspace comes from torch's caching allocator.
 //
@@ -59,6 +59,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -152,6 +153,9 @@ struct Entry {
 };
 
 constexpr int64_t kTunedPlans = 6;  // heuristics-ranked plans timed at the first execution
+// Building a plan of a runtime-fusion engine compiles its kernel (NVRTC, up to seconds): no plan is built
+// for the timing once this much time went into building them, so a model's first call stays bounded.
+constexpr double kTuneBuildSeconds = 1.0;
 
 // Timing may run: not while a stream captures a CUDA graph (a device sync there breaks the capture),
 // not with LINATTN_TUNE=0 (linattn/_tune.py: measured dispatch off).
@@ -169,7 +173,11 @@ void tune(Entry& entry, cudnnHandle_t handle, std::unordered_map<int64_t, void*>
   fe::graph::Graph& g = *entry.graph;
   const int64_t count = std::min<int64_t>(g.get_execution_plan_count(), kTunedPlans);
   int64_t built = 0;
-  for (int64_t i = 0; i < count; ++i) built += g.build_plan_at_index(i).is_good();
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < count; ++i) {
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > kTuneBuildSeconds) break;
+    built += g.build_plan_at_index(i).is_good();
+  }
   if (built < 2) return;  // nothing to choose between
   const at::Tensor workspace =
       at::empty({std::max<int64_t>(g.get_autotune_workspace_size(), 1)}, options.dtype(at::kByte));
@@ -423,9 +431,10 @@ void conv_bn_act_fwd_cudnn(const at::Tensor& x, const at::Tensor& weight, const 
     entry->tuned = true;  // one try: what it leaves is kept
     tune(*entry, handle, pack, x.options());
   }
-  // after tune(): the plan it keeps may want another workspace size
-  const at::Tensor workspace = at::empty({std::max<int64_t>(entry->workspace, 1)}, x.options().dtype(at::kByte));
-  fe::error_t status = entry->graph->execute(handle, pack, workspace.data_ptr());
+  // after tune(): the plan it keeps may want another workspace size; none allocated for a plan that needs none
+  at::Tensor workspace;
+  if (entry->workspace > 0) workspace = at::empty({entry->workspace}, x.options().dtype(at::kByte));
+  fe::error_t status = entry->graph->execute(handle, pack, workspace.defined() ? workspace.data_ptr() : nullptr);
   TORCH_CHECK(status.is_good(), "linattn." CBA_OP " (cuda): cuDNN execute failed: ", one_line(status.get_message()));
 }
 
