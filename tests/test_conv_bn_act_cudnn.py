@@ -242,8 +242,8 @@ def test_cuda_graph_forward(case):
 def test_cuda_first_execution_under_graph_capture():
     """A signature built (the registry's check) and first executed while a CUDA graph is being captured: no plan
     timing there (its device sync would break the capture), the heuristics' plan is captured and replays right;
-    the first call outside capture times the plans then, and the plan it keeps is right too. The shape is this
-    test's alone (the graph cache is per process)."""
+    the first call outside capture times the plans then, the plan it keeps is right too, and the captured graph
+    still replays right. The shape is this test's alone (the graph cache is per process)."""
     case = (1, 24, 40, 11, 11, 3, 1, 1, 1, "relu", True, True, True, torch.bfloat16, True)
     x, w, b, s, t, r, geometry = _inputs(case, seed=3)
     stride, pad, dil, groups, act = geometry
@@ -259,10 +259,14 @@ def test_cuda_first_execution_under_graph_capture():
     torch.cuda.synchronize()
     assert_close(out, ref, tol, "out (captured)")
     for i in range(2):  # the first tunes, the second runs what it kept
-        out = _poisoned(x, ref)
-        torch.ops.linattn.conv_bn_act_fwd_cudnn(x, w, b, stride, pad, dil, groups, act, s, t, r, out)
+        fresh = _poisoned(x, ref)
+        torch.ops.linattn.conv_bn_act_fwd_cudnn(x, w, b, stride, pad, dil, groups, act, s, t, r, fresh)
         torch.cuda.synchronize()
-        assert_close(out, ref, tol, f"out (call {i} after capture)")
+        assert_close(fresh, ref, tol, f"out (call {i} after capture)")
+    out.fill_(float("nan"))  # the captured plan still replays after the tune reordered the graph's plans
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref, tol, "out (replayed after the tune)")
 
 
 @gpu

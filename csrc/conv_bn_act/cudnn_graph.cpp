@@ -157,31 +157,48 @@ constexpr int64_t kTunedPlans = 6;  // heuristics-ranked plans timed at the firs
 // for the timing once this much time went into building them, so a model's first call stays bounded.
 constexpr double kTuneBuildSeconds = 1.0;
 
-// Timing may run: not while a stream captures a CUDA graph (a device sync there breaks the capture),
-// not with LINATTN_TUNE=0 (linattn/_tune.py: measured dispatch off).
-bool may_tune() {
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return false;
+constexpr int64_t kTuneWorkspace = int64_t{256} << 20;  // no plan needing more is timed (bytes)
+
+// Whether a graph's plans may be timed at all: not with LINATTN_TUNE=0 (linattn/_tune.py: measured dispatch
+// off), read when a graph's first execution comes.
+bool tuning_on() {
   const char* env = std::getenv("LINATTN_TUNE");
   return env == nullptr || std::string(env) != "0";
 }
 
-// The heuristics' first kTunedPlans plans built and timed on the call's tensors (pack), the fastest made
-// the one executed. Best effort: a plan that does not build or run is skipped, and a failed tune leaves
-// the heuristics' plan in place (cudnn-frontend reorders the plans only after a successful one).
+// Not now: a stream is capturing a CUDA graph (a device sync there breaks the capture).
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// The heuristics' first kTunedPlans plans built (within kTuneBuildSeconds, none needing over kTuneWorkspace
+// bytes or the heuristics' plan's) and timed on the call's tensors (pack), the fastest made the one executed.
+// Best effort: a plan that does not build or run is skipped. Each plan built makes itself the graph's
+// candidate in cudnn-frontend, so whatever keeps the tune from finishing (fewer than two plans, a failed run,
+// an allocation that throws) builds the heuristics' plan again, which makes it the candidate again.
 void tune(Entry& entry, cudnnHandle_t handle, std::unordered_map<int64_t, void*>& pack,
           const at::TensorOptions& options) {
   fe::graph::Graph& g = *entry.graph;
   const int64_t count = std::min<int64_t>(g.get_execution_plan_count(), kTunedPlans);
-  int64_t built = 0;
+  g.deselect_workspace_greater_than(std::max(entry.workspace, kTuneWorkspace));
+  int64_t built = 0, heuristics = -1;  // the first that builds: the heuristics' plan (build_plans took it)
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < count; ++i) {
     if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > kTuneBuildSeconds) break;
-    built += g.build_plan_at_index(i).is_good();
+    if (!g.build_plan_at_index(i).is_good()) continue;
+    if (heuristics < 0) heuristics = i;
+    ++built;
   }
-  if (built < 2) return;  // nothing to choose between
-  const at::Tensor workspace =
-      at::empty({std::max<int64_t>(g.get_autotune_workspace_size(), 1)}, options.dtype(at::kByte));
-  if (g.autotune(handle, pack, workspace.data_ptr()).is_bad()) return;
+  bool tuned = false;
+  if (built >= 2) {
+    try {
+      const at::Tensor workspace =
+          at::empty({std::max<int64_t>(g.get_autotune_workspace_size(), 1)}, options.dtype(at::kByte));
+      tuned = g.autotune(handle, pack, workspace.data_ptr()).is_good();
+    } catch (const std::exception&) {  // the workspace's allocation: run the heuristics' plan instead
+    }
+  }
+  if (!tuned && heuristics >= 0) g.build_plan_at_index(heuristics);  // the candidate again (already built)
   int64_t size = 0;
   if (g.get_workspace_size(size).is_good()) entry.workspace = size;
 }
@@ -427,9 +444,9 @@ void conv_bn_act_fwd_cudnn(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(cudnnSetStream(handle, stream) == CUDNN_STATUS_SUCCESS, "linattn." CBA_OP
               " (cuda): cudnnSetStream failed");
   const std::lock_guard<std::mutex> lock(entry->mutex);
-  if (!entry->tuned && may_tune()) {
+  if (!entry->tuned && (!tuning_on() || !capturing())) {
     entry->tuned = true;  // one try: what it leaves is kept
-    tune(*entry, handle, pack, x.options());
+    if (tuning_on()) tune(*entry, handle, pack, x.options());
   }
   // after tune(): the plan it keeps may want another workspace size; none allocated for a plan that needs none
   at::Tensor workspace;
