@@ -378,6 +378,10 @@ def _lite_mla_context_fwd_kernel(
 
 
 PIPELINED_TAPS = 3  # stages of a pipelined tap loop: the next two taps' tiles in flight behind the current one
+# The largest map a one-pass program takes as one tile (fp16/bf16 tensor-core stencil, 8 warps): each tap's
+# D x D matrix is then formed once per program instead of once per tile, and its dot is 256 rows deep. At 256
+# rows the sm_90 compile is 191 registers, no spill (4 warps spilled 72 bytes).
+WHOLE_MAP_ROWS = 256
 
 
 def context_config(
@@ -415,6 +419,7 @@ def context_configs(
     - one pass: FMA taps (fp16/bf16 on 8 warps) with a kernel row's taps in flight together (ROW_TAPS: the
       split's state kernel spilled 8-16 bytes at k=5, compile gate);
     - the other side of the one-pass / split-over-N choice (four splits), where the map has several row tiles;
+    - fp16/bf16, one pass, a map of at most WHOLE_MAP_ROWS positions: the whole map as one tile on 8 warps;
     - over channels_last maps (qkv's channels contiguous), each of those but the ROW_TAPS one with its tap loop
       pipelined over PIPELINED_TAPS stages (TAP_STAGES: the unpipelined ones wait on one tap's load at a time;
       pipelined, the sm_90 and sm_80 compiles issue cp.async copies for the tap tiles, without spills; over NCHW
@@ -438,6 +443,9 @@ def context_configs(
     other = context_config(dev, B, heads, N, dim, low_precision, 1 if first["splits"] > 1 else 4)
     if split_rows(N, other)[2] != split_rows(N, first)[2]:
         found.append(other)
+    whole = next_pow2(N)
+    if low_precision and first["splits"] == 1 and first["BLOCK_N"] < whole <= WHOLE_MAP_ROWS:
+        found.append(dict(first, BLOCK_N=whole, num_warps=8))
     if not channels_last:
         return found
     return found + [dict(c, TAP_STAGES=PIPELINED_TAPS) for c in found if not c["ROW_TAPS"]]

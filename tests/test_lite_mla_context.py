@@ -171,11 +171,11 @@ def test_context_config_one_pass_when_the_gpu_is_full():
 def test_context_configs_measured_on_a_gpu():
     """What measured dispatch times per call: the heuristic first, the stencil the other way (fp16/bf16), that
     stencil with a kernel row's taps unrolled (one pass only), the other side of the one-pass / split choice
-    where the map has several row tiles, then each but the unrolled one with its tap loop pipelined; the
-    interpreter's alone."""
+    where the map has several row tiles, the whole map as one tile (one pass, at most WHOLE_MAP_ROWS positions),
+    then each but the unrolled one with its tap loop pipelined; the interpreter's alone."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.linear_attention import split_rows
-    from linattn.kernels.lite_mla_context import PIPELINED_TAPS, context_config, context_configs
+    from linattn.kernels.lite_mla_context import PIPELINED_TAPS, WHOLE_MAP_ROWS, context_config, context_configs
 
     def kinds(B, N, low=True):
         configs = context_configs(H100, B, 16, N, 32, low)
@@ -186,7 +186,11 @@ def test_context_configs_measured_on_a_gpu():
         return [(c["TAP_MMA"], c["ROW_TAPS"], split_rows(N, c)[2]) for c in unpipelined]
 
     assert context_configs(H100, 16, 16, 256, 32, True)[0] == context_config(H100, 16, 16, 256, 32, True)
-    assert kinds(16, 256) == [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4)]  # L0, B16
+    # L0, B16; last the whole 16x16 map as one tile (8 warps)
+    assert kinds(16, 256) == [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4), (True, False, 1)]
+    whole = context_configs(H100, 16, 16, 256, 32, True)[4]
+    assert (whole["BLOCK_N"], whole["num_warps"]) == (WHOLE_MAP_ROWS, 8)
+    assert all(c["BLOCK_N"] < 1024 for c in context_configs(H100, 16, 16, 1024, 32, True))  # XL1's 32x32: no
     assert kinds(16, 256, low=False) == [(False, False, 1), (False, True, 1), (False, False, 4)]
     # batch 1: the split first (FMA taps: 32-row tiles), and no unrolled taps (split)
     assert kinds(1, 256) == [(True, False, 4), (False, False, 8), (True, False, 1)]
