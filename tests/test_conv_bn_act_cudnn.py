@@ -120,6 +120,31 @@ def test_signature_of_a_fresh_out_is_that_of_new_feature_map():
             assert cudnn.signature(*call, None) == cudnn.signature(*call, new_feature_map(x, 12)), (shape, fmt)
 
 
+def test_graph_vectors_are_converted_once_per_version():
+    """The fp32, aligned copy of a per-channel vector the graph takes is made once and reused while the vector is
+    unchanged (a cast launch saved per call), made again after an in-place change, dropped with its vector; an
+    fp32 vector already as the graph takes it is itself, and an inference tensor is converted every call."""
+    import gc
+
+    vector = torch.randn(40, dtype=torch.bfloat16)
+    first = cudnn.graph_vector(vector)
+    assert first.dtype == torch.float32 and first.data_ptr() % 16 == 0 and torch.equal(first, vector.float())
+    assert cudnn.graph_vector(vector) is first
+    vector.mul_(2)
+    again = cudnn.graph_vector(vector)
+    assert again is not first and torch.equal(again, vector.float())
+    kept = len(cudnn._GRAPH_VECTORS)
+    del vector
+    gc.collect()
+    assert len(cudnn._GRAPH_VECTORS) == kept - 1
+    plain = torch.randn(40)
+    assert cudnn.graph_vector(plain) is plain and cudnn.graph_vector(None) is None
+    with torch.inference_mode():
+        inference = torch.randn(40, dtype=torch.float16)
+        assert torch.equal(cudnn.graph_vector(inference), inference.float())
+        assert cudnn.graph_vector(inference) is not cudnn.graph_vector(inference)
+
+
 def test_info_lists_the_cuda_backend_for_conv_bn_act(capsys):
     """`python -m linattn info` shows conv_bn_act's cuda column from the registry: on CPU only the device (or
     the build) keeps it from running, never a missing kernel."""

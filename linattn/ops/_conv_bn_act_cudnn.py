@@ -19,6 +19,7 @@ import os
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .._backend import get_backend
 from ._common import channels_last
@@ -162,11 +163,45 @@ def cuda_limit(call: tuple | None = None) -> str | None:
     return None
 
 
+def _as_graph_vector(v: Tensor) -> Tensor:
+    """v in an fp32 tensor of its own, contiguous and 16-byte aligned, as the graph's signature assumes."""
+    v = v.float().contiguous()
+    return v if v.data_ptr() % 16 == 0 else v.clone()
+
+
+# a per-channel vector -> (its version counter, _as_graph_vector of it); entries go with their vector
+_GRAPH_VECTORS = WeakTensorKeyDictionary()
+
+
+def graph_vector(v: Tensor | None) -> Tensor | None:
+    """_as_graph_vector(v), kept per vector while its version counter stays: the folded biases and BatchNorm
+    affines are the same tensors call after call, and their cast is a kernel launch per call (the seventh H100
+    pass: 54 casts per XL1 batch-1 forward, about 30 us of host time each). An fp32 vector that is already as
+    the graph wants it is itself (keeping it would keep it alive); an inference tensor has no version counter:
+    converted each call; so is every vector during CUDA-graph capture (a replay then casts the vector as it is
+    at that replay, and holds no pointer to a copy a later call could replace)."""
+    if v is None:
+        return None
+    if v.dtype == torch.float32 and v.is_contiguous() and v.data_ptr() % 16 == 0:
+        return v
+    if v.is_cuda and torch.cuda.is_current_stream_capturing():  # the cast captured: a replay casts it as it is
+        return _as_graph_vector(v)
+    try:
+        version = v._version
+    except RuntimeError:  # inference tensors (and tensors without storage) have no version counter
+        return _as_graph_vector(v)
+    if (kept := _GRAPH_VECTORS.get(v)) is not None and kept[0] == version:
+        return kept[1]
+    # a normal tensor even under torch.inference_mode, so that a later call outside it can use it
+    with torch.inference_mode(False), torch.no_grad():
+        graph = _as_graph_vector(v)
+    _GRAPH_VECTORS[v] = (version, graph)
+    return graph
+
+
 def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out) -> Tensor:
     """The forward into out on cuDNN's graph (dispatch has asked cuDNN: cuda_limit)."""
-    # the per-channel vectors in fp32 tensors of their own, 16-byte aligned, as the graph's signature assumes
-    b, s, t = (None if v is None else v.float().contiguous() for v in (bias, post_scale, post_shift))
-    b, s, t = (v if v is None or v.data_ptr() % 16 == 0 else v.clone() for v in (b, s, t))
+    b, s, t = (graph_vector(v) for v in (bias, post_scale, post_shift))
     xg, wg, rg = map(_graph_operand, (x, weight, residual))
     fresh = not _packed(out)  # the graph writes a packed tensor, copied into out after
     og = torch.empty_like(out, memory_format=_layout(out)) if fresh else _graph_operand(out)
