@@ -444,9 +444,11 @@ void conv_bn_act_fwd_cudnn(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(cudnnSetStream(handle, stream) == CUDNN_STATUS_SUCCESS, "linattn." CBA_OP
               " (cuda): cudnnSetStream failed");
   const std::lock_guard<std::mutex> lock(entry->mutex);
-  if (!entry->tuned && (!tuning_on() || !capturing())) {
+  if (!entry->tuned && !tuning_on()) {
+    entry->tuned = true;  // LINATTN_TUNE=0: the heuristics' plan for good
+  } else if (!entry->tuned && !capturing()) {
     entry->tuned = true;  // one try: what it leaves is kept
-    if (tuning_on()) tune(*entry, handle, pack, x.options());
+    tune(*entry, handle, pack, x.options());
   }
   // after tune(): the plan it keeps may want another workspace size; none allocated for a plan that needs none
   at::Tensor workspace;
