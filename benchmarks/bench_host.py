@@ -55,6 +55,8 @@ import importlib
 import os
 import pkgutil
 import platform
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -621,3 +623,162 @@ def run(benchmark, op: str, variant: str):
 @pytest.mark.parametrize(("op", "variant"), PARAMS, ids=[f"{op}-{variant}" for op, variant in PARAMS])
 def test_host(benchmark, op, variant):
     run(benchmark, op, variant)
+
+
+# ---- one conv call layer by layer, on a device: python benchmarks/bench_host.py [--device cuda] [--out DIR] ----
+#
+# The end-to-end benchmark gives a forward's host time (host_b1_ms): the seventh H100 pass had an optimized L0 at
+# 17 ms against eager's 11 at batch 1 without CUDA graphs, 62 fused calls. The stubs above time linattn's Python on
+# a CPU; what a GPU's host adds (Triton's launch, cuDNN's execute, the dispatcher) needs the GPU's machine. So one
+# conv_bn_act call at B1 is timed there at each layer of its path, outermost first, each against the layer below.
+
+LAYER_X = (1, 64, 32, 32)  # a mid-size B1 map: its kernels take a few microseconds, the host more
+LAYER_CALLS, LAYER_REPEATS = 200, 15
+
+
+def _recording(module, name: str, seen: list):
+    """module.<name> (a Triton kernel) wrapped so that its launches are recorded in seen as (grid, args, kwargs)
+    and still run."""
+    kernel = getattr(module, name)
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, args, kwargs))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    return kernel, Recording()
+
+
+def layer_calls(device: torch.device, shape: tuple = LAYER_X) -> dict[str, tuple[Callable | None, str]]:
+    """name -> (call, what it runs), or (None, why it cannot run here): one conv_bn_act call (x of `shape`, bf16 on
+    a GPU, channels_last, a 3x3 conv to as many channels, BatchNorm, GELU(tanh)) at each layer of its host path,
+    and the eager ops it replaces. Triton's layers run on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+    from torch import nn
+
+    from linattn.ops import _conv_bn_act_cudnn as cudnn
+    from linattn.ops.conv_bn_act import OP
+
+    body = importlib.import_module("linattn.ops.conv_bn_act")._conv
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x = _randn(gen, *shape).to(device, dtype).contiguous(memory_format=cl)
+    C = shape[1]
+    conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+    bn = nn.BatchNorm2d(C, eps=1e-6)
+    bn.running_mean.normal_(generator=gen)
+    eager = nn.Sequential(conv, bn, nn.GELU(approximate="tanh")).eval().to(device, dtype).to(memory_format=cl)
+    module = linattn.optimize(eager, channels_last=True)
+    w, b = (t.detach() for t in linattn.fold_bn(eager[0], eager[1]))
+    w = w.to(dtype).contiguous(memory_format=cl)
+    geometry = ([1, 1], [1, 1], [1, 1], 1, "gelu_tanh")
+    call = (x, w, b.to(dtype), *geometry, None, None, None)
+    out = torch.empty_like(x)
+    calls = {
+        "eager": (lambda: eager(x), "nn.Conv2d, nn.BatchNorm2d (eval), nn.GELU: three aten ops"),
+        "aten-conv2d": (lambda: F.conv2d(x, w, padding=1), "F.conv2d alone: one aten op (PyTorch's cuDNN call)"),
+        "aten-empty_like": (lambda: torch.empty_like(x), "torch.empty_like(x): allocation, one aten op"),
+        "module": (lambda: module(x), "linattn.optimize(eager): the fused module, backend auto"),
+        "functional": (lambda: linattn.conv_bn_act(x, *call[1:]), "linattn.conv_bn_act, backend auto"),
+        "body": (lambda: body(OP, *call), "the op's Python body (checks planned, dispatch, launch), auto"),
+    }
+    for backend in ("triton", "cuda"):
+        why = _backend.unavailable(backend, device)
+        what = f"linattn.conv_bn_act under linattn.backend({backend!r})"
+
+        def forced(backend=backend):
+            with linattn.backend(backend):
+                return linattn.conv_bn_act(x, *call[1:])
+
+        calls[f"functional-{backend}"] = (None, why) if why else (forced, what)
+    if why := _backend.unavailable("triton", device):
+        calls["launcher-triton"] = calls["kernel-triton"] = (None, why)
+    else:
+        from linattn.kernels import conv_bn_act as kernels
+
+        cfg = kernels.fwd_configs(x, w, *geometry[:4])[0]
+        launcher = (*call[:-3], None, None, None, out, False, cfg)
+        calls["launcher-triton"] = (lambda: kernels.conv_bn_act_fwd(*launcher), f"the Triton launcher, {cfg}")
+        seen: list = []
+        kernel, recording = _recording(kernels, "_conv_bn_act_fwd_kernel", seen)
+        kernels._conv_bn_act_fwd_kernel = recording
+        try:
+            kernels.conv_bn_act_fwd(*launcher)
+        finally:
+            kernels._conv_bn_act_fwd_kernel = kernel
+        grid, args, kwargs = seen[-1]
+        what = f"Triton's launch alone: kernel[grid](...), the launcher's {len(args)} arguments, {len(kwargs)} keywords"
+        calls["kernel-triton"] = (lambda: kernel[grid](*args, **kwargs), what)
+    if why := _backend.unavailable("cuda", device) or cudnn.cuda_ready():
+        calls["run-cuda"] = calls["op-cudnn"] = (None, why)
+    else:
+        b32 = cudnn.graph_vector(b)
+        raw = getattr(torch.ops.linattn, cudnn.FWD)
+        calls["run-cuda"] = (lambda: cudnn.run_cuda(*call, out), "run_cuda: the graph's operands, then the op")
+        what = "torch.ops.linattn.conv_bn_act_fwd_cudnn alone: the dispatcher and linattn._C's graph execute"
+        calls["op-cudnn"] = (lambda: raw(x, w, b32, *geometry[:3], 1, "gelu_tanh", None, None, None, out), what)
+    return calls
+
+
+def time_layer(fn: Callable, device: torch.device, calls: int = LAYER_CALLS, repeats: int = LAYER_REPEATS):
+    """(host microseconds per call: the median over `repeats` of `calls` back-to-back calls, nothing waited on;
+    their interquartile range in percent; microseconds per call with the device's queue drained at the end).
+    The host's time while the device keeps up: at B1 its kernels take a few microseconds, and where the second
+    number is well above the first the device, not the host, set the pace."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for _ in range(20):
+        fn()
+    sync()
+    host, drained = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host.append((time.perf_counter() - start) / calls * 1e6)
+        sync()
+        drained.append((time.perf_counter() - start) / calls * 1e6)
+    q1, _, q3 = statistics.quantiles(host, n=4, method="inclusive")
+    median = statistics.median(host)
+    return median, 100 * (q3 - q1) / median, statistics.median(drained)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from linattn.benchmarks.common import environment, save_results
+
+    parser = argparse.ArgumentParser(description="one conv_bn_act call's host time, layer by layer")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="append the rows to OUT/host_layers.jsonl")
+    parser.add_argument("--calls", type=int, default=LAYER_CALLS)
+    parser.add_argument("--repeats", type=int, default=LAYER_REPEATS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(THREADS)
+    rows = []
+    print(f"{'layer':18s} {'host us':>9s} {'iqr %':>6s} {'drained us':>10s}  runs")
+    for name, (fn, what) in layer_calls(device).items():
+        row = {"bench": "host_layers", "layer": name, "runs": what, "shape": f"x {LAYER_X}, 3x3 conv"}
+        if fn is None:
+            print(f"{name:18s} {'-':>9s} {'':>6s} {'':>10s}  skipped: {what}")
+            rows.append({**row, "note": f"skipped: {what}"})
+            continue
+        try:
+            host_us, iqr_pct, drained_us = time_layer(fn, device, args.calls, args.repeats)
+        except Exception as err:  # one layer that cannot run does not stop the others
+            print(f"{name:18s} {'-':>9s} {'':>6s} {'':>10s}  failed: {type(err).__name__}: {err}")
+            rows.append({**row, "note": f"failed: {type(err).__name__}: {str(err)[:300]}"})
+            continue
+        print(f"{name:18s} {host_us:9.1f} {iqr_pct:6.1f} {drained_us:10.1f}  {what}")
+        timing = {"host_us": host_us, "iqr_pct": iqr_pct, "drained_us": drained_us, "calls": args.calls}
+        rows.append({**row, **timing, "repeats": args.repeats, "timer": "perf_counter (host)"})
+    if args.out:
+        path, _ = save_results(rows, args.out, "host_layers", environment(device))
+        print(f"rows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,9 @@
 #   bench-e2e-l0       150  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
 #                           each with its batch-1 latency (lat_b1_ms) and host time (host_b1_ms); no max-autotune
 #                           (the sixth H100 pass's L0 took 127 s, measured dispatch timing 146 choices)
+#   bench-host          60  benchmarks/bench_host.py: one B1 conv_bn_act call's host time at each layer of its path
+#                           (module, functional, body, forced backends, Triton's launcher, its bare launch, cuDNN's
+#                           op) against eager's ops: where the no-graph batch-1 forward's host time goes
 #   check              120  python -m linattn check: every op on every backend against the reference (a bare
 #                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
 #                           on its bare one)
@@ -300,6 +303,7 @@ bench() { # bench NAME ARGS_VAR SCRIPT DEFAULT...: one op benchmark
 }
 read -r -a MODELS <<< "$E2E_MODELS"
 e2e "${MODELS[0]}" "${E2E[@]}" # the GPU tests and the first model, then check and the conv kernels, then the rest
+step bench-host 60 0 "$PY" benchmarks/bench_host.py --out "$RESULTS"
 step check "$B_CHECK" 0 "$PY" -m linattn check
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"

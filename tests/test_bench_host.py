@@ -2,6 +2,8 @@
 every test id runs once, untimed, through the same function the benchmark uses, and the calls it times against
 each other compute the same thing."""
 
+import json
+
 import pytest
 import torch
 from utils import rel_err
@@ -44,3 +46,30 @@ def test_bench_host_runs(op, variant):
         assert result.shape == expected.shape and rel_err(result, expected) < 1e-5, (op, variant)
     if variant == "resolve-gpu":  # the simulated table answered, and is gone
         assert result == "triton" and bench_host.SIMULATED_GPU not in str(bench_host._tune._tables)
+
+
+def test_host_layers_run_and_agree():
+    """The layer-by-layer timing of one conv call (bench_host.main, a GPU pass step): every layer that runs here
+    (Triton's under the interpreter, at a small map) computes the call, the launcher's and the bare kernel launch's
+    into their shared output; the cuDNN layers say why they cannot run without a GPU."""
+    calls = bench_host.layer_calls(torch.device("cpu"), shape=(1, 8, 5, 7))
+    assert list(calls)[:6] == ["eager", "aten-conv2d", "aten-empty_like", "module", "functional", "body"]
+    expected = calls["eager"][0]()
+    for name in ("module", "functional", "body", "functional-triton"):
+        fn, what = calls[name]
+        assert fn is not None, (name, what)
+        assert rel_err(fn(), expected) < 1e-5, name
+    out = calls["launcher-triton"][0]()  # the output both write
+    for name in ("launcher-triton", "kernel-triton"):
+        out.fill_(float("nan"))
+        calls[name][0]()
+        assert rel_err(out, expected) < 1e-5, name
+    assert all(calls[name][0] is None and calls[name][1] for name in ("functional-cuda", "run-cuda", "op-cudnn"))
+
+
+def test_host_layers_main_writes_rows(tmp_path, capsys):
+    bench_host.main(["--device", "cpu", "--calls", "2", "--repeats", "2", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "host_layers.jsonl").read_text().splitlines()]
+    timed = {row["layer"] for row in rows if "host_us" in row}
+    assert {"eager", "module", "functional", "body"} <= timed and all(row["device"] for row in rows)
+    assert "skipped" in capsys.readouterr().out

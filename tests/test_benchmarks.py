@@ -612,8 +612,15 @@ def test_gpu_check_dry_run_layout(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"gpu_check.tar.gz", "summary.txt", "gpu.txt"} <= set(files), files
     summary = (out / "summary.txt").read_text()
-    steps = ["build", "info", "cudnn", "precompile", "pytest", "bench-e2e-l0", "check", "bench-conv-bn-act"]
-    steps += ["bench-lite-mla", "bench-e2e-xl1", "kernels", "sanitizer-memcheck", "bench-multiscale"]
+    steps = ["build", "info", "cudnn", "precompile", "pytest", "bench-e2e-l0", "bench-host", "check"]
+    steps += [
+        "bench-conv-bn-act",
+        "bench-lite-mla",
+        "bench-e2e-xl1",
+        "kernels",
+        "sanitizer-memcheck",
+        "bench-multiscale",
+    ]
     steps += ["bench-linear-attention", "bench-upsample-sum"]
     assert [line.split()[0] for line in summary.splitlines() if line.split() and line.split()[0] in steps] == steps
     assert "sanitizer-racecheck" not in summary  # opt-in

@@ -44,10 +44,10 @@ class EvalConstants(nn.Module):
             for t in sources:
                 if t is None:
                     continue
-                if t.is_inference() or (grad and t.requires_grad):
+                if grad and t.requires_grad:
                     return compute()
                 key.append((id(t), t.data_ptr(), t.dtype, t.device, t._version))
-        except RuntimeError:  # no storage: vmap'd parameters, DTensor
+        except RuntimeError:  # no version counter (inference tensors), no storage (vmap'd parameters, DTensor)
             return compute()
         key = tuple(key)
         cached = self.__dict__.get(_SLOT)

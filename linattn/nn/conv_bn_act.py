@@ -61,6 +61,16 @@ def _int_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
+def member(module: nn.Module, name: str):
+    """module.<name>, a parameter's or buffer's read from the module's own dicts first: every eval forward of a
+    fused block reads its folding sources, and nn.Module.__getattr__ costs about 0.4 us a read there (a
+    parametrized weight, a property of the module's class, takes the attribute path)."""
+    for members in (module._parameters, module._buffers):
+        if name in members:
+            return members[name]
+    return getattr(module, name)
+
+
 def fold_sources(conv: nn.Module | None, bn: nn.Module) -> list[Tensor | None]:
     """The tensors an eval-mode fold of `bn` (into `conv`, when given) depends on.
 
@@ -68,8 +78,8 @@ def fold_sources(conv: nn.Module | None, bn: nn.Module) -> list[Tensor | None]:
     without bumping their version counters, but the add_ on its counter bumps the counter's (so a
     BatchNorm shared with a module that runs in train mode is seen to change).
     """
-    conv_params = [] if conv is None else [conv.weight, conv.bias]
-    return conv_params + [bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.weight, bn.bias]
+    bn_state = [member(bn, n) for n in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")]
+    return bn_state if conv is None else [member(conv, "weight"), member(conv, "bias"), *bn_state]
 
 
 def cast_to(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -141,8 +151,8 @@ class ConvBNAct(EvalConstants):
         if order not in ORDERS:
             raise ValueError(f"linattn.nn.ConvBNAct: order must be one of {ORDERS}, got {order!r}")
         self.padding = _int_padding(conv)
-        self.conv = conv
-        self.norm = bn
+        self.add_module("conv", conv)
+        self.add_module("norm", bn)  # registered when None too: forward reads both from _modules
         self.act = activation_name(act)
         self.order = order
 
@@ -162,10 +172,10 @@ class ConvBNAct(EvalConstants):
         """(weight, bias, post_scale, post_shift) of the whole block as one conv_bn_act call on activations of
         `dtype` (the BatchNorm folded or turned into the affine, cached), or None when its BatchNorm uses batch
         statistics (train mode)."""
-        conv, bn = self.conv, self.norm
+        conv, bn = self._modules["conv"], self._modules["norm"]  # (nn.Module.__getattr__: see member)
         if bn is None:
-            return (*cast_to(dtype, conv.weight, conv.bias), None, None)
-        if self.training or bn.running_mean is None:
+            return (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), None, None)
+        if self.training or member(bn, "running_mean") is None:
             return None
         if self.order == "conv_bn_act":
             folded = self.eval_constants(
@@ -173,10 +183,10 @@ class ConvBNAct(EvalConstants):
             )
             return (*folded, None, None)
         scale, shift = self.eval_constants(fold_sources(None, bn), lambda: bn_affine(bn), (bn.eps,))
-        return (*cast_to(dtype, conv.weight, conv.bias), scale, shift)
+        return (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), scale, shift)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        conv, bn, act = self.conv, self.norm, self.act
+        conv, bn, act = self._modules["conv"], self._modules["norm"], self.act
         geometry = (conv.stride, self.padding, conv.dilation, conv.groups)
         # the conv's weight and bias follow the activation's dtype (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)
