@@ -46,6 +46,8 @@ their strides too. Products accumulate in fp32 (`input_precision="ieee"` for
 fp32 inputs, docs/design.md 8) and results are cast on store.
 """
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -867,35 +869,62 @@ def dw3_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) 
     return configs
 
 
-def _fwd_dw3(x, weight, epilogue: dict, vectors, res_t, out, cfg: dict, compile_only):
-    """The forward on _conv_bn_act_fwd_dw3_kernel (cfg: one of dw3_configs(), without its "dw3" key)."""
+def _or(t, like):
+    """t, or for an absent optional tensor any tensor of the call (its pointer is never read)."""
+    return like if t is None else t
+
+
+def _launch_dw3(x, weight, epilogue: dict, out, cfg: dict) -> Callable:
+    """The forward on _conv_bn_act_fwd_dw3_kernel (cfg: one of dw3_configs(), without its "dw3" key), prepared."""
     B, C, H, W = x.shape
     rows = cfg.pop("ROWS")
     tiles_h, tiles_w = cdiv(H, rows), cdiv(W, cfg["BLOCK_W"])
+    grid = (B * tiles_h * tiles_w, cdiv(C, cfg["BLOCK_C"]))
     flags = {k: v for k, v in epilogue.items() if k != "SHUFFLE"}  # the row kernel stores in place only
-    launcher(_conv_bn_act_fwd_dw3_kernel, (B * tiles_h * tiles_w, cdiv(C, cfg["BLOCK_C"])), compile_only)(
-        out, *out.stride(), x, *x.stride(), weight, weight.stride(0), *weight.stride()[2:], *vectors,
-        res_t, *res_t.stride(), C, H, W, rows, tiles_h, tiles_w, **flags, **cfg,
-    )  # fmt: skip
-    return out
+    os, xs, ws = out.stride(), x.stride(), (weight.stride(0), *weight.stride()[2:])
+    sizes = (C, H, W, rows, tiles_h, tiles_w)
+
+    def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
+        launcher(_conv_bn_act_fwd_dw3_kernel, grid, compile_only)(
+            out, *os, x, *xs, weight, *ws, _or(bias, weight), _or(post_scale, weight), _or(post_shift, weight),
+            *_residual(residual, out), *sizes, **flags, **cfg,
+        )  # fmt: skip
+        return out
+
+    return launch
 
 
-def _fwd_tma(x, weight, padding, dilation, Ho, Wo, epilogue: dict, vectors, res_t, out, cfg: dict, compile_only):
-    """The forward on _conv_bn_act_fwd_tma_kernel (cfg: one of tma_configs(), without its "tma" key)."""
+def _launch_tma(x, weight, padding, dilation, Ho, Wo, epilogue: dict, out, cfg: dict) -> Callable:
+    """The forward on _conv_bn_act_fwd_tma_kernel (cfg: one of tma_configs(), without its "tma" key), prepared; the
+    tensor descriptors are made per call (they hold the tensors' addresses)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     B, cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
     bh, bw, bn, bk = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    x_desc = TensorDescriptor(x, [B, H, W, cin], _desc_strides(x, (0, 2, 3, 1)), [1, bh, bw, bk])
-    w_desc = TensorDescriptor(weight, [Cout, KH, KW, cin], _desc_strides(weight, (0, 2, 3, 1)), [bn, 1, 1, bk])
+    x_desc = ([B, H, W, cin], _desc_strides(x, (0, 2, 3, 1)), [1, bh, bw, bk])
+    w_desc = ([Cout, KH, KW, cin], _desc_strides(weight, (0, 2, 3, 1)), [bn, 1, 1, bk])
     tiles_h, tiles_w = cdiv(Ho, bh), cdiv(Wo, bw)
-    launcher(_conv_bn_act_fwd_tma_kernel, (B * tiles_h * tiles_w, cdiv(Cout, bn)), compile_only)(
-        out, *out.stride(), x_desc, w_desc, *vectors, res_t, *res_t.stride(),
-        Cout, cin, Ho, Wo, tiles_h, tiles_w, *padding, *dilation,
-        KH=KH, KW=KW, **epilogue, **_precision(x), **cfg,
-    )  # fmt: skip
-    return out
+    grid = (B * tiles_h * tiles_w, cdiv(Cout, bn))
+    os = out.stride()
+    sizes = (Cout, cin, Ho, Wo, tiles_h, tiles_w, *padding, *dilation)
+    flags = dict(KH=KH, KW=KW, **epilogue, **_precision(x), **cfg)
+
+    def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
+        launcher(_conv_bn_act_fwd_tma_kernel, grid, compile_only)(
+            out, *os, TensorDescriptor(x, *x_desc), TensorDescriptor(weight, *w_desc),
+            _or(bias, weight), _or(post_scale, weight), _or(post_shift, weight), *_residual(residual, out),
+            *sizes, **flags,
+        )  # fmt: skip
+        return out
+
+    return launch
+
+
+def _residual(residual, out) -> tuple:
+    """The residual's pointer and strides as the kernels take them (out's for an absent one: never read)."""
+    r = _or(residual, out)
+    return (r, *r.stride())
 
 
 def conv_bn_act_fwd(
@@ -912,6 +941,20 @@ def conv_bn_act_fwd(
     second kernel sums before the epilogue; config["tma"]: the tensor-descriptor kernel (tma_configs());
     config["dw3"]: the row-sliding depthwise kernel (dw3_configs()).
     compile_only: compile the kernels this call launches, launch nothing."""
+    launch = fwd_launch(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out,
+                        shuffle, config)  # fmt: skip
+    return launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only)
+
+
+def fwd_launch(
+    x, weight, bias, stride, padding, dilation, groups: int, act: str, post_scale, post_shift, residual, out,
+    shuffle: bool = False, config: dict | None = None,
+) -> Callable:  # fmt: skip
+    """conv_bn_act_fwd for calls like this one, prepared: the geometry, configuration, grids, strides and flags
+    worked out once, into `launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False)`,
+    which launches the kernels on those tensors. They must be laid out as this call's (sizes, strides, dtypes and
+    devices, which optional ones are given; linattn/_tune.py `plan` keys a call so): the launch holds no tensor,
+    only what their layout decides. A call plan keeps it, so a planned call does no host work but the launch's."""
     B, _, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
@@ -922,31 +965,37 @@ def conv_bn_act_fwd(
         ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None, HAS_SCALE=post_scale is not None,
         HAS_SHIFT=post_shift is not None, HAS_RES=residual is not None, SHUFFLE=shuffle,
     )  # fmt: skip
-    vectors = [_present(t, weight)[0] for t in (bias, post_scale, post_shift)]
-    res_t = _present(residual, out)[0]
     if cfg.pop("tma", False):
-        return _fwd_tma(x, weight, padding, dilation, Ho, Wo, epilogue, vectors, res_t, out, cfg, compile_only)
+        return _launch_tma(x, weight, padding, dilation, Ho, Wo, epilogue, out, cfg)
     if cfg.pop("dw3", False):
-        return _fwd_dw3(x, weight, epilogue, vectors, res_t, out, cfg, compile_only)
+        return _launch_dw3(x, weight, epilogue, out, cfg)
     k_iters = KH * KW * cdiv(cin_g, cfg["BLOCK_K"])
     split = 1 if depthwise else max(1, min(cfg.pop("split", 1), k_iters))
     k_per_split = cdiv(k_iters, split)
     split = cdiv(k_iters, k_per_split)
     tiles_n = cdiv(cout_g, cfg["BLOCK_N"])
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]) if depthwise else groups * tiles_n, split)
-    parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
-    launcher(_conv_bn_act_fwd_kernel, grid, compile_only)(
-        out, *out.stride(), x, *x.stride(), weight, *weight.stride(), *vectors, res_t, *res_t.stride(), parts,
-        M, Cout, cin_g, cout_g, tiles_n, k_per_split, H, W, Ho, Wo, *stride, *padding, *dilation,
-        KH=KH, KW=KW, DEPTHWISE=depthwise, SPLIT_K=split > 1, **epilogue, **_precision(x), **cfg,
-    )  # fmt: skip
-    if split > 1:
-        block_m, block_n = 32, _pow2(Cout, 16, 128)
-        launcher(_conv_bn_act_splitk_epilogue_kernel, (cdiv(M, block_m), cdiv(Cout, block_n)), compile_only)(
-            out, *out.stride(), parts, *vectors, res_t, *res_t.stride(), M, Cout, split, Ho, Wo,
-            **epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-        )  # fmt: skip
-    return out
+    os, xs, ws = out.stride(), x.stride(), weight.stride()
+    sizes = (M, Cout, cin_g, cout_g, tiles_n, k_per_split, H, W, Ho, Wo, *stride, *padding, *dilation)
+    flags = dict(KH=KH, KW=KW, DEPTHWISE=depthwise, SPLIT_K=split > 1, **epilogue, **_precision(x), **cfg)
+    block_m, block_n = 32, _pow2(Cout, 16, 128)  # the split-K epilogue's tiles
+    sum_grid = (cdiv(M, block_m), cdiv(Cout, block_n))
+    sum_flags = dict(**epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+
+    def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
+        vectors = (_or(bias, weight), _or(post_scale, weight), _or(post_shift, weight))
+        res = _residual(residual, out)
+        parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
+        launcher(_conv_bn_act_fwd_kernel, grid, compile_only)(
+            out, *os, x, *xs, weight, *ws, *vectors, *res, parts, *sizes, **flags
+        )
+        if split > 1:
+            launcher(_conv_bn_act_splitk_epilogue_kernel, sum_grid, compile_only)(
+                out, *os, parts, *vectors, *res, M, Cout, split, Ho, Wo, **sum_flags
+            )
+        return out
+
+    return launch
 
 
 def separable_config(dev: Device, rows: int, channels: int, cout: int, low_precision: bool) -> dict:

@@ -199,6 +199,13 @@ def plan(op: str, args: Sequence, build: Callable[[], tuple]) -> tuple:
     return built
 
 
+def forget_plans() -> None:
+    """Drop every call plan. A plan keeps what the launchers' heuristics chose (a Triton configuration, a prepared
+    launch), from a device description the tests and the host benchmark replace (tests/conftest.py
+    `gpu_heuristics`): they drop the plans made under the other description on the way in and out."""
+    _plans.clear()
+
+
 def cuda_median_ms(fn: Callable[[], object]) -> float:
     """Median GPU milliseconds of fn on the current stream (CUDA events), after a warm-up.
 

@@ -456,11 +456,12 @@ def test_bench_e2e_host_profile_names_where_the_time_goes():
         for _ in range(2):
             slow_step()
 
-    ms, functions = bench_e2e.host_profile(call, torch.device("cpu"), top=3)
+    ms, functions = bench_e2e.host_profile(call, torch.device("cpu"), top=8)
     assert 8 <= ms < 200
     top = functions[0]
     assert "sleep" in top["function"] and top["calls"] == 2 and 8 <= top["own_ms"] < 200
-    assert len(functions) == 3 and any("slow_step" in f["function"] and f["calls"] == 2 for f in functions)
+    # slow_step's own time is a few microseconds, as the profiler's own calls' (ranked among them under load)
+    assert len(functions) <= 8 and any("slow_step" in f["function"] and f["calls"] == 2 for f in functions)
 
 
 def test_timing_statistics():

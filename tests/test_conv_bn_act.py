@@ -10,7 +10,7 @@ from torch import nn
 from utils import assert_close, cuda_may_decline, kernel_targets, rel_err, tolerance
 
 import linattn
-from linattn import reference
+from linattn import _tune, reference
 from linattn._backend import Unsupported, unavailable
 from linattn.nn import ConvBNAct
 from linattn.ops._conv_bn_act_cudnn import backward_cuda
@@ -1247,3 +1247,37 @@ def test_separable_bad_input():
         linattn.separable_conv_bn_act(x, dw, pw, residual=torch.randn(1, 4, 4, 4))
     with pytest.raises(ValueError, match="separable_conv_bn_act: act must be one of"):
         linattn.separable_conv_bn_act(x, dw, pw, act="tanh")
+
+
+@pytest.mark.parametrize("heuristics", ["interpreter", "h100"])
+def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
+    """A prepared launch (kernels/conv_bn_act.py fwd_launch, what a call plan keeps) holds no tensor: made from one
+    call's tensors, it computes any other call laid out alike (new data at new addresses, NaN-poisoned outputs),
+    also with H100's heuristics (the reduction split over programs, the split-K epilogue) and the optional tensors
+    present; and the op's planned calls (the second one reuses the plan) agree with the reference."""
+    from linattn.kernels.conv_bn_act import fwd_configs, fwd_launch
+
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    if heuristics == "h100":
+        request.getfixturevalue("gpu_heuristics")
+    case = (1, 24, 20, 5, 6, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
+    conv = ([1, 1], [1, 1], [1, 1], 1, "gelu_tanh")
+    first = make_conv(case, "cpu", seed=1)
+    x, w, b, s, t, r, _ = first
+    w = w.contiguous(memory_format=torch.channels_last)  # packed, as optimize packs it: the op prepares that
+    if heuristics == "h100":
+        assert fwd_configs(x, w, *conv[:4])[0].get("split", 1) > 1  # the split-K path is what runs
+    launch = fwd_launch(x, w, b, *conv, s, t, r, torch.empty_like(r))
+    with linattn.backend("triton"):
+        for seed in (2, 3):
+            x, w, b, s, t, r, eager_conv = make_conv(case, "cpu", seed=seed)
+            w = w.contiguous(memory_format=torch.channels_last)
+            ref = reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t, r))
+            tol = tolerance(x.dtype, rel_err(eager(x, w, b, s, t, r, eager_conv), ref))
+            out = torch.full_like(r, float("nan"))
+            assert launch(x, w, b, s, t, r, out) is out
+            assert_close(out, ref, tol, f"prepared launch, seed {seed}")
+            assert_close(linattn.conv_bn_act(x, w, b, 1, 1, 1, 1, "gelu_tanh", s, t, r), ref, tol, "op, planned")
+    plans = [kept[0] for key, kept in _tune._plans.items() if key[0] == "conv_bn_act" and key[1][0][0] == x.shape]
+    assert plans and all(plan[4] is not None for plan in plans)  # the op ran its plan's prepared launch

@@ -5,14 +5,16 @@
 //   y_s = Wp_s (dwconv_k(qkv) + bd_s) + bp_s   (kernels/multiscale_aggregate.py)
 // and output head (1+s)*heads + h is their ReLU linear attention (DESIGN 3.1):
 //   S = sum_n relu(k_n)^T v_n,  z = sum_n relu(k_n),  out_n = relu(q_n) S / (relu(q_n) . z + eps)
-// The aggregated tensor never reaches memory: per scale,
-//   state_kernel  grid (B*heads, chunks of spatial tiles): recomputes k, v tile by tile
-//                 (aggregate_tile.cuh) and reduces the chunk's S, z (in registers over a
-//                 tile, in its slot between tiles) -> fp32 partials, one slot per block
-//   out_kernel    same grid: sums the partials of its (b, h) in a fixed order (so results
-//                 are deterministic), recomputes q tile by tile and writes out
-// The heads over qkv itself (out[:, :heads*dim]) are not written here: the op's Python
-// side runs the plain attention op for them.
+// and the heads over qkv itself (out[:, :heads*dim]) are the same attention of q, k, v read as they
+// are. The aggregated tensor never reaches memory: per scale,
+//   state_kernel  grid (B*heads, chunks of spatial tiles, 2 for the first scale, else 1): recomputes
+//                 k, v tile by tile (aggregate_tile.cuh; blockIdx.z 0 of the first scale's grid reads
+//                 qkv's own heads instead) and reduces the chunk's S, z (in registers over a tile, in
+//                 its slot between tiles) -> fp32 partials, one slot per block
+//   out_kernel    same grid: sums the partials of its (b, h) in a fixed order (so results are
+//                 deterministic), recomputes q tile by tile and writes out
+// so every head of the output is written by this op's kernels, qkv's own heads in the first scale's
+// launches.
 //
 // Layout contract: qkv and out (B, *, H, W) with any strides; weights and biases
 // contiguous, qkv's dtype.
@@ -32,7 +34,30 @@ namespace {
 
 using namespace aggregate;
 
-// S (D x D, [d][e]) and z (D) of one chunk of tiles of head (b, h) -> parts slot (bh, chunk),
+// Whether this block serves qkv's own heads: blockIdx.z 0 of a grid with two (the first scale's).
+__device__ __forceinline__ bool raw_heads() { return blockIdx.z + 1 < gridDim.z; }
+
+// The (relu'd when RELU) tile of channel group c0: qkv's own for the raw heads (loaded as it is),
+// else its aggregation at this scale. Begins and ends with a barrier, as aggregate_tile.
+template <typename T, int K, bool RELU>
+__device__ __forceinline__ void source_tile(bool raw, float* tile, float* halo, const Map<const T>& x, int b, int c0,
+                                            int h0, int w0, const Geometry& g, const T* wd, const T* bd,
+                                            const T* wp, const T* bp, int k) {
+  if (raw) {
+    __syncthreads();  // the tile's previous readers are done
+    load_tile<T, RELU>(tile, x, b, c0, h0, w0, g);
+    __syncthreads();
+  } else {
+    aggregate_tile<T, K, RELU>(tile, halo, x, b, c0, h0, w0, g, wd, bd, wp, bp, k, Map<T>{});
+  }
+}
+
+// The fp32 partials of blocks (blockIdx.z, bh): `splits` slots of D * D + D.
+__device__ __forceinline__ int64_t parts_offset(int bh, int splits, int D) {
+  return (static_cast<int64_t>(blockIdx.z) * gridDim.x + bh) * splits * (D * D + D);
+}
+
+// S (D x D, [d][e]) and z (D) of one chunk of tiles of head (b, h) -> parts slot (z, bh, chunk),
 // where the running sums also wait between tiles (see gram_load).
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
@@ -44,16 +69,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   float* vs = ks + tile_floats(g.D);    // v tile [p][e]
 
   const int D = g.D;
+  const bool raw = raw_heads();
   const int b = blockIdx.x / heads, h = blockIdx.x % heads;
   const int ck = (3 * h + 1) * D, cv = ck + D;
-  float* part = parts + (static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (D * D + D);
+  float* part = parts + parts_offset(blockIdx.x, gridDim.y, D) + static_cast<int64_t>(blockIdx.y) * (D * D + D);
   int first, last;
   chunk_tiles(g, first, last);  // never empty (num_splits): every part gets written
   for (int t = first; t < last; ++t) {
     int h0, w0;
     tile_origin(g, t, h0, w0);
-    aggregate_tile<T, K, true>(ks, halo, x, b, ck, h0, w0, g, wd, bd, wp, bp, k, Map<T>{});
-    aggregate_tile<T, K, false>(vs, halo, x, b, cv, h0, w0, g, wd, bd, wp, bp, k, Map<T>{});
+    source_tile<T, K, true>(raw, ks, halo, x, b, ck, h0, w0, g, wd, bd, wp, bp, k);
+    source_tile<T, K, false>(raw, vs, halo, x, b, cv, h0, w0, g, wd, bd, wp, bp, k);
     GramAcc s;
     float z[kGram];
     if (t == first) {
@@ -66,12 +92,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
-// out (this scale's heads*D channels) of one chunk of tiles of head (b, h), from the
-// partial S, z of all `splits` chunks of (b, h).
+// out's channels c_out + [h*D, (h+1)*D) (this scale's heads; [h*D, (h+1)*D) for qkv's own) of one
+// chunk of tiles of head (b, h), from the partial S, z of all `splits` chunks of (b, h).
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    out_kernel(const Map<T> out, const float* parts, int splits, float eps, const Map<const T> x, const T* wd,
-               const T* bd, const T* wp, const T* bp, int k, int heads, const Geometry g) {
+    out_kernel(const Map<T> out, int c_out, const float* parts, int splits, float eps, const Map<const T> x,
+               const T* wd, const T* bd, const T* wp, const T* bp, int k, int heads, const Geometry g) {
   extern __shared__ float4 smem4[];
   const int D = g.D;
   float* halo = reinterpret_cast<float*>(smem4);
@@ -80,8 +106,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   float* z = st + D * (D + 1);          // [d]
   float* den = z + D;                   // [p]
 
+  const bool raw = raw_heads();
   const int b = blockIdx.x / heads, h = blockIdx.x % heads;
-  const float* src = parts + static_cast<int64_t>(blockIdx.x) * splits * (D * D + D);
+  const float* src = parts + parts_offset(blockIdx.x, splits, D);
   for (int i = threadIdx.x; i < D * D + D; i += kThreads) {
     float sum = 0.f;
     for (int s = 0; s < splits; ++s) sum += src[static_cast<int64_t>(s) * (D * D + D) + i];
@@ -99,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   for (int t = first; t < last; ++t) {
     int h0, w0;
     tile_origin(g, t, h0, w0);
-    aggregate_tile<T, K, true>(qs, halo, x, b, 3 * h * D, h0, w0, g, wd, bd, wp, bp, k, Map<T>{});
+    source_tile<T, K, true>(raw, qs, halo, x, b, 3 * h * D, h0, w0, g, wd, bd, wp, bp, k);
     const int Dq = opaque(D);  // (see opaque)
     for (int p = threadIdx.x; p < kTileP; p += kThreads) {
       float dot = 0.f;
@@ -121,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     __syncthreads();
     // out = relu(q) S / den, divided in the store: the IEEE division has a slow-path call,
     // which costs registers where the 64 accumulators are live, and few there
-    store_tile(out, b, h * D, h0, w0, g, qs, den);
+    store_tile(out, b, (raw ? 0 : c_out) + h * D, h0, w0, g, qs, den);
   }
 }
 
@@ -141,11 +168,13 @@ void forward(const at::Tensor& qkv, at::TensorList dw_weights, at::TensorList pw
   const int64_t B = qkv.size(0);
   const Geometry g = plan(B * heads, qkv.size(2), qkv.size(3), D);
   const int splits = num_splits(g);
-  const dim3 grid(static_cast<unsigned>(B * heads), static_cast<unsigned>(splits));
-  const at::Tensor parts = at::empty({B * heads * splits * (D * D + D)}, qkv.options().dtype(at::kFloat));
+  // the first scale's grids also serve qkv's own heads (blockIdx.z 0), with partials of their own
+  const at::Tensor parts = at::empty({2 * B * heads * splits * (D * D + D)}, qkv.options().dtype(at::kFloat));
   const Map<const T> x = make_map<const T>(qkv);
+  const Map<T> o = make_map<T>(out);
   for (size_t s = 0; s < dw_weights.size(); ++s) {
-    const Map<T> o = make_map<T>(out.narrow(1, (1 + static_cast<int64_t>(s)) * heads * D, heads * D));
+    const dim3 grid(static_cast<unsigned>(B * heads), static_cast<unsigned>(splits), s == 0 ? 2u : 1u);
+    const int c_out = static_cast<int>((1 + s) * heads * D);
     const int64_t k = dw_weights[s].size(3);
     const T* wd = reinterpret_cast<const T*>(dw_weights[s].data_ptr());
     const T* wp = reinterpret_cast<const T*>(pw_weights[s].data_ptr());
@@ -155,7 +184,7 @@ void forward(const at::Tensor& qkv, at::TensorList dw_weights, at::TensorList pw
       constexpr int K = decltype(kc)::value;
       launch(CTX_OP, state_kernel<T, K>, grid, SharedBytes<K>::state(g.D), parts.data_ptr<float>(), x, wd, bd, wp,
              bp, static_cast<int>(k), static_cast<int>(heads), g);
-      launch(CTX_OP, out_kernel<T, K>, grid, SharedBytes<K>::out(g.D), o,
+      launch(CTX_OP, out_kernel<T, K>, grid, SharedBytes<K>::out(g.D), o, c_out,
              static_cast<const float*>(parts.data_ptr<float>()), splits, eps, x, wd, bd, wp, bp,
              static_cast<int>(k), static_cast<int>(heads), g);
     });

@@ -163,8 +163,8 @@ __device__ __forceinline__ void tile_element(const Map<T>& m, int i, int channel
   }
 }
 
-// tile[p][c] = m(b, c0 + c, position p), zero outside the image.
-template <typename T>
+// tile[p][c] = m(b, c0 + c, position p) (its ReLU when RELU), zero outside the image.
+template <typename T, bool RELU = false>
 __device__ __forceinline__ void load_tile(float* tile, const Map<const T>& m, int b, int c0, int h0, int w0,
                                           const Geometry& geometry) {
   const Geometry g = opaque(geometry);
@@ -173,7 +173,8 @@ __device__ __forceinline__ void load_tile(float* tile, const Map<const T>& m, in
     int p, c;
     tile_element(m, i, g.D, p, c);
     const int h = h0 + p / kTileW, w = w0 + p % kTileW;
-    tile[p * ld + c] = h < g.H && w < g.W ? static_cast<float>(m.ptr[m.offset(b, c0 + c, h, w)]) : 0.f;
+    const float v = h < g.H && w < g.W ? static_cast<float>(m.ptr[m.offset(b, c0 + c, h, w)]) : 0.f;
+    tile[p * ld + c] = RELU ? relu(v) : v;
   }
 }
 

@@ -209,6 +209,22 @@ def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale
     return out.copy_(og) if fresh else out
 
 
+def cuda_launch(x, weight, stride, padding, dilation, groups: int, act: str, residual, out):
+    """run_cuda for every call laid out as this one (sizes, strides, dtypes, which optional tensors are given),
+    prepared: launch(x, weight, bias, post_scale, post_shift, residual, out) hands the tensors to the graph op
+    as they are; None where an operand needs a packed copy (run_cuda makes it, call by call)."""
+    if any(_graph_operand(t) is not t for t in (x, weight, residual, out)):
+        return None
+    fwd = getattr(torch.ops.linattn, FWD)
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, act)
+
+    def launch(x, weight, bias, post_scale, post_shift, residual, out):
+        fwd(x, weight, graph_vector(bias), *geometry, graph_vector(post_scale), graph_vector(post_shift), residual, out)
+        return out
+
+    return launch
+
+
 def _full_fp32(dtype: torch.dtype):
     """fp32 convs in full fp32 (docs/design.md 8), not the TF32 PyTorch lets cuDNN use by default; cuDNN's
     other settings as the caller has them."""

@@ -14,6 +14,8 @@ tensors runs the fastest measured of the implementations that take the call
 reference.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,7 @@ from .._backend import register, resolve
 from .._tune import choose_config, plan
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors
-from ._conv_bn_act_cudnn import backward_cuda, cuda_limit, cuda_ready, limit_call, run_cuda
+from ._conv_bn_act_cudnn import backward_cuda, cuda_launch, cuda_limit, cuda_ready, limit_call, run_cuda
 
 OP = "conv_bn_act"
 UPSAMPLE = "upsample_block"
@@ -135,9 +137,25 @@ def _decide(op, x, weight, bias, stride, padding, dilation, groups, act, post_sc
     scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)  # noqa: E731
     cudnn_call = limit_call(*call[1:], None if shuffle else out)  # what cuda_limit asks cuDNN
     impl = resolve(op, "fwd", x.device, kernel_problem(x), (cudnn_call,), runner=scratch, inputs=(*call[1:], out))
-    # the configuration is planned where measured (a GPU); under the interpreter the launcher's heuristic, whose
-    # device description the host benchmark's stubs replace, is asked on every call
-    return impl, _triton_config(op, *call[1:], out, shuffle) if impl == "triton" and x.is_cuda else None
+    return impl, _triton_config(op, *call[1:], out, shuffle) if impl == "triton" else None
+
+
+def _prepared(impl, config, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual,
+              out, shuffle) -> Callable | None:  # fmt: skip
+    """The run of a planned call on `impl`, prepared once for every call laid out as this one (on Triton
+    kernels/conv_bn_act.py `fwd_launch`, on cuDNN `cuda_launch`): launch(x, weight, bias, post_scale, post_shift,
+    residual, out). None where each call needs host work of its own (a weight or vector to copy, the reference,
+    cuDNN's pixel shuffle): _conv_fwd runs those."""
+    if _packed_weight(x, weight) is not weight:
+        return None
+    if impl == "triton" and all(_contiguous(t) is t for t in (bias, post_scale, post_shift)):
+        from ..kernels.conv_bn_act import fwd_launch
+
+        call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
+        return fwd_launch(*call, shuffle, config)
+    if impl == "cuda" and not shuffle:
+        return cuda_launch(x, weight, stride, padding, dilation, groups, act, residual, out)
+    return None
 
 
 def _triton_args(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual) -> tuple:
@@ -204,10 +222,14 @@ def _conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scal
 
     def build() -> tuple:
         Ho, Wo = check_conv(op, *args)
-        return Ho, Wo, *_decide(op, *args, _output(x, weight, Ho, Wo, shuffle) if out is None else out, shuffle)
+        like = _output(x, weight, Ho, Wo, shuffle) if out is None else out  # laid out as every call's output
+        impl, config = _decide(op, *args, like, shuffle)
+        return Ho, Wo, impl, config, _prepared(impl, config, *args, like, shuffle)
 
-    Ho, Wo, impl, config = plan(op, (*args, shuffle, out), build)
+    Ho, Wo, impl, config, launch = plan(op, (*args, shuffle, out), build)
     out = _output(x, weight, Ho, Wo, shuffle) if out is None else out
+    if launch is not None:
+        return launch(x, weight, bias, post_scale, post_shift, residual, out)
     return _conv_fwd(op, *args, out, shuffle, impl, config)
 
 

@@ -13,7 +13,6 @@ from .._backend import register, resolve
 from .._tune import choose_config
 from ._autocast import register_autocast
 from ._common import as_int, check_eps, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
-from .linear_attention import attention_fwd
 from .multiscale_aggregate import (
     aggregation_grads,
     bias_list,
@@ -87,10 +86,7 @@ def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_bia
             lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c, compile_only=True),
         )  # fmt: skip
         lite_mla_context_fwd(*call, out, config)
-    else:
-        # the CUDA kernels serve the aggregated heads; the heads over qkv itself are plain attention
-        q, k, v = reference.split_packed_qkv(qkv, dim)
-        attention_fwd(OP, q, k, v, eps, reference.split_heads(out[:, : heads * dim], dim), "cuda")
+    else:  # every head, qkv's own in the first scale's launches
         torch.ops.linattn.lite_mla_context_fwd_cuda(*args, *biases, out)
 
 
