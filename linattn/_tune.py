@@ -40,6 +40,7 @@ _memo: dict[tuple, str] = {}  # (op, pass, GPU, candidates, _signature) -> choic
 _settled: dict[tuple, dict] = {}  # (op, pass, GPU, _signature) -> the Triton configuration choose_config settled on
 _fixed = threading.local()  # on: fixed_priority() (no table, no timing); force: tune() (timing despite TUNE=0)
 _plans: dict[tuple, tuple] = {}  # plan_key and dispatch state -> (call plan, the choices it counts)
+MAX_PLANS = 8192  # call signatures kept (an encoder at one input size has a few hundred)
 _unsettled = 0  # answers given without settling (nothing could be timed): a plan that took one is not kept
 
 
@@ -195,6 +196,8 @@ def plan(op: str, args: Sequence, build: Callable[[], tuple]) -> tuple:
     with _backend.record() as counted:
         built = build()
     if _unsettled == before:
+        if len(_plans) >= MAX_PLANS:  # a model fed ever new shapes: start over rather than grow without end
+            _plans.clear()
         _plans[full] = (built, tuple(counted))
     return built
 

@@ -279,6 +279,20 @@ def test_a_plan_is_built_once_per_signature_and_state(tuned):
     assert len(built) == 10
 
 
+def test_plans_stay_bounded(tuned, monkeypatch):
+    """A model fed ever new shapes does not grow the plans without end: past MAX_PLANS they start over."""
+    _, _, runner, device = tuned
+    monkeypatch.setattr(_tune, "MAX_PLANS", 3)
+    built = []
+    build = _planner(built)
+    x = torch.zeros(4, 8)
+    for n in range(5):
+        _tune.plan("toy", (x, n), build(runner, device, x))
+        assert len(_tune._plans) <= 3
+    _tune.plan("toy", (x, 4), build(runner, device, x))  # the newest is kept
+    assert len(built) == 5
+
+
 def test_a_plan_counts_its_choices_on_every_call(tuned):
     _, _, runner, device = tuned
     x = torch.zeros(3, 5)
