@@ -711,9 +711,12 @@ def layer_calls(device: torch.device, shape: tuple = LAYER_X) -> dict[str, tuple
             kernels.conv_bn_act_fwd(*launcher)
         finally:
             kernels._conv_bn_act_fwd_kernel = kernel
-        grid, args, kwargs = seen[-1]
-        what = f"Triton's launch alone: kernel[grid](...), the launcher's {len(args)} arguments, {len(kwargs)} keywords"
-        calls["kernel-triton"] = (lambda: kernel[grid](*args, **kwargs), what)
+        if not seen:  # the heuristic's configuration runs another kernel (tensor descriptors, row-sliding)
+            calls["kernel-triton"] = (None, f"the launcher's {cfg} does not launch _conv_bn_act_fwd_kernel")
+        else:
+            grid, args, kwargs = seen[-1]
+            what = f"Triton's launch alone: kernel[grid](...), {len(args)} arguments, {len(kwargs)} keywords"
+            calls["kernel-triton"] = (lambda: kernel[grid](*args, **kwargs), what)
     if why := _backend.unavailable("cuda", device) or cudnn.cuda_ready():
         calls["run-cuda"] = calls["op-cudnn"] = (None, why)
     else:

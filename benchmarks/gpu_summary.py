@@ -103,7 +103,7 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
         for name in files:
             mine = [r for r in rows if r["results_file"] == name]
             notes = [str(r.get("note") or "") for r in mine]
-            timed = sum(r.get("ms", r.get("us")) is not None for r in mine)  # profile rows: us
+            timed = sum(any(r.get(k) is not None for k in ("ms", "us", "host_us")) for r in mine)  # profile: us
             counts.append([name, str(len(mine)), str(timed), str(sum(n.startswith("skipped") for n in notes)),
                            str(sum(n.startswith(("failed", "stopped")) for n in notes)),
                            str(sum(n.startswith("wrong") for n in notes))])  # fmt: skip
@@ -126,8 +126,21 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
             log = work / "logs" / f"{step['step']}.log"
             if step["step"].startswith("bench-e2e") and log.exists():
                 lines += [s for s in log.read_text(errors="replace").splitlines() if "targets (H100)" in s]
+    lines += host_lines(rows)
     lines += dispatch_lines(work / "results")
     return lines
+
+
+def host_lines(rows: list[dict]) -> list[str]:
+    """bench_host.py's layers of one batch-1 conv call (bench-host step): host us per call, outermost first."""
+    host = [r for r in rows if r["results_file"] == "host_layers"]
+    if not host:
+        return []
+    shown = [["layer", "host us", "iqr%", "drained us", "note"]]
+    for r in host:
+        shown.append([str(r.get("layer")), cell(r.get("host_us")), cell(r.get("iqr_pct")), cell(r.get("drained_us")),
+                      note_of(r)])  # fmt: skip
+    return ["", f"host time of one B1 conv call, layer by layer ({host[0].get('shape')}):", *table(shown)]
 
 
 def dispatch_lines(results: Path, slowest: int = 5) -> list[str]:

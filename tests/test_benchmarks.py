@@ -4,6 +4,7 @@ spread, and gpu_check.sh's layout (a dry run)."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -565,6 +566,9 @@ def test_gpu_summary(tmp_path):
     wrong = {"op": "y", "shape": "B16 C8", "dtype": "bf16", "provider": "triton", "ms": 1.0}
     wrong["note"] = "wrong: rel_err 1.30e-02 > 5.60e-03 (twice eager's); timed with events"
     (tmp_path / "results" / "lite_mla.jsonl").write_text(json.dumps(skipped) + "\n" + json.dumps(wrong) + "\n")
+    layers = [{"layer": "module", "host_us": 41.5, "iqr_pct": 1.2, "drained_us": 42.0, "shape": "x (1, 64, 32, 32)"},
+              {"layer": "op-cudnn", "note": "skipped: needs a GPU", "shape": "x (1, 64, 32, 32)"}]  # fmt: skip
+    (tmp_path / "results" / "host_layers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in layers))
     (tmp_path / "results" / "dispatch").mkdir()
     timed = [{"key": "conv_bn_act:fwd:(16, 64)", "chosen": "reference", "ms": {}, "s": 0.5},
              {"key": "conv_bn_act.triton:fwd:(16, 64)", "chosen": "BLOCK_M=128", "ms": {}, "s": 2.25}]  # fmt: skip
@@ -578,8 +582,11 @@ def test_gpu_summary(tmp_path):
     assert "measured dispatch: 2 choices in 2.8 s; chosen: reference 1, triton config 1" in text
     assert text.index("2.25 s") < text.index("0.50 s")  # the slowest first
     assert "WRONG lite_mla: y B16 C8 bf16 triton: wrong: rel_err 1.30e-02 > 5.60e-03 (twice eager's)\n" in text
+    assert "host time of one B1 conv call, layer by layer (x (1, 64, 32, 32)):" in text
+    assert re.search(r"module +41\.50 +1\.20 +42\.00", text) and re.search(r"op-cudnn .*skipped: needs a GPU", text)
+    assert re.search(r"host_layers +2 +1 +1 +0 +0", text)  # rows, timed, skipped, failed, wrong
     combined = load_results(tmp_path / "results.jsonl")
-    assert [r["results_file"] for r in combined] == ["e2e", "lite_mla", "lite_mla"]
+    assert [r["results_file"] for r in combined] == ["e2e", "host_layers", "host_layers", "lite_mla", "lite_mla"]
 
 
 def test_flag_wrong_marks_rows_past_twice_eagers_error():
