@@ -145,6 +145,38 @@ def test_graph_vectors_are_converted_once_per_version():
         assert cudnn.graph_vector(inference) is not cudnn.graph_vector(inference)
 
 
+def test_prepared_cuda_launch_hands_the_call_to_the_graph_op(monkeypatch):
+    """cuda_launch (what a call plan keeps for the cuda implementation) holds no tensor: each launch hands the
+    graph op that call's own operands as they are and its vectors as the graph's fp32 copies; where an operand
+    needs a packed copy it prepares nothing, and run_cuda makes the copy call by call. (The graph op itself runs
+    in the GPU tests; here a stand-in records what it is handed.)"""
+    seen = []
+    monkeypatch.setattr(torch.ops.linattn, cudnn.FWD, lambda *args: seen.append(args), raising=False)
+    cl = torch.channels_last
+
+    def operands(seed):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 8, 5, 7, generator=gen).to(torch.bfloat16, memory_format=cl)
+        w = torch.randn(4, 8, 3, 3, generator=gen).to(torch.bfloat16, memory_format=cl)
+        b, s, t = (torch.randn(4, generator=gen).to(torch.bfloat16) for _ in range(3))
+        r, out = (torch.empty(2, 4, 5, 7, dtype=torch.bfloat16).to(memory_format=cl) for _ in range(2))
+        return x, w, b, s, t, r, out
+
+    x, w, b, s, t, r, out = operands(0)
+    launch = cudnn.cuda_launch(x, w, [1, 1], [1, 1], [1, 1], 1, "relu", r, out)
+    for seed in (1, 2):
+        x, w, b, s, t, r, out = operands(seed)
+        assert launch(x, w, b, s, t, r, out) is out
+        xs, ws, bs, *geometry, ss, ts, rs, outs = seen[-1]
+        assert all(got is given for got, given in zip((xs, ws, rs, outs), (x, w, r, out)))
+        assert geometry == [(1, 1), (1, 1), (1, 1), 1, "relu"]
+        for got, vector in zip((bs, ss, ts), (b, s, t)):
+            assert got.dtype == torch.float32 and torch.equal(got, vector.float())
+    # a weight or an output that is a strided view: the graph would get a packed copy
+    assert cudnn.cuda_launch(x, w[:, :, :, :2], [1, 1], [1, 0], [1, 1], 1, "relu", None, out) is None
+    assert cudnn.cuda_launch(x, w, [1, 1], [1, 1], [1, 1], 1, "relu", None, out[:, :, :, :6]) is None
+
+
 def test_info_lists_the_cuda_backend_for_conv_bn_act(capsys):
     """`python -m linattn info` shows conv_bn_act's cuda column from the registry: on CPU only the device (or
     the build) keeps it from running, never a missing kernel."""
