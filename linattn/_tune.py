@@ -138,15 +138,19 @@ def call_key(op: str, pass_: str, args: Sequence) -> str:
 
 
 def _signature(args: Sequence) -> tuple:
-    """call_key's information as a tuple (cheaper to build than its string): the in-process lookup's key, built
-    on every auto call on a GPU. A loop, not a generator, and int lists (stride, padding) taken whole: about 35%
-    less host time for conv_bn_act's arguments."""
+    """call_key's information as a tuple (cheaper to build than its string), and each plain tensor's 16-byte
+    alignment class: the in-process lookup's key, built on every auto call on a GPU. The alignment, because a
+    Triton configuration settled for aligned tensors (a tensor-descriptor one) cannot run a misaligned view of the
+    same shape. A loop, not a generator, and int lists (stride, padding) taken whole: about 35% less host time
+    for conv_bn_act's arguments."""
     out = []
     for a in args:
         kind = type(a)
         if kind is list or kind is tuple:
             out.append(tuple(a) if all(type(i) is int for i in a) else _signature(a))
-        elif isinstance(a, torch.Tensor):
+        elif kind in PLAIN:
+            out.append((a.shape, a.stride(), a.dtype, a.data_ptr() & 15))
+        elif isinstance(a, torch.Tensor):  # fake and subclassed tensors: no pointer to read
             out.append((a.shape, a.stride(), a.dtype))
         else:
             out.append(a)

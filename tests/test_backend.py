@@ -159,6 +159,34 @@ def test_extension_version_mismatch_is_a_warning(monkeypatch):
         _extension.load_extension.cache_clear()
 
 
+def test_extension_of_other_sources_is_a_warning(monkeypatch):
+    """A build whose ops contract (ABI) is not these sources' (an editable install not rebuilt after an op's
+    output changed) is refused with a warning; the contract number is stated in csrc/ext.cpp and matched here."""
+    from pathlib import Path
+
+    source = (Path(__file__).parents[1] / "csrc" / "ext.cpp").read_text()
+    assert f"#define LINATTN_ABI {_extension.ABI}\n" in source
+
+    class OldExtension:
+        torch_version = torch.__version__  # the right torch, older sources: no abi, or another
+
+    monkeypatch.setattr(_extension.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(_extension.importlib, "import_module", lambda name: OldExtension)
+    for abi in (None, _extension.ABI - 1, _extension.ABI):
+        if abi is not None:
+            OldExtension.abi = abi
+        _extension.load_extension.cache_clear()
+        try:
+            if abi == _extension.ABI:
+                assert _extension.load_extension() == (OldExtension, None)
+                continue
+            with pytest.warns(RuntimeWarning, match="built from other sources"):
+                ext, why = _extension.load_extension()
+            assert ext is None and "rebuild" in why
+        finally:
+            _extension.load_extension.cache_clear()
+
+
 def test_extension_load_failure_is_a_warning(monkeypatch):
     def broken(name):
         raise ImportError("undefined symbol: _ZN3c10")

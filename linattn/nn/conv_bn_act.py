@@ -151,8 +151,8 @@ class ConvBNAct(EvalConstants):
         if order not in ORDERS:
             raise ValueError(f"linattn.nn.ConvBNAct: order must be one of {ORDERS}, got {order!r}")
         self.padding = _int_padding(conv)
-        self.add_module("conv", conv)
-        self.add_module("norm", bn)  # registered when None too: forward reads both from _modules
+        self.conv = conv
+        self.norm = bn  # None stays a plain attribute: forward reads _modules.get("norm")
         self.act = activation_name(act)
         self.order = order
 
@@ -172,7 +172,7 @@ class ConvBNAct(EvalConstants):
         """(weight, bias, post_scale, post_shift) of the whole block as one conv_bn_act call on activations of
         `dtype` (the BatchNorm folded or turned into the affine, cached), or None when its BatchNorm uses batch
         statistics (train mode)."""
-        conv, bn = self._modules["conv"], self._modules["norm"]  # (nn.Module.__getattr__: see member)
+        conv, bn = self._modules["conv"], self._modules.get("norm")  # (nn.Module.__getattr__: see member)
         if bn is None:
             return (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), None, None)
         if self.training or member(bn, "running_mean") is None:
@@ -186,7 +186,7 @@ class ConvBNAct(EvalConstants):
         return (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), scale, shift)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        conv, bn, act = self._modules["conv"], self._modules["norm"], self.act
+        conv, bn, act = self._modules["conv"], self._modules.get("norm"), self.act
         geometry = (conv.stride, self.padding, conv.dilation, conv.groups)
         # the conv's weight and bias follow the activation's dtype (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)

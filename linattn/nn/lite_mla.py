@@ -80,15 +80,15 @@ class _ConvLayer(EvalConstants):
     def __init__(self, in_channels: int, out_channels: int, use_bias: bool, norm, act_func, norm_eps: float):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=use_bias)
-        self.add_module("norm", _build_norm(norm, out_channels, norm_eps))  # registered when None: forward reads
-        self.add_module("act", _build_act(act_func))  # both from _modules
+        self.norm = _build_norm(norm, out_channels, norm_eps)  # None: a plain attribute (forward's _modules.get)
+        self.act = _build_act(act_func)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x: (B, in, H, W) -> (B, out, H, W), plus `residual` (the block's shortcut) when given. With the norm
         folded (eval) or absent and a fusable activation, the whole stage is one conv_bn_act call, residual
         included."""
         modules = self._modules  # (nn.Module.__getattr__ costs host time per call: conv_bn_act.member)
-        conv, norm = modules["conv"], modules["norm"]
+        conv, norm = modules["conv"], modules.get("norm")
         # the conv's (folded) weights follow the activation's dtype, as ConvBNAct's (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)
         fold = norm is not None and not self.training and _foldable(norm)
@@ -98,7 +98,7 @@ class _ConvLayer(EvalConstants):
             )
         else:
             weight, bias = cast_to(dtype, member(conv, "weight"), member(conv, "bias"))
-        act = _fused_activation(modules["act"])
+        act = _fused_activation(modules.get("act"))
         if act is not None and (norm is None or fold):
             geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
             return conv_bn_act(x, weight, bias, *geometry, act=act, residual=residual)
