@@ -654,10 +654,13 @@ def _recording(module, name: str, seen: list):
     return kernel, Recording()
 
 
-def layer_calls(device: torch.device, shape: tuple = LAYER_X) -> dict[str, tuple[Callable | None, str]]:
+def layer_calls(
+    device: torch.device, shape: tuple = LAYER_X, emulate: bool = False
+) -> dict[str, tuple[Callable | None, str]]:
     """name -> (call, what it runs), or (None, why it cannot run here): one conv_bn_act call (x of `shape`, bf16 on
     a GPU, channels_last, a 3x3 conv to as many channels, BatchNorm, GELU(tanh)) at each layer of its host path,
-    and the eager ops it replaces. Triton's layers run on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+    and the eager ops it replaces. Triton's layers run on CPU tensors under TRITON_INTERPRET=1 only with
+    `emulate` (the tests: the interpreter's time is the kernel's emulation, not a launch's)."""
     from torch import nn
 
     from linattn.ops import _conv_bn_act_cudnn as cudnn
@@ -665,6 +668,7 @@ def layer_calls(device: torch.device, shape: tuple = LAYER_X) -> dict[str, tuple
 
     body = importlib.import_module("linattn.ops.conv_bn_act")._conv
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = device.type == "cuda" or emulate  # Triton's layers: launched, or emulated when asked
     gen = torch.Generator().manual_seed(0)
     cl = torch.channels_last
     x = _randn(gen, *shape).to(device, dtype).contiguous(memory_format=cl)
@@ -687,8 +691,9 @@ def layer_calls(device: torch.device, shape: tuple = LAYER_X) -> dict[str, tuple
         "functional": (lambda: linattn.conv_bn_act(x, *call[1:]), "linattn.conv_bn_act, backend auto"),
         "body": (lambda: body(OP, *call), "the op's Python body (checks planned, dispatch, launch), auto"),
     }
+    emulated = "the interpreter emulates the kernel: its time is not a launch's"
     for backend in ("triton", "cuda"):
-        why = _backend.unavailable(backend, device)
+        why = _backend.unavailable(backend, device) or (emulated if backend == "triton" and not gpu else None)
         what = f"linattn.conv_bn_act under linattn.backend({backend!r})"
 
         def forced(backend=backend):
@@ -696,8 +701,8 @@ def layer_calls(device: torch.device, shape: tuple = LAYER_X) -> dict[str, tuple
                 return linattn.conv_bn_act(x, *call[1:])
 
         calls[f"functional-{backend}"] = (None, why) if why else (forced, what)
-    if why := _backend.unavailable("triton", device):
-        calls["launcher-triton"] = calls["kernel-triton"] = (None, why)
+    if why := _backend.unavailable("triton", device) or (None if gpu else emulated):
+        calls["launcher-triton"] = calls["kernel-triton"] = calls["kernel-direct"] = (None, why)
     else:
         from linattn.kernels import conv_bn_act as kernels
 
@@ -712,11 +717,12 @@ def layer_calls(device: torch.device, shape: tuple = LAYER_X) -> dict[str, tuple
         finally:
             kernels._conv_bn_act_fwd_kernel = kernel
         if not seen:  # the heuristic's configuration runs another kernel (tensor descriptors, row-sliding)
-            calls["kernel-triton"] = (None, f"the launcher's {cfg} does not launch _conv_bn_act_fwd_kernel")
+            calls["kernel-triton"] = calls["kernel-direct"] = (None, f"{cfg} launches another kernel")
         else:
             grid, args, kwargs = seen[-1]
             what = f"Triton's launch alone: kernel[grid](...), {len(args)} arguments, {len(kwargs)} keywords"
             calls["kernel-triton"] = (lambda: kernel[grid](*args, **kwargs), what)
+            calls["kernel-direct"] = _direct_launch(kernel, grid, args, kwargs)
     if why := _backend.unavailable("cuda", device) or cudnn.cuda_ready():
         calls["run-cuda"] = calls["op-cudnn"] = (None, why)
     else:
@@ -725,7 +731,24 @@ def layer_calls(device: torch.device, shape: tuple = LAYER_X) -> dict[str, tuple
         calls["run-cuda"] = (lambda: cudnn.run_cuda(*call, out), "run_cuda: the graph's operands, then the op")
         what = "torch.ops.linattn.conv_bn_act_fwd_cudnn alone: the dispatcher and linattn._C's graph execute"
         calls["op-cudnn"] = (lambda: raw(x, w, b32, *geometry[:3], 1, "gelu_tanh", None, None, None, out), what)
+    calls["kernel-direct"] = calls.pop("kernel-direct")  # last: a launch outside Triton's API could crash
     return calls
+
+
+def _direct_launch(kernel, grid, args: tuple, kwargs: dict) -> tuple[Callable | None, str]:
+    """The kernel's compiled form launched directly (CompiledKernel[grid] with every parameter's value in order):
+    Triton's launch without its argument binding, specialization and cache lookup, the most a launch cache of
+    linattn's own could save. Not on the interpreter (nothing is compiled there)."""
+    if _backend.interpreting():
+        return None, "the interpreter compiles nothing"
+    try:
+        compiled = kernel[grid](*args, **kwargs)  # the launch returns what it ran
+        params = kernel.params
+        values = [*args, *(kwargs[p.name] if p.name in kwargs else p.default for p in params[len(args) :])]
+        runner = compiled[grid]
+    except Exception as err:  # another Triton's internals
+        return None, f"no direct launch here: {type(err).__name__}: {err}"
+    return (lambda: runner(*values)), f"CompiledKernel[grid](...) with the {len(values)} parameters' values"
 
 
 def time_layer(fn: Callable, device: torch.device, calls: int = LAYER_CALLS, repeats: int = LAYER_REPEATS):
@@ -763,26 +786,30 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(THREADS)
-    rows = []
+    env = environment(device)
+
+    def keep(row: dict) -> None:
+        if args.out:  # row by row: a layer that takes the process down (the direct launch) leaves the others'
+            save_results([row], args.out, "host_layers", env)
+
     print(f"{'layer':18s} {'host us':>9s} {'iqr %':>6s} {'drained us':>10s}  runs")
     for name, (fn, what) in layer_calls(device).items():
         row = {"bench": "host_layers", "layer": name, "runs": what, "shape": f"x {LAYER_X}, 3x3 conv"}
         if fn is None:
             print(f"{name:18s} {'-':>9s} {'':>6s} {'':>10s}  skipped: {what}")
-            rows.append({**row, "note": f"skipped: {what}"})
+            keep({**row, "note": f"skipped: {what}"})
             continue
         try:
             host_us, iqr_pct, drained_us = time_layer(fn, device, args.calls, args.repeats)
         except Exception as err:  # one layer that cannot run does not stop the others
             print(f"{name:18s} {'-':>9s} {'':>6s} {'':>10s}  failed: {type(err).__name__}: {err}")
-            rows.append({**row, "note": f"failed: {type(err).__name__}: {str(err)[:300]}"})
+            keep({**row, "note": f"failed: {type(err).__name__}: {str(err)[:300]}"})
             continue
         print(f"{name:18s} {host_us:9.1f} {iqr_pct:6.1f} {drained_us:10.1f}  {what}")
         timing = {"host_us": host_us, "iqr_pct": iqr_pct, "drained_us": drained_us, "calls": args.calls}
-        rows.append({**row, **timing, "repeats": args.repeats, "timer": "perf_counter (host)"})
+        keep({**row, **timing, "repeats": args.repeats, "timer": "perf_counter (host)"})
     if args.out:
-        path, _ = save_results(rows, args.out, "host_layers", environment(device))
-        print(f"rows appended to {path}")
+        print(f"rows appended to {args.out}/host_layers.jsonl")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_host_layers_run_and_agree():
     """The layer-by-layer timing of one conv call (bench_host.main, a GPU pass step): every layer that runs here
     (Triton's under the interpreter, at a small map) computes the call, the launcher's and the bare kernel launch's
     into their shared output; the cuDNN layers say why they cannot run without a GPU."""
-    calls = bench_host.layer_calls(torch.device("cpu"), shape=(1, 8, 5, 7))
+    calls = bench_host.layer_calls(torch.device("cpu"), shape=(1, 8, 5, 7), emulate=True)
     assert list(calls)[:6] == ["eager", "aten-conv2d", "aten-empty_like", "module", "functional", "body"]
     expected = calls["eager"][0]()
     for name in ("module", "functional", "body", "functional-triton"):
@@ -73,3 +73,26 @@ def test_host_layers_main_writes_rows(tmp_path, capsys):
     timed = {row["layer"] for row in rows if "host_us" in row}
     assert {"eager", "module", "functional", "body"} <= timed and all(row["device"] for row in rows)
     assert "skipped" in capsys.readouterr().out
+
+
+def test_direct_launch_hands_every_parameter_in_order(monkeypatch):
+    """The bare compiled launch (a GPU-only layer): every kernel parameter's value in the kernel's order, the
+    launch's positional arguments, then its keywords by name, then the defaults of those not given."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *values: seen.append((grid, values))
+
+    class Kernel:
+        params = [SimpleNamespace(name=n, default=d) for n, d in (("x", None), ("n", None), ("B", None), ("C", 7))]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: Compiled()
+
+    monkeypatch.setattr(bench_host._backend, "interpreting", lambda: False)
+    fn, what = bench_host._direct_launch(Kernel(), (3, 1), ("x", 5), {"B": 2, "num_warps": 4})
+    fn()
+    assert seen == [((3, 1), ("x", 5, 2, 7))] and "4 parameters" in what
