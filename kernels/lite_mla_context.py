@@ -36,13 +36,15 @@ and its stencil loads 128-bit wide. The backward is not fused: it recomputes the
 aggregation and composes the two ops' backward kernels (linattn/ops/lite_mla_context.py).
 """
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from ._device import Device, cdiv, device_of, launcher, next_pow2
 from .linear_attention import _sum_partials, split_rows
-from .multiscale_aggregate import _bias_args, _pointwise_matrix_t
+from .multiscale_aggregate import _pointwise_matrix_t
 
 
 @triton.jit
@@ -461,6 +463,17 @@ def lite_mla_context_fwd(
     config: context_config()'s dict, to launch another device's choice (its splits clamped to the map's row
     tiles; one split runs the one-pass kernel). compile_only: compile the kernels for these arguments without
     launching them (measured dispatch's candidates, compiled at once before they are timed)."""
+    launch = context_launch(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, out, config)
+    return launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only)
+
+
+def context_launch(
+    qkv, dw_weights, pw_weights, heads: int, dim: int, eps: float, dw_biases, pw_biases, out, config=None
+) -> Callable:  # fmt: skip
+    """lite_mla_context_fwd for calls like this one, prepared (as kernels/conv_bn_act.py fwd_launch): the
+    configuration, grid, strides and each scale's flags worked out once, into `launch(qkv, dw_weights, pw_weights,
+    dw_biases, pw_biases, out, compile_only=False)`, which allocates the partials and launches. The tensors must be
+    laid out as this call's, with heads, dim and eps the same (a call plan keys them so); it holds none of them."""
     B, C, H, W = qkv.shape
     low = qkv.dtype != torch.float32
     cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim, low))
@@ -469,28 +482,38 @@ def lite_mla_context_fwd(
     block_d = cfg["BLOCK_D"]
     one_pass = splits == 1
     grid = (B * heads, splits)
-    raw_out = out[:, : heads * dim]
-    if one_pass:
-        s0 = z0 = qkv  # never read
-    else:
-        s0 = torch.empty((B * heads, splits, block_d, block_d), device=qkv.device, dtype=torch.float32)
-        z0 = torch.empty((B * heads, splits, block_d), device=qkv.device, dtype=torch.float32)
-    for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
-        bd, has_bd = _bias_args(dw_biases, s, wd)
-        bp, has_bp = _bias_args(pw_biases, s, wp)
+    width = heads * dim
+    xs, os = qkv.stride(), out.stride()  # every head's slice of out has out's strides
+    scales = []  # per scale: (sizes, flags)
+    for s, wd in enumerate(dw_weights):
         K = wd.shape[-1]
-        flags = dict(KSIZE=K, HAS_BD=has_bd, HAS_BP=has_bp, WITH_RAW=s == 0, UPCAST=upcast, PRECISION=precision)
-        sizes = (heads, H, W, dim, K * K, chunk, splits)
+        flags = dict(KSIZE=K, HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0, UPCAST=upcast,
+                     PRECISION=precision, **cfg)  # fmt: skip
+        scales.append(((heads, H, W, dim, K * K, chunk, splits), flags))
+    parts = ((B * heads, splits, block_d, block_d), (B * heads, splits, block_d))
+
+    def launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only=False):
+        raw_out = out[:, :width]
         if one_pass:
-            state = z = qkv
+            s0 = z0 = qkv  # never read
         else:
-            state, z = torch.empty_like(s0), torch.empty_like(z0)
-            launcher(_lite_mla_context_state_kernel, grid, compile_only)(
-                state, z, s0, z0, qkv, *qkv.stride(), wd, bd, wp, bp, *sizes, **flags, **cfg,
+            s0, z0 = (torch.empty(shape, device=qkv.device, dtype=torch.float32) for shape in parts)
+        for s, (sizes, flags) in enumerate(scales):
+            wd, wp = dw_weights[s], pw_weights[s]
+            bd = dw_biases[s] if dw_biases else wd  # an absent bias: any tensor (never read)
+            bp = pw_biases[s] if pw_biases else wp
+            if one_pass:
+                state = z = qkv
+            else:
+                state, z = torch.empty_like(s0), torch.empty_like(z0)
+                launcher(_lite_mla_context_state_kernel, grid, compile_only)(
+                    state, z, s0, z0, qkv, *xs, wd, bd, wp, bp, *sizes, **flags
+                )
+            o = out[:, (1 + s) * width : (2 + s) * width]
+            launcher(_lite_mla_context_fwd_kernel, grid, compile_only)(
+                o, *os, raw_out, *os, qkv, *xs, wd, bd, wp, bp, state, z, s0, z0, *sizes, eps,
+                ONE_PASS=one_pass, **flags,
             )  # fmt: skip
-        o = out[:, (1 + s) * heads * dim : (2 + s) * heads * dim]
-        launcher(_lite_mla_context_fwd_kernel, grid, compile_only)(
-            o, *o.stride(), raw_out, *raw_out.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, state, z, s0, z0,
-            *sizes, eps, ONE_PASS=one_pass, **flags, **cfg,
-        )  # fmt: skip
-    return out
+        return out
+
+    return launch

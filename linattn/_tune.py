@@ -163,16 +163,21 @@ _SCALARS = (int, float, str, bool, type(None))
 
 def plan_key(args: Sequence) -> tuple | None:
     """A call's arguments as a call plan's key: each tensor by shape, strides, dtype, device and the 16-byte
-    alignment class of its data pointer (cuDNN's graphs and Triton's specializations read it), lists as tuples,
-    plain scalars as they are; None where an argument is none of those (a fake or subclassed tensor): such calls
-    are not planned."""
+    alignment class of its data pointer (cuDNN's graphs and Triton's specializations read it), lists as tuples
+    (lists of tensors as their tensors' keys), plain scalars as they are; None where an argument is none of those
+    (a fake or subclassed tensor): such calls are not planned."""
     out = []
     for a in args:
         kind = type(a)
         if kind in PLAIN:
             out.append((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15))
-        elif kind is list or kind is tuple:  # the conv geometry: ints (the bodies run on concrete calls)
-            out.append(tuple(a))
+        elif kind is list or kind is tuple:  # the conv geometry (ints, taken whole), per-scale tensor lists
+            if all(type(i) is int for i in a):
+                out.append(tuple(a))
+            elif (inner := plan_key(a)) is not None:
+                out.append(inner)
+            else:
+                return None
         elif kind in _SCALARS:
             out.append(a)
         else:

@@ -220,3 +220,37 @@ def test_fp16_large_activations_do_not_overflow(target, splits):
     lite_mla_context_fwd(qkv, dws, pws, 1, 16, 1e-15, [], [], out, config)
     # about five fp16 roundings (taps, aggregated q/k/v, S, the result): allow ten
     assert_close(out, want, 10 * rel_err(want.half(), want), "out")
+
+
+@pytest.mark.parametrize("heuristics", ["interpreter", "h100"])
+def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
+    """The prepared launch a call plan keeps (kernels/lite_mla_context.py context_launch) holds no tensor: made from
+    one call's tensors it computes other calls laid out alike (two scales with biases, NaN-poisoned outputs), with
+    H100's heuristics too (the reduction split over programs, partials summed); and the op's planned calls agree."""
+    from linattn import _tune
+    from linattn.kernels.lite_mla_context import context_launch
+
+    if not [t for t in kernel_targets() if t.values[0] == ("triton", "cpu")]:
+        pytest.skip("the Triton interpreter is not available")
+    B, heads, D, H, W, ksizes = 1, 2, 8, 9, 7, (3, 5)
+    if heuristics == "h100":
+        from linattn.kernels.linear_attention import split_rows
+        from linattn.kernels.lite_mla_context import context_config
+
+        h100 = request.getfixturevalue("gpu_heuristics")
+        assert split_rows(H * W, context_config(h100, B, heads, H * W, D, False))[2] > 1  # partials summed
+    shape = (B, heads, D, H, W, ksizes, True, torch.float32, "cpu", True)
+    qkv, dws, pws, dbs, pbs = make_aggregation(*shape, seed=1)
+    C_out = (1 + len(ksizes)) * heads * D
+    like = torch.empty(B, C_out, H, W).contiguous(memory_format=torch.channels_last)
+    launch = context_launch(qkv, dws, pws, heads, D, 1e-15, dbs, pbs, like)
+    with linattn.backend("triton"):
+        for seed in (2, 3):
+            qkv, dws, pws, dbs, pbs = make_aggregation(*shape, seed=seed)
+            want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
+            out = torch.full_like(like, float("nan"))
+            assert launch(qkv, dws, pws, dbs, pbs, out) is out
+            assert_close(out, want, 1e-5, f"prepared launch, seed {seed}")
+            assert_close(linattn.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want, 1e-5, "op")
+    plans = [kept[0] for key, kept in _tune._plans.items() if key[0] == "lite_mla_context"]
+    assert plans and all(plan[1] is not None for plan in plans)  # the op ran its plan's prepared launch

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import choose_config
+from .._tune import choose_config, plan
 from ._autocast import register_autocast
 from ._common import as_int, check_eps, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 from .multiscale_aggregate import (
@@ -56,13 +56,45 @@ def _lite_mla_context(
 
 
 def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases) -> Tensor:
-    """The op's body (its CPU and CUDA kernel; the functional calls it directly where `direct` allows)."""
-    _check(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
-    out = _output(qkv, heads, dim, len(dw_weights))
+    """The op's body (its CPU and CUDA kernel; the functional calls it directly where `direct` allows): the
+    argument checks and dispatch's decision planned once per call signature (linattn/_tune.py `plan`, as
+    conv_bn_act's), with the Triton launch prepared, then the run."""
     call = (qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
-    scratch = lambda b: _context_fwd(*call, torch.empty_like(out), b)
-    _context_fwd(*call, out, resolve(OP, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=call))
+
+    def build() -> tuple:
+        _check(*call)
+        like = _output(qkv, heads, dim, len(dw_weights))  # laid out as every call's output
+        scratch = lambda b: _context_fwd(*call, torch.empty_like(like), b)  # noqa: E731
+        impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=call)
+        prepared = impl == "triton" and all(
+            t.is_contiguous() for t in (*dw_weights, *pw_weights, *dw_biases, *pw_biases)
+        )
+        return impl, _triton_launch(*call, like) if prepared else None
+
+    impl, launch = plan(OP, call, build)
+    out = _output(qkv, heads, dim, len(dw_weights))
+    if launch is not None:
+        return launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out)
+    _context_fwd(*call, out, impl)
     return out
+
+
+def _triton_launch(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, out):
+    """The Triton launch of a call (weights and biases contiguous) with the configuration measured dispatch settles
+    on, prepared (kernels/lite_mla_context.py `context_launch`)."""
+    from ..kernels._device import device_of
+    from ..kernels.lite_mla_context import context_configs, context_launch, lite_mla_context_fwd
+
+    call = (qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
+    B, _, H, W = qkv.shape
+    low, channels_last = qkv.dtype != torch.float32, qkv.stride(1) == 1
+    config = choose_config(
+        OP, "fwd", qkv.device,
+        lambda: context_configs(device_of(qkv), B, heads, H * W, dim, low, channels_last),
+        lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c), (*call, out),
+        lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c, compile_only=True),
+    )  # fmt: skip
+    return context_launch(*call, out, config)
 
 
 def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, out, impl: str) -> None:
@@ -73,19 +105,8 @@ def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_bia
     args = (qkv, contiguous(dw_weights), contiguous(pw_weights), heads, dim, eps)
     biases = (contiguous(dw_biases), contiguous(pw_biases))
     if impl == "triton":  # every head, qkv read once
-        from ..kernels._device import device_of
-        from ..kernels.lite_mla_context import context_configs, lite_mla_context_fwd
-
-        call = (*args, *biases)
-        B, _, H, W = qkv.shape
-        low, channels_last = qkv.dtype != torch.float32, qkv.stride(1) == 1
-        config = choose_config(
-            OP, "fwd", qkv.device,
-            lambda: context_configs(device_of(qkv), B, heads, H * W, dim, low, channels_last),
-            lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c), (*call, out),
-            lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c, compile_only=True),
-        )  # fmt: skip
-        lite_mla_context_fwd(*call, out, config)
+        launch = _triton_launch(*args, *biases, out)
+        launch(args[0], args[1], args[2], *biases, out)
     else:  # every head, qkv's own in the first scale's launches
         torch.ops.linattn.lite_mla_context_fwd_cuda(*args, *biases, out)
 
