@@ -41,7 +41,7 @@ _settled: dict[tuple, dict] = {}  # (op, pass, GPU, _signature) -> the Triton co
 _fixed = threading.local()  # on: fixed_priority() (no table, no timing); force: tune() (timing despite TUNE=0)
 _plans: dict[tuple, tuple] = {}  # plan_key and dispatch state -> (call plan, the choices it counts)
 MAX_PLANS = 8192  # call signatures kept (an encoder at one input size has a few hundred)
-_unsettled = 0  # answers given without settling (nothing could be timed): a plan that took one is not kept
+_unsettled = 0  # answers given for now (nothing could be timed yet): a plan that took one is not kept
 
 
 @contextlib.contextmanager
@@ -190,13 +190,14 @@ def plan(op: str, args: Sequence, build: Callable[[], tuple]) -> tuple:
     configuration), kept per call signature (plan_key(args)) and dispatch state, so that a later call with that
     signature does neither: one lookup. The sixth H100 pass had an optimized L0's eager forward host-bound, about
     20 ms of host time for 62 fused calls, slower than eager PyTorch; each call re-ran its checks, its dispatch
-    keys and the launchers' heuristics. A plan whose build met an unsettled answer (nothing could be timed:
-    capture, compile, LINATTN_TUNE=0 without a table entry) is not kept: it is asked again next call. Each call
-    that reuses a plan counts the choices the plan's build counted (auto_choices)."""
+    keys and the launchers' heuristics. A plan whose build met an unsettled answer (nothing could be timed during
+    a capture or a compile: the next eager call times it) is not kept: it is asked again next call. One made with
+    timing off (LINATTN_TUNE=0: the table, else the priority order) is kept under that setting. Each call that
+    reuses a plan counts the choices the plan's build counted (auto_choices)."""
     key = plan_key(args)
     if key is None:
         return build()
-    full = (op, key, *_backend.state(), _device_name, getattr(_fixed, "on", False))
+    full = (op, key, *_backend.state(), _device_name, getattr(_fixed, "on", False), enabled())
     if (kept := _plans.get(full)) is not None:
         for choice in kept[1]:
             _backend.count(*choice)
@@ -283,7 +284,8 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None) -> tuple[
     why_not = _cannot_time() or (None if enabled() else "LINATTN_TUNE=0")
     if why_not:
         global _unsettled
-        _unsettled += 1
+        if why_not != "LINATTN_TUNE=0":  # the priority order for now: a later eager call times it
+            _unsettled += 1
         if why_not == "capture" and "capture" not in _warned:
             _warned.add("capture")
             warnings.warn(
@@ -336,7 +338,7 @@ def choose_config(
         prepare = None if compile_only is None else functools.partial(_compile_all, compile_only, found)
         run = lambda name: runner(found[names.index(name)])  # noqa: E731
         chosen, final = _choose(f"{op}.triton", pass_, device, names, run, args, prepare)
-        if not final:  # nothing measured (capture, compile, LINATTN_TUNE=0): asked again next call
+        if not final:  # nothing measured (capture, compile, LINATTN_TUNE=0): not settled for later calls
             return found[names.index(chosen)]
         found = [found[names.index(chosen)]]
     _settled[settled] = found[0]

@@ -351,6 +351,22 @@ def test_an_unsettled_plan_is_asked_again(tuned, monkeypatch):
     assert len(built) == 3
 
 
+def test_a_plan_made_with_timing_off_is_kept_under_that_setting(tuned, monkeypatch):
+    """LINATTN_TUNE=0 without a table entry: the priority order's answer is final for that setting, so its plan is
+    kept (a call is one lookup, not its checks and dispatch again); turning timing on plans anew, and times."""
+    _, _, runner, device = tuned
+    built = []
+    x = torch.zeros(6)
+    monkeypatch.setenv("LINATTN_TUNE", "0")
+    for _ in range(3):
+        assert _tune.plan("toy", (x, 2), _planner(built)(runner, device, x)) == ("plan", "triton")
+    assert len(built) == 1
+    monkeypatch.delenv("LINATTN_TUNE")
+    for _ in range(2):
+        assert _tune.plan("toy", (x, 2), _planner(built)(runner, device, x)) == ("plan", "cuda")
+    assert len(built) == 2
+
+
 def test_calls_that_cannot_be_keyed_are_not_planned(tuned):
     built = []
 
