@@ -782,9 +782,15 @@ def _precision(x: torch.Tensor) -> dict:
     return dict(UPCAST=upcast, PRECISION="ieee" if (x.dtype == torch.float32 or upcast) else "tf32")
 
 
-def _present(t, like):
-    """(pointer, HAS flag): an absent optional tensor is replaced by any tensor (never read)."""
-    return (t, True) if t is not None else (like, False)
+def _or(t, like):
+    """t, or for an absent optional tensor any tensor of the call (its pointer is never read: its HAS_ flag is off)."""
+    return like if t is None else t
+
+
+def _epilogue_args(weight, bias, post_scale, post_shift, residual, out) -> tuple:
+    """The forward kernels' epilogue operands: the three per-channel vectors, then the residual and its strides."""
+    r = _or(residual, out)
+    return (_or(bias, weight), _or(post_scale, weight), _or(post_shift, weight), r, *r.stride())
 
 
 def _problem(x, weight, stride, padding, dilation, groups: int, kernel: str) -> tuple:
@@ -869,11 +875,6 @@ def dw3_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) 
     return configs
 
 
-def _or(t, like):
-    """t, or for an absent optional tensor any tensor of the call (its pointer is never read)."""
-    return like if t is None else t
-
-
 def _launch_dw3(x, weight, epilogue: dict, out, cfg: dict) -> Callable:
     """The forward on _conv_bn_act_fwd_dw3_kernel (cfg: one of dw3_configs(), without its "dw3" key), prepared."""
     B, C, H, W = x.shape
@@ -886,8 +887,8 @@ def _launch_dw3(x, weight, epilogue: dict, out, cfg: dict) -> Callable:
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
         launcher(_conv_bn_act_fwd_dw3_kernel, grid, compile_only)(
-            out, *os, x, *xs, weight, *ws, _or(bias, weight), _or(post_scale, weight), _or(post_shift, weight),
-            *_residual(residual, out), *sizes, **flags, **cfg,
+            out, *os, x, *xs, weight, *ws, *_epilogue_args(weight, bias, post_scale, post_shift, residual, out),
+            *sizes, **flags, **cfg,
         )  # fmt: skip
         return out
 
@@ -913,18 +914,11 @@ def _launch_tma(x, weight, padding, dilation, Ho, Wo, epilogue: dict, out, cfg: 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
         launcher(_conv_bn_act_fwd_tma_kernel, grid, compile_only)(
             out, *os, TensorDescriptor(x, *x_desc), TensorDescriptor(weight, *w_desc),
-            _or(bias, weight), _or(post_scale, weight), _or(post_shift, weight), *_residual(residual, out),
-            *sizes, **flags,
+            *_epilogue_args(weight, bias, post_scale, post_shift, residual, out), *sizes, **flags,
         )  # fmt: skip
         return out
 
     return launch
-
-
-def _residual(residual, out) -> tuple:
-    """The residual's pointer and strides as the kernels take them (out's for an absent one: never read)."""
-    r = _or(residual, out)
-    return (r, *r.stride())
 
 
 def conv_bn_act_fwd(
@@ -983,15 +977,14 @@ def fwd_launch(
     sum_flags = dict(**epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
-        vectors = (_or(bias, weight), _or(post_scale, weight), _or(post_shift, weight))
-        res = _residual(residual, out)
+        epi = _epilogue_args(weight, bias, post_scale, post_shift, residual, out)
         parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
         launcher(_conv_bn_act_fwd_kernel, grid, compile_only)(
-            out, *os, x, *xs, weight, *ws, *vectors, *res, parts, *sizes, **flags
+            out, *os, x, *xs, weight, *ws, *epi, parts, *sizes, **flags
         )
         if split > 1:
             launcher(_conv_bn_act_splitk_epilogue_kernel, sum_grid, compile_only)(
-                out, *os, parts, *vectors, *res, M, Cout, split, Ho, Wo, **sum_flags
+                out, *os, parts, *epi, M, Cout, split, Ho, Wo, **sum_flags
             )
         return out
 
@@ -1025,14 +1018,12 @@ def separable_conv_bn_act_fwd(
     M = B * Ho * Wo
     cfg = config or separable_config(device_of(x), M, C, Cout, x.dtype != torch.float32)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]))
-    dw_bias_t, has_dw_bias = _present(dw_bias, dw_weight)
-    vectors = [_present(t, weight)[0] for t in (bias, post_scale, post_shift)]
-    res_t = _present(residual, out)[0]
     _separable_conv_bn_act_fwd_kernel[grid](
-        out, *out.stride(), x, *x.stride(), dw_weight, dw_weight.stride(0), *dw_weight.stride()[2:], dw_bias_t,
-        weight, weight.stride(0), weight.stride(1), *vectors, res_t, *res_t.stride(),
+        out, *out.stride(), x, *x.stride(), dw_weight, dw_weight.stride(0), *dw_weight.stride()[2:],
+        _or(dw_bias, dw_weight), weight, weight.stride(0), weight.stride(1),
+        *_epilogue_args(weight, bias, post_scale, post_shift, residual, out),
         M, C, Cout, H, W, Ho, Wo, *stride, *padding, *dilation,
-        KH=KH, KW=KW, DW_ACT=ACTIVATIONS.index(dw_act), HAS_DW_BIAS=has_dw_bias, ACT=ACTIVATIONS.index(act),
+        KH=KH, KW=KW, DW_ACT=ACTIVATIONS.index(dw_act), HAS_DW_BIAS=dw_bias is not None, ACT=ACTIVATIONS.index(act),
         HAS_BIAS=bias is not None, HAS_SCALE=post_scale is not None, HAS_SHIFT=post_shift is not None,
         HAS_RES=residual is not None, **_precision(x), **cfg,
     )  # fmt: skip
@@ -1055,8 +1046,8 @@ def conv_bn_act_bwd(
     M = B * Ho * Wo
     dev = device_of(x)
     config = config or {}
-    bias_t, has_bias = _present(bias, weight)
-    scale_t, has_scale = _present(post_scale, weight)
+    bias_t, has_bias = _or(bias, weight), bias is not None
+    scale_t, has_scale = _or(post_scale, weight), post_scale is not None
     geometry = (H, W, Ho, Wo, *stride, *padding, *dilation)
     precision = _precision(x)
 

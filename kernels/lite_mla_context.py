@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ._device import Device, cdiv, device_of, launcher, next_pow2
 from .linear_attention import _sum_partials, split_rows
-from .multiscale_aggregate import _pointwise_matrix_t
+from .multiscale_aggregate import _bias_args, _pointwise_matrix_t
 
 
 @triton.jit
@@ -500,8 +500,7 @@ def context_launch(
             s0, z0 = (torch.empty(shape, device=qkv.device, dtype=torch.float32) for shape in parts)
         for s, (sizes, flags) in enumerate(scales):
             wd, wp = dw_weights[s], pw_weights[s]
-            bd = dw_biases[s] if dw_biases else wd  # an absent bias: any tensor (never read)
-            bp = pw_biases[s] if pw_biases else wp
+            bd, bp = _bias_args(dw_biases, s, wd)[0], _bias_args(pw_biases, s, wp)[0]
             if one_pass:
                 state = z = qkv
             else:

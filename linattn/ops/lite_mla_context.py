@@ -105,8 +105,7 @@ def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_bia
     args = (qkv, contiguous(dw_weights), contiguous(pw_weights), heads, dim, eps)
     biases = (contiguous(dw_biases), contiguous(pw_biases))
     if impl == "triton":  # every head, qkv read once
-        launch = _triton_launch(*args, *biases, out)
-        launch(args[0], args[1], args[2], *biases, out)
+        _triton_launch(*args, *biases, out)(*args[:3], *biases, out)
     else:  # every head, qkv's own in the first scale's launches
         torch.ops.linattn.lite_mla_context_fwd_cuda(*args, *biases, out)
 
