@@ -64,6 +64,7 @@ from linattn.benchmarks.common import (
     run_providers,
     table_columns,
 )
+from linattn.ops.multiscale_aggregate import tap_major
 
 OPS = ("multiscale_aggregate", "lite_mla_context")
 TABLE = table_columns("op", "pass", "dtype", "layout", "shape")
@@ -122,8 +123,9 @@ def op_function(op: str, impl: str, shape: LiteMLAShape):
 def setup(op: str, provider: str, shape: LiteMLAShape, inputs: Inputs) -> dict:
     """{"fwd", "fwd+bwd"} callables of `provider`; raises Skipped when it cannot run here.
 
-    fwd returns the output from detached inputs (inference, no autograd graph); fwd+bwd returns the
-    gradients of sum(out * grad_out) with respect to qkv and every weight.
+    fwd returns the output from detached inputs (inference, no autograd graph; linattn's providers take the
+    depthwise weights as linattn.nn.LiteMLA hands them at inference, tap-major, packed once before the timing);
+    fwd+bwd returns the gradients of sum(out * grad_out) with respect to qkv and every weight.
     """
     device = inputs.qkv.device
     if provider in BACKEND_PROVIDERS:
@@ -138,6 +140,8 @@ def setup(op: str, provider: str, shape: LiteMLAShape, inputs: Inputs) -> dict:
     leaves = inputs.leaves()
     S = len(shape.scales)
     detached = [t.detach() for t in leaves]
+    if provider in BACKEND_PROVIDERS:
+        detached[1 : 1 + S] = [tap_major(w) for w in detached[1 : 1 + S]]
 
     def forward():
         with context():

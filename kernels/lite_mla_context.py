@@ -32,7 +32,8 @@ interpreter (UPCAST) the low-precision dots run on fp32 copies of the same
 rounded operands, since its fp16/bf16 dot is wrong.
 
 Layout: qkv, out any strides; channels_last makes a tile's channels contiguous
-and its stencil loads 128-bit wide. The backward is not fused: it recomputes the
+and its stencil loads 128-bit wide. Depthwise weights contiguous or tap-major
+(multiscale_aggregate.tap_layout), whose taps load as vectors too. The backward is not fused: it recomputes the
 aggregation and composes the two ops' backward kernels (linattn/ops/lite_mla_context.py).
 """
 
@@ -44,7 +45,7 @@ import triton.language as tl
 
 from ._device import Device, cdiv, device_of, launcher, next_pow2
 from .linear_attention import _sum_partials, split_rows
-from .multiscale_aggregate import _bias_args, _pointwise_matrix_t
+from .multiscale_aggregate import _bias_args, _pointwise_matrix_t, tap_layout
 
 
 @triton.jit
@@ -78,12 +79,12 @@ def _tap_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, offs_c,
 
 @triton.jit
 def _tap(
-    acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, wp_t, t, dh, dw, h, w, n_mask, offs_c, c_mask, H, W,
-    KSIZE: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, wp_t, t, dh, dw, h, w, n_mask, offs_c,
+    c_mask, H, W, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """acc plus tap t of the stencil, at offset (dh, dw) (see _aggregate)."""
     x = _tap_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, offs_c, c_mask, H, W)
-    tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + t, mask=c_mask, other=0.0).to(tl.float32)
+    tap = tl.load(WD_ptr + offs_c * stride_wc + t * stride_wt, mask=c_mask, other=0.0).to(tl.float32)
     if TAP_MMA:
         return _dot(x, _cast(tap[:, None] * wp_t, x.dtype, UPCAST), acc, UPCAST, PRECISION)
     return acc + x.to(tl.float32) * tap[None, :]
@@ -91,9 +92,9 @@ def _tap(
 
 @triton.jit
 def _aggregate(
-    X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS,
-    KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, ROW_TAPS: tl.constexpr, TAP_STAGES: tl.constexpr,
+    X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c,
+    c_mask, H, W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, TAP_MMA: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROW_TAPS: tl.constexpr, TAP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """agg(x) = Wp (dwconv(x) + bd) + bp, an fp32 (BLOCK_N, BLOCK_D) tile of one group at positions (h, w), zero
     in rows outside. Pointers at the group's first channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and first row (WP_ptr).
@@ -116,12 +117,16 @@ def _aggregate(
     if ROW_TAPS:
         for r in range(TAPS // KSIZE):
             for c in tl.static_range(KSIZE):
-                acc = _tap(acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, wp_t, r * KSIZE + c, r - PAD, c - PAD, h,
-                           w, n_mask, offs_c, c_mask, H, W, KSIZE, TAP_MMA, UPCAST, PRECISION)  # fmt: skip
+                acc = _tap(
+                    acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, wp_t, r * KSIZE + c,
+                    r - PAD, c - PAD, h, w, n_mask, offs_c, c_mask, H, W, TAP_MMA, UPCAST, PRECISION,
+                )  # fmt: skip
     else:
         for t in tl.range(TAPS, num_stages=TAP_STAGES):
-            acc = _tap(acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, wp_t, t, t // KSIZE - PAD, t % KSIZE - PAD, h,
-                       w, n_mask, offs_c, c_mask, H, W, KSIZE, TAP_MMA, UPCAST, PRECISION)  # fmt: skip
+            acc = _tap(
+                acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, wp_t, t, t // KSIZE - PAD,
+                t % KSIZE - PAD, h, w, n_mask, offs_c, c_mask, H, W, TAP_MMA, UPCAST, PRECISION,
+            )  # fmt: skip
     if TAP_MMA:
         y = acc
         if HAS_BD:
@@ -139,8 +144,8 @@ def _aggregate(
 
 @triton.jit
 def _kv_state(
-    X_ptr, stride_xc, stride_xh, stride_xw, ck, WD_ptr, BD_ptr, WP_ptr, BP_ptr, n_lo, n_hi, H, W, D, TAPS,
-    KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, WITH_RAW: tl.constexpr,
+    X_ptr, stride_xc, stride_xh, stride_xw, ck, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, n_lo, n_hi, H,
+    W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, WITH_RAW: tl.constexpr,
     TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROW_TAPS: tl.constexpr,
     TAP_STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -178,15 +183,15 @@ def _kv_state(
         h = offs_n // W
         w = offs_n % W
         k = _aggregate(
-            X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * TAPS, BD_ptr + ck, WP_ptr + ck * D,
-            BP_ptr + ck, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST,
-            PRECISION, ROW_TAPS, TAP_STAGES,
+            X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * stride_wc, stride_wc, stride_wt,
+            BD_ptr + ck, WP_ptr + ck * D, BP_ptr + ck, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD,
+            HAS_BP, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, TAP_STAGES,
         )  # fmt: skip
         kr = _cast(tl.maximum(k, 0.0), dt, UPCAST)  # before v's taps: k held in the input dtype
         v = _aggregate(
-            X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * TAPS, BD_ptr + cv, WP_ptr + cv * D,
-            BP_ptr + cv, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST,
-            PRECISION, ROW_TAPS, TAP_STAGES,
+            X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * stride_wc, stride_wc, stride_wt,
+            BD_ptr + cv, WP_ptr + cv * D, BP_ptr + cv, h, w, n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD,
+            HAS_BP, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, TAP_STAGES,
         )  # fmt: skip
         s = _dot(tl.trans(kr), _cast(v, dt, UPCAST), s, UPCAST, PRECISION)
         z += tl.sum(kr.to(tl.float32), axis=0)
@@ -206,9 +211,9 @@ def _state_operand(s, dt: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _write_out(
-    O_ptr, stride_oc, stride_oh, stride_ow, X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr,
-    s, z, eps, n_lo, n_hi, H, W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
-    AGGREGATE: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    O_ptr, stride_oc, stride_oh, stride_ow, X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wc, stride_wt,
+    BD_ptr, WP_ptr, BP_ptr, s, z, eps, n_lo, n_hi, H, W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr,
+    HAS_BP: tl.constexpr, AGGREGATE: tl.constexpr, TAP_MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ROW_TAPS: tl.constexpr, TAP_STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Store relu(q) S / (relu(q) . z + eps) over positions [n_lo, n_hi) of one head, for q = agg(q) (AGGREGATE)
@@ -225,8 +230,9 @@ def _write_out(
         w = offs_n % W
         if AGGREGATE:
             q = _aggregate(
-                X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask,
-                H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, TAP_STAGES,
+                X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h, w,
+                n_mask, offs_c, c_mask, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
+                TAP_STAGES,
             )  # fmt: skip
         else:
             q = _tap_tile(X_ptr, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c, c_mask, H, W)
@@ -249,7 +255,8 @@ def _lite_mla_context_state_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight, contiguous
+    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight (TAP_MAJOR: tap t of channel c at c + t*stride_wdt)
+    stride_wdt,
     BD_ptr,  # (C,) depthwise bias (if HAS_BD)
     WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
     BP_ptr,  # (C,) pointwise bias (if HAS_BP)
@@ -261,6 +268,7 @@ def _lite_mla_context_state_kernel(
     CHUNK,  # positions per split, a multiple of BLOCK_N
     SPLITS,
     KSIZE: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,  # the depthwise weight tap-major (else contiguous; tap_layout)
     HAS_BD: tl.constexpr,
     HAS_BP: tl.constexpr,
     WITH_RAW: tl.constexpr,  # also reduce the state of the heads over qkv itself
@@ -273,15 +281,16 @@ def _lite_mla_context_state_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """The split path's first pass: the partial states of one (batch*head, split of N)."""
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE  # channel stride of the depthwise weight
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     b = pid_bh // HEADS
     ck = (3 * (pid_bh % HEADS) + 1) * D  # first channel of this head's k group; v follows
     n_lo = pid_s * CHUNK
     s, z, s0, z0 = _kv_state(
-        X_ptr + b * stride_xb, stride_xc, stride_xh, stride_xw, ck, WD_ptr, BD_ptr, WP_ptr, BP_ptr, n_lo,
-        tl.minimum(n_lo + CHUNK, H * W), H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION,
-        ROW_TAPS, TAP_STAGES, BLOCK_N, BLOCK_D,
+        X_ptr + b * stride_xb, stride_xc, stride_xh, stride_xw, ck, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr,
+        BP_ptr, n_lo, tl.minimum(n_lo + CHUNK, H * W), H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA,
+        UPCAST, PRECISION, ROW_TAPS, TAP_STAGES, BLOCK_N, BLOCK_D,
     )  # fmt: skip
     offs_c = tl.arange(0, BLOCK_D)
     part = pid_bh * SPLITS + pid_s
@@ -310,7 +319,8 @@ def _lite_mla_context_fwd_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight, contiguous
+    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight (TAP_MAJOR: tap t of channel c at c + t*stride_wdt)
+    stride_wdt,
     BD_ptr,  # (C,) depthwise bias (if HAS_BD)
     WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
     BP_ptr,  # (C,) pointwise bias (if HAS_BP)
@@ -327,6 +337,7 @@ def _lite_mla_context_fwd_kernel(
     SPLITS,
     eps,
     KSIZE: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,  # the depthwise weight tap-major (else contiguous; tap_layout)
     HAS_BD: tl.constexpr,
     HAS_BP: tl.constexpr,
     WITH_RAW: tl.constexpr,
@@ -340,6 +351,7 @@ def _lite_mla_context_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """The output of one (batch*head, split of N); with ONE_PASS, of the whole map after reducing its state."""
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE  # channel stride of the depthwise weight
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     b = pid_bh // HEADS
@@ -349,8 +361,9 @@ def _lite_mla_context_fwd_kernel(
     N = H * W
     if ONE_PASS:
         s, z, s0, z0 = _kv_state(
-            X_ptr, stride_xc, stride_xh, stride_xw, cq + D, WD_ptr, BD_ptr, WP_ptr, BP_ptr, 0, N, H, W, D, TAPS,
-            KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, TAP_STAGES, BLOCK_N, BLOCK_D,
+            X_ptr, stride_xc, stride_xh, stride_xw, cq + D, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr, BP_ptr, 0,
+            N, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA, UPCAST, PRECISION, ROW_TAPS, TAP_STAGES,
+            BLOCK_N, BLOCK_D,
         )  # fmt: skip
     else:
         offs_c = tl.arange(0, BLOCK_D)
@@ -367,15 +380,15 @@ def _lite_mla_context_fwd_kernel(
     if WITH_RAW:  # a loop of its own, as in _kv_state: one state operand in registers at a time
         _write_out(
             O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
-            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, BD_ptr, WP_ptr, BP_ptr, s0, z0, eps,
-            n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, False, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
-            TAP_STAGES, BLOCK_N, BLOCK_D,
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr,
+            BP_ptr, s0, z0, eps, n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, False, TAP_MMA, UPCAST, PRECISION,
+            ROW_TAPS, TAP_STAGES, BLOCK_N, BLOCK_D,
         )  # fmt: skip
     _write_out(
         O_ptr + b * stride_ob + head * D * stride_oc, stride_oc, stride_oh, stride_ow, X_ptr + cq * stride_xc,
-        stride_xc, stride_xh, stride_xw, WD_ptr + cq * TAPS, BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, s, z, eps,
-        n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, True, TAP_MMA, UPCAST, PRECISION, ROW_TAPS,
-        TAP_STAGES, BLOCK_N, BLOCK_D,
+        stride_xc, stride_xh, stride_xw, WD_ptr + cq * stride_wdc, stride_wdc, stride_wdt, BD_ptr + cq, WP_ptr + cq * D,
+        BP_ptr + cq, s, z, eps, n_lo, n_hi, H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, True, TAP_MMA, UPCAST, PRECISION,
+        ROW_TAPS, TAP_STAGES, BLOCK_N, BLOCK_D,
     )  # fmt: skip
 
 
@@ -457,7 +470,8 @@ def lite_mla_context_fwd(
     qkv, dw_weights, pw_weights, heads: int, dim: int, eps: float, dw_biases, pw_biases, out, config=None,
     compile_only: bool = False,
 ):  # fmt: skip
-    """Write lite_mla_attention(multiscale_aggregate(qkv, ...)) into out (B, (1+S)*heads*dim, H, W).
+    """Write lite_mla_attention(multiscale_aggregate(qkv, ...)) into out (B, (1+S)*heads*dim, H, W); depthwise
+    weights as tap_layout takes them, the other weights and biases contiguous.
 
     The first scale's passes also compute the heads over qkv itself, so qkv is read from memory once for both.
     config: context_config()'s dict, to launch another device's choice (its splits clamped to the map's row
@@ -484,12 +498,13 @@ def context_launch(
     grid = (B * heads, splits)
     width = heads * dim
     xs, os = qkv.stride(), out.stride()  # every head's slice of out has out's strides
-    scales = []  # per scale: (sizes, flags)
+    scales = []  # per scale: (depthwise weight's tap stride, sizes, flags)
     for s, wd in enumerate(dw_weights):
         K = wd.shape[-1]
         flags = dict(KSIZE=K, HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0, UPCAST=upcast,
                      PRECISION=precision, **cfg)  # fmt: skip
-        scales.append(((heads, H, W, dim, K * K, chunk, splits), flags))
+        tap_stride, tap_major = tap_layout(wd)
+        scales.append((tap_stride, (heads, H, W, dim, K * K, chunk, splits), dict(flags, TAP_MAJOR=tap_major)))
     parts = ((B * heads, splits, block_d, block_d), (B * heads, splits, block_d))
 
     def launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only=False):
@@ -498,7 +513,7 @@ def context_launch(
             s0 = z0 = qkv  # never read
         else:
             s0, z0 = (torch.empty(shape, device=qkv.device, dtype=torch.float32) for shape in parts)
-        for s, (sizes, flags) in enumerate(scales):
+        for s, (wdt, sizes, flags) in enumerate(scales):
             wd, wp = dw_weights[s], pw_weights[s]
             bd, bp = _bias_args(dw_biases, s, wd)[0], _bias_args(pw_biases, s, wp)[0]
             if one_pass:
@@ -506,11 +521,11 @@ def context_launch(
             else:
                 state, z = torch.empty_like(s0), torch.empty_like(z0)
                 launcher(_lite_mla_context_state_kernel, grid, compile_only)(
-                    state, z, s0, z0, qkv, *xs, wd, bd, wp, bp, *sizes, **flags
+                    state, z, s0, z0, qkv, *xs, wd, wdt, bd, wp, bp, *sizes, **flags
                 )
             o = out[:, (1 + s) * width : (2 + s) * width]
             launcher(_lite_mla_context_fwd_kernel, grid, compile_only)(
-                o, *os, raw_out, *os, qkv, *xs, wd, bd, wp, bp, state, z, s0, z0, *sizes, eps,
+                o, *os, raw_out, *os, qkv, *xs, wd, wdt, bd, wp, bp, state, z, s0, z0, *sizes, eps,
                 ONE_PASS=one_pass, **flags,
             )  # fmt: skip
         return out

@@ -44,12 +44,13 @@ def _shifted_tile(X_ptr, stride_c, stride_h, stride_w, h, w, dh, dw, n_mask, off
 
 @triton.jit
 def _dwconv_tile(
-    X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, h, w, n_mask, offs_c, c_mask, H, W,
+    X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, h, w, n_mask, offs_c, c_mask, H, W,
     KSIZE: tl.constexpr, HAS_BD: tl.constexpr,
 ):  # fmt: skip
     """Depthwise KSIZE x KSIZE conv (+ bias) of one group's channels at positions (h, w), and x itself there.
 
-    X_ptr, WD_ptr, BD_ptr point at the group's first channel. Returns fp32 (conv, x)
+    X_ptr, WD_ptr, BD_ptr point at the group's first channel; tap t of channel c at WD_ptr + c*stride_wc +
+    t*stride_wt. Returns fp32 (conv, x)
     tiles of (BLOCK_N, BLOCK_D), zero in rows outside the image's N positions; x,
     the centre tap loaded again, comes from cache (and is dropped by callers that
     do not use it)."""
@@ -60,7 +61,7 @@ def _dwconv_tile(
         x = _shifted_tile(
             X_ptr, stride_c, stride_h, stride_w, h, w, t // KSIZE - PAD, t % KSIZE - PAD, n_mask, offs_c, c_mask, H, W
         )
-        tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + t, mask=c_mask, other=0.0)
+        tap = tl.load(WD_ptr + offs_c * stride_wc + t * stride_wt, mask=c_mask, other=0.0)
         acc += x * tap.to(tl.float32)[None, :]
     center = _shifted_tile(X_ptr, stride_c, stride_h, stride_w, h, w, 0, 0, n_mask, offs_c, c_mask, H, W)  # cached
     if HAS_BD:
@@ -77,16 +78,17 @@ def _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D):
 
 @triton.jit
 def _aggregate_tile(
-    X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c, c_mask, H, W, D,
-    KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, PRECISION: tl.constexpr,
+    X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c,
+    c_mask, H, W, D, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """y = Wp (dwconv(x) + bd) + bp for one group at positions (h, w), and x there: fp32 (BLOCK_N, BLOCK_D)
     tiles (y, x), zero in rows outside.
 
     Pointers are at the group's first channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and first row (WP_ptr)."""
     t, x = _dwconv_tile(
-        X_ptr, stride_c, stride_h, stride_w, WD_ptr, BD_ptr, h, w, n_mask, offs_c, c_mask, H, W, KSIZE, HAS_BD
-    )
+        X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, h, w, n_mask, offs_c, c_mask, H, W,
+        KSIZE, HAS_BD,
+    )  # fmt: skip
     y = tl.dot(_tf32(t, PRECISION), _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D), input_precision=PRECISION)
     if HAS_BP:
         y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
@@ -110,7 +112,8 @@ def _multiscale_aggregate_fwd_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    WD_ptr,  # (C, 1, K, K) depthwise weight, contiguous
+    WD_ptr,  # (C, 1, K, K) depthwise weight (TAP_MAJOR: tap t of channel c at c + t*stride_wdt)
+    stride_wdt,
     BD_ptr,  # (C,) depthwise bias (if HAS_BD)
     WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
     BP_ptr,  # (C,) pointwise bias (if HAS_BP)
@@ -119,6 +122,7 @@ def _multiscale_aggregate_fwd_kernel(
     W,
     D,
     KSIZE: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,  # the depthwise weight tap-major (else contiguous; tap_layout)
     HAS_BD: tl.constexpr,
     HAS_BP: tl.constexpr,
     WRITE_X: tl.constexpr,
@@ -126,6 +130,7 @@ def _multiscale_aggregate_fwd_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE  # channel stride of the depthwise weight
     pid_bg = tl.program_id(0).to(tl.int64)
     b = pid_bg // GROUPS
     c0 = (pid_bg % GROUPS) * D
@@ -137,8 +142,8 @@ def _multiscale_aggregate_fwd_kernel(
     c_mask = offs_c < D
     X_ptr += b * stride_xb + c0 * stride_xc
     y, x = _aggregate_tile(
-        X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr + c0 * KSIZE * KSIZE, BD_ptr + c0, WP_ptr + c0 * D,
-        BP_ptr + c0, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
+        X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr + c0 * stride_wdc, stride_wdc, stride_wdt, BD_ptr + c0,
+        WP_ptr + c0 * D, BP_ptr + c0, h, w, n_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, PRECISION,
     )  # fmt: skip
     mask = n_mask[:, None] & c_mask[None, :]
     y_ptrs = (
@@ -165,7 +170,8 @@ def _multiscale_aggregate_bwd_dt_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    WD_ptr,
+    WD_ptr,  # as the forward's
+    stride_wdt,
     BD_ptr,
     WP_ptr,
     GROUPS,
@@ -173,11 +179,13 @@ def _multiscale_aggregate_bwd_dt_kernel(
     W,
     D,
     KSIZE: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,  # the depthwise weight tap-major (else contiguous; tap_layout)
     HAS_BD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE  # channel stride of the depthwise weight
     pid_bg = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     b = pid_bg // GROUPS
@@ -196,8 +204,8 @@ def _multiscale_aggregate_bwd_dt_kernel(
     dt = tl.dot(dy, tl.trans(wp_t), input_precision=PRECISION)
     tl.store(DT_ptr + (b * GROUPS * D + c0 + offs_c[None, :]) * N + offs_n[:, None], dt, mask=mask)
     t, _ = _dwconv_tile(
-        X_ptr + b * stride_xb + c0 * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c0 * KSIZE * KSIZE,
-        BD_ptr + c0, h, w, n_mask, offs_c, c_mask, H, W, KSIZE, HAS_BD,
+        X_ptr + b * stride_xb + c0 * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c0 * stride_wdc, stride_wdc,
+        stride_wdt, BD_ptr + c0, h, w, n_mask, offs_c, c_mask, H, W, KSIZE, HAS_BD,
     )  # fmt: skip
     part = pid_bg * tl.num_programs(1) + pid_n
     offs_dd = offs_c[:, None] * BLOCK_D + offs_c[None, :]
@@ -217,16 +225,19 @@ def _multiscale_aggregate_bwd_dx_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    WD_ptr,
+    WD_ptr,  # as the forward's
+    stride_wdt,
     GROUPS,
     H,
     W,
     D,
     KSIZE: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,  # the depthwise weight tap-major (else contiguous; tap_layout)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     PAD: tl.constexpr = KSIZE // 2
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE  # channel stride of the depthwise weight
     pid_bg = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     b = pid_bg // GROUPS
@@ -242,14 +253,14 @@ def _multiscale_aggregate_bwd_dx_kernel(
     # dt as a (C, H, W) map in (c, h, w) strides, for the shifted loads of the transposed conv
     DT_ptr += (b * GROUPS * D + c0) * N
     X_ptr += b * stride_xb + c0 * stride_xc
-    WD_ptr += c0 * KSIZE * KSIZE
+    WD_ptr += c0 * stride_wdc
     dt = tl.load(DT_ptr + offs_c[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
     part = pid_bg * tl.num_programs(1) + pid_n
     dx = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for t in range(KSIZE * KSIZE):  # a loop, not static_range: unrolled, the hoisted tile loads spill
         i = t // KSIZE
         j = t % KSIZE
-        tap = tl.load(WD_ptr + offs_c * (KSIZE * KSIZE) + t, mask=c_mask, other=0.0)
+        tap = tl.load(WD_ptr + offs_c * stride_wdc + t * stride_wdt, mask=c_mask, other=0.0)
         shifted_dt = _shifted_tile(DT_ptr, N, W, 1, h, w, PAD - i, PAD - j, n_mask, offs_c, c_mask, H, W)
         dx += shifted_dt * tap.to(tl.float32)[None, :]
         x = _shifted_tile(X_ptr, stride_xc, stride_xh, stride_xw, h, w, i - PAD, j - PAD, n_mask, offs_c, c_mask, H, W)
@@ -268,6 +279,18 @@ def aggregate_config(dev: Device, D: int) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1)
 
 
+def tap_layout(wd) -> tuple[int, bool]:
+    """(tap stride, TAP_MAJOR) of a depthwise weight (C, 1, K, K), contiguous or tap-major (strides (1, C, K*C,
+    C), as linattn.nn.LiteMLA packs its weights in eval: one tap of consecutive channels is then one vector load,
+    where contiguous weights take a scalar load per channel). The kernels take the channel stride as a constant
+    (contiguous: K*K, so that a tap's loads have constant offsets)."""
+    K = wd.shape[3]
+    if wd.is_contiguous():
+        return 1, False
+    assert wd.stride(0) == 1 and (K == 1 or wd.stride(2) == K * wd.stride(3)), f"depthwise strides {wd.stride()}"
+    return wd.stride(3), True
+
+
 def _bias_args(biases, s, like):
     """(pointer, HAS flag) for scale s of a bias list that is empty or has one tensor per scale;
     when absent, any tensor stands in for the pointer (never read)."""
@@ -275,8 +298,9 @@ def _bias_args(biases, s, like):
 
 
 def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases, pw_biases, out, config=None):
-    """Write cat([qkv, y_1, ..., y_S], 1) into out (B, (1+S)*C, H, W); weights contiguous, bias lists empty or
-    one (C,) tensor per scale. config: aggregate_config()'s dict, to launch another device's choice."""
+    """Write cat([qkv, y_1, ..., y_S], 1) into out (B, (1+S)*C, H, W); depthwise weights as tap_layout takes
+    them, pointwise weights contiguous, bias lists empty or one contiguous (C,) tensor per scale. config:
+    aggregate_config()'s dict, to launch another device's choice."""
     B, C, H, W = qkv.shape
     D = C // (3 * heads)
     cfg = config or aggregate_config(device_of(qkv), D)
@@ -285,11 +309,13 @@ def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases,
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         bd, has_bd = _bias_args(dw_biases, s, wd)
         bp, has_bp = _bias_args(pw_biases, s, wp)
+        wdt, tap_major = tap_layout(wd)
         y = out[:, (1 + s) * C : (2 + s) * C]
         x0 = out[:, :C]
         _multiscale_aggregate_fwd_kernel[grid](
-            y, *y.stride(), x0, *x0.stride(), qkv, *qkv.stride(), wd, bd, wp, bp, groups, H, W, D,
-            KSIZE=wd.shape[-1], HAS_BD=has_bd, HAS_BP=has_bp, WRITE_X=s == 0, PRECISION=dot_precision(qkv), **cfg,
+            y, *y.stride(), x0, *x0.stride(), qkv, *qkv.stride(), wd, wdt, bd, wp, bp, groups, H, W, D,
+            KSIZE=wd.shape[-1], TAP_MAJOR=tap_major, HAS_BD=has_bd, HAS_BP=has_bp, WRITE_X=s == 0,
+            PRECISION=dot_precision(qkv), **cfg,
         )  # fmt: skip
     return out
 
@@ -312,18 +338,20 @@ def multiscale_aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads: int, 
     d_wd, d_wp, d_bd, d_bp = [], [], [], []
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         K = wd.shape[-1]
+        wdt, tap_major = tap_layout(wd)
         bd, has_bd = _bias_args(dw_biases, s, wd)
         dy = grad_out[:, (1 + s) * C : (2 + s) * C]
         dwp_parts = torch.empty((parts, block_d, block_d), device=qkv.device, dtype=torch.float32)
         dbp_parts = torch.empty((parts, block_d), device=qkv.device, dtype=torch.float32)
         _multiscale_aggregate_bwd_dt_kernel[grid](
-            dt, dwp_parts, dbp_parts, dy, *dy.stride(), qkv, *qkv.stride(), wd, bd, wp, groups, H, W, D,
-            KSIZE=K, HAS_BD=has_bd, PRECISION=dot_precision(qkv), **cfg,
+            dt, dwp_parts, dbp_parts, dy, *dy.stride(), qkv, *qkv.stride(), wd, wdt, bd, wp, groups, H, W, D,
+            KSIZE=K, TAP_MAJOR=tap_major, HAS_BD=has_bd, PRECISION=dot_precision(qkv), **cfg,
         )  # fmt: skip
         dwd_parts = torch.empty((parts, K * K, block_d), device=qkv.device, dtype=torch.float32)
         dbd_parts = torch.empty((parts, block_d), device=qkv.device, dtype=torch.float32)
         _multiscale_aggregate_bwd_dx_kernel[grid](
-            dx, dwd_parts, dbd_parts, dt, qkv, *qkv.stride(), wd, groups, H, W, D, KSIZE=K, **cfg,
+            dx, dwd_parts, dbd_parts, dt, qkv, *qkv.stride(), wd, wdt, groups, H, W, D, KSIZE=K,
+            TAP_MAJOR=tap_major, **cfg,
         )  # fmt: skip
         # per-group partials -> (C, ...) weight layouts
         dwp = dwp_parts.view(B, groups, tiles, block_d, block_d).sum((0, 2))[:, :D, :D]  # [g, i, o]

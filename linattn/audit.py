@@ -238,7 +238,8 @@ def trace(
                             recorder.where = f"{name} {dtype_name} {layout} B{batch} {'train' if train else 'eval'}"
                             progress(recorder.where)
                             x = torch.randn(batch, channels, side, side, device="meta", dtype=DTYPES[dtype_name])
-                            with recorder.mode():
+                            # eval as inference runs (no autograd: LiteMLA packs its depthwise weights tap-major)
+                            with recorder.mode(), torch.set_grad_enabled(train):
                                 y = model(x.contiguous(memory_format=fmt))
                                 if train:
                                     outputs = y if isinstance(y, (tuple, list)) else (y,)

@@ -29,10 +29,13 @@ CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_last)
 @pytest.mark.parametrize("target", kernel_targets())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}h{c[1]}d{c[2]}-{c[3]}x{c[4]}-k{c[5]}-{str(c[7])[6:]}")
 def test_lite_mla_context(target, case, monkeypatch):
-    """The op on a forced backend: fused forward (NaN-poisoned output) and the chained backward."""
+    """The op on a forced backend: fused forward (NaN-poisoned output) and the chained backward; the channels_last
+    cases with tap-major depthwise weights (LiteMLA's eval layout)."""
     name, device = target
     B, heads, D, H, W, ksizes, bias, dtype, channels_last = case
-    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last, seed=3)
+    qkv, dws, pws, dbs, pbs = make_aggregation(
+        B, heads, D, H, W, ksizes, bias, dtype, device, channels_last, seed=3, tap_major=channels_last
+    )
     inputs = [qkv, *dws, *pws, *dbs, *pbs]
     S = len(ksizes)
 
@@ -133,12 +136,15 @@ def _case_id(c):
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=_case_id)
 def test_launcher_configs(target, case):
     """lite_mla_context_fwd with each configuration into a NaN-poisoned output, against the float64 reference:
-    fp32 within 1e-5, fp16/bf16 within twice eager PyTorch's error in the dtype."""
+    fp32 within 1e-5, fp16/bf16 within twice eager PyTorch's error in the dtype; the channels_last cases with
+    tap-major depthwise weights."""
     from linattn.kernels.lite_mla_context import lite_mla_context_fwd
 
     device = target[1]
     B, heads, D, H, W, ksizes, bias, dtype, channels_last = case
-    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last, seed=7)
+    qkv, dws, pws, dbs, pbs = make_aggregation(
+        B, heads, D, H, W, ksizes, bias, dtype, device, channels_last, seed=7, tap_major=channels_last
+    )
     want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
     tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -5,10 +5,12 @@ import torch
 from utils import assert_close, kernel_targets, rel_err, tolerance
 
 from linattn import eager, reference
+from linattn.ops.multiscale_aggregate import tap_major as pack_tap_major
 
 
-def make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last=False, seed=0):
-    """Random qkv (B, 3*heads*D, H, W) and per-scale weights (and biases, or empty lists)."""
+def make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last=False, seed=0, tap_major=False):
+    """Random qkv (B, 3*heads*D, H, W) and per-scale weights (and biases, or empty lists); `tap_major`: the
+    depthwise weights laid out tap by tap, as linattn.nn.LiteMLA packs them in eval."""
     gen = torch.Generator().manual_seed(seed)
     C = 3 * heads * D
 
@@ -19,6 +21,9 @@ def make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_la
     if channels_last:
         qkv = qkv.to(memory_format=torch.channels_last)
     dws = [rand(C, 1, k, k, scale=1 / k) for k in ksizes]
+    if tap_major:
+        dws = [pack_tap_major(w) for w in dws]
+        assert all(w.stride(0) == 1 for w in dws)
     pws = [rand(C, D, 1, 1, scale=D**-0.5) for _ in ksizes]
     dbs = [rand(C) for _ in ksizes] if bias else []
     pbs = [rand(C) for _ in ksizes] if bias else []
@@ -56,9 +61,12 @@ CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_last)
 @pytest.mark.parametrize("target", kernel_targets())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}h{c[1]}d{c[2]}-{c[3]}x{c[4]}-k{c[5]}-{str(c[7])[6:]}")
 def test_kernels(target, case):
+    """Forward (NaN-poisoned output) and backward kernels against the float64 reference; on Triton the
+    channels_last cases take tap-major depthwise weights (LiteMLA's eval layout)."""
     name, device = target
     B, heads, D, H, W, ksizes, bias, dtype, channels_last = case
-    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last)
+    tap = channels_last and name == "triton"
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, device, channels_last, 0, tap)
     S = len(ksizes)
 
     ref = reference.multiscale_aggregate(qkv.double(), f64(dws), f64(pws), heads, f64(dbs), f64(pbs))

@@ -148,6 +148,42 @@ def test_quadratic_path_for_small_maps(target):
     assert_close(got, oracle.to(device), 1e-5, f"quadratic path, {name} on {device}")
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_eval_packs_depthwise_weights_once(target, monkeypatch):
+    """Inference (eval, no autograd) hands the context op its depthwise weights tap-major, packed once while they
+    are unchanged and packed anew after an in-place update; the output is the unpacked module's throughout."""
+    from linattn.nn import lite_mla
+
+    name, device = target
+    ours = randomize(LiteMLA(16, 8, heads=2, dim=8, scales=(3, 5)), seed=11).eval().to(device)
+    x = torch.randn(1, 16, 7, 9, generator=torch.Generator().manual_seed(12)).to(device)
+    seen = []
+    context = lite_mla.lite_mla_context
+    monkeypatch.setattr(
+        lite_mla, "lite_mla_context", lambda qkv, dws, *rest: seen.append(dws) or context(qkv, dws, *rest)
+    )
+
+    def outputs():
+        with linattn.backend(name), cuda_may_decline(name):
+            with torch.no_grad():
+                packed = ours(x)
+            unpacked = ours(x).detach()  # autograd on: the parameters themselves
+        return packed, unpacked
+
+    packed, unpacked = outputs()
+    assert_close(packed, unpacked, 1e-6, "packed weights")
+    assert [w.stride() for w in seen[0]] == [(1, 48, 3 * 48, 48), (1, 48, 5 * 48, 48)]  # tap-major
+    assert all(w is a[0].weight for w, a in zip(seen[1], ours.aggreg))
+    with torch.no_grad():
+        outputs()
+    assert all(w is was for w, was in zip(seen[2], seen[0]))  # the packed copies, kept
+    with torch.no_grad():
+        ours.aggreg[1][0].weight.mul_(-2.0)
+    packed, unpacked = outputs()
+    assert seen[4][1] is not seen[0][1]
+    assert_close(packed, unpacked, 1e-6, "packed anew after an in-place update")
+
+
 def test_from_module_copies_configuration():
     """from_module reads a timm module's configuration, norms and activations, and computes the same function."""
     theirs = timm_lite_mla(

@@ -12,11 +12,13 @@ never written), the projection 1x1 conv with its BatchNorm folded in eval mode.
 import copy
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
 from ..ops import conv_bn_act, fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
+from ..ops.multiscale_aggregate import tap_major
 from ._cache import EvalConstants
 from .conv_bn_act import activation_name, cast_to, fold_sources, member
 
@@ -125,7 +127,7 @@ def _copy_stage_module(module: nn.Module | None) -> nn.Module | None:
     return copy.deepcopy(module)
 
 
-class LiteMLA(nn.Module):
+class LiteMLA(EvalConstants):
     """Lightweight multi-scale ReLU linear attention (EfficientViT), on linattn's fused kernels.
 
     Arguments are those of the official EfficientViT `LiteMLA`:
@@ -216,7 +218,11 @@ class LiteMLA(nn.Module):
         def cast(t: Tensor | None) -> Tensor | None:
             return t if t is None or t.dtype == dtype else t.to(dtype)
 
-        dws = [cast(agg[0].weight) for agg in self.aggreg]
+        dws = [agg[0].weight for agg in self.aggreg]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in dws)):
+            dws = [cast(w) for w in dws]
+        else:  # packed once (while the weights are unchanged): the kernels' tap loads are vectors (tap_major)
+            dws = self.eval_constants(dws, lambda: [tap_major(cast(w)) for w in dws], (dtype,))
         pws = [cast(agg[1].weight) for agg in self.aggreg]
         dbs = [cast(agg[0].bias) for agg in self.aggreg]
         pbs = [cast(agg[1].bias) for agg in self.aggreg]

@@ -18,8 +18,10 @@ from .multiscale_aggregate import (
     bias_list,
     check_aggregation,
     contiguous,
+    dw_for,
     save_aggregation,
     saved_aggregation,
+    taps_in_rows,
 )
 
 OP = "lite_mla_context"
@@ -66,8 +68,10 @@ def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
         like = _output(qkv, heads, dim, len(dw_weights))  # laid out as every call's output
         scratch = lambda b: _context_fwd(*call, torch.empty_like(like), b)  # noqa: E731
         impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=call)
-        prepared = impl == "triton" and all(
-            t.is_contiguous() for t in (*dw_weights, *pw_weights, *dw_biases, *pw_biases)
+        prepared = (
+            impl == "triton"
+            and all(taps_in_rows(w) for w in dw_weights)
+            and all(t.is_contiguous() for t in (*pw_weights, *dw_biases, *pw_biases))
         )
         return impl, _triton_launch(*call, like) if prepared else None
 
@@ -80,8 +84,8 @@ def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
 
 
 def _triton_launch(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, out):
-    """The Triton launch of a call (weights and biases contiguous) with the configuration measured dispatch settles
-    on, prepared (kernels/lite_mla_context.py `context_launch`)."""
+    """The Triton launch of a call (weights and biases laid out as the kernels take them) with the configuration
+    measured dispatch settles on, prepared (kernels/lite_mla_context.py `context_launch`)."""
     from ..kernels._device import device_of
     from ..kernels.lite_mla_context import context_configs, context_launch, lite_mla_context_fwd
 
@@ -102,7 +106,7 @@ def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_bia
     if impl == "reference":
         out.copy_(reference.lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases))
         return
-    args = (qkv, contiguous(dw_weights), contiguous(pw_weights), heads, dim, eps)
+    args = (qkv, dw_for(impl, dw_weights), contiguous(pw_weights), heads, dim, eps)
     biases = (contiguous(dw_biases), contiguous(pw_biases))
     if impl == "triton":  # every head, qkv read once
         _triton_launch(*args, *biases, out)(*args[:3], *biases, out)

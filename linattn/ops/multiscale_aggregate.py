@@ -60,6 +60,26 @@ def contiguous(tensors):
     return [t.contiguous() for t in tensors]
 
 
+def tap_major(weight: Tensor) -> Tensor:
+    """A depthwise weight (C, 1, K, K), same values, laid out tap by tap: strides (1, C, K*C, C). The Triton
+    kernels load one tap of a tile's consecutive channels from it as one vector (contiguous weights: a scalar
+    load per channel, every tap of every tile); linattn.nn.LiteMLA packs its weights so in eval."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+def taps_in_rows(weight: Tensor) -> bool:
+    """Whether the Triton kernels read this depthwise weight as it is: contiguous or tap-major (tap t = i*K + j
+    of channel c at c + t times one stride)."""
+    K = weight.shape[3]
+    return weight.is_contiguous() or (weight.stride(0) == 1 and (K == 1 or weight.stride(2) == K * weight.stride(3)))
+
+
+def dw_for(impl: str, weights):
+    """Depthwise weights as implementation `impl` reads them: Triton's kernels take any layout taps_in_rows
+    accepts, the others contiguous ones."""
+    return [w if impl == "triton" and taps_in_rows(w) else w.contiguous() for w in weights]
+
+
 # the implementations (linattn/_backend.py)
 for _pass in ("fwd", "bwd"):
     register(OP, _pass, "triton")
@@ -75,7 +95,8 @@ def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_bia
     if impl == "reference":
         out.copy_(reference.multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases))
         return
-    args = (qkv, contiguous(dw_weights), contiguous(pw_weights), heads, contiguous(dw_biases), contiguous(pw_biases))
+    dws = dw_for(impl, dw_weights)
+    args = (qkv, dws, contiguous(pw_weights), heads, contiguous(dw_biases), contiguous(pw_biases))
     if impl == "triton":
         from ..kernels.multiscale_aggregate import multiscale_aggregate_fwd
 
@@ -141,7 +162,7 @@ def _aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases, impl
             grad_out, qkv, dw_weights, pw_weights, heads, dw_biases
         )
     else:
-        args = (grad_out, qkv, contiguous(dw_weights), contiguous(pw_weights), heads, contiguous(dw_biases))
+        args = (grad_out, qkv, dw_for(impl, dw_weights), contiguous(pw_weights), heads, contiguous(dw_biases))
         if impl == "triton":
             from ..kernels.multiscale_aggregate import multiscale_aggregate_bwd
 
