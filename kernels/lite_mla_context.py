@@ -463,7 +463,14 @@ def context_configs(
         found.append(dict(first, BLOCK_N=whole, num_warps=8))
     if not channels_last:
         return found
-    return found + [dict(c, TAP_STAGES=PIPELINED_TAPS) for c in found if not c["ROW_TAPS"]]
+    return found + [_pipelined(c) for c in found if not c["ROW_TAPS"]]
+
+
+def _pipelined(config: dict) -> dict:
+    """config with its tap loop pipelined; fp16/bf16 FMA taps with a register budget (ptxas otherwise holds them
+    to 128 and spills 8 bytes on sm_90 in fp16; under this budget 166-168 registers, no spill)."""
+    budget = {} if config["TAP_MMA"] else {"maxnreg": config.get("maxnreg", 168)}
+    return dict(config, TAP_STAGES=PIPELINED_TAPS, **budget)
 
 
 def lite_mla_context_fwd(
@@ -506,6 +513,9 @@ def context_launch(
         tap_stride, tap_major = tap_layout(wd)
         scales.append((tap_stride, (heads, H, W, dim, K * K, chunk, splits), dict(flags, TAP_MAJOR=tap_major)))
     parts = ((B * heads, splits, block_d, block_d), (B * heads, splits, block_d))
+    # the split's second pass with a register budget: ptxas otherwise holds it to 96 registers on sm_80 and
+    # spills 8 bytes in fp16 (under 128: 108, no spill)
+    out_options = {} if one_pass or "maxnreg" in cfg else {"maxnreg": 128}
 
     def launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only=False):
         raw_out = out[:, :width]
@@ -526,7 +536,7 @@ def context_launch(
             o = out[:, (1 + s) * width : (2 + s) * width]
             launcher(_lite_mla_context_fwd_kernel, grid, compile_only)(
                 o, *os, raw_out, *os, qkv, *xs, wd, wdt, bd, wp, bp, state, z, s0, z0, *sizes, eps,
-                ONE_PASS=one_pass, **flags,
+                ONE_PASS=one_pass, **flags, **out_options,
             )  # fmt: skip
         return out
 

@@ -186,8 +186,12 @@ def test_context_configs_measured_on_a_gpu():
     def kinds(B, N, low=True):
         configs = context_configs(H100, B, 16, N, 32, low)
         unpipelined = [c for c in configs if c["TAP_STAGES"] == 1]
-        # then each of them but the unrolled one, with its tap loop pipelined
-        pipelined = [dict(c, TAP_STAGES=PIPELINED_TAPS) for c in unpipelined if not c["ROW_TAPS"]]
+        # then each of them but the unrolled one, with its tap loop pipelined (FMA taps: with a register budget)
+        pipelined = [
+            dict(c, TAP_STAGES=PIPELINED_TAPS, **({} if c["TAP_MMA"] else {"maxnreg": c.get("maxnreg", 168)}))
+            for c in unpipelined
+            if not c["ROW_TAPS"]
+        ]
         assert configs == unpipelined + pipelined and PIPELINED_TAPS > 1
         return [(c["TAP_MMA"], c["ROW_TAPS"], split_rows(N, c)[2]) for c in unpipelined]
 
