@@ -438,7 +438,10 @@ def context_configs(
     - over channels_last maps (qkv's channels contiguous), each of those but the ROW_TAPS one with its tap loop
       pipelined over PIPELINED_TAPS stages (TAP_STAGES: the unpipelined ones wait on one tap's load at a time;
       pipelined, the sm_90 and sm_80 compiles issue cp.async copies for the tap tiles, without spills; over NCHW
-      maps the compile is the same as unpipelined: no copy is provably aligned). Not yet timed on a GPU.
+      maps the compile is the same as unpipelined: no copy is provably aligned). Not yet timed on a GPU;
+    - over channels_last maps, fp16/bf16, one pass: FMA taps on 64-row tiles, 4 warps (a thread's two rows of
+      eight channels are two 128-bit loads a tap: twice the loads in flight of the 32-row tiles, half the
+      serial tap steps; without spills on sm_90 and sm_80). Not yet timed on a GPU.
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -463,7 +466,10 @@ def context_configs(
         found.append(dict(first, BLOCK_N=whole, num_warps=8))
     if not channels_last:
         return found
-    return found + [_pipelined(c) for c in found if not c["ROW_TAPS"]]
+    pipelined = [_pipelined(c) for c in found if not c["ROW_TAPS"]]
+    if low_precision and split_rows(N, fma)[2] == 1:
+        found.append(dict(fma, BLOCK_N=64, num_warps=4))  # FMA taps, two rows' loads a thread each tap
+    return found + pipelined
 
 
 def _pipelined(config: dict) -> dict:
