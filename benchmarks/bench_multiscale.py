@@ -123,8 +123,8 @@ def op_function(op: str, impl: str, shape: LiteMLAShape):
 def setup(op: str, provider: str, shape: LiteMLAShape, inputs: Inputs) -> dict:
     """{"fwd", "fwd+bwd"} callables of `provider`; raises Skipped when it cannot run here.
 
-    fwd returns the output from detached inputs (inference, no autograd graph; linattn's providers take the
-    depthwise weights as linattn.nn.LiteMLA hands them at inference, tap-major, packed once before the timing);
+    fwd returns the output from detached inputs (inference, no autograd graph; the triton and auto providers take
+    the depthwise weights as linattn.nn.LiteMLA hands them at inference, tap-major, packed before the timing);
     fwd+bwd returns the gradients of sum(out * grad_out) with respect to qkv and every weight.
     """
     device = inputs.qkv.device
@@ -140,7 +140,7 @@ def setup(op: str, provider: str, shape: LiteMLAShape, inputs: Inputs) -> dict:
     leaves = inputs.leaves()
     S = len(shape.scales)
     detached = [t.detach() for t in leaves]
-    if provider in BACKEND_PROVIDERS:
+    if provider in ("triton", "auto"):  # (the cuda implementation reads contiguous ones)
         detached[1 : 1 + S] = [tap_major(w) for w in detached[1 : 1 + S]]
 
     def forward():

@@ -287,7 +287,8 @@ def tap_layout(wd) -> tuple[int, bool]:
     K = wd.shape[3]
     if wd.is_contiguous():
         return 1, False
-    assert wd.stride(0) == 1 and (K == 1 or wd.stride(2) == K * wd.stride(3)), f"depthwise strides {wd.stride()}"
+    if wd.stride(0) != 1 or (K > 1 and wd.stride(2) != K * wd.stride(3)):
+        raise ValueError(f"depthwise weight strides {wd.stride()}: neither contiguous nor tap-major")
     return wd.stride(3), True
 
 

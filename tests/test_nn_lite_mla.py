@@ -182,6 +182,16 @@ def test_eval_packs_depthwise_weights_once(target, monkeypatch):
     packed, unpacked = outputs()
     assert seen[4][1] is not seen[0][1]
     assert_close(packed, unpacked, 1e-6, "packed anew after an in-place update")
+    # a parametrized weight is a new tensor each read (no cache key): handed over as it is
+    torch.nn.utils.parametrize.register_parametrization(ours.aggreg[0][0], "weight", _Negated())
+    packed, unpacked = outputs()
+    assert seen[6][0].is_contiguous() and not isinstance(seen[6][0], nn.Parameter)
+    assert_close(packed, unpacked, 1e-6, "parametrized weight")
+
+
+class _Negated(nn.Module):
+    def forward(self, w):
+        return -w
 
 
 def test_from_module_copies_configuration():

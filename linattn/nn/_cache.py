@@ -1,4 +1,5 @@
-"""Eval-mode constants derived from parameters (folded BatchNorms), computed once per parameter state.
+"""Eval-mode constants derived from parameters (folded BatchNorms, LiteMLA's tap-major depthwise weights),
+computed once per parameter state.
 
 Folding a BatchNorm costs a handful of small ops; done on every forward it would dispatch more ops
 than the fused block saves (a launch each on a GPU). The result is kept on the module and reused

@@ -219,10 +219,10 @@ class LiteMLA(EvalConstants):
             return t if t is None or t.dtype == dtype else t.to(dtype)
 
         dws = [agg[0].weight for agg in self.aggreg]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in dws)):
-            dws = [cast(w) for w in dws]
-        else:  # packed once (while the weights are unchanged): the kernels' tap loads are vectors (tap_major)
+        if self._packs(dws):  # once, while the weights are unchanged: the Triton kernels' tap loads are vectors
             dws = self.eval_constants(dws, lambda: [tap_major(cast(w)) for w in dws], (dtype,))
+        else:
+            dws = [cast(w) for w in dws]
         pws = [cast(agg[1].weight) for agg in self.aggreg]
         dbs = [cast(agg[0].bias) for agg in self.aggreg]
         pbs = [cast(agg[1].bias) for agg in self.aggreg]
@@ -233,6 +233,16 @@ class LiteMLA(EvalConstants):
             return lite_mla_context(qkv, dws, pws, self.heads, self.dim, self.eps, dbs, pbs)
         multi_scale = multiscale_aggregate(qkv, dws, pws, self.heads, dbs, pbs) if dws else qkv
         return reference.relu_quadratic_attention(multi_scale, self.dim, self.eps)
+
+    @staticmethod
+    def _packs(dws: list[Tensor]) -> bool:
+        """Whether the depthwise weights go to the context op tap-major (ops.multiscale_aggregate.tap_major): when
+        no gradient reaches them, they are parameters (a parametrization's weight is a new tensor each read, no
+        key for a cache) and torch.compile is not tracing (it sees the parameters as they are). On the cuda
+        backend the op copies them back to contiguous, a small copy per scale and call."""
+        if torch.compiler.is_compiling() or not all(isinstance(w, nn.Parameter) for w in dws):
+            return False
+        return not (torch.is_grad_enabled() and any(w.requires_grad for w in dws))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x: (B, in_channels, H, W) -> (B, out_channels, H, W), plus `residual` when given (an EfficientViT
