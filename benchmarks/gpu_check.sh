@@ -40,14 +40,15 @@
 #                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
 #                           the end-to-end steps); bench-multiscale and bench-linear-attention the same. Ahead
 #                           of XL1 (11 s on the seventh pass, which had no budget left for it after XL1)
+#   bench-multiscale    40  the context op alone (and multiscale_aggregate) at every LiteMLA stage: its share of
+#                           the memory floor (issue 14), ahead of XL1 too (17 s on the fifth pass)
 #   bench-e2e-xl1      225  as l0 without compile (E2E_MODELS: the first model runs before check with compile, the
 #                           rest here without it)
 #   kernels             40  benchmarks/profile_kernels.py: the profiler's per-kernel view (time, registers,
 #                           shared memory, occupancy, bandwidth over the call's span) of the conv and LiteMLA
 #                           benchmarks' headline shapes, eager, triton and cuda
 #   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
-#   bench-multiscale    40
-#   bench-linear-attention
+#   bench-linear-attention  40
 #   bench-upsample-sum      the neck merge (l0, xl1), as the other op benchmarks
 # Opt-in (named in STEPS, or PROFILE=full): sanitizer-racecheck, sanitizer-initcheck.
 #
@@ -307,6 +308,7 @@ step bench-host 60 0 "$PY" benchmarks/bench_host.py --out "$RESULTS"
 step check "$B_CHECK" 0 "$PY" -m linattn check
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
+bench multiscale MULTISCALE_BENCH_ARGS bench_multiscale.py "${MS[@]}"
 for model in "${MODELS[@]:1}"; do e2e "$model" "${E2E_REST[@]}"; done
 bench_args KERNELS_ARGS "${KERNELS[@]}"
 step kernels "$B_BENCH" 0 "$PY" benchmarks/profile_kernels.py --out "$RESULTS" "${ARGS[@]}"
@@ -317,7 +319,6 @@ for tool in memcheck racecheck initcheck; do
     step "sanitizer-$tool" "$B_SAN" "$optional" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m linattn check
 done
-bench multiscale MULTISCALE_BENCH_ARGS bench_multiscale.py "${MS[@]}"
 bench linear-attention LINEAR_ATTENTION_BENCH_ARGS bench_linear_attention.py "${LIN[@]}"
 bench upsample-sum UPSAMPLE_SUM_BENCH_ARGS bench_upsample_sum.py "${UPS[@]}"
 

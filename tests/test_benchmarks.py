@@ -624,10 +624,10 @@ def test_gpu_check_dry_run_layout(tmp_path):
     steps += [
         "bench-conv-bn-act",
         "bench-lite-mla",
+        "bench-multiscale",
         "bench-e2e-xl1",
         "kernels",
         "sanitizer-memcheck",
-        "bench-multiscale",
     ]
     steps += ["bench-linear-attention", "bench-upsample-sum"]
     assert [line.split()[0] for line in summary.splitlines() if line.split() and line.split()[0] in steps] == steps
