@@ -519,9 +519,11 @@ def context_launch(
         tap_stride, tap_major = tap_layout(wd)
         scales.append((tap_stride, (heads, H, W, dim, K * K, chunk, splits), dict(flags, TAP_MAJOR=tap_major)))
     parts = ((B * heads, splits, block_d, block_d), (B * heads, splits, block_d))
-    # the split's second pass with a register budget: ptxas otherwise holds it to 96 registers on sm_80 and
-    # spills 8 bytes in fp16 (under 128: 108, no spill)
-    out_options = {} if one_pass or "maxnreg" in cfg else {"maxnreg": 128}
+    # fp16, the split's second pass: a register budget (ptxas otherwise holds it to 96 registers on sm_80 and
+    # spills 8 bytes; under 128: 108, no spill). Not for bf16, which needs none: under a budget ptxas takes up
+    # to it (sm_90: 76 -> 108 registers, 7 -> 4 programs an SM)
+    fp16_split = qkv.dtype == torch.float16 and not one_pass and "maxnreg" not in cfg
+    out_options = {"maxnreg": 128} if fp16_split else {}
 
     def launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only=False):
         raw_out = out[:, :width]
