@@ -736,19 +736,19 @@ def layer_calls(
 
 
 def _direct_launch(kernel, grid, args: tuple, kwargs: dict) -> tuple[Callable | None, str]:
-    """The kernel's compiled form launched directly (CompiledKernel[grid] with every parameter's value in order):
-    Triton's launch without its argument binding, specialization and cache lookup, the most a launch cache of
-    linattn's own could save. Not on the interpreter (nothing is compiled there)."""
+    """The launch a planned call makes from its third call on (kernels/_device.py KernelLaunch: the kernel's
+    compiled form launched through its own launcher, CompiledKernel[grid], without Triton's argument binding,
+    specialization and cache lookup). Not on the interpreter (nothing is compiled there)."""
+    from linattn.kernels._device import KernelLaunch
+
     if _backend.interpreting():
         return None, "the interpreter compiles nothing"
-    try:
-        compiled = kernel[grid](*args, **kwargs)  # the launch returns what it ran
-        params = kernel.params
-        values = [*args, *(kwargs[p.name] if p.name in kwargs else p.default for p in params[len(args) :])]
-        runner = compiled[grid]
-    except Exception as err:  # another Triton's internals
-        return None, f"no direct launch here: {type(err).__name__}: {err}"
-    return (lambda: runner(*values)), f"CompiledKernel[grid](...) with the {len(values)} parameters' values"
+    launch = KernelLaunch(kernel, grid)
+    for _ in range(2):  # Triton's launch, twice: the same compiled kernel, so the third goes direct
+        launch(*args, **kwargs)
+    if launch.runner is None:
+        return None, "KernelLaunch kept Triton's launch (LINATTN_DIRECT_LAUNCH=0, or another Triton's internals)"
+    return (lambda: launch(*args, **kwargs)), "KernelLaunch from its third call: CompiledKernel[grid](...)"
 
 
 def time_layer(fn: Callable, device: torch.device, calls: int = LAYER_CALLS, repeats: int = LAYER_REPEATS):

@@ -7,6 +7,7 @@ the tests run it under the Triton interpreter at small shapes.
 """
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -66,7 +67,57 @@ def cuda_device(index: int | None) -> Device:
     return Device(gpu=True, sms=props.multi_processor_count, tma=props.major >= 9 and tma_enabled())
 
 
-def launcher(kernel, grid, compile_only: bool = False):
-    """kernel[grid], or with compile_only a call that compiles the kernel for its arguments without launching it
-    (measured dispatch compiles a call's candidate configurations on threads before timing them)."""
-    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+def direct_launch_enabled() -> bool:
+    """Whether prepared launches switch to their compiled kernel's own launcher (KernelLaunch): unless
+    LINATTN_DIRECT_LAUNCH=0."""
+    return os.environ.get("LINATTN_DIRECT_LAUNCH") != "0"
+
+
+class KernelLaunch:
+    """kernel[grid](*args, **kwargs) for the calls of one prepared launch (kernels/conv_bn_act.py fwd_launch,
+    kernels/lite_mla_context.py context_launch): calls that agree on all Triton specializes a kernel on (a call
+    plan keys shapes, strides, dtypes, devices and each tensor's 16-byte alignment; the keyword arguments,
+    constexprs and launch options, are the prepared launch's own, the same every call).
+
+    Through Triton's launch until it has returned the same compiled kernel twice, then through that compiled
+    kernel's own launcher (CompiledKernel[grid], which takes the current stream and runs Triton's launch hooks as
+    its JIT launch does), with the arguments Triton would bind. What is skipped is Triton's argument binding,
+    specialization and cache lookup: about 10 us a launch of the conv kernel's 40 arguments on a 2-core CPU, the
+    most of its host time (bench_host's kernel-triton and kernel-direct rows time both on a GPU). While another
+    device is current, Triton's launch (its compiled kernels are per device). LINATTN_DIRECT_LAUNCH=0: Triton's
+    launch every time. compile_only=True: compile for these arguments, launch nothing (measured dispatch
+    compiles a call's candidates on threads before timing them)."""
+
+    __slots__ = ("kernel", "grid", "last", "runner", "tail", "device")
+
+    def __init__(self, kernel, grid: tuple):
+        self.kernel, self.grid = kernel, grid
+        self.last = self.runner = self.tail = self.device = None
+
+    def __call__(self, *args, compile_only: bool = False, **kwargs):
+        if compile_only:
+            return self.kernel.warmup(*args, grid=self.grid, **kwargs)
+        if self.runner is not None and torch.cuda.current_device() == self.device:
+            return self.runner(*args, *self.tail)
+        compiled = self.kernel[self.grid](*args, **kwargs)
+        if compiled is not None and compiled is self.last and self.runner is None and direct_launch_enabled():
+            self._go_direct(compiled, len(args), kwargs)
+        self.last = compiled
+        return compiled
+
+    def _go_direct(self, compiled, given: int, kwargs: dict) -> None:
+        """Keep compiled's launcher and the values of the parameters after the `given` positional ones (in the
+        order Triton binds them: from kwargs, else their defaults)."""
+        from triton.compiler.compiler import CompiledKernel
+
+        params = getattr(self.kernel, "params", None)
+        if not isinstance(compiled, CompiledKernel) or params is None:
+            return
+        tail = tuple(kwargs.get(p.name, p.default) for p in params[given:])
+        if any(v is inspect.Parameter.empty for v in tail):
+            return
+        try:
+            runner = compiled[self.grid]
+        except Exception:  # another Triton's internals: keep its own launch
+            return
+        self.tail, self.runner, self.device = tail, runner, torch.cuda.current_device()

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ._device import Device, cdiv, device_of, launcher, next_pow2
+from ._device import Device, KernelLaunch, cdiv, device_of, next_pow2
 
 ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
 
@@ -884,11 +884,12 @@ def _launch_dw3(x, weight, epilogue: dict, out, cfg: dict) -> Callable:
     flags = {k: v for k, v in epilogue.items() if k != "SHUFFLE"}  # the row kernel stores in place only
     os, xs, ws = out.stride(), x.stride(), (weight.stride(0), *weight.stride()[2:])
     sizes = (C, H, W, rows, tiles_h, tiles_w)
+    kernel = KernelLaunch(_conv_bn_act_fwd_dw3_kernel, grid)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
-        launcher(_conv_bn_act_fwd_dw3_kernel, grid, compile_only)(
+        kernel(
             out, *os, x, *xs, weight, *ws, *_epilogue_args(weight, bias, post_scale, post_shift, residual, out),
-            *sizes, **flags, **cfg,
+            *sizes, **flags, **cfg, compile_only=compile_only,
         )  # fmt: skip
         return out
 
@@ -910,11 +911,13 @@ def _launch_tma(x, weight, padding, dilation, Ho, Wo, epilogue: dict, out, cfg: 
     os = out.stride()
     sizes = (Cout, cin, Ho, Wo, tiles_h, tiles_w, *padding, *dilation)
     flags = dict(KH=KH, KW=KW, **epilogue, **_precision(x), **cfg)
+    kernel = KernelLaunch(_conv_bn_act_fwd_tma_kernel, grid)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
-        launcher(_conv_bn_act_fwd_tma_kernel, grid, compile_only)(
+        kernel(
             out, *os, TensorDescriptor(x, *x_desc), TensorDescriptor(weight, *w_desc),
             *_epilogue_args(weight, bias, post_scale, post_shift, residual, out), *sizes, **flags,
+            compile_only=compile_only,
         )  # fmt: skip
         return out
 
@@ -975,17 +978,15 @@ def fwd_launch(
     block_m, block_n = 32, _pow2(Cout, 16, 128)  # the split-K epilogue's tiles
     sum_grid = (cdiv(M, block_m), cdiv(Cout, block_n))
     sum_flags = dict(**epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    kernel = KernelLaunch(_conv_bn_act_fwd_kernel, grid)
+    epilogue_kernel = KernelLaunch(_conv_bn_act_splitk_epilogue_kernel, sum_grid)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
         epi = _epilogue_args(weight, bias, post_scale, post_shift, residual, out)
         parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
-        launcher(_conv_bn_act_fwd_kernel, grid, compile_only)(
-            out, *os, x, *xs, weight, *ws, *epi, parts, *sizes, **flags
-        )
+        kernel(out, *os, x, *xs, weight, *ws, *epi, parts, *sizes, **flags, compile_only=compile_only)
         if split > 1:
-            launcher(_conv_bn_act_splitk_epilogue_kernel, sum_grid, compile_only)(
-                out, *os, parts, *epi, M, Cout, split, Ho, Wo, **sum_flags
-            )
+            epilogue_kernel(out, *os, parts, *epi, M, Cout, split, Ho, Wo, **sum_flags, compile_only=compile_only)
         return out
 
     return launch

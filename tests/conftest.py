@@ -30,3 +30,20 @@ def gpu_heuristics(monkeypatch):
     _tune.forget_plans()  # planned under the interpreter's description: not H100's
     yield H100
     _tune.forget_plans()
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """A list of the kernels Triton's own launch (JITFunction.run, not a warm-up) runs while the test runs."""
+    from triton.runtime.jit import JITFunction
+
+    seen = []
+    run = JITFunction.run
+
+    def counted(self, *args, warmup, **kwargs):
+        if not warmup:
+            seen.append(self.fn.__name__)
+        return run(self, *args, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", counted)
+    return seen

@@ -75,24 +75,18 @@ def test_host_layers_main_writes_rows(tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
-def test_direct_launch_hands_every_parameter_in_order(monkeypatch):
-    """The bare compiled launch (a GPU-only layer): every kernel parameter's value in the kernel's order, the
-    launch's positional arguments, then its keywords by name, then the defaults of those not given."""
-    from types import SimpleNamespace
-
-    seen = []
-
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *values: seen.append((grid, values))
+def test_direct_launch_is_a_planned_calls_launch(monkeypatch):
+    """The bare compiled launch (a GPU-only layer) is KernelLaunch from its third call (tests/test_tune.py checks
+    what it hands the compiled kernel); where Triton's launch does not return one compiled kernel twice, or under
+    the interpreter, the layer is skipped with the reason."""
+    launches = []
 
     class Kernel:
-        params = [SimpleNamespace(name=n, default=d) for n, d in (("x", None), ("n", None), ("B", None), ("C", 7))]
-
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: Compiled()
+            return lambda *args, **kwargs: launches.append(args)  # returns no compiled kernel
 
+    fn, why = bench_host._direct_launch(Kernel(), (3, 1), ("x", 5), {"B": 2})
+    assert fn is None and "interpreter" in why and not launches
     monkeypatch.setattr(bench_host._backend, "interpreting", lambda: False)
-    fn, what = bench_host._direct_launch(Kernel(), (3, 1), ("x", 5), {"B": 2, "num_warps": 4})
-    fn()
-    assert seen == [((3, 1), ("x", 5, 2, 7))] and "4 parameters" in what
+    fn, why = bench_host._direct_launch(Kernel(), (3, 1), ("x", 5), {"B": 2})
+    assert fn is None and "kept Triton's launch" in why and launches == [("x", 5)] * 2

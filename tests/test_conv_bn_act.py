@@ -1281,3 +1281,77 @@ def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
             assert_close(linattn.conv_bn_act(x, w, b, 1, 1, 1, 1, "gelu_tanh", s, t, r), ref, tol, "op, planned")
     plans = [kept[0] for key, kept in _tune._plans.items() if key[0] == "conv_bn_act" and key[1][0][0] == x.shape]
     assert plans and all(plan[4] is not None for plan in plans)  # the op ran its plan's prepared launch
+
+
+DIRECT_CASES = [  # (B, Cin, Cout, H, W, k, stride, dil, groups, act, post, dtype, channels_last, residual)
+    (1, 64, 64, 8, 8, 3, 1, 1, 1, "gelu_tanh", True, torch.bfloat16, True, True),  # batch 1: split-K, 2 kernels
+    (2, 64, 64, 16, 16, 3, 1, 1, 64, "relu6", False, torch.bfloat16, True, False),  # depthwise
+    (2, 96, 128, 12, 12, 1, 1, 1, 1, "identity", True, torch.float16, True, True),  # 1x1
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=["3x3-b1", "depthwise", "1x1"])
+def test_planned_calls_launch_directly_on_cuda(case, triton_launches, monkeypatch):
+    """From a call signature's third call its Triton kernels launch through their compiled kernel's own launcher
+    (kernels/_device.py KernelLaunch): Triton's launch runs for the first two calls only, and every call on fresh
+    inputs gives what Triton's launch gives (LINATTN_DIRECT_LAUNCH=0), bit for bit, NaN-poisoned outputs."""
+    inputs = [make_conv(case, "cuda", seed=seed) for seed in range(4)]
+    module = importlib.import_module("linattn.ops.conv_bn_act")
+    allocate = module.new_feature_map
+    monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    monkeypatch.setenv("LINATTN_TUNE", "0")  # the heuristic's configuration: no candidate launched to time it
+
+    def calls():
+        _tune.forget_plans()
+        triton_launches.clear()
+        with linattn.backend("triton"):
+            outs = [linattn.conv_bn_act(x, w, b, **conv, post_scale=s, post_shift=t, residual=r)
+                    for x, w, b, s, t, r, conv in inputs]  # fmt: skip
+        return outs, list(triton_launches)
+
+    monkeypatch.setenv("LINATTN_DIRECT_LAUNCH", "0")
+    want, every = calls()
+    monkeypatch.delenv("LINATTN_DIRECT_LAUNCH")
+    got, first_two = calls()
+    assert len(every) == 2 * len(first_two) and first_two == every[: len(first_two)]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not a.isnan().any() and torch.equal(a, b), f"call {i}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kind", ["tma", "dw3"])
+def test_prepared_tma_and_dw3_launches_directly_on_cuda(kind, triton_launches, monkeypatch):
+    """The tensor-descriptor and row-sliding depthwise kernels' prepared launches switch to their compiled kernel's
+    own launcher from the third call (tensor descriptors made per call pass through it), bit for bit what
+    Triton's launch gives on fresh inputs."""
+    from linattn.kernels._device import device_of
+    from linattn.kernels.conv_bn_act import dw3_configs, fwd_launch, tma_configs
+
+    groups = 64 if kind == "dw3" else 1
+    case = (2, 64, 64, 16, 16, 3, 1, 1, groups, "gelu_tanh", True, torch.bfloat16, True, True)
+    inputs = [make_conv(case, "cuda", seed=seed) for seed in range(4)]
+    x, w = inputs[0][0], inputs[0][1].contiguous(memory_format=torch.channels_last)
+    geometry = ([1, 1], [1, 1], [1, 1], groups)
+    found = (tma_configs if kind == "tma" else dw3_configs)(device_of(x), x, w, *geometry)
+    if not found:
+        pytest.skip(f"no {kind} configuration on this GPU")
+
+    def calls():
+        x, w, b, s, t, r, _ = inputs[0]
+        launch = fwd_launch(x, w.contiguous(memory_format=torch.channels_last), b, *geometry, "gelu_tanh", s, t, r,
+                            torch.empty_like(r), config=found[0])  # fmt: skip
+        triton_launches.clear()
+        outs = []
+        for x, w, b, s, t, r, _ in inputs:
+            out = torch.full_like(r, float("nan"))
+            outs.append(launch(x, w.contiguous(memory_format=torch.channels_last), b, s, t, r, out))
+        return outs, list(triton_launches)
+
+    monkeypatch.setenv("LINATTN_DIRECT_LAUNCH", "0")
+    want, every = calls()
+    monkeypatch.delenv("LINATTN_DIRECT_LAUNCH")
+    got, first_two = calls()
+    assert len(every) == 4 and len(first_two) == 2
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not a.isnan().any() and torch.equal(a, b), f"call {i}"

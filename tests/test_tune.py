@@ -1,5 +1,6 @@
 """Measured dispatch (linattn/_tune.py) with an injected timer: no GPU needed."""
 
+import inspect
 import json
 import warnings
 
@@ -383,3 +384,96 @@ def test_calls_that_cannot_be_keyed_are_not_planned(tuned):
         _tune.plan("toy", (object(),), build)
     assert len(built) == 4
     assert _tune.plan_key((torch.zeros(2), [1, 2], None, "gelu", 1.5)) is not None
+
+
+class _Param:
+    """A parameter as a Triton JIT function lists it."""
+
+    def __init__(self, name, default=inspect.Parameter.empty):
+        self.name, self.default = name, default
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    """(make(fresh), ran): make() builds a stand-in Triton kernel of parameters (x, n, FLAG, OTHER=7) whose launch
+    returns one compiled kernel (a new one each launch with fresh=True); ran lists every launch, Triton's and the
+    compiled kernel's own."""
+    compiler = pytest.importorskip("triton.compiler.compiler")
+    ran = []
+
+    class Compiled(compiler.CompiledKernel):
+        def __init__(self):  # nothing to load: launches are recorded
+            pass
+
+        def __del__(self):  # nothing to unload
+            pass
+
+        def __getitem__(self, grid):
+            return lambda *args: ran.append(("direct", grid, args))
+
+    class Kernel:
+        params = [_Param("x"), _Param("n"), _Param("FLAG"), _Param("OTHER", 7)]
+
+        def __init__(self, fresh):
+            self.fresh, self.compiled = fresh, Compiled()
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                ran.append(("triton", grid, args, kwargs))
+                return Compiled() if self.fresh else self.compiled
+
+            return run
+
+        def warmup(self, *args, grid, **kwargs):
+            ran.append(("warmup", grid, args, kwargs))
+
+    device = [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    monkeypatch.delenv("LINATTN_DIRECT_LAUNCH", raising=False)
+    return (lambda fresh=False: Kernel(fresh)), ran, device
+
+
+def test_a_prepared_launch_switches_to_the_compiled_kernels_launcher(fake_kernel):
+    """kernels/_device.py KernelLaunch: Triton's launch until it has returned the same compiled kernel twice, then
+    that kernel's own launcher with the arguments Triton binds (the positional ones, then each later parameter
+    from the keywords or its default; launch options such as num_warps are not parameters); compile_only
+    compiles through Triton."""
+    from linattn.kernels._device import KernelLaunch
+
+    make, ran, _ = fake_kernel
+    launch = KernelLaunch(make(), (4, 1))
+    for x in "abc":
+        launch(x, 5, FLAG=True, num_warps=4)
+    assert [r[0] for r in ran] == ["triton", "triton", "direct"]
+    assert ran[0] == ("triton", (4, 1), ("a", 5), {"FLAG": True, "num_warps": 4})
+    assert ran[2] == ("direct", (4, 1), ("c", 5, True, 7))
+    launch("d", 5, FLAG=True, num_warps=4, compile_only=True)
+    assert ran[3] == ("warmup", (4, 1), ("d", 5), {"FLAG": True, "num_warps": 4})
+
+
+def test_a_prepared_launch_keeps_tritons_launch_when_it_must(fake_kernel, monkeypatch):
+    """Triton's launch every time where its compiled kernels differ between calls, with LINATTN_DIRECT_LAUNCH=0,
+    and while another device is current (compiled kernels are per device)."""
+    from linattn.kernels._device import KernelLaunch
+
+    make, ran, device = fake_kernel
+    launch = KernelLaunch(make(fresh=True), (2,))
+    for x in "abc":
+        launch(x, 1, FLAG=False)
+    assert [r[0] for r in ran] == ["triton"] * 3
+    ran.clear()
+    monkeypatch.setenv("LINATTN_DIRECT_LAUNCH", "0")
+    launch = KernelLaunch(make(), (2,))
+    for x in "abc":
+        launch(x, 1, FLAG=False)
+    assert [r[0] for r in ran] == ["triton"] * 3
+    ran.clear()
+    monkeypatch.delenv("LINATTN_DIRECT_LAUNCH")
+    launch = KernelLaunch(make(), (2,))
+    for x in "abc":
+        launch(x, 1, FLAG=False)
+    device[0] = 1
+    launch("d", 1, FLAG=False)
+    device[0] = 0
+    launch("e", 1, FLAG=False)
+    assert [r[0] for r in ran] == ["triton", "triton", "direct", "triton", "direct"]
