@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils import assert_close, cuda_may_decline, kernel_targets, rel_err, tolerance
+from utils import assert_close, check_direct_launches, cuda_may_decline, kernel_targets, rel_err, tolerance
 
 import linattn
 from linattn import _tune, reference
@@ -1302,21 +1302,12 @@ def test_planned_calls_launch_directly_on_cuda(case, triton_launches, monkeypatc
     monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
     monkeypatch.setenv("LINATTN_TUNE", "0")  # the heuristic's configuration: no candidate launched to time it
 
-    def calls():
-        _tune.forget_plans()
-        triton_launches.clear()
+    def run():
         with linattn.backend("triton"):
-            outs = [linattn.conv_bn_act(x, w, b, **conv, post_scale=s, post_shift=t, residual=r)
+            return [linattn.conv_bn_act(x, w, b, **conv, post_scale=s, post_shift=t, residual=r)
                     for x, w, b, s, t, r, conv in inputs]  # fmt: skip
-        return outs, list(triton_launches)
 
-    monkeypatch.setenv("LINATTN_DIRECT_LAUNCH", "0")
-    want, every = calls()
-    monkeypatch.delenv("LINATTN_DIRECT_LAUNCH")
-    got, first_two = calls()
-    assert len(every) == 2 * len(first_two) and first_two == every[: len(first_two)]
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert not a.isnan().any() and torch.equal(a, b), f"call {i}"
+    check_direct_launches(run, triton_launches, monkeypatch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -1337,21 +1328,14 @@ def test_prepared_tma_and_dw3_launches_directly_on_cuda(kind, triton_launches, m
     if not found:
         pytest.skip(f"no {kind} configuration on this GPU")
 
-    def calls():
+    def run():
         x, w, b, s, t, r, _ = inputs[0]
         launch = fwd_launch(x, w.contiguous(memory_format=torch.channels_last), b, *geometry, "gelu_tanh", s, t, r,
                             torch.empty_like(r), config=found[0])  # fmt: skip
-        triton_launches.clear()
         outs = []
         for x, w, b, s, t, r, _ in inputs:
             out = torch.full_like(r, float("nan"))
             outs.append(launch(x, w.contiguous(memory_format=torch.channels_last), b, s, t, r, out))
-        return outs, list(triton_launches)
+        return outs
 
-    monkeypatch.setenv("LINATTN_DIRECT_LAUNCH", "0")
-    want, every = calls()
-    monkeypatch.delenv("LINATTN_DIRECT_LAUNCH")
-    got, first_two = calls()
-    assert len(every) == 4 and len(first_two) == 2
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert not a.isnan().any() and torch.equal(a, b), f"call {i}"
+    check_direct_launches(run, triton_launches, monkeypatch)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from test_multiscale_aggregate import f64, make_aggregation
-from utils import assert_close, kernel_targets, rel_err, tolerance
+from utils import assert_close, check_direct_launches, kernel_targets, rel_err, tolerance
 
 import linattn
 from linattn import eager, reference
@@ -277,25 +277,12 @@ def test_planned_calls_launch_directly_on_cuda(B, triton_launches, monkeypatch):
     """From a call signature's third call the context's kernels launch through their compiled kernels' own
     launchers (kernels/_device.py KernelLaunch): Triton's launch runs for the first two calls only, and every
     call on fresh inputs (tap-major weights, as LiteMLA hands them) gives what Triton's launch gives, bit for bit."""
-    from linattn import _tune
-
     monkeypatch.setenv("LINATTN_TUNE", "0")  # the heuristic's configuration: no candidate launched to time it
     shape = (B, 2, 32, 16, 16, (5,), True, torch.bfloat16, "cuda", True)
     inputs = [make_aggregation(*shape, seed=seed, tap_major=True) for seed in range(4)]
 
-    def calls():
-        _tune.forget_plans()
-        triton_launches.clear()
+    def run():
         with linattn.backend("triton"):
-            outs = [
-                linattn.lite_mla_context(qkv, dws, pws, 2, 32, 1e-15, dbs, pbs) for qkv, dws, pws, dbs, pbs in inputs
-            ]
-        return outs, list(triton_launches)
+            return [linattn.lite_mla_context(q, dws, pws, 2, 32, 1e-15, dbs, pbs) for q, dws, pws, dbs, pbs in inputs]
 
-    monkeypatch.setenv("LINATTN_DIRECT_LAUNCH", "0")
-    want, every = calls()
-    monkeypatch.delenv("LINATTN_DIRECT_LAUNCH")
-    got, first_two = calls()
-    assert len(every) == 2 * len(first_two) and first_two == every[: len(first_two)]
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.isfinite(a).all() and torch.equal(a, b), f"call {i}"
+    check_direct_launches(run, triton_launches, monkeypatch)

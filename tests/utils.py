@@ -65,3 +65,25 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
             else:
                 t.copy_(torch.randn(t.shape, generator=gen) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
     return model
+
+
+def check_direct_launches(run, launches: list, monkeypatch) -> None:
+    """run() (four calls of one signature on fresh inputs, their outputs) on fresh call plans twice: with
+    LINATTN_DIRECT_LAUNCH=0, then as by default. By default Triton's own launch (`launches`, the triton_launches
+    fixture) runs for the first two calls only (kernels/_device.py KernelLaunch), and every output equals the
+    other run's bit for bit, all finite (outputs are NaN-poisoned)."""
+    from linattn import _tune
+
+    def once():
+        _tune.forget_plans()
+        launches.clear()
+        outs = run()
+        return outs, list(launches)
+
+    monkeypatch.setenv("LINATTN_DIRECT_LAUNCH", "0")
+    want, every = once()
+    monkeypatch.delenv("LINATTN_DIRECT_LAUNCH")
+    got, first_two = once()
+    assert len(every) == 2 * len(first_two) and first_two == every[: len(first_two)], (every, first_two)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.isfinite(a).all() and torch.equal(a, b), f"call {i}"
