@@ -84,8 +84,9 @@ class KernelLaunch:
     its JIT launch does), with the arguments Triton would bind. What is skipped is Triton's argument binding,
     specialization and cache lookup: about 10 us a launch of the conv kernel's 40 arguments on a 2-core CPU, the
     most of its host time (bench_host's kernel-triton and kernel-direct rows time both on a GPU). While another
-    device is current, Triton's launch (its compiled kernels are per device). LINATTN_DIRECT_LAUNCH=0: Triton's
-    launch every time. compile_only=True: compile for these arguments, launch nothing (measured dispatch
+    device is current, Triton's launch (its compiled kernels are per device). Triton settings read at launch
+    (TRITON_DEBUG, instrumentation) changed after the switch do not reach the kernel kept. LINATTN_DIRECT_LAUNCH=0:
+    Triton's launch every time. compile_only=True: compile for these arguments, launch nothing (measured dispatch
     compiles a call's candidates on threads before timing them)."""
 
     __slots__ = ("kernel", "grid", "last", "runner", "tail", "device")
@@ -116,8 +117,8 @@ class KernelLaunch:
         tail = tuple(kwargs.get(p.name, p.default) for p in params[given:])
         if any(v is inspect.Parameter.empty for v in tail):
             return
-        try:
-            runner = compiled[self.grid]
+        try:  # the compiled kernel's launcher reads three grid sizes (Triton's launch pads a shorter grid)
+            runner = compiled[(*self.grid, 1, 1)[:3]]
         except Exception:  # another Triton's internals: keep its own launch
             return
         self.tail, self.runner, self.device = tail, runner, torch.cuda.current_device()

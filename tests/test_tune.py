@@ -408,8 +408,8 @@ def fake_kernel(monkeypatch):
         def __del__(self):  # nothing to unload
             pass
 
-        def __getitem__(self, grid):
-            return lambda *args: ran.append(("direct", grid, args))
+        def __getitem__(self, grid):  # as Triton's: the launcher reads three grid sizes
+            return lambda *args: ran.append(("direct", (grid[0], grid[1], grid[2]), args))
 
     class Kernel:
         params = [_Param("x"), _Param("n"), _Param("FLAG"), _Param("OTHER", 7)]
@@ -446,7 +446,7 @@ def test_a_prepared_launch_switches_to_the_compiled_kernels_launcher(fake_kernel
         launch(x, 5, FLAG=True, num_warps=4)
     assert [r[0] for r in ran] == ["triton", "triton", "direct"]
     assert ran[0] == ("triton", (4, 1), ("a", 5), {"FLAG": True, "num_warps": 4})
-    assert ran[2] == ("direct", (4, 1), ("c", 5, True, 7))
+    assert ran[2] == ("direct", (4, 1, 1), ("c", 5, True, 7))  # the grid padded, as Triton's launch pads it
     launch("d", 5, FLAG=True, num_warps=4, compile_only=True)
     assert ran[3] == ("warmup", (4, 1), ("d", 5), {"FLAG": True, "num_warps": 4})
 
