@@ -9,6 +9,7 @@ the tests run it under the Triton interpreter at small shapes.
 import functools
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,13 @@ def cuda_device(index: int | None) -> Device:
     return Device(gpu=True, sms=props.multi_processor_count, tma=props.major >= 9 and tma_enabled())
 
 
+_direct_failed = []  # the first direct launch that raised: none are tried after it
+
+
 def direct_launch_enabled() -> bool:
     """Whether prepared launches switch to their compiled kernel's own launcher (KernelLaunch): unless
-    LINATTN_DIRECT_LAUNCH=0."""
-    return os.environ.get("LINATTN_DIRECT_LAUNCH") != "0"
+    LINATTN_DIRECT_LAUNCH=0, or one such launch has raised in this process."""
+    return os.environ.get("LINATTN_DIRECT_LAUNCH") != "0" and not _direct_failed
 
 
 class KernelLaunch:
@@ -86,7 +90,9 @@ class KernelLaunch:
     most of its host time (bench_host's kernel-triton and kernel-direct rows time both on a GPU). While another
     device is current, Triton's launch (its compiled kernels are per device). Triton settings read at launch
     (TRITON_DEBUG, instrumentation) changed after the switch do not reach the kernel kept. LINATTN_DIRECT_LAUNCH=0:
-    Triton's launch every time. compile_only=True: compile for these arguments, launch nothing (measured dispatch
+    Triton's launch every time. A direct launch that raises (a Triton whose compiled kernels take their arguments
+    otherwise) warns once and turns direct launches off for the process; that call goes through Triton's launch.
+    compile_only=True: compile for these arguments, launch nothing (measured dispatch
     compiles a call's candidates on threads before timing them)."""
 
     __slots__ = ("kernel", "grid", "last", "runner", "tail", "device")
@@ -99,7 +105,10 @@ class KernelLaunch:
         if compile_only:
             return self.kernel.warmup(*args, grid=self.grid, **kwargs)
         if self.runner is not None and torch.cuda.current_device() == self.device:
-            return self.runner(*args, *self.tail)
+            try:
+                return self.runner(*args, *self.tail)
+            except Exception as err:
+                self._give_up(err)
         compiled = self.kernel[self.grid](*args, **kwargs)
         if compiled is not None and compiled is self.last and self.runner is None and direct_launch_enabled():
             self._go_direct(compiled, len(args), kwargs)
@@ -122,3 +131,15 @@ class KernelLaunch:
         except Exception:  # another Triton's internals: keep its own launch
             return
         self.tail, self.runner, self.device = tail, runner, torch.cuda.current_device()
+
+    def _give_up(self, err: Exception) -> None:
+        self.runner = None
+        if not _direct_failed:
+            name = getattr(getattr(self.kernel, "fn", None), "__name__", "a kernel")
+            warnings.warn(
+                f"linattn: the direct launch of {name} raised {type(err).__name__}: {err}; Triton's launch from now "
+                "on (LINATTN_DIRECT_LAUNCH=0 skips the attempt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _direct_failed.append(err)

@@ -395,27 +395,34 @@ class _Param:
 
 @pytest.fixture
 def fake_kernel(monkeypatch):
-    """(make(fresh), ran): make() builds a stand-in Triton kernel of parameters (x, n, FLAG, OTHER=7) whose launch
-    returns one compiled kernel (a new one each launch with fresh=True); ran lists every launch, Triton's and the
-    compiled kernel's own."""
+    """(make(fresh, broken), ran, current device): make() builds a stand-in Triton kernel of parameters (x, n,
+    FLAG, OTHER=7) whose launch returns one compiled kernel (a new one each launch with fresh=True; one whose own
+    launcher raises with broken=True); ran lists every launch, Triton's and the compiled kernel's own."""
     compiler = pytest.importorskip("triton.compiler.compiler")
+    from linattn.kernels import _device
+
     ran = []
 
     class Compiled(compiler.CompiledKernel):
-        def __init__(self):  # nothing to load: launches are recorded
-            pass
+        def __init__(self, broken=False):  # nothing to load: launches are recorded
+            self.broken = broken
 
         def __del__(self):  # nothing to unload
             pass
 
         def __getitem__(self, grid):  # as Triton's: the launcher reads three grid sizes
-            return lambda *args: ran.append(("direct", (grid[0], grid[1], grid[2]), args))
+            def runner(*args):
+                if self.broken:
+                    raise TypeError("function takes exactly 12 arguments")
+                ran.append(("direct", (grid[0], grid[1], grid[2]), args))
+
+            return runner
 
     class Kernel:
         params = [_Param("x"), _Param("n"), _Param("FLAG"), _Param("OTHER", 7)]
 
-        def __init__(self, fresh):
-            self.fresh, self.compiled = fresh, Compiled()
+        def __init__(self, fresh, broken):
+            self.fresh, self.compiled = fresh, Compiled(broken)
 
         def __getitem__(self, grid):
             def run(*args, **kwargs):
@@ -430,7 +437,8 @@ def fake_kernel(monkeypatch):
     device = [0]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
     monkeypatch.delenv("LINATTN_DIRECT_LAUNCH", raising=False)
-    return (lambda fresh=False: Kernel(fresh)), ran, device
+    monkeypatch.setattr(_device, "_direct_failed", [])
+    return (lambda fresh=False, broken=False: Kernel(fresh, broken)), ran, device
 
 
 def test_a_prepared_launch_switches_to_the_compiled_kernels_launcher(fake_kernel):
@@ -477,3 +485,20 @@ def test_a_prepared_launch_keeps_tritons_launch_when_it_must(fake_kernel, monkey
     device[0] = 0
     launch("e", 1, FLAG=False)
     assert [r[0] for r in ran] == ["triton", "triton", "direct", "triton", "direct"]
+
+
+def test_a_direct_launch_that_raises_turns_them_off(fake_kernel):
+    """A compiled kernel whose own launcher raises (another Triton's internals): one warning, that call through
+    Triton's launch, and no prepared launch switches again in the process."""
+    from linattn.kernels._device import KernelLaunch
+
+    make, ran, _ = fake_kernel
+    launch = KernelLaunch(make(broken=True), (2, 3))
+    for x in "ab":
+        launch(x, 1, FLAG=True)
+    with pytest.warns(RuntimeWarning, match="direct launch of .* raised TypeError"):
+        launch("c", 1, FLAG=True)
+    other = KernelLaunch(make(), (2,))
+    for x in "abc":
+        other(x, 1, FLAG=True)
+    assert [r[0] for r in ran] == ["triton"] * 6 and launch.runner is None and other.runner is None
