@@ -514,11 +514,11 @@ def context_launch(
     scales = []  # per scale: (depthwise weight's tap stride, sizes, flags, its two kernels' launches)
     for s, wd in enumerate(dw_weights):
         K = wd.shape[-1]
-        flags = dict(KSIZE=K, HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0, UPCAST=upcast,
-                     PRECISION=precision, **cfg)  # fmt: skip
         tap_stride, tap_major = tap_layout(wd)
+        flags = dict(KSIZE=K, TAP_MAJOR=tap_major, HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0,
+                     UPCAST=upcast, PRECISION=precision, **cfg)  # fmt: skip
         kernels = (KernelLaunch(_lite_mla_context_state_kernel, grid), KernelLaunch(_lite_mla_context_fwd_kernel, grid))
-        scales.append((tap_stride, (heads, H, W, dim, K * K, chunk, splits), dict(flags, TAP_MAJOR=tap_major), kernels))
+        scales.append((tap_stride, (heads, H, W, dim, K * K, chunk, splits), flags, kernels))
     parts = ((B * heads, splits, block_d, block_d), (B * heads, splits, block_d))
     # fp16, the split's second pass: a register budget (ptxas otherwise holds it to 96 registers on sm_80 and
     # spills 8 bytes; under 128: 108, no spill). Not for bf16, which needs none: under a budget ptxas takes up

@@ -279,17 +279,21 @@ def aggregate_config(dev: Device, D: int) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1)
 
 
-def tap_layout(wd) -> tuple[int, bool]:
-    """(tap stride, TAP_MAJOR) of a depthwise weight (C, 1, K, K), contiguous or tap-major (strides (1, C, K*C,
-    C), as linattn.nn.LiteMLA packs its weights in eval: one tap of consecutive channels is then one vector load,
-    where contiguous weights take a scalar load per channel). The kernels take the channel stride as a constant
-    (contiguous: K*K, so that a tap's loads have constant offsets)."""
+def taps_in_rows(wd) -> bool:
+    """Whether the kernels read this depthwise weight (C, 1, K, K) as it is: contiguous, or tap-major (tap
+    t = i*K + j of channel c at c + t times one stride: strides (1, C, K*C, C), as linattn.nn.LiteMLA packs its
+    weights in eval; one tap of consecutive channels is then one vector load, where contiguous weights take a
+    scalar load per channel)."""
     K = wd.shape[3]
-    if wd.is_contiguous():
-        return 1, False
-    if wd.stride(0) != 1 or (K > 1 and wd.stride(2) != K * wd.stride(3)):
+    return wd.is_contiguous() or (wd.stride(0) == 1 and (K == 1 or wd.stride(2) == K * wd.stride(3)))
+
+
+def tap_layout(wd) -> tuple[int, bool]:
+    """(tap stride, TAP_MAJOR) of a depthwise weight taps_in_rows takes. The kernels take the channel stride as a
+    constant (contiguous: K*K, so that a tap's loads have constant offsets)."""
+    if not taps_in_rows(wd):
         raise ValueError(f"depthwise weight strides {wd.stride()}: neither contiguous nor tap-major")
-    return wd.stride(3), True
+    return (1, False) if wd.is_contiguous() else (wd.stride(3), True)
 
 
 def _bias_args(biases, s, like):

@@ -21,7 +21,6 @@ from .multiscale_aggregate import (
     dw_for,
     save_aggregation,
     saved_aggregation,
-    taps_in_rows,
 )
 
 OP = "lite_mla_context"
@@ -68,9 +67,10 @@ def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
         like = _output(qkv, heads, dim, len(dw_weights))  # laid out as every call's output
         scratch = lambda b: _context_fwd(*call, torch.empty_like(like), b)  # noqa: E731
         impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=call)
+        # prepared where the call's tensors are laid out as the kernels take them (else _context_fwd copies)
         prepared = (
             impl == "triton"
-            and all(taps_in_rows(w) for w in dw_weights)
+            and all(a is b for a, b in zip(dw_for(impl, dw_weights), dw_weights))
             and all(t.is_contiguous() for t in (*pw_weights, *dw_biases, *pw_biases))
         )
         return impl, _triton_launch(*call, like) if prepared else None

@@ -67,17 +67,14 @@ def tap_major(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def taps_in_rows(weight: Tensor) -> bool:
-    """Whether the Triton kernels read this depthwise weight as it is: contiguous or tap-major (tap t = i*K + j
-    of channel c at c + t times one stride)."""
-    K = weight.shape[3]
-    return weight.is_contiguous() or (weight.stride(0) == 1 and (K == 1 or weight.stride(2) == K * weight.stride(3)))
-
-
 def dw_for(impl: str, weights):
-    """Depthwise weights as implementation `impl` reads them: Triton's kernels take any layout taps_in_rows
-    accepts, the others contiguous ones."""
-    return [w if impl == "triton" and taps_in_rows(w) else w.contiguous() for w in weights]
+    """Depthwise weights as implementation `impl` reads them: Triton's kernels take the layouts
+    kernels/multiscale_aggregate.py `taps_in_rows` accepts, the others contiguous ones."""
+    if impl != "triton":
+        return contiguous(weights)
+    from ..kernels.multiscale_aggregate import taps_in_rows
+
+    return [w if taps_in_rows(w) else w.contiguous() for w in weights]
 
 
 # the implementations (linattn/_backend.py)
