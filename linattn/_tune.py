@@ -41,6 +41,7 @@ _settled: dict[tuple, dict] = {}  # (op, pass, GPU, _signature) -> the Triton co
 _fixed = threading.local()  # on: fixed_priority() (no table, no timing); force: tune() (timing despite TUNE=0)
 _plans: dict[tuple, tuple] = {}  # plan_key and dispatch state -> (call plan, the choices it counts)
 MAX_PLANS = 8192  # call signatures kept (an encoder at one input size has a few hundred)
+_generation = 0  # how often the plans were dropped: a Site's plan from before is stale
 _unsettled = 0  # answers given for now (nothing could be timed yet): a plan that took one is not kept
 
 
@@ -185,7 +186,13 @@ def plan_key(args: Sequence) -> tuple | None:
     return tuple(out)
 
 
-def plan(op: str, args: Sequence, build: Callable[[], tuple]) -> tuple:
+def dispatch_state() -> tuple:
+    """What a kept plan's choice reads besides its call: the registry and the backend set (_backend.state), this
+    thread's fixed priority, whether timing is on, and how often the plans were dropped."""
+    return (*_backend.state(), _device_name, getattr(_fixed, "on", False), enabled(), _generation)
+
+
+def plan(op: str, args: Sequence, build: Callable[[], tuple], site: tuple | None = None) -> tuple:
     """build(): what an op's argument checks and dispatch decide for a call (output size, implementation, Triton
     configuration), kept per call signature (plan_key(args)) and dispatch state, so that a later call with that
     signature does neither: one lookup. The sixth H100 pass had an optimized L0's eager forward host-bound, about
@@ -193,30 +200,70 @@ def plan(op: str, args: Sequence, build: Callable[[], tuple]) -> tuple:
     keys and the launchers' heuristics. A plan whose build met an unsettled answer (nothing could be timed during
     a capture or a compile: the next eager call times it) is not kept: it is asked again next call. One made with
     timing off (LINATTN_TUNE=0: the table, else the priority order) is kept under that setting. Each call that
-    reuses a plan counts the choices the plan's build counted (auto_choices)."""
+    reuses a plan counts the choices the plan's build counted (auto_choices). site: (a Site, its key for this
+    call): the plan, when kept, is also the site's (Site.find)."""
     key = plan_key(args)
     if key is None:
         return build()
-    full = (op, key, *_backend.state(), _device_name, getattr(_fixed, "on", False), enabled())
+    full = (op, key, *dispatch_state())
     if (kept := _plans.get(full)) is not None:
         for choice in kept[1]:
             _backend.count(*choice)
-        return kept[0]
-    before = _unsettled
-    with _backend.record() as counted:
-        built = build()
-    if _unsettled == before:
+    else:
+        before = _unsettled
+        with _backend.record() as counted:
+            built = build()
+        if _unsettled != before:
+            return built
         if len(_plans) >= MAX_PLANS:  # a model fed ever new shapes: start over rather than grow without end
-            _plans.clear()
-        _plans[full] = (built, tuple(counted))
-    return built
+            forget_plans()
+        kept = _plans[full] = (built, tuple(counted))
+    if site is not None:
+        site[0].entry = (site[1], kept)  # one assignment: a thread reading the site sees the old pair or the new
+    return kept[0]
+
+
+class Site:
+    """One call site of an op in a fused module (its conv), holding the plan of its last planned call: a later
+    call whose site key (Site.key) is equal reuses it without the op's argument checks and plan lookup, which
+    cost more host time than the launch (benchmarks/bench_host.py). The key holds the call's own tensors by
+    signature, the module's geometry, the dispatch state, and the module's constants (its eval_constants
+    tuple: a new object whenever a source changes) by identity: the entry keeps them, so an id is never reused
+    while it is kept. Pickled and copied empty: a plan holds launches, which belong to this process."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self):
+        self.entry = None
+
+    def __reduce__(self):
+        return (Site, ())
+
+    @staticmethod
+    def key(constants: tuple, geometry: tuple, *tensors) -> tuple:
+        """The site key of a call: its tensors (each None or plain, as plan_key keys them), the geometry, the
+        dispatch state, and `constants` compared by identity (Site.find)."""
+        sig = [None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors]
+        return (constants, geometry, dispatch_state(), *sig)
+
+    def find(self, key: tuple) -> tuple | None:
+        """The plan kept for a call with this site key, its choices counted as plan counts them; None if none."""
+        entry = self.entry
+        if entry is None or entry[0][0] is not key[0] or entry[0][1:] != key[1:]:
+            return None
+        for choice in entry[1][1]:
+            _backend.count(*choice)
+        return entry[1][0]
 
 
 def forget_plans() -> None:
-    """Drop every call plan. A plan keeps what the launchers' heuristics chose (a Triton configuration, a prepared
-    launch), from a device description the tests and the host benchmark replace (tests/conftest.py
-    `gpu_heuristics`): they drop the plans made under the other description on the way in and out."""
+    """Drop every call plan (the sites' too: they go stale). A plan keeps what the launchers' heuristics chose (a
+    Triton configuration, a prepared launch), from a device description the tests and the host benchmark replace
+    (tests/conftest.py `gpu_heuristics`): they drop the plans made under the other description on the way in and
+    out."""
+    global _generation
     _plans.clear()
+    _generation += 1
 
 
 def cuda_median_ms(fn: Callable[[], object]) -> float:
@@ -374,7 +421,7 @@ def reset() -> None:
         _tables.clear()
         _memo.clear()
         _settled.clear()
-        _plans.clear()
+        forget_plans()
         _timings.clear()
         _warned.clear()
 

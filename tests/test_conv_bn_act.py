@@ -1,5 +1,6 @@
 """conv_bn_act, fold_bn, upsample_block and nn.ConvBNAct: kernels and ops against the float64 reference."""
 
+import copy
 import importlib
 import re
 
@@ -1339,3 +1340,110 @@ def test_prepared_tma_and_dw3_launches_directly_on_cuda(kind, triton_launches, m
         return outs
 
     check_direct_launches(run, triton_launches, monkeypatch)
+
+
+def _site_module(order: str = "conv_bn_act", norm: bool = True) -> ConvBNAct:
+    """A small eval-mode block with random BatchNorm statistics, its weights packed as optimize packs them."""
+    gen = torch.Generator().manual_seed(5)
+    module = ConvBNAct(6, 10, 3, norm=norm, act="gelu_tanh", order=order).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        if norm:
+            module.norm.running_mean.copy_(torch.randn(10, generator=gen) * 0.1)
+            module.norm.running_var.copy_(torch.rand(10, generator=gen) + 0.5)
+    module.conv.weight.data = module.conv.weight.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+def _site_input(seed: int, shape=(1, 6, 7, 5)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+@pytest.mark.parametrize(("order", "norm"), [("conv_bn_act", True), ("conv_act_bn", True), ("conv_bn_act", False)])
+def test_module_call_site_reuses_its_plan(order, norm, gpu_heuristics, monkeypatch):
+    """A fused module's conv (linattn/_tune.py Site, ops/conv_bn_act.py module_conv_bn_act): a call like the
+    site's last planned one runs that plan's prepared launch without the op's checks and plan lookup; anything
+    that changes what the plan was made for (new input layout, a residual, a BatchNorm or weight updated in
+    place, the plans dropped, another backend) goes through the op again and is right; a gradient still reaches
+    an input that needs one. H100's heuristics under the interpreter, NaN-poisoned outputs, against float64."""
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    module = importlib.import_module("linattn.ops.conv_bn_act")
+    allocate, checked = module.new_feature_map, module._checked_call
+    monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    through_op = []  # per call through the op: whether its plan goes to the site
+
+    def counted(*args, **kwargs):
+        through_op.append(kwargs.get("site") is not None)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_checked_call", counted)
+    block = _site_module(order, norm)
+    conv64 = copy.deepcopy(block.conv).double()
+    bn64 = copy.deepcopy(block.norm).double() if norm else None
+
+    def oracle(x, residual=None):
+        y = conv64(x.double())
+        if bn64 is None:
+            y = F.gelu(y, approximate="tanh")
+        elif order == "conv_bn_act":
+            y = F.gelu(bn64(y), approximate="tanh")
+        else:
+            y = bn64(F.gelu(y, approximate="tanh"))
+        return y if residual is None else y + residual.double()
+
+    def check(x, residual=None, expect_op=False, what=""):
+        through_op.clear()
+        with torch.no_grad():
+            got = block(x, residual)
+            want = oracle(x, residual)
+        assert_close(got, want, 1e-5, f"{order}, norm {norm}: {what}")
+        assert through_op == ([True] if expect_op else []), f"{what}: calls through the op {through_op}"
+
+    other = (1, 6, 9, 4)
+    residual = _site_input(6, (1, 10, 9, 4))
+    with linattn.backend("triton"):
+        check(_site_input(1), expect_op=True, what="first call")
+        for seed in (2, 3):
+            check(_site_input(seed), what=f"planned call, seed {seed}")
+        check(_site_input(4, other), expect_op=True, what="another input shape")
+        check(_site_input(5, other), what="that shape again")
+        check(_site_input(7, other), residual, expect_op=True, what="with a residual")
+        check(_site_input(8, other), residual, what="with a residual again")
+        with torch.no_grad():  # as an optimizer step or a load_state_dict: new constants
+            (block.norm.running_var if norm else block.conv.weight).mul_(1.5)
+            (bn64.running_var if norm else conv64.weight).mul_(1.5)
+        check(_site_input(9, other), residual, expect_op=True, what="after an in-place update")
+        check(_site_input(10, other), residual, what="after an in-place update, again")
+        block.conv.weight.data = block.conv.weight.data.contiguous()  # a layout the prepared launch does not read
+        check(_site_input(14, other), residual, expect_op=True, what="weights in another layout")
+        _tune.forget_plans()
+        check(_site_input(11, other), residual, expect_op=True, what="after the plans were dropped")
+        x = _site_input(12, other).requires_grad_()
+        through_op.clear()
+        block(x).sum().backward()
+        assert through_op == [False]  # the op's autograd, not the site
+    x64 = x.detach().double().requires_grad_()
+    oracle(x64).sum().backward()
+    assert_close(x.grad, x64.grad, 1e-5, f"{order}, norm {norm}: gradient of x")
+    with linattn.backend("reference"):
+        check(_site_input(13, other), residual, expect_op=True, what="another backend")
+
+
+def test_module_call_site_is_copied_and_pickled_empty():
+    """A module's call site holds launches of this process: a deep copy or a pickle of the module starts with an
+    empty one, and runs."""
+    import pickle
+
+    block = _site_module()
+    x = _site_input(1)
+    with torch.no_grad():
+        want = block(x)
+    assert block.call_site().entry is not None
+    for clone in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        assert clone.call_site().entry is None
+        with torch.no_grad():
+            assert_close(clone(x), want, 1e-6, "copied block")

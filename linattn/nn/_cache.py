@@ -11,7 +11,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._tune import Site
+
 _SLOT = "_linattn_constants"
+_SITE = "_linattn_site"
 
 
 class EvalConstants(nn.Module):
@@ -22,6 +25,14 @@ class EvalConstants(nn.Module):
         # counters, so any mode switch (model.train() / model.eval()) drops what was folded
         self.__dict__.pop(_SLOT, None)
         return super().train(mode)
+
+    def call_site(self) -> Site:
+        """The Site (linattn/_tune.py) of the module's planned op call, made on first use (so a module pickled
+        without one gets one)."""
+        site = self.__dict__.get(_SITE)
+        if site is None:
+            site = self.__dict__[_SITE] = Site()
+        return site
 
     def eval_constants(
         self, sources: Sequence[Tensor | None], compute: Callable[[], tuple], settings: tuple = ()

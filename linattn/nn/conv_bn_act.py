@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from ..ops.conv_bn_act import ACTIVATIONS, conv_bn_act, fold_bn
+from ..ops.conv_bn_act import ACTIVATIONS, conv_bn_act, fold_bn, module_conv_bn_act
 from ._cache import EvalConstants
 
 __all__ = ["ConvBNAct"]
@@ -76,10 +76,19 @@ def fold_sources(conv: nn.Module | None, bn: nn.Module) -> list[Tensor | None]:
 
     num_batches_tracked stands for the running statistics: BatchNorm updates those in train mode
     without bumping their version counters, but the add_ on its counter bumps the counter's (so a
-    BatchNorm shared with a module that runs in train mode is seen to change).
+    BatchNorm shared with a module that runs in train mode is seen to change). Read from the modules' own
+    dicts (see member) where they are there: every eval forward of a fused block asks.
     """
-    bn_state = [member(bn, n) for n in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")]
-    return bn_state if conv is None else [member(conv, "weight"), member(conv, "bias"), *bn_state]
+    try:
+        params, buffers = bn._parameters, bn._buffers
+        bn_state = [buffers[_STATS[0]], buffers[_STATS[1]], buffers[_STATS[2]], params["weight"], params["bias"]]
+        return bn_state if conv is None else [conv._parameters["weight"], conv._parameters["bias"], *bn_state]
+    except KeyError:  # a parametrized or unregistered member: the attribute's read
+        bn_state = [member(bn, n) for n in (*_STATS, "weight", "bias")]
+        return bn_state if conv is None else [member(conv, "weight"), member(conv, "bias"), *bn_state]
+
+
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def cast_to(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -170,20 +179,20 @@ class ConvBNAct(EvalConstants):
 
     def fused_arguments(self, dtype: torch.dtype | None) -> tuple | None:
         """(weight, bias, post_scale, post_shift) of the whole block as one conv_bn_act call on activations of
-        `dtype` (the BatchNorm folded or turned into the affine, cached), or None when its BatchNorm uses batch
-        statistics (train mode)."""
+        `dtype` (the BatchNorm folded or turned into the affine, the weights cast), or None when its BatchNorm
+        uses batch statistics (train mode). Cached (eval_constants): the same tuple while its sources are
+        unchanged, so the module's call site can key it by identity (ops/conv_bn_act.py module_conv_bn_act)."""
         conv, bn = self._modules["conv"], self._modules.get("norm")  # (nn.Module.__getattr__: see member)
         if bn is None:
-            return (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), None, None)
+            weights = (member(conv, "weight"), member(conv, "bias"))
+            return self.eval_constants(weights, lambda: (*cast_to(dtype, *weights), None, None), (dtype,))
         if self.training or member(bn, "running_mean") is None:
             return None
         if self.order == "conv_bn_act":
-            folded = self.eval_constants(
-                fold_sources(conv, bn), lambda: cast_to(dtype, *fold_bn(conv, bn)), (bn.eps, dtype)
-            )
-            return (*folded, None, None)
-        scale, shift = self.eval_constants(fold_sources(None, bn), lambda: bn_affine(bn), (bn.eps,))
-        return (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), scale, shift)
+            fold = lambda: (*cast_to(dtype, *fold_bn(conv, bn)), None, None)  # noqa: E731
+        else:
+            fold = lambda: (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), *bn_affine(bn))  # noqa: E731
+        return self.eval_constants(fold_sources(conv, bn), fold, (bn.eps, dtype, self.order))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         conv, bn, act = self._modules["conv"], self._modules.get("norm"), self.act
@@ -191,8 +200,7 @@ class ConvBNAct(EvalConstants):
         # the conv's weight and bias follow the activation's dtype (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)
         if (fused := self.fused_arguments(dtype)) is not None:  # eval (or no BN): one call
-            weight, bias, scale, shift = fused
-            return conv_bn_act(x, weight, bias, *geometry, act, scale, shift, residual)
+            return module_conv_bn_act(self.call_site(), fused, x, *geometry, act, residual)
         # train (or BN without running statistics): batch statistics, running statistics updated
         weight, bias = cast_to(dtype, conv.weight, conv.bias)
         if self.order == "conv_bn_act":

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
-from ..ops import conv_bn_act, fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
+from ..ops import fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
+from ..ops.conv_bn_act import module_conv_bn_act
 from ..ops.multiscale_aggregate import tap_major
 from ._cache import EvalConstants
 from .conv_bn_act import activation_name, cast_to, fold_sources, member
@@ -94,16 +95,19 @@ class _ConvLayer(EvalConstants):
         # the conv's (folded) weights follow the activation's dtype, as ConvBNAct's (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)
         fold = norm is not None and not self.training and _foldable(norm)
-        if fold:
-            weight, bias = self.eval_constants(
-                fold_sources(conv, norm), lambda: cast_to(dtype, *fold_bn(conv, norm)), (norm.eps, dtype)
-            )
+        if fold:  # cached as ConvBNAct's: the same tuple while the sources are unchanged (the call site's key)
+            compute = lambda: (*cast_to(dtype, *fold_bn(conv, norm)), None, None)  # noqa: E731
+            fused = self.eval_constants(fold_sources(conv, norm), compute, (norm.eps, dtype))
+        elif norm is None:
+            weights = (member(conv, "weight"), member(conv, "bias"))
+            fused = self.eval_constants(weights, lambda: (*cast_to(dtype, *weights), None, None), (dtype,))
         else:
-            weight, bias = cast_to(dtype, member(conv, "weight"), member(conv, "bias"))
+            fused = (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), None, None)
         act = _fused_activation(modules.get("act"))
         if act is not None and (norm is None or fold):
             geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
-            return conv_bn_act(x, weight, bias, *geometry, act=act, residual=residual)
+            return module_conv_bn_act(self.call_site(), fused, x, *geometry, act, residual)
+        weight, bias = fused[:2]
         x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if norm is not None and not fold:
             x = norm(x)

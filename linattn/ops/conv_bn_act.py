@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import choose_config, plan
+from .._tune import PLAIN, Site, choose_config, plan
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors
 from ._conv_bn_act_cudnn import backward_cuda, cuda_launch, cuda_limit, cuda_ready, limit_call, run_cuda
@@ -214,10 +214,11 @@ def _output(x: Tensor, weight: Tensor, Ho: int, Wo: int, shuffle: bool) -> Tenso
 
 
 def _conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual,
-          shuffle: bool = False, out: Tensor | None = None) -> Tensor:  # fmt: skip
+          shuffle: bool = False, out: Tensor | None = None, site: tuple | None = None) -> Tensor:  # fmt: skip
     """conv_bn_act's body (upsample_block's with shuffle, the separable pair's unfused convs with their out):
-    the argument checks and dispatch's decision, planned once per call signature (linattn/_tune.py `plan`),
-    then the run into out (a fresh output when None)."""
+    the argument checks and dispatch's decision, planned once per call signature (linattn/_tune.py `plan`; site:
+    a module's call site to keep the plan in, see module_conv_bn_act), then the run into out (a fresh output when
+    None)."""
     args = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
 
     def build() -> tuple:
@@ -226,7 +227,7 @@ def _conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scal
         impl, config = _decide(op, *args, like, shuffle)
         return Ho, Wo, impl, config, _prepared(impl, config, *args, like, shuffle)
 
-    Ho, Wo, impl, config, launch = plan(op, (*args, shuffle, out), build)
+    Ho, Wo, impl, config, launch = plan(op, (*args, shuffle, out), build, site)
     out = _output(x, weight, Ho, Wo, shuffle) if out is None else out
     if launch is not None:
         return launch(x, weight, bias, post_scale, post_shift, residual, out)
@@ -389,6 +390,13 @@ def conv_bn_act(
     cuDNN's dgrad and wgrad in the inputs' dtype, the activation's gradient between them. The backward follows
     the backend set when it runs.
     """
+    return _checked_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+
+
+def _checked_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual,
+                  site: tuple | None = None) -> Tensor:  # fmt: skip
+    """conv_bn_act's checks before the dispatcher, then the op: its body itself where nothing needs the
+    dispatcher (ops/_common.py `direct`; its plan kept in `site` too), else torch.ops.linattn.conv_bn_act."""
     require_tensors(OP, x=x, weight=weight)
     for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift), ("residual", residual)):
         if t is not None:
@@ -409,8 +417,28 @@ def conv_bn_act(
         residual,
     )
     if direct(x, weight, bias, post_scale, post_shift, residual):
-        return _conv(OP, *args)
+        return _conv(OP, *args, site=site)
     return torch.ops.linattn.conv_bn_act(*args)
+
+
+def module_conv_bn_act(
+    site: Site, constants: tuple, x: Tensor, stride, padding, dilation, groups: int, act: str,
+    residual: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """conv_bn_act(x, *constants, stride, padding, dilation, groups, act, residual=residual) from a fused module
+    (linattn.nn.ConvBNAct, LiteMLA's 1x1 stages), whose constants (weight, bias, post_scale, post_shift) are its
+    eval_constants tuple: the same object while they are unchanged. A call like the site's last planned one (the
+    same constants, geometry, dispatch state and signature of x and residual; linattn/_tune.py `Site`) runs that
+    plan's prepared launch with no argument checks, plan key or lookup: what is left of the host path is the
+    output's allocation and the launch. Any other call is the functional's."""
+    weight, bias, post_scale, post_shift = constants
+    if type(x) in PLAIN and (residual is None or type(residual) in PLAIN) and direct(x, residual):
+        key = Site.key(constants, (stride, padding, dilation, groups, act), x, residual)
+        if (kept := site.find(key)) is not None and (launch := kept[4]) is not None:
+            return launch(x, weight, bias, post_scale, post_shift, residual, _output(x, weight, *kept[:2], False))
+        call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+        return _checked_call(*call, site=(site, key))
+    return _checked_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
 
 
 def fold_bn(conv: torch.nn.Module, bn: torch.nn.Module) -> tuple[Tensor, Tensor]:
