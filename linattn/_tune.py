@@ -241,16 +241,20 @@ class Site:
 
     @staticmethod
     def key(constants: tuple, geometry: tuple, *tensors) -> tuple:
-        """The site key of a call: its tensors (each None or plain, as plan_key keys them), the geometry, the
-        dispatch state, and `constants` compared by identity (Site.find)."""
+        """The site key of a call: `constants` (a tuple of the module's eval_constants tuples, compared by
+        identity: Site.find), the geometry, the dispatch state and the call's tensors (each None or plain, as
+        plan_key keys them)."""
         sig = [None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors]
         return (constants, geometry, dispatch_state(), *sig)
 
     def find(self, key: tuple) -> tuple | None:
         """The plan kept for a call with this site key, its choices counted as plan counts them; None if none."""
         entry = self.entry
-        if entry is None or entry[0][0] is not key[0] or entry[0][1:] != key[1:]:
+        if entry is None or entry[0][1:] != key[1:]:
             return None
+        for kept, given in zip(entry[0][0], key[0]):
+            if kept is not given:
+                return None
         for choice in entry[1][1]:
             _backend.count(*choice)
         return entry[1][0]

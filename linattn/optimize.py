@@ -57,7 +57,7 @@ from ._backend import BACKENDS, get_backend, set_backend
 from .nn._cache import EvalConstants
 from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold_sources
 from .nn.lite_mla import LiteMLA
-from .ops.conv_bn_act import separable_conv_bn_act, upsample_block
+from .ops.conv_bn_act import module_separable, upsample_block
 from .ops.upsample_sum import upsample_sum
 
 __all__ = [
@@ -282,7 +282,7 @@ def _run_blocks(blocks: list[nn.Module], x: Tensor, residual: Tensor | None) -> 
         block, last = blocks[i], i == len(blocks) - 1
         pair = None if last else _separable_pair(block, blocks[i + 1], x)
         if pair is not None:
-            x = separable_conv_bn_act(x, *pair, residual=residual if i + 2 == len(blocks) else None)
+            x = module_separable(*pair, x, residual if i + 2 == len(blocks) else None)
             i += 2
             continue
         x = block(x, residual=residual) if last and residual is not None else block(x)
@@ -291,8 +291,8 @@ def _run_blocks(blocks: list[nn.Module], x: Tensor, residual: Tensor | None) -> 
 
 
 def _separable_pair(dw: nn.Module, pw: nn.Module, x: Tensor) -> tuple | None:
-    """separable_conv_bn_act's arguments (after x) for depthwise block `dw` feeding 1x1 block `pw`, or None
-    when they do not form that pair or one of them does not fold (train mode)."""
+    """module_separable's arguments before x for depthwise block `dw` feeding 1x1 block `pw` (the pair's call site
+    is dw's "separable" one), or None when they do not form that pair or one of them does not fold (train mode)."""
     if not (isinstance(dw, ConvBNAct) and isinstance(pw, ConvBNAct)):
         return None
     c, p = dw.conv, pw.conv
@@ -304,8 +304,8 @@ def _separable_pair(dw: nn.Module, pw: nn.Module, x: Tensor) -> tuple | None:
     first, second = dw.fused_arguments(dtype), pw.fused_arguments(dtype)
     if first is None or second is None:
         return None
-    (dw_weight, dw_bias, _, _), (weight, bias, scale, shift) = first, second
-    return (dw_weight, weight, dw_bias, bias, c.stride, dw.padding, c.dilation, dw.act, pw.act, scale, shift)
+    sites = (dw.call_site("separable"), dw.call_site(), pw.call_site())
+    return sites, (first, *dw.geometry(), dw.act), (second, *pw.geometry(), pw.act)
 
 
 def _wider_than_autocast(x: Tensor) -> bool:

@@ -1447,3 +1447,47 @@ def test_module_call_site_is_copied_and_pickled_empty():
         assert clone.call_site().entry is None
         with torch.no_grad():
             assert_close(clone(x), want, 1e-6, "copied block")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_separable_call_site_reuses_its_plan(backend, gpu_heuristics, monkeypatch):
+    """MBConv's depthwise block and the 1x1 block after it (linattn/optimize.py `_run_blocks`, ops/conv_bn_act.py
+    module_separable): a call like the pair's last planned one skips the op's checks and plan lookup, running the
+    fused kernel (triton) or each conv from its own site (the unfused pair: what auto mostly picks on a GPU); an
+    in-place update of a BatchNorm goes through the op again. Against float64, NaN-poisoned outputs."""
+    if backend == "triton" and not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    module = importlib.import_module("linattn.ops.conv_bn_act")
+    run_blocks = importlib.import_module("linattn.optimize")._run_blocks
+    allocate, checked = module.new_feature_map, module._separable_checked
+    monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    through_op = []
+    monkeypatch.setattr(module, "_separable_checked", lambda *a: through_op.append(a[-1] is not None) or checked(*a))
+    gen = torch.Generator().manual_seed(3)
+    dw, pw = ConvBNAct(8, 8, 3, groups=8, act="relu6"), ConvBNAct(8, 12, 1, act="identity")
+    for block in (dw, pw):
+        with torch.no_grad():
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            block.norm.running_mean.copy_(torch.randn(block.norm.num_features, generator=gen) * 0.1)
+        block.conv.weight.data = block.conv.weight.data.contiguous(memory_format=torch.channels_last)
+        block.eval()
+    oracle = copy.deepcopy(nn.Sequential(dw.conv, dw.norm, nn.ReLU6(), pw.conv, pw.norm)).double()
+    residual = _site_input(9, (1, 12, 7, 5))
+
+    def check(seed, expect_op, what):
+        through_op.clear()
+        x = _site_input(seed, (1, 8, 7, 5))
+        with torch.no_grad(), linattn.backend(backend):
+            got = run_blocks([dw, pw], x, residual)
+        assert_close(got, oracle(x.double()) + residual.double(), 1e-5, f"{backend}: {what}")
+        assert through_op == ([True] if expect_op else []), f"{what}: calls through the op {through_op}"
+
+    check(1, True, "first call")
+    check(2, False, "planned call")
+    check(3, False, "planned call again")
+    with torch.no_grad():
+        pw.norm.running_var.mul_(1.5)
+        oracle[4].running_var.mul_(1.5)
+    check(4, True, "after an in-place update")
+    check(5, False, "after an in-place update, again")

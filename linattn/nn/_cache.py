@@ -26,12 +26,13 @@ class EvalConstants(nn.Module):
         self.__dict__.pop(_SLOT, None)
         return super().train(mode)
 
-    def call_site(self) -> Site:
-        """The Site (linattn/_tune.py) of the module's planned op call, made on first use (so a module pickled
-        without one gets one)."""
-        site = self.__dict__.get(_SITE)
+    def call_site(self, name: str = "") -> Site:
+        """The Site (linattn/_tune.py) of the module's planned op call (`name`: another call of it, such as the
+        separable pair it starts), made on first use (so a module pickled without one gets one)."""
+        slot = _SITE + name
+        site = self.__dict__.get(slot)
         if site is None:
-            site = self.__dict__[_SITE] = Site()
+            site = self.__dict__[slot] = Site()
         return site
 
     def eval_constants(

@@ -194,9 +194,14 @@ class ConvBNAct(EvalConstants):
             fold = lambda: (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), *bn_affine(bn))  # noqa: E731
         return self.eval_constants(fold_sources(conv, bn), fold, (bn.eps, dtype, self.order))
 
+    def geometry(self) -> tuple:
+        """The conv's (stride, padding, dilation, groups), as conv_bn_act takes them."""
+        conv = self._modules["conv"]
+        return conv.stride, self.padding, conv.dilation, conv.groups
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         conv, bn, act = self._modules["conv"], self._modules.get("norm"), self.act
-        geometry = (conv.stride, self.padding, conv.dilation, conv.groups)
+        geometry = self.geometry()
         # the conv's weight and bias follow the activation's dtype (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)
         if (fused := self.fused_arguments(dtype)) is not None:  # eval (or no BN): one call

@@ -433,7 +433,7 @@ def module_conv_bn_act(
     output's allocation and the launch. Any other call is the functional's."""
     weight, bias, post_scale, post_shift = constants
     if type(x) in PLAIN and (residual is None or type(residual) in PLAIN) and direct(x, residual):
-        key = Site.key(constants, (stride, padding, dilation, groups, act), x, residual)
+        key = Site.key((constants,), (stride, padding, dilation, groups, act), x, residual)
         if (kept := site.find(key)) is not None and (launch := kept[4]) is not None:
             return launch(x, weight, bias, post_scale, post_shift, residual, _output(x, weight, *kept[:2], False))
         call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
@@ -618,16 +618,16 @@ def _separable_conv_bn_act(
                       post_shift, residual)  # fmt: skip
 
 
-def _separable(*args) -> Tensor:
+def _separable(*args, site: tuple | None = None) -> Tensor:
     """separable_conv_bn_act's body: the argument checks and dispatch's decision, planned once per call signature
-    (as conv_bn_act's), then the run."""
+    (as conv_bn_act's; site: see module_separable), then the run."""
     x, weight = args[0], args[7]
 
     def build() -> tuple:
         Ho, Wo = check_separable(*args)
         return Ho, Wo, _separable_impl(args, new_feature_map(x, weight.shape[0], Ho, Wo))
 
-    Ho, Wo, impl = plan(SEPARABLE, args, build)
+    Ho, Wo, impl = plan(SEPARABLE, args, build, site)
     return _separable_fwd(*args, new_feature_map(x, weight.shape[0], Ho, Wo), impl)
 
 
@@ -707,6 +707,13 @@ def separable_conv_bn_act(
     conv's measured choice). "auto" on CUDA measures which of the two is faster per call. The backward
     recomputes the depthwise output and runs conv_bn_act's backward twice.
     """
+    return _separable_checked(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act,
+                              post_scale, post_shift, residual)  # fmt: skip
+
+
+def _separable_checked(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale,
+                       post_shift, residual, site: tuple | None = None) -> Tensor:  # fmt: skip
+    """separable_conv_bn_act's checks before the dispatcher, then the op (as _checked_call for conv_bn_act)."""
     require_tensors(SEPARABLE, x=x, dw_weight=dw_weight, weight=weight)
     optional = (("dw_bias", dw_bias), ("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift),
                 ("residual", residual))  # fmt: skip
@@ -721,8 +728,36 @@ def separable_conv_bn_act(
         _pair(SEPARABLE, "dilation", dilation), dw_act, weight, bias, act, post_scale, post_shift, residual,
     )  # fmt: skip
     if direct(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual):
-        return _separable(*args)
+        return _separable(*args, site=site)
     return torch.ops.linattn.separable_conv_bn_act(*args)
+
+
+def module_separable(sites: tuple, dw: tuple, pw: tuple, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    """separable_conv_bn_act from the fused blocks of a depthwise ConvBNAct and the 1x1 one after it
+    (linattn/optimize.py `_run_blocks`), as module_conv_bn_act does for one conv. sites: the pair's Site and each
+    conv's; dw, pw: each block's (eval_constants tuple, stride, padding, dilation, groups, act). A call like the
+    pair's last planned one runs its implementation with no checks or plan lookup; where that is the unfused
+    pair, each conv from its own site."""
+    (dw_fused, stride, padding, dilation, groups, dw_act), (pw_fused, *pw_geometry, act) = dw, pw
+    dw_weight, dw_bias, _, _ = dw_fused
+    weight, bias, post_scale, post_shift = pw_fused
+    if type(x) in PLAIN and (residual is None or type(residual) in PLAIN) and direct(x, residual):
+        geometry = (stride, padding, dilation, groups, dw_act, *pw_geometry, act)
+        key = Site.key((dw_fused, pw_fused), geometry, x, residual)
+        if (kept := sites[0].find(key)) is not None:
+            Ho, Wo, impl = kept
+            if impl == "reference":  # the pair unfused (_separable_fwd's), each conv planned at its own site
+                mid = module_conv_bn_act(sites[1], dw_fused, x, stride, padding, dilation, groups, dw_act)
+                return module_conv_bn_act(sites[2], pw_fused, mid, *pw_geometry, act, residual)
+            out = new_feature_map(x, weight.shape[0], Ho, Wo)
+            call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale,
+                    post_shift, residual)  # fmt: skip
+            return _separable_fwd(*call, out, impl)
+        site = (sites[0], key)
+    else:
+        site = None
+    return _separable_checked(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act,
+                              post_scale, post_shift, residual, site)  # fmt: skip
 
 
 register_autocast("conv_bn_act", "lower", ("x", "weight", "bias", "residual"))
