@@ -222,7 +222,7 @@ def test_functional_calls_skip_the_dispatcher_only_where_nothing_needs_it(monkey
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     with torch.no_grad():
         y = linattn.conv_bn_act(x, w, padding=1, act="relu")
-    assert callers == ["conv_bn_act"]  # the functional itself
+    assert callers == ["_checked_call"]  # the functional's own path (its checks, then the body)
     via_op = torch.ops.linattn.conv_bn_act(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None, None, None)
     assert callers[-1] == "_conv_bn_act" and torch.equal(y, via_op)
 
