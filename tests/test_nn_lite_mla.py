@@ -157,10 +157,15 @@ def test_eval_packs_depthwise_weights_once(target, monkeypatch):
     name, device = target
     ours = randomize(LiteMLA(16, 8, heads=2, dim=8, scales=(3, 5)), seed=11).eval().to(device)
     x = torch.randn(1, 16, 7, 9, generator=torch.Generator().manual_seed(12)).to(device)
-    seen = []
-    context = lite_mla.lite_mla_context
+    seen = []  # the depthwise weights of each call of the op: from the module's call site, or the functional
+    context, from_site = lite_mla.lite_mla_context, lite_mla.module_lite_mla_context
     monkeypatch.setattr(
         lite_mla, "lite_mla_context", lambda qkv, dws, *rest: seen.append(dws) or context(qkv, dws, *rest)
+    )
+    monkeypatch.setattr(
+        lite_mla,
+        "module_lite_mla_context",
+        lambda site, constants, *rest: seen.append(constants[0]) or from_site(site, constants, *rest),
     )
 
     def outputs():
@@ -187,6 +192,51 @@ def test_eval_packs_depthwise_weights_once(target, monkeypatch):
     packed, unpacked = outputs()
     assert seen[6][0].is_contiguous() and not isinstance(seen[6][0], nn.Parameter)
     assert_close(packed, unpacked, 1e-6, "parametrized weight")
+
+
+def test_context_call_site_reuses_its_plan(gpu_heuristics, monkeypatch):
+    """Inference through LiteMLA's context (ops/lite_mla_context.py module_lite_mla_context): a call like the
+    site's last planned one runs the prepared Triton launch without the op's checks and plan lookup; a new map
+    size or an in-place weight update goes through the op again. H100's heuristics under the interpreter, the
+    three convs' and the context's outputs NaN-poisoned, against the float64 oracle."""
+    import importlib
+
+    from linattn.ops import _common
+
+    if kernel_targets()[0].marks:
+        pytest.skip("the Triton interpreter is not available")
+    ops = importlib.import_module("linattn.ops.lite_mla_context")
+    conv_ops = importlib.import_module("linattn.ops.conv_bn_act")
+    allocate, checked = _common.new_feature_map, ops._checked
+    poisoned = lambda *a, **k: allocate(*a, **k).fill_(float("nan"))  # noqa: E731
+    for module in (ops, conv_ops):
+        monkeypatch.setattr(module, "new_feature_map", poisoned)
+    through_op = []
+    monkeypatch.setattr(ops, "_checked", lambda *a: through_op.append(len(a) > 8) or checked(*a))
+    ours = randomize(LiteMLA(16, 8, heads=2, dim=8, scales=(3,), norm=(None, "bn2d")), seed=13).eval()
+    oracle = copy.deepcopy(ours).double()
+
+    def check(seed, size, expect_op, what):
+        through_op.clear()
+        x = torch.randn(1, 16, *size, generator=torch.Generator().manual_seed(seed))
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), linattn.backend("triton"):
+            got = ours(x)
+        calls = list(through_op)
+        with torch.no_grad(), linattn.backend("reference"):
+            want = oracle(x.double())
+        assert_close(got, want, 1e-5, what)
+        assert calls == ([True] if expect_op else []), f"{what}: calls through the op {calls}"
+
+    check(1, (7, 9), True, "first call")
+    check(2, (7, 9), False, "planned call")
+    check(3, (7, 9), False, "planned call again")
+    check(4, (6, 5), True, "another map size")
+    with torch.no_grad():
+        ours.aggreg[0][1].weight.mul_(-1.5)
+        oracle.aggreg[0][1].weight.mul_(-1.5)
+    check(5, (6, 5), True, "after an in-place update")
+    check(6, (6, 5), False, "after an in-place update, again")
 
 
 class _Negated(nn.Module):

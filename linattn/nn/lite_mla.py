@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from .. import reference
 from ..ops import fold_bn, lite_mla_attention, lite_mla_context, multiscale_aggregate
 from ..ops.conv_bn_act import module_conv_bn_act
-from ..ops.multiscale_aggregate import tap_major
+from ..ops.lite_mla_context import OP as CONTEXT
+from ..ops.lite_mla_context import module_lite_mla_context
+from ..ops.multiscale_aggregate import bias_list, tap_major
 from ._cache import EvalConstants
 from .conv_bn_act import activation_name, cast_to, fold_sources, member
 
@@ -222,31 +224,45 @@ class LiteMLA(EvalConstants):
         def cast(t: Tensor | None) -> Tensor | None:
             return t if t is None or t.dtype == dtype else t.to(dtype)
 
-        dws = [agg[0].weight for agg in self.aggreg]
-        if self._packs(dws):  # once, while the weights are unchanged: the Triton kernels' tap loads are vectors
-            dws = self.eval_constants(dws, lambda: [tap_major(cast(w)) for w in dws], (dtype,))
-        else:
-            dws = [cast(w) for w in dws]
-        pws = [cast(agg[1].weight) for agg in self.aggreg]
-        dbs = [cast(agg[0].bias) for agg in self.aggreg]
-        pbs = [cast(agg[1].bias) for agg in self.aggreg]
+        stages = [(agg[0], agg[1]) for agg in self.aggreg]
+        dws, pws = [dw.weight for dw, _ in stages], [pw.weight for _, pw in stages]
+        dbs, pbs = [dw.bias for dw, _ in stages], [pw.bias for _, pw in stages]
         H, W = qkv.shape[-2:]
-        if H * W > self.dim or not self.quadratic_small_maps:
-            if not dws:
-                return lite_mla_attention(qkv, self.dim, self.eps)
+        linear = H * W > self.dim or not self.quadratic_small_maps
+        if not stages:
+            attention = lite_mla_attention if linear else reference.relu_quadratic_attention
+            return attention(qkv, self.dim, self.eps)
+        if self._packs([*dws, *pws, *dbs, *pbs]):
+            # once, while the weights are unchanged: the depthwise ones tap-major (the Triton kernels' tap loads
+            # are vectors), all cast, the biases as the ops take them; one tuple, the call site's key
+            def compute() -> tuple:
+                dw, pw = [cast(w) for w in dws], [cast(w) for w in pws]
+                db = bias_list(CONTEXT, "dw_biases", [cast(b) for b in dbs], dw)
+                pb = bias_list(CONTEXT, "pw_biases", [cast(b) for b in pbs], pw)
+                return [tap_major(w) for w in dw], pw, db, pb
+
+            constants = self.eval_constants([*dws, *pws, *dbs, *pbs], compute, (dtype,))
+            if linear:
+                return module_lite_mla_context(self.call_site(), constants, qkv, self.heads, self.dim, self.eps)
+            dws, pws, dbs, pbs = constants
+        else:
+            dws, pws, dbs, pbs = ([cast(t) for t in ts] for ts in (dws, pws, dbs, pbs))
+        if linear:
             return lite_mla_context(qkv, dws, pws, self.heads, self.dim, self.eps, dbs, pbs)
-        multi_scale = multiscale_aggregate(qkv, dws, pws, self.heads, dbs, pbs) if dws else qkv
+        multi_scale = multiscale_aggregate(qkv, dws, pws, self.heads, dbs, pbs)
         return reference.relu_quadratic_attention(multi_scale, self.dim, self.eps)
 
     @staticmethod
-    def _packs(dws: list[Tensor]) -> bool:
-        """Whether the depthwise weights go to the context op tap-major (ops.multiscale_aggregate.tap_major): when
-        no gradient reaches them, they are parameters (a parametrization's weight is a new tensor each read, no
-        key for a cache) and torch.compile is not tracing (it sees the parameters as they are). On the cuda
-        backend the op copies them back to contiguous, a small copy per scale and call."""
-        if torch.compiler.is_compiling() or not all(isinstance(w, nn.Parameter) for w in dws):
+    def _packs(weights: list[Tensor | None]) -> bool:
+        """Whether the aggregation's weights and biases are kept, cast and packed, as inference constants (the
+        depthwise ones tap-major: ops.multiscale_aggregate.tap_major): when no gradient reaches them, they are
+        parameters (a parametrization's weight is a new tensor each read, no key for a cache) and torch.compile
+        is not tracing (it sees the parameters as they are). On the cuda backend the op copies the depthwise
+        weights back to contiguous, a small copy per scale and call."""
+        given = [w for w in weights if w is not None]
+        if torch.compiler.is_compiling() or not all(isinstance(w, nn.Parameter) for w in given):
             return False
-        return not (torch.is_grad_enabled() and any(w.requires_grad for w in dws))
+        return not (torch.is_grad_enabled() and any(w.requires_grad for w in given))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x: (B, in_channels, H, W) -> (B, out_channels, H, W), plus `residual` when given (an EfficientViT

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import choose_config, plan
+from .._tune import PLAIN, Site, choose_config, plan
 from ._autocast import register_autocast
 from ._common import as_int, check_eps, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 from .multiscale_aggregate import (
@@ -56,10 +56,10 @@ def _lite_mla_context(
     return _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
 
 
-def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases) -> Tensor:
+def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, site: tuple | None = None) -> Tensor:
     """The op's body (its CPU and CUDA kernel; the functional calls it directly where `direct` allows): the
     argument checks and dispatch's decision planned once per call signature (linattn/_tune.py `plan`, as
-    conv_bn_act's), with the Triton launch prepared, then the run."""
+    conv_bn_act's; site: see module_lite_mla_context), with the Triton launch prepared, then the run."""
     call = (qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
 
     def build() -> tuple:
@@ -75,7 +75,7 @@ def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
         )
         return impl, _triton_launch(*call, like) if prepared else None
 
-    impl, launch = plan(OP, call, build)
+    impl, launch = plan(OP, call, build, site)
     out = _output(qkv, heads, dim, len(dw_weights))
     if launch is not None:
         return launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out)
@@ -164,6 +164,12 @@ def lite_mla_context(
         (B, (1+S)*heads*dim, H, W) in qkv's dtype and memory format: the heads over
         qkv itself first, then those of each scale.
     """
+    return _checked(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
+
+
+def _checked(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, site: tuple | None = None):
+    """lite_mla_context's checks before the dispatcher, then the op: its body itself where nothing needs the
+    dispatcher (its plan kept in `site` too), else torch.ops.linattn.lite_mla_context."""
     require_tensors(OP, qkv=qkv)
     dw_weights, pw_weights = tensor_list(OP, "dw_weights", dw_weights), tensor_list(OP, "pw_weights", pw_weights)
     dw_biases, pw_biases = (
@@ -173,8 +179,22 @@ def lite_mla_context(
     args = (qkv, dw_weights, pw_weights, as_int(OP, "heads", heads), as_int(OP, "dim", dim), check_eps(OP, eps),
             dw_biases, pw_biases)  # fmt: skip
     if direct(qkv, *dw_weights, *pw_weights, *dw_biases, *pw_biases):
-        return _context(*args)
+        return _context(*args, site=site)
     return torch.ops.linattn.lite_mla_context(*args)
+
+
+def module_lite_mla_context(site: Site, constants: tuple, qkv: Tensor, heads: int, dim: int, eps: float) -> Tensor:
+    """lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases) from linattn.nn.LiteMLA,
+    whose constants (dw_weights, pw_weights, dw_biases, pw_biases: lists as the op takes them) are its
+    eval_constants tuple, as ops/conv_bn_act.py module_conv_bn_act: a call like the site's last planned one runs
+    that plan's prepared launch with no checks, plan key or lookup."""
+    dws, pws, dbs, pbs = constants
+    if type(qkv) in PLAIN and direct(qkv):
+        key = Site.key((constants,), (heads, dim, eps), qkv)
+        if (kept := site.find(key)) is not None and (launch := kept[1]) is not None:
+            return launch(qkv, dws, pws, dbs, pbs, _output(qkv, heads, dim, len(dws)))
+        return _checked(qkv, dws, pws, heads, dim, eps, dbs, pbs, (site, key))
+    return _checked(qkv, dws, pws, heads, dim, eps, dbs, pbs)
 
 
 register_autocast(OP, "lower", ("qkv", "dw_weights", "pw_weights", "dw_biases", "pw_biases"))
