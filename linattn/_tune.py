@@ -187,8 +187,9 @@ def plan_key(args: Sequence) -> tuple | None:
 
 
 def dispatch_state() -> tuple:
-    """What a kept plan's choice reads besides its call: the registry and the backend set (_backend.state), this
-    thread's fixed priority, whether timing is on, and how often the plans were dropped."""
+    """What a kept plan's choice reads besides its call: the registry and the backend set (_backend.state), the
+    GPU-name lookup (the tests replace it), this thread's fixed priority, whether timing is on, and how often the
+    plans were dropped."""
     return (*_backend.state(), _device_name, getattr(_fixed, "on", False), enabled(), _generation)
 
 
@@ -201,12 +202,12 @@ def plan(op: str, args: Sequence, build: Callable[[], tuple], site: tuple | None
     a capture or a compile: the next eager call times it) is not kept: it is asked again next call. One made with
     timing off (LINATTN_TUNE=0: the table, else the priority order) is kept under that setting. Each call that
     reuses a plan counts the choices the plan's build counted (auto_choices). site: (a Site, its key for this
-    call): the plan, when kept, is also the site's (Site.find)."""
+    call, Site.key): the plan, when kept, is also the site's."""
     key = plan_key(args)
     if key is None:
         return build()
-    full = (op, key, *dispatch_state())
-    if (kept := _plans.get(full)) is not None:
+    state = dispatch_state()
+    if (kept := _plans.get((op, key, *state))) is not None:
         for choice in kept[1]:
             _backend.count(*choice)
     else:
@@ -217,19 +218,23 @@ def plan(op: str, args: Sequence, build: Callable[[], tuple], site: tuple | None
             return built
         if len(_plans) >= MAX_PLANS:  # a model fed ever new shapes: start over rather than grow without end
             forget_plans()
-        kept = _plans[full] = (built, tuple(counted))
+            state = dispatch_state()
+        kept = _plans[(op, key, *state)] = (built, tuple(counted))
     if site is not None:
-        site[0].entry = (site[1], kept)  # one assignment: a thread reading the site sees the old pair or the new
+        site[0].keep(site[1], kept, state)
     return kept[0]
 
 
 class Site:
-    """One call site of an op in a fused module (its conv), holding the plan of its last planned call: a later
-    call whose site key (Site.key) is equal reuses it without the op's argument checks and plan lookup, which
-    cost more host time than the launch (benchmarks/bench_host.py). The key holds the call's own tensors by
-    signature, the module's geometry, the dispatch state, and the module's constants (its eval_constants
-    tuple: a new object whenever a source changes) by identity: the entry keeps them, so an id is never reused
-    while it is kept. Pickled and copied empty: a plan holds launches, which belong to this process."""
+    """One call site of an op in a fused module (linattn/ops: module_conv_bn_act, module_separable,
+    module_lite_mla_context), holding the plan of its last planned call. A later call with an equal site key
+    reuses it without the op's argument checks, plan key and lookup, which cost more host time than the launch
+    (benchmarks/bench_host.py). The key holds the call's own tensors by signature (as plan_key), the module's
+    geometry, the dispatch state, and the module's constants (its eval_constants tuples: new objects whenever a
+    source changes, linattn/nn/_cache.py) by identity: the entry keeps them, so an id is not reused while it is
+    kept. A plan's prepared launch has the layouts it was made for built in, so the key must cover all of them.
+    The entry is one tuple, replaced in one assignment: a thread reads the old one or the new one. Pickled and
+    copied empty: a plan holds launches, which belong to this process."""
 
     __slots__ = ("entry",)
 
@@ -241,23 +246,29 @@ class Site:
 
     @staticmethod
     def key(constants: tuple, geometry: tuple, *tensors) -> tuple:
-        """The site key of a call: `constants` (a tuple of the module's eval_constants tuples, compared by
-        identity: Site.find), the geometry, the dispatch state and the call's tensors (each None or plain, as
-        plan_key keys them)."""
+        """The site key of a call: `constants` (a tuple of eval_constants tuples, compared by identity), the
+        geometry, the dispatch state and the call's tensors (each None or plain)."""
         sig = [None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors]
         return (constants, geometry, dispatch_state(), *sig)
 
     def find(self, key: tuple) -> tuple | None:
-        """The plan kept for a call with this site key, its choices counted as plan counts them; None if none."""
+        """The plan kept for a call with this site key, its choices counted as plan counts them (the caller runs
+        it); None if none."""
         entry = self.entry
         if entry is None or entry[0][1:] != key[1:]:
             return None
-        for kept, given in zip(entry[0][0], key[0]):
+        for kept, given in zip(entry[0][0], key[0], strict=True):
             if kept is not given:
                 return None
         for choice in entry[1][1]:
             _backend.count(*choice)
         return entry[1][0]
+
+    def keep(self, key: tuple, kept: tuple, state: tuple) -> None:
+        """Keep `kept` (a plan and its choices) for calls with site key `key`, if the key was made under the
+        dispatch state the plan was (no backend switched between the two, on another thread)."""
+        if key[2] == state:
+            self.entry = (key, kept)
 
 
 def forget_plans() -> None:

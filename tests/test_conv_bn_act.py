@@ -1431,6 +1431,14 @@ def test_module_call_site_reuses_its_plan(order, norm, gpu_heuristics, monkeypat
     assert_close(x.grad, x64.grad, 1e-5, f"{order}, norm {norm}: gradient of x")
     with linattn.backend("reference"):
         check(_site_input(13, other), residual, expect_op=True, what="another backend")
+    if not norm:  # a view rebound through .data: the same address, fewer output channels
+        with linattn.backend("triton"):
+            check(_site_input(15, other), expect_op=True, what="back on triton")
+            check(_site_input(16, other), what="back on triton, again")
+            block.conv.weight.data = block.conv.weight.data[:7]
+            conv64.weight.data = conv64.weight.data[:7]
+            check(_site_input(17, other), expect_op=True, what="a narrower view of the weights")
+            check(_site_input(18, other), what="a narrower view of the weights, again")
 
 
 def test_module_call_site_is_copied_and_pickled_empty():
@@ -1491,3 +1499,16 @@ def test_separable_call_site_reuses_its_plan(backend, gpu_heuristics, monkeypatc
         oracle[4].running_var.mul_(1.5)
     check(4, True, "after an in-place update")
     check(5, False, "after an in-place update, again")
+
+
+def test_module_call_sites_count_auto_choices_once():
+    """Each call a site runs counts auto's choice once, as a planned call does (linattn._backend.auto_choices,
+    which the benchmarks record): the reference on CPU tensors, whose plan has no prepared launch."""
+    from linattn import _backend
+
+    block = _site_module()
+    _backend.auto_choices(reset=True)
+    with torch.no_grad():
+        for seed in range(3):
+            block(_site_input(seed))
+    assert _backend.auto_choices()["conv_bn_act:fwd"] == {"reference": 3}

@@ -23,8 +23,20 @@ class EvalConstants(nn.Module):
     def train(self, mode: bool = True):
         # BatchNorm updates its running statistics in train mode without bumping their version
         # counters, so any mode switch (model.train() / model.eval()) drops what was folded
-        self.__dict__.pop(_SLOT, None)
+        self._drop_constants()
         return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half(): what was folded (and the call sites holding it) is for the old tensors; dropped
+        # now rather than kept alive, on the old device, until the next call
+        self._drop_constants()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _drop_constants(self) -> None:
+        self.__dict__.pop(_SLOT, None)
+        for name, value in self.__dict__.items():
+            if name.startswith(_SITE):
+                value.entry = None
 
     def call_site(self, name: str = "") -> Site:
         """The Site (linattn/_tune.py) of the module's planned op call (`name`: another call of it, such as the
@@ -41,10 +53,12 @@ class EvalConstants(nn.Module):
         """compute() (tensors derived from `sources` and `settings`), cached on the module until either changes.
 
         A source changes when it is replaced, moved, cast or modified in place (load_state_dict, an
-        optimizer step): the key holds each source's identity, storage address, dtype, device and version
-        counter, and the hashable `settings` (e.g. a BatchNorm's eps). The cache is also dropped when the
-        module's mode is switched. Writes through `.data` (which has its own version counter) are not
-        seen: call `.eval()` again after them. Computed inline, not cached, while torch.compile traces (the
+        optimizer step): the key holds each source's identity, storage address, dtype, device, version
+        counter, shape and strides, and the hashable `settings` (e.g. a BatchNorm's eps). The cache is also
+        dropped when the module's mode is switched or it is moved or cast (`.to()`). A source rebound through
+        `.data` is seen by its address or layout (the result may hold a source itself, whose layout a call
+        site's launch was prepared for: linattn/_tune.py Site); writes into `.data` (which has its own version
+        counter) are not: call `.eval()` again after them. Computed inline, not cached, while torch.compile traces (the
         compiler sees the arithmetic), while autograd needs the sources' gradients, for inference-mode
         sources (they have no version counter) and for sources without storage (functorch transforms,
         tensor subclasses).
@@ -59,7 +73,7 @@ class EvalConstants(nn.Module):
                     continue
                 if grad and t.requires_grad:
                     return compute()
-                key.append((id(t), t.data_ptr(), t.dtype, t.device, t._version))
+                key.append((id(t), t.data_ptr(), t.dtype, t.device, t._version, t.shape, t.stride()))
         except RuntimeError:  # no version counter (inference tensors), no storage (vmap'd parameters, DTensor)
             return compute()
         key = tuple(key)

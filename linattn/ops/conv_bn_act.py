@@ -427,17 +427,20 @@ def module_conv_bn_act(
 ) -> Tensor:  # fmt: skip
     """conv_bn_act(x, *constants, stride, padding, dilation, groups, act, residual=residual) from a fused module
     (linattn.nn.ConvBNAct, LiteMLA's 1x1 stages), whose constants (weight, bias, post_scale, post_shift) are its
-    eval_constants tuple: the same object while they are unchanged. A call like the site's last planned one (the
-    same constants, geometry, dispatch state and signature of x and residual; linattn/_tune.py `Site`) runs that
-    plan's prepared launch with no argument checks, plan key or lookup: what is left of the host path is the
-    output's allocation and the launch. Any other call is the functional's."""
+    eval_constants tuple. A call like the site's last planned one (linattn/_tune.py Site) runs that plan with no
+    checks, plan key or lookup: its prepared launch, else its implementation. Any other call is the
+    functional's."""
     weight, bias, post_scale, post_shift = constants
     if type(x) in PLAIN and (residual is None or type(residual) in PLAIN) and direct(x, residual):
         key = Site.key((constants,), (stride, padding, dilation, groups, act), x, residual)
-        if (kept := site.find(key)) is not None and (launch := kept[4]) is not None:
-            return launch(x, weight, bias, post_scale, post_shift, residual, _output(x, weight, *kept[:2], False))
         call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-        return _checked_call(*call, site=(site, key))
+        if (kept := site.find(key)) is None:
+            return _checked_call(*call, site=(site, key))
+        Ho, Wo, impl, config, launch = kept
+        out = _output(x, weight, Ho, Wo, False)
+        if launch is not None:
+            return launch(x, weight, bias, post_scale, post_shift, residual, out)
+        return _conv_fwd(OP, *call, out, False, impl, config)
     return _checked_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
 
 
@@ -734,10 +737,9 @@ def _separable_checked(x, dw_weight, dw_bias, stride, padding, dilation, dw_act,
 
 def module_separable(sites: tuple, dw: tuple, pw: tuple, x: Tensor, residual: Tensor | None = None) -> Tensor:
     """separable_conv_bn_act from the fused blocks of a depthwise ConvBNAct and the 1x1 one after it
-    (linattn/optimize.py `_run_blocks`), as module_conv_bn_act does for one conv. sites: the pair's Site and each
-    conv's; dw, pw: each block's (eval_constants tuple, stride, padding, dilation, groups, act). A call like the
-    pair's last planned one runs its implementation with no checks or plan lookup; where that is the unfused
-    pair, each conv from its own site."""
+    (linattn/optimize.py `_run_blocks`), as module_conv_bn_act for one conv. sites: the pair's Site and each
+    conv's; dw, pw: each block's (eval_constants tuple, stride, padding, dilation, groups, act). Where the
+    pair's plan is the unfused pair, each conv runs from its own site."""
     (dw_fused, stride, padding, dilation, groups, dw_act), (pw_fused, *pw_geometry, act) = dw, pw
     dw_weight, dw_bias, _, _ = dw_fused
     weight, bias, post_scale, post_shift = pw_fused
@@ -747,6 +749,7 @@ def module_separable(sites: tuple, dw: tuple, pw: tuple, x: Tensor, residual: Te
         if (kept := sites[0].find(key)) is not None:
             Ho, Wo, impl = kept
             if impl == "reference":  # the pair unfused (_separable_fwd's), each conv planned at its own site
+                # (dw_fused has no post-affine: _separable_pair takes conv -> BN -> act depthwise blocks only)
                 mid = module_conv_bn_act(sites[1], dw_fused, x, stride, padding, dilation, groups, dw_act)
                 return module_conv_bn_act(sites[2], pw_fused, mid, *pw_geometry, act, residual)
             out = new_feature_map(x, weight.shape[0], Ho, Wo)

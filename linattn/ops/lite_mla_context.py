@@ -186,14 +186,18 @@ def _checked(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases,
 def module_lite_mla_context(site: Site, constants: tuple, qkv: Tensor, heads: int, dim: int, eps: float) -> Tensor:
     """lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases) from linattn.nn.LiteMLA,
     whose constants (dw_weights, pw_weights, dw_biases, pw_biases: lists as the op takes them) are its
-    eval_constants tuple, as ops/conv_bn_act.py module_conv_bn_act: a call like the site's last planned one runs
-    that plan's prepared launch with no checks, plan key or lookup."""
+    eval_constants tuple, as ops/conv_bn_act.py module_conv_bn_act."""
     dws, pws, dbs, pbs = constants
     if type(qkv) in PLAIN and direct(qkv):
         key = Site.key((constants,), (heads, dim, eps), qkv)
-        if (kept := site.find(key)) is not None and (launch := kept[1]) is not None:
-            return launch(qkv, dws, pws, dbs, pbs, _output(qkv, heads, dim, len(dws)))
-        return _checked(qkv, dws, pws, heads, dim, eps, dbs, pbs, (site, key))
+        if (kept := site.find(key)) is None:
+            return _checked(qkv, dws, pws, heads, dim, eps, dbs, pbs, (site, key))
+        impl, launch = kept
+        out = _output(qkv, heads, dim, len(dws))
+        if launch is not None:
+            return launch(qkv, dws, pws, dbs, pbs, out)
+        _context_fwd(qkv, dws, pws, heads, dim, eps, dbs, pbs, out, impl)
+        return out
     return _checked(qkv, dws, pws, heads, dim, eps, dbs, pbs)
 
 
