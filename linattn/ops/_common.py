@@ -59,6 +59,13 @@ def direct(x: Tensor, *tensors: Tensor | None) -> bool:
     )
 
 
+def site_direct(x, residual=None) -> bool:
+    """direct(x, residual) for a fused module's call site (linattn/_tune.py Site), whose x and residual are
+    whatever the module was called with: plain tensors (residual may be None) only, the rest to the functional,
+    whose checks name what is wrong."""
+    return type(x) in PLAIN and (residual is None or type(residual) in PLAIN) and direct(x, residual)
+
+
 def fail(op: str, arg: str, message: str, error: type[Exception] = ValueError):
     raise error(f"linattn.{op}: {arg} {message}")
 

@@ -21,9 +21,18 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import PLAIN, Site, choose_config, plan
+from .._tune import Site, choose_config, plan
 from ._autocast import register_autocast
-from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors
+from ._common import (
+    as_int,
+    check_tensor,
+    direct,
+    fail,
+    kernel_problem,
+    new_feature_map,
+    require_tensors,
+    site_direct,
+)
 from ._conv_bn_act_cudnn import backward_cuda, cuda_launch, cuda_limit, cuda_ready, limit_call, run_cuda
 
 OP = "conv_bn_act"
@@ -431,17 +440,17 @@ def module_conv_bn_act(
     checks, plan key or lookup: its prepared launch, else its implementation. Any other call is the
     functional's."""
     weight, bias, post_scale, post_shift = constants
-    if type(x) in PLAIN and (residual is None or type(residual) in PLAIN) and direct(x, residual):
-        key = Site.key((constants,), (stride, padding, dilation, groups, act), x, residual)
-        call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-        if (kept := site.find(key)) is None:
-            return _checked_call(*call, site=(site, key))
-        Ho, Wo, impl, config, launch = kept
-        out = _output(x, weight, Ho, Wo, False)
-        if launch is not None:
-            return launch(x, weight, bias, post_scale, post_shift, residual, out)
-        return _conv_fwd(OP, *call, out, False, impl, config)
-    return _checked_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+    call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+    if not site_direct(x, residual):
+        return _checked_call(*call)
+    key = Site.key((constants,), (stride, padding, dilation, groups, act), x, residual)
+    if (kept := site.find(key)) is None:
+        return _checked_call(*call, site=(site, key))
+    Ho, Wo, impl, config, launch = kept
+    out = _output(x, weight, Ho, Wo, False)
+    if launch is not None:
+        return launch(x, weight, bias, post_scale, post_shift, residual, out)
+    return _conv_fwd(OP, *call, out, False, impl, config)
 
 
 def fold_bn(conv: torch.nn.Module, bn: torch.nn.Module) -> tuple[Tensor, Tensor]:
@@ -743,7 +752,7 @@ def module_separable(sites: tuple, dw: tuple, pw: tuple, x: Tensor, residual: Te
     (dw_fused, stride, padding, dilation, groups, dw_act), (pw_fused, *pw_geometry, act) = dw, pw
     dw_weight, dw_bias, _, _ = dw_fused
     weight, bias, post_scale, post_shift = pw_fused
-    if type(x) in PLAIN and (residual is None or type(residual) in PLAIN) and direct(x, residual):
+    if site_direct(x, residual):
         geometry = (stride, padding, dilation, groups, dw_act, *pw_geometry, act)
         key = Site.key((dw_fused, pw_fused), geometry, x, residual)
         if (kept := sites[0].find(key)) is not None:

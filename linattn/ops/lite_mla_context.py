@@ -10,9 +10,19 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import PLAIN, Site, choose_config, plan
+from .._tune import Site, choose_config, plan
 from ._autocast import register_autocast
-from ._common import as_int, check_eps, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
+from ._common import (
+    as_int,
+    check_eps,
+    direct,
+    fail,
+    kernel_problem,
+    new_feature_map,
+    require_tensors,
+    site_direct,
+    tensor_list,
+)
 from .multiscale_aggregate import (
     aggregation_grads,
     bias_list,
@@ -188,7 +198,7 @@ def module_lite_mla_context(site: Site, constants: tuple, qkv: Tensor, heads: in
     whose constants (dw_weights, pw_weights, dw_biases, pw_biases: lists as the op takes them) are its
     eval_constants tuple, as ops/conv_bn_act.py module_conv_bn_act."""
     dws, pws, dbs, pbs = constants
-    if type(qkv) in PLAIN and direct(qkv):
+    if site_direct(qkv):
         key = Site.key((constants,), (heads, dim, eps), qkv)
         if (kept := site.find(key)) is None:
             return _checked(qkv, dws, pws, heads, dim, eps, dbs, pbs, (site, key))
