@@ -1284,6 +1284,36 @@ def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
     assert plans and all(plan[4] is not None for plan in plans)  # the op ran its plan's prepared launch
 
 
+def test_planned_calls_repack_into_their_prepared_launch(gpu_heuristics, monkeypatch):
+    """A caller's NCHW weight beside a channels_last x and a strided per-channel vector: each planned call repacks
+    them, then runs the launch its plan prepared, built once for every call of the signature (the eighth H100
+    pass: such calls rebuilt their Triton launch each time, so they never launched directly). Fresh inputs,
+    NaN-poisoned outputs, against the reference; the split-K path with H100's heuristics."""
+    from linattn.kernels import conv_bn_act as kernels
+
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    builds = []
+    build = kernels.fwd_launch
+    monkeypatch.setattr(kernels, "fwd_launch", lambda *a, **k: builds.append(1) or build(*a, **k))
+    module = importlib.import_module("linattn.ops.conv_bn_act")
+    allocate = module.new_feature_map
+    monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    case = (1, 24, 20, 5, 6, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
+    for seed in (1, 2, 3):
+        x, w, b, s, t, r, conv = make_conv(case, "cpu", seed=seed)
+        assert w.stride(1) != 1  # NCHW: the kernels read it packed
+        s = torch.stack([s, torch.zeros_like(s)], 1)[:, 0]  # strided
+        ref = reference.conv_bn_act(*f64(x, w, b), [1, 1], [1, 1], [1, 1], 1, "gelu_tanh", *f64(s, t, r))
+        tol = tolerance(x.dtype, rel_err(eager(x, w, b, s, t, r, conv), ref))
+        with linattn.backend("triton"):
+            out = linattn.conv_bn_act(x, w, b, **conv, post_scale=s, post_shift=t, residual=r)
+        assert_close(out, ref, tol, f"planned call, seed {seed}")
+    assert len(builds) == 1, builds
+    plans = [kept[0] for key, kept in _tune._plans.items() if key[0] == "conv_bn_act" and key[1][0][0] == x.shape]
+    assert len(plans) == 1 and plans[0][4] is not None
+
+
 DIRECT_CASES = [  # (B, Cin, Cout, H, W, k, stride, dil, groups, act, post, dtype, channels_last, residual)
     (1, 64, 64, 8, 8, 3, 1, 1, 1, "gelu_tanh", True, torch.bfloat16, True, True),  # batch 1: split-K, 2 kernels
     (2, 64, 64, 16, 16, 3, 1, 1, 64, "relu6", False, torch.bfloat16, True, False),  # depthwise

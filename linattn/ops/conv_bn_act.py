@@ -153,18 +153,29 @@ def _prepared(impl, config, x, weight, bias, stride, padding, dilation, groups, 
               out, shuffle) -> Callable | None:  # fmt: skip
     """The run of a planned call on `impl`, prepared once for every call laid out as this one (on Triton
     kernels/conv_bn_act.py `fwd_launch`, on cuDNN `cuda_launch`): launch(x, weight, bias, post_scale, post_shift,
-    residual, out). None where each call needs host work of its own (a weight or vector to copy, the reference,
-    cuDNN's pixel shuffle): _conv_fwd runs those."""
-    if _packed_weight(x, weight) is not weight:
-        return None
-    if impl == "triton" and all(_contiguous(t) is t for t in (bias, post_scale, post_shift)):
+    residual, out). A weight or per-channel vector the kernels read packed is repacked by each call, then the
+    prepared launch runs (a caller's NCHW weight beside a channels_last x: the eighth H100 pass saw such calls
+    rebuild their Triton launch every time). None where each call needs other host work (the reference, cuDNN's
+    pixel shuffle or an operand its graph copies): _conv_fwd runs those."""
+    packed = _packed_weight(x, weight)
+    vectors = (bias, post_scale, post_shift)
+    if impl == "triton":
         from ..kernels.conv_bn_act import fwd_launch
 
-        call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual, out)
-        return fwd_launch(*call, shuffle, config)
-    if impl == "cuda" and not shuffle:
-        return cuda_launch(x, weight, stride, padding, dilation, groups, act, residual, out)
-    return None
+        call = _triton_args(x, packed, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+        launch = fwd_launch(*call, out, shuffle, config)
+    elif impl == "cuda" and not shuffle:
+        launch = cuda_launch(x, packed, stride, padding, dilation, groups, act, residual, out)
+    else:
+        return None
+    if launch is None or (packed is weight and all(_contiguous(t) is t for t in vectors)):
+        return launch
+
+    def repacked(x, weight, bias, post_scale, post_shift, residual, out):
+        vectors = (_contiguous(t) for t in (bias, post_scale, post_shift))
+        return launch(x, _packed_weight(x, weight), *vectors, residual, out)
+
+    return repacked
 
 
 def _triton_args(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual) -> tuple:
