@@ -654,13 +654,18 @@ def _recording(module, name: str, seen: list):
     return kernel, Recording()
 
 
+GRAD_LAYERS = ("module-grad",)  # the layers main times with autograd on; the others, as the end-to-end benchmark
+
+
 def layer_calls(
     device: torch.device, shape: tuple = LAYER_X, emulate: bool = False
 ) -> dict[str, tuple[Callable | None, str]]:
     """name -> (call, what it runs), or (None, why it cannot run here): one conv_bn_act call (x of `shape`, bf16 on
     a GPU, channels_last, a 3x3 conv to as many channels, BatchNorm, GELU(tanh)) at each layer of its host path,
     and the eager ops it replaces. Triton's layers run on CPU tensors under TRITON_INTERPRET=1 only with
-    `emulate` (the tests: the interpreter's time is the kernel's emulation, not a launch's)."""
+    `emulate` (the tests: the interpreter's time is the kernel's emulation, not a launch's). main times them under
+    torch.inference_mode(), as the end-to-end benchmark runs its providers, but GRAD_LAYERS with autograd on: the
+    eighth H100 pass timed the module with it on (989 us against the functional's 61), which is another path."""
     from torch import nn
 
     from linattn.ops import _conv_bn_act_cudnn as cudnn
@@ -688,6 +693,7 @@ def layer_calls(
         "aten-conv2d": (lambda: F.conv2d(x, w, padding=1), "F.conv2d alone: one aten op (PyTorch's cuDNN call)"),
         "aten-empty_like": (lambda: torch.empty_like(x), "torch.empty_like(x): allocation, one aten op"),
         "module": (lambda: module(x), "linattn.optimize(eager): the fused module, backend auto"),
+        "module-grad": (lambda: module(x), "the fused module with autograd on (its parameters require grad)"),
         "functional": (lambda: linattn.conv_bn_act(x, *call[1:]), "linattn.conv_bn_act, backend auto"),
         "body": (lambda: body(OP, *call), "the op's Python body (checks planned, dispatch, launch), auto"),
     }
@@ -800,7 +806,8 @@ def main(argv=None) -> None:
             keep({**row, "note": f"skipped: {what}"})
             continue
         try:
-            host_us, iqr_pct, drained_us = time_layer(fn, device, args.calls, args.repeats)
+            with contextlib.nullcontext() if name in GRAD_LAYERS else torch.inference_mode():
+                host_us, iqr_pct, drained_us = time_layer(fn, device, args.calls, args.repeats)
         except Exception as err:  # one layer that cannot run does not stop the others
             print(f"{name:18s} {'-':>9s} {'':>6s} {'':>10s}  failed: {type(err).__name__}: {err}")
             keep({**row, "note": f"failed: {type(err).__name__}: {str(err)[:300]}"})

@@ -2,6 +2,7 @@
 every test id runs once, untimed, through the same function the benchmark uses, and the calls it times against
 each other compute the same thing."""
 
+import contextlib
 import json
 
 import pytest
@@ -53,12 +54,16 @@ def test_host_layers_run_and_agree():
     (Triton's under the interpreter, at a small map) computes the call, the launcher's and the bare kernel launch's
     into their shared output; the cuDNN layers say why they cannot run without a GPU."""
     calls = bench_host.layer_calls(torch.device("cpu"), shape=(1, 8, 5, 7), emulate=True)
-    assert list(calls)[:6] == ["eager", "aten-conv2d", "aten-empty_like", "module", "functional", "body"]
+    assert list(calls)[:7] == ["eager", "aten-conv2d", "aten-empty_like", "module", "module-grad", "functional", "body"]
+    assert bench_host.GRAD_LAYERS == ("module-grad",)
     expected = calls["eager"][0]()
-    for name in ("module", "functional", "body", "functional-triton"):
+    for name in ("module", "module-grad", "functional", "body", "functional-triton"):
         fn, what = calls[name]
         assert fn is not None, (name, what)
-        assert rel_err(fn(), expected) < 1e-5, name
+        with contextlib.nullcontext() if name in bench_host.GRAD_LAYERS else torch.inference_mode():
+            got = fn()
+        assert got.requires_grad == (name == "module-grad"), name  # the module's differentiable path, or not
+        assert rel_err(got, expected) < 1e-5, name
     out = calls["launcher-triton"][0]()  # the output both write
     for name in ("launcher-triton", "kernel-triton"):
         out.fill_(float("nan"))
