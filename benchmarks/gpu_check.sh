@@ -30,7 +30,8 @@
 #                           (the sixth H100 pass's L0 took 127 s, measured dispatch timing 146 choices)
 #   bench-host          60  benchmarks/bench_host.py: one B1 conv_bn_act call's host time at each layer of its path
 #                           (module, functional, body, forced backends, Triton's launcher, its bare launch, cuDNN's
-#                           op) against eager's ops: where the no-graph batch-1 forward's host time goes
+#                           op) against eager's ops, under inference mode as bench-e2e; module-grad: the eval module
+#                           with autograd on. Where the no-graph batch-1 forward's host time goes
 #   check              120  python -m linattn check: every op on every backend against the reference (a bare
 #                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
 #                           on its bare one)
