@@ -43,6 +43,9 @@
 #                           of XL1 (11 s on the seventh pass, which had no budget left for it after XL1)
 #   bench-multiscale    40  the context op alone (and multiscale_aggregate) at every LiteMLA stage: its share of
 #                           the memory floor (issue 14), ahead of XL1 too (17 s on the fifth pass)
+#   ncu                 90  Nsight Compute (--set detailed) on the kernels of the LiteMLA stages' and two convs' calls,
+#                           Triton and cuDNN (NCU_ARGS: profile_kernels.py's options): results/ncu.ncu-rep, and
+#                           its details page in logs/ncu.log
 #   bench-e2e-xl1      225  as l0 without compile (E2E_MODELS: the first model runs before check with compile, the
 #                           rest here without it)
 #   kernels             40  benchmarks/profile_kernels.py: the profiler's per-kernel view (time, registers,
@@ -63,7 +66,7 @@
 # bare machine has no extension: name build too. BUDGET_S (0: none), BOUND_<STEP> (e.g. BOUND_PYTEST=120,
 # BOUND_BENCH_E2E_XL1=150), PYTEST_ARGS, PYTEST_WORKERS (0: no xdist), PYTEST_TIMEOUT, E2E_MODELS (default
 # "l0 xl1"), E2E_BENCH_ARGS, KERNELS_ARGS, LITE_MLA_BENCH_ARGS, MULTISCALE_BENCH_ARGS,
-# LINEAR_ATTENTION_BENCH_ARGS, UPSAMPLE_SUM_BENCH_ARGS and CONV_BENCH_ARGS (each replaces that benchmark's
+# LINEAR_ATTENTION_BENCH_ARGS, UPSAMPLE_SUM_BENCH_ARGS, CONV_BENCH_ARGS and NCU_ARGS (each replaces that benchmark's
 # options), TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON (python3), WORK_DIR (default a fresh /tmp/gpu_check.*).
 #
 # Needs on the machine: torch, triton, numpy, pip, setuptools, wheel, nvcc, pytest (and compute-sanitizer); the
@@ -221,6 +224,7 @@ case $PROFILE in
         CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --cuda-graph
             --shapes "${CONV_SHAPES[@]}")
         KERNELS=()
+        NCU=(--stages l xl-s4 --conv-shapes l0.s3.mb.dw3 xl1.s3.fmb.conv3 --providers triton cuda)
         UPS=(--dtype bf16 --batch 16 --providers eager compile triton auto --cuda-graph)
         ;;
     full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
@@ -236,6 +240,7 @@ case $PROFILE in
         CONV=(--dtype bf16 --batch 16 1 --max-autotune-batch 16 --providers eager eager-folded "${ALL[@]:1}")
         E2E_MODELS=${E2E_MODELS_FULL:-xl1 l0 squeezesam vitt}
         KERNELS=()
+        NCU=()
         UPS=(--dtype bf16 --batch 16 1 --layout channels_last nchw --backward --providers "${ALL[@]}")
         ;;
     smoke)
@@ -244,7 +249,7 @@ case $PROFILE in
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         E2E=(--quick --providers eager linattn)
         E2E_REST=("${E2E[@]}")
-        LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick) UPS=(--quick)
+        LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick) NCU=(--quick) UPS=(--quick)
         ;;
 esac
 NO_GPU_STEP=0
@@ -310,6 +315,14 @@ step check "$B_CHECK" 0 "$PY" -m linattn check
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
 bench multiscale MULTISCALE_BENCH_ARGS bench_multiscale.py "${MS[@]}"
+# Nsight Compute on the kernels of one call per case (profile_kernels.py --bare: the third call, in an NVTX range):
+# throughput, memory, occupancy and warp stalls, which the profiler's times cannot give (the eighth pass's L0
+# context kernel: 8% of copy bandwidth at 12% occupancy, latency- or cache-bound: this says which)
+bench_args NCU_ARGS "${NCU[@]}"
+# shellcheck disable=SC2016 # "$1" and "${@:2}" are bash -c's own arguments
+step ncu 90 "$NO_GPU_STEP" bash -c 'ncu --nvtx --nvtx-include linattn-profiled/ --set detailed --target-processes all \
+    -f -o "$1/ncu" "${@:2}" && ncu --import "$1/ncu.ncu-rep" --page details' ncu "$RESULTS" \
+    "$PY" benchmarks/profile_kernels.py --bare "${ARGS[@]}"
 for model in "${MODELS[@]:1}"; do e2e "$model" "${E2E_REST[@]}"; done
 bench_args KERNELS_ARGS "${KERNELS[@]}"
 step kernels "$B_BENCH" 0 "$PY" benchmarks/profile_kernels.py --out "$RESULTS" "${ARGS[@]}"

@@ -10,9 +10,14 @@ over the span (GB/s, and percent of the measured copy bandwidth). A span well ov
 time over the span, says the call is launch-bound; a kernel far under the copy bandwidth with low occupancy
 says where to look. Rows go to DIR/profile.jsonl (gpu_check.sh's "profile" step; gpu_summary counts them).
 Without a GPU it runs the calls on CPU tensors at --quick shapes (no kernels): it checks the script.
+
+--bare: no torch.profiler (its CUPTI session and Nsight Compute's cannot share a process); the third call of each
+(shape, provider) runs inside the NVTX range "linattn-profiled" for an outside profiler to select, and nothing is
+saved (gpu_check.sh's "ncu" step: `ncu --nvtx --nvtx-include linattn-profiled/ ...`).
 """
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -39,8 +44,17 @@ STAGES = ("l", "xl-s4")
 PROVIDERS = ("eager", "triton", "cuda")
 
 
+NVTX_RANGE = "linattn-profiled"
+_bare = False  # main's --bare: kernels_of runs the call in NVTX_RANGE, without torch.profiler
+
+
 def kernels_of(fn, label: str) -> tuple[list[dict], float]:
     """The GPU kernels one call of fn runs (chrome-trace kernel events, times in us) and its host microseconds."""
+    if _bare:
+        started = time.perf_counter()
+        with torch.cuda.nvtx.range(NVTX_RANGE) if torch.cuda.is_available() else contextlib.nullcontext():
+            fn()
+        return [], (time.perf_counter() - started) * 1e6
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -135,7 +149,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
     parser.add_argument("--out", default="benchmarks/results", help="folder of profile.jsonl")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, numbers not kept")
+    parser.add_argument("--bare", action="store_true", help=f"no torch.profiler: the calls in NVTX range {NVTX_RANGE}")
     args = parser.parse_args(argv)
+    global _bare
+    _bare = args.bare
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     quick = args.quick or not on_gpu
@@ -144,6 +161,10 @@ def main(argv=None) -> list[dict]:
     names = QUICK_CONV_SHAPES if quick else (args.conv_shapes or CONV_SHAPES)
     rows = conv_rows(names, args.providers, dtype, device, copy_gbs, quick)
     rows += lite_mla_rows(args.stages, args.providers, dtype, device, copy_gbs, quick)
+    if args.bare:
+        calls = sum(r["kernel"] == "(call)" for r in rows)
+        print(f"{calls} calls run in NVTX range {NVTX_RANGE!r}, each after two warm-up calls; nothing saved")
+        return []
     for r in rows:
         if r["kernel"] == "(call)":
             span, gbs = r["span_us"], r["gbs"]

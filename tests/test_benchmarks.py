@@ -159,6 +159,19 @@ def test_profile_kernels_rows_and_quick_run(tmp_path):
     assert len(load_results(next(tmp_path.glob("profile-quick*.jsonl")))) == len(got)
 
 
+def test_profile_kernels_bare_runs_the_calls_for_an_outside_profiler(tmp_path, monkeypatch, capsys):
+    """--bare (gpu_check.sh's ncu step): every call runs three times without torch.profiler, nothing is saved."""
+    calls = []
+    monkeypatch.setattr(profile_kernels, "_bare", False)  # restored after main sets it
+    monkeypatch.setattr(torch.profiler, "profile", lambda *a, **k: pytest.fail("torch.profiler under --bare"))
+    real = profile_kernels.kernels_of
+    monkeypatch.setattr(profile_kernels, "kernels_of", lambda fn, label: calls.append(label) or real(fn, label))
+    assert profile_kernels.main(["--quick", "--bare", "--out", str(tmp_path)]) == []
+    assert not list(tmp_path.iterdir())
+    assert {"tiny.dense3 eager", "tiny.pw.res eager"} <= set(calls)
+    assert f"{len(calls)} calls run in NVTX range" in capsys.readouterr().out
+
+
 def test_one_table_printer():
     """linattn._table prints every table: the command line's left-aligned, the benchmarks' rows (dicts) with their
     numbers right-aligned, floats rounded, missing values as "-" and auto's choices as "op:pass backend calls"."""
