@@ -1,6 +1,5 @@
 """Backend selection, optional dependencies and a cheap `import linattn`."""
 
-import contextlib
 import subprocess
 import sys
 import textwrap
@@ -206,7 +205,8 @@ def test_extension_load_failure_is_a_warning(monkeypatch):
 
 def test_functional_calls_skip_the_dispatcher_only_where_nothing_needs_it(monkeypatch):
     """An eager call on plain tensors with nothing the dispatcher adds runs the op's body from the functional
-    (linattn/ops/_common.py `direct`); autograd, autocast, dispatch modes, the profiler go through the op."""
+    (linattn/ops/_common.py `direct`); one that needs autograd alone, from the op's autograd Function
+    (`differentiable`); autocast, dispatch modes, the profiler go through the op, with autograd or without."""
     import importlib
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -230,17 +230,20 @@ def test_functional_calls_skip_the_dispatcher_only_where_nothing_needs_it(monkey
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
+    callers.clear()
+    linattn.conv_bn_act(x, w.clone().requires_grad_(), padding=1, act="relu")
+    assert callers == ["_autograd_body"]
     needs_the_op = {
-        "autograd": (contextlib.nullcontext(), w.clone().requires_grad_()),
-        "autocast": (torch.autocast("cpu", dtype=torch.bfloat16), w),
-        "dispatch mode": (Seen(), w),
-        "profiler": (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]), w),
+        "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        "dispatch mode": Seen,
+        "profiler": lambda: torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]),
     }
-    for name, (context, weight) in needs_the_op.items():
-        callers.clear()
-        with context:
-            linattn.conv_bn_act(x, weight, padding=1, act="relu")
-        assert callers == ["_conv_bn_act"], name
+    for name, context in needs_the_op.items():
+        for weight in (w, w.clone().requires_grad_()):
+            callers.clear()
+            with context():
+                linattn.conv_bn_act(x, weight, padding=1, act="relu")
+            assert callers == ["_conv_bn_act"], (name, weight.requires_grad)
 
 
 def test_direct_declines_what_the_dispatcher_handles():

@@ -201,6 +201,47 @@ def test_compile_only_launches_nothing():
 OP_CASES = [CASES[0], CASES[3], CASES[10]]
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[11]], ids=_case_id)
+def test_calls_needing_gradients_run_the_autograd_formula_directly(case):
+    """An eager call that needs gradients and nothing else of the dispatcher runs the op's registered autograd
+    formula as a Function of its own (ops/_common.py differentiable): output and every gradient equal the custom
+    op's (torch.ops.linattn.conv_bn_act) bit for bit, on fresh inputs; some inputs without gradients get none.
+    Under a mode the dispatcher must see (an op-counting dispatch mode) the custom op runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, w, b, s, t, r, conv = make_conv(case, "cpu", seed=11)
+    if r is None:
+        r = torch.randn(eager(x, w, b, s, t, None, conv).shape, dtype=x.dtype)
+    inputs = [x, w, b, s, t, r]
+    needs = [True, True, False, True, True, False]
+    g = torch.randn(eager(x, w, b, s, t, r, conv).shape, generator=torch.Generator().manual_seed(12)).to(x.dtype)
+    args = (*pairs(conv),)
+    results = []
+    for call in (linattn.conv_bn_act, torch.ops.linattn.conv_bn_act):
+        leaves = [v.detach().clone().requires_grad_(n) for v, n in zip(inputs, needs)]
+        out = call(*leaves[:3], *args, *leaves[3:])
+        out.backward(g)
+        results.append((out.detach(), [None if v.grad is None else v.grad for v in leaves], type(out.grad_fn)))
+    (out, grads, kind), (want, want_grads, custom) = results
+    assert kind.__name__ == "linattn_conv_bn_actBackward" and kind is not custom
+    assert torch.equal(out, want)
+    labels = ["x", "weight", "bias", "post_scale", "post_shift", "residual"]
+    for label, a, e, n in zip(labels, grads, want_grads, needs):
+        assert (a is not None) == n and (e is not None) == n, label
+        assert a is None or torch.equal(a, e), label
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ops = []
+    leaves = [v.detach().clone().requires_grad_(n) for v, n in zip(inputs, needs)]
+    with Seen():
+        linattn.conv_bn_act(*leaves[:3], *args, *leaves[3:])
+    assert "linattn.conv_bn_act.default" in ops
+
+
 @pytest.mark.parametrize("target", _targets())
 @pytest.mark.parametrize("case", OP_CASES, ids=_case_id)
 def test_op_autograd(target, case):

@@ -138,3 +138,47 @@ def test_subpackages_load_on_first_access():
         "LiteMLA linattn.benchmarks False",
         "module 'linattn' has no attribute 'no_such_name'",
     ]
+
+
+def _grad_calls():
+    """(op, its functional's call, the custom op's call on the same normalised arguments, the inputs), small CPU
+    calls of the ops whose tensors are arguments of their own (fresh random inputs, some without gradients)."""
+    gen = torch.Generator().manual_seed(21)
+
+    def rand(*shape, grad=True):
+        return torch.randn(shape, generator=gen).requires_grad_(grad)
+
+    ops = torch.ops.linattn
+    q, k, v = rand(1, 2, 7, 8), rand(1, 2, 7, 8, grad=False), rand(1, 2, 7, 8)
+    qkv = rand(1, 2 * 3 * 8, 3, 5)
+    x, w, b, s, t = rand(1, 6, 4, 5), rand(16, 6), rand(16, grad=False), rand(16), rand(16)
+    dw, pw, r = rand(6, 1, 3, 3), rand(5, 6, 1, 1), rand(1, 5, 4, 5)
+    return [
+        ("relu_linear_attention", lambda: linattn.relu_linear_attention(q, k, v, 1e-6),
+         lambda: ops.relu_linear_attention(q, k, v, 1e-6), (q, k, v)),
+        ("lite_mla_attention", lambda: linattn.lite_mla_attention(qkv, 8, 1e-6),
+         lambda: ops.lite_mla_attention(qkv, 8, 1e-6), (qkv,)),
+        ("upsample_block", lambda: linattn.upsample_block(x, w, b, s, t, "gelu"),
+         lambda: ops.upsample_block(x, w, b, s, t, "gelu"), (x, w, b, s, t)),
+        ("separable_conv_bn_act",
+         lambda: linattn.separable_conv_bn_act(x, dw, pw, None, b[:5], 1, 1, 1, "relu6", "hardswish", s[:5], t[:5], r),
+         lambda: ops.separable_conv_bn_act(x, dw, None, [1, 1], [1, 1], [1, 1], "relu6", pw, b[:5], "hardswish",
+                                           s[:5], t[:5], r),
+         (x, dw, pw, r)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(4), ids=lambda i: _grad_calls()[i][0])
+def test_calls_needing_gradients_run_the_autograd_formula_directly(index):
+    """A functional call that needs gradients and nothing else of the dispatcher runs its op's registered autograd
+    formula as a Function of its own (linattn/ops/_common.py differentiable; conv_bn_act's in
+    tests/test_conv_bn_act.py): output and gradients equal the custom op's bit for bit."""
+    op, functional, custom, inputs = _grad_calls()[index]
+    results = []
+    for call in (functional, custom):
+        out = call()
+        grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], torch.ones_like(out))
+        results.append((out.detach(), grads, type(out.grad_fn).__name__))
+    (out, grads, kind), (want, want_grads, custom_kind) = results
+    assert kind == f"linattn_{op}Backward" and custom_kind != kind
+    assert torch.equal(out, want) and all(torch.equal(a, e) for a, e in zip(grads, want_grads, strict=True))

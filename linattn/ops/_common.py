@@ -3,6 +3,7 @@
 import math
 import numbers
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -40,9 +41,21 @@ def direct(x: Tensor, *tensors: Tensor | None) -> bool:
     or profiler (which names the op). The body is what the dispatcher would run (the op's CPU and CUDA kernels are
     one function, and no body returns an input, which the custom op checks), so the result is the same; the call
     skips the custom op's layers, which cost more host time than a small conv's launch (benchmarks/bench_host.py)."""
+    return not _needs_grad(x, tensors) and _eager_only(x, tensors)
+
+
+def direct_autograd(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether a functional call needs autograd and nothing else of the dispatcher (direct's other conditions):
+    it may run its op's autograd formula as a Function of its own (`differentiable`)."""
+    return _needs_grad(x, tensors) and _eager_only(x, tensors)
+
+
+def _needs_grad(x: Tensor, tensors: tuple) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+
+
+def _eager_only(x: Tensor, tensors: tuple) -> bool:
     if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return False
     c = torch._C
     if (
@@ -57,6 +70,26 @@ def direct(x: Tensor, *tensors: Tensor | None) -> bool:
     return x.device.type in _EAGER_DEVICES and all(
         t is None or (type(t) in PLAIN and t.layout is torch.strided and not t.is_nested) for t in (x, *tensors)
     )
+
+
+def differentiable(op: str, body: Callable, setup: Callable, grad: Callable) -> Callable:
+    """body(*args) under the autograd formula its custom op registered (register_autograd's setup_context and
+    backward), as one torch.autograd.Function, for the calls direct_autograd admits. The custom op's own autograd
+    layer (a generated Function, argument normalisation, a redispatch to the body) cost about 50 us of an 84 us
+    call of a small conv on the CPU with a weight that needs its gradient; this is one Function.apply. Only for
+    ops whose tensors are arguments of their own: a Function does not see tensors inside lists. Its results'
+    grad_fn is linattn_<op>Backward."""
+
+    def forward(ctx, *args):
+        output = body(*args)
+        setup(ctx, args, output)
+        return output
+
+    def backward(ctx, *grads):
+        return grad(ctx, *grads)
+
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(f"linattn_{op}", (torch.autograd.Function,), methods).apply
 
 
 def site_direct(x, residual=None) -> bool:

@@ -26,7 +26,9 @@ from ._autocast import register_autocast
 from ._common import (
     as_int,
     check_tensor,
+    differentiable,
     direct,
+    direct_autograd,
     fail,
     kernel_problem,
     new_feature_map,
@@ -356,6 +358,14 @@ def _grad(ctx, grad_out):
 _conv_bn_act.register_autograd(_grad, setup_context=_setup)
 
 
+def _autograd_body(*args) -> Tensor:
+    """conv_bn_act's body (the custom op's) as its autograd Function runs it (ops/_common.py differentiable)."""
+    return _conv(OP, *args)
+
+
+_conv_bn_act_autograd = differentiable(OP, _autograd_body, _setup, _grad)
+
+
 def _pair(op: str, name: str, v) -> list[int]:
     kind = type(v)
     if (kind is tuple or kind is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
@@ -436,8 +446,11 @@ def _checked_call(x, weight, bias, stride, padding, dilation, groups, act, post_
         post_shift,
         residual,
     )
-    if direct(x, weight, bias, post_scale, post_shift, residual):
+    tensors = (x, weight, bias, post_scale, post_shift, residual)
+    if direct(*tensors):
         return _conv(OP, *args, site=site)
+    if direct_autograd(*tensors):
+        return _conv_bn_act_autograd(*args)
     return torch.ops.linattn.conv_bn_act(*args)
 
 
@@ -540,6 +553,7 @@ def _upsample_grad(ctx, grad_out):
 
 
 _upsample_block.register_autograd(_upsample_grad, setup_context=_upsample_setup)
+_upsample_block_autograd = differentiable(UPSAMPLE, _upsample, _upsample_setup, _upsample_grad)
 
 
 def upsample_block(
@@ -570,9 +584,12 @@ def upsample_block(
         weight = weight.flatten(1)
     if not isinstance(act, str):
         fail(UPSAMPLE, "act", f"must be a string, one of {ACTIVATIONS}, got {type(act).__name__}", TypeError)
-    if direct(x, weight, bias, post_scale, post_shift):
-        return _upsample(x, weight, bias, post_scale, post_shift, act)
-    return torch.ops.linattn.upsample_block(x, weight, bias, post_scale, post_shift, act)
+    args = (x, weight, bias, post_scale, post_shift, act)
+    if direct(*args[:-1]):
+        return _upsample(*args)
+    if direct_autograd(*args[:-1]):
+        return _upsample_block_autograd(*args)
+    return torch.ops.linattn.upsample_block(*args)
 
 
 # --- EfficientViT's depthwise-separable pair (MBConv's and DSConv's depth_conv -> point_conv), fused ---
@@ -691,6 +708,7 @@ def _separable_grad(ctx, grad_out):
 
 
 _separable_conv_bn_act.register_autograd(_separable_grad, setup_context=_separable_setup)
+_separable_autograd = differentiable(SEPARABLE, _separable, _separable_setup, _separable_grad)
 
 
 def separable_conv_bn_act(
@@ -750,8 +768,11 @@ def _separable_checked(x, dw_weight, dw_bias, stride, padding, dilation, dw_act,
         x, dw_weight, dw_bias, _pair(SEPARABLE, "stride", stride), _pair(SEPARABLE, "padding", padding),
         _pair(SEPARABLE, "dilation", dilation), dw_act, weight, bias, act, post_scale, post_shift, residual,
     )  # fmt: skip
-    if direct(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual):
+    tensors = (x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual)
+    if direct(*tensors):
         return _separable(*args, site=site)
+    if direct_autograd(*tensors):
+        return _separable_autograd(*args)
     return torch.ops.linattn.separable_conv_bn_act(*args)
 
 

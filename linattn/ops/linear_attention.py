@@ -12,7 +12,18 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from ._autocast import register_autocast
-from ._common import as_int, check_eps, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors
+from ._common import (
+    as_int,
+    check_eps,
+    check_tensor,
+    differentiable,
+    direct,
+    direct_autograd,
+    fail,
+    kernel_problem,
+    new_feature_map,
+    require_tensors,
+)
 
 MAX_HEAD_DIM = 128  # both kernel backends keep a (D, E) state tile on chip
 
@@ -135,6 +146,7 @@ def _grad_qkv(ctx, grad_out):
 
 
 _relu_linear_attention.register_autograd(_grad_qkv, setup_context=_setup_qkv)
+_relu_linear_attention_autograd = differentiable("relu_linear_attention", _attention, _setup_qkv, _grad_qkv)
 
 
 # ---- lite_mla_attention: the packed (B, G*3*D, H, W) LiteMLA layout ---------------
@@ -185,6 +197,7 @@ def _grad_packed(ctx, grad_out):
 
 
 _lite_mla_attention.register_autograd(_grad_packed, setup_context=_setup_packed)
+_lite_mla_attention_autograd = differentiable("lite_mla_attention", _packed_attention, _setup_packed, _grad_packed)
 
 
 # ---- functional API -----------------------------------------------------------------
@@ -211,6 +224,8 @@ def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -
     eps = check_eps("relu_linear_attention", eps)
     if direct(q, k, v):
         return _attention(q, k, v, eps)
+    if direct_autograd(q, k, v):
+        return _relu_linear_attention_autograd(q, k, v, eps)
     return torch.ops.linattn.relu_linear_attention(q, k, v, eps)
 
 
@@ -233,6 +248,8 @@ def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
     dim, eps = as_int(op, "dim", dim), check_eps(op, eps)
     if direct(qkv):
         return _packed_attention(qkv, dim, eps)
+    if direct_autograd(qkv):
+        return _lite_mla_attention_autograd(qkv, dim, eps)
     return torch.ops.linattn.lite_mla_attention(qkv, dim, eps)
 
 
