@@ -1,5 +1,6 @@
 """Backend selection, optional dependencies and a cheap `import linattn`."""
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -244,6 +245,37 @@ def test_functional_calls_skip_the_dispatcher_only_where_nothing_needs_it(monkey
             with context():
                 linattn.conv_bn_act(x, weight, padding=1, act="relu")
             assert callers == ["_conv_bn_act"], (name, weight.requires_grad)
+
+
+def test_eager_backward_runs_the_backward_body_directly(monkeypatch):
+    """The autograd formulas run conv_bn_act_backward's body themselves in an eager backward (ops/conv_bn_act.py
+    _backward), the op under a dispatch mode; the gradients are the same."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    conv_ops = importlib.import_module("linattn.ops.conv_bn_act")
+    callers, real = [], conv_ops._backward_body
+
+    def spy(*args):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(*args)
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(conv_ops, "_backward_body", spy)
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    grads = []
+    for context, caller in ((contextlib.nullcontext, "_backward"), (Seen, "_conv_bn_act_backward")):
+        callers.clear()
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        with context():
+            linattn.conv_bn_act(*leaves, padding=1, act="gelu").sum().backward()
+        assert callers == [caller]
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_direct_declines_what_the_dispatcher_handles():

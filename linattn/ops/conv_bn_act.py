@@ -299,6 +299,19 @@ def _conv_bn_act_backward(
     """(dx, dweight, dbias, dpost_scale, dpost_shift): dx in x's dtype and memory format, dweight in
     weight's dtype, the per-channel gradients in fp32 (fp64 for fp64 inputs) whether or not the
     optional inputs exist."""
+    return _backward_body(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
+
+
+def _backward(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale) -> tuple:
+    """conv_bn_act_backward for the autograd formulas: its body itself where nothing needs the dispatcher
+    (ops/_common.py direct: an eager backward without create_graph), else the op."""
+    call = (grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
+    if direct(grad_out, x, weight, bias, post_scale):
+        return _backward_body(*call)
+    return torch.ops.linattn.conv_bn_act_backward(*call)
+
+
+def _backward_body(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale) -> tuple:
     call = (grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
     impl = resolve(OP, "bwd", x.device, kernel_problem(x), runner=lambda b: _conv_bwd(*call, b), inputs=call)
     dx, dw, db, ds, dt = _conv_bwd(*call, impl)
@@ -349,7 +362,7 @@ def _cast(g: Tensor, dtype):
 
 def _grad(ctx, grad_out):
     x, weight, bias, post_scale = ctx.saved_tensors
-    dx, dw, db, ds, dt = torch.ops.linattn.conv_bn_act_backward(grad_out, x, weight, bias, *ctx.conv, post_scale)
+    dx, dw, db, ds, dt = _backward(grad_out, x, weight, bias, *ctx.conv, post_scale)
     b_dtype, s_dtype, t_dtype = ctx.dtypes
     d_res = grad_out if ctx.has_residual else None
     return dx, dw, _cast(db, b_dtype), None, None, None, None, None, _cast(ds, s_dtype), _cast(dt, t_dtype), d_res
@@ -545,9 +558,7 @@ def _upsample_grad(ctx, grad_out):
     """The 1x1 conv's backward op on the un-shuffled output gradient (Triton kernels on that backend)."""
     x, weight, bias, post_scale = ctx.saved_tensors
     g = torch.nn.functional.pixel_unshuffle(grad_out, 2)
-    dx, dw, db, ds, dt = torch.ops.linattn.conv_bn_act_backward(
-        g, x, weight[:, :, None, None], bias, [1, 1], [0, 0], [1, 1], 1, ctx.act, post_scale
-    )
+    dx, dw, db, ds, dt = _backward(g, x, weight[:, :, None, None], bias, [1, 1], [0, 0], [1, 1], 1, ctx.act, post_scale)
     b_dtype, s_dtype, t_dtype = ctx.dtypes
     return dx, dw.reshape(weight.shape), _cast(db, b_dtype), _cast(ds, s_dtype), _cast(dt, t_dtype), None
 
@@ -693,12 +704,8 @@ def _separable_grad(ctx, grad_out):
     stride, padding, dilation, dw_act, act = ctx.geometry
     C = x.shape[1]
     mid = torch.ops.linattn.conv_bn_act(x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None, None, None)
-    dmid, dw, db, ds, dt = torch.ops.linattn.conv_bn_act_backward(
-        grad_out, mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, post_scale
-    )
-    dx, ddw, ddb, _, _ = torch.ops.linattn.conv_bn_act_backward(
-        dmid, x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None
-    )
+    dmid, dw, db, ds, dt = _backward(grad_out, mid, weight, bias, [1, 1], [0, 0], [1, 1], 1, act, post_scale)
+    dx, ddw, ddb, _, _ = _backward(dmid, x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None)
     db_dtype, b_dtype, s_dtype, t_dtype = ctx.dtypes
     d_res = grad_out if ctx.has_residual else None
     return (
