@@ -441,7 +441,9 @@ def context_configs(
       maps the compile is the same as unpipelined: no copy is provably aligned). Not yet timed on a GPU;
     - over channels_last maps, fp16/bf16, one pass: FMA taps on 64-row tiles, 4 warps (a thread's two rows of
       eight channels are two 128-bit loads a tap: twice the loads in flight of the 32-row tiles, half the
-      serial tap steps; without spills on sm_90 and sm_80). Not yet timed on a GPU.
+      serial tap steps; without spills on sm_90 and sm_80). The eighth H100 pass: the fastest at both 16x16
+      stages (L0 0.0875 ms, XL1 0.067), at 12% occupancy: B*heads programs of 4 warps are 8 warps an SM, however
+      few registers they take. So also the same tiles on 8 warps: twice the warps, each with half the rows.
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -469,6 +471,7 @@ def context_configs(
     pipelined = [_pipelined(c) for c in found if not c["ROW_TAPS"]]
     if low_precision and split_rows(N, fma)[2] == 1:
         found.append(dict(fma, BLOCK_N=64, num_warps=4))  # FMA taps, two rows' loads a thread each tap
+        found.append(dict(fma, BLOCK_N=64, num_warps=8))  # the same tiles, twice the warps in flight
     return found + pipelined
 
 
