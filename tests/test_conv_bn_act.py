@@ -1,5 +1,6 @@
 """conv_bn_act, fold_bn, upsample_block and nn.ConvBNAct: kernels and ops against the float64 reference."""
 
+import contextlib
 import copy
 import importlib
 import re
@@ -718,7 +719,7 @@ def test_module_eval_fold_is_cached_and_follows_the_parameters(order):
     check("after a train step")
     seq.double(), block.double()
     check("after .double()", torch.float64)
-    # eval with autograd on trainable parameters: folded inline, gradients reach the conv and the BatchNorm
+    # eval with autograd on trainable parameters: gradients reach the conv and the BatchNorm
     seq.float(), block.float()
     with linattn.backend("reference"):
         block(x).sum().backward()
@@ -734,6 +735,53 @@ def test_module_eval_fold_is_cached_and_follows_the_parameters(order):
         block(xb).sum().backward()
     seq(xs).sum().backward()
     assert_close(xb.grad, xs.grad, 1e-5, "eval grad x")
+
+
+@pytest.mark.parametrize("order,norm", [("conv_bn_act", True), ("conv_act_bn", True), ("conv_bn_act", False)])
+def test_module_eval_with_autograd_folds_once_and_recomputes_in_backward(order, norm, monkeypatch):
+    """An eval block called with autograd on (no torch.no_grad) folds on its first call, then reuses the kept
+    constants as views that are differentiable in their sources (nn/_cache.py _Recomputed): no fold in the
+    forward, one in its backward. Output and every gradient equal computing the constants inline (as under a
+    dispatch mode), bit for bit; a source modified in place between forward and backward raises; a training
+    step (a source changed) folds once, inline, as before."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import linattn.nn.conv_bn_act as nn_conv
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    folds = []
+    cast = nn_conv.cast_to
+    monkeypatch.setattr(nn_conv, "cast_to", lambda *a: folds.append(1) or cast(*a))
+    block = _site_module(order, norm)
+    x = torch.randn(2, 6, 7, 5, generator=torch.Generator().manual_seed(8))
+    results = []
+    for context in (contextlib.nullcontext, Seen):
+        block.zero_grad()
+        folds.clear()
+        xs = x.clone().requires_grad_()
+        with context():
+            block(xs)
+            y = block(xs)
+        forward_folds = len(folds)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(9)))
+        results.append([y.detach(), xs.grad, *(p.grad for p in block.parameters())])
+        if context is contextlib.nullcontext:
+            assert forward_folds == 1 and len(folds) == 2, folds  # the first call's; the backward's
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    folds.clear()
+    for _ in range(2):
+        block(x).sum().backward()
+        with torch.no_grad():
+            block.conv.weight.add_(1e-3)
+    assert len(folds) == 2, folds
+    y = block(x)
+    with torch.no_grad():
+        block.conv.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|modified inplace"):
+        y.sum().backward()  # (the second: a constant that is a view of the source itself)
 
 
 def test_module_eval_fold_sees_shared_bn_eps_and_runs_under_vmap():

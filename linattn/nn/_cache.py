@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tune import Site
+from ..ops._common import direct_autograd
 
 _SLOT = "_linattn_constants"
 _SITE = "_linattn_site"
@@ -59,28 +60,77 @@ class EvalConstants(nn.Module):
         `.data` is seen by its address or layout (the result may hold a source itself, whose layout a call
         site's launch was prepared for: linattn/_tune.py Site); writes into `.data` (which has its own version
         counter) are not: call `.eval()` again after them. Computed inline, not cached, while torch.compile traces (the
-        compiler sees the arithmetic), while autograd needs the sources' gradients, for inference-mode
-        sources (they have no version counter) and for sources without storage (functorch transforms,
-        tensor subclasses).
+        compiler sees the arithmetic), for inference-mode sources (they have no version counter) and for sources
+        without storage (functorch transforms, tensor subclasses).
+
+        While autograd needs the sources' gradients, where nothing but autograd is at work (ops/_common.py
+        direct_autograd) and compute() gives tensors (a list of them stays inline: autograd does not see into
+        lists): a call whose sources changed since the last (a training step) computes inline and keeps the
+        result; a call whose sources did not gets the kept tensors as views that are differentiable in the
+        sources (_Recomputed: its backward, if one runs, computes them again under autograd, so the gradients
+        are those of computing them inline). An eval model called without torch.no_grad then folds nothing
+        after its first call: a ConvBNAct's BatchNorm fold is about ten small ops, a GPU launch each.
         """
         if torch.compiler.is_compiling():
             return compute()
-        grad = torch.is_grad_enabled()
+        grad = False
         key = [settings]
         try:  # one pass, no generators: every eager forward of a fused block runs this (host time per call)
             for t in sources:
                 if t is None:
                     continue
-                if grad and t.requires_grad:
-                    return compute()
+                grad = grad or t.requires_grad
                 key.append((id(t), t.data_ptr(), t.dtype, t.device, t._version, t.shape, t.stride()))
         except RuntimeError:  # no version counter (inference tensors), no storage (vmap'd parameters, DTensor)
             return compute()
+        given = [t for t in sources if t is not None] if grad and torch.is_grad_enabled() else None
+        if given is not None and not direct_autograd(*given):
+            return compute()
         key = tuple(key)
         cached = self.__dict__.get(_SLOT)
+        if given is not None:
+            if cached is not None and cached[0] == key and _tensors(cached[1]):
+                return _Recomputed.apply(compute, cached[1], *given)
+            # a source changed since (a training step, or the first call): computed once, inline, and kept
+            result = compute()
+            if _tensors(result):
+                self.__dict__[_SLOT] = (key, tuple(t if t is None else t.detach() for t in result))
+            return result
         if cached is None or cached[0] != key:
             # normal tensors even under torch.inference_mode, so a later call with autograd on can use them
             with torch.inference_mode(False), torch.no_grad():
                 cached = (key, compute())
             self.__dict__[_SLOT] = cached
         return cached[1]
+
+
+def _tensors(values: tuple) -> bool:
+    return all(t is None or isinstance(t, Tensor) for t in values)
+
+
+class _Recomputed(torch.autograd.Function):
+    """eval_constants' cached tensors as views, differentiable in their sources: the backward runs compute()
+    again under autograd and hands the sources its gradients (the same ops in the same order as computing the
+    constants inline, so the same gradients); sources modified in place since the forward raise as for any
+    saved tensor."""
+
+    @staticmethod
+    def forward(ctx, compute, cached, *sources):
+        ctx.compute, ctx.sources = compute, sources
+        ctx.save_for_backward(*sources)
+        return tuple(t if t is None else t.view_as(t) for t in cached)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.saved_tensors  # noqa: B018 (the version check of the sources)
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[2:]) if needed]
+        with torch.enable_grad():
+            outputs = ctx.compute()
+        used = [(o, g) for o, g in zip(outputs, grads) if o is not None and g is not None and o.requires_grad]
+        found = torch.autograd.grad(
+            [o for o, _ in used], [ctx.sources[i] for i in wanted], [g for _, g in used], allow_unused=True
+        ) if used else [None] * len(wanted)  # fmt: skip
+        result = [None] * len(ctx.sources)
+        for i, g in zip(wanted, found):
+            result[i] = g
+        return (None, None, *result)
