@@ -35,6 +35,9 @@
 #   check              120  python -m linattn check: every op on every backend against the reference (a bare
 #                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
 #                           on its bare one)
+#   bench-e2e-l0-host-aware
+#                      150  bench-e2e-l0's linattn providers again under LINATTN_HOST_AWARE=1 (measured dispatch weighs each
+#                           conv's host time too, linattn/_tune.py), rows in results/host_aware/
 #   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at six shapes (one of each kind
 #                           and model), B16, bf16, replayed as CUDA graphs: the kernels' time, not the host's
 #   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
@@ -66,8 +69,8 @@
 # bare machine has no extension: name build too. BUDGET_S (0: none), BOUND_<STEP> (e.g. BOUND_PYTEST=120,
 # BOUND_BENCH_E2E_XL1=150), PYTEST_ARGS, PYTEST_WORKERS (0: no xdist), PYTEST_TIMEOUT, E2E_MODELS (default
 # "l0 xl1"), E2E_BENCH_ARGS, KERNELS_ARGS, LITE_MLA_BENCH_ARGS, MULTISCALE_BENCH_ARGS,
-# LINEAR_ATTENTION_BENCH_ARGS, UPSAMPLE_SUM_BENCH_ARGS, CONV_BENCH_ARGS and NCU_ARGS (each replaces that benchmark's
-# options), TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON (python3), WORK_DIR (default a fresh /tmp/gpu_check.*).
+# LINEAR_ATTENTION_BENCH_ARGS, UPSAMPLE_SUM_BENCH_ARGS, CONV_BENCH_ARGS, NCU_ARGS and HOST_AWARE_BENCH_ARGS (each
+# replaces that benchmark's options), TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON (python3), WORK_DIR (default a fresh /tmp/gpu_check.*).
 #
 # Needs on the machine: torch, triton, numpy, pip, setuptools, wheel, nvcc, pytest (and compute-sanitizer); the
 # rest is optional (tqdm: progress bars, matplotlib: plots, timm: some tests, pytest-timeout, pytest-xdist).
@@ -227,6 +230,7 @@ case $PROFILE in
             --shapes "${CONV_SHAPES[@]}")
         KERNELS=()
         NCU=(--stages l xl-s4 --conv-shapes l0.s3.mb.dw3 xl1.s3.fmb.conv3 --providers triton cuda)
+        HOST_AWARE=(--batch 16 --dtype bf16 --providers linattn linattn-graph --top-ops 25)
         UPS=(--dtype bf16 --batch 16 --providers eager compile triton auto --cuda-graph)
         ;;
     full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
@@ -243,6 +247,7 @@ case $PROFILE in
         E2E_MODELS=${E2E_MODELS_FULL:-xl1 l0 squeezesam vitt}
         KERNELS=()
         NCU=()
+        HOST_AWARE=(--batch 16 --dtype bf16 --providers eager linattn linattn-graph)
         UPS=(--dtype bf16 --batch 16 1 --layout channels_last nchw --backward --providers "${ALL[@]}")
         ;;
     smoke)
@@ -252,6 +257,7 @@ case $PROFILE in
         E2E=(--quick --providers eager linattn)
         E2E_REST=("${E2E[@]}")
         LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick) NCU=(--quick) UPS=(--quick)
+        HOST_AWARE=(--quick --providers eager linattn)
         ;;
 esac
 NO_GPU_STEP=0
@@ -314,6 +320,11 @@ read -r -a MODELS <<< "$E2E_MODELS"
 e2e "${MODELS[0]}" "${E2E[@]}" # the GPU tests and the first model, then check and the conv kernels, then the rest
 step bench-host 60 0 "$PY" benchmarks/bench_host.py --out "$RESULTS"
 step check "$B_CHECK" 0 "$PY" -m linattn check
+# measured dispatch weighing the host's time of each conv too (LINATTN_HOST_AWARE=1, an experiment): L0 again,
+# its rows in results/host_aware/, against bench-e2e-l0's (the eighth pass: batch 1 host-bound, 18% behind eager)
+bench_args HOST_AWARE_BENCH_ARGS "${HOST_AWARE[@]}"
+step bench-e2e-l0-host-aware "$B_E2E" 0 env LINATTN_HOST_AWARE=1 "$PY" -m linattn bench --model l0 \
+    --out "$RESULTS/host_aware" "${ARGS[@]}"
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
 bench multiscale MULTISCALE_BENCH_ARGS bench_multiscale.py "${MS[@]}"

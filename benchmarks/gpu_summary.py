@@ -62,12 +62,14 @@ def step_rows(work: Path) -> list[dict]:
 
 
 def combine(results: Path) -> list[dict]:
-    """Every row of every results file, tagged with the file's stem (the benchmark and its suffixes)."""
+    """Every row of every results file, tagged with the file's stem (the benchmark and its suffixes); the files of
+    a variant's folder (host_aware/: the bench-e2e-l0-host-aware step) with the folder's name after the stem."""
     rows = []
-    for path in sorted(results.glob("*.jsonl")):
+    for path in [*sorted(results.glob("*.jsonl")), *sorted(results.glob("host_aware/*.jsonl"))]:
+        name = path.stem if path.parent == results else f"{path.stem}-{path.parent.name}"
         for line in path.read_text().splitlines():
             if line.strip():
-                rows.append({"results_file": path.stem, **json.loads(line)})
+                rows.append({"results_file": name, **json.loads(line)})
     return rows
 
 
@@ -120,6 +122,8 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
         for r in e2e:
             name = str(r.get("model", "")).removeprefix("efficientvit-sam-")
             values = {**r, "model": f"{name} {r.get('dtype')} B{r.get('batch')}", "note": note_of(r)}
+            if r["results_file"].endswith("-host_aware"):  # the variant's rows, named so beside the plain ones
+                values["provider"] = f"{r.get('provider')} (host-aware)"
             shown.append([cell(values.get(key)) for key, _ in HEADLINE])
         lines += table(shown)
         for step in steps:

@@ -238,6 +238,7 @@ def resolve(
     args: tuple = (),
     runner: Callable[[str], object] | None = None,
     inputs: tuple = (),
+    host_time: bool = False,
 ) -> str:
     """The backend that runs one call of `op`'s pass `pass_` on `device`.
 
@@ -245,8 +246,8 @@ def resolve(
     handed to each implementation's limit. A forced backend raises with every reason when it cannot run
     the call. "auto" on a CUDA device: with a `runner` (runner(backend) runs that implementation on the
     call's `inputs` into scratch outputs) and more than one implementation that can run the call, the
-    measured choice (linattn/_tune.py); otherwise the first in PRIORITY that can. On other devices the
-    reference.
+    measured choice (linattn/_tune.py; host_time: by the larger of GPU and host time, _tune.choose); otherwise
+    the first in PRIORITY that can. On other devices the reference.
     """
     name = get_backend()
     if name == "reference":
@@ -262,6 +263,6 @@ def resolve(
         if runner is not None and len(candidates) > 1:
             from ._tune import choose
 
-            chosen = choose(op, pass_, device, candidates, runner, inputs)
+            chosen = choose(op, pass_, device, candidates, runner, inputs, host_time)
     count(op, pass_, chosen)
     return chosen

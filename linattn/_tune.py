@@ -7,8 +7,10 @@ time, not the host's: cuda_median_ms), and keeps the one with the smallest media
 priority order. Later calls with that key are one dictionary lookup. Choices persist per GPU and versions as
 JSON in LINATTN_CACHE_DIR (default ~/.cache/linattn), loaded at first use; tables shipped in the package
 (linattn/tables/) are read first. LINATTN_TUNE=0 turns timing off: the table, else the priority order.
-Nothing is timed while a CUDA graph is being captured or torch.compile traces (the table or the priority order
-again, with a one-time warning for capture). A corrupt, foreign or stale file is ignored with a warning.
+LINATTN_HOST_AWARE=1 (read at import; an experiment, off by default): the convs' forward is chosen by the larger
+of its GPU time and its host time (host_median_ms), under keys of their own. Nothing is timed while a CUDA graph
+is being captured or torch.compile traces (the table or the priority order again, with a one-time warning for
+capture). A corrupt, foreign or stale file is ignored with a warning.
 """
 
 import concurrent.futures
@@ -30,6 +32,12 @@ from . import _backend
 
 FORMAT = 2  # the table's version, new when its layout or what a choice runs changes (2: separable's pair)
 WARMUP, REPEATS = 2, 5
+# The eighth H100 pass's L0 at batch 1 without graphs was host-bound and 18% behind eager. Its host profile put
+# 13 cuDNN graph calls at about 52 us each and 6 PyTorch-path convs at about 97 us of conv2d alone, chosen for
+# their GPU time (6-8 us), against about 20 us for a direct Triton launch. Where the host is the bottleneck, a
+# call costs the larger of the two: timing both says so. Off until a GPU pass compares it (benchmarks/gpu_check.sh
+# bench-e2e-l0-host-aware); the choices made with it are keyed apart from the others.
+HOST_AWARE = os.environ.get("LINATTN_HOST_AWARE") == "1"
 SPIN_CYCLES = 1_000_000  # GPU clock cycles ahead of each timed call: 0.5-0.7 ms at 1.4-2 GHz
 
 _lock = threading.Lock()
@@ -306,6 +314,24 @@ def cuda_median_ms(fn: Callable[[], object]) -> float:
 _timer = cuda_median_ms  # tests inject a timer
 
 
+def host_median_ms(fn: Callable[[], object]) -> float:
+    """Median host milliseconds until fn returns (the GPU not waited on: the host's time to queue the call's
+    work), after a warm-up; the GPU drained at the end. For candidates run on the path their planned calls take
+    (prepared launches, direct Triton launches): the host time a call of each costs."""
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+_host_timer = host_median_ms  # tests inject one too
+
+
 def _cannot_time() -> str | None:
     if torch.compiler.is_compiling():
         return "compiling"
@@ -321,19 +347,22 @@ def _device_name(device: torch.device) -> str:
 
 
 def choose(
-    op: str, pass_: str, device: torch.device, candidates: Sequence[str], runner: Callable[[str], object], args
-) -> str:
+    op: str, pass_: str, device: torch.device, candidates: Sequence[str], runner: Callable[[str], object], args,
+    host_time: bool = False,
+) -> str:  # fmt: skip
     """The implementation among `candidates` (in priority order) that runs this call; runner(backend) runs one
-    of them on the call's inputs into scratch outputs."""
-    return _choose(op, pass_, device, candidates, runner, args)[0]
+    of them on the call's inputs into scratch outputs. host_time: chosen by the larger of each one's GPU and
+    host times (HOST_AWARE), under keys of pass "<pass_>+host"."""
+    return _choose(op, pass_, device, candidates, runner, args, host_time=host_time)[0]
 
 
-def _choose(op, pass_, device, candidates, runner, args, prepare=None) -> tuple[str, bool]:
+def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time=False) -> tuple[str, bool]:
     """choose()'s (choice, settled): settled unless nothing could be timed (the choice is then the priority
     order's, asked again next call). prepare(), when given, runs once before the timing."""
     if getattr(_fixed, "on", False):
         return candidates[0], False
     device_name = _device_name(device)
+    pass_ = f"{pass_}+host" if host_time else pass_
     memo = (op, pass_, device_name, tuple(candidates), _signature(args))
     if (chosen := _memo.get(memo)) is not None:
         return chosen, True
@@ -362,13 +391,18 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None) -> tuple[
         prepare()
     with _backend.uncounted():
         times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in candidates}
-    chosen = min(candidates, key=lambda b: (times[b], candidates.index(b)))
+        host = {b: _host_timer(lambda b=b: runner(b)) for b in candidates} if host_time else None
+    score = times if host is None else {b: max(times[b], host[b]) for b in candidates}
+    chosen = min(candidates, key=lambda b: (score[b], candidates.index(b)))
     # seconds the choice took (compiles, cuDNN graph builds, nested choices, timing): a first call's cost
     spent = round(time.perf_counter() - started, 3)
+    row = {"key": key, "device": device_name, "ms": times, "chosen": chosen, "s": spent}
+    if host is not None:
+        row["host_ms"] = host
     with _lock:
         _memo[memo] = chosen
         table(device_name)[key] = chosen
-        _timings.append({"key": key, "device": device_name, "ms": times, "chosen": chosen, "s": spent})
+        _timings.append(row)
         _save(device_name)
     return chosen, True
 

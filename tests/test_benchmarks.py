@@ -575,6 +575,8 @@ def test_gpu_summary(tmp_path):
     e2e = {"model": "efficientvit-sam-l0", "dtype": "bf16", "batch": 16, "provider": "linattn", "ms": 6.4}
     e2e |= {"img_s": 2500.0, "reps": 80, "iqr_pct": 1.5, "lat_b1_ms": 2.0, "speedup_vs_eager": 2.1, "note": None}
     (tmp_path / "results" / "e2e.jsonl").write_text(json.dumps(e2e) + "\n")
+    (tmp_path / "results" / "host_aware").mkdir()  # the bench-e2e-l0-host-aware step's rows
+    (tmp_path / "results" / "host_aware" / "e2e.jsonl").write_text(json.dumps(e2e | {"img_s": 2750.0}) + "\n")
     skipped = {"op": "x", "provider": "cuda", "ms": None, "note": "skipped: no"}
     wrong = {"op": "y", "shape": "B16 C8", "dtype": "bf16", "provider": "triton", "ms": 1.0}
     wrong["note"] = "wrong: rel_err 1.30e-02 > 5.60e-03 (twice eager's); timed with events"
@@ -592,6 +594,7 @@ def test_gpu_summary(tmp_path):
     assert "gpu_check: 1 of 2 steps ok in 123 s; not ok: bench-e2e-l0 TIMEOUT" in text
     assert "all passed" in text and "targets (H100), linattn: img_s >= 2000" in text
     assert "l0 bf16 B16" in text and "2500" in text
+    assert re.search(r"l0 bf16 B16 +linattn \(host-aware\) +2750", text)
     assert "measured dispatch: 2 choices in 2.8 s; chosen: reference 1, triton config 1" in text
     assert text.index("2.25 s") < text.index("0.50 s")  # the slowest first
     assert "WRONG lite_mla: y B16 C8 bf16 triton: wrong: rel_err 1.30e-02 > 5.60e-03 (twice eager's)\n" in text
@@ -599,7 +602,8 @@ def test_gpu_summary(tmp_path):
     assert re.search(r"module +41\.50 +1\.20 +42\.00", text) and re.search(r"op-cudnn .*skipped: needs a GPU", text)
     assert re.search(r"host_layers +2 +1 +1 +0 +0", text)  # rows, timed, skipped, failed, wrong
     combined = load_results(tmp_path / "results.jsonl")
-    assert [r["results_file"] for r in combined] == ["e2e", "host_layers", "host_layers", "lite_mla", "lite_mla"]
+    files = ["e2e", "host_layers", "host_layers", "lite_mla", "lite_mla", "e2e-host_aware"]
+    assert [r["results_file"] for r in combined] == files
 
 
 def test_flag_wrong_marks_rows_past_twice_eagers_error():

@@ -1403,6 +1403,30 @@ def test_planned_calls_repack_into_their_prepared_launch(gpu_heuristics, monkeyp
     assert len(plans) == 1 and plans[0][4] is not None
 
 
+def test_planned_runner_times_each_candidate_on_its_planned_path(gpu_heuristics):
+    """LINATTN_HOST_AWARE=1's runner (ops/conv_bn_act.py _planned_runner): each implementation runs the launch a
+    plan would prepare for it (made once, on first use; the reference, which has none, its own path) into a fresh
+    scratch output each call, and computes the call (NaN-free, against the float64 reference)."""
+    module = importlib.import_module("linattn.ops.conv_bn_act")
+    if not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    case = (1, 24, 20, 5, 6, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
+    x, w, b, s, t, r, _ = make_conv(case, "cpu", seed=13)
+    w = w.contiguous(memory_format=torch.channels_last)
+    call = (module.OP, x, w, b, [1, 1], [1, 1], [1, 1], 1, "gelu_tanh", s, t, r)
+    out = torch.full_like(r, float("nan"))
+    run = module._planned_runner(call, out, False)
+    ref = reference.conv_bn_act(*f64(x, w, b), [1, 1], [1, 1], [1, 1], 1, "gelu_tanh", *f64(s, t, r))
+    tol = tolerance(x.dtype, rel_err(eager(x, w, b, s, t, r, dict(stride=1, padding=1, dilation=1, groups=1,
+                                                                   act="gelu_tanh")), ref))  # fmt: skip
+    outputs = [run(impl) for impl in ("triton", "reference", "triton")]
+    for got in outputs:
+        assert got is not out and got.shape == out.shape
+        assert_close(got, ref, tol, "planned runner")
+    assert outputs[0] is not outputs[2]  # a scratch output a call
+    assert torch.isnan(out).all()  # the call's own output untouched
+
+
 DIRECT_CASES = [  # (B, Cin, Cout, H, W, k, stride, dil, groups, act, post, dtype, channels_last, residual)
     (1, 64, 64, 8, 8, 3, 1, 1, 1, "gelu_tanh", True, torch.bfloat16, True, True),  # batch 1: split-K, 2 kernels
     (2, 64, 64, 16, 16, 3, 1, 1, 64, "relu6", False, torch.bfloat16, True, False),  # depthwise

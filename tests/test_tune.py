@@ -502,3 +502,23 @@ def test_a_direct_launch_that_raises_turns_them_off(fake_kernel):
     for x in "abc":
         other(x, 1, FLAG=True)
     assert [r[0] for r in ran] == ["triton"] * 6 and launch.runner is None and other.runner is None
+
+
+def test_host_time_weighs_in_where_asked_under_keys_of_its_own(tuned, monkeypatch):
+    """resolve(..., host_time=True) (LINATTN_HOST_AWARE=1's convs): each candidate's score is the larger of its GPU
+    time and its host time (_host_timer), kept under pass "<pass>+host" beside the GPU-time choice, the host
+    times logged with it."""
+    speed, calls, runner, device = tuned
+    host = {"triton": 1.5, "cuda": 4.0, "reference": 9.0}  # cuda: fastest GPU time (1.0), slowest launch
+    monkeypatch.setattr(_tune, "_host_timer", lambda fn: (fn(), host[calls[-1]])[1])  # the backend fn ran
+    x = torch.empty(4, 8)
+    assert _resolve(runner, device, x) == "cuda"  # GPU time alone
+    chosen = _backend.resolve("toy", "fwd", device, args=(2,), runner=runner, inputs=(x, 2), host_time=True)
+    assert chosen == "triton"  # max(2.0, 1.5) = 2.0 < max(1.0, 4.0) = 4.0
+    plain, weighed = _tune.timings()
+    assert ":fwd:" in plain["key"] and ":fwd+host:" in weighed["key"] and "host_ms" not in plain
+    assert weighed["host_ms"] == host and weighed["ms"] == speed and weighed["chosen"] == "triton"
+    calls.clear()  # both kept: later calls are lookups
+    assert _resolve(runner, device, x) == "cuda" and calls == []
+    assert _backend.resolve("toy", "fwd", device, args=(2,), runner=runner, inputs=(x, 2), host_time=True) == "triton"
+    assert calls == []

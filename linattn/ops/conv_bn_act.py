@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import Site, choose_config, plan
+from .._tune import HOST_AWARE, Site, choose_config, plan
 from ._autocast import register_autocast
 from ._common import (
     as_int,
@@ -146,9 +146,30 @@ def _decide(op, x, weight, bias, stride, padding, dilation, groups, act, post_sc
     weight = _packed_weight(x, weight)
     call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
     scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)  # noqa: E731
+    if HOST_AWARE:  # each candidate on the path its planned calls take, whose host time is timed too
+        scratch = _planned_runner(call, out, shuffle)
     cudnn_call = limit_call(*call[1:], None if shuffle else out)  # what cuda_limit asks cuDNN
-    impl = resolve(op, "fwd", x.device, kernel_problem(x), (cudnn_call,), runner=scratch, inputs=(*call[1:], out))
+    impl = resolve(op, "fwd", x.device, kernel_problem(x), (cudnn_call,), runner=scratch, inputs=(*call[1:], out),
+                   host_time=HOST_AWARE)  # fmt: skip
     return impl, _triton_config(op, *call[1:], out, shuffle) if impl == "triton" else None
+
+
+def _planned_runner(call: tuple, out: Tensor, shuffle: bool) -> Callable[[str], Tensor]:
+    """runner(impl) for measured dispatch: the call (op, x, weight, ...) on `impl` into a scratch output, by the
+    launch a plan would prepare for it (_prepared; _conv_fwd where there is none), made on first use."""
+    launches = {}
+
+    def run(impl: str) -> Tensor:
+        if impl not in launches:
+            config = _triton_config(*call, out, shuffle) if impl == "triton" else None
+            launches[impl] = (config, _prepared(impl, config, *call[1:], out, shuffle))
+        config, launch = launches[impl]
+        if launch is None:
+            return _conv_fwd(*call, torch.empty_like(out), shuffle, impl, config)
+        x, weight, bias, _, _, _, _, _, post_scale, post_shift, residual = call[1:]
+        return launch(x, weight, bias, post_scale, post_shift, residual, torch.empty_like(out))
+
+    return run
 
 
 def _prepared(impl, config, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual,
