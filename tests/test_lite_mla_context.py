@@ -3,6 +3,7 @@
 The Triton launcher is also run directly at every configuration a GPU would launch (one-pass and split over N,
 the stencil on tensor cores or as FMAs, the GPU's tiles and warps), under the interpreter on CPU."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -178,8 +179,8 @@ def test_context_configs_measured_on_a_gpu():
     """What measured dispatch times per call: the heuristic first, the stencil the other way (fp16/bf16), that
     stencil with a kernel row's taps unrolled (one pass only), the other side of the one-pass / split choice
     where the map has several row tiles, the whole map as one tile (one pass, at most WHOLE_MAP_ROWS positions),
-    over channels_last maps FMA taps on 64-row tiles on 4 and on 8 warps (fp16/bf16, one pass), then each but the
-    unrolled one and the 64-row ones with its tap loop pipelined; the interpreter's alone."""
+    over channels_last maps FMA taps on 64-row tiles on 4 warps and, on Hopper, 8 (fp16/bf16, one pass), then each
+    but the unrolled one and the 64-row ones with its tap loop pipelined; the interpreter's alone."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.linear_attention import split_rows
     from linattn.kernels.lite_mla_context import PIPELINED_TAPS, WHOLE_MAP_ROWS, context_config, context_configs
@@ -205,6 +206,9 @@ def test_context_configs_measured_on_a_gpu():
     whole, wide, wider = context_configs(H100, 16, 16, 256, 32, True)[4:7]
     assert (whole["BLOCK_N"], whole["num_warps"]) == (WHOLE_MAP_ROWS, 8)
     assert (wide["BLOCK_N"], wide["num_warps"], wider["BLOCK_N"], wider["num_warps"]) == (64, 4, 64, 8)
+    ampere = dataclasses.replace(H100, tma=False)  # sm_80: the 8-warp one takes one program an SM and spills
+    hopper = context_configs(H100, 16, 16, 256, 32, True)
+    assert context_configs(ampere, 16, 16, 256, 32, True) == [c for c in hopper if c != wider]
     assert all(c["BLOCK_N"] < 1024 for c in context_configs(H100, 16, 16, 1024, 32, True))  # XL1's 32x32: no
     assert kinds(16, 256, low=False) == [(False, False, 1), (False, True, 1), (False, False, 4)]
     # batch 1: the split first (FMA taps: 32-row tiles), and no unrolled taps (split)
