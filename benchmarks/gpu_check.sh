@@ -36,8 +36,8 @@
 #                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
 #                           on its bare one)
 #   bench-e2e-l0-host-aware
-#                      150  bench-e2e-l0's linattn providers again under LINATTN_HOST_AWARE=1 (measured dispatch weighs each
-#                           conv's host time too, linattn/_tune.py), rows in results/host_aware/
+#                      150  bench-e2e-l0's linattn providers again under LINATTN_HOST_AWARE=1 (measured dispatch
+#                           weighs each conv's host time too, linattn/_tune.py), rows in results/host_aware/
 #   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at six shapes (one of each kind
 #                           and model), B16, bf16, replayed as CUDA graphs: the kernels' time, not the host's
 #   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
@@ -46,8 +46,8 @@
 #                           of XL1 (11 s on the seventh pass, which had no budget left for it after XL1)
 #   bench-multiscale    40  the context op alone (and multiscale_aggregate) at every LiteMLA stage: its share of
 #                           the memory floor (issue 14), ahead of XL1 too (17 s on the fifth pass)
-#   ncu                 90  Nsight Compute (--set detailed) on the kernels of the LiteMLA stages' and two convs' calls,
-#                           Triton and cuDNN (NCU_ARGS: profile_kernels.py's options): results/ncu.ncu-rep, and
+#   ncu                 90  Nsight Compute (--set detailed) on the kernels of the LiteMLA stages' and two convs'
+#                           calls, Triton and cuDNN (NCU_ARGS: profile_kernels.py's options): results/ncu.ncu-rep, and
 #                           its details page in logs/ncu.log
 #   bench-e2e-xl1      225  as l0 without compile (E2E_MODELS: the first model runs before check with compile, the
 #                           rest here without it)
@@ -70,7 +70,8 @@
 # BOUND_BENCH_E2E_XL1=150), PYTEST_ARGS, PYTEST_WORKERS (0: no xdist), PYTEST_TIMEOUT, E2E_MODELS (default
 # "l0 xl1"), E2E_BENCH_ARGS, KERNELS_ARGS, LITE_MLA_BENCH_ARGS, MULTISCALE_BENCH_ARGS,
 # LINEAR_ATTENTION_BENCH_ARGS, UPSAMPLE_SUM_BENCH_ARGS, CONV_BENCH_ARGS, NCU_ARGS and HOST_AWARE_BENCH_ARGS (each
-# replaces that benchmark's options), TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON (python3), WORK_DIR (default a fresh /tmp/gpu_check.*).
+# replaces that benchmark's options), TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON (python3), WORK_DIR (default a fresh
+# /tmp/gpu_check.*).
 #
 # Needs on the machine: torch, triton, numpy, pip, setuptools, wheel, nvcc, pytest (and compute-sanitizer); the
 # rest is optional (tqdm: progress bars, matplotlib: plots, timm: some tests, pytest-timeout, pytest-xdist).
