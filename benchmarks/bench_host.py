@@ -749,12 +749,12 @@ def _direct_launch(kernel, grid, args: tuple, kwargs: dict) -> tuple[Callable | 
 
     if _backend.interpreting():
         return None, "the interpreter compiles nothing"
-    launch = KernelLaunch(kernel, grid)
+    launch = KernelLaunch(kernel, grid, **kwargs)
     for _ in range(2):  # Triton's launch, twice: the same compiled kernel, so the third goes direct
-        launch(*args, **kwargs)
+        launch(*args)
     if launch.runner is None:
         return None, "KernelLaunch kept Triton's launch (LINATTN_DIRECT_LAUNCH=0, or another Triton's internals)"
-    return (lambda: launch(*args, **kwargs)), "KernelLaunch from its third call: CompiledKernel[grid](...)"
+    return (lambda: launch(*args)), "KernelLaunch from its third call: CompiledKernel[grid](...)"
 
 
 def time_layer(fn: Callable, device: torch.device, calls: int = LAYER_CALLS, repeats: int = LAYER_REPEATS):

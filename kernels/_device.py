@@ -77,11 +77,18 @@ def direct_launch_enabled() -> bool:
     return os.environ.get("LINATTN_DIRECT_LAUNCH") != "0" and not _direct_failed
 
 
+def current_device() -> int:
+    """torch.cuda.current_device() without its lazy-initialization check, for launches after the first (CUDA is
+    initialized by then): that check is a few Python calls on every launch."""
+    return torch._C._cuda_getDevice()
+
+
 class KernelLaunch:
-    """kernel[grid](*args, **kwargs) for the calls of one prepared launch (kernels/conv_bn_act.py fwd_launch,
-    kernels/lite_mla_context.py context_launch): calls that agree on all Triton specializes a kernel on (a call
-    plan keys shapes, strides, dtypes, devices and each tensor's 16-byte alignment; the keyword arguments,
-    constexprs and launch options, are the prepared launch's own, the same every call).
+    """kernel[grid](*args, **options) for the calls of one prepared launch (kernels/conv_bn_act.py fwd_launch,
+    kernels/lite_mla_context.py context_launch): `options` (constexprs, launch options) are the prepared launch's
+    own, given once, so a call passes its positional arguments only (unpacking a dozen keywords costs more
+    host time than the rest of the call); the calls agree on all Triton specializes a kernel on (a call plan
+    keys shapes, strides, dtypes, devices and each tensor's 16-byte alignment).
 
     Through Triton's launch until it has returned the same compiled kernel twice, then through that compiled
     kernel's own launcher (CompiledKernel[grid], which takes the current stream and runs Triton's launch hooks as
@@ -95,42 +102,42 @@ class KernelLaunch:
     compile_only=True: compile for these arguments, launch nothing (measured dispatch
     compiles a call's candidates on threads before timing them)."""
 
-    __slots__ = ("kernel", "grid", "last", "runner", "tail", "device")
+    __slots__ = ("kernel", "grid", "options", "last", "runner", "tail", "device")
 
-    def __init__(self, kernel, grid: tuple):
-        self.kernel, self.grid = kernel, grid
+    def __init__(self, kernel, grid: tuple, **options):
+        self.kernel, self.grid, self.options = kernel, grid, options
         self.last = self.runner = self.tail = self.device = None
 
-    def __call__(self, *args, compile_only: bool = False, **kwargs):
+    def __call__(self, *args, compile_only: bool = False):
         if compile_only:
-            return self.kernel.warmup(*args, grid=self.grid, **kwargs)
-        if self.runner is not None and torch.cuda.current_device() == self.device:
+            return self.kernel.warmup(*args, grid=self.grid, **self.options)
+        if self.runner is not None and current_device() == self.device:
             try:
                 return self.runner(*args, *self.tail)
             except Exception as err:
                 self._give_up(err)
-        compiled = self.kernel[self.grid](*args, **kwargs)
+        compiled = self.kernel[self.grid](*args, **self.options)
         if compiled is not None and compiled is self.last and self.runner is None and direct_launch_enabled():
-            self._go_direct(compiled, len(args), kwargs)
+            self._go_direct(compiled, len(args))
         self.last = compiled
         return compiled
 
-    def _go_direct(self, compiled, given: int, kwargs: dict) -> None:
+    def _go_direct(self, compiled, given: int) -> None:
         """Keep compiled's launcher and the values of the parameters after the `given` positional ones (in the
-        order Triton binds them: from kwargs, else their defaults)."""
+        order Triton binds them: from the options, else their defaults)."""
         from triton.compiler.compiler import CompiledKernel
 
         params = getattr(self.kernel, "params", None)
         if not isinstance(compiled, CompiledKernel) or params is None:
             return
-        tail = tuple(kwargs.get(p.name, p.default) for p in params[given:])
+        tail = tuple(self.options.get(p.name, p.default) for p in params[given:])
         if any(v is inspect.Parameter.empty for v in tail):
             return
         try:  # the compiled kernel's launcher reads three grid sizes (Triton's launch pads a shorter grid)
             runner = compiled[(*self.grid, 1, 1)[:3]]
         except Exception:  # another Triton's internals: keep its own launch
             return
-        self.tail, self.runner, self.device = tail, runner, torch.cuda.current_device()
+        self.tail, self.runner, self.device = tail, runner, current_device()
 
     def _give_up(self, err: Exception) -> None:
         self.runner = None

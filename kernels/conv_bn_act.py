@@ -884,12 +884,12 @@ def _launch_dw3(x, weight, epilogue: dict, out, cfg: dict) -> Callable:
     flags = {k: v for k, v in epilogue.items() if k != "SHUFFLE"}  # the row kernel stores in place only
     os, xs, ws = out.stride(), x.stride(), (weight.stride(0), *weight.stride()[2:])
     sizes = (C, H, W, rows, tiles_h, tiles_w)
-    kernel = KernelLaunch(_conv_bn_act_fwd_dw3_kernel, grid)
+    kernel = KernelLaunch(_conv_bn_act_fwd_dw3_kernel, grid, **flags, **cfg)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
         kernel(
             out, *os, x, *xs, weight, *ws, *_epilogue_args(weight, bias, post_scale, post_shift, residual, out),
-            *sizes, **flags, **cfg, compile_only=compile_only,
+            *sizes, compile_only=compile_only,
         )  # fmt: skip
         return out
 
@@ -911,13 +911,12 @@ def _launch_tma(x, weight, padding, dilation, Ho, Wo, epilogue: dict, out, cfg: 
     os = out.stride()
     sizes = (Cout, cin, Ho, Wo, tiles_h, tiles_w, *padding, *dilation)
     flags = dict(KH=KH, KW=KW, **epilogue, **_precision(x), **cfg)
-    kernel = KernelLaunch(_conv_bn_act_fwd_tma_kernel, grid)
+    kernel = KernelLaunch(_conv_bn_act_fwd_tma_kernel, grid, **flags)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
         kernel(
             out, *os, TensorDescriptor(x, *x_desc), TensorDescriptor(weight, *w_desc),
-            *_epilogue_args(weight, bias, post_scale, post_shift, residual, out), *sizes, **flags,
-            compile_only=compile_only,
+            *_epilogue_args(weight, bias, post_scale, post_shift, residual, out), *sizes, compile_only=compile_only,
         )  # fmt: skip
         return out
 
@@ -978,15 +977,15 @@ def fwd_launch(
     block_m, block_n = 32, _pow2(Cout, 16, 128)  # the split-K epilogue's tiles
     sum_grid = (cdiv(M, block_m), cdiv(Cout, block_n))
     sum_flags = dict(**epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    kernel = KernelLaunch(_conv_bn_act_fwd_kernel, grid)
-    epilogue_kernel = KernelLaunch(_conv_bn_act_splitk_epilogue_kernel, sum_grid)
+    kernel = KernelLaunch(_conv_bn_act_fwd_kernel, grid, **flags)
+    epilogue_kernel = KernelLaunch(_conv_bn_act_splitk_epilogue_kernel, sum_grid, **sum_flags)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
         epi = _epilogue_args(weight, bias, post_scale, post_shift, residual, out)
         parts = torch.empty((split, M, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
-        kernel(out, *os, x, *xs, weight, *ws, *epi, parts, *sizes, **flags, compile_only=compile_only)
+        kernel(out, *os, x, *xs, weight, *ws, *epi, parts, *sizes, compile_only=compile_only)
         if split > 1:
-            epilogue_kernel(out, *os, parts, *epi, M, Cout, split, Ho, Wo, **sum_flags, compile_only=compile_only)
+            epilogue_kernel(out, *os, parts, *epi, M, Cout, split, Ho, Wo, compile_only=compile_only)
         return out
 
     return launch
@@ -1012,6 +1011,17 @@ def separable_conv_bn_act_fwd(
     """Write act(conv1x1(dw_act(depthwise_conv(x, dw_weight) + dw_bias), weight) + bias) * post_scale + post_shift
     + residual into out (B, Cout, Ho, Wo); any strides. config: separable_config()'s dict (None: this
     device's)."""
+    call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale, post_shift)
+    launch = separable_launch(*call, residual, out, config)
+    return launch(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual, out)
+
+
+def separable_launch(
+    x, dw_weight, dw_bias, stride, padding, dilation, dw_act: str, weight, bias, act: str, post_scale, post_shift,
+    residual, out, config: dict | None = None,
+) -> Callable:  # fmt: skip
+    """separable_conv_bn_act_fwd for calls like this one, prepared (as fwd_launch): `launch(x, dw_weight, dw_bias,
+    weight, bias, post_scale, post_shift, residual, out)` for tensors laid out as these."""
     B, C, H, W = x.shape
     Cout = weight.shape[0]
     KH, KW = dw_weight.shape[-2:]
@@ -1019,16 +1029,24 @@ def separable_conv_bn_act_fwd(
     M = B * Ho * Wo
     cfg = config or separable_config(device_of(x), M, C, Cout, x.dtype != torch.float32)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]))
-    _separable_conv_bn_act_fwd_kernel[grid](
-        out, *out.stride(), x, *x.stride(), dw_weight, dw_weight.stride(0), *dw_weight.stride()[2:],
-        _or(dw_bias, dw_weight), weight, weight.stride(0), weight.stride(1),
-        *_epilogue_args(weight, bias, post_scale, post_shift, residual, out),
-        M, C, Cout, H, W, Ho, Wo, *stride, *padding, *dilation,
+    os, xs = out.stride(), x.stride()
+    dws, ws = (dw_weight.stride(0), *dw_weight.stride()[2:]), (weight.stride(0), weight.stride(1))
+    sizes = (M, C, Cout, H, W, Ho, Wo, *stride, *padding, *dilation)
+    kernel = KernelLaunch(
+        _separable_conv_bn_act_fwd_kernel, grid,
         KH=KH, KW=KW, DW_ACT=ACTIVATIONS.index(dw_act), HAS_DW_BIAS=dw_bias is not None, ACT=ACTIVATIONS.index(act),
         HAS_BIAS=bias is not None, HAS_SCALE=post_scale is not None, HAS_SHIFT=post_shift is not None,
         HAS_RES=residual is not None, **_precision(x), **cfg,
     )  # fmt: skip
-    return out
+
+    def launch(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual, out):
+        kernel(
+            out, *os, x, *xs, dw_weight, *dws, _or(dw_bias, dw_weight), weight, *ws,
+            *_epilogue_args(weight, bias, post_scale, post_shift, residual, out), *sizes,
+        )  # fmt: skip
+        return out
+
+    return launch
 
 
 def conv_bn_act_bwd(

@@ -516,20 +516,23 @@ def context_launch(
     grid = (B * heads, splits)
     width = heads * dim
     xs, os = qkv.stride(), out.stride()  # every head's slice of out has out's strides
-    scales = []  # per scale: (depthwise weight's tap stride, sizes, flags, its two kernels' launches)
-    for s, wd in enumerate(dw_weights):
-        K = wd.shape[-1]
-        tap_stride, tap_major = tap_layout(wd)
-        flags = dict(KSIZE=K, TAP_MAJOR=tap_major, HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0,
-                     UPCAST=upcast, PRECISION=precision, **cfg)  # fmt: skip
-        kernels = (KernelLaunch(_lite_mla_context_state_kernel, grid), KernelLaunch(_lite_mla_context_fwd_kernel, grid))
-        scales.append((tap_stride, (heads, H, W, dim, K * K, chunk, splits), flags, kernels))
-    parts = ((B * heads, splits, block_d, block_d), (B * heads, splits, block_d))
     # fp16, the split's second pass: a register budget (ptxas otherwise holds it to 96 registers on sm_80 and
     # spills 8 bytes; under 128: 108, no spill). Not for bf16, which needs none: under a budget ptxas takes up
     # to it (sm_90: 68 -> 108 registers, 7 -> 4 programs an SM)
     fp16_split = qkv.dtype == torch.float16 and not one_pass and "maxnreg" not in cfg
     out_options = {"maxnreg": 128} if fp16_split else {}
+    scales = []  # per scale: (depthwise weight's tap stride, sizes, its two kernels' launches)
+    for s, wd in enumerate(dw_weights):
+        K = wd.shape[-1]
+        tap_stride, tap_major = tap_layout(wd)
+        flags = dict(KSIZE=K, TAP_MAJOR=tap_major, HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0,
+                     UPCAST=upcast, PRECISION=precision, **cfg)  # fmt: skip
+        kernels = (
+            KernelLaunch(_lite_mla_context_state_kernel, grid, **flags),
+            KernelLaunch(_lite_mla_context_fwd_kernel, grid, ONE_PASS=one_pass, **flags, **out_options),
+        )
+        scales.append((tap_stride, (heads, H, W, dim, K * K, chunk, splits), kernels))
+    parts = ((B * heads, splits, block_d, block_d), (B * heads, splits, block_d))
 
     def launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only=False):
         raw_out = out[:, :width]
@@ -537,20 +540,18 @@ def context_launch(
             s0 = z0 = qkv  # never read
         else:
             s0, z0 = (torch.empty(shape, device=qkv.device, dtype=torch.float32) for shape in parts)
-        for s, (wdt, sizes, flags, (state_kernel, out_kernel)) in enumerate(scales):
+        for s, (wdt, sizes, (state_kernel, out_kernel)) in enumerate(scales):
             wd, wp = dw_weights[s], pw_weights[s]
             bd, bp = _bias_args(dw_biases, s, wd)[0], _bias_args(pw_biases, s, wp)[0]
             if one_pass:
                 state = z = qkv
             else:
                 state, z = torch.empty_like(s0), torch.empty_like(z0)
-                state_kernel(
-                    state, z, s0, z0, qkv, *xs, wd, wdt, bd, wp, bp, *sizes, **flags, compile_only=compile_only
-                )
+                state_kernel(state, z, s0, z0, qkv, *xs, wd, wdt, bd, wp, bp, *sizes, compile_only=compile_only)
             o = out[:, (1 + s) * width : (2 + s) * width]
             out_kernel(
                 o, *os, raw_out, *os, qkv, *xs, wd, wdt, bd, wp, bp, state, z, s0, z0, *sizes, eps,
-                ONE_PASS=one_pass, **flags, **out_options, compile_only=compile_only,
+                compile_only=compile_only,
             )  # fmt: skip
         return out
 

@@ -109,16 +109,23 @@ class Impl:
 _REGISTRY: dict[tuple[str, str], dict[str, Impl]] = {}
 _registered = 0  # registrations so far: part of every cached answer's key (a new implementation is a new answer)
 _chosen: dict[tuple[str, str, str], int] = {}  # (op, pass, backend) -> calls that auto sent there
-# per thread: timing > 0 while measured dispatch times candidates (the calls nested in theirs are not what auto
-# ran); recording, while a call plan is built: its choices, and the timing level then
-_local = threading.local()
+class _Local(threading.local):
+    """Per thread: timing > 0 while measured dispatch times candidates (the calls nested in theirs are not what auto
+    ran); recording, while a call plan is built: its choices, and the timing level then. Class defaults, not
+    getattr(..., default), whose AttributeError costs host time on every planned call (count)."""
+
+    timing = 0
+    recording = None
+
+
+_local = _Local()
 
 
 @contextlib.contextmanager
 def uncounted():
     """Calls resolved inside the block stay out of auto_choices (measured dispatch timing a candidate that
     dispatches further: separable_conv_bn_act's unfused pair)."""
-    _local.timing = getattr(_local, "timing", 0) + 1
+    _local.timing += 1
     try:
         yield
     finally:
@@ -128,7 +135,7 @@ def uncounted():
 def count(op: str, pass_: str, backend: str) -> None:
     """One call that auto sent to `backend`: counted outside measured dispatch's timing, and listed for the call
     plan being built at this timing level (not for one whose candidate, timed, made the call)."""
-    key, timing, recording = (op, pass_, backend), getattr(_local, "timing", 0), getattr(_local, "recording", None)
+    key, timing, recording = (op, pass_, backend), _local.timing, _local.recording
     if not timing:
         _chosen[key] = _chosen.get(key, 0) + 1
     if recording is not None and recording[1] == timing:
@@ -139,8 +146,8 @@ def count(op: str, pass_: str, backend: str) -> None:
 def record():
     """Within the block, the choices counted are also listed in the list it yields (a call plan keeps them, to
     count them again on each call that reuses it: linattn/_tune.py `plan`)."""
-    previous = getattr(_local, "recording", None)
-    _local.recording = ([], getattr(_local, "timing", 0))
+    previous = _local.recording
+    _local.recording = ([], _local.timing)
     try:
         yield _local.recording[0]
     finally:

@@ -46,7 +46,18 @@ _timings: list[dict] = []  # every measurement of this process, for `python -m l
 _warned: set[str] = set()
 _memo: dict[tuple, str] = {}  # (op, pass, GPU, candidates, _signature) -> choice: the hot path's one lookup
 _settled: dict[tuple, dict] = {}  # (op, pass, GPU, _signature) -> the Triton configuration choose_config settled on
-_fixed = threading.local()  # on: fixed_priority() (no table, no timing); force: tune() (timing despite TUNE=0)
+
+
+class _Fixed(threading.local):
+    """Per thread: `on` in fixed_priority() (no table, no timing); `force` in tune() (timing despite TUNE=0). Class
+    defaults, not getattr(..., default): a missing attribute's AttributeError costs a few tenths of a microsecond
+    on every planned call."""
+
+    on = False
+    force = False
+
+
+_fixed = _Fixed()
 _plans: dict[tuple, tuple] = {}  # plan_key and dispatch state -> (call plan, the choices it counts)
 MAX_PLANS = 8192  # call signatures kept (an encoder at one input size has a few hundred)
 _generation = 0  # how often the plans were dropped: a Site's plan from before is stale
@@ -57,7 +68,7 @@ _unsettled = 0  # answers given for now (nothing could be timed yet): a plan tha
 def fixed_priority():
     """Within the block, this thread's "auto" takes the registry's priority order: no table, no timing (the
     benchmarks compare it with the measured choice)."""
-    previous = getattr(_fixed, "on", False)
+    previous = _fixed.on
     _fixed.on = True
     try:
         yield
@@ -65,8 +76,13 @@ def fixed_priority():
         _fixed.on = previous
 
 
+# os.environ.get costs half a microsecond (a Mapping lookup that encodes the key and decodes the value); every
+# planned call asks enabled(), so the variable is read from the encoded dict os.environ keeps in step
+_TUNE_KEY, _TUNE_OFF = os.environ.encodekey("LINATTN_TUNE"), os.environ.encodevalue("0")
+
+
 def enabled() -> bool:
-    return getattr(_fixed, "force", False) or os.environ.get("LINATTN_TUNE", "1") != "0"
+    return _fixed.force or os.environ._data.get(_TUNE_KEY) != _TUNE_OFF
 
 
 def cache_dir() -> Path:
@@ -198,7 +214,7 @@ def dispatch_state() -> tuple:
     """What a kept plan's choice reads besides its call: the registry and the backend set (_backend.state), the
     GPU-name lookup (the tests replace it), this thread's fixed priority, whether timing is on, and how often the
     plans were dropped."""
-    return (*_backend.state(), _device_name, getattr(_fixed, "on", False), enabled(), _generation)
+    return (*_backend.state(), _device_name, _fixed.on, enabled(), _generation)
 
 
 def plan(op: str, args: Sequence, build: Callable[[], tuple], site: tuple | None = None) -> tuple:
@@ -359,7 +375,7 @@ def choose(
 def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time=False) -> tuple[str, bool]:
     """choose()'s (choice, settled): settled unless nothing could be timed (the choice is then the priority
     order's, asked again next call). prepare(), when given, runs once before the timing."""
-    if getattr(_fixed, "on", False):
+    if _fixed.on:
         return candidates[0], False
     device_name = _device_name(device)
     pass_ = f"{pass_}+host" if host_time else pass_
@@ -423,7 +439,7 @@ def choose_config(
     threads at once (each compile is a second or so, and a model's first call on a new machine has dozens).
     A settled call (measured, or in the table) is one lookup: configs() is not asked again. A device that is
     not a GPU takes the first without a lookup."""
-    if device.type != "cuda" or getattr(_fixed, "on", False):
+    if device.type != "cuda" or _fixed.on:
         return configs()[0]
     settled = (op, pass_, _device_name(device), _signature(args))
     if (config := _settled.get(settled)) is not None:

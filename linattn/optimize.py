@@ -219,8 +219,10 @@ class FusedResidualBlock(nn.Module):
     """main(x) + x for an EfficientViT conv block of ConvBNActs or a LiteMLA, the add fused into the last conv.
 
     Keeps the source's `main` (its children under their names) and `shortcut`, so state_dict keys
-    are unchanged.
+    are unchanged. channels_last: an NCHW input is converted first (optimize sets it on a channels_last model).
     """
+
+    channels_last = False  # a class default: blocks pickled before the attribute existed read it
 
     def __init__(self, main: nn.Module, shortcut: nn.Module):
         super().__init__()
@@ -229,8 +231,14 @@ class FusedResidualBlock(nn.Module):
         self.train(main.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        blocks = [self.main] if isinstance(self.main, LiteMLA) else list(self.main.children())
-        if self.shortcut is None:  # a downsampling block: no add
+        # the layout check inline, not a forward pre-hook as on the other fused modules: any hook sends every call
+        # through nn.Module's slow path (about 2 us of host time; L0 has 23 of these blocks), and the members are
+        # read from the module's dicts (see linattn/nn/conv_bn_act.py `member`)
+        if self.channels_last and _nchw(x):
+            x = x.contiguous(memory_format=torch.channels_last)
+        main = self._modules["main"]
+        blocks = [main] if isinstance(main, LiteMLA) else [m for m in main._modules.values() if m is not None]
+        if self._modules.get("shortcut") is None:  # a downsampling block: no add
             return _run_blocks(blocks, x, None)
         if _wider_than_autocast(x):
             # eager's main(x) + x promotes to x's dtype, where the fused add would give the autocast dtype
@@ -295,7 +303,7 @@ def _separable_pair(dw: nn.Module, pw: nn.Module, x: Tensor) -> tuple | None:
     is dw's "separable" one), or None when they do not form that pair or one of them does not fold (train mode)."""
     if not (isinstance(dw, ConvBNAct) and isinstance(pw, ConvBNAct)):
         return None
-    c, p = dw.conv, pw.conv
+    c, p = dw._modules["conv"], pw._modules["conv"]
     depthwise = c.groups == c.in_channels == c.out_channels and dw.order == "conv_bn_act"
     pointwise = p.kernel_size == (1, 1) and p.stride == (1, 1) and pw.padding == (0, 0) and p.groups == 1
     if not (depthwise and pointwise):
@@ -310,6 +318,8 @@ def _separable_pair(dw: nn.Module, pw: nn.Module, x: Tensor) -> tuple | None:
 
 def _wider_than_autocast(x: Tensor) -> bool:
     """Whether autocast is on for x's device and x is a floating tensor wider than its dtype."""
+    if not torch._C._is_any_autocast_enabled():  # first: every residual block asks, and autocast is mostly off
+        return False
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.device.type not in ("cpu", "cuda"):
         return False  # autocast has no state for other devices (meta: the compile gate's trace)
     if not torch.is_autocast_enabled(x.device.type):
@@ -676,7 +686,11 @@ def optimize(
         for module in model.modules():
             blocks = module._blocks if isinstance(module, FusedSequential) else [module]  # not registered children
             for block in blocks:
-                if isinstance(block, CONV_CALLERS) and block is not model and id(block) not in inside:
+                if block is model or id(block) in inside or not isinstance(block, CONV_CALLERS):
+                    continue
+                if isinstance(block, FusedResidualBlock):
+                    block.channels_last = True  # its forward checks (see there)
+                else:
                     block.register_forward_pre_hook(_channels_last_inputs)
     if backend != "auto":
         hooks = _BackendHooks(backend)

@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils import assert_close, check_direct_launches, cuda_may_decline, kernel_targets, rel_err, tolerance
+from utils import (
+    assert_close,
+    check_direct_launches,
+    cuda_may_decline,
+    kernel_targets,
+    poison_outputs,
+    rel_err,
+    tolerance,
+)
 
 import linattn
 from linattn import _tune, reference
@@ -1370,7 +1378,7 @@ def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
             assert_close(out, ref, tol, f"prepared launch, seed {seed}")
             assert_close(linattn.conv_bn_act(x, w, b, 1, 1, 1, 1, "gelu_tanh", s, t, r), ref, tol, "op, planned")
     plans = [kept[0] for key, kept in _tune._plans.items() if key[0] == "conv_bn_act" and key[1][0][0] == x.shape]
-    assert plans and all(plan[4] is not None for plan in plans)  # the op ran its plan's prepared launch
+    assert plans and all(plan[-1] is not None for plan in plans)  # the op ran its plan's prepared launch
 
 
 def test_planned_calls_repack_into_their_prepared_launch(gpu_heuristics, monkeypatch):
@@ -1386,8 +1394,7 @@ def test_planned_calls_repack_into_their_prepared_launch(gpu_heuristics, monkeyp
     build = kernels.fwd_launch
     monkeypatch.setattr(kernels, "fwd_launch", lambda *a, **k: builds.append(1) or build(*a, **k))
     module = importlib.import_module("linattn.ops.conv_bn_act")
-    allocate = module.new_feature_map
-    monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    poison_outputs(monkeypatch, module)
     case = (1, 24, 20, 5, 6, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
     for seed in (1, 2, 3):
         x, w, b, s, t, r, conv = make_conv(case, "cpu", seed=seed)
@@ -1400,7 +1407,7 @@ def test_planned_calls_repack_into_their_prepared_launch(gpu_heuristics, monkeyp
         assert_close(out, ref, tol, f"planned call, seed {seed}")
     assert len(builds) == 1, builds
     plans = [kept[0] for key, kept in _tune._plans.items() if key[0] == "conv_bn_act" and key[1][0][0] == x.shape]
-    assert len(plans) == 1 and plans[0][4] is not None
+    assert len(plans) == 1 and plans[0][-1] is not None
 
 
 def test_planned_runner_times_each_candidate_on_its_planned_path(gpu_heuristics):
@@ -1442,8 +1449,7 @@ def test_planned_calls_launch_directly_on_cuda(case, triton_launches, monkeypatc
     inputs gives what Triton's launch gives (LINATTN_DIRECT_LAUNCH=0), bit for bit, NaN-poisoned outputs."""
     inputs = [make_conv(case, "cuda", seed=seed) for seed in range(4)]
     module = importlib.import_module("linattn.ops.conv_bn_act")
-    allocate = module.new_feature_map
-    monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    poison_outputs(monkeypatch, module)
     monkeypatch.setenv("LINATTN_TUNE", "0")  # the heuristic's configuration: no candidate launched to time it
 
     def run():
@@ -1515,8 +1521,8 @@ def test_module_call_site_reuses_its_plan(order, norm, gpu_heuristics, monkeypat
     if not INTERPRETER_TRITON:
         pytest.skip("the Triton interpreter is not available")
     module = importlib.import_module("linattn.ops.conv_bn_act")
-    allocate, checked = module.new_feature_map, module._checked_call
-    monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    checked = module._checked_call
+    poison_outputs(monkeypatch, module)
     through_op = []  # per call through the op: whether its plan goes to the site
 
     def counted(*args, **kwargs):
@@ -1605,13 +1611,18 @@ def test_separable_call_site_reuses_its_plan(backend, gpu_heuristics, monkeypatc
     """MBConv's depthwise block and the 1x1 block after it (linattn/optimize.py `_run_blocks`, ops/conv_bn_act.py
     module_separable): a call like the pair's last planned one skips the op's checks and plan lookup, running the
     fused kernel (triton) or each conv from its own site (the unfused pair: what auto mostly picks on a GPU); an
-    in-place update of a BatchNorm goes through the op again. Against float64, NaN-poisoned outputs."""
+    in-place update of a BatchNorm goes through the op again; the fused kernel's launch is prepared once, with the
+    plan (kernels/conv_bn_act.py separable_launch). Against float64, NaN-poisoned outputs."""
     if backend == "triton" and not INTERPRETER_TRITON:
         pytest.skip("the Triton interpreter is not available")
+    from linattn.kernels import conv_bn_act as kernels
+
+    builds, build = [], kernels.separable_launch
+    monkeypatch.setattr(kernels, "separable_launch", lambda *a, **k: builds.append(1) or build(*a, **k))
     module = importlib.import_module("linattn.ops.conv_bn_act")
     run_blocks = importlib.import_module("linattn.optimize")._run_blocks
-    allocate, checked = module.new_feature_map, module._separable_checked
-    monkeypatch.setattr(module, "new_feature_map", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    checked = module._separable_checked
+    poison_outputs(monkeypatch, module)
     through_op = []
     monkeypatch.setattr(module, "_separable_checked", lambda *a: through_op.append(a[-1] is not None) or checked(*a))
     gen = torch.Generator().manual_seed(3)
@@ -1642,6 +1653,7 @@ def test_separable_call_site_reuses_its_plan(backend, gpu_heuristics, monkeypatc
         oracle[4].running_var.mul_(1.5)
     check(4, True, "after an in-place update")
     check(5, False, "after an in-place update, again")
+    assert len(builds) == (1 if backend == "triton" else 0)  # the one plan's, run by every call
 
 
 def test_module_call_sites_count_auto_choices_once():

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from test_multiscale_aggregate import f64, make_aggregation
-from utils import assert_close, check_direct_launches, kernel_targets, rel_err, tolerance
+from utils import assert_close, check_direct_launches, kernel_targets, poison_outputs, rel_err, tolerance
 
 import linattn
 from linattn import eager, reference
@@ -55,9 +55,7 @@ def test_lite_mla_context(target, case, monkeypatch):
     oracle = run(reference.lite_mla_context, f64(inputs))
     baseline = run(eager.lite_mla_context, inputs)
     # the op allocates its output pre-filled with NaN: an element no kernel writes fails the test
-    module = sys.modules["linattn.ops.lite_mla_context"]
-    allocate = module._output
-    monkeypatch.setattr(module, "_output", lambda *args: allocate(*args).fill_(float("nan")))
+    poison_outputs(monkeypatch, sys.modules["linattn.ops.lite_mla_context"])
     with linattn.backend(name):
         got = run(linattn.lite_mla_context, inputs)
     labels = ["out", "dqkv"] + [f"{w}[{s}]" for w in ("d_dw", "d_pw", "d_dw_bias", "d_pw_bias") for s in range(S)]
@@ -272,7 +270,7 @@ def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
             assert_close(out, want, 1e-5, f"prepared launch, seed {seed}")
             assert_close(linattn.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want, 1e-5, "op")
     plans = [kept[0] for key, kept in _tune._plans.items() if key[0] == "lite_mla_context"]
-    assert plans and all(plan[1] is not None for plan in plans)  # the op ran its plan's prepared launch
+    assert plans and all(plan[-1] is not None for plan in plans)  # the op ran its plan's prepared launch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -282,9 +280,7 @@ def test_planned_calls_launch_directly_on_cuda(B, triton_launches, monkeypatch):
     launchers (kernels/_device.py KernelLaunch): Triton's launch runs for the first two calls only, and every
     call on fresh inputs (tap-major weights, as LiteMLA hands them) gives what Triton's launch gives, bit for bit."""
     monkeypatch.setenv("LINATTN_TUNE", "0")  # the heuristic's configuration: no candidate launched to time it
-    module = sys.modules["linattn.ops.lite_mla_context"]
-    allocate = module._output
-    monkeypatch.setattr(module, "_output", lambda *args: allocate(*args).fill_(float("nan")))
+    poison_outputs(monkeypatch, sys.modules["linattn.ops.lite_mla_context"])
     shape = (B, 2, 32, 16, 16, (5,), True, torch.bfloat16, "cuda", True)
     inputs = [make_aggregation(*shape, seed=seed, tap_major=True) for seed in range(4)]
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from utils import assert_close, cuda_may_decline, kernel_targets, rel_err, tolerance
+from utils import assert_close, cuda_may_decline, kernel_targets, poison_outputs, rel_err, tolerance
 
 import linattn
 from linattn import reference
@@ -201,16 +201,12 @@ def test_context_call_site_reuses_its_plan(gpu_heuristics, monkeypatch):
     three convs' and the context's outputs NaN-poisoned, against the float64 oracle."""
     import importlib
 
-    from linattn.ops import _common
-
     if kernel_targets()[0].marks:
         pytest.skip("the Triton interpreter is not available")
     ops = importlib.import_module("linattn.ops.lite_mla_context")
     conv_ops = importlib.import_module("linattn.ops.conv_bn_act")
-    allocate, checked = _common.new_feature_map, ops._checked
-    poisoned = lambda *a, **k: allocate(*a, **k).fill_(float("nan"))  # noqa: E731
-    for module in (ops, conv_ops):
-        monkeypatch.setattr(module, "new_feature_map", poisoned)
+    checked = ops._checked
+    poison_outputs(monkeypatch, ops, conv_ops)
     through_op = []
     monkeypatch.setattr(ops, "_checked", lambda *a: through_op.append(len(a) > 8) or checked(*a))
     ours = randomize(LiteMLA(16, 8, heads=2, dim=8, scales=(3,), norm=(None, "bn2d")), seed=13).eval()

@@ -439,6 +439,16 @@ def test_channels_last_end_to_end():
     assert all(_conv_inputs(timm_optimized, image))
     compare_eval(timm_model, timm_optimized, image, torch.float32, "channels_last timm EfficientViT")
 
+    # a residual block after an op that drops channels_last converts its input itself (no hook: see its forward)
+    block = randomize(efficientvit_sam_encoder("l0", embed_size=None), seed=35).eval().backbone.stages[3].op_list[1]
+    wrapped = nn.Sequential(_ToNCHW(), block)
+    wrapped_optimized = linattn.optimize(wrapped, backend="reference", channels_last=True)
+    assert not wrapped_optimized[1]._forward_pre_hooks and wrapped_optimized[1].channels_last
+    fmap = torch.randn(1, block.main.inverted_conv.conv.in_channels, 5, 6)
+    assert _conv_inputs(wrapped_optimized, fmap) == [True]
+    assert _conv_inputs(linattn.optimize(wrapped, backend="reference"), fmap) == [False]
+    compare_eval(wrapped, wrapped_optimized, fmap, torch.float32, "channels_last residual block after NCHW")
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mbconv_depthwise_pointwise_pair_is_one_call(backend):

@@ -435,7 +435,7 @@ def fake_kernel(monkeypatch):
             ran.append(("warmup", grid, args, kwargs))
 
     device = [0]
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    monkeypatch.setattr(_device, "current_device", lambda: device[0])
     monkeypatch.delenv("LINATTN_DIRECT_LAUNCH", raising=False)
     monkeypatch.setattr(_device, "_direct_failed", [])
     return (lambda fresh=False, broken=False: Kernel(fresh, broken)), ran, device
@@ -444,18 +444,18 @@ def fake_kernel(monkeypatch):
 def test_a_prepared_launch_switches_to_the_compiled_kernels_launcher(fake_kernel):
     """kernels/_device.py KernelLaunch: Triton's launch until it has returned the same compiled kernel twice, then
     that kernel's own launcher with the arguments Triton binds (the positional ones, then each later parameter
-    from the keywords or its default; launch options such as num_warps are not parameters); compile_only
-    compiles through Triton."""
+    from the launch's options or its default; launch options such as num_warps are not parameters);
+    compile_only compiles through Triton."""
     from linattn.kernels._device import KernelLaunch
 
     make, ran, _ = fake_kernel
-    launch = KernelLaunch(make(), (4, 1))
+    launch = KernelLaunch(make(), (4, 1), FLAG=True, num_warps=4)
     for x in "abc":
-        launch(x, 5, FLAG=True, num_warps=4)
+        launch(x, 5)
     assert [r[0] for r in ran] == ["triton", "triton", "direct"]
     assert ran[0] == ("triton", (4, 1), ("a", 5), {"FLAG": True, "num_warps": 4})
     assert ran[2] == ("direct", (4, 1, 1), ("c", 5, True, 7))  # the grid padded, as Triton's launch pads it
-    launch("d", 5, FLAG=True, num_warps=4, compile_only=True)
+    launch("d", 5, compile_only=True)
     assert ran[3] == ("warmup", (4, 1), ("d", 5), {"FLAG": True, "num_warps": 4})
 
 
@@ -465,25 +465,25 @@ def test_a_prepared_launch_keeps_tritons_launch_when_it_must(fake_kernel, monkey
     from linattn.kernels._device import KernelLaunch
 
     make, ran, device = fake_kernel
-    launch = KernelLaunch(make(fresh=True), (2,))
+    launch = KernelLaunch(make(fresh=True), (2,), FLAG=False)
     for x in "abc":
-        launch(x, 1, FLAG=False)
+        launch(x, 1)
     assert [r[0] for r in ran] == ["triton"] * 3
     ran.clear()
     monkeypatch.setenv("LINATTN_DIRECT_LAUNCH", "0")
-    launch = KernelLaunch(make(), (2,))
+    launch = KernelLaunch(make(), (2,), FLAG=False)
     for x in "abc":
-        launch(x, 1, FLAG=False)
+        launch(x, 1)
     assert [r[0] for r in ran] == ["triton"] * 3
     ran.clear()
     monkeypatch.delenv("LINATTN_DIRECT_LAUNCH")
-    launch = KernelLaunch(make(), (2,))
+    launch = KernelLaunch(make(), (2,), FLAG=False)
     for x in "abc":
-        launch(x, 1, FLAG=False)
+        launch(x, 1)
     device[0] = 1
-    launch("d", 1, FLAG=False)
+    launch("d", 1)
     device[0] = 0
-    launch("e", 1, FLAG=False)
+    launch("e", 1)
     assert [r[0] for r in ran] == ["triton", "triton", "direct", "triton", "direct"]
 
 
@@ -493,14 +493,14 @@ def test_a_direct_launch_that_raises_turns_them_off(fake_kernel):
     from linattn.kernels._device import KernelLaunch
 
     make, ran, _ = fake_kernel
-    launch = KernelLaunch(make(broken=True), (2, 3))
+    launch = KernelLaunch(make(broken=True), (2, 3), FLAG=True)
     for x in "ab":
-        launch(x, 1, FLAG=True)
+        launch(x, 1)
     with pytest.warns(RuntimeWarning, match="direct launch of .* raised TypeError"):
-        launch("c", 1, FLAG=True)
-    other = KernelLaunch(make(), (2,))
+        launch("c", 1)
+    other = KernelLaunch(make(), (2,), FLAG=True)
     for x in "abc":
-        other(x, 1, FLAG=True)
+        other(x, 1)
     assert [r[0] for r in ran] == ["triton"] * 6 and launch.runner is None and other.runner is None
 
 

@@ -67,6 +67,19 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def poison_outputs(monkeypatch, *modules) -> None:
+    """Every output the ops `modules` allocate (new_feature_map's, and new_output's: a planned call's) is NaN-filled
+    first, so an element no kernel writes fails the test."""
+    from linattn.ops import _common
+
+    for name in ("new_feature_map", "new_output"):
+        allocate = getattr(_common, name)
+        poisoned = lambda *a, _allocate=allocate, **k: _allocate(*a, **k).fill_(float("nan"))  # noqa: E731
+        for module in modules:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, poisoned)
+
+
 def check_direct_launches(run, launches: list, monkeypatch) -> None:
     """run() (four calls of one signature on fresh inputs, their outputs) on fresh call plans twice: with
     LINATTN_DIRECT_LAUNCH=0, then as by default. By default Triton's own launch (`launches`, the triton_launches

@@ -31,7 +31,9 @@ from ._common import (
     direct_autograd,
     fail,
     kernel_problem,
+    layout,
     new_feature_map,
+    new_output,
     require_tensors,
     site_direct,
 )
@@ -268,10 +270,10 @@ def _conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scal
         Ho, Wo = check_conv(op, *args)
         like = _output(x, weight, Ho, Wo, shuffle) if out is None else out  # laid out as every call's output
         impl, config = _decide(op, *args, like, shuffle)
-        return Ho, Wo, impl, config, _prepared(impl, config, *args, like, shuffle)
+        return layout(like), impl, config, _prepared(impl, config, *args, like, shuffle)
 
-    Ho, Wo, impl, config, launch = plan(op, (*args, shuffle, out), build, site)
-    out = _output(x, weight, Ho, Wo, shuffle) if out is None else out
+    out_layout, impl, config, launch = plan(op, (*args, shuffle, out), build, site)
+    out = new_output(x, out_layout) if out is None else out
     if launch is not None:
         return launch(x, weight, bias, post_scale, post_shift, residual, out)
     return _conv_fwd(op, *args, out, shuffle, impl, config)
@@ -504,8 +506,8 @@ def module_conv_bn_act(
     key = Site.key((constants,), (stride, padding, dilation, groups, act), x, residual)
     if (kept := site.find(key)) is None:
         return _checked_call(*call, site=(site, key))
-    Ho, Wo, impl, config, launch = kept
-    out = _output(x, weight, Ho, Wo, False)
+    out_layout, impl, config, launch = kept
+    out = new_output(x, out_layout)
     if launch is not None:
         return launch(x, weight, bias, post_scale, post_shift, residual, out)
     return _conv_fwd(OP, *call, out, False, impl, config)
@@ -696,11 +698,32 @@ def _separable(*args, site: tuple | None = None) -> Tensor:
     x, weight = args[0], args[7]
 
     def build() -> tuple:
-        Ho, Wo = check_separable(*args)
-        return Ho, Wo, _separable_impl(args, new_feature_map(x, weight.shape[0], Ho, Wo))
+        like = new_feature_map(x, weight.shape[0], *check_separable(*args))
+        impl = _separable_impl(args, like)
+        return layout(like), impl, _separable_prepared(impl, args, like)
 
-    Ho, Wo, impl = plan(SEPARABLE, args, build, site)
-    return _separable_fwd(*args, new_feature_map(x, weight.shape[0], Ho, Wo), impl)
+    out_layout, impl, launch = plan(SEPARABLE, args, build, site)
+    out = new_output(x, out_layout)
+    if launch is not None:
+        return launch(*_separable_tensors(*args), out)
+    return _separable_fwd(*args, out, impl)
+
+
+def _separable_tensors(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt,
+                       residual) -> tuple:  # fmt: skip
+    """A separable call's tensors, in the order its prepared launch takes them."""
+    return x, dw_weight, dw_bias, weight, bias, ps, pt, residual
+
+
+def _separable_prepared(impl: str, call: tuple, out: Tensor) -> Callable | None:
+    """The fused kernel's launch for calls laid out as `call` (kernels/conv_bn_act.py separable_launch), where it
+    runs them as given (per-channel vectors contiguous); None where _separable_fwd runs them."""
+    _, _, dw_bias, _, bias, ps, pt, _ = _separable_tensors(*call)
+    if impl != "triton" or any(_contiguous(t) is not t for t in (dw_bias, bias, ps, pt)):
+        return None
+    from ..kernels.conv_bn_act import separable_launch
+
+    return separable_launch(*call, out)
 
 
 @_separable_conv_bn_act.register_fake
@@ -816,12 +839,14 @@ def module_separable(sites: tuple, dw: tuple, pw: tuple, x: Tensor, residual: Te
         geometry = (stride, padding, dilation, groups, dw_act, *pw_geometry, act)
         key = Site.key((dw_fused, pw_fused), geometry, x, residual)
         if (kept := sites[0].find(key)) is not None:
-            Ho, Wo, impl = kept
+            out_layout, impl, launch = kept
             if impl == "reference":  # the pair unfused (_separable_fwd's), each conv planned at its own site
                 # (dw_fused has no post-affine: _separable_pair takes conv -> BN -> act depthwise blocks only)
                 mid = module_conv_bn_act(sites[1], dw_fused, x, stride, padding, dilation, groups, dw_act)
                 return module_conv_bn_act(sites[2], pw_fused, mid, *pw_geometry, act, residual)
-            out = new_feature_map(x, weight.shape[0], Ho, Wo)
+            out = new_output(x, out_layout)
+            if launch is not None:
+                return launch(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual, out)
             call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale,
                     post_shift, residual)  # fmt: skip
             return _separable_fwd(*call, out, impl)

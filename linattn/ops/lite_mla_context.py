@@ -18,7 +18,9 @@ from ._common import (
     direct,
     fail,
     kernel_problem,
+    layout,
     new_feature_map,
+    new_output,
     require_tensors,
     site_direct,
     tensor_list,
@@ -83,10 +85,10 @@ def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases,
             and all(a is b for a, b in zip(dw_for(impl, dw_weights), dw_weights))
             and all(t.is_contiguous() for t in (*pw_weights, *dw_biases, *pw_biases))
         )
-        return impl, _triton_launch(*call, like) if prepared else None
+        return layout(like), impl, _triton_launch(*call, like) if prepared else None
 
-    impl, launch = plan(OP, call, build, site)
-    out = _output(qkv, heads, dim, len(dw_weights))
+    out_layout, impl, launch = plan(OP, call, build, site)
+    out = new_output(qkv, out_layout)
     if launch is not None:
         return launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out)
     _context_fwd(*call, out, impl)
@@ -202,8 +204,8 @@ def module_lite_mla_context(site: Site, constants: tuple, qkv: Tensor, heads: in
         key = Site.key((constants,), (heads, dim, eps), qkv)
         if (kept := site.find(key)) is None:
             return _checked(qkv, dws, pws, heads, dim, eps, dbs, pbs, (site, key))
-        impl, launch = kept
-        out = _output(qkv, heads, dim, len(dws))
+        out_layout, impl, launch = kept
+        out = new_output(qkv, out_layout)
         if launch is not None:
             return launch(qkv, dws, pws, dbs, pbs, out)
         _context_fwd(qkv, dws, pws, heads, dim, eps, dbs, pbs, out, impl)
