@@ -109,6 +109,8 @@ class Impl:
 _REGISTRY: dict[tuple[str, str], dict[str, Impl]] = {}
 _registered = 0  # registrations so far: part of every cached answer's key (a new implementation is a new answer)
 _chosen: dict[tuple[str, str, str], int] = {}  # (op, pass, backend) -> calls that auto sent there
+
+
 class _Local(threading.local):
     """Per thread: timing > 0 while measured dispatch times candidates (the calls nested in theirs are not what auto
     ran); recording, while a call plan is built: its choices, and the timing level then. Class defaults, not

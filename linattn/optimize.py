@@ -55,9 +55,9 @@ from torch import Tensor, nn
 
 from ._backend import BACKENDS, get_backend, set_backend
 from .nn._cache import EvalConstants
-from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold_sources
+from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold_sources, member
 from .nn.lite_mla import LiteMLA
-from .ops.conv_bn_act import module_separable, upsample_block
+from .ops.conv_bn_act import module_separable, module_upsample_block, upsample_block
 from .ops.upsample_sum import upsample_sum
 
 __all__ = [
@@ -206,13 +206,20 @@ class FusedUpsampleBlock(EvalConstants):
         return f"act={self.act!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        w, b = cast_to(getattr(x, "dtype", None), self.linear.weight.flatten(1), self.linear.bias)
-        bn = self.norm
-        if bn is not None and not self.training and bn.running_mean is not None:
-            scale, shift = self.eval_constants(fold_sources(None, bn), lambda: _shuffled_affine(bn), (bn.eps,))
-            return upsample_block(x, w, b, scale, shift, self.act)
-        y = upsample_block(x, w, b, act=self.act)
-        return y if bn is None else bn(y)
+        linear, bn = self._modules["linear"], self._modules.get("norm")  # (the members' reads: see member)
+        dtype = getattr(x, "dtype", None)
+        if bn is None or (not self.training and member(bn, "running_mean") is not None):  # one call, its constants kept
+
+            def compute() -> tuple:
+                weight, bias = cast_to(dtype, member(linear, "weight").flatten(1), member(linear, "bias"))
+                scale, shift = (None, None) if bn is None else _shuffled_affine(bn)
+                return weight[:, :, None, None], bias, scale, shift  # the 1x1 conv weight upsample_block makes
+
+            sources = fold_sources(linear, bn) if bn is not None else [member(linear, n) for n in ("weight", "bias")]
+            constants = self.eval_constants(sources, compute, (None if bn is None else bn.eps, dtype))
+            return module_upsample_block(self.call_site(), constants, x, self.act)
+        weight, bias = cast_to(dtype, linear.weight.flatten(1), linear.bias)
+        return bn(upsample_block(x, weight, bias, act=self.act))  # train: the BatchNorm on batch statistics
 
 
 class FusedResidualBlock(nn.Module):

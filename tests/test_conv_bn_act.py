@@ -1656,6 +1656,51 @@ def test_separable_call_site_reuses_its_plan(backend, gpu_heuristics, monkeypatc
     assert len(builds) == (1 if backend == "triton" else 0)  # the one plan's, run by every call
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("norm", [True, False], ids=["bn", "no-bn"])
+def test_upsample_call_site_reuses_its_plan(backend, norm, gpu_heuristics, monkeypatch):
+    """SqueezeSAM's fused upsampling (linattn.optimize FusedUpsampleBlock, ops/conv_bn_act.py module_upsample_block):
+    a call like the site's last planned one skips the op's checks and plan lookup; a new map size or an in-place
+    update of the BatchNorm or the linear goes through the op again. Against float64, NaN-poisoned outputs."""
+    from linattn.optimize import FusedUpsampleBlock
+
+    if backend == "triton" and not INTERPRETER_TRITON:
+        pytest.skip("the Triton interpreter is not available")
+    module = importlib.import_module("linattn.ops.conv_bn_act")
+    poison_outputs(monkeypatch, module)
+    body, through_op = module._upsample, []
+    monkeypatch.setattr(module, "_upsample", lambda *a, **k: through_op.append(1) or body(*a, **k))
+    gen = torch.Generator().manual_seed(6)
+    linear, bn = nn.Conv2d(8, 4 * 6, 1), nn.BatchNorm2d(6) if norm else None
+    with torch.no_grad():
+        for p in [*linear.parameters(), *(bn.parameters() if norm else ())]:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        if norm:
+            bn.running_mean.copy_(torch.randn(6, generator=gen) * 0.1)
+    linear.weight.data = linear.weight.data.contiguous(memory_format=torch.channels_last)
+    block = FusedUpsampleBlock(linear, "relu", bn).eval()
+    eager = [copy.deepcopy(linear), nn.ReLU(), nn.PixelShuffle(2)] + ([copy.deepcopy(bn)] if norm else [])
+    oracle = nn.Sequential(*eager).double().eval()
+
+    def check(seed, size, expect_op, what):
+        through_op.clear()
+        x = _site_input(seed, (1, 8, *size))
+        with torch.no_grad(), linattn.backend(backend):
+            got = block(x)
+        assert_close(got, oracle(x.double()), 1e-5, f"{backend}: {what}")
+        assert len(through_op) == expect_op, f"{what}: calls through the op {through_op}"
+
+    check(1, (5, 3), 1, "first call")
+    check(2, (5, 3), 0, "planned call")
+    check(3, (4, 6), 1, "another map size")
+    check(4, (4, 6), 0, "another map size, planned")
+    with torch.no_grad():
+        (bn.running_var if norm else linear.bias).mul_(1.5)
+        (oracle[3].running_var if norm else oracle[0].bias).mul_(1.5)
+    check(5, (4, 6), 1, "after an in-place update")
+    check(6, (4, 6), 0, "after an in-place update, again")
+
+
 def test_module_call_sites_count_auto_choices_once():
     """Each call a site runs counts auto's choice once, as a planned call does (linattn._backend.auto_choices,
     which the benchmarks record): the reference on CPU tensors, whose plan has no prepared launch."""

@@ -558,11 +558,16 @@ def _upsample_block(
     return _upsample(x, weight, bias, post_scale, post_shift, act)
 
 
-def _upsample(x, weight, bias, post_scale, post_shift, act) -> Tensor:
-    """upsample_block's body: its checks, then conv_bn_act's with the pixel shuffle in the store."""
+# the per-pixel linear as a 1x1 conv's stride, padding, dilation and groups
+_UPSAMPLE_GEOMETRY = ([1, 1], [0, 0], [1, 1], 1)
+
+
+def _upsample(x, weight, bias, post_scale, post_shift, act, site: tuple | None = None) -> Tensor:
+    """upsample_block's body: its checks, then conv_bn_act's with the pixel shuffle in the store (site: see
+    module_upsample_block)."""
     check_upsample(x, weight, bias, post_scale, post_shift, act)
     w4 = weight[:, :, None, None]
-    return _conv(UPSAMPLE, x, w4, bias, [1, 1], [0, 0], [1, 1], 1, act, post_scale, post_shift, None, shuffle=True)
+    return _conv(UPSAMPLE, x, w4, bias, *_UPSAMPLE_GEOMETRY, act, post_scale, post_shift, None, True, site=site)
 
 
 @_upsample_block.register_fake
@@ -624,6 +629,28 @@ def upsample_block(
     if direct_autograd(*args[:-1]):
         return _upsample_block_autograd(*args)
     return torch.ops.linattn.upsample_block(*args)
+
+
+def module_upsample_block(site: Site, constants: tuple, x: Tensor, act: str) -> Tensor:
+    """upsample_block(x, *constants, act) from linattn.optimize's FusedUpsampleBlock, whose constants (weight as a
+    (4*Co, C, 1, 1) 1x1 conv weight, bias, post_scale, post_shift) are its eval_constants tuple, as
+    module_conv_bn_act: a call like the site's last planned one runs that plan with no checks, plan key or
+    lookup."""
+    weight, bias, post_scale, post_shift = constants
+    if not site_direct(x):
+        return upsample_block(x, weight, bias, post_scale, post_shift, act)
+    key = Site.key((constants,), (act,), x)
+    if (kept := site.find(key)) is None:
+        args = (x, weight.flatten(1), bias, post_scale, post_shift, act)
+        if direct(*args[:-1]):
+            return _upsample(*args, site=(site, key))
+        return upsample_block(*args)
+    out_layout, impl, config, launch = kept
+    out = new_output(x, out_layout)
+    if launch is not None:
+        return launch(x, weight, bias, post_scale, post_shift, None, out)
+    return _conv_fwd(UPSAMPLE, x, weight, bias, *_UPSAMPLE_GEOMETRY, act, post_scale, post_shift, None, out, True,
+                     impl, config)  # fmt: skip
 
 
 # --- EfficientViT's depthwise-separable pair (MBConv's and DSConv's depth_conv -> point_conv), fused ---
