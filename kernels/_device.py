@@ -83,6 +83,13 @@ def current_device() -> int:
     return torch._C._cuda_getDevice()
 
 
+def current_stream(device: int) -> int:
+    """The raw handle of torch's current stream on `device`: what Triton's launch asks its driver for (torch's own
+    function under Triton's torch backend), handed to a compiled kernel's launcher so that it does not ask
+    through its driver proxy on every launch."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
 class KernelLaunch:
     """kernel[grid](*args, **options) for the calls of one prepared launch (kernels/conv_bn_act.py fwd_launch,
     kernels/lite_mla_context.py context_launch): `options` (constexprs, launch options) are the prepared launch's
@@ -91,10 +98,10 @@ class KernelLaunch:
     keys shapes, strides, dtypes, devices and each tensor's 16-byte alignment).
 
     Through Triton's launch until it has returned the same compiled kernel twice, then through that compiled
-    kernel's own launcher (CompiledKernel[grid], which takes the current stream and runs Triton's launch hooks as
-    its JIT launch does), with the arguments Triton would bind. What is skipped is Triton's argument binding,
-    specialization and cache lookup: about 10 us a launch of the conv kernel's 40 arguments on a 2-core CPU, the
-    most of its host time (bench_host's kernel-triton and kernel-direct rows time both on a GPU). While another
+    kernel's own launcher (CompiledKernel[grid], which runs Triton's launch hooks as its JIT launch does), with the
+    arguments Triton would bind, on torch's current stream (current_stream). What is skipped is Triton's argument
+    binding, specialization and cache lookup: about 10 us a launch of the conv kernel's 40 arguments on a 2-core
+    CPU, the most of its host time (bench_host's kernel-triton and kernel-direct rows time both on a GPU). While another
     device is current, Triton's launch (its compiled kernels are per device). Triton settings read at launch
     (TRITON_DEBUG, instrumentation) changed after the switch do not reach the kernel kept. LINATTN_DIRECT_LAUNCH=0:
     Triton's launch every time. A direct launch that raises (a Triton whose compiled kernels take their arguments
@@ -113,7 +120,7 @@ class KernelLaunch:
             return self.kernel.warmup(*args, grid=self.grid, **self.options)
         if self.runner is not None and current_device() == self.device:
             try:
-                return self.runner(*args, *self.tail)
+                return self.runner(*args, *self.tail, stream=current_stream(self.device))
             except Exception as err:
                 self._give_up(err)
         compiled = self.kernel[self.grid](*args, **self.options)

@@ -411,10 +411,10 @@ def fake_kernel(monkeypatch):
             pass
 
         def __getitem__(self, grid):  # as Triton's: the launcher reads three grid sizes
-            def runner(*args):
+            def runner(*args, stream=None):
                 if self.broken:
                     raise TypeError("function takes exactly 12 arguments")
-                ran.append(("direct", (grid[0], grid[1], grid[2]), args))
+                ran.append(("direct", (grid[0], grid[1], grid[2]), args, stream))
 
             return runner
 
@@ -436,6 +436,7 @@ def fake_kernel(monkeypatch):
 
     device = [0]
     monkeypatch.setattr(_device, "current_device", lambda: device[0])
+    monkeypatch.setattr(_device, "current_stream", lambda index: f"stream of device {index}")
     monkeypatch.delenv("LINATTN_DIRECT_LAUNCH", raising=False)
     monkeypatch.setattr(_device, "_direct_failed", [])
     return (lambda fresh=False, broken=False: Kernel(fresh, broken)), ran, device
@@ -454,7 +455,9 @@ def test_a_prepared_launch_switches_to_the_compiled_kernels_launcher(fake_kernel
         launch(x, 5)
     assert [r[0] for r in ran] == ["triton", "triton", "direct"]
     assert ran[0] == ("triton", (4, 1), ("a", 5), {"FLAG": True, "num_warps": 4})
-    assert ran[2] == ("direct", (4, 1, 1), ("c", 5, True, 7))  # the grid padded, as Triton's launch pads it
+    # the grid padded as Triton's launch pads it, on the current device's current stream (Triton's launch asks its
+    # driver for torch's)
+    assert ran[2] == ("direct", (4, 1, 1), ("c", 5, True, 7), "stream of device 0")
     launch("d", 5, compile_only=True)
     assert ran[3] == ("warmup", (4, 1), ("d", 5), {"FLAG": True, "num_warps": 4})
 
