@@ -82,7 +82,12 @@ _TUNE_KEY, _TUNE_OFF = os.environ.encodekey("LINATTN_TUNE"), os.environ.encodeva
 
 
 def enabled() -> bool:
-    return _fixed.force or os.environ._data.get(_TUNE_KEY) != _TUNE_OFF
+    if _fixed.force:
+        return True
+    encoded = getattr(os.environ, "_data", None)  # None where os.environ was replaced (a plain dict): its get
+    if encoded is None:
+        return os.environ.get("LINATTN_TUNE", "1") != "0"
+    return encoded.get(_TUNE_KEY) != _TUNE_OFF
 
 
 def cache_dir() -> Path:

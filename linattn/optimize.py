@@ -191,8 +191,10 @@ class FusedUpsampleBlock(EvalConstants):
     """SqueezeSAM's upsampling (1x1 linear -> act -> pixel shuffle 2 -> BatchNorm2d) as `linattn.upsample_block`.
 
     Keeps the source's children `linear`, `norm` (and so its state_dict keys). Eval: one kernel, the
-    BatchNorm as the per-channel epilogue (repeated 4x in the pre-shuffle channel order). Train: the fused
-    linear + act + shuffle, then the BatchNorm with batch statistics (running statistics updated).
+    BatchNorm as the per-channel epilogue (repeated 4x in the pre-shuffle channel order), the weights cast and
+    the affine kept while their sources are unchanged (linattn/nn/_cache.py eval_constants: after writes into a
+    parameter's `.data`, call `.eval()` again). Train: the fused linear + act + shuffle, then the BatchNorm with
+    batch statistics (running statistics updated).
     """
 
     def __init__(self, linear: nn.Conv2d, act: str, norm: nn.BatchNorm2d | None):
