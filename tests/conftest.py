@@ -17,16 +17,12 @@ if not torch.cuda.is_available():
 def gpu_heuristics(monkeypatch):
     """The launchers choose as on an H100 (tiles, warps, stages, splits over N) while the kernels run on CPU
     tensors under the interpreter: every configuration a GPU launches is checked here at small shapes."""
-    import importlib
-    import pkgutil
+    from utils import patch_device_of
 
-    from linattn import _tune, kernels
+    from linattn import _tune
     from linattn.kernels._device import H100
 
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        if hasattr(module, "device_of"):
-            monkeypatch.setattr(module, "device_of", lambda t: H100)
+    patch_device_of(monkeypatch, H100)
     _tune.forget_plans()  # planned under the interpreter's description: not H100's
     yield H100
     _tune.forget_plans()

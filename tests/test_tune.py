@@ -2,6 +2,10 @@
 
 import inspect
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -525,3 +529,28 @@ def test_host_time_weighs_in_where_asked_under_keys_of_its_own(tuned, monkeypatc
     assert _resolve(runner, device, x) == "cuda" and calls == []
     assert _backend.resolve("toy", "fwd", device, args=(2,), runner=runner, inputs=(x, 2), host_time=True) == "triton"
     assert calls == []
+
+
+def test_gpu_heuristics_are_undone_where_no_kernel_module_was_imported():
+    """tests/utils.py patch_device_of (the gpu_heuristics fixture), undone, leaves every kernels module its own
+    device_of, in a process that had imported none of them: one that a first import bound to the patch would
+    keep H100's heuristics for every test after (the interpreter's own tiles would go untested)."""
+    code = textwrap.dedent(
+        """
+        import importlib, pkgutil
+        from _pytest.monkeypatch import MonkeyPatch
+        from utils import patch_device_of
+        from linattn import kernels
+        from linattn.kernels import _device
+        undo = MonkeyPatch()
+        patch_device_of(undo, _device.H100)
+        undo.undo()
+        names = [i.name for i in pkgutil.iter_modules(kernels.__path__)]
+        modules = [importlib.import_module(f"{kernels.__name__}.{name}") for name in names]
+        kept = [m.__name__ for m in modules if getattr(m, "device_of", _device.device_of) is not _device.device_of]
+        assert len(modules) > 2 and not kept, kept
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    tests = os.path.dirname(__file__)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tests, timeout=300)

@@ -67,6 +67,21 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def patch_device_of(monkeypatch, device) -> None:
+    """Every linattn kernels module's device_of answers `device` until monkeypatch undoes it (the gpu_heuristics
+    fixture). Every module is imported before any is patched: one first imported after kernels._device's
+    device_of was patched would bind the patch as its own, and the undo would put that back for good."""
+    import importlib
+    import pkgutil
+
+    from linattn import kernels
+
+    modules = [importlib.import_module(f"{kernels.__name__}.{i.name}") for i in pkgutil.iter_modules(kernels.__path__)]
+    for module in modules:
+        if hasattr(module, "device_of"):
+            monkeypatch.setattr(module, "device_of", lambda t: device)
+
+
 def poison_outputs(monkeypatch, *modules) -> None:
     """Every output the ops `modules` allocate (new_feature_map's, and new_output's: a planned call's) is NaN-filled
     first, so an element no kernel writes fails the test."""
