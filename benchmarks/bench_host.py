@@ -733,7 +733,7 @@ def layer_calls(
         calls["run-cuda"] = calls["op-cudnn"] = (None, why)
     else:
         b32 = cudnn.graph_vector(b)
-        raw = getattr(torch.ops.linattn, cudnn.FWD)
+        raw = getattr(torch.ops.linattn, cudnn.FWD).default  # as a prepared launch calls it
         calls["run-cuda"] = (lambda: cudnn.run_cuda(*call, out), "run_cuda: the graph's operands, then the op")
         what = "torch.ops.linattn.conv_bn_act_fwd_cudnn alone: the dispatcher and linattn._C's graph execute"
         calls["op-cudnn"] = (lambda: raw(x, w, b32, *geometry[:3], 1, "gelu_tanh", None, None, None, out), what)

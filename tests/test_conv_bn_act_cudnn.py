@@ -6,6 +6,7 @@ with the cuDNN graph; they skip cleanly otherwise. The registry, the limit's log
 """
 
 import re
+import types
 
 import pytest
 import torch
@@ -151,7 +152,8 @@ def test_prepared_cuda_launch_hands_the_call_to_the_graph_op(monkeypatch):
     needs a packed copy it prepares nothing, and run_cuda makes the copy call by call. (The graph op itself runs
     in the GPU tests; here a stand-in records what it is handed.)"""
     seen = []
-    monkeypatch.setattr(torch.ops.linattn, cudnn.FWD, lambda *args: seen.append(args), raising=False)
+    graph_op = types.SimpleNamespace(default=lambda *args: seen.append(args))  # called as the op's overload
+    monkeypatch.setattr(torch.ops.linattn, cudnn.FWD, graph_op, raising=False)
     cl = torch.channels_last
 
     def operands(seed):

@@ -205,7 +205,7 @@ def run_cuda(x, weight, bias, stride, padding, dilation, groups, act, post_scale
     xg, wg, rg = map(_graph_operand, (x, weight, residual))
     fresh = not _packed(out)  # the graph writes a packed tensor, copied into out after
     og = torch.empty_like(out, memory_format=_layout(out)) if fresh else _graph_operand(out)
-    getattr(torch.ops.linattn, FWD)(xg, wg, b, stride, padding, dilation, groups, act, s, t, rg, og)
+    getattr(torch.ops.linattn, FWD).default(xg, wg, b, stride, padding, dilation, groups, act, s, t, rg, og)
     return out.copy_(og) if fresh else out
 
 
@@ -215,7 +215,7 @@ def cuda_launch(x, weight, stride, padding, dilation, groups: int, act: str, res
     as they are; None where an operand needs a packed copy (run_cuda makes it, call by call)."""
     if any(_graph_operand(t) is not t for t in (x, weight, residual, out)):
         return None
-    fwd = getattr(torch.ops.linattn, FWD)
+    fwd = getattr(torch.ops.linattn, FWD).default  # the overload itself: a packet's call resolves it every call
     geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, act)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out):
