@@ -224,15 +224,18 @@ class LiteMLA(EvalConstants):
         def cast(t: Tensor | None) -> Tensor | None:
             return t if t is None or t.dtype == dtype else t.to(dtype)
 
-        stages = [(agg[0], agg[1]) for agg in self.aggreg]
-        dws, pws = [dw.weight for dw, _ in stages], [pw.weight for _, pw in stages]
-        dbs, pbs = [dw.bias for dw, _ in stages], [pw.bias for _, pw in stages]
+        # each scale's (depthwise, pointwise) convs and their members, read from the modules' dicts: every eval
+        # forward asks (nn.Module.__getattr__ and Sequential indexing cost host time: conv_bn_act.member)
+        stages = [list(agg._modules.values())[:2] for agg in self._modules["aggreg"]._modules.values()]
+        dws, pws = [member(dw, "weight") for dw, _ in stages], [member(pw, "weight") for _, pw in stages]
+        dbs, pbs = [member(dw, "bias") for dw, _ in stages], [member(pw, "bias") for _, pw in stages]
         H, W = qkv.shape[-2:]
         linear = H * W > self.dim or not self.quadratic_small_maps
         if not stages:
             attention = lite_mla_attention if linear else reference.relu_quadratic_attention
             return attention(qkv, self.dim, self.eps)
-        if self._packs([*dws, *pws, *dbs, *pbs]):
+        sources = [*dws, *pws, *dbs, *pbs]
+        if self._packs(sources):
             # once, while the weights are unchanged: the depthwise ones tap-major (the Triton kernels' tap loads
             # are vectors), all cast, the biases as the ops take them; one tuple, the call site's key
             def compute() -> tuple:
@@ -241,7 +244,7 @@ class LiteMLA(EvalConstants):
                 pb = bias_list(CONTEXT, "pw_biases", [cast(b) for b in pbs], pw)
                 return [tap_major(w) for w in dw], pw, db, pb
 
-            constants = self.eval_constants([*dws, *pws, *dbs, *pbs], compute, (dtype,))
+            constants = self.eval_constants(sources, compute, (dtype,))
             if linear:
                 return module_lite_mla_context(self.call_site(), constants, qkv, self.heads, self.dim, self.eps)
             dws, pws, dbs, pbs = constants
