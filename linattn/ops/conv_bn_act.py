@@ -500,17 +500,20 @@ def module_conv_bn_act(
     checks, plan key or lookup: its prepared launch, else its implementation. Any other call is the
     functional's."""
     weight, bias, post_scale, post_shift = constants
-    call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-    if not site_direct(x, residual):
-        return _checked_call(*call)
-    key = Site.key((constants,), (stride, padding, dilation, groups, act), x, residual)
-    if (kept := site.find(key)) is None:
-        return _checked_call(*call, site=(site, key))
-    out_layout, impl, config, launch = kept
-    out = new_output(x, out_layout)
-    if launch is not None:
-        return launch(x, weight, bias, post_scale, post_shift, residual, out)
-    return _conv_fwd(OP, *call, out, False, impl, config)
+    if site_direct(x, residual):
+        key = Site.key((constants,), (stride, padding, dilation, groups, act), x, residual)
+        if (kept := site.find(key)) is not None:
+            out_layout, impl, config, launch = kept
+            out = new_output(x, out_layout)
+            if launch is not None:
+                return launch(x, weight, bias, post_scale, post_shift, residual, out)
+            call = (x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
+            return _conv_fwd(OP, *call, out, False, impl, config)
+        site = (site, key)
+    else:
+        site = None
+    return _checked_call(x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual,
+                         site=site)  # fmt: skip
 
 
 def fold_bn(conv: torch.nn.Module, bn: torch.nn.Module) -> tuple[Tensor, Tensor]:
