@@ -621,6 +621,12 @@ def upsample_block(
         (B, Co, 2*H, 2*W) in x's dtype and memory format; the kernel's store writes the shuffled layout.
         The backward is conv_bn_act's (Triton kernels) on the un-shuffled output gradient.
     """
+    return _upsample_checked(x, weight, bias, post_scale, post_shift, act)
+
+
+def _upsample_checked(x, weight, bias, post_scale, post_shift, act, site: tuple | None = None) -> Tensor:
+    """upsample_block's checks before the dispatcher, then the op: its body itself where nothing needs the
+    dispatcher (its plan kept in `site` too: module_upsample_block), else torch.ops.linattn.upsample_block."""
     require_tensors(UPSAMPLE, x=x, weight=weight)
     if weight.dim() == 4 and weight.shape[-2:] == (1, 1):
         weight = weight.flatten(1)
@@ -628,7 +634,7 @@ def upsample_block(
         fail(UPSAMPLE, "act", f"must be a string, one of {ACTIVATIONS}, got {type(act).__name__}", TypeError)
     args = (x, weight, bias, post_scale, post_shift, act)
     if direct(*args[:-1]):
-        return _upsample(*args)
+        return _upsample(*args, site=site)
     if direct_autograd(*args[:-1]):
         return _upsample_block_autograd(*args)
     return torch.ops.linattn.upsample_block(*args)
@@ -640,20 +646,19 @@ def module_upsample_block(site: Site, constants: tuple, x: Tensor, act: str) -> 
     module_conv_bn_act: a call like the site's last planned one runs that plan with no checks, plan key or
     lookup."""
     weight, bias, post_scale, post_shift = constants
-    if not site_direct(x):
-        return upsample_block(x, weight, bias, post_scale, post_shift, act)
-    key = Site.key((constants,), (act,), x)
-    if (kept := site.find(key)) is None:
-        args = (x, weight.flatten(1), bias, post_scale, post_shift, act)
-        if direct(*args[:-1]):
-            return _upsample(*args, site=(site, key))
-        return upsample_block(*args)
-    out_layout, impl, config, launch = kept
-    out = new_output(x, out_layout)
-    if launch is not None:
-        return launch(x, weight, bias, post_scale, post_shift, None, out)
-    return _conv_fwd(UPSAMPLE, x, weight, bias, *_UPSAMPLE_GEOMETRY, act, post_scale, post_shift, None, out, True,
-                     impl, config)  # fmt: skip
+    if site_direct(x):
+        key = Site.key((constants,), (act,), x)
+        if (kept := site.find(key)) is not None:
+            out_layout, impl, config, launch = kept
+            out = new_output(x, out_layout)
+            if launch is not None:
+                return launch(x, weight, bias, post_scale, post_shift, None, out)
+            return _conv_fwd(UPSAMPLE, x, weight, bias, *_UPSAMPLE_GEOMETRY, act, post_scale, post_shift, None, out,
+                             True, impl, config)  # fmt: skip
+        site = (site, key)
+    else:
+        site = None
+    return _upsample_checked(x, weight, bias, post_scale, post_shift, act, site)
 
 
 # --- EfficientViT's depthwise-separable pair (MBConv's and DSConv's depth_conv -> point_conv), fused ---
