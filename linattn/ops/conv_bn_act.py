@@ -702,9 +702,25 @@ def _separable_fwd(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, wei
     from ..kernels.conv_bn_act import separable_conv_bn_act_fwd
 
     dw_bias, bias, ps, pt = (_contiguous(t) for t in (dw_bias, bias, ps, pt))
-    return separable_conv_bn_act_fwd(
-        x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual, out
-    )
+    call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual)
+    return separable_conv_bn_act_fwd(*call, out, _separable_config(call, out))
+
+
+def _separable_config(call: tuple, out: Tensor) -> dict:
+    """The Triton configuration measured dispatch settles on for a separable call (its per-channel vectors
+    contiguous) writing `out`."""
+    from ..kernels._device import device_of
+    from ..kernels.conv_bn_act import separable_conv_bn_act_fwd, separable_configs
+
+    x, weight = call[0], call[7]
+    B, C, _, _ = x.shape
+    rows = B * out.shape[2] * out.shape[3]
+    low = x.dtype != torch.float32
+    return choose_config(
+        SEPARABLE, "fwd", x.device, lambda: separable_configs(device_of(x), rows, C, weight.shape[0], low),
+        lambda c: separable_conv_bn_act_fwd(*call, torch.empty_like(out), c), (*call, out),
+        lambda c: separable_conv_bn_act_fwd(*call, torch.empty_like(out), c, compile_only=True),
+    )  # fmt: skip
 
 
 @torch.library.custom_op("linattn::separable_conv_bn_act", mutates_args=(), device_types=("cpu", "cuda"))
@@ -758,7 +774,7 @@ def _separable_prepared(impl: str, call: tuple, out: Tensor) -> Callable | None:
         return None
     from ..kernels.conv_bn_act import separable_launch
 
-    return separable_launch(*call, out)
+    return separable_launch(*call, out, _separable_config(call, out))
 
 
 @_separable_conv_bn_act.register_fake
