@@ -1247,9 +1247,11 @@ def _separable_configs():
     return found
 
 
-@pytest.mark.parametrize(
-    "config", _separable_configs(), ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}s{c.get('num_stages', 1)}"
-)
+def _separable_config_id(c: dict) -> str:
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}s{c.get('num_stages', 1)}"
+
+
+@pytest.mark.parametrize("config", _separable_configs(), ids=_separable_config_id)
 @pytest.mark.parametrize("case", SEPARABLE_CASES, ids=_separable_id)
 def test_separable_kernel(case, config):
     """The fused kernel at every configuration, into a NaN-poisoned output, against float64, within docs/design.md

@@ -710,7 +710,7 @@ def _separable_config(call: tuple, out: Tensor) -> dict:
     """The Triton configuration measured dispatch settles on for a separable call (its per-channel vectors
     contiguous) writing `out`."""
     from ..kernels._device import device_of
-    from ..kernels.conv_bn_act import separable_conv_bn_act_fwd, separable_configs
+    from ..kernels.conv_bn_act import separable_configs, separable_conv_bn_act_fwd
 
     x, weight = call[0], call[7]
     B, C, _, _ = x.shape
