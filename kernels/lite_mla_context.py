@@ -442,9 +442,12 @@ def context_configs(
     - over channels_last maps, fp16/bf16, one pass: FMA taps on 64-row tiles, 4 warps (a thread's two rows of
       eight channels are two 128-bit loads a tap: twice the loads in flight of the 32-row tiles, half the
       serial tap steps; without spills on sm_90 and sm_80). The eighth H100 pass: the fastest at both 16x16
-      stages (L0 0.0875 ms, XL1 0.067), at 12% occupancy: B*heads programs of 4 warps are 8 warps an SM, however
-      few registers they take. So also, on Hopper, the same tiles on 8 warps: twice the warps, each with half
-      the rows (123-126 registers on sm_90; on sm_80 159-161, one program an SM, and fp16 spills 16 bytes).
+      stages (L0 0.0875 ms, XL1 0.067), at 12% occupancy. At 143 registers (sm_90) three of its programs fit an
+      SM, so L0's 512 (B16) take two waves of 396 and 116. So also the same tiles under a 128-register budget:
+      four programs an SM, 528 at once, L0's in one wave (124-128 registers on sm_90 and sm_80, bf16 and fp16, no
+      spill; ptxas takes 143 when free to). And, on Hopper, the same tiles on 8 warps: twice the warps, each
+      with half the rows (123-126 registers on sm_90; on sm_80 159-161, one program an SM, and fp16 spills 16
+      bytes).
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -471,7 +474,8 @@ def context_configs(
         return found
     pipelined = [_pipelined(c) for c in found if not c["ROW_TAPS"]]
     if low_precision and split_rows(N, fma)[2] == 1:
-        found.append(dict(fma, BLOCK_N=64, num_warps=4))  # FMA taps, two rows' loads a thread each tap
+        wide = dict(fma, BLOCK_N=64, num_warps=4)  # FMA taps, two rows' loads a thread each tap
+        found += [wide, dict(wide, maxnreg=128)]  # the budget: four programs an SM, not three
         if dev.tma:  # Hopper: the same tiles, twice the warps in flight (sm_80: one program an SM, fp16 spills)
             found.append(dict(fma, BLOCK_N=64, num_warps=8))
     return found + pipelined

@@ -177,8 +177,9 @@ def test_context_configs_measured_on_a_gpu():
     """What measured dispatch times per call: the heuristic first, the stencil the other way (fp16/bf16), that
     stencil with a kernel row's taps unrolled (one pass only), the other side of the one-pass / split choice
     where the map has several row tiles, the whole map as one tile (one pass, at most WHOLE_MAP_ROWS positions),
-    over channels_last maps FMA taps on 64-row tiles on 4 warps and, on Hopper, 8 (fp16/bf16, one pass), then each
-    but the unrolled one and the 64-row ones with its tap loop pipelined; the interpreter's alone."""
+    over channels_last maps FMA taps on 64-row tiles on 4 warps (also under a 128-register budget) and, on Hopper,
+    8 (fp16/bf16, one pass), then each but the unrolled one and the 64-row ones with its tap loop pipelined; the
+    interpreter's alone."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.linear_attention import split_rows
     from linattn.kernels.lite_mla_context import PIPELINED_TAPS, WHOLE_MAP_ROWS, context_config, context_configs
@@ -186,7 +187,7 @@ def test_context_configs_measured_on_a_gpu():
     def kinds(B, N, low=True):
         configs = context_configs(H100, B, 16, N, 32, low)
         unpipelined = [c for c in configs if c["TAP_STAGES"] == 1]
-        wide = [c for c in unpipelined if not c["TAP_MMA"] and c["BLOCK_N"] == 64]  # last (4, 8 warps), one pass
+        wide = [c for c in unpipelined if not c["TAP_MMA"] and c["BLOCK_N"] == 64]  # last (4, 4, 8 warps), one pass
         assert unpipelined[len(unpipelined) - len(wide) :] == wide and all(split_rows(N, c)[2] == 1 for c in wide)
         # then each but the unrolled and the 64-row ones, with its tap loop pipelined (FMA taps: a register budget)
         pipelined = [
@@ -200,10 +201,11 @@ def test_context_configs_measured_on_a_gpu():
     assert context_configs(H100, 16, 16, 256, 32, True)[0] == context_config(H100, 16, 16, 256, 32, True)
     # L0, B16; then the whole 16x16 map as one tile (8 warps), last FMA taps on 64-row tiles
     l0 = [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4), (True, False, 1), (False, False, 1)]
-    assert kinds(16, 256) == [*l0, (False, False, 1)]
-    whole, wide, wider = context_configs(H100, 16, 16, 256, 32, True)[4:7]
+    assert kinds(16, 256) == [*l0, (False, False, 1), (False, False, 1)]
+    whole, wide, budget, wider = context_configs(H100, 16, 16, 256, 32, True)[4:8]
     assert (whole["BLOCK_N"], whole["num_warps"]) == (WHOLE_MAP_ROWS, 8)
     assert (wide["BLOCK_N"], wide["num_warps"], wider["BLOCK_N"], wider["num_warps"]) == (64, 4, 64, 8)
+    assert budget == dict(wide, maxnreg=128) and "maxnreg" not in wide  # four programs an SM, not three
     ampere = dataclasses.replace(H100, tma=False)  # sm_80: the 8-warp one takes one program an SM and spills
     hopper = context_configs(H100, 16, 16, 256, 32, True)
     assert context_configs(ampere, 16, 16, 256, 32, True) == [c for c in hopper if c != wider]
@@ -216,7 +218,7 @@ def test_context_configs_measured_on_a_gpu():
     assert context_configs(INTERPRETER, 16, 16, 256, 32, True) == [context_config(INTERPRETER, 16, 16, 256, 32, True)]
     assert context_config(H100, 16, 16, 256, 32, True)["TAP_STAGES"] == 1  # the heuristic: not pipelined
     nchw = context_configs(H100, 16, 16, 256, 32, True, channels_last=False)  # nothing to pipeline: no duplicates
-    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True) if c["TAP_STAGES"] == 1][:-2]
+    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True) if c["TAP_STAGES"] == 1][:-3]
 
 
 @pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
