@@ -143,6 +143,32 @@ def _aggregate(
 
 
 @triton.jit
+def _raw_state(
+    X_ptr, stride_xc, stride_xh, stride_xw, ck, n_lo, n_hi, H, W, D, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(S0, z0) over positions [n_lo, n_hi) of the head over qkv itself whose k group starts at channel ck."""
+    dt: tl.constexpr = X_ptr.dtype.element_ty
+    offs_c = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < D
+    s0 = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    z0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        h = offs_n // W
+        w = offs_n % W
+        k0 = _tap_tile(X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c, c_mask,
+                       H, W)  # fmt: skip
+        v0 = _tap_tile(X_ptr + (ck + D) * stride_xc, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c,
+                       c_mask, H, W)  # fmt: skip
+        k0r = tl.maximum(k0, 0.0).to(dt)  # exact: qkv's own values
+        s0 = _dot(tl.trans(k0r), v0, s0, UPCAST, PRECISION)
+        z0 += tl.sum(k0r.to(tl.float32), axis=0)
+    return s0, z0
+
+
+@triton.jit
 def _kv_state(
     X_ptr, stride_xc, stride_xh, stride_xw, ck, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, n_lo, n_hi, H,
     W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, WITH_RAW: tl.constexpr,
@@ -163,18 +189,8 @@ def _kv_state(
     s0 = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     z0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if WITH_RAW:
-        for n0 in range(n_lo, n_hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < n_hi
-            h = offs_n // W
-            w = offs_n % W
-            k0 = _tap_tile(X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c,
-                           c_mask, H, W)  # fmt: skip
-            v0 = _tap_tile(X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c,
-                           c_mask, H, W)  # fmt: skip
-            k0r = tl.maximum(k0, 0.0).to(dt)  # exact: qkv's own values
-            s0 = _dot(tl.trans(k0r), v0, s0, UPCAST, PRECISION)
-            z0 += tl.sum(k0r.to(tl.float32), axis=0)
+        s0, z0 = _raw_state(X_ptr, stride_xc, stride_xh, stride_xw, ck, n_lo, n_hi, H, W, D, UPCAST, PRECISION,
+                            BLOCK_N, BLOCK_D)  # fmt: skip
     s = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     z = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -392,6 +408,258 @@ def _lite_mla_context_fwd_kernel(
     )  # fmt: skip
 
 
+ROW_BLOCK = tl.constexpr(4)  # columns in a row of a row-blocked tile (_lite_mla_context_rows_kernel)
+MAX_ROWS_KERNEL = 7  # the largest depthwise kernel the row-blocked stencil takes (_rows_dwconv's taps)
+
+
+@triton.jit
+def _pick(t: tl.constexpr, w0, w1, w2, w3, w4, w5, w6):
+    """w<t>, t a compile-time tap index."""
+    w = w0
+    if t == 1:
+        w = w1
+    if t == 2:
+        w = w2
+    if t == 3:
+        w = w3
+    if t == 4:
+        w = w4
+    if t == 5:
+        w = w5
+    if t == 6:
+        w = w6
+    return w
+
+
+@triton.jit
+def _rows_dwconv(
+    X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, h, w0, i_mask, offs_c, c_mask, H, W,
+    KSIZE: tl.constexpr,
+):  # fmt: skip
+    """A group's depthwise conv (no bias) at positions (h, w0 + r), r < ROW_BLOCK (4): four fp32 (BLOCK_I, BLOCK_D)
+    tiles. Per kernel row, each of the 3 + KSIZE input columns w0 - PAD + j is loaded once and multiplied into
+    every output column it reaches (up to KSIZE of the four), where the flattened tiles (_aggregate) load one
+    column per tap: 8 loads (and bf16 -> fp32 conversions) per 20 FMAs at KSIZE 5, not 20. KSIZE: odd, at most
+    MAX_ROWS_KERNEL (7)."""
+    tl.static_assert(KSIZE <= 7)
+    PAD: tl.constexpr = KSIZE // 2
+    a0 = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    a1 = tl.zeros_like(a0)
+    a2 = tl.zeros_like(a0)
+    a3 = tl.zeros_like(a0)
+    for dh in range(KSIZE):  # a run-time loop: ptxas hoists an unrolled one's loads and spills
+        hh = h + (dh - PAD)
+        row_ok = i_mask & (hh >= 0) & (hh < H)
+        row = X_ptr + offs_c[None, :] * stride_c + hh[:, None] * stride_h
+        taps = WD_ptr + offs_c * stride_wc + (dh * KSIZE) * stride_wt
+        k0 = tl.load(taps, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        k1 = k0
+        k2 = k0
+        k3 = k0
+        k4 = k0
+        k5 = k0
+        k6 = k0
+        if KSIZE > 1:
+            k1 = tl.load(taps + stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            k2 = tl.load(taps + 2 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        if KSIZE > 3:
+            k3 = tl.load(taps + 3 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            k4 = tl.load(taps + 4 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        if KSIZE > 5:
+            k5 = tl.load(taps + 5 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            k6 = tl.load(taps + 6 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(ROW_BLOCK + KSIZE - 1):
+            ww = w0 + (j - PAD)
+            m = row_ok & (ww >= 0) & (ww < W)
+            x = tl.load(row + ww[:, None] * stride_w, mask=m[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            # output column r takes input column j with tap j - r
+            if j < KSIZE:
+                a0 += x * _pick(j, k0, k1, k2, k3, k4, k5, k6)
+            if j >= 1:
+                if j < KSIZE + 1:
+                    a1 += x * _pick(j - 1, k0, k1, k2, k3, k4, k5, k6)
+            if j >= 2:
+                if j < KSIZE + 2:
+                    a2 += x * _pick(j - 2, k0, k1, k2, k3, k4, k5, k6)
+            if j >= 3:
+                if j < KSIZE + 3:
+                    a3 += x * _pick(j - 3, k0, k1, k2, k3, k4, k5, k6)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _rows_pointwise(
+    a, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, valid, dt: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Wp (a + bd) + bp for a depthwise tile a, as _aggregate's FMA taps finish theirs; zero in rows not valid."""
+    if HAS_BD:
+        a += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
+    if HAS_BP:
+        y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(valid[:, None], y, 0.0)
+
+
+@triton.jit
+def _rows_aggregate(
+    X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h, w0, i_mask,
+    offs_c, c_mask, H, W, D, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """agg(x) of one group (as _aggregate, FMA taps) at positions (h, w0 + r), r < 4: four fp32 tiles, zero in
+    rows outside the map. Pointers at the group's first channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and row (WP_ptr)."""
+    dt: tl.constexpr = X_ptr.dtype.element_ty
+    wp_t = _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D)
+    a0, a1, a2, a3 = _rows_dwconv(
+        X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, h, w0, i_mask, offs_c, c_mask, H, W, KSIZE
+    )  # fmt: skip
+    y0 = _rows_pointwise(a0, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 < W), dt, HAS_BD, HAS_BP, UPCAST,
+                         PRECISION)  # fmt: skip
+    y1 = _rows_pointwise(a1, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 1 < W), dt, HAS_BD, HAS_BP,
+                         UPCAST, PRECISION)  # fmt: skip
+    y2 = _rows_pointwise(a2, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 2 < W), dt, HAS_BD, HAS_BP,
+                         UPCAST, PRECISION)  # fmt: skip
+    y3 = _rows_pointwise(a3, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 3 < W), dt, HAS_BD, HAS_BP,
+                         UPCAST, PRECISION)  # fmt: skip
+    return y0, y1, y2, y3
+
+
+@triton.jit
+def _rows_gram(kr, v, s, dt: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """S + relu(k)^T v, relu(k) given in dtype dt and v entering in it (as _kv_state's)."""
+    return _dot(tl.trans(kr), _cast(v, dt, UPCAST), s, UPCAST, PRECISION)
+
+
+@triton.jit
+def _rows_store(
+    O_ptr, stride_oc, stride_oh, stride_ow, q, s_op, s_scale, z, eps, h, w, valid, offs_c, c_mask,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Store relu(q) S / (relu(q) . z + eps) at positions (h, w) where valid (as _write_out)."""
+    qr = _cast(tl.maximum(q, 0.0), s_op.dtype, UPCAST)
+    num = _dot(qr, s_op, tl.zeros_like(q), UPCAST, PRECISION)
+    den = tl.sum(qr.to(tl.float32) * z[None, :], axis=1) + eps
+    out = num * s_scale[None, :] / den[:, None]
+    o_ptrs = O_ptr + offs_c[None, :] * stride_oc + h[:, None] * stride_oh + w[:, None] * stride_ow
+    tl.store(o_ptrs, _cast(out, O_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _lite_mla_context_rows_kernel(
+    O_ptr,  # (B, heads*D, H, W) this scale's slice of the output
+    stride_ob,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    O0_ptr,  # (B, heads*D, H, W) the output's first slice, attention over qkv itself (if WITH_RAW)
+    stride_o0b,
+    stride_o0c,
+    stride_o0h,
+    stride_o0w,
+    X_ptr,  # (B, 3*heads*D, H, W) qkv
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight (TAP_MAJOR: tap t of channel c at c + t*stride_wdt)
+    stride_wdt,
+    BD_ptr,  # (C,) depthwise bias (if HAS_BD)
+    WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
+    BP_ptr,  # (C,) pointwise bias (if HAS_BP)
+    HEADS,
+    H,
+    W,
+    D,
+    eps,
+    KSIZE: tl.constexpr,  # odd, at most MAX_ROWS_KERNEL
+    TAP_MAJOR: tl.constexpr,
+    HAS_BD: tl.constexpr,
+    HAS_BP: tl.constexpr,
+    WITH_RAW: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # positions per tile: BLOCK_N / 4 rows of 4 columns
+    BLOCK_D: tl.constexpr,
+):
+    """One pass over one (batch, head), as _lite_mla_context_fwd_kernel's ONE_PASS with FMA taps, but the
+    aggregation's tiles are rows of ROW_BLOCK (4) adjacent columns, whose stencil shares its loads between
+    columns (_rows_dwconv). The heads over qkv itself take the flattened tiles (no stencil)."""
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE
+    BLOCK_I: tl.constexpr = BLOCK_N // ROW_BLOCK
+    dt: tl.constexpr = X_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // HEADS
+    head = pid % HEADS
+    cq = 3 * head * D  # first channel of this head's q group; k and v follow
+    X_ptr += b * stride_xb
+    offs_c = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < D
+    blocks_w = tl.cdiv(W, ROW_BLOCK)
+    blocks = H * blocks_w
+    s0 = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    z0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if WITH_RAW:
+        s0, z0 = _raw_state(X_ptr, stride_xc, stride_xh, stride_xw, cq + D, 0, H * W, H, W, D, UPCAST, PRECISION,
+                            BLOCK_N, BLOCK_D)  # fmt: skip
+    s = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    z = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i0 in range(0, blocks, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        i_mask = i < blocks
+        h = i // blocks_w
+        w0 = (i % blocks_w) * ROW_BLOCK
+        c = cq + D  # k's aggregation, then v's
+        k0, k1, k2, k3 = _rows_aggregate(
+            X_ptr + c * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c * stride_wdc, stride_wdc, stride_wdt,
+            BD_ptr + c, WP_ptr + c * D, BP_ptr + c, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP,
+            UPCAST, PRECISION,
+        )  # fmt: skip
+        # relu(k) held in the input dtype through v's stencil (as _kv_state), z summing the same rounded values
+        k0 = _cast(tl.maximum(k0, 0.0), dt, UPCAST)
+        k1 = _cast(tl.maximum(k1, 0.0), dt, UPCAST)
+        k2 = _cast(tl.maximum(k2, 0.0), dt, UPCAST)
+        k3 = _cast(tl.maximum(k3, 0.0), dt, UPCAST)
+        z += tl.sum(k0.to(tl.float32) + k1.to(tl.float32) + k2.to(tl.float32) + k3.to(tl.float32), axis=0)
+        c = cq + 2 * D
+        v0, v1, v2, v3 = _rows_aggregate(
+            X_ptr + c * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c * stride_wdc, stride_wdc, stride_wdt,
+            BD_ptr + c, WP_ptr + c * D, BP_ptr + c, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP,
+            UPCAST, PRECISION,
+        )  # fmt: skip
+        s = _rows_gram(k0, v0, s, dt, UPCAST, PRECISION)
+        s = _rows_gram(k1, v1, s, dt, UPCAST, PRECISION)
+        s = _rows_gram(k2, v2, s, dt, UPCAST, PRECISION)
+        s = _rows_gram(k3, v3, s, dt, UPCAST, PRECISION)
+    if WITH_RAW:
+        _write_out(
+            O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr,
+            BP_ptr, s0, z0, eps, 0, H * W, H, W, D, KSIZE * KSIZE, KSIZE, HAS_BD, HAS_BP, False, False, UPCAST,
+            PRECISION, False, 1, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+    s_op, s_scale = _state_operand(s, dt, UPCAST)
+    O_ptr += b * stride_ob + head * D * stride_oc
+    for i0 in range(0, blocks, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        i_mask = i < blocks
+        h = i // blocks_w
+        w0 = (i % blocks_w) * ROW_BLOCK
+        q0, q1, q2, q3 = _rows_aggregate(
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cq * stride_wdc, stride_wdc,
+            stride_wdt, BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE,
+            HAS_BD, HAS_BP, UPCAST, PRECISION,
+        )  # fmt: skip
+        _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q0, s_op, s_scale, z, eps, h, w0, i_mask & (w0 < W),
+                    offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
+        _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q1, s_op, s_scale, z, eps, h, w0 + 1,
+                    i_mask & (w0 + 1 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
+        _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q2, s_op, s_scale, z, eps, h, w0 + 2,
+                    i_mask & (w0 + 2 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
+        _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q3, s_op, s_scale, z, eps, h, w0 + 3,
+                    i_mask & (w0 + 3 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
+
+
 PIPELINED_TAPS = 3  # stages of a pipelined tap loop: the next two taps' tiles in flight behind the current one
 # The largest map a one-pass program takes as one tile (fp16/bf16 tensor-core stencil, 8 warps): each tap's
 # D x D matrix is then formed once per program instead of once per tile, and its dot is 256 rows deep. At 256
@@ -425,8 +693,9 @@ def context_config(
 
 
 def context_configs(
-    dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool, channels_last: bool = True
-) -> list[dict]:
+    dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool, channels_last: bool = True,
+    kernel: int = 5,
+) -> list[dict]:  # fmt: skip
     """The configurations measured dispatch times for a call (linattn._tune.choose_config), the heuristic's
     first; on a GPU also:
     - fp16/bf16: the stencil the other way, FMA taps and one pointwise dot, 32-row tiles (64 spilled 24 bytes
@@ -447,7 +716,13 @@ def context_configs(
       four programs an SM, 528 at once, L0's in one wave (124-128 registers on sm_90 and sm_80, bf16 and fp16, no
       spill; ptxas takes 143 when free to). And, on Hopper, the same tiles on 8 warps: twice the warps, each
       with half the rows (123-126 registers on sm_90; on sm_80 159-161, one program an SM, and fp16 spills 16
-      bytes).
+      bytes);
+    - over channels_last maps, fp16/bf16, one pass, depthwise kernels (`kernel`: the largest of the call's
+      scales) of at most MAX_ROWS_KERNEL: the row-blocked kernel (_lite_mla_context_rows_kernel, ROW_BLOCK), 128
+      positions a tile on 4 warps. Its stencil shares each load between four output columns: per kernel row of
+      an L0 tile, 412-436 sm_90 instructions for 160 FMAs, where the 64-row FMA candidate's tap loop takes 98-106
+      for 16 (an eighth pass reading of that kernel: issue-bound, 3-4 warps an SM scheduler). 208-242 registers
+      (bf16, fp16; sm_90 and sm_80, no spill): two programs an SM. Not yet timed on a GPU.
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -478,6 +753,8 @@ def context_configs(
         found += [wide, dict(wide, maxnreg=128)]  # the budget: four programs an SM, not three
         if dev.tma:  # Hopper: the same tiles, twice the warps in flight (sm_80: one program an SM, fp16 spills)
             found.append(dict(fma, BLOCK_N=64, num_warps=8))
+        if kernel <= MAX_ROWS_KERNEL:
+            found.append(dict(wide, BLOCK_N=128, ROW_BLOCK=True))
     return found + pipelined
 
 
@@ -515,6 +792,8 @@ def context_launch(
     cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim, low))
     upcast = not qkv.is_cuda  # the interpreter: its fp16/bf16 dot is wrong
     precision = "ieee" if (upcast or not low) else "tf32"  # tf32 unused: fp16/bf16 operands stay as they are
+    if cfg.pop("ROW_BLOCK", False):
+        return _rows_launch(qkv, dw_weights, heads, dim, eps, dw_biases, pw_biases, out, cfg, upcast, precision)
     block_d = cfg["BLOCK_D"]
     one_pass = splits == 1
     grid = (B * heads, splits)
@@ -557,6 +836,35 @@ def context_launch(
                 o, *os, raw_out, *os, qkv, *xs, wd, wdt, bd, wp, bp, state, z, s0, z0, *sizes, eps,
                 compile_only=compile_only,
             )  # fmt: skip
+        return out
+
+    return launch
+
+
+def _rows_launch(qkv, dw_weights, heads, dim, eps, dw_biases, pw_biases, out, cfg, upcast, precision) -> Callable:
+    """context_launch's launch on _lite_mla_context_rows_kernel (one pass, each scale one launch)."""
+    B, _, H, W = qkv.shape
+    options = {k: v for k, v in cfg.items() if k not in ("TAP_MMA", "ROW_TAPS", "TAP_STAGES")}
+    width = heads * dim
+    xs, os = qkv.stride(), out.stride()
+    scales = []  # per scale: (depthwise weight's tap stride, its launch)
+    for s, wd in enumerate(dw_weights):
+        tap_stride, tap_major = tap_layout(wd)
+        kernel = KernelLaunch(
+            _lite_mla_context_rows_kernel, (B * heads,), KSIZE=wd.shape[-1], TAP_MAJOR=tap_major,
+            HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0, UPCAST=upcast, PRECISION=precision,
+            **options,
+        )  # fmt: skip
+        scales.append((tap_stride, kernel))
+
+    def launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only=False):
+        raw_out = out[:, :width]
+        for s, (wdt, kernel) in enumerate(scales):
+            wd, wp = dw_weights[s], pw_weights[s]
+            bd, bp = _bias_args(dw_biases, s, wd)[0], _bias_args(pw_biases, s, wp)[0]
+            o = out[:, (1 + s) * width : (2 + s) * width]
+            args = (o, *os, raw_out, *os, qkv, *xs, wd, wdt, bd, wp, bp, heads, H, W, dim, eps)
+            kernel(*args, compile_only=compile_only)
         return out
 
     return launch

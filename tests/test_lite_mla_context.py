@@ -101,6 +101,7 @@ KERNEL_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_la
     (1, 2, 8, 9, 13, (3, 5), True, torch.float32, True),  # two scales; D = 8 < BLOCK_D (masked channels)
     (1, 1, 32, 8, 9, (5,), False, torch.bfloat16, False),  # the SAM head dim
     (2, 1, 16, 11, 7, (3,), True, torch.float16, True),
+    (1, 2, 8, 5, 13, (5, 3), True, torch.bfloat16, True),  # two scales, masked channels, rows of 4 columns and 1
 ]
 
 
@@ -118,7 +119,7 @@ def _configs(case):
     for batch in (B, H100.sms):
         out += [
             (f"gpu-candidate-B{batch}-{i}", c)
-            for i, c in enumerate(context_configs(H100, batch, heads, H * W, D, low, channels_last=case[8]))
+            for i, c in enumerate(context_configs(H100, batch, heads, H * W, D, low, case[8], max(case[5])))
         ]
     for splits in (1, 3):
         gpu = context_config(H100, B, heads, H * W, D, low, splits)
@@ -178,16 +179,23 @@ def test_context_configs_measured_on_a_gpu():
     stencil with a kernel row's taps unrolled (one pass only), the other side of the one-pass / split choice
     where the map has several row tiles, the whole map as one tile (one pass, at most WHOLE_MAP_ROWS positions),
     over channels_last maps FMA taps on 64-row tiles on 4 warps (also under a 128-register budget) and, on Hopper,
-    8 (fp16/bf16, one pass), then each but the unrolled one and the 64-row ones with its tap loop pipelined; the
-    interpreter's alone."""
+    8, and the row-blocked kernel (fp16/bf16, one pass; kernels up to MAX_ROWS_KERNEL), then each but the unrolled
+    one and those last ones with its tap loop pipelined; the interpreter's alone."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.linear_attention import split_rows
-    from linattn.kernels.lite_mla_context import PIPELINED_TAPS, WHOLE_MAP_ROWS, context_config, context_configs
+    from linattn.kernels.lite_mla_context import (
+        MAX_ROWS_KERNEL,
+        PIPELINED_TAPS,
+        WHOLE_MAP_ROWS,
+        context_config,
+        context_configs,
+    )
 
     def kinds(B, N, low=True):
         configs = context_configs(H100, B, 16, N, 32, low)
         unpipelined = [c for c in configs if c["TAP_STAGES"] == 1]
-        wide = [c for c in unpipelined if not c["TAP_MMA"] and c["BLOCK_N"] == 64]  # last (4, 4, 8 warps), one pass
+        # last, one pass: 64-row FMA tiles (4, 4, 8 warps), the row-blocked kernel
+        wide = [c for c in unpipelined if not c["TAP_MMA"] and (c["BLOCK_N"] == 64 or c.get("ROW_BLOCK"))]
         assert unpipelined[len(unpipelined) - len(wide) :] == wide and all(split_rows(N, c)[2] == 1 for c in wide)
         # then each but the unrolled and the 64-row ones, with its tap loop pipelined (FMA taps: a register budget)
         pipelined = [
@@ -201,8 +209,10 @@ def test_context_configs_measured_on_a_gpu():
     assert context_configs(H100, 16, 16, 256, 32, True)[0] == context_config(H100, 16, 16, 256, 32, True)
     # L0, B16; then the whole 16x16 map as one tile (8 warps), last FMA taps on 64-row tiles
     l0 = [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4), (True, False, 1), (False, False, 1)]
-    assert kinds(16, 256) == [*l0, (False, False, 1), (False, False, 1)]
-    whole, wide, budget, wider = context_configs(H100, 16, 16, 256, 32, True)[4:8]
+    assert kinds(16, 256) == [*l0, (False, False, 1), (False, False, 1), (False, False, 1)]
+    whole, wide, budget, wider, rows = context_configs(H100, 16, 16, 256, 32, True)[4:9]
+    assert rows == dict(wide, BLOCK_N=128, ROW_BLOCK=True) and "ROW_BLOCK" not in wider
+    assert rows not in context_configs(H100, 16, 16, 256, 32, True, kernel=MAX_ROWS_KERNEL + 2)
     assert (whole["BLOCK_N"], whole["num_warps"]) == (WHOLE_MAP_ROWS, 8)
     assert (wide["BLOCK_N"], wide["num_warps"], wider["BLOCK_N"], wider["num_warps"]) == (64, 4, 64, 8)
     assert budget == dict(wide, maxnreg=128) and "maxnreg" not in wide  # four programs an SM, not three
@@ -218,7 +228,7 @@ def test_context_configs_measured_on_a_gpu():
     assert context_configs(INTERPRETER, 16, 16, 256, 32, True) == [context_config(INTERPRETER, 16, 16, 256, 32, True)]
     assert context_config(H100, 16, 16, 256, 32, True)["TAP_STAGES"] == 1  # the heuristic: not pipelined
     nchw = context_configs(H100, 16, 16, 256, 32, True, channels_last=False)  # nothing to pipeline: no duplicates
-    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True) if c["TAP_STAGES"] == 1][:-3]
+    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True) if c["TAP_STAGES"] == 1][:-4]
 
 
 @pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
