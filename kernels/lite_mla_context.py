@@ -17,7 +17,9 @@ from memory once (as long as a head's slice of it stays in L2 between loops).
 
 One pass (grid B*heads): a program reduces S and z over the whole map in
 registers, then recomputes agg(q) and writes its output; nothing but the output
-is written. When B*heads programs cannot fill the GPU (batch 1) the map is split:
+is written. _lite_mla_context_rows_kernel is a one-pass kernel whose tiles are
+rows of adjacent columns, so that the stencil's loads serve several columns.
+When B*heads programs cannot fill the GPU (batch 1) the map is split:
 _lite_mla_context_state_kernel writes fp32 partial states per split of N and
 _lite_mla_context_fwd_kernel sums them; each pass reads only its own groups.
 
@@ -408,7 +410,6 @@ def _lite_mla_context_fwd_kernel(
     )  # fmt: skip
 
 
-ROW_BLOCK = tl.constexpr(4)  # columns in a row of a row-blocked tile (_lite_mla_context_rows_kernel)
 MAX_ROWS_KERNEL = 7  # the largest depthwise kernel the row-blocked stencil takes (_rows_dwconv's taps)
 
 
@@ -434,20 +435,20 @@ def _pick(t: tl.constexpr, w0, w1, w2, w3, w4, w5, w6):
 @triton.jit
 def _rows_dwconv(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, h, w0, i_mask, offs_c, c_mask, H, W,
-    KSIZE: tl.constexpr,
+    KSIZE: tl.constexpr, ROW_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """A group's depthwise conv (no bias) at positions (h, w0 + r), r < ROW_BLOCK (4): four fp32 (BLOCK_I, BLOCK_D)
-    tiles. Per kernel row, each of the 3 + KSIZE input columns w0 - PAD + j is loaded once and multiplied into
-    every output column it reaches (up to KSIZE of the four), where the flattened tiles (_aggregate) load one
-    column per tap: 8 loads (and bf16 -> fp32 conversions) per 20 FMAs at KSIZE 5, not 20. KSIZE: odd, at most
-    MAX_ROWS_KERNEL (7)."""
+    """A group's depthwise conv (no bias) at positions (h, w0 + r), r < ROW_BLOCK (2 or 4): four fp32 (BLOCK_I,
+    BLOCK_D) tiles (the last two zero when ROW_BLOCK is 2). Per kernel row, each of the ROW_BLOCK + KSIZE - 1
+    input columns w0 - PAD + j is loaded once and multiplied into every output column it reaches, where the
+    flattened tiles (_aggregate) load one column per tap: at KSIZE 5, 8 loads (and bf16 -> fp32 conversions) per
+    20 FMAs with 4 columns, 6 per 10 with 2, not one a FMA. KSIZE: odd, at most MAX_ROWS_KERNEL (7)."""
     tl.static_assert(KSIZE <= 7)
     PAD: tl.constexpr = KSIZE // 2
     a0 = tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32)
     a1 = tl.zeros_like(a0)
     a2 = tl.zeros_like(a0)
     a3 = tl.zeros_like(a0)
-    for dh in range(KSIZE):  # a run-time loop: ptxas hoists an unrolled one's loads and spills
+    for dh in range(KSIZE):  # a kernel row an iteration (ptxas keeps the loop: 412-436 instructions a row at L0)
         hh = h + (dh - PAD)
         row_ok = i_mask & (hh >= 0) & (hh < H)
         row = X_ptr + offs_c[None, :] * stride_c + hh[:, None] * stride_h
@@ -478,12 +479,13 @@ def _rows_dwconv(
             if j >= 1:
                 if j < KSIZE + 1:
                     a1 += x * _pick(j - 1, k0, k1, k2, k3, k4, k5, k6)
-            if j >= 2:
-                if j < KSIZE + 2:
-                    a2 += x * _pick(j - 2, k0, k1, k2, k3, k4, k5, k6)
-            if j >= 3:
-                if j < KSIZE + 3:
-                    a3 += x * _pick(j - 3, k0, k1, k2, k3, k4, k5, k6)
+            if ROW_BLOCK > 2:
+                if j >= 2:
+                    if j < KSIZE + 2:
+                        a2 += x * _pick(j - 2, k0, k1, k2, k3, k4, k5, k6)
+                if j >= 3:
+                    if j < KSIZE + 3:
+                        a3 += x * _pick(j - 3, k0, k1, k2, k3, k4, k5, k6)
     return a0, a1, a2, a3
 
 
@@ -505,23 +507,28 @@ def _rows_pointwise(
 def _rows_aggregate(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h, w0, i_mask,
     offs_c, c_mask, H, W, D, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ROW_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """agg(x) of one group (as _aggregate, FMA taps) at positions (h, w0 + r), r < 4: four fp32 tiles, zero in
-    rows outside the map. Pointers at the group's first channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and row (WP_ptr)."""
+    """agg(x) of one group (as _aggregate, FMA taps) at positions (h, w0 + r), r < ROW_BLOCK: four fp32 tiles,
+    zero in rows outside the map (and the last two when ROW_BLOCK is 2). Pointers at the group's first channel
+    (X_ptr, WD_ptr, BD_ptr, BP_ptr) and row (WP_ptr)."""
     dt: tl.constexpr = X_ptr.dtype.element_ty
     wp_t = _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D)
     a0, a1, a2, a3 = _rows_dwconv(
-        X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, h, w0, i_mask, offs_c, c_mask, H, W, KSIZE
+        X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, h, w0, i_mask, offs_c, c_mask, H, W, KSIZE,
+        ROW_BLOCK,
     )  # fmt: skip
     y0 = _rows_pointwise(a0, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 < W), dt, HAS_BD, HAS_BP, UPCAST,
                          PRECISION)  # fmt: skip
     y1 = _rows_pointwise(a1, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 1 < W), dt, HAS_BD, HAS_BP,
                          UPCAST, PRECISION)  # fmt: skip
-    y2 = _rows_pointwise(a2, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 2 < W), dt, HAS_BD, HAS_BP,
-                         UPCAST, PRECISION)  # fmt: skip
-    y3 = _rows_pointwise(a3, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 3 < W), dt, HAS_BD, HAS_BP,
-                         UPCAST, PRECISION)  # fmt: skip
+    y2 = a2
+    y3 = a3
+    if ROW_BLOCK > 2:
+        y2 = _rows_pointwise(a2, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 2 < W), dt, HAS_BD, HAS_BP,
+                             UPCAST, PRECISION)  # fmt: skip
+        y3 = _rows_pointwise(a3, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 3 < W), dt, HAS_BD, HAS_BP,
+                             UPCAST, PRECISION)  # fmt: skip
     return y0, y1, y2, y3
 
 
@@ -579,12 +586,13 @@ def _lite_mla_context_rows_kernel(
     WITH_RAW: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # positions per tile: BLOCK_N / 4 rows of 4 columns
+    ROW_BLOCK: tl.constexpr,  # adjacent columns a tile row holds: 2 or 4
+    BLOCK_N: tl.constexpr,  # positions per tile: BLOCK_N / ROW_BLOCK rows of ROW_BLOCK columns
     BLOCK_D: tl.constexpr,
 ):
     """One pass over one (batch, head), as _lite_mla_context_fwd_kernel's ONE_PASS with FMA taps, but the
-    aggregation's tiles are rows of ROW_BLOCK (4) adjacent columns, whose stencil shares its loads between
-    columns (_rows_dwconv). The heads over qkv itself take the flattened tiles (no stencil)."""
+    aggregation's tiles are rows of ROW_BLOCK adjacent columns, whose stencil shares its loads between columns
+    (_rows_dwconv). The heads over qkv itself take the flattened tiles (no stencil)."""
     stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE
     BLOCK_I: tl.constexpr = BLOCK_N // ROW_BLOCK
     dt: tl.constexpr = X_ptr.dtype.element_ty
@@ -613,24 +621,25 @@ def _lite_mla_context_rows_kernel(
         k0, k1, k2, k3 = _rows_aggregate(
             X_ptr + c * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c * stride_wdc, stride_wdc, stride_wdt,
             BD_ptr + c, WP_ptr + c * D, BP_ptr + c, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP,
-            UPCAST, PRECISION,
+            UPCAST, PRECISION, ROW_BLOCK,
         )  # fmt: skip
         # relu(k) held in the input dtype through v's stencil (as _kv_state), z summing the same rounded values
         k0 = _cast(tl.maximum(k0, 0.0), dt, UPCAST)
         k1 = _cast(tl.maximum(k1, 0.0), dt, UPCAST)
-        k2 = _cast(tl.maximum(k2, 0.0), dt, UPCAST)
+        k2 = _cast(tl.maximum(k2, 0.0), dt, UPCAST)  # zero when ROW_BLOCK is 2
         k3 = _cast(tl.maximum(k3, 0.0), dt, UPCAST)
         z += tl.sum(k0.to(tl.float32) + k1.to(tl.float32) + k2.to(tl.float32) + k3.to(tl.float32), axis=0)
         c = cq + 2 * D
         v0, v1, v2, v3 = _rows_aggregate(
             X_ptr + c * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c * stride_wdc, stride_wdc, stride_wdt,
             BD_ptr + c, WP_ptr + c * D, BP_ptr + c, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP,
-            UPCAST, PRECISION,
+            UPCAST, PRECISION, ROW_BLOCK,
         )  # fmt: skip
         s = _rows_gram(k0, v0, s, dt, UPCAST, PRECISION)
         s = _rows_gram(k1, v1, s, dt, UPCAST, PRECISION)
-        s = _rows_gram(k2, v2, s, dt, UPCAST, PRECISION)
-        s = _rows_gram(k3, v3, s, dt, UPCAST, PRECISION)
+        if ROW_BLOCK > 2:
+            s = _rows_gram(k2, v2, s, dt, UPCAST, PRECISION)
+            s = _rows_gram(k3, v3, s, dt, UPCAST, PRECISION)
     if WITH_RAW:
         _write_out(
             O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
@@ -648,16 +657,17 @@ def _lite_mla_context_rows_kernel(
         q0, q1, q2, q3 = _rows_aggregate(
             X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cq * stride_wdc, stride_wdc,
             stride_wdt, BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE,
-            HAS_BD, HAS_BP, UPCAST, PRECISION,
+            HAS_BD, HAS_BP, UPCAST, PRECISION, ROW_BLOCK,
         )  # fmt: skip
         _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q0, s_op, s_scale, z, eps, h, w0, i_mask & (w0 < W),
                     offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
         _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q1, s_op, s_scale, z, eps, h, w0 + 1,
                     i_mask & (w0 + 1 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
-        _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q2, s_op, s_scale, z, eps, h, w0 + 2,
-                    i_mask & (w0 + 2 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
-        _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q3, s_op, s_scale, z, eps, h, w0 + 3,
-                    i_mask & (w0 + 3 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
+        if ROW_BLOCK > 2:
+            _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q2, s_op, s_scale, z, eps, h, w0 + 2,
+                        i_mask & (w0 + 2 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
+            _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q3, s_op, s_scale, z, eps, h, w0 + 3,
+                        i_mask & (w0 + 3 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
 
 
 PIPELINED_TAPS = 3  # stages of a pipelined tap loop: the next two taps' tiles in flight behind the current one
@@ -694,7 +704,7 @@ def context_config(
 
 def context_configs(
     dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool, channels_last: bool = True,
-    kernel: int = 5,
+    kernel: int | None = None,
 ) -> list[dict]:  # fmt: skip
     """The configurations measured dispatch times for a call (linattn._tune.choose_config), the heuristic's
     first; on a GPU also:
@@ -718,11 +728,14 @@ def context_configs(
       with half the rows (123-126 registers on sm_90; on sm_80 159-161, one program an SM, and fp16 spills 16
       bytes);
     - over channels_last maps, fp16/bf16, one pass, depthwise kernels (`kernel`: the largest of the call's
-      scales) of at most MAX_ROWS_KERNEL: the row-blocked kernel (_lite_mla_context_rows_kernel, ROW_BLOCK), 128
-      positions a tile on 4 warps. Its stencil shares each load between four output columns: per kernel row of
-      an L0 tile, 412-436 sm_90 instructions for 160 FMAs, where the 64-row FMA candidate's tap loop takes 98-106
-      for 16 (an eighth pass reading of that kernel: issue-bound, 3-4 warps an SM scheduler). 208-242 registers
-      (bf16, fp16; sm_90 and sm_80, no spill): two programs an SM. Not yet timed on a GPU.
+      scales; None: unknown, none of these) of at most MAX_ROWS_KERNEL: the row-blocked kernel
+      (_lite_mla_context_rows_kernel) on 4 warps, rows of 4 columns (ROW_BLOCK), 128 positions a tile, and of
+      2, 64 positions, under a 168-register budget (dropped for contiguous depthwise weights, _rows_launch). Its
+      stencil shares each load between the columns of a row: per kernel row of an L0 tile of 4-column rows,
+      412-436 sm_90 instructions for 160 FMAs, where the 64-row FMA candidate's tap loop takes 98-106 for 16
+      (the eighth pass put that kernel at 3-4 warps an SM scheduler, issuing about every cycle). 4 columns:
+      206-249 registers (bf16, fp16; sm_90 and sm_80, no spill), two programs an SM; 2 columns: 161-168, three
+      (ptxas takes 197-216 when free to). Not yet timed on a GPU.
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -753,8 +766,8 @@ def context_configs(
         found += [wide, dict(wide, maxnreg=128)]  # the budget: four programs an SM, not three
         if dev.tma:  # Hopper: the same tiles, twice the warps in flight (sm_80: one program an SM, fp16 spills)
             found.append(dict(fma, BLOCK_N=64, num_warps=8))
-        if kernel <= MAX_ROWS_KERNEL:
-            found.append(dict(wide, BLOCK_N=128, ROW_BLOCK=True))
+        if kernel is not None and kernel <= MAX_ROWS_KERNEL:
+            found += [dict(wide, BLOCK_N=128, ROW_BLOCK=4), dict(wide, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168)]
     return found + pipelined
 
 
@@ -774,8 +787,9 @@ def lite_mla_context_fwd(
 
     The first scale's passes also compute the heads over qkv itself, so qkv is read from memory once for both.
     config: context_config()'s dict, to launch another device's choice (its splits clamped to the map's row
-    tiles; one split runs the one-pass kernel). compile_only: compile the kernels for these arguments without
-    launching them (measured dispatch's candidates, compiled at once before they are timed)."""
+    tiles; one split runs the one-pass kernel), or one of context_configs()' (ROW_BLOCK: the row-blocked
+    kernel). compile_only: compile the kernels for these arguments without launching them (measured dispatch's
+    candidates, compiled at once before they are timed)."""
     launch = context_launch(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, out, config)
     return launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only)
 
@@ -792,7 +806,7 @@ def context_launch(
     cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim, low))
     upcast = not qkv.is_cuda  # the interpreter: its fp16/bf16 dot is wrong
     precision = "ieee" if (upcast or not low) else "tf32"  # tf32 unused: fp16/bf16 operands stay as they are
-    if cfg.pop("ROW_BLOCK", False):
+    if cfg.get("ROW_BLOCK"):
         return _rows_launch(qkv, dw_weights, heads, dim, eps, dw_biases, pw_biases, out, cfg, upcast, precision)
     block_d = cfg["BLOCK_D"]
     one_pass = splits == 1
@@ -850,10 +864,13 @@ def _rows_launch(qkv, dw_weights, heads, dim, eps, dw_biases, pw_biases, out, cf
     scales = []  # per scale: (depthwise weight's tap stride, its launch)
     for s, wd in enumerate(dw_weights):
         tap_stride, tap_major = tap_layout(wd)
+        # contiguous depthwise weights (a tap's channels strided, scalar loads) spill 8-48 bytes under a budget
+        # (compile gate): those launch without it
+        opts = {k: v for k, v in options.items() if tap_major or k != "maxnreg"}
         kernel = KernelLaunch(
             _lite_mla_context_rows_kernel, (B * heads,), KSIZE=wd.shape[-1], TAP_MAJOR=tap_major,
             HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0, UPCAST=upcast, PRECISION=precision,
-            **options,
+            **opts,
         )  # fmt: skip
         scales.append((tap_stride, kernel))
 

@@ -104,9 +104,10 @@ def test_occupancy():
 
 
 def test_replay_covers_every_kernel_family():
-    """One small trace reaches every Triton kernel of linattn.kernels, at the GPU's configurations."""
+    """One small trace reaches every Triton kernel of linattn.kernels, at the GPU's configurations (both batch
+    sizes: some kernels serve one-pass calls only, others split ones)."""
     calls = audit.trace(
-        models=("efficientvit-sam-l0", "squeezesam"), batches=(1,), dtypes=("fp16",), layouts=("channels_last",)
+        models=("efficientvit-sam-l0", "squeezesam"), batches=(16, 1), dtypes=("fp16",), layouts=("channels_last",)
     )
     found = audit.replay(calls, audit.ARCHS[90])
     launched = {launch.kernel for launch, _ in found.values()}

@@ -154,6 +154,34 @@ def test_launcher_configs(target, case):
         assert_close(out, want, tol, f"out ({name}: {config})")
 
 
+ROWS_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, tap-major depthwise weights)
+    (1, 1, 16, 12, 11, (7, 1), True, torch.bfloat16, False),  # several tiles; the largest and smallest kernels
+    (2, 1, 16, 9, 6, (5, 3), False, torch.float16, True),
+]
+
+
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
+@pytest.mark.parametrize("row_block", [4, 2])
+@pytest.mark.parametrize("case", ROWS_CASES, ids=lambda c: f"{c[3]}x{c[4]}-k{c[5]}-{str(c[7])[6:]}-tm{int(c[8])}")
+def test_rows_kernel(target, case, row_block):
+    """The row-blocked kernel on small tiles (16 rows of `row_block` columns: every map takes several), into a
+    NaN-poisoned output, against float64 within twice eager's error: rows past the map, columns past its width
+    (11 and 6 are not multiples of 4), contiguous and tap-major depthwise weights, kernels 1 to 7."""
+    from linattn.kernels.lite_mla_context import lite_mla_context_fwd
+
+    device = target[1]
+    B, heads, D, H, W, ksizes, bias, dtype, tap_major = case
+    qkv, dws, pws, dbs, pbs = make_aggregation(
+        B, heads, D, H, W, ksizes, bias, dtype, device, channels_last=True, seed=11, tap_major=tap_major
+    )
+    want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
+    tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
+    config = dict(BLOCK_N=16 * row_block, BLOCK_D=16, ROW_BLOCK=row_block, num_warps=4, num_stages=1, splits=1)
+    out = torch.full(want.shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    lite_mla_context_fwd(qkv, dws, pws, heads, D, 1e-15, dbs, pbs, out, config)
+    assert_close(out, want, tol, "out")
+
+
 def test_context_config_one_pass_when_the_gpu_is_full():
     """One program per head (no partials) once B*heads fills the SMs; a split of N below that, none beyond the
     map's row tiles; fp32 and fp16/bf16 tiles within the compile gate's registers."""
@@ -179,8 +207,8 @@ def test_context_configs_measured_on_a_gpu():
     stencil with a kernel row's taps unrolled (one pass only), the other side of the one-pass / split choice
     where the map has several row tiles, the whole map as one tile (one pass, at most WHOLE_MAP_ROWS positions),
     over channels_last maps FMA taps on 64-row tiles on 4 warps (also under a 128-register budget) and, on Hopper,
-    8, and the row-blocked kernel (fp16/bf16, one pass; kernels up to MAX_ROWS_KERNEL), then each but the unrolled
-    one and those last ones with its tap loop pipelined; the interpreter's alone."""
+    8, and the row-blocked kernel, rows of 4 and 2 columns (fp16/bf16, one pass; kernels up to MAX_ROWS_KERNEL),
+    then each but the unrolled one and those last ones with its tap loop pipelined; the interpreter's alone."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.linear_attention import split_rows
     from linattn.kernels.lite_mla_context import (
@@ -192,9 +220,9 @@ def test_context_configs_measured_on_a_gpu():
     )
 
     def kinds(B, N, low=True):
-        configs = context_configs(H100, B, 16, N, 32, low)
+        configs = context_configs(H100, B, 16, N, 32, low, kernel=5)
         unpipelined = [c for c in configs if c["TAP_STAGES"] == 1]
-        # last, one pass: 64-row FMA tiles (4, 4, 8 warps), the row-blocked kernel
+        # last, one pass: 64-row FMA tiles (4, 4, 8 warps), the row-blocked kernel (4, 2 columns)
         wide = [c for c in unpipelined if not c["TAP_MMA"] and (c["BLOCK_N"] == 64 or c.get("ROW_BLOCK"))]
         assert unpipelined[len(unpipelined) - len(wide) :] == wide and all(split_rows(N, c)[2] == 1 for c in wide)
         # then each but the unrolled and the 64-row ones, with its tap loop pipelined (FMA taps: a register budget)
@@ -206,19 +234,21 @@ def test_context_configs_measured_on_a_gpu():
         assert configs == unpipelined + pipelined and PIPELINED_TAPS > 1
         return [(c["TAP_MMA"], c["ROW_TAPS"], split_rows(N, c)[2]) for c in unpipelined]
 
-    assert context_configs(H100, 16, 16, 256, 32, True)[0] == context_config(H100, 16, 16, 256, 32, True)
+    assert context_configs(H100, 16, 16, 256, 32, True, kernel=5)[0] == context_config(H100, 16, 16, 256, 32, True)
     # L0, B16; then the whole 16x16 map as one tile (8 warps), last FMA taps on 64-row tiles
     l0 = [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4), (True, False, 1), (False, False, 1)]
-    assert kinds(16, 256) == [*l0, (False, False, 1), (False, False, 1), (False, False, 1)]
-    whole, wide, budget, wider, rows = context_configs(H100, 16, 16, 256, 32, True)[4:9]
-    assert rows == dict(wide, BLOCK_N=128, ROW_BLOCK=True) and "ROW_BLOCK" not in wider
-    assert rows not in context_configs(H100, 16, 16, 256, 32, True, kernel=MAX_ROWS_KERNEL + 2)
+    assert kinds(16, 256) == [*l0, *[(False, False, 1)] * 4]
+    whole, wide, budget, wider, rows, rows2 = context_configs(H100, 16, 16, 256, 32, True, kernel=5)[4:10]
+    assert rows == dict(wide, BLOCK_N=128, ROW_BLOCK=4) and "ROW_BLOCK" not in wider
+    assert rows2 == dict(wide, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168)
+    for kernel in (MAX_ROWS_KERNEL + 2, None):  # a larger kernel, or none given: no row-blocked candidate
+        assert not any(c.get("ROW_BLOCK") for c in context_configs(H100, 16, 16, 256, 32, True, kernel=kernel))
     assert (whole["BLOCK_N"], whole["num_warps"]) == (WHOLE_MAP_ROWS, 8)
     assert (wide["BLOCK_N"], wide["num_warps"], wider["BLOCK_N"], wider["num_warps"]) == (64, 4, 64, 8)
     assert budget == dict(wide, maxnreg=128) and "maxnreg" not in wide  # four programs an SM, not three
     ampere = dataclasses.replace(H100, tma=False)  # sm_80: the 8-warp one takes one program an SM and spills
-    hopper = context_configs(H100, 16, 16, 256, 32, True)
-    assert context_configs(ampere, 16, 16, 256, 32, True) == [c for c in hopper if c != wider]
+    hopper = context_configs(H100, 16, 16, 256, 32, True, kernel=5)
+    assert context_configs(ampere, 16, 16, 256, 32, True, kernel=5) == [c for c in hopper if c != wider]
     assert all(c["BLOCK_N"] < 1024 for c in context_configs(H100, 16, 16, 1024, 32, True))  # XL1's 32x32: no
     assert kinds(16, 256, low=False) == [(False, False, 1), (False, True, 1), (False, False, 4)]
     # batch 1: the split first (FMA taps: 32-row tiles), and no unrolled taps (split)
@@ -227,8 +257,8 @@ def test_context_configs_measured_on_a_gpu():
     assert kinds(1, 49) == [(True, False, 1), (False, False, 2)]  # one 64-row tile: nothing to split (two of 32 rows)
     assert context_configs(INTERPRETER, 16, 16, 256, 32, True) == [context_config(INTERPRETER, 16, 16, 256, 32, True)]
     assert context_config(H100, 16, 16, 256, 32, True)["TAP_STAGES"] == 1  # the heuristic: not pipelined
-    nchw = context_configs(H100, 16, 16, 256, 32, True, channels_last=False)  # nothing to pipeline: no duplicates
-    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True) if c["TAP_STAGES"] == 1][:-4]
+    nchw = context_configs(H100, 16, 16, 256, 32, True, False, 5)  # nothing to pipeline: no duplicates
+    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True, kernel=5) if c["TAP_STAGES"] == 1][:-5]
 
 
 @pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
