@@ -1299,6 +1299,49 @@ def test_separable_configs_measured_on_a_gpu():
     assert separable_configs(INTERPRETER, 63, 1024, 256, True) == [separable_config(INTERPRETER, 63, 1024, 256, True)]
 
 
+# the encoders' separable pairs at 16 images, bf16, channels_last: L0's stride-1 MBConv (with its residual) and
+# its stage-4 downsampling one (stride 2)
+GPU_SEPARABLE_CASES = [
+    (16, 1024, 256, 32, 32, 3, 1, "gelu_tanh", "identity", True, False, True, torch.bfloat16, True),
+    (16, 6144, 512, 32, 32, 3, 2, "gelu_tanh", "identity", True, False, False, torch.bfloat16, True),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", GPU_SEPARABLE_CASES, ids=_separable_id)
+def test_cuda_separable_configs_at_benchmark_shapes(case):
+    """On a GPU, every configuration measured dispatch times for the fused pair (separable_configs: pipelined
+    steps are compiled code the interpreter never runs), at the whole batch and at its first image, into a
+    NaN-poisoned output, against float64 within twice eager's error; every result listed before the verdict."""
+    from linattn.kernels._device import device_of
+    from linattn.kernels.conv_bn_act import separable_configs, separable_conv_bn_act_fwd
+
+    x, dw, pw, t, g = make_separable(case, "cuda")
+    ref = _separable_ref(
+        *(v.double() for v in (x, dw, pw)), {k: None if v is None else v.double() for k, v in t.items()}, g
+    )
+    eager_mid = F.conv2d(x, dw, t["dw_bias"], g["stride"], g["padding"], 1, x.shape[1])
+    eager_mid = reference.activation(eager_mid, g["dw_act"])
+    eager_out = F.conv2d(eager_mid, pw, t["bias"]) + (0 if t["residual"] is None else t["residual"])
+    tol = tolerance(x.dtype, rel_err(eager_out, ref))
+    B, C, Cout = x.shape[0], x.shape[1], pw.shape[0]
+    configs = separable_configs(device_of(x), B * ref.shape[2] * ref.shape[3], C, Cout, True)
+    assert len(configs) == 3
+    results = []
+    for cfg in configs:
+        for images in (B, 1):
+            out = torch.full((images, *ref.shape[1:]), float("nan"), device="cuda", dtype=x.dtype)
+            out = out.to(memory_format=torch.channels_last)
+            res = None if t["residual"] is None else t["residual"][:images]
+            separable_conv_bn_act_fwd(
+                x[:images], dw, t["dw_bias"], g["stride"], g["padding"], g["dilation"], g["dw_act"], pw, t["bias"],
+                g["act"], None, None, res, out, config=dict(cfg),
+            )  # fmt: skip
+            results.append((f"{cfg} on {images} image(s)", rel_err(out, ref[:images])))
+    listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
+    assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
+
+
 @pytest.mark.parametrize("target", [t for t in _targets() if t.values[0][0] != "cuda"])  # no CUDA C++ kernel
 def test_separable_op_gradients_and_opcheck(target):
     """The op's gradients of every tensor (the backward through conv_bn_act's ops) against float64 autograd of

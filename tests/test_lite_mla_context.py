@@ -315,6 +315,42 @@ def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
     assert plans and all(plan[-1] is not None for plan in plans)  # the op ran its plan's prepared launch
 
 
+# the LiteMLA stages of DESIGN 5 at 16 images, bf16, channels_last, tap-major depthwise weights (as the modules run
+# them): (B, heads, D, H, W, kernel sizes, biases, dtype, channels_last)
+GPU_STAGES = [
+    (16, 16, 32, 16, 16, (5,), False, torch.bfloat16, True),  # L0
+    (16, 16, 32, 32, 32, (3,), False, torch.bfloat16, True),  # XL1's stage 4
+    (16, 32, 32, 16, 16, (3,), False, torch.bfloat16, True),  # XL1's stage 5
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", GPU_STAGES, ids=_case_id)
+def test_cuda_context_configs_at_stage_shapes(case):
+    """On a GPU, every configuration measured dispatch times at an encoder's LiteMLA stage (context_configs: the
+    row-blocked kernel, register budgets and pipelined tap loops are compiled code the interpreter never runs), at
+    the whole batch and at its first image, into a NaN-poisoned output, against float64 within twice eager's error;
+    every result listed before the verdict."""
+    from linattn.kernels._device import device_of
+    from linattn.kernels.lite_mla_context import context_configs, lite_mla_context_fwd
+
+    B, heads, D, H, W, ksizes, bias, dtype, _ = case
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, "cuda", True, 5, True)
+    want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
+    tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
+    configs = context_configs(device_of(qkv), B, heads, H * W, D, True, True, max(ksizes))
+    assert any(c.get("ROW_BLOCK") for c in configs)
+    results = []
+    for config in configs:
+        for images in (B, 1):
+            out = torch.full((images, *want.shape[1:]), float("nan"), device="cuda", dtype=dtype)
+            out = out.contiguous(memory_format=torch.channels_last)
+            lite_mla_context_fwd(qkv[:images], dws, pws, heads, D, 1e-15, dbs, pbs, out, dict(config))
+            results.append((f"{config} on {images} image(s)", rel_err(out, want[:images])))
+    listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
+    assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("B", [1, 8], ids=["split", "one-pass"])
 def test_planned_calls_launch_directly_on_cuda(B, triton_launches, monkeypatch):
