@@ -857,21 +857,24 @@ def dw3_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) 
     takes: 3x3 depthwise convs, one filter per channel, stride 1, padding 1, no dilation (the MBConv blocks' at
     every stride-1 stage). Strips of 64 channels, 16 columns on 4 warps or 32 on 8 (8 registers per thread for
     each of the six live fp32 tiles: 32 x 128 tiles took 200 registers in the gate); ROWS output rows per
-    program, the most (up to 16) that still gives every SM four programs."""
+    program, the most (up to 16) that still gives every SM four programs. Then the same with strips of 32
+    channels: a thread holds 4 channels, not 8, so its nine taps' fp32 weights take 36 registers, not 72 (L0's
+    bf16 channels_last calls: 80-96 registers, 16-24 warps an SM, where the 64-channel strips take 150-155, 8-12;
+    sm_90 compile gate). Not yet timed on a GPU."""
     C, cin_g, KH, KW = weight.shape
     same = (tuple(stride), tuple(padding), tuple(dilation), (KH, KW)) == ((1, 1), (1, 1), (1, 1), (3, 3))
     if not (dev.gpu and same and cin_g == 1 and groups == C == x.shape[1]):
         return []
     B, _, H, W = x.shape
-    bc = _pow2(C, 16, 64)
     configs = []
-    for bw, warps in ((16, 4), (32, 8)):
-        bw = _pow2(W, 8, bw)
-        programs = B * cdiv(W, bw) * cdiv(C, bc)
-        rows = next(r for r in (16, 8, 4, 2, 1) if r == 1 or programs * cdiv(H, r) >= 4 * dev.sms)
-        cfg = dict(dw3=True, BLOCK_W=bw, BLOCK_C=bc, ROWS=rows, num_warps=warps, num_stages=2)
-        if cfg not in configs:
-            configs.append(cfg)
+    for bc in (_pow2(C, 16, 64), _pow2(C, 16, 32)):
+        for bw, warps in ((16, 4), (32, 8)):
+            bw = _pow2(W, 8, bw)
+            programs = B * cdiv(W, bw) * cdiv(C, bc)
+            rows = next(r for r in (16, 8, 4, 2, 1) if r == 1 or programs * cdiv(H, r) >= 4 * dev.sms)
+            cfg = dict(dw3=True, BLOCK_W=bw, BLOCK_C=bc, ROWS=rows, num_warps=warps, num_stages=2)
+            if cfg not in configs:
+                configs.append(cfg)
     return configs
 
 

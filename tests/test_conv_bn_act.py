@@ -1006,7 +1006,10 @@ def test_dw3_configs_take_only_3x3_stride_1_depthwise():
     x = torch.empty(2, 32, 16, 16, dtype=torch.bfloat16)
     w = torch.empty(32, 1, 3, 3, dtype=torch.bfloat16)
     same = ((1, 1), (1, 1), (1, 1), 32)
-    assert len(dw3_configs(H100, x, w, *same)) == 2
+    assert len(dw3_configs(H100, x, w, *same)) == 2  # 32 channels: one strip width
+    wide = torch.empty(2, 128, 16, 16, dtype=torch.bfloat16)
+    strips = [c["BLOCK_C"] for c in dw3_configs(H100, wide, torch.empty(128, 1, 3, 3), (1, 1), (1, 1), (1, 1), 128)]
+    assert strips == [64, 64, 32, 32]  # 32-channel strips after: half the registers of weights a thread
     assert dw3_configs(INTERPRETER, x, w, *same) == []
     assert dw3_configs(H100, x, w, (2, 2), (1, 1), (1, 1), 32) == []  # strided
     assert dw3_configs(H100, x, w, (1, 1), (2, 2), (2, 2), 32) == []  # dilated
