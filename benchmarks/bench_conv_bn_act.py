@@ -20,7 +20,8 @@ Shapes (docs/design.md 5, one named entry per distinct conv; --models and --shap
          projection + BN + residual, expand 4 or 6; the 1x1 projection carries the block's residual); the
          LiteMLA aggregation depthwise conv (5x5 in L, 3x3 in XL: no BN, no activation; the depthwise 5x5 of
          these encoders); the neck's 1x1 input projections (+ BN) and FusedMBConv blocks. EfficientViT's
-         MBConv depthwise is 3x3 in both encoders.
+         MBConv depthwise is 3x3 in both encoders. <prefix>.sep is an MBConv's depthwise -> 1x1 projection pair
+         as one block (linattn.separable_conv_bn_act, the depthwise output never written).
 Names: <model>.s<stage>.<block>.<conv>, e.g. l0.s3.mb.dw3 (l0 stage 3 MBConv depthwise), l0.s4.down.pw_expand.
 On a GPU every shape runs at B=16 and 1; without a GPU the default is a short run (four small shapes at B=1,
 fp32, eager, eager-folded and reference), and --quick runs tiny shapes at B=2 (numbers not kept). Inputs and
@@ -34,7 +35,9 @@ Providers (the same weights and inputs; modules in eval mode, forward only):
                         (linattn.fold_bn); SqueezeSAM's BN after the ReLU stays (same module as eager there)
   compile               torch.compile of eager (default mode)
   compile-max-autotune  torch.compile of eager, mode="max-autotune" (slow to compile: --max-autotune-batch)
-  triton, cuda          linattn.conv_bn_act / linattn.upsample_block forced onto that backend, the BN folded
+  triton, cuda          linattn.conv_bn_act / linattn.upsample_block / linattn.separable_conv_bn_act forced
+                        onto that backend (the pair's reference: its two convs, each through conv_bn_act's
+                        dispatch), the BN folded
                         once (fold_bn) or turned into post_scale/post_shift once (BN after the activation)
   auto                  the same linattn ops as users get them: auto, on a GPU the fastest implementation
                         measured on the call's first run; auto_choices records what it ran
@@ -42,13 +45,13 @@ Providers (the same weights and inputs; modules in eval mode, forward only):
   triton-module         linattn.nn.ConvBNAct.from_modules(conv, bn, act, order) on the triton backend: the
                         module (it re-folds its BatchNorm on every eval forward); not in the defaults
 
-Work per call, s = element size: flops = 2 * B * Cout * Ho * Wo * (Cin / groups) * KH * KW (the conv's
-multiply-adds; the epilogue is not counted); bytes = (x read + weight read + output written (+ residual
-read)) * s. tflops = flops / time; gbs = bytes / time and pct_copy against the measured device-to-device copy
-bandwidth; intensity = flops / bytes. Dense convs are judged by tflops, depthwise and other low-intensity ones
-(small channel counts, the Up block) by pct_copy. Errors are against the eager module run in float64 on the
-same input. Speedups: eager's, eager-folded's, compile's and compile-max-autotune's time over the provider's
-on the same shape; after the table, the same summed over every shape of a model ("taken together").
+Work per call, s = element size: flops = 2 * B * Cout * Ho * Wo * (Cin / groups) * KH * KW (the conv's multiply-
+adds, the pair's two convs'; the epilogue is not counted); bytes = (x read + weights read + output written (+
+residual read)) * s. tflops = flops / time; gbs = bytes / time and pct_copy against the measured device-to-device
+copy bandwidth; intensity = flops / bytes. Dense convs are judged by tflops, depthwise and other low-intensity ones
+(small channel counts, the Up block) by pct_copy. Errors are against the eager module run in float64 on the same
+input. Speedups: eager's, eager-folded's, compile's and compile-max-autotune's time over the provider's on the same
+shape; after the table, the same summed over every shape of a model ("taken together").
 Rows are appended to <out>/conv_bn_act*.jsonl (+ .csv) with the environment; the plot (speedups over eager, per
 batch size) is drawn from that file. Only GPU runs are kept in git (.gitignore drops -cpu and -quick files).
 """
@@ -117,7 +120,9 @@ class ConvShape:
     """One conv (or Up block) of docs/design.md 5 at one batch size.
 
     order: "conv_bn_act" (BN before the activation, foldable), "conv_act_bn" (BN after it) or None (no BN).
-    kind: "conv", or "upsample" (1x1 conv Cin -> cout = 4*Co, act, BN, 2x pixel shuffle).
+    kind: "conv", "upsample" (1x1 conv Cin -> cout = 4*Co, act, BN, 2x pixel shuffle) or "separable" (the
+    depthwise conv Cin -> Cin of kernel, stride, bias, order and act, then a 1x1 conv Cin -> cout + BN, no act,
+    (+ residual): MBConv's pair).
     """
 
     name: str
@@ -155,8 +160,8 @@ class ConvShape:
 
     @property
     def conv_kind(self) -> str:
-        if self.kind == "upsample":
-            return "upsample"
+        if self.kind in ("upsample", "separable"):
+            return self.kind
         if self.groups == 1:
             return "dense"
         return "depthwise" if self.groups == self.cin == self.cout else "grouped"
@@ -168,6 +173,8 @@ class ConvShape:
     def flops(self) -> int:
         """2 x the conv's multiply-adds (the Up block's per-pixel linear at the input size)."""
         conv_hw = (self.height, self.width) if self.kind == "upsample" else self.out_hw
+        if self.kind == "separable":
+            return 2 * self.batch * conv_hw[0] * conv_hw[1] * self.cin * (self.kernel**2 + self.cout)
         macs = self.cout * conv_hw[0] * conv_hw[1] * (self.cin // self.groups) * self.kernel**2
         return 2 * self.batch * macs
 
@@ -176,6 +183,8 @@ class ConvShape:
         Ho, Wo = self.out_hw
         x = self.batch * self.cin * self.height * self.width
         weight = self.cout * (self.cin // self.groups) * self.kernel**2
+        if self.kind == "separable":
+            weight = self.cin * (self.kernel**2 + self.cout)
         out = self.batch * self.out_channels * Ho * Wo
         return (x + weight + out * (2 if self.residual else 1)) * element_size
 
@@ -255,6 +264,7 @@ def efficientvit_table(model: str) -> list[dict]:
         add(f"{prefix}.pw_expand", cin, mid, 1, size, **pre)
         add(f"{prefix}.dw3", mid, mid, 3, size, stride=stride, groups=mid, **pre)
         add(f"{prefix}.pw_proj", mid, cout, 1, size // stride, act="identity", residual=res)
+        add(f"{prefix}.sep", mid, cout, 3, size, stride=stride, groups=mid, residual=res, kind="separable", **pre)
 
     size = image // 2
     add("stem", 3, widths[0], 3, image, stride=2)
@@ -297,6 +307,7 @@ QUICK_TABLE = [
     dict(name="tiny.dw5.s2", cin=24, cout=24, kernel=5, size=11, stride=2, groups=24),
     dict(name="tiny.pw.res", cin=16, cout=24, kernel=1, size=7, act="identity", residual=True),
     dict(name="tiny.up", cin=8, cout=16, kernel=1, size=6, bias=True, order="conv_act_bn", act="relu", kind="upsample"),
+    dict(name="tiny.sep.res", cin=24, cout=12, kernel=3, size=7, groups=24, residual=True, kind="separable"),
 ]
 
 
@@ -355,19 +366,40 @@ class EagerBlock(nn.Module):
         return y if residual is None else y + residual
 
 
-def make_eager(shape: ConvShape, dtype: torch.dtype, device: torch.device) -> EagerBlock:
-    """The block with random weights and BatchNorm statistics away from identity (so folding matters), eval."""
+class SeparableBlock(nn.Module):
+    """MBConv's pair as the models run it: the depthwise block, then the 1x1 block (+ residual)."""
+
+    def __init__(self, dw: EagerBlock, pw: EagerBlock):
+        super().__init__()
+        self.dw, self.pw = dw, pw
+
+    def forward(self, x, residual=None):
+        return self.pw(self.dw(x), residual)
+
+
+def _norm(shape: ConvShape, order: str | None, channels: int) -> nn.Module:
+    """A BatchNorm with statistics away from identity (so folding matters), or none."""
+    if order is None:
+        return nn.Identity()
+    norm = nn.BatchNorm2d(channels, eps=NORM_EPS.get(shape.model, 1e-5))
+    with torch.no_grad():
+        norm.running_mean.normal_(0, 0.1)
+        norm.running_var.uniform_(0.5, 1.5)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.1)
+    return norm
+
+
+def make_eager(shape: ConvShape, dtype: torch.dtype, device: torch.device) -> EagerBlock | SeparableBlock:
+    """The block with random weights and BatchNorm statistics away from identity, eval."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(shape.cin, shape.cout, shape.kernel, shape.stride, shape.pad, groups=shape.groups, bias=shape.bias)
-    norm = nn.Identity()
-    if shape.order is not None:
-        norm = nn.BatchNorm2d(shape.cout, eps=NORM_EPS.get(shape.model, 1e-5))
-        with torch.no_grad():
-            norm.running_mean.normal_(0, 0.1)
-            norm.running_var.uniform_(0.5, 1.5)
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.normal_(0, 0.1)
-    block = EagerBlock(conv, norm, shape.act, shape.order, shuffle=shape.kind == "upsample")
+    conv_out = shape.cin if shape.kind == "separable" else shape.cout
+    conv = nn.Conv2d(shape.cin, conv_out, shape.kernel, shape.stride, shape.pad, groups=shape.groups, bias=shape.bias)
+    block = EagerBlock(conv, _norm(shape, shape.order, conv_out), shape.act, shape.order, shape.kind == "upsample")
+    if shape.kind == "separable":
+        pw = nn.Conv2d(shape.cin, shape.cout, 1, bias=False)
+        pw_norm = _norm(shape, "conv_bn_act", shape.cout)
+        block = SeparableBlock(block, EagerBlock(pw, pw_norm, "identity", "conv_bn_act", shuffle=False))
     return block.to(device, dtype).eval().requires_grad_(False)
 
 
@@ -397,17 +429,21 @@ def _conv_out_hw(x, c: nn.Conv2d) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def float64_reference(eager: EagerBlock, x, residual):
+def float64_reference(eager: EagerBlock | SeparableBlock, x, residual):
     """The eager block run in float64 on the same input (on CPU, grouped convs through _TapConv)."""
     block = copy.deepcopy(eager).double()
-    if x.device.type == "cpu" and block.conv.groups > 1:
-        block.conv = _TapConv(block.conv)
+    if x.device.type == "cpu":
+        for part in (block.dw, block.pw) if isinstance(block, SeparableBlock) else (block,):
+            if part.conv.groups > 1:
+                part.conv = _TapConv(part.conv)
     with torch.no_grad():
         return block(x.double(), None if residual is None else residual.double())
 
 
-def make_folded(eager: EagerBlock) -> EagerBlock:
+def make_folded(eager: EagerBlock | SeparableBlock) -> EagerBlock | SeparableBlock:
     """eager with a BatchNorm that precedes the activation folded into the conv (linattn.fold_bn)."""
+    if isinstance(eager, SeparableBlock):
+        return SeparableBlock(make_folded(eager.dw), make_folded(eager.pw))
     if eager.order != "conv_bn_act" or isinstance(eager.norm, nn.Identity):
         return eager  # nothing to fold: BN after the activation (SqueezeSAM) stays, or there is none
     folded = copy.deepcopy(eager)
@@ -418,8 +454,12 @@ def make_folded(eager: EagerBlock) -> EagerBlock:
     return folded
 
 
-def fused_call(shape: ConvShape, eager: EagerBlock):
+def fused_call(shape: ConvShape, eager: EagerBlock | SeparableBlock):
     """f(x, residual) on linattn's op: the BN folded once (before the act) or as post_scale/post_shift (after)."""
+    if shape.kind == "separable":
+        dw, pw = make_folded(eager.dw).conv, make_folded(eager.pw).conv
+        geometry = (dw.bias, pw.bias, shape.stride, shape.pad, 1, shape.act, "identity")
+        return lambda x, residual: linattn.separable_conv_bn_act(x, dw.weight, pw.weight, *geometry, residual=residual)
     conv, norm = eager.conv, eager.norm
     weight, bias, scale, shift = conv.weight, conv.bias, None, None
     if shape.order == "conv_bn_act":
@@ -433,15 +473,20 @@ def fused_call(shape: ConvShape, eager: EagerBlock):
     return lambda x, residual: linattn.conv_bn_act(x, weight, bias, *geometry, residual)
 
 
-def setup(provider: str, shape: ConvShape, eager: EagerBlock, x, residual) -> dict:
+def shape_op(shape: ConvShape) -> str:
+    """The linattn op a shape's block runs on."""
+    return {"upsample": "upsample_block", "separable": "separable_conv_bn_act"}.get(shape.kind, OP)
+
+
+def setup(provider: str, shape: ConvShape, eager: EagerBlock | SeparableBlock, x, residual) -> dict:
     """{"fwd": callable} of `provider` (inference: no autograd graph); raises Skipped when it cannot run here."""
-    op = "upsample_block" if shape.kind == "upsample" else OP
+    op = shape_op(shape)
     if provider in BACKEND_PROVIDERS or provider == "triton-module":
         backend = provider.removesuffix("-module")
         check_backend(op, backend, x.device)
         if provider == "triton-module":
-            if shape.kind == "upsample":
-                raise Skipped("ConvBNAct is a conv block; the Up block is linattn.upsample_block")
+            if shape.kind != "conv":
+                raise Skipped(f"ConvBNAct is a conv block; this one is linattn.{op}")
             norm = None if isinstance(eager.norm, nn.Identity) else eager.norm
             fn = linattn.nn.ConvBNAct.from_modules(eager.conv, norm, eager.act, shape.order or "conv_bn_act").eval()
         else:
@@ -482,7 +527,7 @@ def run_shape(shape, dtype_name, layout, providers, device, copy_gbs, bar, cuda_
     eager, x, residual = make_inputs(shape, DTYPES[dtype_name], device, layout)
     ref = float64_reference(eager, x, residual)
     nbytes = shape.bytes(x.element_size())
-    base = {"op": OP if shape.kind == "conv" else "upsample_block", "dtype": dtype_name, **shape.columns()}
+    base = {"op": shape_op(shape), "dtype": dtype_name, **shape.columns()}
     base.update(layout=layout, copy_gbs=copy_gbs)
     rows = run_providers(
         providers,

@@ -38,8 +38,9 @@
 #   bench-e2e-l0-host-aware
 #                      150  bench-e2e-l0's linattn providers again under LINATTN_HOST_AWARE=1 (measured dispatch
 #                           weighs each conv's host time too, linattn/_tune.py), rows in results/host_aware/
-#   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at six shapes (one of each kind
-#                           and model), B16, bf16, replayed as CUDA graphs: the kernels' time, not the host's
+#   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at seven shapes (one of each kind
+#                           and model, and L0's MBConv depthwise -> 1x1 pair fused), B16, bf16, replayed as CUDA
+#                           graphs: the kernels' time, not the host's (21 s on the eighth pass, six shapes)
 #   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
 #                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
 #                           the end-to-end steps); bench-multiscale and bench-linear-attention the same. Ahead
@@ -210,7 +211,7 @@ has pytest_timeout && PYTEST+=(--timeout "${PYTEST_TIMEOUT:-60}") # per test
 WORKERS=${PYTEST_WORKERS:-$(($(nproc) > 3 ? $(nproc) - 2 : 1))} # two cores left for the GPU's feeders
 has xdist && ((WORKERS > 0)) && PYTEST+=(-n "$WORKERS")
 E2E_MODELS=${E2E_MODELS:-l0 xl1}
-CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj xl1.s3.fmb.conv3 xl1.s4.mb.dw3)
+CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj l0.s3.mb.sep xl1.s3.fmb.conv3 xl1.s4.mb.dw3)
 OPS=(--dtype bf16 --batch 16 --providers eager triton cuda auto)
 case $PROFILE in
     quick)
@@ -230,7 +231,7 @@ case $PROFILE in
         CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --cuda-graph
             --shapes "${CONV_SHAPES[@]}")
         KERNELS=()
-        NCU=(--stages l xl-s4 --conv-shapes l0.s3.mb.dw3 xl1.s3.fmb.conv3 --providers triton cuda)
+        NCU=(--stages l xl-s4 --conv-shapes l0.s3.mb.dw3 l0.s3.mb.sep xl1.s3.fmb.conv3 --providers triton cuda)
         HOST_AWARE=(--batch 16 --dtype bf16 --providers linattn linattn-graph --top-ops 25)
         UPS=(--dtype bf16 --batch 16 --providers eager compile triton auto --cuda-graph)
         ;;

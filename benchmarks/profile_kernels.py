@@ -38,7 +38,9 @@ from linattn.benchmarks.common import (
 )
 
 # one of each kind and model, as gpu_check.sh's conv benchmark
-CONV_SHAPES = ("sq.enc128.c2", "sq.up64", "l0.s3.mb.dw3", "l0.s3.mb.pw_proj", "xl1.s3.fmb.conv3", "xl1.s4.mb.dw3")
+CONV_SHAPES = (
+    "sq.enc128.c2", "sq.up64", "l0.s3.mb.dw3", "l0.s3.mb.pw_proj", "l0.s3.mb.sep", "xl1.s3.fmb.conv3", "xl1.s4.mb.dw3"
+)  # fmt: skip
 QUICK_CONV_SHAPES = ("tiny.dense3", "tiny.pw.res")
 STAGES = ("l", "xl-s4")
 PROVIDERS = ("eager", "triton", "cuda")
@@ -125,7 +127,7 @@ def conv_rows(names, providers, dtype, device, copy_gbs, quick: bool) -> list[di
     rows = []
     for shape in conv_bench.make_shapes(entries, (2,) if quick else (16,), model="quick" if quick else None):
         eager, x, residual = conv_bench.make_inputs(shape, dtype, device, "channels_last")
-        call = ("conv_bn_act", shape.name, shape.batch, shape.bytes(x.element_size()), copy_gbs)
+        call = (conv_bench.shape_op(shape), shape.name, shape.batch, shape.bytes(x.element_size()), copy_gbs)
         rows += provider_rows(providers, *call, conv_bench.setup, shape, eager, x, residual)
     return rows
 

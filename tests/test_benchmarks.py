@@ -314,18 +314,25 @@ def test_bench_conv_bn_act_quick(tmp_path):
     with (tmp_path / "conv_bn_act-quick-cpu.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     # bytes = (x + weight + out (+ residual)) * 4 and flops = 2 * multiply-adds, written out per shape (B=2, fp32)
+    # (the separable pair: its depthwise 3x3 24 -> 24 and 1x1 24 -> 12 weights and multiply-adds, + residual)
     x = {"tiny.dense3": 5 * 81, "tiny.dw5.s2": 24 * 121, "tiny.pw.res": 16 * 49, "tiny.up": 8 * 36}
+    x["tiny.sep.res"] = 24 * 49
     weight = {"tiny.dense3": 17 * 5 * 9, "tiny.dw5.s2": 24 * 25, "tiny.pw.res": 24 * 16, "tiny.up": 16 * 8}
+    weight["tiny.sep.res"] = 24 * 9 + 12 * 24
     out = {"tiny.dense3": 17 * 81, "tiny.dw5.s2": 24 * 6 * 6, "tiny.pw.res": 2 * 24 * 49, "tiny.up": 4 * 12 * 12}
+    out["tiny.sep.res"] = 2 * 12 * 49
     macs = {
         "tiny.dense3": 17 * 81 * 5 * 9,
         "tiny.dw5.s2": 24 * 36 * 25,
         "tiny.pw.res": 24 * 49 * 16,
         "tiny.up": 16 * 36 * 8,
+        "tiny.sep.res": 24 * 49 * 9 + 12 * 49 * 24,
     }
+    ops = {"upsample": "upsample_block", "separable": "separable_conv_bn_act"}
     for row in rows:
         name = row["name"]
-        op = "upsample_block" if row["kind"] == "upsample" else "conv_bn_act"
+        op = ops.get(row["kind"], "conv_bn_act")
+        assert row["op"] == op, row
         skipped = {"cuda": cuda_skip(op), "compile-max-autotune": "only at --max-autotune"}
         assert row["bytes"] == 4 * (2 * x[name] + weight[name] + 2 * out[name]), row
         assert row["flops"] == 2 * 2 * macs[name] and row["intensity"] == row["flops"] / row["bytes"], row
@@ -342,8 +349,10 @@ def test_bench_conv_bn_act_quick(tmp_path):
         assert row["max_abs_err"] < 1e-4 and row["rel_err"] < 1e-5, row
         assert row["speedup_vs_eager"] > 0 and row["speedup_vs_eager_folded"] > 0, row
         assert row["speedup_vs_compile"] is None and row["speedup_vs_max_autotune"] is None, row
-    assert {r["kind"] for r in rows} == {"dense", "depthwise", "upsample"}
-    check_auto(rows, lambda row: "upsample_block" if row["kind"] == "upsample" else "conv_bn_act")
+    assert {r["kind"] for r in rows} == {"dense", "depthwise", "upsample", "separable"}
+    pairs = [r for r in rows if r["kind"] == "separable"]  # its reference runs the two convs through conv_bn_act
+    check_auto([r for r in rows if r not in pairs], lambda row: ops.get(row["kind"], "conv_bn_act"))
+    check_auto(pairs, also={"conv_bn_act:fwd": {"reference": 2}})
     pytest.importorskip("matplotlib")
     assert (tmp_path / "conv_bn_act-quick-cpu.png").stat().st_size > 0
 
@@ -368,6 +377,17 @@ def test_bench_conv_bn_act_shape_table():
     assert (down.cin, down.stride, down.out_hw) == (256 * 24, 2, (16, 16))
     assert shapes["l0.s4.att.agg.dw5"].kernel == 5 and shapes["xl1.s5.att.agg.dw3"].cin == 3 * 1024
     assert shapes["l0.s2.fmb.pw_proj"].residual and not shapes["l0.s2.down.pw_proj"].residual
+    pair = shapes["l0.s3.mb.sep"]  # the MBConv's depthwise (bias, no BN) -> 1x1 projection + BN + residual
+    assert (pair.kind, pair.cin, pair.cout, pair.groups, pair.bias, pair.order, pair.residual) == (
+        "separable",
+        1024,
+        256,
+        1024,
+        True,
+        None,
+        True,
+    )
+    assert shapes["l0.s4.down.sep"].out_hw == (16, 16) and not shapes["l0.s4.down.sep"].residual
     assert {s.act for n, s in shapes.items() if not n.startswith("sq.")} == {"gelu_tanh", "identity"}
 
 
