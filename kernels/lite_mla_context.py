@@ -93,6 +93,21 @@ def _tap(
 
 
 @triton.jit
+def _pointwise(
+    a, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, valid, dt: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Wp (a + bd) + bp for a depthwise tile a (fp32, its FMA taps' sum), a entering the dot in dtype dt; zero in
+    rows not valid."""
+    if HAS_BD:
+        a += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
+    if HAS_BP:
+        y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(valid[:, None], y, 0.0)
+
+
+@triton.jit
 def _aggregate(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h, w, n_mask, offs_c,
     c_mask, H, W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, TAP_MMA: tl.constexpr,
@@ -129,16 +144,13 @@ def _aggregate(
                 acc, X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, wp_t, t, t // KSIZE - PAD,
                 t % KSIZE - PAD, h, w, n_mask, offs_c, c_mask, H, W, TAP_MMA, UPCAST, PRECISION,
             )  # fmt: skip
-    if TAP_MMA:
-        y = acc
-        if HAS_BD:
-            bd = tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-            y += tl.sum(bd[:, None] * wp_t, axis=0)[None, :]
-    else:
-        if HAS_BD:
-            acc += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if not TAP_MMA:
         dt: tl.constexpr = X_ptr.dtype.element_ty
-        y = _dot(_cast(acc, dt, UPCAST), wp_t.to(dt), tl.zeros_like(acc), UPCAST, PRECISION)
+        return _pointwise(acc, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, n_mask, dt, HAS_BD, HAS_BP, UPCAST, PRECISION)
+    y = acc
+    if HAS_BD:
+        bd = tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        y += tl.sum(bd[:, None] * wp_t, axis=0)[None, :]
     if HAS_BP:
         y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(n_mask[:, None], y, 0.0)
@@ -228,6 +240,21 @@ def _state_operand(s, dt: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _store_attention(
+    O_ptr, stride_oc, stride_oh, stride_ow, q, s_op, s_scale, z, eps, h, w, valid, offs_c, c_mask,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Store relu(q) S / (relu(q) . z + eps) at positions (h, w) where valid: relu(q) enters the dot in S's dtype
+    (s_op, its columns scaled by s_scale: _state_operand), z and the division in fp32."""
+    qr = _cast(tl.maximum(q, 0.0), s_op.dtype, UPCAST)
+    num = _dot(qr, s_op, tl.zeros((q.shape[0], q.shape[1]), dtype=tl.float32), UPCAST, PRECISION)
+    den = tl.sum(qr.to(tl.float32) * z[None, :], axis=1) + eps
+    out = num * s_scale[None, :] / den[:, None]
+    o_ptrs = O_ptr + offs_c[None, :] * stride_oc + h[:, None] * stride_oh + w[:, None] * stride_ow
+    tl.store(o_ptrs, _cast(out, O_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & c_mask[None, :])
+
+
+@triton.jit
 def _write_out(
     O_ptr, stride_oc, stride_oh, stride_ow, X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wc, stride_wt,
     BD_ptr, WP_ptr, BP_ptr, s, z, eps, n_lo, n_hi, H, W, D, TAPS, KSIZE: tl.constexpr, HAS_BD: tl.constexpr,
@@ -254,12 +281,8 @@ def _write_out(
             )  # fmt: skip
         else:
             q = _tap_tile(X_ptr, stride_xc, stride_xh, stride_xw, h, w, 0, 0, n_mask, offs_c, c_mask, H, W)
-        qr = _cast(tl.maximum(q, 0.0), dt, UPCAST)
-        num = _dot(qr, s_op, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
-        den = tl.sum(qr.to(tl.float32) * z[None, :], axis=1) + eps
-        out = num * s_scale[None, :] / den[:, None]
-        o_ptrs = O_ptr + offs_c[None, :] * stride_oc + h[:, None] * stride_oh + w[:, None] * stride_ow
-        tl.store(o_ptrs, _cast(out, O_ptr.dtype.element_ty, UPCAST), mask=n_mask[:, None] & c_mask[None, :])
+        _store_attention(O_ptr, stride_oc, stride_oh, stride_ow, q, s_op, s_scale, z, eps, h, w, n_mask, offs_c,
+                         c_mask, UPCAST, PRECISION)  # fmt: skip
 
 
 @triton.jit
@@ -490,20 +513,6 @@ def _rows_dwconv(
 
 
 @triton.jit
-def _rows_pointwise(
-    a, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, valid, dt: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Wp (a + bd) + bp for a depthwise tile a, as _aggregate's FMA taps finish theirs; zero in rows not valid."""
-    if HAS_BD:
-        a += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
-    if HAS_BP:
-        y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(valid[:, None], y, 0.0)
-
-
-@triton.jit
 def _rows_aggregate(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h, w0, i_mask,
     offs_c, c_mask, H, W, D, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, UPCAST: tl.constexpr,
@@ -518,16 +527,16 @@ def _rows_aggregate(
         X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, h, w0, i_mask, offs_c, c_mask, H, W, KSIZE,
         ROW_BLOCK,
     )  # fmt: skip
-    y0 = _rows_pointwise(a0, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 < W), dt, HAS_BD, HAS_BP, UPCAST,
+    y0 = _pointwise(a0, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 < W), dt, HAS_BD, HAS_BP, UPCAST,
                          PRECISION)  # fmt: skip
-    y1 = _rows_pointwise(a1, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 1 < W), dt, HAS_BD, HAS_BP,
+    y1 = _pointwise(a1, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 1 < W), dt, HAS_BD, HAS_BP,
                          UPCAST, PRECISION)  # fmt: skip
     y2 = a2
     y3 = a3
     if ROW_BLOCK > 2:
-        y2 = _rows_pointwise(a2, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 2 < W), dt, HAS_BD, HAS_BP,
+        y2 = _pointwise(a2, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 2 < W), dt, HAS_BD, HAS_BP,
                              UPCAST, PRECISION)  # fmt: skip
-        y3 = _rows_pointwise(a3, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 3 < W), dt, HAS_BD, HAS_BP,
+        y3 = _pointwise(a3, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 3 < W), dt, HAS_BD, HAS_BP,
                              UPCAST, PRECISION)  # fmt: skip
     return y0, y1, y2, y3
 
@@ -536,20 +545,6 @@ def _rows_aggregate(
 def _rows_gram(kr, v, s, dt: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """S + relu(k)^T v, relu(k) given in dtype dt and v entering in it (as _kv_state's)."""
     return _dot(tl.trans(kr), _cast(v, dt, UPCAST), s, UPCAST, PRECISION)
-
-
-@triton.jit
-def _rows_store(
-    O_ptr, stride_oc, stride_oh, stride_ow, q, s_op, s_scale, z, eps, h, w, valid, offs_c, c_mask,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Store relu(q) S / (relu(q) . z + eps) at positions (h, w) where valid (as _write_out)."""
-    qr = _cast(tl.maximum(q, 0.0), s_op.dtype, UPCAST)
-    num = _dot(qr, s_op, tl.zeros_like(q), UPCAST, PRECISION)
-    den = tl.sum(qr.to(tl.float32) * z[None, :], axis=1) + eps
-    out = num * s_scale[None, :] / den[:, None]
-    o_ptrs = O_ptr + offs_c[None, :] * stride_oc + h[:, None] * stride_oh + w[:, None] * stride_ow
-    tl.store(o_ptrs, _cast(out, O_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -659,14 +654,14 @@ def _lite_mla_context_rows_kernel(
             stride_wdt, BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE,
             HAS_BD, HAS_BP, UPCAST, PRECISION, ROW_BLOCK,
         )  # fmt: skip
-        _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q0, s_op, s_scale, z, eps, h, w0, i_mask & (w0 < W),
+        _store_attention(O_ptr, stride_oc, stride_oh, stride_ow, q0, s_op, s_scale, z, eps, h, w0, i_mask & (w0 < W),
                     offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
-        _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q1, s_op, s_scale, z, eps, h, w0 + 1,
+        _store_attention(O_ptr, stride_oc, stride_oh, stride_ow, q1, s_op, s_scale, z, eps, h, w0 + 1,
                     i_mask & (w0 + 1 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
         if ROW_BLOCK > 2:
-            _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q2, s_op, s_scale, z, eps, h, w0 + 2,
+            _store_attention(O_ptr, stride_oc, stride_oh, stride_ow, q2, s_op, s_scale, z, eps, h, w0 + 2,
                         i_mask & (w0 + 2 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
-            _rows_store(O_ptr, stride_oc, stride_oh, stride_ow, q3, s_op, s_scale, z, eps, h, w0 + 3,
+            _store_attention(O_ptr, stride_oc, stride_oh, stride_ow, q3, s_op, s_scale, z, eps, h, w0 + 3,
                         i_mask & (w0 + 3 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
 
 
@@ -858,15 +853,15 @@ def context_launch(
 def _rows_launch(qkv, dw_weights, heads, dim, eps, dw_biases, pw_biases, out, cfg, upcast, precision) -> Callable:
     """context_launch's launch on _lite_mla_context_rows_kernel (one pass, each scale one launch)."""
     B, _, H, W = qkv.shape
-    options = {k: v for k, v in cfg.items() if k not in ("TAP_MMA", "ROW_TAPS", "TAP_STAGES")}
     width = heads * dim
     xs, os = qkv.stride(), out.stride()
     scales = []  # per scale: (depthwise weight's tap stride, its launch)
     for s, wd in enumerate(dw_weights):
         tap_stride, tap_major = tap_layout(wd)
-        # contiguous depthwise weights (a tap's channels strided, scalar loads) spill 8-48 bytes under a budget
-        # (compile gate): those launch without it
-        opts = {k: v for k, v in options.items() if tap_major or k != "maxnreg"}
+        # the flattened kernels' keys left out; contiguous depthwise weights (a tap's channels strided, scalar loads)
+        # spill 8-48 bytes under a register budget (compile gate): those launch without it
+        dropped = ("TAP_MMA", "ROW_TAPS", "TAP_STAGES") + (() if tap_major else ("maxnreg",))
+        opts = {k: v for k, v in cfg.items() if k not in dropped}
         kernel = KernelLaunch(
             _lite_mla_context_rows_kernel, (B * heads,), KSIZE=wd.shape[-1], TAP_MAJOR=tap_major,
             HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0, UPCAST=upcast, PRECISION=precision,
