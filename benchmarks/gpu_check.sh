@@ -22,9 +22,9 @@
 #                           finish its first call in 90 s, compiling kernel after kernel
 #   pytest             110  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
 #                           pytest-timeout (60 s a test) and pytest-xdist (all cores but two) when installed;
-#                           stopped by SIGINT at its bound, so the summary still lists the failures (the sixth
-#                           H100 pass: 240 tests in 76 s on 14 workers with the kernels compiled, past 106 s on a
-#                           bare machine)
+#                           stopped by SIGINT at its bound; verbose, so each failure is named as it happens (the
+#                           sixth H100 pass: 240 tests in 76 s on 14 workers with the kernels compiled, past 106 s
+#                           on a bare machine)
 #   bench-e2e-l0       150  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
 #                           each with its batch-1 latency (lat_b1_ms) and host time (host_b1_ms); no max-autotune
 #                           (the sixth H100 pass's L0 took 127 s, measured dispatch timing 146 choices)
@@ -35,9 +35,6 @@
 #   check              120  python -m linattn check: every op on every backend against the reference (a bare
 #                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
 #                           on its bare one)
-#   bench-e2e-l0-host-aware
-#                      150  bench-e2e-l0's linattn providers again under LINATTN_HOST_AWARE=1 (measured dispatch
-#                           weighs each conv's host time too, linattn/_tune.py), rows in results/host_aware/
 #   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at seven shapes (one of each kind
 #                           and model, and L0's MBConv depthwise -> 1x1 pair fused), B16, bf16, replayed as CUDA
 #                           graphs: the kernels' time, not the host's (21 s on the eighth pass, six shapes)
@@ -55,6 +52,9 @@
 #   kernels             40  benchmarks/profile_kernels.py: the profiler's per-kernel view (time, registers,
 #                           shared memory, occupancy, bandwidth over the call's span) of the conv and LiteMLA
 #                           benchmarks' headline shapes, eager, triton and cuda
+#   bench-e2e-l0-host-aware
+#                      150  bench-e2e-l0's linattn providers again under LINATTN_HOST_AWARE=1 (measured dispatch
+#                           weighs each conv's host time too, linattn/_tune.py), rows in results/host_aware/
 #   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
 #   bench-linear-attention  40
 #   bench-upsample-sum      the neck merge (l0, xl1), as the other op benchmarks
@@ -206,7 +206,10 @@ grep -E "^(torch|missing)" "$WORK/gpu.txt"
 
 # ---- per-profile arguments ----
 has() { "$PY" -c "import $1" > /dev/null 2>&1; }
-PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$LOGS/pytest.xml")
+# -v: each test's outcome on its own line as it ends, so a pass cut off by its bound still names its failures (the
+# ninth pass's summary never printed: its workers hung at exit in inductor's compile-worker shutdown, which one
+# compile thread, in process, does not start)
+PYTEST=(env TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$LOGS/pytest.xml")
 has pytest_timeout && PYTEST+=(--timeout "${PYTEST_TIMEOUT:-60}") # per test
 WORKERS=${PYTEST_WORKERS:-$(($(nproc) > 3 ? $(nproc) - 2 : 1))} # two cores left for the GPU's feeders
 has xdist && ((WORKERS > 0)) && PYTEST+=(-n "$WORKERS")
@@ -322,11 +325,6 @@ read -r -a MODELS <<< "$E2E_MODELS"
 e2e "${MODELS[0]}" "${E2E[@]}" # the GPU tests and the first model, then check and the conv kernels, then the rest
 step bench-host 60 0 "$PY" benchmarks/bench_host.py --out "$RESULTS"
 step check "$B_CHECK" 0 "$PY" -m linattn check
-# measured dispatch weighing the host's time of each conv too (LINATTN_HOST_AWARE=1, an experiment): L0 again,
-# its rows in results/host_aware/, against bench-e2e-l0's (the eighth pass: batch 1 host-bound, 18% behind eager)
-bench_args HOST_AWARE_BENCH_ARGS "${HOST_AWARE[@]}"
-step bench-e2e-l0-host-aware "$B_E2E" 0 env LINATTN_HOST_AWARE=1 "$PY" -m linattn bench --model l0 \
-    --out "$RESULTS/host_aware" "${ARGS[@]}"
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
 bench multiscale MULTISCALE_BENCH_ARGS bench_multiscale.py "${MS[@]}"
@@ -341,6 +339,13 @@ step ncu 90 "$NO_GPU_STEP" bash -c 'ncu --nvtx --nvtx-include linattn-profiled/ 
 for model in "${MODELS[@]:1}"; do e2e "$model" "${E2E_REST[@]}"; done
 bench_args KERNELS_ARGS "${KERNELS[@]}"
 step kernels "$B_BENCH" 0 "$PY" benchmarks/profile_kernels.py --out "$RESULTS" "${ARGS[@]}"
+# measured dispatch weighing the host's time of each conv too (LINATTN_HOST_AWARE=1, an experiment): L0 again,
+# its rows in results/host_aware/, against bench-e2e-l0's (the eighth pass: batch 1 host-bound, 18% behind eager).
+# After the op benchmarks: the ninth pass ran it before them, its bound cut to the 54 s left, and it timed out
+# with no row while they (50 s together) had no time
+bench_args HOST_AWARE_BENCH_ARGS "${HOST_AWARE[@]}"
+step bench-e2e-l0-host-aware "$B_E2E" 0 env LINATTN_HOST_AWARE=1 "$PY" -m linattn bench --model l0 \
+    --out "$RESULTS/host_aware" "${ARGS[@]}"
 for tool in memcheck racecheck initcheck; do
     optional=$NO_GPU_STEP
     [[ $tool != memcheck && $PROFILE != full ]] && optional=1

@@ -447,7 +447,7 @@ def _separable_conv_bn_act_fwd_kernel(
         ci = c0 + tl.arange(0, BLOCK_K)
         k_mask = ci < C
         d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for r in tl.static_range(KH * KW):  # unrolled: the channel loop is then innermost, which num_stages pipelines
+        for r in range(KH * KW):
             kh = r // KW
             kw = r % KW
             hi = h0 + kh * DIL_H
@@ -996,9 +996,12 @@ def fwd_launch(
 
 def separable_config(dev: Device, rows: int, channels: int, cout: int, low_precision: bool) -> dict:
     """Tiles of the separable kernel: every output channel in one tile where it fits (up to 256, so the
-    depthwise tile is computed once per position tile), 32 channels per step, not pipelined: the depthwise tile
-    accumulates in fp32 registers beside the output tile (separable_configs has a pipelined candidate); full fp32
-    products 16 at a time."""
+    depthwise tile is computed once per position tile), 32 channels per step: the depthwise tile accumulates
+    in fp32 registers beside the output tile, so the steps are not pipelined; full fp32 products 16 at a time.
+    The ninth H100 pass timed two more candidates at the 16 L0 and XL1 calls (bf16, 16 images and 1): the steps
+    pipelined over two stages under 168 registers, and 64-channel steps. Both were slower at every call (by
+    5-42%), and the kernel itself 2.0-14x slower than the pair unfused (dispatch's reference), so the
+    configurations were dropped: measured dispatch keeps the pair unfused there."""
     if not dev.gpu:
         return dict(BLOCK_M=_pow2(rows, 16, 128), BLOCK_N=_pow2(cout, 16, 64), BLOCK_K=_pow2(channels, 16, 32))
     block_n = _pow2(cout, 16, 256 if low_precision else 64)
@@ -1008,36 +1011,16 @@ def separable_config(dev: Device, rows: int, channels: int, cout: int, low_preci
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
 
 
-def separable_configs(dev: Device, rows: int, channels: int, cout: int, low_precision: bool) -> list[dict]:
-    """The configurations measured dispatch times for a separable call (linattn._tune.choose_config), the
-    heuristic's first; on a GPU, fp16/bf16, also:
-    - its channel steps pipelined over two stages: the next step's pointwise weight tile and tap tiles copied
-      to shared memory (cp.async, LDGSTS in the sm_90 and sm_80 SASS) while this step computes, under a register
-      budget (ptxas otherwise holds sm_80 to 128 registers and spills 8 bytes; under it 138-144, one program an
-      SM). The eighth H100 pass's L0 ran the heuristic's 32x256 tiles at 156 us a call, 10% of their memory
-      floor: each of its 32 steps waited on its tap loads, then on the weight tile's, and 512 programs of 8 warps
-      re-read the whole pointwise weight from L2 (268 MB);
-    - 64 channels a step: half the steps, and a thread's tap loads 128 bits wide (121-184 registers, no spill).
-    Both compile without spills at the encoders' shapes (compile gate). Not yet timed on a GPU."""
-    first = separable_config(dev, rows, channels, cout, low_precision)
-    if not dev.gpu or not low_precision:
-        return [first]
-    found = [first, dict(first, num_stages=2, maxnreg=168)]
-    if channels >= 64:  # the heuristic's steps are 32 channels
-        found.append(dict(first, BLOCK_K=64))
-    return found
-
-
 def separable_conv_bn_act_fwd(
     x, dw_weight, dw_bias, stride, padding, dilation, dw_act: str, weight, bias, act: str, post_scale, post_shift,
-    residual, out, config: dict | None = None, compile_only: bool = False,
+    residual, out, config: dict | None = None,
 ):  # fmt: skip
     """Write act(conv1x1(dw_act(depthwise_conv(x, dw_weight) + dw_bias), weight) + bias) * post_scale + post_shift
     + residual into out (B, Cout, Ho, Wo); any strides. config: separable_config()'s dict (None: this
-    device's). compile_only: compile the kernel for these arguments, launch nothing."""
+    device's)."""
     call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, post_scale, post_shift)
     launch = separable_launch(*call, residual, out, config)
-    return launch(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual, out, compile_only)
+    return launch(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual, out)
 
 
 def separable_launch(
@@ -1045,7 +1028,7 @@ def separable_launch(
     residual, out, config: dict | None = None,
 ) -> Callable:  # fmt: skip
     """separable_conv_bn_act_fwd for calls like this one, prepared (as fwd_launch): `launch(x, dw_weight, dw_bias,
-    weight, bias, post_scale, post_shift, residual, out, compile_only=False)` for tensors laid out as these."""
+    weight, bias, post_scale, post_shift, residual, out)` for tensors laid out as these."""
     B, C, H, W = x.shape
     Cout = weight.shape[0]
     KH, KW = dw_weight.shape[-2:]
@@ -1063,10 +1046,10 @@ def separable_launch(
         HAS_RES=residual is not None, **_precision(x), **cfg,
     )  # fmt: skip
 
-    def launch(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
+    def launch(x, dw_weight, dw_bias, weight, bias, post_scale, post_shift, residual, out):
         kernel(
             out, *os, x, *xs, dw_weight, *dws, _or(dw_bias, dw_weight), weight, *ws,
-            *_epilogue_args(weight, bias, post_scale, post_shift, residual, out), *sizes, compile_only=compile_only,
+            *_epilogue_args(weight, bias, post_scale, post_shift, residual, out), *sizes,
         )  # fmt: skip
         return out
 

@@ -6,8 +6,10 @@ TRITON_INTERPRET=1), "cuda" (the compiled extension linattn._C) or
 Each op module registers, per pass ("fwd", "bwd"), the implementations it has
 and what each cannot take (`register`); dispatch (`resolve`), `info`, `check`,
 the tests and the benchmarks ask the registry (`reasons`, `status`), and
-nothing else states support. "auto" takes, per call, the first implementation
-in PRIORITY that can run it and falls back to the reference; a forced backend
+nothing else states support. "auto" times the implementations that can run a
+call (measured dispatch); where nothing is timed it takes the first in
+PRIORITY that can run it (an implementation registered `measured_only` after
+the reference) and falls back to the reference; a forced backend
 that cannot run a call raises with every reason at once instead of silently
 running something else.
 """
@@ -104,6 +106,7 @@ class Impl:
     kernel: str | None = None  # the linattn._C op it calls, which an older build may lack
     limit: Callable[..., str | None] | None = None  # why it cannot take a call's arguments (None: it can)
     ready: Callable[[], str | None] | None = None  # why it can take no call here (None: it may), asked always
+    measured_only: bool = False  # after the reference in the priority order: auto runs it only where it was timed
 
 
 _REGISTRY: dict[tuple[str, str], dict[str, Impl]] = {}
@@ -166,11 +169,15 @@ def auto_choices(reset: bool = False) -> dict[str, dict[str, int]]:
     return out
 
 
-def register(op: str, pass_: str, backend: str, kernel: str | None = None, limit=None, ready=None) -> None:
+def register(
+    op: str, pass_: str, backend: str, kernel: str | None = None, limit=None, ready=None, measured_only: bool = False
+) -> None:
     """Declare that `backend` implements pass `pass_` ("fwd" or "bwd") of `op`: one line per implementation.
-    The reference implements every registered pass."""
+    The reference implements every registered pass. measured_only: a candidate measured dispatch times, ranked
+    after the reference where nothing is timed (a kernel a GPU has timed slower than the reference at the calls
+    measured so far)."""
     impls = _REGISTRY.setdefault((op, pass_), {"reference": Impl("reference")})
-    impls[backend] = Impl(backend, kernel, limit, ready)
+    impls[backend] = Impl(backend, kernel, limit, ready, measured_only)
     _candidates_seen.clear()
     global _registered
     _registered += 1
@@ -235,6 +242,7 @@ def _candidates(op: str, pass_: str, device: torch.device, problem: str | None, 
     if (found := _candidates_seen.get(key)) is None:
         impls = implementations(op, pass_)
         found = [b for b in PRIORITY if b in impls and not reasons(op, pass_, b, device, problem, args)]
+        found.sort(key=lambda b: impls[b].measured_only)  # stable: PRIORITY's order otherwise
         _candidates_seen[key] = found
     return found
 
@@ -256,7 +264,8 @@ def resolve(
     the call. "auto" on a CUDA device: with a `runner` (runner(backend) runs that implementation on the
     call's `inputs` into scratch outputs) and more than one implementation that can run the call, the
     measured choice (linattn/_tune.py; host_time: by the larger of GPU and host time, _tune.choose); otherwise
-    the first in PRIORITY that can. On other devices the reference.
+    the first in PRIORITY that can, those registered measured_only after the reference. On other devices the
+    reference.
     """
     name = get_backend()
     if name == "reference":

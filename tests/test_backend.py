@@ -67,6 +67,22 @@ def test_registry_auto_takes_the_first_implementation_that_runs(toy_registry, mo
     assert _backend.resolve("toy", "fwd", device, args=(4,)) == "cuda"
 
 
+def test_measured_only_implementations_rank_after_the_reference(toy_registry, monkeypatch):
+    """An implementation registered measured_only is one of measured dispatch's candidates (after the reference),
+    never what auto runs untimed; forcing its backend still runs it."""
+    device = toy_registry
+    _backend.register("toy", "fwd", "triton", measured_only=True)
+    assert _backend._candidates("toy", "fwd", device, None, (4,)) == ["cuda", "reference", "triton"]
+    assert _backend.resolve("toy", "fwd", device, args=(4,)) == "cuda"
+    assert _backend.resolve("toy", "fwd", device, args=(3,)) == "reference"  # cuda declines; triton is timed only
+    timed = []
+    monkeypatch.setattr("linattn._tune.choose", lambda op, pass_, dev, found, *rest: timed.append(found) or found[-1])
+    assert _backend.resolve("toy", "fwd", device, args=(3,), runner=lambda backend: None) == "triton"
+    assert timed == [["reference", "triton"]]
+    with linattn.backend("triton"):
+        assert _backend.resolve("toy", "fwd", device, args=(3,)) == "triton"
+
+
 def test_registry_forced_backend_gives_every_reason(toy_registry, monkeypatch):
     device = toy_registry
     with linattn.backend("cuda"):

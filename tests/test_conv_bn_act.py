@@ -1241,12 +1241,13 @@ def _separable_ref(x, dw, pw, t, g):
 def _separable_configs():
     """The interpreter's configuration and every one an H100 picks for the encoders' separable pairs."""
     from linattn.kernels._device import H100, INTERPRETER
-    from linattn.kernels.conv_bn_act import separable_config, separable_configs
+    from linattn.kernels.conv_bn_act import separable_config
 
     found = [separable_config(INTERPRETER, 63, 20, 12, False)]
     for rows, channels, cout in ((16 * 32 * 32, 1024, 256), (256, 2048, 512), (16 * 64 * 64, 256, 64)):
         for low in (True, False):
-            found += [c for c in separable_configs(H100, rows, channels, cout, low) if c not in found]
+            if (config := separable_config(H100, rows, channels, cout, low)) not in found:
+                found.append(config)
     return found
 
 
@@ -1285,23 +1286,6 @@ def test_separable_kernel(case, config):
     assert_close(out, ref, tolerance(x.dtype, rel_err(eager_out, ref)), "out")
 
 
-def test_separable_configs_measured_on_a_gpu():
-    """Measured dispatch's candidates for the fused pair: the heuristic first (it wins ties and runs where nothing
-    may be timed), then, on a GPU in fp16/bf16, its steps pipelined and, over at least 64 channels, 64-channel
-    steps; fp32 and the interpreter keep the heuristic alone."""
-    from linattn.kernels._device import H100, INTERPRETER
-    from linattn.kernels.conv_bn_act import separable_config, separable_configs
-
-    first = separable_config(H100, 16 * 32 * 32, 1024, 256, True)
-    assert separable_configs(H100, 16 * 32 * 32, 1024, 256, True) == [
-        first, dict(first, num_stages=2, maxnreg=168), dict(first, BLOCK_K=64)
-    ]  # fmt: skip
-    small = separable_config(H100, 256, 48, 256, True)
-    assert separable_configs(H100, 256, 48, 256, True) == [small, dict(small, num_stages=2, maxnreg=168)]
-    assert separable_configs(H100, 16 * 32 * 32, 1024, 256, False) == [separable_config(H100, 16384, 1024, 256, False)]
-    assert separable_configs(INTERPRETER, 63, 1024, 256, True) == [separable_config(INTERPRETER, 63, 1024, 256, True)]
-
-
 # the encoders' separable pairs at 16 images, bf16, channels_last: L0's stride-1 MBConv (with its residual) and
 # its stage-4 downsampling one (stride 2)
 GPU_SEPARABLE_CASES = [
@@ -1312,12 +1296,11 @@ GPU_SEPARABLE_CASES = [
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("case", GPU_SEPARABLE_CASES, ids=_separable_id)
-def test_cuda_separable_configs_at_benchmark_shapes(case):
-    """On a GPU, every configuration measured dispatch times for the fused pair (separable_configs: pipelined
-    steps are compiled code the interpreter never runs), at the whole batch and at its first image, into a
-    NaN-poisoned output, against float64 within twice eager's error; every result listed before the verdict."""
-    from linattn.kernels._device import device_of
-    from linattn.kernels.conv_bn_act import separable_configs, separable_conv_bn_act_fwd
+def test_cuda_separable_kernel_at_benchmark_shapes(case):
+    """On a GPU, the fused kernel at its heuristic's tiles for the encoders' pairs, at the whole batch and at its
+    first image, into a NaN-poisoned output, against float64 within twice eager's error; every result listed
+    before the verdict."""
+    from linattn.kernels.conv_bn_act import separable_conv_bn_act_fwd
 
     x, dw, pw, t, g = make_separable(case, "cuda")
     ref = _separable_ref(
@@ -1327,20 +1310,16 @@ def test_cuda_separable_configs_at_benchmark_shapes(case):
     eager_mid = reference.activation(eager_mid, g["dw_act"])
     eager_out = F.conv2d(eager_mid, pw, t["bias"]) + (0 if t["residual"] is None else t["residual"])
     tol = tolerance(x.dtype, rel_err(eager_out, ref))
-    B, C, Cout = x.shape[0], x.shape[1], pw.shape[0]
-    configs = separable_configs(device_of(x), B * ref.shape[2] * ref.shape[3], C, Cout, True)
-    assert len(configs) == 3
     results = []
-    for cfg in configs:
-        for images in (B, 1):
-            out = torch.full((images, *ref.shape[1:]), float("nan"), device="cuda", dtype=x.dtype)
-            out = out.to(memory_format=torch.channels_last)
-            res = None if t["residual"] is None else t["residual"][:images]
-            separable_conv_bn_act_fwd(
-                x[:images], dw, t["dw_bias"], g["stride"], g["padding"], g["dilation"], g["dw_act"], pw, t["bias"],
-                g["act"], None, None, res, out, config=dict(cfg),
-            )  # fmt: skip
-            results.append((f"{cfg} on {images} image(s)", rel_err(out, ref[:images])))
+    for images in (x.shape[0], 1):
+        out = torch.full((images, *ref.shape[1:]), float("nan"), device="cuda", dtype=x.dtype)
+        out = out.to(memory_format=torch.channels_last)
+        res = None if t["residual"] is None else t["residual"][:images]
+        separable_conv_bn_act_fwd(
+            x[:images], dw, t["dw_bias"], g["stride"], g["padding"], g["dilation"], g["dw_act"], pw, t["bias"],
+            g["act"], None, None, res, out,
+        )  # fmt: skip
+        results.append((f"{images} image(s)", rel_err(out, ref[:images])))
     listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
     assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
 

@@ -116,7 +116,9 @@ register(OP, "bwd", "triton")
 register(OP, "bwd", "cuda")
 register(UPSAMPLE, "fwd", "triton")
 register(UPSAMPLE, "fwd", "cuda", limit=cuda_limit, ready=cuda_ready)
-register(SEPARABLE, "fwd", "triton")
+# the fused separable kernel only where measured dispatch timed it faster: the ninth H100 pass timed it 2.0-14x
+# slower than the pair unfused at all 16 of L0's and XL1's calls
+register(SEPARABLE, "fwd", "triton", measured_only=True)
 
 
 def pixel_shuffle_into(y: Tensor, out: Tensor) -> Tensor:
@@ -702,25 +704,9 @@ def _separable_fwd(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, wei
     from ..kernels.conv_bn_act import separable_conv_bn_act_fwd
 
     dw_bias, bias, ps, pt = (_contiguous(t) for t in (dw_bias, bias, ps, pt))
-    call = (x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual)
-    return separable_conv_bn_act_fwd(*call, out, _separable_config(call, out))
-
-
-def _separable_config(call: tuple, out: Tensor) -> dict:
-    """The Triton configuration measured dispatch settles on for a separable call (its per-channel vectors
-    contiguous) writing `out`."""
-    from ..kernels._device import device_of
-    from ..kernels.conv_bn_act import separable_configs, separable_conv_bn_act_fwd
-
-    x, weight = call[0], call[7]
-    B, C, _, _ = x.shape
-    rows = B * out.shape[2] * out.shape[3]
-    low = x.dtype != torch.float32
-    return choose_config(
-        SEPARABLE, "fwd", x.device, lambda: separable_configs(device_of(x), rows, C, weight.shape[0], low),
-        lambda c: separable_conv_bn_act_fwd(*call, torch.empty_like(out), c), (*call, out),
-        lambda c: separable_conv_bn_act_fwd(*call, torch.empty_like(out), c, compile_only=True),
-    )  # fmt: skip
+    return separable_conv_bn_act_fwd(
+        x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual, out
+    )
 
 
 @torch.library.custom_op("linattn::separable_conv_bn_act", mutates_args=(), device_types=("cpu", "cuda"))
@@ -774,7 +760,7 @@ def _separable_prepared(impl: str, call: tuple, out: Tensor) -> Callable | None:
         return None
     from ..kernels.conv_bn_act import separable_launch
 
-    return separable_launch(*call, out, _separable_config(call, out))
+    return separable_launch(*call, out)
 
 
 @_separable_conv_bn_act.register_fake
