@@ -33,10 +33,10 @@ through tensor descriptors (TMA), a program's positions are a rectangle of one
 image, and each tap's input window is that rectangle shifted, the padding the
 copy engine's zero fill (_conv_bn_act_fwd_tma_kernel, tma_configs).
 
-3x3 stride-1 depthwise convs have a second forward kernel too, timed beside the
-direct one: a program slides down the rows of a strip, reads each input row as
-three column-shifted tiles and adds them into the two output rows it still
-holds, so an input row is read three times, not nine (the direct kernel's
+3x3 depthwise convs of stride 1 or 2 have a second forward kernel too, timed
+beside the direct one: a program slides down the rows of a strip, reads each
+input row as three column-shifted tiles and adds them into the output rows it
+still holds, so an input row is read three times, not nine (the direct kernel's
 taps; the H100 pass had both PyTorch's depthwise kernel and the direct one at
 about 20% of copy bandwidth) (_conv_bn_act_fwd_dw3_kernel, dw3_configs).
 
@@ -319,16 +319,16 @@ def _conv_bn_act_fwd_tma_kernel(
 
 
 @triton.jit
-def _shifted_row(x_row, wo, W, sxw, c_off, c_mask, row_ok):
-    """Input row x_row (the pointer of its (b, h)) at columns wo - 1, wo, wo + 1: three (BLOCK_W, BLOCK_C) fp32
-    tiles, zero outside the map (the padding)."""
-    left, right = wo - 1, wo + 1
+def _shifted_row(x_row, wi, W, sxw, c_off, c_mask, row_ok):
+    """Input row x_row (the pointer of its (b, h)) at columns wi - 1, wi, wi + 1 (wi: the input column under each
+    output column's kernel centre): three (BLOCK_W, BLOCK_C) fp32 tiles, zero outside the map (the padding)."""
+    left, right = wi - 1, wi + 1
     cols = c_off[None, :]
     m_l = (row_ok & (left >= 0) & (left < W))[:, None] & c_mask[None, :]
-    m_c = (row_ok & (wo < W))[:, None] & c_mask[None, :]
+    m_c = (row_ok & (wi < W))[:, None] & c_mask[None, :]
     m_r = (row_ok & (right < W))[:, None] & c_mask[None, :]
     x_l = tl.load(x_row + (left.to(tl.int64) * sxw)[:, None] + cols, mask=m_l, other=0.0).to(tl.float32)
-    x_c = tl.load(x_row + (wo.to(tl.int64) * sxw)[:, None] + cols, mask=m_c, other=0.0).to(tl.float32)
+    x_c = tl.load(x_row + (wi.to(tl.int64) * sxw)[:, None] + cols, mask=m_c, other=0.0).to(tl.float32)
     x_r = tl.load(x_row + (right.to(tl.int64) * sxw)[:, None] + cols, mask=m_r, other=0.0).to(tl.float32)
     return x_l, x_c, x_r
 
@@ -345,20 +345,22 @@ def _kernel_row(W_ptr, c, c_mask, swo, swh, sww, KH: tl.constexpr):
 
 @triton.jit
 def _conv_bn_act_fwd_dw3_kernel(
-    Y_ptr, syb, syc, syh, syw,  # output (B, C, H, W)
+    Y_ptr, syb, syc, syh, syw,  # output (B, C, HO, WO)
     X_ptr, sxb, sxc, sxh, sxw,  # input (B, C, H, W)
     W_ptr, swo, swh, sww,  # depthwise weight (C, 1, 3, 3)
     BIAS_ptr, SCALE_ptr, SHIFT_ptr,  # (C,) each, read when the HAS_ flag is set
     R_ptr, srb, src, srh, srw,  # residual, shaped as the output
-    C, H, W, ROWS, TILES_H, TILES_W,
+    C, H, W, HO, WO, ROWS, TILES_H, TILES_W,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_RES: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RES: tl.constexpr, STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """The 3x3 depthwise conv (stride 1, padding 1), sliding down the rows: a program owns ROWS output rows of a
-    BLOCK_W-wide strip of one image and BLOCK_C channels, and reads each input row once per kernel column (three
-    shifted tiles), not once per tap (nine, the direct kernel's). Input row r completes output row r - 1 with the
-    kernel's last row (then stored), adds its middle row to output row r and starts output row r + 1 with its
-    first row: two fp32 accumulators roll down with r."""
+    """The 3x3 depthwise conv (stride 1 or 2, padding 1), sliding down the rows: a program owns ROWS output rows
+    of a BLOCK_W-wide strip of one image and BLOCK_C channels, and reads each input row once per kernel column
+    (three shifted tiles), not once per tap (nine, the direct kernel's).
+    Stride 1: input row r completes output row r - 1 with the kernel's last row (then stored), adds its middle
+    row to output row r and starts output row r + 1 with its first row: two fp32 accumulators roll down with r.
+    Stride 2: output row o takes input rows 2o - 1, 2o and 2o + 1; the last starts output row o + 1 too, so one
+    accumulator rolls down, two input rows a step."""
     pid = tl.program_id(0)
     tw = pid % TILES_W
     t = pid // TILES_W
@@ -373,21 +375,40 @@ def _conv_bn_act_fwd_dw3_kernel(
     x_b = X_ptr + b * sxb
     c_off = c * sxc
     bb = tl.zeros((BLOCK_W,), tl.int64) + b
-    above = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)  # output row r - 1
-    here = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)  # output row r
-    r1 = tl.minimum(r0 + ROWS, H)
-    x_row = x_b + (r0 - 1).to(tl.int64) * sxh  # input row r
-    for r in range(r0 - 1, r1 + 1):
-        x_l, x_c, x_r = _shifted_row(x_row, wo, W, sxw, c_off, c_mask, (r >= 0) & (r < H))
-        x_row += sxh
-        above += x_l * w20 + x_c * w21 + x_r * w22
-        ho = tl.zeros((BLOCK_W,), tl.int64) + (r - 1)
-        _epilogue(
-            above, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
-            bb, ho, wo, (wo < W) & (r - 1 >= r0), c, c_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, False,
-        )  # fmt: skip
-        above = here + x_l * w10 + x_c * w11 + x_r * w12
-        here = x_l * w00 + x_c * w01 + x_r * w02
+    r1 = tl.minimum(r0 + ROWS, HO)
+    if STRIDE == 1:
+        above = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)  # output row r - 1
+        here = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)  # output row r
+        x_row = x_b + (r0 - 1).to(tl.int64) * sxh  # input row r
+        for r in range(r0 - 1, r1 + 1):
+            x_l, x_c, x_r = _shifted_row(x_row, wo, W, sxw, c_off, c_mask, (r >= 0) & (r < H))
+            x_row += sxh
+            above += x_l * w20 + x_c * w21 + x_r * w22
+            ho = tl.zeros((BLOCK_W,), tl.int64) + (r - 1)
+            _epilogue(
+                above, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+                bb, ho, wo, (wo < WO) & (r - 1 >= r0), c, c_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, False,
+            )  # fmt: skip
+            above = here + x_l * w10 + x_c * w11 + x_r * w12
+            here = x_l * w00 + x_c * w01 + x_r * w02
+    else:
+        wi = 2 * wo
+        x_row = x_b + (2 * r0 - 1).to(tl.int64) * sxh  # input row 2 * r0 - 1: the kernel's first row for row r0
+        x_l, x_c, x_r = _shifted_row(x_row, wi, W, sxw, c_off, c_mask, r0 > 0)
+        top = x_l * w00 + x_c * w01 + x_r * w02  # output row o's first kernel row
+        for o in range(r0, r1):
+            x_row += sxh  # input row 2o: inside the map for every output row
+            x_l, x_c, x_r = _shifted_row(x_row, wi, W, sxw, c_off, c_mask, True)
+            acc = top + x_l * w10 + x_c * w11 + x_r * w12
+            x_row += sxh  # input row 2o + 1: past the map's last row when H is odd
+            x_l, x_c, x_r = _shifted_row(x_row, wi, W, sxw, c_off, c_mask, 2 * o + 1 < H)
+            acc += x_l * w20 + x_c * w21 + x_r * w22
+            top = x_l * w00 + x_c * w01 + x_r * w02
+            ho = tl.zeros((BLOCK_W,), tl.int64) + o
+            _epilogue(
+                acc, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+                bb, ho, wo, wo < WO, c, c_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, False,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -854,39 +875,47 @@ def tma_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) 
 
 def dw3_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) -> list[dict]:
     """The row-sliding depthwise forward's configurations (_conv_bn_act_fwd_dw3_kernel) on a GPU, for the calls it
-    takes: 3x3 depthwise convs, one filter per channel, stride 1, padding 1, no dilation (the MBConv blocks' at
-    every stride-1 stage). Strips of 64 channels, 16 columns on 4 warps or 32 on 8 (8 registers per thread for
-    each of the six live fp32 tiles: 32 x 128 tiles took 200 registers in the gate); ROWS output rows per
-    program, the most (up to 16) that still gives every SM four programs. Then the same with strips of 32
-    channels: a thread holds 4 channels, not 8, so its nine taps' fp32 weights take 36 registers, not 72 (L0's
-    bf16 channels_last calls: 80-96 registers, 16-24 warps an SM, where the 64-channel strips take 150-155, 8-12;
-    sm_90 compile gate). Not yet timed on a GPU."""
+    takes: 3x3 depthwise convs, one filter per channel, stride 1 or 2, padding 1, no dilation (the MBConv blocks'
+    at every stage; stride 2: the downsampling MBConvs', whose direct kernel took 235 us a call at L0 and 465 at
+    XL1 on the ninth H100 pass, 16 images: 11% of L0's kernel time, 4% of XL1's). Strips of 64 channels, 16
+    columns on 4 warps or 32 on 8 (8 registers per thread for each of the six live fp32 tiles: 32 x 128 tiles
+    took 200 registers in the gate); ROWS output rows per program, the most (up to 16) that still gives every SM
+    four programs. Then the same with strips of 32 channels: a thread holds 4 channels, not 8, so its nine taps'
+    fp32 weights take 36 registers, not 72 (L0's bf16 channels_last calls: 80-96 registers, 16-24 warps an SM,
+    where the 64-channel strips take 150-155, 8-12; sm_90 compile gate), which won at most stride-1 calls on the
+    ninth H100 pass. Stride 2 not yet timed on a GPU."""
     C, cin_g, KH, KW = weight.shape
-    same = (tuple(stride), tuple(padding), tuple(dilation), (KH, KW)) == ((1, 1), (1, 1), (1, 1), (3, 3))
-    if not (dev.gpu and same and cin_g == 1 and groups == C == x.shape[1]):
+    geometry = (tuple(padding), tuple(dilation), (KH, KW))
+    takes = tuple(stride) in ((1, 1), (2, 2)) and geometry == ((1, 1), (1, 1), (3, 3))
+    if not (dev.gpu and takes and cin_g == 1 and groups == C == x.shape[1]):
         return []
-    B, _, H, W = x.shape
+    B = x.shape[0]
+    Ho, Wo, _ = conv_geometry(x, weight, stride, padding, dilation, groups)
     configs = []
-    for bc in (_pow2(C, 16, 64), _pow2(C, 16, 32)):
+    strips = (_pow2(C, 16, 64), _pow2(C, 16, 32))
+    if stride[0] == 2 and x.dtype == torch.float32:
+        strips = strips[1:]  # fp32 64-channel strips on 4 warps spill 8-16 bytes there (sm_90 compile gate)
+    for bc in strips:
         for bw, warps in ((16, 4), (32, 8)):
-            bw = _pow2(W, 8, bw)
-            programs = B * cdiv(W, bw) * cdiv(C, bc)
-            rows = next(r for r in (16, 8, 4, 2, 1) if r == 1 or programs * cdiv(H, r) >= 4 * dev.sms)
+            bw = _pow2(Wo, 8, bw)
+            programs = B * cdiv(Wo, bw) * cdiv(C, bc)
+            rows = next(r for r in (16, 8, 4, 2, 1) if r == 1 or programs * cdiv(Ho, r) >= 4 * dev.sms)
             cfg = dict(dw3=True, BLOCK_W=bw, BLOCK_C=bc, ROWS=rows, num_warps=warps, num_stages=2)
             if cfg not in configs:
                 configs.append(cfg)
     return configs
 
 
-def _launch_dw3(x, weight, epilogue: dict, out, cfg: dict) -> Callable:
+def _launch_dw3(x, weight, stride, Ho, Wo, epilogue: dict, out, cfg: dict) -> Callable:
     """The forward on _conv_bn_act_fwd_dw3_kernel (cfg: one of dw3_configs(), without its "dw3" key), prepared."""
     B, C, H, W = x.shape
     rows = cfg.pop("ROWS")
-    tiles_h, tiles_w = cdiv(H, rows), cdiv(W, cfg["BLOCK_W"])
+    tiles_h, tiles_w = cdiv(Ho, rows), cdiv(Wo, cfg["BLOCK_W"])
     grid = (B * tiles_h * tiles_w, cdiv(C, cfg["BLOCK_C"]))
     flags = {k: v for k, v in epilogue.items() if k != "SHUFFLE"}  # the row kernel stores in place only
+    flags["STRIDE"] = stride[0]
     os, xs, ws = out.stride(), x.stride(), (weight.stride(0), *weight.stride()[2:])
-    sizes = (C, H, W, rows, tiles_h, tiles_w)
+    sizes = (C, H, W, Ho, Wo, rows, tiles_h, tiles_w)
     kernel = KernelLaunch(_conv_bn_act_fwd_dw3_kernel, grid, **flags, **cfg)
 
     def launch(x, weight, bias, post_scale, post_shift, residual, out, compile_only=False):
@@ -967,7 +996,7 @@ def fwd_launch(
     if cfg.pop("tma", False):
         return _launch_tma(x, weight, padding, dilation, Ho, Wo, epilogue, out, cfg)
     if cfg.pop("dw3", False):
-        return _launch_dw3(x, weight, epilogue, out, cfg)
+        return _launch_dw3(x, weight, stride, Ho, Wo, epilogue, out, cfg)
     k_iters = KH * KW * cdiv(cin_g, cfg["BLOCK_K"])
     split = 1 if depthwise else max(1, min(cfg.pop("split", 1), k_iters))
     k_per_split = cdiv(k_iters, split)

@@ -950,9 +950,12 @@ def test_tma_kernel_every_gpu_config(cfg):
     assert_close(out, ref, tolerance(torch.bfloat16, rel_err(eager, ref)), f"out ({_tma_id(cfg)})")
 
 
-# the depthwise 3x3 stride-1 calls of the encoders whose row-sliding configurations (dw3_configs) an H100 may time:
-# (B, channels, map size): L0's stage-3 MBConv at B16 and B1, XL1's stage-5 at B16
-DW3_PROBLEMS = [(16, 1024, 32), (1, 1024, 32), (16, 2048, 16)]
+# the depthwise 3x3 calls of the encoders whose row-sliding configurations (dw3_configs) an H100 may time:
+# (B, channels, map size, stride): L0's stage-3 MBConv at B16 and B1, XL1's stage-5 at B16, and the downsampling
+# MBConvs' stride-2 ones (L0's into stage 4 at B16 and B1, XL1's into stage 4)
+DW3_PROBLEMS = [
+    (16, 1024, 32, 1), (1, 1024, 32, 1), (16, 2048, 16, 1), (16, 2048, 64, 2), (1, 2048, 64, 2), (16, 4096, 64, 2)
+]  # fmt: skip
 
 
 def _dw3_gpu_configs():
@@ -960,10 +963,10 @@ def _dw3_gpu_configs():
     from linattn.kernels.conv_bn_act import dw3_configs
 
     found = []
-    for B, C, size in DW3_PROBLEMS:
+    for B, C, size, stride in DW3_PROBLEMS:
         x = torch.empty(B, C, size, size, device="meta", dtype=torch.bfloat16, memory_format=torch.channels_last)
         w = torch.empty(C, 1, 3, 3, device="meta", dtype=torch.bfloat16)
-        for cfg in dw3_configs(H100, x, w, (1, 1), (1, 1), (1, 1), C):
+        for cfg in dw3_configs(H100, x, w, (stride, stride), (1, 1), (1, 1), C):
             if cfg not in found:
                 found.append(cfg)
     return found + [dict(found[0], ROWS=3)]  # several row chunks per map at the test's size
@@ -971,13 +974,15 @@ def _dw3_gpu_configs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
 @pytest.mark.parametrize(
     "cfg", _dw3_gpu_configs(), ids=lambda c: f"{c['BLOCK_W']}x{c['BLOCK_C']}-r{c['ROWS']}-w{c['num_warps']}"
 )
-def test_dw3_kernel_every_gpu_config(cfg, channels_last, dtype):
-    """Every row-sliding depthwise configuration an H100 may time, under the interpreter on odd sizes (columns and
-    channels not multiples of the strip, rows not of ROWS), the whole epilogue, into a NaN-poisoned output, against
-    float64 (fp32: 1e-5; bf16: twice eager's error)."""
+def test_dw3_kernel_every_gpu_config(cfg, stride, channels_last, dtype):
+    """Every row-sliding depthwise configuration an H100 may time, at stride 1 and 2, under the interpreter on odd
+    sizes (columns and channels not multiples of the strip, rows not of ROWS, an odd height and width: the stride-2
+    kernel's last input row past the map), the whole epilogue, into a NaN-poisoned output, against float64 (fp32:
+    1e-5; bf16: twice eager's error)."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd
 
     if not INTERPRETER_TRITON:
@@ -988,8 +993,9 @@ def test_dw3_kernel_every_gpu_config(cfg, channels_last, dtype):
     x = torch.randn(2, C, 11, 19, generator=gen).to(dtype).contiguous(memory_format=fmt)
     w = (torch.randn(C, 1, 3, 3, generator=gen) * 0.3).to(dtype)
     b, s, t = (torch.randn(C, generator=gen).to(dtype) for _ in range(3))
-    r = torch.randn(2, C, 11, 19, generator=gen).to(dtype).contiguous(memory_format=fmt)
-    conv = (1, 1), (1, 1), (1, 1), C, "silu"
+    size = (11, 19) if stride == 1 else (6, 10)
+    r = torch.randn(2, C, *size, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    conv = (stride, stride), (1, 1), (1, 1), C, "silu"
     ref = reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t, r))
     eager = reference.activation(F.conv2d(x, w, b, *conv[:4]), "silu") * s[:, None, None] + t[:, None, None] + r
     out = torch.full(ref.shape, float("nan"), dtype=dtype).contiguous(memory_format=fmt)
@@ -997,9 +1003,9 @@ def test_dw3_kernel_every_gpu_config(cfg, channels_last, dtype):
     assert_close(out, ref, tolerance(dtype, rel_err(eager, ref)), "out")
 
 
-def test_dw3_configs_take_only_3x3_stride_1_depthwise():
-    """The row-sliding kernel is offered on a GPU for 3x3 depthwise convs with stride 1, padding 1, no dilation and
-    one filter per channel, after the heuristic."""
+def test_dw3_configs_take_only_3x3_depthwise_of_stride_1_or_2():
+    """The row-sliding kernel is offered on a GPU for 3x3 depthwise convs with stride 1 or 2, padding 1, no dilation
+    and one filter per channel, after the heuristic; its strips and rows sized on the output map."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.conv_bn_act import dw3_configs, fwd_configs
 
@@ -1010,8 +1016,15 @@ def test_dw3_configs_take_only_3x3_stride_1_depthwise():
     wide = torch.empty(2, 128, 16, 16, dtype=torch.bfloat16)
     strips = [c["BLOCK_C"] for c in dw3_configs(H100, wide, torch.empty(128, 1, 3, 3), (1, 1), (1, 1), (1, 1), 128)]
     assert strips == [64, 64, 32, 32]  # 32-channel strips after: half the registers of weights a thread
+    wide32 = wide.float()
+    strips = [c["BLOCK_C"] for c in dw3_configs(H100, wide32, torch.empty(128, 1, 3, 3), (2, 2), (1, 1), (1, 1), 128)]
+    assert strips == [32, 32]  # fp32 at stride 2: the 64-channel strips spill
     assert dw3_configs(INTERPRETER, x, w, *same) == []
-    assert dw3_configs(H100, x, w, (2, 2), (1, 1), (1, 1), 32) == []  # strided
+    down = dw3_configs(H100, x, w, (2, 2), (1, 1), (1, 1), 32)
+    assert [c["BLOCK_W"] for c in down] == [8, 8]  # the 8 output columns, one strip width
+    assert [c["ROWS"] for c in down] == [1, 1]  # 2 images x 8 rows: a row a program, still short of 4 an SM
+    assert dw3_configs(H100, x, w, (1, 2), (1, 1), (1, 1), 32) == []  # unequal strides
+    assert dw3_configs(H100, x, w, (3, 3), (1, 1), (1, 1), 32) == []
     assert dw3_configs(H100, x, w, (1, 1), (2, 2), (2, 2), 32) == []  # dilated
     assert dw3_configs(H100, x, torch.empty(32, 1, 5, 5), (1, 1), (2, 2), (1, 1), 32) == []  # 5x5
     assert dw3_configs(H100, x, torch.empty(64, 1, 3, 3), *same) == []  # two filters per channel
