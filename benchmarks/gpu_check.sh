@@ -35,17 +35,18 @@
 #   check              120  python -m linattn check: every op on every backend against the reference (a bare
 #                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
 #                           on its bare one)
-#   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at seven shapes (one of each kind
-#                           and model, and L0's MBConv depthwise -> 1x1 pair fused), B16, bf16, replayed as CUDA
-#                           graphs: the kernels' time, not the host's (21 s on the eighth pass, six shapes)
+#   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at eight shapes (one of each kind
+#                           and model, L0's stride-2 depthwise, and L0's MBConv depthwise -> 1x1 pair fused), B16,
+#                           bf16, replayed as CUDA graphs: the kernels' time, not the host's (22 s on the ninth
+#                           pass, seven shapes)
 #   bench-lite-mla      40  the LiteMLA op benchmarks at every LiteMLA stage, B16, bf16, forward, eager against
 #                           the triton and cuda backends, replayed as CUDA graphs (the compile providers are in
 #                           the end-to-end steps); bench-multiscale and bench-linear-attention the same. Ahead
 #                           of XL1 (11 s on the seventh pass, which had no budget left for it after XL1)
 #   bench-multiscale    40  the context op alone (and multiscale_aggregate) at every LiteMLA stage: its share of
 #                           the memory floor (issue 14), ahead of XL1 too (17 s on the fifth pass)
-#   ncu                 90  Nsight Compute (--set detailed) on the kernels of the LiteMLA stages' and two convs'
-#                           calls, Triton and cuDNN (NCU_ARGS: profile_kernels.py's options): results/ncu.ncu-rep, and
+#   ncu                 90  Nsight Compute (--set detailed) on the kernels of the LiteMLA stages' and three convs'
+#                           calls (depthwise of stride 1 and 2, dense 3x3), Triton and cuDNN (NCU_ARGS: profile_kernels.py's options): results/ncu.ncu-rep, and
 #                           its details page in logs/ncu.log
 #   bench-e2e-xl1      225  as l0 without compile (E2E_MODELS: the first model runs before check with compile, the
 #                           rest here without it)
@@ -214,7 +215,7 @@ has pytest_timeout && PYTEST+=(--timeout "${PYTEST_TIMEOUT:-60}") # per test
 WORKERS=${PYTEST_WORKERS:-$(($(nproc) > 3 ? $(nproc) - 2 : 1))} # two cores left for the GPU's feeders
 has xdist && ((WORKERS > 0)) && PYTEST+=(-n "$WORKERS")
 E2E_MODELS=${E2E_MODELS:-l0 xl1}
-CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s3.mb.pw_proj l0.s3.mb.sep xl1.s3.fmb.conv3 xl1.s4.mb.dw3)
+CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s4.down.dw3 l0.s3.mb.pw_proj l0.s3.mb.sep xl1.s3.fmb.conv3 xl1.s4.mb.dw3)
 OPS=(--dtype bf16 --batch 16 --providers eager triton cuda auto)
 case $PROFILE in
     quick)
@@ -234,7 +235,7 @@ case $PROFILE in
         CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --cuda-graph
             --shapes "${CONV_SHAPES[@]}")
         KERNELS=()
-        NCU=(--stages l xl-s4 --conv-shapes l0.s3.mb.dw3 l0.s3.mb.sep xl1.s3.fmb.conv3 --providers triton cuda)
+        NCU=(--stages l xl-s4 --conv-shapes l0.s3.mb.dw3 l0.s4.down.dw3 xl1.s3.fmb.conv3 --providers triton cuda)
         HOST_AWARE=(--batch 16 --dtype bf16 --providers linattn linattn-graph --top-ops 25)
         UPS=(--dtype bf16 --batch 16 --providers eager compile triton auto --cuda-graph)
         ;;
