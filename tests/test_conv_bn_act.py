@@ -1035,6 +1035,38 @@ def test_dw3_configs_take_only_3x3_depthwise_of_stride_1_or_2():
     assert not configs[0].get("dw3") and [c for c in configs if c.get("dw3")] == dw3_configs(H100, x, w, *same)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("problem", [(16, 1024, 32, 1), (16, 6144, 32, 2)], ids=["l0-s3-mb", "l0-s4-down"])
+def test_cuda_dw3_configs_at_benchmark_shapes(problem):
+    """On a GPU, every row-sliding depthwise configuration measured dispatch may time at L0's MBConv depthwise
+    convs (stride 1, and the downsampling stride 2), bf16 channels_last with bias and gelu_tanh, at the whole
+    batch and at its first image, into a NaN-poisoned output, against float64 within twice eager's error; every
+    result listed before the verdict."""
+    from linattn.kernels._device import device_of
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd, dw3_configs
+
+    B, C, size, stride = problem
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(B, C, size, size, generator=gen).to("cuda", torch.bfloat16).to(memory_format=torch.channels_last)
+    w = (torch.randn(C, 1, 3, 3, generator=gen) / 3).to("cuda", torch.bfloat16)
+    b = torch.randn(C, generator=gen).to("cuda", torch.bfloat16)
+    conv = (stride, stride), (1, 1), (1, 1), C, "gelu_tanh"
+    ref = reference.conv_bn_act(*f64(x, w, b), *conv, None, None, None)
+    eager = reference.activation(F.conv2d(x, w, b, *conv[:4]), "gelu_tanh")
+    tol = tolerance(torch.bfloat16, rel_err(eager, ref))
+    configs = dw3_configs(device_of(x), x, w, *conv[:4])
+    assert configs
+    results = []
+    for cfg in configs:
+        for images in (B, 1):
+            out = torch.full((images, *ref.shape[1:]), float("nan"), device="cuda", dtype=x.dtype)
+            out = out.to(memory_format=torch.channels_last)
+            conv_bn_act_fwd(x[:images], w, b, *conv, None, None, None, out, config=dict(cfg))
+            results.append((f"{cfg} on {images} image(s)", rel_err(out, ref[:images])))
+    listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
+    assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
+
+
 # the third H100 pass's two dense 3x3 benchmark shapes whose TMA rows ran at 4-5x eager's error (B16, bf16,
 # channels_last, the models' epilogues): (B, Cin, Cout, H, k, act, BN after the act)
 GPU_CONFIG_PROBLEMS = [(16, 128, 128, 128, 3, "relu", True), (16, 256, 1024, 64, 3, "gelu_tanh", False)]
