@@ -37,7 +37,8 @@ activations of different signatures reuse the same memory; each kept graph adds 
 outputs. At most `max_graphs` signatures are kept (least recently used first out; None keeps all).
 
 Weights: a graph reads the parameters and linattn's folded constants (BatchNorms folded into convs, LiteMLA's
-packed depthwise weights) as they were at capture. `load_state_dict`, `.to()` / `.cuda()` / `.half()` and
+packed depthwise weights, and the fp32 copies of the per-channel vectors that cuDNN's graph takes, which the
+ops hand the capture through `keep_alive` instead of capturing their casts) as they were at capture. `load_state_dict`, `.to()` / `.cuda()` / `.half()` and
 `.train()` / `.eval()` on the wrapper drop the graphs; after changing weights any other way (an optimizer step,
 `p.copy_(...)`) call `reset()`. The tensors the graphs read are kept alive until then, so a stale graph never
 reads freed memory.
@@ -51,6 +52,7 @@ the static buffers.
 """
 
 import contextlib
+import threading
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -62,7 +64,26 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._backend import get_backend
 
-__all__ = ["CUDAGraphModule", "CaptureFailed", "signature"]
+__all__ = ["CUDAGraphModule", "CaptureFailed", "keep_alive", "signature"]
+
+
+class _Capture(threading.local):
+    held: list | None = None  # while this thread's wrapper captures: what its ops asked the graph to keep
+
+
+_capture = _Capture()
+
+
+def keep_alive(t: Tensor) -> bool:
+    """Keep `t` as long as the graph a CUDAGraphModule is capturing on this thread: for an op that hands the
+    capture a tensor no module holds (cuDNN's fp32 copies of the per-channel vectors, kept per vector). False
+    when no such capture is under way (the caller's own capture, torch.compile's): the op must then capture
+    work that makes the tensor, not a pointer to one a later call could free."""
+    if _capture.held is None:
+        return False
+    _capture.held.append(t)
+    return True
+
 
 # argument values that are part of the key (the graph bakes them in); everything else must be a tensor or a
 # tuple, list or dict of these
@@ -296,6 +317,7 @@ class CUDAGraphModule(nn.Module):
         def forward():
             return self.module(*args, **kwargs)
 
+        held = _capture.held = []
         try:
             outputs, replay, graph = self._record(forward, statics[0].device)
         except CaptureFailed as err:
@@ -307,7 +329,9 @@ class CUDAGraphModule(nn.Module):
             entry = _EAGER
         else:
             self._stats["captures"] += 1
-            entry = _Graph(statics, structure, outputs, replay, graph, _kept_tensors(self.module))
+            entry = _Graph(statics, structure, outputs, replay, graph, (*_kept_tensors(self.module), *held))
+        finally:
+            _capture.held = None
         self._graphs[key] = entry
         while self.max_graphs is not None and len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)

@@ -146,6 +146,27 @@ def test_graph_vectors_are_converted_once_per_version():
         assert cudnn.graph_vector(inference) is not cudnn.graph_vector(inference)
 
 
+def test_graph_vectors_under_capture(monkeypatch):
+    """Under a CUDA-graph capture the kept fp32 copy goes into linattn's own capture, which then keeps it (no cast
+    captured: the ninth H100 pass had 32 of them in L0's graph); under any other capture the cast is captured
+    (a fresh copy), and nothing made there is kept for later calls."""
+    from linattn import graphs
+
+    vector = torch.randn(40, dtype=torch.bfloat16)
+    first = cudnn.graph_vector(vector)
+    monkeypatch.setattr(cudnn, "_capturing", lambda v: True)
+    other = cudnn.graph_vector(vector)  # someone else's capture
+    assert other is not first and torch.equal(other, first)
+    held = graphs._capture.held = []
+    try:
+        assert cudnn.graph_vector(vector) is first and held == [first]
+        fresh = torch.randn(40, dtype=torch.bfloat16)  # no kept copy yet: the cast is captured, not kept
+        assert torch.equal(cudnn.graph_vector(fresh), fresh.float()) and len(held) == 1
+        assert fresh not in cudnn._GRAPH_VECTORS
+    finally:
+        graphs._capture.held = None
+
+
 def test_prepared_cuda_launch_hands_the_call_to_the_graph_op(monkeypatch):
     """cuda_launch (what a call plan keeps for the cuda implementation) holds no tensor: each launch hands the
     graph op that call's own operands as they are and its vectors as the graph's fp32 copies; where an operand

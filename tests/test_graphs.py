@@ -286,6 +286,26 @@ def test_graph_keeps_what_it_reads_alive():
     assert len(_kept_tensors(model)) == len(list(model.parameters())) + len(list(model.buffers()))
 
 
+def test_graph_keeps_what_its_ops_ask_it_to():
+    """keep_alive: what an op hands the wrapper's capture (cuDNN's fp32 vectors) is kept with the graph; outside
+    a capture of the wrapper's, nothing is kept and the op is told so."""
+    from linattn.graphs import keep_alive
+
+    extra = torch.zeros(3)
+    assert not keep_alive(extra)
+
+    class Asks(nn.Module):
+        def forward(self, x):
+            keep_alive(extra)
+            return x * 2
+
+    wrapper = on_cpu(CUDAGraphModule(Asks().eval()))
+    wrapper(rand(2, 3))
+    entry = next(iter(wrapper._graphs.values()))
+    assert any(t is extra for t in entry.keep)
+    assert not keep_alive(extra)  # the capture is over
+
+
 def _cached(module) -> list:
     return tree_leaves(module.__dict__.get("_linattn_constants", ()))
 
