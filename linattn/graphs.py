@@ -38,10 +38,10 @@ outputs. At most `max_graphs` signatures are kept (least recently used first out
 
 Weights: a graph reads the parameters and linattn's folded constants (BatchNorms folded into convs, LiteMLA's
 packed depthwise weights, and the fp32 copies of the per-channel vectors that cuDNN's graph takes, which the
-ops hand the capture through `keep_alive` instead of capturing their casts) as they were at capture. `load_state_dict`, `.to()` / `.cuda()` / `.half()` and
-`.train()` / `.eval()` on the wrapper drop the graphs; after changing weights any other way (an optimizer step,
-`p.copy_(...)`) call `reset()`. The tensors the graphs read are kept alive until then, so a stale graph never
-reads freed memory.
+ops hand the capture through `keep_alive` instead of capturing their casts) as they were at capture.
+`load_state_dict`, `.to()` / `.cuda()` / `.half()` and `.train()` / `.eval()` on the wrapper drop the graphs;
+after changing weights any other way (an optimizer step, `p.copy_(...)`) call `reset()`. The tensors the graphs
+read are kept alive until then, so a stale graph never reads freed memory.
 
 state_dict: the wrapper's `state_dict()` and `load_state_dict()` use the wrapped model's own keys, no
 "module." prefix, so checkpoints move freely between the plain, optimized and wrapped models (also when the
