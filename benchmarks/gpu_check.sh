@@ -46,8 +46,8 @@
 #   bench-multiscale    40  the context op alone (and multiscale_aggregate) at every LiteMLA stage: its share of
 #                           the memory floor (issue 14), ahead of XL1 too (17 s on the fifth pass)
 #   ncu                 90  Nsight Compute (--set detailed) on the kernels of the LiteMLA stages' and three convs'
-#                           calls (depthwise of stride 1 and 2, dense 3x3), Triton and cuDNN (NCU_ARGS: profile_kernels.py's options): results/ncu.ncu-rep, and
-#                           its details page in logs/ncu.log
+#                           calls (depthwise of stride 1 and 2, dense 3x3), Triton and cuDNN (NCU_ARGS:
+#                           profile_kernels.py's options): results/ncu.ncu-rep, and its details page in logs/ncu.log
 #   bench-e2e-xl1      225  as l0 without compile (E2E_MODELS: the first model runs before check with compile, the
 #                           rest here without it)
 #   kernels             40  benchmarks/profile_kernels.py: the profiler's per-kernel view (time, registers,
@@ -234,7 +234,7 @@ case $PROFILE in
         LIN=("${OPS[@]}" --no-backward --cuda-graph) MS=("${OPS[@]}" --cuda-graph) MLA=("${OPS[@]}" --cuda-graph)
         CONV=(--dtype bf16 --batch 16 --providers eager eager-folded triton cuda auto --cuda-graph
             --shapes "${CONV_SHAPES[@]}")
-        KERNELS=()
+        KERNELS=(--conv-shapes "${CONV_SHAPES[@]}") # the conv benchmark's shapes, profiled
         NCU=(--stages l xl-s4 --conv-shapes l0.s3.mb.dw3 l0.s4.down.dw3 xl1.s3.fmb.conv3 --providers triton cuda)
         HOST_AWARE=(--batch 16 --dtype bf16 --providers linattn linattn-graph --top-ops 25)
         UPS=(--dtype bf16 --batch 16 --providers eager compile triton auto --cuda-graph)

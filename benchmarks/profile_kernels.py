@@ -37,7 +37,7 @@ from linattn.benchmarks.common import (
     save_results,
 )
 
-# one of each kind and model, as gpu_check.sh's conv benchmark
+# one of each kind and model (gpu_check.sh hands its conv benchmark's list)
 CONV_SHAPES = (
     "sq.enc128.c2", "sq.up64", "l0.s3.mb.dw3", "l0.s3.mb.pw_proj", "l0.s3.mb.sep", "xl1.s3.fmb.conv3", "xl1.s4.mb.dw3"
 )  # fmt: skip

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from utils import (
+    assert_all_within,
     assert_close,
     check_direct_launches,
     cuda_may_decline,
@@ -1063,8 +1064,7 @@ def test_cuda_dw3_configs_at_benchmark_shapes(problem):
             out = out.to(memory_format=torch.channels_last)
             conv_bn_act_fwd(x[:images], w, b, *conv, None, None, None, out, config=dict(cfg))
             results.append((f"{cfg} on {images} image(s)", rel_err(out, ref[:images])))
-    listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
-    assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
+    assert_all_within(results, tol)
 
 
 # the third H100 pass's two dense 3x3 benchmark shapes whose TMA rows ran at 4-5x eager's error (B16, bf16,
@@ -1119,8 +1119,7 @@ def test_cuda_every_forward_config_at_benchmark_shapes(problem, monkeypatch, tmp
             out = linattn.conv_bn_act(x, w, b, *conv, s, t)
         chosen = [entry["chosen"] for entry in _tune.timings()]
         results.append((f"measured dispatch (chose {chosen})", rel_err(out, ref)))
-        listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
-        assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
+        assert_all_within(results, tol)
     finally:
         cuda_device.cache_clear()
         _tune.reset()
@@ -1365,8 +1364,7 @@ def test_cuda_separable_kernel_at_benchmark_shapes(case):
             g["act"], None, None, res, out,
         )  # fmt: skip
         results.append((f"{images} image(s)", rel_err(out, ref[:images])))
-    listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
-    assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
+    assert_all_within(results, tol)
 
 
 @pytest.mark.parametrize("target", [t for t in _targets() if t.values[0][0] != "cuda"])  # no CUDA C++ kernel

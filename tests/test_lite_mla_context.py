@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 from test_multiscale_aggregate import f64, make_aggregation
-from utils import assert_close, check_direct_launches, kernel_targets, poison_outputs, rel_err, tolerance
+from utils import (
+    assert_all_within,
+    assert_close,
+    check_direct_launches,
+    kernel_targets,
+    poison_outputs,
+    rel_err,
+    tolerance,
+)
 
 import linattn
 from linattn import eager, reference
@@ -347,8 +355,7 @@ def test_cuda_context_configs_at_stage_shapes(case):
             out = out.contiguous(memory_format=torch.channels_last)
             lite_mla_context_fwd(qkv[:images], dws, pws, heads, D, 1e-15, dbs, pbs, out, dict(config))
             results.append((f"{config} on {images} image(s)", rel_err(out, want[:images])))
-    listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
-    assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
+    assert_all_within(results, tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

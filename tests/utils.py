@@ -51,6 +51,13 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) ->
     )
 
 
+def assert_all_within(results: list[tuple[str, float]], tol: float) -> None:
+    """Every (what, relative error) within tol (twice eager's error); on failure every result is listed, so which
+    ones fail tells a kernel configuration's bug from the dispatch path's."""
+    listed = "\n".join(f"{err / tol:6.2f} x tolerance  {what}" for what, err in results)
+    assert all(err <= tol for _, err in results), f"tolerance {tol:.2e} (twice eager's):\n{listed}"
+
+
 def randomize(model: nn.Module, seed: int) -> nn.Module:
     """Random weights (scaled by fan-in) and BatchNorm statistics, so that a wrong fold or cast shows."""
     gen = torch.Generator().manual_seed(seed)
