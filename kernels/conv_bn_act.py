@@ -46,6 +46,7 @@ their strides too. Products accumulate in fp32 (`input_precision="ieee"` for
 fp32 inputs, docs/design.md 8) and results are cast on store.
 """
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -56,6 +57,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ._device import Device, KernelLaunch, cdiv, device_of, next_pow2
 
 ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
+
+# Compiled kernels take exp2 and the reciprocal as single ex2/rcp.approx.ftz instructions (_exp2, _rcp); the
+# interpreter, which runs no inline assembly, takes tl.exp2 and a division
+_COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -72,6 +77,30 @@ def _tanh(x):
 
 
 @triton.jit
+def _exp2(x):
+    """2^x. tl.exp2 on a GPU is the same ex2.approx, but not flushing denormals: a range check and two
+    conditional multiplies around it."""
+    if _COMPILED:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _rcp(x):
+    """1 / x to 1 ulp. A division on a GPU is div.full.f32 (2 ulp): the same reciprocal, behind a range check,
+    a select and a conditional scaling."""
+    if _COMPILED:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 1.0 / x
+
+
+@triton.jit
 def _act(z, ACT: tl.constexpr):
     """The activation, index into ACTIVATIONS, on an fp32 tile."""
     if ACT == 1:
@@ -82,16 +111,18 @@ def _act(z, ACT: tl.constexpr):
         _, inv_sqrt_2, _ = _gelu_constants()
         z = 0.5 * z * (1.0 + tl.erf(z * inv_sqrt_2))
     elif ACT == 4:
-        # 0.5 z (1 + tanh u) = z sigmoid(2u): one exp and one division, fewer operations than tanh's own form
-        # (the row-sliding depthwise kernel is instruction-bound: its loop 184 sm_90 instructions a thread per
-        # input row, was 196). Multiplied by the reciprocal: z / (...) made ptxas spill 8 bytes in three generic
-        # conv configurations (compile gate)
+        # 0.5 z (1 + tanh u) = z sigmoid(2u) = z / (1 + 2^(-2 u log2 e)), u = sqrt(2/pi) (z + 0.044715 z^3): one
+        # exp2 and one reciprocal. The row-sliding depthwise kernel is instruction-bound: its loop (sm_90, L0's
+        # bf16 32-channel strips, a thread per input row) 196 instructions through tanh, 176 through tl.exp and
+        # a division, 131 so with the epilogue's per-channel rows loaded once. The polynomial as z (k + k' z^2):
+        # other orders made ptxas spill 8 bytes in a generic sm_80 conv (compile gate)
         sqrt_2_over_pi, _, _ = _gelu_constants()
-        z = z * (1.0 / (1.0 + tl.exp(-2.0 * sqrt_2_over_pi * (z + 0.044715 * z * z * z))))
+        k = -2.0 * 1.4426950408889634 * sqrt_2_over_pi
+        z = z * _rcp(1.0 + _exp2(z * (k + (k * 0.044715) * z * z)))
     elif ACT == 5:
         z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     elif ACT == 6:
-        z = z / (1.0 + tl.exp(-z))
+        z = z * _rcp(1.0 + _exp2(-1.4426950408889634 * z))
     return z
 
 
@@ -221,13 +252,47 @@ def _epilogue(
     HAS_RES: tl.constexpr, SHUFFLE: tl.constexpr,
 ):  # fmt: skip
     """Store act(z + bias) * post_scale + post_shift + residual for the tile's positions x channels."""
+    bias, scale, shift = _channel_rows(BIAS_ptr, SCALE_ptr, SHIFT_ptr, co, n_mask, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
+    _finish(
+        z, bias, scale, shift, Y_ptr, syb, syc, syh, syw, R_ptr, srb, src, srh, srw, b, ho, wo, m_mask, co, n_mask,
+        ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SHUFFLE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _channel_rows(
+    BIAS_ptr, SCALE_ptr, SHIFT_ptr, co, n_mask, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+):  # fmt: skip
+    """The epilogue's per-channel terms as fp32 (1, BLOCK_N) rows: bias, post_scale, post_shift (zero, and never
+    read, where the flag is unset). Loaded once by a kernel whose loop stores several tiles: inside the loop the
+    compiler cannot hoist them past the stores, which may alias."""
+    bias = tl.zeros((1, co.shape[0]), tl.float32)
+    scale = bias
+    shift = bias
     if HAS_BIAS:
-        z += tl.load(BIAS_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(BIAS_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        scale = tl.load(SCALE_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return bias, scale, shift
+
+
+@triton.jit
+def _finish(
+    z, bias, scale, shift, Y_ptr, syb, syc, syh, syw, R_ptr, srb, src, srh, srw, b, ho, wo, m_mask, co, n_mask,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RES: tl.constexpr, SHUFFLE: tl.constexpr,
+):  # fmt: skip
+    """_epilogue with its per-channel rows given (_channel_rows)."""
+    if HAS_BIAS:
+        z += bias
     y = _act(z, ACT)
     if HAS_SCALE:
-        y *= tl.load(SCALE_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y *= scale
     if HAS_SHIFT:
-        y += tl.load(SHIFT_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y += shift
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:
         r_offs = _out_offsets(b, ho, wo, co, srb, src, srh, srw, SHUFFLE)
@@ -376,6 +441,7 @@ def _conv_bn_act_fwd_dw3_kernel(
     w00, w01, w02 = _kernel_row(W_ptr, c, c_mask, swo, swh, sww, 0)
     w10, w11, w12 = _kernel_row(W_ptr, c, c_mask, swo, swh, sww, 1)
     w20, w21, w22 = _kernel_row(W_ptr, c, c_mask, swo, swh, sww, 2)
+    bias, scale, shift = _channel_rows(BIAS_ptr, SCALE_ptr, SHIFT_ptr, c, c_mask, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
     x_b = X_ptr + b * sxb
     c_off = c * sxc
     bb = tl.zeros((BLOCK_W,), tl.int64) + b
@@ -389,8 +455,8 @@ def _conv_bn_act_fwd_dw3_kernel(
             x_row += sxh
             above += x_l * w20 + x_c * w21 + x_r * w22
             ho = tl.zeros((BLOCK_W,), tl.int64) + (r - 1)
-            _epilogue(
-                above, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+            _finish(
+                above, bias, scale, shift, Y_ptr, syb, syc, syh, syw, R_ptr, srb, src, srh, srw,
                 bb, ho, wo, (wo < WO) & (r - 1 >= r0), c, c_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, False,
             )  # fmt: skip
             above = here + x_l * w10 + x_c * w11 + x_r * w12
@@ -409,8 +475,8 @@ def _conv_bn_act_fwd_dw3_kernel(
             acc += x_l * w20 + x_c * w21 + x_r * w22
             top = x_l * w00 + x_c * w01 + x_r * w02
             ho = tl.zeros((BLOCK_W,), tl.int64) + o
-            _epilogue(
-                acc, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
+            _finish(
+                acc, bias, scale, shift, Y_ptr, syb, syc, syh, syw, R_ptr, srb, src, srh, srw,
                 bb, ho, wo, wo < WO, c, c_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, False,
             )  # fmt: skip
 
