@@ -600,11 +600,15 @@ def _lite_mla_context_rows_kernel(
     c_mask = offs_c < D
     blocks_w = tl.cdiv(W, ROW_BLOCK)
     blocks = H * blocks_w
-    s0 = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    z0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if WITH_RAW:
+    if WITH_RAW:  # first, so that its state is not held through the aggregated heads' loops
         s0, z0 = _raw_state(X_ptr, stride_xc, stride_xh, stride_xw, cq + D, 0, H * W, H, W, D, UPCAST, PRECISION,
                             BLOCK_N, BLOCK_D)  # fmt: skip
+        _write_out(
+            O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr,
+            BP_ptr, s0, z0, eps, 0, H * W, H, W, D, KSIZE * KSIZE, KSIZE, HAS_BD, HAS_BP, False, False, UPCAST,
+            PRECISION, False, 1, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
     s = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     z = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i0 in range(0, blocks, BLOCK_I):
@@ -635,13 +639,6 @@ def _lite_mla_context_rows_kernel(
         if ROW_BLOCK > 2:
             s = _rows_gram(k2, v2, s, dt, UPCAST, PRECISION)
             s = _rows_gram(k3, v3, s, dt, UPCAST, PRECISION)
-    if WITH_RAW:
-        _write_out(
-            O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
-            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr,
-            BP_ptr, s0, z0, eps, 0, H * W, H, W, D, KSIZE * KSIZE, KSIZE, HAS_BD, HAS_BP, False, False, UPCAST,
-            PRECISION, False, 1, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
     s_op, s_scale = _state_operand(s, dt, UPCAST)
     O_ptr += b * stride_ob + head * D * stride_oc
     for i0 in range(0, blocks, BLOCK_I):
@@ -729,8 +726,11 @@ def context_configs(
       stencil shares each load between the columns of a row: per kernel row of an L0 tile of 4-column rows,
       412-436 sm_90 instructions for 160 FMAs, where the 64-row FMA candidate's tap loop takes 98-106 for 16
       (the eighth pass put that kernel at 3-4 warps an SM scheduler, issuing about every cycle). 4 columns:
-      206-249 registers (bf16, fp16; sm_90 and sm_80, no spill), two programs an SM; 2 columns: 161-168, three
-      (ptxas takes 197-216 when free to). Not yet timed on a GPU.
+      173-233 registers (bf16, fp16; sm_90 and sm_80, no spill), two programs an SM (three on sm_80 at XL1's
+      bf16 stages); 2 columns: 144-166, three. The ninth H100 pass: 4 columns the fastest at every LiteMLA
+      stage (B16, bf16; L0 42 us, 2 columns 56). Since then the raw heads' pass runs first, so their state is
+      not held through the aggregated heads' loops (4 columns were 206-249 registers). Under a 168-register
+      budget 4 columns still spill 16-32 bytes.
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
