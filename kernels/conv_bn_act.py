@@ -46,7 +46,6 @@ their strides too. Products accumulate in fp32 (`input_precision="ieee"` for
 fp32 inputs, docs/design.md 8) and results are cast on store.
 """
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -55,12 +54,9 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ._device import Device, KernelLaunch, cdiv, device_of, next_pow2
+from ._math import exp2, rcp, widen
 
 ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
-
-# Compiled kernels take exp2 and the reciprocal as single ex2/rcp.approx.ftz instructions (_exp2, _rcp); the
-# interpreter, which runs no inline assembly, takes tl.exp2 and a division
-_COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -77,30 +73,6 @@ def _tanh(x):
 
 
 @triton.jit
-def _exp2(x):
-    """2^x. tl.exp2 on a GPU is the same ex2.approx, but not flushing denormals: a range check and two
-    conditional multiplies around it."""
-    if _COMPILED:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _rcp(x):
-    """1 / x to 1 ulp. A division on a GPU is div.full.f32 (2 ulp): the same reciprocal, behind a range check,
-    a select and a conditional scaling."""
-    if _COMPILED:
-        return tl.inline_asm_elementwise(
-            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return 1.0 / x
-
-
-@triton.jit
 def _act(z, ACT: tl.constexpr):
     """The activation, index into ACTIVATIONS, on an fp32 tile."""
     if ACT == 1:
@@ -112,17 +84,16 @@ def _act(z, ACT: tl.constexpr):
         z = 0.5 * z * (1.0 + tl.erf(z * inv_sqrt_2))
     elif ACT == 4:
         # 0.5 z (1 + tanh u) = z sigmoid(2u) = z / (1 + 2^(-2 u log2 e)), u = sqrt(2/pi) (z + 0.044715 z^3): one
-        # exp2 and one reciprocal. The row-sliding depthwise kernel is instruction-bound: its loop (sm_90, L0's
-        # bf16 32-channel strips, a thread per input row) 196 instructions through tanh, 176 through tl.exp and
-        # a division, 131 so with the epilogue's per-channel rows loaded once. The polynomial as z (k + k' z^2):
-        # other orders made ptxas spill 8 bytes in a generic sm_80 conv (compile gate)
+        # exp2 and one reciprocal, fewer instructions than tanh (the row-sliding depthwise kernel is
+        # instruction-bound, kernels/_math.py). The polynomial as z (k + k' z^2): other orders made ptxas spill 8
+        # bytes in a generic sm_80 conv (compile gate)
         sqrt_2_over_pi, _, _ = _gelu_constants()
         k = -2.0 * 1.4426950408889634 * sqrt_2_over_pi
-        z = z * _rcp(1.0 + _exp2(z * (k + (k * 0.044715) * z * z)))
+        z = z * rcp(1.0 + exp2(z * (k + (k * 0.044715) * z * z)))
     elif ACT == 5:
         z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     elif ACT == 6:
-        z = z * _rcp(1.0 + _exp2(-1.4426950408889634 * z))
+        z = z * rcp(1.0 + exp2(-1.4426950408889634 * z))
     return z
 
 
@@ -396,9 +367,9 @@ def _shifted_row(x_row, wi, W, sxw, c_off, c_mask, row_ok):
     m_l = (row_ok & (left >= 0) & (left < W))[:, None] & c_mask[None, :]
     m_c = (row_ok & (wi < W))[:, None] & c_mask[None, :]
     m_r = (row_ok & (right < W))[:, None] & c_mask[None, :]
-    x_l = tl.load(x_row + (left.to(tl.int64) * sxw)[:, None] + cols, mask=m_l, other=0.0).to(tl.float32)
-    x_c = tl.load(x_row + (wi.to(tl.int64) * sxw)[:, None] + cols, mask=m_c, other=0.0).to(tl.float32)
-    x_r = tl.load(x_row + (right.to(tl.int64) * sxw)[:, None] + cols, mask=m_r, other=0.0).to(tl.float32)
+    x_l = widen(tl.load(x_row + (left.to(tl.int64) * sxw)[:, None] + cols, mask=m_l, other=0.0))
+    x_c = widen(tl.load(x_row + (wi.to(tl.int64) * sxw)[:, None] + cols, mask=m_c, other=0.0))
+    x_r = widen(tl.load(x_row + (right.to(tl.int64) * sxw)[:, None] + cols, mask=m_r, other=0.0))
     return x_l, x_c, x_r
 
 

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._device import Device, KernelLaunch, cdiv, device_of, next_pow2
+from ._math import widen
 from .linear_attention import _sum_partials, split_rows
 from .multiscale_aggregate import _bias_args, _pointwise_matrix_t, tap_layout
 
@@ -476,7 +477,7 @@ def _rows_dwconv(
         row_ok = i_mask & (hh >= 0) & (hh < H)
         row = X_ptr + offs_c[None, :] * stride_c + hh[:, None] * stride_h
         taps = WD_ptr + offs_c * stride_wc + (dh * KSIZE) * stride_wt
-        k0 = tl.load(taps, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        k0 = widen(tl.load(taps, mask=c_mask, other=0.0))[None, :]
         k1 = k0
         k2 = k0
         k3 = k0
@@ -484,18 +485,18 @@ def _rows_dwconv(
         k5 = k0
         k6 = k0
         if KSIZE > 1:
-            k1 = tl.load(taps + stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-            k2 = tl.load(taps + 2 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            k1 = widen(tl.load(taps + stride_wt, mask=c_mask, other=0.0))[None, :]
+            k2 = widen(tl.load(taps + 2 * stride_wt, mask=c_mask, other=0.0))[None, :]
         if KSIZE > 3:
-            k3 = tl.load(taps + 3 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-            k4 = tl.load(taps + 4 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            k3 = widen(tl.load(taps + 3 * stride_wt, mask=c_mask, other=0.0))[None, :]
+            k4 = widen(tl.load(taps + 4 * stride_wt, mask=c_mask, other=0.0))[None, :]
         if KSIZE > 5:
-            k5 = tl.load(taps + 5 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-            k6 = tl.load(taps + 6 * stride_wt, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            k5 = widen(tl.load(taps + 5 * stride_wt, mask=c_mask, other=0.0))[None, :]
+            k6 = widen(tl.load(taps + 6 * stride_wt, mask=c_mask, other=0.0))[None, :]
         for j in tl.static_range(ROW_BLOCK + KSIZE - 1):
             ww = w0 + (j - PAD)
             m = row_ok & (ww >= 0) & (ww < W)
-            x = tl.load(row + ww[:, None] * stride_w, mask=m[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            x = widen(tl.load(row + ww[:, None] * stride_w, mask=m[:, None] & c_mask[None, :], other=0.0))
             # output column r takes input column j with tap j - r
             if j < KSIZE:
                 a0 += x * _pick(j, k0, k1, k2, k3, k4, k5, k6)

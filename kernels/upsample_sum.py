@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._device import Device, cdiv, device_of, next_pow2
+from ._math import widen
 
 MAX_INPUTS = 3  # the kernel unrolls its inputs
 
@@ -41,7 +42,7 @@ def _resized_tile(
     base = X_ptr + b * stride_b + offs_c[None, :].to(tl.int64) * stride_c
     if SAME:
         at = oy.to(tl.int64) * stride_h + ox.to(tl.int64) * stride_w
-        return tl.load(base + at[:, None], mask=mask, other=0.0).to(tl.float32)
+        return widen(tl.load(base + at[:, None], mask=mask, other=0.0))
     sy = (oy.to(tl.float32) + 0.5) * scale_h - 0.5
     sx = (ox.to(tl.float32) + 0.5) * scale_w - 0.5
     fy = tl.floor(sy)
@@ -58,7 +59,7 @@ def _resized_tile(
         yy = tl.minimum(tl.maximum(iy - 1 + j, 0), h - 1).to(tl.int64) * stride_h
         for k in tl.static_range(4):
             xx = tl.minimum(tl.maximum(ix - 1 + k, 0), w - 1).to(tl.int64) * stride_w
-            v = tl.load(base + (yy + xx)[:, None], mask=mask, other=0.0).to(tl.float32)
+            v = widen(tl.load(base + (yy + xx)[:, None], mask=mask, other=0.0))
             row += _cubic_weight(tl.abs(tx + 1.0 - k))[:, None] * v
         acc += _cubic_weight(tl.abs(ty + 1.0 - j))[:, None] * row
     return acc
