@@ -90,7 +90,7 @@ def _tap(
     tap = tl.load(WD_ptr + offs_c * stride_wc + t * stride_wt, mask=c_mask, other=0.0).to(tl.float32)
     if TAP_MMA:
         return _dot(x, _cast(tap[:, None] * wp_t, x.dtype, UPCAST), acc, UPCAST, PRECISION)
-    return acc + x.to(tl.float32) * tap[None, :]
+    return acc + widen(x) * tap[None, :]
 
 
 @triton.jit
