@@ -96,16 +96,18 @@ def _tap(
 @triton.jit
 def _pointwise(
     a, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, valid, dt: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     """Wp (a + bd) + bp for a depthwise tile a (fp32, its FMA taps' sum), a entering the dot in dtype dt; zero in
-    rows not valid."""
+    rows not valid (MASK; else as they come)."""
     if HAS_BD:
         a += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
     if HAS_BP:
         y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(valid[:, None], y, 0.0)
+    if MASK:
+        y = tl.where(valid[:, None], y, 0.0)
+    return y
 
 
 @triton.jit
@@ -147,7 +149,9 @@ def _aggregate(
             )  # fmt: skip
     if not TAP_MMA:
         dt: tl.constexpr = X_ptr.dtype.element_ty
-        return _pointwise(acc, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, n_mask, dt, HAS_BD, HAS_BP, UPCAST, PRECISION)
+        return _pointwise(
+            acc, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, n_mask, dt, HAS_BD, HAS_BP, UPCAST, PRECISION, True
+        )
     y = acc
     if HAS_BD:
         bd = tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
@@ -517,11 +521,11 @@ def _rows_dwconv(
 def _rows_aggregate(
     X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h, w0, i_mask,
     offs_c, c_mask, H, W, D, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr, ROW_BLOCK: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     """agg(x) of one group (as _aggregate, FMA taps) at positions (h, w0 + r), r < ROW_BLOCK: four fp32 tiles,
-    zero in rows outside the map (and the last two when ROW_BLOCK is 2). Pointers at the group's first channel
-    (X_ptr, WD_ptr, BD_ptr, BP_ptr) and row (WP_ptr)."""
+    zero in rows outside the map with MASK (the last two zero when ROW_BLOCK is 2). Pointers at the group's first
+    channel (X_ptr, WD_ptr, BD_ptr, BP_ptr) and row (WP_ptr)."""
     dt: tl.constexpr = X_ptr.dtype.element_ty
     wp_t = _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D)
     a0, a1, a2, a3 = _rows_dwconv(
@@ -529,16 +533,16 @@ def _rows_aggregate(
         ROW_BLOCK,
     )  # fmt: skip
     y0 = _pointwise(a0, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 < W), dt, HAS_BD, HAS_BP, UPCAST,
-                         PRECISION)  # fmt: skip
+                         PRECISION, MASK)  # fmt: skip
     y1 = _pointwise(a1, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 1 < W), dt, HAS_BD, HAS_BP,
-                         UPCAST, PRECISION)  # fmt: skip
+                         UPCAST, PRECISION, MASK)  # fmt: skip
     y2 = a2
     y3 = a3
     if ROW_BLOCK > 2:
         y2 = _pointwise(a2, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 2 < W), dt, HAS_BD, HAS_BP,
-                             UPCAST, PRECISION)  # fmt: skip
+                             UPCAST, PRECISION, MASK)  # fmt: skip
         y3 = _pointwise(a3, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, i_mask & (w0 + 3 < W), dt, HAS_BD, HAS_BP,
-                             UPCAST, PRECISION)  # fmt: skip
+                             UPCAST, PRECISION, MASK)  # fmt: skip
     return y0, y1, y2, y3
 
 
@@ -621,7 +625,7 @@ def _lite_mla_context_rows_kernel(
         k0, k1, k2, k3 = _rows_aggregate(
             X_ptr + c * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c * stride_wdc, stride_wdc, stride_wdt,
             BD_ptr + c, WP_ptr + c * D, BP_ptr + c, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP,
-            UPCAST, PRECISION, ROW_BLOCK,
+            UPCAST, PRECISION, ROW_BLOCK, True,
         )  # fmt: skip
         # relu(k) held in the input dtype through v's stencil (as _kv_state), z summing the same rounded values
         k0 = _cast(tl.maximum(k0, 0.0), dt, UPCAST)
@@ -633,7 +637,7 @@ def _lite_mla_context_rows_kernel(
         v0, v1, v2, v3 = _rows_aggregate(
             X_ptr + c * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c * stride_wdc, stride_wdc, stride_wdt,
             BD_ptr + c, WP_ptr + c * D, BP_ptr + c, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP,
-            UPCAST, PRECISION, ROW_BLOCK,
+            UPCAST, PRECISION, ROW_BLOCK, True,
         )  # fmt: skip
         s = _rows_gram(k0, v0, s, dt, UPCAST, PRECISION)
         s = _rows_gram(k1, v1, s, dt, UPCAST, PRECISION)
@@ -650,7 +654,7 @@ def _lite_mla_context_rows_kernel(
         q0, q1, q2, q3 = _rows_aggregate(
             X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cq * stride_wdc, stride_wdc,
             stride_wdt, BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, h, w0, i_mask, offs_c, c_mask, H, W, D, KSIZE,
-            HAS_BD, HAS_BP, UPCAST, PRECISION, ROW_BLOCK,
+            HAS_BD, HAS_BP, UPCAST, PRECISION, ROW_BLOCK, False,  # q's rows outside: computed, not stored
         )  # fmt: skip
         _store_attention(O_ptr, stride_oc, stride_oh, stride_ow, q0, s_op, s_scale, z, eps, h, w0, i_mask & (w0 < W),
                     offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
