@@ -476,7 +476,7 @@ def _rows_dwconv(
     a1 = tl.zeros_like(a0)
     a2 = tl.zeros_like(a0)
     a3 = tl.zeros_like(a0)
-    for dh in range(KSIZE):  # a kernel row an iteration (ptxas keeps the loop: 412-436 instructions a row at L0)
+    for dh in range(KSIZE):  # a kernel row an iteration (ptxas keeps the loop, not unrolled)
         hh = h + (dh - PAD)
         row_ok = i_mask & (hh >= 0) & (hh < H)
         row = X_ptr + offs_c[None, :] * stride_c + hh[:, None] * stride_h
@@ -729,8 +729,9 @@ def context_configs(
       (_lite_mla_context_rows_kernel) on 4 warps, rows of 4 columns (ROW_BLOCK), 128 positions a tile, and of
       2, 64 positions, under a 168-register budget (dropped for contiguous depthwise weights, _rows_launch). Its
       stencil shares each load between the columns of a row: per kernel row of an L0 tile of 4-column rows,
-      412-436 sm_90 instructions for 160 FMAs, where the 64-row FMA candidate's tap loop takes 98-106 for 16
-      (the eighth pass put that kernel at 3-4 warps an SM scheduler, issuing about every cycle). 4 columns:
+      356-384 sm_90 instructions for 160 FMAs (412-436 before kernels/_math.py's widen), where the 64-row FMA
+      candidate's tap loop takes 98-106 for 16 (the eighth pass put that kernel at 3-4 warps an SM scheduler,
+      issuing about every cycle). 4 columns:
       173-233 registers (bf16, fp16; sm_90 and sm_80, no spill), two programs an SM (three on sm_80 at XL1's
       bf16 stages); 2 columns: 144-166, three. The ninth H100 pass: 4 columns the fastest at every LiteMLA
       stage (B16, bf16; L0 42 us, 2 columns 56). Since then the raw heads' pass runs first, so their state is
