@@ -43,17 +43,9 @@ def rcp(x):
 def widen(x):
     """x.to(tl.float32). From bf16, compiled: two instructions a pair of elements, the low one shifted up and
     the high one masked in place, where Triton's conversion takes three (it moves the high one down first)."""
-    if COMPILED:
-        if x.dtype == tl.bfloat16:
-            return tl.inline_asm_elementwise(
-                "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }",
-                "=r,=r,r",
-                [x],
-                dtype=tl.float32,
-                is_pure=True,
-                pack=2,
-            )
-        else:
-            return x.to(tl.float32)
-    else:
-        return x.to(tl.float32)
+    if COMPILED and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x], dtype=tl.float32, is_pure=True,
+            pack=2,
+        )  # fmt: skip
+    return x.to(tl.float32)

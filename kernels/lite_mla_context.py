@@ -731,12 +731,10 @@ def context_configs(
       stencil shares each load between the columns of a row: per kernel row of an L0 tile of 4-column rows,
       356-384 sm_90 instructions for 160 FMAs (412-436 before kernels/_math.py's widen), where the 64-row FMA
       candidate's tap loop takes 98-106 for 16 (the eighth pass put that kernel at 3-4 warps an SM scheduler,
-      issuing about every cycle). 4 columns:
-      173-233 registers (bf16, fp16; sm_90 and sm_80, no spill), two programs an SM (three on sm_80 at XL1's
-      bf16 stages); 2 columns: 144-166, three. The ninth H100 pass: 4 columns the fastest at every LiteMLA
-      stage (B16, bf16; L0 42 us, 2 columns 56). Since then the raw heads' pass runs first, so their state is
-      not held through the aggregated heads' loops (4 columns were 206-249 registers). Under a 168-register
-      budget 4 columns still spill 16-32 bytes.
+      issuing about every cycle). 4 columns: 173-233 registers (bf16, fp16; sm_90 and sm_80, no spill), two
+      programs an SM (three on sm_80 at XL1's bf16 stages; 206-249 before the raw heads' pass moved first);
+      under a 168-register budget they spill 16-32 bytes. 2 columns: 144-166, three. The ninth H100 pass: 4
+      columns the fastest at every LiteMLA stage (B16, bf16; L0 42 us, 2 columns 56).
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
