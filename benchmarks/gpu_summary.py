@@ -149,7 +149,8 @@ def host_lines(rows: list[dict]) -> list[str]:
 
 def dispatch_lines(results: Path, slowest: int = 5) -> list[str]:
     """What measured dispatch did in this pass (results/dispatch/*.jsonl, the benchmarks' saved timings): how many
-    choices and the seconds they took, the slowest (a first call's compiles and graph builds), and what won."""
+    choices and the seconds they took, the slowest (a first call's compiles and graph builds), what won, and
+    every candidate it left out (a result that disagreed with the baseline's, or a run that raised), in full."""
     entries = []
     for path in sorted((results / "dispatch").glob("*.jsonl")):
         entries += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -164,6 +165,10 @@ def dispatch_lines(results: Path, slowest: int = 5) -> list[str]:
              + ", ".join(f"{k} {n}" for k, n in sorted(won.items()))]  # fmt: skip
     for e in sorted(entries, key=lambda e: -(e.get("s") or 0.0))[:slowest]:
         lines.append(f"  {e.get('s') or 0.0:6.2f} s  {e['chosen'][:40]:40}  {e['key'][:110]}")
+    left_out = [(e["key"], name, why) for e in entries for name, why in (e.get("rejected") or {}).items()]
+    lines.append(f"left out by the results check: {len(left_out)}")
+    for key, name, why in left_out:
+        lines.append(f"  {name}: {why if isinstance(why, str) else f'relative difference {why:.3g}'}  at {key}")
     return lines
 
 

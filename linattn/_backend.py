@@ -262,10 +262,10 @@ def resolve(
     `problem` says why the call's inputs do not fit the kernels (a dtype they do not support); `args` are
     handed to each implementation's limit. A forced backend raises with every reason when it cannot run
     the call. "auto" on a CUDA device: with a `runner` (runner(backend) runs that implementation on the
-    call's `inputs` into scratch outputs) and more than one implementation that can run the call, the
-    measured choice (linattn/_tune.py; host_time: by the larger of GPU and host time, _tune.choose); otherwise
-    the first in PRIORITY that can, those registered measured_only after the reference. On other devices the
-    reference.
+    call's `inputs` into scratch outputs and returns its result) and more than one implementation that can run
+    the call, the measured choice (linattn/_tune.py; host_time: by the larger of GPU and host time,
+    _tune.choose); otherwise the first in PRIORITY that can, those registered measured_only after the reference.
+    On other devices the reference.
     """
     name = get_backend()
     if name == "reference":

@@ -11,6 +11,12 @@ LINATTN_HOST_AWARE=1 (read at import; an experiment, off by default): the convs'
 of its GPU time and its host time (host_median_ms), under keys of their own. Nothing is timed while a CUDA graph
 is being captured or torch.compile traces (the table or the priority order again, with a one-time warning for
 capture). A corrupt, foreign or stale file is ignored with a warning.
+
+What is timed is checked first: each candidate runs once into NaN-filled scratch outputs (scratch_like) and its
+result is compared with the baseline's (the reference, PyTorch's own path; among a kernel's configurations, its
+heuristic's, which is checked against the reference one level up). A candidate whose result differs by more than
+a rounding difference (TOLERANCE, relative) is left out of the timing and the choice, with a warning: a kernel
+that is wrong on this GPU, these versions or these inputs is never chosen for being fast.
 """
 
 import concurrent.futures
@@ -39,6 +45,12 @@ WARMUP, REPEATS = 2, 5
 # bench-e2e-l0-host-aware); the choices made with it are keyed apart from the others.
 HOST_AWARE = os.environ.get("LINATTN_HOST_AWARE") == "1"
 SPIN_CYCLES = 1_000_000  # GPU clock cycles ahead of each timed call: 0.5-0.7 ms at 1.4-2 GHz
+# The largest relative difference (Frobenius norm, per output tensor) from the baseline's result that measured
+# dispatch takes for rounding, by the call's least precise input dtype. Far above what the tests allow (2x
+# eager's own error against float64, docs/design.md 8), so that rounding, TF32 convs on PyTorch's path and
+# accumulation order never reject a candidate; far below what a broken kernel makes (an unwritten element is
+# NaN, a layout mistake an error of about 1).
+TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 _lock = threading.Lock()
 _tables: dict[str, dict[str, str]] = {}  # table file name -> {key: backend}
@@ -353,6 +365,116 @@ def host_median_ms(fn: Callable[[], object]) -> float:
 _host_timer = host_median_ms  # tests inject one too
 
 
+class _Checking(threading.local):
+    """Per thread: whether the runners' scratch outputs are NaN-filled (a candidate's checked run, not its timed
+    ones: the fill would be timed with it)."""
+
+    on = False
+
+
+_checking = _Checking()
+
+
+@contextlib.contextmanager
+def _scratch_filled(on: bool):
+    previous = _checking.on
+    _checking.on = on
+    try:
+        yield
+    finally:
+        _checking.on = previous
+
+
+def scratch_like(t: torch.Tensor) -> torch.Tensor:
+    """A scratch output like t for a measured candidate's run: NaN-filled while dispatch checks the candidates'
+    results (an element a kernel leaves unwritten then shows), else uninitialized."""
+    if _checking.on and t.is_floating_point():
+        return torch.full_like(t, float("nan"))
+    return torch.empty_like(t)
+
+
+def _tensors(result) -> list[torch.Tensor]:
+    """The tensors of a runner's result (a tensor, or nested tuples and lists of them and None), in order."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _tensors(r)]
+    return []
+
+
+SLAB = 1 << 24  # elements disagreement() compares at a time: float32 copies of at most 64 MB
+
+
+def disagreement(got, expected) -> float:
+    """The largest relative difference ||got - expected|| / ||expected|| (Frobenius) over the tensors of two
+    results, compared in float32 a slab of rows at a time; inf where they do not match in number or shape, or
+    where got is not finite and expected is. Elements where expected itself is not finite (an fp16 overflow on
+    PyTorch's path) are left out."""
+    got, expected = [t.detach() for t in _tensors(got)], [t.detach() for t in _tensors(expected)]
+    if len(got) != len(expected):
+        return float("inf")
+    worst = 0.0
+    for a, r in zip(got, expected):
+        if a.shape != r.shape:
+            return float("inf")
+        a, r = a.reshape(1, -1) if a.dim() < 2 else a, r.reshape(1, -1) if r.dim() < 2 else r
+        rows = max(1, SLAB // max(1, a[0].numel()))
+        diff2 = norm2 = 0.0
+        for a_s, r_s in zip(a.split(rows), r.split(rows)):
+            a_s, r_s = a_s.float(), r_s.float()
+            finite = torch.isfinite(r_s)
+            if not bool(finite.all()):
+                a_s, r_s = a_s[finite], r_s[finite]
+            diff2 += float((a_s - r_s).square().sum())
+            norm2 += float(r_s.square().sum())
+        if diff2 != diff2:  # NaN: got is not finite where expected is
+            return float("inf")
+        if diff2 > 0.0:
+            worst = max(worst, (diff2 / norm2) ** 0.5 if norm2 > 0.0 else float("inf"))
+    return worst
+
+
+def _tolerance(args) -> float:
+    """TOLERANCE of the least precise floating dtype among the call's tensors (nested in lists too)."""
+    found = [TOLERANCE.get(t.dtype, TOLERANCE[torch.float32]) for t in _tensors(args) if t.is_floating_point()]
+    return max(found, default=TOLERANCE[torch.float32])
+
+
+def _disagreeing(key: str, candidates: Sequence[str], runner: Callable[[str], object], args) -> dict:
+    """The candidates left out of a choice: {candidate: its relative difference from the baseline's result, where
+    over the tolerance, or what it raised}, each run once into NaN-filled scratch outputs, each left out with a
+    warning. The baseline: the reference where it is a candidate, else the first (a kernel's heuristic
+    configuration); what it raises is raised."""
+    baseline = "reference" if "reference" in candidates else candidates[0]
+    tolerance = _tolerance(args)
+    found = {}
+    with _scratch_filled(True):
+        expected = runner(baseline)
+        for name in candidates:
+            if name == baseline:
+                continue
+            try:  # a kernel that cannot run here (shared memory, registers, a driver's limit) is not a crash
+                error = disagreement(runner(name), expected)
+            except Exception as e:  # noqa: BLE001
+                found[name] = f"{type(e).__name__}: {e}"
+                continue
+            if not error <= tolerance:
+                found[name] = error
+    for name, why in found.items():
+        what = (
+            f"it raised {why}"
+            if isinstance(why, str)
+            else f"its result differs from {baseline}'s by {why:.3g} (relative; rounding allows {tolerance:g})"
+        )
+        warnings.warn(
+            f"linattn: measured dispatch left out {name} for {key}: {what}. Please report it with the output of "
+            "`python -m linattn info`",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return found
+
+
 def _cannot_time() -> str | None:
     if torch.compiler.is_compiling():
         return "compiling"
@@ -372,8 +494,9 @@ def choose(
     host_time: bool = False,
 ) -> str:  # fmt: skip
     """The implementation among `candidates` (in priority order) that runs this call; runner(backend) runs one
-    of them on the call's inputs into scratch outputs. host_time: chosen by the larger of each one's GPU and
-    host times (HOST_AWARE), under keys of pass "<pass_>+host"."""
+    of them on the call's inputs into scratch outputs (scratch_like) and returns its result, which is checked
+    against the reference's before anything is timed (_disagreeing). host_time: chosen by the larger of each
+    one's GPU and host times (HOST_AWARE), under keys of pass "<pass_>+host"."""
     return _choose(op, pass_, device, candidates, runner, args, host_time=host_time)[0]
 
 
@@ -411,15 +534,20 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
     if prepare is not None:
         prepare()
     with _backend.uncounted():
-        times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in candidates}
-        host = {b: _host_timer(lambda b=b: runner(b)) for b in candidates} if host_time else None
-    score = times if host is None else {b: max(times[b], host[b]) for b in candidates}
-    chosen = min(candidates, key=lambda b: (score[b], candidates.index(b)))
-    # seconds the choice took (compiles, cuDNN graph builds, nested choices, timing): a first call's cost
+        rejected = _disagreeing(key, candidates, runner, args)
+        timed = [b for b in candidates if b not in rejected]
+        with _scratch_filled(False):  # (inside an outer candidate's checked run too)
+            times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in timed}
+            host = {b: _host_timer(lambda b=b: runner(b)) for b in timed} if host_time else None
+    score = times if host is None else {b: max(times[b], host[b]) for b in timed}
+    chosen = min(timed, key=lambda b: (score[b], candidates.index(b)))
+    # seconds the choice took (compiles, cuDNN graph builds, nested choices, checks, timing): a first call's cost
     spent = round(time.perf_counter() - started, 3)
     row = {"key": key, "device": device_name, "ms": times, "chosen": chosen, "s": spent}
     if host is not None:
         row["host_ms"] = host
+    if rejected:
+        row["rejected"] = rejected
     with _lock:
         _memo[memo] = chosen
         table(device_name)[key] = chosen
@@ -439,9 +567,10 @@ def choose_config(
 ) -> dict:  # fmt: skip
     """The fastest of a Triton kernel's candidate configurations for this call (configs(): the heuristic first,
     which wins ties and runs when nothing may be timed): measured and kept in the table as choose() does, under
-    the key of op "<op>.triton". runner(config) launches one of them on the call's inputs into scratch outputs;
-    compile_only(config), when given, compiles one without launching it: before timing, the candidates compile on
-    threads at once (each compile is a second or so, and a model's first call on a new machine has dozens).
+    the key of op "<op>.triton". runner(config) launches one of them on the call's inputs into scratch outputs
+    (scratch_like) and returns its result, checked against the heuristic's; compile_only(config), when given,
+    compiles one without launching it: before timing, the candidates compile on threads at once (each compile
+    is a second or so, and a model's first call on a new machine has dozens).
     A settled call (measured, or in the table) is one lookup: configs() is not asked again. A device that is
     not a GPU takes the first without a lookup."""
     if device.type != "cuda" or _fixed.on:

@@ -605,7 +605,8 @@ def test_gpu_summary(tmp_path):
               {"layer": "op-cudnn", "note": "skipped: needs a GPU", "shape": "x (1, 64, 32, 32)"}]  # fmt: skip
     (tmp_path / "results" / "host_layers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in layers))
     (tmp_path / "results" / "dispatch").mkdir()
-    timed = [{"key": "conv_bn_act:fwd:(16, 64)", "chosen": "reference", "ms": {}, "s": 0.5},
+    timed = [{"key": "conv_bn_act:fwd:(16, 64)", "chosen": "reference", "ms": {}, "s": 0.5,
+              "rejected": {"triton": 0.93, "cuda": "RuntimeError: no engine"}},
              {"key": "conv_bn_act.triton:fwd:(16, 64)", "chosen": "BLOCK_M=128", "ms": {}, "s": 2.25}]  # fmt: skip
     (tmp_path / "results" / "dispatch" / "e2e.jsonl").write_text("".join(json.dumps(t) + "\n" for t in timed))
 
@@ -617,6 +618,8 @@ def test_gpu_summary(tmp_path):
     assert re.search(r"l0 bf16 B16 +linattn \(host-aware\) +2750", text)
     assert "measured dispatch: 2 choices in 2.8 s; chosen: reference 1, triton config 1" in text
     assert text.index("2.25 s") < text.index("0.50 s")  # the slowest first
+    assert "left out by the results check: 2\n  triton: relative difference 0.93  at conv_bn_act:fwd:(16, 64)\n" in text
+    assert "  cuda: RuntimeError: no engine  at conv_bn_act:fwd:(16, 64)\n" in text
     assert "WRONG lite_mla: y B16 C8 bf16 triton: wrong: rel_err 1.30e-02 > 5.60e-03 (twice eager's)\n" in text
     assert "host time of one B1 conv call, layer by layer (x (1, 64, 32, 32)):" in text
     assert re.search(r"module +41\.50 +1\.20 +42\.00", text) and re.search(r"op-cudnn .*skipped: needs a GPU", text)

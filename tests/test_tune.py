@@ -27,14 +27,22 @@ def tuned(monkeypatch, tmp_path):
     _backend.register("toy", "fwd", "triton")
     _backend.register("toy", "fwd", "cuda", limit=lambda n: "cuda takes even n" if n % 2 else None)
     speed = {"triton": 2.0, "cuda": 1.0, "reference": 3.0}
-    calls = []
+    calls = []  # the timed runs; runner.checked: the runs that check results, ahead of the timing
+    timing = []
 
-    def timer(fn):
-        return fn()
+    def timer(fn):  # a run's time: what it returns, or its backend's speed where it returns a result
+        timing.append(fn)
+        try:
+            result = fn()
+        finally:
+            timing.pop()
+        return result if isinstance(result, float) else speed[calls[-1]]
 
     def runner(backend):
-        calls.append(backend)
+        (calls if timing else runner.checked).append(backend)
         return speed[backend]
+
+    runner.checked = []
 
     monkeypatch.setattr(_tune, "_timer", timer)
     _tune.reset()
@@ -181,7 +189,7 @@ def test_triton_configurations_are_measured_and_kept(tuned):
 
     x = torch.empty(2, 3)
     assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,)) == configs[1]
-    assert calls == [128, 64, 32]
+    assert calls == [128, 64, 32] * 2  # each checked, then each timed
     calls.clear()
     assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,)) == configs[1] and calls == []
     key = _tune.timings()[-1]["key"]
@@ -236,10 +244,180 @@ def test_candidate_configurations_compile_before_timing(tuned):
 
     x = torch.empty(2, 3)
     assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,), compile_only) == configs[2]
-    assert events == [("compile", 128), ("compile", 64), ("compile", 32), ("run", 128), ("run", 64), ("run", 32)]
+    runs = [("run", 128), ("run", 64), ("run", 32)]
+    assert events == [("compile", 128), ("compile", 64), ("compile", 32)] + runs * 2  # compiled, checked, timed
     events.clear()
     assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,), compile_only) == configs[2]
     assert events == []  # a lookup: nothing compiles or runs
+
+
+# ---- what is timed is checked first ----
+
+
+def test_a_candidate_whose_result_differs_is_never_timed_or_chosen(tuned):
+    """Each candidate runs once ahead of the timing and its result is compared with the reference's: one that
+    differs by more than rounding is left out with a warning, however fast; rounding differences pass."""
+    speed, calls, runner, device = tuned
+    x = torch.randn(64, 64, dtype=torch.bfloat16)
+    expected = x.float().exp()
+    noisy = expected * (1 + 1e-2 * torch.randn_like(expected))  # relative 1e-2: bf16 rounding allows 5e-2
+    results = {"reference": expected, "triton": noisy, "cuda": expected.flip(0)}
+
+    def run(backend):
+        runner(backend)
+        return results[backend]
+
+    with pytest.warns(RuntimeWarning, match="left out cuda for toy:fwd:.*differs from reference's by"):
+        assert _resolve(run, device, x) == "triton"  # cuda is the fastest (1.0 ms), but wrong
+    assert sorted(runner.checked) == ["cuda", "reference", "triton"] and sorted(calls) == ["reference", "triton"]
+    (row,) = _tune.timings()
+    assert set(row["ms"]) == {"reference", "triton"} and row["rejected"]["cuda"] > 1.0
+    calls.clear()
+    assert _resolve(run, device, x) == "triton" and calls == []  # kept like any choice
+
+
+def test_the_checked_run_writes_into_nan(tuned):
+    """The checked run's scratch outputs are NaN-filled, so an element a kernel leaves unwritten fails the
+    check; the timed runs' are not filled (the fill would be timed)."""
+    speed, calls, runner, device = tuned
+    x = torch.randn(8, 8)
+    seen = []
+
+    def run(backend):
+        runner(backend)
+        out = _tune.scratch_like(x)
+        seen.append((backend, bool(out.isnan().all())))
+        rows = 4 if backend == "cuda" else 8  # cuda leaves half the rows unwritten
+        out[:rows] = x[:rows]
+        return out
+
+    with pytest.warns(RuntimeWarning, match="left out cuda") as caught:
+        assert _resolve(run, device, x) == "triton"
+    assert "differs from reference's by inf" in str(caught[0].message)
+    assert seen[:3] == [("reference", True), ("triton", True), ("cuda", True)]
+    assert isinstance(_tune.scratch_like(x), torch.Tensor) and not _tune._checking.on
+
+
+def test_a_candidate_that_raises_is_left_out(tuned):
+    """A candidate that cannot run here (a kernel over this GPU's shared memory, say) is left out with a warning
+    naming what it raised; the reference's own failure is raised."""
+    speed, calls, runner, device = tuned
+
+    def run(backend):
+        if backend == "cuda":
+            raise RuntimeError("out of shared memory")
+        return runner(backend)
+
+    with pytest.warns(RuntimeWarning, match="left out cuda .* raised RuntimeError: out of shared memory"):
+        assert _resolve(run, device, torch.empty(3)) == "triton"
+    assert _tune.timings()[-1]["rejected"] == {"cuda": "RuntimeError: out of shared memory"}
+
+    def broken(backend):
+        raise ValueError("the reference failed")
+
+    with pytest.raises(ValueError, match="the reference failed"):
+        _resolve(broken, device, torch.empty(5))
+
+
+def test_configurations_are_checked_against_the_heuristic(tuned, monkeypatch):
+    """Among a kernel's configurations the baseline is the first, the heuristic (itself checked against the
+    reference one level up): a configuration that misses part of the output is left out."""
+    _, _, _, device = tuned
+    configs = [dict(BLOCK_M=128), dict(BLOCK_M=64), dict(BLOCK_M=32)]
+    speed = {128: 3.0, 64: 2.0, 32: 1.0}
+    last = []
+    x = torch.randn(16, 16)
+
+    def runner(cfg):
+        last.append(cfg["BLOCK_M"])
+        out = _tune.scratch_like(x)
+        cols = 8 if cfg["BLOCK_M"] == 32 else 16  # the fastest misses tiles
+        out[:, :cols] = x[:, :cols]
+        return out
+
+    monkeypatch.setattr(_tune, "_timer", lambda fn: (fn(), speed[last[-1]])[1])
+    with pytest.warns(RuntimeWarning, match="left out BLOCK_M=32 for toy.triton:fwd:"):
+        assert _tune.choose_config("toy", "fwd", device, lambda: configs, runner, (x,)) == configs[1]
+
+
+def test_disagreement(monkeypatch):
+    """Relative Frobenius difference per output tensor, the largest; in float32 slabs of rows."""
+    monkeypatch.setattr(_tune, "SLAB", 64)  # several slabs below
+    r = torch.randn(10, 3, 7, dtype=torch.float16)
+    assert _tune.disagreement(r, r) == 0.0
+    assert _tune.disagreement((r, None, [r]), (r.clone(), None, [r.clone()])) == 0.0
+    assert _tune.disagreement(2 * r, r) == pytest.approx(1.0, rel=1e-6)
+    assert _tune.disagreement((r, 2 * r), (r, r)) == pytest.approx(1.0, rel=1e-6)  # the largest
+    scaled = r.float() * (1 + 1e-3 * torch.randn_like(r.float()))
+    exact = (scaled - r.float()).norm() / r.float().norm()
+    assert _tune.disagreement(scaled, r) == pytest.approx(float(exact), rel=1e-4)
+    hole = r.clone()
+    hole[3, 1, 2] = float("nan")
+    assert _tune.disagreement(hole, r) == float("inf")  # not finite where the baseline is
+    overflow = r.clone()
+    overflow[0, 0, 0] = float("inf")
+    assert _tune.disagreement(r, overflow) == 0.0  # the baseline's own overflow is left out
+    assert _tune.disagreement(r[:5], r) == float("inf") and _tune.disagreement((r, r), r) == float("inf")
+    zeros = torch.zeros(4)
+    assert _tune.disagreement(zeros, zeros) == 0.0 and _tune.disagreement(zeros + 1, zeros) == float("inf")
+    assert _tune.disagreement(torch.tensor(2.0), torch.tensor(1.0)) == pytest.approx(1.0)
+
+
+def test_tolerance_follows_the_least_precise_input():
+    bf16, fp32 = torch.empty(2, dtype=torch.bfloat16), torch.empty(2)
+    assert _tune._tolerance((fp32, [bf16], 3)) == _tune.TOLERANCE[torch.bfloat16]
+    assert _tune._tolerance((fp32, torch.empty(2, dtype=torch.int64))) == _tune.TOLERANCE[torch.float32]
+    assert _tune._tolerance(()) == _tune.TOLERANCE[torch.float32]
+
+
+def _capture_runners(monkeypatch) -> list:
+    """(op, pass, runner) of every call an op resolves with a runner, the ops' modules' resolve wrapped."""
+    import importlib
+
+    seen = []
+    resolve = _backend.resolve
+
+    def capturing(op, pass_, device, problem=None, args=(), runner=None, inputs=(), host_time=False):
+        if runner is not None:
+            seen.append((op, pass_, runner))
+        return resolve(op, pass_, device, problem, args, runner, inputs, host_time)
+
+    for name in ("conv_bn_act", "linear_attention", "lite_mla_context", "multiscale_aggregate", "upsample_sum"):
+        monkeypatch.setattr(importlib.import_module(f"linattn.ops.{name}"), "resolve", capturing)
+    return seen
+
+
+def test_every_ops_runner_returns_its_result(monkeypatch):
+    """The check compares what the runners return: each op's runner (forward and backward) returns its whole
+    result, the reference's and the Triton kernels' (here under the interpreter) agreeing, each into NaN-filled
+    scratch outputs. A runner that returned nothing would make the check pass everything."""
+    seen = _capture_runners(monkeypatch)
+    _tune.forget_plans()
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).requires_grad_()  # noqa: E731
+    x, w3, w1, b = rand(2, 8, 7, 5), rand(8, 1, 3, 3), rand(12, 8, 1, 1), rand(12)
+    outs = [
+        linattn.conv_bn_act(x, rand(6, 8, 3, 3), b[:6], padding=1, act="gelu_tanh"),
+        linattn.separable_conv_bn_act(x.detach(), w3.detach(), w1.detach(), padding=1, act="relu"),
+        linattn.upsample_block(x.detach(), w1.detach()[:8], act="relu"),
+    ]
+    q, k, v = rand(1, 2, 9, 4), rand(1, 2, 9, 4), rand(1, 2, 9, 6)
+    outs.append(linattn.relu_linear_attention(q, k, v))
+    qkv = rand(1, 2 * 3 * 4, 5, 6)  # 2 heads of 4 channels
+    dws, pws = [rand(24, 1, 3, 3)], [rand(24, 4, 1, 1)]
+    outs += [linattn.lite_mla_attention(qkv, 4), linattn.multiscale_aggregate(qkv, dws, pws, 2)]
+    outs.append(linattn.lite_mla_context(qkv.detach(), [w.detach() for w in dws], [w.detach() for w in pws], 2, 4))
+    outs.append(linattn.upsample_sum([x.detach()[:, :, :3, :3], x.detach()], [7, 5]))
+    sum(o.float().sum() for o in outs if o.requires_grad).backward()
+    ran = {(op, pass_) for op, pass_, _ in seen}
+    for op in ("conv_bn_act", "relu_linear_attention", "lite_mla_attention", "multiscale_aggregate"):
+        assert {(op, "fwd"), (op, "bwd")} <= ran, op
+    assert {("separable_conv_bn_act", "fwd"), ("lite_mla_context", "fwd"), ("upsample_sum", "fwd")} <= ran
+    with _tune._scratch_filled(True):
+        for op, pass_, runner in seen:
+            expected = runner("reference")
+            assert _tune._tensors(expected), (op, pass_)
+            assert _tune.disagreement(runner("triton"), expected) < 1e-4, (op, pass_)
 
 
 # ---- call plans: an op call's checks and dispatch done once per call signature ----
@@ -517,7 +695,12 @@ def test_host_time_weighs_in_where_asked_under_keys_of_its_own(tuned, monkeypatc
     times logged with it."""
     speed, calls, runner, device = tuned
     host = {"triton": 1.5, "cuda": 4.0, "reference": 9.0}  # cuda: fastest GPU time (1.0), slowest launch
-    monkeypatch.setattr(_tune, "_host_timer", lambda fn: (fn(), host[calls[-1]])[1])  # the backend fn ran
+
+    def host_timer(fn):
+        _tune._timer(fn)  # the fixture's timer: a timed run
+        return host[calls[-1]]
+
+    monkeypatch.setattr(_tune, "_host_timer", host_timer)
     x = torch.empty(4, 8)
     assert _resolve(runner, device, x) == "cuda"  # GPU time alone
     chosen = _backend.resolve("toy", "fwd", device, args=(2,), runner=runner, inputs=(x, 2), host_time=True)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import HOST_AWARE, Site, choose_config, plan
+from .._tune import HOST_AWARE, Site, choose_config, plan, scratch_like
 from ._autocast import register_autocast
 from ._common import (
     as_int,
@@ -149,7 +149,7 @@ def _decide(op, x, weight, bias, stride, padding, dilation, groups, act, post_sc
     laid out as the call's output)."""
     weight = _packed_weight(x, weight)
     call = (op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual)
-    scratch = lambda b: _conv_fwd(*call, torch.empty_like(out), shuffle, b)  # noqa: E731
+    scratch = lambda b: _conv_fwd(*call, scratch_like(out), shuffle, b)  # noqa: E731
     if HOST_AWARE:  # each candidate on the path its planned calls take, whose host time is timed too
         scratch = _planned_runner(call, out, shuffle)
     cudnn_call = limit_call(*call[1:], None if shuffle else out)  # what cuda_limit asks cuDNN
@@ -169,9 +169,9 @@ def _planned_runner(call: tuple, out: Tensor, shuffle: bool) -> Callable[[str], 
             launches[impl] = (config, _prepared(impl, config, *call[1:], out, shuffle))
         config, launch = launches[impl]
         if launch is None:
-            return _conv_fwd(*call, torch.empty_like(out), shuffle, impl, config)
+            return _conv_fwd(*call, scratch_like(out), shuffle, impl, config)
         x, weight, bias, _, _, _, _, _, post_scale, post_shift, residual = call[1:]
-        return launch(x, weight, bias, post_scale, post_shift, residual, torch.empty_like(out))
+        return launch(x, weight, bias, post_scale, post_shift, residual, scratch_like(out))
 
     return run
 
@@ -221,7 +221,7 @@ def _triton_config(op, *call_out_shuffle) -> dict:
     x, weight, _, stride, padding, dilation, groups = call[:7]
     return choose_config(
         op, "fwd", x.device, lambda: fwd_configs(x, weight, stride, padding, dilation, groups, shuffle),
-        lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c), (*call, out),
+        lambda c: conv_bn_act_fwd(*call, scratch_like(out), shuffle, c), (*call, out),
         lambda c: conv_bn_act_fwd(*call, torch.empty_like(out), shuffle, c, compile_only=True),
     )  # fmt: skip
 
@@ -683,7 +683,7 @@ def check_separable(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, we
 def _separable_impl(call: tuple, out: Tensor) -> str:
     """The implementation dispatch picks for the pair's call `call` writing `out`."""
     x = call[0]
-    scratch = lambda b: _separable_fwd(*call, torch.empty_like(out), b)  # noqa: E731
+    scratch = lambda b: _separable_fwd(*call, scratch_like(out), b)  # noqa: E731
     return resolve(SEPARABLE, "fwd", x.device, kernel_problem(x), runner=scratch, inputs=(*call, out))
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
+from .._tune import scratch_like
 from ._autocast import register_autocast
 from ._common import (
     as_int,
@@ -62,10 +63,10 @@ for _op in ("relu_linear_attention", "lite_mla_attention"):
         register(_op, _pass, "cuda", kernel=f"linear_attention_{_pass}_cuda")
 
 
-def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor, impl: str | None = None) -> None:
-    """Write the attention into out with implementation `impl` (None: the one dispatch chooses)."""
+def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Tensor, impl: str | None = None) -> Tensor:
+    """Write the attention into out with implementation `impl` (None: the one dispatch chooses); returns out."""
     if impl is None:
-        scratch = lambda b: attention_fwd(op, q, k, v, eps, torch.empty_like(out), b)
+        scratch = lambda b: attention_fwd(op, q, k, v, eps, scratch_like(out), b)
         impl = resolve(op, "fwd", q.device, kernel_problem(q), runner=scratch, inputs=(q, k, v, eps, out))
     if impl == "reference":
         out.copy_(reference.relu_linear_attention(q, k, v, eps))
@@ -75,16 +76,18 @@ def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Ten
         linear_attention_fwd(q, k, v, eps, out)
     else:
         torch.ops.linattn.linear_attention_fwd_cuda(q, k, v, eps, out)
+    return out
 
 
 def attention_bwd(
     op: str, g: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float, dq: Tensor, dk: Tensor, dv: Tensor, impl=None
 ):
-    """Write the gradients into dq, dk, dv with implementation `impl` (None: the one dispatch chooses)."""
+    """Write the gradients into dq, dk, dv with implementation `impl` (None: the one dispatch chooses); returns
+    them."""
     if impl is None:
 
         def scratch(b):
-            attention_bwd(op, g, q, k, v, eps, *(torch.empty_like(t) for t in (dq, dk, dv)), b)
+            return attention_bwd(op, g, q, k, v, eps, *(scratch_like(t) for t in (dq, dk, dv)), b)
 
         impl = resolve(op, "bwd", q.device, kernel_problem(q), runner=scratch, inputs=(g, q, k, v, eps, dq, dk, dv))
     if impl == "reference":
@@ -96,6 +99,7 @@ def attention_bwd(
         linear_attention_bwd(g, q, k, v, eps, dq, dk, dv)
     else:
         torch.ops.linattn.linear_attention_bwd_cuda(g, q, k, v, eps, dq, dk, dv)
+    return dq, dk, dv
 
 
 # ---- relu_linear_attention: (B, H, N, D) tensors ---------------------------------

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from .._tune import Site, choose_config, plan
+from .._tune import Site, choose_config, plan, scratch_like
 from ._autocast import register_autocast
 from ._common import (
     as_int,
@@ -77,7 +77,7 @@ def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases,
     def build() -> tuple:
         _check(*call)
         like = _output(qkv, heads, dim, len(dw_weights))  # laid out as every call's output
-        scratch = lambda b: _context_fwd(*call, torch.empty_like(like), b)  # noqa: E731
+        scratch = lambda b: _context_fwd(*call, scratch_like(like), b)  # noqa: E731
         impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=call)
         # prepared where the call's tensors are laid out as the kernels take them (else _context_fwd copies)
         prepared = (
@@ -109,23 +109,23 @@ def _triton_launch(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_b
         lambda: context_configs(
             device_of(qkv), B, heads, H * W, dim, low, channels_last, max(w.shape[-1] for w in dw_weights)
         ),
-        lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c), (*call, out),
+        lambda c: lite_mla_context_fwd(*call, scratch_like(out), c), (*call, out),
         lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c, compile_only=True),
     )  # fmt: skip
     return context_launch(*call, out, config)
 
 
-def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, out, impl: str) -> None:
-    """Write the context into out with implementation `impl`."""
+def _context_fwd(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, out, impl: str) -> Tensor:
+    """Write the context into out with implementation `impl`; returns out."""
     if impl == "reference":
-        out.copy_(reference.lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases))
-        return
+        return out.copy_(reference.lite_mla_context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases))
     args = (qkv, dw_for(impl, dw_weights), contiguous(pw_weights), heads, dim, eps)
     biases = (contiguous(dw_biases), contiguous(pw_biases))
     if impl == "triton":  # every head, qkv read once
         _triton_launch(*args, *biases, out)(*args[:3], *biases, out)
     else:  # every head, qkv's own in the first scale's launches
         torch.ops.linattn.lite_mla_context_fwd_cuda(*args, *biases, out)
+    return out
 
 
 @_lite_mla_context.register_fake

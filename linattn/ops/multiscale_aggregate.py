@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
+from .._tune import scratch_like
 from ._autocast import register_autocast
 from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
 
@@ -83,15 +84,15 @@ for _pass in ("fwd", "bwd"):
     register(OP, _pass, "cuda", kernel=f"multiscale_aggregate_{_pass}_cuda")
 
 
-def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases, out, impl=None) -> None:
-    """Write multiscale_aggregate(qkv, ...) into out with implementation `impl` (None: dispatch chooses)."""
+def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases, out, impl=None) -> Tensor:
+    """Write multiscale_aggregate(qkv, ...) into out with implementation `impl` (None: dispatch chooses);
+    returns out."""
     if impl is None:
         call = (qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
-        scratch = lambda b: aggregate_fwd(op, *call, torch.empty_like(out), b)
+        scratch = lambda b: aggregate_fwd(op, *call, scratch_like(out), b)
         impl = resolve(op, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=(*call, out))
     if impl == "reference":
-        out.copy_(reference.multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases))
-        return
+        return out.copy_(reference.multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases))
     dws = dw_for(impl, dw_weights)
     args = (qkv, dws, contiguous(pw_weights), heads, contiguous(dw_biases), contiguous(pw_biases))
     if impl == "triton":
@@ -100,6 +101,7 @@ def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_bia
         multiscale_aggregate_fwd(*args, out)
     else:
         torch.ops.linattn.multiscale_aggregate_fwd_cuda(*args, out)
+    return out
 
 
 @torch.library.custom_op("linattn::multiscale_aggregate", mutates_args=(), device_types=("cpu", "cuda"))
