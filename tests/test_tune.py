@@ -319,6 +319,25 @@ def test_a_candidate_that_raises_is_left_out(tuned):
         _resolve(broken, device, torch.empty(5))
 
 
+def test_results_without_values_are_not_compared(tuned):
+    """Fake or meta results (the compile gate replays measured dispatch on fake tensors) are not compared: every
+    candidate is timed, none left out."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    speed, calls, runner, device = tuned
+
+    def run(backend):
+        runner(backend)
+        return torch.empty(4, 4, device="meta") if backend == "cuda" else fake
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.empty(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _resolve(run, device, torch.empty(9)) == "cuda"
+    assert sorted(calls) == ["cuda", "reference", "triton"] and "rejected" not in _tune.timings()[-1]
+
+
 def test_configurations_are_checked_against_the_heuristic(tuned, monkeypatch):
     """Among a kernel's configurations the baseline is the first, the heuristic (itself checked against the
     reference one level up): a configuration that misses part of the output is left out."""
