@@ -17,11 +17,12 @@ from memory once (as long as a head's slice of it stays in L2 between loops).
 
 One pass (grid B*heads): a program reduces S and z over the whole map in
 registers, then recomputes agg(q) and writes its output; nothing but the output
-is written. _lite_mla_context_rows_kernel is a one-pass kernel whose tiles are
-rows of adjacent columns, so that the stencil's loads serve several columns.
-When B*heads programs cannot fill the GPU (batch 1) the map is split:
+is written. When B*heads programs cannot fill the GPU (batch 1) the map is split:
 _lite_mla_context_state_kernel writes fp32 partial states per split of N and
 _lite_mla_context_fwd_kernel sums them; each pass reads only its own groups.
+_lite_mla_context_rows_state_kernel and _lite_mla_context_rows_kernel are the
+same pair (the latter also one pass) with tiles of rows of adjacent columns, so
+that the stencil's loads serve several columns.
 
 Precision. fp32 inputs: the depthwise taps as fp32 FMAs, every dot with IEEE
 fp32 products (docs/design.md 8). fp16/bf16 inputs (TAP_MMA): the stencil is a
@@ -291,6 +292,25 @@ def _write_out(
 
 
 @triton.jit
+def _store_state(S_ptr, Z_ptr, part, s, z, BLOCK_D: tl.constexpr):
+    """Store partial (S, z) number `part` (batch*head * SPLITS + split) of fp32 (.., BLOCK_D, BLOCK_D), (.., BLOCK_D)
+    partials."""
+    offs_c = tl.arange(0, BLOCK_D)
+    tl.store(S_ptr + part * BLOCK_D * BLOCK_D + offs_c[:, None] * BLOCK_D + offs_c[None, :], s)
+    tl.store(Z_ptr + part * BLOCK_D + offs_c, z)
+
+
+@triton.jit
+def _load_state(S_ptr, Z_ptr, pid_bh, SPLITS, BLOCK_D: tl.constexpr):
+    """(S, z) of batch*head pid_bh: its SPLITS partials (_store_state) summed in a fixed order."""
+    offs_c = tl.arange(0, BLOCK_D)
+    offs_s = offs_c[:, None] * BLOCK_D + offs_c[None, :]
+    s = _sum_partials(S_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
+    z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
+    return s, z
+
+
+@triton.jit
 def _lite_mla_context_state_kernel(
     S_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D, BLOCK_D) partial S of the aggregated heads
     Z_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D) partial z of the aggregated heads
@@ -338,14 +358,9 @@ def _lite_mla_context_state_kernel(
         BP_ptr, n_lo, tl.minimum(n_lo + CHUNK, H * W), H, W, D, TAPS, KSIZE, HAS_BD, HAS_BP, WITH_RAW, TAP_MMA,
         UPCAST, PRECISION, ROW_TAPS, TAP_STAGES, BLOCK_N, BLOCK_D,
     )  # fmt: skip
-    offs_c = tl.arange(0, BLOCK_D)
-    part = pid_bh * SPLITS + pid_s
-    offs_s = part * BLOCK_D * BLOCK_D + offs_c[:, None] * BLOCK_D + offs_c[None, :]
-    tl.store(S_ptr + offs_s, s)
-    tl.store(Z_ptr + part * BLOCK_D + offs_c, z)
+    _store_state(S_ptr, Z_ptr, pid_bh * SPLITS + pid_s, s, z, BLOCK_D)
     if WITH_RAW:
-        tl.store(S0_ptr + offs_s, s0)
-        tl.store(Z0_ptr + part * BLOCK_D + offs_c, z0)
+        _store_state(S0_ptr, Z0_ptr, pid_bh * SPLITS + pid_s, s0, z0, BLOCK_D)
 
 
 @triton.jit
@@ -412,15 +427,11 @@ def _lite_mla_context_fwd_kernel(
             BLOCK_N, BLOCK_D,
         )  # fmt: skip
     else:
-        offs_c = tl.arange(0, BLOCK_D)
-        offs_s = offs_c[:, None] * BLOCK_D + offs_c[None, :]
-        s = _sum_partials(S_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
-        z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
+        s, z = _load_state(S_ptr, Z_ptr, pid_bh, SPLITS, BLOCK_D)
         s0 = s
         z0 = z
         if WITH_RAW:
-            s0 = _sum_partials(S0_ptr + pid_bh * SPLITS * BLOCK_D * BLOCK_D, offs_s, BLOCK_D * BLOCK_D, SPLITS)
-            z0 = _sum_partials(Z0_ptr + pid_bh * SPLITS * BLOCK_D, offs_c, BLOCK_D, SPLITS)
+            s0, z0 = _load_state(S0_ptr, Z0_ptr, pid_bh, SPLITS, BLOCK_D)
     n_lo = pid_s * CHUNK
     n_hi = tl.minimum(n_lo + CHUNK, N)
     if WITH_RAW:  # a loop of its own, as in _kv_state: one state operand in registers at a time
@@ -553,72 +564,22 @@ def _rows_gram(kr, v, s, dt: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.c
 
 
 @triton.jit
-def _lite_mla_context_rows_kernel(
-    O_ptr,  # (B, heads*D, H, W) this scale's slice of the output
-    stride_ob,
-    stride_oc,
-    stride_oh,
-    stride_ow,
-    O0_ptr,  # (B, heads*D, H, W) the output's first slice, attention over qkv itself (if WITH_RAW)
-    stride_o0b,
-    stride_o0c,
-    stride_o0h,
-    stride_o0w,
-    X_ptr,  # (B, 3*heads*D, H, W) qkv
-    stride_xb,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight (TAP_MAJOR: tap t of channel c at c + t*stride_wdt)
-    stride_wdt,
-    BD_ptr,  # (C,) depthwise bias (if HAS_BD)
-    WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
-    BP_ptr,  # (C,) pointwise bias (if HAS_BP)
-    HEADS,
-    H,
-    W,
-    D,
-    eps,
-    KSIZE: tl.constexpr,  # odd, at most MAX_ROWS_KERNEL
-    TAP_MAJOR: tl.constexpr,
-    HAS_BD: tl.constexpr,
-    HAS_BP: tl.constexpr,
-    WITH_RAW: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ROW_BLOCK: tl.constexpr,  # adjacent columns a tile row holds: 2 or 4
-    BLOCK_N: tl.constexpr,  # positions per tile: BLOCK_N / ROW_BLOCK rows of ROW_BLOCK columns
-    BLOCK_D: tl.constexpr,
-):
-    """One pass over one (batch, head), as _lite_mla_context_fwd_kernel's ONE_PASS with FMA taps, but the
-    aggregation's tiles are rows of ROW_BLOCK adjacent columns, whose stencil shares its loads between columns
-    (_rows_dwconv). The heads over qkv itself take the flattened tiles (no stencil)."""
-    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE
-    BLOCK_I: tl.constexpr = BLOCK_N // ROW_BLOCK
+def _rows_state(
+    X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr, BP_ptr, cq, i_lo, i_hi,
+    blocks_w, H, W, D, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(S, z) of the aggregated head whose q group starts at channel cq, over row blocks [i_lo, i_hi) (block i:
+    positions (i // blocks_w, (i % blocks_w) * ROW_BLOCK + r), r < ROW_BLOCK, those inside the map). Pointers at
+    the batch's qkv and the scale's weights."""
     dt: tl.constexpr = X_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // HEADS
-    head = pid % HEADS
-    cq = 3 * head * D  # first channel of this head's q group; k and v follow
-    X_ptr += b * stride_xb
     offs_c = tl.arange(0, BLOCK_D)
     c_mask = offs_c < D
-    blocks_w = tl.cdiv(W, ROW_BLOCK)
-    blocks = H * blocks_w
-    if WITH_RAW:  # first, so that its state is not held through the aggregated heads' loops
-        s0, z0 = _raw_state(X_ptr, stride_xc, stride_xh, stride_xw, cq + D, 0, H * W, H, W, D, UPCAST, PRECISION,
-                            BLOCK_N, BLOCK_D)  # fmt: skip
-        _write_out(
-            O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
-            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr,
-            BP_ptr, s0, z0, eps, 0, H * W, H, W, D, KSIZE * KSIZE, KSIZE, HAS_BD, HAS_BP, False, False, UPCAST,
-            PRECISION, False, 1, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
     s = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     z = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i0 in range(0, blocks, BLOCK_I):
+    for i0 in range(i_lo, i_hi, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I)
-        i_mask = i < blocks
+        i_mask = i < i_hi
         h = i // blocks_w
         w0 = (i % blocks_w) * ROW_BLOCK
         c = cq + D  # k's aggregation, then v's
@@ -644,11 +605,25 @@ def _lite_mla_context_rows_kernel(
         if ROW_BLOCK > 2:
             s = _rows_gram(k2, v2, s, dt, UPCAST, PRECISION)
             s = _rows_gram(k3, v3, s, dt, UPCAST, PRECISION)
+    return s, z
+
+
+@triton.jit
+def _rows_out(
+    O_ptr, stride_oc, stride_oh, stride_ow, X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt,
+    BD_ptr, WP_ptr, BP_ptr, cq, s, z, eps, i_lo, i_hi, blocks_w, H, W, D, KSIZE: tl.constexpr, HAS_BD: tl.constexpr,
+    HAS_BP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Store relu(agg(q)) S / (relu(agg(q)) . z + eps) over row blocks [i_lo, i_hi) (as _rows_state's) of the
+    head whose q group starts at channel cq; S and z fp32. O_ptr at the head's first output channel."""
+    dt: tl.constexpr = X_ptr.dtype.element_ty
+    offs_c = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < D
     s_op, s_scale = _state_operand(s, dt, UPCAST)
-    O_ptr += b * stride_ob + head * D * stride_oc
-    for i0 in range(0, blocks, BLOCK_I):
+    for i0 in range(i_lo, i_hi, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I)
-        i_mask = i < blocks
+        i_mask = i < i_hi
         h = i // blocks_w
         w0 = (i % blocks_w) * ROW_BLOCK
         q0, q1, q2, q3 = _rows_aggregate(
@@ -667,11 +642,173 @@ def _lite_mla_context_rows_kernel(
                         i_mask & (w0 + 3 < W), offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
 
 
+@triton.jit
+def _rows_chunk(pid_s, H, W, SPLITS, ROW_BLOCK: tl.constexpr, BLOCK_I: tl.constexpr):
+    """(i_lo, i_hi, blocks_w): the row blocks [i_lo, i_hi) of split pid_s of SPLITS (whole tiles of BLOCK_I, the
+    last splits possibly empty), blocks_w of them a map row."""
+    blocks_w = tl.cdiv(W, ROW_BLOCK)
+    blocks = H * blocks_w
+    chunk = tl.cdiv(tl.cdiv(blocks, SPLITS), BLOCK_I) * BLOCK_I
+    i_lo = pid_s * chunk
+    return i_lo, tl.minimum(i_lo + chunk, blocks), blocks_w
+
+
+@triton.jit
+def _lite_mla_context_rows_state_kernel(
+    S_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D, BLOCK_D) partial S of the aggregated heads
+    Z_ptr,  # fp32 (B*heads, SPLITS, BLOCK_D) partial z of the aggregated heads
+    S0_ptr,  # same, for the heads over qkv itself (if WITH_RAW)
+    Z0_ptr,
+    X_ptr,  # (B, 3*heads*D, H, W) qkv
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight (TAP_MAJOR: tap t of channel c at c + t*stride_wdt)
+    stride_wdt,
+    BD_ptr,  # (C,) depthwise bias (if HAS_BD)
+    WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
+    BP_ptr,  # (C,) pointwise bias (if HAS_BP)
+    HEADS,
+    H,
+    W,
+    D,
+    TAPS,  # (the flattened kernels' argument; KSIZE here)
+    CHUNK,  # positions per split of the heads over qkv itself, a multiple of BLOCK_N
+    SPLITS,
+    KSIZE: tl.constexpr,  # odd, at most MAX_ROWS_KERNEL
+    TAP_MAJOR: tl.constexpr,
+    HAS_BD: tl.constexpr,
+    HAS_BP: tl.constexpr,
+    WITH_RAW: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,  # adjacent columns a tile row holds: 2 or 4
+    BLOCK_N: tl.constexpr,  # positions per tile: BLOCK_N / ROW_BLOCK rows of ROW_BLOCK columns
+    BLOCK_D: tl.constexpr,
+):
+    """The row-blocked kernel's split first pass: the partial states of one (batch*head, split), as
+    _lite_mla_context_state_kernel's. A split takes CHUNK positions of the heads over qkv itself and
+    SPLITS-th of the aggregated heads' row blocks (whole tiles)."""
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE
+    BLOCK_I: tl.constexpr = BLOCK_N // ROW_BLOCK
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HEADS
+    cq = 3 * (pid_bh % HEADS) * D
+    X_ptr += b * stride_xb
+    if WITH_RAW:
+        n_lo = pid_s * CHUNK
+        s0, z0 = _raw_state(X_ptr, stride_xc, stride_xh, stride_xw, cq + D, n_lo, tl.minimum(n_lo + CHUNK, H * W),
+                            H, W, D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)  # fmt: skip
+        _store_state(S0_ptr, Z0_ptr, pid_bh * SPLITS + pid_s, s0, z0, BLOCK_D)
+    i_lo, i_hi, blocks_w = _rows_chunk(pid_s, H, W, SPLITS, ROW_BLOCK, BLOCK_I)
+    s, z = _rows_state(
+        X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr, BP_ptr, cq, i_lo, i_hi,
+        blocks_w, H, W, D, KSIZE, HAS_BD, HAS_BP, UPCAST, PRECISION, ROW_BLOCK, BLOCK_I, BLOCK_D,
+    )  # fmt: skip
+    _store_state(S_ptr, Z_ptr, pid_bh * SPLITS + pid_s, s, z, BLOCK_D)
+
+
+@triton.jit
+def _lite_mla_context_rows_kernel(
+    O_ptr,  # (B, heads*D, H, W) this scale's slice of the output
+    stride_ob,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    O0_ptr,  # (B, heads*D, H, W) the output's first slice, attention over qkv itself (if WITH_RAW)
+    stride_o0b,
+    stride_o0c,
+    stride_o0h,
+    stride_o0w,
+    X_ptr,  # (B, 3*heads*D, H, W) qkv
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight (TAP_MAJOR: tap t of channel c at c + t*stride_wdt)
+    stride_wdt,
+    BD_ptr,  # (C,) depthwise bias (if HAS_BD)
+    WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
+    BP_ptr,  # (C,) pointwise bias (if HAS_BP)
+    S_ptr,  # fp32 partials from _lite_mla_context_rows_state_kernel (unless ONE_PASS)
+    Z_ptr,
+    S0_ptr,
+    Z0_ptr,
+    HEADS,
+    H,
+    W,
+    D,
+    TAPS,  # (the flattened kernels' argument; KSIZE here)
+    CHUNK,  # positions per split of the heads over qkv itself, a multiple of BLOCK_N (ONE_PASS: all of them)
+    SPLITS,
+    eps,
+    KSIZE: tl.constexpr,  # odd, at most MAX_ROWS_KERNEL
+    TAP_MAJOR: tl.constexpr,
+    HAS_BD: tl.constexpr,
+    HAS_BP: tl.constexpr,
+    WITH_RAW: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # reduce the state here, over the whole map (grid (B*heads, 1)): no partials
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,  # adjacent columns a tile row holds: 2 or 4
+    BLOCK_N: tl.constexpr,  # positions per tile: BLOCK_N / ROW_BLOCK rows of ROW_BLOCK columns
+    BLOCK_D: tl.constexpr,
+):
+    """The output of one (batch*head, split), as _lite_mla_context_fwd_kernel's with FMA taps, but the
+    aggregation's tiles are rows of ROW_BLOCK adjacent columns, whose stencil shares its loads between columns
+    (_rows_dwconv); with ONE_PASS, of the whole map after reducing its state. The heads over qkv itself take the
+    flattened tiles (no stencil), first, so that their state is not held through the aggregated heads' loops."""
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE
+    BLOCK_I: tl.constexpr = BLOCK_N // ROW_BLOCK
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HEADS
+    head = pid_bh % HEADS
+    cq = 3 * head * D  # first channel of this head's q group; k and v follow
+    X_ptr += b * stride_xb
+    n_lo = 0  # one pass: the whole map, bounds the compiler knows (XL1 32x32, bf16: 168 sm_90 registers, not 196)
+    n_hi = H * W
+    i_lo, i_hi, blocks_w = _rows_chunk(0, H, W, 1, ROW_BLOCK, BLOCK_I)
+    if not ONE_PASS:
+        n_lo = pid_s * CHUNK
+        n_hi = tl.minimum(n_lo + CHUNK, H * W)
+        i_lo, i_hi, blocks_w = _rows_chunk(pid_s, H, W, SPLITS, ROW_BLOCK, BLOCK_I)
+    if WITH_RAW:
+        if ONE_PASS:
+            s0, z0 = _raw_state(X_ptr, stride_xc, stride_xh, stride_xw, cq + D, n_lo, n_hi, H, W, D, UPCAST,
+                                PRECISION, BLOCK_N, BLOCK_D)  # fmt: skip
+        else:
+            s0, z0 = _load_state(S0_ptr, Z0_ptr, pid_bh, SPLITS, BLOCK_D)
+        _write_out(
+            O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr,
+            BP_ptr, s0, z0, eps, n_lo, n_hi, H, W, D, KSIZE * KSIZE, KSIZE, HAS_BD, HAS_BP, False, False, UPCAST,
+            PRECISION, False, 1, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+    if ONE_PASS:
+        s, z = _rows_state(
+            X_ptr, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr, BP_ptr, cq, i_lo,
+            i_hi, blocks_w, H, W, D, KSIZE, HAS_BD, HAS_BP, UPCAST, PRECISION, ROW_BLOCK, BLOCK_I, BLOCK_D,
+        )  # fmt: skip
+    else:
+        s, z = _load_state(S_ptr, Z_ptr, pid_bh, SPLITS, BLOCK_D)
+    _rows_out(
+        O_ptr + b * stride_ob + head * D * stride_oc, stride_oc, stride_oh, stride_ow, X_ptr, stride_xc, stride_xh,
+        stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr, BP_ptr, cq, s, z, eps, i_lo, i_hi, blocks_w, H, W,
+        D, KSIZE, HAS_BD, HAS_BP, UPCAST, PRECISION, ROW_BLOCK, BLOCK_I, BLOCK_D,
+    )  # fmt: skip
+
+
 PIPELINED_TAPS = 3  # stages of a pipelined tap loop: the next two taps' tiles in flight behind the current one
 # The largest map a one-pass program takes as one tile (fp16/bf16 tensor-core stencil, 8 warps): each tap's
 # D x D matrix is then formed once per program instead of once per tile, and its dot is 256 rows deep. At 256
 # rows the sm_90 compile is 191 registers, no spill (4 warps spilled 72 bytes).
 WHOLE_MAP_ROWS = 256
+# Splits of the 2-column row-blocked candidate where one pass would do (context_configs): its 144-166 registers
+# let three programs share an SM, and B*heads programs (256 at L0's and XL1's 32x32 stage, B16) fill two of 132 x 3
+ROWS_SPLITS = 3
 
 
 def context_config(
@@ -724,17 +861,20 @@ def context_configs(
       spill; ptxas takes 143 when free to). And, on Hopper, the same tiles on 8 warps: twice the warps, each
       with half the rows (123-126 registers on sm_90; on sm_80 159-161, one program an SM, and fp16 spills 16
       bytes);
-    - over channels_last maps, fp16/bf16, one pass, depthwise kernels (`kernel`: the largest of the call's
-      scales; None: unknown, none of these) of at most MAX_ROWS_KERNEL: the row-blocked kernel
-      (_lite_mla_context_rows_kernel) on 4 warps, rows of 4 columns (ROW_BLOCK), 128 positions a tile, and of
-      2, 64 positions, under a 168-register budget (dropped for contiguous depthwise weights, _rows_launch). Its
+    - over channels_last maps, fp16/bf16, depthwise kernels (`kernel`: the largest of the call's scales; None:
+      unknown, none of these) of at most MAX_ROWS_KERNEL: the row-blocked kernels (_lite_mla_context_rows_kernel,
+      one pass or split as the heuristic is) on 4 warps, rows of 4 columns (ROW_BLOCK), 128 positions a tile, and
+      of 2, 64 positions, under a 168-register budget (dropped for contiguous depthwise weights, context_launch);
+      where the heuristic runs one pass, also the 2 columns split in ROWS_SPLITS. Its
       stencil shares each load between the columns of a row: per kernel row of an L0 tile of 4-column rows,
       356-384 sm_90 instructions for 160 FMAs (412-436 before kernels/_math.py's widen), where the 64-row FMA
       candidate's tap loop takes 98-106 for 16 (the eighth pass put that kernel at 3-4 warps an SM scheduler,
-      issuing about every cycle). 4 columns: 173-233 registers (bf16, fp16; sm_90 and sm_80, no spill), two
-      programs an SM (three on sm_80 at XL1's bf16 stages; 206-249 before the raw heads' pass moved first);
-      under a 168-register budget they spill 16-32 bytes. 2 columns: 144-166, three. The ninth H100 pass: 4
-      columns the fastest at every LiteMLA stage (B16, bf16; L0 42 us, 2 columns 56).
+      issuing about every cycle). 4 columns, one pass: 168-232 registers (bf16, fp16; sm_90 and sm_80, tap-major
+      depthwise weights, no spill), two programs an SM (three at XL1's bf16 stages; 206-249 before the raw heads'
+      pass moved first); under a 168-register budget they spill 16-32 bytes; split: the state kernel 190-227,
+      the output kernel 148-182. 2 columns: one pass 142-166, split 146-163 and 116-141, three programs an SM or
+      four. The ninth H100 pass: 4 columns the fastest at every LiteMLA stage (B16, bf16; L0 42 us, 2 columns
+      56).
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -765,8 +905,11 @@ def context_configs(
         found += [wide, dict(wide, maxnreg=128)]  # the budget: four programs an SM, not three
         if dev.tma:  # Hopper: the same tiles, twice the warps in flight (sm_80: one program an SM, fp16 spills)
             found.append(dict(fma, BLOCK_N=64, num_warps=8))
-        if kernel is not None and kernel <= MAX_ROWS_KERNEL:
-            found += [dict(wide, BLOCK_N=128, ROW_BLOCK=4), dict(wide, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168)]
+    if low_precision and kernel is not None and kernel <= MAX_ROWS_KERNEL:
+        rows = dict(fma, BLOCK_N=128, ROW_BLOCK=4, num_warps=4)
+        found += [rows, dict(rows, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168)]
+        if first["splits"] == 1:  # 2 columns split in 3: B*heads programs fill two of the three an SM takes
+            found.append(dict(rows, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168, splits=ROWS_SPLITS))
     return found + pipelined
 
 
@@ -805,8 +948,12 @@ def context_launch(
     cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim, low))
     upcast = not qkv.is_cuda  # the interpreter: its fp16/bf16 dot is wrong
     precision = "ieee" if (upcast or not low) else "tf32"  # tf32 unused: fp16/bf16 operands stay as they are
-    if cfg.get("ROW_BLOCK"):
-        return _rows_launch(qkv, dw_weights, heads, dim, eps, dw_biases, pw_biases, out, cfg, upcast, precision)
+    rows = bool(cfg.get("ROW_BLOCK"))
+    state_kernel, out_kernel = (
+        (_lite_mla_context_rows_state_kernel, _lite_mla_context_rows_kernel)
+        if rows
+        else (_lite_mla_context_state_kernel, _lite_mla_context_fwd_kernel)
+    )
     block_d = cfg["BLOCK_D"]
     one_pass = splits == 1
     grid = (B * heads, splits)
@@ -815,17 +962,26 @@ def context_launch(
     # fp16, the split's second pass: a register budget (ptxas otherwise holds it to 96 registers on sm_80 and
     # spills 8 bytes; under 128: 108, no spill). Not for bf16, which needs none: under a budget ptxas takes up
     # to it (sm_90: 68 -> 108 registers, 7 -> 4 programs an SM)
-    fp16_split = qkv.dtype == torch.float16 and not one_pass and "maxnreg" not in cfg
+    fp16_split = qkv.dtype == torch.float16 and not one_pass and not rows and "maxnreg" not in cfg
     out_options = {"maxnreg": 128} if fp16_split else {}
     scales = []  # per scale: (depthwise weight's tap stride, sizes, its two kernels' launches)
     for s, wd in enumerate(dw_weights):
         K = wd.shape[-1]
         tap_stride, tap_major = tap_layout(wd)
+        opts, state_options = cfg, {}
+        if rows:
+            # the flattened kernels' keys left out. Contiguous depthwise weights (a tap's channels strided, scalar
+            # loads) spill 8-48 bytes under a 168-register budget: those launch without it, but the split state
+            # kernel spills 8-32 at the 168 ptxas then takes unasked (L0's k=5): it runs with the cap at 255 (compile
+            # gate: 163-202 registers, no spill)
+            dropped = ("TAP_MMA", "ROW_TAPS", "TAP_STAGES") + (() if tap_major else ("maxnreg",))
+            opts = {k: v for k, v in cfg.items() if k not in dropped}
+            state_options = {} if tap_major else {"maxnreg": 255}
         flags = dict(KSIZE=K, TAP_MAJOR=tap_major, HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0,
-                     UPCAST=upcast, PRECISION=precision, **cfg)  # fmt: skip
+                     UPCAST=upcast, PRECISION=precision, **opts)  # fmt: skip
         kernels = (
-            KernelLaunch(_lite_mla_context_state_kernel, grid, **flags),
-            KernelLaunch(_lite_mla_context_fwd_kernel, grid, ONE_PASS=one_pass, **flags, **out_options),
+            KernelLaunch(state_kernel, grid, **flags, **state_options),
+            KernelLaunch(out_kernel, grid, ONE_PASS=one_pass, **flags, **out_options),
         )
         scales.append((tap_stride, (heads, H, W, dim, K * K, chunk, splits), kernels))
     parts = ((B * heads, splits, block_d, block_d), (B * heads, splits, block_d))
@@ -849,38 +1005,6 @@ def context_launch(
                 o, *os, raw_out, *os, qkv, *xs, wd, wdt, bd, wp, bp, state, z, s0, z0, *sizes, eps,
                 compile_only=compile_only,
             )  # fmt: skip
-        return out
-
-    return launch
-
-
-def _rows_launch(qkv, dw_weights, heads, dim, eps, dw_biases, pw_biases, out, cfg, upcast, precision) -> Callable:
-    """context_launch's launch on _lite_mla_context_rows_kernel (one pass, each scale one launch)."""
-    B, _, H, W = qkv.shape
-    width = heads * dim
-    xs, os = qkv.stride(), out.stride()
-    scales = []  # per scale: (depthwise weight's tap stride, its launch)
-    for s, wd in enumerate(dw_weights):
-        tap_stride, tap_major = tap_layout(wd)
-        # the flattened kernels' keys left out; contiguous depthwise weights (a tap's channels strided, scalar loads)
-        # spill 8-48 bytes under a register budget (compile gate): those launch without it
-        dropped = ("TAP_MMA", "ROW_TAPS", "TAP_STAGES") + (() if tap_major else ("maxnreg",))
-        opts = {k: v for k, v in cfg.items() if k not in dropped}
-        kernel = KernelLaunch(
-            _lite_mla_context_rows_kernel, (B * heads,), KSIZE=wd.shape[-1], TAP_MAJOR=tap_major,
-            HAS_BD=bool(dw_biases), HAS_BP=bool(pw_biases), WITH_RAW=s == 0, UPCAST=upcast, PRECISION=precision,
-            **opts,
-        )  # fmt: skip
-        scales.append((tap_stride, kernel))
-
-    def launch(qkv, dw_weights, pw_weights, dw_biases, pw_biases, out, compile_only=False):
-        raw_out = out[:, :width]
-        for s, (wdt, kernel) in enumerate(scales):
-            wd, wp = dw_weights[s], pw_weights[s]
-            bd, bp = _bias_args(dw_biases, s, wd)[0], _bias_args(pw_biases, s, wp)[0]
-            o = out[:, (1 + s) * width : (2 + s) * width]
-            args = (o, *os, raw_out, *os, qkv, *xs, wd, wdt, bd, wp, bp, heads, H, W, dim, eps)
-            kernel(*args, compile_only=compile_only)
         return out
 
     return launch

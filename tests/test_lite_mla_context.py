@@ -164,17 +164,21 @@ def test_launcher_configs(target, case):
 
 ROWS_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, tap-major depthwise weights)
     (1, 1, 16, 12, 11, (7, 1), True, torch.bfloat16, False),  # several tiles; the largest and smallest kernels
-    (2, 1, 16, 9, 6, (5, 3), False, torch.float16, True),
+    (2, 1, 16, 9, 10, (5, 3), False, torch.float16, True),
 ]
 
 
 @pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("row_block", [4, 2])
 @pytest.mark.parametrize("case", ROWS_CASES, ids=lambda c: f"{c[3]}x{c[4]}-k{c[5]}-{str(c[7])[6:]}-tm{int(c[8])}")
-def test_rows_kernel(target, case, row_block):
-    """The row-blocked kernel on small tiles (16 rows of `row_block` columns: every map takes several), into a
-    NaN-poisoned output, against float64 within twice eager's error: rows past the map, columns past its width
-    (11 and 6 are not multiples of 4), contiguous and tap-major depthwise weights, kernels 1 to 7."""
+def test_rows_kernel(target, case, row_block, splits):
+    """The row-blocked kernels on small tiles (16 rows of `row_block` columns: every map takes several), one pass
+    and split over the map (the state kernel's partials, then the output kernel; the last split's row blocks
+    fewer than a tile), into a NaN-poisoned output, against float64 within twice eager's error: rows past the
+    map, columns past its width (11 and 10 are not multiples of 4), contiguous and tap-major depthwise weights,
+    kernels 1 to 7."""
+    from linattn.kernels.linear_attention import split_rows
     from linattn.kernels.lite_mla_context import lite_mla_context_fwd
 
     device = target[1]
@@ -184,7 +188,8 @@ def test_rows_kernel(target, case, row_block):
     )
     want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
     tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
-    config = dict(BLOCK_N=16 * row_block, BLOCK_D=16, ROW_BLOCK=row_block, num_warps=4, num_stages=1, splits=1)
+    config = dict(BLOCK_N=16 * row_block, BLOCK_D=16, ROW_BLOCK=row_block, num_warps=4, num_stages=1, splits=splits)
+    assert (split_rows(H * W, config)[2] > 1) == (splits > 1)  # every case splits where asked
     out = torch.full(want.shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     lite_mla_context_fwd(qkv, dws, pws, heads, D, 1e-15, dbs, pbs, out, config)
     assert_close(out, want, tol, "out")
@@ -215,13 +220,15 @@ def test_context_configs_measured_on_a_gpu():
     stencil with a kernel row's taps unrolled (one pass only), the other side of the one-pass / split choice
     where the map has several row tiles, the whole map as one tile (one pass, at most WHOLE_MAP_ROWS positions),
     over channels_last maps FMA taps on 64-row tiles on 4 warps (also under a 128-register budget) and, on Hopper,
-    8, and the row-blocked kernel, rows of 4 and 2 columns (fp16/bf16, one pass; kernels up to MAX_ROWS_KERNEL),
-    then each but the unrolled one and those last ones with its tap loop pipelined; the interpreter's alone."""
+    8, and the row-blocked kernel, rows of 4 and 2 columns (fp16/bf16, kernels up to MAX_ROWS_KERNEL; split as the
+    heuristic splits, and where it does not the 2 columns in ROWS_SPLITS too), then each but the unrolled one and
+    those last ones with its tap loop pipelined; the interpreter's alone."""
     from linattn.kernels._device import H100, INTERPRETER
     from linattn.kernels.linear_attention import split_rows
     from linattn.kernels.lite_mla_context import (
         MAX_ROWS_KERNEL,
         PIPELINED_TAPS,
+        ROWS_SPLITS,
         WHOLE_MAP_ROWS,
         context_config,
         context_configs,
@@ -230,9 +237,10 @@ def test_context_configs_measured_on_a_gpu():
     def kinds(B, N, low=True):
         configs = context_configs(H100, B, 16, N, 32, low, kernel=5)
         unpipelined = [c for c in configs if c["TAP_STAGES"] == 1]
-        # last, one pass: 64-row FMA tiles (4, 4, 8 warps), the row-blocked kernel (4, 2 columns)
+        # last: one pass, 64-row FMA tiles (4, 4, 8 warps); the row-blocked kernel (4, 2 columns)
         wide = [c for c in unpipelined if not c["TAP_MMA"] and (c["BLOCK_N"] == 64 or c.get("ROW_BLOCK"))]
-        assert unpipelined[len(unpipelined) - len(wide) :] == wide and all(split_rows(N, c)[2] == 1 for c in wide)
+        assert unpipelined[len(unpipelined) - len(wide) :] == wide
+        assert all(split_rows(N, c)[2] == 1 for c in wide if not c.get("ROW_BLOCK"))
         # then each but the unrolled and the 64-row ones, with its tap loop pipelined (FMA taps: a register budget)
         pipelined = [
             dict(c, TAP_STAGES=PIPELINED_TAPS, **({} if c["TAP_MMA"] else {"maxnreg": c.get("maxnreg", 168)}))
@@ -245,10 +253,10 @@ def test_context_configs_measured_on_a_gpu():
     assert context_configs(H100, 16, 16, 256, 32, True, kernel=5)[0] == context_config(H100, 16, 16, 256, 32, True)
     # L0, B16; then the whole 16x16 map as one tile (8 warps), last FMA taps on 64-row tiles
     l0 = [(True, False, 1), (False, False, 1), (False, True, 1), (True, False, 4), (True, False, 1), (False, False, 1)]
-    assert kinds(16, 256) == [*l0, *[(False, False, 1)] * 4]
-    whole, wide, budget, wider, rows, rows2 = context_configs(H100, 16, 16, 256, 32, True, kernel=5)[4:10]
+    assert kinds(16, 256) == [*l0, *[(False, False, 1)] * 4, (False, False, 2)]  # (ROWS_SPLITS, clamped to tiles)
+    whole, wide, budget, wider, rows, rows2, split = context_configs(H100, 16, 16, 256, 32, True, kernel=5)[4:11]
     assert rows == dict(wide, BLOCK_N=128, ROW_BLOCK=4) and "ROW_BLOCK" not in wider
-    assert rows2 == dict(wide, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168)
+    assert rows2 == dict(wide, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168) and split == dict(rows2, splits=ROWS_SPLITS)
     for kernel in (MAX_ROWS_KERNEL + 2, None):  # a larger kernel, or none given: no row-blocked candidate
         assert not any(c.get("ROW_BLOCK") for c in context_configs(H100, 16, 16, 256, 32, True, kernel=kernel))
     assert (whole["BLOCK_N"], whole["num_warps"]) == (WHOLE_MAP_ROWS, 8)
@@ -259,14 +267,16 @@ def test_context_configs_measured_on_a_gpu():
     assert context_configs(ampere, 16, 16, 256, 32, True, kernel=5) == [c for c in hopper if c != wider]
     assert all(c["BLOCK_N"] < 1024 for c in context_configs(H100, 16, 16, 1024, 32, True))  # XL1's 32x32: no
     assert kinds(16, 256, low=False) == [(False, False, 1), (False, True, 1), (False, False, 4)]
-    # batch 1: the split first (FMA taps: 32-row tiles), and no unrolled taps (split)
-    assert kinds(1, 256) == [(True, False, 4), (False, False, 8), (True, False, 1)]
+    # batch 1: the split first (FMA taps: 32-row tiles), and no unrolled taps (split); rows of 4 and 2 columns split
+    rows = [(False, False, 2), (False, False, 4)]
+    assert kinds(1, 256) == [(True, False, 4), (False, False, 8), (True, False, 1), *rows]
     assert kinds(1, 256, low=False) == [(False, False, 16), (False, False, 1)]  # fp32: FMA taps (IEEE), 16-row tiles
-    assert kinds(1, 49) == [(True, False, 1), (False, False, 2)]  # one 64-row tile: nothing to split (two of 32 rows)
+    # one 64-row tile: nothing to split (two of 32 rows); the row-blocked kernel's tiles hold it all
+    assert kinds(1, 49) == [(True, False, 1), (False, False, 2), (False, False, 1), (False, False, 1)]
     assert context_configs(INTERPRETER, 16, 16, 256, 32, True) == [context_config(INTERPRETER, 16, 16, 256, 32, True)]
     assert context_config(H100, 16, 16, 256, 32, True)["TAP_STAGES"] == 1  # the heuristic: not pipelined
     nchw = context_configs(H100, 16, 16, 256, 32, True, False, 5)  # nothing to pipeline: no duplicates
-    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True, kernel=5) if c["TAP_STAGES"] == 1][:-5]
+    assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True, kernel=5) if c["TAP_STAGES"] == 1][:-6]
 
 
 @pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
