@@ -2,6 +2,7 @@
 do not fit shared memory or spill fail it; the replay sees every kernel family the encoders launch."""
 
 import shutil
+import warnings
 
 import pytest
 import triton.language as tl
@@ -109,7 +110,10 @@ def test_replay_covers_every_kernel_family():
     calls = audit.trace(
         models=("efficientvit-sam-l0", "squeezesam"), batches=(16, 1), dtypes=("fp16",), layouts=("channels_last",)
     )
-    found = audit.replay(calls, audit.ARCHS[90])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = audit.replay(calls, audit.ARCHS[90])
+    assert not [w for w in caught if "left out" in str(w.message)]  # fake results: measured dispatch compares none
     launched = {launch.kernel for launch, _ in found.values()}
     assert launched == set(audit.triton_kernels())
     context = [launch for launch, _ in found.values() if launch.name == "_lite_mla_context_state_kernel"]
