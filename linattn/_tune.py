@@ -445,7 +445,8 @@ def _disagreeing(key: str, candidates: Sequence[str], runner: Callable[[str], ob
     """The candidates left out of a choice: {candidate: its relative difference from the baseline's result, where
     over the tolerance, or what it raised}, each run once into NaN-filled scratch outputs, each left out with a
     warning. The baseline: the reference where it is a candidate, else the first (a kernel's heuristic
-    configuration); what it raises is raised. Results without values (fake or meta tensors) are not compared."""
+    configuration); what it raises is raised. Results without values (fake or meta tensors) are not compared.
+    Warned once per op, candidate and kind of failure."""
     baseline = "reference" if "reference" in candidates else candidates[0]
     tolerance = _tolerance(args)
     found = {}
@@ -464,14 +465,19 @@ def _disagreeing(key: str, candidates: Sequence[str], runner: Callable[[str], ob
             if not error <= tolerance:
                 found[name] = error
     for name, why in found.items():
+        # once per op, candidate and kind (a kernel over a smaller GPU's shared memory fails at every call)
+        kind = f"left out:{key.split(':', 1)[0]}:{name}:{why.split(':', 1)[0] if isinstance(why, str) else ''}"
+        if kind in _warned:
+            continue
+        _warned.add(kind)
         what = (
             f"it raised {why}"
             if isinstance(why, str)
             else f"its result differs from {baseline}'s by {why:.3g} (relative; rounding allows {tolerance:g})"
         )
         warnings.warn(
-            f"linattn: measured dispatch left out {name} for {key}: {what}. Please report it with the output of "
-            "`python -m linattn info`",
+            f"linattn: measured dispatch left out {name} for {key}: {what}. Further calls it leaves out so are not "
+            "warned of (linattn._tune.timings() lists them all). Please report it with `python -m linattn info`",
             RuntimeWarning,
             stacklevel=2,
         )

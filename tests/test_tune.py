@@ -311,6 +311,10 @@ def test_a_candidate_that_raises_is_left_out(tuned):
     with pytest.warns(RuntimeWarning, match="left out cuda .* raised RuntimeError: out of shared memory"):
         assert _resolve(run, device, torch.empty(3)) == "triton"
     assert _tune.timings()[-1]["rejected"] == {"cuda": "RuntimeError: out of shared memory"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same failure at another call: recorded, not warned again
+        assert _resolve(run, device, torch.empty(4)) == "triton"
+    assert _tune.timings()[-1]["rejected"] == {"cuda": "RuntimeError: out of shared memory"}
 
     def broken(backend):
         raise ValueError("the reference failed")
