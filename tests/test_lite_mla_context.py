@@ -368,6 +368,52 @@ def test_cuda_context_configs_at_stage_shapes(case):
     assert_all_within(results, tol)
 
 
+# the cuda backend's tensor-core kernel (csrc/lite_mla_context.cu mma_kernel: fp16/bf16 at group size 32): odd maps,
+# biases, two scales (kernel 7 on the 9-tap stencil), both layouts
+CUDA_MMA_CASES = [
+    (16, 16, 32, 16, 16, (5,), False, torch.bfloat16, True),  # L0's stage
+    (16, 32, 32, 16, 16, (3,), True, torch.float16, True),  # XL1's stage 5
+    (2, 3, 32, 13, 21, (3, 7), True, torch.float16, False),
+    (3, 1, 32, 67, 1, (5,), True, torch.bfloat16, False),
+]
+CUDA_TARGETS = [t for t in kernel_targets() if t.values[0][0] == "cuda"]
+
+
+@pytest.mark.parametrize("target", CUDA_TARGETS)
+@pytest.mark.parametrize("case", CUDA_MMA_CASES, ids=_case_id)
+def test_cuda_tensor_core_context(target, case, monkeypatch):
+    """The cuda backend's tensor-core kernel on the whole batch (one pass where its blocks fill the GPU) and on its
+    first image (the map split, partials summed), into NaN-poisoned outputs, against float64 within twice eager's
+    error."""
+    B, heads, D, H, W, ksizes, bias, dtype, channels_last = case
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, "cuda", channels_last, 6)
+    want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
+    tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
+    poison_outputs(monkeypatch, sys.modules["linattn.ops.lite_mla_context"])
+    results = []
+    with linattn.backend("cuda"):
+        for images in (B, 1):
+            out = linattn.lite_mla_context(qkv[:images], dws, pws, heads, D, 1e-15, dbs, pbs)
+            results.append((f"{images} image(s)", rel_err(out, want[:images])))
+    assert_all_within(results, tol)
+
+
+@pytest.mark.parametrize("target", CUDA_TARGETS)
+@pytest.mark.parametrize("B", [1, 16], ids=["split", "one-pass"])
+def test_cuda_fp16_large_activations_do_not_overflow(target, B):
+    """The tensor-core kernel's S exceeds fp16's range here (eager fp16 overflows); it enters its product scaled
+    into range by columns, and the result must not overflow."""
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, 16, 32, 16, 16, (3,), False, torch.float32, "cuda", seed=8)
+    qkv = (qkv * 40.0).half()
+    dws, pws = [w.half() for w in dws], [w.half() for w in pws]
+    want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), 16, 32)
+    assert not torch.isfinite(eager.lite_mla_context(qkv, dws, pws, 16, 32)).all()
+    with linattn.backend("cuda"):
+        out = linattn.lite_mla_context(qkv, dws, pws, 16, 32)
+    # about five fp16 roundings (the stencil's tile, aggregated q/k/v, S, the result): allow ten
+    assert_close(out, want, 10 * rel_err(want.half(), want), "out")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("B", [1, 8], ids=["split", "one-pass"])
 def test_planned_calls_launch_directly_on_cuda(B, triton_launches, monkeypatch):

@@ -18,10 +18,26 @@
 //
 // Layout contract: qkv and out (B, *, H, W) with any strides; weights and biases
 // contiguous, qkv's dtype.
+//
+// fp16/bf16 at group size 32 on sm_80 and later (the SAM encoders' LiteMLA) run mma_kernel instead: the same
+// tiles and depthwise stencil (aggregate_tile.cuh, fp32 FMAs), but the products on tensor cores (WMMA 16x16x16,
+// fp32 accumulation) over tiles in qkv's dtype, and one pass where B*heads blocks fill the GPU:
+//   pointwise   the stencil's tile rounded to the dtype times Wp^T (as eager PyTorch rounds the depthwise
+//               conv's output before the 1x1 conv), then its bias, ReLU and the image mask, rounded again
+//   state       S += relu(k)^T v, in registers (each warp one 16x16 block of S over half the positions), z in
+//               fp32 from the same rounded relu(k)
+//   output      relu(q) S': S rounded to the dtype column by column as S' = S / 2^e, 2^e the power of two
+//               just above the column's largest |S| (fp16's range would not hold S itself), the 2^e put back
+//               in fp32 with the division by relu(q) . z + eps
+// A block of the one pass reduces its head's S over the whole map in registers, then writes the output;
+// split over the map, its state pass writes fp32 partials and its output pass sums them (as above).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -152,6 +168,275 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
+// ---- tensor cores: fp16/bf16, group size 32 ------------------------------------------------------
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kMmaD = 32;          // the group size mma_kernel serves
+constexpr int kLdt = kMmaD + 8;    // leading dimension of its dtype tiles (a multiple of 8, as WMMA needs)
+constexpr int kLds = kMmaD + 4;    // of its fp32 tiles (a multiple of 4)
+constexpr int kWarps = kThreads / 32;
+// blocks an SM (its registers: 56-83 at ptxas's own choice; on sm_90 its shared memory too)
+constexpr int kMmaBlocks = 3;
+static_assert(kTileP == 16 * kWarps && kThreads == 2 * kTileP && kMmaD % 16 == 0,
+              "a warp per 16 positions of a tile, two threads a position; 16x16 blocks");
+
+// The WMMA element type of qkv's dtype, and the rounding to it.
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<at::Half> {
+  using type = __half;
+  static __device__ __forceinline__ type round(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float widen(type x) { return __half2float(x); }
+};
+template <>
+struct MmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+  static __device__ __forceinline__ type round(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float widen(type x) { return __bfloat162float(x); }
+};
+
+template <typename E, typename Layout>
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, E, Layout>;
+template <typename E, typename Layout>
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, E, Layout>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// mma_kernel's shared memory, in bytes from the start; every WMMA operand 32-byte aligned.
+template <int K>
+struct MmaSmem {
+  // fp32 scratch: the stencil's halo, or a tile of products [p][c] (kLds), or the state's two halves of S
+  // (kLds) and eight partial z, then its sum [d][e] (kMmaD) and z
+  static constexpr int kScratchFloats = std::max({Halo<K>::kFloats, kTileP * kLds,
+                                                  2 * kMmaD * kLds + kWarps * kMmaD + kMmaD * kMmaD + kMmaD});
+  static constexpr size_t kScratch = 0;
+  static constexpr size_t kConv = kScratch + sizeof(float) * kScratchFloats;  // the stencil's fp32 tile (D + 1)
+  static constexpr size_t kTileA = kConv + sizeof(float) * kTileP * (kMmaD + 1);  // relu(k) or relu(q), dtype
+  static constexpr size_t kTileB = kTileA + 2 * kTileP * kLdt;                    // v
+  static constexpr size_t kWp = kTileB + 2 * kTileP * kLdt;                       // Wp of q, k, v: [c][j]
+  static constexpr size_t kS = kWp + 2 * 3 * kMmaD * kLdt;                        // S' [d][e]
+  static constexpr size_t kScale = kS + 2 * kMmaD * kLdt;                         // 2^e per column of S
+  static constexpr size_t kZ = kScale + sizeof(float) * kMmaD;
+  static constexpr size_t kDen = kZ + sizeof(float) * kMmaD;  // relu(q) . z + eps per position
+  static constexpr size_t kBytes = kDen + sizeof(float) * kTileP;
+  static_assert(kConv % 32 == 0 && kTileA % 32 == 0 && kTileB % 32 == 0 && kWp % 32 == 0 && kS % 32 == 0,
+                "WMMA operands must be 32-byte aligned");
+};
+
+// dst[p][c] (kLdt, dtype) = the group's tile at channel c0: qkv's own (raw) or its aggregation, relu'd
+// when RELU, zero at positions outside the image. Begins and ends with a barrier.
+template <typename T, int K, bool RELU>
+__device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float* scratch, float* conv,
+                                const typename MmaType<T>::type* wp_s, const Map<const T>& x, int b, int c0, int h0,
+                                int w0, const Geometry& geometry, const T* wd, const T* bd, const T* bp, int k) {
+  using M = MmaType<T>;
+  __syncthreads();  // the tiles' previous readers are done
+  const Geometry g = opaque(geometry);
+  if (raw) {
+    for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
+      int p, c;
+      tile_element(x, i, kMmaD, p, c);
+      const int h = h0 + p / kTileW, w = w0 + p % kTileW;
+      const float v = h < g.H && w < g.W ? static_cast<float>(x.ptr[x.offset(b, c0 + c, h, w)]) : 0.f;
+      dst[p * kLdt + c] = M::round(RELU ? relu(v) : v);
+    }
+    __syncthreads();
+    return;
+  }
+  dwconv_tile<T, K>(conv, scratch, x, b, c0, h0, w0, g, wd, bd, k, Map<T>{});  // ends with a barrier
+  for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
+    dst[(i / kMmaD) * kLdt + i % kMmaD] = M::round(conv[(i / kMmaD) * (kMmaD + 1) + i % kMmaD]);
+  }
+  __syncthreads();
+  {  // the warp's 16 positions times Wp^T: B(j, c) = Wp[c][j], wp_s's [c][j] read column-major
+    const int warp = threadIdx.x / 32;
+    FragC acc[kMmaD / 16];
+#pragma unroll
+    for (int n = 0; n < kMmaD / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+#pragma unroll
+    for (int s = 0; s < kMmaD / 16; ++s) {
+      FragA<typename M::type, wmma::row_major> a;
+      wmma::load_matrix_sync(a, dst + 16 * warp * kLdt + 16 * s, kLdt);
+#pragma unroll
+      for (int n = 0; n < kMmaD / 16; ++n) {
+        FragB<typename M::type, wmma::col_major> w;
+        wmma::load_matrix_sync(w, wp_s + 16 * n * kLdt + 16 * s, kLdt);
+        wmma::mma_sync(acc[n], a, w, acc[n]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kMmaD / 16; ++n) {
+      wmma::store_matrix_sync(scratch + 16 * warp * kLds + 16 * n, acc[n], kLds, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
+    const int p = i / kMmaD, c = i % kMmaD;
+    float y = scratch[p * kLds + c] + (bp != nullptr ? static_cast<float>(bp[c0 + c]) : 0.f);
+    if (RELU) y = relu(y);
+    const bool inside = h0 + p / kTileW < g.H && w0 + p % kTileW < g.W;
+    dst[p * kLdt + c] = M::round(inside ? y : 0.f);
+  }
+  __syncthreads();
+}
+
+enum class MmaPass { kOne, kState, kOut };
+
+// Head (b, h) at one scale (blockIdx.z 0 of the first scale's grid: qkv's own heads) over its chunk of tiles:
+//   kOne    S and z over the whole map (one chunk), then the output
+//   kState  S and z of the chunk -> its fp32 partial slot (D * D + D, as state_kernel's)
+//   kOut    S and z summed over the `splits` partial slots of (b, h), then the chunk's output
+template <typename T, int K, MmaPass PASS>
+__global__ void __launch_bounds__(kThreads, kMmaBlocks)
+    mma_kernel(const Map<T> out, int c_out, float* parts, int splits, float eps, const Map<const T> x, const T* wd,
+               const T* bd, const T* wp, const T* bp, int k, int heads, const Geometry g) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using M = MmaType<T>;
+  using E = typename M::type;
+  using L = MmaSmem<K>;
+  extern __shared__ __align__(128) unsigned char smem_mma[];
+  float* scratch = reinterpret_cast<float*>(smem_mma + L::kScratch);
+  float* conv = reinterpret_cast<float*>(smem_mma + L::kConv);
+  E* ta = reinterpret_cast<E*>(smem_mma + L::kTileA);
+  E* tb = reinterpret_cast<E*>(smem_mma + L::kTileB);
+  E* wp_s = reinterpret_cast<E*>(smem_mma + L::kWp);
+  E* st = reinterpret_cast<E*>(smem_mma + L::kS);
+  float* scale = reinterpret_cast<float*>(smem_mma + L::kScale);
+  float* zs = reinterpret_cast<float*>(smem_mma + L::kZ);
+  float* den = reinterpret_cast<float*>(smem_mma + L::kDen);
+
+  const bool raw = raw_heads();
+  const int b = blockIdx.x / heads, h = blockIdx.x % heads;
+  const int warp = threadIdx.x / 32;
+  if (!raw) {  // the head's three pointwise matrices, [c][j] rows of the (C, D) weight
+    for (int i = thread_index(); i < 3 * kMmaD * kMmaD; i += kThreads) {
+      const int r = i / kMmaD;
+      wp_s[r * kLdt + i % kMmaD] = M::round(static_cast<float>(wp[static_cast<int64_t>(3 * h * kMmaD) * kMmaD + i]));
+    }
+  }  // (read after mma_source_tile's first barrier)
+  int first, last;
+  chunk_tiles(g, first, last);
+  // S and z, summed into [d][e] and z at `sum` (D * D + D floats)
+  float* sum = scratch + 2 * kMmaD * kLds + kWarps * kMmaD;
+  if constexpr (PASS != MmaPass::kOut) {
+    // warp w: S's 16x16 block (w % 4) over the positions of half w / 4 of each tile; thread t: z[t % 32] over
+    // the 16 positions t / 32
+    const int bi = (warp % 4) / 2, bj = warp % 2, half = warp / 4;
+    FragC sacc;
+    wmma::fill_fragment(sacc, 0.f);
+    float zacc = 0.f;
+    for (int t = first; t < last; ++t) {
+      int h0, w0;
+      tile_origin(g, t, h0, w0);
+      mma_source_tile<T, K, true>(ta, raw, scratch, conv, wp_s + kMmaD * kLdt, x, b, (3 * h + 1) * kMmaD, h0, w0,
+                                  g, wd, bd, bp, k);
+      mma_source_tile<T, K, false>(tb, raw, scratch, conv, wp_s + 2 * kMmaD * kLdt, x, b, (3 * h + 2) * kMmaD, h0,
+                                   w0, g, wd, bd, bp, k);
+#pragma unroll
+      for (int s = 0; s < kTileP / 32; ++s) {
+        const int p0 = half * (kTileP / 2) + 16 * s;
+        FragA<E, wmma::col_major> kt;  // A(d, p) = relu(k)[p][d]
+        FragB<E, wmma::row_major> v;
+        wmma::load_matrix_sync(kt, ta + p0 * kLdt + 16 * bi, kLdt);
+        wmma::load_matrix_sync(v, tb + p0 * kLdt + 16 * bj, kLdt);
+        wmma::mma_sync(sacc, kt, v, sacc);
+      }
+      const int d = threadIdx.x % kMmaD, p0 = (threadIdx.x / kMmaD) * (kTileP / kWarps);
+#pragma unroll 4
+      for (int p = p0; p < p0 + kTileP / kWarps; ++p) zacc += M::widen(ta[p * kLdt + d]);
+    }
+    __syncthreads();  // the last tile's products are done with scratch
+    wmma::store_matrix_sync(scratch + half * kMmaD * kLds + 16 * bi * kLds + 16 * bj, sacc, kLds,
+                            wmma::mem_row_major);
+    scratch[2 * kMmaD * kLds + threadIdx.x] = zacc;  // [t / 32][t % 32]
+    __syncthreads();
+    float* dst = PASS == MmaPass::kState
+                     ? parts + parts_offset(blockIdx.x, gridDim.y, kMmaD) +
+                           static_cast<int64_t>(blockIdx.y) * (kMmaD * kMmaD + kMmaD)
+                     : sum;
+    for (int i = threadIdx.x; i < kMmaD * kMmaD + kMmaD; i += kThreads) {
+      float v = 0.f;
+      if (i < kMmaD * kMmaD) {
+        const int d = i / kMmaD, e = i % kMmaD;
+        v = scratch[d * kLds + e] + scratch[kMmaD * kLds + d * kLds + e];
+      } else {
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) v += scratch[2 * kMmaD * kLds + w * kMmaD + i - kMmaD * kMmaD];
+      }
+      dst[i] = v;
+    }
+    if constexpr (PASS == MmaPass::kState) return;
+  } else {
+    const float* src = parts + parts_offset(blockIdx.x, splits, kMmaD);
+    for (int i = threadIdx.x; i < kMmaD * kMmaD + kMmaD; i += kThreads) {
+      float v = 0.f;
+      for (int s = 0; s < splits; ++s) v += src[static_cast<int64_t>(s) * (kMmaD * kMmaD + kMmaD) + i];
+      sum[i] = v;
+    }
+  }
+  __syncthreads();
+  // S' = S / 2^e by columns, rounded; 2^e just above the column's largest |S| (1 where that is 0 or not finite)
+  if (threadIdx.x < kMmaD) {
+    const int e = threadIdx.x;
+    float m = 0.f;
+    for (int d = 0; d < kMmaD; ++d) m = fmaxf(m, fabsf(sum[d * kMmaD + e]));
+    int ex = 0;
+    if (m > 0.f && isfinite(m)) frexpf(m, &ex);
+    scale[e] = ldexpf(1.f, min(ex, 127));  // (2^128 is not a float: S' then stays below 2)
+    zs[e] = sum[kMmaD * kMmaD + e];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kMmaD * kMmaD; i += kThreads) {
+    st[(i / kMmaD) * kLdt + i % kMmaD] = M::round(sum[i] / scale[i % kMmaD]);
+  }
+  for (int t = first; t < last; ++t) {
+    int h0, w0;
+    tile_origin(g, t, h0, w0);
+    mma_source_tile<T, K, true>(ta, raw, scratch, conv, wp_s, x, b, 3 * h * kMmaD, h0, w0, g, wd, bd, bp, k);
+    {  // den: two threads a position, 16 channels each
+      const int p = threadIdx.x / 2, d0 = (threadIdx.x % 2) * (kMmaD / 2);
+      float dot = 0.f;
+#pragma unroll
+      for (int d = d0; d < d0 + kMmaD / 2; ++d) dot = fmaf(M::widen(ta[p * kLdt + d]), zs[d], dot);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      if (threadIdx.x % 2 == 0) den[p] = dot + eps;
+    }
+    FragC acc[kMmaD / 16];
+#pragma unroll
+    for (int n = 0; n < kMmaD / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+#pragma unroll
+    for (int s = 0; s < kMmaD / 16; ++s) {
+      FragA<E, wmma::row_major> q;
+      wmma::load_matrix_sync(q, ta + 16 * warp * kLdt + 16 * s, kLdt);
+#pragma unroll
+      for (int n = 0; n < kMmaD / 16; ++n) {
+        FragB<E, wmma::row_major> sv;
+        wmma::load_matrix_sync(sv, st + 16 * s * kLdt + 16 * n, kLdt);
+        wmma::mma_sync(acc[n], q, sv, acc[n]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kMmaD / 16; ++n) {
+      wmma::store_matrix_sync(scratch + 16 * warp * kLds + 16 * n, acc[n], kLds, wmma::mem_row_major);
+    }
+    __syncthreads();
+    const Geometry go = opaque(g);
+    const int c1 = (raw ? 0 : c_out) + h * kMmaD;
+    for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
+      int p, c;
+      tile_element(out, i, kMmaD, p, c);
+      const int hh = h0 + p / kTileW, ww = w0 + p % kTileW;
+      if (hh < go.H && ww < go.W) {
+        out.ptr[out.offset(b, c1 + c, hh, ww)] = static_cast<T>(scratch[p * kLds + c] * scale[c] / den[p]);
+      }
+    }
+  }
+#else
+  __trap();  // the launcher takes this kernel on sm_80 and later only
+#endif
+}
+
 // ---- host side --------------------------------------------------------------------------------
 
 template <int K>
@@ -162,31 +447,66 @@ struct SharedBytes {
   }
 };
 
+// Whether mma_kernel serves a call: fp16/bf16 at group size kMmaD, built for sm_80 or later (a build whose
+// code for this GPU is older PTX has only its trap).
+template <typename T>
+bool use_mma(int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if (D != kMmaD) return false;
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, mma_kernel<T, 3, MmaPass::kOne>));
+    return attributes.ptxVersion >= 80;  // the __CUDA_ARCH__ its code was compiled for
+  }
+}
+
 template <typename T>
 void forward(const at::Tensor& qkv, at::TensorList dw_weights, at::TensorList pw_weights, int64_t heads,
              int64_t D, float eps, at::TensorList dw_biases, at::TensorList pw_biases, const at::Tensor& out) {
-  const int64_t B = qkv.size(0);
-  const Geometry g = plan(B * heads, qkv.size(2), qkv.size(3), D);
+  const int64_t B = qkv.size(0), H = qkv.size(2), W = qkv.size(3);
+  const bool mma = use_mma<T>(D);
+  // the first scale's grids also serve qkv's own heads (blockIdx.z 0), with partials of their own; mma_kernel
+  // splits the map only where its 2 * B * heads blocks would leave SMs with room for more (kMmaBlocks, or as
+  // many as the shared memory holds with the driver's 1 KB a block: sm_80 two)
+  const int per_sm = std::min<int>(kMmaBlocks, device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) /
+                                                   (MmaSmem<9>::kBytes + 1024));
+  const Geometry g = mma ? plan(2 * B * heads, H, W, D, per_sm) : plan(B * heads, H, W, D);
   const int splits = num_splits(g);
-  // the first scale's grids also serve qkv's own heads (blockIdx.z 0), with partials of their own
-  const at::Tensor parts = at::empty({2 * B * heads * splits * (D * D + D)}, qkv.options().dtype(at::kFloat));
+  const at::Tensor parts = mma && splits == 1 ? at::Tensor()
+                                              : at::empty({2 * B * heads * splits * (D * D + D)},
+                                                          qkv.options().dtype(at::kFloat));
+  float* part = parts.defined() ? parts.data_ptr<float>() : nullptr;
   const Map<const T> x = make_map<const T>(qkv);
   const Map<T> o = make_map<T>(out);
   for (size_t s = 0; s < dw_weights.size(); ++s) {
     const dim3 grid(static_cast<unsigned>(B * heads), static_cast<unsigned>(splits), s == 0 ? 2u : 1u);
     const int c_out = static_cast<int>((1 + s) * heads * D);
-    const int64_t k = dw_weights[s].size(3);
+    const int k = static_cast<int>(dw_weights[s].size(3)), nh = static_cast<int>(heads);
     const T* wd = reinterpret_cast<const T*>(dw_weights[s].data_ptr());
     const T* wp = reinterpret_cast<const T*>(pw_weights[s].data_ptr());
     const T* bd = data_or_null<T>(dw_biases, s);
     const T* bp = data_or_null<T>(pw_biases, s);
     dispatch_ksize(k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      launch(CTX_OP, state_kernel<T, K>, grid, SharedBytes<K>::state(g.D), parts.data_ptr<float>(), x, wd, bd, wp,
-             bp, static_cast<int>(k), static_cast<int>(heads), g);
-      launch(CTX_OP, out_kernel<T, K>, grid, SharedBytes<K>::out(g.D), o, c_out,
-             static_cast<const float*>(parts.data_ptr<float>()), splits, eps, x, wd, bd, wp, bp,
-             static_cast<int>(k), static_cast<int>(heads), g);
+      if constexpr (!std::is_same_v<T, float>) {
+        if (mma) {
+          const size_t smem = MmaSmem<K>::kBytes;
+          if (splits == 1) {
+            launch(CTX_OP, mma_kernel<T, K, MmaPass::kOne>, grid, smem, o, c_out, part, 1, eps, x, wd, bd, wp, bp, k,
+                   nh, g);
+          } else {
+            launch(CTX_OP, mma_kernel<T, K, MmaPass::kState>, grid, smem, o, c_out, part, splits, eps, x, wd, bd,
+                   wp, bp, k, nh, g);
+            launch(CTX_OP, mma_kernel<T, K, MmaPass::kOut>, grid, smem, o, c_out, part, splits, eps, x, wd, bd, wp,
+                   bp, k, nh, g);
+          }
+          return;
+        }
+      }
+      launch(CTX_OP, state_kernel<T, K>, grid, SharedBytes<K>::state(g.D), part, x, wd, bd, wp, bp, k, nh, g);
+      launch(CTX_OP, out_kernel<T, K>, grid, SharedBytes<K>::out(g.D), o, c_out, static_cast<const float*>(part),
+             splits, eps, x, wd, bd, wp, bp, k, nh, g);
     });
   }
 }

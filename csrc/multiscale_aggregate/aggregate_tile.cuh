@@ -491,9 +491,9 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
-// Tiles of the H x W map, split into chunks so that about 8 blocks per SM run over the
-// `rows` block rows (grid.x); a chunk of tiles shares one block's partial sums.
-inline Geometry plan(int64_t rows, int64_t H, int64_t W, int64_t D) {
+// Tiles of the H x W map, split into chunks so that about `blocks_per_sm` blocks per SM run
+// over the `rows` block rows; a chunk of tiles shares one block's partial sums.
+inline Geometry plan(int64_t rows, int64_t H, int64_t W, int64_t D, int blocks_per_sm = 8) {
   Geometry g;
   g.H = static_cast<int>(H);
   g.W = static_cast<int>(W);
@@ -502,7 +502,7 @@ inline Geometry plan(int64_t rows, int64_t H, int64_t W, int64_t D) {
   const int64_t tiles = ((H + kTileH - 1) / kTileH) * g.tiles_w;
   TORCH_CHECK(tiles <= std::numeric_limits<int>::max(), "linattn: feature map of ", H, " x ", W, " is too large");
   g.num_tiles = static_cast<int>(tiles);
-  const int64_t target = 8 * static_cast<int64_t>(device_attribute(cudaDevAttrMultiProcessorCount));
+  const int64_t target = blocks_per_sm * static_cast<int64_t>(device_attribute(cudaDevAttrMultiProcessorCount));
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((target + rows - 1) / rows, tiles));
   g.tiles_per_block = static_cast<int>((tiles + splits - 1) / splits);
   return g;
