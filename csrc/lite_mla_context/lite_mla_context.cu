@@ -224,6 +224,32 @@ struct MmaSmem {
                 "WMMA operands must be 32-byte aligned");
 };
 
+// products[p][c] (kLds, fp32) = sum_j a[p][j] B(j, c) at the warp's 16 positions of a tile, for a (kMmaD x
+// kMmaD) matrix B in the dtype, read as LAYOUT (row_major: B(j, c) at b[j * kLdt + c]; col_major: b[c * kLdt + j]).
+template <typename LAYOUT, typename E>
+__device__ __forceinline__ void rows_product(float* products, const E* a, const E* b) {
+  const int warp = threadIdx.x / 32;
+  FragC acc[kMmaD / 16];
+#pragma unroll
+  for (int n = 0; n < kMmaD / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+#pragma unroll
+  for (int s = 0; s < kMmaD / 16; ++s) {
+    FragA<E, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + 16 * warp * kLdt + 16 * s, kLdt);
+#pragma unroll
+    for (int n = 0; n < kMmaD / 16; ++n) {
+      FragB<E, LAYOUT> fb;
+      const bool rows = std::is_same_v<LAYOUT, wmma::row_major>;
+      wmma::load_matrix_sync(fb, b + (rows ? 16 * s * kLdt + 16 * n : 16 * n * kLdt + 16 * s), kLdt);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kMmaD / 16; ++n) {
+    wmma::store_matrix_sync(products + 16 * warp * kLds + 16 * n, acc[n], kLds, wmma::mem_row_major);
+  }
+}
+
 // dst[p][c] (kLdt, dtype) = the group's tile at channel c0: qkv's own (raw) or its aggregation, relu'd
 // when RELU, zero at positions outside the image. Begins and ends with a barrier.
 template <typename T, int K, bool RELU>
@@ -249,27 +275,7 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
     dst[(i / kMmaD) * kLdt + i % kMmaD] = M::round(conv[(i / kMmaD) * (kMmaD + 1) + i % kMmaD]);
   }
   __syncthreads();
-  {  // the warp's 16 positions times Wp^T: B(j, c) = Wp[c][j], wp_s's [c][j] read column-major
-    const int warp = threadIdx.x / 32;
-    FragC acc[kMmaD / 16];
-#pragma unroll
-    for (int n = 0; n < kMmaD / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
-#pragma unroll
-    for (int s = 0; s < kMmaD / 16; ++s) {
-      FragA<typename M::type, wmma::row_major> a;
-      wmma::load_matrix_sync(a, dst + 16 * warp * kLdt + 16 * s, kLdt);
-#pragma unroll
-      for (int n = 0; n < kMmaD / 16; ++n) {
-        FragB<typename M::type, wmma::col_major> w;
-        wmma::load_matrix_sync(w, wp_s + 16 * n * kLdt + 16 * s, kLdt);
-        wmma::mma_sync(acc[n], a, w, acc[n]);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kMmaD / 16; ++n) {
-      wmma::store_matrix_sync(scratch + 16 * warp * kLds + 16 * n, acc[n], kLds, wmma::mem_row_major);
-    }
-  }
+  rows_product<wmma::col_major>(scratch, dst, wp_s);  // B(j, c) = Wp[c][j]: wp_s's [c][j] rows, column-major
   __syncthreads();
   for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
     const int p = i / kMmaD, c = i % kMmaD;
@@ -402,24 +408,7 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
       dot += __shfl_xor_sync(0xffffffffu, dot, 1);
       if (threadIdx.x % 2 == 0) den[p] = dot + eps;
     }
-    FragC acc[kMmaD / 16];
-#pragma unroll
-    for (int n = 0; n < kMmaD / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
-#pragma unroll
-    for (int s = 0; s < kMmaD / 16; ++s) {
-      FragA<E, wmma::row_major> q;
-      wmma::load_matrix_sync(q, ta + 16 * warp * kLdt + 16 * s, kLdt);
-#pragma unroll
-      for (int n = 0; n < kMmaD / 16; ++n) {
-        FragB<E, wmma::row_major> sv;
-        wmma::load_matrix_sync(sv, st + 16 * s * kLdt + 16 * n, kLdt);
-        wmma::mma_sync(acc[n], q, sv, acc[n]);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kMmaD / 16; ++n) {
-      wmma::store_matrix_sync(scratch + 16 * warp * kLds + 16 * n, acc[n], kLds, wmma::mem_row_major);
-    }
+    rows_product<wmma::row_major>(scratch, ta, st);
     __syncthreads();
     const Geometry go = opaque(g);
     const int c1 = (raw ? 0 : c_out) + h * kMmaD;
