@@ -259,7 +259,17 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
   using M = MmaType<T>;
   __syncthreads();  // the tiles' previous readers are done
   const Geometry g = opaque(geometry);
-  if (raw) {
+  if (raw && x.vec) {  // channels_last: a thread's kVec<T> channels of a position in one load
+    constexpr int V = kVec<T>;
+    for (int i = thread_index(); i < kTileP * (kMmaD / V); i += kThreads) {
+      const int cg = i % (kMmaD / V), p = i / (kMmaD / V);
+      const int h = h0 + p / kTileW, w = w0 + p % kTileW;
+      float v[V] = {};
+      if (h < g.H && w < g.W) load_vec<T>(v, x, b, c0 + cg * V, h, w);
+#pragma unroll
+      for (int j = 0; j < V; ++j) dst[p * kLdt + cg * V + j] = M::round(RELU ? relu(v[j]) : v[j]);
+    }
+  } else if (raw) {
     for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
       int p, c;
       tile_element(x, i, kMmaD, p, c);
@@ -267,6 +277,8 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
       const float v = h < g.H && w < g.W ? static_cast<float>(x.ptr[x.offset(b, c0 + c, h, w)]) : 0.f;
       dst[p * kLdt + c] = M::round(RELU ? relu(v) : v);
     }
+  }
+  if (raw) {
     __syncthreads();
     return;
   }
@@ -412,12 +424,26 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
     __syncthreads();
     const Geometry go = opaque(g);
     const int c1 = (raw ? 0 : c_out) + h * kMmaD;
-    for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
-      int p, c;
-      tile_element(out, i, kMmaD, p, c);
-      const int hh = h0 + p / kTileW, ww = w0 + p % kTileW;
-      if (hh < go.H && ww < go.W) {
-        out.ptr[out.offset(b, c1 + c, hh, ww)] = static_cast<T>(scratch[p * kLds + c] * scale[c] / den[p]);
+    if (out.vec) {  // channels_last: a thread's kVec<T> channels of a position in one store
+      constexpr int V = kVec<T>;
+      for (int i = thread_index(); i < kTileP * (kMmaD / V); i += kThreads) {
+        const int c = (i % (kMmaD / V)) * V, p = i / (kMmaD / V);
+        const int hh = h0 + p / kTileW, ww = w0 + p % kTileW;
+        if (hh < go.H && ww < go.W) {
+          float v[V];
+#pragma unroll
+          for (int j = 0; j < V; ++j) v[j] = scratch[p * kLds + c + j] * scale[c + j] / den[p];
+          store_vec<T>(out, b, c1 + c, hh, ww, v);
+        }
+      }
+    } else {
+      for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
+        int p, c;
+        tile_element(out, i, kMmaD, p, c);
+        const int hh = h0 + p / kTileW, ww = w0 + p % kTileW;
+        if (hh < go.H && ww < go.W) {
+          out.ptr[out.offset(b, c1 + c, hh, ww)] = static_cast<T>(scratch[p * kLds + c] * scale[c] / den[p]);
+        }
       }
     }
   }

@@ -60,12 +60,17 @@ struct Map {
   T* ptr;
   int64_t sb, sc, sh, sw;
   bool c_fast;  // channels are the densest dimension (channels_last): threads walk channels first
+  bool vec;     // and kVec<T> channels from a multiple of kVec<T> are one aligned 16-byte access
 
   __device__ __forceinline__ int64_t offset(int b, int c, int h, int w) const {
     return static_cast<int64_t>(b) * sb + static_cast<int64_t>(c) * sc + static_cast<int64_t>(h) * sh +
            static_cast<int64_t>(w) * sw;
   }
 };
+
+// Channels in 16 bytes.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 
 template <typename T>
 Map<T> make_map(const at::Tensor& t) {
@@ -76,7 +81,26 @@ Map<T> make_map(const at::Tensor& t) {
   m.sh = t.stride(2);
   m.sw = t.stride(3);
   m.c_fast = t.size(1) > 1 && t.stride(1) < t.stride(3);
+  constexpr int64_t v = kVec<T>;
+  m.vec = m.c_fast && m.sc == 1 && reinterpret_cast<uintptr_t>(m.ptr) % 16 == 0 && m.sb % v == 0 && m.sh % v == 0 &&
+          m.sw % v == 0;
   return m;
+}
+
+// v[j] = m(b, c + j, h, w) as fp32 for j < kVec<T>: one 16-byte load (m.vec, c a multiple of kVec<T>).
+template <typename T>
+__device__ __forceinline__ void load_vec(float (&v)[kVec<T>], const Map<const T>& m, int b, int c, int h, int w) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(m.ptr + m.offset(b, c, h, w));
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      v[i] = __uint_as_float(words[i]);
+    } else {  // two 16-bit values, the lower channel in the low half
+      v[2 * i] = static_cast<float>(T(static_cast<uint16_t>(words[i] & 0xffffu), T::from_bits()));
+      v[2 * i + 1] = static_cast<float>(T(static_cast<uint16_t>(words[i] >> 16), T::from_bits()));
+    }
+  }
 }
 
 // The spatial tiling, and the chunk of tiles each block (blockIdx.y) walks.
@@ -123,6 +147,21 @@ __host__ __device__ __forceinline__ int tile_floats(int D) { return kTileP * (D 
 
 // ---- tiles <-> global memory -----------------------------------------------------------------
 
+// m(b, c + j, h, w) = v[j] rounded to T for j < kVec<T>: one 16-byte store (m.vec, c a multiple of kVec<T>).
+template <typename T>
+__device__ __forceinline__ void store_vec(const Map<T>& m, int b, int c, int h, int w, const float (&v)[kVec<T>]) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      words[i] = __float_as_uint(v[i]);
+    } else {
+      words[i] = static_cast<uint32_t>(T(v[2 * i]).x) | (static_cast<uint32_t>(T(v[2 * i + 1]).x) << 16);
+    }
+  }
+  *reinterpret_cast<uint4*>(m.ptr + m.offset(b, c, h, w)) = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
 // Stages channels [c0, c0 + cc) of x around the tile at (h0, w0) (a K/2 halo on every
 // side) into halo[c][y][x] as fp32, zero outside the image and for c >= cc.
 template <typename T, int K>
@@ -130,6 +169,19 @@ __device__ __forceinline__ void load_halo(float* halo, const Map<const T>& x, in
                                           int w0, const Geometry& geometry) {
   using Hl = Halo<K>;
   const Geometry g = opaque(geometry);
+  constexpr int V = kVec<T>;
+  if (x.vec && c0 % V == 0 && cc % V == 0) {  // channels_last: a thread's V channels of a position in one load
+    for (int i = thread_index(); i < Hl::kH * Hl::kW * (kChunkC / V); i += kThreads) {
+      const int cg = i % (kChunkC / V), s = i / (kChunkC / V);
+      const int y = s / Hl::kW, xx = s % Hl::kW;
+      const int h = h0 - Hl::kPad + y, w = w0 - Hl::kPad + xx;
+      float v[V] = {};
+      if (cg * V < cc && h >= 0 && h < g.H && w >= 0 && w < g.W) load_vec<T>(v, x, b, c0 + cg * V, h, w);
+#pragma unroll
+      for (int j = 0; j < V; ++j) halo[((cg * V + j) * Hl::kH + y) * Hl::kW + xx] = v[j];
+    }
+    return;
+  }
   for (int i = thread_index(); i < Hl::kFloats; i += kThreads) {
     int c, y, xx;
     if (x.c_fast) {
