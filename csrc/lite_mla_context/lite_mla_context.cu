@@ -219,7 +219,8 @@ struct MmaSmem {
   static constexpr size_t kScale = kS + 2 * kMmaD * kLdt;                         // 2^e per column of S
   static constexpr size_t kZ = kScale + sizeof(float) * kMmaD;
   static constexpr size_t kDen = kZ + sizeof(float) * kMmaD;  // relu(q) . z + eps per position
-  static constexpr size_t kBytes = kDen + sizeof(float) * kTileP;
+  static constexpr size_t kTaps = kDen + sizeof(float) * kTileP;  // the head's depthwise taps (stage_taps)
+  static constexpr size_t kBytes = kTaps + sizeof(float) * 3 * kMmaD * K * K;
   static_assert(kConv % 32 == 0 && kTileA % 32 == 0 && kTileB % 32 == 0 && kWp % 32 == 0 && kS % 32 == 0,
                 "WMMA operands must be 32-byte aligned");
 };
@@ -254,8 +255,9 @@ __device__ __forceinline__ void rows_product(float* products, const E* a, const 
 // when RELU, zero at positions outside the image. Begins and ends with a barrier.
 template <typename T, int K, bool RELU>
 __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float* scratch, float* conv,
-                                const typename MmaType<T>::type* wp_s, const Map<const T>& x, int b, int c0, int h0,
-                                int w0, const Geometry& geometry, const T* wd, const T* bd, const T* bp, int k) {
+                                const typename MmaType<T>::type* wp_s, const float* taps, const Map<const T>& x,
+                                int b, int c0, int h0, int w0, const Geometry& geometry, const T* wd, const T* bd,
+                                const T* bp, int k) {
   using M = MmaType<T>;
   __syncthreads();  // the tiles' previous readers are done
   const Geometry g = opaque(geometry);
@@ -282,7 +284,7 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
     __syncthreads();
     return;
   }
-  dwconv_tile<T, K>(conv, scratch, x, b, c0, h0, w0, g, wd, bd, k, Map<T>{});  // ends with a barrier
+  dwconv_tile<T, K, true>(conv, scratch, x, b, c0, h0, w0, g, wd, bd, k, Map<T>{}, taps);  // ends with a barrier
   for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
     dst[(i / kMmaD) * kLdt + i % kMmaD] = M::round(conv[(i / kMmaD) * (kMmaD + 1) + i % kMmaD]);
   }
@@ -323,15 +325,17 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
   float* scale = reinterpret_cast<float*>(smem_mma + L::kScale);
   float* zs = reinterpret_cast<float*>(smem_mma + L::kZ);
   float* den = reinterpret_cast<float*>(smem_mma + L::kDen);
+  float* taps = reinterpret_cast<float*>(smem_mma + L::kTaps);  // q's, k's, v's [c][K][K]
 
   const bool raw = raw_heads();
   const int b = blockIdx.x / heads, h = blockIdx.x % heads;
   const int warp = threadIdx.x / 32;
-  if (!raw) {  // the head's three pointwise matrices, [c][j] rows of the (C, D) weight
+  if (!raw) {  // the head's three pointwise matrices, [c][j] rows of the (C, D) weight, and its depthwise taps
     for (int i = thread_index(); i < 3 * kMmaD * kMmaD; i += kThreads) {
       const int r = i / kMmaD;
       wp_s[r * kLdt + i % kMmaD] = M::round(static_cast<float>(wp[static_cast<int64_t>(3 * h * kMmaD) * kMmaD + i]));
     }
+    stage_taps<T, K>(taps, wd, 3 * h * kMmaD, 3 * kMmaD, k);
   }  // (read after mma_source_tile's first barrier)
   int first, last;
   chunk_tiles(g, first, last);
@@ -347,10 +351,10 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
     for (int t = first; t < last; ++t) {
       int h0, w0;
       tile_origin(g, t, h0, w0);
-      mma_source_tile<T, K, true>(ta, raw, scratch, conv, wp_s + kMmaD * kLdt, x, b, (3 * h + 1) * kMmaD, h0, w0,
-                                  g, wd, bd, bp, k);
-      mma_source_tile<T, K, false>(tb, raw, scratch, conv, wp_s + 2 * kMmaD * kLdt, x, b, (3 * h + 2) * kMmaD, h0,
-                                   w0, g, wd, bd, bp, k);
+      mma_source_tile<T, K, true>(ta, raw, scratch, conv, wp_s + kMmaD * kLdt, taps + kMmaD * K * K, x, b,
+                                  (3 * h + 1) * kMmaD, h0, w0, g, wd, bd, bp, k);
+      mma_source_tile<T, K, false>(tb, raw, scratch, conv, wp_s + 2 * kMmaD * kLdt, taps + 2 * kMmaD * K * K, x,
+                                   b, (3 * h + 2) * kMmaD, h0, w0, g, wd, bd, bp, k);
 #pragma unroll
       for (int s = 0; s < kTileP / 32; ++s) {
         const int p0 = half * (kTileP / 2) + 16 * s;
@@ -411,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
   for (int t = first; t < last; ++t) {
     int h0, w0;
     tile_origin(g, t, h0, w0);
-    mma_source_tile<T, K, true>(ta, raw, scratch, conv, wp_s, x, b, 3 * h * kMmaD, h0, w0, g, wd, bd, bp, k);
+    mma_source_tile<T, K, true>(ta, raw, scratch, conv, wp_s, taps, x, b, 3 * h * kMmaD, h0, w0, g, wd, bd, bp, k);
     {  // den: two threads a position, 16 channels each
       const int p = threadIdx.x / 2, d0 = (threadIdx.x % 2) * (kMmaD / 2);
       float dot = 0.f;
@@ -484,8 +488,12 @@ void forward(const at::Tensor& qkv, at::TensorList dw_weights, at::TensorList pw
   // the first scale's grids also serve qkv's own heads (blockIdx.z 0), with partials of their own; mma_kernel
   // splits the map only where its 2 * B * heads blocks would leave SMs with room for more (kMmaBlocks, or as
   // many as the shared memory holds with the driver's 1 KB a block: sm_80 two)
-  const int per_sm = std::min<int>(kMmaBlocks, device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) /
-                                                   (MmaSmem<9>::kBytes + 1024));
+  size_t bytes = 0;  // mma_kernel's shared memory at the call's largest kernel size
+  for (const at::Tensor& wd : dw_weights) {
+    dispatch_ksize(wd.size(3), [&](auto kc) { bytes = std::max(bytes, MmaSmem<decltype(kc)::value>::kBytes); });
+  }
+  const int per_sm = static_cast<int>(std::min<size_t>(
+      kMmaBlocks, device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / (bytes + 1024)));
   const Geometry g = mma ? plan(2 * B * heads, H, W, D, per_sm) : plan(B * heads, H, W, D);
   const int splits = num_splits(g);
   const at::Tensor parts = mma && splits == 1 ? at::Tensor()

@@ -277,19 +277,19 @@ __device__ __forceinline__ void load_tap_row(float (&w)[K], const T* wd, int c, 
 }
 
 // acc[j] += sum_{i, jj} w[i][jj] halo_c[row + i][x0 + j + jj] for the thread's kRun
-// positions, w the taps of load_tap_row(wd, c, k, i, valid, flip): one register window of
+// positions, tap_row(i, w) filling w with the taps of kernel row i: one register window of
 // kRun + K - 1 values per conv row. The taps are loaded a row at a time, and at K = 9 the
 // rows are a loop: unrolled, the scheduler fetches all 81 taps ahead, which needs more
 // registers than kMinBlocks leaves.
-template <typename T, int K>
-__device__ __forceinline__ void conv_run(float (&acc)[kRun], const float* halo_c, const T* wd, int c, int k,
-                                         bool valid, bool flip, const ConvThread& t) {
+template <int K, typename TapRow>
+__device__ __forceinline__ void conv_rows(float (&acc)[kRun], const float* halo_c, const ConvThread& t,
+                                          TapRow&& tap_row) {
   using Hl = Halo<K>;
   constexpr int kRowUnroll = K <= 5 ? K : 1;
 #pragma unroll kRowUnroll
   for (int i = 0; i < K; ++i) {
     float w[K];
-    load_tap_row<T, K>(w, wd, c, k, i, valid, flip);
+    tap_row(i, w);
     float win[kRun + K - 1];
     const float* src = halo_c + (t.row + i) * Hl::kW + t.x0;
 #pragma unroll
@@ -302,15 +302,36 @@ __device__ __forceinline__ void conv_run(float (&acc)[kRun], const float* halo_c
   }
 }
 
+// conv_rows with the taps of load_tap_row(wd, c, k, i, valid, flip).
+template <typename T, int K>
+__device__ __forceinline__ void conv_run(float (&acc)[kRun], const float* halo_c, const T* wd, int c, int k,
+                                         bool valid, bool flip, const ConvThread& t) {
+  conv_rows<K>(acc, halo_c, t, [&](int i, float(&w)[K]) { load_tap_row<T, K>(w, wd, c, k, i, valid, flip); });
+}
+
+// taps[c][i][j] (fp32, K x K a channel) = the (C, 1, k, k) weight wd's taps of channels c0 + c, c < channels,
+// centred in zeros as load_tap_row does (for conv_rows from shared memory; every thread must call it).
+template <typename T, int K>
+__device__ __forceinline__ void stage_taps(float* taps, const T* wd, int c0, int channels, int k) {
+  const int off = (K - k) / 2;
+  for (int i = thread_index(); i < channels * K * K; i += kThreads) {
+    const int c = c0 + i / (K * K), si = (i % (K * K)) / K - off, sj = i % K - off;
+    const bool inside = si >= 0 && si < k && sj >= 0 && sj < k;
+    taps[i] = inside ? static_cast<float>(wd[(static_cast<int64_t>(c) * k + si) * k + sj]) : 0.f;
+  }
+}
+
 // tile[p][c] = dwconv(x)[c0 + c] + bd at the tile's positions, for the group's D
 // channels starting at c0 (positions outside the image get whatever the zero padding
 // gives). When x0.ptr is set, also copies x itself there (the identity branch of the
 // output). Begins and ends with a barrier, so the tile and the halo may be read or
 // overwritten by anyone before and after. (x0 comes by value: a pointer to a kernel
 // argument would put a copy of it on the stack.)
-template <typename T, int K>
+// SHARED_TAPS: the group's taps come from `taps` (stage_taps of its D channels) instead of wd.
+template <typename T, int K, bool SHARED_TAPS = false>
 __device__ void dwconv_tile(float* tile, float* halo, const Map<const T>& x, int b, int c0, int h0, int w0,
-                            const Geometry& geometry, const T* wd, const T* bd, int k, const Map<T> x0) {
+                            const Geometry& geometry, const T* wd, const T* bd, int k, const Map<T> x0,
+                            const float* taps = nullptr) {
   using Hl = Halo<K>;
   const Geometry g = opaque(geometry);
   const int ld = g.D + 1;
@@ -337,7 +358,15 @@ __device__ void dwconv_tile(float* tile, float* halo, const Map<const T>& x, int
       float acc[kRun];
 #pragma unroll
       for (int j = 0; j < kRun; ++j) acc[j] = bias;
-      conv_run<T, K>(acc, halo + t.ch * Hl::kH * Hl::kW, wd, c, k, true, false, t);
+      if constexpr (SHARED_TAPS) {
+        const float* mine = taps + (cc0 + t.ch) * K * K;
+        conv_rows<K>(acc, halo + t.ch * Hl::kH * Hl::kW, t, [&](int i, float(&w)[K]) {
+#pragma unroll
+          for (int j = 0; j < K; ++j) w[j] = mine[i * K + j];
+        });
+      } else {
+        conv_run<T, K>(acc, halo + t.ch * Hl::kH * Hl::kW, wd, c, k, true, false, t);
+      }
 #pragma unroll
       for (int j = 0; j < kRun; ++j) tile[(t.row * kTileW + t.x0 + j) * ld + cc0 + t.ch] = acc[j];
     }
