@@ -219,8 +219,11 @@ struct MmaSmem {
   static constexpr size_t kScale = kS + 2 * kMmaD * kLdt;                         // 2^e per column of S
   static constexpr size_t kZ = kScale + sizeof(float) * kMmaD;
   static constexpr size_t kDen = kZ + sizeof(float) * kMmaD;  // relu(q) . z + eps per position
-  static constexpr size_t kTaps = kDen + sizeof(float) * kTileP;  // the head's depthwise taps (stage_taps)
-  static constexpr size_t kBytes = kTaps + sizeof(float) * 3 * kMmaD * K * K;
+  // the head's depthwise taps (stage_taps) up to 5 x 5; at 9 x 9 (31 KB) they would cost H100 and A100 a block
+  // an SM and overflow sm_86's 99 KB a block, and come from global memory (load_tap_row)
+  static constexpr bool kSharedTaps = K <= 5;
+  static constexpr size_t kTaps = kDen + sizeof(float) * kTileP;
+  static constexpr size_t kBytes = kTaps + (kSharedTaps ? sizeof(float) * 3 * kMmaD * K * K : 0);
   static_assert(kConv % 32 == 0 && kTileA % 32 == 0 && kTileB % 32 == 0 && kWp % 32 == 0 && kS % 32 == 0,
                 "WMMA operands must be 32-byte aligned");
 };
@@ -284,7 +287,8 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
     __syncthreads();
     return;
   }
-  dwconv_tile<T, K, true>(conv, scratch, x, b, c0, h0, w0, g, wd, bd, k, Map<T>{}, taps);  // ends with a barrier
+  dwconv_tile<T, K, MmaSmem<K>::kSharedTaps>(conv, scratch, x, b, c0, h0, w0, g, wd, bd, k, Map<T>{},
+                                              taps);  // ends with a barrier
   for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
     dst[(i / kMmaD) * kLdt + i % kMmaD] = M::round(conv[(i / kMmaD) * (kMmaD + 1) + i % kMmaD]);
   }
@@ -325,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
   float* scale = reinterpret_cast<float*>(smem_mma + L::kScale);
   float* zs = reinterpret_cast<float*>(smem_mma + L::kZ);
   float* den = reinterpret_cast<float*>(smem_mma + L::kDen);
-  float* taps = reinterpret_cast<float*>(smem_mma + L::kTaps);  // q's, k's, v's [c][K][K]
+  float* taps = reinterpret_cast<float*>(smem_mma + L::kTaps);  // q's, k's, v's [c][K][K] (kSharedTaps)
 
   const bool raw = raw_heads();
   const int b = blockIdx.x / heads, h = blockIdx.x % heads;
@@ -335,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
       const int r = i / kMmaD;
       wp_s[r * kLdt + i % kMmaD] = M::round(static_cast<float>(wp[static_cast<int64_t>(3 * h * kMmaD) * kMmaD + i]));
     }
-    stage_taps<T, K>(taps, wd, 3 * h * kMmaD, 3 * kMmaD, k);
+    if constexpr (L::kSharedTaps) stage_taps<T, K>(taps, wd, 3 * h * kMmaD, 3 * kMmaD, k);
   }  // (read after mma_source_tile's first barrier)
   int first, last;
   chunk_tiles(g, first, last);
@@ -487,7 +491,7 @@ void forward(const at::Tensor& qkv, at::TensorList dw_weights, at::TensorList pw
   const bool mma = use_mma<T>(D);
   // the first scale's grids also serve qkv's own heads (blockIdx.z 0), with partials of their own; mma_kernel
   // splits the map only where its 2 * B * heads blocks would leave SMs with room for more (kMmaBlocks, or as
-  // many as the shared memory holds with the driver's 1 KB a block: sm_80 two)
+  // many as the shared memory holds with the driver's 1 KB a block: on sm_80 two)
   size_t bytes = 0;  // mma_kernel's shared memory at the call's largest kernel size
   for (const at::Tensor& wd : dw_weights) {
     dispatch_ksize(wd.size(3), [&](auto kc) { bytes = std::max(bytes, MmaSmem<decltype(kc)::value>::kBytes); });
