@@ -178,7 +178,7 @@ constexpr int kLds = kMmaD + 4;    // of its fp32 tiles (a multiple of 4)
 constexpr int kWarps = kThreads / 32;
 // blocks an SM (its registers: 56-83 at ptxas's own choice; on sm_90 its shared memory too)
 constexpr int kMmaBlocks = 3;
-static_assert(kTileP == 16 * kWarps && kThreads == 2 * kTileP && kMmaD % 16 == 0,
+static_assert(kTileP == 16 * kWarps && kThreads == 2 * kTileP && kMmaD % 16 == 0 && kLdt % 8 == 0,
               "a warp per 16 positions of a tile, two threads a position; 16x16 blocks");
 
 // The WMMA element type of qkv's dtype, and the rounding to it.
@@ -189,13 +189,25 @@ struct MmaType<at::Half> {
   using type = __half;
   static __device__ __forceinline__ type round(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ float widen(type x) { return __half2float(x); }
+  static __device__ __forceinline__ uint32_t bits(type x) { return __half_as_ushort(x); }
 };
 template <>
 struct MmaType<at::BFloat16> {
   using type = __nv_bfloat16;
   static __device__ __forceinline__ type round(float x) { return __float2bfloat16_rn(x); }
   static __device__ __forceinline__ float widen(type x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ uint32_t bits(type x) { return __bfloat16_as_ushort(x); }
 };
+
+// dst[j] = v[j] rounded to the dtype, j < 8: one 16-byte shared store (dst 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store8(typename MmaType<T>::type* dst, const float (&v)[8]) {
+  using M = MmaType<T>;
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = M::bits(M::round(v[2 * i])) | (M::bits(M::round(v[2 * i + 1])) << 16);
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
 
 template <typename E, typename Layout>
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, E, Layout>;
@@ -272,7 +284,8 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
       float v[V] = {};
       if (h < g.H && w < g.W) load_vec<T>(v, x, b, c0 + cg * V, h, w);
 #pragma unroll
-      for (int j = 0; j < V; ++j) dst[p * kLdt + cg * V + j] = M::round(RELU ? relu(v[j]) : v[j]);
+      for (int j = 0; j < V; ++j) v[j] = RELU ? relu(v[j]) : v[j];
+      store8<T>(dst + p * kLdt + cg * V, v);
     }
   } else if (raw) {
     for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
@@ -289,18 +302,28 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
   }
   dwconv_tile<T, K, MmaSmem<K>::kSharedTaps>(conv, scratch, x, b, c0, h0, w0, g, wd, bd, k, Map<T>{},
                                               taps);  // ends with a barrier
-  for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
-    dst[(i / kMmaD) * kLdt + i % kMmaD] = M::round(conv[(i / kMmaD) * (kMmaD + 1) + i % kMmaD]);
+  // (a thread's 8 channels of a position: conv's odd leading dimension keeps its reads free of bank conflicts)
+  for (int i = thread_index(); i < kTileP * (kMmaD / 8); i += kThreads) {
+    const int p = i / (kMmaD / 8), c = (i % (kMmaD / 8)) * 8;
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = conv[p * (kMmaD + 1) + c + j];
+    store8<T>(dst + p * kLdt + c, v);
   }
   __syncthreads();
   rows_product<wmma::col_major>(scratch, dst, wp_s);  // B(j, c) = Wp[c][j]: wp_s's [c][j] rows, column-major
   __syncthreads();
-  for (int i = thread_index(); i < kTileP * kMmaD; i += kThreads) {
-    const int p = i / kMmaD, c = i % kMmaD;
-    float y = scratch[p * kLds + c] + (bp != nullptr ? static_cast<float>(bp[c0 + c]) : 0.f);
-    if (RELU) y = relu(y);
+  for (int i = thread_index(); i < kTileP * (kMmaD / 8); i += kThreads) {
+    const int p = i / (kMmaD / 8), c = (i % (kMmaD / 8)) * 8;
     const bool inside = h0 + p / kTileW < g.H && w0 + p % kTileW < g.W;
-    dst[p * kLdt + c] = M::round(inside ? y : 0.f);
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float y = scratch[p * kLds + c + j] + (bp != nullptr ? static_cast<float>(bp[c0 + c + j]) : 0.f);
+      if (RELU) y = relu(y);
+      v[j] = inside ? y : 0.f;
+    }
+    store8<T>(dst + p * kLdt + c, v);
   }
   __syncthreads();
 }
