@@ -178,8 +178,8 @@ constexpr int kLds = kMmaD + 4;    // of its fp32 tiles (a multiple of 4)
 constexpr int kWarps = kThreads / 32;
 // blocks an SM (its registers: 56-83 at ptxas's own choice; on sm_90 its shared memory too)
 constexpr int kMmaBlocks = 3;
-static_assert(kTileP == 16 * kWarps && kThreads == 2 * kTileP && kMmaD % 16 == 0 && kLdt % 8 == 0,
-              "a warp per 16 positions of a tile, two threads a position; 16x16 blocks");
+static_assert(kTileP == 16 * kWarps && kThreads == 2 * kTileP && kMmaD % 16 == 0 && kLdt % 8 == 0 && kLds % 4 == 0,
+              "a warp per 16 positions of a tile, two threads a position; 16x16 blocks; 16-byte rows");
 
 // The WMMA element type of qkv's dtype, and the rounding to it.
 template <typename T>
@@ -198,6 +198,13 @@ struct MmaType<at::BFloat16> {
   static __device__ __forceinline__ float widen(type x) { return __bfloat162float(x); }
   static __device__ __forceinline__ uint32_t bits(type x) { return __bfloat16_as_ushort(x); }
 };
+
+// v[j] = src[j], j < 8: two 16-byte shared loads (src 16-byte aligned; a row of 8 fp32 products per thread, four
+// threads a row of kLds, whose scalar loads would hit one bank four times a warp).
+__device__ __forceinline__ void load8(float (&v)[8], const float* src) {
+  const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
 
 // dst[j] = v[j] rounded to the dtype, j < 8: one 16-byte shared store (dst 16-byte aligned).
 template <typename T>
@@ -317,9 +324,10 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
     const int p = i / (kMmaD / 8), c = (i % (kMmaD / 8)) * 8;
     const bool inside = h0 + p / kTileW < g.H && w0 + p % kTileW < g.W;
     float v[8];
+    load8(v, scratch + p * kLds + c);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      float y = scratch[p * kLds + c + j] + (bp != nullptr ? static_cast<float>(bp[c0 + c + j]) : 0.f);
+      float y = v[j] + (bp != nullptr ? static_cast<float>(bp[c0 + c + j]) : 0.f);
       if (RELU) y = relu(y);
       v[j] = inside ? y : 0.f;
     }
@@ -462,8 +470,9 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocks)
         const int hh = h0 + p / kTileW, ww = w0 + p % kTileW;
         if (hh < go.H && ww < go.W) {
           float v[V];
+          load8(v, scratch + p * kLds + c);
 #pragma unroll
-          for (int j = 0; j < V; ++j) v[j] = scratch[p * kLds + c + j] * scale[c + j] / den[p];
+          for (int j = 0; j < V; ++j) v[j] = v[j] * scale[c + j] / den[p];
           store_vec<T>(out, b, c1 + c, hh, ww, v);
         }
       }
