@@ -399,6 +399,24 @@ def test_cuda_tensor_core_context(target, case, monkeypatch):
 
 
 @pytest.mark.parametrize("target", CUDA_TARGETS)
+def test_cuda_tensor_core_context_unaligned_view(target, monkeypatch):
+    """A channels_last qkv that is a channel slice starting 4 channels (8 bytes) into its storage: its channels
+    are contiguous but not 16-byte aligned, so the kernels read it element by element (Map::vec is off); NaN-poisoned
+    output against float64 within twice eager's error."""
+    B, heads, D, H, W = 2, 2, 32, 9, 11
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, (5,), True, torch.bfloat16, "cuda", True, 7)
+    storage = torch.empty(B, qkv.shape[1] + 4, H, W, device="cuda", dtype=qkv.dtype, memory_format=torch.channels_last)
+    view = storage[:, 4:]
+    view.copy_(qkv)
+    assert view.stride(1) == 1 and view.data_ptr() % 16 != 0
+    want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
+    tol = tolerance(torch.bfloat16, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
+    poison_outputs(monkeypatch, sys.modules["linattn.ops.lite_mla_context"])
+    with linattn.backend("cuda"):
+        assert_close(linattn.lite_mla_context(view, dws, pws, heads, D, 1e-15, dbs, pbs), want, tol, "out")
+
+
+@pytest.mark.parametrize("target", CUDA_TARGETS)
 @pytest.mark.parametrize("B", [1, 16], ids=["split", "one-pass"])
 def test_cuda_fp16_large_activations_do_not_overflow(target, B):
     """The tensor-core kernel's S exceeds fp16's range here (eager fp16 overflows); it enters its product scaled
