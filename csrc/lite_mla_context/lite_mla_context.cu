@@ -20,8 +20,9 @@
 // contiguous, qkv's dtype.
 //
 // fp16/bf16 at group size 32 on sm_80 and later (the SAM encoders' LiteMLA) run mma_kernel instead: the same
-// tiles and depthwise stencil (aggregate_tile.cuh, fp32 FMAs), but the products on tensor cores (WMMA 16x16x16,
-// fp32 accumulation) over tiles in qkv's dtype, and one pass where B*heads blocks fill the GPU:
+// tiles and depthwise stencil (aggregate_tile.cuh, fp32 FMAs; the head's taps staged in shared memory up to
+// 5 x 5), but the products on tensor cores (WMMA 16x16x16, fp32 accumulation) over tiles in qkv's dtype, and
+// one pass where B*heads blocks fill the GPU:
 //   pointwise   the stencil's tile rounded to the dtype times Wp^T (as eager PyTorch rounds the depthwise
 //               conv's output before the 1x1 conv), then its bias, ReLU and the image mask, rounded again
 //   state       S += relu(k)^T v, in registers (each warp one 16x16 block of S over half the positions), z in
