@@ -177,7 +177,7 @@ constexpr int kMmaD = 32;          // the group size mma_kernel serves
 constexpr int kLdt = kMmaD + 8;    // leading dimension of its dtype tiles (a multiple of 8, as WMMA needs)
 constexpr int kLds = kMmaD + 4;    // of its fp32 tiles (a multiple of 4)
 constexpr int kWarps = kThreads / 32;
-// blocks an SM (its registers: 56-83 at ptxas's own choice; on sm_90 its shared memory too)
+// blocks an SM (its registers: 56-78 at ptxas's own choice; on sm_90 its shared memory too)
 constexpr int kMmaBlocks = 3;
 static_assert(kTileP == 16 * kWarps && kThreads == 2 * kTileP && kMmaD % 16 == 0 && kLdt % 8 == 0 && kLds % 4 == 0,
               "a warp per 16 positions of a tile, two threads a position; 16x16 blocks; 16-byte rows");
@@ -517,21 +517,25 @@ bool use_mma(int64_t D) {
   }
 }
 
+// mma_kernel's blocks an SM at the call's largest kernel size: kMmaBlocks, or as many as the shared memory holds
+// with the driver's 1 KB a block (on sm_80 two).
+int mma_blocks_per_sm(at::TensorList dw_weights) {
+  size_t bytes = 0;
+  for (const at::Tensor& wd : dw_weights) {
+    dispatch_ksize(wd.size(3), [&](auto kc) { bytes = std::max(bytes, MmaSmem<decltype(kc)::value>::kBytes); });
+  }
+  const size_t room = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / (bytes + 1024);
+  return static_cast<int>(std::min<size_t>(kMmaBlocks, room));
+}
+
 template <typename T>
 void forward(const at::Tensor& qkv, at::TensorList dw_weights, at::TensorList pw_weights, int64_t heads,
              int64_t D, float eps, at::TensorList dw_biases, at::TensorList pw_biases, const at::Tensor& out) {
   const int64_t B = qkv.size(0), H = qkv.size(2), W = qkv.size(3);
   const bool mma = use_mma<T>(D);
   // the first scale's grids also serve qkv's own heads (blockIdx.z 0), with partials of their own; mma_kernel
-  // splits the map only where its 2 * B * heads blocks would leave SMs with room for more (kMmaBlocks, or as
-  // many as the shared memory holds with the driver's 1 KB a block: on sm_80 two)
-  size_t bytes = 0;  // mma_kernel's shared memory at the call's largest kernel size
-  for (const at::Tensor& wd : dw_weights) {
-    dispatch_ksize(wd.size(3), [&](auto kc) { bytes = std::max(bytes, MmaSmem<decltype(kc)::value>::kBytes); });
-  }
-  const int per_sm = static_cast<int>(std::min<size_t>(
-      kMmaBlocks, device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / (bytes + 1024)));
-  const Geometry g = mma ? plan(2 * B * heads, H, W, D, per_sm) : plan(B * heads, H, W, D);
+  // splits the map only where its 2 * B * heads blocks would leave SMs with room for more
+  const Geometry g = mma ? plan(2 * B * heads, H, W, D, mma_blocks_per_sm(dw_weights)) : plan(B * heads, H, W, D);
   const int splits = num_splits(g);
   const at::Tensor parts = mma && splits == 1 ? at::Tensor()
                                               : at::empty({2 * B * heads * splits * (D * D + D)},

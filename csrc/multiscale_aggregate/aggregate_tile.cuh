@@ -309,15 +309,15 @@ __device__ __forceinline__ void conv_run(float (&acc)[kRun], const float* halo_c
   conv_rows<K>(acc, halo_c, t, [&](int i, float(&w)[K]) { load_tap_row<T, K>(w, wd, c, k, i, valid, flip); });
 }
 
-// taps[c][i][j] (fp32, K x K a channel) = the (C, 1, k, k) weight wd's taps of channels c0 + c, c < channels,
-// centred in zeros as load_tap_row does (for conv_rows from shared memory; every thread must call it).
+// taps[c][i][:] (fp32, K x K a channel) = load_tap_row's row i of channel c0 + c, c < channels (for conv_rows from
+// shared memory; every thread must call it).
 template <typename T, int K>
 __device__ __forceinline__ void stage_taps(float* taps, const T* wd, int c0, int channels, int k) {
-  const int off = (K - k) / 2;
-  for (int i = thread_index(); i < channels * K * K; i += kThreads) {
-    const int c = c0 + i / (K * K), si = (i % (K * K)) / K - off, sj = i % K - off;
-    const bool inside = si >= 0 && si < k && sj >= 0 && sj < k;
-    taps[i] = inside ? static_cast<float>(wd[(static_cast<int64_t>(c) * k + si) * k + sj]) : 0.f;
+  for (int r = thread_index(); r < channels * K; r += kThreads) {  // r: row r % K of channel r / K
+    float w[K];
+    load_tap_row<T, K>(w, wd, c0 + r / K, k, r % K, true, false);
+#pragma unroll
+    for (int j = 0; j < K; ++j) taps[r * K + j] = w[j];
   }
 }
 
