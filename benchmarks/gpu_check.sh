@@ -60,6 +60,8 @@
 #   bench-linear-attention  40
 #   bench-upsample-sum      the neck merge (l0, xl1), as the other op benchmarks
 # Opt-in (named in STEPS, or PROFILE=full): sanitizer-racecheck, sanitizer-initcheck.
+# Opt-in (named in STEPS): sanitizer-csrc-memcheck, sanitizer-csrc-racecheck (60 s each): the two tools over `check`'s
+#   attention ops on the cuda backend only (csrc's kernels, the tensor-core context among them); STEPS=sanitizer-csrc
 #
 # PROFILE=full: no total budget, 600 s bounds (split it over calls with STEPS): the whole test suite, every
 # sanitizer tool, the op benchmarks on every shape at B16 and 1 with compile and compile-max-autotune (at B16),
@@ -353,6 +355,13 @@ for tool in memcheck racecheck initcheck; do
     # without PyTorch's caching allocator every tensor is its own allocation: memcheck sees every overrun
     step "sanitizer-$tool" "$B_SAN" "$optional" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m linattn check
+done
+# the hand-written CUDA kernels alone (csrc/: shared-memory tiles reused between barriers), opt-in: check's attention
+# ops on the cuda backend, the tensor-core context among them (its fp16/bf16 case at head dim 32)
+for tool in memcheck racecheck; do
+    step "sanitizer-csrc-$tool" "$B_SAN" 1 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+        --error-exitcode 1 "$PY" -m linattn check --backend cuda --op relu_linear_attention lite_mla_attention \
+        multiscale_aggregate lite_mla_context
 done
 bench linear-attention LINEAR_ATTENTION_BENCH_ARGS bench_linear_attention.py "${LIN[@]}"
 bench upsample-sum UPSAMPLE_SUM_BENCH_ARGS bench_upsample_sum.py "${UPS[@]}"

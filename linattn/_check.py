@@ -8,7 +8,7 @@ passed, skipped and failed rows, and every skip reason and error is printed in
 full once, as a numbered note the table's rows point to.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,11 @@ def _aggregation_shapes(heads: int, dim: int, hw: tuple[int, int], ksizes: tuple
 def _aggregation_call(fn, heads, scales, *extra):
     """Adapt fn(qkv, dws, pws, heads, *extra) to flat inputs (qkv, *dws, *pws)."""
     return lambda qkv, *w: fn(qkv, list(w[:scales]), list(w[scales:]), heads, *extra)
+
+
+def _channels_last(fn):
+    """fn with its first input in channels_last (differentiably: its gradient arrives in the caller's layout)."""
+    return lambda x, *rest: fn(x.contiguous(memory_format=torch.channels_last), *rest)
 
 
 def _conv_call(fn, stride: int, padding: int, groups: int, act: str):
@@ -113,6 +118,16 @@ CASES = [
         _aggregation_call(reference.lite_mla_context, 2, 1, 16),
         _aggregation_call(eager.lite_mla_context, 2, 1, 16),
     ),
+    # as the encoders call it: head dim 32 over a channels_last qkv (the CUDA tensor-core kernel's fp16/bf16 case,
+    # with its 16-byte channel loads)
+    Case(
+        "lite_mla_context",
+        _aggregation_shapes(2, 32, (15, 17), (5,)),
+        _channels_last(_aggregation_call(ops.lite_mla_context, 2, 1, 32)),
+        _aggregation_call(reference.lite_mla_context, 2, 1, 32),
+        _aggregation_call(eager.lite_mla_context, 2, 1, 32),
+        label="lite_mla_context d32 channels_last",
+    ),
     _conv_case(
         "conv_bn_act grouped 3x3/2",
         [(2, 8, 9, 11), (16, 4, 3, 3), (1, 16), (1, 16), (1, 16), (2, 16, 5, 6)],
@@ -157,6 +172,10 @@ CASES = [
 ]
 
 
+OPS = tuple(dict.fromkeys(case.op for case in CASES))
+BACKENDS = ("reference", *KERNEL_BACKENDS)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (inf when out is not finite)."""
     out, ref = out.double(), ref.double()
@@ -198,9 +217,17 @@ def run_case(case: Case, name: str, device: torch.device, dtype: torch.dtype) ->
     return all(e <= t for e, t in results), err, tol
 
 
-def check(device: torch.device) -> bool:
-    """Print the table, its footnotes and a count of passed, skipped and failed rows; True when none failed."""
+def check(device: torch.device, ops: Sequence[str] = (), backends: Sequence[str] = ()) -> bool:
+    """Print the table, its footnotes and a count of passed, skipped and failed rows; True when none failed.
+
+    ops, backends: only these (names from OPS and BACKENDS; empty: all)."""
+    unknown = sorted(set(ops) - set(OPS)) + sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        known = f"ops: {', '.join(OPS)}; backends: {', '.join(BACKENDS)}"
+        raise ValueError(f"unknown op or backend {', '.join(unknown)}; {known}")
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device.type == "cuda" else [])
+    cases = [case for case in CASES if not ops or case.op in ops]
+    backends = [name for name in BACKENDS if not backends or name in backends]
     rows = [["op", "backend", "dtype", "result", "worst rel. error", "tolerance"]]
     notes: dict[tuple[str, str], int] = {}  # (kind, full text) -> footnote number, one per distinct text
     counts = {"passed": 0, "skipped": 0, "failed": 0}
@@ -208,10 +235,9 @@ def check(device: torch.device) -> bool:
     def mark(kind: str, text: str) -> str:
         return f"[{notes.setdefault((kind, text), len(notes) + 1)}]"
 
-    backends = ("reference", *KERNEL_BACKENDS)
     # a GPU's first run compiles every kernel (minutes): the bar says which row a stopped run was on
-    with progress(len(CASES) * len(backends) * len(dtypes), "check") as bar:
-        for case in CASES:
+    with progress(len(cases) * len(backends) * len(dtypes), "check") as bar:
+        for case in cases:
             for name in backends:
                 why = "; ".join(reasons(case.op, "fwd", name, device, args=case.limit_args)) or None
                 label = case.label or case.op

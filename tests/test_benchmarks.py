@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from linattn import _check
 from linattn._backend import status
 from linattn._table import dict_table, table
 from linattn.benchmarks import (
@@ -671,7 +672,7 @@ def test_gpu_check_dry_run_layout(tmp_path):
     ]
     steps += ["bench-linear-attention", "bench-upsample-sum"]
     assert [line.split()[0] for line in summary.splitlines() if line.split() and line.split()[0] in steps] == steps
-    assert "sanitizer-racecheck" not in summary  # opt-in
+    assert "sanitizer-racecheck" not in summary and "sanitizer-csrc" not in summary  # opt-in
     assert result.stdout.rstrip().endswith(summary.rstrip())  # the table is printed last
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = tar.getnames()
@@ -680,6 +681,23 @@ def test_gpu_check_dry_run_layout(tmp_path):
     # torch.compile in the first model's end to end only (quick profile)
     assert "--providers eager compile linattn" in (work / "logs" / "bench-e2e-l0.log").read_text()
     assert "--providers eager linattn linattn-graph" in (work / "logs" / "bench-e2e-xl1.log").read_text()
+
+
+def test_gpu_check_sanitizes_the_csrc_kernels_on_request(tmp_path):
+    """STEPS=sanitizer-csrc: memcheck and racecheck over check's attention ops on the cuda backend, nothing else."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "DRY_RUN": "1", "WORK_DIR": str(work), "PYTHON": sys.executable, "STEPS": "sanitizer-csrc"}
+    run_gpu_check(out, env)
+    assert sorted(p.name for p in (work / "logs").glob("*.log")) == [
+        "sanitizer-csrc-memcheck.log",
+        "sanitizer-csrc-racecheck.log",
+    ]
+    for tool in ("memcheck", "racecheck"):
+        command = (work / "logs" / f"sanitizer-csrc-{tool}.log").read_text()
+        assert f"compute-sanitizer --tool {tool} --error-exitcode 1" in command
+        ops = command.split("-m linattn check --backend cuda --op ")[1].split()
+        assert set(ops) == {"relu_linear_attention", "lite_mla_attention", "multiscale_aggregate", "lite_mla_context"}
+        assert set(ops) <= set(_check.OPS)
 
 
 def test_gpu_check_turns_the_cudnn_graph_off_when_its_probe_fails(tmp_path):

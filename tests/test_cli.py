@@ -59,6 +59,24 @@ def test_check_passes_here(capsys):
         assert "all passed" not in out
 
 
+def test_check_takes_only_the_named_ops_and_backends(capsys):
+    assert main(["check", "--op", "lite_mla_context", "upsample_sum", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.search(r"  (pass|FAIL|ERROR|skipped)\b", line)]
+    labels = [c.label or c.op for c in _check.CASES if c.op in ("lite_mla_context", "upsample_sum")]
+    assert len(labels) == 3 and [re.split(r"\s{2,}", row)[:2] for row in rows] == [[x, "reference"] for x in labels]
+    assert _summary(out) == (3, 0, 0)
+
+
+@pytest.mark.parametrize("argv", [["--op", "lite_mla"], ["--backend", "tensorrt"]])
+def test_check_names_an_unknown_op_or_backend(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unknown op or backend {argv[1]}" in err and "lite_mla_context" in err and "reference" in err
+
+
 def _small_check(monkeypatch, run_case, why=None):
     """check() over two cases with run_case and the registry's reasons replaced (no kernels run)."""
     monkeypatch.setattr(_check, "CASES", _check.CASES[:2])
