@@ -66,7 +66,17 @@
   } while (0)
 
 #ifdef __CUDACC__
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+
 namespace linattn {
+
+// An attribute of the current device (cudaDeviceGetAttribute: the runtime keeps them, no driver call).
+inline int device_attribute(cudaDeviceAttr attr) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
+  return value;
+}
 
 // x, in a register the compiler cannot see into: what is computed from it is computed
 // after this point. The kernels run with __launch_bounds__ that leave no registers to

@@ -677,12 +677,6 @@ Operand<T> make_operand(const at::Tensor& t) {
   return o;
 }
 
-int device_attribute(cudaDeviceAttr attr) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
-  return value;
-}
-
 // Splits N into chunks of whole tiles, one block per (b, h, chunk): as few chunks as
 // give about 8 blocks per SM (a chunk's partial state costs a little extra traffic).
 Sizes plan(int64_t BH, int64_t H, int64_t N, int64_t D, int64_t E, int rows) {

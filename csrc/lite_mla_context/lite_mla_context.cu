@@ -41,6 +41,9 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <unordered_map>
+
 #include "common.h"
 #include "multiscale_aggregate/aggregate_tile.cuh"
 
@@ -504,16 +507,22 @@ struct SharedBytes {
 };
 
 // Whether mma_kernel serves a call: fp16/bf16 at group size kMmaD, built for sm_80 or later (a build whose
-// code for this GPU is older PTX has only its trap).
+// code for this GPU is older PTX has only its trap). Asked of the runtime once per device and dtype.
 template <typename T>
 bool use_mma(int64_t D) {
   if constexpr (std::is_same_v<T, float>) {
     return false;
   } else {
     if (D != kMmaD) return false;
+    static std::mutex mutex;
+    static std::unordered_map<int, bool> known;  // device -> its answer
+    const int device = c10::cuda::current_device();
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = known.find(device);
+    if (found != known.end()) return found->second;
     cudaFuncAttributes attributes;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, mma_kernel<T, 3, MmaPass::kOne>));
-    return attributes.ptxVersion >= 80;  // the __CUDA_ARCH__ its code was compiled for
+    return known[device] = attributes.ptxVersion >= 80;  // the __CUDA_ARCH__ its code was compiled for
   }
 }
 

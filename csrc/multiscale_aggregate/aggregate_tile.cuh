@@ -566,12 +566,6 @@ __device__ void aggregate_tile(float* tile, float* halo, const Map<const T>& x, 
 
 // ---- host side ----------------------------------------------------------------------------------
 
-inline int device_attribute(cudaDeviceAttr attr) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
-  return value;
-}
-
 // Tiles of the H x W map, split into chunks so that about `blocks_per_sm` blocks per SM run
 // over the `rows` block rows; a chunk of tiles shares one block's partial sums.
 inline Geometry plan(int64_t rows, int64_t H, int64_t W, int64_t D, int blocks_per_sm = 8) {
