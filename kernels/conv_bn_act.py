@@ -60,10 +60,10 @@ ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "s
 
 
 @triton.jit
-def _gelu_constants():
-    """(sqrt(2/pi), 1/sqrt(2), 1/sqrt(2 pi)). Local constants, not module globals: the GPU compiler rejects a
-    global that is not a tl.constexpr, and the interpreter cannot multiply a tensor by a tl.constexpr one."""
-    return 0.7978845608028654, 0.7071067811865476, 0.3989422804014327
+def _act_constants():
+    """(sqrt(2/pi), 1/sqrt(2), 1/sqrt(2 pi), log2 e). Local constants, not module globals: the GPU compiler rejects
+    a global that is not a tl.constexpr, and the interpreter cannot multiply a tensor by a tl.constexpr one."""
+    return 0.7978845608028654, 0.7071067811865476, 0.3989422804014327, 1.4426950408889634
 
 
 @triton.jit
@@ -80,20 +80,21 @@ def _act(z, ACT: tl.constexpr):
     elif ACT == 2:
         z = tl.minimum(tl.maximum(z, 0.0), 6.0)
     elif ACT == 3:
-        _, inv_sqrt_2, _ = _gelu_constants()
+        _, inv_sqrt_2, _, _ = _act_constants()
         z = 0.5 * z * (1.0 + tl.erf(z * inv_sqrt_2))
     elif ACT == 4:
         # 0.5 z (1 + tanh u) = z sigmoid(2u) = z / (1 + 2^(-2 u log2 e)), u = sqrt(2/pi) (z + 0.044715 z^3): one
         # exp2 and one reciprocal, fewer instructions than tanh (the row-sliding depthwise kernel is
         # instruction-bound, kernels/_math.py). The polynomial as z (k + k' z^2): other orders made ptxas spill 8
         # bytes in a generic sm_80 conv (compile gate)
-        sqrt_2_over_pi, _, _ = _gelu_constants()
-        k = -2.0 * 1.4426950408889634 * sqrt_2_over_pi
+        sqrt_2_over_pi, _, _, log2e = _act_constants()
+        k = -2.0 * log2e * sqrt_2_over_pi
         z = z * rcp(1.0 + exp2(z * (k + (k * 0.044715) * z * z)))
     elif ACT == 5:
         z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     elif ACT == 6:
-        z = z * rcp(1.0 + exp2(-1.4426950408889634 * z))
+        _, _, _, log2e = _act_constants()
+        z = z * rcp(1.0 + exp2(-log2e * z))
     return z
 
 
@@ -107,10 +108,10 @@ def _act_grad(z, ACT: tl.constexpr):
     elif ACT == 2:
         d = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
     elif ACT == 3:
-        _, inv_sqrt_2, inv_sqrt_2pi = _gelu_constants()
+        _, inv_sqrt_2, inv_sqrt_2pi, _ = _act_constants()
         d = 0.5 * (1.0 + tl.erf(z * inv_sqrt_2)) + z * inv_sqrt_2pi * tl.exp(-0.5 * z * z)
     elif ACT == 4:
-        sqrt_2_over_pi, _, _ = _gelu_constants()
+        sqrt_2_over_pi, _, _, _ = _act_constants()
         t = _tanh(sqrt_2_over_pi * (z + 0.044715 * z * z * z))
         d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * sqrt_2_over_pi * (1.0 + 3.0 * 0.044715 * z * z)
     elif ACT == 5:
