@@ -14,9 +14,11 @@ capture). A corrupt, foreign or stale file is ignored with a warning.
 
 What is timed is checked first: each candidate runs once into NaN-filled scratch outputs (scratch_like) and its
 result is compared with the baseline's (the reference, PyTorch's own path; among a kernel's configurations, its
-heuristic's, which is checked against the reference one level up). A candidate whose result differs by more than
-a rounding difference (TOLERANCE, relative) is left out of the timing and the choice, with a warning: a kernel
-that is wrong on this GPU, these versions or these inputs is never chosen for being fast.
+heuristic's, which the reference checks one level up where that level is measured too, not where it is read from
+a table). A candidate whose result differs by more than a rounding difference (TOLERANCE, relative) is left out of
+the timing and the choice, with a warning: a kernel that is wrong on this GPU, these versions or these inputs is
+never chosen for being fast. A choice read from a table (shipped, or kept by an earlier run) is not checked again;
+a candidate left out because it ran out of memory leaves the choice to this process, out of the table.
 """
 
 import concurrent.futures
@@ -403,14 +405,14 @@ def _tensors(result) -> list[torch.Tensor]:
     return []
 
 
-SLAB = 1 << 24  # elements disagreement() compares at a time: float32 copies of at most 64 MB
+SLAB = 1 << 23  # elements disagreement() compares at a time: float64 copies of at most 64 MB
 
 
 def disagreement(got, expected) -> float:
     """The largest relative difference ||got - expected|| / ||expected|| (Frobenius) over the tensors of two
-    results, compared in float32 a slab of rows at a time; inf where they do not match in number or shape, or
-    where got is not finite and expected is. Elements where expected itself is not finite (an fp16 overflow on
-    PyTorch's path) are left out."""
+    results, compared in float64 a slab of rows at a time (float32 squares overflow above 1.8e19, and an inf norm
+    would read as agreement); inf where they do not match in number or shape, or where got is not finite and
+    expected is. Elements where expected itself is not finite (an fp16 overflow on PyTorch's path) are left out."""
     got, expected = [t.detach() for t in _tensors(got)], [t.detach() for t in _tensors(expected)]
     if len(got) != len(expected):
         return float("inf")
@@ -422,7 +424,7 @@ def disagreement(got, expected) -> float:
         rows = max(1, SLAB // max(1, a[0].numel()))
         diff2 = norm2 = 0.0
         for a_s, r_s in zip(a.split(rows), r.split(rows)):
-            a_s, r_s = a_s.float(), r_s.float()
+            a_s, r_s = a_s.double(), r_s.double()
             finite = torch.isfinite(r_s)
             if not bool(finite.all()):
                 a_s, r_s = a_s[finite], r_s[finite]
@@ -557,11 +559,15 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         row["host_ms"] = host
     if rejected:
         row["rejected"] = rejected
+    # a candidate that ran out of memory (the check's scratch outputs beside the model's tensors) may fit another
+    # time: the choice holds for this process, not in the table
+    kept = not any(isinstance(why, str) and why.startswith("OutOfMemoryError") for why in rejected.values())
     with _lock:
         _memo[memo] = chosen
-        table(device_name)[key] = chosen
         _timings.append(row)
-        _save(device_name)
+        if kept:
+            table(device_name)[key] = chosen
+            _save(device_name)
     return chosen, True
 
 

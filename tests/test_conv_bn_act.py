@@ -14,6 +14,7 @@ from utils import (
     assert_close,
     check_direct_launches,
     cuda_may_decline,
+    interpreter_skip,
     kernel_targets,
     poison_outputs,
     rel_err,
@@ -821,6 +822,7 @@ def test_module_eval_fold_sees_shared_bn_eps_and_runs_under_vmap():
 
 
 INTERPRETER_TRITON = [t for t in _kernel_targets() if t.values[0] == ("triton", "cpu")]
+INTERPRETER_SKIP = interpreter_skip()
 GPU_TILE_CASES = [  # sizes that take a GPU's widest forward tiles (MAX_TILES), the weight gradient split in chunks
     (1, 40, 130, 9, 8, 3, 1, 1, 1, "gelu_tanh", True, torch.float32, False, True),
     (2, 24, 144, 6, 5, 1, 1, 1, 2, "relu", True, torch.float32, True, False),
@@ -882,8 +884,8 @@ def test_kernels_every_gpu_forward_config(entry):
     K-contiguous weights, into a NaN-poisoned output, against float64."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd
 
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     kernel, cfg = entry
     shuffle = kernel == "shuffle"
     gen = torch.Generator().manual_seed(11)
@@ -935,8 +937,8 @@ def test_tma_kernel_every_gpu_config(cfg):
     output, against float64 within twice eager bf16's error."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd
 
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     gen = torch.Generator().manual_seed(13)
     wide = torch.randn(2, 40, 11, 19, generator=gen).to(torch.bfloat16).to(memory_format=torch.channels_last)
     x = wide[:, 8:32]  # 24 channels from the 8th: 16-byte aligned, not contiguous
@@ -955,7 +957,8 @@ def test_tma_kernel_every_gpu_config(cfg):
 # (B, channels, map size, stride): L0's stage-3 MBConv at B16 and B1, XL1's stage-5 at B16, and the downsampling
 # MBConvs' stride-2 ones (L0's into stage 4 at B16 and B1, XL1's into stage 4)
 DW3_PROBLEMS = [
-    (16, 1024, 32, 1), (1, 1024, 32, 1), (16, 2048, 16, 1), (16, 2048, 64, 2), (1, 2048, 64, 2), (16, 4096, 64, 2)
+    (16, 1024, 32, 1), (1, 1024, 32, 1), (16, 2048, 16, 1), (16, 2048, 64, 2), (1, 2048, 64, 2), (16, 4096, 64, 2),
+    (1, 16, 8, 2),  # 8-column, 16-channel strips: a small map's (on 8 warps, one element a thread)
 ]  # fmt: skip
 
 
@@ -973,35 +976,56 @@ def _dw3_gpu_configs():
     return found + [dict(found[0], ROWS=3)]  # several row chunks per map at the test's size
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
-@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
-@pytest.mark.parametrize(
-    "cfg", _dw3_gpu_configs(), ids=lambda c: f"{c['BLOCK_W']}x{c['BLOCK_C']}-r{c['ROWS']}-w{c['num_warps']}"
-)
-def test_dw3_kernel_every_gpu_config(cfg, stride, channels_last, dtype):
-    """Every row-sliding depthwise configuration an H100 may time, at stride 1 and 2, under the interpreter on odd
-    sizes (columns and channels not multiples of the strip, rows not of ROWS, an odd height and width: the stride-2
-    kernel's last input row past the map), the whole epilogue, into a NaN-poisoned output, against float64 (fp32:
-    1e-5; bf16: twice eager's error)."""
+DW3_CONFIG_IDS = lambda c: f"{c['BLOCK_W']}x{c['BLOCK_C']}-r{c['ROWS']}-w{c['num_warps']}"  # noqa: E731
+
+
+def _check_dw3_config(cfg, stride, channels_last, dtype, act, device):
+    """One row-sliding depthwise configuration on odd sizes (columns and channels not multiples of the strip, rows
+    not of ROWS, an odd height and width: the stride-2 kernel's last input row past the map), the whole epilogue,
+    into a NaN-poisoned output, against float64 (fp32: 1e-5; fp16/bf16: twice eager's error)."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd
 
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
     gen = torch.Generator().manual_seed(17)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     C = 70
-    x = torch.randn(2, C, 11, 19, generator=gen).to(dtype).contiguous(memory_format=fmt)
-    w = (torch.randn(C, 1, 3, 3, generator=gen) * 0.3).to(dtype)
-    b, s, t = (torch.randn(C, generator=gen).to(dtype) for _ in range(3))
+    x = torch.randn(2, C, 11, 19, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(C, 1, 3, 3, generator=gen) * 0.3).to(device, dtype)
+    b, s, t = (torch.randn(C, generator=gen).to(device, dtype) for _ in range(3))
     size = (11, 19) if stride == 1 else (6, 10)
-    r = torch.randn(2, C, *size, generator=gen).to(dtype).contiguous(memory_format=fmt)
-    conv = (stride, stride), (1, 1), (1, 1), C, "silu"
+    r = torch.randn(2, C, *size, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    conv = (stride, stride), (1, 1), (1, 1), C, act
     ref = reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t, r))
-    eager = reference.activation(F.conv2d(x, w, b, *conv[:4]), "silu") * s[:, None, None] + t[:, None, None] + r
-    out = torch.full(ref.shape, float("nan"), dtype=dtype).contiguous(memory_format=fmt)
+    eager = reference.activation(F.conv2d(x, w, b, *conv[:4]), act) * s[:, None, None] + t[:, None, None] + r
+    out = torch.full(ref.shape, float("nan"), device=device, dtype=dtype).contiguous(memory_format=fmt)
     conv_bn_act_fwd(x, w, b, *conv, s, t, r, out, config=dict(cfg))
     assert_close(out, ref, tolerance(dtype, rel_err(eager, ref)), "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
+@pytest.mark.parametrize("cfg", _dw3_gpu_configs(), ids=DW3_CONFIG_IDS)
+def test_dw3_kernel_every_gpu_config(cfg, stride, channels_last, dtype):
+    """Every row-sliding depthwise configuration an H100 may time, at stride 1 and 2, under the interpreter
+    (_check_dw3_config)."""
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
+    _check_dw3_config(cfg, stride, channels_last, dtype, "silu", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize(
+    "case",
+    [(True, torch.bfloat16, "gelu_tanh"), (False, torch.float16, "silu"), (True, torch.float32, "hardswish")],
+    ids=["nhwc-bf16-gelu_tanh", "nchw-fp16-silu", "nhwc-fp32-hardswish"],
+)
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
+@pytest.mark.parametrize("cfg", _dw3_gpu_configs(), ids=DW3_CONFIG_IDS)
+def test_cuda_dw3_kernel_every_gpu_config(cfg, stride, case):
+    """The same sweep compiled on the GPU, where bf16 loads widen through inline PTX (kernels/_math.py, which the
+    interpreter never runs) and the activations take ex2/rcp.approx (_check_dw3_config)."""
+    channels_last, dtype, act = case
+    _check_dw3_config(cfg, stride, channels_last, dtype, act, "cuda")
 
 
 def test_dw3_configs_take_only_3x3_depthwise_of_stride_1_or_2():
@@ -1181,8 +1205,8 @@ def test_kernels_every_gpu_depthwise_config(cfg):
     with a channel multiplier of 2), channels_last, into a NaN-poisoned output, against float64."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd
 
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     gen = torch.Generator().manual_seed(17)
     x = torch.randn(2, 20, 13, 11, generator=gen).to(memory_format=torch.channels_last)
     w = torch.randn(40, 1, 5, 5, generator=gen) * 0.2
@@ -1198,8 +1222,8 @@ def test_kernels_split_k_uneven(gpu_heuristics):
     """A split that does not divide the reduction (9 taps over 4 programs: 3, 3, 3) and a grouped conv."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd
 
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(1, 12, 5, 6, generator=gen).to(memory_format=torch.channels_last)
     w = torch.randn(18, 4, 3, 3, generator=gen) * 0.3
@@ -1306,8 +1330,8 @@ def test_separable_kernel(case, config):
     8's tolerance (eager's error: the two convs and their ops in the input dtype)."""
     from linattn.kernels.conv_bn_act import separable_conv_bn_act_fwd
 
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     x, dw, pw, t, g = make_separable(case, "cpu")
     ref = _separable_ref(
         *(v.double() for v in (x, dw, pw)), {k: None if v is None else v.double() for k, v in t.items()}, g
@@ -1443,8 +1467,8 @@ def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
     present; and the op's planned calls (the second one reuses the plan) agree with the reference."""
     from linattn.kernels.conv_bn_act import fwd_configs, fwd_launch
 
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     if heuristics == "h100":
         request.getfixturevalue("gpu_heuristics")
     case = (1, 24, 20, 5, 6, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
@@ -1476,8 +1500,8 @@ def test_planned_calls_repack_into_their_prepared_launch(gpu_heuristics, monkeyp
     NaN-poisoned outputs, against the reference; the split-K path with H100's heuristics."""
     from linattn.kernels import conv_bn_act as kernels
 
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     builds = []
     build = kernels.fwd_launch
     monkeypatch.setattr(kernels, "fwd_launch", lambda *a, **k: builds.append(1) or build(*a, **k))
@@ -1503,8 +1527,8 @@ def test_planned_runner_times_each_candidate_on_its_planned_path(gpu_heuristics)
     plan would prepare for it (made once, on first use; the reference, which has none, its own path) into a fresh
     scratch output each call, and computes the call (NaN-free, against the float64 reference)."""
     module = importlib.import_module("linattn.ops.conv_bn_act")
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     case = (1, 24, 20, 5, 6, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
     x, w, b, s, t, r, _ = make_conv(case, "cpu", seed=13)
     w = w.contiguous(memory_format=torch.channels_last)
@@ -1606,8 +1630,8 @@ def test_module_call_site_reuses_its_plan(order, norm, gpu_heuristics, monkeypat
     that changes what the plan was made for (new input layout, a residual, a BatchNorm or weight updated in
     place, the plans dropped, another backend) goes through the op again and is right; a gradient still reaches
     an input that needs one. H100's heuristics under the interpreter, NaN-poisoned outputs, against float64."""
-    if not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     module = importlib.import_module("linattn.ops.conv_bn_act")
     checked = module._checked_call
     poison_outputs(monkeypatch, module)
@@ -1701,8 +1725,8 @@ def test_separable_call_site_reuses_its_plan(backend, gpu_heuristics, monkeypatc
     fused kernel (triton) or each conv from its own site (the unfused pair: what auto mostly picks on a GPU); an
     in-place update of a BatchNorm goes through the op again; the fused kernel's launch is prepared once, with the
     plan (kernels/conv_bn_act.py separable_launch). Against float64, NaN-poisoned outputs."""
-    if backend == "triton" and not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if backend == "triton" and INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     from linattn.kernels import conv_bn_act as kernels
 
     builds, build = [], kernels.separable_launch
@@ -1752,8 +1776,8 @@ def test_upsample_call_site_reuses_its_plan(backend, norm, gpu_heuristics, monke
     update of the BatchNorm or the linear goes through the op again. Against float64, NaN-poisoned outputs."""
     from linattn.optimize import FusedUpsampleBlock
 
-    if backend == "triton" and not INTERPRETER_TRITON:
-        pytest.skip("the Triton interpreter is not available")
+    if backend == "triton" and INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
     module = importlib.import_module("linattn.ops.conv_bn_act")
     poison_outputs(monkeypatch, module)
     body, through_op = module._upsample, []

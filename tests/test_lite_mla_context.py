@@ -13,6 +13,7 @@ from utils import (
     assert_all_within,
     assert_close,
     check_direct_launches,
+    interpreter_skip,
     kernel_targets,
     poison_outputs,
     rel_err,
@@ -307,8 +308,8 @@ def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
     from linattn import _tune
     from linattn.kernels.lite_mla_context import context_launch
 
-    if not [t for t in kernel_targets() if t.values[0] == ("triton", "cpu")]:
-        pytest.skip("the Triton interpreter is not available")
+    if why := interpreter_skip():
+        pytest.skip(why)
     B, heads, D, H, W, ksizes = 1, 2, 8, 9, 7, (3, 5)
     if heuristics == "h100":
         from linattn.kernels.linear_attention import split_rows

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from utils import assert_close, cuda_may_decline, kernel_targets, poison_outputs, rel_err, tolerance
+from utils import assert_close, cuda_may_decline, interpreter_skip, kernel_targets, poison_outputs, rel_err, tolerance
 
 import linattn
 from linattn import reference
@@ -201,8 +201,8 @@ def test_context_call_site_reuses_its_plan(gpu_heuristics, monkeypatch):
     three convs' and the context's outputs NaN-poisoned, against the float64 oracle."""
     import importlib
 
-    if kernel_targets()[0].marks:
-        pytest.skip("the Triton interpreter is not available")
+    if why := interpreter_skip():
+        pytest.skip(why)
     ops = importlib.import_module("linattn.ops.lite_mla_context")
     conv_ops = importlib.import_module("linattn.ops.conv_bn_act")
     checked = ops._checked

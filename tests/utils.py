@@ -24,6 +24,14 @@ def kernel_targets():
     return params
 
 
+def interpreter_skip() -> str | None:
+    """Why the Triton interpreter's target (triton on CPU tensors) cannot run here, or None: a test of kernels on
+    CPU tensors skips with it (on a GPU machine compiled Triton takes no CPU tensor; its kernels are tested on
+    the GPU)."""
+    target = next(t for t in kernel_targets() if t.values[0] == ("triton", "cpu"))
+    return next((m.kwargs["reason"] for m in target.marks), None)
+
+
 @contextlib.contextmanager
 def cuda_may_decline(backend: str):
     """On the cuda target a conv cuDNN declines is a skip with cuDNN's reason: the forced backend raises
