@@ -20,11 +20,12 @@
 #                           launch at B16 and 1 in bf16 (measured dispatch's candidates too) compiled at once,
 #                           one process per core, into Triton's cache: the first H100 pass's optimized L0 did not
 #                           finish its first call in 90 s, compiling kernel after kernel
-#   pytest             110  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
+#   pytest             140  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
 #                           pytest-timeout (60 s a test) and pytest-xdist (all cores but two) when installed;
 #                           stopped by SIGINT at its bound; verbose, so each failure is named as it happens (the
 #                           sixth H100 pass: 240 tests in 76 s on 14 workers with the kernels compiled, past 106 s
-#                           on a bare machine)
+#                           on a bare machine; the ninth pass's 290 reached 100% at its 110 s bound; 409 now, 108 of
+#                           them small row-sliding depthwise compiles)
 #   bench-e2e-l0       150  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
 #                           each with its batch-1 latency (lat_b1_ms) and host time (host_b1_ms); no max-autotune
 #                           (the sixth H100 pass's L0 took 127 s, measured dispatch timing 146 choices)
@@ -221,7 +222,7 @@ CONV_SHAPES=(sq.enc128.c2 sq.up64 l0.s3.mb.dw3 l0.s4.down.dw3 l0.s3.mb.pw_proj l
 OPS=(--dtype bf16 --batch 16 --providers eager triton cuda auto)
 case $PROFILE in
     quick)
-        B_BUILD=200 B_PRE=60 B_CHECK=120 B_PYTEST=110 B_SAN=60 B_E2E=150 B_BENCH=40 # XL models: 1.5 x B_E2E
+        B_BUILD=200 B_PRE=60 B_CHECK=120 B_PYTEST=140 B_SAN=60 B_E2E=150 B_BENCH=40 # XL models: 1.5 x B_E2E
         PRE=(--batch 16 1 --dtype bf16)
         read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
         # 25 ops and host functions in each profile: the eighth pass's top 10 of L0's batch-1 host time (8.18 ms)
