@@ -71,6 +71,12 @@
 
 namespace linattn {
 
+// kernel<<<grid, block, smem, stream>>>: what the launch helpers write before the kernel's arguments, so that
+// tests/emulation can run the kernels on the CPU by defining it first
+#ifndef LINATTN_LAUNCH
+#define LINATTN_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 // An attribute of the current device (cudaDeviceGetAttribute: the runtime keeps them, no driver call).
 inline int device_attribute(cudaDeviceAttr attr) {
   int value = 0;

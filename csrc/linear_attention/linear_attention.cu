@@ -709,7 +709,7 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t str
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<grid, threads, smem, stream>>>(args...);
+  LINATTN_LAUNCH(kernel, grid, threads, smem, stream)(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -598,7 +598,7 @@ void launch(const char* op, Kernel kernel, dim3 grid, size_t smem, Args... args)
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  kernel<<<grid, kThreads, smem, stream>>>(args...);
+  LINATTN_LAUNCH(kernel, grid, kThreads, smem, stream)(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

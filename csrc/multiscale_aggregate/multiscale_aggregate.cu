@@ -267,7 +267,8 @@ struct SharedBytes {
 void launch_sum_parts(float* dst_a, float* dst_b, const float* parts, int count_a, int count_b, int batch,
                       int groups, int splits) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  sum_parts_kernel<<<groups, 256, 0, stream>>>(dst_a, dst_b, parts, count_a, count_b, batch, groups, splits);
+  LINATTN_LAUNCH(sum_parts_kernel, groups, 256, 0, stream)
+  (dst_a, dst_b, parts, count_a, count_b, batch, groups, splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

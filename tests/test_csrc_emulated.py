@@ -1,0 +1,154 @@
+"""The CUDA C++ tensor-core context (csrc/lite_mla_context/lite_mla_context.cu, mma_kernel) run on the CPU.
+
+CI has no GPU, and the GPU tests run only when a pass gets one. Here the kernel's own source, unchanged, is compiled
+as host C++ (g++) with CUDA's execution model emulated (tests/emulation: a block's threads are real threads, so
+its barriers are real; WMMA fragments are whole matrices; shared memory poisoned before each block and fenced by an
+unreadable page; a divergent barrier, a misaligned WMMA operand or a deadlock is an error), and its host function
+forward<T> plans and launches for a pretend GPU whose SM count each case sets: 1 SM runs one pass, more split the
+map (partials summed). What this checks: the index arithmetic, the barriers, the shared-memory layout, the partials
+and the roundings of the kernel as written. What it cannot: registers, the GPU's shared-memory capacity, timing,
+and the hardware's fragment layouts (the GPU tests, test_lite_mla_context.py test_cuda_*, check those).
+"""
+
+import ctypes
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_multiscale_aggregate import f64, make_aggregation
+from utils import rel_err, tolerance
+
+from linattn import eager, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "tests" / "emulation"
+CODES = {torch.float16: 5, torch.bfloat16: 15}  # c10::ScalarType
+D, EPS = 32, 1e-15
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h: host-usable), or None."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for home in (CUDA_HOME, "/usr/local/cuda"):
+        if home and (Path(home) / "include" / "cuda_bf16.h").exists():
+            return Path(home) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The emulation library (about 20 s of g++), loaded through ctypes."""
+    import torch.utils.cpp_extension as cpp
+
+    compiler, cuda_include = shutil.which("g++"), _cuda_include()
+    if compiler is None or cuda_include is None or not sys.platform.startswith("linux"):
+        pytest.skip("the CPU emulation needs g++ and the CUDA toolkit's headers on Linux")
+    lib = tmp_path_factory.mktemp("emulation") / "lite_mla_context.so"
+    torch_dir = Path(torch.__file__).parent
+    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-w"]
+    command += [f"-I{EMULATION}", f"-I{ROOT / 'csrc'}", *(f"-isystem{p}" for p in cpp.include_paths())]
+    command += [f"-isystem{cuda_include}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    command += [str(EMULATION / "lite_mla_context.cpp"), "-o", str(lib), f"-L{torch_dir / 'lib'}", "-lc10"]
+    command += ["-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-Wl,-Bsymbolic", "-Wl,-z,defs"]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-4000:]
+    found = ctypes.CDLL(str(lib))
+    found.emu_forward.restype = ctypes.c_int
+    found.emu_launches.restype = ctypes.c_char_p
+    return found
+
+
+def _int64s(values):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _pointers(tensors):
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors]) if tensors else None
+
+
+def run_emulated(lib, qkv, dws, pws, dbs, pbs, heads: int, sms: int):
+    """forward<T> on the pretend GPU of `sms` SMs into a NaN-filled output laid out as the op's: (output, the
+    kernels it launched, emulator errors)."""
+    B, _, H, W = qkv.shape
+    S = len(dws)
+    out = torch.full((B, (1 + S) * heads * D, H, W), float("nan"), dtype=qkv.dtype)
+    if qkv.stride(1) == 1:
+        out = out.contiguous(memory_format=torch.channels_last)
+    stats = (ctypes.c_uint64 * 5)()
+    rc = lib.emu_forward(
+        CODES[qkv.dtype], ctypes.c_void_p(qkv.data_ptr()), _int64s(qkv.shape), _int64s(qkv.stride()), S,
+        _pointers(dws), _int64s([w.shape[-1] for w in dws]), _pointers(pws), _pointers(dbs), _pointers(pbs),
+        ctypes.c_int64(heads), ctypes.c_int64(D), ctypes.c_double(EPS), ctypes.c_void_p(out.data_ptr()),
+        _int64s(out.stride()), sms, stats,
+    )  # fmt: skip
+    assert rc == 0, f"the emulated forward failed ({rc}): see stderr"
+    return out, lib.emu_launches().decode(), int(stats[4])
+
+
+def _unaligned(qkv):
+    """qkv as a channels_last view 4 channels (8 bytes) into its storage: channels contiguous, not 16-byte
+    aligned (the kernels then load element by element)."""
+    B, C, H, W = qkv.shape
+    view = torch.empty(B, C + 4, H, W, dtype=qkv.dtype).contiguous(memory_format=torch.channels_last)[:, 4:]
+    view.copy_(qkv)
+    assert view.stride(1) == 1 and view.data_ptr() % 16 != 0
+    return view
+
+
+# (B, heads, H, W, kernel sizes, biases, dtype, layout); layouts: NCHW, channels_last (16-byte channel loads), a
+# channels_last view off 16-byte alignment. Kernel size 7 runs on the 9 x 9 stencil, taps read from global memory
+CASES = [
+    (1, 2, 16, 16, (5,), True, torch.bfloat16, "channels_last"),
+    (2, 2, 13, 21, (3, 7), True, torch.float16, "nchw"),
+    (1, 2, 67, 1, (5,), False, torch.bfloat16, "nchw"),
+    (2, 2, 9, 11, (3,), True, torch.float16, "unaligned"),
+]
+
+
+def splits(lib, B: int, heads: int, H: int, W: int, kernel: int, sms: int) -> int:
+    """The blocks forward<T>'s plan() splits each head's map into on `sms` SMs (1: the one pass)."""
+    found = (ctypes.c_int * 6)()
+    lib.emu_geometry(ctypes.c_int64(B), ctypes.c_int64(heads), ctypes.c_int64(H), ctypes.c_int64(W), kernel, sms, found)
+    return found[2]
+
+
+# SMs of the pretend GPU: 1 runs one pass (kOne); 3 splits the map into chunks of tiles, 132 (an H100's) into
+# single tiles (kState then kOut, partials summed)
+@pytest.mark.parametrize("sms", [1, 3, 132], ids=["one-pass", "split-chunks", "split-tiles"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}h{c[1]}-{c[2]}x{c[3]}-k{c[4]}-{c[6]}-{c[7]}")
+def test_emulated_tensor_core_context(emulated, case, sms):
+    """The whole op against float64, within twice eager's error, every output element written, the inputs left
+    as they were, no emulator error (divergent barrier, misaligned WMMA operand); the path the SM count asks for
+    taken."""
+    B, heads, H, W, ksizes, bias, dtype, layout = case
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, "cpu", layout != "nchw", 6)
+    if layout == "unaligned":
+        qkv = _unaligned(qkv)
+    before = [t.clone() for t in (qkv, *dws, *pws, *dbs, *pbs)]
+    want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), heads, D, EPS, f64(dbs), f64(pbs))
+    tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, EPS, dbs, pbs), want))
+    out, launches, errors = run_emulated(emulated, qkv, dws, pws, dbs, pbs, heads, sms)
+    assert errors == 0, launches
+    assert all(torch.equal(a, b) for a, b in zip(before, (qkv, *dws, *pws, *dbs, *pbs))), "an input was written"
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements unwritten ({launches})"
+    parts = splits(emulated, B, heads, H, W, max(ksizes), sms)
+    assert (parts == 1) == (sms == 1) or sms == 3  # the pass each end of the parametrization names
+    path, kernels = ("kOne", 1) if parts == 1 else ("kState", 2)
+    assert f",{path}>" in launches and launches.count("mma<") == len(ksizes) * kernels, launches
+    assert rel_err(out, want) <= tol, f"relative error {rel_err(out, want):.3g} over {tol:.3g} ({launches})"
+
+
+@pytest.mark.parametrize("sms", [1, 132], ids=["one-pass", "split"])
+def test_emulated_fp16_large_activations_do_not_overflow(emulated, sms):
+    """S beyond fp16's range enters the output product scaled by columns (as test_lite_mla_context.py's GPU test):
+    finite, within ten times fp16's rounding of the result."""
+    qkv, dws, pws, dbs, pbs = make_aggregation(1, 2, D, 16, 16, (3,), False, torch.float32, "cpu", True, 8)
+    qkv, dws, pws = (qkv * 40.0).half(), [w.half() for w in dws], [w.half() for w in pws]
+    want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), 2, D)
+    out, launches, errors = run_emulated(emulated, qkv, dws, pws, [], [], 2, sms)
+    assert errors == 0 and torch.isfinite(out).all(), launches
+    assert rel_err(out, want) <= 10 * rel_err(want.half(), want)
