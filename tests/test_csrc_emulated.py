@@ -1,4 +1,5 @@
-"""The CUDA C++ tensor-core context (csrc/lite_mla_context/lite_mla_context.cu, mma_kernel) run on the CPU.
+"""The CUDA C++ context (csrc/lite_mla_context/lite_mla_context.cu: the tensor-core mma_kernel, and the SIMT kernels
+of fp32 and other group sizes) run on the CPU.
 
 CI has no GPU, and the GPU tests run only when a pass gets one. Here the kernel's own source, unchanged, is compiled
 as host C++ (g++) with CUDA's execution model emulated (tests/emulation: a block's threads are real threads, so
@@ -25,7 +26,7 @@ from linattn import eager, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "emulation"
-CODES = {torch.float16: 5, torch.bfloat16: 15}  # c10::ScalarType
+CODES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}  # c10::ScalarType
 D, EPS = 32, 1e-15
 
 
@@ -70,19 +71,19 @@ def _pointers(tensors):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors]) if tensors else None
 
 
-def run_emulated(lib, qkv, dws, pws, dbs, pbs, heads: int, sms: int):
+def run_emulated(lib, qkv, dws, pws, dbs, pbs, heads: int, sms: int, dim: int = D):
     """forward<T> on the pretend GPU of `sms` SMs into a NaN-filled output laid out as the op's: (output, the
     kernels it launched, emulator errors)."""
     B, _, H, W = qkv.shape
     S = len(dws)
-    out = torch.full((B, (1 + S) * heads * D, H, W), float("nan"), dtype=qkv.dtype)
+    out = torch.full((B, (1 + S) * heads * dim, H, W), float("nan"), dtype=qkv.dtype)
     if qkv.stride(1) == 1:
         out = out.contiguous(memory_format=torch.channels_last)
     stats = (ctypes.c_uint64 * 5)()
     rc = lib.emu_forward(
         CODES[qkv.dtype], ctypes.c_void_p(qkv.data_ptr()), _int64s(qkv.shape), _int64s(qkv.stride()), S,
         _pointers(dws), _int64s([w.shape[-1] for w in dws]), _pointers(pws), _pointers(dbs), _pointers(pbs),
-        ctypes.c_int64(heads), ctypes.c_int64(D), ctypes.c_double(EPS), ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_int64(heads), ctypes.c_int64(dim), ctypes.c_double(EPS), ctypes.c_void_p(out.data_ptr()),
         _int64s(out.stride()), sms, stats,
     )  # fmt: skip
     assert rc == 0, f"the emulated forward failed ({rc}): see stderr"
@@ -139,6 +140,32 @@ def test_emulated_tensor_core_context(emulated, case, sms):
     assert (parts == 1) == (sms == 1) or sms == 3  # the pass each end of the parametrization names
     path, kernels = ("kOne", 1) if parts == 1 else ("kState", 2)
     assert f",{path}>" in launches and launches.count("mma<") == len(ksizes) * kernels, launches
+    assert rel_err(out, want) <= tol, f"relative error {rel_err(out, want):.3g} over {tol:.3g} ({launches})"
+
+
+# the SIMT kernels (state_kernel then out_kernel, fp32 products): fp32, and group sizes other than 32
+SIMT_CASES = [
+    (1, 2, 32, 16, 16, (5,), True, torch.float32, "channels_last"),  # 4-channel (16-byte) fp32 loads
+    (2, 3, 16, 13, 21, (3, 7), True, torch.bfloat16, "channels_last"),
+    (1, 2, 8, 9, 11, (3,), False, torch.float16, "unaligned"),
+]
+
+
+@pytest.mark.parametrize("sms", [1, 132], ids=["few-splits", "split-tiles"])
+@pytest.mark.parametrize("case", SIMT_CASES, ids=lambda c: f"B{c[0]}h{c[1]}d{c[2]}-{c[3]}x{c[4]}-{c[7]}-{c[8]}")
+def test_emulated_simt_context(emulated, case, sms):
+    """The same checks on the SIMT kernels the cuda backend runs for fp32 (IEEE products, 1e-5) and other group
+    sizes, their halo loads over channels_last maps 16 bytes at a time."""
+    B, heads, dim, H, W, ksizes, bias, dtype, layout = case
+    qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, dim, H, W, ksizes, bias, dtype, "cpu", layout != "nchw", 9)
+    if layout == "unaligned":
+        qkv = _unaligned(qkv)
+    want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), heads, dim, EPS, f64(dbs), f64(pbs))
+    tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, dim, EPS, dbs, pbs), want))
+    out, launches, errors = run_emulated(emulated, qkv, dws, pws, dbs, pbs, heads, sms, dim)
+    assert errors == 0 and "mma<" not in launches, launches
+    assert launches.count("state<") == launches.count("out<") == len(ksizes), launches
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements unwritten ({launches})"
     assert rel_err(out, want) <= tol, f"relative error {rel_err(out, want):.3g} over {tol:.3g} ({launches})"
 
 

@@ -113,9 +113,11 @@ std::string kernel_name(const void* k) {
   auto check = [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     const std::string k_ = std::to_string(K);
-    if (k == reinterpret_cast<const void*>(&mma_kernel<T, K, MmaPass::kOne>)) name = "mma<K=" + k_ + ",kOne>";
-    if (k == reinterpret_cast<const void*>(&mma_kernel<T, K, MmaPass::kState>)) name = "mma<K=" + k_ + ",kState>";
-    if (k == reinterpret_cast<const void*>(&mma_kernel<T, K, MmaPass::kOut>)) name = "mma<K=" + k_ + ",kOut>";
+    if constexpr (!std::is_same_v<T, float>) {
+      if (k == reinterpret_cast<const void*>(&mma_kernel<T, K, MmaPass::kOne>)) name = "mma<K=" + k_ + ",kOne>";
+      if (k == reinterpret_cast<const void*>(&mma_kernel<T, K, MmaPass::kState>)) name = "mma<K=" + k_ + ",kState>";
+      if (k == reinterpret_cast<const void*>(&mma_kernel<T, K, MmaPass::kOut>)) name = "mma<K=" + k_ + ",kOut>";
+    }
     if (k == reinterpret_cast<const void*>(&state_kernel<T, K>)) name = "state<K=" + k_ + ">";
     if (k == reinterpret_cast<const void*>(&out_kernel<T, K>)) name = "out<K=" + k_ + ">";
   };
@@ -149,7 +151,7 @@ extern "C" int emu_geometry(int64_t B, int64_t heads, int64_t H, int64_t W, int 
   return 0;
 }
 
-// dtype: 5 = Half, 15 = BFloat16 (c10::ScalarType). Weights contiguous; bd/bp arrays may be null (no biases).
+// dtype: 5 = Half, 6 = Float, 15 = BFloat16 (c10::ScalarType). Weights contiguous; bd/bp arrays may be null (no biases).
 extern "C" int emu_forward(int dtype, void* qkv, const int64_t* qkv_sizes, const int64_t* qkv_strides, int S,
                            void** dw, const int64_t* ks, void** pw, void** bd, void** bp, int64_t heads, int64_t D,
                            double eps, void* out, const int64_t* out_strides, int sms, uint64_t* stats) {
@@ -172,17 +174,23 @@ extern "C" int emu_forward(int dtype, void* qkv, const int64_t* qkv_sizes, const
     emu::st.errors = 0;
     emu::st.block_barriers = 0;
     emu::st.warp_barriers = 0;
+    std::string (*name)(const void*) = nullptr;
     if (t == at::kHalf) {
       linattn::forward<at::Half>(x, dws, pws, heads, D, static_cast<float>(eps), dbs, pbs, o);
+      name = kernel_name<at::Half>;
     } else if (t == at::kBFloat16) {
       linattn::forward<at::BFloat16>(x, dws, pws, heads, D, static_cast<float>(eps), dbs, pbs, o);
+      name = kernel_name<at::BFloat16>;
+    } else if (t == at::kFloat) {
+      linattn::forward<float>(x, dws, pws, heads, D, static_cast<float>(eps), dbs, pbs, o);
+      name = kernel_name<float>;
     } else {
       return 2;
     }
     g_launches.clear();
     for (auto& [k, grid] : emu::log.kernels) {
-      g_launches += (t == at::kHalf ? kernel_name<at::Half>(k) : kernel_name<at::BFloat16>(k)) + " grid(" +
-                    std::to_string(grid.x) + "," + std::to_string(grid.y) + "," + std::to_string(grid.z) + "); ";
+      g_launches += name(k) + " grid(" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
+                    std::to_string(grid.z) + "); ";
     }
     stats[0] = emu::log.launches;
     stats[1] = emu::log.blocks;
