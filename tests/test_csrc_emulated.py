@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_multiscale_aggregate import f64, make_aggregation
-from utils import rel_err, tolerance
+from utils import rel_err, tolerance, unaligned_channels_last
 
 from linattn import eager, reference
 
@@ -90,16 +90,6 @@ def run_emulated(lib, qkv, dws, pws, dbs, pbs, heads: int, sms: int, dim: int = 
     return out, lib.emu_launches().decode(), int(stats[4])
 
 
-def _unaligned(qkv):
-    """qkv as a channels_last view 4 channels (8 bytes) into its storage: channels contiguous, not 16-byte
-    aligned (the kernels then load element by element)."""
-    B, C, H, W = qkv.shape
-    view = torch.empty(B, C + 4, H, W, dtype=qkv.dtype).contiguous(memory_format=torch.channels_last)[:, 4:]
-    view.copy_(qkv)
-    assert view.stride(1) == 1 and view.data_ptr() % 16 != 0
-    return view
-
-
 # (B, heads, H, W, kernel sizes, biases, dtype, layout); layouts: NCHW, channels_last (16-byte channel loads), a
 # channels_last view off 16-byte alignment. Kernel size 7 runs on the 9 x 9 stencil, taps read from global memory
 CASES = [
@@ -112,9 +102,7 @@ CASES = [
 
 def splits(lib, B: int, heads: int, H: int, W: int, kernel: int, sms: int) -> int:
     """The blocks forward<T>'s plan() splits each head's map into on `sms` SMs (1: the one pass)."""
-    found = (ctypes.c_int * 6)()
-    lib.emu_geometry(ctypes.c_int64(B), ctypes.c_int64(heads), ctypes.c_int64(H), ctypes.c_int64(W), kernel, sms, found)
-    return found[2]
+    return lib.emu_splits(*(ctypes.c_int64(n) for n in (B, heads, H, W)), kernel, sms)
 
 
 # SMs of the pretend GPU: 1 runs one pass (kOne); 3 splits the map into chunks of tiles, 132 (an H100's) into
@@ -128,7 +116,7 @@ def test_emulated_tensor_core_context(emulated, case, sms):
     B, heads, H, W, ksizes, bias, dtype, layout = case
     qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, "cpu", layout != "nchw", 6)
     if layout == "unaligned":
-        qkv = _unaligned(qkv)
+        qkv = unaligned_channels_last(qkv)
     before = [t.clone() for t in (qkv, *dws, *pws, *dbs, *pbs)]
     want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), heads, D, EPS, f64(dbs), f64(pbs))
     tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, EPS, dbs, pbs), want))
@@ -159,7 +147,7 @@ def test_emulated_simt_context(emulated, case, sms):
     B, heads, dim, H, W, ksizes, bias, dtype, layout = case
     qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, dim, H, W, ksizes, bias, dtype, "cpu", layout != "nchw", 9)
     if layout == "unaligned":
-        qkv = _unaligned(qkv)
+        qkv = unaligned_channels_last(qkv)
     want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), heads, dim, EPS, f64(dbs), f64(pbs))
     tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, dim, EPS, dbs, pbs), want))
     out, launches, errors = run_emulated(emulated, qkv, dws, pws, dbs, pbs, heads, sms, dim)

@@ -18,6 +18,7 @@ from utils import (
     poison_outputs,
     rel_err,
     tolerance,
+    unaligned_channels_last,
 )
 
 import linattn
@@ -406,10 +407,7 @@ def test_cuda_tensor_core_context_unaligned_view(target, monkeypatch):
     output against float64 within twice eager's error."""
     B, heads, D, H, W = 2, 2, 32, 9, 11
     qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, (5,), True, torch.bfloat16, "cuda", True, 7)
-    storage = torch.empty(B, qkv.shape[1] + 4, H, W, device="cuda", dtype=qkv.dtype, memory_format=torch.channels_last)
-    view = storage[:, 4:]
-    view.copy_(qkv)
-    assert view.stride(1) == 1 and view.data_ptr() % 16 != 0
+    view = unaligned_channels_last(qkv)
     want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
     tol = tolerance(torch.bfloat16, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
     poison_outputs(monkeypatch, sys.modules["linattn.ops.lite_mla_context"])

@@ -32,6 +32,17 @@ def interpreter_skip() -> str | None:
     return next((m.kwargs["reason"] for m in target.marks), None)
 
 
+def unaligned_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a channels_last view 4 channels into its storage: channels contiguous, the pointer not 16-byte
+    aligned (fp16/bf16: 8 bytes off), so kernels that load 16 bytes of channels at a time must not."""
+    B, C, H, W = t.shape
+    storage = torch.empty(B, C + 4, H, W, device=t.device, dtype=t.dtype, memory_format=torch.channels_last)
+    view = storage[:, 4:]
+    view.copy_(t)
+    assert view.stride(1) == 1 and view.data_ptr() % 16 != 0
+    return view
+
+
 @contextlib.contextmanager
 def cuda_may_decline(backend: str):
     """On the cuda target a conv cuDNN declines is a skip with cuDNN's reason: the forced backend raises

@@ -135,23 +135,15 @@ at::Tensor blob(void* p, std::vector<int64_t> sizes, std::vector<int64_t> stride
 }
 }  // namespace
 
-// forward<T>'s plan for its tensor-core kernel on `sms` SMs: out6 = (tiles, tiles a block, splits, blocks an SM,
-// shared memory a block, 0)
-extern "C" int emu_geometry(int64_t B, int64_t heads, int64_t H, int64_t W, int kmax, int sms, int* out6) {
+// The blocks forward<T>'s tensor-core plan splits each head's map into on `sms` SMs (1: the one pass).
+extern "C" int emu_splits(int64_t B, int64_t heads, int64_t H, int64_t W, int kmax, int sms) {
   g_sms = sms;
-  using namespace linattn::aggregate;
   const std::vector<at::Tensor> dws{at::empty({1, 1, kmax, kmax})};
-  size_t bytes = 0;
-  dispatch_ksize(kmax, [&](auto kc) { bytes = linattn::MmaSmem<decltype(kc)::value>::kBytes; });
-  const int bps = linattn::mma_blocks_per_sm(dws);
-  const Geometry g = plan(2 * B * heads, H, W, linattn::kMmaD, bps);
-  out6[0] = g.num_tiles, out6[1] = g.tiles_per_block, out6[2] = num_splits(g), out6[3] = bps;
-  out6[4] = static_cast<int>(bytes);
-  out6[5] = 0;
-  return 0;
+  return linattn::aggregate::num_splits(
+      linattn::aggregate::plan(2 * B * heads, H, W, linattn::kMmaD, linattn::mma_blocks_per_sm(dws)));
 }
 
-// dtype: 5 = Half, 6 = Float, 15 = BFloat16 (c10::ScalarType). Weights contiguous; bd/bp arrays may be null (no biases).
+// dtype: 5 = Half, 6 = Float, 15 = BFloat16 (c10::ScalarType). Weights contiguous; bd/bp may be null (no biases).
 extern "C" int emu_forward(int dtype, void* qkv, const int64_t* qkv_sizes, const int64_t* qkv_strides, int S,
                            void** dw, const int64_t* ks, void** pw, void** bd, void** bp, int64_t heads, int64_t D,
                            double eps, void* out, const int64_t* out_strides, int sms, uint64_t* stats) {
