@@ -105,7 +105,8 @@ class KernelLaunch:
     device is current, Triton's launch (its compiled kernels are per device). Triton settings read at launch
     (TRITON_DEBUG, instrumentation) changed after the switch do not reach the kernel kept. LINATTN_DIRECT_LAUNCH=0:
     Triton's launch every time. A direct launch that raises (a Triton whose compiled kernels take their arguments
-    otherwise) warns once and turns direct launches off for the process; that call goes through Triton's launch.
+    otherwise) retries the call through Triton's launch; if that succeeds, it warns once and turns direct launches
+    off for the process, else Triton's error propagates and nothing is turned off.
     compile_only=True: compile for these arguments, launch nothing (measured dispatch
     compiles a call's candidates on threads before timing them)."""
 
@@ -118,12 +119,17 @@ class KernelLaunch:
     def __call__(self, *args, compile_only: bool = False):
         if compile_only:
             return self.kernel.warmup(*args, grid=self.grid, **self.options)
+        failed = None
         if self.runner is not None and current_device() == self.device:
             try:
                 return self.runner(*args, *self.tail, stream=current_stream(self.device))
             except Exception as err:
-                self._give_up(err)
+                failed = err
+        # where Triton's launch raises too (a CUDA error left by an earlier kernel), the fault is not the direct
+        # launch's: that error propagates and direct launches stay on
         compiled = self.kernel[self.grid](*args, **self.options)
+        if failed is not None:
+            self._give_up(failed)
         if compiled is not None and compiled is self.last and self.runner is None and direct_launch_enabled():
             self._go_direct(compiled, len(args))
         self.last = compiled

@@ -653,8 +653,12 @@ def fake_kernel(monkeypatch):
         def __init__(self, fresh, broken):
             self.fresh, self.compiled = fresh, Compiled(broken)
 
+        failing = None  # an error Triton's launch raises (as one left on the GPU by an earlier kernel)
+
         def __getitem__(self, grid):
             def run(*args, **kwargs):
+                if self.failing is not None:
+                    raise self.failing
                 ran.append(("triton", grid, args, kwargs))
                 return Compiled() if self.fresh else self.compiled
 
@@ -734,6 +738,29 @@ def test_a_direct_launch_that_raises_turns_them_off(fake_kernel):
     for x in "abc":
         other(x, 1)
     assert [r[0] for r in ran] == ["triton"] * 6 and launch.runner is None and other.runner is None
+
+
+def test_an_error_tritons_launch_raises_too_leaves_direct_launches_on(fake_kernel, recwarn):
+    """A direct launch that raises where Triton's launch raises as well (a CUDA error an earlier kernel left): the
+    fault is not the direct launch's, so Triton's error propagates, nothing warns of direct launches and they
+    stay on; once Triton's launch works again, a direct launch that still raises turns them off."""
+    from linattn.kernels import _device
+    from linattn.kernels._device import KernelLaunch
+
+    make, ran, _ = fake_kernel
+    kernel = make(broken=True)
+    launch = KernelLaunch(kernel, (2,), FLAG=True)
+    for x in "ab":
+        launch(x, 1)
+    kernel.failing = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        launch("c", 1)
+    assert launch.runner is not None and _device.direct_launch_enabled() and not recwarn.list
+    kernel.failing = None
+    with pytest.warns(RuntimeWarning, match="direct launch of .* raised TypeError"):
+        launch("d", 1)
+    assert launch.runner is None and not _device.direct_launch_enabled()
+    assert [r[1:3] for r in ran if r[0] == "triton"] == [((2,), ("a", 1)), ((2,), ("b", 1)), ((2,), ("d", 1))]
 
 
 def test_host_time_weighs_in_where_asked_under_keys_of_its_own(tuned, monkeypatch):
