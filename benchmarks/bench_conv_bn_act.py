@@ -49,7 +49,9 @@ Work per call, s = element size: flops = 2 * B * Cout * Ho * Wo * (Cin / groups)
 adds, the pair's two convs'; the epilogue is not counted); bytes = (x read + weights read + output written (+
 residual read)) * s. tflops = flops / time; gbs = bytes / time and pct_copy against the measured device-to-device
 copy bandwidth; intensity = flops / bytes. Dense convs are judged by tflops, depthwise and other low-intensity ones
-(small channel counts, the Up block) by pct_copy. Errors are against the eager module run in float64 on the same
+(small channel counts, the Up block) by pct_copy; depthwise ones also by pct_fma, their fp32 FMAs (every provider's
+taps) in percent of the GPU's fp32 peak (common.py fma_peak_tflops): at 3x3 a tap's FMA per element read and
+written makes them instruction-bound before memory-bound. Errors are against the eager module run in float64 on the same
 input. Speedups: eager's, eager-folded's, compile's and compile-max-autotune's time over the provider's on the same
 shape; after the table, the same summed over every shape of a model ("taken together").
 Rows are appended to <out>/conv_bn_act*.jsonl (+ .csv) with the environment; the plot (speedups over eager, per
@@ -79,6 +81,7 @@ from linattn.benchmarks.common import (
     max_autotune_skip,
     measuring,
     parse_benchmark_args,
+    pct_fma,
     report,
     result_name,
     run_providers,
@@ -108,6 +111,7 @@ TABLE = (
     "tflops",
     "gbs",
     "pct_copy",
+    "pct_fma",
     *map(speedup_column, BASELINES),
     "max_abs_err",
     "auto_choices",
@@ -545,6 +549,8 @@ def run_shape(shape, dtype_name, layout, providers, device, copy_gbs, bar, cuda_
     for row in rows:
         row["flops"], row["intensity"] = work, work / nbytes
         row["tflops"] = None if row["ms"] is None else work / row["ms"] / 1e9
+    if shape.conv_kind == "depthwise":
+        pct_fma(rows, lambda row: work // 2, device)
     return rows
 
 

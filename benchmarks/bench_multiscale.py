@@ -25,7 +25,11 @@ run: the L stage at B=1, fp32, eager and reference. Providers:
 Bytes moved, counting every input read once and every output written once (s = element size, C = 3*heads*32):
   fwd      qkv read + out written + weights read (S*C*(k*k + 32), tiny)
   fwd+bwd  2 x fwd: the forward, then grad_out read, dqkv and the weight gradients written
-GB/s = bytes / time; pct_copy compares it with the measured device-to-device copy bandwidth. Errors are against
+GB/s = bytes / time; pct_copy compares it with the measured device-to-device copy bandwidth.
+The depthwise taps are fp32 FMAs in every provider: B*C*H*W*sum(k*k) of them forward, 3x that forward+backward
+(the input's and the weight's gradients); pct_fma is their rate in percent of the GPU's fp32 peak (common.py
+fma_peak_tflops). At L0's stage (k = 5) the taps at that peak take 2/3 of the bytes' time at the copy bandwidth
+on an H100: the stencil's instructions, not memory, bound the context there. Errors are against
 the float64 reference (linattn.reference) on the same inputs (fwd+bwd: the worst of dqkv and the weight
 gradients). Speedups: a provider's time over eager's, compile's and compile-max-autotune's on the same inputs.
 Rows are appended to <out>/multiscale_aggregate*.jsonl and <out>/lite_mla_context*.jsonl (+ .csv), with the
@@ -58,6 +62,7 @@ from linattn.benchmarks.common import (
     max_autotune_skip,
     measuring,
     parse_benchmark_args,
+    pct_fma,
     report,
     result_name,
     run_device,
@@ -67,7 +72,7 @@ from linattn.benchmarks.common import (
 from linattn.ops.multiscale_aggregate import tap_major
 
 OPS = ("multiscale_aggregate", "lite_mla_context")
-TABLE = table_columns("op", "pass", "dtype", "layout", "shape")
+TABLE = table_columns("op", "pass", "dtype", "layout", "shape", work=("gbs", "pct_copy", "pct_fma"))
 
 
 @dataclass
@@ -155,6 +160,12 @@ def setup(op: str, provider: str, shape: LiteMLAShape, inputs: Inputs) -> dict:
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
+def tap_fmas(shape: LiteMLAShape, pass_name: str) -> int:
+    """The depthwise taps' multiply-adds of one call (see the module's docstring)."""
+    fwd = shape.batch * shape.qkv_channels * shape.height * shape.width * sum(k * k for k in shape.scales)
+    return fwd if pass_name == "fwd" else 3 * fwd
+
+
 def passes(op: str, shape: LiteMLAShape, inputs: Inputs, backward: bool) -> dict:
     """{pass: (float64 reference result, bytes moved)}."""
     s = inputs.qkv.element_size()
@@ -199,7 +210,7 @@ def main(argv=None) -> list[dict]:
         for shape, dtype_name, layout, op in cases:
             inputs = make_inputs(op, shape, DTYPES[dtype_name], layout, device)
             base = {"op": op, "dtype": dtype_name, "layout": layout, **shape.columns(), "copy_gbs": copy_gbs}
-            rows[op] += run_providers(
+            timed = run_providers(
                 providers,
                 lambda provider, op=op, shape=shape, inputs=inputs: setup(op, provider, shape, inputs),
                 passes(op, shape, inputs, args.backward),
@@ -210,6 +221,8 @@ def main(argv=None) -> list[dict]:
                 cuda_graph=args.cuda_graph,
                 skip=max_autotune_skip(args, shape.batch),
             )
+            pct_fma(timed, lambda row, shape=shape: tap_fmas(shape, row["pass"]), device)
+            rows[op] += timed
             del inputs
             if on_gpu:
                 torch.cuda.empty_cache()

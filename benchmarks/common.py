@@ -64,6 +64,8 @@ __all__ = [
     "error_line",
     "errors",
     "first_call",
+    "fma_peak_tflops",
+    "pct_fma",
     "lite_mla_run_shapes",
     "lite_mla_shapes",
     "load_results",
@@ -275,6 +277,39 @@ def copy_bandwidth_gbs(device: torch.device | str) -> float:
     return _copy_bandwidth_gbs(device)
 
 
+# fp32 FMA lanes an SM, by compute capability (the CUDA programming guide's throughput table); 128 elsewhere
+FP32_LANES = {(6, 0): 64, (7, 0): 64, (7, 2): 64, (7, 5): 64, (8, 0): 64}
+
+
+@functools.cache
+def _fma_peak_tflops(index: int) -> float | None:
+    props = torch.cuda.get_device_properties(index)
+    khz = getattr(props, "clock_rate", None)  # the highest clock; not reported by every torch
+    if not khz:
+        return None
+    lanes = FP32_LANES.get((props.major, props.minor), 128)
+    return props.multi_processor_count * lanes * 2 * khz * 1e3 / 1e12
+
+
+def fma_peak_tflops(device: torch.device | str) -> float | None:
+    """The GPU's fp32 peak in TFLOP/s (an FMA is 2 flops): SMs x fp32 lanes an SM x its highest clock. None on
+    the CPU, or where torch does not report the clock. A theoretical figure: a GPU under load may clock lower."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _fma_peak_tflops(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pct_fma(rows: Sequence[dict], fmas: Callable[[dict], int], device: torch.device | str) -> None:
+    """Set each timed row's pct_fma: its fp32 FMA work (fmas(row): the depthwise taps, which every provider runs
+    as fp32 FMAs) per second, in percent of fma_peak_tflops. Where the taps' FMAs take longer than the bytes
+    at the copy bandwidth, compute bounds the op, not memory (the LiteMLA context at L0: k = 5)."""
+    peak = fma_peak_tflops(device)
+    for row in rows:
+        if peak and row.get("ms"):
+            row["pct_fma"] = 100 * 2 * fmas(row) / (row["ms"] * 1e-3) / 1e12 / peak
+
+
 def run_device(args, cpu_run: str, gpu_run: str) -> tuple[torch.device, bool]:
     """(device of --device, whether it is a GPU); without one, says what the CPU run covers and what needs a GPU."""
     device = torch.device(args.device)
@@ -288,9 +323,11 @@ def announce(device: torch.device) -> tuple[dict, float]:
     """The run's environment and measured copy bandwidth, printed once at the start of a benchmark."""
     env = environment(device)
     copy_gbs = copy_bandwidth_gbs(device)
+    peak = fma_peak_tflops(device)
+    fp32 = f"; fp32 peak {peak:.1f} TFLOP/s (at its highest clock)" if peak else ""
     print(
         f"{env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-        f"copy bandwidth {copy_gbs:.1f} GB/s"
+        f"copy bandwidth {copy_gbs:.1f} GB/s{fp32}"
     )
     return env, copy_gbs
 

@@ -130,9 +130,26 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
             log = work / "logs" / f"{step['step']}.log"
             if step["step"].startswith("bench-e2e") and log.exists():
                 lines += [s for s in log.read_text(errors="replace").splitlines() if "targets (H100)" in s]
+    lines += context_lines(rows)
     lines += host_lines(rows)
     lines += dispatch_lines(work / "results")
     return lines
+
+
+def context_lines(rows: list[dict]) -> list[str]:
+    """The fused LiteMLA context's forward (bench-multiscale step), issue 14's measure: each provider's time, its
+    share of the copy bandwidth (the memory floor) and of the fp32 peak (the depthwise taps' FMAs)."""
+    mine = [r for r in rows if r["results_file"].startswith("lite_mla_context") and r.get("pass") == "fwd"]
+    if not mine:
+        return []
+    shown = [["shape", "dtype", "layout", "provider", "us", "iqr%", "% copy", "% fp32", "vs eager", "note"]]
+    for r in mine:
+        us = None if r.get("ms") is None else 1e3 * r["ms"]
+        shown.append([str(r.get("shape")), str(r.get("dtype")), str(r.get("layout")), str(r.get("provider")), cell(us),
+                      cell(r.get("iqr_pct")), cell(r.get("pct_copy")), cell(r.get("pct_fma")),
+                      cell(r.get("speedup_vs_eager")), note_of(r)])  # fmt: skip
+    return ["", "lite_mla_context forward (% copy: of the memory floor; % fp32: the taps' FMAs of the fp32 peak):",
+            *table(shown)]  # fmt: skip
 
 
 def host_lines(rows: list[dict]) -> list[str]:

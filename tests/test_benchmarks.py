@@ -240,6 +240,30 @@ def test_bench_multiscale_quick(tmp_path):
         assert (tmp_path / f"{op}-quick-cpu.png").stat().st_size > 0
 
 
+def test_fp32_peak_and_pct_fma(monkeypatch):
+    """fma_peak_tflops: SMs x fp32 lanes x 2 x the highest clock, NVIDIA's datasheet figures for an H100 SXM (67)
+    and an A100 (19.5); none where torch reports no clock, or on the CPU. pct_fma: a timed row's FMAs a second
+    against it; the context's taps count every scale's k*k a qkv element (fwd+bwd: 3x)."""
+    from types import SimpleNamespace
+
+    def gpu(**props):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(**props))
+        common._fma_peak_tflops.cache_clear()
+        return common.fma_peak_tflops("cuda:0")
+
+    assert gpu(major=9, minor=0, multi_processor_count=132, clock_rate=1_980_000) == pytest.approx(66.9, abs=0.05)
+    rows = [{"ms": 0.0047, "pass": "fwd"}, {"ms": None}]
+    shape = lite_mla_shapes([16], names=["l"])[0]  # L0: (16, 1536, 16, 16), k = 5
+    common.pct_fma(rows, lambda row: bench_multiscale.tap_fmas(shape, row["pass"]), "cuda:0")
+    assert bench_multiscale.tap_fmas(shape, "fwd") == 16 * 1536 * 256 * 25
+    assert rows[0]["pct_fma"] == pytest.approx(100.0, rel=0.01) and "pct_fma" not in rows[1]
+    assert bench_multiscale.tap_fmas(shape, "fwd+bwd") == 3 * 16 * 1536 * 256 * 25
+    assert gpu(major=8, minor=0, multi_processor_count=108, clock_rate=1_410_000) == pytest.approx(19.5, abs=0.05)
+    assert gpu(major=9, minor=0, multi_processor_count=132) is None
+    common._fma_peak_tflops.cache_clear()
+    assert common.fma_peak_tflops("cpu") is None
+
+
 def test_bench_upsample_sum_quick(tmp_path):
     providers = ["eager", "triton", "reference", "auto"]
     argv = ["--quick", "--device", "cpu", "--dtype", "fp32", "--backward", "--models", "l0", "--layout", "nchw"]
@@ -605,6 +629,10 @@ def test_gpu_summary(tmp_path):
     layers = [{"layer": "module", "host_us": 41.5, "iqr_pct": 1.2, "drained_us": 42.0, "shape": "x (1, 64, 32, 32)"},
               {"layer": "op-cudnn", "note": "skipped: needs a GPU", "shape": "x (1, 64, 32, 32)"}]  # fmt: skip
     (tmp_path / "results" / "host_layers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in layers))
+    context = {"op": "lite_mla_context", "shape": "B16 C512 h16 k5 16x16", "dtype": "bf16", "layout": "channels_last"}
+    context |= {"pass": "fwd", "provider": "triton", "ms": 0.042, "pct_copy": 16.8, "pct_fma": 11.2}
+    bwd = context | {"pass": "fwd+bwd", "ms": 0.5}
+    (tmp_path / "results" / "lite_mla_context.jsonl").write_text(json.dumps(context) + "\n" + json.dumps(bwd) + "\n")
     (tmp_path / "results" / "dispatch").mkdir()
     timed = [{"key": "conv_bn_act:fwd:(16, 64)", "chosen": "reference", "ms": {}, "s": 0.5,
               "rejected": {"triton": 0.93, "cuda": "RuntimeError: no engine"}},
@@ -625,8 +653,11 @@ def test_gpu_summary(tmp_path):
     assert "host time of one B1 conv call, layer by layer (x (1, 64, 32, 32)):" in text
     assert re.search(r"module +41\.50 +1\.20 +42\.00", text) and re.search(r"op-cudnn .*skipped: needs a GPU", text)
     assert re.search(r"host_layers +2 +1 +1 +0 +0", text)  # rows, timed, skipped, failed, wrong
+    assert re.search(r"B16 C512 h16 k5 16x16 +bf16 +channels_last +triton +42\.00 +- +16\.80 +11\.20", text)
+    assert text.count("B16 C512 h16 k5 16x16") == 1  # the forward only
     combined = load_results(tmp_path / "results.jsonl")
-    files = ["e2e", "host_layers", "host_layers", "lite_mla", "lite_mla", "e2e-host_aware"]
+    files = ["e2e", "host_layers", "host_layers", "lite_mla", "lite_mla", "lite_mla_context", "lite_mla_context"]
+    files.append("e2e-host_aware")
     assert [r["results_file"] for r in combined] == files
 
 
