@@ -101,3 +101,38 @@ def flatten(grads):
 def test_gpu_configs_under_interpreter(target, case, gpu_heuristics):
     """An H100's tiles (64 positions per program), warps and stages, under the interpreter."""
     test_kernels(target, case)
+
+
+def test_weights_in_another_dtype_than_qkv(monkeypatch):
+    """Weights and biases need not share qkv's dtype (the reference computes in fp32, the Triton kernels load each
+    in its own); the cuda kernels read them as qkv's, so the registry says cuda cannot run such a call: dispatch
+    passes it by and a forced cuda backend raises Unsupported with the reason, for the aggregation's forward and
+    backward and the fused context."""
+    import importlib
+
+    import linattn
+    from linattn import _backend
+
+    agg_op = importlib.import_module("linattn.ops.multiscale_aggregate")  # (the package's names are the ops)
+    context_op = importlib.import_module("linattn.ops.lite_mla_context")
+
+    qkv, dws, pws, dbs, _ = make_aggregation(1, 2, 8, 5, 6, (3,), True, torch.float32, "cpu")
+    half = [w.half() for w in dws]
+    dtypes = agg_op.other_dtypes(qkv, half, pws, dbs)
+    assert dtypes == (torch.float32, ("torch.float16",))
+    assert agg_op.cuda_limit(agg_op.other_dtypes(qkv, dws, pws, dbs)) is None
+    why = "its kernels take weights and biases in qkv's dtype (torch.float32), got torch.float16"
+    assert agg_op.cuda_limit(dtypes) == why
+    device = torch.device("cuda")
+    monkeypatch.setattr(_backend, "unavailable", lambda name, dev: None)
+    for op, pass_ in (("multiscale_aggregate", "fwd"), ("multiscale_aggregate", "bwd"), ("lite_mla_context", "fwd")):
+        assert _backend.implementations(op, pass_)["cuda"].limit is agg_op.cuda_limit
+        assert _backend.reasons(op, pass_, "cuda", device, None, (dtypes,))[-1] == why
+        assert "cuda" not in _backend._candidates(op, pass_, device, None, (dtypes,))
+        with linattn.backend("cuda"), pytest.raises(_backend.Unsupported, match=r"qkv's dtype \(torch.float32\)"):
+            _backend.resolve(op, pass_, device, None, (dtypes,))
+    assert context_op.cuda_limit is agg_op.cuda_limit
+    # the reference takes the weights as they are: the fused op at fp16 weights equals the reference at their values
+    out = linattn.lite_mla_context(qkv, half, pws, 2, 8)
+    ref = reference.lite_mla_context(qkv.double(), f64(half), f64(pws), 2, 8)
+    assert rel_err(out, ref) < 1e-5

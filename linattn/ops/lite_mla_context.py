@@ -30,7 +30,9 @@ from .multiscale_aggregate import (
     bias_list,
     check_aggregation,
     contiguous,
+    cuda_limit,
     dw_for,
+    other_dtypes,
     save_aggregation,
     saved_aggregation,
 )
@@ -51,7 +53,7 @@ def _output(qkv, heads, dim, scales) -> Tensor:
 
 # the implementations (linattn/_backend.py); the backward chains the aggregation's and the attention's
 register(OP, "fwd", "triton")
-register(OP, "fwd", "cuda", kernel="lite_mla_context_fwd_cuda")
+register(OP, "fwd", "cuda", kernel="lite_mla_context_fwd_cuda", limit=cuda_limit)
 
 
 @torch.library.custom_op("linattn::lite_mla_context", mutates_args=(), device_types=("cpu", "cuda"))
@@ -78,7 +80,8 @@ def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases,
         _check(*call)
         like = _output(qkv, heads, dim, len(dw_weights))  # laid out as every call's output
         scratch = lambda b: _context_fwd(*call, scratch_like(like), b)  # noqa: E731
-        impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=call)
+        dtypes = other_dtypes(qkv, dw_weights, pw_weights, dw_biases, pw_biases)
+        impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv), (dtypes,), runner=scratch, inputs=call)
         # prepared where the call's tensors are laid out as the kernels take them (else _context_fwd copies)
         prepared = (
             impl == "triton"

@@ -78,10 +78,25 @@ def dw_for(impl: str, weights):
     return [w if taps_in_rows(w) else w.contiguous() for w in weights]
 
 
+def other_dtypes(qkv: Tensor, *lists) -> tuple:
+    """(qkv's dtype, the names of the other dtypes among the weights and biases in `lists`): cuda_limit's argument
+    (hashable: dispatch keeps its answers by it)."""
+    return qkv.dtype, tuple(sorted({str(t.dtype) for ts in lists for t in ts if t.dtype != qkv.dtype}))
+
+
+def cuda_limit(dtypes: tuple) -> str | None:
+    """Why the cuda kernels cannot run a call whose weights or biases are not in qkv's dtype (other_dtypes): they
+    read them as qkv's (triton and the reference take each tensor in its own dtype)."""
+    qkv_dtype, others = dtypes
+    if others:
+        return f"its kernels take weights and biases in qkv's dtype ({qkv_dtype}), got {', '.join(others)}"
+    return None
+
+
 # the implementations (linattn/_backend.py)
 for _pass in ("fwd", "bwd"):
     register(OP, _pass, "triton")
-    register(OP, _pass, "cuda", kernel=f"multiscale_aggregate_{_pass}_cuda")
+    register(OP, _pass, "cuda", kernel=f"multiscale_aggregate_{_pass}_cuda", limit=cuda_limit)
 
 
 def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases, out, impl=None) -> Tensor:
@@ -90,7 +105,8 @@ def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_bia
     if impl is None:
         call = (qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
         scratch = lambda b: aggregate_fwd(op, *call, scratch_like(out), b)
-        impl = resolve(op, "fwd", qkv.device, kernel_problem(qkv), runner=scratch, inputs=(*call, out))
+        dtypes = other_dtypes(qkv, dw_weights, pw_weights, dw_biases, pw_biases)
+        impl = resolve(op, "fwd", qkv.device, kernel_problem(qkv), (dtypes,), runner=scratch, inputs=(*call, out))
     if impl == "reference":
         return out.copy_(reference.multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases))
     dws = dw_for(impl, dw_weights)
@@ -141,7 +157,9 @@ def _multiscale_aggregate_backward(
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(dqkv, [dWd_s], [dWp_s], [dbd_s], [dbp_s]); weight and bias gradients in the weights' dtypes."""
     call = (grad_out, qkv, dw_weights, pw_weights, heads, dw_biases)
-    impl = resolve(OP, "bwd", qkv.device, kernel_problem(qkv), runner=lambda b: _aggregate_bwd(*call, b), inputs=call)
+    runner = lambda b: _aggregate_bwd(*call, b)  # noqa: E731
+    dtypes = other_dtypes(qkv, dw_weights, pw_weights, dw_biases)
+    impl = resolve(OP, "bwd", qkv.device, kernel_problem(qkv), (dtypes,), runner=runner, inputs=call)
     dx, dwd, dwp, dbd, dbp = _aggregate_bwd(*call, impl)
     dqkv = new_feature_map(qkv, qkv.shape[1])
     dqkv.copy_(dx)
