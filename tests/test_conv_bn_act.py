@@ -794,6 +794,25 @@ def test_module_eval_with_autograd_folds_once_and_recomputes_in_backward(order, 
         y.sum().backward()  # (the second: a constant that is a view of the source itself)
 
 
+def test_module_eval_kept_constants_do_not_cut_a_double_backward():
+    """A gradient taken with create_graph=True through an eval block's kept constants (nn/_cache.py _Recomputed)
+    is differentiable as the inline fold's is; differentiating it again reaches the op's backward, which has no
+    formula of its own: an error, as on the first call, never a silently detached gradient."""
+    from linattn.nn._cache import _SLOT
+
+    block = _site_module("conv_bn_act", True)
+    x = torch.randn(2, 6, 7, 5, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        block(x)  # the constants kept (a validation pass, say)
+    for call in ("inline", "kept"):
+        if call == "inline":
+            block.__dict__.pop(_SLOT, None)  # no constants kept: the call folds inline
+        (g,) = torch.autograd.grad(block(x).square().sum(), block.norm.weight, create_graph=True)
+        assert g.requires_grad, call
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            g.square().sum().backward()
+
+
 def test_module_eval_fold_sees_shared_bn_eps_and_runs_under_vmap():
     """A BatchNorm trained through another module, a changed eps, and parameters without storage (vmap)."""
     torch.manual_seed(5)

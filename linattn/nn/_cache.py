@@ -124,11 +124,13 @@ class _Recomputed(torch.autograd.Function):
     def backward(ctx, *grads):
         ctx.saved_tensors  # noqa: B018 (the version check of the sources)
         wanted = [i for i, needed in enumerate(ctx.needs_input_grad[2:]) if needed]
+        higher = torch.is_grad_enabled()  # a backward with create_graph: the gradients differentiable in turn
         with torch.enable_grad():
             outputs = ctx.compute()
         used = [(o, g) for o, g in zip(outputs, grads) if o is not None and g is not None and o.requires_grad]
         found = torch.autograd.grad(
-            [o for o, _ in used], [ctx.sources[i] for i in wanted], [g for _, g in used], allow_unused=True
+            [o for o, _ in used], [ctx.sources[i] for i in wanted], [g for _, g in used], allow_unused=True,
+            create_graph=higher,
         ) if used else [None] * len(wanted)  # fmt: skip
         result = [None] * len(ctx.sources)
         for i, g in zip(wanted, found):
