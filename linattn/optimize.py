@@ -210,7 +210,7 @@ class FusedUpsampleBlock(EvalConstants):
     def forward(self, x: Tensor) -> Tensor:
         linear, bn = self._modules["linear"], self._modules.get("norm")  # (the members' reads: see member)
         dtype = getattr(x, "dtype", None)
-        if bn is None or (not self.training and member(bn, "running_mean") is not None):  # one call, its constants kept
+        if bn is None or (not bn.training and member(bn, "running_mean") is not None):  # one call, constants kept
 
             def compute() -> tuple:
                 weight, bias = cast_to(dtype, member(linear, "weight").flatten(1), member(linear, "bias"))

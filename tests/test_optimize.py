@@ -613,3 +613,56 @@ def test_layer_norm_2d_is_one_layer_norm(model_dtype, x_dtype, autocast, layout)
     oracle = norm.double()(x.double())
     assert_close(got, oracle, tolerance(got.dtype, rel_err(want, oracle)), "layer norm")
     assert counter.per_op.get("aten.native_layer_norm") == 1 and "aten.mean" not in counter.per_op
+
+
+def test_batchnorm_mode_is_the_batchnorms_own():
+    """Whether a BatchNorm is folded follows its own mode, as its forward does, not the fused module's: BN
+    re-estimation (model in eval, BatchNorms in train, running statistics reset) uses batch statistics and updates
+    the running ones; fine-tuning with frozen BatchNorms (model in train, BatchNorms in eval) uses the running ones.
+    Conv runs, the Up block and LiteMLA's projection alike."""
+    from linattn.models.squeezesam import UpsampleBlock
+
+    torch.manual_seed(0)
+    blocks = [
+        nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Sequential(UpsampleBlock(8, 4)),
+        nn.Sequential(timm_mit.LiteMLA(16, 16, heads=2, dim=8, scales=(3,))),
+    ]
+    for eager in blocks:
+        channels = next(eager.parameters()).shape[1] if not isinstance(eager[0], timm_mit.LiteMLA) else 16
+        x = torch.randn(4, channels, 6, 6) * 3 + 1
+        fused = linattn.optimize(eager)
+        norms = [[m for m in model.modules() if isinstance(m, nn.BatchNorm2d)] for model in (eager, fused)]
+        assert len(norms[0]) == len(norms[1]) >= 1
+        for model, bns in zip((eager, fused), norms, strict=True):
+            model.eval()
+            for bn in bns:
+                bn.train()
+                bn.reset_running_stats()
+                bn.momentum = None
+        with torch.no_grad():
+            assert_close(fused(x), eager(x), 1e-5, f"{type(eager[0]).__name__}: BatchNorms re-estimated")
+        for a, b in zip(*norms, strict=True):
+            assert a.running_mean.abs().sum() > 0 and torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+        for model, bns in zip((eager, fused), norms, strict=True):
+            model.train()
+            for bn in bns:
+                bn.eval()
+        assert_close(fused(x), eager(x), 1e-5, f"{type(eager[0]).__name__}: BatchNorms frozen in training")
+
+
+def test_lite_mla_keeps_a_batchnorm_subclass_unfolded():
+    """A norm that subclasses BatchNorm with its own forward (timm's BatchNormAct2d: BN then its activation) is
+    not folded as a plain BatchNorm: it runs as it is, and the activation is kept."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    eager = timm_mit.LiteMLA(16, 16, heads=2, dim=8, scales=(3,), norm_layer=(None, BatchNormAct2d)).eval()
+    with torch.no_grad():
+        eager.proj.norm.bias.normal_()
+    fused = linattn.optimize(nn.Sequential(eager))
+    x = torch.randn(2, 16, 6, 6)
+    with torch.no_grad():
+        want = eager(x)
+        assert_close(fused(x), want, 1e-5, "LiteMLA with a BatchNormAct2d projection norm")
+    assert want.min() == 0  # the activation ran

@@ -186,7 +186,7 @@ class ConvBNAct(EvalConstants):
         if bn is None:
             weights = (member(conv, "weight"), member(conv, "bias"))
             return self.eval_constants(weights, lambda: (*cast_to(dtype, *weights), None, None), (dtype,))
-        if self.training or member(bn, "running_mean") is None:
+        if bn.training or member(bn, "running_mean") is None:  # the BatchNorm's own mode, as its forward
             return None
         if self.order == "conv_bn_act":
             fold = lambda: (*cast_to(dtype, *fold_bn(conv, bn)), None, None)  # noqa: E731

@@ -68,10 +68,10 @@ def _build_act(name: str | None) -> nn.Module | None:
 
 
 def _foldable(norm: nn.Module) -> bool:
-    """A BatchNorm whose eval-mode output is an affine map of its input (it has running statistics)."""
-    return (
-        isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats and norm.running_var is not None
-    )
+    """A BatchNorm whose eval-mode output is an affine map of its input (it has running statistics). Of torch's
+    own classes only: a subclass may add to the forward (timm's BatchNormAct2d applies its activation)."""
+    plain = type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+    return plain and norm.track_running_stats and norm.running_var is not None
 
 
 class _ConvLayer(EvalConstants):
@@ -96,7 +96,7 @@ class _ConvLayer(EvalConstants):
         conv, norm = modules["conv"], modules.get("norm")
         # the conv's (folded) weights follow the activation's dtype, as ConvBNAct's (mixed dtypes between blocks)
         dtype = getattr(x, "dtype", None)
-        fold = norm is not None and not self.training and _foldable(norm)
+        fold = norm is not None and not norm.training and _foldable(norm)  # the norm's own mode
         if fold:  # cached as ConvBNAct's: the same tuple while the sources are unchanged (the call site's key)
             compute = lambda: (*cast_to(dtype, *fold_bn(conv, norm)), None, None)  # noqa: E731
             fused = self.eval_constants(fold_sources(conv, norm), compute, (norm.eps, dtype))
