@@ -363,6 +363,30 @@ def _is_act(module: nn.Module) -> bool:
     return not isinstance(module, nn.Identity)
 
 
+HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _check_plain(module: nn.Module | None, subtree: bool = True) -> None:
+    """_Skip where replacing `module` (and, with subtree, its descendants, whose forwards the fused module does not
+    call) would drop what runs besides their forwards: hooks (pruning's, the older weight_norm's, observers and
+    feature hooks), or a weight that is not a parameter (pruning recomputes it in a hook)."""
+    if module is None:
+        return
+    for m in module.modules() if subtree else [module]:
+        if hooks := [name.strip("_") for name in HOOKS if getattr(m, name, None)]:
+            raise _Skip(f"{type(m).__name__} has hooks ({', '.join(hooks)}), which the fused module would not run")
+        if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._NormBase)) and getattr(m, "weight", None) is not None:
+            if "weight" not in m._parameters:
+                raise _Skip(f"{type(m).__name__}'s weight is not a parameter (computed by a hook: pruning?)")
+
+
+def _known_forward(module: nn.Module, classes: tuple[str, ...], what: str) -> None:
+    """_Skip unless `module`'s class is one whose forward is known to be `what`: its children's names alone
+    do not say in which order, or with what else, its forward calls them."""
+    if type(module).__name__ not in classes:
+        raise _Skip(f"{type(module).__name__}'s forward is not known to be {what} (recognised: {', '.join(classes)})")
+
+
 def _check_conv(conv: nn.Module) -> None:
     if type(conv) is not nn.Conv2d:
         raise _Skip(f"conv {type(conv).__name__} is not a plain nn.Conv2d")
@@ -370,6 +394,7 @@ def _check_conv(conv: nn.Module) -> None:
         raise _Skip(f"conv padding_mode {conv.padding_mode!r}")
     if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
         raise _Skip("conv padding 'same' with an even kernel")
+    _check_plain(conv)
 
 
 def _check_bn(norm: nn.Module | None) -> nn.BatchNorm2d | None:
@@ -377,6 +402,7 @@ def _check_bn(norm: nn.Module | None) -> nn.BatchNorm2d | None:
         return None
     if type(norm) is not nn.BatchNorm2d:
         raise _Skip(f"norm {type(norm).__name__} is not nn.BatchNorm2d")
+    _check_plain(norm)
     return norm
 
 
@@ -406,7 +432,13 @@ def _is_conv_norm_act(module: nn.Module) -> bool:
     )
 
 
+# EfficientViT's ConvLayer (the official code's and linattn.models') and timm's efficientvit_mit.ConvNormAct:
+# dropout -> conv -> norm -> act
+CONV_NORM_ACT_CLASSES = ("ConvLayer", "ConvNormAct")
+
+
 def _convert_conv_norm_act(module: nn.Module):
+    _known_forward(module, CONV_NORM_ACT_CLASSES, "conv -> norm -> act")
     dropout = getattr(module, "dropout", None)
     if dropout is not None and not (isinstance(dropout, nn.modules.dropout._DropoutNd) and dropout.p == 0):
         what = f"p={dropout.p}" if isinstance(dropout, nn.modules.dropout._DropoutNd) else type(dropout).__name__
@@ -437,6 +469,7 @@ def _is_upsample(module: nn.Module) -> bool:
 
 
 def _convert_upsample(module: nn.Module):
+    _known_forward(module, ("UpsampleBlock",), "linear -> act -> shuffle -> norm")  # linattn.models.squeezesam's
     conv = module.linear
     _check_conv(conv)
     if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding not in ((0, 0), "valid"):
@@ -543,6 +576,7 @@ def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
             else:
                 i += 1  # a lone conv: nothing to fuse
                 continue
+            _check_plain(act_mod)
             block = ConvBNAct.from_modules(conv, bn, _act(act_mod) if act_mod is not None else None, order=order)
             block.train(seq.training)
             runs.append((i, stop, block))
@@ -570,6 +604,7 @@ def _replace(module: nn.Module, name: str, report: OptimizeReport, patterns) -> 
     for kind, matches, convert in patterns:
         if matches(module):
             try:
+                _check_plain(module, subtree=patterns is LEAF_PATTERNS)  # a container's children: converted
                 new, detail = convert(module)
             except _Skip as why:
                 report.skipped.append(Skipped(name, kind, str(why)))

@@ -241,7 +241,9 @@ class _Negated(nn.Module):
 
 
 def test_from_module_copies_configuration():
-    """from_module reads a timm module's configuration, norms and activations, and computes the same function."""
+    """from_module reads a timm module's configuration, adopts its convs, norms and activations (the same
+    parameters and buffers: an optimizer built on the original trains the new module, a frozen weight stays frozen),
+    and computes the same function."""
     theirs = timm_lite_mla(
         16, 20, 2, 8, (3,), (False, True), eps=1e-5, norm_layer=(nn.BatchNorm2d, nn.BatchNorm2d),
         act_layer=(None, nn.Hardswish),
@@ -255,6 +257,14 @@ def test_from_module_copies_configuration():
     x = torch.randn(2, 16, 6, 7, generator=torch.Generator().manual_seed(8))
     with torch.no_grad(), linattn.backend("reference"):
         assert_close(ours(x), theirs(x), 1e-5, "from_module")
+    mine, original = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert mine.keys() == original.keys() and all(mine[k] is original[k] for k in mine)
+    assert all(dict(ours.named_buffers())[k] is b for k, b in theirs.named_buffers())
+    theirs.qkv.conv.weight.requires_grad_(False)
+    assert not LiteMLA.from_module(theirs).qkv.conv.weight.requires_grad
+    with pytest.raises(RuntimeError, match="size mismatch"):  # the state_dict still checked against the config
+        theirs.aggreg[0][1].weight = nn.Parameter(torch.zeros(48, 4, 1, 1))
+        LiteMLA.from_module(theirs)
 
 
 def test_compiles_fullgraph():

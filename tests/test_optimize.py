@@ -666,3 +666,67 @@ def test_lite_mla_keeps_a_batchnorm_subclass_unfolded():
         want = eager(x)
         assert_close(fused(x), want, 1e-5, "LiteMLA with a BatchNormAct2d projection norm")
     assert want.min() == 0  # the activation ran
+
+
+def test_structure_alone_is_not_enough():
+    """A module with a ConvLayer's children (conv, norm, act) but a forward of its own (a skip inside, the
+    activation before the norm) is left alone, and the report says why. The same children in EfficientViT's
+    ConvLayer are fused."""
+    from linattn.models.efficientvit_sam import ConvLayer
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.act = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+        def forward(self, x):
+            return x + self.act(self.norm(self.conv(x)))
+
+    class ActFirst(Skip):
+        def forward(self, x):
+            return self.norm(self.act(self.conv(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    for block in (Skip(), ActFirst()):
+        model = randomize(nn.Sequential(block, ConvLayer(8, 8, 3)), seed=1).eval()
+        fused, report = linattn.optimize(model, return_report=True)
+        name = type(block).__name__
+        assert [r.name for r in report.replaced] == ["1"] and type(fused[0]) is type(block)
+        assert [(s.name, s.reason) for s in report.skipped] == [
+            ("0", f"{name}'s forward is not known to be conv -> norm -> act (recognised: ConvLayer, ConvNormAct)")
+        ]
+        with torch.no_grad():
+            assert_close(fused(x), model(x), 1e-5, name)
+
+
+def test_hooked_modules_are_left_alone():
+    """A conv with hooks (pruning's forward pre-hook, which recomputes its weight; a feature hook) is not fused:
+    a fused module calls no conv forward, so the hooks would stop running and a pruned weight go stale. The
+    report says why; training the result tracks the eager model."""
+    import torch.nn.utils.prune as prune
+
+    from linattn.models.efficientvit_sam import ConvLayer
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), ConvLayer(8, 8, 3))
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+        return model
+
+    eager, fused = build(), build()
+    seen = []
+    fused[3].conv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    fused, report = linattn.optimize(fused, inplace=True, return_report=True)
+    assert report.replaced == [] and {s.name for s in report.skipped} == {"0", "3"}
+    assert all("hooks (forward" in s.reason for s in report.skipped), report.skipped
+    x = torch.randn(2, 4, 6, 6)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (eager, fused)]
+    for _ in range(2):
+        for model, opt in zip((eager, fused), optimizers, strict=True):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    assert seen and len(seen) == 2
+    with torch.no_grad():
+        assert_close(fused.eval()(x), eager.eval()(x), 1e-5, "pruned conv after two steps")

@@ -126,11 +126,9 @@ def _fused_activation(act: nn.Module | None) -> str | None:
         return None
 
 
-def _copy_stage_module(module: nn.Module | None) -> nn.Module | None:
-    """A norm/act of another implementation's ConvLayer, copied; nn.Identity (timm's "none") becomes None."""
-    if module is None or isinstance(module, nn.Identity):
-        return None
-    return copy.deepcopy(module)
+def _stage_module(module: nn.Module | None) -> nn.Module | None:
+    """A norm/act of another implementation's ConvLayer as LiteMLA holds it: nn.Identity (timm's "none") is None."""
+    return None if isinstance(module, nn.Identity) else module
 
 
 class LiteMLA(EvalConstants):
@@ -277,8 +275,10 @@ class LiteMLA(EvalConstants):
         """A linattn LiteMLA equal to `module`, an official EfficientViT or timm `efficientvit_mit.LiteMLA`.
 
         Reads the configuration from its submodules (`qkv.conv`, `aggreg`, `proj.conv`, `dim`,
-        `eps`), copies its norm and activation modules (so their eps, momentum and kind carry
-        over) and its state_dict (strict), and keeps its device, dtype and training mode.
+        `eps`), checks its state_dict against that configuration's (strict: keys and shapes), then adopts
+        its convs, norms and activations (their parameters and buffers are shared, not copied, as
+        ConvBNAct.from_modules shares them: an optimizer built on the original trains the new module, frozen
+        weights stay frozen), and keeps its training mode.
         """
         missing = [name for name in ("qkv", "aggreg", "proj", "dim", "eps") if not hasattr(module, name)]
         if missing:
@@ -306,13 +306,18 @@ class LiteMLA(EvalConstants):
             scales=tuple(int(agg[0].kernel_size[0]) for agg in module.aggreg),
             eps=float(module.eps),
         )
-        like = qkv_conv.weight
+        like = qkv_conv.weight  # (on the meta device too: the compile gate traces meta models)
         new.to(device=like.device, dtype=like.dtype)
         for stage in ("qkv", "proj"):
             source, target = getattr(module, stage), getattr(new, stage)
-            target.norm = _copy_stage_module(getattr(source, "norm", None))
-            target.act = _copy_stage_module(getattr(source, "act", None))
-        new.load_state_dict(module.state_dict(), strict=True)
+            target.norm = copy.deepcopy(_stage_module(getattr(source, "norm", None)))  # for the check alone
+        new.load_state_dict(module.state_dict(), strict=True)  # the check: these keys, these shapes
+        for stage in ("qkv", "proj"):
+            source, target = getattr(module, stage), getattr(new, stage)
+            target.conv = source.conv
+            target.norm = _stage_module(getattr(source, "norm", None))
+            target.act = _stage_module(getattr(source, "act", None))
+        new.aggreg = module.aggreg
         # the official module has relu_quadratic_att for small maps; timm's has only the linear path
         new.quadratic_small_maps = bool(getattr(module, "quadratic_small_maps", hasattr(module, "relu_quadratic_att")))
         return new.train(module.training)
