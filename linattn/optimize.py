@@ -46,6 +46,7 @@ seen by the ops at run time.
 """
 
 import copy
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -53,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._backend import BACKENDS, get_backend, set_backend
+from ._backend import BACKENDS, enter_backend, exit_backend
 from .nn._cache import EvalConstants
 from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold_sources, member
 from .nn.lite_mla import LiteMLA
@@ -147,8 +148,9 @@ class FusedSequential(nn.Sequential):
     """An nn.Sequential whose conv [-> BN] [-> act] and conv -> act -> BN runs run as fused ConvBNAct blocks.
 
     The children are the original modules under their original indices (state_dict keys unchanged);
-    each fused block shares its run's conv and BatchNorm. Do not append or insert: the plan of runs
-    is fixed when optimize builds it.
+    each fused block shares its run's conv and BatchNorm. The plan of runs is fixed when optimize builds
+    it: a slice is a plain nn.Sequential of those children (unfused), and replacing, deleting or adding a
+    child raises (build the nn.Sequential anew and optimize it).
     """
 
     def __init__(self, seq: nn.Sequential, runs: list[tuple[int, int, ConvBNAct]]):
@@ -164,6 +166,19 @@ class FusedSequential(nn.Sequential):
         self._steps = steps
         self._blocks = [block for _, _, block in runs]
         self._runs = [(start, stop) for start, stop, _ in runs]
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+    def _fixed(self, *args, **kwargs):
+        raise TypeError(
+            "linattn FusedSequential: its fused runs are fixed when optimize builds it; change an nn.Sequential "
+            "of the same children and optimize that"
+        )
+
+    __setitem__ = __delitem__ = append = insert = extend = pop = __iadd__ = _fixed
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -643,20 +658,23 @@ def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module 
 
 
 class _BackendHooks:
-    """Forward pre-hook + always-called forward hook running the root's eager forward under one backend."""
+    """Forward pre-hook + always-called forward hook running the root's eager forward under one backend, in the
+    calling thread (`with linattn.backend(name)`'s halves: a model called from several threads at once keeps its
+    backend in each)."""
 
     def __init__(self, name: str):
         self.name = name
-        self.saved: list[str] = []
+        self.tokens = threading.local()  # per thread, a stack: the forward may reenter (a model inside itself)
 
     def pre(self, module, args):
         if not torch.compiler.is_compiling():
-            self.saved.append(get_backend())
-            set_backend(self.name)
+            stack = self.tokens.__dict__.setdefault("stack", [])
+            stack.append(enter_backend(self.name))
 
     def post(self, module, args, output):
-        if not torch.compiler.is_compiling() and self.saved:
-            set_backend(self.saved.pop())
+        stack = self.tokens.__dict__.get("stack")
+        if not torch.compiler.is_compiling() and stack:
+            exit_backend(stack.pop())
 
 
 # the fused modules that call the convs themselves: with channels_last, each converts an NCHW input

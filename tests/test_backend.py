@@ -320,3 +320,40 @@ def test_direct_declines_what_the_dispatcher_handles():
 
 class _Subclass(torch.Tensor):
     pass
+
+
+def test_backend_blocks_are_per_thread():
+    """`with linattn.backend(...)` and an optimized model's backend hold in the thread that entered them: two
+    threads interleaving blocks of different backends each see their own, and neither leaves its backend to
+    the other or behind; set_backend is for every thread, under the blocks."""
+    import threading
+
+    seen, barrier = {}, threading.Barrier(2)
+
+    def run(name):
+        with linattn.backend(name):
+            barrier.wait()  # both inside their blocks
+            seen[name] = linattn.get_backend()
+            barrier.wait()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("triton", "reference")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"triton": "triton", "reference": "reference"} and linattn.get_backend() == "auto"
+    try:
+        linattn.set_backend("reference")
+        with linattn.backend("triton"):
+            assert linattn.get_backend() == "triton"
+            other = []
+            thread = threading.Thread(target=lambda: other.append(linattn.get_backend()))
+            thread.start()
+            thread.join()
+            assert other == ["reference"]
+        assert linattn.get_backend() == "reference"
+    finally:
+        linattn.set_backend("auto")
+    with pytest.raises(ValueError, match=r"linattn.backend: unknown backend 'tpu'"):
+        with linattn.backend("tpu"):
+            pass

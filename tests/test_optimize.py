@@ -211,6 +211,29 @@ def test_backend_argument():
         linattn.optimize(model, backend="tpu")
 
 
+def test_backend_argument_holds_per_thread():
+    """Two models optimized for different backends, their forwards interleaved in two threads: each runs its
+    ops under its own backend, and the global one is left as it was."""
+    import threading
+
+    barrier, seen = threading.Barrier(2, timeout=10), {}
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            barrier.wait()  # both forwards inside their hooks
+            seen[threading.current_thread().name] = linattn.get_backend()
+            barrier.wait()
+            return x
+
+    models = {name: linattn.optimize(nn.Sequential(Probe()), backend=name) for name in ("triton", "reference")}
+    threads = [threading.Thread(target=m, args=(torch.ones(1),), name=n) for n, m in models.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"triton": "triton", "reference": "reference"} and linattn.get_backend() == "auto"
+
+
 # --- parity ---
 
 
@@ -730,3 +753,27 @@ def test_hooked_modules_are_left_alone():
     assert seen and len(seen) == 2
     with torch.no_grad():
         assert_close(fused.eval()(x), eager.eval()(x), 1e-5, "pruned conv after two steps")
+
+
+def test_fused_sequential_slices_and_fixed_runs():
+    """A FusedSequential's slice is a plain nn.Sequential of its children (the same function as the original's
+    slice); replacing, deleting or adding a child raises instead of being ignored by the fixed runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    model = randomize(model, seed=3)
+    fused = linattn.optimize(model.eval())
+    assert isinstance(fused, FusedSequential) and type(fused[:3]) is nn.Sequential and len(fused[:3]) == 3
+    assert fused[0] is fused[:1][0] and isinstance(fused[1], nn.BatchNorm2d)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        assert_close(fused[:3](x), model[:3](x), 1e-5, "slice")
+    for change in (
+        lambda: fused.__setitem__(0, nn.Conv2d(4, 8, 3, padding=1)),
+        lambda: fused.__delitem__(2),
+        lambda: fused.append(nn.ReLU()),
+        lambda: fused.insert(0, nn.ReLU()),
+    ):
+        with pytest.raises(TypeError, match="fused runs are fixed"):
+            change()
+    with torch.no_grad():
+        assert_close(fused(x), model(x), 1e-5, "unchanged")
