@@ -15,7 +15,6 @@ running something else.
 """
 
 import contextlib
-import contextvars
 import functools
 import os
 import threading
@@ -35,46 +34,27 @@ class Unsupported(RuntimeError):
     row that raises it as skipped, not failed)."""
 
 
-# `with backend(name)`'s choice, per thread (and asyncio task): two threads running models optimized for
-# different backends each keep their own, and neither leaves the other's behind
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("linattn_backend", default=None)
-
-
-def _checked(name: str, where: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"linattn.{where}: unknown backend {name!r}; choose one of {BACKENDS}")
-    return name
-
-
 def set_backend(name: str) -> None:
-    """Select the backend used by every linattn op from now on, in every thread (inside a `with backend(...)`
-    block, the block's own backend still applies there)."""
+    """Select the backend used by every linattn op from now on."""
     global _current
-    _current = _checked(name, "set_backend")
+    if name not in BACKENDS:
+        raise ValueError(f"linattn.set_backend: unknown backend {name!r}; choose one of {BACKENDS}")
+    _current = name
 
 
 def get_backend() -> str:
-    """The backend this thread's ops use: the innermost `with backend(...)` of this thread, else set_backend's."""
-    return _override.get() or _current
-
-
-def enter_backend(name: str) -> contextvars.Token:
-    """Use backend `name` in this thread until exit_backend(token) (the `with backend(name)` block's halves)."""
-    return _override.set(_checked(name, "backend"))
-
-
-def exit_backend(token: contextvars.Token) -> None:
-    _override.reset(token)
+    return _current
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """`with linattn.backend("triton"): ...` runs the block on one backend, in this thread only."""
-    token = enter_backend(name)
+    """`with linattn.backend("triton"): ...` runs the block on one backend."""
+    previous = get_backend()
+    set_backend(name)
     try:
         yield
     finally:
-        exit_backend(token)
+        set_backend(previous)
 
 
 def interpreting() -> bool:
@@ -251,7 +231,7 @@ _candidates_seen: dict[tuple, list[str]] = {}
 def state() -> tuple:
     """What dispatch's answers read besides the call: the registry, the priority and the availability check (the
     tests replace them), the backend set. Part of the key of every answer kept for later calls."""
-    return (get_backend(), PRIORITY, id(_REGISTRY), _registered, unavailable)
+    return (_current, PRIORITY, id(_REGISTRY), _registered, unavailable)
 
 
 def _candidates(op: str, pass_: str, device: torch.device, problem: str | None, args: tuple) -> list[str]:

@@ -46,7 +46,6 @@ seen by the ops at run time.
 """
 
 import copy
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._backend import BACKENDS, enter_backend, exit_backend
+from ._backend import BACKENDS, get_backend, set_backend
 from .nn._cache import EvalConstants
 from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold_sources, member
 from .nn.lite_mla import LiteMLA
@@ -149,8 +148,9 @@ class FusedSequential(nn.Sequential):
 
     The children are the original modules under their original indices (state_dict keys unchanged);
     each fused block shares its run's conv and BatchNorm. The plan of runs is fixed when optimize builds
-    it: a slice is a plain nn.Sequential of those children (unfused), and replacing, deleting or adding a
-    child raises (build the nn.Sequential anew and optimize it).
+    it: a slice is a plain nn.Sequential of those children (unfused); item assignment and deletion, append,
+    insert, extend, pop, += and *= raise (build the nn.Sequential anew and optimize it). Children changed
+    through setattr or add_module are not followed either.
     """
 
     def __init__(self, seq: nn.Sequential, runs: list[tuple[int, int, ConvBNAct]]):
@@ -178,7 +178,7 @@ class FusedSequential(nn.Sequential):
             "of the same children and optimize that"
         )
 
-    __setitem__ = __delitem__ = append = insert = extend = pop = __iadd__ = _fixed
+    __setitem__ = __delitem__ = append = insert = extend = pop = __iadd__ = __imul__ = _fixed
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -658,23 +658,20 @@ def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module 
 
 
 class _BackendHooks:
-    """Forward pre-hook + always-called forward hook running the root's eager forward under one backend, in the
-    calling thread (`with linattn.backend(name)`'s halves: a model called from several threads at once keeps its
-    backend in each)."""
+    """Forward pre-hook + always-called forward hook running the root's eager forward under one backend."""
 
     def __init__(self, name: str):
         self.name = name
-        self.tokens = threading.local()  # per thread, a stack: the forward may reenter (a model inside itself)
+        self.saved: list[str] = []
 
     def pre(self, module, args):
         if not torch.compiler.is_compiling():
-            stack = self.tokens.__dict__.setdefault("stack", [])
-            stack.append(enter_backend(self.name))
+            self.saved.append(get_backend())
+            set_backend(self.name)
 
     def post(self, module, args, output):
-        stack = self.tokens.__dict__.get("stack")
-        if not torch.compiler.is_compiling() and stack:
-            exit_backend(stack.pop())
+        if not torch.compiler.is_compiling() and self.saved:
+            set_backend(self.saved.pop())
 
 
 # the fused modules that call the convs themselves: with channels_last, each converts an NCHW input

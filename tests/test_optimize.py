@@ -211,29 +211,6 @@ def test_backend_argument():
         linattn.optimize(model, backend="tpu")
 
 
-def test_backend_argument_holds_per_thread():
-    """Two models optimized for different backends, their forwards interleaved in two threads: each runs its
-    ops under its own backend, and the global one is left as it was."""
-    import threading
-
-    barrier, seen = threading.Barrier(2, timeout=10), {}
-
-    class Probe(nn.Module):
-        def forward(self, x):
-            barrier.wait()  # both forwards inside their hooks
-            seen[threading.current_thread().name] = linattn.get_backend()
-            barrier.wait()
-            return x
-
-    models = {name: linattn.optimize(nn.Sequential(Probe()), backend=name) for name in ("triton", "reference")}
-    threads = [threading.Thread(target=m, args=(torch.ones(1),), name=n) for n, m in models.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert seen == {"triton": "triton", "reference": "reference"} and linattn.get_backend() == "auto"
-
-
 # --- parity ---
 
 
