@@ -395,6 +395,15 @@ def _check_plain(module: nn.Module | None, subtree: bool = True) -> None:
                 raise _Skip(f"{type(m).__name__}'s weight is not a parameter (computed by a hook: pruning?)")
 
 
+def _hooks_of(module: nn.Module) -> str | None:
+    """_check_plain's reason for `module` alone, or None."""
+    try:
+        _check_plain(module, subtree=False)
+    except _Skip as why:
+        return str(why)
+    return None
+
+
 def _known_forward(module: nn.Module, classes: tuple[str, ...], what: str) -> None:
     """_Skip unless `module`'s class is one whose forward is known to be `what`: its children's names alone
     do not say in which order, or with what else, its forward calls them."""
@@ -409,7 +418,6 @@ def _check_conv(conv: nn.Module) -> None:
         raise _Skip(f"conv padding_mode {conv.padding_mode!r}")
     if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
         raise _Skip("conv padding 'same' with an even kernel")
-    _check_plain(conv)
 
 
 def _check_bn(norm: nn.Module | None) -> nn.BatchNorm2d | None:
@@ -417,7 +425,6 @@ def _check_bn(norm: nn.Module | None) -> nn.BatchNorm2d | None:
         return None
     if type(norm) is not nn.BatchNorm2d:
         raise _Skip(f"norm {type(norm).__name__} is not nn.BatchNorm2d")
-    _check_plain(norm)
     return norm
 
 
@@ -591,7 +598,8 @@ def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
             else:
                 i += 1  # a lone conv: nothing to fuse
                 continue
-            _check_plain(act_mod)
+            for part in (conv, bn, act_mod):  # (a pattern's whole subtree is checked in _replace)
+                _check_plain(part)
             block = ConvBNAct.from_modules(conv, bn, _act(act_mod) if act_mod is not None else None, order=order)
             block.train(seq.training)
             runs.append((i, stop, block))
@@ -647,7 +655,9 @@ def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module 
         return new
     if type(module) is nn.Sequential:
         runs = _sequential_runs(module, name, report)
-        if runs:
+        if runs and (hooked := _hooks_of(module)):  # a FusedSequential is a new module: they would be dropped
+            report.skipped.append(Skipped(name, "Sequential", hooked))
+        elif runs:
             detail = f"{len(runs)} runs: " + ", ".join(f"[{a}:{b}] {blk.order}" for a, b, blk in runs)
             report.replaced.append(Replaced(name, "Sequential", "FusedSequential", detail))
             return FusedSequential(module, runs)

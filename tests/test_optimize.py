@@ -754,3 +754,18 @@ def test_fused_sequential_slices_and_fixed_runs():
             change()
     with torch.no_grad():
         assert_close(fused(x), model(x), 1e-5, "unchanged")
+
+
+def test_hooked_sequential_is_not_replaced():
+    """A Sequential with a hook of its own keeps it: a FusedSequential would be a new module without the hook, so
+    the Sequential is left alone (the report says why) and the hook keeps running."""
+    seq = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    seen = []
+    seq.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    fused, report = linattn.optimize(seq, inplace=True, return_report=True)
+    assert fused is seq and report.replaced == []
+    assert [(s.kind, s.reason) for s in report.skipped] == [
+        ("Sequential", "Sequential has hooks (forward_hooks), which the fused module would not run")
+    ]
+    fused(torch.randn(1, 4, 5, 5))
+    assert seen == [(1, 8, 5, 5)]
