@@ -764,7 +764,9 @@ def optimize(
     if backend != "auto":
         hooks = _BackendHooks(backend)
         model.register_forward_pre_hook(hooks.pre)
-        model.register_forward_hook(hooks.post, always_call=True)
+        # prepended: restored in the reverse order of setting, so optimizing in place again with another
+        # backend (whose pre-hook runs last, its backend the one the forward sees) restores the caller's
+        model.register_forward_hook(hooks.post, always_call=True, prepend=True)
     if cuda_graph:
         from .graphs import CUDAGraphModule
 

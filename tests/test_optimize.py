@@ -211,6 +211,19 @@ def test_backend_argument():
         linattn.optimize(model, backend="tpu")
 
 
+def test_backend_argument_twice_in_place():
+    """Optimized in place again with another backend: the forward runs under the latest, and the caller's
+    backend is restored after it (the hooks restore in the reverse order of setting)."""
+    model = linattn.optimize(timm_blocks().eval(), backend="reference")
+    model = linattn.optimize(model, backend="triton", inplace=True)
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, a: seen.append(linattn.get_backend()))
+    with linattn.backend("auto"):
+        model(torch.randn(1, 4, 5, 5))
+        assert linattn.get_backend() == "auto"
+    assert seen == ["triton"]
+
+
 # --- parity ---
 
 
