@@ -71,6 +71,24 @@ def _triton_missing() -> str | None:
     return None
 
 
+def _triton_gpu(index: int | None) -> str | None:
+    """Why the Triton kernels cannot run on GPU `index` (None: the current one), or None when they can. They are
+    compiled and checked (the GPU compile gate, docs/design.md 8) for NVIDIA sm_80 and sm_90, and use inline PTX,
+    bf16 and asynchronous copies: on an older GPU or a ROCm build auto runs PyTorch's path rather than try them."""
+    if torch.version.hip:
+        return (
+            f"linattn's Triton kernels are written for NVIDIA GPUs (inline PTX), not ROCm (torch {torch.__version__})"
+        )
+    props = torch.cuda.get_device_properties(index)
+    if props.major < 8:
+        cc = f"{props.major}.{getattr(props, 'minor', 0)}"
+        return (
+            f"linattn's Triton kernels need an NVIDIA GPU of compute capability 8.0 or newer (they are compiled and "
+            f"checked for sm_80 and sm_90); {props.name} is {cc}"
+        )
+    return None
+
+
 def unavailable(name: str, device: torch.device) -> str | None:
     """Why backend `name` cannot run on `device` here, or None when it can."""
     if name == "reference":
@@ -78,7 +96,7 @@ def unavailable(name: str, device: torch.device) -> str | None:
     if name == "triton":
         missing = _triton_missing()
         if missing or device.type == "cuda":
-            return missing
+            return missing or _triton_gpu(device.index)
         if device.type == "cpu" and interpreting():
             return None
         return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for CPU)"

@@ -1,6 +1,7 @@
 """Backend selection, optional dependencies and a cheap `import linattn`."""
 
 import contextlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -118,6 +119,33 @@ def test_cuda_backend_on_cpu_tensors_says_why():
     q = torch.randn(1, 1, 5, 4)
     with linattn.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run this call"):
         linattn.relu_linear_attention(q, q, q)
+
+
+@pytest.mark.parametrize(
+    "props, hip, expected",
+    [
+        (dict(major=7, minor=5, name="Tesla T4"), None,
+         "compute capability 8.0 or newer (they are compiled and checked for sm_80 and sm_90); Tesla T4 is 7.5"),
+        (dict(major=9, minor=4, name="AMD Instinct MI300X"), "6.4", "written for NVIDIA GPUs (inline PTX), not ROCm"),
+        (dict(major=8, minor=6, name="NVIDIA RTX A6000"), None, None),
+    ],
+)  # fmt: skip
+def test_triton_on_gpus_it_was_not_checked_for(monkeypatch, props, hip, expected):
+    """On an NVIDIA GPU older than sm_80 or a ROCm build, auto runs PyTorch's path rather than kernels compiled
+    and checked for sm_80 and sm_90 (inline PTX, bf16, asynchronous copies), and a forced triton says why."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: SimpleNamespace(**props))
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(_backend, "_triton_missing", lambda: None)
+    monkeypatch.setattr(_backend, "_candidates_seen", {})  # answers kept for the real device's calls
+    device = torch.device("cuda")
+    why = _backend.unavailable("triton", device)
+    assert (why is None) if expected is None else (expected in why)
+    if expected is not None:
+        assert "triton" not in _backend._candidates("conv_bn_act", "fwd", device, None, ())
+        with linattn.backend("triton"), pytest.raises(_backend.Unsupported, match=re.escape(expected)):
+            _backend.resolve("conv_bn_act", "fwd", device)
 
 
 def test_import_is_cheap():
