@@ -135,6 +135,7 @@ def test_triton_on_gpus_it_was_not_checked_for(monkeypatch, props, hip, expected
     and checked for sm_80 and sm_90 (inline PTX, bf16, asynchronous copies), and a forced triton says why."""
     from types import SimpleNamespace
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: SimpleNamespace(**props))
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(_backend, "_triton_missing", lambda: None)
