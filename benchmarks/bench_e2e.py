@@ -469,7 +469,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m linattn bench",
         description=__doc__.split("\n\n")[0]
-        + " Per-op kernel benchmarks: python benchmarks/bench_{linear_attention,lite_mla,multiscale,conv_bn_act}.py.",
+        + " Per-op kernel benchmarks: python"
+        + " benchmarks/bench_{linear_attention,lite_mla,multiscale,conv_bn_act,upsample_sum}.py.",
     )
     names = [*MODELS, *ALIASES]
     parser.add_argument("--model", nargs="+", help=f"some of {', '.join(names)} (default: {', '.join(GPU_MODELS)} "
