@@ -30,7 +30,9 @@ GEMM over (tap, channel) on tensor cores, x_t (as loaded) times M_t rounded to
 the input dtype, fp32 accumulation; agg(k), agg(v), agg(q) and S enter their dots
 in the input dtype (bf16 x bf16 and fp16 x fp16 products are exact in fp32), as
 eager PyTorch rounds them. fp16 S is scaled per column into fp16's range first
-(the scale is divided out in fp32): the state does not overflow. Under the Triton
+(the scale is divided out in fp32): the state does not overflow. With FMA taps,
+the depthwise conv's fp32 tile enters the pointwise dot in the input dtype, fp16
+rows scaled by a power of two into its range first (_pointwise). Under the Triton
 interpreter (UPCAST) the low-precision dots run on fp32 copies of the same
 rounded operands, since its fp16/bf16 dot is wrong.
 
@@ -100,10 +102,20 @@ def _pointwise(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     """Wp (a + bd) + bp for a depthwise tile a (fp32, its FMA taps' sum), a entering the dot in dtype dt; zero in
-    rows not valid (MASK; else as they come)."""
+    rows not valid (MASK; else as they come). fp16: rows of a at 2^15 or over enter scaled by a power of two
+    into fp16's range (exact), and their products are scaled back: the depthwise conv may exceed fp16's range
+    where the aggregated tensor does not (eager PyTorch's fp16 tensor between the two convs overflows there)."""
     if HAS_BD:
         a += tl.load(BD_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
+    if dt == tl.float16:
+        # floor(log2 max|a|) of each row from its exponent bits; rows under 2^15 keep scale 1, exactly as before
+        top = (tl.max(tl.abs(a), axis=1).to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127
+        shift = tl.maximum(top - 14, 0)
+        a *= ((127 - shift) << 23).to(tl.float32, bitcast=True)[:, None]
+        y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
+        y *= ((127 + shift) << 23).to(tl.float32, bitcast=True)[:, None]
+    else:
+        y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
     if HAS_BP:
         y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     if MASK:
@@ -964,6 +976,10 @@ def context_launch(
     # to it (sm_90: 68 -> 108 registers, 7 -> 4 programs an SM)
     fp16_split = qkv.dtype == torch.float16 and not one_pass and not rows and "maxnreg" not in cfg
     out_options = {"maxnreg": 128} if fp16_split else {}
+    # fp16 with a kernel row's taps in flight (ROW_TAPS, one pass): the rows' scaling into fp16's range
+    # (_pointwise) made ptxas hold it to 128 registers and spill 8 bytes on sm_90 (L0's k=5); under 168: 150, none
+    if qkv.dtype == torch.float16 and cfg.get("ROW_TAPS") and "maxnreg" not in cfg:
+        out_options = {"maxnreg": 168}
     scales = []  # per scale: (depthwise weight's tap stride, sizes, its two kernels' launches)
     for s, wd in enumerate(dw_weights):
         K = wd.shape[-1]

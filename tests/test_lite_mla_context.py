@@ -415,6 +415,36 @@ def test_cuda_tensor_core_context_unaligned_view(target, monkeypatch):
         assert_close(linattn.lite_mla_context(view, dws, pws, heads, D, 1e-15, dbs, pbs), want, tol, "out")
 
 
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
+@pytest.mark.parametrize(
+    "config",
+    [dict(TAP_MMA=False, BLOCK_N=32), dict(TAP_MMA=False, BLOCK_N=64, ROW_BLOCK=4), dict(BLOCK_N=32, ROW_BLOCK=2)],
+    ids=["fma", "rows4", "rows2"],
+)
+def test_fp16_depthwise_tile_over_fp16_range(target, config):
+    """The depthwise conv exceeds fp16's range where the aggregated tensor does not (eager fp16 overflows between
+    the two convs): the FMA-tap kernels' tile enters the pointwise product scaled into range and must not."""
+    from linattn.kernels._device import H100
+    from linattn.kernels.lite_mla_context import context_config, lite_mla_context_fwd
+
+    device = target[1]
+    qkv, dws, pws, dbs, pbs = make_aggregation(
+        1, 1, 16, 8, 8, (3,), False, torch.float32, device, channels_last=True, seed=5, tap_major=True
+    )
+    qkv = (1e4 + 2e3 * qkv).half()  # a 3x3 conv of ones over it: about 9e4, over fp16's 65504
+    dws = [torch.ones_like(w).half() for w in dws]
+    pws = [(w / 16).half() for w in pws]  # the aggregated tensor within range again
+    want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), 1, 16)
+    assert want.abs().max() < 6e4 and not torch.isfinite(eager.lite_mla_context(qkv, dws, pws, 1, 16)).all()
+    out = torch.full(want.shape, float("nan"), dtype=torch.float16, device=device)
+    out = out.contiguous(memory_format=torch.channels_last)
+    lite_mla_context_fwd(
+        qkv, dws, pws, 1, 16, 1e-15, [], [], out, dict(context_config(H100, 1, 1, 64, 16, True, 1), **config)
+    )
+    # about five fp16 roundings (taps, aggregated q/k/v, S, the result): allow ten
+    assert_close(out, want, 10 * rel_err(want.half(), want), "out")
+
+
 @pytest.mark.parametrize("target", CUDA_TARGETS)
 @pytest.mark.parametrize("B", [1, 16], ids=["split", "one-pass"])
 def test_cuda_fp16_large_activations_do_not_overflow(target, B):

@@ -24,7 +24,8 @@
 // 5 x 5), but the products on tensor cores (WMMA 16x16x16, fp32 accumulation) over tiles in qkv's dtype, and
 // one pass where B*heads blocks fill the GPU:
 //   pointwise   the stencil's tile rounded to the dtype times Wp^T (as eager PyTorch rounds the depthwise
-//               conv's output before the 1x1 conv), then its bias, ReLU and the image mask, rounded again
+//               conv's output before the 1x1 conv; fp16 positions at 2^15 or over scaled into its range first,
+//               the scale undone in fp32), then its bias, ReLU and the image mask, rounded again
 //   state       S += relu(k)^T v, in registers (each warp one 16x16 block of S over half the positions), z in
 //               fp32 from the same rounded relu(k)
 //   output      relu(q) S': S rounded to the dtype column by column as S' = S / 2^e, 2^e the power of two
@@ -313,25 +314,47 @@ __device__ void mma_source_tile(typename MmaType<T>::type* dst, bool raw, float*
   }
   dwconv_tile<T, K, MmaSmem<K>::kSharedTaps>(conv, scratch, x, b, c0, h0, w0, g, wd, bd, k, Map<T>{},
                                               taps);  // ends with a barrier
-  // (a thread's 8 channels of a position: conv's odd leading dimension keeps its reads free of bank conflicts)
-  for (int i = thread_index(); i < kTileP * (kMmaD / 8); i += kThreads) {
-    const int p = i / (kMmaD / 8), c = (i % (kMmaD / 8)) * 8;
+  // (a thread's 8 channels of a position: conv's odd leading dimension keeps its reads free of bank conflicts;
+  // every thread takes kPer of them, the same ones in both loops)
+  constexpr int kPer = kTileP * (kMmaD / 8) / kThreads;
+  static_assert(kPer * kThreads == kTileP * (kMmaD / 8));
+  float back[kPer];  // the power of two each position's products are scaled back by (fp16; else 1)
+#pragma unroll
+  for (int n = 0; n < kPer; ++n) {
+    const int i = thread_index() + n * kThreads, p = i / (kMmaD / 8), c = (i % (kMmaD / 8)) * 8;
     float v[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[j] = conv[p * (kMmaD + 1) + c + j];
+    back[n] = 1.f;
+    if constexpr (std::is_same_v<T, at::Half>) {
+      // positions at 2^15 or over enter the product scaled by a power of two into fp16's range (exact): the
+      // depthwise conv may exceed it where the aggregated tensor does not (eager PyTorch's fp16 tensor between
+      // the two convs overflows there). A position's four threads (adjacent lanes) share its largest |value|.
+      float m = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      const int shift = max(static_cast<int>(__float_as_uint(m) >> 23) - 127 - 14, 0);
+      const float scale = __uint_as_float(static_cast<unsigned>(127 - shift) << 23);
+      back[n] = __uint_as_float(static_cast<unsigned>(127 + shift) << 23);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] *= scale;
+    }
     store8<T>(dst + p * kLdt + c, v);
   }
   __syncthreads();
   rows_product<wmma::col_major>(scratch, dst, wp_s);  // B(j, c) = Wp[c][j]: wp_s's [c][j] rows, column-major
   __syncthreads();
-  for (int i = thread_index(); i < kTileP * (kMmaD / 8); i += kThreads) {
-    const int p = i / (kMmaD / 8), c = (i % (kMmaD / 8)) * 8;
+#pragma unroll
+  for (int n = 0; n < kPer; ++n) {
+    const int i = thread_index() + n * kThreads, p = i / (kMmaD / 8), c = (i % (kMmaD / 8)) * 8;
     const bool inside = h0 + p / kTileW < g.H && w0 + p % kTileW < g.W;
     float v[8];
     load8(v, scratch + p * kLds + c);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      float y = v[j] + (bp != nullptr ? static_cast<float>(bp[c0 + c + j]) : 0.f);
+      float y = v[j] * back[n] + (bp != nullptr ? static_cast<float>(bp[c0 + c + j]) : 0.f);
       if (RELU) y = relu(y);
       v[j] = inside ? y : 0.f;
     }
