@@ -22,7 +22,7 @@ from utils import (
 )
 
 import linattn
-from linattn import eager, reference
+from linattn import _backend, eager, reference
 
 CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_last)
     (2, 1, 8, 7, 9, (5,), False, torch.float32, False),
@@ -368,6 +368,31 @@ def test_cuda_context_configs_at_stage_shapes(case):
             lite_mla_context_fwd(qkv[:images], dws, pws, heads, D, 1e-15, dbs, pbs, out, dict(config))
             results.append((f"{config} on {images} image(s)", rel_err(out, want[:images])))
     assert_all_within(results, tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_fp16_depthwise_tile_over_fp16_range():
+    """On a GPU, every Triton configuration measured dispatch times and the cuda backend (its tensor-core kernel),
+    where the depthwise conv exceeds fp16's range and the aggregated tensor does not (eager fp16 overflows): finite,
+    within ten times fp16's rounding of the result."""
+    from linattn.kernels._device import device_of
+    from linattn.kernels.lite_mla_context import context_configs, lite_mla_context_fwd
+
+    qkv, dws, pws, dbs, pbs = make_aggregation(2, 16, 32, 16, 16, (3,), False, torch.float32, "cuda", True, 5, True)
+    qkv = (1e4 + 2e3 * qkv).half()  # a 3x3 conv of ones over it: about 9e4, over fp16's 65504
+    dws, pws = [torch.ones_like(w).half() for w in dws], [(w / 16).half() for w in pws]
+    want = reference.lite_mla_context(qkv.double(), f64(dws), f64(pws), 16, 32)
+    assert want.abs().max() < 6e4 and not torch.isfinite(eager.lite_mla_context(qkv, dws, pws, 16, 32)).all()
+    results = []
+    for config in context_configs(device_of(qkv), 2, 16, 256, 32, True, True, 3):
+        out = torch.full(want.shape, float("nan"), device="cuda", dtype=torch.float16)
+        out = out.contiguous(memory_format=torch.channels_last)
+        lite_mla_context_fwd(qkv, dws, pws, 16, 32, 1e-15, [], [], out, dict(config))
+        results.append((str(config), rel_err(out, want)))
+    if _backend.unavailable("cuda", qkv.device) is None:
+        with linattn.backend("cuda"):
+            results.append(("cuda backend", rel_err(linattn.lite_mla_context(qkv, dws, pws, 16, 32), want)))
+    assert_all_within(results, 10 * rel_err(want.half(), want))
 
 
 # the cuda backend's tensor-core kernel (csrc/lite_mla_context.cu mma_kernel: fp16/bf16 at group size 32): odd maps,
