@@ -978,7 +978,7 @@ def context_launch(
     out_options = {"maxnreg": 128} if fp16_split else {}
     # fp16 with a kernel row's taps in flight (ROW_TAPS, one pass): the rows' scaling into fp16's range
     # (_pointwise) made ptxas hold it to 128 registers and spill 8 bytes on sm_90 (L0's k=5); under 168: 150, none
-    if qkv.dtype == torch.float16 and cfg.get("ROW_TAPS") and "maxnreg" not in cfg:
+    if qkv.dtype == torch.float16 and cfg.get("ROW_TAPS") and one_pass and "maxnreg" not in cfg:
         out_options = {"maxnreg": 168}
     scales = []  # per scale: (depthwise weight's tap stride, sizes, its two kernels' launches)
     for s, wd in enumerate(dw_weights):

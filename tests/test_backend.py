@@ -1,6 +1,7 @@
 """Backend selection, optional dependencies and a cheap `import linattn`."""
 
 import contextlib
+import functools
 import re
 import subprocess
 import sys
@@ -140,6 +141,8 @@ def test_triton_on_gpus_it_was_not_checked_for(monkeypatch, props, hip, expected
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(_backend, "_triton_missing", lambda: None)
     monkeypatch.setattr(_backend, "_candidates_seen", {})  # answers kept for the real device's calls
+    monkeypatch.setattr(_backend, "_triton_capability", functools.cache(_backend._triton_capability.__wrapped__))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     device = torch.device("cuda")
     why = _backend.unavailable("triton", device)
     assert (why is None) if expected is None else (expected in why)

@@ -378,6 +378,8 @@ def test_cuda_fp16_depthwise_tile_over_fp16_range():
     from linattn.kernels._device import device_of
     from linattn.kernels.lite_mla_context import context_configs, lite_mla_context_fwd
 
+    if why := _backend.unavailable("triton", torch.device("cuda")):
+        pytest.skip(why)
     qkv, dws, pws, dbs, pbs = make_aggregation(2, 16, 32, 16, 16, (3,), False, torch.float32, "cuda", True, 5, True)
     qkv = (1e4 + 2e3 * qkv).half()  # a 3x3 conv of ones over it: about 9e4, over fp16's 65504
     dws, pws = [torch.ones_like(w).half() for w in dws], [(w / 16).half() for w in pws]
@@ -446,9 +448,11 @@ def test_cuda_tensor_core_context_unaligned_view(target, monkeypatch):
     [dict(TAP_MMA=False, BLOCK_N=32), dict(TAP_MMA=False, BLOCK_N=64, ROW_BLOCK=4), dict(BLOCK_N=32, ROW_BLOCK=2)],
     ids=["fma", "rows4", "rows2"],
 )
-def test_fp16_depthwise_tile_over_fp16_range(target, config):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fp16_depthwise_tile_over_fp16_range(target, config, splits):
     """The depthwise conv exceeds fp16's range where the aggregated tensor does not (eager fp16 overflows between
-    the two convs): the FMA-tap kernels' tile enters the pointwise product scaled into range and must not."""
+    the two convs): the FMA-tap kernels' tile enters the pointwise product scaled into range and must not, one
+    pass and split (the state kernels' tiles too)."""
     from linattn.kernels._device import H100
     from linattn.kernels.lite_mla_context import context_config, lite_mla_context_fwd
 
@@ -464,7 +468,7 @@ def test_fp16_depthwise_tile_over_fp16_range(target, config):
     out = torch.full(want.shape, float("nan"), dtype=torch.float16, device=device)
     out = out.contiguous(memory_format=torch.channels_last)
     lite_mla_context_fwd(
-        qkv, dws, pws, 1, 16, 1e-15, [], [], out, dict(context_config(H100, 1, 1, 64, 16, True, 1), **config)
+        qkv, dws, pws, 1, 16, 1e-15, [], [], out, dict(context_config(H100, 1, 1, 64, 16, True, splits), **config)
     )
     # about five fp16 roundings (taps, aggregated q/k/v, S, the result): allow ten
     assert_close(out, want, 10 * rel_err(want.half(), want), "out")
