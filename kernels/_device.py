@@ -20,6 +20,7 @@ class Device:
     gpu: bool  # False: Triton's interpreter on CPU tensors (programs run one by one: few, large tiles)
     sms: int = 1  # streaming multiprocessors, for the grids that must fill the GPU
     tma: bool = False  # Hopper's tensor memory accelerator (sm_90 on): tensor-descriptor kernels are worth timing
+    cc: tuple[int, int] = (0, 0)  # compute capability (the registry's check that the kernels are for this GPU)
 
     @property
     def interpreter(self) -> bool:
@@ -65,7 +66,8 @@ def tma_enabled() -> bool:
 def cuda_device(index: int | None) -> Device:
     """The description of GPU `index`, asked once (every launch calls device_of)."""
     props = torch.cuda.get_device_properties(index)
-    return Device(gpu=True, sms=props.multi_processor_count, tma=props.major >= 9 and tma_enabled())
+    tma = props.major >= 9 and tma_enabled()
+    return Device(gpu=True, sms=props.multi_processor_count, tma=tma, cc=(props.major, props.minor))
 
 
 _direct_failed = []  # the first direct launch that raised: none are tried after it

@@ -112,10 +112,9 @@ def _pointwise(
         top = (tl.max(tl.abs(a), axis=1).to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127
         shift = tl.maximum(top - 14, 0)
         a *= ((127 - shift) << 23).to(tl.float32, bitcast=True)[:, None]
-        y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
+    y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
+    if dt == tl.float16:
         y *= ((127 + shift) << 23).to(tl.float32, bitcast=True)[:, None]
-    else:
-        y = _dot(_cast(a, dt, UPCAST), wp_t.to(dt), tl.zeros_like(a), UPCAST, PRECISION)
     if HAS_BP:
         y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     if MASK:

@@ -81,19 +81,13 @@ def _triton_gpu(index: int | None) -> str | None:
         )
     if not torch.cuda.is_available():  # no GPU to ask (the tests' kernel targets, the compile gate's replay)
         return None
-    return _triton_capability(torch.cuda.current_device() if index is None else index)
+    from .kernels._device import cuda_device  # asked once per GPU (a forced backend's unplanned calls ask each call)
 
-
-@functools.cache
-def _triton_capability(index: int) -> str | None:
-    """_triton_gpu's answer for a GPU, asked once (a forced backend's unplanned calls, backward ones among them,
-    ask on every call; the compile gate clears it around its pretend GPUs)."""
-    props = torch.cuda.get_device_properties(index)
-    if props.major < 8:
-        cc = f"{props.major}.{getattr(props, 'minor', 0)}"
+    major, minor = cuda_device(index).cc
+    if major < 8:
         return (
             f"linattn's Triton kernels need an NVIDIA GPU of compute capability 8.0 or newer (they are compiled and "
-            f"checked for sm_80 and sm_90); {props.name} is {cc}"
+            f"checked for sm_80 and sm_90); this GPU's is {major}.{minor}"
         )
     return None
 

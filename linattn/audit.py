@@ -327,8 +327,9 @@ def _gpu_launches(arch: Arch, tma: bool):
         units = tuple(n for n, a in zip(fn.arg_names, args) if type(a) is int and a == 1)
         launches.append(Launch(name, tuple(_as_ptr(a) for a in args), tuple(sorted(kwargs.items())), units))
 
-    props = types.SimpleNamespace(multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10)
-    from . import _backend
+    props = types.SimpleNamespace(
+        multi_processor_count=arch.sms, name=f"{arch.gpu} (audit)", major=arch.cc // 10, minor=arch.cc % 10
+    )
     from .kernels import _device
 
     saved = JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, _device.tma_enabled
@@ -336,13 +337,11 @@ def _gpu_launches(arch: Arch, tma: bool):
     torch.cuda.get_device_properties = lambda device=None: props
     _device.tma_enabled = lambda: tma
     _device.cuda_device.cache_clear()
-    _backend._triton_capability.cache_clear()  # answers about the pretend GPU stay inside
     try:
         yield launches
     finally:
         JITFunction.run, InterpretedFunction.run, torch.cuda.get_device_properties, _device.tma_enabled = saved
         _device.cuda_device.cache_clear()
-        _backend._triton_capability.cache_clear()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import torch
 
 import linattn
 from linattn import _backend, _extension
+from linattn.kernels import _device
 
 
 def run_python(code: str, **env) -> str:
@@ -125,10 +126,10 @@ def test_cuda_backend_on_cpu_tensors_says_why():
 @pytest.mark.parametrize(
     "props, hip, expected",
     [
-        (dict(major=7, minor=5, name="Tesla T4"), None,
-         "compute capability 8.0 or newer (they are compiled and checked for sm_80 and sm_90); Tesla T4 is 7.5"),
-        (dict(major=9, minor=4, name="AMD Instinct MI300X"), "6.4", "written for NVIDIA GPUs (inline PTX), not ROCm"),
-        (dict(major=8, minor=6, name="NVIDIA RTX A6000"), None, None),
+        (dict(major=7, minor=5, multi_processor_count=40), None,
+         "compute capability 8.0 or newer (they are compiled and checked for sm_80 and sm_90); this GPU's is 7.5"),
+        (dict(major=9, minor=4, multi_processor_count=304), "6.4", "written for NVIDIA GPUs (inline PTX), not ROCm"),
+        (dict(major=8, minor=6, multi_processor_count=84), None, None),
     ],
 )  # fmt: skip
 def test_triton_on_gpus_it_was_not_checked_for(monkeypatch, props, hip, expected):
@@ -141,8 +142,7 @@ def test_triton_on_gpus_it_was_not_checked_for(monkeypatch, props, hip, expected
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(_backend, "_triton_missing", lambda: None)
     monkeypatch.setattr(_backend, "_candidates_seen", {})  # answers kept for the real device's calls
-    monkeypatch.setattr(_backend, "_triton_capability", functools.cache(_backend._triton_capability.__wrapped__))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_device, "cuda_device", functools.cache(_device.cuda_device.__wrapped__))  # fresh answers
     device = torch.device("cuda")
     why = _backend.unavailable("triton", device)
     assert (why is None) if expected is None else (expected in why)
