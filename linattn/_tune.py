@@ -1,24 +1,30 @@
 """Measured dispatch: "auto" on a GPU times every implementation that can run a call and keeps the fastest.
 
-The first call with a new key (op, pass, every tensor's shape, strides and dtype, the other arguments, the
-GPU's name, linattn/torch/triton versions) runs each candidate implementation on the call's own inputs into
-scratch outputs (a runner the op hands over), timed on the GPU with CUDA events after a warm-up (the GPU's
-time, not the host's: cuda_median_ms), and keeps the one with the smallest median; ties go to the registry's
-priority order. Later calls with that key are one dictionary lookup. Choices persist per GPU and versions as
-JSON in LINATTN_CACHE_DIR (default ~/.cache/linattn), loaded at first use; tables shipped in the package
-(linattn/tables/) are read first. LINATTN_TUNE=0 turns timing off: the table, else the priority order.
-LINATTN_HOST_AWARE=1 (read at import; an experiment, off by default): the convs' forward is chosen by the larger
-of its GPU time and its host time (host_median_ms), under keys of their own. Nothing is timed while a CUDA graph
-is being captured or torch.compile traces (the table or the priority order again, with a one-time warning for
+The first call with a new key (op, pass, every tensor's shape, strides and dtype, the other arguments, the GPU's
+name, linattn/torch/triton versions) runs each candidate implementation on the call's own inputs into scratch
+outputs (a runner the op hands over), timed on the GPU with CUDA events after a warm-up (the GPU's time, not the
+host's: cuda_median_ms), and keeps the one with the smallest median; ties go to the registry's priority order.
+Later calls with that key are one dictionary lookup. Choices persist per GPU and versions as JSON in
+LINATTN_CACHE_DIR (default ~/.cache/linattn), loaded at first use; tables shipped in the package (linattn/tables/)
+are read first. Each choice keeps the candidates it was made among: a call that has one it was not made among (an
+extension built since, a configuration added since) is measured again. A process writes only what it measured, into
+the file as it is then (a file lock, an atomic replace): processes sharing the cache keep each other's choices, and
+shipped choices stay in the package's table. LINATTN_TUNE=0 turns timing off: the table, else the priority order.
+LINATTN_HOST_AWARE=1 (read at import; an experiment, off by default): the convs' forward is chosen by the larger of
+its GPU time and its host time (host_median_ms), under keys of their own. Nothing is timed while a CUDA graph is
+being captured or torch.compile traces (the table or the priority order again, with a one-time warning for
 capture). A corrupt, foreign or stale file is ignored with a warning.
 
 What is timed is checked first: each candidate runs once into NaN-filled scratch outputs (scratch_like) and its
 result is compared with the baseline's (the reference, PyTorch's own path; among a kernel's configurations, its
-heuristic's, which the reference checks one level up where that level is measured too, not where it is read from
-a table). A candidate whose result differs by more than a rounding difference (TOLERANCE, relative) is left out of
-the timing and the choice, with a warning: a kernel that is wrong on this GPU, these versions or these inputs is
-never chosen for being fast. A choice read from a table (shipped, or kept by an earlier run) is not checked again;
-a candidate left out because it ran out of memory leaves the choice to this process, out of the table.
+heuristic's, which the reference checks one level up where that level is measured too, not where it is read from a
+table). A candidate whose result differs by more than a rounding difference (TOLERANCE, relative; PEAK times it in
+the largest elementwise difference, relative to the largest magnitude) is left out of the timing and the choice,
+with a warning: a kernel that is wrong on this GPU, these versions or these inputs is never chosen for being fast.
+A choice read from a table (shipped, or kept by an earlier run) is not checked again; a candidate left out because
+it ran out of memory leaves the choice to this process, out of the table. Where most of the baseline's result is
+not finite nothing can be checked: the priority order, for this process only. Where the check or the timing runs
+out of memory, the priority order for this call; a later call measures again.
 """
 
 import concurrent.futures
@@ -28,6 +34,7 @@ import json
 import os
 import re
 import statistics
+import tempfile
 import threading
 import time
 import warnings
@@ -54,9 +61,17 @@ SPIN_CYCLES = 1_000_000  # GPU clock cycles ahead of each timed call: 0.5-0.7 ms
 # accumulation order never reject a candidate; far below what a broken kernel makes (an unwritten element is
 # NaN, a layout mistake an error of about 1).
 TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# ... and the largest elementwise difference, relative to the result's largest magnitude, PEAK times that: rounding
+# differs most where values are large, but stays a few units in their last place (bf16's is 2^-8 relative); a
+# region a kernel computes wrong (a tile's last rows, one wave's tiles) differs there by about its own magnitude
+# (the Frobenius norm of 0.2% of a bf16 output zeroed is under 5e-2)
+PEAK = 4
 
+SHIPPED = Path(__file__).parent / "tables"  # the tables linattn ships
 _lock = threading.Lock()
 _tables: dict[str, dict[str, str]] = {}  # table file name -> {key: backend}
+_considered: dict[str, dict[str, list[str]]] = {}  # table file name -> {key: the candidates its choice was among}
+_mine: dict[str, set[str]] = {}  # table file name -> the keys this process measured (what _save writes)
 _timings: list[dict] = []  # every measurement of this process, for `python -m linattn tune`
 _warned: set[str] = set()
 _memo: dict[tuple, str] = {}  # (op, pass, GPU, candidates, _signature) -> choice: the hot path's one lookup
@@ -130,51 +145,119 @@ def table_name(device_name: str) -> str:
     return f"{slug.strip('-')}.json"
 
 
-def _read(path: Path, device_name: str) -> dict[str, str]:
+def _read(path: Path, device_name: str, quiet: bool = False) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """A table file's choices and, where it records them, the candidates each choice was made among."""
     try:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT or data.get("device") != device_name or data.get("versions") != versions():
             raise ValueError("made for another GPU, format or versions")
-        choices = data["choices"]
+        choices, considered = data["choices"], data.get("candidates", {})
         if not all(isinstance(k, str) and isinstance(b, str) for k, b in choices.items()):
             raise ValueError("choices are not strings")
-        return dict(choices)
+        if not all(isinstance(c, list) and all(isinstance(b, str) for b in c) for c in considered.values()):
+            raise ValueError("candidates are not lists of strings")
+        return dict(choices), dict(considered)
     except FileNotFoundError:
-        return {}
+        return {}, {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        warnings.warn(f"linattn: ignoring the dispatch table {path}: {err}", RuntimeWarning, stacklevel=4)
-        return {}
+        if not quiet:
+            warnings.warn(f"linattn: ignoring the dispatch table {path}: {err}", RuntimeWarning, stacklevel=4)
+        return {}, {}
 
 
 def table(device_name: str) -> dict[str, str]:
-    """The choices for this GPU and versions: the shipped table, then this machine's cache over it."""
+    """The choices for this GPU and versions: the shipped table, then this machine's cache over it, then this
+    process's measurements."""
     name = table_name(device_name)
     if name not in _tables:
-        shipped = _read(Path(__file__).parent / "tables" / name, device_name)
-        _tables[name] = {**shipped, **_read(cache_dir() / name, device_name)}
+        shipped, shipped_considered = _read(SHIPPED / name, device_name)
+        cached, cached_considered = _read(cache_dir() / name, device_name)
+        _tables[name] = {**shipped, **cached}
+        # a cached choice replaces the shipped one, and what it was made among with it
+        _considered[name] = {k: v for k, v in shipped_considered.items() if k not in cached}
+        _considered[name].update(cached_considered)
+        _mine[name] = set()
     return _tables[name]
 
 
+def _lookup(device_name: str, key: str, candidates: Sequence[str]) -> str | None:
+    """The table's choice for a call, if it still holds: one of this call's candidates, made among all of them
+    (a candidate that was not there then, a kernel configuration added since or an extension built since, has
+    never been timed: the call is measured again). A choice that records no candidates holds as it is."""
+    with _lock:
+        chosen = table(device_name).get(key)
+        considered = _considered[table_name(device_name)].get(key)
+    if chosen not in candidates or (considered is not None and not set(candidates) <= set(considered)):
+        return None
+    return chosen
+
+
+def _keep(device_name: str, key: str, chosen: str, candidates: Sequence[str]) -> None:
+    """Enter a choice this process measured into the table, and save it (under _lock)."""
+    name = table_name(device_name)
+    table(device_name)[key] = chosen
+    _considered[name][key] = list(candidates)
+    _mine[name].add(key)
+    _save(device_name)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on path's ".lock" file, between processes, for the block (POSIX; elsewhere none)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the replace below is still atomic; a concurrent save may be lost
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _save(device_name: str) -> None:
-    path = cache_dir() / table_name(device_name)
-    data = {"format": FORMAT, "device": device_name, "versions": versions(), "choices": table(device_name)}
+    """Write this process's measurements into the table file, over what the file holds now: other processes'
+    measurements since this one loaded it stay, and shipped choices are not copied into it (a later linattn
+    ships its own). Under a file lock, through a temporary file of a unique name and an atomic replace."""
+    name = table_name(device_name)
+    path = cache_dir() / name
+    choices, considered, mine = table(device_name), _considered[name], _mine[name]
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old table or the new one
+        with _file_lock(path):
+            on_disk, on_disk_considered = _read(path, device_name, quiet=True)
+            for key in mine:
+                on_disk[key] = choices[key]
+                on_disk_considered[key] = considered[key]
+            data = {"format": FORMAT, "device": device_name, "versions": versions(), "choices": on_disk}
+            data["candidates"] = on_disk_considered
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old table or the new one
+            tmp = None
     except OSError as err:
         if "save" not in _warned:
             _warned.add("save")
             warnings.warn(f"linattn: cannot save the dispatch table to {path}: {err}", RuntimeWarning, stacklevel=4)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def call_key(op: str, pass_: str, args: Sequence) -> str:
-    """The key of a call: its op, pass, and each argument (a tensor by shape, strides and dtype)."""
+    """The key of a call: its op, pass, and each argument (a tensor by shape, strides and dtype, and "@<n>" after
+    them where its data pointer is n bytes past a 16-byte boundary: a misaligned view has fewer candidates, and its
+    choice must not stand for the aligned calls of the same shape)."""
 
     def describe(a) -> str:
         if isinstance(a, torch.Tensor):
-            return f"{tuple(a.shape)}/{a.stride()}/{str(a.dtype)[6:]}"
+            misaligned = a.data_ptr() & 15 if type(a) in PLAIN else 0
+            return f"{tuple(a.shape)}/{a.stride()}/{str(a.dtype)[6:]}" + (f"@{misaligned}" if misaligned else "")
         if isinstance(a, (list, tuple)):
             return "[" + ",".join(describe(x) for x in a) + "]"
         return repr(a)
@@ -409,10 +492,12 @@ SLAB = 1 << 23  # elements disagreement() compares at a time: float64 copies of 
 
 
 def disagreement(got, expected) -> float:
-    """The largest relative difference ||got - expected|| / ||expected|| (Frobenius) over the tensors of two
-    results, compared in float64 a slab of rows at a time (float32 squares overflow above 1.8e19, and an inf norm
-    would read as agreement); inf where they do not match in number or shape, or where got is not finite and
-    expected is. Elements where expected itself is not finite (an fp16 overflow on PyTorch's path) are left out."""
+    """How far got is from expected, relative, over the tensors of two results (the largest): per tensor the
+    larger of ||got - expected|| / ||expected|| (Frobenius) and max|got - expected| / max|expected| / PEAK (a few
+    wrong tile rows in a large output barely move the first). Compared in float64 a slab of rows at a time (float32
+    squares overflow above 1.8e19, and an inf norm would read as agreement); inf where they do not match in number
+    or shape, or where got is not finite and expected is. Elements where expected itself is not finite (an fp16
+    overflow on PyTorch's path) are left out."""
     got, expected = [t.detach() for t in _tensors(got)], [t.detach() for t in _tensors(expected)]
     if len(got) != len(expected):
         return float("inf")
@@ -422,18 +507,25 @@ def disagreement(got, expected) -> float:
             return float("inf")
         a, r = a.reshape(1, -1) if a.dim() < 2 else a, r.reshape(1, -1) if r.dim() < 2 else r
         rows = max(1, SLAB // max(1, a[0].numel()))
-        diff2 = norm2 = 0.0
+        diff2 = norm2 = peak_diff = peak = 0.0
         for a_s, r_s in zip(a.split(rows), r.split(rows)):
             a_s, r_s = a_s.double(), r_s.double()
             finite = torch.isfinite(r_s)
             if not bool(finite.all()):
                 a_s, r_s = a_s[finite], r_s[finite]
-            diff2 += float((a_s - r_s).square().sum())
+            if not r_s.numel():
+                continue
+            d = a_s - r_s
+            diff2 += float(d.square().sum())
             norm2 += float(r_s.square().sum())
-        if diff2 != diff2:  # NaN: got is not finite where expected is
+            peak_diff = max(peak_diff, float(d.abs().max()))
+            peak = max(peak, float(r_s.abs().max()))
+        if diff2 != diff2 or peak_diff != peak_diff:  # NaN: got is not finite where expected is
             return float("inf")
         if diff2 > 0.0:
-            worst = max(worst, (diff2 / norm2) ** 0.5 if norm2 > 0.0 else float("inf"))
+            if norm2 == 0.0:
+                return float("inf")
+            worst = max(worst, (diff2 / norm2) ** 0.5, peak_diff / peak / PEAK)
     return worst
 
 
@@ -443,19 +535,22 @@ def _tolerance(args) -> float:
     return max(found, default=TOLERANCE[torch.float32])
 
 
-def _disagreeing(key: str, candidates: Sequence[str], runner: Callable[[str], object], args) -> dict:
+def _disagreeing(key: str, candidates: Sequence[str], runner: Callable[[str], object], args) -> tuple[dict, bool]:
     """The candidates left out of a choice: {candidate: its relative difference from the baseline's result, where
     over the tolerance, or what it raised}, each run once into NaN-filled scratch outputs, each left out with a
-    warning. The baseline: the reference where it is a candidate, else the first (a kernel's heuristic
-    configuration); what it raises is raised. Results without values (fake or meta tensors) are not compared.
-    Warned once per op, candidate and kind of failure."""
+    warning; and whether the check could not be made (unchecked: most of the baseline's result is not finite,
+    nothing is compared). The baseline: the reference where it is a candidate, else the first (a kernel's
+    heuristic configuration); what it raises is raised. Results without values (fake or meta tensors) are not
+    compared. Warned once per op, candidate and kind of failure."""
     baseline = "reference" if "reference" in candidates else candidates[0]
     tolerance = _tolerance(args)
     found = {}
     with _scratch_filled(True):
         expected = runner(baseline)
         if any(isinstance(t, FakeTensor) or t.is_meta for t in _tensors(expected)):
-            return found  # results without values (the compile gate's replay on fake tensors): nothing to compare
+            return found, False  # results without values (the compile gate's replay on fake tensors)
+        if _mostly_not_finite(expected):
+            return found, True
         for name in candidates:
             if name == baseline:
                 continue
@@ -483,7 +578,14 @@ def _disagreeing(key: str, candidates: Sequence[str], runner: Callable[[str], ob
             RuntimeWarning,
             stacklevel=2,
         )
-    return found
+    return found, False
+
+
+def _mostly_not_finite(result) -> bool:
+    """Whether fewer than half the floating elements of a result are finite (nothing to check candidates by)."""
+    floating = [t for t in _tensors(result) if t.is_floating_point() and t.numel()]
+    total = sum(t.numel() for t in floating)
+    return total > 0 and 2 * sum(int(torch.isfinite(t).sum()) for t in floating) < total
 
 
 def _cannot_time() -> str | None:
@@ -514,6 +616,7 @@ def choose(
 def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time=False) -> tuple[str, bool]:
     """choose()'s (choice, settled): settled unless nothing could be timed (the choice is then the priority
     order's, asked again next call). prepare(), when given, runs once before the timing."""
+    global _unsettled
     if _fixed.on:
         return candidates[0], False
     device_name = _device_name(device)
@@ -522,14 +625,11 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
     if (chosen := _memo.get(memo)) is not None:
         return chosen, True
     key = call_key(op, pass_, args)
-    with _lock:
-        chosen = table(device_name).get(key)
-    if chosen in candidates:
+    if (chosen := _lookup(device_name, key, candidates)) is not None:
         _memo[memo] = chosen
         return chosen, True
     why_not = _cannot_time() or (None if enabled() else "LINATTN_TUNE=0")
     if why_not:
-        global _unsettled
         if why_not != "LINATTN_TUNE=0":  # the priority order for now: a later eager call times it
             _unsettled += 1
         if why_not == "capture" and "capture" not in _warned:
@@ -542,16 +642,35 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
             )
         return candidates[0], False
     started = time.perf_counter()
-    if prepare is not None:
-        prepare()
-    with _backend.uncounted():
-        rejected = _disagreeing(key, candidates, runner, args)
-        timed = [b for b in candidates if b not in rejected]
-        with _scratch_filled(False):  # (inside an outer candidate's checked run too)
-            times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in timed}
-            host = {b: _host_timer(lambda b=b: runner(b)) for b in timed} if host_time else None
-    score = times if host is None else {b: max(times[b], host[b]) for b in timed}
-    chosen = min(timed, key=lambda b: (score[b], candidates.index(b)))
+    try:
+        with _on(device), _backend.uncounted():  # the events and the spin kernel on the call's GPU
+            if prepare is not None:
+                prepare()
+            rejected, unchecked = _disagreeing(key, candidates, runner, args)
+            timed = [b for b in candidates if b not in rejected] if not unchecked else []
+            with _scratch_filled(False):  # (inside an outer candidate's checked run too)
+                times = {backend: _timer(lambda backend=backend: runner(backend)) for backend in timed}
+                host = {b: _host_timer(lambda b=b: runner(b)) for b in timed} if host_time else None
+    except torch.OutOfMemoryError as err:  # the baseline's check or a timed run, beside the model's tensors
+        _unsettled += 1  # the priority order for now; a later call measures it again
+        _warn_once(
+            f"oom:{op}",
+            f"linattn: measured dispatch ran out of memory choosing the implementation of {key.split(':', 1)[0]} "
+            f"({type(err).__name__}); the call runs the priority order's, and a later call tries again (or fill "
+            "the table at a smaller batch first: `python -m linattn tune`)",
+        )
+        return candidates[0], False
+    if unchecked:  # nothing to check a candidate against: the priority order, for this process only
+        chosen, score = candidates[0], {}
+        _warn_once(
+            f"unchecked:{op}",
+            f"linattn: measured dispatch cannot check the implementations of {key.split(':', 1)[0]} on this call: "
+            "most of its baseline's result is not finite (NaN or inf inputs?); the priority order runs it, for this "
+            "process, not in the table",
+        )
+    else:
+        score = times if host is None else {b: max(times[b], host[b]) for b in timed}
+        chosen = min(timed, key=lambda b: (score[b], candidates.index(b)))
     # seconds the choice took (compiles, cuDNN graph builds, nested choices, checks, timing): a first call's cost
     spent = round(time.perf_counter() - started, 3)
     row = {"key": key, "device": device_name, "ms": times, "chosen": chosen, "s": spent}
@@ -559,16 +678,32 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         row["host_ms"] = host
     if rejected:
         row["rejected"] = rejected
+    if unchecked:
+        row["unchecked"] = True
     # a candidate that ran out of memory (the check's scratch outputs beside the model's tensors) may fit another
-    # time: the choice holds for this process, not in the table
-    kept = not any(isinstance(why, str) and why.startswith("OutOfMemoryError") for why in rejected.values())
+    # time: the choice holds for this process, not in the table; so does one nothing checked
+    kept = not unchecked and not any(
+        isinstance(why, str) and why.startswith("OutOfMemoryError") for why in rejected.values()
+    )
     with _lock:
         _memo[memo] = chosen
         _timings.append(row)
         if kept:
-            table(device_name)[key] = chosen
-            _save(device_name)
+            _keep(device_name, key, chosen, candidates)
     return chosen, True
+
+
+def _on(device: torch.device):
+    """The block on `device`'s GPU (CUDA events and torch.cuda._sleep go to the current device's stream: a call
+    on another GPU than the current one would time an idle stream); nothing where there is no GPU (the tests'
+    pretend one)."""
+    return torch.cuda.device(device) if torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def config_name(config: dict) -> str:
@@ -633,6 +768,8 @@ def reset() -> None:
     """Forget the loaded tables and this process's timings (the files stay)."""
     with _lock:
         _tables.clear()
+        _considered.clear()
+        _mine.clear()
         _memo.clear()
         _settled.clear()
         forget_plans()
@@ -679,7 +816,7 @@ def describe() -> str:
     if not torch.cuda.is_available():
         return "measured dispatch: no GPU (auto runs the reference on CPU tensors)"
     name = torch.cuda.get_device_name()
-    shipped = Path(__file__).parent / "tables" / table_name(name)
+    shipped = SHIPPED / table_name(name)
     return (
         f"measured dispatch: {'on' if enabled() else 'off (LINATTN_TUNE=0)'}; table {cache_dir() / table_name(name)} "
         f"({len(table(name))} choices{', with the shipped table' if shipped.exists() else ''})"

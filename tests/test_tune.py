@@ -1,5 +1,6 @@
 """Measured dispatch (linattn/_tune.py) with an injected timer: no GPU needed."""
 
+import contextlib
 import inspect
 import json
 import os
@@ -118,6 +119,9 @@ def test_no_timing_during_capture_and_one_warning(tuned, monkeypatch):
     assert calls == []
 
 
+_HEADER = {"format": _tune.FORMAT, "device": "Toy GPU", "versions": _tune.versions()}
+
+
 @pytest.mark.parametrize(
     "content",
     [
@@ -126,8 +130,9 @@ def test_no_timing_during_capture_and_one_warning(tuned, monkeypatch):
         json.dumps({"format": _tune.FORMAT, "device": "Toy GPU", "versions": {"torch": "0.1"}, "choices": {}}),
         json.dumps({"format": 99, "device": "Toy GPU", "versions": _tune.versions(), "choices": {}}),
         json.dumps({"format": _tune.FORMAT, "device": "Toy GPU", "versions": _tune.versions(), "choices": [1, 2]}),
+        json.dumps({**_HEADER, "choices": {}, "candidates": {"k": "triton"}}),
     ],
-    ids=["corrupt", "foreign", "stale", "format", "malformed"],
+    ids=["corrupt", "foreign", "stale", "format", "malformed", "malformed-candidates"],
 )
 def test_bad_table_files_are_ignored_with_a_warning(tuned, tmp_path, content):
     speed, calls, runner, device = tuned
@@ -811,3 +816,147 @@ def test_gpu_heuristics_are_undone_where_no_kernel_module_was_imported():
     env = dict(os.environ, TRITON_INTERPRET="1")
     tests = os.path.dirname(__file__)
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tests, timeout=300)
+
+
+def _table_file(tmp_path) -> dict:
+    return json.loads((tmp_path / _tune.table_name("Toy GPU")).read_text())
+
+
+def test_a_save_keeps_what_other_processes_saved_and_copies_nothing_shipped(tuned, tmp_path, monkeypatch):
+    """Each process writes its own measurements over the file as it is now (under a lock): another process's
+    choices saved since this one loaded the table stay, and the shipped table's are not copied into the file."""
+    speed, calls, runner, device = tuned
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(_tune, "SHIPPED", shipped)
+    name = _tune.table_name("Toy GPU")
+    header = {"format": _tune.FORMAT, "device": "Toy GPU", "versions": _tune.versions()}
+    (shipped / name).write_text(json.dumps({**header, "choices": {"shipped-key": "triton"}}))
+    assert _resolve(runner, device, torch.empty(4)) == "cuda"  # this process loads the table here
+    other = _table_file(tmp_path)  # another process saves a choice of its own meanwhile
+    other["choices"]["other-key"] = "reference"
+    (tmp_path / name).write_text(json.dumps(other))
+    assert _resolve(runner, device, torch.empty(6)) == "cuda"
+    saved = _table_file(tmp_path)
+    assert saved["choices"]["other-key"] == "reference" and "shipped-key" not in saved["choices"]
+    mine = [k for k in saved["choices"] if k.startswith("toy:")]
+    assert len(mine) == 2 and all(saved["candidates"][k] == ["triton", "cuda", "reference"] for k in mine)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_choice_made_without_a_candidate_there_now_is_measured_again(tuned, tmp_path):
+    """A table choice holds only if it was made among every candidate the call has now: one that was not there
+    (an extension built since, a kernel configuration added since) has never been timed. A choice that records no
+    candidates (an older table) holds as it is."""
+    speed, calls, runner, device = tuned
+    name = _tune.table_name("Toy GPU")
+
+    def cuda(built: bool):  # a new process with or without the extension
+        _tune.reset()
+        _backend.register("toy", "fwd", "cuda", limit=None if built else lambda n: "not built")
+        calls.clear()
+
+    x, y = torch.empty(4), torch.empty(6)
+    cuda(built=False)
+    assert _resolve(runner, device, x) == "triton"  # among triton and the reference
+    cuda(built=True)
+    assert _resolve(runner, device, x) == "cuda" and sorted(calls) == ["cuda", "reference", "triton"]
+    speed["reference"] = 0.5
+    assert _resolve(runner, device, y) == "reference"
+    assert _table_file(tmp_path)["candidates"][_tune.timings()[-1]["key"]] == ["triton", "cuda", "reference"]
+    speed["triton"] = 0.1
+    cuda(built=False)  # fewer candidates than the choice was made among: it holds
+    assert _resolve(runner, device, y) == "reference" and calls == []
+    data = _table_file(tmp_path)
+    data["choices"][_tune.call_key("toy", "fwd", (x, 2))] = "triton"
+    del data["candidates"]  # a table that records none: its choices hold as they are
+    (tmp_path / name).write_text(json.dumps(data))
+    cuda(built=True)
+    assert _resolve(runner, device, x) == "triton" and calls == []
+
+
+def test_a_misaligned_view_has_a_key_of_its_own(tuned):
+    speed, calls, runner, device = tuned
+    base = torch.empty(17)
+    aligned, misaligned = base[:16], base[1:]
+    assert base.data_ptr() % 16 == 0
+    key = _tune.call_key("toy", "fwd", (aligned,))
+    assert _tune.call_key("toy", "fwd", (misaligned,)) == key.replace("float32", "float32@4")
+    _resolve(runner, device, aligned)
+    _resolve(runner, device, misaligned)
+    assert len(_tune.timings()) == 2
+
+
+def test_timing_runs_on_the_calls_gpu(tuned, monkeypatch):
+    """CUDA events and the spin kernel go to the current device's stream: the measurement runs under the call's
+    device, not whichever GPU is current."""
+    speed, calls, runner, device = tuned
+    entered = []
+
+    @contextlib.contextmanager
+    def on_device(d):
+        entered.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    monkeypatch.setattr(_tune, "_cannot_time", lambda: None)  # (it asks the pretend GPU whether it captures)
+    seen = []
+
+    def run(backend):
+        seen.append(len(entered))
+        return runner(backend)
+
+    gpu1 = torch.device("cuda", 1)
+    _backend.resolve("toy", "fwd", gpu1, args=(2,), runner=run, inputs=(torch.empty(3), 2))
+    assert entered == [gpu1] and len(seen) == 6 and all(seen)  # every run (3 checked, 3 timed) inside it
+
+
+def test_nothing_to_check_against_keeps_the_priority_order_out_of_the_table(tuned, tmp_path):
+    """Where most of the baseline's result is not finite (NaN inputs, a warm-up on uninitialised memory), no
+    candidate can be checked: the priority order runs, nothing is timed, the choice holds for this process only,
+    with one warning."""
+    speed, calls, runner, device = tuned
+    nan = torch.full((8, 8), float("nan"))
+
+    def run(backend):
+        runner(backend)
+        return nan
+
+    with pytest.warns(RuntimeWarning, match="cannot check the implementations of toy"):
+        assert _resolve(run, device, torch.empty(3)) == "triton"
+    assert calls == [] and _tune.timings()[-1]["unchecked"]
+    assert not (tmp_path / _tune.table_name("Toy GPU")).exists()
+    assert _resolve(run, device, torch.empty(3)) == "triton" and runner.checked == ["reference"]  # a lookup now
+
+
+def test_running_out_of_memory_while_measuring_is_not_a_failed_call(tuned):
+    """The check keeps the baseline's result and scratch outputs beside the model's tensors: where that runs out
+    of memory, the call runs the priority order's implementation (one warning) and a later call measures again."""
+    speed, calls, runner, device = tuned
+    full = [True]
+
+    def run(backend):
+        if full[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return runner(backend)
+
+    x = torch.empty(3)
+    with pytest.warns(RuntimeWarning, match="ran out of memory choosing the implementation of toy"):
+        assert _resolve(run, device, x) == "triton"
+    assert _tune._unsettled and _tune.timings() == []
+    full[0] = False
+    assert _resolve(run, device, x) == "cuda"
+
+
+def test_a_few_wrong_rows_in_a_large_result_are_not_rounding():
+    """A region a kernel computes wrong (here 0.1% of a bf16 output, zeroed) barely moves the relative Frobenius
+    difference; its largest elementwise difference shows it."""
+    r = torch.randn(16, 64, 64, 64).bfloat16()
+    wrong = r.clone()
+    wrong[0, :4, 0, :16] = 0
+    frobenius = float((wrong.double() - r.double()).norm() / r.double().norm())
+    assert frobenius < _tune.TOLERANCE[torch.bfloat16]
+    assert _tune.disagreement(wrong, r) > _tune.TOLERANCE[torch.bfloat16]
+    rounded = (r.double() * (1 + 2**-8 * torch.randn(r.shape, dtype=torch.float64))).bfloat16()
+    assert _tune.disagreement(rounded, r) < _tune.TOLERANCE[torch.bfloat16] / 4
