@@ -24,13 +24,15 @@ Eager calls, no capture (counted by reason in `cache_info()`):
   more than one device; "no tensor": no tensor among the inputs;
 - "training": the model is in training mode (BatchNorm statistics, dropout: graphs are for inference here);
 - "autograd": grad mode is on and an input or a parameter requires grad (a replayed graph records no
-  autograd graph); use torch.inference_mode() or torch.no_grad();
+  autograd graph); use torch.inference_mode() or torch.no_grad() (warned once per wrapper: a model whose
+  parameters require grad, as a loaded model's do, never replays without it);
 - "unkeyable": an argument that is not a tensor, a constant, or a tuple/list/dict of them, or a tensor
   subclass or a non-strided tensor;
 - "capturing": a CUDA graph is already being captured on the current stream (the caller's capture records
-  the model's kernels); torch.compile tracing a wrapped model sees the model itself;
-- "capture failed": this signature's capture raised (an op that synchronises with the host, for example);
-  it warned once and runs eagerly from then on.
+  the model's kernels); torch.compile and torch.jit.trace tracing a wrapped model see the model itself;
+- "capture failed": this signature's capture raised (an op that synchronises with the host, for example), or
+  its outputs hold tensors in an object other than a tuple, list, dict or namedtuple (which could not be
+  returned fresh); it warned once and runs eagerly from then on (until `reset()`), outside the graphs' LRU.
 
 Memory: the captures share one graph memory pool per device (`torch.cuda.graph_pool_handle()`), so the
 activations of different signatures reuse the same memory; each kept graph adds its static inputs and
@@ -47,8 +49,11 @@ state_dict: the wrapper's `state_dict()` and `load_state_dict()` use the wrapped
 "module." prefix, so checkpoints move freely between the plain, optimized and wrapped models (also when the
 wrapper sits inside a parent module). `named_parameters()` and `named_modules()` show the child `module.`.
 
-One wrapper replays on one stream at a time: calls from several threads or unsynchronised streams race on
-the static buffers.
+Captures are one at a time in the process (a lock around each warm-up and capture: CUDA allows one capture
+at a time, and a second thread's synchronisation would invalidate it), in CUDA's "thread_local" capture mode
+(other threads' eager work goes on meanwhile). A failed capture leaves the caller's stream current. One
+wrapper replays on one stream at a time: calls from several threads or unsynchronised streams race on the
+static buffers.
 """
 
 import contextlib
@@ -60,7 +65,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._backend import get_backend
 
@@ -72,6 +76,7 @@ class _Capture(threading.local):
 
 
 _capture = _Capture()
+_CAPTURE_LOCK = threading.RLock()  # one warm-up and capture at a time (re-entrant: a wrapper in a wrapper)
 
 
 def keep_alive(t: Tensor) -> bool:
@@ -171,24 +176,29 @@ def signature(args: tuple, kwargs: dict) -> tuple[tuple, list[Tensor]]:
 
 @dataclass
 class _Graph:
-    """One captured signature: its static input tensors, its (static) outputs and how to replay it."""
+    """One captured signature: its static input tensors, its (static) outputs (their structure, as _structure
+    describes it, and their tensors) and how to replay it."""
 
     inputs: list[Tensor]
     structure: object
     outputs: object
+    output_structure: object
+    output_tensors: list[Tensor]
     replay: Callable[[], None]
     graph: object = None  # the torch.cuda.CUDAGraph (None for an injected recorder)
     keep: tuple = ()  # the tensors it reads that the model might drop (parameters, folded constants)
 
-    def run(self, tensors: list[Tensor]):
+    def run(self, tensors: list[Tensor], clone: bool):
         for static, t in zip(self.inputs, tensors, strict=True):
             if static is not t:
                 static.copy_(t)
         self.replay()
-        return self.outputs
+        if not clone:
+            return self.outputs
+        return _rebuild(self.output_structure, (t.clone() for t in self.output_tensors))
 
 
-_EAGER = "capture failed"  # the cache entry of a signature whose capture failed
+_EAGER = "capture failed"  # the eager reason of a signature whose capture failed
 
 
 def _strip_prefix(module, state_dict, prefix, local_metadata) -> None:
@@ -249,7 +259,8 @@ class CUDAGraphModule(nn.Module):
         self.max_graphs = max_graphs
         self.clone_outputs = clone_outputs
         self.warmup = warmup
-        self._graphs: OrderedDict[tuple, _Graph | str] = OrderedDict()
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._failed: set[tuple] = set()  # signatures whose capture failed: eager, outside the LRU
         self._devices: dict[torch.device, tuple] = {}  # device -> (graph pool, capture stream), made on first capture
         self._stats: Counter = Counter()
         self.register_state_dict_post_hook(_strip_prefix)
@@ -262,7 +273,7 @@ class CUDAGraphModule(nn.Module):
     # --- the call ---
 
     def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self.module(*args, **kwargs)
         why, key, tensors = self._eager_reason(args, kwargs)
         if why is not None:
@@ -272,17 +283,21 @@ class CUDAGraphModule(nn.Module):
             entry = self._capture(key, tensors)
         else:
             self._graphs.move_to_end(key)
-        if entry is _EAGER:
+        if entry is None:
             return self._eager(_EAGER, args, kwargs)
         self._stats["replays"] += 1
-        out = entry.run(tensors)
-        if not self.clone_outputs:
-            return out
-        leaves, spec = tree_flatten(out)
-        return tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
+        return entry.run(tensors, self.clone_outputs)
 
     def _eager(self, why: str, args, kwargs):
         self._stats["eager: " + why] += 1
+        if why == "autograd" and self._stats["eager: autograd"] == 1:
+            warnings.warn(
+                "linattn.graphs: grad mode is on and an input or a parameter requires grad: the model runs eagerly, "
+                "without its CUDA graphs; call it under torch.inference_mode() or torch.no_grad() (or "
+                "model.requires_grad_(False)) to replay them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return self.module(*args, **kwargs)
 
     def _eager_reason(self, args, kwargs) -> tuple[str | None, tuple | None, list[Tensor]]:
@@ -293,6 +308,8 @@ class CUDAGraphModule(nn.Module):
             key, tensors = signature(args, kwargs)
         except Unkeyable:
             return "unkeyable", None, []
+        if key in self._failed:
+            return _EAGER, None, tensors
         if not tensors:
             return "no tensor", None, tensors
         device = tensors[0].device
@@ -308,8 +325,9 @@ class CUDAGraphModule(nn.Module):
 
     # --- capture ---
 
-    def _capture(self, key: tuple, tensors: list[Tensor]) -> _Graph | str:
-        """Static copies of the inputs, the warm-up and the capture of one signature; the entry is cached."""
+    def _capture(self, key: tuple, tensors: list[Tensor]) -> _Graph | None:
+        """Static copies of the inputs, the warm-up and the capture of one signature; the graph is cached (None:
+        the capture failed, and the signature is kept among the failed ones)."""
         structure = key[0]
         statics = [torch.empty_like(t).copy_(t) for t in tensors]
         args, kwargs = _rebuild(structure, iter(statics))
@@ -317,22 +335,29 @@ class CUDAGraphModule(nn.Module):
         def forward():
             return self.module(*args, **kwargs)
 
-        held = _capture.held = []
-        try:
-            outputs, replay, graph = self._record(forward, statics[0].device)
-        except CaptureFailed as err:
-            warnings.warn(
-                f"linattn.graphs: capture failed, this input signature runs eagerly: {err.__cause__ or err}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            entry = _EAGER
-        else:
-            self._stats["captures"] += 1
-            entry = _Graph(statics, structure, outputs, replay, graph, (*_kept_tensors(self.module), *held))
-        finally:
-            _capture.held = None
-        self._graphs[key] = entry
+        with _CAPTURE_LOCK:
+            outer, held = _capture.held, []
+            _capture.held = held
+            try:
+                outputs, replay, graph = self._record(forward, statics[0].device)
+                out_tensors: list[Tensor] = []
+                try:
+                    out_structure = _structure(outputs, out_tensors)
+                except Unkeyable as err:
+                    raise CaptureFailed(f"its outputs hold {err}, whose tensors could not be returned fresh") from None
+            except CaptureFailed as err:
+                warnings.warn(
+                    f"linattn.graphs: capture failed, this input signature runs eagerly: {err.__cause__ or err}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._failed.add(key)
+                return None
+            finally:
+                _capture.held = outer
+        self._stats["captures"] += 1
+        keep = (*_kept_tensors(self.module), *held)
+        entry = self._graphs[key] = _Graph(statics, structure, outputs, out_structure, out_tensors, replay, graph, keep)
         while self.max_graphs is not None and len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
             self._stats["evictions"] += 1
@@ -346,16 +371,22 @@ class CUDAGraphModule(nn.Module):
                 self._devices[device] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(device))
         pool, stream = self._devices[device]
         with torch.cuda.device(device), _no_autocast_cache():
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(self.warmup):
-                    forward()
-            torch.cuda.current_stream(device).wait_stream(stream)
+            caller = torch.cuda.current_stream(device)
+            stream.wait_stream(caller)
+            try:
+                with torch.cuda.stream(stream):
+                    for _ in range(self.warmup):
+                        forward()
+            finally:
+                caller.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     outputs = forward()
             except Exception as err:
+                # torch.cuda.graph restores the caller's stream after ending the capture: where that raised (an
+                # invalidated capture), the capture stream would stay current
+                torch.cuda.set_stream(caller)
                 torch.cuda.synchronize(device)
                 raise CaptureFailed(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
         return outputs, graph.replay, graph
@@ -363,8 +394,10 @@ class CUDAGraphModule(nn.Module):
     # --- state ---
 
     def reset(self) -> None:
-        """Drop every graph (the next call of each signature warms up and captures again)."""
+        """Drop every graph, and forget failed captures (the next call of each signature warms up and captures
+        again)."""
         self._graphs.clear()
+        self._failed.clear()
 
     def cache_info(self) -> dict:
         """{"graphs": kept signatures, "max_graphs", "captures", "replays", "evictions", "eager": {reason: calls}}."""
@@ -384,7 +417,7 @@ class CUDAGraphModule(nn.Module):
         # deepcopy and pickle: graphs, pools and streams are not copied, the copy captures its own
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state["_graphs"], state["_devices"], state["_stats"] = OrderedDict(), {}, Counter()
+        state["_graphs"], state["_failed"], state["_devices"], state["_stats"] = OrderedDict(), set(), {}, Counter()
         return state
 
 

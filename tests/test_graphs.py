@@ -40,6 +40,10 @@ def tiny_squeezesam(seed: int = 2) -> nn.Module:
     return randomize(model, seed=seed).eval().requires_grad_(False)
 
 
+def tensor_leaves(tree) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
 class FakeRecorder:
     """A CUDA graph's contract on CPU: warm-up runs, outputs that hold nothing until a replay, replays that
     write the forward of the current static inputs into the same output buffers."""
@@ -56,12 +60,12 @@ class FakeRecorder:
             raise CaptureFailed("operation not permitted when stream is capturing")
         self.captures += 1
         outputs = forward()
-        for t in tree_leaves(outputs):
+        for t in tensor_leaves(outputs):
             t.fill_(float("nan"))  # a capture computes nothing
 
         def replay():
             with torch.no_grad():
-                for static, new in zip(tree_leaves(outputs), tree_leaves(forward()), strict=True):
+                for static, new in zip(tensor_leaves(outputs), tensor_leaves(forward()), strict=True):
                     static.copy_(new)
 
         return outputs, replay, None
@@ -249,6 +253,82 @@ def test_failed_capture_runs_eagerly_once_warned():
     assert wrapper.cache_info()["eager"] == {"capture failed": 2} and wrapper.cache_info()["captures"] == 0
 
 
+def test_a_failed_capture_stays_out_of_the_lru_and_is_warned_once():
+    """A signature whose capture failed takes no graph's place, and is not warmed up, captured and warned of
+    again when the graphs it would have pushed out come and go; reset() forgets it."""
+    model = linattn.optimize(tiny_convnet())
+    recorder = FakeRecorder()
+    wrapper = on_cpu(CUDAGraphModule(model, max_graphs=1), recorder)
+    bad, other = rand(1, 3, 8, 8), [rand(1, 3, s, s) for s in (5, 6, 7)]
+    recorder.fail = True
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        wrapper(bad)
+    recorder.fail = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in (*other, bad, *other, bad):
+            torch.testing.assert_close(wrapper(x), model(x), rtol=0, atol=0)
+    info = wrapper.cache_info()
+    assert info["eager"] == {"capture failed": 3} and info["graphs"] == 1 and recorder.warmups == 7
+    wrapper.reset()
+    wrapper(bad)
+    assert recorder.captures == 7
+
+
+def test_outputs_in_other_objects_run_eagerly():
+    """Outputs whose tensors sit in an object other than a tuple, list, dict or namedtuple could not be returned
+    fresh (the next call would overwrite them): the signature runs eagerly, warned."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Output:
+        y: torch.Tensor
+
+    class Model(nn.Module):
+        def forward(self, x):
+            return Output(x * 2)
+
+    wrapper = on_cpu(CUDAGraphModule(Model().eval()))
+    a, b = rand(4), rand(4, seed=2)
+    with pytest.warns(RuntimeWarning, match="capture failed.*outputs hold an argument of type Output"):
+        first = wrapper(a)
+    second = wrapper(b)
+    torch.testing.assert_close((first.y, second.y), (a * 2, b * 2), rtol=0, atol=0)
+    assert wrapper.cache_info()["eager"] == {"capture failed": 2}
+
+
+def test_a_wrapper_captured_inside_anothers_capture_leaves_it_its_keep_alive():
+    """An inner wrapper's capture during the outer's (its first call in the outer's warm-up) hands the outer
+    capture back its list of tensors to keep (linattn.graphs.keep_alive)."""
+    from linattn.graphs import keep_alive
+
+    inner = on_cpu(CUDAGraphModule(linattn.optimize(tiny_convnet())))
+    outer = on_cpu(CUDAGraphModule(nn.Sequential(inner).eval()))
+    kept = torch.ones(1)
+    record = outer._record
+
+    def recorder(forward, device):
+        forward()  # the inner wrapper captures here
+        assert keep_alive(kept)
+        return record(forward, device)
+
+    outer._record = recorder
+    x = rand(1, 3, 8, 8)
+    torch.testing.assert_close(outer(x), inner.module(x), rtol=0, atol=0)
+    (graph,) = outer._graphs.values()
+    assert any(t is kept for t in graph.keep)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_jit_trace_sees_the_model():
+    """torch.jit.trace (the legacy ONNX export's) records the model's ops, not copies into a graph's buffers."""
+    wrapper = on_cpu(CUDAGraphModule(linattn.optimize(tiny_convnet())))
+    wrapper._record = never
+    x = rand(1, 3, 8, 8)
+    traced = torch.jit.trace(wrapper, x, check_trace=False)
+    torch.testing.assert_close(traced(x), wrapper.module(x))
+
+
 def test_graphs_dropped_on_load_mode_switch_and_move():
     model = linattn.optimize(tiny_convnet())
     recorder = FakeRecorder()
@@ -339,10 +419,13 @@ def test_autograd_in_eval_runs_eagerly():
     wrapper._record = never
     x = rand(1, 3, 8, 8)
     model.requires_grad_()
-    assert wrapper(x).requires_grad  # the parameters require grad
+    with pytest.warns(RuntimeWarning, match="grad mode is on .* runs eagerly, without its CUDA graphs"):
+        assert wrapper(x).requires_grad  # the parameters require grad
     model.requires_grad_(False)
     x.requires_grad_()
-    wrapper(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per wrapper
+        wrapper(x).sum().backward()
     assert x.grad is not None
     assert wrapper.cache_info()["eager"] == {"autograd": 2}
     wrapper._record = FakeRecorder()
@@ -479,6 +562,26 @@ def test_gpu_squeezesam_tuple_outputs(dtype):
             for g, w in zip(got, want, strict=True):
                 assert rel_err(g, w) < (1e-5 if dtype == torch.float32 else 1e-2), rel_err(g, w)
     assert wrapper.cache_info()["captures"] == 1 and wrapper.cache_info()["replays"] == 3
+
+
+@requires_cuda
+def test_gpu_a_failed_capture_leaves_the_callers_stream_and_runs_eagerly():
+    """A model that synchronises with the host (.item()) cannot be captured: it runs eagerly, correctly, and the
+    caller's stream is current again (torch.cuda.graph restores it only after ending the capture, which raises)."""
+
+    class Syncs(nn.Module):
+        def forward(self, x):
+            return x * float(x.abs().max().item())
+
+    wrapper = CUDAGraphModule(Syncs().eval())
+    x = torch.randn(64, device="cuda")
+    stream = torch.cuda.current_stream()
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="capture failed"):
+        out = wrapper(x)
+    assert torch.cuda.current_stream() == stream
+    torch.testing.assert_close(out, x * x.abs().max())
+    torch.testing.assert_close(wrapper(x), x * x.abs().max())
+    assert wrapper.cache_info()["eager"] == {"capture failed": 2}
 
 
 @requires_cuda
