@@ -31,8 +31,9 @@ Eager calls, no capture (counted by reason in `cache_info()`):
 - "capturing": a CUDA graph is already being captured on the current stream (the caller's capture records
   the model's kernels); torch.compile and torch.jit.trace tracing a wrapped model see the model itself;
 - "capture failed": this signature's capture raised (an op that synchronises with the host, for example), or
-  its outputs hold tensors in an object other than a tuple, list, dict or namedtuple (which could not be
-  returned fresh); it warned once and runs eagerly from then on (until `reset()`), outside the graphs' LRU.
+  its outputs hold an object other than tensors, constants and the containers torch.utils._pytree flattens
+  (tensors in it could not be returned fresh); it warned once and runs eagerly from then on (until
+  `reset()`), outside the graphs' LRU.
 
 Memory: the captures share one graph memory pool per device (`torch.cuda.graph_pool_handle()`), so the
 activations of different signatures reuse the same memory; each kept graph adds its static inputs and
@@ -65,6 +66,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._backend import get_backend
 
@@ -176,14 +178,14 @@ def signature(args: tuple, kwargs: dict) -> tuple[tuple, list[Tensor]]:
 
 @dataclass
 class _Graph:
-    """One captured signature: its static input tensors, its (static) outputs (their structure, as _structure
-    describes it, and their tensors) and how to replay it."""
+    """One captured signature: its static input tensors, its (static) outputs (and their pytree leaves and
+    spec) and how to replay it."""
 
     inputs: list[Tensor]
     structure: object
     outputs: object
-    output_structure: object
-    output_tensors: list[Tensor]
+    output_leaves: list
+    output_spec: object
     replay: Callable[[], None]
     graph: object = None  # the torch.cuda.CUDAGraph (None for an injected recorder)
     keep: tuple = ()  # the tensors it reads that the model might drop (parameters, folded constants)
@@ -195,7 +197,7 @@ class _Graph:
         self.replay()
         if not clone:
             return self.outputs
-        return _rebuild(self.output_structure, (t.clone() for t in self.output_tensors))
+        return tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in self.output_leaves], self.output_spec)
 
 
 _EAGER = "capture failed"  # the eager reason of a signature whose capture failed
@@ -340,11 +342,13 @@ class CUDAGraphModule(nn.Module):
             _capture.held = held
             try:
                 outputs, replay, graph = self._record(forward, statics[0].device)
-                out_tensors: list[Tensor] = []
-                try:
-                    out_structure = _structure(outputs, out_tensors)
-                except Unkeyable as err:
-                    raise CaptureFailed(f"its outputs hold {err}, whose tensors could not be returned fresh") from None
+                leaves, spec = tree_flatten(outputs)
+                for leaf in leaves:
+                    if not isinstance(leaf, Tensor) and type(leaf) not in _CONSTANTS:
+                        raise CaptureFailed(
+                            f"its outputs hold a {type(leaf).__name__}, neither a tensor, a constant nor a container "
+                            "torch.utils._pytree flattens: tensors in it could not be returned fresh"
+                        )
             except CaptureFailed as err:
                 warnings.warn(
                     f"linattn.graphs: capture failed, this input signature runs eagerly: {err.__cause__ or err}",
@@ -357,7 +361,7 @@ class CUDAGraphModule(nn.Module):
                 _capture.held = outer
         self._stats["captures"] += 1
         keep = (*_kept_tensors(self.module), *held)
-        entry = self._graphs[key] = _Graph(statics, structure, outputs, out_structure, out_tensors, replay, graph, keep)
+        entry = self._graphs[key] = _Graph(statics, structure, outputs, leaves, spec, replay, graph, keep)
         while self.max_graphs is not None and len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
             self._stats["evictions"] += 1

@@ -276,8 +276,8 @@ def test_a_failed_capture_stays_out_of_the_lru_and_is_warned_once():
 
 
 def test_outputs_in_other_objects_run_eagerly():
-    """Outputs whose tensors sit in an object other than a tuple, list, dict or namedtuple could not be returned
-    fresh (the next call would overwrite them): the signature runs eagerly, warned."""
+    """Outputs whose tensors sit in an object torch.utils._pytree does not flatten could not be returned fresh (the
+    next call would overwrite them): the signature runs eagerly, warned."""
     from dataclasses import dataclass
 
     @dataclass
@@ -290,7 +290,7 @@ def test_outputs_in_other_objects_run_eagerly():
 
     wrapper = on_cpu(CUDAGraphModule(Model().eval()))
     a, b = rand(4), rand(4, seed=2)
-    with pytest.warns(RuntimeWarning, match="capture failed.*outputs hold an argument of type Output"):
+    with pytest.warns(RuntimeWarning, match="capture failed.*outputs hold a Output, neither"):
         first = wrapper(a)
     second = wrapper(b)
     torch.testing.assert_close((first.y, second.y), (a * 2, b * 2), rtol=0, atol=0)
