@@ -247,6 +247,7 @@ def status(op: str, backend: str, device: torch.device, pass_: str = "fwd") -> s
 
 
 _candidates_seen: dict[tuple, list[str]] = {}
+MAX_SIGNATURES = 8192  # answers kept per call signature, here and in linattn/_tune.py (an encoder has a few hundred)
 
 
 def state() -> tuple:
@@ -264,6 +265,8 @@ def _candidates(op: str, pass_: str, device: torch.device, problem: str | None, 
         impls = implementations(op, pass_)
         found = [b for b in PRIORITY if b in impls and not reasons(op, pass_, b, device, problem, args)]
         found.sort(key=lambda b: impls[b].measured_only)  # stable: PRIORITY's order otherwise
+        if len(_candidates_seen) >= MAX_SIGNATURES:  # a model fed ever new shapes: start over, not grow without end
+            _candidates_seen.clear()
         _candidates_seen[key] = found
     return found
 

@@ -89,7 +89,7 @@ class _Fixed(threading.local):
 
 _fixed = _Fixed()
 _plans: dict[tuple, tuple] = {}  # plan_key and dispatch state -> (call plan, the choices it counts)
-MAX_PLANS = 8192  # call signatures kept (an encoder at one input size has a few hundred)
+MAX_PLANS = _backend.MAX_SIGNATURES  # call signatures kept
 _generation = 0  # how often the plans were dropped: a Site's plan from before is stale
 _unsettled = 0  # answers given for now (nothing could be timed yet): a plan that took one is not kept
 
@@ -626,7 +626,7 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         return chosen, True
     key = call_key(op, pass_, args)
     if (chosen := _lookup(device_name, key, candidates)) is not None:
-        _memo[memo] = chosen
+        _remember(_memo, memo, chosen)
         return chosen, True
     why_not = _cannot_time() or (None if enabled() else "LINATTN_TUNE=0")
     if why_not:
@@ -686,11 +686,19 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         isinstance(why, str) and why.startswith("OutOfMemoryError") for why in rejected.values()
     )
     with _lock:
-        _memo[memo] = chosen
+        _remember(_memo, memo, chosen)
         _timings.append(row)
         if kept:
             _keep(device_name, key, chosen, candidates)
     return chosen, True
+
+
+def _remember(memo: dict, key, value) -> None:
+    """memo[key] = value, a memo of answers the table gives again, started over past MAX_PLANS entries (a model
+    fed ever new shapes)."""
+    if len(memo) >= MAX_PLANS:
+        memo.clear()
+    memo[key] = value
 
 
 def _on(device: torch.device):
@@ -737,7 +745,7 @@ def choose_config(
         if not final:  # nothing measured (capture, compile, LINATTN_TUNE=0): not settled for later calls
             return found[names.index(chosen)]
         found = [found[names.index(chosen)]]
-    _settled[settled] = found[0]
+    _remember(_settled, settled, found[0])
     return found[0]
 
 

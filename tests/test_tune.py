@@ -960,3 +960,15 @@ def test_a_few_wrong_rows_in_a_large_result_are_not_rounding():
     assert _tune.disagreement(wrong, r) > _tune.TOLERANCE[torch.bfloat16]
     rounded = (r.double() * (1 + 2**-8 * torch.randn(r.shape, dtype=torch.float64))).bfloat16()
     assert _tune.disagreement(rounded, r) < _tune.TOLERANCE[torch.bfloat16] / 4
+
+
+def test_the_per_signature_memos_stay_bounded(tuned, monkeypatch):
+    """The in-process answers per call signature (the table's choices, settled configurations) start over past
+    MAX_PLANS entries, as the plans do: a model fed ever new shapes does not grow them without end."""
+    speed, calls, runner, device = tuned
+    monkeypatch.setattr(_tune, "MAX_PLANS", 3)
+    for n in range(2, 12, 2):
+        _resolve(runner, device, torch.empty(n))
+    assert 0 < len(_tune._memo) <= 3
+    calls.clear()
+    assert _resolve(runner, device, torch.empty(2)) == "cuda" and calls == []  # forgotten here, still in the table
