@@ -472,9 +472,10 @@ def _conv_bn_act_splitk_epilogue_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     part = PART_ptr + rows[:, None] * COUT + co[None, :]
     z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    step = M.to(tl.int64) * COUT  # M and COUT are i32: their product wraps past 2^31 elements a split
     for _ in range(SPLIT):
         z += tl.load(part, mask=mask, other=0.0)
-        part += M * COUT
+        part += step
     _epilogue(
         z, Y_ptr, syb, syc, syh, syw, BIAS_ptr, SCALE_ptr, SHIFT_ptr, R_ptr, srb, src, srh, srw,
         b, ho, wo, m_mask, co, n_mask, ACT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SHUFFLE,
