@@ -210,7 +210,11 @@ def _file_lock(path: Path):
         yield
         return
     with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): as on Windows
+            yield
+            return
         try:
             yield
         finally:
