@@ -31,8 +31,11 @@ Patterns recognised by structure, not by class name, while walking the module tr
   sum are one `linattn.upsample_sum` call, its conv blocks and middle converted as above.
 
 Candidates that cannot be fused (dropout p > 0, GroupNorm or another norm, an unsupported
-activation, a conv subclass with its own forward, padding modes) are left as they are and the
-report says why.
+activation, a conv subclass with its own forward, padding modes, hooks or a forward set on an
+instance, on the candidate or on a module whose forward the fused module bypasses: a residual
+block's `main` and `shortcut`, the neck's input ops and resizes) are left as they are and the
+report says why. Every module keeps the mode (train / eval) it had: a BatchNorm's own mode decides
+whether it is folded.
 
 The backend: `backend="auto"` (the default) leaves linattn's global backend alone. Any other name
 is applied around every eager forward of the returned model by a forward pre-hook and an
@@ -329,7 +332,7 @@ def _separable_pair(dw: nn.Module, pw: nn.Module, x: Tensor) -> tuple | None:
         return None
     c, p = dw._modules["conv"], pw._modules["conv"]
     depthwise = c.groups == c.in_channels == c.out_channels and dw.order == "conv_bn_act"
-    pointwise = p.kernel_size == (1, 1) and p.stride == (1, 1) and pw.padding == (0, 0) and p.groups == 1
+    pointwise = p.kernel_size == (1, 1) and p.stride == (1, 1) and pw.geometry()[1] == (0, 0) and p.groups == 1
     if not (depthwise and pointwise):
         return None
     dtype = getattr(x, "dtype", None)
@@ -390,6 +393,8 @@ def _check_plain(module: nn.Module | None, subtree: bool = True) -> None:
     for m in module.modules() if subtree else [module]:
         if hooks := [name.strip("_") for name in HOOKS if getattr(m, name, None)]:
             raise _Skip(f"{type(m).__name__} has hooks ({', '.join(hooks)}), which the fused module would not run")
+        if "forward" in m.__dict__:
+            raise _Skip(f"{type(m).__name__} has a forward of its own, set on the instance")
         if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._NormBase)) and getattr(m, "weight", None) is not None:
             if "weight" not in m._parameters:
                 raise _Skip(f"{type(m).__name__}'s weight is not a parameter (computed by a hook: pruning?)")
@@ -461,6 +466,10 @@ CONV_NORM_ACT_CLASSES = ("ConvLayer", "ConvNormAct")
 
 def _convert_conv_norm_act(module: nn.Module):
     _known_forward(module, CONV_NORM_ACT_CLASSES, "conv -> norm -> act")
+    order = [n for n in module._modules if module._modules[n] is not None]
+    if order != [n for n in ("dropout", "conv", "norm", "act") if n in order]:
+        # the known classes register their children in the order their forward applies them
+        raise _Skip(f"children registered as {', '.join(order)}, not in the order dropout, conv, norm, act")
     dropout = getattr(module, "dropout", None)
     if dropout is not None and not (isinstance(dropout, nn.modules.dropout._DropoutNd) and dropout.p == 0):
         what = f"p={dropout.p}" if isinstance(dropout, nn.modules.dropout._DropoutNd) else type(dropout).__name__
@@ -468,9 +477,18 @@ def _convert_conv_norm_act(module: nn.Module):
     _check_conv(module.conv)
     bn = _check_bn(module.norm)
     act = _act(module.act)
-    block = ConvBNAct.from_modules(module.conv, bn, act, order="conv_bn_act")
+    block = _block(module.conv, bn, act, "conv_bn_act")
     block.train(module.training)
     return block, f"conv {tuple(module.conv.kernel_size)}, {'BN, ' if bn is not None else ''}{act}"
+
+
+def _block(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: str | None, order: str) -> ConvBNAct:
+    """ConvBNAct.from_modules, its refusals as _Skip (a BatchNorm of another width than the conv's output: the
+    module's forward is not what its children's names say)."""
+    try:
+        return ConvBNAct.from_modules(conv, bn, act, order=order)
+    except (TypeError, ValueError) as err:
+        raise _Skip(str(err).removeprefix("linattn.nn.ConvBNAct: ")) from None
 
 
 def _is_layer_norm_2d(module: nn.Module) -> bool:
@@ -520,14 +538,17 @@ def _is_residual(module: nn.Module) -> bool:
 
 def _convert_residual(module: nn.Module):
     """Called after the children were converted."""
+    _known_forward(module, ("ResidualBlock",), "main(x) + shortcut(x)")  # official, timm's and linattn.models'
     for extra in ("pre_norm", "post_act"):
         if not isinstance(getattr(module, extra, None), (type(None), nn.Identity)):
             raise _Skip(f"{extra} {type(getattr(module, extra)).__name__}")
     if module.shortcut is not None and type(module.shortcut).__name__ not in ("Identity", "IdentityLayer"):
         raise _Skip(f"shortcut {type(module.shortcut).__name__} is not an identity")
     main = module.main
+    _check_plain(module.shortcut, subtree=False)  # the fused block calls neither
     if isinstance(main, LiteMLA):
         return FusedResidualBlock(main, module.shortcut), "LiteMLA + identity"
+    _check_plain(main, subtree=False)  # (it calls main's blocks, not main)
     kind = type(main).__name__
     if tuple(main._modules) != SEQUENTIAL_BLOCKS.get(kind):
         raise _Skip(f"main {kind} is not one of EfficientViT's conv blocks {tuple(SEQUENTIAL_BLOCKS)}")
@@ -557,6 +578,8 @@ def _convert_neck(module: nn.Module):
     if getattr(module, "post_input", None) is not None:
         raise _Skip(f"post_input {type(module.post_input).__name__}")
     resizes = [op.op_list[1] for op in module.input_ops]
+    for op in (*module.input_ops, *resizes):  # the fused neck calls neither the input ops nor their resizes
+        _check_plain(op, subtree=False)
     for r in resizes:
         if getattr(r, "mode", "bicubic") != "bicubic" or getattr(r, "align_corners", False):
             raise _Skip(f"resize mode {r.mode!r}, align_corners {r.align_corners} (the kernel is bicubic, False)")
@@ -600,7 +623,7 @@ def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
                 continue
             for part in (conv, bn, act_mod):  # (a pattern's whole subtree is checked in _replace)
                 _check_plain(part)
-            block = ConvBNAct.from_modules(conv, bn, _act(act_mod) if act_mod is not None else None, order=order)
+            block = _block(conv, bn, _act(act_mod) if act_mod is not None else None, order)
             block.train(seq.training)
             runs.append((i, stop, block))
             i = stop
@@ -739,11 +762,21 @@ def optimize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"linattn.optimize: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as err:  # tensors that are not graph leaves (the older torch.nn.utils.weight_norm's)
+            raise RuntimeError(
+                f"linattn.optimize: cannot copy the model ({err}); pass inplace=True to optimize it in place"
+            ) from err
     if channels_last is None:
         channels_last = any(p.is_cuda for p in model.parameters())
     report = OptimizeReport(backend=backend, training=model.training, channels_last=bool(channels_last))
+    # every module's own mode, as the user set it (a frozen BatchNorm in a model fine-tuned in train mode, a
+    # dropout kept on for MC dropout): the fused modules' constructors set their sources' modes recursively
+    modes = [(m, m.training) for m in model.modules()]
     new = _convert(model, "", report)
+    for m, mode in modes:
+        m.training = mode
     if new is not None:
         model = new
     if channels_last:

@@ -782,3 +782,135 @@ def test_hooked_sequential_is_not_replaced():
     ]
     fused(torch.randn(1, 4, 5, 5))
     assert seen == [(1, 8, 5, 5)]
+
+
+def test_each_modules_own_mode_is_kept():
+    """optimize keeps every module's mode as the user set it before: a BatchNorm frozen in a model fine-tuned in
+    train mode, a BatchNorm re-estimating in a model in eval mode (test-time adaptation), a dropout kept on in
+    eval (MC dropout); the fused modules' constructors set their sources' modes and must not leave them so."""
+    from linattn.models.efficientvit_sam import ConvLayer
+    from linattn.models.squeezesam import UpsampleBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 6, 6) * 3 + 1
+    builds = [
+        lambda: nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        lambda: nn.Sequential(ConvLayer(4, 8, 3)),
+        lambda: nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8)),
+        lambda: nn.Sequential(UpsampleBlock(4, 4)),
+    ]
+    for build in builds:
+        for model_mode, bn_mode in ((True, False), (False, True)):
+            eager = randomize(build(), seed=4).train(model_mode)
+            for bn in (m for m in eager.modules() if isinstance(m, nn.BatchNorm2d)):
+                bn.train(bn_mode)
+            modes = [m.training for m in eager.modules()]
+            fused = linattn.optimize(eager)
+            assert [m.training for m in eager.modules()] == modes  # the original, untouched
+            assert [m.training for m in fused.modules() if isinstance(m, nn.BatchNorm2d)] == [bn_mode]
+            with torch.set_grad_enabled(model_mode):
+                assert_close(fused(x), eager(x), 1e-5, f"{type(eager[0]).__name__}, BatchNorm train={bn_mode}")
+    mc = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5)).eval()
+    mc[3].train()
+    fused = linattn.optimize(mc, inplace=True)
+    assert fused[3].training and not fused[1].training
+
+
+def test_hooks_on_modules_a_fused_block_bypasses_are_kept():
+    """A fused residual block calls its main block's convs, not main's forward nor the shortcut's; the fused neck
+    calls neither its input ops nor their resizes: a hook there (feature extraction, a module that edits an
+    output) would be dropped, so the block is left alone and the report says why."""
+    from linattn.models.efficientvit_sam import IdentityLayer, MBConv, ResidualBlock
+
+    x = torch.randn(2, 8, 6, 6)
+    for where in ("main", "shortcut"):
+        eager = randomize(ResidualBlock(MBConv(8, 8, expand_ratio=2), IdentityLayer()), seed=5).eval()
+        getattr(eager, where).register_forward_hook(lambda m, args, out: out * 0.5)
+        fused, report = linattn.optimize(eager, return_report=True)
+        assert not isinstance(fused, FusedResidualBlock), where
+        assert [s.kind for s in report.skipped] == ["residual"] and "has hooks" in report.skipped[0].reason
+        with torch.no_grad():
+            assert_close(fused(x), eager(x), 1e-5, f"hook on {where}")
+    neck = randomize(efficientvit_sam_encoder("l0").neck, seed=6).eval()
+    neck.input_ops[0].register_forward_hook(lambda m, args, out: out * 0.5)
+    fused, report = linattn.optimize(neck, return_report=True)
+    assert not isinstance(fused, FusedNeck) and "has hooks" in next(
+        s.reason for s in report.skipped if s.kind == "neck"
+    )
+
+
+def test_a_block_whose_children_do_not_fit_its_name_is_left_alone():
+    """A ConvLayer by name whose children are registered in another order (pre-activation: norm -> act -> conv)
+    is left alone, whether or not its widths would let a fused block be built; a residual container by another
+    class name than EfficientViT's ResidualBlock too."""
+    from linattn.models.efficientvit_sam import IdentityLayer, MBConv
+
+    class ConvLayer(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.norm, self.act, self.conv = nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, cout, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.act(self.norm(x)))
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main, self.shortcut = MBConv(8, 8, expand_ratio=2), IdentityLayer()
+
+        def forward(self, x):
+            return self.main(x) * torch.sigmoid(self.shortcut(x))
+
+    x = torch.randn(2, 8, 6, 6)
+    for eager in (ConvLayer(8, 8), ConvLayer(8, 16), Gated()):
+        eager = randomize(eager, seed=7).eval()
+        fused, report = linattn.optimize(nn.Sequential(eager), return_report=True)
+        assert type(fused[0]) is type(eager), report
+        with torch.no_grad():
+            assert_close(fused(x), eager(x), 1e-5, type(eager).__name__)
+    reasons = [s.reason for s in linattn.optimize(nn.Sequential(ConvLayer(8, 16)), return_report=True)[1].skipped]
+    assert reasons == ["children registered as norm, act, conv, not in the order dropout, conv, norm, act"]
+
+
+def test_a_gelu_subclass_or_an_instance_forward_is_not_fused():
+    """A GELU subclass with a forward of its own (QuickGELU) is not taken for GELU: the run stops before it; a conv
+    whose forward was set on the instance is left alone."""
+
+    class QuickGELU(nn.GELU):
+        def forward(self, x):
+            return x * torch.sigmoid(1.702 * x)
+
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    conv.forward = lambda x: nn.Conv2d.forward(conv, x) * 2
+    x = torch.randn(2, 4, 6, 6)
+    gelu = randomize(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), QuickGELU()), seed=8).eval()
+    fused = linattn.optimize(gelu)
+    assert [blk.act for blk in fused._blocks] == ["identity"]
+    patched = randomize(nn.Sequential(conv, nn.BatchNorm2d(8)), seed=8).eval()
+    unfused, report = linattn.optimize(patched, inplace=True, return_report=True)
+    assert report.replaced == [] and "a forward of its own, set on the instance" in report.skipped[0].reason
+    with torch.no_grad():
+        assert_close(fused(x), gelu(x), 1e-5, "QuickGELU")
+        assert_close(unfused(x), patched[1](patched[0](x)), 1e-5, "patched forward")
+
+
+def test_a_model_that_cannot_be_copied_says_how_to_optimize_it():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8))
+    torch.nn.utils.weight_norm(model[0])  # (the older weight_norm: a weight computed in a pre-hook)
+    model(torch.randn(1, 4, 5, 5))  # its weight is now not a graph leaf
+    with pytest.raises(RuntimeError, match="cannot copy the model .*pass inplace=True"):
+        linattn.optimize(model)
+    fused, report = linattn.optimize(model, inplace=True, return_report=True)
+    assert report.replaced == [] and "hooks" in report.skipped[0].reason
+
+
+def test_a_conv_padding_changed_after_optimize_is_followed():
+    eager = randomize(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), seed=9).eval()
+    fused = linattn.optimize(eager, inplace=True)
+    x = torch.randn(2, 4, 6, 6)
+    fused(x)
+    eager[0].padding = (2, 0)
+    with torch.no_grad():
+        want = F.relu(eager[1](F.conv2d(x, eager[0].weight, eager[0].bias, padding=(2, 0))))
+        assert fused(x).shape == want.shape == (2, 8, 8, 4)
+        assert_close(fused(x), want, 1e-5, "padding (2, 0)")

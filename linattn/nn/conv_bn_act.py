@@ -36,7 +36,7 @@ def activation_name(act) -> str:
         if act not in ACTIVATIONS:
             raise ValueError(f"linattn.nn.ConvBNAct: act {act!r} is not supported; use one of {ACTIVATIONS}")
         return act
-    if isinstance(act, nn.GELU):
+    if type(act) is nn.GELU:  # (a subclass may compute something else: QuickGELU)
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
     for cls, name in ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.Hardswish, "hardswish"), (nn.SiLU, "silu")):
         if type(act) is cls:
@@ -159,7 +159,7 @@ class ConvBNAct(EvalConstants):
             )
         if order not in ORDERS:
             raise ValueError(f"linattn.nn.ConvBNAct: order must be one of {ORDERS}, got {order!r}")
-        self.padding = _int_padding(conv)
+        self.padding, self._padding_of = _int_padding(conv), conv.padding
         self.conv = conv
         self.norm = bn  # None stays a plain attribute: forward reads _modules.get("norm")
         self.act = activation_name(act)
@@ -194,9 +194,14 @@ class ConvBNAct(EvalConstants):
             fold = lambda: (*cast_to(dtype, member(conv, "weight"), member(conv, "bias")), *bn_affine(bn))  # noqa: E731
         return self.eval_constants(fold_sources(conv, bn), fold, (bn.eps, dtype, self.order))
 
+    _padding_of = None  # the conv.padding that self.padding was made from (a class default: older pickles)
+
     def geometry(self) -> tuple:
-        """The conv's (stride, padding, dilation, groups), as conv_bn_act takes them."""
+        """The conv's (stride, padding, dilation, groups), as conv_bn_act takes them: the conv's own, read at each
+        call (its padding as ints, made again when the conv's padding is replaced)."""
         conv = self._modules["conv"]
+        if conv.padding is not self._padding_of:
+            self.padding, self._padding_of = _int_padding(conv), conv.padding
         return conv.stride, self.padding, conv.dilation, conv.groups
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
