@@ -146,6 +146,20 @@ def test_graph_vectors_are_converted_once_per_version():
         assert cudnn.graph_vector(inference) is not cudnn.graph_vector(inference)
 
 
+def test_graph_vectors_written_through_data_are_seen_after_eval():
+    """A write through `.data` bumps no version counter: as for folded constants, a fused module's `.eval()` drops
+    the kept copies (of a bf16 model's conv bias, say)."""
+    from linattn.nn import ConvBNAct
+
+    block = ConvBNAct(4, 8, 3, bias=True, act="relu").to(torch.bfloat16).eval()
+    bias = block.conv.bias
+    first = cudnn.graph_vector(bias)
+    bias.data.mul_(2)
+    assert cudnn.graph_vector(bias) is first  # stale: nothing says the vector changed
+    block.eval()
+    assert torch.equal(cudnn.graph_vector(bias), bias.float())
+
+
 def test_graph_vectors_under_capture(monkeypatch):
     """Under a CUDA-graph capture the kept fp32 copy goes into linattn's own capture, which then keeps it (no cast
     captured: the ninth H100 pass had 32 of them in L0's graph); under any other capture the cast is captured

@@ -376,12 +376,14 @@ void build(const Signature& sig, Entry& entry) {
 // model has a few hundred distinct conv calls at most.
 std::shared_ptr<Entry> entry_for(const Signature& sig) {
   static std::mutex mutex;
-  static std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
+  // never destroyed: at exit its descriptors would be freed after cuDNN or the driver may be gone (PyTorch leaks
+  // its cuDNN handle pools for the same reason)
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<Entry>>();
   const std::string key = sig.key();
   std::shared_ptr<Entry> entry;
   {
     const std::lock_guard<std::mutex> lock(mutex);
-    auto& slot = cache[key];
+    auto& slot = (*cache)[key];
     if (!slot) slot = std::make_shared<Entry>();
     entry = slot;
   }

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .._tune import Site
 from ..ops._common import direct_autograd
+from ..ops._conv_bn_act_cudnn import forget_graph_vectors
 
 _SLOT = "_linattn_constants"
 _SITE = "_linattn_site"
@@ -35,6 +36,7 @@ class EvalConstants(nn.Module):
 
     def _drop_constants(self) -> None:
         self.__dict__.pop(_SLOT, None)
+        forget_graph_vectors()  # the fp32 copies cuDNN's graph takes of per-channel vectors, parameters among them
         for name, value in self.__dict__.items():
             if name.startswith(_SITE):
                 value.entry = None

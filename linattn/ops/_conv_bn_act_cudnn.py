@@ -174,20 +174,27 @@ def _as_graph_vector(v: Tensor) -> Tensor:
 _GRAPH_VECTORS = WeakTensorKeyDictionary()
 
 
+def forget_graph_vectors() -> None:
+    """Drop every kept fp32 copy (a fused module's mode switch does: writes through `.data` bump no version
+    counter, and `.eval()` is the documented way to have a module see them)."""
+    _GRAPH_VECTORS.clear()
+
+
 def _capturing(v: Tensor) -> bool:
     return v.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def graph_vector(v: Tensor | None) -> Tensor | None:
-    """_as_graph_vector(v), kept per vector while its version counter stays: the folded biases and BatchNorm
-    affines are the same tensors call after call, and their cast is a kernel launch per call (the seventh H100
-    pass: 54 casts per XL1 batch-1 forward, about 30 us of host time each). An fp32 vector that is already as
-    the graph wants it is itself (keeping it would keep it alive); an inference tensor has no version counter:
-    converted each call. During a CUDA-graph capture the kept copy goes into the graph where linattn's wrapper
-    captures (it keeps the copy alive with the graph, which reads it as it was at capture, as it reads the
-    weights: linattn/graphs.py); under any other capture the cast is captured, so that no replay reads a copy a
-    later call could replace. (The ninth H100 pass: 32 captured casts in L0's graph, 2% of its GPU time; 70 in
-    XL1's.)"""
+    """_as_graph_vector(v), kept per vector while its version counter stays: the folded biases and BatchNorm affines are
+    the same tensors call after call, and their cast is a kernel launch per call (the seventh H100 pass: 54 casts
+    per XL1 batch-1 forward, about 30 us of host time each). An fp32 vector that is already as the graph wants it
+    is itself (keeping it would keep it alive); an inference tensor has no version counter: converted each call. A
+    write through `.data` bumps no version: the copy stays until a fused module's mode switch (`.eval()`, as for
+    its folded constants) or forget_graph_vectors(). During a CUDA-graph capture the kept copy goes into the graph
+    where linattn's wrapper captures (it keeps the copy alive with the graph, which reads it as it was at capture,
+    as it reads the weights: linattn/graphs.py); under any other capture the cast is captured, so that no replay
+    reads a copy a later call could replace. (The ninth H100 pass: 32 captured casts in L0's graph, 2% of its GPU
+    time; 70 in XL1's.)"""
     if v is None:
         return None
     if v.dtype == torch.float32 and v.is_contiguous() and v.data_ptr() % 16 == 0:
