@@ -304,3 +304,23 @@ def test_forced_cuda_on_cpu_tensors_reports_the_device_first():
         linattn.conv_bn_act(x, w, padding=1)
     # every reason at once (the registry's), the device first
     assert str(info.value).startswith(f"linattn.conv_bn_act: backend 'cuda' cannot run this call: {device_reason}")
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (dict(dw_bias=torch.randn(3)), "dw_bias"),
+        (dict(dw_weight=torch.randn(4, 1, 3, 3, dtype=torch.float64)), "dw_weight"),
+        (dict(dw_act="tanh"), "dw_act"),
+        (dict(bias=torch.randn(3)), "bias"),
+        (dict(act="tanh"), "act"),
+    ],
+    ids=["dw_bias", "dw_weight", "dw_act", "bias", "act"],
+)
+def test_separable_names_the_depthwise_arguments(change, name):
+    """separable_conv_bn_act checks its depthwise conv as a conv: a mistake there is named dw_weight, dw_bias or
+    dw_act, not as the pointwise conv's weight, bias or act."""
+    call = dict(x=torch.randn(1, 4, 6, 6), dw_weight=torch.randn(4, 1, 3, 3), weight=torch.randn(5, 4, 1, 1))
+    call.update(change)
+    with pytest.raises((ValueError, TypeError), match=rf"linattn\.separable_conv_bn_act: {name} "):
+        linattn.separable_conv_bn_act(**call, padding=1)

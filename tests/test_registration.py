@@ -182,3 +182,45 @@ def test_calls_needing_gradients_run_the_autograd_formula_directly(index):
     (out, grads, kind), (want, want_grads, custom_kind) = results
     assert kind == f"linattn_{op}Backward" and custom_kind != kind
     assert torch.equal(out, want) and all(torch.equal(a, e) for a, e in zip(grads, want_grads, strict=True))
+
+
+def test_compile_fullgraph_dynamic_shapes_and_eps():
+    """Under dynamic shapes Dynamo traces eps as a symbolic float: the functionals' eps check passes it on (the op
+    checks the value it runs with), so fullgraph holds, with eps changing between calls too."""
+    torch._dynamo.reset()
+    q, k, v = _qkv("cpu")
+    qkv = _packed("cpu")
+    fn = torch.compile(
+        lambda q, qkv, eps: (
+            linattn.relu_linear_attention(q, k, v, eps).sum() + linattn.lite_mla_attention(qkv, 16, eps).sum()
+        ),
+        fullgraph=True,
+        dynamic=True,
+    )
+    for eps in (1e-15, 1e-6, 1e-3):
+        want = reference.relu_linear_attention(q, k, v, eps).sum() + reference.lite_mla_attention(qkv, 16, eps).sum()
+        assert_close(fn(q, qkv, eps), want, 1e-5, f"eps {eps}")
+
+
+@pytest.mark.parametrize("op", ["relu_linear_attention", "conv_bn_act", "upsample_sum"])
+def test_forward_mode_ad_and_func_grad_say_they_are_not_supported(op):
+    """PyTorch's custom ops have no forward-mode rule (a tangent through one comes out zero, silently) and their
+    autograd formula does not run under torch.func's grad transforms: both raise, naming the op. The same calls on
+    tensors that are not being differentiated run, and vmap runs (over ops without tensor lists)."""
+    x = torch.randn(1, 2, 5, 4)
+    w = torch.randn(3, 2, 3, 3)
+    call = {
+        "relu_linear_attention": lambda a: linattn.relu_linear_attention(a, x, x),
+        "conv_bn_act": lambda a: linattn.conv_bn_act(a, w, padding=1, act="relu"),
+        "upsample_sum": lambda a: linattn.upsample_sum([a, x[:, :, :3]], (6, 6)),
+    }[op]
+    with pytest.raises(NotImplementedError, match=rf"linattn\.{op}: forward-mode AD \(torch\.func\.jvp"):
+        torch.func.jvp(call, (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match=rf"linattn\.{op}: torch\.func's grad, vjp and jacrev"):
+        torch.func.grad(lambda a: call(a).sum())(x)
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match=rf"linattn\.{op}: forward"):
+        call(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+    constant = torch.func.grad(lambda a: (call(x) * a).sum())(torch.ones_like(call(x)))
+    assert_close(constant, call(x), 1e-6, "grad with the op on a constant")
+    if op != "upsample_sum":  # (a list of tensors: PyTorch's vmap fallback cannot take it, and says so by name)
+        assert_close(torch.func.vmap(call)(x[None]), call(x)[None], 1e-6, "vmap")

@@ -77,6 +77,32 @@ def _eager_only(x: Tensor, tensors: tuple) -> bool:
     return True
 
 
+_functorch = torch._C._functorch
+
+
+def check_transforms(op: str, *tensors: Tensor | None) -> None:
+    """NotImplementedError, naming the op, where a call would be differentiated by forward-mode AD (dual tensors,
+    torch.func.jvp / jacfwd) or by torch.func's grad / vjp / jacrev: PyTorch's custom ops have no forward-mode
+    rule (the tangent would come out zero, silently) and their autograd formula does not run under torch.func's
+    grad transforms (an error that names no op). Calls in those contexts on tensors not being differentiated run;
+    vmap runs. For the functionals' path through the custom op (direct calls never see these contexts)."""
+    if _is_compiling():
+        return
+    interpreter = _peek_functorch()
+    kind = None if interpreter is None else interpreter.key()
+    if kind == _functorch.TransformType.Grad and torch.is_grad_enabled():
+        if any(t is not None and t.requires_grad for t in tensors):
+            raise NotImplementedError(
+                f"linattn.{op}: torch.func's grad, vjp and jacrev are not supported (use torch.autograd: "
+                ".backward() or torch.autograd.grad)"
+            )
+    if kind == _functorch.TransformType.Jvp or _forward_ad._current_level >= 0:
+        if any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+            raise NotImplementedError(
+                f"linattn.{op}: forward-mode AD (torch.func.jvp, jacfwd, dual tensors) is not supported"
+            )
+
+
 def differentiable(op: str, body: Callable, setup: Callable, grad: Callable) -> Callable:
     """body(*args) under the autograd formula its custom op registered (register_autograd's setup_context and
     backward), as one torch.autograd.Function, for the calls direct_autograd admits. The custom op's own autograd
@@ -140,8 +166,8 @@ def as_int(op: str, name: str, value) -> int:
 
 def check_eps(op: str, eps) -> float:
     """eps as a float: finite and >= 0. 0 is the plain formula (0/0 = NaN where relu(q_n) . z is 0)."""
-    if isinstance(eps, torch.SymFloat):  # traced under torch.compile: its value is checked at run time
-        return eps
+    if isinstance(eps, torch.SymFloat) or _is_compiling():  # traced (a symbolic float under dynamic shapes, which
+        return eps  # math.isfinite cannot take): the op checks the value it runs with
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         fail(op, "eps", f"must be a float, got {type(eps).__name__} {eps!r}", TypeError)
     if not math.isfinite(eps) or eps < 0:

@@ -26,6 +26,7 @@ from ._autocast import register_autocast
 from ._common import (
     as_int,
     check_tensor,
+    check_transforms,
     differentiable,
     direct,
     direct_autograd,
@@ -62,32 +63,35 @@ def _check_channel(op: str, name: str, t: Tensor | None, C: int, x: Tensor) -> N
         fail(op, name, f"is on {t.device}, x on {x.device}")
 
 
-def check_conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual):
-    """Validate conv_bn_act's arguments; returns the output size (Ho, Wo)."""
+def check_conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, post_shift, residual,
+               names: dict | None = None):  # fmt: skip
+    """Validate conv_bn_act's arguments; returns the output size (Ho, Wo). names: the caller's names of weight,
+    bias and act where they differ (separable_conv_bn_act's depthwise conv: dw_weight, dw_bias, dw_act)."""
+    w_name, b_name, act_name = ((names or {}).get(n, n) for n in ("weight", "bias", "act"))
     check_tensor(op, "x", x, ndim=4, layout="(B, Cin, H, W)")
-    check_tensor(op, "weight", weight, ndim=4, layout="(Cout, Cin/groups, KH, KW)")
+    check_tensor(op, w_name, weight, ndim=4, layout="(Cout, Cin/groups, KH, KW)")
     if weight.dtype != x.dtype:
-        fail(op, "weight", f"must have x's dtype {x.dtype}, got {weight.dtype}", TypeError)
+        fail(op, w_name, f"must have x's dtype {x.dtype}, got {weight.dtype}", TypeError)
     if weight.device != x.device:
-        fail(op, "weight", f"is on {weight.device}, x on {x.device}")
+        fail(op, w_name, f"is on {weight.device}, x on {x.device}")
     Cin, Cout = x.shape[1], weight.shape[0]
     if groups < 1 or Cin % groups or Cout % groups:
         fail(op, "groups", f"must be >= 1 and divide Cin ({Cin}) and Cout ({Cout}), got {groups}")
     if weight.shape[1] != Cin // groups:
         fail(
             op,
-            "weight",
+            w_name,
             f"must be (Cout, Cin/groups, KH, KW) with Cin/groups = {Cin // groups}, got {tuple(weight.shape)}",
         )
     for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if len(v) != 2 or any(int(i) < low for i in v):
             fail(op, name, f"must be an int or a pair of ints >= {low}, got {list(v)}")
     if act not in ACTIVATIONS:
-        fail(op, "act", f"must be one of {ACTIVATIONS}, got {act!r}")
+        fail(op, act_name, f"must be one of {ACTIVATIONS}, got {act!r}")
     Ho, Wo = output_size(x, weight, stride, padding, dilation)
     if Ho < 1 or Wo < 1:
         fail(op, "x", f"of size {tuple(x.shape[-2:])} is smaller than the dilated kernel: output would be {Ho}x{Wo}")
-    for name, t in (("bias", bias), ("post_scale", post_scale), ("post_shift", post_shift)):
+    for name, t in ((b_name, bias), ("post_scale", post_scale), ("post_shift", post_shift)):
         _check_channel(op, name, t, Cout, x)
     if residual is not None:
         check_tensor(op, "residual", residual, ndim=4, layout="(B, Cout, Ho, Wo)")
@@ -489,6 +493,7 @@ def _checked_call(x, weight, bias, stride, padding, dilation, groups, act, post_
         return _conv(OP, *args, site=site)
     if direct_autograd(*tensors):
         return _conv_bn_act_autograd(*args)
+    check_transforms(OP, *tensors)
     return torch.ops.linattn.conv_bn_act(*args)
 
 
@@ -639,6 +644,7 @@ def _upsample_checked(x, weight, bias, post_scale, post_shift, act, site: tuple 
         return _upsample(*args, site=site)
     if direct_autograd(*args[:-1]):
         return _upsample_block_autograd(*args)
+    check_transforms(UPSAMPLE, *args[:-1])
     return torch.ops.linattn.upsample_block(*args)
 
 
@@ -669,7 +675,9 @@ def module_upsample_block(site: Site, constants: tuple, x: Tensor, act: str) -> 
 def check_separable(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual):
     """Validate separable_conv_bn_act's arguments; returns the output size (Ho, Wo)."""
     C = x.shape[1] if isinstance(x, Tensor) and x.dim() == 4 else 1
-    Ho, Wo = check_conv(SEPARABLE, x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None, None, None)
+    depthwise = {"weight": "dw_weight", "bias": "dw_bias", "act": "dw_act"}
+    Ho, Wo = check_conv(SEPARABLE, x, dw_weight, dw_bias, stride, padding, dilation, C, dw_act, None, None, None,
+                        depthwise)  # fmt: skip
     if dw_weight.shape[:2] != (C, 1):
         fail(SEPARABLE, "dw_weight", f"must be (C, 1, KH, KW) with C = {C}, got {tuple(dw_weight.shape)}")
     check_tensor(SEPARABLE, "weight", weight, ndim=4, layout="(Cout, C, 1, 1)")
@@ -861,6 +869,7 @@ def _separable_checked(x, dw_weight, dw_bias, stride, padding, dilation, dw_act,
         return _separable(*args, site=site)
     if direct_autograd(*tensors):
         return _separable_autograd(*args)
+    check_transforms(SEPARABLE, *tensors)
     return torch.ops.linattn.separable_conv_bn_act(*args)
 
 

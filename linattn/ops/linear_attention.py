@@ -17,6 +17,7 @@ from ._common import (
     as_int,
     check_eps,
     check_tensor,
+    check_transforms,
     differentiable,
     direct,
     direct_autograd,
@@ -230,6 +231,7 @@ def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -
         return _attention(q, k, v, eps)
     if direct_autograd(q, k, v):
         return _relu_linear_attention_autograd(q, k, v, eps)
+    check_transforms("relu_linear_attention", q, k, v)
     return torch.ops.linattn.relu_linear_attention(q, k, v, eps)
 
 
@@ -254,6 +256,7 @@ def lite_mla_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
         return _packed_attention(qkv, dim, eps)
     if direct_autograd(qkv):
         return _lite_mla_attention_autograd(qkv, dim, eps)
+    check_transforms(op, qkv)
     return torch.ops.linattn.lite_mla_attention(qkv, dim, eps)
 
 

@@ -15,6 +15,7 @@ from ._autocast import register_autocast
 from ._common import (
     as_int,
     check_eps,
+    check_transforms,
     direct,
     fail,
     kernel_problem,
@@ -197,6 +198,7 @@ def _checked(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases,
             dw_biases, pw_biases)  # fmt: skip
     if direct(qkv, *dw_weights, *pw_weights, *dw_biases, *pw_biases):
         return _context(*args, site=site)
+    check_transforms(OP, qkv, *dw_weights, *pw_weights, *dw_biases, *pw_biases)
     return torch.ops.linattn.lite_mla_context(*args)
 
 

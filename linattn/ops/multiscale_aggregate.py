@@ -12,7 +12,17 @@ from .. import reference
 from .._backend import register, resolve
 from .._tune import scratch_like
 from ._autocast import register_autocast
-from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
+from ._common import (
+    as_int,
+    check_tensor,
+    check_transforms,
+    direct,
+    fail,
+    kernel_problem,
+    new_feature_map,
+    require_tensors,
+    tensor_list,
+)
 
 OP = "multiscale_aggregate"
 MAX_GROUP_DIM = 128  # the kernels hold a (D x D) pointwise matrix on chip
@@ -282,6 +292,7 @@ def multiscale_aggregate(
     args = (qkv, dw_weights, pw_weights, as_int(OP, "heads", heads), dw_biases, pw_biases)
     if direct(qkv, *dw_weights, *pw_weights, *dw_biases, *pw_biases):
         return _aggregate(*args)
+    check_transforms(OP, qkv, *dw_weights, *pw_weights, *dw_biases, *pw_biases)
     return torch.ops.linattn.multiscale_aggregate(*args)
 
 

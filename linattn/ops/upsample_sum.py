@@ -11,7 +11,17 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from ._autocast import register_autocast
-from ._common import as_int, check_tensor, direct, fail, kernel_problem, new_feature_map, require_tensors, tensor_list
+from ._common import (
+    as_int,
+    check_tensor,
+    check_transforms,
+    direct,
+    fail,
+    kernel_problem,
+    new_feature_map,
+    require_tensors,
+    tensor_list,
+)
 
 OP = "upsample_sum"
 MAX_INPUTS = 3  # kernels/upsample_sum.py unrolls this many inputs
@@ -107,6 +117,7 @@ def upsample_sum(inputs: list[Tensor], size) -> Tensor:
     size = [as_int(OP, "size", s) for s in size]
     if direct(*inputs):
         return _upsample_sum_body(inputs, size)
+    check_transforms(OP, *inputs)
     return torch.ops.linattn.upsample_sum(inputs, size)
 
 
