@@ -71,6 +71,7 @@ from linattn.benchmarks.common import (
     cpu_timing,
     error_line,
     first_call,
+    flag_wrong,
     measuring,
     parse_benchmark_args,
     peak_mb,
@@ -323,17 +324,25 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
     """Every provider on one model, dtype and batch size; each row is appended to `rows` as soon as it is done
     (a provider stopped by TimeUp gets a row that says so, then TimeUp goes on up)."""
     dtype = DTYPES[dtype_name]
-    model32 = build_model(name, args.quick).to(device)
-    x32 = make_input(name, batch, args.quick, device)
-    with torch.inference_mode(), _without_tf32():
-        ref = model32(x32)  # eager fp32: every provider's error is against this
-    model = model32 if dtype == torch.float32 else copy.deepcopy(model32).to(dtype)
-    x = x32.to(dtype)
+    case = f"{name} {dtype_name} B{batch}"
+    try:  # a case that cannot be set up (out of memory at a large batch) is a row per provider; the run goes on
+        model32 = build_model(name, args.quick).to(device)
+        x32 = make_input(name, batch, args.quick, device)
+        with torch.inference_mode(), _without_tf32():
+            ref = model32(x32)  # eager fp32: every provider's error is against this
+        model = model32 if dtype == torch.float32 else copy.deepcopy(model32).to(dtype)
+        x = x32.to(dtype)
+    except Exception as err:
+        write(f"{case}: setup failed: {error_line(err)}")
+        for provider in providers:
+            rows.append({"model": name, "dtype": dtype_name, "batch": batch, "case": case, "provider": provider,
+                         "backend": args.backend, "ms": None, "note": f"failed: setup: {error_line(err)}"})  # fmt: skip
+            bar.update()
+        return
 
     def backend_ctx():  # a fresh context per call (linattn.backend is a one-shot context manager)
         return linattn.backend(args.backend) if args.backend != "auto" else contextlib.nullcontext()
 
-    case = f"{name} {dtype_name} B{batch}"
     for provider in providers:
         bar.set_postfix_str(f"{case} {provider}")
         row = {"model": name, "dtype": dtype_name, "batch": batch, "case": case, "provider": provider}
@@ -352,6 +361,8 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
                 with torch.inference_mode(), backend_ctx():
                     return module(inp)
 
+            if provider == "compile-reduce-overhead":
+                call(), call()  # inductor's CUDA graph trees warm up, then record: the third call is a replay
             checked, ran = first_call(call, ref)  # compiles / warms up / measures, outside the timed region
             row |= checked
             if provider.startswith("linattn"):
@@ -396,8 +407,10 @@ def run_case(name, dtype_name, batch, providers, args, device, bar, rows: list[d
 
 
 def finish(rows: list[dict]) -> None:
-    """Speedups within each case, and the op and byte ratios against the case's eager row."""
+    """Speedups within each case, rows whose error breaks docs/design.md 8's bound against the case's eager one
+    marked "wrong: ...", and the op and byte ratios against the case's eager row."""
     add_speedups(rows, by="case")
+    flag_wrong(rows, by="case")
     for case in dict.fromkeys(r["case"] for r in rows):
         mine = [r for r in rows if r["case"] == case]
         eager = next((r for r in mine if r["provider"] == "eager" and r.get("ops")), None)
@@ -475,7 +488,7 @@ def parse_args(argv):
     names = [*MODELS, *ALIASES]
     parser.add_argument("--model", nargs="+", help=f"some of {', '.join(names)} (default: {', '.join(GPU_MODELS)} "
                         f"on GPU; {', '.join(CPU_MODELS)} on CPU)")  # fmt: skip
-    parser.add_argument("--batch", type=int, help="batch size (default: 16 on GPU, 1 on CPU)")
+    parser.add_argument("--batch", type=positive_int, help="batch size (default: 16 on GPU, 1 on CPU)")
     parser.add_argument("--dtype", nargs="+", help=f"some of {', '.join(DTYPES)} (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--providers", nargs="+", help=f"some of {', '.join(PROVIDERS)} (default: all on GPU; "
                         f"{', '.join(CPU_PROVIDERS)} on CPU)")  # fmt: skip
@@ -519,7 +532,22 @@ def main(argv=None) -> list[dict]:
     for line in dispatch_lines(rows) + target_lines(rows):
         print(line)
     print(f"bench: {time.perf_counter() - start:.0f} s")
+    if bad := failed(rows):
+        print(f"bench: {len(bad)} rows failed or wrong: {', '.join(bad)}")
     return rows
+
+
+def failed(rows: list[dict]) -> list[str]:
+    """The cases and providers of the rows that failed or computed a wrong result (`python -m linattn bench` exits 1
+    where there are any)."""
+    return [f"{r['case']} {r['provider']}" for r in rows if str(r.get("note") or "").startswith(("failed", "wrong"))]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
 
 
 if __name__ == "__main__":

@@ -382,6 +382,8 @@ def measuring(total: int, desc: str):
             yield bar
     except TimeUp as err:
         print(f"\n{desc}: {err}; the rows measured so far are kept", flush=True)
+    except KeyboardInterrupt:
+        print(f"\n{desc}: interrupted; the rows measured so far are kept", flush=True)
 
 
 @contextlib.contextmanager
@@ -715,7 +717,7 @@ def parse_benchmark_args(parser, argv, **choices: Sequence[str]):
     for name, allowed in choices.items():
         values = getattr(args, name)
         if values is not None:
-            values = [v for value in values for v in value.split(",") if v]
+            values = list(dict.fromkeys(v for value in values for v in value.split(",") if v))
             if bad := [v for v in values if v not in allowed]:
                 parser.error(f"--{name.replace('_', '-')}: unknown {bad}; choose from {', '.join(allowed)}")
             setattr(args, name, values)
@@ -728,10 +730,17 @@ def tensors(out) -> list[torch.Tensor]:
 
 
 def errors(out, ref) -> dict:
-    """Worst max |out - ref| and ||out - ref|| / ||ref|| over the tensors of `out` (computed in float64)."""
+    """Worst max |out - ref| and ||out - ref|| / ||ref|| over the tensors of `out` (computed in float64, where ref
+    is finite); inf where out is not finite where ref is (max() would drop a NaN: a broken kernel read as exact)."""
     row = {"max_abs_err": 0.0, "rel_err": 0.0}
     for got, want in zip(tensors(out), tensors(ref), strict=True):
-        diff = got.double() - want.double()
+        finite = torch.isfinite(want)
+        got, want = got.double()[finite], want.double()[finite]
+        diff = got - want
+        if not bool(torch.isfinite(diff).all()):
+            return {"max_abs_err": float("inf"), "rel_err": float("inf")}
+        if not diff.numel():
+            continue
         row["max_abs_err"] = max(row["max_abs_err"], diff.abs().max().item())
         row["rel_err"] = max(row["rel_err"], (diff.norm() / want.double().norm()).item())
     return row
@@ -796,14 +805,14 @@ def add_speedups(rows: list[dict], baselines: Sequence[str] = SPEEDUP_BASELINES,
                 row[speedup_column(baseline)] = timed[baseline] / row["ms"] if ok else None
 
 
-def flag_wrong(rows: list[dict], baseline: str = "eager") -> None:
+def flag_wrong(rows: list[dict], baseline: str = "eager", by: str = "pass") -> None:
     """Prefix the note of every row whose rel_err breaks docs/design.md 8's bound (fp16/bf16: twice the baseline's
     error in that dtype; fp32: 1e-5 or twice the baseline's) with "wrong: ...", per pass: a benchmark is where a
     GPU's own configurations first meet the reference (the third H100 pass's TMA conv rows hid in a column)."""
     from linattn._check import tolerance  # _check imports this module
 
-    for key in dict.fromkeys(r["pass"] for r in rows):
-        group = [r for r in rows if r["pass"] == key]
+    for key in dict.fromkeys(r[by] for r in rows):
+        group = [r for r in rows if r[by] == key]
         theirs = [r["rel_err"] for r in group if r["provider"] == baseline and r.get("rel_err") is not None]
         if not theirs:
             continue
@@ -931,6 +940,9 @@ def timing_legend(rows: Sequence[dict]) -> str:
 def report(rows: Sequence[dict], columns: Sequence[str], out_dir: str | Path, name: str, env: dict, **plot) -> Path:
     """Print `rows` as a table (with the timing legend), append them to out_dir/name.jsonl (+ .csv), draw
     name.png; returns the JSONL path."""
+    if not rows:  # stopped before its first row: nothing to save or draw (an older file's plot would pass for it)
+        print("no rows measured: nothing saved")
+        return Path(out_dir) / f"{name}.jsonl"
     print(dict_table(rows, columns))
     print(timing_legend(rows))
     if "auto_choices" in columns and any(r.get("auto_choices") for r in rows):

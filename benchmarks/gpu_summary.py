@@ -190,9 +190,13 @@ def dispatch_lines(results: Path, slowest: int = 5) -> list[str]:
 
 
 def note_of(row: dict) -> str:
-    """A short note: failures and skips in full, optimize's report cut."""
+    """A short note: failures, skips and wrong results in full; optimize's report cut, what follows it kept ("; ran
+    eagerly: ...", "; host profile failed: ...")."""
     note = str(row.get("note") or "")
-    return note if note.startswith(("failed", "stopped", "skipped")) else note[:40]
+    if note.startswith(("failed", "stopped", "skipped", "wrong")):
+        return note
+    first, _, rest = note.partition("; ")
+    return first[:40] + (f"; {rest}" if rest else "")
 
 
 def main(argv: list[str]) -> int:

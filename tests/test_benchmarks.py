@@ -753,3 +753,81 @@ def test_gpu_check_turns_the_cudnn_graph_off_when_its_probe_fails(tmp_path):
         run_gpu_check(out, {**env, "WORK_DIR": str(work), "PYTHON": str(fake), "STEPS": "cudnn check"})
         assert seen.read_text().strip() == expected
         assert ("LINATTN_CUDNN=0 for the steps after it" in (out / "gpu.txt").read_text()) == (not passes)
+
+
+def test_errors_of_an_output_that_is_not_finite_are_inf():
+    """max() drops a NaN (nan > 0 is false): an output with NaN read as exact. Where the reference is finite and
+    the output is not, both errors are inf; the reference's own non-finite elements are left out."""
+    ref = torch.ones(4, dtype=torch.float64)
+    for bad in (
+        torch.tensor([1.0, float("nan"), 1.0, 1.0]),
+        torch.full((4,), float("nan")),
+        torch.full((4,), float("inf")),
+    ):
+        assert common.errors(bad.float(), ref) == {"max_abs_err": float("inf"), "rel_err": float("inf")}
+    ref[1] = float("inf")
+    assert common.errors(torch.tensor([1.0, float("inf"), 1.0, 1.0]), ref)["max_abs_err"] == 0.0
+
+
+def test_bench_e2e_marks_wrong_rows_and_exits_1_where_a_row_failed(monkeypatch, tmp_path, capsys):
+    """A provider whose error breaks docs/design.md 8's bound against its case's eager row is marked wrong; a case
+    that cannot be set up is a failed row per provider and the run goes on; `python -m linattn bench` exits 1
+    where any row failed or was wrong."""
+    from linattn.__main__ import main as cli
+
+    def row(provider, rel_err):
+        return {"case": "m fp32 B1", "model": "m", "dtype": "fp32", "batch": 1, "provider": provider,
+                "ms": 1.0, "rel_err": rel_err, "note": None}  # fmt: skip
+
+    rows = [row("eager", 0.0), row("linattn", 1e-7), row("compile", 3e-4)]
+    bench_e2e.finish(rows)
+    assert [r["note"] for r in rows][:2] == [None, None] and rows[2]["note"].startswith("wrong: rel_err 3.00e-04")
+    assert bench_e2e.failed(rows) == ["m fp32 B1 compile"]
+    real = bench_e2e.build_model
+
+    def build(name, quick):
+        if name == "squeezesam":
+            raise RuntimeError("CUDA out of memory")
+        return real(name, quick)
+
+    monkeypatch.setattr(bench_e2e, "build_model", build)
+    argv = ["bench", "--quick", "--model", "squeezesam", "l0", "--out", str(tmp_path)]
+    assert cli(argv) == 1
+    out = capsys.readouterr().out
+    assert "squeezesam fp32 B1 eager, squeezesam fp32 B1 linattn" in out and "efficientvit-sam-l0" in out
+    saved = [json.loads(line) for line in next(tmp_path.glob("*.jsonl")).read_text().splitlines()]
+    assert [r["note"].startswith("failed: setup: RuntimeError") for r in saved[:2]] == [True, True]
+    assert all(r["ms"] is not None for r in saved[2:]) and len(saved) == 4
+
+
+@pytest.mark.parametrize(
+    "argv", [["bench", "--batch", "0"], ["info", "--bogus"], ["check", "--ops", "x"], ["tune", "--batches", "1"]]
+)
+def test_cli_rejects_unknown_or_bad_options(argv, capsys):
+    from linattn.__main__ import main as cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli(argv)
+    assert exit.value.code == 2 and ("unrecognized arguments" in capsys.readouterr().err or argv[0] == "bench")
+
+
+def test_interrupting_a_benchmark_keeps_its_rows(capsys):
+    rows = []
+    with common.measuring(3, "toy") as bar:
+        rows.append(1)
+        bar.update()
+        raise KeyboardInterrupt
+    assert rows == [1] and "toy: interrupted; the rows measured so far are kept" in capsys.readouterr().out
+
+
+def test_summary_notes_keep_what_follows_optimizes_report():
+    note = "optimize: 53 ConvBNAct, 23 FusedResidualBlock, 4 LiteMLA; ran eagerly: {'autograd': 3}"
+    assert (
+        gpu_summary.note_of({"note": note}) == "optimize: 53 ConvBNAct, 23 FusedResidual; ran eagerly: {'autograd': 3}"
+    )
+    assert gpu_summary.note_of({"note": "wrong: rel_err 1e-3 > 2e-5 (twice eager's)"}).startswith("wrong: rel_err")
+
+
+def test_a_duplicated_provider_or_dtype_runs_once():
+    args = bench_e2e.parse_args(["--providers", "eager", "eager,linattn", "--dtype", "fp32", "fp32"])
+    assert args.providers == ["eager", "linattn"] and args.dtype == ["fp32"]
