@@ -209,16 +209,10 @@ def _file_lock(path: Path):
     except ImportError:  # Windows: the replace below is still atomic; a concurrent save may be lost
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        try:
+    with open(path.with_name(path.name + ".lock"), "a") as handle:  # closing it releases the lock
+        with contextlib.suppress(OSError):  # a file system without locks (some network mounts): as on Windows
             fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some network mounts): as on Windows
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def _save(device_name: str) -> None:
@@ -236,17 +230,15 @@ def _save(device_name: str) -> None:
             for key in mine:
                 on_disk[key] = choices[key]
                 on_disk_considered[key] = considered[key]
-            data = {"format": FORMAT, "device": device_name, "versions": versions(), "choices": on_disk}
-            data["candidates"] = on_disk_considered
+            data = {"format": FORMAT, "device": device_name, "versions": versions(), "choices": on_disk,
+                    "candidates": on_disk_considered}  # fmt: skip
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
             with os.fdopen(fd, "w") as handle:
                 handle.write(json.dumps(data, indent=1, sort_keys=True))
             os.replace(tmp, path)  # atomic: a concurrent reader sees the old table or the new one
             tmp = None
     except OSError as err:
-        if "save" not in _warned:
-            _warned.add("save")
-            warnings.warn(f"linattn: cannot save the dispatch table to {path}: {err}", RuntimeWarning, stacklevel=4)
+        _warn_once("save", f"linattn: cannot save the dispatch table to {path}: {err}", stacklevel=5)
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -568,19 +560,16 @@ def _disagreeing(key: str, candidates: Sequence[str], runner: Callable[[str], ob
     for name, why in found.items():
         # once per op, candidate and kind (a kernel over a smaller GPU's shared memory fails at every call)
         kind = f"left out:{key.split(':', 1)[0]}:{name}:{why.split(':', 1)[0] if isinstance(why, str) else ''}"
-        if kind in _warned:
-            continue
-        _warned.add(kind)
         what = (
             f"it raised {why}"
             if isinstance(why, str)
             else f"its result differs from {baseline}'s by {why:.3g} (relative; rounding allows {tolerance:g})"
         )
-        warnings.warn(
+        _warn_once(
+            kind,
             f"linattn: measured dispatch left out {name} for {key}: {what}. Further calls it leaves out so are not "
             "warned of (linattn._tune.timings() lists them all). Please report it with `python -m linattn info`",
-            RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return found, False
 
@@ -636,13 +625,11 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
     if why_not:
         if why_not != "LINATTN_TUNE=0":  # the priority order for now: a later eager call times it
             _unsettled += 1
-        if why_not == "capture" and "capture" not in _warned:
-            _warned.add("capture")
-            warnings.warn(
+        if why_not == "capture":
+            _warn_once(
+                "capture",
                 "linattn: a call with no measured choice during CUDA-graph capture runs the priority order; "
                 "run the model once before capturing (or `python -m linattn tune`)",
-                RuntimeWarning,
-                stacklevel=4,
             )
         return candidates[0], False
     started = time.perf_counter()
@@ -712,10 +699,11 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
-def _warn_once(kind: str, message: str) -> None:
+def _warn_once(kind: str, message: str, stacklevel: int = 5) -> None:
+    """A RuntimeWarning, once per kind in the process (until reset())."""
     if kind not in _warned:
         _warned.add(kind)
-        warnings.warn(message, RuntimeWarning, stacklevel=5)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def config_name(config: dict) -> str:

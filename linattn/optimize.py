@@ -158,7 +158,7 @@ class FusedSequential(nn.Sequential):
 
     def __init__(self, seq: nn.Sequential, runs: list[tuple[int, int, ConvBNAct]]):
         super().__init__(OrderedDict(seq._modules))
-        self.train(seq.training)
+        self.training = seq.training  # its own mode: its children (the Sequential's) keep theirs
         children = list(self._modules.values())
         steps, i = [], 0
         for start, stop, block in runs:
@@ -220,7 +220,7 @@ class FusedUpsampleBlock(EvalConstants):
         self.linear = linear
         self.act = act
         self.norm = norm
-        self.train(linear.training)
+        self.training = linear.training  # (not .train(): the adopted modules keep their own modes)
 
     def extra_repr(self) -> str:
         return f"act={self.act!r}"
@@ -255,7 +255,7 @@ class FusedResidualBlock(nn.Module):
         super().__init__()
         self.main = main
         self.shortcut = shortcut
-        self.train(main.training)
+        self.training = main.training  # (not .train(): the adopted modules keep their own modes)
 
     def forward(self, x: Tensor) -> Tensor:
         # the layout check inline, not a forward pre-hook as on the other fused modules: any hook sends every call
@@ -285,7 +285,7 @@ class FusedNeck(nn.Module):
         self.input_keys, self.output_keys = list(source.input_keys), list(source.output_keys)
         self.input_ops, self.middle, self.output_ops = source.input_ops, source.middle, source.output_ops
         self.size = size
-        self.train(source.training)
+        self.training = source.training  # (not .train(): the adopted modules keep their own modes)
 
     def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         maps = [op.op_list[0](features[key]) for key, op in zip(self.input_keys, self.input_ops)]
@@ -478,7 +478,7 @@ def _convert_conv_norm_act(module: nn.Module):
     bn = _check_bn(module.norm)
     act = _act(module.act)
     block = _block(module.conv, bn, act, "conv_bn_act")
-    block.train(module.training)
+    block.training = module.training
     return block, f"conv {tuple(module.conv.kernel_size)}, {'BN, ' if bn is not None else ''}{act}"
 
 
@@ -624,7 +624,7 @@ def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
             for part in (conv, bn, act_mod):  # (a pattern's whole subtree is checked in _replace)
                 _check_plain(part)
             block = _block(conv, bn, _act(act_mod) if act_mod is not None else None, order)
-            block.train(seq.training)
+            block.training = seq.training
             runs.append((i, stop, block))
             i = stop
         except _Skip as why:
@@ -771,12 +771,7 @@ def optimize(
     if channels_last is None:
         channels_last = any(p.is_cuda for p in model.parameters())
     report = OptimizeReport(backend=backend, training=model.training, channels_last=bool(channels_last))
-    # every module's own mode, as the user set it (a frozen BatchNorm in a model fine-tuned in train mode, a
-    # dropout kept on for MC dropout): the fused modules' constructors set their sources' modes recursively
-    modes = [(m, m.training) for m in model.modules()]
     new = _convert(model, "", report)
-    for m, mode in modes:
-        m.training = mode
     if new is not None:
         model = new
     if channels_last:

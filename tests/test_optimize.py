@@ -814,6 +814,12 @@ def test_each_modules_own_mode_is_kept():
     mc[3].train()
     fused = linattn.optimize(mc, inplace=True)
     assert fused[3].training and not fused[1].training
+    # the fused modules' own constructors, called directly, leave the modules they adopt in their modes too
+    conv, frozen = nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8).eval()
+    assert ConvBNAct.from_modules(conv, frozen).training and not frozen.training
+    attention = timm_mit.LiteMLA(16, 16, heads=2, dim=8, scales=(3,))
+    attention.proj.norm.eval()
+    assert LiteMLA.from_module(attention).training and not attention.proj.norm.training
 
 
 def test_hooks_on_modules_a_fused_block_bypasses_are_kept():

@@ -171,7 +171,9 @@ class ConvBNAct(EvalConstants):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._adopt(conv, bn, act, order)
-        module.train(conv.training)
+        # its own mode alone: .train() would set the adopted conv's and BatchNorm's too (a BatchNorm frozen in a
+        # model fine-tuned in train mode would run on batch statistics)
+        module.training = conv.training
         return module
 
     def extra_repr(self) -> str:

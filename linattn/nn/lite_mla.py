@@ -320,4 +320,8 @@ class LiteMLA(EvalConstants):
         new.aggreg = module.aggreg
         # the official module has relu_quadratic_att for small maps; timm's has only the linear path
         new.quadratic_small_maps = bool(getattr(module, "quadratic_small_maps", hasattr(module, "relu_quadratic_att")))
-        return new.train(module.training)
+        adopted = [(m, m.training) for m in module.modules()]
+        new.train(module.training)  # the modules it made; those it adopted keep their own modes (a frozen norm)
+        for m, mode in adopted:
+            m.training = mode
+        return new
