@@ -1,9 +1,10 @@
 """Measured dispatch: "auto" on a GPU times every implementation that can run a call and keeps the fastest.
 
 The first call with a new key (op, pass, every tensor's shape, strides and dtype, the other arguments, the GPU's
-name, linattn/torch/triton versions) runs each candidate implementation on the call's own inputs into scratch
-outputs (a runner the op hands over), timed on the GPU with CUDA events after a warm-up (the GPU's time, not the
-host's: cuda_median_ms), and keeps the one with the smallest median; ties go to the registry's priority order.
+name, linattn/torch/triton/cuDNN versions, a float32 call's TF32 settings: _tf32) runs each candidate implementation
+on the call's own inputs into scratch outputs (a runner the op hands over), timed on the GPU with CUDA events after
+a warm-up (the GPU's time, not the host's: cuda_median_ms), and keeps the one with the smallest median; ties go to
+the registry's priority order.
 Later calls with that key are one dictionary lookup. Choices persist per GPU and versions as JSON in
 LINATTN_CACHE_DIR (default ~/.cache/linattn), loaded at first use; tables shipped in the package (linattn/tables/)
 are read first. Each choice keeps the candidates it was made among: a call that has one it was not made among (an
@@ -134,14 +135,18 @@ def versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return {"linattn": __version__, "torch": torch.__version__, "triton": triton_version}
+    # cuDNN's version too: PyTorch's path and the cuda backend's convs run its kernels, and a pip install can change
+    # it under the same torch
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"linattn": __version__, "torch": torch.__version__, "triton": triton_version, "cudnn": str(cudnn)}
 
 
 @functools.cache
 def table_name(device_name: str) -> str:
     """The file of one GPU and versions: choices measured elsewhere do not carry over."""
     v = versions()
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{device_name}-linattn{v['linattn']}-torch{v['torch']}-triton{v['triton']}")
+    slug = f"{device_name}-linattn{v['linattn']}-torch{v['torch']}-triton{v['triton']}-cudnn{v['cudnn']}"
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", slug)
     return f"{slug.strip('-')}.json"
 
 
@@ -614,6 +619,8 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         return candidates[0], False
     device_name = _device_name(device)
     pass_ = f"{pass_}+host" if host_time else pass_
+    if any(type(a) in PLAIN and a.dtype is torch.float32 for a in args):
+        pass_ += _tf32()
     memo = (op, pass_, device_name, tuple(candidates), _signature(args))
     if (chosen := _memo.get(memo)) is not None:
         return chosen, True
@@ -682,6 +689,19 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         if kept:
             _keep(device_name, key, chosen, candidates)
     return chosen, True
+
+
+def _tf32() -> str:
+    """The pass suffix of a float32 call: whether PyTorch's path may run it in TF32 (cuDNN's convs, cuBLAS's
+    matmuls), which makes that path several times faster than our kernels' full fp32 products, so a choice made
+    under one setting does not stand for the other. Read when a call is first chosen: a process that changes the
+    setting later keeps the plans made before (forget_plans)."""
+    try:
+        conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # the legacy and the per-operator settings were mixed: read the per-operator ones
+        conv = torch.backends.cudnn.conv.fp32_precision == "tf32"
+        matmul = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return "+ieeeconv" * (not conv) + "+tf32matmul" * matmul  # what differs from PyTorch's defaults
 
 
 def _remember(memo: dict, key, value) -> None:

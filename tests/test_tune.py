@@ -972,3 +972,35 @@ def test_the_per_signature_memos_stay_bounded(tuned, monkeypatch):
     assert 0 < len(_tune._memo) <= 3
     calls.clear()
     assert _resolve(runner, device, torch.empty(2)) == "cuda" and calls == []  # forgotten here, still in the table
+
+
+@pytest.fixture
+def tf32_settings():
+    """Restores PyTorch's TF32 settings (monkeypatch cannot: they are module __getattr__ properties)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_float32_calls_are_keyed_by_the_tf32_setting(tuned, tmp_path, tf32_settings):
+    speed, calls, runner, device = tuned
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.empty(4, 8)
+    timed = []
+    for allowed in (True, False, True):
+        torch.backends.cudnn.allow_tf32 = allowed
+        _tune.reset()  # a new process, with the table on disk
+        calls.clear()
+        _resolve(runner, device, x)
+        timed.append(len(calls))
+    assert timed == [3, 3, 0]  # the third call has the first one's key: read from the table
+    (path,) = tmp_path.glob("*.json")
+    keys = sorted(json.loads(path.read_text())["choices"])
+    assert keys == ["toy:fwd+ieeeconv:(4, 8)/(8, 1)/float32;2", "toy:fwd:(4, 8)/(8, 1)/float32;2"]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    _resolve(runner, device, x)
+    _resolve(runner, device, x.half())  # half precision runs no TF32: no suffix
+    assert [row["key"] for row in _tune.timings()[-2:]] == [
+        "toy:fwd+tf32matmul:(4, 8)/(8, 1)/float32;2",
+        "toy:fwd:(4, 8)/(8, 1)/float16;2",
+    ]
