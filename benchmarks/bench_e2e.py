@@ -69,6 +69,8 @@ from linattn.benchmarks.common import (
     announce,
     compiled,
     cpu_timing,
+    default_device,
+    device_arg,
     error_line,
     first_call,
     flag_wrong,
@@ -493,7 +495,7 @@ def parse_args(argv):
     parser.add_argument("--providers", nargs="+", help=f"some of {', '.join(PROVIDERS)} (default: all on GPU; "
                         f"{', '.join(CPU_PROVIDERS)} on CPU)")  # fmt: skip
     parser.add_argument("--backend", choices=linattn.BACKENDS, help="linattn backend (default: auto; reference on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default=default_device())
     parser.add_argument("--top-ops", type=int, default=10, help="ops kept from each profile (default 10)")
     parser.add_argument("--out", default="benchmarks/results", help="folder of the result files and plot")
     parser.add_argument("--quick", action="store_true", help="tiny inputs (64x64, XL 128x128): checks the harness")

@@ -782,15 +782,15 @@ def time_layer(fn: Callable, device: torch.device, calls: int = LAYER_CALLS, rep
 def main(argv=None) -> None:
     import argparse
 
-    from linattn.benchmarks.common import environment, save_results
+    from linattn.benchmarks.common import default_device, device_arg, environment, save_results
 
     parser = argparse.ArgumentParser(description="one conv_bn_act call's host time, layer by layer")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default=default_device())
     parser.add_argument("--out", help="append the rows to OUT/host_layers.jsonl")
     parser.add_argument("--calls", type=int, default=LAYER_CALLS)
     parser.add_argument("--repeats", type=int, default=LAYER_REPEATS)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     torch.set_num_threads(THREADS)
     env = environment(device)
 

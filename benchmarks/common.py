@@ -8,6 +8,7 @@ the median ms of `reps` timed calls, `iqr_pct`, `min_ms`, `max_ms`), and its
 `timer` says which clock took it (CUDA events, or perf_counter on a CPU).
 """
 
+import argparse
 import contextlib
 import csv
 import datetime
@@ -308,6 +309,26 @@ def pct_fma(rows: Sequence[dict], fmas: Callable[[dict], int], device: torch.dev
     for row in rows:
         if peak and row.get("ms"):
             row["pct_fma"] = 100 * 2 * fmas(row) / (row["ms"] * 1e-3) / 1e12 / peak
+
+
+def device_arg(text: str) -> torch.device:
+    """--device's type: "cpu", or a CUDA device this machine has (argparse's error otherwise, not a traceback at
+    the first tensor)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu or cuda[:index])") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"benchmarks run on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count or not count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_device(args, cpu_run: str, gpu_run: str) -> tuple[torch.device, bool]:
@@ -704,7 +725,7 @@ def add_benchmark_args(
         action="store_true",
         help="replay calls from a CUDA graph (no launch overhead; inputs may stay in L2)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default=default_device())
     parser.add_argument("--out", default="benchmarks/results", help="folder of the result files and plot")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, numbers not kept")
 

@@ -811,6 +811,21 @@ def test_cli_rejects_unknown_or_bad_options(argv, capsys):
     assert exit.value.code == 2 and ("unrecognized arguments" in capsys.readouterr().err or argv[0] == "bench")
 
 
+@pytest.mark.parametrize(
+    ("device", "says"),
+    [("cdua", "not a device"), ("meta", "cpu or cuda"), (f"cuda:{torch.cuda.device_count()}", "CUDA device(s)")],
+)
+def test_a_bad_device_is_an_argument_error(device, says, capsys):
+    from linattn.__main__ import main as cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli(["bench", "--device", device])
+    assert exit.value.code == 2 and "argument --device: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_lite_mla.main(["--quick", "--device", device])
+    assert says in capsys.readouterr().err
+
+
 def test_interrupting_a_benchmark_keeps_its_rows(capsys):
     rows = []
     with common.measuring(3, "toy") as bar:
