@@ -115,6 +115,22 @@ def test_forced_kernel_backend_rejects_what_it_cannot_run():
             linattn.relu_linear_attention(q, q, q)
 
 
+def test_an_image_past_int32_offsets_runs_on_the_reference_only():
+    """The kernels index within an image in int32: one image's span (not the batch's) decides. Meta tensors: no
+    memory."""
+    from linattn.ops._common import IMAGE_ELEMENTS, kernel_problem
+
+    n = IMAGE_ELEMENTS // 1024 + 1  # 1024 rows of n: one image just past the limit
+    big = torch.empty(8, 1024, n, device="meta", dtype=torch.bfloat16)
+    assert kernel_problem(big[:, :-1]) is None  # each image below the limit; 8 of them over it: int64 across images
+    assert "one image spans" in kernel_problem(big)
+    assert "one image spans" in kernel_problem(big[:, :-1], big)  # any of the call's tensors
+    assert "int32 offsets" in kernel_problem(big[:1, :1], out_elements=IMAGE_ELEMENTS + 1)  # an output not yet made
+    corners = big[:, ::1023, :: n - 1]  # 4 elements an image, at its first and last offsets
+    assert corners.numel() == 8 * 4 and "one image spans" in kernel_problem(corners)
+    assert kernel_problem(big.to(torch.float64)[:1, :1]) == "dtype torch.float64 runs on the reference backend only"
+
+
 # --- messages a new user ran into (issue 11) ---
 
 

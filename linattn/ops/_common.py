@@ -14,10 +14,31 @@ from ..reference import channels_last
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def kernel_problem(t: Tensor) -> str | None:
-    """Why the kernels cannot take tensors like t (the reference can), or None."""
+# The kernels index across images (and heads) in int64 but within one image in int32, in their hot loops: an
+# image of more elements than this runs on the reference (PyTorch's path, 64-bit where it must be).
+IMAGE_ELEMENTS = 2**31 - 1
+
+
+def image_span(t: Tensor) -> int:
+    """How many elements one image of t (everything but dim 0) reaches past its first: its largest offset + 1."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def kernel_problem(t: Tensor, *others: Tensor | None, out_elements: int = 0) -> str | None:
+    """Why the kernels cannot take t with the call's other tensors (the reference can), or None: t's dtype, or one
+    image of a tensor (or of an output of out_elements per image, not yet made) too large for int32 offsets."""
     if t.dtype not in KERNEL_DTYPES:
         return f"dtype {t.dtype} runs on the reference backend only"
+    for u in (t, *others):
+        # a storage of at most IMAGE_ELEMENTS bounds every offset in it: one cheap call, and the exact span only
+        # where the storage is larger (gigabytes)
+        if u is not None and u.untyped_storage().nbytes() > IMAGE_ELEMENTS * u.element_size():
+            out_elements = max(out_elements, image_span(u))
+    if out_elements > IMAGE_ELEMENTS:
+        return (
+            f"one image spans {out_elements} elements, over the kernels' int32 offsets within an image "
+            f"({IMAGE_ELEMENTS})"
+        )
     return None
 
 

@@ -157,7 +157,8 @@ def _decide(op, x, weight, bias, stride, padding, dilation, groups, act, post_sc
     if HOST_AWARE:  # each candidate on the path its planned calls take, whose host time is timed too
         scratch = _planned_runner(call, out, shuffle)
     cudnn_call = limit_call(*call[1:], None if shuffle else out)  # what cuda_limit asks cuDNN
-    impl = resolve(op, "fwd", x.device, kernel_problem(x), (cudnn_call,), runner=scratch, inputs=(*call[1:], out),
+    problem = kernel_problem(x, residual, out)
+    impl = resolve(op, "fwd", x.device, problem, (cudnn_call,), runner=scratch, inputs=(*call[1:], out),
                    host_time=HOST_AWARE)  # fmt: skip
     return impl, _triton_config(op, *call[1:], out, shuffle) if impl == "triton" else None
 
@@ -342,7 +343,7 @@ def _backward(grad_out, x, weight, bias, stride, padding, dilation, groups, act,
 
 def _backward_body(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale) -> tuple:
     call = (grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
-    impl = resolve(OP, "bwd", x.device, kernel_problem(x), runner=lambda b: _conv_bwd(*call, b), inputs=call)
+    impl = resolve(OP, "bwd", x.device, kernel_problem(x, grad_out), runner=lambda b: _conv_bwd(*call, b), inputs=call)
     dx, dw, db, ds, dt = _conv_bwd(*call, impl)
     dx_out = new_feature_map(x, x.shape[1], *x.shape[-2:])
     dx_out.copy_(dx)
@@ -692,7 +693,7 @@ def _separable_impl(call: tuple, out: Tensor) -> str:
     """The implementation dispatch picks for the pair's call `call` writing `out`."""
     x = call[0]
     scratch = lambda b: _separable_fwd(*call, scratch_like(out), b)  # noqa: E731
-    return resolve(SEPARABLE, "fwd", x.device, kernel_problem(x), runner=scratch, inputs=(*call, out))
+    return resolve(SEPARABLE, "fwd", x.device, kernel_problem(x, out), runner=scratch, inputs=(*call, out))
 
 
 def _separable_fwd(x, dw_weight, dw_bias, stride, padding, dilation, dw_act, weight, bias, act, ps, pt, residual, out,

@@ -68,7 +68,7 @@ def attention_fwd(op: str, q: Tensor, k: Tensor, v: Tensor, eps: float, out: Ten
     """Write the attention into out with implementation `impl` (None: the one dispatch chooses); returns out."""
     if impl is None:
         scratch = lambda b: attention_fwd(op, q, k, v, eps, scratch_like(out), b)
-        impl = resolve(op, "fwd", q.device, kernel_problem(q), runner=scratch, inputs=(q, k, v, eps, out))
+        impl = resolve(op, "fwd", q.device, kernel_problem(q, k, v, out), runner=scratch, inputs=(q, k, v, eps, out))
     if impl == "reference":
         out.copy_(reference.relu_linear_attention(q, k, v, eps))
     elif impl == "triton":
@@ -90,7 +90,8 @@ def attention_bwd(
         def scratch(b):
             return attention_bwd(op, g, q, k, v, eps, *(scratch_like(t) for t in (dq, dk, dv)), b)
 
-        impl = resolve(op, "bwd", q.device, kernel_problem(q), runner=scratch, inputs=(g, q, k, v, eps, dq, dk, dv))
+        problem = kernel_problem(q, k, v, g)
+        impl = resolve(op, "bwd", q.device, problem, runner=scratch, inputs=(g, q, k, v, eps, dq, dk, dv))
     if impl == "reference":
         for dst, src in zip((dq, dk, dv), reference.relu_linear_attention_backward(g, q, k, v, eps)):
             dst.copy_(src)

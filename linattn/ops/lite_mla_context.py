@@ -82,7 +82,7 @@ def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases,
         like = _output(qkv, heads, dim, len(dw_weights))  # laid out as every call's output
         scratch = lambda b: _context_fwd(*call, scratch_like(like), b)  # noqa: E731
         dtypes = other_dtypes(qkv, dw_weights, pw_weights, dw_biases, pw_biases)
-        impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv), (dtypes,), runner=scratch, inputs=call)
+        impl = resolve(OP, "fwd", qkv.device, kernel_problem(qkv, like), (dtypes,), runner=scratch, inputs=call)
         # prepared where the call's tensors are laid out as the kernels take them (else _context_fwd copies)
         prepared = (
             impl == "triton"

@@ -116,7 +116,7 @@ def aggregate_fwd(op: str, qkv, dw_weights, pw_weights, heads, dw_biases, pw_bia
         call = (qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
         scratch = lambda b: aggregate_fwd(op, *call, scratch_like(out), b)
         dtypes = other_dtypes(qkv, dw_weights, pw_weights, dw_biases, pw_biases)
-        impl = resolve(op, "fwd", qkv.device, kernel_problem(qkv), (dtypes,), runner=scratch, inputs=(*call, out))
+        impl = resolve(op, "fwd", qkv.device, kernel_problem(qkv, out), (dtypes,), runner=scratch, inputs=(*call, out))
     if impl == "reference":
         return out.copy_(reference.multiscale_aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases))
     dws = dw_for(impl, dw_weights)
@@ -169,7 +169,7 @@ def _multiscale_aggregate_backward(
     call = (grad_out, qkv, dw_weights, pw_weights, heads, dw_biases)
     runner = lambda b: _aggregate_bwd(*call, b)  # noqa: E731
     dtypes = other_dtypes(qkv, dw_weights, pw_weights, dw_biases)
-    impl = resolve(OP, "bwd", qkv.device, kernel_problem(qkv), (dtypes,), runner=runner, inputs=call)
+    impl = resolve(OP, "bwd", qkv.device, kernel_problem(qkv, grad_out), (dtypes,), runner=runner, inputs=call)
     dx, dwd, dwp, dbd, dbp = _aggregate_bwd(*call, impl)
     dqkv = new_feature_map(qkv, qkv.shape[1])
     dqkv.copy_(dx)

@@ -60,7 +60,8 @@ def _upsample_sum_fwd(inputs: list[Tensor], size: list[int], impl: str | None = 
     first = inputs[0]
     if impl is None:
         runner = lambda b: _upsample_sum_fwd(inputs, size, b)  # noqa: E731
-        impl = resolve(OP, "fwd", first.device, kernel_problem(first), (len(inputs),), runner, (inputs, size))
+        problem = kernel_problem(*inputs, out_elements=first.shape[1] * size[0] * size[1])
+        impl = resolve(OP, "fwd", first.device, problem, (len(inputs),), runner, (inputs, size))
     if impl == "reference":
         return reference.upsample_sum(inputs, size)
     from ..kernels.upsample_sum import upsample_sum_fwd
