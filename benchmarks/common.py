@@ -18,6 +18,7 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import textwrap
 import threading
 import time
@@ -285,16 +286,29 @@ FP32_LANES = {(6, 0): 64, (7, 0): 64, (7, 2): 64, (7, 5): 64, (8, 0): 64}
 @functools.cache
 def _fma_peak_tflops(index: int) -> float | None:
     props = torch.cuda.get_device_properties(index)
-    khz = getattr(props, "clock_rate", None)  # the highest clock; not reported by every torch
+    khz = getattr(props, "clock_rate", None) or _max_sm_khz(f"GPU-{props.uuid}")  # torch 2.11 has no clock_rate
     if not khz:
         return None
     lanes = FP32_LANES.get((props.major, props.minor), 128)
     return props.multi_processor_count * lanes * 2 * khz * 1e3 / 1e12
 
 
+def _max_sm_khz(uuid: str) -> int | None:
+    """The GPU's highest SM clock in kHz as nvidia-smi reports it, or None."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "-i", uuid, "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        return int(done.stdout.split()[0]) * 1000 if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def fma_peak_tflops(device: torch.device | str) -> float | None:
     """The GPU's fp32 peak in TFLOP/s (an FMA is 2 flops): SMs x fp32 lanes an SM x its highest clock. None on
-    the CPU, or where torch does not report the clock. A theoretical figure: a GPU under load may clock lower."""
+    the CPU, or where neither torch nor nvidia-smi reports the clock. A theoretical figure: a GPU under load may
+    clock lower."""
     device = torch.device(device)
     if device.type != "cuda":
         return None

@@ -242,8 +242,8 @@ def test_bench_multiscale_quick(tmp_path):
 
 def test_fp32_peak_and_pct_fma(monkeypatch):
     """fma_peak_tflops: SMs x fp32 lanes x 2 x the highest clock, NVIDIA's datasheet figures for an H100 SXM (67)
-    and an A100 (19.5); none where torch reports no clock, or on the CPU. pct_fma: a timed row's FMAs a second
-    against it; the context's taps count every scale's k*k a qkv element (fwd+bwd: 3x)."""
+    and an A100 (19.5); none where neither torch nor nvidia-smi reports the clock, or on the CPU. pct_fma: a timed
+    row's FMAs a second against it; the context's taps count every scale's k*k a qkv element (fwd+bwd: 3x)."""
     from types import SimpleNamespace
 
     def gpu(**props):
@@ -259,7 +259,16 @@ def test_fp32_peak_and_pct_fma(monkeypatch):
     assert rows[0]["pct_fma"] == pytest.approx(100.0, rel=0.01) and "pct_fma" not in rows[1]
     assert bench_multiscale.tap_fmas(shape, "fwd+bwd") == 3 * 16 * 1536 * 256 * 25
     assert gpu(major=8, minor=0, multi_processor_count=108, clock_rate=1_410_000) == pytest.approx(19.5, abs=0.05)
-    assert gpu(major=9, minor=0, multi_processor_count=132) is None
+    asked = []
+
+    def smi(argv, **kwargs):  # nvidia-smi's answer where torch reports no clock (torch 2.11)
+        asked.append(argv[2])
+        return SimpleNamespace(returncode=0 if argv[2] == "GPU-h100" else 6, stdout="1980\n")
+
+    monkeypatch.setattr(common.subprocess, "run", smi)
+    assert gpu(major=9, minor=0, multi_processor_count=132, uuid="h100") == pytest.approx(66.9, abs=0.05)
+    assert gpu(major=9, minor=0, multi_processor_count=132, uuid="unknown") is None
+    assert asked == ["GPU-h100", "GPU-unknown"]
     common._fma_peak_tflops.cache_clear()
     assert common.fma_peak_tflops("cpu") is None
 
