@@ -456,8 +456,9 @@ def dispatch_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def target_lines(rows: list[dict]) -> list[str]:
-    """Per bf16 batch-16 case with a target: the faster linattn provider against each target."""
+def target_lines(rows: list[dict], device: str = "") -> list[str]:
+    """Per bf16 batch-16 case with a target: the faster linattn provider against each target (set for an H100;
+    `device`: the GPU that ran them, named where it is another)."""
     lines = []
     for case in dict.fromkeys(r["case"] for r in rows):
         mine = [r for r in rows if r["case"] == case]
@@ -472,7 +473,8 @@ def target_lines(rows: list[dict]) -> list[str]:
             show = (lambda v: f"{v:.0f}") if key == "img_s" else (lambda v: f"{v:.2f}x")
             verdict = "not measured" if got is None else f"{show(got)}: {'meets' if got >= goal else 'misses'}"
             parts.append(f"{key} >= {show(goal)} ({verdict})")
-        lines.append(f"{case} targets (H100), {best['provider']}: " + "; ".join(parts))
+        where = "H100" if not device or "H100" in device else f"set for an H100, run on an {device}"
+        lines.append(f"{case} targets ({where}), {best['provider']}: " + "; ".join(parts))
     return lines
 
 
@@ -531,7 +533,7 @@ def main(argv=None) -> list[dict]:
     plot = {"x": "model", "y": "img_s", "panel_rows": "batch", "hline": None, "ylabel": "images/s"}
     saved = [{k: v for k, v in row.items() if k != "case"} for row in rows]
     report(saved, TABLE, args.out, result_name(NAME, args.quick, device), env, **plot)
-    for line in dispatch_lines(rows) + target_lines(rows):
+    for line in dispatch_lines(rows) + target_lines(rows, env["device"]):
         print(line)
     print(f"bench: {time.perf_counter() - start:.0f} s")
     if bad := failed(rows):

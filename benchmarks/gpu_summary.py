@@ -129,7 +129,7 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
         for step in steps:
             log = work / "logs" / f"{step['step']}.log"
             if step["step"].startswith("bench-e2e") and log.exists():
-                lines += [s for s in log.read_text(errors="replace").splitlines() if "targets (H100)" in s]
+                lines += [s for s in log.read_text(errors="replace").splitlines() if " targets (" in s]
     lines += context_lines(rows)
     lines += host_lines(rows)
     lines += dispatch_lines(work / "results")

@@ -512,6 +512,9 @@ def test_bench_e2e_target_lines():
     assert "speedup_vs_max_autotune >= 1.25x (not measured)" in lines[0]
     assert lines[1] == "efficientvit-sam-l0 bf16 B16 targets (H100), linattn: img_s >= 2000 (2500: meets)"
     assert bench_e2e.target_lines([{**r, "dtype": "fp32"} for r in rows]) == []  # targets are bf16 at batch 16
+    assert bench_e2e.target_lines(rows, "NVIDIA H100 80GB HBM3")[1] == lines[1]
+    h200 = bench_e2e.target_lines(rows, "NVIDIA H200")[1]
+    assert h200.startswith("efficientvit-sam-l0 bf16 B16 targets (set for an H100, run on an NVIDIA H200), linattn:")
 
 
 def test_bench_e2e_host_profile_names_where_the_time_goes():
