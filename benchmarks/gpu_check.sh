@@ -20,22 +20,28 @@
 #                           launch at B16 and 1 in bf16 (measured dispatch's candidates too) compiled at once,
 #                           one process per core, into Triton's cache: the first H100 pass's optimized L0 did not
 #                           finish its first call in 90 s, compiling kernel after kernel
-#   pytest             140  the GPU tests: those parametrized on CUDA (-k cuda; PYTEST_ARGS replaces it), with
-#                           pytest-timeout (60 s a test) and pytest-xdist (all cores but two) when installed;
-#                           stopped by SIGINT at its bound; verbose, so each failure is named as it happens (the
-#                           sixth H100 pass: 240 tests in 76 s on 14 workers with the kernels compiled, past 106 s
-#                           on a bare machine; the ninth pass's 290 reached 100% at its 110 s bound; 409 now, 108 of
-#                           them small row-sliding depthwise compiles)
+#   tune                60  only where the package ships no dispatch table for this GPU (an H200: the shipped one
+#                           is the H100's): python -m linattn tune measures the first model's calls at B16 and 1
+#                           (L0: about 75 choices, 30-40 s on an H100), which bench-e2e's warm-up would otherwise
+#                           do inside its own bound
+#   pytest             140  the GPU tests: those parametrized on CUDA but the 108 small depthwise compiles of
+#                           test_cuda_dw3_kernel_every_gpu_config (-k "cuda and not every_gpu_config"; PYTEST_ARGS
+#                           replaces it, its words as the shell splits them), with pytest-timeout (60 s a test,
+#                           thread method: a test hung in a CUDA call ends its worker) and pytest-xdist (all cores
+#                           but two) when installed; stopped by SIGINT at its bound; verbose, so each failure is
+#                           named as it happens (the sixth H100 pass: 240 tests in 76 s on 14 workers with the
+#                           kernels compiled, past 106 s on a bare machine; the ninth pass's 290 reached 100% at its
+#                           110 s bound; 310 now)
 #   bench-e2e-l0       150  python -m linattn bench: eager, compile, linattn, linattn-graph at B16 bf16 (img_s),
 #                           each with its batch-1 latency (lat_b1_ms) and host time (host_b1_ms); no max-autotune
 #                           (the sixth H100 pass's L0 took 127 s, measured dispatch timing 146 choices)
+#   check              120  python -m linattn check: every op on every backend against the reference (a bare
+#                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
+#                           on its bare one)
 #   bench-host          60  benchmarks/bench_host.py: one B1 conv_bn_act call's host time at each layer of its path
 #                           (module, functional, body, forced backends, Triton's launcher, its bare launch, cuDNN's
 #                           op) against eager's ops, under inference mode as bench-e2e; module-grad: the eval module
 #                           with autograd on. Where the no-graph batch-1 forward's host time goes
-#   check              120  python -m linattn check: every op on every backend against the reference (a bare
-#                           machine compiles every kernel here: 17 s on the sixth pass's warm machine, about 90 s
-#                           on its bare one)
 #   bench-conv-bn-act   40  eager against the triton, cuda and auto conv paths at eight shapes (one of each kind
 #                           and model, L0's stride-2 depthwise, and L0's MBConv depthwise -> 1x1 pair fused), B16,
 #                           bf16, replayed as CUDA graphs: the kernels' time, not the host's (22 s on the ninth
@@ -54,13 +60,14 @@
 #   kernels             40  benchmarks/profile_kernels.py: the profiler's per-kernel view (time, registers,
 #                           shared memory, occupancy, bandwidth over the call's span) of the conv and LiteMLA
 #                           benchmarks' headline shapes, eager, triton and cuda
-#   bench-e2e-l0-host-aware
-#                      150  bench-e2e-l0's linattn providers again under LINATTN_HOST_AWARE=1 (measured dispatch
+#   e2e-l0-host-aware  150  bench-e2e-l0's linattn providers again under LINATTN_HOST_AWARE=1 (measured dispatch
 #                           weighs each conv's host time too, linattn/_tune.py), rows in results/host_aware/
 #   sanitizer-memcheck  60  compute-sanitizer --tool memcheck over `check`, PyTorch's caching allocator off
 #   bench-linear-attention  40
 #   bench-upsample-sum      the neck merge (l0, xl1), as the other op benchmarks
 # Opt-in (named in STEPS, or PROFILE=full): sanitizer-racecheck, sanitizer-initcheck.
+# Opt-in (named in STEPS): every-gpu-config (140 s): test_cuda_dw3_kernel_every_gpu_config, which the quick profile's
+#   pytest leaves out.
 # Opt-in (named in STEPS): sanitizer-csrc-memcheck, sanitizer-csrc-racecheck (60 s each): the two tools over `check`'s
 #   attention ops on the cuda backend only (csrc's kernels, the tensor-core context among them); STEPS=sanitizer-csrc
 #
@@ -83,7 +90,10 @@
 # gpu.txt lists what is missing. OUT_DIR receives at most 8 files (5): gpu_check.tar.gz (the work folder: every
 # log, result file, plot, pytest.xml), summary.txt (the step table and the headline numbers), results.jsonl
 # (every benchmark row of this pass, each with its results_file and run), gpu.txt (GPU, driver, versions,
-# missing packages) and e2e.png. The step table and headline numbers are printed last.
+# missing packages) and e2e.png. The step table and headline numbers are printed last. They are written however the
+# pass ends: a TERM or INT (the outer `timeout`) stops the running step and writes them. Measured dispatch's table
+# (LINATTN_CACHE_DIR, default ~/.cache/linattn: kept for a second call on the warm machine) is copied into the tar's
+# dispatch_table/, to ship for a GPU that has none.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
@@ -110,6 +120,7 @@ case $PROFILE in
 esac
 
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+export LINATTN_CACHE_DIR=${LINATTN_CACHE_DIR:-$HOME/.cache/linattn}
 # every benchmark row of this pass carries this id (its `run` column); plots draw the rows of the latest run
 export LINATTN_BENCH_RUN=${LINATTN_BENCH_RUN:-gpu_check-$(date -u +%Y%m%dT%H%M%SZ)}
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-5} # progress bars in log files: a line every 5 s, not every case
@@ -153,9 +164,13 @@ step() { # step NAME BOUND_S OPTIONAL CMD...: run CMD under timeout, log to WORK
         # pytest stopped by SIGINT still prints its summary (-rfEs: the failures) and writes pytest.xml; the
         # benchmarks save the rows they have on SIGTERM (the third H100 pass's pytest log named no test)
         local sig=TERM
-        [[ $name == pytest ]] && sig=INT
-        timeout --signal="$sig" --kill-after="$KILL_AFTER" "$bound" "$@" > "$log" 2>&1
+        [[ $name == pytest || $name == every-gpu-config ]] && sig=INT
+        # in the background, waited for: a signal to this script runs its trap now, not when the step ends
+        timeout --signal="$sig" --kill-after="$KILL_AFTER" "$bound" "$@" > "$log" 2>&1 &
+        RUNNING=$! RUNNING_NAME=$name RUNNING_T0=$t0
+        wait "$RUNNING"
         rc=$?
+        RUNNING=
     fi
     local status=ok
     ((rc != 0)) && status=FAIL
@@ -177,9 +192,9 @@ bench_args() { # bench_args VAR DEFAULT...: the options of a benchmark, VAR's wo
 # ---- the machine: GPU, driver, versions, packages (always; written to gpu.txt) ----
 {
     echo "gpu_check.sh PROFILE=$PROFILE BUDGET_S=$BUDGET_S STEPS=${STEPS:-<default>} $(date -u +%FT%TZ)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
-    nvidia-smi 2>&1 | head -n 20
-    nvcc --version 2>&1 | tail -n 2
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
+    timeout 20 nvidia-smi 2>&1 | head -n 20
+    timeout 20 nvcc --version 2>&1 | tail -n 2
     command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"
     echo "cpus: $(nproc); kernel: $(uname -r)"
     echo "cudnn-frontend headers: $(cat third_party/cudnn_frontend/VERSION 2> /dev/null ||
@@ -213,8 +228,8 @@ has() { "$PY" -c "import $1" > /dev/null 2>&1; }
 # -v: each test's outcome on its own line as it ends, so a pass cut off by its bound still names its failures (the
 # ninth pass's summary never printed: its workers hung at exit in inductor's compile-worker shutdown, which one
 # compile thread, in process, does not start)
-PYTEST=(env TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$LOGS/pytest.xml")
-has pytest_timeout && PYTEST+=(--timeout "${PYTEST_TIMEOUT:-60}") # per test
+PYTEST=(env TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest -v -rfEs -p no:cacheprovider)
+has pytest_timeout && PYTEST+=(--timeout "${PYTEST_TIMEOUT:-60}" --timeout-method=thread) # per test
 WORKERS=${PYTEST_WORKERS:-$(($(nproc) > 3 ? $(nproc) - 2 : 1))} # two cores left for the GPU's feeders
 has xdist && ((WORKERS > 0)) && PYTEST+=(-n "$WORKERS")
 E2E_MODELS=${E2E_MODELS:-l0 xl1}
@@ -224,7 +239,7 @@ case $PROFILE in
     quick)
         B_BUILD=200 B_PRE=60 B_CHECK=120 B_PYTEST=140 B_SAN=60 B_E2E=150 B_BENCH=40 # XL models: 1.5 x B_E2E
         PRE=(--batch 16 1 --dtype bf16)
-        read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
+        PYTEST_SEL=(-k "cuda and not every_gpu_config")
         # 25 ops and host functions in each profile: the eighth pass's top 10 of L0's batch-1 host time (8.18 ms)
         # covered 4.6 ms of it
         E2E=(--batch 16 --dtype bf16 --providers eager compile linattn linattn-graph --top-ops 25)
@@ -245,7 +260,7 @@ case $PROFILE in
     full) # every shape at B16 and 1; compile-max-autotune re-tunes every shape: at B16 only
         B_BUILD=600 B_PRE=600 B_CHECK=600 B_PYTEST=600 B_SAN=600 B_E2E=600 B_BENCH=600
         PRE=(--batch 16 1 --dtype bf16)
-        read -r -a PYTEST_SEL <<< "${PYTEST_ARGS-}"
+        PYTEST_SEL=()
         E2E=() # every provider, compile-max-autotune included
         E2E_REST=()
         ALL=(eager compile compile-max-autotune triton cuda auto)
@@ -262,15 +277,48 @@ case $PROFILE in
     smoke)
         B_BUILD=600 B_PRE=300 B_CHECK=300 B_PYTEST=300 B_SAN=300 B_E2E=300 B_BENCH=300
         PRE=(--batch 1 --dtype bf16 --arch 90) # no GPU: compiles for an H100 all the same
-        read -r -a PYTEST_SEL <<< "${PYTEST_ARGS--k cuda}"
+        PYTEST_SEL=(-k "cuda and not every_gpu_config")
         E2E=(--quick --providers eager linattn)
         E2E_REST=("${E2E[@]}")
         LIN=(--quick) MS=(--quick) MLA=(--quick) CONV=(--quick) KERNELS=(--quick) NCU=(--quick) UPS=(--quick)
         HOST_AWARE=(--quick --providers eager linattn)
         ;;
 esac
+# PYTEST_ARGS as the shell splits it (quotes kept: PYTEST_ARGS='-k "cuda and conv"')
+[[ -n ${PYTEST_ARGS+set} ]] && eval "PYTEST_SEL=($PYTEST_ARGS)"
 NO_GPU_STEP=0
 [[ $PROFILE == smoke ]] && NO_GPU_STEP=1 # build and sanitizer need a GPU: opt-in only
+
+# ---- OUT: at most 8 files; everything else in the tar. However the pass ends ----
+RUNNING=''
+finish() {
+    trap - EXIT INT TERM
+    [[ -d $LINATTN_CACHE_DIR ]] && mkdir -p "$WORK/dispatch_table" && cp "$LINATTN_CACHE_DIR"/*.json "$WORK/dispatch_table/" 2> /dev/null
+    if ! timeout 60 "$PY" benchmarks/gpu_summary.py "$WORK" "$((SECONDS - START))" > /dev/null 2> "$LOGS/summary.err"; then
+        { echo "gpu_summary.py failed (logs/summary.err); the steps:" && cat "$WORK/steps.tsv"; } > "$WORK/summary.txt"
+    fi
+    cp "$WORK/gpu.txt" "$WORK/summary.txt" "$OUT/"
+    [[ -f $WORK/results.jsonl ]] && cp "$WORK/results.jsonl" "$OUT/"
+    for png in "$RESULTS"/e2e*.png; do
+        [[ -f $png ]] && cp "$png" "$OUT/e2e.png" && break
+    done
+    tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" . || echo "tar failed"
+    echo "OUT: $(cd "$OUT" && echo *) (work folder $WORK)"
+    cat "$WORK/summary.txt"
+}
+stopped() { # a signal: the running step stopped (its rows saved on TERM), recorded, then the files written
+    if [[ -n $RUNNING ]]; then
+        kill -TERM "$RUNNING" 2> /dev/null
+        wait "$RUNNING"
+        record "$RUNNING_NAME" STOPPED "$1" "$((SECONDS - RUNNING_T0))" -
+    fi
+    echo "== stopped by signal $1: the steps after ${RUNNING_NAME:-it} did not run"
+    finish
+    exit 143
+}
+trap 'stopped TERM' TERM
+trap 'stopped INT' INT
+trap finish EXIT
 
 # ---- the steps ----
 LOADS='from linattn._extension import load_extension; ext, why = load_extension(); assert ext, why; print("_C loads")'
@@ -312,8 +360,14 @@ fi
 # every Triton configuration of the end-to-end models' calls compiled at once (one process per core) into
 # Triton's cache, before the steps whose first calls would compile them one call at a time
 read -r -a PRE_MODELS <<< "$E2E_MODELS"
+SHIPPED='import torch; from linattn import _tune; print((_tune.SHIPPED / _tune.table_name(torch.cuda.get_device_name())).exists())'
 step precompile "$B_PRE" 0 "$PY" -m linattn tune --compile-only --model "${PRE_MODELS[@]}" "${PRE[@]}"
-step pytest "$B_PYTEST" 0 "${PYTEST[@]}" "${PYTEST_SEL[@]}"
+if [[ $PROFILE != smoke && $(timeout 60 "$PY" -c "$SHIPPED" 2> /dev/null) == False ]]; then
+    echo "no shipped dispatch table for this GPU: the tune step measures ${PRE_MODELS[0]}'s calls" | tee -a "$WORK/gpu.txt"
+    step tune "$B_PRE" 0 "$PY" -m linattn tune --model "${PRE_MODELS[0]}" "${PRE[@]}"
+fi
+step pytest "$B_PYTEST" 0 "${PYTEST[@]}" --junitxml="$LOGS/pytest.xml" "${PYTEST_SEL[@]}"
+step every-gpu-config "$B_PYTEST" 1 "${PYTEST[@]}" --junitxml="$LOGS/every-gpu-config.xml" -k "cuda and every_gpu_config"
 
 e2e() { # e2e MODEL DEFAULT...: the end-to-end benchmark of one model, DEFAULT its options unless E2E_BENCH_ARGS
     bench_args E2E_BENCH_ARGS "${@:2}"
@@ -327,8 +381,8 @@ bench() { # bench NAME ARGS_VAR SCRIPT DEFAULT...: one op benchmark
 }
 read -r -a MODELS <<< "$E2E_MODELS"
 e2e "${MODELS[0]}" "${E2E[@]}" # the GPU tests and the first model, then check and the conv kernels, then the rest
-step bench-host 60 0 "$PY" benchmarks/bench_host.py --out "$RESULTS"
 step check "$B_CHECK" 0 "$PY" -m linattn check
+step bench-host 60 0 "$PY" benchmarks/bench_host.py --out "$RESULTS"
 bench conv-bn-act CONV_BENCH_ARGS bench_conv_bn_act.py "${CONV[@]}"
 bench lite-mla LITE_MLA_BENCH_ARGS bench_lite_mla.py "${MLA[@]}"
 bench multiscale MULTISCALE_BENCH_ARGS bench_multiscale.py "${MS[@]}"
@@ -348,7 +402,7 @@ step kernels "$B_BENCH" 0 "$PY" benchmarks/profile_kernels.py --out "$RESULTS" "
 # After the op benchmarks: the ninth pass ran it before them, its bound cut to the 54 s left, and it timed out
 # with no row while they (50 s together) had no time
 bench_args HOST_AWARE_BENCH_ARGS "${HOST_AWARE[@]}"
-step bench-e2e-l0-host-aware "$B_E2E" 0 env LINATTN_HOST_AWARE=1 "$PY" -m linattn bench --model l0 \
+step e2e-l0-host-aware "$B_E2E" 0 env LINATTN_HOST_AWARE=1 "$PY" -m linattn bench --model l0 \
     --out "$RESULTS/host_aware" "${ARGS[@]}"
 for tool in memcheck racecheck initcheck; do
     optional=$NO_GPU_STEP
@@ -367,15 +421,4 @@ done
 bench linear-attention LINEAR_ATTENTION_BENCH_ARGS bench_linear_attention.py "${LIN[@]}"
 bench upsample-sum UPSAMPLE_SUM_BENCH_ARGS bench_upsample_sum.py "${UPS[@]}"
 
-# ---- OUT: at most 8 files; everything else in the tar ----
-if ! "$PY" benchmarks/gpu_summary.py "$WORK" "$((SECONDS - START))" > /dev/null 2> "$LOGS/summary.err"; then
-    { echo "gpu_summary.py failed (logs/summary.err); the steps:" && cat "$WORK/steps.tsv"; } > "$WORK/summary.txt"
-fi
-cp "$WORK/gpu.txt" "$WORK/summary.txt" "$OUT/"
-[[ -f $WORK/results.jsonl ]] && cp "$WORK/results.jsonl" "$OUT/"
-for png in "$RESULTS"/e2e*.png; do
-    [[ -f $png ]] && cp "$png" "$OUT/e2e.png" && break
-done
-tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" . || echo "tar failed"
-echo "OUT: $(cd "$OUT" && echo *) (work folder $WORK)"
-cat "$WORK/summary.txt"
+finish

@@ -63,7 +63,7 @@ def step_rows(work: Path) -> list[dict]:
 
 def combine(results: Path) -> list[dict]:
     """Every row of every results file, tagged with the file's stem (the benchmark and its suffixes); the files of
-    a variant's folder (host_aware/: the bench-e2e-l0-host-aware step) with the folder's name after the stem."""
+    a variant's folder (host_aware/: the e2e-l0-host-aware step) with the folder's name after the stem."""
     rows = []
     for path in [*sorted(results.glob("*.jsonl")), *sorted(results.glob("host_aware/*.jsonl"))]:
         name = path.stem if path.parent == results else f"{path.stem}-{path.parent.name}"

@@ -53,7 +53,7 @@ WARMUP, REPEATS = 2, 5
 # 13 cuDNN graph calls at about 52 us each and 6 PyTorch-path convs at about 97 us of conv2d alone, chosen for
 # their GPU time (6-8 us), against about 20 us for a direct Triton launch. Where the host is the bottleneck, a
 # call costs the larger of the two: timing both says so. Off until a GPU pass compares it (benchmarks/gpu_check.sh
-# bench-e2e-l0-host-aware); the choices made with it are keyed apart from the others.
+# e2e-l0-host-aware); the choices made with it are keyed apart from the others.
 HOST_AWARE = os.environ.get("LINATTN_HOST_AWARE") == "1"
 SPIN_CYCLES = 1_000_000  # GPU clock cycles ahead of each timed call: 0.5-0.7 ms at 1.4-2 GHz
 # The largest relative difference (Frobenius norm, per output tensor) from the baseline's result that measured

@@ -632,7 +632,7 @@ def test_gpu_summary(tmp_path):
     e2e = {"model": "efficientvit-sam-l0", "dtype": "bf16", "batch": 16, "provider": "linattn", "ms": 6.4}
     e2e |= {"img_s": 2500.0, "reps": 80, "iqr_pct": 1.5, "lat_b1_ms": 2.0, "speedup_vs_eager": 2.1, "note": None}
     (tmp_path / "results" / "e2e.jsonl").write_text(json.dumps(e2e) + "\n")
-    (tmp_path / "results" / "host_aware").mkdir()  # the bench-e2e-l0-host-aware step's rows
+    (tmp_path / "results" / "host_aware").mkdir()  # the e2e-l0-host-aware step's rows
     (tmp_path / "results" / "host_aware" / "e2e.jsonl").write_text(json.dumps(e2e | {"img_s": 2750.0}) + "\n")
     skipped = {"op": "x", "provider": "cuda", "ms": None, "note": "skipped: no"}
     wrong = {"op": "y", "shape": "B16 C8", "dtype": "bf16", "provider": "triton", "ms": 1.0}
@@ -704,7 +704,7 @@ def test_gpu_check_dry_run_layout(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"gpu_check.tar.gz", "summary.txt", "gpu.txt"} <= set(files), files
     summary = (out / "summary.txt").read_text()
-    steps = ["build", "info", "cudnn", "precompile", "pytest", "bench-e2e-l0", "bench-host", "check"]
+    steps = ["build", "info", "cudnn", "precompile", "pytest", "bench-e2e-l0", "check", "bench-host"]
     steps += [
         "bench-conv-bn-act",
         "bench-lite-mla",
@@ -716,6 +716,8 @@ def test_gpu_check_dry_run_layout(tmp_path):
     steps += ["bench-linear-attention", "bench-upsample-sum"]
     assert [line.split()[0] for line in summary.splitlines() if line.split() and line.split()[0] in steps] == steps
     assert "sanitizer-racecheck" not in summary and "sanitizer-csrc" not in summary  # opt-in
+    assert "every-gpu-config" not in summary  # opt-in
+    assert "-k cuda and not every_gpu_config" in (work / "logs" / "pytest.log").read_text()
     assert result.stdout.rstrip().endswith(summary.rstrip())  # the table is printed last
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = tar.getnames()
@@ -724,6 +726,43 @@ def test_gpu_check_dry_run_layout(tmp_path):
     # torch.compile in the first model's end to end only (quick profile)
     assert "--providers eager compile linattn" in (work / "logs" / "bench-e2e-l0.log").read_text()
     assert "--providers eager linattn linattn-graph" in (work / "logs" / "bench-e2e-xl1.log").read_text()
+
+
+def test_gpu_check_writes_its_files_when_stopped_and_keeps_quoted_pytest_args(tmp_path):
+    """A TERM (the outer `timeout`) stops the running step, which is recorded STOPPED, and the summary and tar are
+    written all the same; PYTEST_ARGS is split as the shell splits it; the dispatch table comes back in the tar."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in\n'
+        '  *"linattn check"*) sleep 60 ;;\n'  # the step the signal stops
+        f'  *"-m pytest"*) printf "%s|" "$@" > {tmp_path}/pytest_argv; exit 0 ;;\n'
+        "esac\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "Some-GPU.json").write_text("{}")
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "WORK_DIR": str(work), "PYTHON": str(fake), "STEPS": "pytest check bench-host",
+           "PYTEST_ARGS": '-k "cuda and conv" -x', "LINATTN_CACHE_DIR": str(cache), "PYTEST_WORKERS": "0"}  # fmt: skip
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    run = subprocess.Popen(["bash", str(script), str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (work / "logs" / "check.log").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    run.send_signal(signal.SIGTERM)
+    stdout, _ = run.communicate(timeout=60)
+    assert run.returncode == 143 and "stopped by signal TERM" in stdout
+    steps = [line.split("\t") for line in (work / "steps.tsv").read_text().splitlines()]
+    assert [(name, status) for name, status, *_ in steps] == [("pytest", "ok"), ("check", "STOPPED")]  # not bench-host
+    assert "check" in (out / "summary.txt").read_text()
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        assert "./dispatch_table/Some-GPU.json" in tar.getnames()
+    argv = (tmp_path / "pytest_argv").read_text().split("|")
+    assert argv[-4:] == ["-k", "cuda and conv", "-x", ""]
 
 
 def test_gpu_check_sanitizes_the_csrc_kernels_on_request(tmp_path):
