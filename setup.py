@@ -3,7 +3,7 @@
 The extension is built when LINATTN_BUILD_CUDA=1, or when it is unset and a
 GPU is visible; LINATTN_BUILD_CUDA=0 skips it. Building it needs torch at build
 time: install with `pip install -e . --no-build-isolation` after torch.
-Without a GPU to detect, set TORCH_CUDA_ARCH_LIST (default here: "8.0;9.0").
+Without a GPU to detect, set TORCH_CUDA_ARCH_LIST (default here: "8.0;9.0+PTX").
 
 Its conv_bn_act forward runs on cuDNN's graph API (csrc/conv_bn_act/cudnn_graph.cpp), which needs
 the cudnn-frontend headers, found in this order: LINATTN_CUDNN_FRONTEND_INCLUDE (a folder holding
@@ -151,7 +151,8 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
 
     if not torch.cuda.is_available():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # PTX beside sm_90's code: a GPU newer than sm_90 (Blackwell) compiles it at load, as it cannot run sm_90's
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources = ["csrc/ext.cpp", *sorted(glob.glob("csrc/*/*.cu")), *sorted(glob.glob("csrc/*/*.cpp"))]
     cxx_flags, extra_link_args = [], _shared_libstdcxx_args()  # cxx_flags: nvcc's .cu files see no cuDNN header
     frontend, looked = (None, ["LINATTN_CUDNN=0"]) if os.environ.get("LINATTN_CUDNN") == "0" else _frontend_include()

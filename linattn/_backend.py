@@ -92,6 +92,22 @@ def _triton_gpu(index: int | None) -> str | None:
     return None
 
 
+def _cuda_gpu(index: int | None) -> str | None:
+    """Why linattn._C's kernels cannot run on GPU `index` (None: the current one): they are built for sm_80 and
+    sm_90 with PTX for later GPUs (setup.py), so a GPU older than sm_80 has no kernel image to run."""
+    if not torch.cuda.is_available():  # no GPU to ask (the tests' pretend one)
+        return None
+    return _cuda_capability_reason(torch.cuda.current_device() if index is None else index)
+
+
+@functools.cache
+def _cuda_capability_reason(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return f"linattn's CUDA kernels are built for compute capability 8.0 and newer; this GPU's is {major}.{minor}"
+    return None
+
+
 def unavailable(name: str, device: torch.device) -> str | None:
     """Why backend `name` cannot run on `device` here, or None when it can."""
     if name == "reference":
@@ -108,7 +124,7 @@ def unavailable(name: str, device: torch.device) -> str | None:
 
         _, why = load_extension()
         if why or device.type == "cuda":
-            return why
+            return why or _cuda_gpu(device.index)
         return "the CUDA extension runs on CUDA tensors only"
     raise ValueError(f"linattn: unknown backend {name!r}; choose one of {BACKENDS}")
 

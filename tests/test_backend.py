@@ -117,6 +117,17 @@ def test_registry_is_what_info_and_check_read():
     assert listed == registered
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 5), "this GPU's is 7.5"), ((8, 9), None), ((12, 0), None)])
+def test_cuda_backend_on_gpus_it_has_no_kernels_for(monkeypatch, capability, expected):
+    """linattn._C holds machine code for sm_80 and sm_90 and PTX for newer GPUs: an older GPU has nothing to run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(_backend, "_cuda_capability_reason", _backend._cuda_capability_reason.__wrapped__)
+    monkeypatch.setattr("linattn._extension.load_extension", lambda: (object(), None))
+    why = _backend.unavailable("cuda", torch.device("cuda", 0))
+    assert (why is None) if expected is None else ("compute capability 8.0 and newer" in why and expected in why)
+
+
 def test_cuda_backend_on_cpu_tensors_says_why():
     q = torch.randn(1, 1, 5, 4)
     with linattn.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run this call"):
