@@ -96,6 +96,9 @@ def summary(work: Path, seconds: str | None = None) -> list[str]:
         lines += table(
             [header] + [[s["step"], s["status"], s["rc"], s["s"], s["bound"], logs[s["step"]]] for s in steps]
         )
+        # the warm machine goes back within a minute of idling: the next call, ready to paste
+        if rest := [s["step"] for s in steps if s["status"] in ("no-time", "TIMEOUT", "STOPPED")]:
+            lines.append(f'cut short or not run: STEPS="{" ".join(rest)}" BUDGET_S=0 bash benchmarks/gpu_check.sh OUT')
     # per results file: rows, timed, skipped, failed
     files = list(dict.fromkeys(r["results_file"] for r in rows))
     if files:

@@ -654,6 +654,7 @@ def test_gpu_summary(tmp_path):
     assert gpu_summary.main([str(tmp_path), "123"]) == 0
     text = (tmp_path / "summary.txt").read_text()
     assert "gpu_check: 1 of 2 steps ok in 123 s; not ok: bench-e2e-l0 TIMEOUT" in text
+    assert 'cut short or not run: STEPS="bench-e2e-l0" BUDGET_S=0 bash benchmarks/gpu_check.sh OUT' in text
     assert "all passed" in text and "targets (H100), linattn: img_s >= 2000" in text
     assert "l0 bf16 B16" in text and "2500" in text
     assert re.search(r"l0 bf16 B16 +linattn \(host-aware\) +2750", text)
