@@ -43,8 +43,8 @@ def next_pow2(n: int) -> int:
 
 def dot_precision(t: torch.Tensor) -> str:
     """tl.dot's input_precision for tiles of t's dtype: full fp32 products for fp32 (docs/design.md 8); fp16/bf16
-    tiles upcast in the kernel are exact in tf32 (fp32 intermediates are rounded to it first: linear_attention's
-    _tf32)."""
+    tiles upcast in the kernel are exact in tf32 (fp32 intermediates are rounded to it first: _math's
+    round_tf32)."""
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 

@@ -54,7 +54,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ._device import Device, KernelLaunch, cdiv, device_of, next_pow2
-from ._math import exp2, rcp, widen
+from ._math import exp2, rcp, round_tf32, widen
 
 ACTIVATIONS = ("identity", "relu", "relu6", "gelu", "gelu_tanh", "hardswish", "silu")
 
@@ -568,7 +568,8 @@ def _conv_bn_act_bwd_dz_kernel(
     dz = tl.where(mask, grad * _act_grad(z, ACT), 0.0)
     hw = HO * WO
     dz_offs = (b * COUT)[:, None] * hw + co[None, :] * hw + (ho * WO + wo)[:, None]
-    tl.store(DZ_ptr + dz_offs, dz, mask=mask)
+    # stored rounded where the dx and dW kernels multiply it in TF32 dots (the depthwise ones take it in FMAs)
+    tl.store(DZ_ptr + dz_offs, dz if DEPTHWISE else round_tf32(dz, PRECISION), mask=mask)
     part = PART_ptr + pid_m.to(tl.int64) * COUT + co
     stride_part = tl.num_programs(0).to(tl.int64) * COUT
     tl.store(part, tl.sum(dz, axis=0), mask=n_mask)

@@ -14,7 +14,7 @@ Layout: q, k (B, H, N, D), v, out (B, H, N, E), any strides, so the packed
 (B, G*3*D, H, W) tensor of LiteMLA is read and written in place through strided
 views. Every product and sum is fp32 (fp16/bf16 tiles are upcast, which is exact,
 and multiplied with tf32 tensor cores, the fp32 states and scaled gradients
-rounded to TF32 first: _tf32; fp32 inputs use IEEE fp32 products).
+rounded to TF32 first: _math.round_tf32; fp32 inputs use IEEE fp32 products).
 
 Work is split over N: grid (B*H, SPLITS), each program owns a contiguous chunk
 of rows. Reductions over N (S, z, dS, dz) write one fp32 partial per split; the
@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._device import Device, cdiv, device_of, dot_precision, next_pow2
+from ._math import round_tf32
 
 
 @triton.jit
@@ -46,18 +47,6 @@ def _sum_partials(ptr, offs, SIZE: tl.constexpr, SPLITS):
     for s in range(1, SPLITS):
         acc += tl.load(ptr + s * SIZE + offs)
     return acc
-
-
-@triton.jit
-def _tf32(x, PRECISION: tl.constexpr):
-    """An fp32 tile rounded to TF32 (10 mantissa bits, to nearest) where tl.dot multiplies in TF32: the tensor
-    cores truncate fp32 operands, and for fp16 inputs that truncation of the fp32 intermediates (states, scaled
-    gradients) doubled the gradients' error on the H100 pass (2.04-2.08x eager's, reproduced to three digits by
-    truncating on the CPU); rounded, a CPU emulation puts it at 0.7-0.85x. Loaded fp16/bf16 tiles are exact in
-    TF32 and pass as they are."""
-    if PRECISION == "tf32":
-        x = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
-    return x
 
 
 @triton.jit
@@ -144,7 +133,7 @@ def _linear_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     offs_s = offs_d[:, None] * BLOCK_E + offs_e[None, :]
-    s = _tf32(
+    s = round_tf32(
         _sum_partials(S_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS), PRECISION
     )
     z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_d, BLOCK_D, SPLITS)
@@ -204,7 +193,7 @@ def _linear_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     offs_s = offs_d[:, None] * BLOCK_E + offs_e[None, :]
-    s = _tf32(
+    s = round_tf32(
         _sum_partials(S_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS), PRECISION
     )
     z = _sum_partials(Z_ptr + pid_bh * SPLITS * BLOCK_D, offs_d, BLOCK_D, SPLITS)
@@ -220,7 +209,7 @@ def _linear_attention_bwd_dq_kernel(
         out = tl.dot(qr, s, input_precision=PRECISION) / den[:, None]
         a = g / den[:, None]
         c = -tl.sum(g * out, axis=1) / den
-        a_t = _tf32(a, PRECISION)
+        a_t = round_tf32(a, PRECISION)
         dq = tl.dot(a_t, tl.trans(s), input_precision=PRECISION) + c[:, None] * z[None, :]
         # select, not multiply: a masked row may hold inf (den == eps) and inf * 0 is NaN
         dq = tl.where(q > 0.0, dq, 0.0)
@@ -280,7 +269,7 @@ def _linear_attention_bwd_dkv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     offs_s = offs_d[:, None] * BLOCK_E + offs_e[None, :]
-    ds = _tf32(
+    ds = round_tf32(
         _sum_partials(DS_ptr + pid_bh * SPLITS * (BLOCK_D * BLOCK_E), offs_s, BLOCK_D * BLOCK_E, SPLITS), PRECISION
     )
     dz = _sum_partials(DZ_ptr + pid_bh * SPLITS * BLOCK_D, offs_d, BLOCK_D, SPLITS)

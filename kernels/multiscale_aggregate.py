@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._device import Device, cdiv, device_of, dot_precision, next_pow2
-from .linear_attention import _tf32
+from ._math import round_tf32
 
 
 @triton.jit
@@ -89,7 +89,9 @@ def _aggregate_tile(
         X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, h, w, n_mask, offs_c, c_mask, H, W,
         KSIZE, HAS_BD,
     )  # fmt: skip
-    y = tl.dot(_tf32(t, PRECISION), _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D), input_precision=PRECISION)
+    # fp32 weights beside fp16/bf16 qkv are rounded too (the interpreter multiplies them in full: only a GPU truncates)
+    wp_t = round_tf32(_pointwise_matrix_t(WP_ptr, offs_c, c_mask, D), PRECISION)
+    y = tl.dot(round_tf32(t, PRECISION), wp_t, input_precision=PRECISION)
     if HAS_BP:
         y += tl.load(BP_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(n_mask[:, None], y, 0.0), x
@@ -200,7 +202,7 @@ def _multiscale_aggregate_bwd_dt_kernel(
     mask = n_mask[:, None] & c_mask[None, :]
     dy_ptrs = DY_ptr + b * stride_dyb + (c0 + offs_c[None, :]) * stride_dyc
     dy = tl.load(dy_ptrs + h[:, None] * stride_dyh + w[:, None] * stride_dyw, mask=mask, other=0.0).to(tl.float32)
-    wp_t = _pointwise_matrix_t(WP_ptr + c0 * D, offs_c, c_mask, D)
+    wp_t = round_tf32(_pointwise_matrix_t(WP_ptr + c0 * D, offs_c, c_mask, D), PRECISION)
     dt = tl.dot(dy, tl.trans(wp_t), input_precision=PRECISION)
     tl.store(DT_ptr + (b * GROUPS * D + c0 + offs_c[None, :]) * N + offs_n[:, None], dt, mask=mask)
     t, _ = _dwconv_tile(
@@ -209,7 +211,7 @@ def _multiscale_aggregate_bwd_dt_kernel(
     )  # fmt: skip
     part = pid_bg * tl.num_programs(1) + pid_n
     offs_dd = offs_c[:, None] * BLOCK_D + offs_c[None, :]
-    dwp = tl.dot(tl.trans(_tf32(t, PRECISION)), dy, input_precision=PRECISION)
+    dwp = tl.dot(tl.trans(round_tf32(t, PRECISION)), dy, input_precision=PRECISION)
     tl.store(DWP_ptr + part * BLOCK_D * BLOCK_D + offs_dd, dwp)
     tl.store(DBP_ptr + part * BLOCK_D + offs_c, tl.sum(dy, axis=0))
 

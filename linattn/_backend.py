@@ -58,8 +58,9 @@ def backend(name: str):
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels on CPU tensors through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels through its interpreter: TRITON_INTERPRET as triton reads it (1, true, on, yes
+    or y, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 @functools.cache
@@ -81,6 +82,8 @@ def _triton_gpu(index: int | None) -> str | None:
         )
     if not torch.cuda.is_available():  # no GPU to ask (the tests' kernel targets, the compile gate's replay)
         return None
+    if interpreting():  # the launchers would take the GPU's paths (fp16/bf16 dots), which the interpreter gets wrong
+        return "TRITON_INTERPRET is set: the interpreter runs linattn's Triton kernels on CPU tensors only"
     from .kernels._device import cuda_device  # asked once per GPU (a forced backend's unplanned calls ask each call)
 
     major, minor = cuda_device(index).cc

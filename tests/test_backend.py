@@ -128,6 +128,24 @@ def test_cuda_backend_on_gpus_it_has_no_kernels_for(monkeypatch, capability, exp
     assert (why is None) if expected is None else ("compute capability 8.0 and newer" in why and expected in why)
 
 
+@pytest.mark.parametrize(
+    "value, interpreted", [("1", True), ("true", True), ("ON", True), ("y", True), ("0", False), ("off", False),
+                           ("", False), ("2", False)],
+)  # fmt: skip
+def test_interpreter_mode_is_read_as_triton_reads_it(monkeypatch, value, interpreted):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _backend.interpreting() is interpreted
+
+
+def test_triton_refuses_cuda_tensors_while_interpreting(monkeypatch):
+    """TRITON_INTERPRET=1 on a GPU machine: the launchers would take the GPU's fp16/bf16 dots, which the interpreter
+    computes wrong; CUDA tensors go to the other backends."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_backend, "_triton_missing", lambda: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "TRITON_INTERPRET is set" in _backend.unavailable("triton", torch.device("cuda", 0))
+
+
 def test_cuda_backend_on_cpu_tensors_says_why():
     q = torch.randn(1, 1, 5, 4)
     with linattn.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run this call"):
@@ -151,6 +169,7 @@ def test_triton_on_gpus_it_was_not_checked_for(monkeypatch, props, hip, expected
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: SimpleNamespace(**props))
     monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.delenv("TRITON_INTERPRET")  # a GPU machine's setting (the interpreter refuses CUDA tensors)
     monkeypatch.setattr(_backend, "_triton_missing", lambda: None)
     monkeypatch.setattr(_backend, "_candidates_seen", {})  # answers kept for the real device's calls
     monkeypatch.setattr(_device, "cuda_device", functools.cache(_device.cuda_device.__wrapped__))  # fresh answers
