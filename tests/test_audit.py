@@ -120,3 +120,18 @@ def test_replay_covers_every_kernel_family():
     assert context and all(dict(launch.kwargs)["num_stages"] == 1 for launch in context)
     conv = [dict(launch.kwargs) for launch, _ in found.values() if launch.name == "_conv_bn_act_fwd_kernel"]
     assert {c["UPCAST"] for c in conv} == {False}  # the GPU's choices, not the interpreter's
+
+
+def test_a_specialization_names_its_unaligned_arguments():
+    """Triton compiles a kernel per alignment pattern of its pointers and ints: the report names the unaligned ones
+    (not the unit ints, compiled as constants), and --every-specialization compiles each pattern."""
+    import torch
+
+    def launch(offset, n, stride):
+        args = (audit.PtrSpec(torch.float16, offset), n, stride)
+        return audit.Launch("m:k", args, (("BLOCK", 64),), ("s",) if stride == 1 else (), ("x", "n", "s"))
+
+    aligned, odd = launch(0, 1024, 16), launch(8, 1000, 16)
+    assert aligned.config_key() == odd.config_key() and aligned.specialization() != odd.specialization()
+    assert aligned.config() == "BLOCK=64" and odd.config() == "BLOCK=64 unaligned:x,n"
+    assert launch(0, 1024, 1).config() == "BLOCK=64 s=1"
