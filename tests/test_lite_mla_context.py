@@ -245,7 +245,7 @@ def test_context_configs_measured_on_a_gpu():
         assert all(split_rows(N, c)[2] == 1 for c in wide if not c.get("ROW_BLOCK"))
         # then each but the unrolled and the 64-row ones, with its tap loop pipelined (FMA taps: a register budget)
         pipelined = [
-            dict(c, TAP_STAGES=PIPELINED_TAPS, **({} if c["TAP_MMA"] else {"maxnreg": c.get("maxnreg", 168)}))
+            dict(c, TAP_STAGES=PIPELINED_TAPS, **({} if c["TAP_MMA"] else {"maxnreg": max(c.get("maxnreg", 168), 128)}))
             for c in unpipelined
             if not c["ROW_TAPS"] and c not in wide
         ]
