@@ -619,11 +619,11 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         return candidates[0], False
     device_name = _device_name(device)
     pass_ = f"{pass_}+host" if host_time else pass_
-    if any(type(a) in PLAIN and a.dtype is torch.float32 for a in args):
-        pass_ += _tf32()
     memo = (op, pass_, device_name, tuple(candidates), _signature(args))
     if (chosen := _memo.get(memo)) is not None:
         return chosen, True
+    if any(type(a) in PLAIN and a.dtype is torch.float32 for a in args):
+        pass_ += _tf32()
     key = call_key(op, pass_, args)
     if (chosen := _lookup(device_name, key, candidates)) is not None:
         _remember(_memo, memo, chosen)
@@ -694,8 +694,8 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
 def _tf32() -> str:
     """The pass suffix of a float32 call: whether PyTorch's path may run it in TF32 (cuDNN's convs, cuBLAS's
     matmuls), which makes that path several times faster than our kernels' full fp32 products, so a choice made
-    under one setting does not stand for the other. Read when a call is first chosen: a process that changes the
-    setting later keeps the plans made before (forget_plans)."""
+    under one setting does not stand for the other. Read when a call is first chosen, not on the hot path: a
+    process that changes the setting later keeps the choices and plans made before (reset)."""
     try:
         conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     except RuntimeError:  # the legacy and the per-operator settings were mixed: read the per-operator ones

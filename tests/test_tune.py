@@ -998,6 +998,9 @@ def test_float32_calls_are_keyed_by_the_tf32_setting(tuned, tmp_path, tf32_setti
     keys = sorted(json.loads(path.read_text())["choices"])
     assert keys == ["toy:fwd+ieeeconv:(4, 8)/(8, 1)/float32;2", "toy:fwd:(4, 8)/(8, 1)/float32;2"]
     torch.backends.cuda.matmul.allow_tf32 = True
+    _resolve(runner, device, x)  # the choice made before the change stands: the setting is read on a miss
+    assert len(calls) == 0
+    _tune.reset()
     _resolve(runner, device, x)
     _resolve(runner, device, x.half())  # half precision runs no TF32: no suffix
     assert [row["key"] for row in _tune.timings()[-2:]] == [
