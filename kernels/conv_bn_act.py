@@ -741,11 +741,11 @@ def _split_k(dev: Device, bm: int, bn: int, rows: int, cols: int, groups: int, k
 
 def conv_config(
     dev: Device, rows: int, cols: int, red: int, depthwise: bool, low_precision: bool, kernel: str = "fwd",
-    groups: int = 1, taps: int = 1, packed: bool = False,
+    groups: int = 1, taps: int = 1, packed: bool = False, aligned: bool = True,
 ):  # fmt: skip
     """The heuristic configuration of the implicit-GEMM kernel `kernel` (a key of MAX_TILES): the first of
     conv_configs(), which says how it is chosen."""
-    return conv_configs(dev, rows, cols, red, depthwise, low_precision, kernel, groups, taps, packed)[0]
+    return conv_configs(dev, rows, cols, red, depthwise, low_precision, kernel, groups, taps, packed, aligned)[0]
 
 
 # the other tiles (rows, columns) measured dispatch times beside the heuristic's (linattn/_tune.py) for packed
@@ -759,7 +759,7 @@ DW_ALTERNATIVES = ((64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3))
 
 def conv_configs(
     dev: Device, rows: int, cols: int, red: int, depthwise: bool, low_precision: bool, kernel: str = "fwd",
-    groups: int = 1, taps: int = 1, packed: bool = False,
+    groups: int = 1, taps: int = 1, packed: bool = False, aligned: bool = True,
 ) -> list[dict]:  # fmt: skip
     """The configurations worth timing for one call of `kernel` with rows positions, cols channels per group (of
     `groups`) and red reduction channels per tap (of `taps`), the deterministic heuristic first.
@@ -773,7 +773,13 @@ def conv_configs(
     of future steps wait in registers: 32 channels per step, 2 stages (3 at 128 columns), 8 warps from 64 x 32
     up. Full fp32 products 16 channels at a time, unpipelined. The backward's dz and dx kernels
     (fp32 dz tiles, more index math) keep the unpacked rule, unpipelined: 2 stages spill there. Depthwise
-    convs: 64 x 64 tiles, 4 warps, 2 stages, and on a GPU's forward DW_ALTERNATIVES to time."""
+    convs: 64 x 64 tiles, 4 warps, 2 stages, and on a GPU's forward DW_ALTERNATIVES to time.
+
+    `aligned` (_aligned()): Triton compiles the call's launch with its sizes divisible by 16 and its pointers
+    16-byte aligned. Where not (SqueezeSAM's 164-channel convs, maps under 16 wide), it proves no 16-element run
+    of addresses contiguous: loads and stores go element by element, each address live in registers, and no
+    load is a cp.async. Such a call takes the unpacked rule with half the rows, on 8 warps (the compile gate
+    with --every-specialization: the packed tiles spilled 0.2-2.6 KB there, the unpacked 8-300 bytes)."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
         block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
@@ -789,13 +795,15 @@ def conv_configs(
     if not dev.gpu:
         return [dict(BLOCK_M=_pow2(rows, 16, 256), BLOCK_N=_pow2(cols, 16, 64), BLOCK_K=_pow2(red, 16, 64))]
     max_m, max_n = MAX_TILES[kernel][0 if low_precision else 1]
+    if not aligned:
+        max_m, packed = max_m // 2, False
     block_m = _pow2(rows, 16, max_m)
     block_n = _pow2(cols, 16, max_n if block_m == 128 or max_n <= 64 else 64)
     forward = kernel in ("fwd", "shuffle")
     if forward:
         block_m, block_n = _shrink(dev, block_m, block_n, rows, cols, groups)
     if not (forward and packed and low_precision):
-        warps = 8 if block_m * block_n >= 64 * 32 else 4
+        warps = 8 if block_m * block_n >= 64 * 32 or not aligned else 4
         if not low_precision:
             return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps, num_stages=1)]
         stages = 1 if not forward else 3 if block_n == 128 else 2
@@ -858,8 +866,27 @@ def _epilogue_args(weight, bias, post_scale, post_shift, residual, out) -> tuple
     return (_or(bias, weight), _or(post_scale, weight), _or(post_shift, weight), r, *r.stride())
 
 
+def _base_aligned(t: torch.Tensor) -> bool:
+    """Whether t's data pointer is 16-byte aligned (fake tensors, the compile gate's, by their storage offset
+    alone: the caching allocator's blocks are 512-byte aligned)."""
+    if t.is_meta or isinstance(t, FakeTensor):
+        return t.storage_offset() * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
+def _aligned(x: torch.Tensor, weight: torch.Tensor, Ho: int, Wo: int, groups: int) -> bool:
+    """Whether the implicit-GEMM kernels see this call as the encoders' power-of-two calls: channels (per group
+    too) and map sizes multiples of 16, x's strides 1 or multiples of 16, x and weight 16-byte aligned. Triton
+    specializes on each (its outputs are fresh, and follow)."""
+    Cout, cin_g = weight.shape[:2]
+    sizes = (cin_g, Cout, Cout // groups, *x.shape[2:], Ho, Wo)
+    if any(n % 16 for n in sizes) or any(s != 1 and s % 16 for s in x.stride()):
+        return False
+    return _base_aligned(x) and _base_aligned(weight)
+
+
 def _problem(x, weight, stride, padding, dilation, groups: int, kernel: str) -> tuple:
-    """conv_configs()'s arguments for a call (rows, columns, reduction per tap, taps, groups, packed)."""
+    """conv_configs()'s arguments for a call (rows, columns, reduction per tap, taps, groups, packed, aligned)."""
     Cout, cin_g, KH, KW = weight.shape
     Ho, Wo, depthwise = conv_geometry(x, weight, stride, padding, dilation, groups)
     M = x.shape[0] * Ho * Wo
@@ -867,7 +894,8 @@ def _problem(x, weight, stride, padding, dilation, groups: int, kernel: str) -> 
     if depthwise:
         return (device_of(x), M, Cout, cin_g * KH * KW, True, low, kernel)
     packed = x.stride(1) == 1 and weight.stride(1) == 1
-    return (device_of(x), M, Cout // groups, cin_g, False, low, kernel, groups, KH * KW, packed)
+    aligned = _aligned(x, weight, Ho, Wo, groups)
+    return (device_of(x), M, Cout // groups, cin_g, False, low, kernel, groups, KH * KW, packed, aligned)
 
 
 def fwd_configs(x, weight, stride, padding, dilation, groups: int, shuffle: bool = False) -> list[dict]:
@@ -887,14 +915,9 @@ def _desc_strides(t: torch.Tensor, dims: tuple[int, ...]) -> list[int]:
 
 def _tma_ready(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
     """Whether a tensor descriptor can address t along dims (innermost last): that one contiguous, the others'
-    strides and the base 16-byte aligned (fake tensors, the compile gate's, by their storage offset alone: the
-    caching allocator's blocks are 512-byte aligned)."""
+    strides and the base 16-byte aligned."""
     size, strides = t.element_size(), _desc_strides(t, dims)
-    if strides[-1] != 1 or any(stride * size % 16 for stride in strides[:-1]):
-        return False
-    if t.is_meta or isinstance(t, FakeTensor):
-        return t.storage_offset() * size % 16 == 0
-    return t.data_ptr() % 16 == 0
+    return strides[-1] == 1 and not any(stride * size % 16 for stride in strides[:-1]) and _base_aligned(t)
 
 
 def tma_configs(dev: Device, x, weight, stride, padding, dilation, groups: int) -> list[dict]:
@@ -1167,7 +1190,10 @@ def conv_bn_act_bwd(
 
     # 2. dx: the transposed conv, rows are input positions, columns the group's input channels
     Mx = B * H * W
-    cfg = config.get("dx") or conv_config(dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise, low, "dx")
+    aligned = depthwise or _aligned(x, weight, Ho, Wo, groups)
+    cfg = config.get("dx") or conv_config(
+        dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise, low, "dx", aligned=aligned
+    )
     tiles_n = cdiv(cin_g, cfg["BLOCK_N"])
     grid = (cdiv(Mx, cfg["BLOCK_M"]), cdiv(Cin, cfg["BLOCK_N"]) if depthwise else groups * tiles_n)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
