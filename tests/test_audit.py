@@ -116,6 +116,8 @@ def test_replay_covers_every_kernel_family():
     assert not [w for w in caught if "left out" in str(w.message)]  # fake results: measured dispatch compares none
     launched = {launch.kernel for launch, _ in found.values()}
     assert launched == set(audit.triton_kernels())
+    most_aligned = audit.replay(calls, audit.ARCHS[90], most_aligned=True)  # SqueezeSAM's 164 channels: fewer
+    assert {config for config, _ in most_aligned} == {config for config, _ in found} and len(most_aligned) < len(found)
     context = [launch for launch, _ in found.values() if launch.name == "_lite_mla_context_state_kernel"]
     assert context and all(dict(launch.kwargs)["num_stages"] == 1 for launch in context)
     conv = [dict(launch.kwargs) for launch, _ in found.values() if launch.name == "_conv_bn_act_fwd_kernel"]
@@ -124,7 +126,7 @@ def test_replay_covers_every_kernel_family():
 
 def test_a_specialization_names_its_unaligned_arguments():
     """Triton compiles a kernel per alignment pattern of its pointers and ints: the report names the unaligned ones
-    (not the unit ints, compiled as constants), and --every-specialization compiles each pattern."""
+    (not the unit ints, compiled as constants)."""
     import torch
 
     def launch(offset, n, stride):
