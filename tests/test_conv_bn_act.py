@@ -16,6 +16,7 @@ from utils import (
     cuda_may_decline,
     interpreter_skip,
     kernel_targets,
+    patch_device_of,
     poison_outputs,
     rel_err,
     tolerance,
@@ -861,7 +862,8 @@ def test_kernels_gpu_tiles(target, case, gpu_heuristics):
     cols, red = (Cout, k * k) if depthwise else (Cout // groups, Cin // groups)
     low = case[11] != torch.float32
     widest = 64 if depthwise else min(64, MAX_TILES["fwd"][0 if low else 1][1])  # halved to fill the GPU
-    assert conv_config(gpu_heuristics, B * H * W // stride**2, cols, red, depthwise, low)["BLOCK_N"] == widest
+    rows = B * H * W // stride**2  # odd sizes: unaligned (half the rows), as conv_bn_act_fwd finds them
+    assert conv_config(gpu_heuristics, rows, cols, red, depthwise, low, aligned=False)["BLOCK_N"] == widest
     test_kernels(target, case)
 
 
@@ -882,9 +884,9 @@ def _gpu_forward_configs():
 
     found = []
     for rows, cols, red, taps, kernel in GPU_FORWARD_PROBLEMS:
-        for packed in (True, False):
+        for packed, aligned in ((True, True), (False, True), (True, False)):
             for low in (True, False):
-                for cfg in conv_configs(H100, rows, cols, red, False, low, kernel, 1, taps, packed):
+                for cfg in conv_configs(H100, rows, cols, red, False, low, kernel, 1, taps, packed, aligned):
                     if (kernel, cfg) not in found:
                         found.append((kernel, cfg))
     return found
@@ -970,6 +972,53 @@ def test_tma_kernel_every_gpu_config(cfg):
     out = torch.full(ref.shape, float("nan"), dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     conv_bn_act_fwd(x, w, b, *conv, s, t, r, out, config=dict(cfg))
     assert_close(out, ref, tolerance(torch.bfloat16, rel_err(eager, ref)), f"out ({_tma_id(cfg)})")
+
+
+# SqueezeSAM's upsample blocks (Cin, Cout, map size; 1x1 convs) whose pixel-shuffled store an H100 may time on the
+# tensor-descriptor kernel: its larger maps' 16-wide position tiles and its 4x4 map's 8-wide ones
+SHUFFLE_TMA_PROBLEMS = [(128, 256, 64), (256, 512, 4)]
+
+
+def _tma_shuffle_gpu_configs():
+    from linattn.kernels._device import H100
+    from linattn.kernels.conv_bn_act import fwd_configs
+
+    found = []
+    for cin, cout, size in SHUFFLE_TMA_PROBLEMS:
+        x = torch.empty(16, cin, size, size, device="meta", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        w = torch.empty(cout, cin, 1, 1, device="meta", dtype=torch.bfloat16)
+        with pytest.MonkeyPatch.context() as patch:
+            patch_device_of(patch, H100)
+            configs = fwd_configs(x, w, (1, 1), (0, 0), (1, 1), 1, shuffle=True)
+        found += [cfg for cfg in configs if cfg.get("tma") and cfg not in found]
+    return found
+
+
+@pytest.mark.parametrize("k", [1, 3], ids=["k1", "k3"])
+@pytest.mark.parametrize("cfg", _tma_shuffle_gpu_configs(), ids=_tma_id)
+def test_tma_kernel_every_gpu_shuffle_config(cfg, k):
+    """Every tensor-descriptor configuration an H100 may time for SqueezeSAM's upsample blocks, the pixel shuffle in
+    its store, under the interpreter: bf16 channels_last on odd sizes (positions and channels not multiples of the
+    tiles, several tiles a map), 1x1 as the blocks and 3x3 (the descriptor's zero fill as padding), the whole
+    epilogue with a residual shaped as the shuffled output, into a NaN-poisoned output, against float64 within
+    twice eager bf16's error. fp32 never takes this kernel (tma_configs)."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
+    bf16, cl = torch.bfloat16, torch.channels_last
+    gen = torch.Generator().manual_seed(29)
+    x = torch.randn(2, 24, 11, 19, generator=gen).to(bf16).contiguous(memory_format=cl)
+    w = (torch.randn(36, 24, k, k, generator=gen) * 0.2).to(bf16).contiguous(memory_format=cl)
+    b, s, t = (torch.randn(36, generator=gen).to(bf16) for _ in range(3))
+    r = torch.randn(2, 9, 22, 38, generator=gen).to(bf16).contiguous(memory_format=cl)
+    conv = (1, 1), (k // 2, k // 2), (1, 1), 1, "gelu_tanh"
+    ref = F.pixel_shuffle(reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t)), 2) + r.double()
+    z = reference.activation(F.conv2d(x, w, b, padding=k // 2), "gelu_tanh") * s[:, None, None] + t[:, None, None]
+    eager_out = F.pixel_shuffle(z, 2) + r
+    out = torch.full(ref.shape, float("nan"), dtype=bf16).contiguous(memory_format=cl)
+    conv_bn_act_fwd(x, w, b, *conv, s, t, r, out, shuffle=True, config=dict(cfg))
+    assert_close(out, ref, tolerance(bf16, rel_err(eager_out, ref)), f"out ({_tma_id(cfg)}, k={k})")
 
 
 # the depthwise 3x3 calls of the encoders whose row-sliding configurations (dw3_configs) an H100 may time:
@@ -1235,6 +1284,139 @@ def test_kernels_every_gpu_depthwise_config(cfg):
     out = torch.full(ref.shape, float("nan")).to(memory_format=torch.channels_last)
     conv_bn_act_fwd(x, w, b, *conv, s, t, None, out, config=dict(cfg))
     assert_close(out, ref, 1e-5, f"out ({cfg})")
+
+
+# encoder training calls (B, Cin, Cout, map size, kernel, stride, groups) whose conv backward launches on an H100
+# and an A100 (the dz, dx and dW kernels' tiles, dW's split over positions) test_kernels_every_gpu_backward_config
+# runs at a small shape. In fp32 and fp16, NCHW and channels_last, they launched every backward tile that the compile
+# gate's trace of the three encoders' training launched (30 of them; 2026-11-28)
+GPU_BACKWARD_PROBLEMS = [
+    (16, 256, 256, 64, 1, 1, 1),  # L0's neck at 64x64: the encoders' most common tiles
+    (16, 3, 32, 512, 3, 2, 1),  # L0's stem: a reduction of 3 channels
+    (16, 32, 32, 256, 3, 1, 1),  # L0's first stage: 32 channels
+    (16, 32, 512, 256, 3, 2, 1),  # L0's first downsampling (fused MBConv, expand 16)
+    (1, 512, 256, 16, 1, 1, 1),  # L0's neck input at batch 1
+    (1, 256, 512, 4, 1, 1, 1),  # SqueezeSAM's bottleneck at batch 1: 16-row tiles
+    (16, 164, 328, 8, 1, 1, 1),  # SqueezeSAM's 164 channels on an 8x8 map: unaligned, half the rows
+    (16, 1024, 1024, 32, 3, 1, 1024),  # L0's 3x3 depthwise at 32x32: dW split in 3
+]
+
+
+class _Recorded:
+    """Stands in for a Triton kernel: kernel[grid](...) records the launch's configuration, as conv_bn_act_bwd's
+    config argument takes it, under `name` in `seen`, and runs nothing."""
+
+    def __init__(self, seen: dict, name: str):
+        self.seen, self.name = seen, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            # tiles are BLOCK_ constexprs and launch options lower case; the other constexprs are the call's flags
+            cfg = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_") or k.islower()}
+            self.seen[self.name] = dict(cfg, split=grid[2]) if self.name == "dw" else cfg
+
+        return launch
+
+
+def _gpu_backward_launch(dev, x, weight, stride, groups) -> dict:
+    """{"dz": ..., "dx": ..., "dw": ...}: the configurations conv_bn_act_bwd launches for this call (meta tensors)
+    on `dev`; dW's split is its grid's, after the launcher's clamp."""
+    from linattn.kernels import conv_bn_act as kernels
+
+    k = weight.shape[-1]
+    size = (x.shape[-1] + 2 * (k // 2) - k) // stride + 1
+    g = torch.empty(x.shape[0], weight.shape[0], size, size, device="meta", dtype=x.dtype)
+    vector = torch.empty(weight.shape[0], device="meta", dtype=x.dtype)
+    seen = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch_device_of(patch, dev)
+        for name in ("dz", "dx", "dw"):
+            patch.setattr(kernels, f"_conv_bn_act_bwd_{name}_kernel", _Recorded(seen, name))
+        conv = (stride, stride), (k // 2, k // 2), (1, 1), groups, "gelu_tanh"
+        kernels.conv_bn_act_bwd(g, x, weight, vector, *conv, vector)
+    return seen
+
+
+def _gpu_backward_configs():
+    from linattn.kernels._device import H100, Device
+
+    found = {}  # (depthwise, low precision, tiles) -> the configurations with the largest split seen
+    for dev in (H100, Device(gpu=True, sms=108)):  # sm_90, sm_80: their SM counts set dW's split
+        for B, cin, cout, size, k, stride, groups in GPU_BACKWARD_PROBLEMS:
+            for dtype in (torch.float32, torch.float16):
+                for fmt in (torch.contiguous_format, torch.channels_last):  # x's strides: aligned or not
+                    x = torch.empty(B, cin, size, size, device="meta", dtype=dtype, memory_format=fmt)
+                    w = torch.empty(cout, cin // groups, k, k, device="meta", dtype=dtype)
+                    configs = _gpu_backward_launch(dev, x, w, stride, groups)
+                    tiles = tuple(tuple(sorted(configs[n].items())) for n in ("dz", "dx")) + tuple(
+                        sorted((key, v) for key, v in configs["dw"].items() if key != "split")
+                    )
+                    key = (groups > 1, dtype != torch.float32, tiles)
+                    if key not in found or configs["dw"]["split"] > found[key]["dw"]["split"]:
+                        found[key] = configs
+    return [(depthwise, low, configs) for (depthwise, low, _), configs in found.items()]
+
+
+def _backward_id(entry):
+    depthwise, low, configs = entry
+    dz, dx, dw = (configs[n] for n in ("dz", "dx", "dw"))
+    tile = lambda c, keys: "x".join(str(c[k]) for k in keys) + f"w{c['num_warps']}s{c['num_stages']}"  # noqa: E731
+    mk = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    return (
+        f"{'dw' if depthwise else 'dense'}-{'fp16' if low else 'fp32'}-dz{tile(dz, mk)}-dx{tile(dx, mk)}"
+        f"-dW{tile(dw, ('BLOCK_N', 'BLOCK_CI', 'BLOCK_K'))}-split{dw['split']}"
+    )
+
+
+class _NanFilledTorch:
+    """torch as a kernels module sees it, with its new tensors NaN-filled: the backward's buffers (dz, the partial
+    sums, dx), which its API does not take, fail a test where a kernel leaves an element unwritten."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("entry", _gpu_backward_configs(), ids=_backward_id)
+def test_kernels_every_gpu_backward_config(entry):
+    """Every conv backward configuration (the dz, dx and dW kernels' tiles, dW's split over positions) an H100 or
+    an A100 launches for the encoders' training calls, as conv_bn_act_bwd chooses it there, under the interpreter
+    on odd sizes (positions and channels not multiples of any tile), gelu_tanh and a post-scale, with every buffer
+    the backward allocates NaN-filled, each gradient against float64: fp32 (NCHW) within 1e-5, fp16
+    (channels_last) within twice eager's error."""
+    from linattn.kernels import conv_bn_act as kernels
+
+    if INTERPRETER_SKIP:
+        pytest.skip(INTERPRETER_SKIP)
+    depthwise, low, configs = entry
+    dtype, fmt = (torch.float16, torch.channels_last) if low else (torch.float32, torch.contiguous_format)
+    cin, cout, groups = (72, 72, 72) if depthwise else (24, 40, 1)  # depthwise: two tiles of 64 channels
+    gen = torch.Generator().manual_seed(19)
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(shape, generator=gen) * scale + offset).to(dtype)
+
+    x = rand(2, cin, 9, 7).contiguous(memory_format=fmt)
+    w, b = rand(cout, cin // groups, 3, 3, scale=(cin // groups * 9) ** -0.5 * 2), rand(cout, scale=0.5)
+    s, t = rand(cout, scale=0.5, offset=1.0), rand(cout)
+    g = rand(2, cout, 9, 7).contiguous(memory_format=fmt)
+    conv = (1, 1), (1, 1), (1, 1), groups, "gelu_tanh"
+    want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *conv, s.double())
+    leaves = [v.detach().clone().requires_grad_() for v in (x, w, b, s, t)]
+    eager(*leaves, None, dict(stride=1, padding=1, dilation=1, groups=groups, act="gelu_tanh")).backward(g)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "torch", _NanFilledTorch())
+        got = kernels.conv_bn_act_bwd(g, x, w, b, *conv, s, config={n: dict(c) for n, c in configs.items()})
+    assert got[0].dtype == dtype and got[0].stride() == x.stride()
+    for name, got_t, want_t, leaf in zip(["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"], got, want, leaves):
+        assert_close(got_t, want_t, tolerance(dtype, rel_err(leaf.grad, want_t)), f"{name} ({_backward_id(entry)})")
 
 
 def test_kernels_split_k_uneven(gpu_heuristics):
@@ -1843,3 +2025,25 @@ def test_module_call_sites_count_auto_choices_once():
         for seed in range(3):
             block(_site_input(seed))
     assert _backend.auto_choices()["conv_bn_act:fwd"] == {"reference": 3}
+
+
+def test_unaligned_calls_take_the_unpacked_rule_with_half_the_rows(gpu_heuristics):
+    """Where Triton cannot take a call's sizes, strides or pointers as 16-aligned it proves no run of addresses
+    contiguous, and the packed tiles spilled there (compile gate): such calls take the unpacked rule, half the
+    rows, 8 warps. Each way a call can be unaligned: input or output channels, the map, x's offset."""
+    from linattn.kernels.conv_bn_act import _aligned, fwd_configs
+
+    def call(cin=128, cout=128, size=64, offset=0):
+        x = torch.empty(2 * size * size * cin + offset, dtype=torch.float16)[offset:]
+        x = x.view(2, size, size, cin).permute(0, 3, 1, 2)  # channels_last
+        w = torch.empty(cout, 3, 3, cin, dtype=torch.float16).permute(0, 3, 1, 2)  # packed
+        return x, w, (1, 1), (1, 1), (1, 1), 1
+
+    aligned = call()
+    assert _aligned(*aligned[:2], 64, 64, 1)
+    assert max(c["num_stages"] for c in fwd_configs(*aligned) if "BLOCK_M" in c) >= 3  # packed: deep pipelines
+    for unaligned in (call(cin=164), call(cout=164), call(size=8), call(offset=4)):
+        x, w = unaligned[:2]
+        assert not _aligned(x, w, *x.shape[2:], 1)
+        (cfg,) = [c for c in fwd_configs(*unaligned) if not c.get("tma")]  # one, untimed: no alternatives
+        assert cfg["BLOCK_M"] <= 64 and cfg["num_warps"] == 8 and cfg["num_stages"] <= 3 and "split" not in cfg
