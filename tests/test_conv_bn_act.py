@@ -1660,6 +1660,10 @@ def test_separable_bad_input():
         linattn.separable_conv_bn_act(x, dw, pw, act="tanh")
 
 
+# a call H100's heuristics split over the reduction: sizes multiples of 16, or it would not (_aligned)
+SPLIT_K_CASE = (1, 16, 16, 16, 16, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
+
+
 @pytest.mark.parametrize("heuristics", ["interpreter", "h100"])
 def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
     """A prepared launch (kernels/conv_bn_act.py fwd_launch, what a call plan keeps) holds no tensor: made from one
@@ -1672,7 +1676,7 @@ def test_prepared_launch_runs_other_tensors_of_its_layout(heuristics, request):
         pytest.skip(INTERPRETER_SKIP)
     if heuristics == "h100":
         request.getfixturevalue("gpu_heuristics")
-    case = (1, 24, 20, 5, 6, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
+    case = SPLIT_K_CASE
     conv = ([1, 1], [1, 1], [1, 1], 1, "gelu_tanh")
     first = make_conv(case, "cpu", seed=1)
     x, w, b, s, t, r, _ = first
@@ -1708,7 +1712,10 @@ def test_planned_calls_repack_into_their_prepared_launch(gpu_heuristics, monkeyp
     monkeypatch.setattr(kernels, "fwd_launch", lambda *a, **k: builds.append(1) or build(*a, **k))
     module = importlib.import_module("linattn.ops.conv_bn_act")
     poison_outputs(monkeypatch, module)
-    case = (1, 24, 20, 5, 6, 3, 1, 1, 1, "gelu_tanh", True, torch.float16, True, True)
+    case = SPLIT_K_CASE
+    x, w = make_conv(case, "cpu", seed=0)[:2]
+    packed = w.contiguous(memory_format=torch.channels_last)  # as the op repacks it
+    assert kernels.fwd_configs(x, packed, [1, 1], [1, 1], [1, 1], 1)[0].get("split", 1) > 1
     for seed in (1, 2, 3):
         x, w, b, s, t, r, conv = make_conv(case, "cpu", seed=seed)
         assert w.stride(1) != 1  # NCHW: the kernels read it packed
