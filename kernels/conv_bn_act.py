@@ -778,8 +778,8 @@ def conv_configs(
     `aligned` (_aligned()): Triton compiles the call's launch with its sizes divisible by 16 and its pointers
     16-byte aligned. Where not (SqueezeSAM's 164-channel convs, maps under 16 wide), it proves no 16-element run
     of addresses contiguous: loads and stores go element by element, each address live in registers, and no
-    load is a cp.async. Such a call takes the unpacked rule with half the rows, on 8 warps (the compile gate
-    with --every-specialization: the packed tiles spilled 0.2-2.6 KB there, the unpacked 8-300 bytes)."""
+    load is a cp.async. Such a call takes the unpacked rule with half the rows, on 8 warps (the compile gate,
+    which compiles each specialization: the packed tiles spilled 0.2-2.6 KB there, the unpacked 8-300 bytes)."""
     if depthwise:
         block_n = _pow2(cols, 16, 64 if dev.gpu else 32)
         block_m = _pow2(rows, 16, 64 if dev.gpu else 256)
@@ -1190,7 +1190,7 @@ def conv_bn_act_bwd(
 
     # 2. dx: the transposed conv, rows are input positions, columns the group's input channels
     Mx = B * H * W
-    aligned = depthwise or _aligned(x, weight, Ho, Wo, groups)
+    aligned = _aligned(x, weight, Ho, Wo, groups)
     cfg = config.get("dx") or conv_config(
         dev, Mx, Cin if depthwise else cin_g, cout_g, depthwise, low, "dx", aligned=aligned
     )
