@@ -177,6 +177,11 @@ def uncounted():
         _local.timing -= 1
 
 
+def timing() -> bool:
+    """Whether measured dispatch is timing candidates in this thread (a call now is one of theirs)."""
+    return _local.timing > 0
+
+
 def count(op: str, pass_: str, backend: str) -> None:
     """One call that auto sent to `backend`: counted outside measured dispatch's timing, and listed for the call
     plan being built at this timing level (not for one whose candidate, timed, made the call)."""

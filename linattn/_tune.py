@@ -640,6 +640,7 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
             )
         return candidates[0], False
     started = time.perf_counter()
+    nested = _backend.timing()  # made while an outer choice times its candidates: its seconds are in that one's
     try:
         with _on(device), _backend.uncounted():  # the events and the spin kernel on the call's GPU
             if prepare is not None:
@@ -678,6 +679,8 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         row["rejected"] = rejected
     if unchecked:
         row["unchecked"] = True
+    if nested:
+        row["nested"] = True
     # a candidate that ran out of memory (the check's scratch outputs beside the model's tensors) may fit another
     # time: the choice holds for this process, not in the table; so does one nothing checked
     kept = not unchecked and not any(
@@ -780,7 +783,8 @@ def _compile_all(compile_only: Callable[[dict], object], configs: Sequence[dict]
 
 def timings() -> list[dict]:
     """What this process measured: one entry per new key, with every candidate's milliseconds and the seconds the
-    choice took ("s": compiles and graph builds included)."""
+    choice took ("s": compiles and graph builds included; "nested": made within another entry's timing, whose
+    seconds include these)."""
     return list(_timings)
 
 

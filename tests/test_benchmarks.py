@@ -648,7 +648,9 @@ def test_gpu_summary(tmp_path):
     (tmp_path / "results" / "dispatch").mkdir()
     timed = [{"key": "conv_bn_act:fwd:(16, 64)", "chosen": "reference", "ms": {}, "s": 0.5,
               "rejected": {"triton": 0.93, "cuda": "RuntimeError: no engine"}},
-             {"key": "conv_bn_act.triton:fwd:(16, 64)", "chosen": "BLOCK_M=128", "ms": {}, "s": 2.25}]  # fmt: skip
+             {"key": "conv_bn_act.triton:fwd:(16, 64)", "chosen": "BLOCK_M=128", "ms": {}, "s": 2.25},
+             {"key": "conv_bn_act.triton:fwd:(1, 64)", "chosen": "BLOCK_M=64", "ms": {}, "s": 0.25,
+              "nested": True}]  # fmt: skip
     (tmp_path / "results" / "dispatch" / "e2e.jsonl").write_text("".join(json.dumps(t) + "\n" for t in timed))
 
     assert gpu_summary.main([str(tmp_path), "123"]) == 0
@@ -658,7 +660,8 @@ def test_gpu_summary(tmp_path):
     assert "all passed" in text and "targets (H100), linattn: img_s >= 2000" in text
     assert "l0 bf16 B16" in text and "2500" in text
     assert re.search(r"l0 bf16 B16 +linattn \(host-aware\) +2750", text)
-    assert "measured dispatch: 2 choices in 2.8 s; chosen: reference 1, triton config 1" in text
+    # a nested choice's seconds are in its outer one's: counted once
+    assert "measured dispatch: 3 choices in 2.8 s; chosen: reference 1, triton config 2" in text
     assert text.index("2.25 s") < text.index("0.50 s")  # the slowest first
     assert "left out by the results check: 2\n  triton: relative difference 0.93  at conv_bn_act:fwd:(16, 64)\n" in text
     assert "  cuda: RuntimeError: no engine  at conv_bn_act:fwd:(16, 64)\n" in text

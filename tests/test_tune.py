@@ -178,6 +178,11 @@ def test_calls_nested_in_timing_are_not_counted(tuned):
     assert _backend.auto_choices(reset=True) == {"outer:fwd": {"triton": 1}}
     _resolve(runner, device, torch.empty(14))  # the nested call's own choice, counted when it runs on its own
     assert _backend.auto_choices() == {"toy:fwd": {"cuda": 1}}
+    # the timings mark the nested choice (its seconds are in the outer one's: the GPU summary adds them once)
+    assert [(row["key"].split(":")[0], row.get("nested", False)) for row in _tune.timings()] == [
+        ("toy", True),
+        ("outer", False),
+    ]
 
 
 def test_triton_configurations_are_measured_and_kept(tuned):
