@@ -77,9 +77,11 @@ def _upsample_sum_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """out = sum over the N_INPUTS inputs of their bicubic resize to (H, W) (see the module docstring)."""
-    pid_p = tl.program_id(0)
+    # images and pixel tiles share the grid's first axis (2**31 - 1 programs; the others take 65535)
+    tiles_p = tl.cdiv(H * W, BLOCK_P)
+    pid_p = tl.program_id(0) % tiles_p
+    b = (tl.program_id(0) // tiles_p).to(tl.int64)
     pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     oy = offs_p // W
@@ -98,8 +100,8 @@ def _upsample_sum_fwd_kernel(
 def upsample_sum_config(dev: Device, C: int, channels_last: bool) -> dict:
     """Tiles along the output's contiguous axis: 32 pixels by 64 channels for channels_last maps (128-byte rows
     of bf16 per pixel), 128 pixels by 8 channels for NCHW ones; 8 warps, so each thread holds 8 (4) sums and
-    4 loads of a row in flight: 64 (98) registers on sm_90, where 4 warps or wider tiles spilled or held 116 to
-    255. The interpreter runs programs one by one: few, large tiles."""
+    4 loads of a row in flight: 64 (112) registers on sm_90 in bf16, where 4 warps or wider tiles spilled or held
+    116 to 255. The interpreter runs programs one by one: few, large tiles."""
     if not dev.gpu:
         return dict(BLOCK_P=256, BLOCK_C=min(64, next_pow2(C)), num_warps=4)
     if channels_last:
@@ -119,7 +121,7 @@ def upsample_sum_fwd(inputs, out, config=None):
         h, w = x.shape[-2:]
         args += [x, *x.stride(), h, w, h / H, w / W]
         same.append((h, w) == (H, W))
-    grid = (cdiv(H * W, cfg["BLOCK_P"]), cdiv(C, cfg["BLOCK_C"]), B)
+    grid = (cdiv(H * W, cfg["BLOCK_P"]) * B, cdiv(C, cfg["BLOCK_C"]))
     _upsample_sum_fwd_kernel[grid](
         out, *out.stride(), *args, C, H, W,
         N_INPUTS=len(inputs), SAME0=same[0], SAME1=same[1], SAME2=same[2], **cfg,

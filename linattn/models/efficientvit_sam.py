@@ -324,7 +324,8 @@ class EfficientViTLargeBackbone(nn.Module):
 
 
 class UpSampleLayer(nn.Module):
-    """Bicubic resize (align_corners=False) to `size`, computed in fp32 (as the official layer), cast back."""
+    """Bicubic resize (align_corners=False) to `size`, computed in fp32 as the official layer computes it, and cast
+    back to x's dtype (the official layer's newer versions return it in fp32; see linattn.optimize.FusedNeck)."""
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         return eager.upsample_sum([x], size)
