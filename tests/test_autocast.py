@@ -10,6 +10,7 @@ eager's (tests/utils.py `tolerance`).
 """
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -222,17 +223,51 @@ def test_attention_promotes_mixed_inputs():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_backward_ops_run_without_autocast():
-    """backward() inside an autocast region: the backward ops get no autocast (gradients in the saved dtypes)."""
-    q, k, v = (t.requires_grad_() for t in _attention_inputs(torch.Generator().manual_seed(17)))
-    out = linattn.relu_linear_attention(q, k, v)
-    g = torch.randn_like(out)
-    want = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+def _differentiable_calls():
+    """Every op's functional on small fp32 inputs that need gradients: {op: (call, inputs)}."""
+    gen = torch.Generator().manual_seed(17)
+    heads, dim = 2, 4
+    qkv, dw, pw = _randn(gen, 1, 3 * heads * dim, 5, 5), _randn(gen, 24, 1, 3, 3), _randn(gen, 24, dim, 1, 1)
+    x = _randn(gen, 1, 6, 5, 5)
+    separable = functools.partial(linattn.separable_conv_bn_act, padding=1, dw_act="relu", act="relu")
+    return {
+        "conv_bn_act": (lambda x, w: linattn.conv_bn_act(x, w, padding=1, act="relu"), [x, _randn(gen, 8, 6, 3, 3)]),
+        "upsample_block": (linattn.upsample_block, [x, _randn(gen, 16, 6)]),
+        "separable_conv_bn_act": (separable, [x, _randn(gen, 6, 1, 3, 3), _randn(gen, 8, 6, 1, 1)]),
+        "relu_linear_attention": (linattn.relu_linear_attention, [_randn(gen, 1, 2, 9, 4) for _ in range(3)]),
+        "lite_mla_attention": (lambda t: linattn.lite_mla_attention(t, dim), [qkv]),
+        "multiscale_aggregate": (lambda t, d, p: linattn.multiscale_aggregate(t, [d], [p], heads), [qkv, dw, pw]),
+        "lite_mla_context": (lambda t, d, p: linattn.lite_mla_context(t, [d], [p], heads, dim), [qkv, dw, pw]),
+        "upsample_sum": (
+            lambda a, b: linattn.upsample_sum([a, b], 6),
+            [_randn(gen, 1, 3, 3, 3), _randn(gen, 1, 3, 6, 6)],
+        ),
+    }
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen)
+
+
+def test_every_op_has_a_backward_autocast_case():
+    assert set(_differentiable_calls()) == set(linattn._backend.registered_ops())
+
+
+@pytest.mark.parametrize("name", sorted(_differentiable_calls()))
+def test_backward_runs_without_autocast(name):
+    """backward() inside an autocast region gives the gradients it gives outside, bit for bit, in the inputs'
+    dtype: the backward ops run with autocast off, and so do the forward ops a formula computes again (the
+    context's aggregation and the separable pair's depthwise conv ran in bf16: 6e-3 and 8e-2 off)."""
+    call, inputs = _differentiable_calls()[name]
+    leaves = [t.requires_grad_() for t in inputs]
+    out = call(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(18))
+    want = torch.autograd.grad(out, leaves, g, retain_graph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = torch.autograd.grad(out, (q, k, v), g)
-    for a, b in zip(got, want):
+        got = torch.autograd.grad(out, leaves, g)
+    for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}: gradient of input {i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

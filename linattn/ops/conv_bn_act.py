@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from .._tune import HOST_AWARE, Site, choose_config, plan, scratch_like
-from ._autocast import register_autocast
+from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
     check_tensor,
@@ -390,6 +390,7 @@ def _cast(g: Tensor, dtype):
     return None if dtype is None else g.to(dtype)
 
 
+@without_autocast
 def _grad(ctx, grad_out):
     x, weight, bias, post_scale = ctx.saved_tensors
     dx, dw, db, ds, dt = _backward(grad_out, x, weight, bias, *ctx.conv, post_scale)
@@ -593,6 +594,7 @@ def _upsample_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, post_scale)
 
 
+@without_autocast
 def _upsample_grad(ctx, grad_out):
     """The 1x1 conv's backward op on the un-shuffled output gradient (Triton kernels on that backend)."""
     x, weight, bias, post_scale = ctx.saved_tensors
@@ -787,6 +789,7 @@ def _separable_setup(ctx, inputs, output):
     ctx.save_for_backward(x, dw_weight, dw_bias, weight, bias, post_scale)
 
 
+@without_autocast
 def _separable_grad(ctx, grad_out):
     """The pair's backward through conv_bn_act's ops: the depthwise output recomputed, then each conv's
     backward in turn."""

@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from .._tune import scratch_like
-from ._autocast import register_autocast
+from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
     check_eps,
@@ -146,6 +146,7 @@ def _setup_qkv(ctx, inputs, output):
     ctx.save_for_backward(q, k, v)
 
 
+@without_autocast
 def _grad_qkv(ctx, grad_out):
     dq, dk, dv = torch.ops.linattn.relu_linear_attention_backward(grad_out, *ctx.saved_tensors, ctx.eps)
     return dq, dk, dv, None
@@ -197,6 +198,7 @@ def _setup_packed(ctx, inputs, output):
     ctx.save_for_backward(qkv)
 
 
+@without_autocast
 def _grad_packed(ctx, grad_out):
     (qkv,) = ctx.saved_tensors
     return torch.ops.linattn.lite_mla_attention_backward(grad_out, qkv, ctx.dim, ctx.eps), None, None

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import register, resolve
 from .._tune import Site, choose_config, plan, scratch_like
-from ._autocast import register_autocast
+from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
     check_eps,
@@ -143,6 +143,7 @@ def _setup(ctx, inputs, output):
     save_aggregation(ctx, qkv, dw_weights, pw_weights, dw_biases, pw_biases)
 
 
+@without_autocast
 def _grad(ctx, grad_out):
     qkv, dws, pws, dbs, pbs = saved_aggregation(ctx)
     ops = torch.ops.linattn

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import register, resolve
-from ._autocast import register_autocast
+from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
     check_tensor,
@@ -91,6 +91,7 @@ def _setup(ctx, inputs, output):
     ctx.shapes, ctx.dtypes = [x.shape for x in maps], [x.dtype for x in maps]
 
 
+@without_autocast
 def _grad(ctx, grad_out):
     return reference.upsample_sum_backward(grad_out, ctx.shapes, ctx.dtypes), None
 
