@@ -920,3 +920,24 @@ def test_a_conv_padding_changed_after_optimize_is_followed():
         want = F.relu(eager[1](F.conv2d(x, eager[0].weight, eager[0].bias, padding=(2, 0))))
         assert fused(x).shape == want.shape == (2, 8, 8, 4)
         assert_close(fused(x), want, 1e-5, "padding (2, 0)")
+
+
+def test_copies_leave_the_folded_constants_behind():
+    """torch.save and deepcopy of a model that has run carry its weights, not a second, folded copy of them (the
+    copy folds again on its first call, and gives the same output)."""
+    import io
+
+    model = efficientvit_sam_encoder("l0", embed_size=None).eval()
+    fused = linattn.optimize(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = fused(x)
+    holders = [m for m in fused.modules() if "_linattn_constants" in m.__dict__]
+    assert holders  # the run kept its fold
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for copy_ in (torch.load(buffer, weights_only=False), copy.deepcopy(fused)):
+        assert not any("_linattn_constants" in m.__dict__ for m in copy_.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(copy_(x), want, rtol=0, atol=0)

@@ -34,6 +34,13 @@ class EvalConstants(nn.Module):
         self._drop_constants()
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # pickling and deepcopy leave the folded constants behind: their key holds the old tensors' ids, so a copy
+        # folds again anyway, and they made a saved L0 58% larger
+        state = dict(self.__dict__)
+        state.pop(_SLOT, None)
+        return state
+
     def _drop_constants(self) -> None:
         self.__dict__.pop(_SLOT, None)
         forget_graph_vectors()  # the fp32 copies cuDNN's graph takes of per-channel vectors, parameters among them
