@@ -33,16 +33,20 @@ APIs used (all in torch 2.4 and later, so in 2.11): `torch.library.Library.impl(
 """
 
 import functools
+import operator
 
 import torch
 
 # the lifetime of the registrations
 _LIB = torch.library.Library("linattn", "IMPL")
 _KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
-_ALL_KEYS = functools.reduce(
-    lambda keys, other: keys | other,
-    (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k)) for k in _KEYS.values()),
-)
+
+
+def _keyset(device_type: str):
+    return torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _KEYS[device_type]))
+
+
+_ALL_KEYS = functools.reduce(operator.or_, map(_keyset, _KEYS))
 
 
 def without_autocast(grad):
@@ -84,7 +88,7 @@ def _floating(values):
 
 
 def _autocast_kernel(op, device_type: str, rule: str, indices: tuple[int, ...]):
-    key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _KEYS[device_type]))
+    key = _keyset(device_type)
 
     def kernel(_keyset, *args, **kwargs):
         args = list(args)

@@ -15,10 +15,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # The kernels index across images (and heads) in int64 but within one image in int32, in their hot loops: an
-# image of more elements than this runs on the reference (PyTorch's path, 64-bit where it must be).
-# one image's elements the kernels take: their int32 offsets within an image, of which a program's last tile
-# reaches up to a tile (at most 2**16 elements) past the image's end before its mask (upsample_sum's pixel
-# offsets of a map 2**31 - 100 pixels large wrapped negative and passed the mask)
+# image of more elements than this runs on the reference (PyTorch's path, 64-bit where it must be). 2**16 below
+# 2**31: a program's last tile reaches up to a tile past the image before its mask (upsample_sum's pixel offsets
+# wrapped negative within 256 of 2**31 and passed it)
 IMAGE_ELEMENTS = 2**31 - 2**16
 
 
