@@ -666,7 +666,7 @@ def _replace(module: nn.Module, name: str, report: OptimizeReport, patterns) -> 
 
 def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module | None:
     """The fused replacement of `module` (its children converted first where it is not replaced), or None."""
-    if isinstance(module, (*CONV_CALLERS, FusedSequential)):
+    if isinstance(module, (*CONV_CALLERS, FusedSequential, FusedNeck)):
         return None  # already linattn's
     _, new = _replace(module, name, report, LEAF_PATTERNS)
     if new is not None:
@@ -709,6 +709,17 @@ class _BackendHooks:
     def post(self, module, args, output):
         if not torch.compiler.is_compiling() and self.saved:
             set_backend(self.saved.pop())
+
+
+def _is_backend_hook(hook) -> bool:
+    return isinstance(getattr(hook, "__self__", None), _BackendHooks)
+
+
+def _hook_once(module: nn.Module, hook) -> None:
+    """Register forward pre-hook `hook` unless `module` has it (optimizing an optimized model again): every hook
+    costs host time on every call."""
+    if hook not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(hook)
 
 
 # the fused modules that call the convs themselves: with channels_last, each converts an NCHW input
@@ -780,7 +791,7 @@ def optimize(
         model = new
     if channels_last:
         model.to(memory_format=torch.channels_last)
-        model.register_forward_pre_hook(_channels_last_inputs)
+        _hook_once(model, _channels_last_inputs)
         # a residual block's own modules take its converted input or fused outputs (which keep the layout): no
         # hook of their own (each costs about 1.6 us of host time a call, L0 has about 45 of them)
         inside = {id(m) for b in model.modules() if isinstance(b, FusedResidualBlock) for m in b.main.modules()}
@@ -792,13 +803,15 @@ def optimize(
                 if isinstance(block, FusedResidualBlock):
                     block.channels_last = True  # its forward checks (see there)
                 else:
-                    block.register_forward_pre_hook(_channels_last_inputs)
+                    _hook_once(block, _channels_last_inputs)
     if backend != "auto":
-        hooks = _BackendHooks(backend)
-        model.register_forward_pre_hook(hooks.pre)
-        # prepended: restored in the reverse order of setting, so optimizing in place again with another
-        # backend (whose pre-hook runs last, its backend the one the forward sees) restores the caller's
-        model.register_forward_hook(hooks.post, always_call=True, prepend=True)
+        hooks = next((h.__self__ for h in model._forward_pre_hooks.values() if _is_backend_hook(h)), None)
+        if hooks is not None:  # optimized before with a backend: its hooks now set this one
+            hooks.name = backend
+        else:
+            hooks = _BackendHooks(backend)
+            model.register_forward_pre_hook(hooks.pre)
+            model.register_forward_hook(hooks.post, always_call=True)
     if cuda_graph:
         from .graphs import CUDAGraphModule
 

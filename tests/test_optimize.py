@@ -590,6 +590,16 @@ def test_neck_left_alone(neck, reason):
     assert [(s.kind, reason in s.reason) for s in report.skipped] == [("neck", True)]
 
 
+def test_optimizing_again_changes_nothing():
+    """An optimized model (its neck included) optimized again: nothing replaced or left alone, and no hook
+    registered twice (each costs host time on every call)."""
+    once = linattn.optimize(_official_neck(), channels_last=True, backend="reference")
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in once.modules()]
+    twice, report = linattn.optimize(once, channels_last=True, backend="triton", inplace=True, return_report=True)
+    assert not report.replaced and not report.skipped
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in twice.modules()] == hooks
+
+
 class LayerNorm2d(nn.LayerNorm):
     """The official EfficientViT LayerNorm2d: the channels' statistics as separate ops."""
 

@@ -6,6 +6,7 @@ than the fused block saves (a launch each on a GPU). The result is kept on the m
 while its sources are unchanged.
 """
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -64,7 +65,8 @@ class EvalConstants(nn.Module):
 
         A source changes when it is replaced, moved, cast or modified in place (load_state_dict, an
         optimizer step): the key holds each source's identity, storage address, dtype, device, version
-        counter, shape and strides, and the hashable `settings` (e.g. a BatchNorm's eps). The cache is also
+        counter, shape and strides, and the hashable `settings` (e.g. a BatchNorm's eps); a weak reference to each
+        source tells a freed one from a new tensor that reuses its identity and address. The cache is also
         dropped when the module's mode is switched or it is moved or cast (`.to()`). A source rebound through
         `.data` is seen by its address or layout (the result may hold a source itself, whose layout a call
         site's launch was prepared for: linattn/_tune.py Site); writes into `.data` (which has its own version
@@ -97,20 +99,25 @@ class EvalConstants(nn.Module):
             return compute()
         key = tuple(key)
         cached = self.__dict__.get(_SLOT)
+        hit = cached is not None and cached[0] == key and None not in [ref() for ref in cached[2]]
         if given is not None:
-            if cached is not None and cached[0] == key and _tensors(cached[1]):
+            if hit and _tensors(cached[1]):
                 return _Recomputed.apply(compute, cached[1], *given)
             # a source changed since (a training step, or the first call): computed once, inline, and kept
             result = compute()
             if _tensors(result):
-                self.__dict__[_SLOT] = (key, tuple(t if t is None else t.detach() for t in result))
+                self.__dict__[_SLOT] = (key, tuple(t if t is None else t.detach() for t in result), _refs(sources))
             return result
-        if cached is None or cached[0] != key:
+        if not hit:
             # normal tensors even under torch.inference_mode, so a later call with autograd on can use them
             with torch.inference_mode(False), torch.no_grad():
-                cached = (key, compute())
+                cached = (key, compute(), _refs(sources))
             self.__dict__[_SLOT] = cached
         return cached[1]
+
+
+def _refs(sources: Sequence[Tensor | None]) -> tuple:
+    return tuple(weakref.ref(t) for t in sources if t is not None)
 
 
 def _tensors(values: tuple) -> bool:
