@@ -48,7 +48,11 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def backend(name: str):
-    """`with linattn.backend("triton"): ...` runs the block on one backend."""
+    """`with linattn.backend("triton"): ...` runs the block on one backend, then sets back the one before.
+
+    Process-wide, as set_backend: not per thread, since autograd runs a CUDA backward on a thread of its own, which
+    must see the backend of the forward. Blocks of several threads that overlap without nesting set back each
+    other's backends: threads that run linattn ops at once should share one backend."""
     previous = get_backend()
     set_backend(name)
     try:
@@ -112,23 +116,26 @@ def _cuda_capability_reason(index: int) -> str | None:
 
 
 def unavailable(name: str, device: torch.device) -> str | None:
-    """Why backend `name` cannot run on `device` here, or None when it can."""
+    """Why backend `name` cannot run on `device` here, or None when it can: every reason at once (a missing
+    install and the tensors' device), so that fixing one does not lead to the next."""
     if name == "reference":
         return None
     if name == "triton":
-        missing = _triton_missing()
-        if missing or device.type == "cuda":
-            return missing or _triton_gpu(device.index)
-        if device.type == "cpu" and interpreting():
-            return None
-        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for CPU)"
+        found = [] if device.type == "cuda" or (device.type == "cpu" and interpreting()) else [
+            "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for CPU)"
+        ]  # fmt: skip
+        found.append(_triton_missing())
+        if device.type == "cuda" and not found[-1]:
+            found.append(_triton_gpu(device.index))
+        return "; ".join(why for why in found if why) or None
     if name == "cuda":
         from ._extension import load_extension
 
-        _, why = load_extension()
-        if why or device.type == "cuda":
-            return why or _cuda_gpu(device.index)
-        return "the CUDA extension runs on CUDA tensors only"
+        found = [] if device.type == "cuda" else ["the CUDA extension runs on CUDA tensors only"]
+        found.append(load_extension()[1])
+        if device.type == "cuda" and not found[-1]:
+            found.append(_cuda_gpu(device.index))
+        return "; ".join(why for why in found if why) or None
     raise ValueError(f"linattn: unknown backend {name!r}; choose one of {BACKENDS}")
 
 

@@ -70,6 +70,7 @@ PEAK = 4
 
 SHIPPED = Path(__file__).parent / "tables"  # the tables linattn ships
 _lock = threading.Lock()
+_timing = threading.RLock()  # held while a choice is measured (reentrant: a candidate's call may choose in turn)
 _tables: dict[str, dict[str, str]] = {}  # table file name -> {key: backend}
 _considered: dict[str, dict[str, list[str]]] = {}  # table file name -> {key: the candidates its choice was among}
 _mine: dict[str, set[str]] = {}  # table file name -> the keys this process measured (what _save writes)
@@ -122,7 +123,15 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LINATTN_CACHE_DIR") or Path.home() / ".cache" / "linattn")
+    """LINATTN_CACHE_DIR, else ~/.cache/linattn, else (no home directory: a container's user without one) the user's
+    folder in the temporary directory."""
+    if found := os.environ.get("LINATTN_CACHE_DIR"):
+        return Path(found)
+    try:
+        return Path.home() / ".cache" / "linattn"
+    except RuntimeError:
+        user = f"-{os.getuid()}" if hasattr(os, "getuid") else ""
+        return Path(tempfile.gettempdir()) / f"linattn-cache{user}"
 
 
 @functools.cache
@@ -164,7 +173,7 @@ def _read(path: Path, device_name: str, quiet: bool = False) -> tuple[dict[str, 
         return dict(choices), dict(considered)
     except FileNotFoundError:
         return {}, {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         if not quiet:
             warnings.warn(f"linattn: ignoring the dispatch table {path}: {err}", RuntimeWarning, stacklevel=4)
         return {}, {}
@@ -237,7 +246,11 @@ def _save(device_name: str) -> None:
                 on_disk_considered[key] = considered[key]
             data = {"format": FORMAT, "device": device_name, "versions": versions(), "choices": on_disk,
                     "candidates": on_disk_considered}  # fmt: skip
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
+            # a unique name, made as any file the user writes (mkstemp's are 0600: other users of a shared cache
+            # directory could not read the table)
+            unique = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}.tmp")
+            fd = os.open(unique, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            tmp = unique
             with os.fdopen(fd, "w") as handle:
                 handle.write(json.dumps(data, indent=1, sort_keys=True))
             os.replace(tmp, path)  # atomic: a concurrent reader sees the old table or the new one
@@ -639,6 +652,16 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
                 "run the model once before capturing (or `python -m linattn tune`)",
             )
         return candidates[0], False
+    with _timing:  # one thread at a time: timings running together on a GPU would each time the other's work
+        if (chosen := _lookup(device_name, key, candidates)) is not None:  # another thread's, measured meanwhile
+            _remember(_memo, memo, chosen)
+            return chosen, True
+        return _measure(op, device, device_name, memo, key, candidates, runner, args, prepare, host_time)
+
+
+def _measure(op, device, device_name, memo, key, candidates, runner, args, prepare, host_time) -> tuple[str, bool]:
+    """_choose's measurement of a call not in the table (under _timing)."""
+    global _unsettled
     started = time.perf_counter()
     nested = _backend.timing()  # made while an outer choice times its candidates: its seconds are in that one's
     try:

@@ -103,6 +103,21 @@ def test_registry_forced_backend_gives_every_reason(toy_registry, monkeypatch):
     assert _backend.status("toy", "reference", device) is None
 
 
+def test_a_backend_unavailable_for_two_reasons_gives_both(monkeypatch):
+    """CPU tensors and an extension not built (or triton not installed): both at once, the tensors' device first,
+    so that building the extension does not just lead to the next error."""
+    from linattn import _extension
+
+    monkeypatch.setattr(_extension, "load_extension", lambda: (None, "linattn._C is not built"))
+    monkeypatch.setattr(_backend, "_triton_missing", lambda: "triton is not installed")
+    cpu = torch.device("cpu")
+    assert _backend.unavailable("cuda", cpu) == "the CUDA extension runs on CUDA tensors only; linattn._C is not built"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _backend.unavailable("triton", cpu).startswith("Triton kernels need CUDA tensors")
+    assert _backend.unavailable("triton", cpu).endswith("; triton is not installed")
+    assert _backend.unavailable("cuda", torch.device("cuda")) == "linattn._C is not built"
+
+
 def test_registry_is_what_info_and_check_read():
     """Every op with a functional API has a registered forward with Triton and the reference; info lists exactly
     the registered ops."""

@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
+import time
 import warnings
 
 import pytest
@@ -131,8 +134,9 @@ _HEADER = {"format": _tune.FORMAT, "device": "Toy GPU", "versions": _tune.versio
         json.dumps({"format": 99, "device": "Toy GPU", "versions": _tune.versions(), "choices": {}}),
         json.dumps({"format": _tune.FORMAT, "device": "Toy GPU", "versions": _tune.versions(), "choices": [1, 2]}),
         json.dumps({**_HEADER, "choices": {}, "candidates": {"k": "triton"}}),
+        "[" * 100_000 + "]" * 100_000,  # json's parser recurses: RecursionError
     ],
-    ids=["corrupt", "foreign", "stale", "format", "malformed", "malformed-candidates"],
+    ids=["corrupt", "foreign", "stale", "format", "malformed", "malformed-candidates", "deep"],
 )
 def test_bad_table_files_are_ignored_with_a_warning(tuned, tmp_path, content):
     speed, calls, runner, device = tuned
@@ -847,6 +851,48 @@ def test_a_save_keeps_what_other_processes_saved_and_copies_nothing_shipped(tune
     mine = [k for k in saved["choices"] if k.startswith("toy:")]
     assert len(mine) == 2 and all(saved["candidates"][k] == ["triton", "cuda", "reference"] for k in mine)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_table_file_is_made_as_the_umask_says(tuned, tmp_path):
+    """Other users of a shared cache directory can read the table (a temporary file's 0600 would lock them out)."""
+    speed, calls, runner, device = tuned
+    mask = os.umask(0o022)
+    try:
+        assert _resolve(runner, device, torch.empty(4)) == "cuda"
+    finally:
+        os.umask(mask)
+    assert (tmp_path / _tune.table_name("Toy GPU")).stat().st_mode & 0o777 == 0o644
+
+
+def test_without_a_home_directory_the_table_is_in_the_temporary_directory(monkeypatch):
+    monkeypatch.delenv("LINATTN_CACHE_DIR", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(_tune.Path, "home", staticmethod(no_home))
+    assert _tune.cache_dir().parent == _tune.Path(tempfile.gettempdir())
+
+
+def test_threads_making_the_same_new_call_measure_it_once(tuned, monkeypatch):
+    """A threaded server's first requests: one thread measures while the other waits, then reads its choice (two
+    timings at once on one GPU would time each other's work)."""
+    speed, calls, runner, device = tuned
+    timer = _tune._timer
+    monkeypatch.setattr(_tune, "_timer", lambda fn: (time.sleep(0.05), timer(fn))[1])  # long enough to overlap
+    start = threading.Barrier(2)
+    chosen = []
+
+    def request():
+        start.wait()
+        chosen.append(_resolve(runner, device, torch.empty(4)))
+
+    threads = [threading.Thread(target=request) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert chosen == ["cuda", "cuda"] and len(_tune.timings()) == 1 and len(calls) == 3
 
 
 def test_a_choice_made_without_a_candidate_there_now_is_measured_again(tuned, tmp_path):
