@@ -81,12 +81,10 @@ _settled: dict[tuple, dict] = {}  # (op, pass, GPU, _signature) -> the Triton co
 
 
 class _Fixed(threading.local):
-    """Per thread: `on` in fixed_priority() (no table, no timing); `force` in tune() (timing despite TUNE=0). Class
-    defaults, not getattr(..., default): a missing attribute's AttributeError costs a few tenths of a microsecond
-    on every planned call."""
+    """Per thread: `on` in fixed_priority() (no table, no timing). A class default, not getattr(..., default): a
+    missing attribute's AttributeError costs a few tenths of a microsecond on every planned call."""
 
     on = False
-    force = False
 
 
 _fixed = _Fixed()
@@ -108,14 +106,28 @@ def fixed_priority():
         _fixed.on = previous
 
 
+@contextlib.contextmanager
+def timing_on():
+    """Within the block, measured dispatch times new calls whatever LINATTN_TUNE said, and cuDNN's graphs autotune
+    (linattn._C reads the variable too): the variable is set for the process, so that autograd's CUDA thread,
+    which runs a backward, sees it too."""
+    previous = os.environ.get("LINATTN_TUNE")
+    os.environ["LINATTN_TUNE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["LINATTN_TUNE"]
+        else:
+            os.environ["LINATTN_TUNE"] = previous
+
+
 # os.environ.get costs half a microsecond (a Mapping lookup that encodes the key and decodes the value); every
 # planned call asks enabled(), so the variable is read from the encoded dict os.environ keeps in step
 _TUNE_KEY, _TUNE_OFF = os.environ.encodekey("LINATTN_TUNE"), os.environ.encodevalue("0")
 
 
 def enabled() -> bool:
-    if _fixed.force:
-        return True
     encoded = getattr(os.environ, "_data", None)  # None where os.environ was replaced (a plain dict): its get
     if encoded is None:
         return os.environ.get("LINATTN_TUNE", "1") != "0"
@@ -840,8 +852,7 @@ def tune(
 
     device = torch.device("cuda")
     before = len(_timings)
-    _fixed.force = True
-    try:
+    with timing_on():
         for name in models:
             name = resolve_model(name)
             model = build_model(name, quick).to(device, dtype).train(backward).requires_grad_(backward)
@@ -853,8 +864,6 @@ def tune(
                     outputs = y if isinstance(y, (tuple, list)) else (y,)
                     sum(t.float().sum() for t in outputs if t.requires_grad).backward()
             torch.cuda.synchronize(device)
-    finally:
-        _fixed.force = False
     return _timings[before:]
 
 

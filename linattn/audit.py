@@ -367,13 +367,12 @@ def _every_candidate(arch: Arch):
         os.environ["LINATTN_CACHE_DIR"] = tmp
         _tune._timer = lambda fn: (fn(), 0.0)[1]
         _tune._device_name = lambda device: f"{arch.gpu} (audit)"
-        _tune._fixed.force = True
         _tune.reset()
         try:
-            yield
+            with _tune.timing_on():
+                yield
         finally:
             _tune._timer, _tune._device_name, cache = saved
-            _tune._fixed.force = False
             _tune.reset()
             if cache is None:
                 os.environ.pop("LINATTN_CACHE_DIR", None)

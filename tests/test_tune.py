@@ -111,6 +111,20 @@ def test_tune_off_uses_the_table_or_the_priority_order(tuned, monkeypatch):
     assert _resolve(runner, device, torch.empty(6)) == "cuda" and calls == []  # the table still applies
 
 
+def test_timing_on_times_despite_tune_off_in_every_thread(tuned, monkeypatch):
+    """`python -m linattn tune` measures whatever LINATTN_TUNE says, in the calls of autograd's CUDA thread too (a
+    backward), and linattn._C sees the variable (cuDNN's autotune); after it the variable is as it was."""
+    speed, calls, runner, device = tuned
+    monkeypatch.setenv("LINATTN_TUNE", "0")
+    chosen = []
+    with _tune.timing_on():
+        other = threading.Thread(target=lambda: chosen.append(_resolve(runner, device, torch.empty(5))))
+        other.start()
+        other.join()
+    assert chosen == ["cuda"] and len(_tune.timings()) == 1
+    assert os.environ["LINATTN_TUNE"] == "0" and not _tune.enabled()
+
+
 def test_no_timing_during_capture_and_one_warning(tuned, monkeypatch):
     speed, calls, runner, device = tuned
     monkeypatch.setattr(_tune, "_cannot_time", lambda: "capture")
