@@ -100,7 +100,7 @@ def _act(z, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(z, ACT: tl.constexpr):
-    """d act(z) / dz on an fp32 tile, with PyTorch's conventions at the kinks (relu'(0) = 0)."""
+    """d act(z) / dz on an fp32 tile, with PyTorch's conventions at the kinks (reference.activation_grad)."""
     if ACT == 0:
         d = tl.full(z.shape, 1.0, tl.float32)
     elif ACT == 1:
@@ -115,7 +115,7 @@ def _act_grad(z, ACT: tl.constexpr):
         t = _tanh(sqrt_2_over_pi * (z + 0.044715 * z * z * z))
         d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * sqrt_2_over_pi * (1.0 + 3.0 * 0.044715 * z * z)
     elif ACT == 5:
-        d = tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, z / 3.0 + 0.5, 1.0))
+        d = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, z / 3.0 + 0.5, 1.0))
     else:
         s = 1.0 / (1.0 + tl.exp(-z))
         d = s * (1.0 + z * (1.0 - s))

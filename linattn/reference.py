@@ -221,7 +221,8 @@ def activation(z: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def activation_grad(z: torch.Tensor, act: str) -> torch.Tensor:
-    """d activation(z) / dz, with PyTorch's conventions at the kinks (relu'(0) = 0, relu6'(6) = 0)."""
+    """d activation(z) / dz, with PyTorch's conventions at the kinks (relu'(0) = 0, relu6'(6) = 0, hardswish'(-3) = 0
+    and hardswish'(3) = 1)."""
     if act == "identity":
         return torch.ones_like(z)
     if act == "relu":
@@ -235,7 +236,7 @@ def activation_grad(z: torch.Tensor, act: str) -> torch.Tensor:
         t = torch.tanh(c * (z + 0.044715 * z**3))
         return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
     if act == "hardswish":
-        return torch.where(z < -3, 0.0, torch.where(z <= 3, z / 3 + 0.5, 1.0)).to(z.dtype)
+        return torch.where(z <= -3, 0.0, torch.where(z < 3, z / 3 + 0.5, 1.0)).to(z.dtype)
     if act == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))

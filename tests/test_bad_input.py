@@ -186,6 +186,12 @@ def test_int_arguments_take_numpy_ints():
     assert torch.equal(linattn.lite_mla_attention(qkv, np.int64(16)), linattn.lite_mla_attention(qkv, 16))
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 1, 1)
     assert torch.equal(linattn.conv_bn_act(x, w, groups=np.int32(2)), linattn.conv_bn_act(x, w, groups=2))
+    compiled = torch.compile(
+        lambda x, w: linattn.conv_bn_act(x, w, groups=np.int32(2)), fullgraph=True, backend="aot_eager"
+    )
+    assert torch.equal(compiled(x, w), linattn.conv_bn_act(x, w, groups=2))
+    with pytest.raises(TypeError, match="linattn.conv_bn_act: groups must be an int, got float 2.0"):
+        linattn.conv_bn_act(x, w, groups=np.float32(2))
 
 
 def test_stride_float_is_a_type_error():
@@ -340,3 +346,39 @@ def test_separable_names_the_depthwise_arguments(change, name):
     call.update(change)
     with pytest.raises((ValueError, TypeError), match=rf"linattn\.separable_conv_bn_act: {name} "):
         linattn.separable_conv_bn_act(**call, padding=1)
+
+
+def _backward_calls():
+    """Each backward op called directly with a gradient one position short of the forward's output, and a right
+    one: (op, call(grad_shape_delta))."""
+    q = _ok()
+    qkv = torch.randn(2, 3 * 2 * 4, 5, 6)
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    dw, pw = [torch.randn(24, 1, 3, 3)], [torch.randn(24, 4, 1, 1)]
+    ops = torch.ops.linattn
+    return [
+        ("relu_linear_attention_backward", lambda d: ops.relu_linear_attention_backward(
+            torch.randn(2, 3, 7 - d, 8), q, q, q, 1e-15)),
+        ("lite_mla_attention_backward", lambda d: ops.lite_mla_attention_backward(
+            torch.randn(2, 8, 5, 6 - d), qkv, 4, 1e-15)),
+        ("conv_bn_act_backward", lambda d: ops.conv_bn_act_backward(
+            torch.randn(1, 4, 6 - d, 6), x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None)),
+        ("multiscale_aggregate_backward", lambda d: ops.multiscale_aggregate_backward(
+            torch.randn(2, 48, 5 - d, 6), qkv, dw, pw, 2, [])),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize(("op", "call"), _backward_calls(), ids=[c[0] for c in _backward_calls()])
+def test_backward_ops_check_the_gradients_shape(backend, op, call):
+    """Autograd hands a backward op a gradient of the output's shape; a direct call may not, and a kernel would
+    read past its end (the Triton interpreter returned values of 1e33 before this check)."""
+    with linattn.backend(backend):
+        call(0)
+        with pytest.raises(ValueError, match=f"linattn.{op}: grad_out must have the forward's output shape"):
+            call(1)
+    with (
+        torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True),
+        pytest.raises(ValueError, match=f"linattn.{op}: grad_out"),
+    ):
+        call(1)  # the fake kernel (torch.compile) checks too

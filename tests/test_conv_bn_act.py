@@ -290,6 +290,28 @@ def test_op_autograd(target, case):
         assert_close(a.grad, b64.grad, tolerance(dtype, rel_err(e.grad, b64.grad)), f"grad {label}")
 
 
+EAGER_ACTS = {
+    "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "silu": F.silu, "identity": lambda z: z,
+    "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("act", sorted(EAGER_ACTS))
+def test_activation_gradients_at_the_kinks_are_atens(target, act):
+    """The activation's gradient where it has a kink (relu at 0, relu6 at 0 and 6, hardswish at -3 and 3), and
+    near them, as PyTorch's autograd gives it: a 1x1 identity conv makes the pre-activation exactly the input."""
+    name, device = target
+    z = torch.tensor([-6.0, -3.0, -2.5, 0.0, 1.0, 3.0, 3.5, 6.0, 7.0], device=device)
+    for dtype in (torch.float32, torch.float16):
+        x = z.to(dtype).view(1, 1, 1, -1).clone().requires_grad_()
+        with linattn.backend(name), cuda_may_decline(name):
+            linattn.conv_bn_act(x, torch.ones(1, 1, 1, 1, device=device, dtype=dtype), act=act).sum().backward()
+        want = z.to(dtype).clone().requires_grad_()
+        EAGER_ACTS[act](want).sum().backward()
+        assert_close(x.grad.flatten(), want.grad, 1e-3, f"{act}'({z.tolist()}) {dtype}")
+
+
 def test_forced_cuda_backend_raises():
     """Forcing cuda on CPU tensors (forward and backward) or on separable_conv_bn_act raises Unsupported. The
     device comes first (tests/test_bad_input.py); a conv cuDNN declines: tests/test_conv_bn_act_cudnn.py."""
@@ -386,8 +408,14 @@ def test_fold_bn_low_precision_folds_in_fp32():
 def test_fold_bn_bad_input():
     with pytest.raises(TypeError, match="linattn.fold_bn: bn must be a BatchNorm with running statistics"):
         linattn.fold_bn(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8, track_running_stats=False))
-    with pytest.raises(ValueError, match="linattn.fold_bn: bn has 4 features"):
+    with pytest.raises(ValueError, match="linattn.fold_bn: bn has 4 features, the conv 8 output channels"):
         linattn.fold_bn(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(4))
+    bn = nn.BatchNorm2d(8)
+    bn.running_var = torch.ones(4)
+    with pytest.raises(ValueError, match=r"linattn.fold_bn: bn running_var has shape \(4,\), running_mean \(8,\)"):
+        linattn.fold_bn(nn.Conv2d(4, 8, 1), bn)
+    with pytest.raises(TypeError, match="linattn.fold_bn: conv must not be a transposed conv, got ConvTranspose2d"):
+        linattn.fold_bn(nn.ConvTranspose2d(8, 8, 2), nn.BatchNorm2d(8))  # its output channels are dim 1
     with pytest.raises(TypeError, match="linattn.fold_bn: conv must be a conv module"):
         linattn.fold_bn(nn.ReLU(), nn.BatchNorm2d(4))
 

@@ -168,6 +168,16 @@ def fail(op: str, arg: str, message: str, error: type[Exception] = ValueError):
     raise error(f"linattn.{op}: {arg} {message}")
 
 
+def check_grad_out(op: str, grad_out: Tensor, shape, like: Tensor) -> None:
+    """A backward op's incoming gradient: the forward's output shape, on its inputs' device. Autograd's always is;
+    a direct call's may not be, and a kernel would read past its end."""
+    check_tensor(op, "grad_out", grad_out, ndim=len(shape), layout="(the forward's output)")
+    if grad_out.shape != shape:
+        fail(op, "grad_out", f"must have the forward's output shape {tuple(shape)}, got {tuple(grad_out.shape)}")
+    if grad_out.device != like.device:
+        fail(op, "grad_out", f"is on {grad_out.device}, the inputs on {like.device}")
+
+
 def require_tensors(op: str, **tensors) -> None:
     """Type check before the dispatcher, whose own error would not name the op's API."""
     for name, t in tensors.items():
@@ -177,8 +187,10 @@ def require_tensors(op: str, **tensors) -> None:
 
 def as_int(op: str, name: str, value) -> int:
     """value as a Python int; a float (even 32.0) or a bool is a caller's mistake, not a size."""
-    if isinstance(value, torch.SymInt):  # traced under torch.compile: an int by construction
+    if type(value) is int or isinstance(value, torch.SymInt):  # SymInt: traced under torch.compile, an int
         return value
+    if type(value).__module__ == "numpy":  # its Python scalar: torch.compile traces tolist(), not operator.index
+        value = value.tolist()
     if not isinstance(value, bool):
         try:
             return operator.index(value)  # int, numpy and 0-d integer tensors; never truncates

@@ -25,6 +25,7 @@ from .._tune import HOST_AWARE, Site, choose_config, plan, scratch_like
 from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
+    check_grad_out,
     check_tensor,
     check_transforms,
     differentiable,
@@ -329,7 +330,14 @@ def _conv_bn_act_backward(
     """(dx, dweight, dbias, dpost_scale, dpost_shift): dx in x's dtype and memory format, dweight in
     weight's dtype, the per-channel gradients in fp32 (fp64 for fp64 inputs) whether or not the
     optional inputs exist."""
+    _check_conv_grad(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
     return _backward_body(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
+
+
+def _check_conv_grad(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale) -> None:
+    op = "conv_bn_act_backward"
+    Ho, Wo = check_conv(op, x, weight, bias, stride, padding, dilation, groups, act, post_scale, None, None)
+    check_grad_out(op, grad_out, (x.shape[0], weight.shape[0], Ho, Wo), x)
 
 
 def _backward(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale) -> tuple:
@@ -367,6 +375,7 @@ def _conv_bwd(grad_out, x, weight, bias, stride, padding, dilation, groups, act,
 
 @_conv_bn_act_backward.register_fake
 def _(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale):
+    _check_conv_grad(grad_out, x, weight, bias, stride, padding, dilation, groups, act, post_scale)
     ct = _grad_dtype(x)
     Cout = weight.shape[0]
     return (
@@ -535,11 +544,16 @@ def fold_bn(conv: torch.nn.Module, bn: torch.nn.Module) -> tuple[Tensor, Tensor]
     weight = getattr(conv, "weight", None)
     if not isinstance(weight, Tensor):
         fail("fold_bn", "conv", f"must be a conv module with a weight, got {type(conv).__name__}", TypeError)
+    if getattr(conv, "transposed", False):  # its weight is (Cin, Cout/groups, ...): the output channels are dim 1
+        fail("fold_bn", "conv", f"must not be a transposed conv, got {type(conv).__name__}", TypeError)
     mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     if not isinstance(mean, Tensor) or not isinstance(var, Tensor):
         fail("fold_bn", "bn", "must be a BatchNorm with running statistics (track_running_stats=True)", TypeError)
-    if mean.shape[0] != weight.shape[0]:
-        fail("fold_bn", "bn", f"has {mean.shape[0]} features, the conv {weight.shape[0]} output channels")
+    if mean.shape != weight.shape[:1]:
+        what = f"{mean.shape[0]} features" if mean.dim() == 1 else f"running_mean of shape {tuple(mean.shape)}"
+        fail("fold_bn", "bn", f"has {what}, the conv {weight.shape[0]} output channels")
+    if var.shape != mean.shape:
+        fail("fold_bn", "bn", f"running_var has shape {tuple(var.shape)}, running_mean {tuple(mean.shape)}")
     gamma = bn.weight if getattr(bn, "affine", True) else None
     beta = bn.bias if getattr(bn, "affine", True) else None
     return reference.fold_bn(weight, getattr(conv, "bias", None), mean, var, gamma, beta, bn.eps)

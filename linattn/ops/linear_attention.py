@@ -16,6 +16,7 @@ from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
     check_eps,
+    check_grad_out,
     check_tensor,
     check_transforms,
     differentiable,
@@ -131,6 +132,7 @@ def _(q, k, v, eps):
 def _relu_linear_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_attention_grad(grad_out, q, k, v, eps)
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     attention_bwd("relu_linear_attention", grad_out, q, k, v, eps, dq, dk, dv)
     return dq, dk, dv
@@ -138,7 +140,13 @@ def _relu_linear_attention_backward(
 
 @_relu_linear_attention_backward.register_fake
 def _(grad_out, q, k, v, eps):
+    _check_attention_grad(grad_out, q, k, v, eps)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _check_attention_grad(grad_out, q, k, v, eps) -> None:
+    _check_qkv("relu_linear_attention_backward", q, k, v, eps)
+    check_grad_out("relu_linear_attention_backward", grad_out, (*q.shape[:3], v.shape[-1]), q)
 
 
 def _setup_qkv(ctx, inputs, output):
@@ -181,6 +189,7 @@ def _(qkv, dim, eps):
 
 @torch.library.custom_op("linattn::lite_mla_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _lite_mla_attention_backward(grad_out: Tensor, qkv: Tensor, dim: int, eps: float) -> Tensor:
+    _check_packed_grad(grad_out, qkv, dim, eps)
     dqkv = new_feature_map(qkv, qkv.shape[1])
     q, k, v = reference.split_packed_qkv(qkv, dim)
     g = reference.split_heads(grad_out, dim)
@@ -190,7 +199,14 @@ def _lite_mla_attention_backward(grad_out: Tensor, qkv: Tensor, dim: int, eps: f
 
 @_lite_mla_attention_backward.register_fake
 def _(grad_out, qkv, dim, eps):
+    _check_packed_grad(grad_out, qkv, dim, eps)
     return new_feature_map(qkv, qkv.shape[1])
+
+
+def _check_packed_grad(grad_out, qkv, dim, eps) -> None:
+    _check_packed("lite_mla_attention_backward", qkv, dim, eps)
+    B, C, H, W = qkv.shape
+    check_grad_out("lite_mla_attention_backward", grad_out, (B, C // 3, H, W), qkv)
 
 
 def _setup_packed(ctx, inputs, output):

@@ -14,6 +14,7 @@ from .._tune import scratch_like
 from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
+    check_grad_out,
     check_tensor,
     check_transforms,
     direct,
@@ -166,6 +167,7 @@ def _multiscale_aggregate_backward(
     dw_biases: list[Tensor],
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(dqkv, [dWd_s], [dWp_s], [dbd_s], [dbp_s]); weight and bias gradients in the weights' dtypes."""
+    _check_grad(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases)
     call = (grad_out, qkv, dw_weights, pw_weights, heads, dw_biases)
     runner = lambda b: _aggregate_bwd(*call, b)  # noqa: E731
     dtypes = other_dtypes(qkv, dw_weights, pw_weights, dw_biases)
@@ -201,6 +203,7 @@ def _aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases, impl
 
 @_multiscale_aggregate_backward.register_fake
 def _(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases):
+    _check_grad(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases)
     C = qkv.shape[1]
     return (
         new_feature_map(qkv, C),
@@ -299,3 +302,10 @@ def multiscale_aggregate(
 
 register_autocast(OP, "lower", ("qkv", "dw_weights", "pw_weights", "dw_biases", "pw_biases"))
 register_autocast("multiscale_aggregate_backward", "none")
+
+
+def _check_grad(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases) -> None:
+    op = "multiscale_aggregate_backward"
+    check_aggregation(op, qkv, dw_weights, pw_weights, heads, dw_biases, [])
+    B, C, H, W = qkv.shape
+    check_grad_out(op, grad_out, (B, C * (1 + len(dw_weights)), H, W), qkv)
