@@ -649,6 +649,8 @@ def _choose(op, pass_, device, candidates, runner, args, prepare=None, host_time
         return chosen, True
     if any(type(a) in PLAIN and a.dtype is torch.float32 for a in args):
         pass_ += _tf32()
+    if torch.backends.cudnn.benchmark:  # PyTorch's convs on the algorithms cuDNN times: a faster baseline to beat
+        pass_ += "+cudnnbenchmark"
     key = call_key(op, pass_, args)
     if (chosen := _lookup(device_name, key, candidates)) is not None:
         _remember(_memo, memo, chosen)

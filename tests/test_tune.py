@@ -1047,6 +1047,18 @@ def tf32_settings():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def test_calls_are_keyed_by_cudnn_benchmark(tuned, monkeypatch):
+    """With torch.backends.cudnn.benchmark, PyTorch's convs run the algorithms cuDNN times: a faster baseline, so a
+    choice made without it does not stand (one of ours could then be slower than PyTorch's path)."""
+    speed, calls, runner, device = tuned
+    x = torch.empty(4, 8)
+    _resolve(runner, device, x)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    _tune.reset()  # a new process, with the table on disk
+    _resolve(runner, device, x.clone())
+    assert [row["key"] for row in _tune.timings()] == ["toy:fwd+cudnnbenchmark:(4, 8)/(8, 1)/float32;2"]
+
+
 def test_float32_calls_are_keyed_by_the_tf32_setting(tuned, tmp_path, tf32_settings):
     speed, calls, runner, device = tuned
     torch.backends.cuda.matmul.allow_tf32 = False
