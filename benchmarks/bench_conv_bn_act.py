@@ -60,6 +60,7 @@ batch size) is drawn from that file. Only GPU runs are kept in git (.gitignore d
 
 import argparse
 import copy
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,7 @@ from linattn.benchmarks.common import (
     announce,
     check_backend,
     compiled,
+    exit_status,
     max_autotune_skip,
     measuring,
     parse_benchmark_args,
@@ -617,4 +619,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import copy
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,11 +73,15 @@ from linattn.benchmarks.common import (
     default_device,
     device_arg,
     error_line,
+    exit_status,
+    failed,
     first_call,
     flag_wrong,
     measuring,
+    out_dir_arg,
     parse_benchmark_args,
     peak_mb,
+    positive_int,
     report,
     result_name,
     run_device,
@@ -453,6 +458,12 @@ def dispatch_lines(rows: list[dict]) -> list[str]:
             f"{case}: activation bytes written: eager {e['act_mb']:.1f} MiB, linattn {f['act_mb']:.1f} MiB "
             f"({100 * f['bytes_ratio']:.0f} %; target <= {100 * TARGET_BYTES:.0f} %: {bytes_ok})"
         )
+    if lines:
+        lines.append(
+            "(ops and bytes count each linattn op as one call writing its outputs: what the fused kernels dispatch "
+            "and write on a GPU. The reference backend, a CPU's, runs the unfused ops inside each: this run's time "
+            "and memory do not show the saving.)"
+        )
     return lines
 
 
@@ -498,8 +509,10 @@ def parse_args(argv):
                         f"{', '.join(CPU_PROVIDERS)} on CPU)")  # fmt: skip
     parser.add_argument("--backend", choices=linattn.BACKENDS, help="linattn backend (default: auto; reference on CPU)")
     parser.add_argument("--device", type=device_arg, default=default_device())
-    parser.add_argument("--top-ops", type=int, default=10, help="ops kept from each profile (default 10)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder of the result files and plot")
+    parser.add_argument("--top-ops", type=positive_int, default=10, help="ops kept from each profile (default 10)")
+    parser.add_argument("--out", type=out_dir_arg, default="benchmarks/results",
+                        help="folder of the result files and plot (default: benchmarks/results, from the current "
+                        "directory)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny inputs (64x64, XL 128x128): checks the harness")
     args = parse_benchmark_args(parser, argv, dtype=DTYPES, providers=PROVIDERS, model=names)
     return args
@@ -541,18 +554,5 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-def failed(rows: list[dict]) -> list[str]:
-    """The cases and providers of the rows that failed or computed a wrong result (`python -m linattn bench` exits 1
-    where there are any)."""
-    return [f"{r['case']} {r['provider']}" for r in rows if str(r.get("note") or "").startswith(("failed", "wrong"))]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
-    return value
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -690,7 +690,7 @@ def layer_calls(
     out = torch.empty_like(x)
     calls = {
         "eager": (lambda: eager(x), "nn.Conv2d, nn.BatchNorm2d (eval), nn.GELU: three aten ops"),
-        "aten-conv2d": (lambda: F.conv2d(x, w, padding=1), "F.conv2d alone: one aten op (PyTorch's cuDNN call)"),
+        "aten-conv2d": (lambda: F.conv2d(x, w, padding=1), "F.conv2d alone: one aten op (PyTorch's own conv)"),
         "aten-empty_like": (lambda: torch.empty_like(x), "torch.empty_like(x): allocation, one aten op"),
         "module": (lambda: module(x), "linattn.optimize(eager): the fused module, backend auto"),
         "module-grad": (lambda: module(x), "the fused module with autograd on (its parameters require grad)"),
@@ -782,17 +782,27 @@ def time_layer(fn: Callable, device: torch.device, calls: int = LAYER_CALLS, rep
 def main(argv=None) -> None:
     import argparse
 
-    from linattn.benchmarks.common import default_device, device_arg, environment, save_results
+    from linattn.benchmarks.common import (
+        default_device,
+        device_arg,
+        environment,
+        out_dir_arg,
+        positive_int,
+        save_results,
+    )  # fmt: skip
 
     parser = argparse.ArgumentParser(description="one conv_bn_act call's host time, layer by layer")
     parser.add_argument("--device", type=device_arg, default=default_device())
-    parser.add_argument("--out", help="append the rows to OUT/host_layers.jsonl")
-    parser.add_argument("--calls", type=int, default=LAYER_CALLS)
-    parser.add_argument("--repeats", type=int, default=LAYER_REPEATS)
+    parser.add_argument("--out", type=out_dir_arg, help="append the rows to OUT/host_layers.jsonl")
+    parser.add_argument("--calls", type=positive_int, default=LAYER_CALLS,
+                        help=f"calls per timed repeat (default {LAYER_CALLS})")  # fmt: skip
+    parser.add_argument("--repeats", type=positive_int, default=LAYER_REPEATS,
+                        help=f"timed repeats, their median reported (default {LAYER_REPEATS})")  # fmt: skip
     args = parser.parse_args(argv)
     device = args.device
     torch.set_num_threads(THREADS)
     env = environment(device)
+    print(f"{device.type.upper()} run on {env['device']}: host time per call (perf_counter, {THREADS} thread(s))")
 
     def keep(row: dict) -> None:
         if args.out:  # row by row: a layer that takes the process down (the direct launch) leaves the others'

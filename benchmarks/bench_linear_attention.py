@@ -30,6 +30,7 @@ that file.
 
 import argparse
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ from linattn.benchmarks.common import (
     announce,
     check_backend,
     compiled,
+    exit_status,
     lite_mla_run_shapes,
     max_autotune_skip,
     measuring,
@@ -210,4 +212,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -30,6 +30,7 @@ with the environment; the plot (speedups over eager) is drawn from that file.
 
 import argparse
 import copy
+import sys
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ from linattn.benchmarks.common import (
     announce,
     check_backend,
     compiled,
+    exit_status,
     lite_mla_run_shapes,
     max_autotune_skip,
     measuring,
@@ -233,4 +235,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -38,6 +38,7 @@ environment; each plot is drawn from its file.
 
 import argparse
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,7 @@ from linattn.benchmarks.common import (
     announce,
     check_backend,
     compiled,
+    exit_status,
     lite_mla_run_shapes,
     max_autotune_skip,
     measuring,
@@ -232,4 +234,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -21,6 +21,7 @@ input gradient written. Errors are against the float64 reference on the same inp
 """
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from linattn.benchmarks.common import (
     announce,
     check_backend,
     compiled,
+    exit_status,
     max_autotune_skip,
     measuring,
     parse_benchmark_args,
@@ -182,4 +184,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

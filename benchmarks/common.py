@@ -341,6 +341,25 @@ def device_arg(text: str) -> torch.device:
     return device
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def out_dir_arg(text: str) -> Path:
+    """--out's type: the folder, made now (argparse's error where it cannot be, not a traceback after the run)."""
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot make the results folder {text!r}: {err}") from None
+    if not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into the results folder {text!r}")
+    return path
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -412,13 +431,32 @@ class TimeUp(BaseException):
 def measuring(total: int, desc: str):
     """`with measuring(cases, name) as bar:` the progress bar of a benchmark's loop, which SIGTERM (a time limit)
     ends quietly: the loop stops, and what follows the block prints and saves the rows measured so far."""
+    _stopped.clear()  # a benchmark's one loop: its exit status is this loop's
     try:
         with stop_on_sigterm(), progress(total, desc) as bar:
             yield bar
     except TimeUp as err:
         print(f"\n{desc}: {err}; the rows measured so far are kept", flush=True)
+        _stopped.append(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         print(f"\n{desc}: interrupted; the rows measured so far are kept", flush=True)
+        _stopped.append(128 + signal.SIGINT)
+
+
+_stopped: list[int] = []  # the exit status of the last measuring loop, where a signal ended it
+
+
+def failed(rows: Sequence[dict]) -> list[str]:
+    """The cases and providers of the rows that failed or computed a wrong result."""
+    return [f"{r['case']} {r['provider']}" for r in rows if str(r.get("note") or "").startswith(("failed", "wrong"))]
+
+
+def exit_status(rows: Sequence[dict]) -> int:
+    """A benchmark's exit status: 130 (Ctrl-C) or 143 (SIGTERM, a time limit) where a signal stopped its loop (the
+    rows measured before are saved all the same), else 1 where a row failed or was wrong, else 0."""
+    if _stopped:
+        return _stopped.pop()
+    return 1 if failed(rows) else 0
 
 
 @contextlib.contextmanager
@@ -712,7 +750,7 @@ def add_benchmark_args(
     passes False and adds its own selection option. `layouts`: add --layout (feature maps in memory; the
     benchmark loops over args.layout and records a layout column)."""
     parser.add_argument("--dtype", nargs="+", help=f"one or more of {', '.join(dtypes)} (default: bf16 on GPU)")
-    parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 16 1 on GPU, 1 on CPU)")
+    parser.add_argument("--batch", nargs="+", type=positive_int, help="batch sizes (default: 16 1 on GPU, 1 on CPU)")
     if layouts:
         parser.add_argument(
             "--layout",
@@ -731,7 +769,7 @@ def add_benchmark_args(
     parser.add_argument(
         "--max-autotune-batch",
         nargs="+",
-        type=int,
+        type=positive_int,
         help="run compile-max-autotune only at these batch sizes (it re-tunes every shape: slow); default: all",
     )
     parser.add_argument(
@@ -740,8 +778,11 @@ def add_benchmark_args(
         help="replay calls from a CUDA graph (no launch overhead; inputs may stay in L2)",
     )
     parser.add_argument("--device", type=device_arg, default=default_device())
-    parser.add_argument("--out", default="benchmarks/results", help="folder of the result files and plot")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, numbers not kept")
+    parser.add_argument("--out", type=out_dir_arg, default="benchmarks/results",
+                        help="folder of the result files and plot (default: benchmarks/results, from the current "
+                        "directory)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes: checks the harness (results saved under names ending -quick)")  # fmt: skip
 
 
 def parse_benchmark_args(parser, argv, **choices: Sequence[str]):

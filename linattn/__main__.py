@@ -12,6 +12,7 @@ from . import __version__
 from ._backend import KERNEL_BACKENDS, registered_ops, status
 from ._table import table
 from ._tune import describe
+from .benchmarks.common import positive_int
 
 
 def _device() -> torch.device:
@@ -59,14 +60,15 @@ def _precompile(args) -> bool:
     if cc is None and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         cc = 10 * major + minor
-    if cc is None:
-        print("linattn tune: no GPU here to precompile for: name one with --arch")
-        return True
     if cc not in ARCHS:
         print(f"linattn tune: no precompile for sm_{cc} (its launch sizes are known for sm_80 and sm_90): kernels "
               "compile at their first call")  # fmt: skip
         return True
     models = [m for m in map(resolve_model, args.model) if traceable(m)]
+    if without := [m for m in args.model if not traceable(resolve_model(m))]:
+        print(f"linattn tune: nothing to precompile for {', '.join(without)} (none of linattn's Triton kernels runs)")
+    if not models:
+        return True
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         bar = []
@@ -85,10 +87,16 @@ def _precompile(args) -> bool:
     return not failed
 
 
-def _tune_command(args) -> int:
+def _tune_command(args, parser) -> int:
     from . import _tune
+    from .benchmarks.bench_e2e import ALIASES, MODELS, resolve_model
 
-    compiled = _precompile(args) if args.precompile or args.compile_only else True
+    if unknown := [m for m in args.model if resolve_model(m) not in MODELS]:
+        parser.error(f"--model: unknown {unknown}; choose from {', '.join([*MODELS, *ALIASES])}")
+    if args.compile_only and args.arch is None and not torch.cuda.is_available():
+        parser.error("--compile-only: no GPU here to precompile for: name the target with --arch")
+    target = args.arch is not None or torch.cuda.is_available()  # else the measuring below says there is no GPU
+    compiled = _precompile(args) if args.compile_only or (args.precompile and target) else True
     if args.compile_only:
         return 0 if compiled else 1
     if not torch.cuda.is_available():
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="only these backends: reference, triton, cuda (default: every backend)")  # fmt: skip
     tune = sub.add_parser("tune", help="measure dispatch's choices for a model's calls on this GPU and keep them")
     tune.add_argument("--model", nargs="+", default=["l0"], help="encoders (l0 .. xl1, squeezesam, vitt, vits)")
-    tune.add_argument("--batch", type=int, nargs="+", default=[16])
+    tune.add_argument("--batch", type=positive_int, nargs="+", default=[16])
     tune.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"))
     tune.add_argument("--layout", default="channels_last", choices=("channels_last", "nchw"),
                       help="the models' layout (channels_last: optimize's default on a GPU)")  # fmt: skip
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--compile-only", action="store_true",
                       help="precompile, then stop (without a GPU: name the target with --arch)")  # fmt: skip
     tune.add_argument("--arch", type=int, choices=(80, 90), help="precompile for sm_80 or sm_90 (default: this GPU)")
-    tune.add_argument("--jobs", type=int, help="precompile processes (default: one per core)")
+    tune.add_argument("--jobs", type=positive_int, help="precompile processes (default: one per core)")
     sub.add_parser(
         "audit",
         help="the GPU compile gate: compile every kernel for sm_90 and sm_80 (see `python -m linattn audit --help`)",
@@ -152,15 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # an unknown op or backend name
             parser.error(str(err))
     if args.command == "tune":
-        return _tune_command(args)
+        return _tune_command(args, tune)
     if args.command == "audit":
         from .audit import main as audit
 
         return audit(rest)
-    from .benchmarks.bench_e2e import failed
     from .benchmarks.bench_e2e import main as bench
+    from .benchmarks.common import exit_status
 
-    return 1 if failed(bench(rest)) else 0  # (gpu_check.sh's step table says so)
+    return exit_status(bench(rest))  # (gpu_check.sh's step table says so)
 
 
 if __name__ == "__main__":

@@ -219,9 +219,15 @@ def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys
     """load_state_dict pre-hook: the wrapped model's keys go to the child `module`."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         state_dict[prefix + "module." + key[len(prefix) :]] = state_dict.pop(key)
+    module._loading_prefix = prefix
 
 
 def _reset_after_load(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: the missing and unexpected keys named as the wrapped model's (the error message
+    is made from them after), and the graphs dropped."""
+    inner = module.__dict__.pop("_loading_prefix", "") + "module."
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k.replace(inner, inner[: -len("module.")], 1) if k.startswith(inner) else k for k in keys]
     module.reset()
 
 

@@ -137,3 +137,23 @@ def test_a_specialization_names_its_unaligned_arguments():
     assert aligned.config_key() == odd.config_key() and aligned.specialization() != odd.specialization()
     assert aligned.config() == "BLOCK=64" and odd.config() == "BLOCK=64 unaligned:x,n"
     assert launch(0, 1024, 1).config() == "BLOCK=64 s=1"
+
+
+@pytest.mark.parametrize("narrowed", [True, False], ids=["narrowed", "whole"])
+def test_only_the_whole_gate_fails_on_kernels_no_call_launches(monkeypatch, capsys, narrowed):
+    """A run narrowed by --model/--batch/--dtype/--layout lists the kernels its calls do not launch (it could not
+    pass otherwise); the whole gate fails on them (here the whole gate is pretended to be SqueezeSAM's fp32 NCHW
+    calls at batch 1, whose calls launch a few kernels only). Nothing is compiled: every row passes."""
+    fake = lambda jobs, workers, progress: [audit.Row(launch.kernel, "cfg", cc) for launch, cc in jobs]  # noqa: E731
+    monkeypatch.setattr(audit, "compile_all", fake)
+    if not narrowed:
+        monkeypatch.setattr(audit, "MODELS", ("squeezesam",))
+        monkeypatch.setattr(audit, "BATCHES", (1,))
+        monkeypatch.setattr(audit, "DTYPES", {"fp32": audit.DTYPES["fp32"]})
+        monkeypatch.setattr(audit, "LAYOUTS", ("nchw",))
+    ok, report = audit.audit([90], ["squeezesam"], [1], ["fp32"], ["nchw"], extension=False)
+    unlaunched = [r["kernel"] for r in report["rows"] if any("no traced call launches it" in p for p in r["problems"])]
+    assert ok == narrowed
+    assert bool(report["not_launched"]) == narrowed and bool(unlaunched) != narrowed
+    audit.print_report(report)
+    assert ("not checked by this narrowed run" in capsys.readouterr().out) == narrowed

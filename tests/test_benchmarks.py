@@ -596,6 +596,7 @@ def test_sigterm_stops_a_benchmark_loop_and_keeps_its_rows(capsys):
                 os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends at the step's bound
     assert rows == [0, 1] and signal.getsignal(signal.SIGTERM) is before
     assert "demo: stopped by signal" in capsys.readouterr().out
+    assert common.exit_status([]) == 143 and common.exit_status([]) == 0  # 128 + SIGTERM, for the run that stopped
 
 
 def test_bench_e2e_saves_the_rows_measured_before_sigterm(tmp_path, monkeypatch):
@@ -888,6 +889,21 @@ def test_interrupting_a_benchmark_keeps_its_rows(capsys):
         bar.update()
         raise KeyboardInterrupt
     assert rows == [1] and "toy: interrupted; the rows measured so far are kept" in capsys.readouterr().out
+    assert common.exit_status([{"case": "c", "provider": "p", "note": "failed: x"}]) == 130  # 128 + SIGINT
+
+
+def test_benchmark_scripts_exit_with_their_status(tmp_path):
+    """Run as scripts (gpu_check.sh's steps), the benchmarks exit 1 where a row failed, as `python -m linattn bench`
+    does; a results folder that cannot be made is argparse's error (2), before anything is measured."""
+    script = str(Path(bench_e2e.__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # triton cannot run: failed rows
+    argv = [sys.executable, script, "--quick", "--model", "l0", "--providers", "eager", "linattn"]
+    argv += ["--backend", "triton"]
+    run = subprocess.run([*argv, "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert run.returncode == 1 and "1 rows failed or wrong" in run.stdout, run.stdout + run.stderr
+    (tmp_path / "file").write_text("")
+    run = subprocess.run([*argv, "--out", str(tmp_path / "file" / "sub")], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "cannot make the results folder" in run.stderr, run.stderr
 
 
 def test_summary_notes_keep_what_follows_optimizes_report():

@@ -161,5 +161,24 @@ def test_tune_precompiles_into_tritons_cache(tmp_path, monkeypatch, capsys):
 def test_tune_precompile_needs_a_target(capsys):
     if torch.cuda.is_available():
         pytest.skip("precompiles for this GPU")
-    assert main(["tune", "--compile-only"]) == 0
-    assert "no GPU here to precompile for: name one with --arch" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--compile-only"])
+    assert exit_.value.code == 2 and "no GPU here to precompile for: name the target with --arch" in (
+        capsys.readouterr().err
+    )
+    assert main(["tune"]) == 0  # measuring, the default, says there is no GPU (no precompile message first)
+    assert capsys.readouterr().out.startswith("linattn tune: no GPU here; auto runs the reference")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "foo"], "--model: unknown ['foo']"),
+        (["--batch", "0"], "--batch: must be a positive int, got 0"),
+        (["--jobs", "-1"], "--jobs: must be a positive int, got -1"),
+    ],
+)
+def test_tune_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--compile-only", "--arch", "90", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -8,6 +8,7 @@ tests. Capture and replay themselves need a GPU: the tests at the end skip clean
 """
 
 import copy
+import re
 import warnings
 from collections import namedtuple
 
@@ -480,6 +481,13 @@ def test_state_dict_keys_are_the_models():
     assert keys == ["encoder." + k for k in state]
     parent.load_state_dict(parent.state_dict())
     assert [n for n, _ in wrapper.named_parameters()][0].startswith("module.")
+    # keys missing or unexpected are named as the model's, at the top and inside a parent
+    first = next(iter(state))
+    partial = {k: v for k, v in state.items() if k != first} | {"bogus.weight": state[first]}
+    found = wrapper.load_state_dict(partial, strict=False)
+    assert found.missing_keys == [first] and found.unexpected_keys == ["bogus.weight"]
+    with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "encoder.{re.escape(first)}"'):
+        parent.load_state_dict({f"encoder.{k}": v for k, v in partial.items()})
 
 
 def test_deepcopy_starts_without_graphs():
