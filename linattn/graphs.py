@@ -30,10 +30,11 @@ Eager calls, no capture (counted by reason in `cache_info()`):
   subclass or a non-strided tensor;
 - "capturing": a CUDA graph is already being captured on the current stream (the caller's capture records
   the model's kernels); torch.compile and torch.jit.trace tracing a wrapped model see the model itself;
-- "capture failed": this signature's capture raised (an op that synchronises with the host, for example), or
-  its outputs hold an object other than tensors, constants and the containers torch.utils._pytree flattens
-  (tensors in it could not be returned fresh); it warned once and runs eagerly from then on (until
-  `reset()`), outside the graphs' LRU.
+- "capture failed": this signature's capture raised (an op that synchronises with the host, for example), its
+  outputs hold an object other than tensors, constants and the containers torch.utils._pytree flattens
+  (tensors in it could not be returned fresh), or a submodule of the eval model is in train mode (a BatchNorm
+  re-estimating its statistics: the warm-up runs would update them again); it warned once and runs eagerly
+  from then on (until `reset()`, or a mode switch through the wrapper), outside the graphs' LRU.
 
 Memory: the captures share one graph memory pool per device (`torch.cuda.graph_pool_handle()`), so the
 activations of different signatures reuse the same memory; each kept graph adds its static inputs and
@@ -336,6 +337,18 @@ class CUDAGraphModule(nn.Module):
     def _capture(self, key: tuple, tensors: list[Tensor]) -> _Graph | None:
         """Static copies of the inputs, the warm-up and the capture of one signature; the graph is cached (None:
         the capture failed, and the signature is kept among the failed ones)."""
+        # a submodule in train mode in an eval model (a BatchNorm re-estimating its statistics): the warm-up runs
+        # would update its state again for each signature captured
+        training = next((name for name, m in self.module.named_modules() if m.training), None)
+        if training is not None:
+            warnings.warn(
+                f"linattn.graphs: the submodule {training!r} is in train mode (its state would change in the warm-up "
+                "runs): this input signature runs eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._failed.add(key)
+            return None
         structure = key[0]
         statics = [torch.empty_like(t).copy_(t) for t in tensors]
         args, kwargs = _rebuild(structure, iter(statics))

@@ -490,6 +490,23 @@ def test_state_dict_keys_are_the_models():
         parent.load_state_dict({f"encoder.{k}": v for k, v in partial.items()})
 
 
+def test_a_submodule_in_train_mode_runs_eagerly():
+    """A BatchNorm left re-estimating in an eval model: captured, its warm-up runs would update its statistics
+    again for each signature; it runs eagerly, as often as called (one warning), until the mode changes."""
+    model = tiny_convnet()
+    model[1].train()
+    wrapper = on_cpu(CUDAGraphModule(model), never)
+    x = rand(1, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="submodule '1' is in train mode"):
+        wrapper(x)
+    wrapper(x)
+    assert int(model[1].num_batches_tracked) == 2 and wrapper.cache_info()["eager"] == {"capture failed": 2}
+    wrapper._record = FakeRecorder()
+    wrapper.eval()  # every submodule: the signature is captured now
+    wrapper(x)
+    assert wrapper.cache_info()["captures"] == 1 and int(model[1].num_batches_tracked) == 2
+
+
 def test_deepcopy_starts_without_graphs():
     model = linattn.optimize(tiny_convnet())
     wrapper = on_cpu(CUDAGraphModule(model, max_graphs=3))
