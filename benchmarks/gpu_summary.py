@@ -203,10 +203,13 @@ def note_of(row: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 2
+        return 0 if argv else 2
     work = Path(argv[0])
+    if not (work / "steps.tsv").is_file():  # not a gpu_check.sh work folder: nothing written into it
+        print(f"gpu_summary.py: {work} has no steps.tsv (not a work folder of benchmarks/gpu_check.sh)")
+        return 2
     lines = summary(work, argv[1] if len(argv) > 1 else None)
     text = "\n".join(lines) + "\n"
     (work / "summary.txt").write_text(text)

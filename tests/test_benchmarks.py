@@ -917,3 +917,8 @@ def test_summary_notes_keep_what_follows_optimizes_report():
 def test_a_duplicated_provider_or_dtype_runs_once():
     args = bench_e2e.parse_args(["--providers", "eager", "eager,linattn", "--dtype", "fp32", "fp32"])
     assert args.providers == ["eager", "linattn"] and args.dtype == ["fp32"]
+
+
+def test_gpu_summary_writes_nothing_into_a_folder_that_is_not_a_passs(tmp_path, capsys):
+    assert gpu_summary.main([str(tmp_path)]) == 2 and not list(tmp_path.iterdir())
+    assert gpu_summary.main(["--help"]) == 0 and "WORK_DIR" in capsys.readouterr().out
