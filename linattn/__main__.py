@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend can run each op here")
-    check = sub.add_parser("check", help="run every op on every available backend against the reference")
-    check.add_argument("--op", nargs="+", default=[], metavar="OP", help="only these ops (default: every op)")
-    check.add_argument("--backend", nargs="+", default=[], metavar="NAME",
+    checking = sub.add_parser("check", help="run every op on every available backend against the reference")
+    checking.add_argument("--op", nargs="+", default=[], metavar="OP", help="only these ops (default: every op)")
+    checking.add_argument("--backend", nargs="+", default=[], metavar="NAME",
                        help="only these backends: reference, triton, cuda (default: every backend)")  # fmt: skip
     tune = sub.add_parser("tune", help="measure dispatch's choices for a model's calls on this GPU and keep them")
     tune.add_argument("--model", nargs="+", default=["l0"], help="encoders (l0 .. xl1, squeezesam, vitt, vits)")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return 0 if check(_device(), args.op, args.backend) else 1
         except ValueError as err:  # an unknown op or backend name
-            parser.error(str(err))
+            checking.error(str(err))
     if args.command == "tune":
         return _tune_command(args, tune)
     if args.command == "audit":
