@@ -584,8 +584,10 @@ def plot_results(
             for k, name in enumerate(names):
                 mine = [r for r in panel if r.get(series) == name]
                 pos = [xs.index(r[x]) + (k - (len(names) - 1) / 2) * width for r in mine]
-                if mine:
-                    ax.bar(pos, [r[y] for r in mine], width, label=str(name), color=f"C{k}")
+                if mine:  # whiskers: the repeats' interquartile range (iqr_pct, relative: the same for a rate)
+                    spread = [r[y] * (r.get("iqr_pct") or 0) / 200 for r in mine]
+                    ax.bar(pos, [r[y] for r in mine], width, yerr=spread, capsize=2, label=str(name), color=f"C{k}",
+                           error_kw={"linewidth": 0.8})  # fmt: skip
             if hline and panel and panel[0].get(hline):
                 ax.axhline(panel[0][hline], color="black", linestyle="--", linewidth=1, label=hline)
             ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right", fontsize=8)
@@ -596,6 +598,7 @@ def plot_results(
     versions = ", ".join(f"{k} {last.get(k)}" for k in ("torch", "triton", "cuda", "linattn"))
     run = f", run {last['run']}" if last.get("run") else ""
     title = [f"{Path(jsonl_path).stem}: {last.get('device')}", versions, f"{last.get('date')}{run}"]
+    title.append("bars: medians; whiskers: the repeats' interquartile range")
     # each line wrapped to the figure's width (about 13 characters an inch at 10 pt), so that none is clipped
     chars = max(20, int(13 * fig.get_figwidth()))
     fig.suptitle("\n".join(part for line in title for part in textwrap.wrap(line, chars)), fontsize=10)
