@@ -226,9 +226,10 @@ def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys
 def _reset_after_load(module, incompatible_keys) -> None:
     """load_state_dict post-hook: the missing and unexpected keys named as the wrapped model's (the error message
     is made from them after), and the graphs dropped."""
-    inner = module.__dict__.pop("_loading_prefix", "") + "module."
+    prefix = module.__dict__.pop("_loading_prefix", "")
+    inner = prefix + "module."
     for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
-        keys[:] = [k.replace(inner, inner[: -len("module.")], 1) if k.startswith(inner) else k for k in keys]
+        keys[:] = [prefix + k[len(inner) :] if k.startswith(inner) else k for k in keys]
     module.reset()
 
 

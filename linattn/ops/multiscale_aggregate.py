@@ -157,6 +157,13 @@ def _(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases):
     return new_feature_map(qkv, qkv.shape[1] * (1 + len(dw_weights)))
 
 
+def _check_grad(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases) -> None:
+    op = "multiscale_aggregate_backward"
+    check_aggregation(op, qkv, dw_weights, pw_weights, heads, dw_biases, [])
+    B, C, H, W = qkv.shape
+    check_grad_out(op, grad_out, (B, C * (1 + len(dw_weights)), H, W), qkv)
+
+
 @torch.library.custom_op("linattn::multiscale_aggregate_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _multiscale_aggregate_backward(
     grad_out: Tensor,
@@ -302,10 +309,3 @@ def multiscale_aggregate(
 
 register_autocast(OP, "lower", ("qkv", "dw_weights", "pw_weights", "dw_biases", "pw_biases"))
 register_autocast("multiscale_aggregate_backward", "none")
-
-
-def _check_grad(grad_out, qkv, dw_weights, pw_weights, heads, dw_biases) -> None:
-    op = "multiscale_aggregate_backward"
-    check_aggregation(op, qkv, dw_weights, pw_weights, heads, dw_biases, [])
-    B, C, H, W = qkv.shape
-    check_grad_out(op, grad_out, (B, C * (1 + len(dw_weights)), H, W), qkv)
