@@ -98,6 +98,17 @@ def _aggregate_tile(
 
 
 @triton.jit
+def _program(GROUPS, N, BLOCK_N: tl.constexpr):
+    """(batch*group, group's first position tile, tiles) of this program. The grid is one axis of B*GROUPS*tiles
+    programs (2^31 - 1 fit; a second axis takes 65535, a map of 4M positions in tiles of 64), groups varying
+    fastest: adjacent programs read the same positions of a head's other groups."""
+    tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    bgs = tl.num_programs(0) // tiles
+    return (pid % bgs).to(tl.int64), pid // bgs, tiles
+
+
+@triton.jit
 def _multiscale_aggregate_fwd_kernel(
     Y_ptr,  # (B, C, H, W) this scale's slice of the output
     stride_yb,
@@ -133,10 +144,10 @@ def _multiscale_aggregate_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE  # channel stride of the depthwise weight
-    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_bg, pid_n, _ = _program(GROUPS, H * W, BLOCK_N)
     b = pid_bg // GROUPS
     c0 = (pid_bg % GROUPS) * D
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H * W
     h = offs_n // W
     w = offs_n % W
@@ -188,8 +199,7 @@ def _multiscale_aggregate_bwd_dt_kernel(
     PRECISION: tl.constexpr,
 ):
     stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE  # channel stride of the depthwise weight
-    pid_bg = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
+    pid_bg, pid_n, tiles = _program(GROUPS, H * W, BLOCK_N)
     b = pid_bg // GROUPS
     c0 = (pid_bg % GROUPS) * D
     N = H * W
@@ -209,7 +219,7 @@ def _multiscale_aggregate_bwd_dt_kernel(
         X_ptr + b * stride_xb + c0 * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + c0 * stride_wdc, stride_wdc,
         stride_wdt, BD_ptr + c0, h, w, n_mask, offs_c, c_mask, H, W, KSIZE, HAS_BD,
     )  # fmt: skip
-    part = pid_bg * tl.num_programs(1) + pid_n
+    part = pid_bg * tiles + pid_n
     offs_dd = offs_c[:, None] * BLOCK_D + offs_c[None, :]
     dwp = tl.dot(tl.trans(round_tf32(t, PRECISION)), dy, input_precision=PRECISION)
     tl.store(DWP_ptr + part * BLOCK_D * BLOCK_D + offs_dd, dwp)
@@ -240,8 +250,7 @@ def _multiscale_aggregate_bwd_dx_kernel(
 ):
     PAD: tl.constexpr = KSIZE // 2
     stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE  # channel stride of the depthwise weight
-    pid_bg = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
+    pid_bg, pid_n, tiles = _program(GROUPS, H * W, BLOCK_N)
     b = pid_bg // GROUPS
     c0 = (pid_bg % GROUPS) * D
     N = H * W
@@ -257,7 +266,7 @@ def _multiscale_aggregate_bwd_dx_kernel(
     X_ptr += b * stride_xb + c0 * stride_xc
     WD_ptr += c0 * stride_wdc
     dt = tl.load(DT_ptr + offs_c[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
-    part = pid_bg * tl.num_programs(1) + pid_n
+    part = pid_bg * tiles + pid_n
     dx = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for t in range(KSIZE * KSIZE):  # a loop, not static_range: unrolled, the hoisted tile loads spill
         i = t // KSIZE
@@ -312,7 +321,7 @@ def multiscale_aggregate_fwd(qkv, dw_weights, pw_weights, heads: int, dw_biases,
     D = C // (3 * heads)
     cfg = config or aggregate_config(device_of(qkv), D)
     groups = 3 * heads
-    grid = (B * groups, cdiv(H * W, cfg["BLOCK_N"]))
+    grid = (B * groups * cdiv(H * W, cfg["BLOCK_N"]),)
     for s, (wd, wp) in enumerate(zip(dw_weights, pw_weights)):
         bd, has_bd = _bias_args(dw_biases, s, wd)
         bp, has_bp = _bias_args(pw_biases, s, wp)
@@ -337,7 +346,7 @@ def multiscale_aggregate_bwd(grad_out, qkv, dw_weights, pw_weights, heads: int, 
     block_d = cfg["BLOCK_D"]
     groups = 3 * heads
     tiles = cdiv(N, cfg["BLOCK_N"])
-    grid = (B * groups, tiles)
+    grid = (B * groups * tiles,)
     parts = B * groups * tiles
     # dy_0, the identity branch; a private fp32 copy that every scale accumulates into
     dx = grad_out[:, :C].to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(B, C, N)

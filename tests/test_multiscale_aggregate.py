@@ -136,3 +136,35 @@ def test_weights_in_another_dtype_than_qkv(monkeypatch):
     out = linattn.lite_mla_context(qkv, half, pws, 2, 8)
     ref = reference.lite_mla_context(qkv.double(), f64(half), f64(pws), 2, 8)
     assert rel_err(out, ref) < 1e-5
+
+
+def test_grids_take_a_map_of_any_size(monkeypatch):
+    """A 2049 x 2049 map, 4.2M positions: 65,600 of an H100's tiles of 64 per (batch, group), more than a grid's
+    second axis takes (65,535). Every launch of the forward and backward fits CUDA's grid limits (on meta
+    tensors: the launchers' grids, no kernel runs)."""
+    from linattn.kernels import multiscale_aggregate as kernels
+    from linattn.kernels._device import H100
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    for name in ("_multiscale_aggregate_fwd_kernel", "_multiscale_aggregate_bwd_dt_kernel",
+                 "_multiscale_aggregate_bwd_dx_kernel"):  # fmt: skip
+        monkeypatch.setattr(kernels, name, Recorder())
+    qkv = torch.empty((2, 24, 2049, 2049), device="meta", dtype=torch.float16)
+    dws, pws = (
+        [torch.empty((24, 1, 3, 3), device="meta", dtype=qkv.dtype)],
+        [torch.empty((24, 8, 1, 1), device="meta", dtype=qkv.dtype)],
+    )
+    cfg = kernels.aggregate_config(H100, 8)
+    out = torch.empty((2, 48, 2049, 2049), device="meta", dtype=qkv.dtype)
+    kernels.multiscale_aggregate_fwd(qkv, dws, pws, 1, [], [], out, cfg)
+    kernels.multiscale_aggregate_bwd(out, qkv, dws, pws, 1, [], cfg)
+    assert len(grids) == 3
+    tiles = -(-(2049 * 2049) // cfg["BLOCK_N"])
+    for grid in grids:
+        assert grid[0] == 2 * 3 * tiles < 2**31 and all(n <= 65535 for n in grid[1:])
