@@ -146,6 +146,17 @@ def test_graph_vectors_are_converted_once_per_version():
         assert cudnn.graph_vector(inference) is not cudnn.graph_vector(inference)
 
 
+def test_graph_vectors_follow_a_fused_optimizer_step():
+    """A fused optimizer's step writes a parameter in place without bumping its version counter: its kept fp32
+    copy is made again after the step (a bf16 model's conv bias, fine-tuned)."""
+    bias = torch.nn.Parameter(torch.randn(40, dtype=torch.bfloat16))
+    opt = torch.optim.SGD([bias], lr=0.5, fused=True)
+    first = cudnn.graph_vector(bias)
+    bias.grad = torch.ones_like(bias)
+    opt.step()
+    assert torch.equal(cudnn.graph_vector(bias), bias.float()) and not torch.equal(first, bias.float())
+
+
 def test_graph_vectors_written_through_data_are_seen_after_eval():
     """A write through `.data` bumps no version counter: as for folded constants, a fused module's `.eval()` drops
     the kept copies (of a bf16 model's conv bias, say)."""

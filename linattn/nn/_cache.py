@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tune import Site
-from ..ops._common import direct_autograd
+from ..ops._common import direct_autograd, optimizer_steps
 from ..ops._conv_bn_act_cudnn import forget_graph_vectors
 
 _SLOT = "_linattn_constants"
@@ -65,7 +65,8 @@ class EvalConstants(nn.Module):
 
         A source changes when it is replaced, moved, cast or modified in place (load_state_dict, an
         optimizer step): the key holds each source's identity, storage address, dtype, device, version
-        counter, shape and strides, and the hashable `settings` (e.g. a BatchNorm's eps); a weak reference to each
+        counter, shape and strides, the count of optimizer steps (a fused optimizer bumps no version counter:
+        ops/_common.py optimizer_steps) and the hashable `settings` (e.g. a BatchNorm's eps); a weak reference to each
         source tells a freed one from a new tensor that reuses its identity and address. The cache is also
         dropped when the module's mode is switched or it is moved or cast (`.to()`). A source rebound through
         `.data` is seen by its address or layout (the result may hold a source itself, whose layout a call
@@ -85,7 +86,7 @@ class EvalConstants(nn.Module):
         if torch.compiler.is_compiling():
             return compute()
         grad = False
-        key = [settings]
+        key = [settings, optimizer_steps()]
         try:  # one pass, no generators: every eager forward of a fused block runs this (host time per call)
             for t in sources:
                 if t is None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._tune import PLAIN
 from ..reference import channels_last
@@ -42,6 +43,24 @@ def kernel_problem(t: Tensor, *others: Tensor | None, out_elements: int = 0) -> 
             f"({IMAGE_ELEMENTS})"
         )
     return None
+
+
+_optimizer_steps = [0]  # steps of torch.optim optimizers taken since optimizer_steps() was first called
+_step_hook = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+def optimizer_steps() -> int:
+    """How many torch.optim optimizer steps this process has taken since its first call: what tells a copy kept
+    of a parameter's values (folded constants, cuDNN's fp32 vectors) that the parameter may have changed where its
+    version counter does not. The fused optimizers (Adam, AdamW, SGD, Adagrad with fused=True) write their
+    parameters in place without bumping their version counters (torch 2.11 to 2.14)."""
+    if not _step_hook:  # a global hook, registered by the first process that keeps a copy: counting starts then
+        _step_hook.append(register_optimizer_step_post_hook(_count_step))
+    return _optimizer_steps[0]
 
 
 def new_feature_map(like: Tensor, channels: int, H: int | None = None, W: int | None = None) -> Tensor:

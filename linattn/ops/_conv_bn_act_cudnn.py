@@ -23,7 +23,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .._backend import get_backend
 from ..graphs import keep_alive
-from ._common import channels_last
+from ._common import channels_last, optimizer_steps
 
 CHECK = "conv_bn_act_cudnn_check"  # the linattn._C ops
 FWD = "conv_bn_act_fwd_cudnn"
@@ -185,12 +185,13 @@ def _capturing(v: Tensor) -> bool:
 
 
 def graph_vector(v: Tensor | None) -> Tensor | None:
-    """_as_graph_vector(v), kept per vector while its version counter stays: the folded biases and BatchNorm affines are
-    the same tensors call after call, and their cast is a kernel launch per call (the seventh H100 pass: 54 casts
-    per XL1 batch-1 forward, about 30 us of host time each). An fp32 vector that is already as the graph wants it
-    is itself (keeping it would keep it alive); an inference tensor has no version counter: converted each call. A
-    write through `.data` bumps no version: the copy stays until a fused module's mode switch (`.eval()`, as for
-    its folded constants) or forget_graph_vectors(). During a CUDA-graph capture the kept copy goes into the graph
+    """_as_graph_vector(v), kept per vector while its version counter and the optimizer steps (_common.py
+    optimizer_steps) stay: the folded biases and BatchNorm affines are the same tensors call after call, and their
+    cast is a kernel launch per call (the seventh H100 pass: 54 casts per XL1 batch-1 forward, about 30 us of host
+    time each). An fp32 vector that is already as the graph wants it is itself (keeping it would keep it alive);
+    an inference tensor has no version counter: converted each call. A write through `.data` bumps no version:
+    the copy stays until a fused module's mode switch (`.eval()`, as for its folded constants) or
+    forget_graph_vectors(). During a CUDA-graph capture the kept copy goes into the graph
     where linattn's wrapper captures (it keeps the copy alive with the graph, which reads it as it was at capture,
     as it reads the weights: linattn/graphs.py); under any other capture the cast is captured, so that no replay
     reads a copy a later call could replace. (The ninth H100 pass: 32 captured casts in L0's graph, 2% of its GPU
@@ -200,7 +201,7 @@ def graph_vector(v: Tensor | None) -> Tensor | None:
     if v.dtype == torch.float32 and v.is_contiguous() and v.data_ptr() % 16 == 0:
         return v
     try:
-        version = v._version
+        version = (v._version, optimizer_steps())  # a fused optimizer's step bumps no version counter
     except RuntimeError:  # inference tensors (and tensors without storage) have no version counter
         return _as_graph_vector(v)
     kept = _GRAPH_VECTORS.get(v)
