@@ -590,12 +590,17 @@ def _convert_neck(module: nn.Module):
     if hasattr(module, "merge_size"):
         size = module.merge_size
     else:
-        sizes = {tuple(r.size) if getattr(r, "size", None) is not None else None for r in resizes}
+        sizes = {_pair(r.size) if getattr(r, "size", None) is not None else None for r in resizes}
         if len(sizes) != 1 or None in sizes:
             raise _Skip("its UpSampleLayers do not share one output size (a resize by factor)")
         fixed = list(sizes.pop())
         size = lambda features: fixed  # noqa: E731
     return FusedNeck(module, size), f"{len(resizes)} inputs resized and summed by upsample_sum"
+
+
+def _pair(size) -> tuple:
+    """An interpolate size as (H, W): an int is both."""
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
@@ -688,6 +693,11 @@ def _convert(module: nn.Module, name: str, report: OptimizeReport) -> nn.Module 
             detail = f"{len(runs)} runs: " + ", ".join(f"[{a}:{b}] {blk.order}" for a, b, blk in runs)
             report.replaced.append(Replaced(name, "Sequential", "FusedSequential", detail))
             return FusedSequential(module, runs)
+    elif isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        if runs := _sequential_runs(module, name, OptimizeReport(report.backend, report.training)):
+            cls = type(module).__name__  # (the runs' own skips are not reported: nothing of it is replaced)
+            why = f"{cls}, a subclass of nn.Sequential with {len(runs)} fusable runs: a FusedSequential drops its class"
+            report.skipped.append(Skipped(name, "Sequential", why))
     return None
 
 

@@ -16,6 +16,7 @@ from linattn.models import (
     efficientvit_sam_encoder,
     load_checkpoint,
     preprocess,
+    squeezesam,
 )
 from linattn.models.efficientvit_sam import PIXEL_MEAN, PIXEL_STD, LiteMLA, input_size, preprocess_shape
 
@@ -348,6 +349,40 @@ def test_preprocess_bad_input():
         preprocess(torch.zeros(4, 8, 8), "l0")
     with pytest.raises(ValueError, match="unknown EfficientViT-SAM variant"):
         efficientvit_sam_encoder("b1")
+    for size in (0, -2, 64.5, "64"):
+        with pytest.raises(ValueError, match=f"embed_size must be a positive int or None, got {size!r}"):
+            efficientvit_sam_encoder("l0", embed_size=size)
+
+
+def test_squeezesam_bad_arguments_and_inputs():
+    """Sizes that would build a model failing later (or never) are refused when it is built, each naming its
+    argument; inputs the model cannot take (odd sides, which the stride-2 patch embedding would floor; prompts
+    twice; prompts of another size) are refused at the call."""
+    tiny = dict(transformer_dim=16, transformer_heads=2, transformer_mlp_dim=8, embed_dim=8)
+    for kwargs, message in [
+        (
+            dict(tiny, transformer_dim=30, transformer_heads=8),
+            "transformer_dim 30 is not divisible by transformer_heads 8",
+        ),
+        (dict(tiny, widths=()), "widths must name at least one encoder level"),
+        (dict(tiny, widths=(8, 0)), r"widths\[1\] must be a positive int, got 0"),
+        (dict(tiny, num_masks=2.0), "num_masks must be a positive int, got 2.0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            squeezesam(**{"widths": (8, 8), **kwargs})
+    model = squeezesam(widths=(8, 8), **tiny)
+    image = torch.zeros(1, 3, 16, 16)
+    for args, message in [
+        ((torch.zeros(1, 3, 15, 16),), r"H and W even, got \(1, 3, 15, 16\)"),
+        ((torch.zeros(1, 4, 16, 16),), r"image must be \(B, 3 or 5, H, W\)"),
+        ((torch.zeros(1, 5, 16, 16), torch.zeros(1, 1, 16, 16)), "holds the prompts already"),
+        ((image, torch.zeros(1, 1, 8, 8)), r"box_mask must be \(B, 1, H, W\) = \(1, 1, 16, 16\)"),
+        ((image, None, torch.zeros(2, 1, 16, 16)), r"clicks must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model(*args)
+    masks, iou = model(image, torch.ones(1, 1, 16, 16))
+    assert masks.shape == (1, 3, 8, 8) and iou.shape == (1, 3)
 
 
 # ----------------------------------------------------------------------------------------------

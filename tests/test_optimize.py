@@ -522,7 +522,8 @@ class UpSampleLayer(nn.Module):
     def forward(self, x):
         if (self.size is not None and tuple(x.shape[-2:]) == self.size) or self.factor == 1:
             return x
-        return F.interpolate(x.float(), self.size, None if self.size else self.factor, self.mode, self.align_corners)
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return F.interpolate(x, self.size, None if self.size else self.factor, self.mode, self.align_corners)
 
 
 class OpSequential(nn.Module):
@@ -563,9 +564,11 @@ def _official_neck(merge="add", size=(16, 16)):
     return randomize(DAGBlock(inputs, merge, None, middle, {"sam_encoder": nn.Conv2d(8, 5, 1)}), 3).eval()
 
 
-def test_official_neck_is_one_upsample_sum():
-    """The official DAGBlock neck: its bicubic resizes and their sum become one upsample_sum, same outputs."""
-    neck = _official_neck()
+@pytest.mark.parametrize("size", [(16, 16), 16], ids=["pair", "int"])
+def test_official_neck_is_one_upsample_sum(size):
+    """The official DAGBlock neck: its bicubic resizes and their sum become one upsample_sum, same outputs; the
+    resizes' size as a pair (official) or an int (which interpolate takes as a square)."""
+    neck = _official_neck(size=size)
     features = {f"stage{i}": torch.randn(2, c, s, s) for i, c, s in ((4, 12, 4), (3, 6, 8), (2, 4, 16))}
     optimized, report = linattn.optimize(neck, return_report=True)
     assert isinstance(optimized, FusedNeck) and report.counts()["FusedNeck"] == 1
@@ -792,6 +795,27 @@ def test_hooked_sequential_is_not_replaced():
     ]
     fused(torch.randn(1, 4, 5, 5))
     assert seen == [(1, 8, 5, 5)]
+
+
+def test_sequential_subclass_is_left_alone_and_reported():
+    """A subclass of nn.Sequential (torchvision's Conv2dNormActivation, say) is not replaced by a FusedSequential,
+    which would drop its class and attributes: the report lists it with its fusable runs; a subclass with a forward
+    of its own, which the runs need not describe, is not listed."""
+
+    class ConvNormAct(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.out_channels = 8
+
+    class OwnForward(ConvNormAct):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(ConvNormAct(), OwnForward()).eval()
+    fused, report = linattn.optimize(model, return_report=True)
+    assert type(fused[0]) is ConvNormAct and fused[0].out_channels == 8 and report.replaced == []
+    assert [(s.name, s.kind) for s in report.skipped] == [("0", "Sequential")]
+    assert "ConvNormAct, a subclass of nn.Sequential with 1 fusable runs" in report.skipped[0].reason
 
 
 def test_each_modules_own_mode_is_kept():

@@ -417,6 +417,9 @@ def efficientvit_sam_encoder(variant: str = "l0", *, embed_size: int | None = 64
     official value; None follows the input size, for smaller test inputs).
     """
     cfg = _check_variant(variant)
+    if embed_size is not None and (type(embed_size) is not int or embed_size < 1):
+        raise ValueError(f"linattn.models.efficientvit_sam_encoder: embed_size must be a positive int or None, "
+                         f"got {embed_size!r}")  # fmt: skip
     backbone = EfficientViTLargeBackbone(**cfg["backbone"])
     neck_cfg = dict(cfg["neck"])
     neck = SamNeck(neck_cfg.pop("fid_list"), neck_cfg.pop("in_channel_list"), embed_size=embed_size, **neck_cfg)

@@ -202,6 +202,18 @@ class SqueezeSAM(nn.Module):
         num_masks: int = 3,
     ):
         super().__init__()
+        sizes = dict(in_channels=in_channels, embed_dim=embed_dim, transformer_dim=transformer_dim,
+                     transformer_depth=transformer_depth, transformer_heads=transformer_heads,
+                     transformer_mlp_dim=transformer_mlp_dim, num_masks=num_masks)  # fmt: skip
+        sizes.update({f"widths[{i}]": w for i, w in enumerate(widths)})
+        for name, value in sizes.items():
+            if type(value) is not int or value < 1:
+                raise ValueError(f"linattn.models.squeezesam: {name} must be a positive int, got {value!r}")
+        if not widths:
+            raise ValueError("linattn.models.squeezesam: widths must name at least one encoder level")
+        if transformer_dim % transformer_heads:
+            raise ValueError(f"linattn.models.squeezesam: transformer_dim {transformer_dim} is not divisible by "
+                             f"transformer_heads {transformer_heads}")  # fmt: skip
         self.in_channels = in_channels
         self.num_masks = num_masks
         self.patch_embed = nn.Sequential(nn.Conv2d(in_channels, widths[0], 2, stride=2), nn.GroupNorm(1, widths[0]))
@@ -225,9 +237,21 @@ class SqueezeSAM(nn.Module):
 
     def fuse_inputs(self, image: Tensor, box_mask: Tensor | None = None, clicks: Tensor | None = None) -> Tensor:
         """(B, 5, H, W): image, box mask and click map stacked on channels (zeros for missing prompts)."""
-        if image.shape[1] == self.in_channels and box_mask is None and clicks is None:
-            return image
+        bare = self.in_channels - 2  # the image's channels when the prompts come apart
+        odd = image.ndim == 4 and (image.shape[-2] % 2 or image.shape[-1] % 2)
+        if image.ndim != 4 or image.shape[1] not in (bare, self.in_channels) or odd:
+            raise ValueError(f"linattn.models.SqueezeSAM: image must be (B, {bare} or {self.in_channels}, H, W) "
+                             f"with H and W even, got {tuple(image.shape)}")  # fmt: skip
+        if image.shape[1] == self.in_channels:
+            if box_mask is None and clicks is None:
+                return image
+            raise ValueError(f"linattn.models.SqueezeSAM: an image of {self.in_channels} channels holds the prompts "
+                             f"already; pass box_mask and clicks with an image of {bare}")  # fmt: skip
         B, _, H, W = image.shape
+        for name, prompt in (("box_mask", box_mask), ("clicks", clicks)):
+            if prompt is not None and tuple(prompt.shape) != (B, 1, H, W):
+                raise ValueError(f"linattn.models.SqueezeSAM: {name} must be (B, 1, H, W) = {(B, 1, H, W)}, "
+                                 f"got {tuple(prompt.shape)}")  # fmt: skip
         zeros = image.new_zeros(B, 1, H, W)
         return torch.cat([image, zeros if box_mask is None else box_mask, zeros if clicks is None else clicks], 1)
 
