@@ -849,9 +849,10 @@ def conv_dw_config(
 
 
 def _precision(x: torch.Tensor) -> dict:
-    """UPCAST: products in fp32 under the interpreter (its low-precision dot is wrong). fp32 inputs take full
-    fp32 products (docs/design.md 8); input_precision does not apply to fp16/bf16 operands."""
-    upcast = not x.is_cuda
+    """UPCAST: fp16/bf16 products in fp32 under the interpreter (its low-precision dot is wrong; fp32 runs there as
+    on a GPU). fp32 inputs take full fp32 products (docs/design.md 8); input_precision does not apply to fp16/bf16
+    operands."""
+    upcast = not x.is_cuda and x.dtype != torch.float32
     return dict(UPCAST=upcast, PRECISION="ieee" if (x.dtype == torch.float32 or upcast) else "tf32")
 
 

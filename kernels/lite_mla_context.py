@@ -959,7 +959,7 @@ def context_launch(
     B, C, H, W = qkv.shape
     low = qkv.dtype != torch.float32
     cfg, chunk, splits = split_rows(H * W, config or context_config(device_of(qkv), B, heads, H * W, dim, low))
-    upcast = not qkv.is_cuda  # the interpreter: its fp16/bf16 dot is wrong
+    upcast = not qkv.is_cuda and low  # the interpreter's fp16/bf16 dot is wrong (fp32 runs there as on a GPU)
     precision = "ieee" if (upcast or not low) else "tf32"  # tf32 unused: fp16/bf16 operands stay as they are
     rows = bool(cfg.get("ROW_BLOCK"))
     state_kernel, out_kernel = (

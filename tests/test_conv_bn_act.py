@@ -200,6 +200,45 @@ def test_kernels_strided_views_and_split_reduction(target, depthwise):
         assert_close(a, e, 1e-5, name)
 
 
+@pytest.mark.parametrize("target", [t for t in _kernel_targets() if t.values[0][0] == "triton"])
+@pytest.mark.parametrize("groups", [1, 3, 6], ids=["dense", "grouped", "depthwise"])
+def test_kernels_geometry_per_axis(target, groups):
+    """Stride, padding and dilation that differ between height and width (every CASES entry has them square), in
+    the forward and every gradient, against float64."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_bwd
+
+    backend, device = target
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 6, 11, 9, generator=gen).to(device)
+    w = (torch.randn(12, 6 // groups, 3, 3, generator=gen) * 0.3).to(device)
+    b, s = torch.randn(12, generator=gen).to(device), torch.rand(12, generator=gen).to(device) + 0.5
+    conv = (2, 1), (1, 0), (2, 1), groups, "silu"  # stride, padding, dilation
+    ref = reference.conv_bn_act(*f64(x, w, b), *conv, s.double())
+    out = torch.full(ref.shape, float("nan"), device=device)
+    forward(backend, x, w, b, *conv, s, None, None, out)
+    assert_close(out, ref, 1e-5, "out")
+    g = torch.randn(ref.shape, generator=gen).to(device)
+    want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *conv, s.double())
+    got = conv_bn_act_bwd(g, x, w, b, *conv, s)
+    for name, a, e in zip(["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"], got, want):
+        assert_close(a, e, 1e-5, name)
+
+
+def test_gpu_calls_launch_the_gpus_code_path():
+    """What a call on a GPU launches (on fake CUDA tensors: no GPU needed): no upcast, IEEE fp32 products for fp32
+    (docs/design.md 8), the dtype's own for fp16/bf16; under the interpreter only fp16/bf16 upcast."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from linattn.kernels.conv_bn_act import _precision
+
+    with FakeTensorMode():
+        on_gpu = {dt: torch.empty(1, 4, 4, 4, device="cuda", dtype=dt) for dt in (torch.float32, torch.float16)}
+    assert _precision(on_gpu[torch.float32]) == dict(UPCAST=False, PRECISION="ieee")
+    assert _precision(on_gpu[torch.float16]) == dict(UPCAST=False, PRECISION="tf32")
+    assert _precision(torch.empty(1, dtype=torch.float32)) == dict(UPCAST=False, PRECISION="ieee")
+    assert _precision(torch.empty(1, dtype=torch.bfloat16)) == dict(UPCAST=True, PRECISION="ieee")
+
+
 def test_compile_only_launches_nothing():
     """The launcher's compile_only (measured dispatch compiles candidates on threads with it) writes nothing."""
     from linattn.kernels.conv_bn_act import conv_bn_act_fwd

@@ -134,6 +134,40 @@ def test_triton_split_reduction(target, splits):
 
 
 @pytest.mark.parametrize("target", kernel_targets())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_kernels_at_relu_kinks(target, dtype):
+    """Inputs with exact zeros (rounded: relu's kink, where PyTorch's gradient is 0) and a row whose q has no
+    positive entry (out = 0 / (0 + eps) = 0, never NaN): random inputs have neither."""
+    device = target[1]
+    q, k, v = (make((2, 2, 37, 16), torch.float32, device, seed=s) for s in (40, 41, 42))
+    q, k = q.round(), k.round()
+    q[:, :, 5] = -q[:, :, 5].abs()
+    check_forward_backward(target, q.to(dtype), k.to(dtype), v.to(dtype))
+
+
+@pytest.mark.parametrize("target", kernel_targets())
+def test_backward_takes_the_calls_eps(target):
+    """relu_linear_attention's and lite_mla_attention's gradients with an eps of the denominators' size (at the
+    default 1e-15 a backward that dropped it would pass)."""
+    name, device = target
+    gen = torch.Generator().manual_seed(43)
+    q, k, v, g = (torch.randn(1, 2, 37, 16, generator=gen).to(device) for _ in range(4))
+    qkv, g2 = torch.randn(1, 2 * 3 * 8, 5, 6, generator=gen).to(device), torch.randn(1, 16, 5, 6, generator=gen)
+    for op, inputs, grad in (
+        ("relu_linear_attention", (q, k, v), g),
+        ("lite_mla_attention", (qkv, 8), g2.to(device)),
+    ):
+        leaves = [t.clone().requires_grad_() if torch.is_tensor(t) else t for t in inputs]
+        with linattn.backend(name):
+            getattr(linattn, op)(*leaves, eps=50.0).backward(grad)
+        leaves = [t for t in leaves if torch.is_tensor(t)]
+        want = [t.detach().double().requires_grad_() for t in leaves]
+        getattr(reference, op)(*want, *inputs[len(want) :], 50.0).backward(grad.double())  # autograd's formulas
+        for got, ref in zip(leaves, want):
+            assert_close(got.grad, ref.grad, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("target", kernel_targets())
 def test_fp16_large_activations_do_not_overflow(target):
     """S and the denominator exceed fp16's range here; eager fp16 overflows, the kernels must not."""
     device = target[1]
@@ -220,10 +254,11 @@ def test_lite_mla_attention_reads_and_writes_in_place(target, monkeypatch):
 
 
 def test_reference_backward_matches_autograd():
-    """The explicit backward formulas (the CPU kernel of the backward op) against autograd, in float64."""
+    """The explicit backward formulas (the CPU kernel of the backward op) against autograd, in float64, at inputs
+    with exact zeros."""
     gen = torch.Generator().manual_seed(22)
     q, k = torch.randn(2, 3, 29, 8, generator=gen, dtype=torch.float64), torch.randn(2, 3, 29, 8, generator=gen)
-    k = k.double()
+    q, k = q.round(), k.double().round()  # exact zeros: relu's kink, where autograd's gradient is 0
     v = torch.randn(2, 3, 29, 5, generator=gen, dtype=torch.float64)
     g = torch.randn(2, 3, 29, 5, generator=gen, dtype=torch.float64)
     ref_out, ref_grads = reference_grads(q, k, v, g, 1e-15)

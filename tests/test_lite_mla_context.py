@@ -74,6 +74,25 @@ def test_lite_mla_context(target, case, monkeypatch):
     assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("target", kernel_targets())
+def test_backward_takes_the_calls_eps(target):
+    """The output and every gradient with an eps of the denominators' size (at the default 1e-15 a pass that
+    dropped it would not show)."""
+    name, device = target
+    qkv, dws, pws, dbs, pbs = make_aggregation(1, 1, 8, 5, 6, (3,), True, torch.float32, device, seed=12)
+    leaves = [t.requires_grad_() for t in (qkv, *dws, *pws, *dbs, *pbs)]
+    g = torch.randn(1, 16, 5, 6, generator=torch.Generator().manual_seed(13)).to(device)
+    with linattn.backend(name):
+        out = linattn.lite_mla_context(qkv, dws, pws, 1, 8, 50.0, dbs, pbs)
+        out.backward(g)
+    want = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.lite_mla_context(want[0], want[1:2], want[2:3], 1, 8, 50.0, want[3:4], want[4:5])
+    ref.backward(g.double())
+    assert_close(out, ref, 1e-5, "out")
+    for got, w in zip(leaves, want):
+        assert_close(got.grad, w.grad, 1e-5, "grad")
+
+
 def test_context_equals_attention_of_aggregate():
     """Fused op == the two ops chained, on the same backend (reference here: exact same math)."""
     qkv, dws, pws, dbs, pbs = make_aggregation(1, 2, 8, 6, 5, (3, 5), True, torch.float64, "cpu", seed=5)
@@ -167,6 +186,7 @@ def test_launcher_configs(target, case):
 ROWS_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, tap-major depthwise weights)
     (1, 1, 16, 12, 11, (7, 1), True, torch.bfloat16, False),  # several tiles; the largest and smallest kernels
     (2, 1, 16, 9, 10, (5, 3), False, torch.float16, True),
+    (1, 1, 16, 7, 27, (3,), True, torch.bfloat16, True),  # 49 (or 98) row blocks: 3 splits take them unevenly
 ]
 
 

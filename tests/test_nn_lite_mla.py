@@ -243,15 +243,16 @@ class _Negated(nn.Module):
 def test_from_module_copies_configuration():
     """from_module reads a timm module's configuration, adopts its convs, norms and activations (the same
     parameters and buffers: an optimizer built on the original trains the new module, a frozen weight stays frozen),
-    and computes the same function."""
+    and computes the same function (its eps too: one of the denominators' size, which a path that dropped it
+    would show)."""
     theirs = timm_lite_mla(
-        16, 20, 2, 8, (3,), (False, True), eps=1e-5, norm_layer=(nn.BatchNorm2d, nn.BatchNorm2d),
+        16, 20, 2, 8, (3,), (False, True), eps=10.0, norm_layer=(nn.BatchNorm2d, nn.BatchNorm2d),
         act_layer=(None, nn.Hardswish),
     )  # fmt: skip
     theirs = randomize(theirs, seed=7).eval()
     ours = LiteMLA.from_module(theirs)
     assert not ours.training
-    assert ours.eps == 1e-5 and ours.heads == 2 and ours.dim == 8 and ours.scales == (3,)
+    assert ours.eps == 10.0 and ours.heads == 2 and ours.dim == 8 and ours.scales == (3,)
     assert isinstance(ours.qkv.norm, nn.BatchNorm2d) and ours.qkv.act is None
     assert isinstance(ours.proj.act, nn.Hardswish) and ours.proj.conv.bias is not None
     x = torch.randn(2, 16, 6, 7, generator=torch.Generator().manual_seed(8))

@@ -16,6 +16,7 @@ CASES = [  # (B, C, input sizes, output size, dtype, layout)
     (1, 7, [(8, 8), (2, 2)], (32, 32), torch.float32, "nchw"),  # 4x and 16x, odd channels
     (1, 5, [(13, 11)], (6, 7), torch.float32, "channels_last"),  # downsampling, one input
     (1, 3, [(1, 1), (3, 2)], (5, 4), torch.float32, "nchw"),  # a 1x1 map: every tap clamped
+    (1, 6, [(17, 5), (4, 18)], (17, 18), torch.float32, "nchw"),  # one side at size, the other resized
     (2, 67, [(4, 4), (8, 8), (16, 16)], (16, 16), torch.float16, "channels_last"),  # the neck's 4x, 2x, 1x
     (1, 24, [(4, 4), (8, 8), (16, 16)], (16, 16), torch.bfloat16, "nchw"),
 ]
