@@ -177,8 +177,6 @@ def test_kernels(target, case):
 def test_kernels_strided_views_and_split_reduction(target, depthwise):
     """Non-contiguous x and weight (views), several channel tiles per group, the weight gradient's
     reduction split into chunks (the GPU's launch shape), gradients against float64 (cuDNN's on cuda)."""
-    from linattn.kernels.conv_bn_act import conv_bn_act_bwd
-
     backend, device = target
     gen = torch.Generator().manual_seed(9)
     Cin, Cout, groups, k = (20, 40, 20, 3) if depthwise else (20, 130, 2, 1)
@@ -186,16 +184,24 @@ def test_kernels_strided_views_and_split_reduction(target, depthwise):
     w = (torch.randn(k, k, Cin // groups, Cout, generator=gen) * 0.3).to(device).permute(3, 2, 0, 1)  # a view
     b, s = torch.randn(Cout, generator=gen).to(device), torch.rand(Cout, generator=gen).to(device) + 0.5
     conv = (1, 1), (k // 2, k // 2), (1, 1), groups, "silu"
+    check_fp32(backend, x, w, b, s, conv, gen, {"dw": dw_config(x, w, groups, split=3)})
+
+
+def check_fp32(backend, x, w, b, s, conv, gen, config=None):
+    """An fp32 conv's forward into a NaN-poisoned output and every gradient (Triton's with `config`, or cuDNN's),
+    against float64."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_bwd
+
     ref = reference.conv_bn_act(*f64(x, w, b), *conv, s.double())
-    out = torch.full(ref.shape, float("nan"), device=device)
+    out = torch.full(ref.shape, float("nan"), device=x.device)
     forward(backend, x, w, b, *conv, s, None, None, out)
     assert_close(out, ref, 1e-5, "out")
-    g = torch.randn(ref.shape, generator=gen).to(device)
+    g = torch.randn(ref.shape, generator=gen).to(x.device)
     want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *conv, s.double())
     if backend == "cuda":
         got = backward_cuda(g, x, w, b, *conv, s)
     else:
-        got = conv_bn_act_bwd(g, x, w, b, *conv, s, config={"dw": dw_config(x, w, groups, split=3)})
+        got = conv_bn_act_bwd(g, x, w, b, *conv, s, config=config)
     for name, a, e in zip(["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"], got, want):
         assert_close(a, e, 1e-5, name)
 
@@ -205,23 +211,13 @@ def test_kernels_strided_views_and_split_reduction(target, depthwise):
 def test_kernels_geometry_per_axis(target, groups):
     """Stride, padding and dilation that differ between height and width (every CASES entry has them square), in
     the forward and every gradient, against float64."""
-    from linattn.kernels.conv_bn_act import conv_bn_act_bwd
-
     backend, device = target
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(2, 6, 11, 9, generator=gen).to(device)
     w = (torch.randn(12, 6 // groups, 3, 3, generator=gen) * 0.3).to(device)
     b, s = torch.randn(12, generator=gen).to(device), torch.rand(12, generator=gen).to(device) + 0.5
     conv = (2, 1), (1, 0), (2, 1), groups, "silu"  # stride, padding, dilation
-    ref = reference.conv_bn_act(*f64(x, w, b), *conv, s.double())
-    out = torch.full(ref.shape, float("nan"), device=device)
-    forward(backend, x, w, b, *conv, s, None, None, out)
-    assert_close(out, ref, 1e-5, "out")
-    g = torch.randn(ref.shape, generator=gen).to(device)
-    want = reference.conv_bn_act_backward(g.double(), *f64(x, w, b), *conv, s.double())
-    got = conv_bn_act_bwd(g, x, w, b, *conv, s)
-    for name, a, e in zip(["dx", "dweight", "dbias", "dpost_scale", "dpost_shift"], got, want):
-        assert_close(a, e, 1e-5, name)
+    check_fp32(backend, x, w, b, s, conv, gen)
 
 
 def test_gpu_calls_launch_the_gpus_code_path():
