@@ -2155,3 +2155,81 @@ def test_unaligned_calls_take_the_unpacked_rule_with_half_the_rows(gpu_heuristic
         assert not _aligned(x, w, *x.shape[2:], 1)
         (cfg,) = [c for c in fwd_configs(*unaligned) if not c.get("tma")]  # one, untimed: no alternatives
         assert cfg["BLOCK_M"] <= 64 and cfg["num_warps"] == 8 and cfg["num_stages"] <= 3 and "split" not in cfg
+
+
+def test_split_k_with_the_shuffled_store():
+    """The split-K epilogue kernel stores through the upsample block's pixel shuffle (a GPU splits a 1x1
+    upsample's reduction at batch 1 over a small map): three programs over 40 input channels, against float64."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 40, 3, 5, generator=gen).to(memory_format=torch.channels_last)
+    w = (torch.randn(24, 40, 1, 1, generator=gen) * 0.2).to(memory_format=torch.channels_last)
+    b, s, t = torch.randn(24, generator=gen), torch.rand(24, generator=gen) + 0.5, torch.randn(24, generator=gen)
+    conv = (1, 1), (0, 0), (1, 1), 1, "gelu_tanh"
+    ref = F.pixel_shuffle(reference.conv_bn_act(*f64(x, w, b), *conv, *f64(s, t)), 2)
+    r = torch.randn(ref.shape, generator=gen)
+    out = torch.full(ref.shape, float("nan"))
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, split=3)
+    conv_bn_act_fwd(x, w, b, *conv, s, t, r, out, shuffle=True, config=cfg)
+    assert_close(out, ref + r.double(), 1e-5, "out")
+
+
+def test_split_k_keeps_four_iterations_a_program():
+    """The split of a reduction too small to fill an H100 leaves each program at least 4 of its iterations."""
+    from linattn.kernels._device import H100
+    from linattn.kernels.conv_bn_act import conv_config
+
+    for red, taps in ((512, 1), (256, 3), (512, 3), (1024, 1)):
+        cfg = conv_config(H100, 16, 256, red, False, True, "fwd", 1, taps, True)
+        assert cfg["split"] > 1 and taps * -(-red // cfg["BLOCK_K"]) // cfg["split"] >= 4, (red, taps, cfg)
+    assert conv_config(H100, 16, 256, 512, False, True, "fwd", 1, 1, True)["split"] == 2
+
+
+@pytest.mark.parametrize("given", ["shift", "scale", "residual-nchw", "residual-nhwc"])
+def test_epilogue_operands_alone_and_in_other_layouts(given):
+    """post_shift without post_scale and the reverse (each may come alone: 3.4), and a residual in the other
+    memory format than x and the output, on Triton against float64."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 6, 7, 5, generator=gen)
+    w = torch.randn(10, 6, 3, 3, generator=gen) * 0.3
+    b, s, t = torch.randn(10, generator=gen), torch.rand(10, generator=gen) + 0.5, torch.randn(10, generator=gen)
+    r = torch.randn(2, 10, 7, 5, generator=gen)
+    if given == "shift":
+        s, r = None, None
+    elif given == "scale":
+        t, r = None, None
+    elif given == "residual-nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        r = r.contiguous(memory_format=torch.channels_last)
+    with linattn.backend("triton"):
+        out = linattn.conv_bn_act(x, w, b, padding=1, act="silu", post_scale=s, post_shift=t, residual=r)
+    want = reference.conv_bn_act(*f64(x, w, b), (1, 1), (1, 1), (1, 1), 1, "silu", *f64(s, t, r))
+    assert_close(out, want, 1e-5, "out")
+
+
+@pytest.mark.parametrize("kernel", ["tma", "dw3"])
+def test_stores_stop_at_the_maps_last_row(kernel):
+    """The output a view of a taller NaN-filled buffer: its rows past the map stay NaN (the TMA kernel's tiles of
+    8 rows and the depthwise kernel's strips of 4 pass an 11-row map)."""
+    from linattn.kernels.conv_bn_act import conv_bn_act_fwd
+
+    gen = torch.Generator().manual_seed(13)
+    if kernel == "tma":
+        dtype, cin, groups, fmt = torch.bfloat16, 24, 1, torch.channels_last
+        cfg = dict(BLOCK_H=8, BLOCK_W=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3, tma=True)
+    else:
+        dtype, cin, groups, fmt = torch.float32, 20, 20, torch.contiguous_format
+        cfg = dict(dw3=True, BLOCK_W=16, BLOCK_C=16, ROWS=4, num_warps=4, num_stages=2)
+    x = torch.randn(2, cin, 11, 19, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(20, cin // groups, 3, 3, generator=gen) * 0.2).to(dtype).contiguous(memory_format=fmt)
+    b = torch.randn(20, generator=gen).to(dtype)
+    buf = torch.full((2, 20, 16, 19), float("nan"), dtype=dtype).contiguous(memory_format=fmt)
+    out = buf[:, :, :11]
+    conv = (1, 1), (1, 1), (1, 1), groups, "relu"
+    conv_bn_act_fwd(x, w, b, *conv, None, None, None, out, config=cfg)
+    ref = reference.conv_bn_act(*f64(x, w, b), *conv, None, None)
+    eager_err = rel_err(F.relu(F.conv2d(x, w, b, 1, 1, 1, groups)), ref)
+    assert_close(out, ref, tolerance(dtype, eager_err), "out")
+    assert torch.isnan(buf[:, :, 11:]).all(), "rows past the map written"

@@ -294,3 +294,20 @@ def test_gpu_configs_under_interpreter(target, shape, gpu_heuristics):
     k = make((B, H, N, D), torch.float32, "cpu", seed=15)
     v = make((B, H, N, E), torch.float32, "cpu", layout="n-major", seed=16)
     check_forward_backward(target, q, k, v)
+
+
+def test_stores_stop_at_the_last_feature():
+    """Outputs as views of wider NaN-filled buffers: the columns past D and E stay NaN (out, dq, dk, dv), with D
+    and E below the kernels' power-of-two tiles."""
+    from linattn.kernels.linear_attention import linear_attention_bwd, linear_attention_fwd
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, N, D, E = 1, 2, 37, 5, 7
+    q, k = (torch.randn(B, H, N, D, generator=gen) for _ in range(2))
+    v, g = (torch.randn(B, H, N, E, generator=gen) for _ in range(2))
+    out, dq, dk, dv = (torch.full((B, H, N, n + 9), float("nan")) for n in (E, D, D, E))
+    linear_attention_fwd(q, k, v, 1e-6, out[..., :E])
+    linear_attention_bwd(g, q, k, v, 1e-6, dq[..., :D], dk[..., :D], dv[..., :E])
+    for name, buf, n in (("out", out, E), ("dq", dq, D), ("dk", dk, D), ("dv", dv, E)):
+        assert torch.isnan(buf[..., n:]).all(), f"{name}: columns past {n} written"
+        assert not torch.isnan(buf[..., :n]).any(), name

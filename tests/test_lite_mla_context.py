@@ -526,3 +526,19 @@ def test_planned_calls_launch_directly_on_cuda(B, triton_launches, monkeypatch):
             return [linattn.lite_mla_context(q, dws, pws, 2, 32, 1e-15, dbs, pbs) for q, dws, pws, dbs, pbs in inputs]
 
     check_direct_launches(run, triton_launches, monkeypatch)
+
+
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
+def test_fp16_with_no_positive_key_is_zero(target):
+    """relu(k) zero everywhere, in the heads over qkv itself and the aggregated ones: S and z are 0 and the output
+    0 / eps = 0, not the NaN of scaling S's zero columns into fp16's range by 0."""
+    device = target[1]
+    qkv, dws, pws, dbs, pbs = make_aggregation(1, 1, 8, 5, 6, (3,), True, torch.float32, "cpu", seed=14)
+    qkv[:, 8:16] = -1.0 - qkv[:, 8:16].abs()
+    dbs[0].zero_()
+    pbs[0].zero_()
+    pbs[0][8:16] = -100.0
+    half = [t.to(device, torch.float16) for t in (qkv, *dws, *pws, *dbs, *pbs)]
+    with linattn.backend("triton"):
+        out = linattn.lite_mla_context(half[0], half[1:2], half[2:3], 1, 8, 1e-15, half[3:4], half[4:5])
+    assert (out == 0).all()

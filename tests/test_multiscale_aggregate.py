@@ -4,6 +4,7 @@ import pytest
 import torch
 from utils import assert_close, kernel_targets, rel_err, tolerance
 
+import linattn
 from linattn import eager, reference
 from linattn.ops.multiscale_aggregate import tap_major as pack_tap_major
 
@@ -168,3 +169,14 @@ def test_grids_take_a_map_of_any_size(monkeypatch):
     tiles = -(-(2049 * 2049) // cfg["BLOCK_N"])
     for grid in grids:
         assert grid[0] == 2 * 3 * tiles < 2**31 and all(n <= 65535 for n in grid[1:])
+
+
+def test_backward_leaves_grad_out_alone():
+    """The backward accumulates into a copy of grad_out's first slice (at batch 1, fp32 and contiguous, a cast
+    without a copy would be grad_out itself)."""
+    qkv, dws, pws, _, _ = make_aggregation(1, 1, 8, 5, 6, (3, 5), False, torch.float32, "cpu", seed=5)
+    g = torch.randn(1, 72, 5, 6, generator=torch.Generator().manual_seed(6))
+    kept = g.clone()
+    with linattn.backend("triton"):
+        torch.ops.linattn.multiscale_aggregate_backward(g, qkv, dws, pws, 1, [])
+    assert torch.equal(g, kept)
