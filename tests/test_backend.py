@@ -42,6 +42,9 @@ def test_set_backend_and_context_manager():
     with pytest.raises(ValueError), linattn.backend("fast"):
         pass
     assert linattn.get_backend() == "auto"
+    with pytest.raises(RuntimeError, match="inside"), linattn.backend("reference"):
+        raise RuntimeError("inside")  # a block left by an exception restores the backend too
+    assert linattn.get_backend() == "auto"
 
 
 def test_auto_runs_reference_on_cpu():
@@ -101,6 +104,18 @@ def test_registry_forced_backend_gives_every_reason(toy_registry, monkeypatch):
     monkeypatch.setattr(_backend, "unavailable", lambda name, device: f"{name} is not here")
     assert _backend.status("toy", "cuda", device) == "cuda is not here"
     assert _backend.status("toy", "reference", device) is None
+    # the device first, then the inputs' dtype, then the call's arguments
+    assert _backend.reasons("toy", "fwd", "cuda", device, "float64", (3,)) == [
+        "cuda is not here", "float64", "cuda takes even n"
+    ]  # fmt: skip
+
+
+def test_candidates_are_asked_again_for_another_dtype_problem(toy_registry):
+    """The answer kept per call signature keys the inputs' dtype problem too: a call the kernels can take, then
+    the same call with a dtype they cannot, runs on the reference."""
+    device = toy_registry
+    assert _backend._candidates("toy", "fwd", device, None, (4,)) == ["triton", "cuda", "reference"]
+    assert _backend._candidates("toy", "fwd", device, "float64", (4,)) == ["reference"]
 
 
 def test_a_backend_unavailable_for_two_reasons_gives_both(monkeypatch):

@@ -123,6 +123,14 @@ def test_timing_on_times_despite_tune_off_in_every_thread(tuned, monkeypatch):
         other.join()
     assert chosen == ["cuda"] and len(_tune.timings()) == 1
     assert os.environ["LINATTN_TUNE"] == "0" and not _tune.enabled()
+    monkeypatch.delenv("LINATTN_TUNE")
+    with _tune.timing_on():
+        assert os.environ["LINATTN_TUNE"] == "1"
+    assert "LINATTN_TUNE" not in os.environ  # unset before: unset after
+    monkeypatch.setattr(os, "environ", {})  # os.environ replaced by a plain dict (enabled() reads it as one)
+    assert _tune.enabled()
+    os.environ["LINATTN_TUNE"] = "0"
+    assert not _tune.enabled()
 
 
 def test_no_timing_during_capture_and_one_warning(tuned, monkeypatch):
@@ -1034,7 +1042,7 @@ def test_the_per_signature_memos_stay_bounded(tuned, monkeypatch):
     monkeypatch.setattr(_tune, "MAX_PLANS", 3)
     for n in range(2, 12, 2):
         _resolve(runner, device, torch.empty(n))
-    assert 0 < len(_tune._memo) <= 3
+        assert 0 < len(_tune._memo) <= 3
     calls.clear()
     assert _resolve(runner, device, torch.empty(2)) == "cuda" and calls == []  # forgotten here, still in the table
 
@@ -1084,3 +1092,43 @@ def test_float32_calls_are_keyed_by_the_tf32_setting(tuned, tmp_path, tf32_setti
         "toy:fwd+tf32matmul:(4, 8)/(8, 1)/float32;2",
         "toy:fwd:(4, 8)/(8, 1)/float16;2",
     ]
+
+
+def test_a_cached_choice_overrides_the_shipped_one_with_its_candidates(tuned, tmp_path, monkeypatch):
+    """Where the shipped table and this machine's cache both hold a key, the cache's choice is the one, and
+    what it was made among replaces the shipped one's (a cached choice recording no candidates holds as it is)."""
+    speed, calls, runner, device = tuned
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(_tune, "SHIPPED", shipped)
+    name = _tune.table_name("Toy GPU")
+    key = _tune.call_key("toy", "fwd", (torch.empty(4), 2))
+    header = {"format": _tune.FORMAT, "device": "Toy GPU", "versions": _tune.versions()}
+    shipped_table = {**header, "choices": {key: "triton"}, "candidates": {key: ["triton"]}}
+    (shipped / name).write_text(json.dumps(shipped_table))
+    (tmp_path / name).write_text(json.dumps({**header, "choices": {key: "reference"}}))
+    _tune.reset()
+    assert _resolve(runner, device, torch.empty(4)) == "reference" and calls == []
+
+
+def test_one_signature_with_other_candidates_is_asked_again(tuned):
+    """The in-process answer per call signature keys the candidates: the same call with a candidate more (an
+    extension loaded since) is measured again, and its faster candidate chosen."""
+    speed, calls, runner, device = tuned
+    speed["reference"] = 0.5
+    x = torch.empty(4)
+    assert _tune.choose("toy", "fwd", device, ["triton", "cuda"], runner, (x, 2)) == "cuda"
+    assert _tune.choose("toy", "fwd", device, ["triton", "cuda", "reference"], runner, (x, 2)) == "reference"
+
+
+def test_half_finite_results_are_checked():
+    """A baseline is too far from finite to check candidates against only where fewer than half its elements
+    are finite."""
+    half = torch.tensor([1.0, float("nan")])
+    assert not _tune._mostly_not_finite(half)
+    assert _tune._mostly_not_finite(torch.tensor([1.0, float("nan"), float("inf")]))
+
+
+def test_plan_keys_separate_devices():
+    x = torch.empty(2, 3)
+    assert _tune.plan_key((x,)) != _tune.plan_key((torch.empty(2, 3, device="meta"),))
