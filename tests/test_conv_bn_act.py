@@ -896,6 +896,23 @@ def test_module_eval_constants_follow_a_fused_optimizer_step(optimizer, grad):
         assert torch.equal(got, copy.deepcopy(block)(x))
 
 
+def test_module_eval_kept_constants_from_buffers_only():
+    """A BatchNorm without affine parameters folds a bias from its buffers alone (no gradient to give): the kept
+    constants' backward recomputes and differentiates only what needs it, and the gradients equal eager's."""
+    gen = torch.Generator().manual_seed(15)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False), nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.randn(8, generator=gen))
+        model[1].running_var.copy_(torch.rand(8, generator=gen) + 0.5)
+    model.eval()
+    fused = linattn.optimize(model)
+    x = torch.randn(2, 4, 6, 5, generator=gen)
+    fused(x)  # the first call folds and keeps the constants; the second takes them as _Recomputed's views
+    fused(x).square().sum().backward()
+    model(x).square().sum().backward()
+    assert_close(fused[0].weight.grad, model[0].weight.grad, 1e-5, "weight gradient")
+
+
 def test_module_eval_kept_constants_do_not_cut_a_double_backward():
     """A gradient taken with create_graph=True through an eval block's kept constants (nn/_cache.py _Recomputed)
     is differentiable as the inline fold's is; differentiating it again reaches the op's backward, which has no
@@ -1990,6 +2007,15 @@ def test_module_call_site_reuses_its_plan(order, norm, gpu_heuristics, monkeypat
         check(_site_input(10, other), residual, what="after an in-place update, again")
         block.conv.weight.data = block.conv.weight.data.contiguous()  # a layout the prepared launch does not read
         check(_site_input(14, other), residual, expect_op=True, what="weights in another layout")
+        block.conv.weight.data = block.conv.weight.data.transpose(2, 3)  # same address and shape, other strides
+        conv64.weight.data = conv64.weight.data.transpose(2, 3)
+        check(_site_input(19, other), residual, expect_op=True, what="weights transposed in place")
+        block.conv.padding = conv64.padding = (0, 1)  # the geometry changed on the module
+        check(_site_input(20, other), expect_op=True, what="another padding")
+        check(_site_input(21, other), what="another padding, again")
+        block.conv.padding = conv64.padding = (1, 1)
+        block.eval()  # a mode switch drops the constants and the plan the site holds with them
+        assert block.call_site().entry is None
         _tune.forget_plans()
         check(_site_input(11, other), residual, expect_op=True, what="after the plans were dropped")
         x = _site_input(12, other).requires_grad_()

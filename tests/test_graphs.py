@@ -115,6 +115,17 @@ def test_signature_dtype_strides_and_modes():
         assert signature((x,), {})[0] != key
 
 
+def test_signature_keys_the_cuda_autocast_dtype(monkeypatch):
+    """CUDA autocast to fp16 and to bf16 are two graphs (read through torch's functions: no GPU here)."""
+    x = rand(1, 3, 8, 8)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    keys = set()
+    for dtype in (torch.float16, torch.bfloat16):
+        monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type, dtype=dtype: dtype)
+        keys.add(signature((x,), {})[0])
+    assert len(keys) == 2
+
+
 def test_signature_structure_and_constants():
     x, y = rand(1, 3, 8, 8), rand(1, 1, 8, 8)
     key = signature((x,), {"box_mask": None})[0]
@@ -401,6 +412,19 @@ def test_cpu_input_runs_the_model_eagerly():
     x = rand(1, 5, 32, 32)
     got, want = wrapper(x), model(x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert wrapper.cache_info()["eager"] == {"not cuda": 1} and wrapper.cache_info()["graphs"] == 0
+
+
+def test_inputs_on_two_devices_run_eagerly():
+    """Inputs on the capturing device and another: not captured, counted as "not cuda"."""
+
+    class Add(nn.Module):
+        def forward(self, a, b):
+            return a if b.device.type == "meta" else a + b
+
+    wrapper = on_cpu(CUDAGraphModule(Add().eval()), never)
+    with torch.no_grad():
+        wrapper(torch.ones(2), torch.ones(2, device="meta"))
     assert wrapper.cache_info()["eager"] == {"not cuda": 1} and wrapper.cache_info()["graphs"] == 0
 
 

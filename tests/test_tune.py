@@ -1132,3 +1132,14 @@ def test_half_finite_results_are_checked():
 def test_plan_keys_separate_devices():
     x = torch.empty(2, 3)
     assert _tune.plan_key((x,)) != _tune.plan_key((torch.empty(2, 3, device="meta"),))
+
+
+def test_a_site_keeps_a_plan_made_under_its_keys_dispatch_state_only():
+    """A backend switched (on another thread) between a site key and its plan: the plan is not kept for that key."""
+    site = _tune.Site()
+    key = _tune.Site.key((), ("geometry",))
+    site.keep(key, ("plan", ()), ("another state",))
+    assert site.entry is None and site.find(key) is None
+    site.keep(key, ("plan", ()), key[2])
+    assert site.find(key) == "plan"
+    assert site.find(_tune.Site.key((), ("other geometry",))) is None
