@@ -564,6 +564,10 @@ def test_opcheck(target):
         uw = w.detach()[:, :, 0, 0].clone().repeat(2, 2).requires_grad_()  # (16, 4): C = 4 -> Co = 4
         ub = torch.randn(16, device=device, dtype=dtype, requires_grad=True)
         torch.library.opcheck(ops.upsample_block, (x, uw, ub, None, None, "relu"))
+    if name != "reference":  # fp16: each gradient in its input's dtype, as the fake kernel says
+        half = [t.detach().half() for t in (g, x, w, b, s)]
+        with linattn.backend(name):
+            torch.library.opcheck(ops.conv_bn_act_backward, (*half[:4], [2, 2], [1, 1], [1, 1], 2, "silu", half[4]))
 
 
 GROUPED_ON_CUDA = "a grouped conv cuDNN may decline: the cuda forward is test_conv_bn_act_cudnn.py's"
