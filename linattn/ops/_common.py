@@ -57,8 +57,8 @@ def optimizer_steps() -> int:
     """How many torch.optim optimizer steps this process has taken since its first call: what tells a copy kept
     of a parameter's values (folded constants, cuDNN's fp32 vectors) that the parameter may have changed where its
     version counter does not. The fused optimizers (Adam, AdamW, SGD, Adagrad with fused=True) write their
-    parameters in place without bumping their version counters (torch 2.11 to 2.14)."""
-    if not _step_hook:  # a global hook, registered by the first process that keeps a copy: counting starts then
+    parameters in place without bumping their version counters (seen on torch 2.14)."""
+    if not _step_hook:  # a global hook, registered at the first call (a module keeping a copy): counting starts then
         _step_hook.append(register_optimizer_step_post_hook(_count_step))
     return _optimizer_steps[0]
 
