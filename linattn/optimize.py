@@ -62,6 +62,7 @@ from .nn.conv_bn_act import ConvBNAct, activation_name, bn_affine, cast_to, fold
 from .nn.lite_mla import LiteMLA
 from .ops.conv_bn_act import module_separable, module_upsample_block, upsample_block
 from .ops.upsample_sum import upsample_sum
+from .reference import _pair
 
 __all__ = [
     "FusedLayerNorm2d",
@@ -596,11 +597,6 @@ def _convert_neck(module: nn.Module):
         fixed = list(sizes.pop())
         size = lambda features: fixed  # noqa: E731
     return FusedNeck(module, size), f"{len(resizes)} inputs resized and summed by upsample_sum"
-
-
-def _pair(size) -> tuple:
-    """An interpolate size as (H, W): an int is both."""
-    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def _sequential_runs(seq: nn.Sequential, name: str, report: OptimizeReport):
