@@ -164,6 +164,10 @@ def _op_cases():
     ux, uw = torch.randn(2, 6, 3, 3, generator=gen), torch.randn(16, 6, generator=gen) * 0.4
     ub, us, ut = (torch.randn(16, generator=gen) for _ in range(3))
     qkv, dw, pw, db, pb = _aggregation_args(gen)
+    sx, sdw, sdb = _randn(gen, 2, 4, 6, 6), _randn(gen, 4, 1, 3, 3), _randn(gen, 4)
+    spw, sb = _randn(gen, 8, 4, 1, 1) * 0.4, _randn(gen, 8)
+    ss, st, sr = _randn(gen, 8), _randn(gen, 8), _randn(gen, 2, 8, 6, 6)
+    separable = [sx, sdw, sdb, [1, 1], [1, 1], [1, 1], "relu", spw, sb, "relu", ss, st, sr]
     ops = torch.ops.linattn
     # (op, args, positions the autocast rule leaves in their dtype)
     return {
@@ -171,11 +175,14 @@ def _op_cases():
         "upsample_block": (ops.upsample_block, [ux, uw, ub, us, ut, "relu"], (3, 4)),
         "multiscale_aggregate": (ops.multiscale_aggregate, [qkv, dw, pw, 2, db, pb], ()),
         "lite_mla_context": (ops.lite_mla_context, [qkv, dw, pw, 2, 4, 1e-6, db, pb], ()),
+        "separable_conv_bn_act": (ops.separable_conv_bn_act, separable, (10, 11)),
     }
 
 
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("name", ["conv_bn_act", "upsample_block", "multiscale_aggregate", "lite_mla_context"])
+@pytest.mark.parametrize(
+    "name", ["conv_bn_act", "upsample_block", "multiscale_aggregate", "lite_mla_context", "separable_conv_bn_act"]
+)
 def test_conv_ops_cast_to_the_autocast_dtype(name, dtype):
     """fp32 inputs under autocast give what the op gives on inputs cast as aten conv2d's autocast casts them."""
     op, args, keep = _op_cases()[name]
@@ -191,6 +198,14 @@ def test_conv_op_leaves_float64_alone():
     args = _low(_conv_args(torch.Generator().manual_seed(13)), torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.ops.linattn.conv_bn_act(*args).dtype == torch.float64
+
+
+def test_autocast_leaves_integer_tensors_to_the_checks():
+    """Autocast casts floating tensors only (aten's rule): an integer x is still refused by name, not run in bf16."""
+    args = list(_conv_args(torch.Generator().manual_seed(13)))
+    args[0] = args[0].to(torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="conv_bn_act: x must be float16"):
+        torch.ops.linattn.conv_bn_act(*args)
 
 
 def _attention_inputs(gen):
@@ -213,12 +228,15 @@ def test_attention_ops_keep_their_dtype(dtype):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-def test_attention_promotes_mixed_inputs():
-    """q, k, v of mixed dtypes under autocast run in the widest (timm's `_attn` makes them one dtype)."""
-    q, k, v = _attention_inputs(torch.Generator().manual_seed(16))
-    want = linattn.relu_linear_attention(q.bfloat16().float(), k, v)
+@pytest.mark.parametrize("narrow", [0, 1, 2], ids=["q", "k", "v"])
+def test_attention_promotes_mixed_inputs(narrow):
+    """q, k, v of mixed dtypes under autocast run in the widest (timm's `_attn` makes them one dtype), whichever
+    of them is the narrow one."""
+    inputs = list(_attention_inputs(torch.Generator().manual_seed(16)))
+    inputs[narrow] = inputs[narrow].bfloat16()
+    want = linattn.relu_linear_attention(*(t.float() for t in inputs))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = linattn.relu_linear_attention(q.bfloat16(), k, v)
+        got = linattn.relu_linear_attention(*inputs)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -268,6 +286,35 @@ def test_backward_runs_without_autocast(name):
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}: gradient of input {i}")
+
+
+def _backward_op_calls():
+    """Each backward op on small fp32 inputs, called directly: {op: args}."""
+    gen = torch.Generator().manual_seed(22)
+    q, k, v = _attention_inputs(gen)
+    qkv, dw, pw, _, _ = _aggregation_args(gen)
+    x, w = _randn(gen, 1, 3, 6, 6), _randn(gen, 4, 3, 3, 3)
+    return {
+        "relu_linear_attention_backward": [_randn(gen, 1, 2, 9, 4), q, k, v, 1e-6],
+        "lite_mla_attention_backward": [_randn(gen, 1, 8, 5, 5), qkv, 4, 1e-6],
+        "conv_bn_act_backward": [_randn(gen, 1, 4, 6, 6), x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None],
+        "multiscale_aggregate_backward": [_randn(gen, 1, 48, 5, 5), qkv, dw, pw, 2, []],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_backward_op_calls()))
+def test_backward_ops_called_under_autocast(name):
+    """The backward ops ("none" rule) run with autocast off when called directly too, not only from autograd's
+    formulas: their reference's matmuls and convs ran in bf16 (3e-2 off), the aggregation's crashed in oneDNN."""
+    args = _backward_op_calls()[name]
+    op = getattr(torch.ops.linattn, name)
+    want = torch.utils._pytree.tree_leaves(op(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.utils._pytree.tree_leaves(op(*args))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

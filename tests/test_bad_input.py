@@ -13,6 +13,7 @@ def _ok(shape=(2, 3, 7, 8)):
 CASES = [
     ("rank", dict(q=torch.randn(3, 7, 8)), ValueError, "relu_linear_attention: q must be 4-D"),
     ("k shape", dict(k=_ok((2, 3, 6, 8))), ValueError, "relu_linear_attention: k must have q's shape"),
+    ("k head dim", dict(k=_ok((2, 3, 7, 16))), ValueError, "relu_linear_attention: k must have q's shape"),
     ("v tokens", dict(v=_ok((2, 3, 5, 8))), ValueError, "relu_linear_attention: v must match q in (B, H, N)"),
     ("v heads", dict(v=_ok((2, 4, 7, 8))), ValueError, "v must match q"),
     ("head dim", dict(q=_ok((2, 3, 7, 129)), k=_ok((2, 3, 7, 129))), ValueError, "q head dim 129 is larger"),
@@ -23,6 +24,7 @@ CASES = [
     ("empty batch", dict(q=_ok((0, 3, 7, 8))), ValueError, "q is empty"),
     ("not a tensor", dict(k=[[1.0]]), TypeError, "k must be a torch.Tensor"),
     ("device", dict(v=torch.empty(2, 3, 7, 8, device="meta")), ValueError, "must be on one device"),
+    ("k device", dict(k=torch.empty(2, 3, 7, 8, device="meta")), ValueError, "k is on meta, q on cpu"),
 ]
 
 
@@ -37,6 +39,7 @@ def test_relu_linear_attention_bad_input(case, bad, error, message):
 PACKED_CASES = [
     ("rank", torch.randn(2, 48, 25), 16, ValueError, "lite_mla_attention: qkv must be 4-D"),
     ("channels", torch.randn(2, 50, 5, 5), 16, ValueError, "qkv channels \\(50\\) must be a multiple of 3\\*dim"),
+    ("channels 2*dim", torch.randn(2, 32, 5, 5), 16, ValueError, "qkv channels \\(32\\) must be a multiple of 3\\*dim"),
     ("dim zero", torch.randn(2, 48, 5, 5), 0, ValueError, "dim must be in \\[1, 128\\]"),
     ("dim large", torch.randn(2, 3 * 130, 5, 5), 130, ValueError, "dim must be in"),
     ("int", torch.ones(2, 48, 5, 5, dtype=torch.int32), 16, TypeError, "qkv must be float16"),
@@ -67,13 +70,56 @@ def _aggregation_args(**bad):
 AGGREGATION_CASES = [
     ("heads", dict(heads=5), ValueError, "heads must be >= 1 and divide"),
     ("heads zero", dict(heads=0), ValueError, "heads must be >= 1"),
+    ("heads divide C not 3C", dict(heads=3), ValueError, "heads must be >= 1 and divide"),  # 48 % 3 == 0, 48 % 9 != 0
+    (
+        "group too large",
+        dict(
+            qkv=torch.randn(1, 387, 2, 2),
+            dw_weights=[torch.randn(387, 1, 3, 3)],
+            pw_weights=[torch.randn(387, 129, 1, 1)],
+            heads=1,
+        ),
+        ValueError,
+        r"heads gives a group size C/\(3\*heads\) = 129, larger than the supported 128",
+    ),
     ("no scale", dict(dw_weights=[], pw_weights=[]), ValueError, "pw_weights needs one weight per scale"),
     ("scales mismatch", dict(pw_weights=[]), ValueError, "pw_weights needs one weight per scale"),
     ("even kernel", dict(dw_weights=[torch.randn(48, 1, 4, 4)]), ValueError, r"dw_weights\[0\] must be \(C, 1, k, k\)"),
     ("dw channels", dict(dw_weights=[torch.randn(40, 1, 3, 3)]), ValueError, r"dw_weights\[0\] must be"),
+    (
+        "large kernel",
+        dict(dw_weights=[torch.randn(48, 1, 11, 11)]),
+        ValueError,
+        r"dw_weights\[0\] must be .* k odd <= 9",
+    ),
+    (
+        "non-square kernel",
+        dict(dw_weights=[torch.randn(48, 1, 3, 5)]),
+        ValueError,
+        r"dw_weights\[0\] must be \(C, 1, k, k\)",
+    ),
+    (
+        "dw in channels",
+        dict(dw_weights=[torch.randn(48, 2, 3, 3)]),
+        ValueError,
+        r"dw_weights\[0\] must be \(C, 1, k, k\)",
+    ),
+    (
+        "dw device",
+        dict(dw_weights=[torch.empty(48, 1, 3, 3, device="meta")]),
+        ValueError,
+        r"dw_weights\[0\] is on meta",
+    ),
     ("pw shape", dict(pw_weights=[torch.randn(48, 16, 1, 1)]), ValueError, r"pw_weights\[0\] must be \(C, D, 1, 1\)"),
     ("pw rank", dict(pw_weights=[torch.randn(48, 8)]), ValueError, r"pw_weights\[0\] must be 4-D"),
     ("bias shape", dict(dw_biases=[torch.randn(47)]), ValueError, r"dw_biases\[0\] must be \(48,\)"),
+    ("bias rank", dict(dw_biases=[torch.randn(48, 1)]), ValueError, r"dw_biases\[0\] must be 1-D"),
+    (
+        "bias device",
+        dict(pw_biases=[torch.empty(48, device="meta")]),
+        ValueError,
+        r"pw_biases\[0\] must be \(48,\) on cpu",
+    ),
     ("bias count", dict(pw_biases=[torch.randn(48), torch.randn(48)]), ValueError, "pw_biases needs no entry or one"),
     ("int qkv", dict(qkv=torch.ones(1, 48, 5, 5, dtype=torch.int32)), TypeError, "qkv must be float16"),
     ("weight device", dict(pw_weights=[torch.empty(48, 8, 1, 1, device="meta")]), ValueError, r"pw_weights\[0\] is on"),
@@ -96,6 +142,31 @@ def test_lite_mla_context_bad_input(case, bad, error, message):
 def test_lite_mla_context_dim_must_match():
     with pytest.raises(ValueError, match=r"linattn.lite_mla_context: dim must equal qkv's channels / \(3\*heads\) = 8"):
         linattn.lite_mla_context(**_aggregation_args(), dim=16)
+
+
+@pytest.mark.parametrize("op", ["multiscale_aggregate", "lite_mla_context"])
+def test_aggregation_op_checks_the_bias_count(op):
+    """torch.ops.linattn.* takes the bias lists as they are (the functionals' None handling is not there): a list
+    of one bias per scale or none, checked by the op itself, not zipped away."""
+    args = _aggregation_args()
+    extra = (8, 1e-15) if op == "lite_mla_context" else ()  # dim, eps
+    call = (args["qkv"], args["dw_weights"], args["pw_weights"], 2, *extra)
+    two = [torch.randn(48), torch.randn(48)]
+    with pytest.raises(ValueError, match=f"linattn.{op}: dw_biases needs no entry or one per scale, got 2 for 1"):
+        getattr(torch.ops.linattn, op)(*call, two, [])
+
+
+def test_largest_head_and_group_dims_are_accepted():
+    """The limits are inclusive: head dim 128 (q's D, v's E, lite_mla_attention's dim) and the aggregation's group
+    size 128 run (on the reference here), 129 is refused (the cases above)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 3, 128, generator=gen) for _ in range(3))
+    want = linattn.reference.relu_linear_attention(q, k, v, 1e-15)
+    torch.testing.assert_close(linattn.relu_linear_attention(q, k, v), want)
+    qkv = torch.randn(1, 3 * 128, 2, 2, generator=gen)
+    assert linattn.lite_mla_attention(qkv, 128).shape == (1, 128, 2, 2)
+    dw, pw = [torch.randn(384, 1, 3, 3, generator=gen)], [torch.randn(384, 128, 1, 1, generator=gen)]
+    assert linattn.multiscale_aggregate(qkv, dw, pw, 1).shape == (1, 768, 2, 2)
 
 
 def test_bad_input_under_compile_names_the_op():
@@ -126,6 +197,7 @@ def test_an_image_past_int32_offsets_runs_on_the_reference_only():
     assert "one image spans" in kernel_problem(big)
     assert "one image spans" in kernel_problem(big[:, :-1], big)  # any of the call's tensors
     assert "int32 offsets" in kernel_problem(big[:1, :1], out_elements=IMAGE_ELEMENTS + 1)  # an output not yet made
+    assert kernel_problem(big[:1, :1], out_elements=IMAGE_ELEMENTS) is None  # the limit itself is in
     corners = big[:, ::1023, :: n - 1]  # 4 elements an image, at its first and last offsets
     assert corners.numel() == 8 * 4 and "one image spans" in kernel_problem(corners)
     assert kernel_problem(big.to(torch.float64)[:1, :1]) == "dtype torch.float64 runs on the reference backend only"
@@ -218,9 +290,21 @@ def test_eps_must_be_finite_and_not_negative(op, call, eps):
 
 
 @pytest.mark.parametrize(("op", "call"), EPS_CALLS, ids=[c[0] for c in EPS_CALLS])
-def test_eps_must_be_a_number(op, call):
-    with pytest.raises(TypeError, match=f"^linattn.{op}: eps must be a float, got str '1e-5'$"):
-        call("1e-5")
+@pytest.mark.parametrize("eps", ["1e-5", True], ids=repr)
+def test_eps_must_be_a_number(op, call, eps):
+    """A bool is not an eps (True would be 1.0), as it is not an int for the int arguments."""
+    with pytest.raises(TypeError, match=f"^linattn.{op}: eps must be a float, got {type(eps).__name__} {eps!r}$"):
+        call(eps)
+
+
+@pytest.mark.parametrize(("op", "call"), EPS_CALLS, ids=[c[0] for c in EPS_CALLS])
+def test_eps_of_any_real_type_is_its_float(op, call):
+    """A real number of another type (an int, a Fraction) runs as its float value."""
+    fractions = pytest.importorskip("fractions")
+    torch.manual_seed(0)
+    want = call(1e-5)
+    torch.manual_seed(0)
+    assert torch.equal(call(fractions.Fraction(1, 10**5)), want)
 
 
 def test_eps_checked_on_the_registered_op_too():
@@ -229,6 +313,9 @@ def test_eps_checked_on_the_registered_op_too():
         torch.ops.linattn.relu_linear_attention(_ok(), _ok(), _ok(), -1.0)
     with pytest.raises(ValueError, match="linattn.lite_mla_attention: eps must be finite and >= 0"):
         torch.ops.linattn.lite_mla_attention(torch.randn(1, 48, 5, 5), 16, float("nan"))
+    args = _aggregation_args()
+    with pytest.raises(ValueError, match="linattn.lite_mla_context: eps must be finite and >= 0"):
+        torch.ops.linattn.lite_mla_context(args["qkv"], args["dw_weights"], args["pw_weights"], 2, 8, -1.0, [], [])
 
 
 def test_eps_zero_is_the_plain_formula():
@@ -301,6 +388,8 @@ def test_single_tensor_for_a_per_scale_list(op, arg, single):
         (dict(dw_weights=3), "dw_weights must be a list or tuple of tensors, one per scale, got int"),
         (dict(pw_weights=[[1.0]]), r"pw_weights\[0\] must be a torch.Tensor, got list"),
         (dict(dw_biases=[None, "b"]), r"dw_biases\[1\] must be a torch.Tensor, got str"),
+        (dict(dw_weights=[None]), r"dw_weights\[0\] must be a torch.Tensor, got NoneType"),  # None: biases only
+        (dict(pw_weights="w"), "pw_weights must be a list or tuple of tensors, one per scale, got str"),
     ],
 )
 def test_per_scale_list_entries(bad, message):
@@ -350,21 +439,22 @@ def test_separable_names_the_depthwise_arguments(change, name):
 
 def _backward_calls():
     """Each backward op called directly with a gradient one position short of the forward's output, and a right
-    one: (op, call(grad_shape_delta))."""
-    q = _ok()
+    one: (op, call(grad_shape_delta, grad_device)). The attention's v has E = 5 != D: the output (and so the
+    gradient) has v's head dim, not q's."""
+    q, v = _ok(), _ok((2, 3, 7, 5))
     qkv = torch.randn(2, 3 * 2 * 4, 5, 6)
     x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
     dw, pw = [torch.randn(24, 1, 3, 3)], [torch.randn(24, 4, 1, 1)]
     ops = torch.ops.linattn
     return [
-        ("relu_linear_attention_backward", lambda d: ops.relu_linear_attention_backward(
-            torch.randn(2, 3, 7 - d, 8), q, q, q, 1e-15)),
-        ("lite_mla_attention_backward", lambda d: ops.lite_mla_attention_backward(
-            torch.randn(2, 8, 5, 6 - d), qkv, 4, 1e-15)),
-        ("conv_bn_act_backward", lambda d: ops.conv_bn_act_backward(
-            torch.randn(1, 4, 6 - d, 6), x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None)),
-        ("multiscale_aggregate_backward", lambda d: ops.multiscale_aggregate_backward(
-            torch.randn(2, 48, 5 - d, 6), qkv, dw, pw, 2, [])),
+        ("relu_linear_attention_backward", lambda d, device="cpu": ops.relu_linear_attention_backward(
+            torch.randn(2, 3, 7 - d, 5, device=device), q, q, v, 1e-15)),
+        ("lite_mla_attention_backward", lambda d, device="cpu": ops.lite_mla_attention_backward(
+            torch.randn(2, 8, 5, 6 - d, device=device), qkv, 4, 1e-15)),
+        ("conv_bn_act_backward", lambda d, device="cpu": ops.conv_bn_act_backward(
+            torch.randn(1, 4, 6 - d, 6, device=device), x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", None)),
+        ("multiscale_aggregate_backward", lambda d, device="cpu": ops.multiscale_aggregate_backward(
+            torch.randn(2, 48, 5 - d, 6, device=device), qkv, dw, pw, 2, [])),
     ]  # fmt: skip
 
 
@@ -382,3 +472,11 @@ def test_backward_ops_check_the_gradients_shape(backend, op, call):
         pytest.raises(ValueError, match=f"linattn.{op}: grad_out"),
     ):
         call(1)  # the fake kernel (torch.compile) checks too
+
+
+@pytest.mark.parametrize(("op", "call"), _backward_calls(), ids=[c[0] for c in _backward_calls()])
+def test_backward_ops_check_the_gradients_device(op, call):
+    """A gradient on another device than the forward's inputs is named, not read (a kernel would take its pointer
+    for one on the inputs' device)."""
+    with pytest.raises(ValueError, match=f"^linattn.{op}: grad_out is on meta, the inputs on cpu$"):
+        call(0, "meta")

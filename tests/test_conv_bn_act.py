@@ -631,6 +631,7 @@ BAD_CASES = [
     ("weight channels", dict(weight=torch.randn(8, 3, 3, 3)), ValueError, "weight must be \\(Cout, Cin/groups"),
     ("groups", dict(groups=3), ValueError, "groups must be >= 1 and divide Cin"),
     ("groups zero", dict(groups=0), ValueError, "groups must be >= 1"),
+    ("groups cout", dict(weight=torch.randn(6, 1, 3, 3), groups=4), ValueError, r"groups .* and Cout \(6\), got 4"),
     ("int dtype", dict(x=torch.ones(2, 4, 7, 7, dtype=torch.int32)), TypeError, "x must be float16"),
     ("weight dtype", dict(weight=torch.randn(8, 4, 3, 3).half()), TypeError, "weight must have x's dtype"),
     ("weight device", dict(weight=torch.empty(8, 4, 3, 3, device="meta")), ValueError, "weight is on meta"),
@@ -640,12 +641,14 @@ BAD_CASES = [
     ("shift device", dict(post_shift=torch.empty(8, device="meta")), ValueError, "post_shift is on meta"),
     ("residual shape", dict(residual=torch.randn(2, 8, 6, 7)), ValueError, "residual must have the output's shape"),
     ("residual dtype", dict(residual=torch.randn(2, 8, 7, 7).double()), ValueError, "residual must match x's dtype"),
+    ("residual device", dict(residual=torch.empty(2, 8, 7, 7, device="meta")), ValueError, "residual must match x's"),
     ("act", dict(act="tanh"), ValueError, "act must be one of"),
     ("act type", dict(act=None), TypeError, "act must be a string"),
     ("stride zero", dict(stride=0), ValueError, "stride must be an int or a pair of ints >= 1"),
     ("padding negative", dict(padding=(-1, 0)), ValueError, "padding must be an int or a pair of ints >= 0"),
     ("stride triple", dict(stride=(1, 1, 1)), TypeError, "stride must be an int or a pair of ints"),
     ("too small", dict(x=torch.randn(2, 4, 2, 2), padding=0), ValueError, "x of size \\(2, 2\\) is smaller"),
+    ("too narrow", dict(x=torch.randn(2, 4, 7, 2), padding=0), ValueError, "x of size \\(7, 2\\) is smaller"),
     ("not a tensor", dict(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor"),
     ("residual not a tensor", dict(residual=1.0), TypeError, "residual must be a torch.Tensor"),
 ]
@@ -661,18 +664,36 @@ UPSAMPLE_BAD = [
     ("weight rows", dict(weight=torch.randn(10, 4)), ValueError, "weight must be \\(4\\*Co, C\\)"),
     ("weight cols", dict(weight=torch.randn(16, 5)), ValueError, "weight must be \\(4\\*Co, C\\)"),
     ("weight rank", dict(weight=torch.randn(16)), ValueError, "weight must be 2-D"),
+    ("weight dtype", dict(weight=torch.randn(16, 4).double()), TypeError, "weight must have x's dtype"),
+    ("weight device", dict(weight=torch.empty(16, 4, device="meta")), ValueError, "weight is on meta, x on cpu"),
+    ("post_scale", dict(post_scale=torch.randn(4)), ValueError, "post_scale must have shape \\(16,\\)"),
+    ("post_shift", dict(post_shift=torch.randn(16, 1)), ValueError, "post_shift must be 1-D"),
     ("bias", dict(bias=torch.randn(4)), ValueError, "bias must have shape \\(16,\\)"),
     ("act", dict(act="gelu_erf"), ValueError, "act must be one of"),
     ("x rank", dict(x=torch.randn(4, 5, 5)), ValueError, "x must be 4-D"),
 ]
 
 
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
 @pytest.mark.parametrize(("case", "bad", "error", "message"), UPSAMPLE_BAD, ids=[c[0] for c in UPSAMPLE_BAD])
-def test_upsample_block_bad_input(case, bad, error, message):
+def test_upsample_block_bad_input(case, bad, error, message, fake):
+    """Eager and in the fake kernel (torch.compile), which runs check_upsample only, not conv_bn_act's checks."""
     args = dict(x=torch.randn(1, 4, 5, 5), weight=torch.randn(16, 4))
     args.update(bad)
-    with pytest.raises(error, match=f"linattn.upsample_block: {message}"):
+    mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode, pytest.raises(error, match=f"linattn.upsample_block: {message}"):
         linattn.upsample_block(**args)
+
+
+@pytest.mark.parametrize("position", [3, 4, 5], ids=["stride", "padding", "dilation"])
+def test_op_checks_its_geometry_lists(position):
+    """torch.ops.linattn.conv_bn_act takes stride, padding and dilation as lists (the functional makes pairs): a
+    list of another length is named, not read as its first two entries."""
+    name = ["stride", "padding", "dilation"][position - 3]
+    args = [torch.randn(1, 4, 5, 5), torch.randn(8, 4, 1, 1), None, [1, 1], [0, 0], [1, 1], 1, "relu", None, None, None]
+    args[position] = args[position] + [1]
+    with pytest.raises(ValueError, match=rf"linattn.conv_bn_act: {name} must be an int or a pair of ints >= \d"):
+        torch.ops.linattn.conv_bn_act(*args)
 
 
 def test_bad_input_under_compile_names_the_op():

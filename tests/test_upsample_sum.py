@@ -127,7 +127,18 @@ def test_one_input_at_size_is_a_copy():
             TypeError,
             r"inputs\[1\] is torch.float64, inputs\[0\] torch.float32",
         ),
+        (
+            lambda: linattn.upsample_sum([torch.randn(1, 2, 3, 3), torch.randn(2, 2, 3, 3)], 4),
+            ValueError,
+            r"inputs\[1\] must have inputs\[0\]'s batch and channels \(1, 2\)",
+        ),
+        (
+            lambda: linattn.upsample_sum([torch.randn(1, 2, 3, 3), torch.empty(1, 2, 3, 3, device="meta")], 4),
+            ValueError,
+            r"inputs\[1\] is on meta, inputs\[0\] on cpu",
+        ),
         (lambda: linattn.upsample_sum([torch.randn(1, 2, 3, 3)], (4, 0)), ValueError, "size must be two positive"),
+        (lambda: linattn.upsample_sum([torch.randn(1, 2, 3, 3)], (4, 4, 4)), ValueError, "size must be two positive"),
         (lambda: linattn.upsample_sum([torch.randn(1, 2, 3, 3)], 4.0), TypeError, "size must be an int"),
         (lambda: linattn.upsample_sum([torch.randn(1, 0, 3, 3)], 4), ValueError, r"inputs\[0\] is empty"),
     ],
