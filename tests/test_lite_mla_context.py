@@ -134,26 +134,38 @@ KERNEL_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_la
 ]
 
 
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # a GPU compile's, no part of the interpreter's run
+
+
 def _configs(case):
     """(id, config or None) of every configuration kind the launcher picks: the interpreter's own, every candidate
     an H100's measured dispatch times (context_configs) for this head count at this batch and at a batch that
     fills the GPU (one-pass heuristic), and an H100's tiles one-pass and split over N, each with the stencil on
-    tensor cores and as FMAs."""
+    tensor cores and as FMAs. Each once: configurations the interpreter runs alike (the same after the launcher
+    clamps their splits to the map, launch options aside, which it ignores) are one."""
     from linattn.kernels._device import H100
+    from linattn.kernels.linear_attention import split_rows
     from linattn.kernels.lite_mla_context import context_config, context_configs
 
     B, heads, D, H, W = case[:5]
     low = case[7] != torch.float32
-    out = [("interpreter", None)]
+    found = []
     for batch in (B, H100.sms):
-        out += [
+        found += [
             (f"gpu-candidate-B{batch}-{i}", c)
             for i, c in enumerate(context_configs(H100, batch, heads, H * W, D, low, case[8], max(case[5])))
         ]
     for splits in (1, 3):
         gpu = context_config(H100, B, heads, H * W, D, low, splits)
         name = "one-pass" if splits == 1 else "split"
-        out += [(f"gpu-{name}", gpu), (f"gpu-{name}-tap-{'fma' if low else 'mma'}", dict(gpu, TAP_MMA=not low))]
+        found += [(f"gpu-{name}", gpu), (f"gpu-{name}-tap-{'fma' if low else 'mma'}", dict(gpu, TAP_MMA=not low))]
+    out, runs = [("interpreter", None)], set()
+    for name, config in found:
+        cfg, chunk, splits = split_rows(H * W, config)
+        run = (tuple(sorted((k, v) for k, v in cfg.items() if k not in LAUNCH_OPTIONS)), chunk, splits)
+        if run not in runs:
+            runs.add(run)
+            out.append((name, config))
     return out
 
 
