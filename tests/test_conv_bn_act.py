@@ -14,6 +14,7 @@ from utils import (
     assert_close,
     check_direct_launches,
     cuda_may_decline,
+    interpreter_runs,
     interpreter_skip,
     kernel_targets,
     patch_device_of,
@@ -1041,7 +1042,7 @@ def _config_id(entry):
     return f"{kernel}-{tile}-split{cfg.get('split', 1)}"
 
 
-@pytest.mark.parametrize("entry", _gpu_forward_configs(), ids=_config_id)
+@pytest.mark.parametrize("entry", interpreter_runs(_gpu_forward_configs()), ids=_config_id)
 def test_kernels_every_gpu_forward_config(entry):
     """Every forward configuration an H100 may launch or time (heuristic, alternatives, split-K, unpacked), run
     under the interpreter on odd sizes (channels and positions not multiples of any tile), channels_last x with
@@ -1093,7 +1094,7 @@ def _tma_id(cfg):
     return f"{tile}-w{cfg['num_warps']}s{cfg['num_stages']}"
 
 
-@pytest.mark.parametrize("cfg", _tma_gpu_configs(), ids=_tma_id)
+@pytest.mark.parametrize("cfg", interpreter_runs(_tma_gpu_configs()), ids=_tma_id)
 def test_tma_kernel_every_gpu_config(cfg):
     """Every tensor-descriptor configuration an H100 may time, under the interpreter on odd sizes (positions and
     channels not multiples of the tiles, padding and dilation read as the descriptor's zero fill), bf16 channels_last
@@ -1138,7 +1139,7 @@ def _tma_shuffle_gpu_configs():
 
 
 @pytest.mark.parametrize("k", [1, 3], ids=["k1", "k3"])
-@pytest.mark.parametrize("cfg", _tma_shuffle_gpu_configs(), ids=_tma_id)
+@pytest.mark.parametrize("cfg", interpreter_runs(_tma_shuffle_gpu_configs()), ids=_tma_id)
 def test_tma_kernel_every_gpu_shuffle_config(cfg, k):
     """Every tensor-descriptor configuration an H100 may time for SqueezeSAM's upsample blocks, the pixel shuffle in
     its store, under the interpreter: bf16 channels_last on odd sizes (positions and channels not multiples of the
@@ -1215,7 +1216,7 @@ def _check_dw3_config(cfg, stride, channels_last, dtype, act, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
-@pytest.mark.parametrize("cfg", _dw3_gpu_configs(), ids=DW3_CONFIG_IDS)
+@pytest.mark.parametrize("cfg", interpreter_runs(_dw3_gpu_configs()), ids=DW3_CONFIG_IDS)
 def test_dw3_kernel_every_gpu_config(cfg, stride, channels_last, dtype):
     """Every row-sliding depthwise configuration an H100 may time, at stride 1 and 2, under the interpreter
     (_check_dw3_config)."""
@@ -1409,7 +1410,9 @@ def _dw_gpu_configs():
 
 
 @pytest.mark.parametrize(
-    "cfg", _dw_gpu_configs(), ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}-w{c['num_warps']}s{c['num_stages']}"
+    "cfg",
+    interpreter_runs(_dw_gpu_configs()),
+    ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}-w{c['num_warps']}s{c['num_stages']}",
 )
 def test_kernels_every_gpu_depthwise_config(cfg):
     """Every depthwise forward configuration an H100 may time, under the interpreter on odd sizes (a stride-2 5x5
@@ -1527,7 +1530,7 @@ class _NanFilledTorch:
         return torch.empty_like(*args, **kwargs).fill_(float("nan"))
 
 
-@pytest.mark.parametrize("entry", _gpu_backward_configs(), ids=_backward_id)
+@pytest.mark.parametrize("entry", interpreter_runs(_gpu_backward_configs()), ids=_backward_id)
 def test_kernels_every_gpu_backward_config(entry):
     """Every conv backward configuration (the dz, dx and dW kernels' tiles, dW's split over positions) an H100 or
     an A100 launches for the encoders' training calls, as conv_bn_act_bwd chooses it there, under the interpreter

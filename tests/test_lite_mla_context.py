@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_multiscale_aggregate import f64, make_aggregation
 from utils import (
+    LAUNCH_OPTIONS,
     assert_all_within,
     assert_close,
     check_direct_launches,
@@ -132,9 +133,6 @@ KERNEL_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_la
     (2, 1, 16, 11, 7, (3,), True, torch.float16, True),
     (1, 2, 8, 5, 13, (5, 3), True, torch.bfloat16, True),  # two scales, masked channels, rows of 4 columns and 1
 ]
-
-
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # a GPU compile's, no part of the interpreter's run
 
 
 def _configs(case):

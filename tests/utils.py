@@ -32,6 +32,29 @@ def interpreter_skip() -> str | None:
     return next((m.kwargs["reason"] for m in target.marks), None)
 
 
+# a GPU compile's options: they shape no computation under the interpreter
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
+def interpreter_runs(configs: list) -> list:
+    """configs (dicts, or tuples and lists holding them), the first of each group that differs in LAUNCH_OPTIONS
+    only: under the interpreter those are one run (the GPU tests and the compile gate take every one)."""
+
+    def run(c):
+        if isinstance(c, dict):
+            return tuple(sorted((k, run(v)) for k, v in c.items() if k not in LAUNCH_OPTIONS))
+        if isinstance(c, (tuple, list)):
+            return tuple(run(v) for v in c)
+        return c
+
+    out, seen = [], set()
+    for c in configs:
+        if run(c) not in seen:
+            seen.add(run(c))
+            out.append(c)
+    return out
+
+
 def unaligned_channels_last(t: torch.Tensor) -> torch.Tensor:
     """t's values in a channels_last view 4 channels into its storage: channels contiguous, the pointer not 16-byte
     aligned (fp16/bf16: 8 bytes off), so kernels that load 16 bytes of channels at a time must not."""
