@@ -75,6 +75,7 @@ def test_check_names_an_unknown_op_or_backend(argv, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"unknown op or backend {argv[1]}" in err and "lite_mla_context" in err and "reference" in err
+    assert "python -m linattn check: error:" in err  # check's own usage and prefix
 
 
 def _small_check(monkeypatch, run_case, why=None):
@@ -182,3 +183,64 @@ def test_tune_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["tune", "--compile-only", "--arch", "90", *argv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_info_explains_every_no_once(capsys):
+    """Each backend that cannot run an op here is marked `no [n]`, numbered from 1; each footnote is printed once."""
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    marks = sorted({int(n) for n in re.findall(r"\bno \[(\d+)\]", out)})
+    notes = re.findall(r"^\[(\d+)\] \S", out, re.M)
+    assert marks == list(range(1, len(marks) + 1)) and sorted(map(int, notes)) == marks
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "the following arguments are required: command"),
+        (["info", "--op", "upsample_sum"], "unrecognized arguments: --op upsample_sum"),
+        (["tune", "--compile-only", "--arch", "70"], "argument --arch: invalid choice: 70"),
+    ],
+    ids=["no-command", "stray-argument", "arch"],
+)
+def test_bad_command_lines_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compile_only", [True, False], ids=["compile-only", "then-measure"])
+def test_tune_exits_1_when_a_configuration_does_not_compile(compile_only, monkeypatch, capsys):
+    """A precompile that leaves a configuration uncompiled is a failure (exit status 1, the configuration named),
+    whether tune stops after it or goes on to measure (without a GPU: nothing to measure). The precompile gets the
+    models with Triton kernels and the defaults: bf16, channels_last (optimize's layout on a GPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("measures on the GPU: run by hand")
+    from linattn import audit
+
+    calls, failed = [], ["conv_bn_act sm_80 fp32: out of shared memory"]
+    monkeypatch.setattr(audit, "precompile", lambda *args: calls.append(args[:5]) or (3, failed))
+    argv = ["tune", "--arch", "80", "--model", "squeezesam", "vitt", "--batch", "1"]
+    assert main(argv + ["--compile-only"] * compile_only) == 1
+    out = capsys.readouterr().out
+    assert calls == [(80, ["squeezesam"], [1], ["bf16"], ["channels_last"])]
+    assert "nothing to precompile for vitt" in out and "3 Triton configurations of squeezesam compiled for sm_80" in out
+    assert "did not compile: conv_bn_act sm_80 fp32: out of shared memory" in out
+    failed.clear()
+    assert main(argv + ["--compile-only"] * compile_only) == 0
+
+
+@pytest.mark.parametrize("command", ["audit", "bench"])
+def test_audit_and_bench_exit_statuses_are_theirs(command, monkeypatch):
+    """audit's and bench's own exit statuses come through: 1 where the gate failed or a benchmark row failed."""
+    from linattn import audit
+    from linattn.benchmarks import bench_e2e
+
+    seen = []
+    if command == "audit":
+        monkeypatch.setattr(audit, "main", lambda argv: seen.append(argv) or 1)
+    else:
+        row = {"case": "squeezesam", "provider": "linattn", "note": "failed: RuntimeError"}
+        monkeypatch.setattr(bench_e2e, "main", lambda argv: seen.append(argv) or [row])
+    assert main([command, "--model", "squeezesam"]) == 1
+    assert seen == [["--model", "squeezesam"]]

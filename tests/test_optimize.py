@@ -128,7 +128,7 @@ def test_report_left_alone_with_reasons():
     assert [(r.name, r.new) for r in report.replaced] == [("", "FusedSequential")]
     assert isinstance(optimized, FusedSequential) and optimized._runs == [(4, 7)]
     assert optimized._blocks[0].order == "conv_act_bn"
-    assert "left alone" in str(report) and "GroupNorm" in str(report)
+    assert "1 replaced, 3 left alone" in str(report) and "GroupNorm" in str(report)
 
 
 def test_report_on_squeezesam():
@@ -207,8 +207,15 @@ def test_backend_argument():
         optimized(torch.randn(1, 4, 5, 5))
         assert linattn.get_backend() == "auto"  # restored after the forward
     assert seen == ["reference"]
+    assert not report.training and "backend 'reference', eval mode" in str(report)
+    with linattn.backend("auto"):
+        with pytest.raises(ValueError):
+            optimized(torch.randn(1, 3, 5, 5))  # the wrong number of channels
+        assert linattn.get_backend() == "auto"  # restored after a forward that raised too
     with pytest.raises(ValueError, match="unknown backend"):
         linattn.optimize(model, backend="tpu")
+    with pytest.raises(TypeError, match="model must be an nn.Module, got function"):
+        linattn.optimize(lambda x: x)
 
 
 def test_backend_argument_twice_in_place():
@@ -476,6 +483,7 @@ def test_channels_last_end_to_end():
     wrapped = nn.Sequential(_ToNCHW(), block)
     wrapped_optimized = linattn.optimize(wrapped, backend="reference", channels_last=True)
     assert not wrapped_optimized[1]._forward_pre_hooks and wrapped_optimized[1].channels_last
+    assert not any(m._forward_pre_hooks for m in wrapped_optimized[1].modules())  # its blocks: no hook either
     fmap = torch.randn(1, block.main.inverted_conv.conv.in_channels, 5, 6)
     assert _conv_inputs(wrapped_optimized, fmap) == [True]
     assert _conv_inputs(linattn.optimize(wrapped, backend="reference"), fmap) == [False]
@@ -580,13 +588,28 @@ def test_official_neck_is_one_upsample_sum(size):
     assert_close(got, want, 1e-5, "neck output")
 
 
+def _edited_neck(**changes):
+    """_official_neck with `post_input` set or its resizes' attributes changed (a list: one value per resize)."""
+    neck = _official_neck()
+    if "post_input" in changes:
+        neck.post_input = changes.pop("post_input")
+    for name, values in changes.items():
+        for op, value in zip(neck.input_ops, values, strict=True):
+            setattr(op.op_list[1], name, value)
+    return neck
+
+
 @pytest.mark.parametrize(
     "neck, reason",
     [
         (_official_neck(merge="cat"), "merge 'cat'"),
         (_official_neck(size=None), "do not share one output size"),
+        (_edited_neck(size=[(16, 16), (16, 16), (8, 8)]), "do not share one output size"),
+        (_edited_neck(post_input=nn.Conv2d(8, 8, 1)), "post_input Conv2d"),
+        (_edited_neck(mode=["bicubic", "bilinear", "bicubic"]), "resize mode 'bilinear'"),
+        (_edited_neck(align_corners=[False, False, True]), "align_corners True"),
     ],
-    ids=["cat", "factor"],
+    ids=["cat", "factor", "two-sizes", "post-input", "bilinear", "align-corners"],
 )
 def test_neck_left_alone(neck, reason):
     _, report = linattn.optimize(neck, return_report=True)
@@ -766,6 +789,7 @@ def test_fused_sequential_slices_and_fixed_runs():
     model = randomize(model, seed=3)
     fused = linattn.optimize(model.eval())
     assert isinstance(fused, FusedSequential) and type(fused[:3]) is nn.Sequential and len(fused[:3]) == 3
+    assert fused._runs == [(0, 3)] and fused._blocks[0].act == "relu"  # the activation in the run, not after it
     assert fused[0] is fused[:1][0] and isinstance(fused[1], nn.BatchNorm2d)
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
@@ -841,6 +865,10 @@ def test_each_modules_own_mode_is_kept():
             modes = [m.training for m in eager.modules()]
             fused = linattn.optimize(eager)
             assert [m.training for m in eager.modules()] == modes  # the original, untouched
+            kept = dict(eager.named_modules())  # the fused modules under the original names: their modes too
+            assert {n: m.training for n, m in fused.named_modules() if n in kept} == {
+                n: kept[n].training for n, _ in fused.named_modules() if n in kept
+            }
             assert [m.training for m in fused.modules() if isinstance(m, nn.BatchNorm2d)] == [bn_mode]
             with torch.set_grad_enabled(model_mode):
                 assert_close(fused(x), eager(x), 1e-5, f"{type(eager[0]).__name__}, BatchNorm train={bn_mode}")
@@ -975,3 +1003,94 @@ def test_copies_leave_the_folded_constants_behind():
         assert not any("_linattn_constants" in m.__dict__ for m in copy_.modules())
         with torch.no_grad():
             torch.testing.assert_close(copy_(x), want, rtol=0, atol=0)
+
+
+def test_a_residual_block_with_more_than_main_and_an_identity_is_left_alone():
+    """A residual block whose forward does more than main(x) + x (timm's pre_norm, a conv shortcut) or whose main
+    holds a layer that was not fused (an activation without a kernel, last) is left alone: the fused block would
+    drop the pre-norm, add x for the shortcut, or call the unfused layer with a residual."""
+    from linattn.models.efficientvit_sam import MBConv, ResidualBlock
+
+    x = torch.randn(2, 8, 6, 6)
+    elu_last = MBConv(8, 8, expand_ratio=2)
+    elu_last.point_conv.act = nn.ELU()
+    cases = [
+        (timm_mit.ResidualBlock(timm_mit.MBConv(8, 8), nn.Identity(), pre_norm=nn.BatchNorm2d(8)), "pre_norm"),
+        (timm_mit.ResidualBlock(timm_mit.MBConv(8, 8), nn.Conv2d(8, 8, 1)), "shortcut Conv2d is not an identity"),
+        (ResidualBlock(elu_last, nn.Identity()), "holds layers that were not fused"),
+    ]
+    for eager, reason in cases:
+        eager = randomize(eager, seed=36).eval()
+        fused, report = linattn.optimize(eager, backend="reference", return_report=True)
+        assert not isinstance(fused, FusedResidualBlock), reason
+        assert [s.kind for s in report.skipped if s.name == ""] == ["residual"] and reason in report.skipped[-1].reason
+        compare_eval(eager, fused, x, torch.float32, reason)
+
+
+@pytest.mark.parametrize("geometry", [{"stride": (2, 2)}, {"padding": (1, 1)}], ids=["stride", "padding"])
+def test_a_pointwise_conv_with_its_own_geometry_is_not_fused_into_the_depthwise(geometry):
+    """An MBConv whose 1x1 point conv has a stride or a padding: the depthwise -> 1x1 pair is not one
+    separable_conv_bn_act (its 1x1 conv has stride 1, padding 0), and the output keeps the 1x1 conv's geometry."""
+    from linattn.models.efficientvit_sam import MBConv, ResidualBlock
+
+    eager = randomize(ResidualBlock(MBConv(8, 8, expand_ratio=2), None), seed=37).eval()
+    for name, value in geometry.items():
+        setattr(eager.main.point_conv.conv, name, value)
+    fused, report = linattn.optimize(eager, backend="reference", return_report=True)
+    assert isinstance(fused, FusedResidualBlock)
+    compare_eval(eager, fused, torch.randn(2, 8, 6, 6), torch.float32, f"point conv {geometry}")
+
+
+def test_layer_norm_2d_keeps_its_eps_and_a_norm_over_more_than_the_channels_is_left_alone():
+    """The fused LayerNorm2d normalises with the source's eps (a large one shows); a LayerNorm2d whose
+    normalized_shape is not the channels alone is left alone and still runs."""
+    norm = randomize(LayerNorm2d(8, eps=0.5), 12).eval()
+    x = torch.randn(2, 8, 5, 7) * 0.5
+    fused = linattn.optimize(norm)
+    assert isinstance(fused, FusedLayerNorm2d) and fused.eps == 0.5 and not fused.training
+    with torch.no_grad():
+        assert_close(fused(x), norm.double()(x.double()), 1e-5, "layer norm, eps 0.5")
+    wide = randomize(LayerNorm2d((8, 1)), 13).float()
+    kept, report = linattn.optimize(wide, return_report=True)
+    assert type(kept) is LayerNorm2d and "normalized_shape (8, 1)" in report.skipped[0].reason
+    with torch.no_grad():
+        assert_close(kept(x), wide(x), 0, "LayerNorm2d over (8, 1)")
+
+
+def test_an_upsample_block_the_kernel_cannot_run_is_left_alone():
+    """SqueezeSAM's UpsampleBlock with a 3x3 linear or a pixel shuffle by 3 is left alone (upsample_block does a 1x1
+    linear and a shuffle by 2), and so is a subclass with another forward; the report says why and the output is the
+    original's."""
+    from linattn.models.squeezesam import UpsampleBlock
+
+    class ActLast(UpsampleBlock):  # the same children, another forward
+        def forward(self, x):
+            return self.act(self.norm(self.shuffle(self.linear(x))))
+
+    wide = UpsampleBlock(4, 3)
+    wide.linear = nn.Conv2d(4, 12, 3, padding=1)
+    by_three = UpsampleBlock(4, 3)
+    by_three.linear, by_three.shuffle = nn.Conv2d(4, 27, 1), nn.PixelShuffle(3)
+    x = torch.randn(2, 4, 5, 5)
+    cases = ((wide, "not a 1x1 conv"), (by_three, "pixel shuffle factor 3"), (ActLast(4, 3), "forward is not known"))
+    for block, reason in cases:
+        eager = randomize(block, seed=38).eval()
+        fused, report = linattn.optimize(eager, backend="reference", return_report=True)
+        assert type(fused) is type(block) and [(s.kind, reason in s.reason) for s in report.skipped] == [
+            ("upsample", True)
+        ]
+        compare_eval(eager, fused, x, torch.float32, reason)
+
+
+def test_a_batchnorm_subclass_in_a_sequential_run_is_not_folded():
+    """A Sequential run whose norm subclasses BatchNorm2d with a forward of its own (timm's BatchNormAct2d: BN then
+    its activation) is not folded as a plain BatchNorm: the run stops at the conv and the activation is kept."""
+    from timm.layers import BatchNormAct2d
+
+    eager = randomize(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), BatchNormAct2d(8)), seed=39).eval()
+    fused, report = linattn.optimize(eager, backend="reference", return_report=True)
+    assert report.replaced == [] and "BatchNormAct2d is not nn.BatchNorm2d" in report.skipped[0].reason
+    x = torch.randn(2, 4, 6, 6)
+    compare_eval(eager, fused, x, torch.float32, "conv -> BatchNormAct2d")
+    with torch.no_grad():
+        assert fused(x).min() == 0  # the activation ran
