@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_multiscale_aggregate import f64, make_aggregation
 from utils import (
-    LAUNCH_OPTIONS,
     assert_all_within,
     assert_close,
     check_direct_launches,
+    interpreter_runs,
     interpreter_skip,
     kernel_targets,
     poison_outputs,
@@ -157,14 +157,7 @@ def _configs(case):
         gpu = context_config(H100, B, heads, H * W, D, low, splits)
         name = "one-pass" if splits == 1 else "split"
         found += [(f"gpu-{name}", gpu), (f"gpu-{name}-tap-{'fma' if low else 'mma'}", dict(gpu, TAP_MMA=not low))]
-    out, runs = [("interpreter", None)], set()
-    for name, config in found:
-        cfg, chunk, splits = split_rows(H * W, config)
-        run = (tuple(sorted((k, v) for k, v in cfg.items() if k not in LAUNCH_OPTIONS)), chunk, splits)
-        if run not in runs:
-            runs.add(run)
-            out.append((name, config))
-    return out
+    return [("interpreter", None), *interpreter_runs(found, key=lambda entry: split_rows(H * W, entry[1]))]
 
 
 def _case_id(c):

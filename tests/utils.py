@@ -36,9 +36,10 @@ def interpreter_skip() -> str | None:
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
-def interpreter_runs(configs: list) -> list:
-    """configs (dicts, or tuples and lists holding them), the first of each group that differs in LAUNCH_OPTIONS
-    only: under the interpreter those are one run (the GPU tests and the compile gate take every one)."""
+def interpreter_runs(configs: list, key=lambda c: c) -> list:
+    """configs, the first of each group whose key(config) (dicts, or tuples and lists holding them) differs in
+    LAUNCH_OPTIONS only: under the interpreter those are one run (the GPU tests and the compile gate take every
+    one)."""
 
     def run(c):
         if isinstance(c, dict):
@@ -49,8 +50,9 @@ def interpreter_runs(configs: list) -> list:
 
     out, seen = [], set()
     for c in configs:
-        if run(c) not in seen:
-            seen.add(run(c))
+        r = run(key(c))
+        if r not in seen:
+            seen.add(r)
             out.append(c)
     return out
 
