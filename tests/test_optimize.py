@@ -866,9 +866,8 @@ def test_each_modules_own_mode_is_kept():
             fused = linattn.optimize(eager)
             assert [m.training for m in eager.modules()] == modes  # the original, untouched
             kept = dict(eager.named_modules())  # the fused modules under the original names: their modes too
-            assert {n: m.training for n, m in fused.named_modules() if n in kept} == {
-                n: kept[n].training for n, _ in fused.named_modules() if n in kept
-            }
+            fused_modes = {n: m.training for n, m in fused.named_modules() if n in kept}
+            assert fused_modes == {n: kept[n].training for n in fused_modes}
             assert [m.training for m in fused.modules() if isinstance(m, nn.BatchNorm2d)] == [bn_mode]
             with torch.set_grad_enabled(model_mode):
                 assert_close(fused(x), eager(x), 1e-5, f"{type(eager[0]).__name__}, BatchNorm train={bn_mode}")
