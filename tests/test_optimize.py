@@ -7,6 +7,7 @@ are random so that a wrong fold or a swapped key shows.
 """
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -415,6 +416,31 @@ def test_compile_fullgraph(name):
         want = outputs(model(x))
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, 1e-5, f"compiled optimized {name}")
+
+
+@pytest.mark.parametrize("name", ["SqueezeSAM", "EfficientViT-SAM l0"])
+def test_export_and_aoti_package(name, tmp_path):
+    """torch.export of an optimized encoder with a dynamic batch, and its AOTInductor package run from the file:
+    the deployment path without the model's Python code. Both call linattn's ops (the package through its proxy
+    executor, which once handed the context an empty bias list as None) and match the optimized model."""
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ for AOTInductor's C++ wrapper")
+    build, shape = COMPILE_CASES[name]
+    optimized = linattn.optimize(randomize(build(), seed=20).eval(), backend="reference")
+    x = torch.randn((2, *shape[1:]), generator=torch.Generator().manual_seed(21))
+    program = torch.export.export(optimized, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    fused = {str(n.target).split(".")[1] for n in program.graph.nodes if str(n.target).startswith("linattn.")}
+    assert fused >= ({"upsample_block"} if name == "SqueezeSAM" else {"lite_mla_context", "upsample_sum"})
+    package = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "encoder.pt2"))
+    )
+    with torch.no_grad(), linattn.backend("reference"):
+        for batch in (1, 3):
+            x = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(22 + batch))
+            want = outputs(optimized(x))
+            for how, run in (("exported", program.module()), ("AOTInductor package", package)):
+                for g, w in zip(outputs(run(x)), want, strict=True):
+                    assert_close(g, w, 1e-5, f"{how} optimized {name}, batch {batch}")
 
 
 def test_squeezesam_size_and_shapes():

@@ -254,6 +254,13 @@ def tensor_list(op: str, name: str, tensors, optional: bool = False) -> list:
     return items
 
 
+def as_list(tensors: list[Tensor] | None) -> list[Tensor]:
+    """An op's Tensor[] argument as its body takes it: AOTInductor's proxy executor (a torch.export package run by
+    torch._inductor.aoti_load_package) passes an empty Tensor[] as None, as it did an empty int[] before
+    pytorch#194324."""
+    return [] if tensors is None else tensors
+
+
 def check_tensor(op: str, name: str, t: Tensor, ndim: int, layout: str) -> None:
     """A floating, non-empty tensor of rank ndim (layout names its dimensions in messages)."""
     if t.dim() != ndim:

@@ -14,6 +14,7 @@ from .._tune import Site, choose_config, plan, scratch_like
 from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
+    as_list,
     check_eps,
     check_transforms,
     direct,
@@ -68,7 +69,7 @@ def _lite_mla_context(
     dw_biases: list[Tensor],
     pw_biases: list[Tensor],
 ) -> Tensor:
-    return _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases)
+    return _context(qkv, dw_weights, pw_weights, heads, dim, eps, as_list(dw_biases), as_list(pw_biases))
 
 
 def _context(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_biases, site: tuple | None = None) -> Tensor:

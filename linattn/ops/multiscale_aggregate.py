@@ -14,6 +14,7 @@ from .._tune import scratch_like
 from ._autocast import register_autocast, without_autocast
 from ._common import (
     as_int,
+    as_list,
     check_grad_out,
     check_tensor,
     check_transforms,
@@ -140,7 +141,7 @@ def _multiscale_aggregate(
     dw_biases: list[Tensor],
     pw_biases: list[Tensor],
 ) -> Tensor:
-    return _aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases)
+    return _aggregate(qkv, dw_weights, pw_weights, heads, as_list(dw_biases), as_list(pw_biases))
 
 
 def _aggregate(qkv, dw_weights, pw_weights, heads, dw_biases, pw_biases) -> Tensor:
