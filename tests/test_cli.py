@@ -46,6 +46,15 @@ def test_info_lists_every_op_and_backend(capsys):
         assert word in out
 
 
+@pytest.mark.parametrize("eager_err", [float("inf"), float("nan")])
+def test_tolerance_is_finite_where_eager_overflows(eager_err):
+    """Twice an overflowed eager's error (inf, NaN) would pass any finite result: the bound is then ten roundings
+    to the dtype (fp16: 4.9e-3); elsewhere twice eager's error, fp32 at least 1e-5."""
+    assert _check.tolerance(torch.float16, eager_err) == pytest.approx(10 * 2.0**-11)
+    assert _check.tolerance(torch.bfloat16, eager_err) == pytest.approx(10 * 2.0**-8)
+    assert _check.tolerance(torch.float16, 3e-3) == 6e-3 and _check.tolerance(torch.float32, 1e-7) == 1e-5
+
+
 def test_check_passes_here(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out
