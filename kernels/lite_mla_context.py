@@ -22,7 +22,9 @@ _lite_mla_context_state_kernel writes fp32 partial states per split of N and
 _lite_mla_context_fwd_kernel sums them; each pass reads only its own groups.
 _lite_mla_context_rows_state_kernel and _lite_mla_context_rows_kernel are the
 same pair (the latter also one pass) with tiles of rows of adjacent columns, so
-that the stencil's loads serve several columns.
+that the stencil's loads serve several columns. _lite_mla_context_band_kernel
+(one pass, fp16/bf16, maps up to 16 wide) runs the depthwise conv on tensor cores
+too, as a dot with a banded matrix per channel and kernel row (_band_dwconv).
 
 Precision. fp32 inputs: the depthwise taps as fp32 FMAs, every dot with IEEE
 fp32 products (docs/design.md 8). fp16/bf16 inputs (TAP_MMA): the stencil is a
@@ -812,6 +814,170 @@ def _lite_mla_context_rows_kernel(
     )  # fmt: skip
 
 
+@triton.jit
+def _band_dwconv(
+    X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, h0, offs_c, c_mask, H, W, KSIZE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """A group's depthwise conv (no bias) over map rows [h0, h0 + BLOCK_H), every column: an fp32 (BLOCK_D,
+    BLOCK_H, BLOCK_W) tile [c, h, w], on tensor cores. Per kernel row dh, each channel's row conv is a product
+    with a banded matrix, x[c, h + dh - PAD, :] @ T[c] with T[c][w', w] = w_dh[c, w' - w + PAD] (zero off the
+    band): a batched dot over the channels, (BLOCK_H x BLOCK_W) @ (BLOCK_W x BLOCK_W) each. It multiplies
+    BLOCK_W / KSIZE times the stencil's FMAs (16 / 5 at L0's stage), in a few tensor-core instructions where the
+    FMA stencils issue one instruction (or more, with its loads and conversions) per FMA. Columns past W are
+    zero in x (the padding on the right) and absent from T (on the left); taps enter in x's dtype (as TAP_MMA's
+    folded matrices do)."""
+    PAD: tl.constexpr = KSIZE // 2
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    offs_w = tl.arange(0, BLOCK_W)
+    band = offs_w[:, None] - offs_w[None, :] + PAD  # [w', w]: the tap input column w' takes for output column w
+    t_mask = c_mask[:, None, None] & ((band >= 0) & (band < KSIZE))[None, :, :]
+    t_ptrs = WD_ptr + offs_c[:, None, None] * stride_wc + band[None, :, :] * stride_wt
+    x_ptrs = X_ptr + offs_c[:, None, None] * stride_c + offs_w[None, None, :] * stride_w
+    x_cols = c_mask[:, None, None] & (offs_w < W)[None, None, :]
+    acc = tl.zeros((offs_c.shape[0], BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for dh in range(KSIZE):
+        hh = offs_h + (dh - PAD)
+        x_mask = x_cols & ((hh >= 0) & (hh < H))[None, :, None]
+        x = tl.load(x_ptrs + hh[None, :, None] * stride_h, mask=x_mask, other=0.0)
+        t = tl.load(t_ptrs + (dh * KSIZE) * stride_wt, mask=t_mask, other=0.0)
+        acc = _dot(x, _cast(t.to(tl.float32), x.dtype, UPCAST), acc, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
+def _band_aggregate(
+    X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, BD_ptr, WP_ptr, BP_ptr, h0, offs_c, c_mask, H,
+    W, D, KSIZE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """agg(x) of one group over map rows [h0, h0 + BLOCK_H): an fp32 (BLOCK_H * BLOCK_W, BLOCK_D) tile whose row n
+    is position (h0 + n // BLOCK_W, n % BLOCK_W), zero outside the map. Pointers as _aggregate's."""
+    dt: tl.constexpr = X_ptr.dtype.element_ty
+    BLOCK_D: tl.constexpr = offs_c.shape[0]
+    a = _band_dwconv(
+        X_ptr, stride_c, stride_h, stride_w, WD_ptr, stride_wc, stride_wt, h0, offs_c, c_mask, H, W, KSIZE, UPCAST,
+        PRECISION, BLOCK_H, BLOCK_W,
+    )  # fmt: skip
+    a = tl.trans(tl.reshape(a, (BLOCK_D, BLOCK_H * BLOCK_W)))
+    n = tl.arange(0, BLOCK_H * BLOCK_W)
+    valid = (h0 + n // BLOCK_W < H) & (n % BLOCK_W < W)
+    wp_t = _pointwise_matrix_t(WP_ptr, offs_c, c_mask, D)
+    return _pointwise(a, BD_ptr, wp_t, BP_ptr, offs_c, c_mask, valid, dt, HAS_BD, HAS_BP, UPCAST, PRECISION, True)
+
+
+@triton.jit
+def _lite_mla_context_band_kernel(
+    O_ptr,  # (B, heads*D, H, W) this scale's slice of the output
+    stride_ob,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    O0_ptr,  # (B, heads*D, H, W) the output's first slice, attention over qkv itself (if WITH_RAW)
+    stride_o0b,
+    stride_o0c,
+    stride_o0h,
+    stride_o0w,
+    X_ptr,  # (B, 3*heads*D, H, W) qkv
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    WD_ptr,  # (C, 1, K, K) this scale's depthwise weight (TAP_MAJOR: tap t of channel c at c + t*stride_wdt)
+    stride_wdt,
+    BD_ptr,  # (C,) depthwise bias (if HAS_BD)
+    WP_ptr,  # (C, D, 1, 1) pointwise weight, contiguous
+    BP_ptr,  # (C,) pointwise bias (if HAS_BP)
+    S_ptr,  # (the other kernels' partials: unused, one pass)
+    Z_ptr,
+    S0_ptr,
+    Z0_ptr,
+    HEADS,
+    H,
+    W,  # at most BLOCK_W
+    D,
+    TAPS,  # (the flattened kernels' arguments, unused)
+    CHUNK,
+    SPLITS,
+    eps,
+    KSIZE: tl.constexpr,  # odd, at most BLOCK_W
+    TAP_MAJOR: tl.constexpr,
+    HAS_BD: tl.constexpr,
+    HAS_BP: tl.constexpr,
+    WITH_RAW: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # True: this kernel reduces the state over the whole map itself
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # map rows a tile holds (at least 16: the banded dots' rows)
+    BLOCK_W: tl.constexpr,  # a power of two, at least W and 16
+    BLOCK_N: tl.constexpr,  # positions per tile of the heads over qkv itself
+    BLOCK_D: tl.constexpr,
+):
+    """One (batch, head) in one pass, as _lite_mla_context_rows_kernel's, with the depthwise conv on tensor cores
+    (_band_dwconv) over tiles of BLOCK_H whole map rows."""
+    tl.static_assert(ONE_PASS)
+    stride_wdc: tl.constexpr = 1 if TAP_MAJOR else KSIZE * KSIZE
+    dt: tl.constexpr = X_ptr.dtype.element_ty
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b = pid_bh // HEADS
+    head = pid_bh % HEADS
+    cq = 3 * head * D
+    X_ptr += b * stride_xb
+    offs_c = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < D
+    if WITH_RAW:
+        s0, z0 = _raw_state(X_ptr, stride_xc, stride_xh, stride_xw, cq + D, 0, H * W, H, W, D, UPCAST, PRECISION,
+                            BLOCK_N, BLOCK_D)  # fmt: skip
+        _write_out(
+            O0_ptr + b * stride_o0b + head * D * stride_o0c, stride_o0c, stride_o0h, stride_o0w,
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr, stride_wdc, stride_wdt, BD_ptr, WP_ptr,
+            BP_ptr, s0, z0, eps, 0, H * W, H, W, D, KSIZE * KSIZE, KSIZE, HAS_BD, HAS_BP, False, False, UPCAST,
+            PRECISION, False, 1, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+    s = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    z = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ck = cq + D
+    cv = ck + D
+    for h0 in range(0, H, BLOCK_H):
+        k = _band_aggregate(
+            X_ptr + ck * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + ck * stride_wdc, stride_wdc, stride_wdt,
+            BD_ptr + ck, WP_ptr + ck * D, BP_ptr + ck, h0, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, UPCAST,
+            PRECISION, BLOCK_H, BLOCK_W,
+        )  # fmt: skip
+        kr = _cast(tl.maximum(k, 0.0), dt, UPCAST)  # held in the input dtype through v's (as _kv_state)
+        z += tl.sum(kr.to(tl.float32), axis=0)
+        v = _band_aggregate(
+            X_ptr + cv * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cv * stride_wdc, stride_wdc, stride_wdt,
+            BD_ptr + cv, WP_ptr + cv * D, BP_ptr + cv, h0, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, UPCAST,
+            PRECISION, BLOCK_H, BLOCK_W,
+        )  # fmt: skip
+        s = _dot(tl.trans(kr), _cast(v, dt, UPCAST), s, UPCAST, PRECISION)
+    s_op, s_scale = _state_operand(s, dt, UPCAST)
+    O_ptr += b * stride_ob + head * D * stride_oc
+    n = tl.arange(0, BLOCK_H * BLOCK_W)
+    for h0 in range(0, H, BLOCK_H):
+        q = _band_aggregate(
+            X_ptr + cq * stride_xc, stride_xc, stride_xh, stride_xw, WD_ptr + cq * stride_wdc, stride_wdc, stride_wdt,
+            BD_ptr + cq, WP_ptr + cq * D, BP_ptr + cq, h0, offs_c, c_mask, H, W, D, KSIZE, HAS_BD, HAS_BP, UPCAST,
+            PRECISION, BLOCK_H, BLOCK_W,
+        )  # fmt: skip
+        h = h0 + n // BLOCK_W
+        w = n % BLOCK_W
+        _store_attention(O_ptr, stride_oc, stride_oh, stride_ow, q, s_op, s_scale, z, eps, h, w, (h < H) & (w < W),
+                         offs_c, c_mask, UPCAST, PRECISION)  # fmt: skip
+
+
+# The banded stencil's tiles (_lite_mla_context_band_kernel): whole map rows of at most BAND_WIDTH columns,
+# BAND_ROWS of them (a dot's smallest side, 16, both), for depthwise kernels of at least BAND_MIN_KERNEL. Each
+# kernel row's banded dots multiply BAND_WIDTH / KSIZE times the stencil's FMAs; at L0's stage (16x16, k=5)
+# the one-pass sm_90 compile is about 10k instructions a warp (4 warps) against the row-blocked kernel's 17k.
+# At k=3 (XL1's stages) it is not fewer: 47k against 42k a program at 16x16, 166k against 163k at 32x32 (32
+# columns, 8 warps; 4 warps spilled)
+BAND_WIDTH = 16
+BAND_ROWS = 16
+BAND_MIN_KERNEL = 5
+
+
 PIPELINED_TAPS = 3  # stages of a pipelined tap loop: the next two taps' tiles in flight behind the current one
 # The largest map a one-pass program takes as one tile (fp16/bf16 tensor-core stencil, 8 warps): each tap's
 # D x D matrix is then formed once per program instead of once per tile, and its dot is 256 rows deep. At 256
@@ -849,7 +1015,7 @@ def context_config(
 
 def context_configs(
     dev: Device, B: int, heads: int, N: int, dim: int, low_precision: bool, channels_last: bool = True,
-    kernel: int | None = None,
+    kernel: int | None = None, width: int | None = None,
 ) -> list[dict]:  # fmt: skip
     """The configurations measured dispatch times for a call (linattn._tune.choose_config), the heuristic's
     first; on a GPU also:
@@ -885,7 +1051,12 @@ def context_configs(
       pass moved first); under a 168-register budget they spill 16-32 bytes; split: the state kernel 190-227,
       the output kernel 148-182. 2 columns: one pass 142-166, split 146-163 and 116-141, three programs an SM or
       four. The ninth H100 pass: 4 columns the fastest at every LiteMLA stage (B16, bf16; L0 42 us, 2 columns
-      56).
+      56);
+    - over channels_last maps, fp16/bf16, depthwise kernels of at least BAND_MIN_KERNEL over maps at most
+      BAND_WIDTH wide (`width`: the map's; None: unknown, none of these), where the heuristic runs one pass: the
+      banded stencil on tensor cores (_lite_mla_context_band_kernel, one pass only), on 4 warps (242-255
+      registers, two programs an SM) and on 8 (178-197 on sm_90, 222-234 on sm_80, one); no spill. Not yet timed
+      on a GPU.
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -921,6 +1092,10 @@ def context_configs(
         found += [rows, dict(rows, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168)]
         if first["splits"] == 1:  # 2 columns split in 3: B*heads programs fill two of the three an SM takes
             found.append(dict(rows, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168, splits=ROWS_SPLITS))
+    banded = kernel is not None and kernel >= BAND_MIN_KERNEL and width is not None and width <= BAND_WIDTH
+    if low_precision and banded and first["splits"] == 1:  # one pass only: where B*heads programs fill the GPU
+        band = dict(first, BLOCK_H=BAND_ROWS, BLOCK_W=BAND_WIDTH)
+        found += [dict(band, num_warps=4), dict(band, num_warps=8)]
     return found + pipelined
 
 
@@ -962,8 +1137,11 @@ def context_launch(
     upcast = not qkv.is_cuda and low  # the interpreter's fp16/bf16 dot is wrong (fp32 runs there as on a GPU)
     precision = "ieee" if (upcast or not low) else "tf32"  # tf32 unused: fp16/bf16 operands stay as they are
     rows = bool(cfg.get("ROW_BLOCK"))
+    band = bool(cfg.get("BLOCK_H"))
     state_kernel, out_kernel = (
-        (_lite_mla_context_rows_state_kernel, _lite_mla_context_rows_kernel)
+        (None, _lite_mla_context_band_kernel)
+        if band
+        else (_lite_mla_context_rows_state_kernel, _lite_mla_context_rows_kernel)
         if rows
         else (_lite_mla_context_state_kernel, _lite_mla_context_fwd_kernel)
     )
@@ -986,7 +1164,11 @@ def context_launch(
         K = wd.shape[-1]
         tap_stride, tap_major = tap_layout(wd)
         opts, state_options = cfg, {}
-        if rows:
+        if band:
+            if splits != 1 or W > cfg["BLOCK_W"]:
+                raise ValueError(f"the banded stencil runs one pass over maps at most {cfg['BLOCK_W']} wide")
+            opts = {k: v for k, v in cfg.items() if k not in ("TAP_MMA", "ROW_TAPS", "TAP_STAGES")}
+        elif rows:
             # the flattened kernels' keys left out. Contiguous depthwise weights (a tap's channels strided, scalar
             # loads) spill 8-48 bytes under a 168-register budget: those launch without it, but the split state
             # kernel spills 8-32 at the 168 ptxas then takes unasked (L0's k=5): it runs with the cap at 255 (compile

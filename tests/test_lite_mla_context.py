@@ -151,7 +151,7 @@ def _configs(case):
     for batch in (B, H100.sms):
         found += [
             (f"gpu-candidate-B{batch}-{i}", c)
-            for i, c in enumerate(context_configs(H100, batch, heads, H * W, D, low, case[8], max(case[5])))
+            for i, c in enumerate(context_configs(H100, batch, heads, H * W, D, low, case[8], max(case[5]), W))
         ]
     for splits in (1, 3):
         gpu = context_config(H100, B, heads, H * W, D, low, splits)
@@ -302,6 +302,71 @@ def test_context_configs_measured_on_a_gpu():
     assert context_config(H100, 16, 16, 256, 32, True)["TAP_STAGES"] == 1  # the heuristic: not pipelined
     nchw = context_configs(H100, 16, 16, 256, 32, True, False, 5)  # nothing to pipeline: no duplicates
     assert nchw == [c for c in context_configs(H100, 16, 16, 256, 32, True, kernel=5) if c["TAP_STAGES"] == 1][:-6]
+
+
+def test_band_candidates_where_the_stencil_is_wide_enough():
+    """The banded stencil (tensor-core depthwise, one pass) is measured over channels_last fp16/bf16 maps at most
+    BAND_WIDTH wide with depthwise kernels of at least BAND_MIN_KERNEL (L0's stage, not XL1's k=3 ones nor its
+    32x32 map), where the heuristic runs one pass (B*heads programs fill the GPU), on 4 and 8 warps, ahead of the
+    pipelined candidates; nowhere else."""
+    from linattn.kernels._device import H100
+    from linattn.kernels.lite_mla_context import BAND_MIN_KERNEL, BAND_ROWS, BAND_WIDTH, context_configs
+
+    base = context_configs(H100, 16, 16, 256, 32, True, kernel=5)
+    found = context_configs(H100, 16, 16, 256, 32, True, kernel=5, width=16)
+    band = [c for c in found if "BLOCK_H" in c]
+    assert [(c["BLOCK_H"], c["BLOCK_W"], c["splits"], c["num_warps"]) for c in band] == [
+        (BAND_ROWS, BAND_WIDTH, 1, 4), (BAND_ROWS, BAND_WIDTH, 1, 8)
+    ]  # fmt: skip
+    first_pipelined = next(i for i, c in enumerate(base) if c["TAP_STAGES"] > 1)
+    assert found == base[:first_pipelined] + band + base[first_pipelined:]
+    assert BAND_MIN_KERNEL == 5 and BAND_WIDTH == 16  # L0's stage: k=5 over 16x16
+    for B, kernel, width, low, channels_last in [
+        (16, 3, 16, True, True),  # XL1's k=3: no fewer instructions than the row-blocked kernel
+        (16, 5, 32, True, True),  # wider than BAND_WIDTH
+        (16, 5, None, True, True),  # width unknown
+        (16, None, 16, True, True),
+        (16, 5, 16, False, True),  # fp32: IEEE products on FMAs
+        (16, 5, 16, True, False),  # NCHW
+        (1, 5, 16, True, True),  # batch 1: 16 programs, split over the map instead
+    ]:
+        configs = context_configs(H100, B, 16, 16 * (width or 16), 32, low, channels_last, kernel, width)
+        assert not any("BLOCK_H" in c for c in configs), (B, kernel, width, low, channels_last)
+
+
+BAND_CASES = [  # (B, heads, D, H, W, kernel sizes, biases, dtype, channels_last, tap-major depthwise weights)
+    (2, 1, 32, 16, 16, (5,), False, torch.bfloat16, True, True),  # L0's map: one tile of rows, every column
+    (1, 2, 8, 19, 13, (5, 7), True, torch.float16, True, False),  # two row tiles; masked channels and columns
+    (1, 1, 16, 5, 1, (5,), True, torch.bfloat16, False, False),  # NCHW, a column
+]
+
+
+@pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])
+@pytest.mark.parametrize("case", BAND_CASES, ids=lambda c: _case_id(c[:9]) + ("-tap-major" if c[9] else ""))
+def test_band_kernel(target, case):
+    """The banded stencil's candidates (one interpreter run: they differ in warps) into a NaN-poisoned output,
+    against the float64 reference within twice eager PyTorch's error in the dtype."""
+    from linattn.kernels._device import H100
+    from linattn.kernels.lite_mla_context import context_config, context_configs, lite_mla_context_fwd
+
+    B, heads, D, H, W, ksizes, bias, dtype, channels_last, tap_major = case
+    qkv, dws, pws, dbs, pbs = make_aggregation(
+        B, heads, D, H, W, ksizes, bias, dtype, target[1], channels_last, seed=8, tap_major=tap_major
+    )
+    configs = context_configs(H100, H100.sms, heads, H * W, D, True, True, max(ksizes), W)  # a batch filling it
+    band = interpreter_runs([c for c in configs if "BLOCK_H" in c])
+    assert len(band) == 1
+    want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
+    tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
+    out = torch.full(want.shape, float("nan"), dtype=dtype, device=target[1])
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    lite_mla_context_fwd(qkv, dws, pws, heads, D, 1e-15, dbs, pbs, out, band[0])
+    assert_close(out, want, tol, f"banded stencil {band[0]}")
+    assert context_config(H100, H100.sms, heads, H * W, D, True)["BLOCK_N"] == band[0]["BLOCK_N"]  # raw heads' tiles
+    wide, dw, pw, _, _ = make_aggregation(1, 1, D, 2, 17, (5,), False, dtype, target[1], seed=9)
+    with pytest.raises(ValueError, match="at most 16 wide"):  # a map wider than its tiles: refused, not cut
+        lite_mla_context_fwd(wide, dw, pw, 1, D, 1e-15, [], [], torch.empty(1, 2 * D, 2, 17, dtype=dtype), band[0])
 
 
 @pytest.mark.parametrize("target", [t for t in kernel_targets() if t.values[0][0] == "triton"])

@@ -112,7 +112,7 @@ def _triton_launch(qkv, dw_weights, pw_weights, heads, dim, eps, dw_biases, pw_b
     config = choose_config(
         OP, "fwd", qkv.device,
         lambda: context_configs(
-            device_of(qkv), B, heads, H * W, dim, low, channels_last, max(w.shape[-1] for w in dw_weights)
+            device_of(qkv), B, heads, H * W, dim, low, channels_last, max(w.shape[-1] for w in dw_weights), W
         ),
         lambda c: lite_mla_context_fwd(*call, scratch_like(out), c), (*call, out),
         lambda c: lite_mla_context_fwd(*call, torch.empty_like(out), c, compile_only=True),
