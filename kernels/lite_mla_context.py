@@ -1054,9 +1054,9 @@ def context_configs(
       56);
     - over channels_last maps, fp16/bf16, depthwise kernels of at least BAND_MIN_KERNEL over maps at most
       BAND_WIDTH wide (`width`: the map's; None: unknown, none of these), where the heuristic runs one pass: the
-      banded stencil on tensor cores (_lite_mla_context_band_kernel, one pass only), on 4 warps (242-255
-      registers, two programs an SM) and on 8 (178-197 on sm_90, 222-234 on sm_80, one); no spill. Not yet timed
-      on a GPU.
+      banded stencil on tensor cores (_lite_mla_context_band_kernel, one pass only), on 4 warps (234-255
+      registers, two programs an SM) and on 8 (176-195 on sm_90, 222-234 on sm_80, one); no spill; the raw heads
+      on 128-position tiles (64: 3-6% more instructions, no fewer registers). Not yet timed on a GPU.
     The fourth H100 pass timed 32 of them per LiteMLA stage (B16, bf16): the tensor-core stencil on 4 warps
     was fastest over channels_last maps but at L0's (FMA taps on 4 warps, split in four, within 1%), the
     ROW_TAPS one over NCHW maps; the fastest ran at 7-18% of the memory floor
@@ -1094,7 +1094,7 @@ def context_configs(
             found.append(dict(rows, BLOCK_N=64, ROW_BLOCK=2, maxnreg=168, splits=ROWS_SPLITS))
     banded = kernel is not None and kernel >= BAND_MIN_KERNEL and width is not None and width <= BAND_WIDTH
     if low_precision and banded and first["splits"] == 1:  # one pass only: where B*heads programs fill the GPU
-        band = dict(first, BLOCK_H=BAND_ROWS, BLOCK_W=BAND_WIDTH)
+        band = dict(first, BLOCK_H=BAND_ROWS, BLOCK_W=BAND_WIDTH, BLOCK_N=128)  # (the raw heads' tiles)
         found += [dict(band, num_warps=4), dict(band, num_warps=8)]
     return found + pipelined
 
