@@ -435,9 +435,9 @@ GPU_STAGES = [
 @pytest.mark.parametrize("case", GPU_STAGES, ids=_case_id)
 def test_cuda_context_configs_at_stage_shapes(case):
     """On a GPU, every configuration measured dispatch times at an encoder's LiteMLA stage (context_configs: the
-    row-blocked kernel, register budgets and pipelined tap loops are compiled code the interpreter never runs), at
-    the whole batch and at its first image, into a NaN-poisoned output, against float64 within twice eager's error;
-    every result listed before the verdict."""
+    row-blocked and banded kernels, register budgets and pipelined tap loops are compiled code the interpreter
+    never runs at these sizes), at the whole batch and at its first image, into a NaN-poisoned output, against
+    float64 within twice eager's error; every result listed before the verdict."""
     from linattn.kernels._device import device_of
     from linattn.kernels.lite_mla_context import context_configs, lite_mla_context_fwd
 
@@ -445,8 +445,9 @@ def test_cuda_context_configs_at_stage_shapes(case):
     qkv, dws, pws, dbs, pbs = make_aggregation(B, heads, D, H, W, ksizes, bias, dtype, "cuda", True, 5, True)
     want = reference.lite_mla_context(*f64([qkv]), f64(dws), f64(pws), heads, D, 1e-15, f64(dbs), f64(pbs))
     tol = tolerance(dtype, rel_err(eager.lite_mla_context(qkv, dws, pws, heads, D, 1e-15, dbs, pbs), want))
-    configs = context_configs(device_of(qkv), B, heads, H * W, D, True, True, max(ksizes))
+    configs = context_configs(device_of(qkv), B, heads, H * W, D, True, True, max(ksizes), W)
     assert any(c.get("ROW_BLOCK") for c in configs)
+    assert any("BLOCK_H" in c for c in configs) == (max(ksizes) >= 5)  # the banded stencil: L0's stage
     results = []
     for config in configs:
         for images in (B, 1):
