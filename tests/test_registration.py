@@ -228,15 +228,24 @@ class _EveryForwardOp(torch.nn.Module):
         return a, b, linattn.upsample_sum([a[:, :6], up[:, :, ::2, ::2]], (7, 9)), up
 
 
-def test_aoti_package_runs_every_forward_op(tmp_path):
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(("reference", "cpu"), id="reference-cpu"),
+        pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="no CUDA device")),
+    ],
+)  # fmt: skip
+def test_aoti_package_runs_every_forward_op(target, tmp_path):
     """An AOTInductor package calls the ops through its proxy executor, which builds their arguments from the
     exported program (before the fix, the empty bias lists reached multiscale_aggregate and lite_mla_context as
-    None), with a dynamic batch; the outputs match eager."""
+    None), with a dynamic batch; the outputs match eager. On a GPU, the Triton kernels from the package."""
     if shutil.which("g++") is None:
         pytest.skip("no g++ for AOTInductor's C++ wrapper")
-    module = _EveryForwardOp().eval()
-    x = torch.randn(2, 24, 5, 6, generator=torch.Generator().manual_seed(4))
-    with linattn.backend("reference"):
+    name, device = target
+    module = _EveryForwardOp().eval().to(device)
+    x = torch.randn(2, 24, 5, 6, generator=torch.Generator().manual_seed(4)).to(device)
+    with linattn.backend(name):
         program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=8)},))
         called = {str(n.target).split(".")[1] for n in program.graph.nodes if str(n.target).startswith("linattn.")}
         assert called == {
@@ -248,7 +257,7 @@ def test_aoti_package_runs_every_forward_op(tmp_path):
         )
         with torch.no_grad():
             for batch in (1, 3):
-                x = torch.randn(batch, 24, 5, 6, generator=torch.Generator().manual_seed(5 + batch))
+                x = torch.randn(batch, 24, 5, 6, generator=torch.Generator().manual_seed(5 + batch)).to(device)
                 for i, (got, want) in enumerate(zip(package(x), module(x), strict=True)):
                     assert_close(got, want, 1e-5, f"output {i}, batch {batch}")
 
