@@ -1147,6 +1147,8 @@ def context_launch(
     )
     block_d = cfg["BLOCK_D"]
     one_pass = splits == 1
+    if band and (not one_pass or W > cfg["BLOCK_W"]):
+        raise ValueError(f"the banded stencil runs one pass over maps at most {cfg['BLOCK_W']} wide")
     grid = (B * heads, splits)
     width = heads * dim
     xs, os = qkv.stride(), out.stride()  # every head's slice of out has out's strides
@@ -1165,8 +1167,6 @@ def context_launch(
         tap_stride, tap_major = tap_layout(wd)
         opts, state_options = cfg, {}
         if band:
-            if splits != 1 or W > cfg["BLOCK_W"]:
-                raise ValueError(f"the banded stencil runs one pass over maps at most {cfg['BLOCK_W']} wide")
             opts = {k: v for k, v in cfg.items() if k not in ("TAP_MMA", "ROW_TAPS", "TAP_STAGES")}
         elif rows:
             # the flattened kernels' keys left out. Contiguous depthwise weights (a tap's channels strided, scalar
